@@ -1,0 +1,49 @@
+# pc-clip: two commands do all set-up on a fresh machine.
+#   make reproduce   the full reproduction on the embedded tiny profile
+#   make test        notebooks <-> library sync check, nbdev_test, pytest
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.pc-clip-installed
+PROFILE ?= tiny
+
+.PHONY: install reproduce test lab export clean-nbs bench
+
+$(STAMP): settings.ini setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch and torchvision pinned: these exact releases come from the local package mirror
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name pc-clip --display-name "pc-clip (.venv)" >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+reproduce: $(STAMP)
+	$(BIN)/pc-clip reproduce --profile $(PROFILE)
+
+test: $(STAMP)
+	@echo "== notebooks and library in sync (nbdev_export must change nothing) =="
+	$(BIN)/nbdev_export
+	@if [ -n "$$(git status --porcelain -- pc_clip)" ]; then \
+	  git status --short -- pc_clip; \
+	  echo "pc_clip/ is out of sync with nbs/: edit the notebooks, run nbdev_export, commit both."; exit 1; fi
+	@echo "== nbdev_test (notebook examples) =="
+	$(BIN)/nbdev_test --n_workers 2 --timing
+	@echo "== pytest =="
+	$(BIN)/python -m pytest tests -q
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --ip 127.0.0.1 --notebook-dir . --ServerApp.kernel_manager_class=jupyter_server.services.kernels.kernelmanager.AsyncMappingKernelManager
+
+export: $(STAMP)
+	$(BIN)/nbdev_export
+
+clean-nbs: $(STAMP)
+	$(BIN)/nbdev_clean
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_generation.py
+	$(BIN)/python bench/bench_finetune.py
