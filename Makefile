@@ -24,19 +24,20 @@ install: $(STAMP)
 reproduce: $(STAMP)
 	$(BIN)/pc-clip reproduce --profile $(PROFILE)
 
+SOURCES_HASH = find nbs pc_clip -type f \( -name '*.ipynb' -o -name '*.py' \) -not -path '*/.ipynb_checkpoints/*' | sort | xargs sha1sum | sha1sum
+
 test: $(STAMP)
-	@echo "== notebooks and library in sync (nbdev_export must change nothing) =="
-	$(BIN)/nbdev_export
-	@if [ -n "$$(git status --porcelain -- pc_clip)" ]; then \
-	  git status --short -- pc_clip; \
-	  echo "pc_clip/ is out of sync with nbs/: edit the notebooks, run nbdev_export, commit both."; exit 1; fi
+	@echo "== notebooks and library in sync, notebooks clean (nbdev_export and nbdev_clean must change nothing) =="
+	@before=$$($(SOURCES_HASH)); $(BIN)/nbdev_export && $(BIN)/nbdev_clean; after=$$($(SOURCES_HASH)); \
+	if [ "$$before" != "$$after" ]; then git status --short -- nbs pc_clip; \
+	  echo "nbs/ and pc_clip/ were out of sync or notebooks carried outputs; they are fixed in your tree now: review and commit."; exit 1; fi
 	@echo "== nbdev_test (notebook examples) =="
 	$(BIN)/nbdev_test --n_workers 2 --timing
 	@echo "== pytest =="
 	$(BIN)/python -m pytest tests -q
 
 lab: $(STAMP)
-	$(BIN)/jupyter lab --ip 127.0.0.1 --notebook-dir . --ServerApp.kernel_manager_class=jupyter_server.services.kernels.kernelmanager.AsyncMappingKernelManager
+	$(BIN)/jupyter lab --ip 127.0.0.1 --ServerApp.root_dir=.
 
 export: $(STAMP)
 	$(BIN)/nbdev_export
