@@ -1,0 +1,336 @@
+"""On-disk fixture layouts of the paper's data sets, loaded through the real loaders of `pc_clip.data`."""
+import json
+import pickle
+import sys
+import types
+import urllib.error
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from pc_clip.core import get_config
+from pc_clip.data import (
+    DATASET_INFO, DATASETS, DatasetNotFoundError, ImageDataset, canonical_name, fixture_colour, iter_images,
+    load_dataset, make_fixture, visual_attribute_mask,
+)
+
+REAL = [d for d in DATASETS if d != "world"]
+
+
+FLOWERS_FIXTURE_CLASSES = [0, 53, 73]  # pink primrose, sunflower, rose
+
+
+def nearest_class(img: Image.Image, n_classes: int = 4) -> int:
+    "Which fixture class painted this (solid-colour, JPEG-compressed) image."
+    px = np.asarray(img.convert("RGB"), float).reshape(-1, 3).mean(0)
+    return int(np.argmin([np.abs(px - fixture_colour(k)).sum() for k in range(n_classes)]))
+
+
+# ---------------------------------------------------------------- every data set, through load_dataset
+
+EXPECTED = {  # name: (split, first classnames, n images)
+    "cifar100": ("test", ["apple", "camel", "hamster", "maple tree"], 8),
+    "cub": ("all", ["black footed albatross", "laysan albatross", "sooty albatross"], 6),
+    "eurosat": ("all", ["annual crop", "forest", "sea or lake"], 6),
+    "flowers102": ("train", ["pink primrose", "hard-leaved pocket orchid"], 6),
+    "sun397": ("all", ["abbey", "outdoor apartment building", "bakery shop"], 12),
+    "awa2": ("all", ["antelope", "grizzly bear", "killer whale"], 6),
+    "coco": ("train", [], 3),
+}
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_fixture_loads_with_aligned_labels(name, tmp_path):
+    split, classnames, n = EXPECTED[name]
+    ds = load_dataset(name, make_fixture(name, tmp_path), split)
+    assert isinstance(ds, ImageDataset) and ds.name == name
+    assert ds.classnames[: len(classnames)] == classnames
+    assert len(ds) == n and ds.labels.dtype == np.int64
+    if name == "coco":
+        assert (ds.labels == -1).all() and all(len(c) == 2 for c in ds.captions)
+        return
+    assert ds.labels.min() >= 0 and ds.labels.max() < len(ds.classnames)
+    # images and labels stay aligned: fixture class k (k-th class of the fixture) is painted fixture_colour(k)
+    fixture_class = FLOWERS_FIXTURE_CLASSES.index if name == "flowers102" else int
+    for i in range(len(ds)):
+        assert nearest_class(ds.image(i)) == fixture_class(int(ds.labels[i])), (name, i)
+
+
+def test_config_data_root_and_env(tmp_path, monkeypatch):
+    make_fixture("cub", tmp_path / "mydata")
+    monkeypatch.setenv("PC_CLIP_DATA", str(tmp_path / "mydata"))
+    assert len(load_dataset("CUB-200", get_config("tiny"), "all")) == 6
+    monkeypatch.delenv("PC_CLIP_DATA")
+    cfg = get_config("tiny", data_root=str(tmp_path / "mydata"))
+    assert len(load_dataset("cub", cfg, "test")) == 3
+
+
+def test_names_and_unknown_split(tmp_path):
+    assert canonical_name("Flowers") == "flowers102" and canonical_name("CIFAR-100") == "cifar100"
+    with pytest.raises(KeyError, match="known: coco"):
+        canonical_name("imagenet")
+    make_fixture("cifar100", tmp_path)
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_dataset("cifar100", tmp_path, "val")
+
+
+# ---------------------------------------------------------------- missing or incomplete folders
+
+@pytest.mark.parametrize("name", REAL)
+def test_missing_folder_names_layout(name, tmp_path):
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_dataset(name, tmp_path / "empty", "train" if name in ("coco", "flowers102") else "test")
+    msg = str(e.value)
+    first_line_of_tree = DATASET_INFO[name].layout.splitlines()[0]
+    assert first_line_of_tree in msg and "PC_CLIP_DATA" in msg and "http" in msg
+    assert isinstance(e.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("name, remove, split", [
+    ("cub", "CUB_200_2011/train_test_split.txt", "test"),
+    ("awa2", "Animals_with_Attributes2/testclasses.txt", "test"),
+    ("flowers102", "flowers-102/setid.mat", "test"),
+    ("coco", "coco/annotations/captions_val2017.json", "val"),
+    ("cifar100", "cifar-100-python/meta", "test"),
+    ("sun397", "SUN397/ClassName.txt", "all"),
+])
+def test_incomplete_folder_names_missing_file(name, remove, split, tmp_path):
+    make_fixture(name, tmp_path)
+    (tmp_path / remove).unlink()
+    with pytest.raises(DatasetNotFoundError, match=remove.replace(".", r"\.")):
+        load_dataset(name, tmp_path, split)
+
+
+def test_empty_eurosat_folder(tmp_path):
+    (tmp_path / "eurosat" / "2750").mkdir(parents=True)
+    with pytest.raises(DatasetNotFoundError, match="holds no images"):
+        load_dataset("eurosat", tmp_path, "all")
+
+
+# ---------------------------------------------------------------- downloads
+
+@pytest.mark.parametrize("name, url", [("coco", "cocodataset.org"), ("cub", "caltech.edu"), ("awa2", "AwA2")])
+def test_manual_download_datasets_say_where(name, url, tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=f"cannot download.*by hand(?s:.*){url}"):
+        load_dataset(name, tmp_path, "test", download=True)
+
+
+def test_offline_torchvision_download_gives_advice(tmp_path, monkeypatch):
+    def no_network(*a, **k):
+        raise urllib.error.URLError("no route to host")
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", no_network)
+    with pytest.raises(RuntimeError, match="could not download CIFAR-100(?s:.*)cifar-100-python.tar.gz"):
+        load_dataset("cifar100", tmp_path, "test", download=True)
+
+
+# ---------------------------------------------------------------- the torchvision code paths
+
+def test_cifar100_torchvision_path_and_fallback_agree(tmp_path, monkeypatch, caplog):
+    make_fixture("cifar100", tmp_path)
+    with caplog.at_level("WARNING", logger="pc_clip.data"):
+        fallback = load_dataset("cifar100", tmp_path, "test")
+    assert "reading the pickles directly" in caplog.text  # fixture checksums differ from the release
+    caplog.clear()
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    with caplog.at_level("WARNING", logger="pc_clip.data"):
+        via_tv = load_dataset("cifar100", tmp_path, "test")
+    assert "reading the pickles" not in caplog.text
+    assert via_tv.classnames == fallback.classnames
+    np.testing.assert_array_equal(via_tv.arrays, fallback.arrays)
+    np.testing.assert_array_equal(via_tv.labels, fallback.labels)
+
+
+def test_cifar100_bytes_keys(tmp_path):
+    "Pickles written with bytes keys (b'data', b'fine_labels') load too."
+    base = tmp_path / "cifar-100-python"
+    base.mkdir()
+    data = np.zeros((2, 3072), np.uint8)
+    data[1, :1024] = 255  # red channel of image 1
+    entry = {b"data": data, b"fine_labels": [1, 0], b"coarse_labels": [0, 0]}
+    for split in ("train", "test"):
+        (base / split).write_bytes(pickle.dumps(entry, protocol=2))
+    (base / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"aquarium_fish", b"willow_tree"]}))
+    ds = load_dataset("cifar100", tmp_path, "test")
+    assert ds.classnames == ["aquarium fish", "willow tree"] and ds.labels.tolist() == [1, 0]
+    assert ds.arrays.shape == (2, 32, 32, 3) and ds.arrays[1, 5, 5].tolist() == [255, 0, 0]
+
+
+def test_flowers102_torchvision_path_and_fallback_agree(tmp_path, monkeypatch):
+    make_fixture("flowers102", tmp_path)
+    fallback = load_dataset("flowers102", tmp_path, "val")
+    monkeypatch.setattr(torchvision.datasets.flowers102, "check_integrity", lambda *a, **k: True)
+    via_tv = load_dataset("flowers102", tmp_path, "val")
+    assert [p.name for p in via_tv.paths] == [p.name for p in fallback.paths]
+    assert via_tv.labels.tolist() == fallback.labels.tolist()
+    assert {via_tv.classnames[k] for k in via_tv.labels} == {"pink primrose", "sunflower", "rose"}
+
+
+def test_torchvision_accepts_our_fixtures(tmp_path):
+    "Our EuroSAT/SUN397 fixtures are what torchvision itself reads (an independent check of the layout)."
+    make_fixture("eurosat", tmp_path)
+    make_fixture("sun397", tmp_path)
+    assert len(torchvision.datasets.EuroSAT(tmp_path)) == len(load_dataset("eurosat", tmp_path, "all"))
+    assert len(torchvision.datasets.SUN397(tmp_path)) == len(load_dataset("sun397", tmp_path, "all"))
+
+
+# ---------------------------------------------------------------- splits
+
+def test_official_splits_are_disjoint_and_complete(tmp_path):
+    for name, splits, full in [("cub", ("train", "test"), "all"), ("sun397", ("train", "test"), "all"),
+                               ("flowers102", ("train", "val", "test"), None), ("eurosat", ("train", "test"), "all")]:
+        make_fixture(name, tmp_path, n_per_class=6)
+        parts = [set(map(str, load_dataset(name, tmp_path, s).paths)) for s in splits]
+        assert all(parts) and sum(map(len, parts)) == len(set().union(*parts)), name
+        if full:
+            assert set().union(*parts) == set(map(str, load_dataset(name, tmp_path, full).paths)), name
+
+
+def test_sun397_without_partitions_uses_hash_split(tmp_path):
+    make_fixture("sun397", tmp_path, n_per_class=10)
+    with_parts = load_dataset("sun397", tmp_path, "test")
+    for f in (tmp_path / "SUN397" / "Partitions").iterdir():
+        f.unlink()
+    test, train = load_dataset("sun397", tmp_path, "test"), load_dataset("sun397", tmp_path, "train")
+    assert len(test) + len(train) == 60 and not set(test.paths) & set(train.paths)
+    assert set(test.paths) != set(with_parts.paths)
+
+
+def test_awa2_class_split_keeps_all_classnames(tmp_path):
+    make_fixture("awa2", tmp_path)
+    test = load_dataset("awa2", tmp_path, "test")
+    train = load_dataset("awa2", tmp_path, "train")
+    assert test.labels.tolist() == [1, 1] and sorted(set(train.labels.tolist())) == [0, 2]
+    assert len(test.classnames) == 3 and test.class_attributes.shape == (3, 6)
+
+
+# ---------------------------------------------------------------- hand-written real formats
+
+def test_cub_real_format_with_attributes_next_to_folder(tmp_path):
+    "CUB as the official archive unpacks: attributes.txt beside CUB_200_2011/, percentages in the matrix."
+    base = tmp_path / "CUB_200_2011"
+    rel = "001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg"
+    (base / "images" / rel).parent.mkdir(parents=True)
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(base / "images" / rel)
+    (base / "images.txt").write_text(f"1 {rel}\n")
+    (base / "classes.txt").write_text("1 001.Black_footed_Albatross\n2 200.Common_Yellowthroat\n")
+    (base / "image_class_labels.txt").write_text("1 1\n")
+    (base / "train_test_split.txt").write_text("1 0\n")
+    (tmp_path / "attributes.txt").write_text("1 has_bill_shape::curved_(up_or_down)\n2 has_wing_color::blue\n")
+    (base / "attributes").mkdir()
+    (base / "attributes" / "class_attribute_labels_continuous.txt").write_text(
+        "0.000000 50.000000\n100.000000 25.000000\n")
+    ds = load_dataset("cub", tmp_path, "test")
+    assert ds.classnames == ["black footed albatross", "common yellowthroat"]
+    assert ds.raw_classnames[0] == "001.Black_footed_Albatross"
+    np.testing.assert_allclose(ds.class_attributes, [[0, 0.5], [1, 0.25]])
+    assert ds.attribute_names == ["has_bill_shape::curved_(up_or_down)", "has_wing_color::blue"]
+
+
+def test_cub_without_attributes_still_loads(tmp_path):
+    make_fixture("cub", tmp_path)
+    (tmp_path / "CUB_200_2011" / "attributes.txt").unlink()
+    ds = load_dataset("cub", tmp_path, "all")
+    assert ds.class_attributes is None and len(ds) == 6
+
+
+def test_awa2_real_format(tmp_path):
+    "Tab-separated index files, space-separated 0/1 matrix, `+` in class names."
+    base = tmp_path / "Animals_with_Attributes2"
+    (base / "JPEGImages" / "grizzly+bear").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(base / "JPEGImages" / "grizzly+bear" / "grizzly+bear_10001.jpg")
+    (base / "classes.txt").write_text("1\tantelope\n2\tgrizzly+bear\n")
+    (base / "predicates.txt").write_text("1\tblack\n2\tfast\n3\tlongneck\n")
+    (base / "predicate-matrix-binary.txt").write_text("0 1 0\n1 0 0\n")
+    ds = load_dataset("awa2", tmp_path, "all")
+    assert ds.classnames == ["antelope", "grizzly bear"] and ds.labels.tolist() == [1]
+    assert ds.attribute_names == ["black", "fast", "longneck"]
+    assert visual_attribute_mask(ds).tolist() == [True, False, True]
+    (base / "predicate-matrix-binary.txt").write_text("0 1\n1 0\n")
+    with pytest.raises(ValueError, match="expected \\(2 classes, 3 predicates\\)"):
+        load_dataset("awa2", tmp_path, "all")
+
+
+def test_coco_captions_all_per_image(tmp_path):
+    ann = tmp_path / "coco" / "annotations"
+    ann.mkdir(parents=True)
+    (tmp_path / "coco" / "val2017").mkdir()
+    images = [{"id": 139, "file_name": "000000000139.jpg"}, {"id": 285, "file_name": "000000000285.jpg"},
+              {"id": 632, "file_name": "000000000632.jpg"}]
+    anns = [{"id": 3, "image_id": 285, "caption": "A big  bear.\n"}, {"id": 1, "image_id": 139, "caption": "A room."},
+            {"id": 2, "image_id": 285, "caption": "A brown bear sitting."}]
+    (ann / "captions_val2017.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    ds = load_dataset("coco", tmp_path, "test")  # COCO test has no captions: reads val
+    assert ds.split == "val" and len(ds) == 2  # image 632 has no caption
+    assert ds.captions == [["A room."], ["A brown bear sitting.", "A big bear."]]
+    assert ds.paths[1].name == "000000000285.jpg" and ds.image_info["image_id"].tolist() == [139, 285]
+
+
+# ---------------------------------------------------------------- corrupt images
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_corrupt_images_are_skipped_and_counted(tmp_path, num_workers):
+    ds = load_dataset("eurosat", make_fixture("eurosat", tmp_path, n_per_class=3), "all")
+    ds.paths[2].write_bytes(b"\xff\xd8\xff garbage, not a jpeg")
+    ds.paths[6].write_bytes(ds.paths[6].read_bytes()[:100])  # truncated
+    ds.paths[7].unlink()  # deleted after listing
+    with pytest.warns(RuntimeWarning, match="skipped 3 unreadable image"):
+        batches = list(iter_images(ds, batch_size=4, num_workers=num_workers, progress=False))
+    kept = torch.cat([b[2] for b in batches]).tolist()
+    assert kept == [0, 1, 3, 4, 5, 8]
+    assert ds.n_skipped == 3 and ds.skipped == {2, 6, 7}
+    for x, y, idx in batches:
+        assert x.dtype == torch.uint8 and x.shape[1:] == (3, 8, 8) and len(x) == len(y) == len(idx)
+        assert y.tolist() == ds.labels[idx.numpy()].tolist()
+    # a second pass counts each bad image once
+    with pytest.warns(RuntimeWarning):
+        list(iter_images(ds, batch_size=4, progress=False))
+    assert ds.n_skipped == 3
+
+
+def test_iter_images_with_a_transform_and_indices(tmp_path):
+    ds = load_dataset("cifar100", make_fixture("cifar100", tmp_path), "test")
+    to_float = lambda im: torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is skipped, so nothing is warned
+        (x, y, idx), = iter_images(ds, batch_size=8, transform=to_float, indices=[6, 1, 2], progress=False)
+    assert x.dtype == torch.float32 and x.shape == (3, 3, 32, 32)
+    assert idx.tolist() == [6, 1, 2] and y.tolist() == [3, 0, 1]
+
+
+# ---------------------------------------------------------------- the Shapes world
+
+def fake_world_module():
+    mod = types.ModuleType("pc_clip.world")
+    attrs = pd.DataFrame({"category": ["glorp", "mib", "glorp"], "split": ["test", "test", "train"],
+                          "size": [7.0, 4.0, 7.5]})
+    mod.CATEGORY_NAMES = ["mib", "glorp"]
+    mod.make_world = lambda cfg: types.SimpleNamespace(images=np.zeros((3, 32, 32, 3), np.uint8), attrs=attrs,
+                                                       captions=["a big glorp", "a mib", "a glorp"])
+    mod.class_attribute_table = lambda: pd.DataFrame({"large": [0, 1], "red": [1, 0]}, index=["mib", "glorp"])
+    return mod
+
+
+def test_world_through_registry(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pc_clip.world", fake_world_module())
+    ds = load_dataset("world", get_config("tiny"), "test")
+    assert ds.classnames == ["mib", "glorp"] and ds.labels.tolist() == [1, 0]
+    assert ds.captions == [["a big glorp"], ["a mib"]] and ds.arrays.shape == (2, 32, 32, 3)
+    assert ds.attribute_names == ["large", "red"] and ds.class_attributes.tolist() == [[0, 1], [1, 0]]
+    assert ds.image_info["size"].tolist() == [7.0, 4.0]
+
+
+def test_real_world_if_present(tmp_path, monkeypatch):
+    world = pytest.importorskip("pc_clip.world")
+    monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
+    cfg = get_config("tiny", world_n_train=40, world_n_test=20)
+    ds = load_dataset("world", cfg, "test")
+    assert len(ds) == 20 and ds.arrays.dtype == np.uint8 and ds.arrays.shape[1:] == (32, 32, 3)
+    assert set(ds.classnames) >= set(ds.image_info["category"]) and ds.class_attributes is not None
+    x, y, idx = next(iter_images(ds, batch_size=8, progress=False))
+    assert x.shape == (8, 3, 32, 32)
