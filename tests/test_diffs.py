@@ -1,0 +1,275 @@
+"""Difference data: pair sampling, the real 4-bit HF path on a tiny Llama, parsing/filtering, kill-and-resume."""
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pc_clip.core import JsonlStore, get_config
+from pc_clip.diffs import (
+    HFBackend, OracleBackend, build_prompt, corpus_from_world, difference_triples, differences_path,
+    filter_counts, filter_summary, generate_differences, generate_texts, load_causal_lm, make_backend,
+    make_tiny_llama, pair_key, parse_output, render_chat, rewrite_captions, rewritten_captions, sample_pairs,
+    split_statements, statement_problem, write_category_differences)
+
+CORPUS = pd.DataFrame({
+    "image_id": list(range(100, 140)),
+    "caption": [f"A {s} {c} {k} on {b}." for s, c, k, b in zip(
+        ["small", "large"] * 20, ["red", "blue", "green", "yellow"] * 10,
+        ["glorp", "mib", "skiv", "yoot", "vantile"] * 8, ["grass", "sand", "snow", "water"] * 10)],
+    "category": ["glorp", "mib", "skiv", "yoot", "vantile"] * 8,
+})
+ATTRS = pd.DataFrame({"category": CORPUS.category.to_numpy(), "size": np.arange(40) % 7}, index=CORPUS.image_id)
+
+
+def fake_differences(a, b, rng, noise=0.0, max_statements=3):
+    word = "larger" if a["size"] > b["size"] else "smaller"
+    out = [{"text": f"The first image has a {word} {a['category']}.", "attribute": "size", "true": rng.random() >= noise},
+           {"text": f"The first image shows a {a['category']}, while the second shows a {b['category']}.",
+            "attribute": "category", "true": True}]
+    return out[: int(rng.integers(1, max_statements + 1))]
+
+
+def oracle(noise=0.0):
+    return OracleBackend(ATTRS, noise=noise, seed=0, differences_fn=fake_differences,
+                         rewrite_fn=lambda a, rng: f"The scene contains a {a['category']}.",
+                         category_fn=lambda x, y, rng, n=3: [f"A {x} is larger than a {y}."][:n])
+
+
+# ---------------------------------------------------------------- pairs
+def test_pairs_are_seeded_distinct_and_respect_categories():
+    p = sample_pairs(CORPUS, 200, seed=3)
+    assert p.equals(sample_pairs(CORPUS, 200, seed=3))
+    assert not p.equals(sample_pairs(CORPUS, 200, seed=4))
+    assert p.key.is_unique and (p.i != p.j).all() and (p.category_a != p.category_b).all()
+    assert list(p.key) == [pair_key(i, j) for i, j in zip(p.i, p.j)]
+    assert sample_pairs(CORPUS, 300, seed=3).head(200).equals(p)  # growing n keeps the first pairs
+    caps = dict(zip(CORPUS.image_id, CORPUS.caption))
+    assert all(caps[i] == c for i, c in zip(p.i, p.caption_a))
+    r = sample_pairs(CORPUS, 300, seed=0, mode="random")
+    assert (r.category_a == r.category_b).any()  # random pairs may share a category
+
+
+def test_held_out_category_pairs_never_appear_in_either_order():
+    held = {("glorp", "mib"), frozenset(("skiv", "yoot"))}
+    p = sample_pairs(CORPUS, 500, seed=0, held_out=held)
+    got = {frozenset(x) for x in zip(p.category_a, p.category_b)}
+    assert not got & {frozenset(h) for h in held}
+    assert len(got) == 10 - 2  # every other unordered pair of the 5 categories does occur
+
+
+def test_pair_sampling_errors_are_clear():
+    with pytest.raises(ValueError, match="could draw only"):
+        sample_pairs(CORPUS.head(2), 5, seed=0, mode="random")
+    with pytest.raises(KeyError, match="category"):
+        sample_pairs(CORPUS.drop(columns="category"), 5, seed=0)
+    with pytest.raises(ValueError, match="pair sampling must be"):
+        sample_pairs(CORPUS, 5, seed=0, mode="similar")
+
+
+# ---------------------------------------------------------------- the real 4-bit path on CPU
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("lm") / "tiny-llama")
+
+
+def test_tiny_llama_loads_in_4bit_nf4_and_generates_end_to_end(tiny_llama, tmp_path):
+    import bitsandbytes as bnb
+    model, tok = load_causal_lm(str(tiny_llama), load_in_4bit=True, device="cpu")
+    lin = model.model.layers[0].mlp.down_proj
+    assert isinstance(lin, bnb.nn.Linear4bit) and lin.weight.quant_type == "nf4" and lin.weight.dtype == torch.uint8
+    assert lin.compute_dtype == torch.bfloat16 and tok.padding_side == "left" and tok.pad_token is not None
+    cfg = get_config("tiny", generator=str(tiny_llama), load_in_4bit=True, device="cpu", max_new_tokens=12, gen_batch_size=2)
+    backend = make_backend(cfg)  # the config's path: same loader, 4-bit, generation settings from the config
+    assert isinstance(backend, HFBackend) and backend.batch_size == 2 and backend.max_new_tokens == 12
+    pairs = sample_pairs(CORPUS, 3, seed=0)
+    recs = generate_differences(pairs, backend, tmp_path / "d.jsonl", progress=False)
+    assert [r["item"]["key"] for r in recs] == list(pairs.key)
+    for r, row in zip(recs, pairs.itertuples()):
+        assert r["generator"] == str(tiny_llama) and r["gen_config"]["load_in_4bit"] is True
+        assert r["prompt"] == build_prompt("differences", {"caption_a": row.caption_a, "caption_b": row.caption_b})
+        assert isinstance(r["raw"], str) and 0 < r["n_tokens"] <= 12
+        pieces = split_statements(r["raw"])  # every piece of the answer is accounted for
+        assert len(r["statements"]) + len(r["rejected"]) == max(len(pieces), 1)
+    assert len(JsonlStore(tmp_path / "d.jsonl")) == 3
+
+
+def test_left_padded_batches_match_one_at_a_time_greedy(tiny_llama):
+    model, tok = load_causal_lm(str(tiny_llama), load_in_4bit=False, device="cpu")
+    prompts = ["short", "a much longer prompt about the first image and the second image and more"]
+    batched, nb = generate_texts(model, tok, prompts, max_new_tokens=8, temperature=0, batch_size=2)
+    single = [generate_texts(model, tok, [p], max_new_tokens=8, temperature=0, batch_size=1)[0][0] for p in prompts]
+    assert batched == single
+
+
+def test_plain_prompt_without_chat_template_and_fast_failure(tmp_path):
+    folder = make_tiny_llama(tmp_path / "base-lm", chat_template=None)
+    model, tok = load_causal_lm(str(folder), load_in_4bit=False, device="cpu")
+    assert render_chat(tok, "USER").endswith("USER\n\nAnswer:\n")
+    assert HFBackend(model, tok, name="b").config["chat_template"] is False
+    t0 = time.time()
+    with pytest.raises(FileNotFoundError, match=r"weights/meta-llama/Llama-2-13b-chat-hf"):
+        load_causal_lm("meta-llama/Llama-2-13b-chat-hf", root=tmp_path)
+    assert time.time() - t0 < 30
+
+
+# ---------------------------------------------------------------- parsing and filtering
+CAPS = ["A large red glorp on grass.", "Two small blue mibs on sand."]
+GOOD = """Sure! Here are three differences:
+1. The first image has a larger object than the second image.
+2) The first image shows a red glorp, while the second shows blue mibs.
+- The first image has fewer objects. The first image is on grass instead of sand."""
+
+
+def test_parser_keeps_statements_and_counts_filler():
+    acc, rej = parse_output(GOOD, CAPS, build_prompt("differences", {"caption_a": CAPS[0], "caption_b": CAPS[1]}))
+    assert acc == ["The first image has a larger object than the second image.",
+                   "The first image shows a red glorp, while the second shows blue mibs.",
+                   "The first image has fewer objects.", "The first image is on grass instead of sand."]
+    assert Counter(r["reason"] for r in rej) == {"preamble": 2}
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("", "empty"), ("import torch", "code"), ("x = {'a': 1}", "code"), ("<div>first</div>", "code"),
+    ("The first image is redddddd.", "repeated"), ("bigger bigger bigger bigger", "repeated"),
+    ("ab\x07\x1b\x7f\x01 \x02\x03\x04\x05cd", "garbled"), ("I'm sorry, I cannot compare images.", "preamble"),
+    ("Larger.", "too_short"), ("The first image " + "is much larger and " * 12 + "darker.", "too_long"),
+    ("A large red glorp on grass.", "prompt_echo"), ("Second image: Two small blue mibs on sand.", "prompt_echo"),
+    ("The stock market closed higher today", None),  # comparative word: kept (a judge may reject it)
+    ("I like to eat pizza on Fridays.", "unrelated"),
+    ("The first image has a larger glorp.", None), ("Image one shows a person.", None),
+])
+def test_statement_problems(text, reason):
+    assert statement_problem(text, CAPS) == reason
+
+
+def test_prompt_echo_and_whole_output_rejections():
+    prompt = build_prompt("differences", {"caption_a": CAPS[0], "caption_b": CAPS[1]})
+    echo = prompt.splitlines()[-1]  # the model repeats our instruction
+    _, rej = parse_output(echo, CAPS, prompt)
+    assert {r["reason"] for r in rej} == {"prompt_echo"}
+    assert parse_output("\n \n", CAPS)[1] == [{"text": "\n \n", "reason": "empty_output"}]
+    acc, rej = parse_output("The first image is darker.\n2. The first image is darker.", CAPS)
+    assert acc == ["The first image is darker."] and rej[0]["reason"] == "duplicate"
+
+
+def test_rewrite_filter_requires_overlap_with_the_caption():
+    assert statement_problem("The scene contains a large red glorp.", CAPS[:1], task="rewrite") is None
+    assert statement_problem("The first image is darker than the second.", CAPS[:1], task="rewrite") == "unrelated"
+
+
+# ---------------------------------------------------------------- records, counts, triples, other tasks
+def test_oracle_records_counts_and_triples(tmp_path):
+    pairs = sample_pairs(CORPUS, 50, seed=1)
+    recs = generate_differences(pairs, oracle(noise=0.5), tmp_path / "o.jsonl", batch_size=7, progress=False)
+    assert len(recs) == 50 and all(r["generator"] == "oracle-noise0.5" for r in recs)
+    assert all(r["key"] == f"oracle-noise0.5|{k}" for r, k in zip(recs, pairs.key))
+    c = filter_counts(recs)
+    s = filter_summary(recs)
+    assert c["accepted"] == s["n_statements"] == sum(len(r["statements"]) for r in recs) > 50
+    assert s["accepted_rate"] == 1.0 and 0.2 < s["true_rate"] < 0.95
+    t = difference_triples(recs)
+    assert list(t.columns) == ["i", "j", "text"] and len(t) == c["accepted"]
+    assert set(zip(t.i, t.j)) <= set(zip(pairs.i, pairs.j))
+    with pytest.raises(ValueError, match="judge"):
+        difference_triples(recs, consistent_only=True)
+
+
+def test_rewrites_and_category_differences(tmp_path):
+    rw = rewrite_captions(CORPUS.head(5), oracle(), tmp_path / "rw.jsonl", progress=False)
+    assert [r["statements"][0]["text"] for r in rw][:2] == ["The scene contains a glorp.", "The scene contains a mib."]
+    assert all(r["task"] == "rewrite" for r in rw)
+    assert rewritten_captions(rw).values.tolist()[:1] == [[100, "The scene contains a glorp."]]
+    cd = write_category_differences([("glorp", "mib"), ("mib", "glorp")], oracle(), tmp_path / "cat.jsonl", progress=False)
+    assert cd == {("glorp", "mib"): ["A glorp is larger than a mib."], ("mib", "glorp"): ["A mib is larger than a glorp."]}
+
+
+def test_make_backend_and_paths(runs_dir):
+    cfg = get_config("tiny")
+    with pytest.raises(ValueError, match="make_world"):
+        make_backend(cfg)
+    assert differences_path(cfg, 0.3) == runs_dir / "runs" / "tiny" / "differences" / "oracle-noise0.3.jsonl"
+
+
+# ---------------------------------------------------------------- kill mid-run, resume
+WORKER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, sys.argv[2])
+    import test_diffs as T
+    from pc_clip.diffs import generate_differences, sample_pairs
+
+    def slow(a, b, rng, noise=0.0, max_statements=3):
+        time.sleep(0.03)
+        return T.fake_differences(a, b, rng, noise, max_statements)
+
+    backend = T.oracle(noise=0.3); backend.differences_fn = slow
+    generate_differences(sample_pairs(T.CORPUS, 120, seed=5), backend, sys.argv[1], batch_size=3, progress=False)
+""")
+
+
+def test_killed_generation_resumes_with_every_pair_exactly_once(tmp_path):
+    path = tmp_path / "diffs.jsonl"
+    script = tmp_path / "worker.py"; script.write_text(WORKER)
+    here = str(Path(__file__).parent)
+    p = subprocess.Popen([sys.executable, str(script), str(path), here])
+    deadline = time.time() + 90
+    while time.time() < deadline and (not path.exists() or path.read_bytes().count(b"\n") < 15):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL); p.wait()
+    n_before = len(JsonlStore(path))
+    assert 15 <= n_before < 120, n_before
+    subprocess.run([sys.executable, str(script), str(path), here], check=True, timeout=120)
+    keys = [json.loads(line)["key"] for line in path.read_text().splitlines()]
+    pairs = sample_pairs(CORPUS, 120, seed=5)
+    assert sorted(keys) == sorted(f"oracle-noise0.3|{k}" for k in pairs.key), "every pair exactly once"
+    # per-item seeding: the interrupted run wrote exactly what an uninterrupted run writes
+    ref = generate_differences(pairs, oracle(noise=0.3), tmp_path / "ref.jsonl", batch_size=50, progress=False)
+    resumed = generate_differences(pairs, oracle(noise=0.3), path, progress=False)
+    assert resumed == ref
+
+
+# ---------------------------------------------------------------- the real world oracle
+def test_world_oracle_statements_pass_the_filter(runs_dir):
+    world_mod = pytest.importorskip("pc_clip.world", reason="pc_clip.world not exported yet")
+    cfg = get_config("tiny", world_n_train=300, world_n_test=50)
+    world = world_mod.make_world(cfg)
+    corpus = corpus_from_world(world, "train")
+    assert len(corpus) == 300 and corpus.caption.tolist() == [world.captions[i] for i in corpus.image_id]
+    pairs = sample_pairs(corpus, 200, seed=0, held_out=world.heldout_pairs)
+    clean = generate_differences(pairs, make_backend(cfg, world, noise=0.0), runs_dir / "c.jsonl", progress=False)
+    s = filter_summary(clean)
+    assert s["accepted_rate"] > 0.97, s  # the filter does not throw away the world's true statements
+    assert s["true_rate"] == 1.0
+    noisy = generate_differences(pairs, make_backend(cfg, world, noise=0.3), runs_dir / "n.jsonl", progress=False)
+    assert 0.6 < filter_summary(noisy)["true_rate"] < 0.85
+    rw = rewrite_captions(corpus.head(50), make_backend(cfg, world), runs_dir / "r.jsonl", progress=False)
+    assert filter_summary(rw)["accepted_rate"] > 0.95
+
+
+# ---------------------------------------------------------------- the experiment notebook
+def test_experiment_notebook_runs_and_resumes(runs_dir):
+    pytest.importorskip("pc_clip.world", reason="pc_clip.world not exported yet")
+    import papermill as pm
+    from pc_clip.core import read_results
+    repo = Path(__file__).resolve().parents[1]
+    params = dict(n_pairs=200, overrides={"judge": "oracle", "world_n_train": 400, "world_n_test": 50})
+    for _ in range(2):  # the second run resumes: nothing is generated twice, the rows are replaced
+        pm.execute_notebook(str(repo / "nbs/experiments/02_differences.ipynb"), str(runs_dir.parent / "out.ipynb"),
+                            parameters=params, cwd=str(repo), kernel_name="python3", progress_bar=False)
+    folder = runs_dir / "runs" / "tiny" / "differences"
+    for name in ("oracle-noise0.jsonl", "oracle-noise0.3.jsonl", "oracle-noise0.judged-oracle.jsonl"):
+        keys = [json.loads(line)["key"] for line in (folder / name).read_text().splitlines()]
+        assert len(keys) == len(set(keys)) == 200, name
+    t = read_results(get_config("tiny")).set_index(["model", "metric"])["value"]
+    assert t[("oracle-noise0", "n_records")] == 200 and t[("oracle-noise0", "true_rate")] == 1.0
+    assert 0.55 < t[("oracle-noise0.3", "consistent_rate")] < 0.85 and t[("oracle-noise0.3", "judge_agreement")] == 1.0
+    assert t[("oracle-noise0/rewrites", "n_records")] == 400
+    assert not t.index.duplicated().any()
