@@ -20,7 +20,8 @@ def _notebook(path: Path, code: str) -> None:
 
 
 def _pc_clip(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "pc_clip.cli", *args], cwd=REPO, capture_output=True, text=True,
+    exe = Path(sys.executable).parent / "pc-clip"  # the console script a user runs
+    return subprocess.run([str(exe), *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
@@ -32,6 +33,10 @@ def test_reproduce_runs_in_order_and_injects_overrides(tmp_path, runs_dir):
             f"open({str(marker)!r}, 'a').write(f'{{__NAME__}} {{cfg.ft_epochs}} {{note}}\\n')")
     _notebook(exp / "02_second.ipynb", code.replace("{__NAME__}", "second"))
     _notebook(exp / "01_first.ipynb", code.replace("{__NAME__}", "first"))
+    nb = nbformat.read(exp / "01_first.ipynb", as_version=4)  # declares ft_epochs as its own parameter
+    nb.cells[0].source += "\nft_epochs = None"
+    nb.cells[1].source = nb.cells[1].source.replace("**overrides)", "ft_epochs=ft_epochs, **overrides)")
+    nbformat.write(nb, exp / "01_first.ipynb")
     r = _pc_clip("reproduce", "--profile", "tiny", "--experiments", str(exp), "-p", "ft_epochs=7", "-p", "note='hi'")
     assert r.returncode == 0, r.stderr + r.stdout
     assert marker.read_text().split("\n")[:2] == ["first 7 hi", "second 7 hi"]
