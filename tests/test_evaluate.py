@@ -1,0 +1,279 @@
+"Difference-based classification, zero-shot and comparative prompting: behaviour a user relies on."
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pc_clip.comparative import (alpha_of, comparative_class_embeddings, comparative_prompting, known_pairs,
+                                 top_confused_pairs)
+from pc_clip.core import get_config, read_results, write_results
+from pc_clip.evaluate import (DifferenceTask, classification_metrics, cifar100_size_task, difference_classification,
+                              difference_cosines, direction_sentences, evaluate_difference_tasks, sample_eval_indices,
+                              world_difference_tasks, zero_shot_classifier, zero_shot_evaluation)
+from pc_clip.models import create_clip, encode_texts
+
+D = 32
+
+
+def attribute_world(n=400, seed=0):
+    "Images whose embedding encodes a 3-level attribute along axis 0 (monotone after normalisation)."
+    rng = np.random.default_rng(seed)
+    level = rng.integers(0, 3, n)
+    x = rng.normal(size=(n, D))
+    x[:, 0] = 0
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x[:, 0] = level
+    return F.normalize(torch.tensor(x, dtype=torch.float32), dim=-1), level
+
+
+AXIS = torch.eye(D)[0]
+
+
+def encoder(table):
+    rng = torch.Generator().manual_seed(0)
+    random = {}
+
+    def encode(texts):
+        out = []
+        for t in texts:
+            if t not in table and t not in random:
+                random[t] = torch.randn(D, generator=rng)
+            out.append(table.get(t, random.get(t)))
+        return torch.stack(out)
+    return encode
+
+
+ENC = encoder({"more": AXIS, "less": -AXIS})
+
+
+def accuracies(rows):
+    return [r["value"] for r in rows]
+
+
+def test_right_text_scores_one_reversed_zero():
+    emb, level = attribute_world()
+    right = difference_classification(emb, level, lambda a, b: "more" if a > b else "less", ENC, seeds=(0, 1, 2))
+    wrong = difference_classification(emb, level, lambda a, b: "less" if a > b else "more", ENC, seeds=(0, 1, 2))
+    assert accuracies(right) == [1.0, 1.0, 1.0]
+    assert accuracies(wrong) == [0.0, 0.0, 0.0]
+
+
+def test_unrelated_texts_sit_near_chance():
+    emb, level = attribute_world(n=600)
+    # a different random direction for every ordered class pair, many seeds
+    rows = difference_classification(emb, level, lambda a, b: f"unrelated {a}-{b}", ENC, seeds=range(10))
+    assert 0.35 < np.mean(accuracies(rows)) < 0.65
+
+
+def test_shortcut_equals_the_literal_protocol():
+    "Counting by sign of text·(g1 - g2) equals counting cos(text, normalise(g1 - g2)) > 0 over all cross-class pairs."
+    g = torch.Generator().manual_seed(3)
+    emb = F.normalize(torch.randn(120, D, generator=g), dim=-1)
+    labels = np.random.default_rng(1).integers(0, 4, 120)
+    texts = {(a, b): f"t{a}{b}" for a in range(4) for b in range(4) if a != b}
+    enc = encoder({})
+    rows = difference_classification(emb, labels, lambda a, b: texts[(a, b)], enc, n_images=50, seeds=(7,))
+    idx = sample_eval_indices(120, 50, 7)
+    T = dict(zip(texts.values(), F.normalize(enc(list(texts.values())), dim=-1)))
+    correct = total = 0
+    for i, j in itertools.permutations(idx, 2):
+        if labels[i] == labels[j]:
+            continue
+        cos = difference_cosines(emb[i][None], emb[j][None], T[texts[(labels[i], labels[j])]])
+        correct += int(cos.item() > 0)
+        total += 1
+    assert rows[0]["n"] == total
+    assert rows[0]["value"] == pytest.approx(correct / total)
+
+
+def test_samples_are_seeded_and_rows_follow_the_contract():
+    emb, level = attribute_world()
+    fn = lambda a, b: "more" if a > b else None
+    a = difference_classification(emb, level, fn, ENC, n_images=30, seeds=(0, 1), model="m", dataset="d")
+    b = difference_classification(emb, level, fn, ENC, n_images=30, seeds=(0, 1), model="m", dataset="d")
+    assert a == b
+    assert [r["seed"] for r in a] == [0, 1]
+    assert {(r["model"], r["task"], r["dataset"], r["metric"]) for r in a} == {("m", "difference_classification", "d", "accuracy")}
+    assert a[0]["n"] != a[1]["n"] or not np.array_equal(sample_eval_indices(400, 30, 0), sample_eval_indices(400, 30, 1))
+
+
+def test_each_distinct_text_is_encoded_once():
+    emb, level = attribute_world()
+    calls = []
+
+    def enc(texts):
+        calls.append(list(texts))
+        return ENC(texts)
+    difference_classification(emb, level, lambda a, b: ["more", "more"] if a > b else "less", enc, seeds=(0, 1, 2))
+    assert len(calls) == 1 and sorted(calls[0]) == ["less", "more"]
+
+
+def test_task_on_a_subset_uses_its_indices():
+    emb, level = attribute_world()
+    keep = np.flatnonzero(level != 1)
+    task = DifferenceTask("extremes", keep, level[keep], lambda a, b: "more" if a > b else "less")
+    rows = evaluate_difference_tasks([task], emb, ENC, "m", n_images=50, seeds=(0,), progress=False)
+    assert rows[0]["value"] == 1.0 and rows[0]["dataset"] == "extremes"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, _, tok = create_clip("pc-clip-tiny", seed=0)
+    return model, tok
+
+
+def test_zero_shot_equals_an_independent_computation(tiny):
+    model, tok = tiny
+    classes = ["glorp", "vantile", "brombel", "zorn", "skiv"]
+    W = zero_shot_classifier(model, tok, classes)
+    plain = F.normalize(encode_texts(model, tok, [f"This is a photo of a {c}" for c in classes]), dim=-1)
+    g = torch.Generator().manual_seed(0)
+    # images near class prompts plus noise, so that accuracy is neither 0 nor 1
+    labels = np.random.default_rng(0).integers(0, 5, 300)
+    img = F.normalize(plain[labels] + 0.15 * torch.randn(300, plain.shape[1], generator=g), dim=-1)
+    rows, conf = zero_shot_evaluation(img, labels, W, "clip", "toy", seed=0)
+    pred = (img @ plain.T).argmax(-1).numpy()
+    acc = float((pred == labels).mean())
+    per_class = [float((pred[labels == k] == k).mean()) for k in range(5)]
+    got = {r["metric"]: r["value"] for r in rows}
+    assert got["accuracy"] == pytest.approx(acc)
+    assert got["worst_class_accuracy"] == pytest.approx(min(per_class))
+    assert 0 < acc < 1
+    np.testing.assert_array_equal(conf, pd.crosstab(labels, pred).reindex(index=range(5), columns=range(5), fill_value=0).to_numpy())
+
+
+def test_worst_class_ignores_absent_classes():
+    m = classification_metrics([0, 1, 1], [0, 1, 0], 3)
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["worst_class_accuracy"] == 0.5
+
+
+def test_comparative_update_formula_by_hand():
+    f = F.normalize(torch.tensor([[1.0, 0, 0], [0.9, 0.436, 0], [0, 0, 1.0]]), dim=-1)
+    d01 = F.normalize(torch.tensor([1.0, -1.0, 0]), dim=0)
+    d21 = F.normalize(torch.tensor([0.0, -1.0, 1.0]), dim=0)
+    new = comparative_class_embeddings(f, {(0, 1): d01, (2, 1): d21}, alpha=0.9)
+    by_hand = 0.9 * f[1] + 0.1 * ((f[0] - d01) + (f[2] - d21)) / 2
+    torch.testing.assert_close(new[1], by_hand / by_hand.norm())
+    torch.testing.assert_close(new[[0, 2]], f[[0, 2]])
+    assert float(new[1] @ f[0]) < float(f[1] @ f[0])  # B moved away from the class it was confused with
+
+
+def test_alpha_one_equals_zero_shot():
+    g = torch.Generator().manual_seed(0)
+    class_emb = F.normalize(torch.randn(6, D, generator=g), dim=-1)
+    labels = np.random.default_rng(0).integers(0, 6, 200)
+    img = F.normalize(class_emb[labels] + 0.3 * torch.randn(200, D, generator=g), dim=-1)
+    zs, conf = zero_shot_evaluation(img, labels, class_emb, "m", "toy")
+    diffs = {p: F.normalize(torch.randn(D, generator=g), dim=0) for p in known_pairs(top_confused_pairs(conf, 3))}
+    assert diffs
+    rows = comparative_prompting(img, labels, class_emb, diffs, [1.0, 0.8], "m", "toy")
+    at_one = {r["metric"]: r["value"] for r in rows if r["dataset"] == "toy@alpha=1.00"}
+    assert at_one["accuracy"] == zs[0]["value"] and at_one["worst_class_accuracy"] == zs[1]["value"]
+    assert {alpha_of(r["dataset"]) for r in rows} == {1.0, 0.8}
+
+
+def test_top_confused_pairs_order():
+    conf = np.diag([5, 5, 5, 5])
+    conf[2, 3], conf[3, 2], conf[0, 1] = 4, 1, 2
+    assert top_confused_pairs(conf, 10) == [(2, 3), (0, 1)]
+
+
+def test_rows_fit_the_results_table_and_the_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
+    from pc_clip.report import comparative_verdict
+    cfg = get_config("tiny")
+    emb, level = attribute_world()
+    rows = difference_classification(emb, level, lambda a, b: "more" if a > b else "less", ENC, seeds=(0,), model="pc-clip")
+    rows += difference_classification(emb, level, lambda a, b: f"x{a}{b}", ENC, seeds=(0,), model="clip")
+    class_emb = F.normalize(torch.randn(3, D), dim=-1)
+    rows += comparative_prompting(emb, level, class_emb, {(0, 1): AXIS}, [1.0, 0.9], "pc-clip", "world")
+    write_results(rows, cfg, "test")
+    table = read_results(cfg)
+    assert len(table) == len(rows)
+    sentence = direction_sentences(table, "difference_classification")[0]
+    assert sentence.startswith("pc-clip vs clip on dataset (accuracy): 1.000 vs") and sentence.endswith("(better)")
+    assert comparative_verdict(table)["observed"] in ("better", "worse", "same")
+
+
+def test_world_tasks_report_heldout_wordings():
+    import pc_clip.world as w
+    attrs = w.sample_attributes(0, 0, 320)
+    tasks = world_difference_tasks(attrs, w.heldout_category_pairs(0), n_texts=2)
+    names = [t.dataset for t in tasks]
+    base = [n for n in names if "@heldout-wording" not in n]
+    assert len(base) == 7 and all(f"{n}@heldout-wording" in names for n in base)
+    by = {t.dataset: t for t in tasks}
+    for n in base:
+        t, h = by[n], by[f"{n}@heldout-wording"]
+        pairs = [(a, b) for a in sorted(set(t.labels.tolist())) for b in sorted(set(t.labels.tolist())) if a != b]
+        seen = {s for p in pairs for s in (t.text_fn(*p) and ([t.text_fn(*p)] if isinstance(t.text_fn(*p), str) else t.text_fn(*p)) or [])}
+        held = {s for p in pairs for s in (h.text_fn(*p) and ([h.text_fn(*p)] if isinstance(h.text_fn(*p), str) else h.text_fn(*p)) or [])}
+        assert seen and held and not seen & held, n
+
+
+def test_world_class_level_texts_are_true_of_the_images():
+    "Size and brightness texts are class-level; they must hold for (almost) every image pair they are attached to."
+    import pc_clip.world as w
+    attrs = w.sample_attributes(0, 0, 800)
+    g = w.category_groups()
+    for attr, col, hi, lo, min_rate in (("size", "radius", "large", "small", 0.97), ("brightness", "brightness", "bright", "dark", 1.0)):
+        a = attrs.loc[attrs.category.isin(g[hi]), col].to_numpy()
+        b = attrs.loc[attrs.category.isin(g[lo]), col].to_numpy()
+        assert (a[:, None] > b[None, :]).mean() >= min_rate, attr
+    task = {t.dataset: t for t in world_difference_tasks(attrs, [], n_texts=3)}["world/size"]
+    big, small = g["large"][0], g["small"][0]
+    proto = lambda c: {**w.typical_attrs(c), "count": 1}
+    assert w.difference_direction(proto(big), proto(small), "size")[0] == "larger"
+    assert task.text_fn(big, small) and task.text_fn(big, small) != task.text_fn(small, big)
+    assert task.text_fn(big, g["large"][1]) is None
+
+
+def test_cifar100_size_on_the_fixture(tmp_path):
+    from pc_clip.data import load_dataset, make_fixture
+    ds = load_dataset("cifar100", make_fixture("cifar100", tmp_path, n_per_class=2), "test")
+    task = cifar100_size_task(ds.classnames, ds.labels)
+    kept = {ds.classnames[k] for k in task.labels}
+    assert kept == {"camel", "hamster"}
+    camel, hamster = ds.classnames.index("camel"), ds.classnames.index("hamster")
+    assert "first image has the larger animal" in task.text_fn(camel, hamster)
+
+
+class FakeBirdBackend:
+    "A stand-in for the LLM backend: one comparative statement per class pair."
+    name, config, batch_size = "fake-birds", {}, 8
+
+    def generate(self, items, task):
+        assert task == "category"
+        return [{"raw": f"The {it['category_a']} has a longer bill than the {it['category_b']}.", "prompt": None}
+                for it in items]
+
+
+def test_cub_comparatives_from_a_backend(tmp_path, monkeypatch):
+    from pc_clip.data import load_dataset, make_fixture
+    from pc_clip.evaluate import cub_comparative_task
+    monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path / "runs"))
+    ds = load_dataset("cub", make_fixture("cub", tmp_path / "data", n_per_class=2), "test")
+    task = cub_comparative_task(ds, ds.labels, get_config("tiny"), n_classes=2, backend=FakeBirdBackend())
+    assert len(set(task.labels.tolist())) == 2
+    a, b = sorted(set(task.labels.tolist()))
+    (text,) = task.text_fn(a, b)
+    assert ds.classnames[a] in text and ds.classnames[b] in text and "longer bill" in text
+    emb = F.normalize(torch.randn(len(ds), D), dim=-1)
+    rows = evaluate_difference_tasks([task], emb, ENC, "m", seeds=(0,), progress=False)
+    assert rows[0]["dataset"] == "cub/comparatives" and 0 <= rows[0]["value"] <= 1
+
+
+def test_paper_task_builders_on_fixtures(tmp_path):
+    from pc_clip.data import load_dataset, make_fixture
+    from pc_clip.evaluate import build_difference_tasks
+    cfg = get_config("paper")
+    awa = load_dataset("awa2", make_fixture("awa2", tmp_path, n_per_class=2), "all")
+    (task,) = build_difference_tasks(awa, awa.labels, cfg)
+    texts = [task.text_fn(a, b) for a in range(len(awa.classnames)) for b in range(len(awa.classnames)) if a != b]
+    assert task.dataset == "awa2/attributes" and any(texts)
+    assert all(t.startswith("The first image") for t in texts if t)
+    with pytest.raises(ValueError, match="no difference task"):
+        build_difference_tasks(load_dataset("eurosat", make_fixture("eurosat", tmp_path), "test"), [0], cfg)
