@@ -1,0 +1,178 @@
+"""Text-to-image with embedding arithmetic: the open_clip -> Hugging Face text-tower conversion, a tiny
+randomly initialised SDXL-shaped pipeline conditioned on arithmetic embeddings (checked at the UNet's input),
+and the tiny profile's gallery analogue."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pc_clip import t2i as T
+from pc_clip.core import get_config
+from pc_clip.models import create_clip
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    return create_clip("pc-clip-tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return T.tiny_sdxl_pipeline(seed=0)
+
+
+def test_clip_tokenizer_matches_open_clip(tiny_clip):
+    _, _, oc_tok = tiny_clip
+    tok = T.clip_tokenizer(32)
+    for text in ["a photo of a glorp", "The second photo has a brighter glorp than the first photo.", "two mibs, in water!"]:
+        ids = tok(text).input_ids
+        assert ids == oc_tok([text])[0, :len(ids)].tolist()
+
+
+def test_text_tower_conversion_is_exact(tiny_clip):
+    model, _, oc_tok = tiny_clip
+    hf = T.open_clip_text_to_hf(model)
+    ids = oc_tok(["a small red glorp on grass", "Relative to image two, image one shows a larger thing."])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).text_embeds, model.encode_text(ids), atol=1e-4, rtol=1e-4)
+    assert T.hf_text_config(model).max_position_embeddings == 32
+
+
+def test_quick_gelu_towers_convert_with_their_activation():
+    import open_clip
+    from pc_clip.models import TINY_MODEL  # noqa: F401  (registers the tiny config)
+    model = open_clip.create_model("pc-clip-tiny", force_quick_gelu=True)
+    assert T.hf_text_config(model).hidden_act == "quick_gelu"
+    ids = open_clip.get_tokenizer("pc-clip-tiny")(["a dark vantile"])
+    with torch.no_grad():
+        torch.testing.assert_close(T.open_clip_text_to_hf(model)(ids).text_embeds, model.encode_text(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_arithmetic_conditioning_reaches_the_unet(pipe, tiny_clip):
+    T.swap_text_encoder(pipe, tiny_clip[0])
+    classes, diffs = ["a photo of a glorp", "a photo of a mib"], ["The first one is larger.", "The first image is snowier."]
+    e, p = T.arithmetic_conditioning(pipe, classes, diffs, weight=0.7)
+    e_c, p_c = T.encode_sdxl_prompts(pipe, classes)
+    e_d, p_d = T.encode_sdxl_prompts(pipe, diffs)
+    e_0, p_0 = T.encode_sdxl_prompts(pipe, [""])
+    torch.testing.assert_close(e, e_c + 0.7 * (e_d - e_0))
+    torch.testing.assert_close(p, p_c + 0.7 * (p_d - p_0))
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["encoder_hidden_states"].clone(), kw["added_cond_kwargs"]["text_embeds"].clone())) and None,
+        with_kwargs=True)
+    try:
+        images = T.generate_images(pipe, e, p, steps=2, size=64, guidance_scale=1.0, batch_size=2, progress=False)
+        assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
+        assert len(seen) == 2  # one UNet call per step
+        assert all(torch.equal(h, e) and torch.equal(t, p) for h, t in seen)
+        seen.clear()
+        T.generate_images(pipe, e, p, steps=2, size=64, guidance_scale=5.0, batch_size=2, progress=False)
+        assert torch.equal(seen[0][0][2:], e) and torch.equal(seen[0][1][2:], p)  # [unconditional, conditional]
+    finally:
+        hook.remove()
+    one = T.generate_images(pipe, e[1:], p[1:], steps=2, size=64, seed=1, progress=False)
+    both = T.generate_images(pipe, e, p, steps=2, size=64, seed=0, batch_size=2, progress=False)
+    # image i is seeded seed + i whatever the batching (up to float rounding of a batched forward pass)
+    assert np.abs(one[0].astype(int) - both[1].astype(int)).max() <= 2
+
+
+def test_swapped_tower_is_the_finetuned_one(tiny_clip):
+    pipe = T.tiny_sdxl_pipeline(seed=1)
+    before, _ = T.encode_sdxl_prompts(pipe, ["a photo of a glorp"])
+    T.swap_text_encoder(pipe, tiny_clip[0], "auto")
+    after, _ = T.encode_sdxl_prompts(pipe, ["a photo of a glorp"])
+    w = pipe.text_encoder.config.hidden_size
+    assert w == T.hf_text_config(tiny_clip[0]).hidden_size
+    assert not torch.allclose(before[..., :w], after[..., :w])  # text_encoder part changed
+    torch.testing.assert_close(before[..., w:], after[..., w:])  # text_encoder_2 part did not
+    with pytest.raises(ValueError, match="cross-attention needs the same width"):
+        T.swap_text_encoder(pipe, tiny_clip[0], "text_encoder_2")
+    narrow = T.tiny_sdxl_pipeline(text_width=48, text_layers=1, seed=0)
+    with pytest.raises(ValueError, match="fits no SDXL text encoder"):
+        T.swap_text_encoder(narrow, tiny_clip[0])
+
+
+def test_clip_score_uses_the_evaluator_pairwise(tiny_clip):
+    model, pre, tok = tiny_clip
+    imgs = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    s = T.clip_scores(model, tok, imgs, ["a", "b", "c"], pre)
+    assert s.shape == (3,) and (s.abs() <= 1).all()
+    with pytest.raises(ValueError, match="pairwise"):
+        T.clip_scores(model, tok, imgs, ["a"])
+
+
+def test_sdxl_missing_weights_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PC_CLIP_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0"):
+        T.load_sdxl(get_config("paper"), "cpu")
+
+
+def test_gallery_is_every_combination_and_statements_are_true():
+    from pc_clip.world import difference_direction
+    images, gal = T.attribute_gallery(categories=["glorp", "mib"])
+    assert images.shape == (2 * 3 * 3 * 3 * 6, 32, 32, 3)
+    rng = np.random.default_rng(0)
+    for e in T.GALLERY_EDITS:
+        first, second = T._edit_attrs("mib", e, e.target), T._edit_attrs("mib", e, e.source)
+        assert difference_direction(first, second, e.attribute) is not None
+        assert len(T.gallery_edit_statements("mib", e, 3, rng, "heldout")) == 3
+
+
+def test_gallery_arithmetic_known_answer():
+    _, gal = T.attribute_gallery(categories=["glorp", "mib", "skiv"])
+    cats, levels = ["glorp", "mib", "skiv"], ["size_level", "brightness_level", "position_level"]
+    bgs = sorted(gal.background.unique())
+    by_name = {e.name: e for e in T.GALLERY_EDITS}
+
+    def encode(texts):
+        out = torch.zeros(len(texts), 3 + 3 + len(bgs))
+        for i, t in enumerate(texts):
+            if "|" in t:
+                e = by_name[t.split("|")[0]]
+                if e.column == "background":
+                    out[i, 6 + bgs.index(e.target)] = 1
+                else:
+                    out[i, 3 + levels.index(e.column)] = 1 if e.target == 2 else -1
+            else:  # a class prompt or an intended description: its species
+                out[i, next(cats.index(w) for w in t.split() if w in cats)] = 1
+        return torch.nn.functional.normalize(out, dim=-1)
+
+    img = torch.zeros(len(gal), 6 + len(bgs))
+    img[torch.arange(len(gal)), torch.as_tensor([cats.index(c) for c in gal.category])] = 3
+    for k, col in enumerate(levels):
+        img[:, 3 + k] = torch.as_tensor(gal[col].to_numpy() - 1.0, dtype=torch.float32)
+    img[torch.arange(len(gal)), 6 + torch.as_tensor([bgs.index(b) for b in gal.background])] = 1
+    img += 0.01 * torch.randn(img.shape, generator=torch.Generator().manual_seed(0))
+    rows = T.gallery_arithmetic_rows(img, gal, encode, "toy", n_texts=1, sweep=(0.0,),
+                                     statements=lambda c, e, n, rng, w: [f"{e.name}|{c}"] * n,
+                                     eval_image_emb=torch.nn.functional.normalize(img, dim=-1), eval_encode_text=encode)
+    v = {(r["dataset"], r["metric"]): r["value"] for r in rows}
+    assert v[("world-gallery", "success_rate")] == 1.0 == v[("world-gallery", "species_accuracy")]
+    assert v[("world-gallery", "success_rate_whole_gallery")] == 1.0
+    assert v[("world-gallery", "success_rate_class_only")] == v[("world-gallery", "success_rate@w=0")] < 0.5
+    # the species is the generator's part: a query whose species axis is wrong still only looks at that species
+    wrong = T.gallery_arithmetic_rows(img, gal, lambda t: encode([x if "|" in x else "a photo of a skiv" for x in t]),
+                                      "toy", n_texts=1, statements=lambda c, e, n, rng, w: [f"{e.name}|{c}"] * n)
+    w = {(r["dataset"], r["metric"]): r["value"] for r in wrong}
+    assert w[("world-gallery", "success_rate")] == 1.0 and w[("world-gallery", "species_accuracy")] == pytest.approx(1 / 3)
+    assert all(v[(f"world-gallery/{e.name}", "success_rate")] == 1.0 for e in T.GALLERY_EDITS)
+    assert -1 <= v[("world-gallery", "clip_score")] <= 1
+    with pytest.raises(ValueError, match="gallery of"):
+        T.gallery_arithmetic_rows(img[:-1], gal, encode, "toy")
+
+
+def test_run_t2i_arithmetic_on_stand_in_models(runs_dir, tiny_clip, capsys):
+    from pc_clip.models import model_dir, save_checkpoint
+    cfg = get_config("tiny", world_n_train=100, world_n_test=50)
+    for name in ("clip", "pc-clip"):
+        save_checkpoint(tiny_clip[0], model_dir(cfg, name), "pc-clip-tiny")
+    rows, shown = T.run_t2i_arithmetic(cfg, ["clip", "pc-clip", "pc-clip/mse"], n_texts=1, categories=["glorp", "mib", "skiv"],
+                                       progress=False)
+    assert "skipping model pc-clip/mse" in capsys.readouterr().out
+    df = pd.DataFrame(rows)
+    main = df[df.dataset == "world-gallery"].pivot_table(index="model", columns="metric", values="value")
+    assert list(main.index) == ["clip", "pc-clip"]
+    assert (main.loc["clip"] == main.loc["pc-clip"]).all()  # same weights, same numbers
+    assert shown["gallery"].shape[0] == 3 * 162
+    assert shown["chance"] == pytest.approx((6 / 3 + 2 / 6) / 8)
