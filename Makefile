@@ -37,7 +37,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
 
 lab: $(STAMP)
-	$(BIN)/jupyter lab --ip 127.0.0.1 --ServerApp.root_dir=.
+	$(BIN)/jupyter lab --ip 127.0.0.1 --ServerApp.root_dir=. $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 export: $(STAMP)
 	$(BIN)/nbdev_export

@@ -23,18 +23,21 @@ def test_jupyterlab_serves_repo_notebook(tmp_path):
            "JUPYTER_DATA_DIR": str(tmp_path / "data")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip", "127.0.0.1", f"--port={port}",
-         f"--ServerApp.root_dir={REPO}", f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False"],
+         f"--ServerApp.root_dir={REPO}", f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False", "--allow-root"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}/api/contents/nbs/00_core.ipynb?content=1"
     try:
         body, deadline = None, time.time() + 90
-        while time.time() < deadline and body is None:
+        while time.time() < deadline and body is None and proc.poll() is None:
             try:
                 req = urllib.request.Request(url, headers={"Authorization": f"token {token}"})
                 body = json.loads(urllib.request.urlopen(req, timeout=5).read())
             except OSError:
                 time.sleep(0.5)
-        assert body is not None, "JupyterLab did not answer within 90 s"
+        if body is None:
+            proc.terminate()
+            err = proc.communicate(timeout=20)[1].decode(errors="replace")[-3000:]
+            raise AssertionError(f"JupyterLab did not answer (exit code {proc.returncode}); its log ends with:\n{err}")
         assert body["type"] == "notebook" and body["name"] == "00_core.ipynb"
         assert any("default_exp core" in "".join(c["source"]) for c in body["content"]["cells"])
         lab = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/lab",

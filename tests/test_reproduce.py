@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO
 
 SMALL = ["world_n_train=1200", "world_n_test=400", "pretrain_max_seconds=25", "pretrain_epochs=3",
-         "n_pairs=1500", "ft_epochs=1", "caption_ft_epochs=1", "eval_seeds=(0,)", "eval_n_images=40",
+         "n_pairs=1500", "ft_epochs=1", "caption_ft_epochs=1", "eval_seeds=[0]", "eval_n_images=40",
          "comparative_topk=4"]
 
 
