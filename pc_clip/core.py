@@ -11,6 +11,9 @@ import json
 import logging
 import os
 import random
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import filelock
 import numpy as np
 import pandas as pd
 import torch
@@ -25,8 +29,8 @@ import torch
 # %% auto #0
 __all__ = ['PROFILES', 'RESULT_COLUMNS', 'FRACTION_METRICS', 'Config', 'get_config', 'project_root', 'resolve_path', 'data_root',
            'run_dir', 'cache_dir', 'results_path', 'figures_dir', 'seed_everything', 'pick_device', 'pick_dtype',
-           'autocast', 'get_logger', 'timer', 'atomic_write', 'atomic_write_json', 'content_hash', 'JsonlStore',
-           'result_row', 'read_results', 'write_results']
+           'autocast', 'get_logger', 'timer', 'atomic_write', 'atomic_write_json', 'content_hash', 'ArtifactBusy',
+           'artifact_lock', 'condition_string', 'condition_dict', 'result_row', 'read_results', 'write_results']
 
 # %% ../nbs/00_core.ipynb #22c4a6fc
 @dataclass(frozen=True)
@@ -294,75 +298,66 @@ def content_hash(*parts: Any, n: int = 16) -> str:
         h.update(b"\x00")
     return h.hexdigest()[:n]
 
-# %% ../nbs/00_core.ipynb #90f0a81c
-class JsonlStore:
-    "Append-only, keyed JSONL file that resumes: records whose key is present are never written twice."
+# %% ../nbs/00_core.ipynb #df299cca
+class ArtifactBusy(RuntimeError):
+    "Another process holds the lock of an artifact this run must write."
 
-    def __init__(self, path: str | Path, key: str = "key"):
-        self.path, self.key = Path(path), key
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.keys: set[str] = set()
-        self.n_torn = 0
-        self._load()
 
-    def _load(self) -> None:
-        if not self.path.exists():
-            return
-        raw = self.path.read_bytes()
-        good_end = 0
-        for line in raw.splitlines(keepends=True):
-            try:
-                if not line.endswith(b"\n"):
-                    raise ValueError("torn line")
-                rec = json.loads(line)
-                self.keys.add(str(rec[self.key]))
-                good_end += len(line)
-            except (ValueError, KeyError, TypeError):
-                break
-        if good_end < len(raw):
-            self.n_torn = len(raw[good_end:].splitlines())
-            get_logger("pc_clip.core").warning(
-                f"{self.path}: dropped {self.n_torn} incomplete trailing line(s) from an interrupted write; "
-                "their records will be produced again")
-            with open(self.path, "r+b") as f:
-                f.truncate(good_end)
+def _holder(info: Path) -> str:
+    try:
+        h = json.loads(info.read_text())
+        return f"pid {h['pid']} on {h['host']} ({h['command']})"
+    except (OSError, ValueError, KeyError):
+        return "another process"
 
-    def __contains__(self, key) -> bool:
-        return str(key) in self.keys
 
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def append(self, record: dict) -> bool:
-        "Write `record` unless its key is already stored; returns whether it was written."
-        k = str(record[self.key])
-        if k in self.keys:
-            return False
-        with open(self.path, "ab") as f:
-            f.write((json.dumps(record, ensure_ascii=False, default=str) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
-        self.keys.add(k)
-        return True
-
-    def records(self) -> list[dict]:
-        "All stored records, in the order they were written."
-        if not self.path.exists():
-            return []
-        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
-
-    def __repr__(self) -> str:
-        return f"JsonlStore({str(self.path)!r}, {len(self)} records)"
+@contextmanager
+def artifact_lock(path: str | Path, timeout: float = 0.0) -> Iterator[Path]:
+    "Hold `<path>.lock` while writing `path`; wait up to `timeout` s, then raise `ArtifactBusy` naming the holder."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.with_name(path.name + ".lock")
+    info = path.with_name(path.name + ".lock.json")
+    lock = filelock.FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=timeout)
+    except filelock.Timeout:
+        raise ArtifactBusy(f"{path} is being written by {_holder(info)}; wait for that run to finish "
+                           f"(or stop it), then run again") from None
+    try:
+        atomic_write_json(info, {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:200]})
+        yield path
+    finally:
+        info.unlink(missing_ok=True)
+        lock.release()
 
 # %% ../nbs/00_core.ipynb #f825b886
-RESULT_COLUMNS = ["experiment", "profile", "model", "task", "dataset", "metric", "value", "seed", "n"]
+RESULT_COLUMNS = ["experiment", "profile", "model", "task", "dataset", "condition", "metric", "value",
+                  "ci_low", "ci_high", "seed", "n"]
 FRACTION_METRICS = ("accuracy", "recall", "consistency", "rate", "agreement")
 
 
+def condition_string(**settings) -> str:
+    "`condition_string(wording='heldout', alpha=0.85)` -> `'alpha=0.85;wording=heldout'` (sorted; `None` values left out)."
+    return ";".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in sorted(settings.items()) if v is not None)
+
+
+def condition_dict(condition) -> dict[str, str]:
+    "The settings of a `condition` cell as a dict of strings (empty for an empty cell)."
+    if not isinstance(condition, str) or not condition.strip():
+        return {}
+    return dict(part.split("=", 1) for part in condition.split(";") if part)
+
+
 def result_row(model: str, task: str, dataset: str, metric: str, value: float, seed: int | None = None,
-               n: int | None = None) -> dict:
+               n: int | None = None, condition: str | dict = "", ci: tuple[float, float] | None = None) -> dict:
     "One row of the results table (without experiment/profile, which `write_results` adds)."
-    return dict(model=model, task=task, dataset=dataset, metric=metric, value=float(value), seed=seed, n=n)
+    if isinstance(condition, dict):
+        condition = condition_string(**condition)
+    lo, hi = ci if ci is not None else (None, None)
+    return dict(model=model, task=task, dataset=dataset, condition=condition, metric=metric, value=float(value),
+                ci_low=None if lo is None else float(lo), ci_high=None if hi is None else float(hi), seed=seed, n=n)
 
 
 def read_results(cfg_or_path: Config | str | Path) -> pd.DataFrame:
@@ -370,24 +365,30 @@ def read_results(cfg_or_path: Config | str | Path) -> pd.DataFrame:
     path = results_path(cfg_or_path) if isinstance(cfg_or_path, Config) else Path(cfg_or_path)
     if not path.exists():
         return pd.DataFrame(columns=RESULT_COLUMNS)
-    return pd.read_csv(path)
+    table = pd.read_csv(path, keep_default_na=False, na_values={c: [""] for c in RESULT_COLUMNS if c != "condition"})
+    return table.reindex(columns=RESULT_COLUMNS).astype({"condition": str})
 
 
 def write_results(rows: Iterable[dict], cfg: Config, experiment: str) -> pd.DataFrame:
     "Replace `experiment`'s rows of `cfg.profile` in the results table by `rows`; returns the new table."
     new = pd.DataFrame(list(rows))
     new["experiment"], new["profile"] = experiment, cfg.profile
-    missing = [c for c in RESULT_COLUMNS if c not in new.columns]
+    missing = [c for c in RESULT_COLUMNS if c not in new.columns and c not in ("condition", "ci_low", "ci_high")]
     if len(new) and missing:
         raise ValueError(f"result rows lack columns {missing}; build them with result_row(...)")
     new = new.reindex(columns=RESULT_COLUMNS)
+    new["condition"] = new["condition"].fillna("").astype(str)
+    if new["dataset"].astype(str).str.contains("[@=]").any():
+        bad = sorted(set(new.loc[new["dataset"].astype(str).str.contains("[@=]"), "dataset"]))
+        raise ValueError(f"settings belong in the condition column, not in dataset names: {bad}")
     frac = new["metric"].astype(str).str.contains("|".join(FRACTION_METRICS))
     bad = new[frac & ~new["value"].between(0, 1)]
     if len(bad):
         raise ValueError(f"fraction metrics must lie in [0, 1] (not percentages):\n{bad}")
     path = results_path(cfg)
-    old = read_results(path)
-    keep = old[~((old["experiment"] == experiment) & (old["profile"] == cfg.profile))]
-    table = pd.concat([keep, new], ignore_index=True) if len(keep) else new
-    atomic_write(path, table.to_csv(index=False))
+    with artifact_lock(path, timeout=60):  # read-modify-write: one experiment at a time
+        old = read_results(path)
+        keep = old[~((old["experiment"] == experiment) & (old["profile"] == cfg.profile))]
+        table = pd.concat([keep, new], ignore_index=True) if len(keep) else new
+        atomic_write(path, table.to_csv(index=False))
     return table

@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .core import Config, JsonlStore, content_hash, data_root, get_logger, pick_device, run_dir
+from .core import Config, content_hash, data_root, get_logger, pick_device, run_dir
+from .store import JsonlStore
 
 # %% auto #0
 __all__ = ['PAIR_SAMPLING', 'SYSTEM_PROMPT', 'DIFFERENCE_PROMPT', 'REWRITE_PROMPT', 'CATEGORY_PROMPT', 'N_STATEMENTS',

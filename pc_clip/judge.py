@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .core import Config, JsonlStore, data_root, get_logger
+from .core import Config, data_root, get_logger
+from .store import JsonlStore
 from .diffs import append_records, generate_texts, load_causal_lm
 
 # %% auto #0

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pc_clip.core import JsonlStore, get_config
+from pc_clip.core import get_config
+from pc_clip.store import JsonlStore
 from pc_clip.diffs import (
     HFBackend, OracleBackend, build_prompt, corpus_from_world, difference_triples, differences_path,
     filter_counts, filter_summary, generate_differences, generate_texts, load_causal_lm, make_backend,

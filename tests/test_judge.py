@@ -5,7 +5,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from pc_clip.core import JsonlStore
+from pc_clip.store import JsonlStore
 from pc_clip.diffs import difference_triples
 from pc_clip.judge import (OpenAIJudge, OracleJudge, judge_agreement, judge_prompt, judge_records, make_judge,
                            parse_verdicts, verdict_counts)

@@ -9,12 +9,13 @@ import time
 
 import torch
 
-from pc_clip.core import JsonlStore, get_config, read_results, result_row, write_results
+from pc_clip.store import JsonlStore
+from pc_clip.core import get_config, read_results, result_row, write_results
 from pc_clip.models import TINY_MODEL, create_clip, load_checkpoint, save_checkpoint
 
 WRITER = textwrap.dedent("""
     import sys, time
-    from pc_clip.core import JsonlStore
+    from pc_clip.store import JsonlStore
     store = JsonlStore(sys.argv[1])
     for i in range(int(sys.argv[2])):
         if i in store:
