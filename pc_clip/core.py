@@ -54,11 +54,13 @@ class Config:
     world_image_size: int = 32
     world_n_train: int = 8000
     world_n_test: int = 1500
+    world_n_val: int = 1500  # validation images, disjoint from train and test: every setting chosen by looking at results is chosen on them
     # pretraining from scratch (tiny profile only; paper profiles start from pretrained weights)
     pretrain_epochs: int = 5
     pretrain_batch_size: int = 64
     pretrain_lr: float = 2e-3
-    pretrain_max_seconds: float = 170.0
+    pretrain_max_seconds: float = 170.0  # deprecated: being replaced by pretrain_steps
+    pretrain_steps: int = 600  # a fixed step budget with a step-based schedule: nothing that changes the weights reads the clock
     # difference data
     n_pairs: int = 12000
     pair_sampling: str = "different_category"  # "random" | "different_category"
