@@ -8,14 +8,20 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import os
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from .core import Config, figures_dir, get_config, project_root, results_path, run_dir
+from .core import (Config, ConfigError, data_root, figures_dir, get_config, project_root, results_path,
+                          run_dir)
 
 # %% auto #0
-__all__ = ['experiment_notebooks', 'parse_overrides', 'ExperimentFailed', 'run_experiments', 'main']
+__all__ = ['EXPERIMENT_NEEDS', 'experiment_notebooks', 'parse_overrides', 'notebook_needs', 'preflight', 'ExperimentFailed',
+           'MissingInputs', 'run_experiments', 'kill_descendants', 'kernels_stop_with_me', 'main']
 
 # %% ../nbs/13_cli.ipynb #0f968ecc
 def experiment_notebooks(folder: str | Path | None = None, only: str | None = None) -> list[Path]:
@@ -46,28 +52,170 @@ def parse_overrides(pairs: list[str]) -> tuple[dict, dict]:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
-        (cfg_over if key in cfg_keys else params)[key.strip()] = value
+        (cfg_over if key.strip() in cfg_keys else params)[key.strip()] = value
     return cfg_over, params
 
 # %% ../nbs/13_cli.ipynb #8f7bda50
+_ZERO_SHOT = ("cifar100", "cub", "eurosat", "flowers102", "sun397")  # as pc_clip.evaluate.PAPER_EVAL_DATASETS
+_DIFFERENCE = ("awa2", "cifar100", "flowers102", "cub")
+EXPERIMENT_NEEDS: dict[str, tuple[str, ...]] = {
+    "00": ("clip",), "01": ("clip",), "02": ("generator", "judge", "corpus/train"), "03": ("clip", "corpus/train"),
+    "04": ("clip", "class-differences", *(f"{d}/test" for d in _DIFFERENCE)),
+    "05": ("clip", *(f"{d}/test" for d in _ZERO_SHOT)),
+    "06": ("clip", "class-differences", "cifar100/train", "cifar100/test"),
+    "07": ("clip", "corpus/val"), "08": ("clip",),
+    "09": ("clip", *(f"{d}/{s}" for d in _ZERO_SHOT for s in ("train", "test"))),
+    "11": ("clip", "sdxl"), "12": (),
+}
+
+
+def notebook_needs(notebooks: list[Path], cfg: Config) -> dict[str, list[str]]:
+    "`{item: [notebook numbers]}` of what `notebooks` need on `cfg`'s profile (data sets and SDXL only off the world)."
+    out: dict[str, list[str]] = {}
+    for nb in notebooks:
+        number = nb.name.split("_", 1)[0]
+        for item in EXPERIMENT_NEEDS.get(number, ()):
+            if ("/" in item or item == "sdxl") and cfg.corpus == "world":  # the world runs on embedded data
+                continue
+            item = item.replace("corpus/", f"{cfg.corpus}/")
+            out.setdefault(item, []).append(number)
+    return out
+
+# %% ../nbs/13_cli.ipynb #ca765cc5
+def _in_hf_cache(repo_id: str, filename: str, root: Path) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    for cache in (root / "weights" / "hf", None):
+        try:
+            hit = try_to_load_from_cache(repo_id, filename, cache_dir=str(cache) if cache else None)
+        except ValueError:  # not a valid repository id (a path, say)
+            return False
+        if isinstance(hit, str) and os.path.exists(hit):
+            return True
+    return False
+
+
+def _folder_model_missing(what: str, name: str, marker: str, root: Path) -> str | None:
+    "None if model `name` (a folder holding `marker`, or a hub id) is on disk, else where to put it."
+    for folder in (Path(name).expanduser(), root / "weights" / name):
+        if (folder / marker).exists():
+            return None
+    if _in_hf_cache(name, marker, root):
+        return None
+    hub = (f", or the Hugging Face cache in {root / 'weights' / 'hf'} "
+           f"(huggingface-cli download {name} --cache-dir {root / 'weights' / 'hf'})") if "/" in name else ""
+    return f"{what} {name!r}: put the model folder (with {marker}) at {root / 'weights' / name}/{hub}"
+
+
+def _clip_missing(cfg: Config, root: Path) -> str | None:
+    "None if the profile's CLIP weights are on disk (or it starts from random weights), else where they go."
+    if cfg.model_name.startswith("hf-hub:"):
+        return _folder_model_missing("CLIP model", cfg.model_name[len("hf-hub:"):], "open_clip_config.json", root)
+    if cfg.pretrained is None or Path(cfg.pretrained).expanduser().exists():
+        return None
+    from pc_clip.models import find_pretrained_weights
+    folder = root / "weights" / cfg.model_name / cfg.pretrained
+    try:
+        if find_pretrained_weights(cfg.model_name, cfg.pretrained, root) is not None:
+            return None
+        import open_clip
+        pcfg = open_clip.get_pretrained_cfg(cfg.model_name, cfg.pretrained)
+        source = f" (from {pcfg.get('hf_hub') or pcfg.get('url')})"
+    except ValueError:  # a tag open_clip does not know: only a folder placed by hand can hold it
+        if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(folder.glob("*.pt*")):
+            return None
+        source = ""
+    return f"CLIP weights {cfg.model_name} / {cfg.pretrained}: put open_clip_model.safetensors{source} in {folder}/"
+
+# %% ../nbs/13_cli.ipynb #1a81bfc4
+def _model_missing(item: str, cfg: Config, root: Path) -> str | None:
+    "None if model `item` (clip, sdxl, generator, judge, class-differences) is available for `cfg`, else where it goes."
+    if item == "clip":
+        return _clip_missing(cfg, root)
+    if item == "sdxl":
+        return _folder_model_missing("SDXL pipeline (t2i_model)", cfg.t2i_model, "model_index.json", root)
+    name = cfg.judge if item == "judge" else cfg.generator
+    if name is None or name == "oracle":
+        return None
+    if name.startswith("openai:"):
+        return None if os.environ.get("OPENAI_API_KEY") else (
+            f"judge {name!r}: set OPENAI_API_KEY (and OPENAI_BASE_URL for a server other than OpenAI's)")
+    if item == "class-differences":
+        from pc_clip.diffs import category_differences_path
+        if category_differences_path(cfg).exists():  # the class differences were written before: no LLM needed
+            return None
+    return _folder_model_missing("judge LLM" if item == "judge" else "generator LLM", name, "config.json", root)
+
+
+def _dataset_missing(name: str, split: str, root: Path) -> str | None:
+    "None if split `split` of data set `name` loads from `root`, else what is missing and where to get it."
+    from pc_clip.data import load_dataset
+    try:
+        load_dataset(name, root, split)
+    except FileNotFoundError as e:
+        lines = str(e).splitlines()
+        return "\n    ".join([lines[0], *[l for l in lines[1:] if l.startswith("Get it")]])
+    except Exception as e:  # present but unreadable: the notebook would fail on it too
+        return f"cannot be read from {root}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+    return None
+
+
+def preflight(cfg: Config, notebooks: list[Path]) -> list[str]:
+    "What `notebooks` need on `cfg`'s profile and is not on disk, one message per item naming where it goes."
+    root = data_root(cfg)
+    found: dict[str, list] = {}  # data set name or message -> [message, experiment numbers, splits]
+    for item, numbers in notebook_needs(notebooks, cfg).items():
+        name, _, split = item.partition("/")
+        msg = _dataset_missing(name, split, root) if split else _model_missing(item, cfg, root)
+        if msg is None:
+            continue
+        entry = found.setdefault(name if split else msg, [msg, [], []])  # one entry per data set or per model
+        entry[1] += [n for n in numbers if n not in entry[1]]
+        entry[2] += [split] if split else []
+    out = []
+    for key, (msg, numbers, splits) in found.items():
+        head = f"data set {key} ({', '.join(splits)}): " if splits else ""
+        out.append(f"{head}{msg}\n    (needed by experiment{'s' if len(numbers) > 1 else ''} {', '.join(sorted(numbers))})")
+    return out
+
+# %% ../nbs/13_cli.ipynb #e497a855
 class ExperimentFailed(RuntimeError):
     "An experiment notebook raised; the message names the notebook and the failing cell."
 
 
+class MissingInputs(FileNotFoundError):
+    "Weights or data sets the chosen notebooks need are not on disk; `missing` names each and where it goes."
+    def __init__(self, missing: list[str], root: Path):
+        self.missing = list(missing)
+        super().__init__(f"missing before any notebook runs (data root {root}):\n" +
+                         "\n".join(f"  - {m}" for m in self.missing) +
+                         "\nPut them in place (or point PC_CLIP_DATA at a data root that has them) and run again; "
+                         "--skip-preflight runs anyway.")
+
+
+def _notebook_parameters(nb: Path, declared: set, profile: str, cfg: Config, overrides: dict, params: dict) -> dict:
+    "Papermill parameters: config fields the notebook declares are set directly (unless None), the rest go in `overrides`."
+    own = {k: v for k, v in overrides.items() if k in declared and v is not None}
+    rest = {k: v for k, v in overrides.items() if k not in own}  # a None goes here: `given` would drop it
+    return {"profile": profile, "seed": cfg.seed, "overrides": rest, **own, **params}
+
+
 def run_experiments(profile: str = "tiny", only: str | None = None, overrides: dict | None = None,
                     params: dict | None = None, experiments: str | Path | None = None,
-                    log_output: bool = False) -> list[tuple[str, float]]:
+                    log_output: bool = False, check_inputs: bool = True) -> list[tuple[str, float]]:
     "Execute experiment notebooks with papermill into `runs/<profile>/notebooks/`; returns (name, seconds) pairs."
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
     overrides = dict(overrides or {})
-    cfg = get_config(profile, **overrides)  # fail early on an unknown profile or key
+    cfg = get_config(profile, **overrides)  # fail early on an unknown profile, key or a bad value
     notebooks = experiment_notebooks(experiments, only)
     declared = {nb: set(pm.inspect_notebook(str(nb))) for nb in notebooks}
     unknown = sorted(set(params or {}) - set().union(*declared.values()))
     if unknown:
         raise KeyError(f"{unknown}: neither Config fields nor parameters of the selected notebooks")
+    missing = preflight(cfg, notebooks) if check_inputs else []
+    if missing:
+        raise MissingInputs(missing, data_root(cfg))
     out_dir = run_dir(cfg) / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = []
@@ -76,11 +224,8 @@ def run_experiments(profile: str = "tiny", only: str | None = None, overrides: d
         print(f"[pc-clip] running {nb.name} -> {out}", flush=True)
         t0 = time.perf_counter()
         try:
-            # a config field the notebook declares as a parameter of its own is passed as that parameter
-            own = {k: v for k, v in overrides.items() if k in declared[nb]}
-            rest = {k: v for k, v in overrides.items() if k not in own}
             pm.execute_notebook(str(nb), str(out), kernel_name="python3", cwd=str(project_root()),
-                                parameters={"profile": profile, "seed": cfg.seed, "overrides": rest, **own, **(params or {})},
+                                parameters=_notebook_parameters(nb, declared[nb], profile, cfg, overrides, params or {}),
                                 progress_bar=False, log_output=log_output)
         except PapermillExecutionError as e:
             raise ExperimentFailed(
@@ -89,6 +234,60 @@ def run_experiments(profile: str = "tiny", only: str | None = None, overrides: d
         timings.append((nb.name, time.perf_counter() - t0))
         print(f"[pc-clip] {nb.name} done in {timings[-1][1]:.1f} s", flush=True)
     return timings
+
+# %% ../nbs/13_cli.ipynb #4af1f885
+def _descendants(pid: int) -> list[int]:
+    "Process ids below `pid`, children first (Linux `/proc`; empty where there is none)."
+    parents = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    out, frontier = [], {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier and p not in out}
+        out += sorted(frontier)
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")  # a zombie runs no code
+
+
+def kill_descendants(pid: int | None = None, timeout: float = 10.0) -> list[int]:
+    "SIGKILL every process below `pid` (default: this one) and wait up to `timeout` s until none runs; returns their ids."
+    pids = _descendants(os.getpid() if pid is None else pid)
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return pids
+
+# %% ../nbs/13_cli.ipynb #9b29f9db
+@contextmanager
+def kernels_stop_with_me(signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
+    "Inside the block, a stop signal kills this process's descendants (the notebook kernel) before this process exits."
+    def stop(signum, frame):
+        kill_descendants()
+        print(f"\n[pc-clip] stopped by {signal.Signals(signum).name}; the notebook's kernel was stopped with it",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + signum)  # at once: unwinding through papermill would wait for the dead kernel
+    old = {s: signal.signal(s, stop) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 # %% ../nbs/13_cli.ipynb #dfcfcba4
 def _summary(cfg: Config, timings: list[tuple[str, float]]) -> str:
@@ -102,20 +301,24 @@ def _summary(cfg: Config, timings: list[tuple[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `pc-clip` console script."
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pc-clip", description="PC-CLIP research workbook")
     sub = ap.add_subparsers(dest="command", required=True)
     rp = sub.add_parser("reproduce", help="run the experiment notebooks with papermill")
-    rp.add_argument("--profile", default="tiny", help="tiny (embedded world, CPU), paper or paper-h14")
+    rp.add_argument("--profile", default="tiny", help="tiny (embedded world, CPU), paper, paper-h14 or paper-smoke")
     rp.add_argument("--only", default=None, help="comma-separated parts of notebook names, e.g. 01,03 or finetune")
     rp.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config field (or pass a notebook parameter); repeatable")
+                    help="override a config field (or pass a notebook parameter); repeatable; values are Python literals")
     rp.add_argument("--experiments", default=None, help="folder of experiment notebooks (default nbs/experiments)")
     rp.add_argument("--log-output", action="store_true", help="stream notebook output to the terminal")
+    rp.add_argument("--skip-preflight", action="store_true", help="start even if weights or data sets seem missing")
     sub.add_parser("list", help="list the experiment notebooks in run order")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def main(argv: list[str] | None = None) -> int:
+    "Entry point of the `pc-clip` console script."
+    args = _parser().parse_args(argv)
     if args.command == "list":
         for p in experiment_notebooks():
             print(p.name)
@@ -123,7 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides, params = parse_overrides(args.param)
         cfg = get_config(args.profile, **overrides)
-        timings = run_experiments(args.profile, args.only, overrides, params, args.experiments, args.log_output)
+        with kernels_stop_with_me():
+            timings = run_experiments(args.profile, args.only, overrides, params, args.experiments, args.log_output,
+                                      check_inputs=not args.skip_preflight)
+    except ConfigError as e:
+        print(f"[pc-clip] invalid config (profile {args.profile}); nothing was run:", file=sys.stderr)
+        print("\n".join(f"  {p}" for p in e.problems), file=sys.stderr)
+        return 2
     except ExperimentFailed as e:
         print(f"[pc-clip] FAILED: {e}", file=sys.stderr)
         return 1

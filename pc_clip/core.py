@@ -6,16 +6,21 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import types
+import typing
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,14 +28,15 @@ from typing import Any, Iterable, Iterator
 
 import filelock
 import numpy as np
-import pandas as pd
-import torch
+
+# torch and pandas are imported where they are used, so that `pc-clip` checks a config in well under a second
 
 # %% auto #0
-__all__ = ['PROFILES', 'RESULT_COLUMNS', 'FRACTION_METRICS', 'Config', 'get_config', 'project_root', 'resolve_path', 'data_root',
-           'run_dir', 'cache_dir', 'results_path', 'figures_dir', 'seed_everything', 'pick_device', 'pick_dtype',
-           'autocast', 'get_logger', 'timer', 'atomic_write', 'atomic_write_json', 'content_hash', 'ArtifactBusy',
-           'artifact_lock', 'condition_string', 'condition_dict', 'result_row', 'read_results', 'write_results']
+__all__ = ['PROFILES', 'FT_TRAINABLE', 'FT_LOSSES', 'CHOICES', 'RESULT_COLUMNS', 'FRACTION_METRICS', 'Config', 'ConfigError',
+           'validate_config', 'get_config', 'given', 'project_root', 'resolve_path', 'data_root', 'run_dir',
+           'cache_dir', 'results_path', 'figures_dir', 'seed_everything', 'pick_device', 'pick_dtype', 'autocast',
+           'get_logger', 'timer', 'atomic_write', 'atomic_write_json', 'content_hash', 'ArtifactBusy', 'artifact_lock',
+           'condition_string', 'condition_dict', 'result_row', 'read_results', 'write_results']
 
 # %% ../nbs/00_core.ipynb #22c4a6fc
 @dataclass(frozen=True)
@@ -71,10 +77,10 @@ class Config:
     temperature: float = 0.7
     top_p: float = 0.9
     oracle_noise: float = 0.0
-    judge: str | None = None  # None, "oracle", an HF model id, or "openai:<model>" (OPENAI_BASE_URL/OPENAI_API_KEY)
+    judge: str | None = None  # None (no judge), "oracle", an HF model id / local folder, or "openai:<model>" (OPENAI_BASE_URL/OPENAI_API_KEY)
     # PC-CLIP finetuning
     ft_trainable: str = "text_blocks"  # "text_blocks" | "text_tower" | "both_towers"
-    ft_loss: str = "contrastive"  # "contrastive" | "mse"
+    ft_loss: str = "contrastive"  # "contrastive" | "mse" | "clip"
     ft_temperature: float = 1.0
     ft_lr: float = 2e-3  # tiny: tau = 1 gives weak gradients and the CPU budget allows ~1 epoch, so a high lr
     ft_lr_decay: float = 0.9
@@ -99,11 +105,14 @@ class Config:
     t2i_model: str = "stabilityai/stable-diffusion-xl-base-1.0"
     t2i_steps: int = 30
     t2i_image_size: int = 1024
+    # the CLIP the T2I study finetunes its own PC-CLIP from: SDXL's first text encoder (None: study not applicable)
+    t2i_clip_model: str | None = "ViT-L-14"
+    t2i_clip_pretrained: str | None = "openai"
 
     def replace(self, **overrides) -> "Config":
-        "A copy with `overrides` applied (unknown keys are an error)."
+        "A validated copy with `overrides` applied (unknown keys and invalid values are an error)."
         _check_keys(overrides)
-        return dataclasses.replace(self, **_coerce(overrides))
+        return _validated(dataclasses.replace(self, **_coerce(overrides)))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -122,17 +131,198 @@ _PAPER = dict(
     model_name="ViT-L-14", pretrained="datacomp_xl_s13b_b90k", corpus="coco",
     pretrain_epochs=0, n_pairs=200_000, pair_sampling="random",
     generator="meta-llama/Llama-2-13b-chat-hf", load_in_4bit=True, gen_batch_size=32,
-    judge="openai:gpt-4o-mini",
+    judge="meta-llama/Llama-2-13b-chat-hf",  # the generator's local LLM (offline); "openai:gpt-4o-mini" is an option
     ft_lr=1e-8, ft_lr_decay=0.9, ft_epochs=20, ft_batch_size=512, ft_max_pairs=None, eval_batch_size=256,
     caption_ft_lr=1e-6, caption_ft_batch_size=128, caption_ft_epochs=50,
     comparative_alphas=(1.0, 0.9, 0.85, 0.8),
 )
 
+# the `paper` code path at toy scale on stand-ins under the data root (built by `pc_clip.testing`)
+_PAPER_SMOKE = dict(
+    model_name="ViT-B-32", pretrained="smoke",  # <data root>/weights/ViT-B-32/smoke/
+    generator="tiny-chat", judge="tiny-chat",  # <data root>/weights/tiny-chat/
+    t2i_model="tiny-sdxl", t2i_steps=2, t2i_image_size=64,  # <data root>/weights/tiny-sdxl/
+    t2i_clip_model="ViT-B-32", t2i_clip_pretrained="smoke",  # the stand-in SDXL's first text encoder matches it
+    world_n_train=200, world_n_test=100, world_n_val=100, pretrain_steps=10,
+    n_pairs=200, gen_batch_size=16, max_new_tokens=64,
+    ft_epochs=2, ft_batch_size=16, caption_ft_epochs=1, caption_ft_batch_size=16,
+    eval_n_images=20, eval_seeds=(0,), eval_batch_size=32,
+)
+
 PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {},
     "paper": _PAPER,
-    "paper-h14": {**_PAPER, "model_name": "ViT-H-14", "pretrained": "laion2b_s32b_b79k", "ft_batch_size": 256},
+    "paper-h14": {**_PAPER, "model_name": "ViT-H-14", "pretrained": "laion2b_s32b_b79k", "ft_batch_size": 256,
+                  # a 1024-wide ViT-H/14 text tower fits no SDXL slot (768, 1280): the T2I study does not apply
+                  "t2i_clip_model": None, "t2i_clip_pretrained": None},
+    "paper-smoke": {**_PAPER, **_PAPER_SMOKE},
 }
+
+# %% ../nbs/00_core.ipynb #65e60e6d
+FT_TRAINABLE = ("text_blocks", "text_tower", "both_towers")  # which weights finetuning trains
+FT_LOSSES = ("contrastive", "mse", "clip")  # every loss but "mse" contrasts a pair with the others in its batch
+CHOICES: dict[str, tuple[str, ...]] = {
+    "precision": ("auto", "fp32", "bf16", "fp16"), "corpus": ("world", "coco"),
+    "pair_sampling": ("random", "different_category"), "ft_trainable": FT_TRAINABLE, "ft_loss": FT_LOSSES,
+}
+_UNION = (types.UnionType, typing.Union)
+
+
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(Config)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in _UNION:
+        return any(_matches(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_matches(v, args[0]) for v in value)
+    if hint in (int, float):  # an int is a float too, a bool is neither
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    return value is None if hint is type(None) else isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in _UNION:
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        return f"a tuple of {_describe(args[0]).split(' ', 1)[-1]}s"  # "a tuple of ints"
+    return {int: "an int", float: "a float", str: "a string", bool: "True or False", type(None): "None"}.get(hint, str(hint))
+
+
+def _coerce_value(value: Any, hint: Any) -> Any:
+    "Lists (from papermill, YAML, the CLI) become tuples, ints become floats where a float is expected."
+    if isinstance(value, list):
+        value = tuple(value)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in _UNION and value is not None:
+        inner = [a for a in args if a is not type(None)]
+        return _coerce_value(value, inner[0]) if len(inner) == 1 else value
+    if origin is tuple and isinstance(value, tuple):
+        return tuple(_coerce_value(v, args[0]) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _coerce(overrides: dict) -> dict:
+    return {k: _coerce_value(v, _hints()[k]) for k, v in overrides.items()}
+
+# %% ../nbs/00_core.ipynb #f8a4bb2e
+def _type_problems(cfg: Config) -> dict[str, str]:
+    "`{field: message}` for fields whose value does not have the annotated type."
+    out = {}
+    for name, hint in _hints().items():
+        value = getattr(cfg, name)
+        if _matches(value, hint):
+            continue
+        if value is None:
+            keep = PROFILES.get(cfg.profile, {}).get(name, getattr(Config, name))
+            out[name] = f"{name}: None is not allowed (expected {_describe(hint)}); leave it out to keep the profile's value {keep!r}"
+        else:
+            out[name] = f"{name}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})"
+    return out
+
+
+_AT_LEAST = {  # field: smallest allowed value
+    "seed": 0, "world_image_size": 8, "world_n_train": 1, "world_n_test": 1, "world_n_val": 1, "pretrain_epochs": 0,
+    "pretrain_batch_size": 2, "pretrain_steps": 1, "n_pairs": 1, "gen_batch_size": 1, "max_new_tokens": 1,
+    "temperature": 0, "ft_epochs": 1, "ft_grad_accum": 1, "ft_weight_decay": 0, "ft_max_bad_steps": 0,
+    "ft_max_pairs": 1, "caption_ft_batch_size": 2, "caption_ft_epochs": 1, "eval_n_images": 1, "eval_batch_size": 1,
+    "comparative_topk": 1, "t2i_steps": 1, "t2i_image_size": 8,
+}
+_POSITIVE = ("pretrain_lr", "ft_lr", "caption_ft_lr", "ft_temperature")  # finite and > 0
+_FRACTIONS = {"oracle_noise": "[0, 1]", "wavg_alpha": "[0, 1]", "top_p": "(0, 1]", "ft_lr_decay": "(0, 1]"}
+
+
+def _range_problems(cfg: Config) -> list[tuple[str, str]]:
+    "`(field, message)` for numbers outside the range their field allows (fields of the right type only)."
+    out = []
+    def check(name: str, ok, want: str):
+        v = getattr(cfg, name)
+        if v is not None and not ok(v):
+            out.append((name, f"{name}: must be {want}, got {v!r}"))
+    for name, lo in _AT_LEAST.items():
+        check(name, lambda v, lo=lo: v >= lo, f">= {lo}")
+    for name in _POSITIVE:
+        check(name, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+    check("pretrain_max_seconds", lambda v: v > 0, "> 0 (inf: no limit)")
+    for name, rng in _FRACTIONS.items():
+        check(name, lambda v, rng=rng: (0 <= v if rng[0] == "[" else 0 < v) and v <= 1, f"in {rng}")
+    if cfg.ft_loss != "mse":
+        check("ft_batch_size", lambda v: v >= 2, f">= 2 for ft_loss={cfg.ft_loss!r} (a contrastive loss needs other pairs in the batch)")
+    check("ft_batch_size", lambda v: v >= 1, ">= 1")
+    check("eval_seeds", lambda v: len(v) >= 1 and min(v) >= 0, "a non-empty tuple of seeds >= 0")
+    check("comparative_alphas", lambda v: len(v) >= 1 and all(0 <= a <= 1 for a in v), "a non-empty tuple of weights in [0, 1]")
+    check("t2i_image_size", lambda v: v % 8 == 0, "a multiple of 8 (SDXL works on an 8x smaller latent grid)")
+    return out
+
+# %% ../nbs/00_core.ipynb #af66b180
+_NAME = re.compile(r"[\w.~/\\:-]+")  # a Hugging Face id (org/name) or a path without spaces
+
+
+def _model_name_problem(field_name: str, value: str, judge: bool = False) -> str | None:
+    "A message when `value` is not a known form of a generator (or judge) name."
+    forms = "'oracle', a Hugging Face model id (org/name) or a local model folder"
+    if judge:
+        forms += ", 'openai:<model>' or None (no judge)"
+    if value == "oracle" or (value.strip() and Path(value).expanduser().exists()):
+        return None
+    if value.startswith("openai:"):
+        if not judge:
+            return f"{field_name}: the OpenAI-compatible API serves the judge only; the generator must be {forms}"
+        return None  # 'openai:' alone is the judge module's default model
+    return None if _NAME.fullmatch(value) else f"{field_name}: expected {forms}, got {value!r}"
+
+
+def _form_problems(cfg: Config) -> list[tuple[str, str]]:
+    "`(field, message)` for strings outside their field's known values or forms."
+    out = [(k, f"{k}: expected one of {', '.join(map(repr, ok))}, got {getattr(cfg, k)!r}")
+           for k, ok in CHOICES.items() if getattr(cfg, k) not in ok]
+    if cfg.profile not in PROFILES:
+        out.append(("profile", f"profile: expected one of {sorted(PROFILES)}, got {cfg.profile!r}"))
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        out.append(("device", f"device: expected 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps', got {cfg.device!r}"))
+    for k in ("data_root", "runs_root", "results_root", "figures_root", "cache_root", "model_name", "t2i_model"):
+        if not getattr(cfg, k).strip():
+            out.append((k, f"{k}: must not be empty"))
+    if cfg.pretrained is not None and not cfg.pretrained.strip():
+        out.append(("pretrained", "pretrained: must not be empty (None: no pretrained weights)"))
+    for k, judge in (("generator", False), ("judge", True)):
+        msg = getattr(cfg, k) is not None and _model_name_problem(k, getattr(cfg, k), judge)
+        if msg:
+            out.append((k, msg))
+    return out
+
+# %% ../nbs/00_core.ipynb #2b124ef8
+class ConfigError(ValueError):
+    "A config with invalid values; `problems` holds one message per bad field."
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid config:\n" + "\n".join(f"  {p}" for p in self.problems))
+
+
+def validate_config(cfg: Config) -> list[str]:
+    "One message per invalid field of `cfg` (types from the annotations, ranges, known forms); empty if it is valid."
+    typed = _type_problems(cfg)
+    # ranges and forms are checked on the well-typed fields only (a badly typed one stands in at its default)
+    ok = dataclasses.replace(cfg, **{k: getattr(Config(), k) for k in typed})
+    seen, out = set(typed), list(typed.values())
+    for k, m in _range_problems(ok) + _form_problems(ok):
+        if k not in seen:  # one message per field
+            seen.add(k)
+            out.append(m)
+    return out
+
+
+def _validated(cfg: Config) -> Config:
+    problems = validate_config(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
 # %% ../nbs/00_core.ipynb #c2fd64ac
 def _check_keys(overrides: dict) -> None:
@@ -142,18 +332,17 @@ def _check_keys(overrides: dict) -> None:
         raise KeyError(f"Unknown config key(s) {unknown}; valid keys are: {', '.join(sorted(valid))}")
 
 
-def _coerce(overrides: dict) -> dict:
-    "Turn list values (from papermill/YAML/CLI) into tuples so the config stays hashable."
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-
-
 def get_config(profile: str = "tiny", **overrides) -> Config:
-    "The config of a named profile with `overrides` applied; `None` overrides are ignored."
+    "The validated config of a named profile with `overrides` applied; a `None` override sets the field to `None`."
     if profile not in PROFILES:
         raise KeyError(f"Unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    overrides = {k: v for k, v in overrides.items() if v is not None}
     _check_keys(overrides)
-    return Config(**{**PROFILES[profile], "profile": profile, **_coerce(overrides)})
+    return _validated(Config(**{**PROFILES[profile], "profile": profile, **_coerce(overrides)}))
+
+# %% ../nbs/00_core.ipynb #4bdac749
+def given(**params) -> dict:
+    "The notebook parameters that were set: `None` means 'the profile's value', so those are left out."
+    return {k: v for k, v in params.items() if v is not None}
 
 # %% ../nbs/00_core.ipynb #f853336c
 def project_root(start: str | Path | None = None) -> Path:
@@ -203,6 +392,7 @@ def figures_dir(cfg: Config) -> Path:
 # %% ../nbs/00_core.ipynb #9cd13d99
 def seed_everything(seed: int) -> None:
     "Seed python, numpy and torch (CPU and CUDA) for a reproducible notebook run."
+    import torch
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -212,6 +402,7 @@ def seed_everything(seed: int) -> None:
 
 def pick_device(preference: str = "auto") -> torch.device:
     "`cuda` when available (or asked for), else `cpu`; asking for CUDA without a GPU is an error."
+    import torch
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(preference)
@@ -222,6 +413,7 @@ def pick_device(preference: str = "auto") -> torch.device:
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     "Compute dtype for autocast: bf16 on a GPU that supports it when `auto`, fp32 on CPU."
+    import torch
     table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision == "auto":
         if device.type == "cuda":
@@ -234,6 +426,7 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 def autocast(device: torch.device, dtype: torch.dtype):
     "Mixed-precision context on CUDA; a no-op for fp32 or CPU."
+    import torch
     if device.type == "cuda" and dtype != torch.float32:
         return torch.autocast("cuda", dtype=dtype)
     return nullcontext()
@@ -286,8 +479,9 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 def content_hash(*parts: Any, n: int = 16) -> str:
     "A short, stable sha256 of strings, bytes, numpy arrays, tensors and JSON-able objects."
     h = hashlib.sha256()
+    torch = sys.modules.get("torch")  # a tensor can only exist once torch is imported
     for p in parts:
-        if isinstance(p, torch.Tensor):
+        if torch is not None and isinstance(p, torch.Tensor):
             p = p.detach().cpu().numpy()
         if isinstance(p, np.ndarray):
             h.update(str((p.dtype.str, p.shape)).encode()); h.update(np.ascontiguousarray(p).tobytes())
@@ -364,6 +558,7 @@ def result_row(model: str, task: str, dataset: str, metric: str, value: float, s
 
 def read_results(cfg_or_path: Config | str | Path) -> pd.DataFrame:
     "The results table of a profile (empty, with the right columns, if nothing was written yet)."
+    import pandas as pd
     path = results_path(cfg_or_path) if isinstance(cfg_or_path, Config) else Path(cfg_or_path)
     if not path.exists():
         return pd.DataFrame(columns=RESULT_COLUMNS)
@@ -373,6 +568,7 @@ def read_results(cfg_or_path: Config | str | Path) -> pd.DataFrame:
 
 def write_results(rows: Iterable[dict], cfg: Config, experiment: str) -> pd.DataFrame:
     "Replace `experiment`'s rows of `cfg.profile` in the results table by `rows`; returns the new table."
+    import pandas as pd
     new = pd.DataFrame(list(rows))
     new["experiment"], new["profile"] = experiment, cfg.profile
     missing = [c for c in RESULT_COLUMNS if c not in new.columns and c not in ("condition", "ci_low", "ci_high")]

@@ -5,387 +5,27 @@
 # %% ../nbs/03_data.ipynb #498a73b8
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import pickle
 import re
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-from PIL import Image
-from tqdm.auto import tqdm
 
-from .core import Config, content_hash, data_root, get_config, get_logger
+from .core import Config, data_root, get_config, get_logger
+from .imagedata import (  # noqa: F401  (re-exported: `from pc_clip.data import ImageDataset` keeps working)
+    AWA2_NON_VISUAL, AWA2_PREDICATE_WORDS, CIFAR100_SIZE_CLASSES, CLASSNAME_OVERRIDES, DATASET_INFO, FLOWERS102_COLOURS,
+    SPLITS, UNREADABLE, DatasetInfo, DatasetNotFoundError, ImageDataset, _check_split, _require, clean_classname,
+    dataset_layout_error, hashed_split, iter_images, pil_to_uint8, readable_attribute, visual_attribute_mask)
 
 log = get_logger("pc_clip.data")
 
 # %% auto #0
-__all__ = ['log', 'DATASET_INFO', 'CLASSNAME_OVERRIDES', 'AWA2_PREDICATE_WORDS', 'CIFAR100_SIZE_CLASSES', 'AWA2_NON_VISUAL',
-           'FLOWERS102_COLOURS', 'SPLITS', 'LOADERS', 'DATASETS', 'UNREADABLE', 'ImageDataset', 'DatasetInfo',
-           'DatasetNotFoundError', 'dataset_layout_error', 'clean_classname', 'readable_attribute',
-           'visual_attribute_mask', 'hashed_split', 'fixture_colour', 'make_fixture', 'load_coco', 'load_cifar100',
-           'load_cub', 'load_eurosat', 'load_flowers102', 'load_sun397', 'load_awa2', 'world_dataset', 'load_world',
-           'canonical_name', 'load_dataset', 'pil_to_uint8', 'iter_images']
-
-# %% ../nbs/03_data.ipynb #d1d57d8e
-@dataclass
-class ImageDataset:
-    "Images with integer labels and optional captions / class attributes; file images are read lazily."
-    name: str
-    split: str
-    classnames: list[str]
-    labels: np.ndarray
-    paths: list[Path] | None = None
-    arrays: np.ndarray | None = None
-    captions: list[list[str]] | None = None
-    class_attributes: np.ndarray | None = None
-    attribute_names: list[str] | None = None
-    raw_classnames: list[str] | None = None
-    root: Path | None = None
-    image_info: pd.DataFrame | None = None
-    skipped: set[int] = field(default_factory=set)
-
-    def __post_init__(self):
-        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
-        n = len(self.labels)
-        if (self.paths is None) == (self.arrays is None):
-            raise ValueError("an ImageDataset needs exactly one of `paths` or `arrays`")
-        for what, seq in [("paths", self.paths), ("arrays", self.arrays), ("captions", self.captions),
-                          ("image_info rows", self.image_info)]:
-            if seq is not None and len(seq) != n:
-                raise ValueError(f"{self.name}: {len(seq)} {what} for {n} labels")
-        if self.class_attributes is not None and self.class_attributes.shape != (
-                len(self.classnames), len(self.attribute_names or [])):
-            raise ValueError(f"{self.name}: class_attributes has shape {self.class_attributes.shape}, expected "
-                             f"({len(self.classnames)} classes, {len(self.attribute_names or [])} attributes)")
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def n_skipped(self) -> int:
-        return len(self.skipped)
-
-    def image(self, i: int) -> Image.Image:
-        "Image `i` as an RGB PIL image; an unreadable file raises `OSError` (or PIL's own error)."
-        if self.arrays is not None:
-            return Image.fromarray(self.arrays[i])
-        with Image.open(self.paths[i]) as im:
-            return im.convert("RGB")
-
-    def subset(self, indices: Sequence[int]) -> "ImageDataset":
-        "The images at `indices` (in that order), with the same classes and attributes."
-        idx = np.asarray(indices, dtype=np.int64)
-        pick = lambda seq: None if seq is None else [seq[i] for i in idx]
-        return ImageDataset(
-            self.name, self.split, self.classnames, self.labels[idx], paths=pick(self.paths),
-            arrays=None if self.arrays is None else self.arrays[idx], captions=pick(self.captions),
-            class_attributes=self.class_attributes, attribute_names=self.attribute_names,
-            raw_classnames=self.raw_classnames, root=self.root,
-            image_info=None if self.image_info is None else self.image_info.iloc[idx].reset_index(drop=True))
-
-    def sample(self, n: int, seed: int) -> "ImageDataset":
-        "`n` images drawn without replacement with an explicit seed (all of them, shuffled, if `n >= len`)."
-        rng = np.random.default_rng(seed)
-        return self.subset(rng.permutation(len(self))[: min(n, len(self))])
-
-    def fingerprint(self) -> str:
-        "A content hash of what the data set is (name, split, labels, file names or pixels), for caches."
-        what = (self.arrays if self.arrays is not None
-                else [os.path.relpath(p, self.root) if self.root else str(p) for p in self.paths])
-        return content_hash(self.name, self.split, self.labels, what)
-
-    def __repr__(self) -> str:
-        extra = [f"{len(self.classnames)} classes"] if self.classnames else []
-        if self.captions is not None:
-            extra.append("captions")
-        if self.class_attributes is not None:
-            extra.append(f"{len(self.attribute_names)} attributes")
-        return f"ImageDataset({self.name!r}, split={self.split!r}, {len(self)} images, {', '.join(extra)})"
-
-# %% ../nbs/03_data.ipynb #a9d9a1e2
-@dataclass(frozen=True)
-class DatasetInfo:
-    title: str
-    url: str
-    layout: str
-    torchvision_download: bool = False
-
-
-DATASET_INFO: dict[str, DatasetInfo] = {
-    "coco": DatasetInfo("COCO 2017 captions", "https://cocodataset.org/#download (train2017.zip, val2017.zip, "
-                        "annotations_trainval2017.zip)", """\
-coco/
-├── annotations/captions_train2017.json
-├── annotations/captions_val2017.json
-├── train2017/000000000009.jpg ...
-└── val2017/000000000139.jpg ..."""),
-    "cifar100": DatasetInfo("CIFAR-100", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", """\
-cifar-100-python/
-├── meta      (pickle with 'fine_label_names')
-├── train     (pickle with 'data' [N, 3072] uint8 and 'fine_labels')
-└── test""", True),
-    "cub": DatasetInfo("CUB-200-2011", "https://www.vision.caltech.edu/datasets/cub_200_2011/ (CUB_200_2011.tgz)",
-                       """\
-CUB_200_2011/
-├── images.txt, classes.txt, image_class_labels.txt, train_test_split.txt
-├── images/001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg ...
-├── attributes.txt                    (optional; also found in attributes/ or next to CUB_200_2011/)
-└── attributes/class_attribute_labels_continuous.txt   (optional)"""),
-    "eurosat": DatasetInfo("EuroSAT (RGB)", "https://github.com/phelber/eurosat (EuroSAT.zip)", """\
-eurosat/
-└── 2750/AnnualCrop/AnnualCrop_1.jpg ...  (one folder per class)""", True),
-    "flowers102": DatasetInfo("Flowers102", "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ (102flowers.tgz, "
-                              "imagelabels.mat, setid.mat)", """\
-flowers-102/
-├── jpg/image_00001.jpg ...
-├── imagelabels.mat
-└── setid.mat""", True),
-    "sun397": DatasetInfo("SUN397", "https://vision.princeton.edu/projects/2010/SUN/ (SUN397.tar.gz, Partitions.zip)",
-                          """\
-SUN397/
-├── ClassName.txt                       (/a/abbey, /a/airplane_cabin, ...)
-├── a/abbey/sun_aaalbzqrimafwbiv.jpg ...
-└── Partitions/Training_01.txt, Testing_01.txt   (optional; else a stable 80/20 hash split)""", True),
-    "awa2": DatasetInfo("Animals with Attributes 2", "https://cvml.ista.ac.at/AwA2/ (AwA2-data.zip)", """\
-Animals_with_Attributes2/
-├── classes.txt, predicates.txt, predicate-matrix-binary.txt
-├── trainclasses.txt, testclasses.txt   (needed for split='train'/'test')
-└── JPEGImages/antelope/antelope_10001.jpg ..."""),
-}
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    "A data set folder is missing or incomplete; the message draws the expected layout."
-
-
-def dataset_layout_error(name: str, root: Path, missing: Sequence[Path], download: bool = False) -> DatasetNotFoundError:
-    "The error for missing `paths` of data set `name` under `root`: what is missing, the tree, where to get it."
-    info = DATASET_INFO[name]
-    rel = ", ".join(os.path.relpath(p, root) for p in missing)
-    why = ""
-    if download and not info.torchvision_download:
-        why = f"pc-clip cannot download {info.title} for you; fetch it by hand. "
-    return DatasetNotFoundError(
-        f"{info.title} not found under the data root {root}: missing {rel}.\n{why}"
-        f"Expected layout under the data root:\n{info.layout}\n"
-        f"Get it from {info.url} and unpack it there, or set PC_CLIP_DATA to the folder that holds it."
-        + (" Or pass download=True to let torchvision fetch it." if info.torchvision_download and not download else ""))
-
-
-def _require(name: str, root: Path, paths: Sequence[Path], download: bool = False) -> None:
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        raise dataset_layout_error(name, root, missing, download)
-
-# %% ../nbs/03_data.ipynb #4408b23c
-CLASSNAME_OVERRIDES: dict[str, dict[str, str]] = {
-    "eurosat": {"SeaLake": "sea or lake", "Industrial": "industrial area", "Residential": "residential area"},
-}
-
-
-def clean_classname(raw: str, dataset: str | None = None) -> str:
-    "A class name as it appears in the data set's files, written as plain lower-case words."
-    if dataset and raw in CLASSNAME_OVERRIDES.get(dataset, {}):
-        return CLASSNAME_OVERRIDES[dataset][raw]
-    name = re.sub(r"^\d+\.", "", raw.strip())                  # CUB: 001.Black_footed_Albatross
-    name = re.sub(r"^/[a-z]/", "", name).strip("/")             # SUN397: /a/abbey
-    if "/" in name:                                            # SUN397: church/indoor, bakery/shop
-        head, *quals = name.split("/")
-        front = [q for q in quals if q in ("indoor", "outdoor")]
-        name = " ".join(front + [head] + [q for q in quals if q not in front])
-    name = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name)          # EuroSAT: AnnualCrop
-    name = re.sub(r"[_+\s]+", " ", name)
-    return name.strip().lower()
-
-# %% ../nbs/03_data.ipynb #136e76dd
-AWA2_PREDICATE_WORDS = {
-    "toughskin": "tough skin", "longleg": "long legs", "longneck": "long neck", "chewteeth": "chewing teeth",
-    "meatteeth": "meat-eating teeth", "buckteeth": "buck teeth", "strainteeth": "straining teeth",
-    "flys": "flies", "quadrapedal": "quadrupedal", "newworld": "new world", "oldworld": "old world",
-    "nestspot": "nest spot",
-}
-
-
-def readable_attribute(name: str) -> str:
-    "A CUB attribute (`has_bill_shape::dagger`) or AwA2 predicate (`longneck`) as words."
-    if "::" in name:
-        part, value = name.split("::", 1)
-        part = re.sub(r"^has_", "", part).replace("_", " ")
-        return f"{part}: {value.replace('_', ' ')}"
-    return AWA2_PREDICATE_WORDS.get(name, name.replace("_", " "))
-
-# %% ../nbs/03_data.ipynb #1a122a09
-CIFAR100_SIZE_CLASSES: dict[str, list[str]] = {
-    "large": ["camel", "leopard", "lion", "wolf"],
-    "small": ["hamster", "rabbit", "shrew", "squirrel"],
-}
-
-AWA2_NON_VISUAL: list[str] = [
-    "smelly", "fast", "slow", "agility", "strong", "weak",
-    "fish", "meat", "plankton", "vegetation", "insects",
-    "forager", "grazer", "hunter", "scavenger", "skimmer", "stalker",
-    "active", "inactive", "nocturnal", "hibernate", "fierce", "timid", "smart", "group", "solitary",
-    "nestspot", "domestic", "hops", "tunnels", "newworld", "oldworld",
-]
-
-FLOWERS102_COLOURS: dict[str, list[str]] = {
-    "yellow": ["sunflower", "common dandelion", "buttercup", "daffodil", "yellow iris"],
-    "red": ["red ginger", "corn poppy", "poinsettia", "anthurium", "bishop of llandaff"],
-    "blue": ["stemless gentian", "grape hyacinth", "bolero deep blue", "love in the mist", "globe thistle"],
-    "white": ["giant white arum lily", "oxeye daisy", "thorn apple", "silverbush", "frangipani"],
-}
-
-
-def visual_attribute_mask(ds: ImageDataset, exclude: Sequence[str] = AWA2_NON_VISUAL) -> np.ndarray:
-    "A boolean mask over `ds.attribute_names`, False for the attributes in `exclude`."
-    if ds.attribute_names is None:
-        raise ValueError(f"{ds.name} has no class-attribute table")
-    return np.array([a not in set(exclude) for a in ds.attribute_names])
-
-# %% ../nbs/03_data.ipynb #05784f77
-SPLITS = ("train", "test", "all")
-
-
-def _check_split(name: str, split: str, allowed: Sequence[str] = SPLITS) -> None:
-    if split not in allowed:
-        raise ValueError(f"{name}: split must be one of {list(allowed)}; got {split!r}")
-
-
-def hashed_split(relpaths: Sequence[str], split: str, test_fraction: float = 0.2) -> np.ndarray:
-    "Boolean mask of the `relpaths` in `split` ('train', 'test' or 'all') of a stable hash split."
-    if split == "all":
-        return np.ones(len(relpaths), bool)
-    h = np.array([int.from_bytes(hashlib.sha1(p.encode()).digest()[:4], "big") for p in relpaths], np.uint64)
-    is_test = h < np.uint64(test_fraction * 2**32)
-    return is_test if split == "test" else ~is_test
-
-# %% ../nbs/03_data.ipynb #d1565fd9
-def fixture_colour(k: int) -> tuple[int, int, int]:
-    "The solid colour of class `k`'s fixture images."
-    return ((40 + 70 * k) % 256, (200 - 50 * k) % 256, (90 + 110 * k) % 256)
-
-
-def _write_jpg(path: Path, k: int, size: int = 8) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (size, size), fixture_colour(k)).save(path, quality=95)
-
-
-def _write_text(path: Path, lines: Sequence[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{l}\n" for l in lines))
-
-
-def _fixture_cifar100(root: Path, n: int) -> None:
-    base, names = root / "cifar-100-python", ["apple", "camel", "hamster", "maple_tree"]
-    base.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "test"):
-        labels = [k for k in range(len(names)) for _ in range(n)]
-        data = np.stack([np.broadcast_to(np.array(fixture_colour(k), np.uint8)[:, None], (3, 1024)).reshape(-1)
-                         for k in labels])
-        entry = {"data": data, "fine_labels": labels, "coarse_labels": [0] * len(labels),
-                 "filenames": [f"img_{i}.png" for i in range(len(labels))], "batch_label": split}
-        (base / split).write_bytes(pickle.dumps(entry))
-    (base / "meta").write_bytes(pickle.dumps({"fine_label_names": names, "coarse_label_names": ["misc"]}))
-
-
-def _fixture_coco(root: Path, n: int) -> None:
-    for split, first in (("train", 1), ("val", 100)):
-        ids = list(range(first, first + 3))
-        images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": 8, "width": 8} for i in ids]
-        anns = [{"id": 10 * i + j, "image_id": i, "caption": f"A photo number {i}, caption {j}. "}
-                for i in ids for j in range(n)]
-        for k, i in enumerate(ids):
-            _write_jpg(root / "coco" / f"{split}2017" / f"{i:012d}.jpg", k)
-        p = root / "coco" / "annotations" / f"captions_{split}2017.json"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps({"info": {}, "licenses": [], "images": images, "annotations": anns}))
-
-
-def _fixture_cub(root: Path, n: int) -> None:
-    base = root / "CUB_200_2011"
-    classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
-    images, labels, is_train, i = [], [], [], 0
-    for k, c in enumerate(classes):
-        for j in range(n):
-            i += 1
-            rel = f"{c}/{c[4:]}_{j:04d}_{i}.jpg"
-            _write_jpg(base / "images" / rel, k)
-            images.append(f"{i} {rel}"); labels.append(f"{i} {k + 1}"); is_train.append(f"{i} {int(j % 2 == 0)}")
-    _write_text(base / "classes.txt", [f"{k + 1} {c}" for k, c in enumerate(classes)])
-    _write_text(base / "images.txt", images)
-    _write_text(base / "image_class_labels.txt", labels)
-    _write_text(base / "train_test_split.txt", is_train)
-    attrs = ["has_bill_shape::curved_(up_or_down)", "has_wing_color::blue", "has_size::small_(5_-_9_in)"]
-    _write_text(base / "attributes.txt", [f"{a + 1} {name}" for a, name in enumerate(attrs)])
-    _write_text(base / "attributes" / "class_attribute_labels_continuous.txt",
-                [" ".join(f"{(10 * k + 30 * a) % 100:.6f}" for a in range(len(attrs))) for k in range(len(classes))])
-
-
-def _fixture_eurosat(root: Path, n: int) -> None:
-    for k, c in enumerate(["AnnualCrop", "Forest", "SeaLake"]):
-        for j in range(n):
-            _write_jpg(root / "eurosat" / "2750" / c / f"{c}_{j + 1}.jpg", k)
-
-
-def _fixture_flowers102(root: Path, n: int) -> None:
-    from scipy.io import savemat
-    base, classes = root / "flowers-102", [0, 53, 73]  # pink primrose, sunflower, rose (0-based)
-    labels = [c + 1 for c in classes for _ in range(3 * n)]  # 1-based in the .mat, like the real file
-    for i, lab in enumerate(labels, 1):
-        _write_jpg(base / "jpg" / f"image_{i:05d}.jpg", classes.index(lab - 1))
-    ids = np.arange(1, len(labels) + 1)
-    part = ids % 3
-    savemat(base / "imagelabels.mat", {"labels": np.array(labels, np.uint8)[None]})
-    savemat(base / "setid.mat", {k: ids[part == r].astype(np.uint16)[None]
-                                 for k, r in (("trnid", 0), ("valid", 1), ("tstid", 2))})
-
-
-def _fixture_sun397(root: Path, n: int) -> None:
-    base, classes = root / "SUN397", ["/a/abbey", "/a/apartment_building/outdoor", "/b/bakery/shop"]
-    _write_text(base / "ClassName.txt", classes)
-    train, test = [], []
-    for k, c in enumerate(classes):
-        for j in range(2 * n):
-            rel = f"{c}/sun_{k}{j:03d}fixture.jpg"
-            _write_jpg(base / rel.lstrip("/"), k)
-            (test if j % 2 else train).append(rel)
-    _write_text(base / "Partitions" / "Training_01.txt", train)
-    _write_text(base / "Partitions" / "Testing_01.txt", test)
-
-
-def _fixture_awa2(root: Path, n: int) -> None:
-    base = root / "Animals_with_Attributes2"
-    classes, preds = ["antelope", "grizzly+bear", "killer+whale"], ["black", "white", "big", "fast", "stripes", "smelly"]
-    _write_text(base / "classes.txt", [f"{k + 1}\t{c}" for k, c in enumerate(classes)])
-    _write_text(base / "predicates.txt", [f"{k + 1}\t{p}" for k, p in enumerate(preds)])
-    matrix = [[1, 0, 1, 1, 0, 0], [0, 0, 1, 0, 0, 1], [1, 1, 1, 1, 0, 0]]
-    _write_text(base / "predicate-matrix-binary.txt", [" ".join(map(str, row)) for row in matrix])
-    _write_text(base / "trainclasses.txt", ["antelope", "killer+whale"])
-    _write_text(base / "testclasses.txt", ["grizzly+bear"])
-    for k, c in enumerate(classes):
-        for j in range(n):
-            _write_jpg(base / "JPEGImages" / c / f"{c}_{10001 + j}.jpg", k)
-
-
-_FIXTURES = {"coco": _fixture_coco, "cifar100": _fixture_cifar100, "cub": _fixture_cub,
-             "eurosat": _fixture_eurosat, "flowers102": _fixture_flowers102, "sun397": _fixture_sun397,
-             "awa2": _fixture_awa2}
-
-
-def make_fixture(name: str, root: str | Path, n_per_class: int = 2) -> Path:
-    "Write a tiny copy of data set `name` in its real on-disk layout under `root`; returns `root`."
-    if name not in _FIXTURES:
-        raise KeyError(f"no fixture for {name!r}; fixtures exist for {sorted(_FIXTURES)}")
-    root = Path(root)
-    _FIXTURES[name](root, n_per_class)
-    return root
+__all__ = ['log', 'EUROSAT_FOLDERS', 'SUN397_PARTITION_FILES', 'WORLD_SPLITS', 'LOADERS', 'DATASETS', 'load_coco',
+           'load_cifar100', 'load_cub', 'eurosat_folder', 'load_eurosat', 'load_flowers102', 'sun397_partition',
+           'load_sun397', 'load_awa2', 'world_dataset', 'load_world', 'canonical_name', 'load_dataset']
 
 # %% ../nbs/03_data.ipynb #e3b9a2ed
 def load_coco(root: Path, split: str = "val", download: bool = False) -> ImageDataset:
@@ -405,19 +45,6 @@ def load_coco(root: Path, split: str = "val", download: bool = False) -> ImageDa
                         image_info=pd.DataFrame({"image_id": [im["id"] for im in images]}))
 
 # %% ../nbs/03_data.ipynb #3362d1e5
-def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="latin1")  # the official files are Python 2 pickles
-    dec = lambda x: x.decode() if isinstance(x, bytes) else x
-    return {dec(k): ([dec(x) for x in v] if isinstance(v, list) else v) for k, v in d.items()}
-
-
-def _read_cifar100(base: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    entry, meta = _unpickle(base / split), _unpickle(base / "meta")
-    images = np.asarray(entry["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), np.asarray(entry["fine_labels"]), list(meta["fine_label_names"])
-
-
 def _torchvision_download(name: str, make: Callable[[], Any]) -> None:
     try:
         make()
@@ -425,6 +52,12 @@ def _torchvision_download(name: str, make: Callable[[], Any]) -> None:
         info = DATASET_INFO[name]
         raise RuntimeError(f"torchvision could not download {info.title} ({type(e).__name__}: {e}). This host may be "
                            f"offline: get {info.url} by hand and unpack it under the data root as\n{info.layout}") from e
+
+
+def _torchvision_refused(name: str, base: Path, e: Exception) -> RuntimeError:
+    info = DATASET_INFO[name]
+    return RuntimeError(f"torchvision refused {base} ({e}): its files are not those of the official {info.title} "
+                        f"release (torchvision checks their MD5 sums). Replace them with the archive from {info.url}.")
 
 
 def load_cifar100(root: Path, split: str = "test", download: bool = False) -> ImageDataset:
@@ -437,13 +70,10 @@ def load_cifar100(root: Path, split: str = "test", download: bool = False) -> Im
     _require("cifar100", root, [base / split, base / "meta"], download)
     try:
         tv = torchvision.datasets.CIFAR100(root, train=split == "train", download=False)
-        images, labels, raw = tv.data, np.asarray(tv.targets), list(tv.classes)
     except RuntimeError as e:
-        log.warning(f"torchvision refused {base} ({e}); reading the pickles directly (checksums differ from the "
-                    "official release)")
-        images, labels, raw = _read_cifar100(base, split)
-    return ImageDataset("cifar100", split, [clean_classname(c) for c in raw], labels, arrays=images,
-                        raw_classnames=raw, root=base)
+        raise _torchvision_refused("cifar100", base, e) from e
+    return ImageDataset("cifar100", split, [clean_classname(c) for c in tv.classes], tv.targets, arrays=tv.data,
+                        raw_classnames=list(tv.classes), root=base)
 
 # %% ../nbs/03_data.ipynb #78dfd5db
 def _id_table(path: Path) -> dict[int, str]:
@@ -485,6 +115,17 @@ def load_cub(root: Path, split: str = "test", download: bool = False) -> ImageDa
                         attribute_names=names, raw_classnames=raw, root=base)
 
 # %% ../nbs/03_data.ipynb #b1ccfd78
+EUROSAT_FOLDERS = ("EuroSAT_RGB", "eurosat/2750", "eurosat/EuroSAT_RGB")
+
+
+def eurosat_folder(root: Path) -> Path:
+    "The folder of EuroSAT's class folders under `root`, in whichever of its layouts it was unpacked."
+    for rel in EUROSAT_FOLDERS:
+        if (Path(root) / rel).is_dir():
+            return Path(root) / rel
+    raise dataset_layout_error("eurosat", Path(root), [Path(root) / rel for rel in EUROSAT_FOLDERS[:2]])
+
+# %% ../nbs/03_data.ipynb #341b4355
 def _empty_folder_error(name: str, root: Path, where: Path, e: Exception) -> DatasetNotFoundError:
     err = dataset_layout_error(name, root, [where])
     return DatasetNotFoundError(f"{where} holds no images ({e}).\n{err}")
@@ -494,12 +135,12 @@ def load_eurosat(root: Path, split: str = "test", download: bool = False) -> Ima
     "EuroSAT RGB satellite images (10 classes) via torchvision, with a stable 80/20 hash split."
     import torchvision
     _check_split("eurosat", split)
-    root, base = Path(root), Path(root) / "eurosat" / "2750"
-    if download:
+    root = Path(root)
+    if download and not any((root / rel).is_dir() for rel in EUROSAT_FOLDERS):
         _torchvision_download("eurosat", lambda: torchvision.datasets.EuroSAT(root, download=True))
-    _require("eurosat", root, [base], download)
+    base = eurosat_folder(root)
     try:
-        tv = torchvision.datasets.EuroSAT(root)
+        tv = torchvision.datasets.ImageFolder(base)
     except FileNotFoundError as e:
         raise _empty_folder_error("eurosat", root, base, e) from e
     paths = [Path(p) for p, _ in tv.samples]
@@ -509,14 +150,6 @@ def load_eurosat(root: Path, split: str = "test", download: bool = False) -> Ima
                         raw_classnames=list(tv.classes), root=base)
 
 # %% ../nbs/03_data.ipynb #f7f9284f
-def _read_flowers102(base: Path, split: str) -> tuple[list[Path], list[int]]:
-    from scipy.io import loadmat
-    key = {"train": "trnid", "val": "valid", "test": "tstid"}[split]
-    ids = np.atleast_1d(loadmat(base / "setid.mat", squeeze_me=True)[key]).astype(int)
-    labels = np.atleast_1d(loadmat(base / "imagelabels.mat", squeeze_me=True)["labels"]).astype(int) - 1
-    return [base / "jpg" / f"image_{i:05d}.jpg" for i in ids], [int(labels[i - 1]) for i in ids]
-
-
 def load_flowers102(root: Path, split: str = "test", download: bool = False) -> ImageDataset:
     "Oxford Flowers102 via torchvision (`split` 'train', 'val' or 'test')."
     import torchvision
@@ -527,16 +160,23 @@ def load_flowers102(root: Path, split: str = "test", download: bool = False) -> 
     _require("flowers102", root, [base / "jpg", base / "imagelabels.mat", base / "setid.mat"], download)
     try:
         tv = torchvision.datasets.Flowers102(root, split)
-        paths, labels = [Path(p) for p in tv._image_files], list(tv._labels)
     except RuntimeError as e:
-        log.warning(f"torchvision refused {base} ({e}); reading the .mat files directly (checksums differ from "
-                    "the official release)")
-        paths, labels = _read_flowers102(base, split)
+        raise _torchvision_refused("flowers102", base, e) from e
     raw = list(torchvision.datasets.Flowers102.classes)
-    return ImageDataset("flowers102", split, [clean_classname(c) for c in raw], labels, paths=paths,
-                        raw_classnames=raw, root=base)
+    return ImageDataset("flowers102", split, [clean_classname(c) for c in raw], tv._labels,
+                        paths=[Path(p) for p in tv._image_files], raw_classnames=raw, root=base)
 
 # %% ../nbs/03_data.ipynb #c12c489c
+SUN397_PARTITION_FILES = {"train": "Training_01.txt", "test": "Testing_01.txt"}
+
+
+def sun397_partition(root: Path, split: str) -> Path | None:
+    "The official partition-01 file of `split` ('train'/'test') under `root`, or None when there is none."
+    name = SUN397_PARTITION_FILES.get(split)
+    places = [Path(root) / "SUN397" / "Partitions", Path(root) / "Partitions"]
+    return next((d / name for d in places if name and (d / name).is_file()), None)
+
+# %% ../nbs/03_data.ipynb #78ea074c
 def load_sun397(root: Path, split: str = "test", download: bool = False) -> ImageDataset:
     "SUN397 scenes via torchvision; split by the official partition 01 when present, else a hash split."
     import torchvision
@@ -550,13 +190,13 @@ def load_sun397(root: Path, split: str = "test", download: bool = False) -> Imag
         raise _empty_folder_error("sun397", root, base, RuntimeError("no sun_*.jpg files"))
     rel = [p.relative_to(base).as_posix() for p in tv._image_files]
     order = np.argsort(rel)  # rglob order depends on the file system
-    part = base / "Partitions" / {"train": "Training_01.txt", "test": "Testing_01.txt"}.get(split, "")
-    if split != "all" and part.is_file():
+    part = sun397_partition(root, split)
+    if part is not None:
         wanted = {l.strip().lstrip("/") for l in part.read_text().splitlines() if l.strip()}
         keep = np.array([r in wanted for r in rel])
     else:
         if split != "all":
-            log.info(f"{part} not found; using a stable 80/20 hash split of SUN397")
+            log.info(f"no SUN397 Partitions/{SUN397_PARTITION_FILES[split]} under {root}; using a stable 80/20 hash split")
         keep = hashed_split(rel, split)
     order = order[keep[order]]
     return ImageDataset("sun397", split, [clean_classname(c) for c in tv.classes], np.asarray(tv._labels)[order],
@@ -588,10 +228,13 @@ def load_awa2(root: Path, split: str = "test", download: bool = False) -> ImageD
                         class_attributes=matrix, attribute_names=preds, raw_classnames=raw, root=base)
 
 # %% ../nbs/03_data.ipynb #64f337cb
+WORLD_SPLITS = ("train", "val", "test", "all")
+
+
 def world_dataset(world: Any, split: str = "test", class_table: pd.DataFrame | None = None,
                   classnames: Sequence[str] | None = None) -> ImageDataset:
-    "An `ImageDataset` view of a Shapes `World` (`split` 'train', 'test' or 'all')."
-    _check_split("world", split)
+    "An `ImageDataset` view of a Shapes `World` (`split` 'train', 'val', 'test' or 'all')."
+    _check_split("world", split, WORLD_SPLITS)
     attrs = world.attrs.reset_index(drop=True)
     keep = np.ones(len(attrs), bool) if split == "all" else (attrs["split"] == split).to_numpy()
     classnames = list(classnames) if classnames is not None else sorted(attrs["category"].unique())
@@ -611,7 +254,7 @@ def world_dataset(world: Any, split: str = "test", class_table: pd.DataFrame | N
                         class_attributes=matrix, attribute_names=names,
                         image_info=attrs.iloc[idx].reset_index(drop=True))
 
-
+# %% ../nbs/03_data.ipynb #bf681bcc
 def load_world(cfg: Config, split: str = "test") -> ImageDataset:
     "The embedded Shapes world of `cfg` (built or read from cache by `pc_clip.world.make_world`)."
     import importlib
@@ -637,7 +280,7 @@ def canonical_name(name: str) -> str:
         raise KeyError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
     return key
 
-
+# %% ../nbs/03_data.ipynb #aaf5cd04
 def load_dataset(name: str, cfg_or_root: Config | str | Path, split: str = "test",
                  download: bool = False) -> ImageDataset:
     "Load data set `name` from the data root of a config (or from a folder) in its standard layout."
@@ -649,57 +292,3 @@ def load_dataset(name: str, cfg_or_root: Config | str | Path, split: str = "test
     ds = LOADERS[name](root, split, download)
     log.info(f"loaded {ds}")
     return ds
-
-# %% ../nbs/03_data.ipynb #72a0791e
-UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-def pil_to_uint8(img: Image.Image) -> torch.Tensor:
-    "An RGB PIL image as a uint8 tensor `[3, H, W]`."
-    return torch.from_numpy(np.array(img.convert("RGB"), np.uint8)).permute(2, 0, 1).contiguous()
-
-
-class _Readable(torch.utils.data.Dataset):
-    def __init__(self, ds: ImageDataset, indices: np.ndarray, transform: Callable):
-        self.ds, self.indices, self.transform = ds, indices, transform
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, j):
-        i = int(self.indices[j])
-        try:
-            img = self.ds.image(i)
-        except UNREADABLE as e:
-            return None, i, f"{type(e).__name__}: {e}"
-        return self.transform(img), i, None
-
-
-def _collate(items):
-    good = [(x, i) for x, i, err in items if err is None]
-    bad = [(i, err) for _, i, err in items if err is not None]
-    if not good:
-        return None, None, bad
-    return torch.stack([x for x, _ in good]), torch.tensor([i for _, i in good]), bad
-
-
-def iter_images(ds: ImageDataset, batch_size: int = 256, transform: Callable | None = None, *,
-                indices: Sequence[int] | None = None, num_workers: int = 0,
-                progress: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    "Yield `(images, labels, indices)` batches of `ds`, leaving out (and counting) unreadable images."
-    idx = np.arange(len(ds)) if indices is None else np.asarray(indices, dtype=np.int64)
-    loader = torch.utils.data.DataLoader(_Readable(ds, idx, transform or pil_to_uint8), batch_size=batch_size,
-                                         num_workers=num_workers, collate_fn=_collate)
-    bad_here: list[tuple[int, str]] = []
-    for x, where, bad in tqdm(loader, desc=f"{ds.name} images", disable=not progress, leave=False):
-        for i, err in bad:
-            if len(bad_here) < 5:
-                log.warning(f"{ds.name}: skipping unreadable image {i} "
-                            f"({ds.paths[i] if ds.paths is not None else 'array'}): {err}")
-            bad_here.append((i, err))
-            ds.skipped.add(i)
-        if x is not None:
-            yield x, torch.as_tensor(ds.labels[where.numpy()]), where
-    if bad_here:
-        warnings.warn(f"{ds.name}: skipped {len(bad_here)} unreadable image(s) of {len(idx)}; "
-                      f"ds.n_skipped = {ds.n_skipped}", RuntimeWarning, stacklevel=2)

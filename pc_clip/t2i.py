@@ -7,25 +7,20 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .core import Config, data_root, get_logger, pick_device, result_row
+from .core import Config, data_root, pick_device, result_row
 from .models import encode_images, encode_texts, images_to_tensor
 
 # %% auto #0
-__all__ = ['SDXL_SLOTS', 'T2I_EDITS', 'GALLERY_LEVELS', 'GALLERY_EDITS', 'clip_tokenizer', 'hf_text_config',
-           'open_clip_text_state_dict', 'open_clip_text_to_hf', 'tiny_sdxl_pipeline', 'matching_slot',
-           'swap_text_encoder', 'encode_sdxl_prompts', 'embedding_arithmetic', 'arithmetic_conditioning',
-           'generate_images', 'clip_scores', 'load_sdxl', 't2i_clip_score_rows', 'attribute_gallery', 'GalleryEdit',
-           'gallery_edit_statements', 'arithmetic_queries', 'gallery_arithmetic_rows', 'gallery_chance',
-           'run_t2i_arithmetic']
+__all__ = ['SDXL_SLOTS', 'T2I_EDITS', 'clip_tokenizer', 'hf_text_config', 'open_clip_text_state_dict', 'open_clip_text_to_hf',
+           'matching_slot', 'tower_mismatches', 'swap_text_encoder', 'encode_sdxl_prompts', 'embedding_arithmetic',
+           'arithmetic_conditioning', 'generate_images', 'clip_scores', 'load_sdxl', 't2i_clip_score_rows']
 
 # %% ../nbs/11_t2i.ipynb #22bf69e6
 def clip_tokenizer(model_max_length: int = 77, folder: str | Path | None = None, pad_token: str = "<|endoftext|>"):
@@ -126,44 +121,7 @@ def open_clip_text_to_hf(model, with_projection: bool = True):
     hf = cls(hf_text_config(model))
     return _load_hf(hf, open_clip_text_state_dict(model)).eval()
 
-# %% ../nbs/11_t2i.ipynb #5a396959
-def tiny_sdxl_pipeline(text_width: int | None = None, text_layers: int | None = None, context_length: int | None = None,
-                       width_2: int = 32, seed: int = 0):
-    "A randomly initialised `StableDiffusionXLPipeline` of SDXL's structure, small enough for a CPU test."
-    import open_clip
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    from pc_clip.models import TINY_MODEL
-    tiny = open_clip.get_model_config(TINY_MODEL)["text_cfg"]  # by default text_encoder fits the tiny world CLIP
-    text_width, text_layers = text_width or tiny["width"], text_layers or tiny["layers"]
-    context_length = context_length or tiny["context_length"]
-    torch.manual_seed(seed)
-
-    def text_cfg(width, layers):
-        heads = next(h for h in (4, 3, 2, 1) if width % h == 0)
-        return CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-                              num_attention_heads=heads, max_position_embeddings=context_length, hidden_act="gelu",
-                              projection_dim=width, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-
-    time_dim = 8
-    unet = UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 1),
-        cross_attention_dim=text_width + width_2, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + width_2)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        sample_size=64)
-    tok = clip_tokenizer(context_length)
-    pipe = StableDiffusionXLPipeline(
-        vae=vae, unet=unet, scheduler=EulerDiscreteScheduler(), tokenizer=tok, tokenizer_2=tok,
-        text_encoder=CLIPTextModel(text_cfg(text_width, text_layers)).eval(),
-        text_encoder_2=CLIPTextModelWithProjection(text_cfg(width_2, 2)).eval())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-# %% ../nbs/11_t2i.ipynb #f8dce0f0
+# %% ../nbs/11_t2i.ipynb #28f2bbf6
 SDXL_SLOTS = ("text_encoder", "text_encoder_2")
 
 
@@ -177,27 +135,33 @@ def matching_slot(pipe, model) -> str:
     raise ValueError(f"a text tower of width {width} fits no SDXL text encoder (widths {have}); SDXL takes a "
                      "ViT-L/14 tower (768, slot text_encoder) or a ViT-bigG/14 tower (1280, slot text_encoder_2)")
 
+# %% ../nbs/11_t2i.ipynb #d4a066f6
+_ARCHITECTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings", "vocab_size", "hidden_act")
 
+
+def tower_mismatches(encoder, model) -> dict[str, tuple]:
+    "`{field: (tower's, encoder's)}` for every architecture field in which `model`'s text tower differs from `encoder`."
+    new, old = hf_text_config(model), encoder.config
+    fields = _ARCHITECTURE + (("projection_dim",) if type(encoder).__name__ == "CLIPTextModelWithProjection" else ())
+    return {f: (getattr(new, f), getattr(old, f)) for f in fields if getattr(new, f) != getattr(old, f)}
+
+# %% ../nbs/11_t2i.ipynb #f8dce0f0
 def swap_text_encoder(pipe, model, slot: str = "auto"):
-    "Replace the pipeline's text encoder in `slot` by `model`'s open_clip text tower; returns the pipeline."
+    "Replace the pipeline's text encoder in `slot` by `model`'s open_clip text tower (same architecture only)."
     slot = matching_slot(pipe, model) if slot == "auto" else slot
     if slot not in SDXL_SLOTS:
         raise ValueError(f"slot must be 'auto' or one of {SDXL_SLOTS}; got {slot!r}")
     old = getattr(pipe, slot)
-    new_cfg = hf_text_config(model)
-    if new_cfg.hidden_size != old.config.hidden_size:
-        raise ValueError(f"{slot} has width {old.config.hidden_size}, the tower {new_cfg.hidden_size}; the UNet's "
-                         "cross-attention needs the same width (use slot='auto')")
-    with_proj = type(old).__name__ == "CLIPTextModelWithProjection"
-    if with_proj and new_cfg.projection_dim != old.config.projection_dim:
-        raise ValueError(f"{slot} projects to {old.config.projection_dim}, the tower to {new_cfg.projection_dim}; "
-                         "the pooled embedding must keep its width")
-    tok = pipe.tokenizer if slot == "text_encoder" else pipe.tokenizer_2
-    if tok.model_max_length > new_cfg.max_position_embeddings:
-        raise ValueError(f"the tokenizer pads to {tok.model_max_length} tokens but the tower has only "
-                         f"{new_cfg.max_position_embeddings} positions")
-    new = open_clip_text_to_hf(model, with_projection=with_proj).to(device=old.device, dtype=old.dtype)
-    setattr(pipe, slot, new)
+    bad = tower_mismatches(old, model)
+    if bad:
+        what = ", ".join(f"{k}: tower {a!r} vs encoder {b!r}" for k, (a, b) in bad.items())
+        base = "OpenAI's ViT-L-14 (pretrained='openai')" if slot == "text_encoder" else "OpenCLIP's ViT-bigG-14"
+        raise ValueError(f"refusing to put this text tower into SDXL's {slot}: its architecture differs from the "
+                         f"encoder the UNet was trained with ({what}). Finetune the tower from {base}, the weights "
+                         "of that slot (the T2I study's t2i_clip_model / t2i_clip_pretrained settings).")
+    new = open_clip_text_to_hf(model, with_projection=type(old).__name__ == "CLIPTextModelWithProjection")
+    setattr(pipe, slot, new.to(device=old.device, dtype=old.dtype))
     return pipe
 
 # %% ../nbs/11_t2i.ipynb #0f31334c
@@ -296,11 +260,11 @@ def load_sdxl(cfg: Config, device: str | torch.device | None = None):
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
-
+# %% ../nbs/11_t2i.ipynb #0bf2a765
 def t2i_clip_score_rows(pipe, evaluator, model: str, edits: Sequence[tuple[str, str, str]] = T2I_EDITS,
                         weight: float = 1.0, n_seeds: int = 4, steps: int = 30, size: int = 1024,
                         guidance_scale: float = 5.0, seed: int = 0, dataset: str = "sdxl-edits",
-                        batch_size: int = 4, progress: bool = True) -> tuple[list[dict], np.ndarray]:
+                        batch_size: int = 4, condition: str | dict = "", progress: bool = True) -> tuple[list[dict], np.ndarray]:
     "Rows (task `t2i_arithmetic`) of mean CLIP score with and without the arithmetic, and the arithmetic's images."
     ev_model, ev_tok, ev_pre = evaluator
     cls = [c for c, _, _ in edits for _ in range(n_seeds)]
@@ -312,187 +276,6 @@ def t2i_clip_score_rows(pipe, evaluator, model: str, edits: Sequence[tuple[str, 
         e, p = arithmetic_conditioning(pipe, cls, diff, w)
         images = generate_images(pipe, e, p, steps, size, guidance_scale, seed, batch_size, progress)
         s = clip_scores(ev_model, ev_tok, images, intended, ev_pre, device=dev)
-        rows.append(result_row(model, "t2i_arithmetic", dataset, metric, float(s.mean()), seed, len(images)))
+        rows.append(result_row(model, "t2i_arithmetic", dataset, metric, float(s.mean()), seed, len(images), condition))
         shown = images if shown is None else shown
-    return rows, shown
-
-# %% ../nbs/11_t2i.ipynb #18710ea3
-GALLERY_LEVELS = {"size": (0.7, 1.0, 1.4), "brightness": (0.5, 0.72, 0.94), "position": (0.28, 0.5, 0.72)}
-
-
-def attribute_gallery(image_size: int = 32, seed: int = 0, categories: Sequence[str] | None = None):
-    "`(images uint8 [N,S,S,3], attrs)`: every species x size x brightness x position x background, rendered."
-    from pc_clip.world import BACKGROUNDS, CATEGORIES, COLOURS, position_word, render_images, size_word
-    cats = list(categories or CATEGORIES.index)
-    rows = []
-    for c in cats:
-        info = CATEGORIES.loc[c]
-        for si, sf in enumerate(GALLERY_LEVELS["size"]):
-            for bi, v in enumerate(GALLERY_LEVELS["brightness"]):
-                for pi, x in enumerate(GALLERY_LEVELS["position"]):
-                    for bg in BACKGROUNDS:
-                        r = float(np.clip(info.radius * sf, 3.0, 11.0))
-                        rows.append(dict(category=c, shape=info.shape, colour=info.colour, hue=COLOURS[info.colour],
-                                         saturation=0.85, radius=r, brightness=v, count=1, x=x, y=0.5,
-                                         background=bg, n_distractors=0, cx0=x * image_size, cy0=image_size / 2,
-                                         cx1=np.nan, cy1=np.nan, cx2=np.nan, cy2=np.nan, size_level=si,
-                                         brightness_level=bi, position_level=pi))
-    attrs = pd.DataFrame(rows)
-    attrs["size"] = [size_word(r) or "medium" for r in attrs["radius"]]
-    attrs["position"] = [position_word(x) for x in attrs["x"]]
-    return render_images(attrs, image_size, seed=seed), attrs
-
-# %% ../nbs/11_t2i.ipynb #ffadedd3
-@dataclass(frozen=True)
-class GalleryEdit:
-    "An edit for the gallery task: success means `attrs[column] == target`; statements compare target with source."
-    name: str
-    attribute: str
-    column: str
-    target: object
-    source: object
-    intended: str  # the intended description, "{c}" is the species
-
-
-GALLERY_EDITS = [
-    GalleryEdit("larger", "size", "size_level", 2, 0, "a photo of a large {c}"),
-    GalleryEdit("smaller", "size", "size_level", 0, 2, "a photo of a small {c}"),
-    GalleryEdit("brighter", "brightness", "brightness_level", 2, 0, "a photo of a bright {c}"),
-    GalleryEdit("darker", "brightness", "brightness_level", 0, 2, "a photo of a dark {c}"),
-    GalleryEdit("further left", "position", "position_level", 0, 2, "a photo of a {c} on the left"),
-    GalleryEdit("further right", "position", "position_level", 2, 0, "a photo of a {c} on the right"),
-    GalleryEdit("snowier", "background", "background", "snow", None, "a photo of a {c} in the snow"),
-    GalleryEdit("at night", "background", "background", "night", None, "a photo of a {c} at night"),
-]
-
-
-def _edit_attrs(category: str, edit: GalleryEdit, value) -> dict:
-    "The species' prototype with the edited attribute set to a gallery level (or background)."
-    from pc_clip.world import typical_attrs, CATEGORIES, position_word
-    a = typical_attrs(category)
-    a["count"] = 1
-    if edit.column == "background":
-        a["background"] = value if value is not None else (CATEGORIES.loc[category].habitat
-                                                           if CATEGORIES.loc[category].habitat != edit.target else "grass")
-    elif edit.attribute == "size":
-        a["radius"] = float(np.clip(a["radius"] * GALLERY_LEVELS["size"][value], 3.0, 11.0))
-    elif edit.attribute == "brightness":
-        a["brightness"] = GALLERY_LEVELS["brightness"][value]
-    else:
-        a["x"] = GALLERY_LEVELS["position"][value]; a["position"] = position_word(a["x"])
-    return a
-
-
-def gallery_edit_statements(category: str, edit: GalleryEdit, n: int, rng: np.random.Generator,
-                            wordings: str = "heldout") -> list[str]:
-    "`n` oracle statements of how the edited species differs from its opposite (target vs source)."
-    from pc_clip.world import difference_statement
-    first, second = _edit_attrs(category, edit, edit.target), _edit_attrs(category, edit, edit.source)
-    out = []
-    for _ in range(n):
-        s = difference_statement(first, second, edit.attribute, rng, wordings)
-        if s is None:
-            raise ValueError(f"{category}/{edit.name}: target and source do not differ enough for the oracle")
-        out.append(s["text"])
-    return out
-
-# %% ../nbs/11_t2i.ipynb #1b873788
-def arithmetic_queries(encode_text, class_prompts: Sequence[str], difference_texts: Sequence[str],
-                       weight: float = 1.0) -> torch.Tensor:
-    "Normalised `f(class) + weight * f(difference)` for normalised text embeddings `f`."
-    return torch.nn.functional.normalize(
-        embedding_arithmetic(encode_text(list(class_prompts)), encode_text(list(difference_texts)), weight), dim=-1)
-
-
-def gallery_arithmetic_rows(image_emb: torch.Tensor, gallery: pd.DataFrame, encode_text, model: str,
-                            edits: Sequence[GalleryEdit] = GALLERY_EDITS, n_texts: int = 4, weight: float = 1.0,
-                            sweep: Sequence[float] = (), seed: int = 0, eval_image_emb: torch.Tensor | None = None,
-                            eval_encode_text=None, dataset: str = "world-gallery",
-                            class_template: str = "a photo of a {c}", statements=None) -> list[dict]:
-    "Rows (task `t2i_arithmetic`): success rates (held-out / train wordings / class prompt only / whole gallery), species accuracy, CLIP score."
-    if len(image_emb) != len(gallery):
-        raise ValueError(f"{len(image_emb)} embeddings for a gallery of {len(gallery)} images")
-    rng = np.random.default_rng([seed, 61])
-    statements = statements or gallery_edit_statements
-    cats = list(dict.fromkeys(gallery["category"]))
-    queries = {w: [] for w in ("heldout", "train")}  # (category, edit, text)
-    for c in cats:
-        for e in edits:
-            for wording in queries:
-                queries[wording] += [(c, e, t) for t in statements(c, e, n_texts, rng, wording)]
-
-    species = gallery["category"].to_numpy()
-
-    def retrieve(qs, w, within_species=True):
-        q = arithmetic_queries(encode_text, [class_template.format(c=c) for c, _, _ in qs], [t for *_, t in qs], w)
-        sims = q @ image_emb.float().T
-        if within_species:  # the generator's part: an image of the prompted species
-            other = torch.as_tensor(species[None, :] != np.array([c for c, _, _ in qs])[:, None])
-            sims = sims.masked_fill(other, float("-inf"))
-        return sims.argmax(1).numpy()
-
-    def success(qs, hit):
-        ok = [(species[h] == c) and (gallery[e.column].iat[h] == e.target) for (c, e, _), h in zip(qs, hit)]
-        return float(np.mean(ok))
-
-    held = queries["heldout"]
-    hit = retrieve(held, weight)
-    anywhere = retrieve(held, weight, within_species=False)
-    rows = [result_row(model, "t2i_arithmetic", dataset, "success_rate", success(held, hit), seed, len(held)),
-            result_row(model, "t2i_arithmetic", dataset, "success_rate_train_wording",
-                       success(queries["train"], retrieve(queries["train"], weight)), seed, len(queries["train"])),
-            result_row(model, "t2i_arithmetic", dataset, "success_rate_class_only", success(held, retrieve(held, 0.0)),
-                       seed, len(held)),
-            result_row(model, "t2i_arithmetic", dataset, "success_rate_whole_gallery", success(held, anywhere), seed, len(held)),
-            result_row(model, "t2i_arithmetic", dataset, "species_accuracy",
-                       float(np.mean([species[h] == c for (c, _, _), h in zip(held, anywhere)])), seed, len(held))]
-    rows += [result_row(model, "t2i_arithmetic", dataset, f"success_rate@w={w:g}", success(held, retrieve(held, w)), seed,
-                        len(held)) for w in sweep]
-    if eval_image_emb is not None and eval_encode_text is not None:
-        intended = eval_encode_text([e.intended.format(c=c) for c, e, _ in held])
-        score = (eval_image_emb[torch.as_tensor(hit)].float() * intended).sum(-1)
-        rows.append(result_row(model, "t2i_arithmetic", dataset, "clip_score", float(score.mean()), seed, len(held)))
-    for e in edits:  # per edit, held-out wordings
-        sel = [i for i, (_, ee, _) in enumerate(held) if ee.name == e.name]
-        rows.append(result_row(model, "t2i_arithmetic", f"{dataset}/{e.name}", "success_rate",
-                               success([held[i] for i in sel], hit[sel]), seed, len(sel)))
-    return rows
-
-# %% ../nbs/11_t2i.ipynb #cf6f84f3
-def gallery_chance(gallery: pd.DataFrame, edits: Sequence[GalleryEdit] = GALLERY_EDITS) -> float:
-    "Success rate of a query that picks a random image of the right species, averaged over `edits`."
-    return float(np.mean([(gallery[e.column] == e.target).mean() for e in edits]))
-
-# %% ../nbs/11_t2i.ipynb #10968c1c
-def run_t2i_arithmetic(cfg: Config, model_names: Sequence[str], weight: float = 1.0, sweep: Sequence[float] = (),
-                       n_texts: int = 3, n_seeds: int = 2, categories: Sequence[str] | None = None,
-                       progress: bool = True) -> tuple[list[dict], dict]:
-    "Rows (task `t2i_arithmetic`) for every existing model, and things to look at (images; on the world, `chance`)."
-    from pc_clip.embed import embed_images
-    from pc_clip.evaluate import iter_models, text_encoder
-    from pc_clip.models import load_clip
-    ev_model, ev_pre, ev_tok = load_clip(cfg, "clip")
-    rows, shown = [], {}
-    if cfg.corpus == "world":
-        images, gallery = attribute_gallery(cfg.world_image_size, cfg.seed, categories)
-        ev_img = embed_images(ev_model, images, cfg, progress=progress)
-        ev_txt = text_encoder(ev_model, ev_tok, cfg.eval_batch_size)
-        for name, model, _, tokenizer in iter_models(cfg, model_names):
-            emb = embed_images(model, images, cfg, progress=progress)
-            rows += gallery_arithmetic_rows(emb, gallery, text_encoder(model, tokenizer, cfg.eval_batch_size), name,
-                                            n_texts=n_texts, weight=weight, sweep=sweep, seed=cfg.seed,
-                                            eval_image_emb=ev_img, eval_encode_text=ev_txt)
-        shown["gallery"], shown["chance"] = images, gallery_chance(gallery)
-        return rows, shown
-    pipe = load_sdxl(cfg)
-    for name, model, _, _ in iter_models(cfg, model_names, device=pipe.device):
-        if cfg.pretrained != "openai":
-            get_logger("pc_clip.t2i").warning(
-                f"{name}: a text tower finetuned from {cfg.model_name}/{cfg.pretrained} replaces an SDXL encoder trained "
-                "with OpenAI CLIP; its features are foreign to the UNet. Finetune from pretrained='openai' for this study.")
-        swap_text_encoder(pipe, model)
-        r, shown[name] = t2i_clip_score_rows(pipe, (ev_model, ev_tok, ev_pre), name, weight=weight, n_seeds=n_seeds,
-                                             steps=cfg.t2i_steps, size=cfg.t2i_image_size, seed=cfg.seed,
-                                             progress=progress)
-        rows += r
     return rows, shown

@@ -5,14 +5,20 @@
 # %% ../nbs/00c_testing.ipynb #98e716b0
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
 
 # %% auto #0
-__all__ = ['temp_workdir']
+__all__ = ['FLOWERS102_FIXTURE_CLASSES', 'FIXTURES', 'temp_workdir', 'fixture_colour', 'accept_fixture_checksums', 'make_fixture',
+           'make_tiny_llama', 'tiny_sdxl_pipeline']
 
 # %% ../nbs/00c_testing.ipynb #cbb06fad
 @contextmanager
@@ -33,3 +39,218 @@ def temp_workdir(data: bool = False) -> Iterator[Path]:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+# %% ../nbs/00c_testing.ipynb #b322adc5
+def fixture_colour(k: int) -> tuple[int, int, int]:
+    "The solid colour of class `k`'s fixture images."
+    return ((40 + 70 * k) % 256, (200 - 50 * k) % 256, (90 + 110 * k) % 256)
+
+
+def _write_jpg(path: Path, k: int, size: int = 8) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), fixture_colour(k)).save(path, quality=95)
+
+
+def _write_text(path: Path, lines: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{l}\n" for l in lines))
+
+# %% ../nbs/00c_testing.ipynb #b8fb1693
+_CHECKSUMMED = ("torchvision.datasets.cifar", "torchvision.datasets.flowers102")
+
+
+@contextmanager
+def accept_fixture_checksums() -> Iterator[None]:
+    "Inside the block, torchvision's CIFAR-100 and Flowers102 accept files whose MD5 differs from the release."
+    import importlib
+    mods = [importlib.import_module(m) for m in _CHECKSUMMED]
+    saved = [m.check_integrity for m in mods]
+    exists = lambda fpath, md5=None: os.path.isfile(fpath)
+    for m in mods:
+        m.check_integrity = exists
+    try:
+        yield
+    finally:
+        for m, f in zip(mods, saved):
+            m.check_integrity = f
+
+# %% ../nbs/00c_testing.ipynb #0acd7053
+def _fixture_cifar100(root: Path, n: int) -> None:
+    base, names = root / "cifar-100-python", ["apple", "camel", "hamster", "maple_tree"]
+    base.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        labels = [k for k in range(len(names)) for _ in range(n)]
+        data = np.stack([np.broadcast_to(np.array(fixture_colour(k), np.uint8)[:, None], (3, 1024)).reshape(-1)
+                         for k in labels])
+        entry = {"filenames": [f"fixture_{i}.png" for i in range(len(labels))], "batch_label": f"{split}ing batch 1 of 1",
+                 "fine_labels": labels, "coarse_labels": [0] * len(labels), "data": data}
+        (base / split).write_bytes(pickle.dumps(entry, protocol=2))
+    (base / "meta").write_bytes(pickle.dumps({"fine_label_names": names, "coarse_label_names": ["fixture"]}, protocol=2))
+
+# %% ../nbs/00c_testing.ipynb #93d37a85
+def _fixture_coco(root: Path, n: int) -> None:
+    for split, first in (("train", 1), ("val", 100)):
+        ids = list(range(first, first + 3))
+        images = [{"license": 1, "file_name": f"{i:012d}.jpg", "coco_url": "", "height": 8, "width": 8,
+                   "date_captured": "2013-11-14 16:28:13", "flickr_url": "", "id": i} for i in ids]
+        anns = [{"image_id": i, "id": 10 * i + j, "caption": f"A photo number {i}, caption {j}. "}
+                for i in ids for j in range(n)]
+        for k, i in enumerate(ids):
+            _write_jpg(root / "coco" / f"{split}2017" / f"{i:012d}.jpg", k)
+        p = root / "coco" / "annotations" / f"captions_{split}2017.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({"info": {"description": "pc-clip fixture", "year": 2017}, "images": images,
+                                 "licenses": [{"url": "", "id": 1, "name": "fixture"}], "annotations": anns}))
+
+# %% ../nbs/00c_testing.ipynb #e1422737
+def _fixture_cub(root: Path, n: int) -> None:
+    base = root / "CUB_200_2011"
+    classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
+    images, labels, is_train, i = [], [], [], 0
+    for k, c in enumerate(classes):
+        for j in range(n):
+            i += 1
+            rel = f"{c}/{c[4:]}_{j:04d}_{i}.jpg"
+            _write_jpg(base / "images" / rel, k)
+            images.append(f"{i} {rel}"); labels.append(f"{i} {k + 1}"); is_train.append(f"{i} {int(j % 2 == 0)}")
+    _write_text(base / "classes.txt", [f"{k + 1} {c}" for k, c in enumerate(classes)])
+    _write_text(base / "images.txt", images)
+    _write_text(base / "image_class_labels.txt", labels)
+    _write_text(base / "train_test_split.txt", is_train)
+    attrs = ["has_bill_shape::curved_(up_or_down)", "has_wing_color::blue", "has_size::small_(5_-_9_in)"]
+    _write_text(root / "attributes.txt", [f"{a + 1} {name}" for a, name in enumerate(attrs)])
+    _write_text(base / "attributes" / "class_attribute_labels_continuous.txt",
+                [" ".join(f"{(10 * k + 30 * a) % 100:.6f}" for a in range(len(attrs))) for k in range(len(classes))])
+
+# %% ../nbs/00c_testing.ipynb #756f67f3
+def _fixture_eurosat(root: Path, n: int, layout: str = "2750") -> None:
+    folders = {"2750": root / "eurosat" / "2750", "EuroSAT_RGB": root / "EuroSAT_RGB"}
+    if layout not in folders:
+        raise ValueError(f"EuroSAT fixture layout must be one of {list(folders)}; got {layout!r}")
+    for k, c in enumerate(["AnnualCrop", "Forest", "SeaLake"]):
+        for j in range(n):
+            _write_jpg(folders[layout] / c / f"{c}_{j + 1}.jpg", k)
+
+# %% ../nbs/00c_testing.ipynb #62f11605
+FLOWERS102_FIXTURE_CLASSES = [0, 53, 73]
+
+
+def _fixture_flowers102(root: Path, n: int) -> None:
+    from scipy.io import savemat
+    base, classes = root / "flowers-102", FLOWERS102_FIXTURE_CLASSES
+    labels = [c + 1 for c in classes for _ in range(3 * n)]
+    for i, lab in enumerate(labels, 1):
+        _write_jpg(base / "jpg" / f"image_{i:05d}.jpg", classes.index(lab - 1))
+    ids = np.arange(1, len(labels) + 1)
+    part = ids % 3
+    savemat(base / "imagelabels.mat", {"labels": np.array(labels, np.uint8)[None]})
+    savemat(base / "setid.mat", {k: ids[part == r].astype(np.uint16)[None]
+                                 for k, r in (("trnid", 0), ("valid", 1), ("tstid", 2))})
+
+# %% ../nbs/00c_testing.ipynb #b3633cf0
+def _fixture_sun397(root: Path, n: int) -> None:
+    base, classes = root / "SUN397", ["/a/abbey", "/a/apartment_building/outdoor", "/b/bakery/shop"]
+    _write_text(base / "ClassName.txt", classes)
+    train, test = [], []
+    for k, c in enumerate(classes):
+        for j in range(2 * n):
+            rel = f"{c}/sun_{k}{j:03d}fixture.jpg"
+            _write_jpg(base / rel.lstrip("/"), k)
+            (test if j % 2 else train).append(rel)
+    _write_text(base / "Partitions" / "Training_01.txt", train)
+    _write_text(base / "Partitions" / "Testing_01.txt", test)
+
+# %% ../nbs/00c_testing.ipynb #104905be
+def _fixture_awa2(root: Path, n: int) -> None:
+    base = root / "Animals_with_Attributes2"
+    classes, preds = ["antelope", "grizzly+bear", "killer+whale"], ["black", "white", "big", "fast", "stripes", "smelly"]
+    _write_text(base / "classes.txt", [f"{k + 1}\t{c}" for k, c in enumerate(classes)])
+    _write_text(base / "predicates.txt", [f"{k + 1}\t{p}" for k, p in enumerate(preds)])
+    matrix = [[1, 0, 1, 1, 0, 0], [0, 0, 1, 0, 0, 1], [1, 1, 1, 1, 0, 0]]
+    _write_text(base / "predicate-matrix-binary.txt", [" ".join(map(str, row)) for row in matrix])
+    _write_text(base / "predicate-matrix-continuous.txt", [" ".join(f"{60.0 * v:.2f}" for v in row) for row in matrix])
+    _write_text(base / "trainclasses.txt", ["antelope", "killer+whale"])
+    _write_text(base / "testclasses.txt", ["grizzly+bear"])
+    for k, c in enumerate(classes):
+        for j in range(n):
+            _write_jpg(base / "JPEGImages" / c / f"{c}_{10001 + j}.jpg", k)
+
+# %% ../nbs/00c_testing.ipynb #93e5cc9b
+FIXTURES = {"coco": _fixture_coco, "cifar100": _fixture_cifar100, "cub": _fixture_cub, "eurosat": _fixture_eurosat,
+            "flowers102": _fixture_flowers102, "sun397": _fixture_sun397, "awa2": _fixture_awa2}
+
+
+def make_fixture(name: str, root: str | Path, n_per_class: int = 2, layout: str | None = None) -> Path:
+    "Write a tiny copy of data set `name` in its official on-disk layout under `root`; returns `root`."
+    if name not in FIXTURES:
+        raise KeyError(f"no fixture for {name!r}; fixtures exist for {sorted(FIXTURES)}")
+    if layout is not None and name != "eurosat":
+        raise ValueError(f"{name} ships in one layout; `layout` applies to eurosat only")
+    root = Path(root)
+    FIXTURES[name](root, n_per_class, **({"layout": layout} if layout else {}))
+    return root
+
+# %% ../nbs/00c_testing.ipynb #ac2113c2
+_TINY_SENTENCES = [
+    "The first image has a larger red circle than the second image.",
+    "The first image is darker, while the second image is brighter.",
+    "A small blue square on a green background.", "Two yellow triangles in the top left corner.",
+    "consistent", "inconsistent", "Here are captions of two images.",
+]
+
+
+def make_tiny_llama(folder: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 400,
+                    chat_template: str | None = "llama2") -> Path:
+    "Save a random tiny Llama and a locally trained BPE tokenizer (with `chat_template`) to `folder`."
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    if chat_template == "llama2":
+        from pc_clip.diffs import LLAMA2_CHAT_TEMPLATE as chat_template
+    folder = Path(folder)
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(_TINY_SENTENCES * 4, trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    if chat_template:
+        tok.chat_template = chat_template
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+# %% ../nbs/00c_testing.ipynb #c2f6a432
+def tiny_sdxl_pipeline(text_model: str = "pc-clip-tiny", quick_gelu: bool = False, width_2: int = 32, seed: int = 0):
+    "A random `StableDiffusionXLPipeline` of SDXL's structure whose `text_encoder` has `text_model`'s text architecture."
+    import open_clip, torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    import pc_clip.models  # noqa: F401  (registers the tiny world CLIP's config)
+    from pc_clip.t2i import clip_tokenizer, hf_text_config
+    torch.manual_seed(seed)
+    cfg_1 = hf_text_config(open_clip.create_model(text_model, force_quick_gelu=quick_gelu))
+    cfg_2 = CLIPTextConfig(vocab_size=49408, hidden_size=width_2, intermediate_size=4 * width_2, num_hidden_layers=2,
+                           num_attention_heads=next(h for h in (4, 2, 1) if width_2 % h == 0),
+                           max_position_embeddings=cfg_1.max_position_embeddings, hidden_act="gelu",
+                           projection_dim=width_2, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 1),
+        cross_attention_dim=cfg_1.hidden_size + width_2, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=6 * time_dim + width_2)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=64)
+    tok = clip_tokenizer(cfg_1.max_position_embeddings)
+    pipe = StableDiffusionXLPipeline(vae=vae, unet=unet, scheduler=EulerDiscreteScheduler(), tokenizer=tok,
+                                     tokenizer_2=tok, text_encoder=CLIPTextModel(cfg_1).eval(),
+                                     text_encoder_2=CLIPTextModelWithProjection(cfg_2).eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

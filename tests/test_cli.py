@@ -1,11 +1,14 @@
-"""The `pc-clip` command: order, overrides, and a failing experiment that is named in the error."""
-import json
+"""The `pc-clip` command: order, overrides, a failing experiment named in the error, bad values and missing inputs
+stopped before any notebook runs, and a stop of `pc-clip` that stops its kernel."""
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
+import pytest
 
 from conftest import REPO
 
@@ -34,8 +37,9 @@ def test_reproduce_runs_in_order_and_injects_overrides(tmp_path, runs_dir):
     _notebook(exp / "02_second.ipynb", code.replace("{__NAME__}", "second"))
     _notebook(exp / "01_first.ipynb", code.replace("{__NAME__}", "first"))
     nb = nbformat.read(exp / "01_first.ipynb", as_version=4)  # declares ft_epochs as its own parameter
-    nb.cells[0].source += "\nft_epochs = None"
-    nb.cells[1].source = nb.cells[1].source.replace("**overrides)", "ft_epochs=ft_epochs, **overrides)")
+    nb.cells[0].source += "\nft_epochs = None  # None: the profile's"
+    nb.cells[1].source = ("from pc_clip.core import given\n" +
+                          nb.cells[1].source.replace("**overrides)", "**given(ft_epochs=ft_epochs), **overrides)"))
     nbformat.write(nb, exp / "01_first.ipynb")
     r = _pc_clip("reproduce", "--profile", "tiny", "--experiments", str(exp), "-p", "ft_epochs=7", "-p", "note='hi'")
     assert r.returncode == 0, r.stderr + r.stdout
@@ -45,6 +49,9 @@ def test_reproduce_runs_in_order_and_injects_overrides(tmp_path, runs_dir):
     assert executed.exists()
     r = _pc_clip("reproduce", "--experiments", str(exp), "--only", "second", "-p", "note=1")
     assert r.returncode == 0 and "01_first" not in r.stdout and "02_second" in r.stdout
+    r = _pc_clip("reproduce", "--experiments", str(exp), "--only", "first", "-p", "note=2")  # ft_epochs left at None
+    assert r.returncode == 0, r.stderr
+    assert marker.read_text().splitlines()[-1] == "first 1 2"  # the profile's ft_epochs
 
 
 def test_failing_experiment_exits_nonzero_and_names_notebook(tmp_path, runs_dir):
@@ -66,3 +73,104 @@ def test_unknown_profile_or_key_is_a_clear_error(tmp_path):
     _notebook(tmp_path / "01_a.ipynb", "x = 1")
     r = _pc_clip("reproduce", "-p", "no_such_field=1", "--experiments", str(tmp_path))
     assert r.returncode == 2 and "no_such_field" in r.stderr
+
+
+@pytest.mark.parametrize("value, field, says", [
+    ("ft_lr=abc", "ft_lr", "expected a float, got 'abc'"),
+    ("n_pairs=-5", "n_pairs", "must be >= 1, got -5"),
+    ("ft_batch_size=0", "ft_batch_size", "must be >= 2"),
+    ("oracle_noise=2", "oracle_noise", "must be in [0, 1]"),
+    ("ft_epochs=None", "ft_epochs", "None is not allowed"),
+])
+def test_bad_value_exits_2_before_any_notebook(tmp_path, runs_dir, value, field, says):
+    _notebook(tmp_path / "01_a.ipynb", f"open({str(tmp_path / 'ran')!r}, 'w').write('x')")
+    t0 = time.perf_counter()
+    r = _pc_clip("reproduce", "-p", value, "--experiments", str(tmp_path))
+    seconds = time.perf_counter() - t0
+    assert r.returncode == 2, r.stderr + r.stdout
+    problems = [l.strip() for l in r.stderr.splitlines() if l.startswith("  ")]
+    assert len(problems) == 1 and problems[0].startswith(f"{field}:") and says in problems[0], r.stderr
+    assert "nothing was run" in r.stderr and not (tmp_path / "ran").exists()
+    assert seconds < 2.5, f"the config check took {seconds:.2f} s (it imports no torch and starts no kernel)"
+
+
+def test_all_bad_values_reported_at_once(tmp_path):
+    r = _pc_clip("reproduce", "-p", "ft_lr=abc", "-p", "n_pairs=-5", "-p", "ft_batch_size=0", "-p", "oracle_noise=2",
+                 "--experiments", str(tmp_path))
+    problems = sorted(l.strip().split(":")[0] for l in r.stderr.splitlines() if l.startswith("  "))
+    assert r.returncode == 2 and problems == ["ft_batch_size", "ft_lr", "n_pairs", "oracle_noise"], r.stderr
+
+
+def test_none_override_is_honoured(tmp_path, runs_dir):
+    out = tmp_path / "judge.txt"
+    _notebook(tmp_path / "50_probe.ipynb", "from pc_clip.core import get_config\n"
+              f"open({str(out)!r}, 'w').write(repr(get_config(profile, seed=seed, **overrides).judge))")
+    r = _pc_clip("reproduce", "--profile", "paper", "-p", "judge=None", "--experiments", str(tmp_path))
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert out.read_text() == "None"  # not silently the profile's LLM judge
+
+
+def test_missing_weights_and_data_are_named_before_any_notebook(tmp_path, runs_dir):
+    exp = tmp_path / "exp"; exp.mkdir()
+    _notebook(exp / "03_finetune.ipynb", f"open({str(tmp_path / 'ran')!r}, 'w').write('x')")
+    data = tmp_path / "data"; data.mkdir()
+    r = _pc_clip("reproduce", "--profile", "paper", "--experiments", str(exp), env={"PC_CLIP_DATA": str(data)})
+    assert r.returncode == 2, r.stderr + r.stdout
+    assert f"{data}/weights/ViT-L-14/datacomp_xl_s13b_b90k/" in r.stderr  # where the CLIP weights go
+    assert "data set coco (train)" in r.stderr and "needed by experiment 03" in r.stderr
+    assert "generator LLM" not in r.stderr  # experiment 03 does not generate
+    assert not (tmp_path / "ran").exists()
+    r = _pc_clip("reproduce", "--profile", "paper", "--experiments", str(exp), "--skip-preflight",
+                 env={"PC_CLIP_DATA": str(data)})
+    assert r.returncode == 0 and (tmp_path / "ran").exists(), r.stderr
+
+
+def test_preflight_names_the_llms_of_experiment_02(tmp_path, runs_dir):
+    exp = tmp_path / "exp"; exp.mkdir()
+    _notebook(exp / "02_differences.ipynb", "x = 1")
+    data = tmp_path / "data"; data.mkdir()
+    r = _pc_clip("reproduce", "--profile", "paper-smoke", "--experiments", str(exp), env={"PC_CLIP_DATA": str(data)})
+    assert r.returncode == 2
+    assert f"generator LLM 'tiny-chat': put the model folder (with config.json) at {data}/weights/tiny-chat/" in r.stderr
+    assert "judge LLM 'tiny-chat'" in r.stderr and "CLIP weights" not in r.stderr
+    (data / "weights" / "tiny-chat").mkdir(parents=True)
+    (data / "weights" / "tiny-chat" / "config.json").write_text("{}")
+    r = _pc_clip("reproduce", "--profile", "paper-smoke", "--experiments", str(exp), env={"PC_CLIP_DATA": str(data)})
+    assert r.returncode == 2 and "tiny-chat" not in r.stderr and "data set coco (train)" in r.stderr
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_pc_clip_stops_its_kernel(tmp_path, runs_dir, sig):
+    out, pid_file = tmp_path / "ticks.txt", tmp_path / "kernel.pid"
+    _notebook(tmp_path / "01_loop.ipynb", "import os, time\n"
+              f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+              "for i in range(100_000):\n"
+              f"    with open({str(out)!r}, 'a') as f: f.write(f'{{i}}\\n')\n"
+              "    time.sleep(0.02)")
+    exe = Path(sys.executable).parent / "pc-clip"
+    proc = subprocess.Popen([str(exe), "reproduce", "--experiments", str(tmp_path)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out.exists() and len(out.read_text().splitlines()) >= 5):
+            assert proc.poll() is None and time.monotonic() < deadline, "the loop notebook never started writing"
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, err
+    assert f"stopped by {signal.Signals(sig).name}" in err
+    kernel = int(pid_file.read_text())
+    size = out.stat().st_size
+    time.sleep(2.0)  # the kernel used to go on writing for seconds
+    assert out.stat().st_size == size, "the notebook kept writing after pc-clip was stopped"
+    assert _pid_gone(kernel)

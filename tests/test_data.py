@@ -14,16 +14,17 @@ import torch
 import torchvision
 from PIL import Image
 
-from pc_clip.core import get_config
+from pc_clip.core import get_config, project_root
 from pc_clip.data import (
-    DATASET_INFO, DATASETS, DatasetNotFoundError, ImageDataset, canonical_name, fixture_colour, iter_images,
-    load_dataset, make_fixture, visual_attribute_mask,
+    DATASET_INFO, DATASETS, DatasetNotFoundError, ImageDataset, canonical_name, iter_images, load_dataset,
+    visual_attribute_mask,
+)
+from pc_clip.testing import (
+    FLOWERS102_FIXTURE_CLASSES as FLOWERS_FIXTURE_CLASSES, accept_fixture_checksums, fixture_colour, make_fixture,
+    temp_workdir,
 )
 
 REAL = [d for d in DATASETS if d != "world"]
-
-
-FLOWERS_FIXTURE_CLASSES = [0, 53, 73]  # pink primrose, sunflower, rose
 
 
 def nearest_class(img: Image.Image, n_classes: int = 4) -> int:
@@ -48,7 +49,8 @@ EXPECTED = {  # name: (split, first classnames, n images)
 @pytest.mark.parametrize("name", REAL)
 def test_fixture_loads_with_aligned_labels(name, tmp_path):
     split, classnames, n = EXPECTED[name]
-    ds = load_dataset(name, make_fixture(name, tmp_path), split)
+    with accept_fixture_checksums():
+        ds = load_dataset(name, make_fixture(name, tmp_path), split)
     assert isinstance(ds, ImageDataset) and ds.name == name
     assert ds.classnames[: len(classnames)] == classnames
     assert len(ds) == n and ds.labels.dtype == np.int64
@@ -62,11 +64,11 @@ def test_fixture_loads_with_aligned_labels(name, tmp_path):
         assert nearest_class(ds.image(i)) == fixture_class(int(ds.labels[i])), (name, i)
 
 
-def test_config_data_root_and_env(tmp_path, monkeypatch):
+def test_config_data_root_and_env(tmp_path):
+    with temp_workdir(data=True) as d:
+        make_fixture("cub", d / "data")
+        assert len(load_dataset("CUB-200", get_config("tiny"), "all")) == 6
     make_fixture("cub", tmp_path / "mydata")
-    monkeypatch.setenv("PC_CLIP_DATA", str(tmp_path / "mydata"))
-    assert len(load_dataset("CUB-200", get_config("tiny"), "all")) == 6
-    monkeypatch.delenv("PC_CLIP_DATA")
     cfg = get_config("tiny", data_root=str(tmp_path / "mydata"))
     assert len(load_dataset("cub", cfg, "test")) == 3
 
@@ -103,12 +105,16 @@ def test_missing_folder_names_layout(name, tmp_path):
 def test_incomplete_folder_names_missing_file(name, remove, split, tmp_path):
     make_fixture(name, tmp_path)
     (tmp_path / remove).unlink()
-    with pytest.raises(DatasetNotFoundError, match=remove.replace(".", r"\.")):
+    with accept_fixture_checksums(), pytest.raises(DatasetNotFoundError, match=remove.replace(".", r"\.")):
         load_dataset(name, tmp_path, split)
 
 
 def test_empty_eurosat_folder(tmp_path):
     (tmp_path / "eurosat" / "2750").mkdir(parents=True)
+    with pytest.raises(DatasetNotFoundError, match="holds no images"):
+        load_dataset("eurosat", tmp_path, "all")
+    (tmp_path / "eurosat" / "2750").rmdir()
+    (tmp_path / "EuroSAT_RGB").mkdir()
     with pytest.raises(DatasetNotFoundError, match="holds no images"):
         load_dataset("eurosat", tmp_path, "all")
 
@@ -131,44 +137,25 @@ def test_offline_torchvision_download_gives_advice(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the torchvision code paths
 
-def test_cifar100_torchvision_path_and_fallback_agree(tmp_path, monkeypatch, caplog):
-    make_fixture("cifar100", tmp_path)
-    with caplog.at_level("WARNING", logger="pc_clip.data"):
-        fallback = load_dataset("cifar100", tmp_path, "test")
-    assert "reading the pickles directly" in caplog.text  # fixture checksums differ from the release
-    caplog.clear()
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
-    with caplog.at_level("WARNING", logger="pc_clip.data"):
-        via_tv = load_dataset("cifar100", tmp_path, "test")
-    assert "reading the pickles" not in caplog.text
-    assert via_tv.classnames == fallback.classnames
-    np.testing.assert_array_equal(via_tv.arrays, fallback.arrays)
-    np.testing.assert_array_equal(via_tv.labels, fallback.labels)
+@pytest.mark.parametrize("name, split", [("cifar100", "test"), ("flowers102", "val")])
+def test_torchvision_checksums_are_not_bypassed(name, split, tmp_path):
+    "The loaders use torchvision as it is: files that differ from the release are refused, with a message."
+    make_fixture(name, tmp_path)
+    with pytest.raises(RuntimeError, match="not those of the official .*MD5"):
+        load_dataset(name, tmp_path, split)
+    with accept_fixture_checksums():  # what tests and stand-in runs do
+        assert len(load_dataset(name, tmp_path, split)) > 0
+    with pytest.raises(RuntimeError, match="MD5"):  # and the check is back afterwards
+        load_dataset(name, tmp_path, split)
 
 
-def test_cifar100_bytes_keys(tmp_path):
-    "Pickles written with bytes keys (b'data', b'fine_labels') load too."
-    base = tmp_path / "cifar-100-python"
-    base.mkdir()
-    data = np.zeros((2, 3072), np.uint8)
-    data[1, :1024] = 255  # red channel of image 1
-    entry = {b"data": data, b"fine_labels": [1, 0], b"coarse_labels": [0, 0]}
-    for split in ("train", "test"):
-        (base / split).write_bytes(pickle.dumps(entry, protocol=2))
-    (base / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"aquarium_fish", b"willow_tree"]}))
-    ds = load_dataset("cifar100", tmp_path, "test")
-    assert ds.classnames == ["aquarium fish", "willow tree"] and ds.labels.tolist() == [1, 0]
-    assert ds.arrays.shape == (2, 32, 32, 3) and ds.arrays[1, 5, 5].tolist() == [255, 0, 0]
-
-
-def test_flowers102_torchvision_path_and_fallback_agree(tmp_path, monkeypatch):
-    make_fixture("flowers102", tmp_path)
-    fallback = load_dataset("flowers102", tmp_path, "val")
-    monkeypatch.setattr(torchvision.datasets.flowers102, "check_integrity", lambda *a, **k: True)
-    via_tv = load_dataset("flowers102", tmp_path, "val")
-    assert [p.name for p in via_tv.paths] == [p.name for p in fallback.paths]
-    assert via_tv.labels.tolist() == fallback.labels.tolist()
-    assert {via_tv.classnames[k] for k in via_tv.labels} == {"pink primrose", "sunflower", "rose"}
+def test_cifar100_torchvision_reads_the_official_pickles(tmp_path):
+    with accept_fixture_checksums():
+        ds = load_dataset("cifar100", make_fixture("cifar100", tmp_path), "test")
+        tv = torchvision.datasets.CIFAR100(tmp_path, train=False)
+    assert ds.classnames == [c.replace("_", " ") for c in tv.classes]
+    np.testing.assert_array_equal(ds.arrays, tv.data)
+    assert ds.labels.tolist() == tv.targets
 
 
 def test_torchvision_accepts_our_fixtures(tmp_path):
@@ -185,7 +172,8 @@ def test_official_splits_are_disjoint_and_complete(tmp_path):
     for name, splits, full in [("cub", ("train", "test"), "all"), ("sun397", ("train", "test"), "all"),
                                ("flowers102", ("train", "val", "test"), None), ("eurosat", ("train", "test"), "all")]:
         make_fixture(name, tmp_path, n_per_class=6)
-        parts = [set(map(str, load_dataset(name, tmp_path, s).paths)) for s in splits]
+        with accept_fixture_checksums():
+            parts = [set(map(str, load_dataset(name, tmp_path, s).paths)) for s in splits]
         assert all(parts) and sum(map(len, parts)) == len(set().union(*parts)), name
         if full:
             assert set().union(*parts) == set(map(str, load_dataset(name, tmp_path, full).paths)), name
@@ -199,6 +187,46 @@ def test_sun397_without_partitions_uses_hash_split(tmp_path):
     test, train = load_dataset("sun397", tmp_path, "test"), load_dataset("sun397", tmp_path, "train")
     assert len(test) + len(train) == 60 and not set(test.paths) & set(train.paths)
     assert set(test.paths) != set(with_parts.paths)
+
+
+def test_sun397_official_partitions_next_to_the_images(tmp_path):
+    "Partitions.zip unpacked at the data root (Partitions/ next to SUN397/) still gives the official split."
+    make_fixture("sun397", tmp_path, n_per_class=10)
+    official = load_dataset("sun397", tmp_path, "test")
+    (tmp_path / "SUN397" / "Partitions").rename(tmp_path / "Partitions")
+    moved = load_dataset("sun397", tmp_path, "test")
+    assert [p.name for p in moved.paths] == [p.name for p in official.paths]
+    assert all(int(p.stem[-10:-7]) % 2 == 1 for p in moved.paths)  # the fixture's Testing_01 holds the odd images
+
+
+def test_eurosat_rgb_release_layout(tmp_path):
+    "The current EuroSAT release unpacks to EuroSAT_RGB/<Class>/; it loads, with the same split as eurosat/2750/."
+    rgb = load_dataset("eurosat", make_fixture("eurosat", tmp_path / "a", n_per_class=10, layout="EuroSAT_RGB"), "test")
+    old = load_dataset("eurosat", make_fixture("eurosat", tmp_path / "b", n_per_class=10), "test")
+    assert rgb.classnames == ["annual crop", "forest", "sea or lake"] and len(rgb) > 0
+    assert [p.relative_to(rgb.root) for p in rgb.paths] == [p.relative_to(old.root) for p in old.paths]
+    assert rgb.root == tmp_path / "a" / "EuroSAT_RGB"
+
+
+def test_data_readme_documents_every_file_the_loaders_need(tmp_path):
+    "data/README.md names every file whose absence stops a loader (AwA2's class lists included)."
+    readme = (project_root() / "data" / "README.md").read_text()
+    needed = {"awa2": ["Animals_with_Attributes2/trainclasses.txt", "Animals_with_Attributes2/testclasses.txt",
+                       "Animals_with_Attributes2/classes.txt", "Animals_with_Attributes2/predicates.txt",
+                       "Animals_with_Attributes2/predicate-matrix-binary.txt"],
+              "cub": ["CUB_200_2011/images.txt", "CUB_200_2011/classes.txt", "CUB_200_2011/image_class_labels.txt",
+                      "CUB_200_2011/train_test_split.txt"],
+              "flowers102": ["flowers-102/imagelabels.mat", "flowers-102/setid.mat"],
+              "sun397": ["SUN397/ClassName.txt"], "cifar100": ["cifar-100-python/meta"]}
+    for name, files in needed.items():
+        for f in files:
+            root = make_fixture(name, tmp_path / f.replace("/", "_"))
+            (root / f).unlink()
+            with accept_fixture_checksums(), pytest.raises(DatasetNotFoundError):
+                load_dataset(name, root, "train" if "trainclasses" in f else "test")
+            assert Path(f).name in readme, f"data/README.md does not mention {f}, which {name} needs"
+    for layout in ("EuroSAT_RGB/", "eurosat/2750/", "Partitions/Training_01.txt"):
+        assert layout in readme, layout
 
 
 def test_awa2_class_split_keeps_all_classnames(tmp_path):
@@ -234,7 +262,7 @@ def test_cub_real_format_with_attributes_next_to_folder(tmp_path):
 
 def test_cub_without_attributes_still_loads(tmp_path):
     make_fixture("cub", tmp_path)
-    (tmp_path / "CUB_200_2011" / "attributes.txt").unlink()
+    (tmp_path / "attributes.txt").unlink()  # beside CUB_200_2011/, as in the official archive
     ds = load_dataset("cub", tmp_path, "all")
     assert ds.class_attributes is None and len(ds) == 6
 
@@ -294,7 +322,8 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, num_workers):
 
 
 def test_iter_images_with_a_transform_and_indices(tmp_path):
-    ds = load_dataset("cifar100", make_fixture("cifar100", tmp_path), "test")
+    with accept_fixture_checksums():
+        ds = load_dataset("cifar100", make_fixture("cifar100", tmp_path), "test")
     to_float = lambda im: torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing is skipped, so nothing is warned
@@ -307,11 +336,11 @@ def test_iter_images_with_a_transform_and_indices(tmp_path):
 
 def fake_world_module():
     mod = types.ModuleType("pc_clip.world")
-    attrs = pd.DataFrame({"category": ["glorp", "mib", "glorp"], "split": ["test", "test", "train"],
-                          "size": [7.0, 4.0, 7.5]})
+    attrs = pd.DataFrame({"category": ["glorp", "mib", "glorp", "mib"], "split": ["test", "test", "train", "val"],
+                          "size": [7.0, 4.0, 7.5, 3.0]})
     mod.CATEGORY_NAMES = ["mib", "glorp"]
-    mod.make_world = lambda cfg: types.SimpleNamespace(images=np.zeros((3, 32, 32, 3), np.uint8), attrs=attrs,
-                                                       captions=["a big glorp", "a mib", "a glorp"])
+    mod.make_world = lambda cfg: types.SimpleNamespace(images=np.zeros((4, 32, 32, 3), np.uint8), attrs=attrs,
+                                                       captions=["a big glorp", "a mib", "a glorp", "a small mib"])
     mod.class_attribute_table = lambda: pd.DataFrame({"large": [0, 1], "red": [1, 0]}, index=["mib", "glorp"])
     return mod
 
@@ -325,11 +354,20 @@ def test_world_through_registry(monkeypatch):
     assert ds.image_info["size"].tolist() == [7.0, 4.0]
 
 
-def test_real_world_if_present(tmp_path, monkeypatch):
-    world = pytest.importorskip("pc_clip.world")
-    monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
+def test_world_val_split(monkeypatch):
+    "The world's validation split loads by name, disjoint from train and test."
+    monkeypatch.setitem(sys.modules, "pc_clip.world", fake_world_module())
+    val = load_dataset("world", get_config("tiny"), "val")
+    assert val.split == "val" and val.captions == [["a small mib"]] and val.labels.tolist() == [0]
+    sizes = {s: set(load_dataset("world", get_config("tiny"), s).image_info["size"]) for s in ("train", "val", "test")}
+    assert not (sizes["val"] & sizes["train"]) and not (sizes["val"] & sizes["test"])
+
+
+def test_real_world_if_present():
+    pytest.importorskip("pc_clip.world")
     cfg = get_config("tiny", world_n_train=40, world_n_test=20)
-    ds = load_dataset("world", cfg, "test")
+    with temp_workdir():
+        ds = load_dataset("world", cfg, "test")
     assert len(ds) == 20 and ds.arrays.dtype == np.uint8 and ds.arrays.shape[1:] == (32, 32, 3)
     assert set(ds.classnames) >= set(ds.image_info["category"]) and ds.class_attributes is not None
     x, y, idx = next(iter_images(ds, batch_size=8, progress=False))

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from pc_clip import t2i as T
+from pc_clip import t2i_study as S
 from pc_clip.core import get_config
-from pc_clip.models import create_clip
+from pc_clip.models import create_clip, model_dir, save_checkpoint
+from pc_clip.testing import temp_workdir, tiny_sdxl_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +20,7 @@ def tiny_clip():
 
 @pytest.fixture(scope="module")
 def pipe():
-    return T.tiny_sdxl_pipeline(seed=0)
+    return tiny_sdxl_pipeline(seed=0)
 
 
 def test_clip_tokenizer_matches_open_clip(tiny_clip):
@@ -78,7 +80,7 @@ def test_arithmetic_conditioning_reaches_the_unet(pipe, tiny_clip):
 
 
 def test_swapped_tower_is_the_finetuned_one(tiny_clip):
-    pipe = T.tiny_sdxl_pipeline(seed=1)
+    pipe = tiny_sdxl_pipeline(seed=1)
     before, _ = T.encode_sdxl_prompts(pipe, ["a photo of a glorp"])
     T.swap_text_encoder(pipe, tiny_clip[0], "auto")
     after, _ = T.encode_sdxl_prompts(pipe, ["a photo of a glorp"])
@@ -86,11 +88,26 @@ def test_swapped_tower_is_the_finetuned_one(tiny_clip):
     assert w == T.hf_text_config(tiny_clip[0]).hidden_size
     assert not torch.allclose(before[..., :w], after[..., :w])  # text_encoder part changed
     torch.testing.assert_close(before[..., w:], after[..., w:])  # text_encoder_2 part did not
-    with pytest.raises(ValueError, match="cross-attention needs the same width"):
+    with pytest.raises(ValueError, match="refusing to put this text tower into SDXL's text_encoder_2"):
         T.swap_text_encoder(pipe, tiny_clip[0], "text_encoder_2")
-    narrow = T.tiny_sdxl_pipeline(text_width=48, text_layers=1, seed=0)
-    with pytest.raises(ValueError, match="fits no SDXL text encoder"):
-        T.swap_text_encoder(narrow, tiny_clip[0])
+
+
+def test_a_tower_of_another_origin_is_refused(tiny_clip):
+    "SDXL's first encoder is OpenAI's (QuickGELU); a same-width GELU tower (e.g. datacomp_xl) is refused, not warned about."
+    import open_clip
+    openai_like = tiny_sdxl_pipeline(quick_gelu=True, seed=0)
+    before = openai_like.text_encoder
+    with pytest.raises(ValueError, match="hidden_act: tower 'gelu' vs encoder 'quick_gelu'.*ViT-L-14 \\(pretrained='openai'\\)"):
+        T.swap_text_encoder(openai_like, tiny_clip[0])
+    assert openai_like.text_encoder is before  # nothing was swapped
+    T.swap_text_encoder(openai_like, open_clip.create_model("pc-clip-tiny", force_quick_gelu=True))
+    assert openai_like.text_encoder is not before
+
+
+def test_tiny_sdxl_first_encoder_matches_its_base(tiny_clip):
+    pipe = tiny_sdxl_pipeline()
+    assert T.tower_mismatches(pipe.text_encoder, tiny_clip[0]) == {}
+    assert T.matching_slot(pipe, tiny_clip[0]) == "text_encoder"
 
 
 def test_clip_score_uses_the_evaluator_pairwise(tiny_clip):
@@ -102,28 +119,56 @@ def test_clip_score_uses_the_evaluator_pairwise(tiny_clip):
         T.clip_scores(model, tok, imgs, ["a"])
 
 
-def test_sdxl_missing_weights_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("PC_CLIP_DATA", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0"):
+def test_sdxl_missing_weights_is_a_clear_error():
+    with temp_workdir(data=True), pytest.raises(FileNotFoundError,
+                                                match="huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0"):
         T.load_sdxl(get_config("paper"), "cpu")
+
+
+def test_t2i_study_base_and_paper_h14_not_applicable():
+    assert S.t2i_base(get_config("paper")) == ("ViT-L-14", "openai")
+    assert S.t2i_not_applicable(get_config("paper")) is None and S.t2i_not_applicable(get_config("tiny")) is None
+    h14 = get_config("paper-h14")
+    if S.t2i_base(h14) is None:  # the default (Config.t2i_clip_model may set otherwise)
+        msg = S.t2i_not_applicable(h14)
+        assert "not applicable to profile 'paper-h14'" in msg and "1024 wide" in msg
+        with pytest.raises(ValueError, match="not applicable"):
+            S.run_t2i_arithmetic(h14, ["clip", "pc-clip"])
+
+
+def test_sdxl_study_on_a_saved_stand_in(tiny_clip):
+    "The paper path end to end: SDXL from <data root>/weights/<t2i_model>/, the study's two arms, rows with their base."
+    with temp_workdir(data=True) as d:
+        cfg = get_config("tiny", corpus="coco", t2i_steps=1, t2i_image_size=64)
+        tiny_sdxl_pipeline().save_pretrained(d / "data" / "weights" / cfg.t2i_model)
+        save_checkpoint(tiny_clip[0], model_dir(cfg, "clip"), "pc-clip-tiny")  # the evaluator
+        base = ("pc-clip-tiny", None)
+        rows, shown = S._sdxl_study(cfg, ["clip", "pc-clip"], 1.0, 1, False, base=base)
+        assert {r["model"] for r in rows} == {"clip"}  # the study's pc-clip is not trained yet
+        save_checkpoint(tiny_clip[0], model_dir(cfg, S.T2I_PC_CLIP), "pc-clip-tiny")
+        rows, shown = S._sdxl_study(cfg, ["clip", "pc-clip", "pc-clip/mse"], 1.0, 1, False, base=base)
+    df = pd.DataFrame(rows)
+    assert sorted(set(df.model)) == ["clip", "pc-clip"] and set(df.condition) == {"base=pc-clip-tiny"}
+    assert set(df.metric) == {"clip_score", "clip_score_class_only"} and df.value.between(-1, 1).all()
+    assert shown["pc-clip"].shape == (len(T.T2I_EDITS), 64, 64, 3)
 
 
 def test_gallery_is_every_combination_and_statements_are_true():
     from pc_clip.world import difference_direction
-    images, gal = T.attribute_gallery(categories=["glorp", "mib"])
+    images, gal = S.attribute_gallery(categories=["glorp", "mib"])
     assert images.shape == (2 * 3 * 3 * 3 * 6, 32, 32, 3)
     rng = np.random.default_rng(0)
-    for e in T.GALLERY_EDITS:
-        first, second = T._edit_attrs("mib", e, e.target), T._edit_attrs("mib", e, e.source)
+    for e in S.GALLERY_EDITS:
+        first, second = S._edit_attrs("mib", e, e.target), S._edit_attrs("mib", e, e.source)
         assert difference_direction(first, second, e.attribute) is not None
-        assert len(T.gallery_edit_statements("mib", e, 3, rng, "heldout")) == 3
+        assert len(S.gallery_edit_statements("mib", e, 3, rng, "heldout")) == 3
 
 
 def test_gallery_arithmetic_known_answer():
-    _, gal = T.attribute_gallery(categories=["glorp", "mib", "skiv"])
+    _, gal = S.attribute_gallery(categories=["glorp", "mib", "skiv"])
     cats, levels = ["glorp", "mib", "skiv"], ["size_level", "brightness_level", "position_level"]
     bgs = sorted(gal.background.unique())
-    by_name = {e.name: e for e in T.GALLERY_EDITS}
+    by_name = {e.name: e for e in S.GALLERY_EDITS}
 
     def encode(texts):
         out = torch.zeros(len(texts), 3 + 3 + len(bgs))
@@ -144,22 +189,23 @@ def test_gallery_arithmetic_known_answer():
         img[:, 3 + k] = torch.as_tensor(gal[col].to_numpy() - 1.0, dtype=torch.float32)
     img[torch.arange(len(gal)), 6 + torch.as_tensor([bgs.index(b) for b in gal.background])] = 1
     img += 0.01 * torch.randn(img.shape, generator=torch.Generator().manual_seed(0))
-    rows = T.gallery_arithmetic_rows(img, gal, encode, "toy", n_texts=1, sweep=(0.0,),
+    rows = S.gallery_arithmetic_rows(img, gal, encode, "toy", n_texts=1, sweep=(0.0,),
                                      statements=lambda c, e, n, rng, w: [f"{e.name}|{c}"] * n,
                                      eval_image_emb=torch.nn.functional.normalize(img, dim=-1), eval_encode_text=encode)
-    v = {(r["dataset"], r["metric"]): r["value"] for r in rows}
-    assert v[("world-gallery", "success_rate")] == 1.0 == v[("world-gallery", "species_accuracy")]
-    assert v[("world-gallery", "success_rate_whole_gallery")] == 1.0
-    assert v[("world-gallery", "success_rate_class_only")] == v[("world-gallery", "success_rate@w=0")] < 0.5
+    assert {r["dataset"] for r in rows} == {"world-gallery"}  # settings go to `condition`, not into the name
+    v = {(r["condition"], r["metric"]): r["value"] for r in rows}
+    assert v[("", "success_rate")] == 1.0 == v[("", "species_accuracy")]
+    assert v[("", "success_rate_whole_gallery")] == 1.0
+    assert v[("", "success_rate_class_only")] == v[("w=0", "success_rate")] < 0.5
     # the species is the generator's part: a query whose species axis is wrong still only looks at that species
-    wrong = T.gallery_arithmetic_rows(img, gal, lambda t: encode([x if "|" in x else "a photo of a skiv" for x in t]),
+    wrong = S.gallery_arithmetic_rows(img, gal, lambda t: encode([x if "|" in x else "a photo of a skiv" for x in t]),
                                       "toy", n_texts=1, statements=lambda c, e, n, rng, w: [f"{e.name}|{c}"] * n)
-    w = {(r["dataset"], r["metric"]): r["value"] for r in wrong}
-    assert w[("world-gallery", "success_rate")] == 1.0 and w[("world-gallery", "species_accuracy")] == pytest.approx(1 / 3)
-    assert all(v[(f"world-gallery/{e.name}", "success_rate")] == 1.0 for e in T.GALLERY_EDITS)
-    assert -1 <= v[("world-gallery", "clip_score")] <= 1
+    w = {(r["condition"], r["metric"]): r["value"] for r in wrong}
+    assert w[("", "success_rate")] == 1.0 and w[("", "species_accuracy")] == pytest.approx(1 / 3)
+    assert all(v[(f"edit={e.name}", "success_rate")] == 1.0 for e in S.GALLERY_EDITS)
+    assert -1 <= v[("", "clip_score")] <= 1
     with pytest.raises(ValueError, match="gallery of"):
-        T.gallery_arithmetic_rows(img[:-1], gal, encode, "toy")
+        S.gallery_arithmetic_rows(img[:-1], gal, encode, "toy")
 
 
 def test_run_t2i_arithmetic_on_stand_in_models(runs_dir, tiny_clip, capsys):
@@ -167,11 +213,11 @@ def test_run_t2i_arithmetic_on_stand_in_models(runs_dir, tiny_clip, capsys):
     cfg = get_config("tiny", world_n_train=100, world_n_test=50)
     for name in ("clip", "pc-clip"):
         save_checkpoint(tiny_clip[0], model_dir(cfg, name), "pc-clip-tiny")
-    rows, shown = T.run_t2i_arithmetic(cfg, ["clip", "pc-clip", "pc-clip/mse"], n_texts=1, categories=["glorp", "mib", "skiv"],
+    rows, shown = S.run_t2i_arithmetic(cfg, ["clip", "pc-clip", "pc-clip/mse"], n_texts=1, categories=["glorp", "mib", "skiv"],
                                        progress=False)
     assert "skipping model pc-clip/mse" in capsys.readouterr().out
     df = pd.DataFrame(rows)
-    main = df[df.dataset == "world-gallery"].pivot_table(index="model", columns="metric", values="value")
+    main = df[df.condition == ""].pivot_table(index="model", columns="metric", values="value")
     assert list(main.index) == ["clip", "pc-clip"]
     assert (main.loc["clip"] == main.loc["pc-clip"]).all()  # same weights, same numbers
     assert shown["gallery"].shape[0] == 3 * 162
