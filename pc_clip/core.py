@@ -139,10 +139,10 @@ _PAPER = dict(
 
 # the `paper` code path at toy scale on stand-ins under the data root (built by `pc_clip.testing`)
 _PAPER_SMOKE = dict(
-    model_name="ViT-B-32", pretrained="smoke",  # <data root>/weights/ViT-B-32/smoke/
+    model_name="pc-clip-smoke", pretrained="smoke",  # <data root>/weights/pc-clip-smoke/smoke/ (64-px images)
     generator="tiny-chat", judge="tiny-chat",  # <data root>/weights/tiny-chat/
     t2i_model="tiny-sdxl", t2i_steps=2, t2i_image_size=64,  # <data root>/weights/tiny-sdxl/
-    t2i_clip_model="ViT-B-32", t2i_clip_pretrained="smoke",  # the stand-in SDXL's first text encoder matches it
+    t2i_clip_model="pc-clip-smoke", t2i_clip_pretrained="smoke",  # the stand-in SDXL's first text encoder is its text tower
     world_n_train=200, world_n_test=100, world_n_val=100, pretrain_steps=10,
     n_pairs=200, gen_batch_size=16, max_new_tokens=64,
     ft_epochs=2, ft_batch_size=16, caption_ft_epochs=1, caption_ft_batch_size=16,

@@ -5,21 +5,22 @@
 # %% ../nbs/04_embed.ipynb #e6fa5d7c
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .core import Config, autocast, cache_dir, content_hash, get_logger, pick_dtype
-from .models import encode_texts, images_to_tensor
+from .data import ImageDataset, iter_images
+from .models import encode_texts, images_to_tensor, save_safetensors
 
 # %% auto #0
-__all__ = ['model_fingerprint', 'image_normalization', 'embedding_cache_path', 'compute_image_embeddings', 'embed_images',
-           'embed_texts']
+__all__ = ['model_fingerprint', 'image_normalization', 'compute_image_embeddings', 'embedding_cache_path', 'kept_indices',
+           'embed_images', 'embed_texts']
 
 # %% ../nbs/04_embed.ipynb #e30e437c
 def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
@@ -61,14 +62,6 @@ def image_normalization(model) -> tuple[tuple, tuple]:
     return (tuple(pp.get("mean") or open_clip.OPENAI_DATASET_MEAN), tuple(pp.get("std") or open_clip.OPENAI_DATASET_STD))
 
 
-def embedding_cache_path(model, images: np.ndarray | torch.Tensor, cfg: Config, dtype: torch.dtype) -> Path:
-    "Where the embeddings of `images` by `model`'s image tower are cached."
-    if not isinstance(images, (np.ndarray, torch.Tensor)):
-        raise TypeError(f"images must be a uint8 numpy array [N, H, W, 3] or a float tensor [N, 3, H, W]; got {type(images)}")
-    key = content_hash(model_fingerprint(model, "visual"), content_hash(images), str(dtype), image_normalization(model))
-    return cache_dir(cfg) / "embeddings" / f"images-{key}.safetensors"
-
-
 def _batch_to_tensor(images, sl: slice, mean, std) -> torch.Tensor:
     chunk = images[sl]
     if isinstance(chunk, np.ndarray) and chunk.dtype == np.uint8:
@@ -103,24 +96,69 @@ def compute_image_embeddings(model, images, batch_size: int = 256, device: str |
         return torch.zeros(0, model.text_projection.shape[-1])
     return torch.nn.functional.normalize(torch.cat(out), dim=-1).cpu()
 
+# %% ../nbs/04_embed.ipynb #a2564e32
+def embedding_cache_path(model, images, cfg: Config, dtype: torch.dtype, preprocess: Callable | None = None) -> Path:
+    "Where the embeddings of `images` (array, tensor or `ImageDataset`) by `model`'s image tower are cached."
+    if isinstance(images, ImageDataset):
+        what, stem = (images.fingerprint(), repr(preprocess)), f"dataset-{images.name}-{images.split}"
+    elif isinstance(images, (np.ndarray, torch.Tensor)):
+        what, stem = (content_hash(images),), "images"
+    else:
+        raise TypeError(f"images must be a uint8 numpy array [N, H, W, 3], a float tensor [N, 3, H, W] or an "
+                        f"ImageDataset; got {type(images)}")
+    key = content_hash(model_fingerprint(model, "visual"), *what, str(dtype), image_normalization(model))
+    return cache_dir(cfg) / "embeddings" / f"{stem}-{key}.safetensors"
+
+
+def kept_indices(ds: ImageDataset) -> np.ndarray:
+    "Rows of `ds` that were readable (the rows of its embedding table), in order."
+    return np.setdiff1d(np.arange(len(ds)), np.fromiter(ds.skipped, np.int64, len(ds.skipped)))
+
+
+def _read_cache(path: Path, n: int) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        saved = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        get_logger("pc_clip.embed").warning(f"embedding cache {path} is unreadable ({e}); deleting and rebuilding it")
+        path.unlink(missing_ok=True)
+        return None
+    return saved if len(saved["embeddings"]) + len(saved.get("skipped", ())) == n else None
+
+
+def _embed_dataset(model, ds: ImageDataset, preprocess, batch_size: int, device, dtype, progress: bool) -> torch.Tensor:
+    embs = [compute_image_embeddings(model, x, len(x), device, dtype, progress=False)
+            for x, _, _ in iter_images(ds, batch_size, preprocess, progress=progress)]
+    if not embs:
+        raise ValueError(f"{ds.name}/{ds.split}: no readable image to embed ({ds.n_skipped} skipped)")
+    return torch.cat(embs)
+
 
 def embed_images(model, images, cfg: Config, batch_size: int | None = None, device: str | torch.device | None = None,
-                 cache: bool = True, progress: bool = True) -> torch.Tensor:
-    "Cached, L2-normalised float32 CPU image embeddings `[N, D]` of a corpus (see `compute_image_embeddings`)."
+                 cache: bool = True, progress: bool = True, preprocess: Callable | None = None) -> torch.Tensor:
+    "Cached, L2-normalised float32 CPU embeddings `[N, D]` of an image array or of the readable images of an `ImageDataset`."
     device = torch.device(device) if device is not None else _model_device(model)
-    dtype = pick_dtype(cfg.precision, device)
-    path = embedding_cache_path(model, images, cfg, dtype)
-    if cache and path.exists():
-        emb = load_file(str(path))["embeddings"]
-        if emb.shape[0] == len(images):
-            get_logger("pc_clip.embed").info(f"reusing {tuple(emb.shape)} image embeddings from {path}")
-            return emb
-    emb = compute_image_embeddings(model, images, batch_size or cfg.eval_batch_size, device, dtype, progress)
+    dtype, batch_size = pick_dtype(cfg.precision, device), batch_size or cfg.eval_batch_size
+    is_ds = isinstance(images, ImageDataset)
+    if is_ds and images.arrays is not None and preprocess is None:
+        images = images.arrays  # in-memory pixels already at the model's size: the array path
+        is_ds = False
+    path = embedding_cache_path(model, images, cfg, dtype, preprocess)
+    saved = _read_cache(path, len(images)) if cache else None
+    if saved is not None:
+        get_logger("pc_clip.embed").info(f"reusing {tuple(saved['embeddings'].shape)} image embeddings from {path}")
+        if is_ds:
+            images.skipped = set(saved["skipped"].tolist())
+        return saved["embeddings"]
+    if is_ds:
+        images.skipped = set()
+        emb = _embed_dataset(model, images, preprocess, batch_size, device, dtype, progress)
+    else:
+        emb = compute_image_embeddings(model, images, batch_size, device, dtype, progress)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"embeddings": emb.contiguous()}, str(tmp), metadata={"n": str(len(emb)), "dtype": str(dtype)})
-        os.replace(tmp, path)
+        skipped = torch.tensor(sorted(images.skipped) if is_ds else [], dtype=torch.int64)
+        save_safetensors({"embeddings": emb, "skipped": skipped}, path, {"n_skipped": str(len(skipped)), "dtype": str(dtype)})
     return emb
 
 # %% ../nbs/04_embed.ipynb #cccc6457

@@ -5,12 +5,7 @@
 # %% ../nbs/06_judge.ipynb #869d9373
 from __future__ import annotations
 
-import json
-import os
 import re
-import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +14,14 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .core import Config, data_root, get_logger
+from .core import Config, data_root
 from .store import JsonlStore
-from .diffs import append_records, generate_texts, load_causal_lm
+from .llm import OpenAIClient, generate_texts, load_causal_lm
+from .diffs import judged_path  # re-exported: the judged copy's file name
 
 # %% auto #0
-__all__ = ['JUDGE_SYSTEM_PROMPT', 'JUDGE_PROMPT', 'VERDICTS', 'DEFAULT_OPENAI_BASE_URL', 'judge_prompt', 'parse_verdicts',
-           'OracleJudge', 'HFJudge', 'OpenAIJudge', 'make_judge', 'judge_records', 'judged_path', 'verdict_counts',
-           'judge_agreement', 'judge_rows']
+__all__ = ['JUDGE_SYSTEM_PROMPT', 'JUDGE_PROMPT', 'VERDICTS', 'judge_prompt', 'parse_verdicts', 'OracleJudge', 'HFJudge',
+           'OpenAIJudge', 'make_judge', 'judge_records', 'verdict_counts', 'judge_agreement', 'judge_rows']
 
 # %% ../nbs/06_judge.ipynb #f4250abd
 JUDGE_SYSTEM_PROMPT = "You check statements against image captions. You answer exactly in the requested format."
@@ -94,13 +89,6 @@ class HFJudge:
         return [(parse_verdicts(t, len(r["statements"])), t) for t, r in zip(texts, records)]
 
 # %% ../nbs/06_judge.ipynb #45bfd5ec
-DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
-
-
-def _redact(text: str, secret: str | None) -> str:
-    return text.replace(secret, "***") if secret else text
-
-
 @dataclass
 class OpenAIJudge:
     "An OpenAI-compatible chat endpoint as judge; `OPENAI_BASE_URL` / `OPENAI_API_KEY` from the environment."
@@ -108,45 +96,20 @@ class OpenAIJudge:
     timeout: float = 60.0
     retries: int = 4
     backoff: float = 2.0
+    max_tokens: int | None = None
 
     @property
     def name(self) -> str:
         return f"openai:{self.model}"
 
     @property
-    def base_url(self) -> str:
-        return os.environ.get("OPENAI_BASE_URL", DEFAULT_OPENAI_BASE_URL).rstrip("/")
+    def client(self) -> OpenAIClient:
+        return OpenAIClient(self.model, timeout=self.timeout, retries=self.retries, backoff=self.backoff)
 
     def chat(self, user: str, system: str = JUDGE_SYSTEM_PROMPT) -> str:
         "The assistant's reply to one user message."
-        key = os.environ.get("OPENAI_API_KEY")
-        if not key:
-            raise RuntimeError("the OpenAI-compatible judge needs an API key in the environment variable OPENAI_API_KEY "
-                               f"(and OPENAI_BASE_URL for a server other than {DEFAULT_OPENAI_BASE_URL})")
-        url = f"{self.base_url}/chat/completions"
-        body = json.dumps({"model": self.model, "temperature": 0,
-                           "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}).encode()
-        for attempt in range(self.retries + 1):
-            req = urllib.request.Request(url, data=body, method="POST", headers={
-                "Content-Type": "application/json", "Authorization": f"Bearer {key}"})
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    data = json.loads(resp.read().decode())
-                return data["choices"][0]["message"]["content"] or ""
-            except urllib.error.HTTPError as e:
-                detail = _redact(e.read().decode(errors="replace")[:300], key)
-                if e.code in (429, 500, 502, 503, 504) and attempt < self.retries:
-                    time.sleep(self.backoff * 2 ** attempt)
-                    continue
-                err = f"judge request to {url} failed with HTTP {e.code}: {detail}"
-            except (urllib.error.URLError, TimeoutError, OSError) as e:
-                if attempt < self.retries:
-                    time.sleep(self.backoff * 2 ** attempt)
-                    continue
-                err = f"judge request to {url} failed: {_redact(str(getattr(e, 'reason', e)), key)}; check OPENAI_BASE_URL"
-            except (KeyError, IndexError, ValueError) as e:
-                err = f"judge reply from {url} is not an OpenAI chat completion ({type(e).__name__})"
-            raise RuntimeError(err) from None
+        extra = {"max_tokens": self.max_tokens} if self.max_tokens else {}
+        return self.client.chat(user, system, temperature=0, **extra)["text"]
 
     def judge(self, records: Sequence[dict]) -> list[tuple[list[str | None], str | None]]:
         out = []
@@ -156,7 +119,7 @@ class OpenAIJudge:
         return out
 
     def __repr__(self) -> str:
-        return f"OpenAIJudge(model={self.model!r}, base_url={self.base_url!r})"
+        return f"OpenAIJudge(model={self.model!r}, base_url={self.client.base_url!r})"
 
 # %% ../nbs/06_judge.ipynb #1d1ba4ef
 def make_judge(spec: str, cfg: Config | None = None):
@@ -170,38 +133,44 @@ def make_judge(spec: str, cfg: Config | None = None):
     return HFJudge(model, tok, name=spec, batch_size=cfg.gen_batch_size if cfg is not None else 8)
 
 # %% ../nbs/06_judge.ipynb #c18ff1d0
-def judge_records(records: Sequence[dict], judge, store_path: str | Path | None = None, batch_size: int = 16,
-                  progress: bool = True) -> list[dict]:
-    "Copies of `records` whose statements carry a judge `verdict` ('consistent'/'inconsistent'/None)."
-    store = JsonlStore(store_path) if store_path is not None else None
+def _judge_chunk(chunk: Sequence[dict], judge) -> list[dict]:
+    need = [r for r in chunk if r["statements"]]
+    answers = dict(zip([r["key"] for r in need], judge.judge(need))) if need else {}
+    judged = []
+    for r in chunk:
+        verdicts, raw = answers.get(r["key"], ([], None))
+        verdicts = (list(verdicts) + [None] * len(r["statements"]))[:len(r["statements"])]
+        judged.append({**r, "statements": [{**s, "verdict": v} for s, v in zip(r["statements"], verdicts)],
+                       "judge": judge.name, "judge_raw": raw})
+    return judged
+
+
+def _judge_all(records: Sequence[dict], judge, store: JsonlStore | None, batch_size: int, progress: bool) -> dict:
     done = {r["key"]: r for r in store.records()} if store is not None else {}
     todo = [r for r in records if r["key"] not in done]
     with tqdm(total=len(records), initial=len(records) - len(todo), unit="record", desc=f"judge [{judge.name}]",
               disable=not progress, dynamic_ncols=True) as bar:
         for b in range(0, len(todo), batch_size):
-            chunk = todo[b:b + batch_size]
-            need = [r for r in chunk if r["statements"]]
-            answers = dict(zip([r["key"] for r in need], judge.judge(need))) if need else {}
-            judged = []
-            for r in chunk:
-                verdicts, raw = answers.get(r["key"], ([], None))
-                verdicts = (list(verdicts) + [None] * len(r["statements"]))[:len(r["statements"])]
-                judged.append({**r, "statements": [{**s, "verdict": v} for s, v in zip(r["statements"], verdicts)],
-                               "judge": judge.name, "judge_raw": raw})
+            judged = _judge_chunk(todo[b:b + batch_size], judge)
             if store is not None:
-                append_records(store, judged)
+                store.extend(judged)
             done.update((j["key"], j) for j in judged)
-            bar.update(len(chunk))
+            bar.update(len(judged))
+    return done
+
+# %% ../nbs/06_judge.ipynb #d6098ec3
+def judge_records(records: Sequence[dict], judge, store_path: str | Path | None = None, batch_size: int = 16,
+                  progress: bool = True, lock_timeout: float = 0.0) -> list[dict]:
+    "Copies of `records` whose statements carry a judge `verdict` ('consistent'/'inconsistent'/None)."
+    if store_path is None:
+        done = _judge_all(records, judge, None, batch_size, progress)
+    else:
+        store = JsonlStore(store_path)
+        with store.writing(lock_timeout):  # one judging run per judged file
+            done = _judge_all(records, judge, store, batch_size, progress)
     return [done[r["key"]] for r in records]
 
-
-def judged_path(path: str | Path, judge_name: str) -> Path:
-    "Where the judged copy of the record file `path` goes: `<stem>.judged-<judge slug>.jsonl` beside it."
-    from pc_clip.diffs import generator_slug
-    path = Path(path)
-    return path.with_name(f"{path.stem}.judged-{generator_slug(judge_name.replace(':', '-'))}.jsonl")
-
-
+# %% ../nbs/06_judge.ipynb #c999690d
 def verdict_counts(records: Sequence[dict]) -> Counter:
     "How many statements were judged consistent, inconsistent, or could not be parsed ('unparsed')."
     return Counter(s.get("verdict") or "unparsed" for r in records for s in r["statements"])

@@ -5,6 +5,8 @@
 # %% ../nbs/01_models.ipynb #b55b574d
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.resources
 import json
 import os
@@ -14,15 +16,18 @@ from typing import Any, Sequence
 import numpy as np
 import open_clip
 import torch
-from safetensors.torch import load_file, save_file
+import safetensors.torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from .core import Config, atomic_write_json, data_root, get_logger, pick_device, run_dir
+from .core import Config, atomic_write, atomic_write_json, content_hash, data_root, pick_device, run_dir
 
 # %% auto #0
-__all__ = ['MODEL_CONFIG_DIR', 'TINY_MODEL', 'WEIGHT_FILES', 'weights_dir', 'find_pretrained_weights', 'create_clip',
-           'save_checkpoint', 'checkpoint_metadata', 'is_checkpoint', 'load_checkpoint', 'model_dir', 'load_clip',
-           'images_to_tensor', 'encode_images', 'encode_texts', 'average_weights']
+__all__ = ['MODEL_CONFIG_DIR', 'TINY_MODEL', 'WEIGHT_FILES', 'WEIGHTS_FILE', 'CONFIG_FILE', 'weights_dir',
+           'find_pretrained_weights', 'create_clip', 'save_safetensors', 'file_sha256', 'CheckpointError',
+           'save_checkpoint', 'checkpoint_metadata', 'is_checkpoint', 'verify_checkpoint', 'load_weights',
+           'load_checkpoint', 'weights_settings', 'model_dir', 'load_clip', 'images_to_tensor', 'encode_images',
+           'encode_texts', 'average_weights']
 
 # %% ../nbs/01_models.ipynb #fafcff24
 MODEL_CONFIG_DIR = Path(str(importlib.resources.files("pc_clip"))) / "model_configs"
@@ -74,10 +79,16 @@ def _missing_weights_message(model_name: str, tag: str, root: Path) -> str:
             f"On a machine with internet, create_clip(..., allow_download=True) fetches it into {weights_dir(root) / 'hf'}.")
 
 # %% ../nbs/01_models.ipynb #7cae2944
-def _set_hf_offline(offline: bool) -> None:
-    import huggingface_hub.constants as hfc
-    hfc.HF_HUB_OFFLINE = offline
-    os.environ["HF_HUB_OFFLINE"] = "1" if offline else "0"
+def _hf_snapshot(repo: str, root: Path) -> Path:
+    "The local snapshot folder of an open_clip repository in the data root's Hugging Face cache (never the network)."
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo, cache_dir=str(weights_dir(root) / "hf"), local_files_only=True))
+    except Exception:
+        raise FileNotFoundError(
+            f"hf-hub:{repo} is not in the local Hugging Face cache {weights_dir(root) / 'hf'} and no hub is reachable. "
+            f"Copy the repository's files there (huggingface-cli download {repo} --cache-dir {weights_dir(root) / 'hf'}) "
+            "on a machine with internet, or pass allow_download=True.") from None
 
 
 def create_clip(model_name: str = TINY_MODEL, pretrained: str | None = None, device: str | torch.device = "cpu",
@@ -88,92 +99,151 @@ def create_clip(model_name: str = TINY_MODEL, pretrained: str | None = None, dev
         return load_checkpoint(pretrained, device=device)
     if seed is not None:
         torch.manual_seed(seed)  # random initialisation of from-scratch models is reproducible
-    kw: dict[str, Any] = dict(device=device)
-    if model_name.startswith("hf-hub:"):
-        repo = model_name[len("hf-hub:"):]
-        if not allow_download and _hf_cached(repo, ["open_clip_config.json"], weights_dir(root) / "hf") is None:
-            raise FileNotFoundError(
-                f"{model_name} is not in the local Hugging Face cache {weights_dir(root) / 'hf'} and no hub is reachable. "
-                f"Copy the repository's files there (huggingface-cli download {repo} --cache-dir {weights_dir(root) / 'hf'}) "
-                "on a machine with internet, or pass allow_download=True.")
-        _set_hf_offline(not allow_download)
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, cache_dir=str(weights_dir(root) / "hf"), **kw)
-    elif pretrained and not Path(pretrained).exists():  # a pretrained tag
+    if model_name.startswith("hf-hub:") and not allow_download:  # read the cached snapshot as a local folder
+        model_name = f"local-dir:{_hf_snapshot(model_name[len('hf-hub:'):], root)}"
+    kw: dict[str, Any] = dict(device=device, cache_dir=str(weights_dir(root) / "hf"))
+    if pretrained and not Path(pretrained).exists():  # a pretrained tag: a local file unless downloads are allowed
         local = find_pretrained_weights(model_name, pretrained, root)
         if local is None and not allow_download:
             raise FileNotFoundError(_missing_weights_message(model_name, pretrained, root))
-        pcfg = open_clip.get_pretrained_cfg(model_name, pretrained)
         if local is not None:
+            pcfg = open_clip.get_pretrained_cfg(model_name, pretrained)
             kw.update(force_quick_gelu=bool(pcfg.get("quick_gelu", False)), image_mean=pcfg.get("mean"),
                       image_std=pcfg.get("std"))
-        _set_hf_offline(not allow_download)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=str(local) if local else pretrained, cache_dir=str(weights_dir(root) / "hf"), **kw)
-    else:  # random init from a config, or a plain weights file
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kw)
+            pretrained = str(local)
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kw)
     model.eval()
-    return model, preprocess, open_clip.get_tokenizer(model_name)
+    return model, preprocess, open_clip.get_tokenizer(model_name, cache_dir=kw["cache_dir"])
 
 # %% ../nbs/01_models.ipynb #82eed2d3
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> str:
+    "Write `tensors` to `path` atomically as safetensors; return the sha256 of the file."
+    data = safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    "The sha256 of a file, read in chunks."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+# %% ../nbs/01_models.ipynb #8e91f875
+WEIGHTS_FILE, CONFIG_FILE = "open_clip_model.safetensors", "open_clip_config.json"
+
+
+class CheckpointError(RuntimeError):
+    "A checkpoint on disk is damaged (unreadable, truncated or not matching its recorded checksum)."
+
+
 def save_checkpoint(model: torch.nn.Module, folder: str | Path, model_name: str, extra: dict | None = None) -> Path:
-    "Save `model` as safetensors + `open_clip_config.json` (config of `model_name`, plus `extra` metadata)."
+    "Save `model` as safetensors + `open_clip_config.json` (config of `model_name`, the weights' sha256, `extra`)."
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     model_cfg = open_clip.get_model_config(model_name)
     if model_cfg is None:
         raise ValueError(f"No open_clip config for {model_name!r}; cannot describe the checkpoint")
     pp = getattr(model.visual, "preprocess_cfg", {}) or {}
-    meta = {"model_cfg": model_cfg, "preprocess_cfg": {k: v for k, v in pp.items()},
-            "pc_clip": {"model_name": model_name, **(extra or {})}}
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = folder / ".open_clip_model.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, folder / "open_clip_model.safetensors")
-    atomic_write_json(folder / "open_clip_config.json", meta)
+    sha = save_safetensors(model.state_dict(), folder / WEIGHTS_FILE)
+    atomic_write_json(folder / CONFIG_FILE, {"model_cfg": model_cfg, "preprocess_cfg": {k: v for k, v in pp.items()},
+                                             "pc_clip": {"model_name": model_name, **(extra or {}), "sha256": sha}})
     return folder
 
 
 def checkpoint_metadata(folder: str | Path) -> dict:
     "The `pc_clip` metadata stored with a checkpoint."
-    return json.loads((Path(folder) / "open_clip_config.json").read_text()).get("pc_clip", {})
+    return json.loads((Path(folder) / CONFIG_FILE).read_text()).get("pc_clip", {})
 
 
 def is_checkpoint(folder: str | Path) -> bool:
+    "Whether `folder` holds both files of a checkpoint (not whether they are intact: see `verify_checkpoint`)."
     folder = Path(folder)
-    return (folder / "open_clip_config.json").exists() and (folder / "open_clip_model.safetensors").exists()
+    return (folder / CONFIG_FILE).exists() and (folder / WEIGHTS_FILE).exists()
 
 
-def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu"):
-    "`(model, preprocess, tokenizer)` from a folder written by `save_checkpoint`."
+def _damaged(folder: Path, why: str, fix: str | None) -> CheckpointError:
+    return CheckpointError(f"checkpoint {folder / WEIGHTS_FILE} is damaged ({why}); "
+                           + (fix or f"delete the folder {folder} and re-run the notebook that wrote it"))
+
+
+def verify_checkpoint(folder: str | Path, fix: str | None = None) -> None:
+    "Raise `CheckpointError` (naming the file and `fix`) unless the weights match the recorded sha256."
+    folder = Path(folder)
+    try:
+        want = checkpoint_metadata(folder).get("sha256")
+    except (OSError, ValueError) as e:
+        raise _damaged(folder, f"{CONFIG_FILE} unreadable: {e}", fix) from None
+    if want is None:  # written before checksums were recorded: at least the header must parse
+        try:
+            safetensors.safe_open(str(folder / WEIGHTS_FILE), "pt").keys()
+        except (SafetensorError, OSError) as e:
+            raise _damaged(folder, str(e), fix) from None
+    elif file_sha256(folder / WEIGHTS_FILE) != want:
+        raise _damaged(folder, f"sha256 differs from the one recorded when it was written ({want[:12]}...)", fix)
+
+
+def load_weights(folder: str | Path, device: str | torch.device = "cpu", fix: str | None = None) -> dict[str, torch.Tensor]:
+    "The verified state dict of a checkpoint folder."
+    verify_checkpoint(folder, fix)
+    return safetensors.torch.load_file(str(Path(folder) / WEIGHTS_FILE), device=str(device))
+
+
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", fix: str | None = None):
+    "`(model, preprocess, tokenizer)` from a folder written by `save_checkpoint`, verified against its checksum."
     folder = Path(folder)
     if not is_checkpoint(folder):
-        raise FileNotFoundError(f"No checkpoint at {folder}: expected open_clip_config.json and "
-                                "open_clip_model.safetensors (written by pc_clip.models.save_checkpoint)")
+        raise FileNotFoundError(f"No checkpoint at {folder}: expected {CONFIG_FILE} and {WEIGHTS_FILE} "
+                                "(written by pc_clip.models.save_checkpoint)")
+    verify_checkpoint(folder, fix)
     # the architecture comes from the config stored with the weights, so a checkpoint outlives edits of the
     # registered config it was built from
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", device=device)
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(f"local-dir:{folder}")
 
-# %% ../nbs/01_models.ipynb #8e91f875
+# %% ../nbs/01_models.ipynb #32af51b5
+_NOT_WEIGHTS = ("profile", "data_root", "runs_root", "results_root", "figures_root", "cache_root", "device",
+                "judge", "gen_batch_size", "pretrain_max_seconds")
+_NOT_WEIGHTS_PREFIXES = ("eval_", "comparative_", "t2i_")
+_AFTER_BASE = ("n_pairs", "pair_sampling", "generator", "load_in_4bit", "max_new_tokens", "temperature", "top_p",
+               "oracle_noise")
+_AFTER_BASE_PREFIXES = ("ft_", "caption_ft_", "wavg_")
+
+
+def weights_settings(cfg: Config, name: str) -> dict:
+    "The config fields the weights of model `name` depend on (the base `clip`: only those before finetuning)."
+    out = {}
+    for f in dataclasses.fields(cfg):
+        k = f.name
+        if k in _NOT_WEIGHTS or k.startswith(_NOT_WEIGHTS_PREFIXES):
+            continue
+        if name == "clip" and (k in _AFTER_BASE or k.startswith(_AFTER_BASE_PREFIXES)):
+            continue
+        out[k] = getattr(cfg, k)
+    return out
+
+
 def model_dir(cfg: Config, name: str) -> Path:
-    "Folder of the model called `name` (results-table name) in the run of `cfg`."
-    return run_dir(cfg) / "models" / name.replace("/", "__")
+    "Folder of the model called `name` (results-table name) trained with the settings of `cfg`."
+    return run_dir(cfg) / "models" / f"{name.replace('/', '__')}-{content_hash(weights_settings(cfg, name), n=10)}"
 
 
 def load_clip(cfg: Config, name: str = "clip", device: str | torch.device | None = None):
     "`(model, preprocess, tokenizer)` of model `name` of a run; the base `clip` falls back to the profile's pretrained tag."
     device = device or pick_device(cfg.device)
     folder = model_dir(cfg, name)
+    writer = ("nbs/experiments/01_world_and_pretrain.ipynb" if name == "clip" else
+              "nbs/experiments/03_finetune.ipynb (pc-clip reproduce --only 03 with the same -p settings)")
     if is_checkpoint(folder):
-        return load_checkpoint(folder, device=device)
+        return load_checkpoint(folder, device=device, fix=f"delete {folder} and re-run {writer}")
     if name == "clip" and cfg.pretrained:
         return create_clip(cfg.model_name, cfg.pretrained, device=device, root=data_root(cfg))
-    hint = ("run the experiment notebook that trains it first (pc-clip reproduce)" if name != "clip" else
-            "run nbs/experiments/01_world_and_pretrain.ipynb first, or set `pretrained` in the config")
-    raise FileNotFoundError(f"Model {name!r} not found at {folder}; {hint}")
+    raise FileNotFoundError(f"Model {name!r} for these settings not found at {folder}; run {writer} first"
+                            + ("" if name != "clip" else ", or set `pretrained` in the config"))
 
-# %% ../nbs/01_models.ipynb #5728a736
+# %% ../nbs/01_models.ipynb #7a67c5fd
 def images_to_tensor(images: np.ndarray, mean: Sequence[float] = open_clip.OPENAI_DATASET_MEAN,
                      std: Sequence[float] = open_clip.OPENAI_DATASET_STD) -> torch.Tensor:
     "`uint8 [N, H, W, 3]` images -> normalised `float32 [N, 3, H, W]`."
@@ -185,7 +255,7 @@ def images_to_tensor(images: np.ndarray, mean: Sequence[float] = open_clip.OPENA
 @torch.no_grad()
 def encode_images(model, images: torch.Tensor, batch_size: int = 256, device: str | torch.device = "cpu",
                   normalize: bool = True, progress: bool = False) -> torch.Tensor:
-    "Image embeddings of a preprocessed `[N, 3, H, W]` tensor, L2-normalised by default."
+    "Deprecated (use `pc_clip.embed.compute_image_embeddings`): embeddings of a preprocessed `[N, 3, H, W]` tensor."
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc="encode images", disable=not progress):
         out.append(model.encode_image(images[i:i + batch_size].to(device)).float().cpu())

@@ -8,31 +8,29 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import open_clip
 import torch
 from tqdm.auto import tqdm
 
-from .core import Config, atomic_write_json, content_hash, get_logger, pick_device
+from .core import Config, artifact_lock, atomic_write_json, content_hash, pick_device
 from .models import (checkpoint_metadata, create_clip, encode_images, images_to_tensor, is_checkpoint,
                             load_checkpoint, model_dir, save_checkpoint)
 from .world import CATEGORY_NAMES, World, make_caption
 
 # %% auto #0
-__all__ = ['ZERO_SHOT_TEMPLATE', 'warmup_cosine', 'zero_shot_accuracy', 'pretrain_clip', 'pretrain_fingerprint',
-           'pretrain_or_load']
+__all__ = ['ZERO_SHOT_TEMPLATE', 'PRETRAIN_THREADS', 'warmup_cosine', 'zero_shot_accuracy', 'pretrain_clip',
+           'pretrain_fingerprint', 'pretrain_or_load']
 
 # %% ../nbs/02a_pretrain.ipynb #464b8a7a
-def warmup_cosine(step: int, total: int, warmup: float = 0.05, progress: float | None = None) -> float:
-    "Learning-rate multiplier at `step` of `total`: linear warm-up, then cosine to 0 over `progress` (default `step/total`)."
+def warmup_cosine(step: int, total: int, warmup: float = 0.05) -> float:
+    "Learning-rate multiplier at `step` of `total`: linear warm-up over `warmup * total` steps, then cosine to 0."
     n_warm = max(1, int(round(warmup * total)))
     if step < n_warm:
         return (step + 1) / n_warm
     frac = (step - n_warm) / max(1, total - n_warm)
-    if progress is not None:
-        frac = max(frac, progress)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 # %% ../nbs/02a_pretrain.ipynb #e2229c6e
@@ -62,6 +60,9 @@ def zero_shot_accuracy(model, tokenizer, images: np.ndarray | torch.Tensor, labe
                 per_class=per_class, predictions=[classnames[i] for i in pred], n=len(y))
 
 # %% ../nbs/02a_pretrain.ipynb #42e770f4
+PRETRAIN_THREADS = 2  # CPU threads while pretraining: fixed, so the weights do not depend on the caller's setting
+
+
 def _param_groups(model, weight_decay: float):
     "Weight decay on matrices only (not on gains, biases, embeddings of position or the logit scale)."
     decay, no_decay = [], []
@@ -71,85 +72,92 @@ def _param_groups(model, weight_decay: float):
         (decay if p.ndim >= 2 and "positional" not in name and "token_embedding" not in name else no_decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
-
-def pretrain_clip(world: World, cfg: Config, device: str | torch.device | None = None, max_seconds: float | None = None,
-                  weight_decay: float = 0.1, warmup: float = 0.05, progress: bool = True):
-    "Train `cfg.model_name` from scratch with the CLIP loss on the world's train split; `(model, tokenizer, history)`."
-    device = torch.device(device) if device is not None else pick_device(cfg.device)
-    max_seconds = cfg.pretrain_max_seconds if max_seconds is None else max_seconds
-    model, _, tokenizer = create_clip(cfg.model_name, None, device=device, seed=cfg.seed)
-    model.train()
+# %% ../nbs/02a_pretrain.ipynb #6ecb247e
+def _train_steps(model, tokenizer, world: World, cfg: Config, device, weight_decay: float, warmup: float,
+                 progress: bool, on_step) -> dict:
+    "The training loop of `pretrain_clip`: `cfg.pretrain_steps` steps, a new order and new captions every epoch."
     idx = world.indices("train")
-    if len(idx) < cfg.pretrain_batch_size:
-        raise ValueError(f"the world has {len(idx)} train images, fewer than one batch ({cfg.pretrain_batch_size}); "
-                         "raise world_n_train or lower pretrain_batch_size")
-    images = images_to_tensor(world.images[idx])
-    records = world.records(idx)
-    steps_per_epoch = len(idx) // cfg.pretrain_batch_size
-    total = steps_per_epoch * cfg.pretrain_epochs
+    bs, total = cfg.pretrain_batch_size, cfg.pretrain_steps
+    images, records = images_to_tensor(world.images[idx]), world.records(idx)
+    steps_per_epoch = len(idx) // bs
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=cfg.pretrain_lr, betas=(0.9, 0.98), eps=1e-6)
-    loss_fn = open_clip.ClipLoss()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history = dict(loss=[], lr=[], epoch_seconds=[], steps=0, epochs=0.0, stopped_by_budget=False)
-    t0, c0 = time.perf_counter(), time.process_time()
-    bar = tqdm(total=total, desc="pretrain CLIP", disable=not progress, mininterval=2.0)
-    for epoch in range(cfg.pretrain_epochs):
-        rng = np.random.default_rng([cfg.seed, 11, epoch])  # fresh captions every epoch
-        tokens = tokenizer([make_caption(r, rng) for r in records])
-        perm = torch.randperm(len(idx), generator=gen)
-        for b in range(steps_per_epoch):
-            j = perm[b * cfg.pretrain_batch_size:(b + 1) * cfg.pretrain_batch_size]
-            f_img = model.encode_image(images[j].to(device), normalize=True)
-            f_txt = model.encode_text(tokens[j].to(device), normalize=True)
-            loss = loss_fn(f_img, f_txt, model.logit_scale.exp())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            step = history["steps"]
-            lr = cfg.pretrain_lr * warmup_cosine(step, total, warmup, (time.perf_counter() - t0) / max(max_seconds, 1e-9))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            history["loss"].append(loss.item()); history["lr"].append(lr)
-            history["steps"] += 1
-            bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", epoch=epoch, refresh=False); bar.update(1)
-            if time.perf_counter() - t0 > max_seconds:
-                history["stopped_by_budget"] = True
-                break
-        history["epochs"] = history["steps"] / steps_per_epoch
-        history["epoch_seconds"].append(time.perf_counter() - t0)
-        if history["stopped_by_budget"]:
-            get_logger("pc_clip.pretrain").warning(
-                f"pretraining stopped by the {max_seconds:.0f} s budget after {history['epochs']:.1f} of "
-                f"{cfg.pretrain_epochs} epochs; raise pretrain_max_seconds or lower pretrain_epochs")
-            break
-    bar.close()
+    loss_fn, gen = open_clip.ClipLoss(), torch.Generator().manual_seed(cfg.seed)
+    history = dict(loss=[], lr=[], steps=0, steps_per_epoch=steps_per_epoch)
+    model.train()
+    for step in tqdm(range(total), desc="pretrain CLIP", disable=not progress, mininterval=2.0):
+        epoch, b = divmod(step, steps_per_epoch)
+        if b == 0:
+            rng = np.random.default_rng([cfg.seed, 11, epoch])  # fresh captions every epoch
+            tokens = tokenizer([make_caption(r, rng) for r in records])
+            perm = torch.randperm(len(idx), generator=gen)
+        j = perm[b * bs:(b + 1) * bs]
+        f_img = model.encode_image(images[j].to(device), normalize=True)
+        f_txt = model.encode_text(tokens[j].to(device), normalize=True)
+        loss = loss_fn(f_img, f_txt, model.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        lr = cfg.pretrain_lr * warmup_cosine(step, total, warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        history["loss"].append(loss.item()); history["lr"].append(lr); history["steps"] = step + 1
+        if on_step is not None:
+            on_step(step, history["loss"][-1])
     model.eval()
-    history["seconds"] = time.perf_counter() - t0
+    history["epochs"] = total / steps_per_epoch
+    history["final_loss"] = float(np.mean(history["loss"][-max(1, steps_per_epoch // 4):]))
+    return history
+
+# %% ../nbs/02a_pretrain.ipynb #638c606b
+def pretrain_clip(world: World, cfg: Config, device: str | torch.device | None = None, weight_decay: float = 0.1,
+                  warmup: float = 0.05, progress: bool = True, threads: int = PRETRAIN_THREADS,
+                  on_step: Callable[[int, float], None] | None = None):
+    "Train `cfg.model_name` from scratch for `cfg.pretrain_steps` steps on the world's train split; `(model, tokenizer, history)`."
+    device = torch.device(device) if device is not None else pick_device(cfg.device)
+    n_train = len(world.indices("train"))
+    if n_train < cfg.pretrain_batch_size:
+        raise ValueError(f"the world has {n_train} train images, fewer than one batch ({cfg.pretrain_batch_size}); "
+                         "raise world_n_train or lower pretrain_batch_size")
+    if cfg.pretrain_steps < 1:
+        raise ValueError(f"pretrain_steps must be at least 1; got {cfg.pretrain_steps}")
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        model, _, tokenizer = create_clip(cfg.model_name, None, device=device, seed=cfg.seed)
+        history = _train_steps(model, tokenizer, world, cfg, device, weight_decay, warmup, progress, on_step)
+    finally:
+        torch.set_num_threads(caller_threads)
+    history["seconds"] = time.perf_counter() - t0  # reported, never used
     history["cpu_seconds"] = time.process_time() - c0  # wall time is inflated when other jobs share the CPU
-    history["final_loss"] = float(np.mean(history["loss"][-steps_per_epoch // 4 or -1:]))
+    history["steps_per_second"] = history["steps"] / max(history["seconds"], 1e-9)
+    history["threads"] = threads
     return model, tokenizer, history
 
-# %% ../nbs/02a_pretrain.ipynb #9c987187
-def pretrain_fingerprint(cfg: Config, world: World) -> str:
-    "Hash of everything that determines the pretrained weights (world, architecture, seed, pretrain settings)."
+# %% ../nbs/02a_pretrain.ipynb #895a01ee
+def pretrain_fingerprint(cfg: Config, world: World, weight_decay: float = 0.1, warmup: float = 0.05,
+                         threads: int = PRETRAIN_THREADS) -> str:
+    "Hash of everything that determines the pretrained weights (world, architecture, seed, steps and optimiser settings)."
     return content_hash(dict(world=world.key or content_hash(world.images), model=cfg.model_name,
                              architecture=open_clip.get_model_config(cfg.model_name), seed=cfg.seed,
-                             epochs=cfg.pretrain_epochs, batch=cfg.pretrain_batch_size, lr=cfg.pretrain_lr))
+                             steps=cfg.pretrain_steps, batch=cfg.pretrain_batch_size, lr=cfg.pretrain_lr,
+                             weight_decay=weight_decay, warmup=warmup, threads=threads))
 
-
+# %% ../nbs/02a_pretrain.ipynb #5b3def2c
 def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | None = None, retrain: bool = False,
-                     progress: bool = True):
+                     progress: bool = True, threads: int = PRETRAIN_THREADS):
     "`(model, tokenizer, history, reused)`: the saved base model of `cfg` if its fingerprint matches, else a new one."
     folder = model_dir(cfg, "clip")
-    fp = pretrain_fingerprint(cfg, world)
-    if not retrain and is_checkpoint(folder) and checkpoint_metadata(folder).get("fingerprint") == fp:
-        model, _, tokenizer = load_checkpoint(folder, device=device or pick_device(cfg.device))
-        return model, tokenizer, json.loads((folder / "history.json").read_text()), True
-    model, tokenizer, history = pretrain_clip(world, cfg, device=device, progress=progress)
-    keep = ("seconds", "cpu_seconds", "final_loss", "steps", "epochs", "stopped_by_budget")
-    save_checkpoint(model, folder, cfg.model_name, extra=dict(fingerprint=fp, world_key=world.key, seed=cfg.seed,
-                                                               **{k: history[k] for k in keep}))
-    atomic_write_json(folder / "history.json", history)
+    fp = pretrain_fingerprint(cfg, world, threads=threads)
+    with artifact_lock(folder):  # a second run writing the same model stops here with a clear message
+        if not retrain and is_checkpoint(folder) and checkpoint_metadata(folder).get("fingerprint") == fp:
+            model, _, tokenizer = load_checkpoint(folder, device=device or pick_device(cfg.device))
+            return model, tokenizer, json.loads((folder / "history.json").read_text()), True
+        model, tokenizer, history = pretrain_clip(world, cfg, device=device, progress=progress, threads=threads)
+        keep = ("seconds", "cpu_seconds", "final_loss", "steps", "epochs", "threads")
+        save_checkpoint(model, folder, cfg.model_name, extra=dict(fingerprint=fp, world_key=world.key, seed=cfg.seed,
+                                                                   **{k: history[k] for k in keep}))
+        atomic_write_json(folder / "history.json", history)
     return model, tokenizer, history, False

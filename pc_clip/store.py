@@ -7,45 +7,104 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterable, Iterator
 
-from .core import get_logger
+from .core import ArtifactBusy, artifact_lock, atomic_write, get_logger
 
 # %% auto #0
-__all__ = ['JsonlStore']
+__all__ = ['parse_line', 'JsonlStore']
 
 # %% ../nbs/00b_store.ipynb #90f0a81c
+_DECODER = json.JSONDecoder()
+
+
+def parse_line(line: str, key: str = "key") -> tuple[dict | None, bool]:
+    "`(record or None, damaged)` of one JSONL line; a record glued after a torn fragment is recovered."
+    line = line.strip()
+    if not line:
+        return None, False
+    try:
+        rec = json.loads(line)
+        if isinstance(rec, dict) and key in rec:
+            return rec, False
+    except ValueError:
+        pass
+    start = line.find("{", 1)
+    while start != -1:
+        try:
+            rec, end = _DECODER.raw_decode(line, start)
+            if end == len(line) and isinstance(rec, dict) and key in rec:
+                return rec, True
+        except ValueError:
+            pass
+        start = line.find("{", start + 1)
+    return None, True
+
+# %% ../nbs/00b_store.ipynb #9e131bd9
 class JsonlStore:
-    "Append-only, keyed JSONL file that resumes: records whose key is present are never written twice."
+    "Keyed JSONL file that resumes: one record per key, one writer at a time, torn lines cost only themselves."
 
     def __init__(self, path: str | Path, key: str = "key"):
         self.path, self.key = Path(path), key
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.keys: set[str] = set()
-        self.n_torn = 0
+        self._locked = False
         self._load()
+        if self.n_corrupt or self.n_duplicate:
+            try:
+                with artifact_lock(self.path, timeout=0):
+                    self._heal()
+            except ArtifactBusy:  # a writer holds it: it heals the file when it opens it
+                pass
 
-    def _load(self) -> None:
+    def _scan(self) -> Iterator[tuple[dict | None, bool, bool]]:
+        "`(record, damaged, duplicate)` for each non-blank line of the file."
+        seen: set[str] = set()
         if not self.path.exists():
             return
-        raw = self.path.read_bytes()
-        good_end = 0
-        for line in raw.splitlines(keepends=True):
-            try:
-                if not line.endswith(b"\n"):
-                    raise ValueError("torn line")
-                rec = json.loads(line)
+        with open(self.path, "rb") as f:
+            for raw in f:
+                rec, damaged = parse_line(raw.decode("utf-8", errors="replace"), self.key)
+                if rec is None and not damaged:
+                    continue
+                k = None if rec is None else str(rec[self.key])
+                yield rec, damaged, k in seen
+                if k is not None:
+                    seen.add(k)
+
+    def _load(self) -> None:
+        self.keys: set[str] = set()
+        self.n_corrupt = self.n_duplicate = 0
+        for rec, damaged, dup in self._scan():
+            self.n_corrupt += damaged
+            self.n_duplicate += dup
+            if rec is not None:
                 self.keys.add(str(rec[self.key]))
-                good_end += len(line)
-            except (ValueError, KeyError, TypeError):
-                break
-        if good_end < len(raw):
-            self.n_torn = len(raw[good_end:].splitlines())
-            get_logger("pc_clip.core").warning(
-                f"{self.path}: dropped {self.n_torn} incomplete trailing line(s) from an interrupted write; "
-                "their records will be produced again")
-            with open(self.path, "r+b") as f:
-                f.truncate(good_end)
+        self._size = self.path.stat().st_size if self.path.exists() else 0
+
+    def _heal(self) -> None:
+        "Rewrite the file with one clean line per key (call with the lock held)."
+        self._load()
+        if not (self.n_corrupt or self.n_duplicate):
+            return
+        lines = [_dump(rec) for rec, _, dup in self._scan() if rec is not None and not dup]
+        atomic_write(self.path, "".join(lines))
+        get_logger("pc_clip.store").warning(
+            f"{self.path}: dropped {self.n_corrupt} unparsable line(s) and {self.n_duplicate} duplicate record(s), "
+            f"kept {len(lines)} records, rewrote the file clean; dropped records are produced again on resume")
+        self._size = self.path.stat().st_size
+
+    @contextmanager
+    def writing(self, timeout: float = 0.0) -> Iterator["JsonlStore"]:
+        "Hold the store's lock while a run writes (wait up to `timeout` s, else `ArtifactBusy` names the holder)."
+        with artifact_lock(self.path, timeout=timeout):
+            self._locked = True
+            try:
+                self._heal()
+                yield self
+            finally:
+                self._locked = False
 
     def __contains__(self, key) -> bool:
         return str(key) in self.keys
@@ -53,23 +112,43 @@ class JsonlStore:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def extend(self, records: Iterable[dict], timeout: float = 60.0) -> int:
+        "Write the records whose key is new with one write and one fsync; returns how many were written."
+        if not self._locked:  # a single write: hold the lock for it (no full re-read unless the file changed)
+            with artifact_lock(self.path, timeout=timeout):
+                self._locked = True
+                try:
+                    return self.extend(records)
+                finally:
+                    self._locked = False
+        if (self.path.stat().st_size if self.path.exists() else 0) != self._size:
+            self._load()  # written by someone else since we looked: their keys count too
+        lines, new = [], []
+        for r in records:
+            k = str(r[self.key])
+            if k in self.keys or k in new:
+                continue
+            lines.append(_dump(r)); new.append(k)
+        if lines:
+            with open(self.path, "ab") as f:
+                f.write("".join(lines).encode())
+                f.flush()
+                os.fsync(f.fileno())
+            self.keys.update(new)
+            self._size = self.path.stat().st_size
+        return len(new)
+
     def append(self, record: dict) -> bool:
         "Write `record` unless its key is already stored; returns whether it was written."
-        k = str(record[self.key])
-        if k in self.keys:
-            return False
-        with open(self.path, "ab") as f:
-            f.write((json.dumps(record, ensure_ascii=False, default=str) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
-        self.keys.add(k)
-        return True
+        return self.extend([record]) == 1
 
     def records(self) -> list[dict]:
-        "All stored records, in the order they were written."
-        if not self.path.exists():
-            return []
-        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
+        "All stored records, one per key (the first written), in the order they were written."
+        return [rec for rec, _, dup in self._scan() if rec is not None and not dup]
 
     def __repr__(self) -> str:
         return f"JsonlStore({str(self.path)!r}, {len(self)} records)"
+
+
+def _dump(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False, default=str) + "\n"

@@ -11,7 +11,7 @@ import pickle
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -88,13 +88,14 @@ def _fixture_cifar100(root: Path, n: int) -> None:
     (base / "meta").write_bytes(pickle.dumps({"fine_label_names": names, "coarse_label_names": ["fixture"]}, protocol=2))
 
 # %% ../nbs/00c_testing.ipynb #93d37a85
-def _fixture_coco(root: Path, n: int) -> None:
-    for split, first in (("train", 1), ("val", 100)):
-        ids = list(range(first, first + 3))
+def _fixture_coco(root: Path, n: int, n_images: int = 3, caption: Callable[[int, int], str] | None = None) -> None:
+    "`n_images` images per split with `n` captions each; `caption(image_id, j)` writes caption `j` of an image."
+    caption = caption or (lambda i, j: f"A photo number {i}, caption {j}. ")
+    for split, first in (("train", 1), ("val", max(100, 10 ** len(str(n_images))))):
+        ids = list(range(first, first + n_images))
         images = [{"license": 1, "file_name": f"{i:012d}.jpg", "coco_url": "", "height": 8, "width": 8,
                    "date_captured": "2013-11-14 16:28:13", "flickr_url": "", "id": i} for i in ids]
-        anns = [{"image_id": i, "id": 10 * i + j, "caption": f"A photo number {i}, caption {j}. "}
-                for i in ids for j in range(n)]
+        anns = [{"image_id": i, "id": 10 * i + j, "caption": caption(i, j)} for i in ids for j in range(n)]
         for k, i in enumerate(ids):
             _write_jpg(root / "coco" / f"{split}2017" / f"{i:012d}.jpg", k)
         p = root / "coco" / "annotations" / f"captions_{split}2017.json"
@@ -180,14 +181,16 @@ FIXTURES = {"coco": _fixture_coco, "cifar100": _fixture_cifar100, "cub": _fixtur
             "flowers102": _fixture_flowers102, "sun397": _fixture_sun397, "awa2": _fixture_awa2}
 
 
-def make_fixture(name: str, root: str | Path, n_per_class: int = 2, layout: str | None = None) -> Path:
+def make_fixture(name: str, root: str | Path, n_per_class: int = 2, layout: str | None = None, **options) -> Path:
     "Write a tiny copy of data set `name` in its official on-disk layout under `root`; returns `root`."
     if name not in FIXTURES:
         raise KeyError(f"no fixture for {name!r}; fixtures exist for {sorted(FIXTURES)}")
     if layout is not None and name != "eurosat":
         raise ValueError(f"{name} ships in one layout; `layout` applies to eurosat only")
+    if options and name != "coco":
+        raise ValueError(f"{name} takes no options {sorted(options)}; `n_images` and `caption` apply to coco only")
     root = Path(root)
-    FIXTURES[name](root, n_per_class, **({"layout": layout} if layout else {}))
+    FIXTURES[name](root, n_per_class, **({"layout": layout} if layout else {}), **options)
     return root
 
 # %% ../nbs/00c_testing.ipynb #ac2113c2

@@ -1,5 +1,6 @@
 """Difference data: pair sampling, the real 4-bit HF path on a tiny Llama, parsing/filtering, kill-and-resume."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -17,9 +18,10 @@ from pc_clip.core import get_config
 from pc_clip.store import JsonlStore
 from pc_clip.diffs import (
     HFBackend, OracleBackend, build_prompt, corpus_from_world, difference_triples, differences_path,
-    filter_counts, filter_summary, generate_differences, generate_texts, load_causal_lm, make_backend,
-    make_tiny_llama, pair_key, parse_output, render_chat, rewrite_captions, rewritten_captions, sample_pairs,
-    split_statements, statement_problem, write_category_differences)
+    filter_counts, filter_summary, generate_differences, generate_texts, judged_path, load_causal_lm, make_backend,
+    pair_key, parse_output, render_chat, rewrite_captions, rewritten_captions, sample_pairs,
+    split_statements, statement_problem, summary_rows, training_triples, write_category_differences)
+from pc_clip.testing import make_tiny_llama
 
 CORPUS = pd.DataFrame({
     "image_id": list(range(100, 140)),
@@ -141,7 +143,9 @@ def test_parser_keeps_statements_and_counts_filler():
 @pytest.mark.parametrize("text,reason", [
     ("", "empty"), ("import torch", "code"), ("x = {'a': 1}", "code"), ("<div>first</div>", "code"),
     ("The first image is redddddd.", "repeated"), ("bigger bigger bigger bigger", "repeated"),
-    ("ab\x07\x1b\x7f\x01 \x02\x03\x04\x05cd", "garbled"), ("I'm sorry, I cannot compare images.", "preamble"),
+    ("ab\x07\x1b\x7f\x01 \x02\x03\x04\x05cd", "control_chars"), ("ab#$@~^ |#$@~^cd", "garbled"),
+    ("The first image has a larger\x00 glorp.", "control_chars"), ("The first image is \ufffdlarger.", "control_chars"),
+    ("The first\x0bimage is larger.", "control_chars"), ("I'm sorry, I cannot compare images.", "preamble"),
     ("Larger.", "too_short"), ("The first image " + "is much larger and " * 12 + "darker.", "too_long"),
     ("A large red glorp on grass.", "prompt_echo"), ("Second image: Two small blue mibs on sand.", "prompt_echo"),
     ("The stock market closed higher today", None),  # comparative word: kept (a judge may reject it)
@@ -197,6 +201,8 @@ def test_make_backend_and_paths(runs_dir):
     cfg = get_config("tiny")
     with pytest.raises(ValueError, match="make_world"):
         make_backend(cfg)
+    with pytest.raises(ValueError, match="the oracle needs corpus=world"):
+        make_backend(get_config("tiny", corpus="coco"))
     assert differences_path(cfg, 0.3) == runs_dir / "runs" / "tiny" / "differences" / "oracle-noise0.3.jsonl"
 
 
@@ -212,7 +218,9 @@ WORKER = textwrap.dedent("""
         return T.fake_differences(a, b, rng, noise, max_statements)
 
     backend = T.oracle(noise=0.3); backend.differences_fn = slow
-    generate_differences(sample_pairs(T.CORPUS, 120, seed=5), backend, sys.argv[1], batch_size=3, progress=False)
+    timeout = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+    generate_differences(sample_pairs(T.CORPUS, 120, seed=5), backend, sys.argv[1], batch_size=3, progress=False,
+                         lock_timeout=timeout)
 """)
 
 
@@ -274,3 +282,75 @@ def test_experiment_notebook_runs_and_resumes(runs_dir):
     assert 0.55 < t[("oracle-noise0.3", "consistent_rate")] < 0.85 and t[("oracle-noise0.3", "judge_agreement")] == 1.0
     assert t[("oracle-noise0/rewrites", "n_records")] == 400
     assert not t.index.duplicated().any()
+
+
+def test_two_concurrent_runs_leave_one_record_per_key(tmp_path):
+    "Two generation processes started together on one store: one writes, the other waits, nothing is doubled."
+    path = tmp_path / "diffs.jsonl"
+    script = tmp_path / "worker.py"; script.write_text(WORKER)
+    here = str(Path(__file__).parent)
+    procs = [subprocess.Popen([sys.executable, str(script), str(path), here, "300"]) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    keys = [json.loads(line)["key"] for line in path.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 120
+
+
+def test_a_second_run_that_may_not_wait_names_the_holder(tmp_path):
+    path = tmp_path / "diffs.jsonl"
+    with JsonlStore(path).writing():
+        with pytest.raises(RuntimeError, match=rf"{path.name} is being written by pid {os.getpid()}"):
+            generate_differences(sample_pairs(CORPUS, 5, seed=0), oracle(), path, progress=False)
+
+
+def test_regenerated_llm_record_equals_the_uninterrupted_one(tiny_llama, tmp_path):
+    "Sampling is seeded per record key: a record made after an interruption, in another batch, is the same record."
+    model, tok = load_causal_lm(str(tiny_llama), load_in_4bit=True, device="cpu")
+    backend = HFBackend(model, tok, name="tiny", max_new_tokens=12, temperature=0.9, top_p=0.95, seed=3)
+    pairs = sample_pairs(CORPUS, 6, seed=2)
+    whole = generate_differences(pairs, backend, tmp_path / "whole.jsonl", batch_size=4, progress=False)
+    generate_differences(pairs.head(2), backend, tmp_path / "resumed.jsonl", batch_size=2, progress=False)  # interrupted
+    resumed = generate_differences(pairs, backend, tmp_path / "resumed.jsonl", batch_size=3, progress=False)
+    assert resumed == whole
+    assert len({r["raw"] for r in whole}) > 1  # sampling, not one fixed text
+    assert summary_rows("tiny", resumed, "toy", 0) == summary_rows("tiny", whole, "toy", 0)  # the counts survive the resume
+    other = HFBackend(model, tok, name="tiny", max_new_tokens=12, temperature=0.9, top_p=0.95, seed=4)
+    assert [o["raw"] for o in other.generate(pairs.to_dict("records"))] != [r["raw"] for r in whole]
+
+
+class Soup:
+    "A writer whose every answer is byte soup with a NUL and replacement characters."
+    name, config, batch_size = "soup", {}, 8
+
+    def generate(self, items, task="differences"):
+        return [{"raw": "The first image\x00 is larger \ufffd\ufffd than the second.\n```", "prompt": "p"} for _ in items]
+
+
+def test_no_usable_differences_is_a_clear_error_with_counts(tmp_path, caplog):
+    recs = generate_differences(sample_pairs(CORPUS, 10, seed=0), Soup(), tmp_path / "s.jsonl", progress=False)
+    assert "100% of 10 generations kept no statement" in caplog.text and "control_chars 10" in caplog.text
+    assert filter_counts(recs) == {"accepted": 0, "control_chars": 10, "code": 10}
+    with pytest.raises(ValueError, match=r"no usable differences: 10 records, 0 statements accepted; "
+                                         r"rejected per reason: code 10, control_chars 10"):
+        difference_triples(recs)
+
+
+def test_training_triples_follow_the_judge(runs_dir):
+    from pc_clip.judge import OracleJudge, judge_records
+    cfg = get_config("tiny", oracle_noise=0.5)
+    pairs = sample_pairs(CORPUS, 40, seed=1)
+    recs = generate_differences(pairs, oracle(noise=0.5), differences_path(cfg), progress=False)
+    n_all = sum(len(r["statements"]) for r in recs)
+    n_true = sum(s["true"] for r in recs for s in r["statements"])
+    assert len(training_triples(cfg)) == n_all  # no judge configured
+    jcfg = cfg.replace(judge="oracle")
+    with pytest.raises(FileNotFoundError, match="run experiment 02 with this judge"):
+        training_triples(jcfg)
+    judge_records(recs[:30], OracleJudge(), judged_path(differences_path(cfg), "oracle"), progress=False)
+    with pytest.raises(ValueError, match="judges 30 of 40 records"):
+        training_triples(jcfg)
+    judge_records(recs, OracleJudge(), judged_path(differences_path(cfg), "oracle"), progress=False)
+    t = training_triples(jcfg)  # pc-clip: consistent statements only
+    assert len(t) == n_true < n_all
+    assert len(training_triples(jcfg, filtered=False)) == n_all  # pc-clip/unfiltered
+    head = training_triples(jcfg, filtered=False, pairs=pairs.head(5))
+    assert set(zip(head.i, head.j)) == set(zip(pairs.i[:5], pairs.j[:5]))

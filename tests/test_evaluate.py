@@ -7,13 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pc_clip.comparative import (alpha_of, comparative_class_embeddings, comparative_prompting, known_pairs,
+from pc_clip.comparative import (class_differences, comparative_class_embeddings, comparative_prompting, known_pairs,
                                  top_confused_pairs)
-from pc_clip.core import get_config, read_results, write_results
-from pc_clip.evaluate import (DifferenceTask, classification_metrics, cifar100_size_task, difference_classification,
-                              difference_cosines, direction_sentences, evaluate_difference_tasks, sample_eval_indices,
-                              world_difference_tasks, zero_shot_classifier, zero_shot_evaluation)
+from pc_clip.core import get_config, read_results
+from pc_clip.evaluate import build_difference_tasks, evaluation_rows, read_items, write_evaluation, zero_shot_classifier
+from pc_clip.metrics import classification_metrics, difference_classification, difference_cosines, sample_eval_indices, zero_shot
 from pc_clip.models import create_clip, encode_texts
+from pc_clip.tasks import DifferenceTask, cifar100_size_task, cub_comparative_task, world_difference_tasks
+from pc_clip.testing import accept_fixture_checksums, make_fixture
 
 D = 32
 
@@ -49,8 +50,8 @@ def encoder(table):
 ENC = encoder({"more": AXIS, "less": -AXIS})
 
 
-def accuracies(rows):
-    return [r["value"] for r in rows]
+def accuracies(res):
+    return [r["accuracy"] for r in res.values()]
 
 
 def test_right_text_scores_one_reversed_zero():
@@ -75,7 +76,7 @@ def test_shortcut_equals_the_literal_protocol():
     labels = np.random.default_rng(1).integers(0, 4, 120)
     texts = {(a, b): f"t{a}{b}" for a in range(4) for b in range(4) if a != b}
     enc = encoder({})
-    rows = difference_classification(emb, labels, lambda a, b: texts[(a, b)], enc, n_images=50, seeds=(7,))
+    res = difference_classification(emb, labels, lambda a, b: texts[(a, b)], enc, n_images=50, seeds=(7,))
     idx = sample_eval_indices(120, 50, 7)
     T = dict(zip(texts.values(), F.normalize(enc(list(texts.values())), dim=-1)))
     correct = total = 0
@@ -85,19 +86,24 @@ def test_shortcut_equals_the_literal_protocol():
         cos = difference_cosines(emb[i][None], emb[j][None], T[texts[(labels[i], labels[j])]])
         correct += int(cos.item() > 0)
         total += 1
-    assert rows[0]["n"] == total
-    assert rows[0]["value"] == pytest.approx(correct / total)
+    assert res[7]["n"]["accuracy"] == total
+    assert res[7]["accuracy"] == pytest.approx(correct / total)
+    o = res[7]["outcomes"]["accuracy"]
+    assert o["weight"].sum() == total and (o["value"] * o["weight"]).sum() == pytest.approx(correct)
 
 
 def test_samples_are_seeded_and_rows_follow_the_contract():
     emb, level = attribute_world()
     fn = lambda a, b: "more" if a > b else None
-    a = difference_classification(emb, level, fn, ENC, n_images=30, seeds=(0, 1), model="m", dataset="d")
-    b = difference_classification(emb, level, fn, ENC, n_images=30, seeds=(0, 1), model="m", dataset="d")
-    assert a == b
+    a = evaluation_rows(difference_classification(emb, level, fn, ENC, n_images=30, seeds=(0, 1)), "m",
+                        "difference_classification", "d", {"wording": "train"})
+    b = evaluation_rows(difference_classification(emb, level, fn, ENC, n_images=30, seeds=(0, 1)), "m",
+                        "difference_classification", "d", {"wording": "train"})
+    assert [{k: v for k, v in r.items() if k != "items"} for r in a] == [{k: v for k, v in r.items() if k != "items"} for r in b]
     assert [r["seed"] for r in a] == [0, 1]
-    assert {(r["model"], r["task"], r["dataset"], r["metric"]) for r in a} == {("m", "difference_classification", "d", "accuracy")}
-    assert a[0]["n"] != a[1]["n"] or not np.array_equal(sample_eval_indices(400, 30, 0), sample_eval_indices(400, 30, 1))
+    assert {(r["model"], r["task"], r["dataset"], r["condition"], r["metric"]) for r in a} == {
+        ("m", "difference_classification", "d", "wording=train", "accuracy")}
+    assert a[0]["ci_low"] == a[1]["ci_low"] <= a[0]["ci_high"]  # one interval, seeds pooled
 
 
 def test_each_distinct_text_is_encoded_once():
@@ -115,8 +121,10 @@ def test_task_on_a_subset_uses_its_indices():
     emb, level = attribute_world()
     keep = np.flatnonzero(level != 1)
     task = DifferenceTask("extremes", keep, level[keep], lambda a, b: "more" if a > b else "less")
-    rows = evaluate_difference_tasks([task], emb, ENC, "m", n_images=50, seeds=(0,), progress=False)
-    assert rows[0]["value"] == 1.0 and rows[0]["dataset"] == "extremes"
+    res = difference_classification(emb[torch.as_tensor(task.indices)], task.labels, task.text_fn, ENC, 50, (0,))
+    assert res[0]["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="condition"):
+        DifferenceTask("extremes@heldout", keep, level[keep], task.text_fn)
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +142,11 @@ def test_zero_shot_equals_an_independent_computation(tiny):
     # images near class prompts plus noise, so that accuracy is neither 0 nor 1
     labels = np.random.default_rng(0).integers(0, 5, 300)
     img = F.normalize(plain[labels] + 0.15 * torch.randn(300, plain.shape[1], generator=g), dim=-1)
-    rows, conf = zero_shot_evaluation(img, labels, W, "clip", "toy", seed=0)
+    got = zero_shot(img, labels, W)
+    conf = got["confusion"]
     pred = (img @ plain.T).argmax(-1).numpy()
     acc = float((pred == labels).mean())
     per_class = [float((pred[labels == k] == k).mean()) for k in range(5)]
-    got = {r["metric"]: r["value"] for r in rows}
     assert got["accuracy"] == pytest.approx(acc)
     assert got["worst_class_accuracy"] == pytest.approx(min(per_class))
     assert 0 < acc < 1
@@ -166,13 +174,13 @@ def test_alpha_one_equals_zero_shot():
     class_emb = F.normalize(torch.randn(6, D, generator=g), dim=-1)
     labels = np.random.default_rng(0).integers(0, 6, 200)
     img = F.normalize(class_emb[labels] + 0.3 * torch.randn(200, D, generator=g), dim=-1)
-    zs, conf = zero_shot_evaluation(img, labels, class_emb, "m", "toy")
-    diffs = {p: F.normalize(torch.randn(D, generator=g), dim=0) for p in known_pairs(top_confused_pairs(conf, 3))}
+    zs = zero_shot(img, labels, class_emb)
+    diffs = {p: F.normalize(torch.randn(D, generator=g), dim=0) for p in known_pairs(top_confused_pairs(zs["confusion"], 3))}
     assert diffs
-    rows = comparative_prompting(img, labels, class_emb, diffs, [1.0, 0.8], "m", "toy")
-    at_one = {r["metric"]: r["value"] for r in rows if r["dataset"] == "toy@alpha=1.00"}
-    assert at_one["accuracy"] == zs[0]["value"] and at_one["worst_class_accuracy"] == zs[1]["value"]
-    assert {alpha_of(r["dataset"]) for r in rows} == {1.0, 0.8}
+    at_one = comparative_prompting(img, labels, class_emb, diffs, 1.0)
+    assert at_one["accuracy"] == zs["accuracy"] and at_one["worst_class_accuracy"] == zs["worst_class_accuracy"]
+    moved = comparative_prompting(img, labels, class_emb, diffs, 0.5)
+    assert len(moved["outcomes"]["confused_class_accuracy"]) == np.isin(labels, [b for _, b in diffs]).sum()
 
 
 def test_top_confused_pairs_order():
@@ -183,35 +191,43 @@ def test_top_confused_pairs_order():
 
 def test_rows_fit_the_results_table_and_the_report(tmp_path, monkeypatch):
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
-    from pc_clip.report import comparative_verdict
+    from pc_clip.report import Claim, claim_verdicts, direction_sentences
     cfg = get_config("tiny")
     emb, level = attribute_world()
-    rows = difference_classification(emb, level, lambda a, b: "more" if a > b else "less", ENC, seeds=(0,), model="pc-clip")
-    rows += difference_classification(emb, level, lambda a, b: f"x{a}{b}", ENC, seeds=(0,), model="clip")
+    dc = lambda fn, model: evaluation_rows(difference_classification(emb, level, fn, ENC, seeds=(0, 1)), model,
+                                           "difference_classification", "world/level", {"wording": "heldout"})
+    rows = dc(lambda a, b: "more" if a > b else "less", "pc-clip") + dc(lambda a, b: f"x{a}{b}", "clip")
     class_emb = F.normalize(torch.randn(3, D), dim=-1)
-    rows += comparative_prompting(emb, level, class_emb, {(0, 1): AXIS}, [1.0, 0.9], "pc-clip", "world")
-    write_results(rows, cfg, "test")
-    table = read_results(cfg)
-    assert len(table) == len(rows)
+    for alpha in (1.0, 0.9):
+        rows += evaluation_rows({0: comparative_prompting(emb, level, class_emb, {(0, 1): AXIS}, alpha)}, "pc-clip",
+                                "comparative_prompting", "world", {"alpha": alpha, "split": "val"})
+    write_evaluation(rows, cfg, "test")
+    table, items = read_results(cfg), read_items(cfg)
+    assert len(table) == len(rows) and not table["dataset"].str.contains("[@=]").any()
+    assert set(table.condition) == {"wording=heldout", "alpha=1;split=val", "alpha=0.9;split=val"}
+    assert table[["ci_low", "ci_high"]].notna().all().all()
     sentence = direction_sentences(table, "difference_classification")[0]
-    assert sentence.startswith("pc-clip vs clip on dataset (accuracy): 1.000 vs") and sentence.endswith("(better)")
-    assert comparative_verdict(table)["observed"] in ("better", "worse", "same")
+    assert sentence.startswith("pc-clip vs clip on world/level [wording=heldout] (accuracy): 1.000 vs") and sentence.endswith("(better)")
+    claim = Claim("held", "held-out wordings", "difference_classification", "pc-clip", "clip", conditions=(("wording", "heldout"),))
+    v = claim_verdicts(table, items, [claim]).iloc[0]
+    assert v.agrees == "yes" and v.ci_low > 0 and v.n_items == len(items[(items.model == "clip") & (items.task == "difference_classification")])
 
 
 def test_world_tasks_report_heldout_wordings():
     import pc_clip.world as w
     attrs = w.sample_attributes(0, 0, 320)
     tasks = world_difference_tasks(attrs, w.heldout_category_pairs(0), n_texts=2)
-    names = [t.dataset for t in tasks]
-    base = [n for n in names if "@heldout-wording" not in n]
-    assert len(base) == 7 and all(f"{n}@heldout-wording" in names for n in base)
-    by = {t.dataset: t for t in tasks}
-    for n in base:
-        t, h = by[n], by[f"{n}@heldout-wording"]
+    key = lambda t: (t.dataset, t.condition.get("pairs"))
+    base = [t for t in tasks if t.condition["wording"] == "train"]
+    held = {key(t): t for t in tasks if t.condition["wording"] == "heldout"}
+    assert len(base) == 7 and set(held) == {key(t) for t in base}
+    assert all("@" not in t.dataset and "=" not in t.dataset for t in tasks)
+    for t in base:
+        h = held[key(t)]
         pairs = [(a, b) for a in sorted(set(t.labels.tolist())) for b in sorted(set(t.labels.tolist())) if a != b]
-        seen = {s for p in pairs for s in (t.text_fn(*p) and ([t.text_fn(*p)] if isinstance(t.text_fn(*p), str) else t.text_fn(*p)) or [])}
-        held = {s for p in pairs for s in (h.text_fn(*p) and ([h.text_fn(*p)] if isinstance(h.text_fn(*p), str) else h.text_fn(*p)) or [])}
-        assert seen and held and not seen & held, n
+        as_list = lambda x: [x] if isinstance(x, str) else list(x or [])
+        texts = lambda task: {s for p in pairs for s in as_list(task.text_fn(*p))}
+        assert texts(t) and texts(h) and not texts(t) & texts(h), key(t)
 
 
 def test_world_class_level_texts_are_true_of_the_images():
@@ -223,7 +239,7 @@ def test_world_class_level_texts_are_true_of_the_images():
         a = attrs.loc[attrs.category.isin(g[hi]), col].to_numpy()
         b = attrs.loc[attrs.category.isin(g[lo]), col].to_numpy()
         assert (a[:, None] > b[None, :]).mean() >= min_rate, attr
-    task = {t.dataset: t for t in world_difference_tasks(attrs, [], n_texts=3)}["world/size"]
+    task = {t.dataset: t for t in world_difference_tasks(attrs, [], wordings=("train",), n_texts=3)}["world/size"]
     big, small = g["large"][0], g["small"][0]
     proto = lambda c: {**w.typical_attrs(c), "count": 1}
     assert w.difference_direction(proto(big), proto(small), "size")[0] == "larger"
@@ -232,8 +248,9 @@ def test_world_class_level_texts_are_true_of_the_images():
 
 
 def test_cifar100_size_on_the_fixture(tmp_path):
-    from pc_clip.data import load_dataset, make_fixture
-    ds = load_dataset("cifar100", make_fixture("cifar100", tmp_path, n_per_class=2), "test")
+    from pc_clip.data import load_dataset
+    with accept_fixture_checksums():
+        ds = load_dataset("cifar100", make_fixture("cifar100", tmp_path, n_per_class=2), "test")
     task = cifar100_size_task(ds.classnames, ds.labels)
     kept = {ds.classnames[k] for k in task.labels}
     assert kept == {"camel", "hamster"}
@@ -252,28 +269,30 @@ class FakeBirdBackend:
 
 
 def test_cub_comparatives_from_a_backend(tmp_path, monkeypatch):
-    from pc_clip.data import load_dataset, make_fixture
-    from pc_clip.evaluate import cub_comparative_task
+    from pc_clip.data import load_dataset
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path / "runs"))
-    ds = load_dataset("cub", make_fixture("cub", tmp_path / "data", n_per_class=2), "test")
-    task = cub_comparative_task(ds, ds.labels, get_config("tiny"), n_classes=2, backend=FakeBirdBackend())
+    with accept_fixture_checksums():
+        ds = load_dataset("cub", make_fixture("cub", tmp_path / "data", n_per_class=2), "test")
+    write = lambda pairs: class_differences(pairs, get_config("tiny"), backend=FakeBirdBackend())
+    task = cub_comparative_task(ds, ds.labels, write, seed=0, n_classes=2)
     assert len(set(task.labels.tolist())) == 2
     a, b = sorted(set(task.labels.tolist()))
     (text,) = task.text_fn(a, b)
     assert ds.classnames[a] in text and ds.classnames[b] in text and "longer bill" in text
     emb = F.normalize(torch.randn(len(ds), D), dim=-1)
-    rows = evaluate_difference_tasks([task], emb, ENC, "m", seeds=(0,), progress=False)
-    assert rows[0]["dataset"] == "cub/comparatives" and 0 <= rows[0]["value"] <= 1
+    res = difference_classification(emb[torch.as_tensor(task.indices)], task.labels, task.text_fn, ENC, seeds=(0,))
+    assert task.dataset == "cub/comparatives" and 0 <= res[0]["accuracy"] <= 1
 
 
 def test_paper_task_builders_on_fixtures(tmp_path):
-    from pc_clip.data import load_dataset, make_fixture
-    from pc_clip.evaluate import build_difference_tasks
+    from pc_clip.data import load_dataset
     cfg = get_config("paper")
-    awa = load_dataset("awa2", make_fixture("awa2", tmp_path, n_per_class=2), "all")
+    with accept_fixture_checksums():
+        awa = load_dataset("awa2", make_fixture("awa2", tmp_path, n_per_class=2), "all")
     (task,) = build_difference_tasks(awa, awa.labels, cfg)
     texts = [task.text_fn(a, b) for a in range(len(awa.classnames)) for b in range(len(awa.classnames)) if a != b]
     assert task.dataset == "awa2/attributes" and any(texts)
     assert all(t.startswith("The first image") for t in texts if t)
     with pytest.raises(ValueError, match="no difference task"):
-        build_difference_tasks(load_dataset("eurosat", make_fixture("eurosat", tmp_path), "test"), [0], cfg)
+        with accept_fixture_checksums():
+            build_difference_tasks(load_dataset("eurosat", make_fixture("eurosat", tmp_path), "test"), [0], cfg)

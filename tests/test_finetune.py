@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from pc_clip.core import get_config
 from pc_clip.embed import embed_images
-from pc_clip.finetune import (caption_table, difference_contrastive_loss, difference_mse_loss, finetune,
-                              finetune_captions, trainable_parameter_names)
+from pc_clip.finetune import finetune
+from pc_clip.finetune_plan import caption_table, finetune_captions
+from pc_clip.losses import difference_contrastive_loss, difference_mse_loss, trainable_parameter_names
 from pc_clip.models import create_clip, is_checkpoint, load_checkpoint
 
 N_IMAGES = 12
@@ -126,11 +127,12 @@ def test_nan_steps_are_skipped_counted_and_limited(base, data, tmp_path):
     bad = torch.cat([emb, torch.full((1, emb.shape[1]), float("nan"))])
     poisoned = pd.concat([triples, pd.DataFrame([dict(i=N_IMAGES, j=0, text="the first object is larger")])],
                          ignore_index=True)
-    run = finetune(model, tok, poisoned, cfg(ft_max_bad_steps=10), tmp_path / "a", image_embeddings=bad, progress=False)
-    assert run.bad_steps == 2 and run.steps.skipped.sum() == 2  # one poisoned step per epoch
+    run = finetune(model, tok, poisoned, cfg(), tmp_path / "a", image_embeddings=bad, max_bad_fraction=0.3,
+                   progress=False)
+    assert len(run.steps) == 8 and run.bad_steps == 2 and run.steps.skipped.sum() == 2  # one poisoned step per epoch
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
-    with pytest.raises(FloatingPointError, match="more than max_bad_steps=1"):
-        finetune(model, tok, poisoned, cfg(ft_max_bad_steps=1), tmp_path / "b", image_embeddings=bad, progress=False)
+    with pytest.raises(FloatingPointError, match="2 of 8 training steps .* more than max_bad_fraction=0.2"):
+        finetune(model, tok, poisoned, cfg(), tmp_path / "b", image_embeddings=bad, max_bad_fraction=0.2, progress=False)
 
 
 def test_caption_baseline_and_embedding_cache(base, data, tmp_path, runs_dir):

@@ -4,16 +4,17 @@ import pandas as pd
 import pytest
 
 from pc_clip.core import get_config
-from pc_clip.world import (ATTRIBUTE_KINDS, CATEGORIES, NON_VISUAL, attribute_info, build_world, caption_contradictions,
-                           category_differences, category_groups, class_attribute_table, difference_direction,
-                           heldout_category_pairs, heldout_combinations, make_caption, make_world, measured_object_stats, nearest_colour,
-                           oracle_differences, oracle_rewrite_caption, render_images, sample_attributes,
-                           statement_is_true, wording_templates)
+from pc_clip.oracle import (ATTRIBUTE_KINDS, category_differences, difference_direction, oracle_differences,
+                            statement_is_true, wording_templates)
+from pc_clip.render import measured_object_stats, nearest_colour, render_images
+from pc_clip.world import (CATEGORIES, NON_VISUAL, attribute_info, build_world, caption_contradictions, category_groups,
+                           class_attribute_table, heldout_category_pairs, heldout_combinations, make_caption, make_world,
+                           oracle_rewrite_caption, sample_attributes)
 
 
 @pytest.fixture(scope="module")
 def attrs():
-    return sample_attributes(seed=4, n_train=1500, n_test=500)
+    return sample_attributes(seed=4, n_train=1500, n_test=500, n_val=300)
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,19 @@ def test_same_seed_same_world_other_seed_other_world():
     assert not np.array_equal(a.images, c.images) and a.captions != c.captions
     assert a.images.dtype == np.uint8 and a.images.shape == (250, 32, 32, 3)
     assert list(a.attrs["split"]).count("test") == 50
+
+
+def test_val_split_is_disjoint_and_leaves_train_and_test_unchanged():
+    plain, with_val = build_world(3, 200, 50), build_world(3, 200, 50, n_val=40)
+    assert [len(with_val.indices(s)) for s in ("train", "val", "test")] == [200, 40, 50]
+    ids = {s: set(with_val.attrs["image_id"].iloc[with_val.indices(s)]) for s in ("train", "val", "test")}
+    assert not ids["val"] & ids["train"] and not ids["val"] & ids["test"]
+    assert np.array_equal(with_val.images[:250], plain.images) and with_val.captions[:250] == plain.captions
+    pd.testing.assert_frame_equal(with_val.attrs.iloc[:250], plain.attrs)
+    val = with_val.images[with_val.indices("val")]  # new images, not copies of train or test ones
+    assert not any(np.array_equal(v, x) for v in val[:10] for x in plain.images)
+    with pytest.raises(ValueError, match="split must be one of"):
+        with_val.indices("validation")
 
 
 def test_pixels_agree_with_attributes(attrs):
@@ -114,34 +128,18 @@ def test_class_table_orderings_and_pairs():
 
 
 def test_make_world_caches(runs_dir):
-    cfg = get_config("tiny", world_n_train=300, world_n_test=100)
+    cfg = get_config("tiny", world_n_train=300, world_n_test=100, world_n_val=60)
     w = make_world(cfg)
     files = list((runs_dir / "cache" / "tiny" / "world").iterdir())
     assert len(files) == 2
     w2 = make_world(cfg)
     assert np.array_equal(w.images, w2.images) and w.captions == w2.captions and w2.key == w.key
     assert make_world(cfg.replace(world_n_test=101)).key != w.key
+    assert make_world(cfg.replace(world_n_val=61)).key != w.key and len(w.indices("val")) == 60
 
 
-def test_heldout_combinations_only_at_test_time(attrs):
+def test_heldout_combinations_only_outside_train(attrs):
     combo = pd.MultiIndex.from_frame(attrs[["category", "colour"]]).isin(heldout_combinations(4))
     assert not combo[attrs["split"] == "train"].any() and combo[attrs["split"] == "test"].sum() >= 5
+    assert combo[attrs["split"] == "val"].sum() >= 3
     assert (combo == attrs["novel_combination"].to_numpy()).all()
-
-
-def test_pretrain_then_reuse_checkpoint(runs_dir):
-    "The base model of the tiny profile is trained once, saved, and reloaded bit-identically on a rerun."
-    import torch
-    from pc_clip.pretrain import pretrain_or_load, zero_shot_accuracy
-    torch.set_num_threads(1)
-    cfg = get_config("tiny", world_n_train=256, world_n_test=64, pretrain_epochs=1, pretrain_batch_size=32,
-                     pretrain_max_seconds=float("inf"))
-    world = make_world(cfg)
-    m1, tok, h1, reused1 = pretrain_or_load(world, cfg, device="cpu", progress=False)
-    m2, _, h2, reused2 = pretrain_or_load(world, cfg, device="cpu", progress=False)
-    assert (reused1, reused2) == (False, True) and h1["steps"] == 8 and h2["loss"] == h1["loss"]
-    assert (runs_dir / "runs" / "tiny" / "models" / "clip" / "open_clip_model.safetensors").exists()
-    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
-    test = world.indices("test")
-    zs = zero_shot_accuracy(m2, tok, world.images[test], world.attrs["category"].iloc[test].tolist())
-    assert zs["n"] == 64 and 0 <= zs["worst_class_accuracy"] <= zs["accuracy"] <= 1

@@ -1,0 +1,100 @@
+"""Checkpoints that prove themselves and runs that cannot replace good models: a truncated model is named and
+rebuilt, a diverging run keeps the good model and fails, an override trains into its own folder, and cached
+image embeddings keep their skip count."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pc_clip.core import get_config
+from pc_clip.data import ImageDataset
+from pc_clip.embed import embed_images, kept_indices
+from pc_clip.finetune import finetune
+from pc_clip.models import CheckpointError, create_clip, load_clip, model_dir, save_checkpoint
+
+N = 10
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, preprocess, tok = create_clip("pc-clip-tiny", seed=0)
+    rng = np.random.default_rng(0)
+    emb = F.normalize(torch.tensor(rng.normal(size=(N, model.text_projection.shape[1])), dtype=torch.float32), dim=-1)
+    words = ["larger", "smaller", "redder", "bluer"]
+    triples = pd.DataFrame([dict(i=i, j=j, text=f"the first object is {words[(i + 2 * j) % 4]}")
+                            for i in range(N) for j in range(N) if i != j]).iloc[:48]
+    return model, preprocess, tok, emb, triples
+
+
+def cfg(**kw):
+    return get_config("tiny", **{"ft_epochs": 1, "ft_batch_size": 16, "ft_lr": 1e-3, "ft_max_pairs": None, **kw})
+
+
+def train(tiny, c, **kw):
+    model, _, tok, emb, triples = tiny
+    return finetune(model, tok, triples, c, model_dir(c, "pc-clip"), image_embeddings=emb, progress=False, **kw)
+
+
+def test_truncated_finetuned_model_is_named_and_rebuilt(tiny, runs_dir):
+    c = cfg()
+    save_checkpoint(tiny[0], model_dir(c, "clip"), "pc-clip-tiny")
+    good = train(tiny, c)
+    weights = model_dir(c, "pc-clip") / "open_clip_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as e:
+        load_clip(c, "pc-clip", "cpu")
+    assert str(weights) in str(e.value) and "delete" in str(e.value) and "03_finetune" in str(e.value)
+    rebuilt = train(tiny, c)  # the finetuning stage rebuilds it instead of dying
+    assert not rebuilt.reused
+    loaded = load_clip(c, "pc-clip", "cpu")[0]
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), good.model.state_dict().values()))
+
+
+def test_diverging_run_keeps_the_good_model_and_fails(tiny, runs_dir):
+    c = cfg(ft_epochs=2)
+    good = train(tiny, c)
+    folder = model_dir(c, "pc-clip")
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    with pytest.raises(FloatingPointError, match="diverged"):
+        train(tiny, c, lr=1e6)  # the same folder, forced: the guard trips, nothing is marked finished
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert json.loads((folder / "finetune.json").read_text())["run_key"] == good.run_key
+    assert train(tiny, c).reused
+
+
+def test_override_run_leaves_the_default_models_untouched(tiny, runs_dir):
+    c = cfg()
+    train(tiny, c)
+    default = model_dir(c, "pc-clip")
+    snapshot = {p.name: p.read_bytes() for p in default.iterdir() if p.is_file()}
+    fast = c.replace(ft_lr=1e6)
+    assert model_dir(fast, "pc-clip") != default and model_dir(fast, "clip") == model_dir(c, "clip")
+    with pytest.raises(FloatingPointError):
+        train(tiny, fast)
+    assert {p.name: p.read_bytes() for p in default.iterdir() if p.is_file()} == snapshot
+    other = train(tiny, c.replace(ft_lr=1e-4))  # a healthy override: its own finished model
+    assert other.out_dir == model_dir(c.replace(ft_lr=1e-4), "pc-clip") and not other.reused
+    assert {p.name: p.read_bytes() for p in default.iterdir() if p.is_file()} == snapshot
+
+
+def test_cached_embeddings_keep_the_skip_count(tiny, runs_dir, tmp_path):
+    model, preprocess, _, _, _ = tiny
+    rng = np.random.default_rng(1)
+    paths = []
+    for k in range(8):
+        paths.append(tmp_path / f"{k}.jpg")
+        if k % 3 == 1:
+            paths[-1].write_bytes(b"\xff\xd8 truncated jpeg")
+        else:
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(paths[-1])
+    make = lambda: ImageDataset("files", "test", ["x"], np.zeros(8), paths=paths, root=tmp_path)
+    first_ds, again_ds = make(), make()
+    with pytest.warns(RuntimeWarning, match="skipped 3 unreadable"):
+        first = embed_images(model, first_ds, cfg(), preprocess=preprocess, progress=False)
+    again = embed_images(model, again_ds, cfg(), preprocess=preprocess, progress=False)
+    assert first_ds.n_skipped == again_ds.n_skipped == 3
+    assert torch.equal(first, again) and kept_indices(again_ds).tolist() == [0, 2, 3, 5, 6]
