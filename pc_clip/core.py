@@ -62,11 +62,9 @@ class Config:
     world_n_test: int = 1500
     world_n_val: int = 1500  # validation images, disjoint from train and test: every setting chosen by looking at results is chosen on them
     # pretraining from scratch (tiny profile only; paper profiles start from pretrained weights)
-    pretrain_epochs: int = 5
     pretrain_batch_size: int = 64
     pretrain_lr: float = 2e-3
-    pretrain_max_seconds: float = 170.0  # deprecated: being replaced by pretrain_steps
-    pretrain_steps: int = 600  # a fixed step budget with a step-based schedule: nothing that changes the weights reads the clock
+    pretrain_steps: int = 560  # a fixed step budget with a step-based schedule: nothing that changes the weights reads the clock
     # difference data
     n_pairs: int = 12000
     pair_sampling: str = "different_category"  # "random" | "different_category"
@@ -88,7 +86,7 @@ class Config:
     ft_batch_size: int = 128
     ft_grad_accum: int = 1
     ft_weight_decay: float = 0.0
-    ft_max_bad_steps: int = 20
+    ft_max_bad_fraction: float = 0.1  # a run with more non-finite steps than this fails and keeps the previous model
     ft_max_pairs: int | None = 16384  # train on a seeded subset of at most this many rows (None: all)
     # caption-finetuning baselines (ordinary CLIP loss)
     caption_ft_lr: float = 2e-3
@@ -129,7 +127,7 @@ class Config:
 
 _PAPER = dict(
     model_name="ViT-L-14", pretrained="datacomp_xl_s13b_b90k", corpus="coco",
-    pretrain_epochs=0, n_pairs=200_000, pair_sampling="random",
+    n_pairs=200_000, pair_sampling="random",
     generator="meta-llama/Llama-2-13b-chat-hf", load_in_4bit=True, gen_batch_size=32,
     judge="meta-llama/Llama-2-13b-chat-hf",  # the generator's local LLM (offline); "openai:gpt-4o-mini" is an option
     ft_lr=1e-8, ft_lr_decay=0.9, ft_epochs=20, ft_batch_size=512, ft_max_pairs=None, eval_batch_size=256,
@@ -228,9 +226,9 @@ def _type_problems(cfg: Config) -> dict[str, str]:
 
 
 _AT_LEAST = {  # field: smallest allowed value
-    "seed": 0, "world_image_size": 8, "world_n_train": 1, "world_n_test": 1, "world_n_val": 1, "pretrain_epochs": 0,
+    "seed": 0, "world_image_size": 8, "world_n_train": 1, "world_n_test": 1, "world_n_val": 1,
     "pretrain_batch_size": 2, "pretrain_steps": 1, "n_pairs": 1, "gen_batch_size": 1, "max_new_tokens": 1,
-    "temperature": 0, "ft_epochs": 1, "ft_grad_accum": 1, "ft_weight_decay": 0, "ft_max_bad_steps": 0,
+    "temperature": 0, "ft_epochs": 1, "ft_grad_accum": 1, "ft_weight_decay": 0, "ft_max_bad_fraction": 0,
     "ft_max_pairs": 1, "caption_ft_batch_size": 2, "caption_ft_epochs": 1, "eval_n_images": 1, "eval_batch_size": 1,
     "comparative_topk": 1, "t2i_steps": 1, "t2i_image_size": 8,
 }
@@ -249,7 +247,7 @@ def _range_problems(cfg: Config) -> list[tuple[str, str]]:
         check(name, lambda v, lo=lo: v >= lo, f">= {lo}")
     for name in _POSITIVE:
         check(name, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-    check("pretrain_max_seconds", lambda v: v > 0, "> 0 (inf: no limit)")
+    check("ft_max_bad_fraction", lambda v: 0 <= v < 1, "in [0, 1)")
     for name, rng in _FRACTIONS.items():
         check(name, lambda v, rng=rng: (0 <= v if rng[0] == "[" else 0 < v) and v <= 1, f"in {rng}")
     if cfg.ft_loss != "mse":
@@ -266,15 +264,15 @@ _NAME = re.compile(r"[\w.~/\\:-]+")  # a Hugging Face id (org/name) or a path wi
 
 def _model_name_problem(field_name: str, value: str, judge: bool = False) -> str | None:
     "A message when `value` is not a known form of a generator (or judge) name."
-    forms = "'oracle', a Hugging Face model id (org/name) or a local model folder"
+    forms = "'oracle', a Hugging Face model id (org/name), a local model folder or 'openai:<model>'"
     if judge:
-        forms += ", 'openai:<model>' or None (no judge)"
+        forms += " or None (no judge)"
     if value == "oracle" or (value.strip() and Path(value).expanduser().exists()):
         return None
-    if value.startswith("openai:"):
-        if not judge:
-            return f"{field_name}: the OpenAI-compatible API serves the judge only; the generator must be {forms}"
-        return None  # 'openai:' alone is the judge module's default model
+    if value.startswith("openai:"):  # any OpenAI-compatible server (vLLM, transformers serve, ...)
+        if not judge and not value[len("openai:"):].strip():
+            return f"{field_name}: name the served model, e.g. 'openai:meta-llama/Llama-2-13b-chat-hf'"
+        return None  # a judge's bare 'openai:' is the judge module's default model
     return None if _NAME.fullmatch(value) else f"{field_name}: expected {forms}, got {value!r}"
 
 
@@ -455,6 +453,12 @@ def timer() -> Iterator[dict]:
         out["seconds"] = time.perf_counter() - t0
 
 # %% ../nbs/00_core.ipynb #54ba309b
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
     "Write `data` to `path` via a temporary file and `os.replace`, creating parent folders."
     path = Path(path)
@@ -465,6 +469,7 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

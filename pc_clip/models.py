@@ -54,15 +54,16 @@ def _hf_cached(repo_id: str, filenames: Sequence[str], cache: Path) -> Path | No
 
 def find_pretrained_weights(model_name: str, tag: str, root: str | Path) -> Path | None:
     "A local weights file for `(model_name, tag)`: placed by hand or in the HF cache; `None` if absent."
-    if (model_name, tag) not in open_clip.list_pretrained():
-        valid = sorted(t for m, t in open_clip.list_pretrained() if m == model_name)
-        raise ValueError(f"{model_name!r} has no pretrained tag {tag!r}; valid tags: {valid or 'none (unknown model)'}")
-    manual = weights_dir(root) / model_name / tag
+    manual = weights_dir(root) / model_name / tag  # placed by hand: any tag, also one open_clip does not know
     if manual.is_dir():
         files = [manual / f for f in WEIGHT_FILES if (manual / f).exists()] or sorted(
             p for p in manual.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
         if files:
             return files[0]
+    if (model_name, tag) not in open_clip.list_pretrained():
+        valid = sorted(t for m, t in open_clip.list_pretrained() if m == model_name)
+        raise ValueError(f"{model_name!r} has no pretrained tag {tag!r}; valid tags: {valid or 'none (unknown model)'}; "
+                         f"or put the weights in {manual}/")
     hub = open_clip.get_pretrained_cfg(model_name, tag).get("hf_hub", "")
     if hub:
         repo_id, fname = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
@@ -205,7 +206,7 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", fix:
 
 # %% ../nbs/01_models.ipynb #32af51b5
 _NOT_WEIGHTS = ("profile", "data_root", "runs_root", "results_root", "figures_root", "cache_root", "device",
-                "judge", "gen_batch_size", "pretrain_max_seconds")
+                "judge", "gen_batch_size")
 _NOT_WEIGHTS_PREFIXES = ("eval_", "comparative_", "t2i_")
 _AFTER_BASE = ("n_pairs", "pair_sampling", "generator", "load_in_4bit", "max_new_tokens", "temperature", "top_p",
                "oracle_noise")

@@ -76,11 +76,11 @@ def test_every_profile_is_valid_and_paper_runs_offline():
 
 def test_paper_smoke_is_paper_at_toy_scale():
     smoke, paper = get_config("paper-smoke"), get_config("paper")
-    assert (smoke.model_name, smoke.pretrained, smoke.generator, smoke.judge) == ("ViT-B-32", "smoke", "tiny-chat", "tiny-chat")
+    assert (smoke.model_name, smoke.pretrained, smoke.generator, smoke.judge) == ("pc-clip-smoke", "smoke", "tiny-chat", "tiny-chat")
     assert (smoke.ft_epochs, smoke.ft_batch_size, smoke.t2i_steps, smoke.t2i_image_size) == (2, 16, 2, 64)
     assert smoke.n_pairs < 1000 and smoke.eval_n_images < paper.eval_n_images
     same = ("corpus", "pair_sampling", "load_in_4bit", "ft_trainable", "ft_loss", "ft_lr", "ft_lr_decay", "ft_temperature",
-            "ft_max_pairs", "pretrain_epochs")
+            "ft_max_pairs")
     assert [getattr(smoke, k) for k in same] == [getattr(paper, k) for k in same]
 
 

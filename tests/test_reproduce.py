@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 
-SMALL = ["world_n_train=1200", "world_n_test=400", "pretrain_max_seconds=25", "pretrain_epochs=3",
+SMALL = ["world_n_train=1200", "world_n_test=400", "world_n_val=400", "pretrain_steps=60", "generator_steps=30",
          "n_pairs=1500", "ft_epochs=1", "caption_ft_epochs=1", "eval_seeds=[0]", "eval_n_images=40",
          "comparative_topk=4"]
 
@@ -33,7 +33,8 @@ def test_tiny_reproduction_end_to_end(tmp_path):
     assert "time per notebook" in r.stdout and "REPORT.md" in r.stdout
 
     results = pd.read_csv(tmp_path / "results" / "tiny" / "results.csv")
-    assert not results.duplicated(["experiment", "model", "task", "dataset", "metric", "seed"]).any()
+    assert not results.duplicated(["experiment", "model", "task", "dataset", "condition", "metric", "seed"]).any()
+    assert not results["dataset"].astype(str).str.contains("[@=]").any(), "settings belong in the condition column"
     tasks = set(results.task)
     for task in ["pretrain", "difference_classification", "zero_shot", "comparative_prompting", "retrieval",
                  "geometry", "linear_probe", "t2i_arithmetic"]:
@@ -50,7 +51,7 @@ def test_tiny_reproduction_end_to_end(tmp_path):
     figures = {p.name for p in (tmp_path / "figures" / "tiny").glob("*.png")}
     assert {"world_samples.png", "finetune_loss.png"} <= figures, figures
 
-    ck = tmp_path / "runs" / "tiny" / "models" / "pc-clip" / "open_clip_model.safetensors"
+    (ck,) = (tmp_path / "runs" / "tiny" / "models").glob("pc-clip-*/open_clip_model.safetensors")
     before = ck.stat().st_mtime_ns
     r2 = _reproduce(env, "--only", "01,03")
     assert r2.returncode == 0, r2.stderr[-3000:]
