@@ -48,3 +48,4 @@ clean-nbs: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_generation.py
 	$(BIN)/python bench/bench_finetune.py
+	@echo "GPU figures: on a GPU machine run bash bench/gpu_check.sh (see bench/RESULTS.md)"
