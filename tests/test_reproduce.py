@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 
-SMALL = ["world_n_train=1200", "world_n_test=400", "world_n_val=400", "pretrain_steps=60", "generator_steps=30",
+SMALL = ["world_n_train=1200", "world_n_test=400", "world_n_val=400", "pretrain_steps=60",
          "n_pairs=1500", "ft_epochs=1", "caption_ft_epochs=1", "eval_seeds=[0]", "eval_n_images=40",
          "comparative_topk=4"]
 
