@@ -18,7 +18,7 @@ from pc_clip.core import PROFILES, Config, ConfigError, get_config, given, valid
     ({"eval_seeds": (0, "a")}, "eval_seeds", "tuple of ints"),
     ({"ft_trainable": "everything"}, "ft_trainable", "text_blocks"),
     ({"ft_loss": "hinge"}, "ft_loss", "contrastive"),
-    ({"generator": "openai:gpt-4o"}, "generator", "judge only"),
+    ({"generator": "openai:"}, "generator", "name the served model"),
     ({"judge": ""}, "judge", "None (no judge)"),
     ({"ft_lr": 0.0}, "ft_lr", "> 0"),
     ({"ft_lr": float("nan")}, "ft_lr", "> 0"),
@@ -72,6 +72,7 @@ def test_every_profile_is_valid_and_paper_runs_offline():
     assert paper.judge == paper.generator and not paper.judge.startswith("openai:")
     assert get_config("paper", judge="openai:gpt-4o-mini").judge == "openai:gpt-4o-mini"  # still an option
     assert get_config("paper", judge="openai:").judge == "openai:"  # the judge module's default model
+    assert get_config("paper", generator="openai:meta-llama/Llama-2-13b-chat-hf").generator.startswith("openai:")  # a served LLM
 
 
 def test_paper_smoke_is_paper_at_toy_scale():
