@@ -29,13 +29,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from _api import api
 from hardware import peak_bf16
 from pc_clip.core import autocast, get_config, pick_device, pick_dtype
+from pc_clip.finetune import encode_text_trimmed, finetune
+from pc_clip.losses import difference_contrastive_loss, set_trainable
 from pc_clip.models import create_clip
 
-difference_contrastive_loss, encode_text_trimmed = api("difference_contrastive_loss"), api("encode_text_trimmed")
-finetune, set_trainable = api("finetune"), api("set_trainable")
 
 def synthetic_triples(n_pairs: int, n_images: int, seed: int) -> pd.DataFrame:
     "Comparative statements of the length of real ones (about 10-25 tokens) about random image pairs."

@@ -27,10 +27,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from _api import api
-
-build_prompt, generate_texts, load_causal_lm = api("build_prompt"), api("generate_texts"), api("load_causal_lm")
-make_tiny_llama, sample_pairs = api("make_tiny_llama"), api("sample_pairs")
+from pc_clip.llm import build_prompt, generate_texts, load_causal_lm
+from pc_clip.pairs import sample_pairs
+from pc_clip.testing import make_tiny_llama
 
 LLAMA2_13B = dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                   num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096, rms_norm_eps=1e-5)
