@@ -25,13 +25,14 @@ from .llm import (DIFFERENCE_PROMPT, CATEGORY_PROMPT, LLAMA2_CHAT_TEMPLATE, N_ST
 from .parse import (REASONS, is_comparative, normalize_statement, parse_output, split_statements,
                            statement_problem)
 from .pairs import PAIR_SAMPLING, corpus_from_dataset, corpus_from_world, load_corpus, pair_key, sample_pairs
+from .record_stats import filter_counts, filter_summary, no_usable_message, rejection_warning
 
 # %% auto #0
 __all__ = ['RECORD_FIELDS', 'item_rng', 'OracleBackend', 'generator_slug', 'make_backend', 'record_key', 'build_record',
-           'filter_counts', 'filter_summary', 'rejection_warning', 'no_usable_message', 'generate_records',
-           'generate_differences', 'rewrite_captions', 'write_category_differences', 'difference_triples',
-           'rewritten_captions', 'examples_table', 'summary_rows', 'differences_dir', 'differences_path',
-           'rewrites_path', 'category_differences_path', 'judged_path', 'read_records', 'training_triples']
+           'generate_records', 'generate_differences', 'rewrite_captions', 'write_category_differences',
+           'difference_triples', 'rewritten_captions', 'examples_table', 'summary_rows', 'differences_dir',
+           'differences_path', 'rewrites_path', 'category_differences_path', 'judged_path', 'read_records',
+           'training_triples']
 
 # %% ../nbs/05_diffs.ipynb #a2bb3ee1
 def item_rng(seed: int, *parts: str) -> np.random.Generator:
@@ -145,50 +146,6 @@ def build_record(item: dict, output: dict, backend, task: str, max_words: int = 
     return {"key": record_key(backend.name, str(item["key"])), "task": task, "item": item, "generator": backend.name,
             "gen_config": backend.config, "prompt": output.get("prompt"), "raw": output["raw"],
             "n_tokens": output.get("n_tokens"), "statements": statements, "rejected": rejected}
-
-# %% ../nbs/05_diffs.ipynb #9dc5ff0f
-def filter_counts(records: Iterable[dict]) -> Counter:
-    "Counter of accepted statements ('accepted') and of each rejection reason, over `records`."
-    c = Counter()
-    for r in records:
-        c["accepted"] += len(r["statements"])
-        c.update(x["reason"] for x in r["rejected"])
-    return c
-
-# %% ../nbs/05_diffs.ipynb #02f27716
-def filter_summary(records: Sequence[dict]) -> dict:
-    "Counts and rates of a set of records: records, statements, accepted rate, records with none accepted."
-    records = list(records)
-    c = filter_counts(records)
-    n_pieces = sum(c.values())
-    truths = [s["true"] for r in records for s in r["statements"] if "true" in s]
-    return {"n_records": len(records), "n_statements": c["accepted"], "n_rejected": n_pieces - c["accepted"],
-            "accepted_rate": c["accepted"] / n_pieces if n_pieces else 0.0,
-            "empty_record_rate": float(np.mean([not r["statements"] for r in records])) if records else 0.0,
-            "true_rate": float(np.mean(truths)) if truths else float("nan"),
-            "reasons": dict(sorted((k, v) for k, v in c.items() if k != "accepted"))}
-
-# %% ../nbs/05_diffs.ipynb #08d24247
-def _reasons_text(reasons: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
-
-
-def rejection_warning(records: Sequence[dict], what: str = "generation") -> str | None:
-    "A warning when most records kept no statement (None otherwise), with the count of each rejection reason."
-    s = filter_summary(records)
-    if not s["n_records"] or s["empty_record_rate"] <= 0.5:
-        return None
-    return (f"{what}: {s['empty_record_rate']:.0%} of {s['n_records']} generations kept no statement "
-            f"({s['n_statements']} statements accepted; rejected per reason: {_reasons_text(s['reasons'])}); "
-            "read them with examples_table(records, rejected=True) and check the generator")
-
-
-def no_usable_message(records: Sequence[dict], what: str = "differences") -> str:
-    "The error text for a record set with nothing usable: counts of records, statements and each rejection reason."
-    s = filter_summary(records)
-    return (f"no usable {what}: {s['n_records']} records, {s['n_statements']} statements accepted; "
-            f"rejected per reason: {_reasons_text(s['reasons'])}. Check the generator (examples_table(records, "
-            "rejected=True)) and run experiment 02 again")
 
 # %% ../nbs/05_diffs.ipynb #30c746f8
 def _items(items) -> list[dict]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -20,7 +21,7 @@ from .models import encode_texts, images_to_tensor, save_safetensors
 
 # %% auto #0
 __all__ = ['model_fingerprint', 'image_normalization', 'compute_image_embeddings', 'embedding_cache_path', 'kept_indices',
-           'embed_images', 'embed_texts']
+           'embedded_labels', 'embedding_rows', 'at_native_size', 'embed_images', 'embed_texts']
 
 # %% ../nbs/04_embed.ipynb #e30e437c
 def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
@@ -115,6 +116,25 @@ def kept_indices(ds: ImageDataset) -> np.ndarray:
     return np.setdiff1d(np.arange(len(ds)), np.fromiter(ds.skipped, np.int64, len(ds.skipped)))
 
 
+def embedded_labels(ds: ImageDataset) -> np.ndarray:
+    "The labels of the rows of `ds`'s embedding table (its readable images), in order."
+    return np.asarray(ds.labels)[kept_indices(ds)]
+
+
+def embedding_rows(ds: ImageDataset, pairs: pd.DataFrame, columns: Sequence[str] = ("i", "j")) -> pd.DataFrame:
+    "`pairs` whose `columns` index `ds` re-indexed to rows of its embedding table; pairs with an unreadable image dropped."
+    row = np.full(len(ds), -1)
+    row[kept_indices(ds)] = np.arange(len(ds) - ds.n_skipped)
+    cols = [c for c in columns if c in pairs.columns]
+    pairs = pairs.assign(**{c: row[pairs[c].to_numpy()] for c in cols})
+    return pairs[(pairs[cols] >= 0).all(axis=1)].reset_index(drop=True)
+
+
+def at_native_size(model, images: np.ndarray) -> bool:
+    "Whether `images` `[N, H, W, 3]` already have the model's input size (so preprocessing would not resize them)."
+    return tuple(images.shape[1:3]) == tuple(np.atleast_1d(getattr(model.visual, "image_size", ())).tolist())
+
+
 def _read_cache(path: Path, n: int) -> dict | None:
     if not path.exists():
         return None
@@ -141,8 +161,8 @@ def embed_images(model, images, cfg: Config, batch_size: int | None = None, devi
     device = torch.device(device) if device is not None else _model_device(model)
     dtype, batch_size = pick_dtype(cfg.precision, device), batch_size or cfg.eval_batch_size
     is_ds = isinstance(images, ImageDataset)
-    if is_ds and images.arrays is not None and preprocess is None:
-        images = images.arrays  # in-memory pixels already at the model's size: the array path
+    if is_ds and images.arrays is not None and (preprocess is None or at_native_size(model, images.arrays)):
+        images = images.arrays  # in-memory pixels already at the model's input size: the array path
         is_ds = False
     path = embedding_cache_path(model, images, cfg, dtype, preprocess)
     saved = _read_cache(path, len(images)) if cache else None

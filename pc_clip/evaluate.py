@@ -13,16 +13,15 @@ import numpy as np
 import open_clip
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from .comparative import class_differences, comparative_prompting, confused_pair_differences
-from .core import (Config, artifact_lock, atomic_write, cache_dir, content_hash, pick_dtype, result_row,
+from .core import (Config, artifact_lock, atomic_write, content_hash, result_row,
                           results_path, write_results)
-from .data import iter_images, load_dataset
-from .embed import compute_image_embeddings, embed_images, embed_texts, model_fingerprint
+from .data import load_dataset
+from .embed import embed_images, embed_texts, embedded_labels
 from .geometry import controlled_pairs, edit_statements, flatten_captions, probe_indices, world_captions, world_probe_labels
-from .metrics import (bootstrap_ci, choose_setting, difference_classification, geometry, linear_probe,
+from .metrics import (bootstrap_ci, best_on_validation, difference_classification, geometry, linear_probe,
                              retrieval, zero_shot)
 from .models import encode_texts, load_clip
 from .tasks import (DifferenceTask, awa2_attribute_task, cifar100_size_task, cub_comparative_task,
@@ -31,10 +30,10 @@ from .world import heldout_category_pairs, make_world
 
 # %% auto #0
 __all__ = ['MODELS', 'LoadedModel', 'PAPER_EVAL_DATASETS', 'N_BOOT', 'ITEM_COLUMNS', 'ZERO_SHOT_TEMPLATES', 'iter_models',
-           'for_each_model', 'text_encoder', 'dataset_embeddings', 'eval_datasets', 'split_off_validation',
-           'validation_dataset', 'evaluation_rows', 'items_path', 'write_evaluation', 'read_items',
-           'zero_shot_classifier', 'build_difference_tasks', 'run_difference_classification', 'run_zero_shot',
-           'run_comparative_prompting', 'run_retrieval', 'run_geometry', 'run_linear_probe']
+           'for_each_model', 'text_encoder', 'eval_datasets', 'split_off_validation', 'validation_dataset',
+           'evaluation_rows', 'items_path', 'write_evaluation', 'read_items', 'zero_shot_classifier',
+           'build_difference_tasks', 'run_difference_classification', 'run_zero_shot', 'run_comparative_prompting',
+           'run_retrieval', 'run_geometry', 'run_linear_probe']
 
 # %% ../nbs/08_evaluate.ipynb #e59fc116
 MODELS = ("clip", "pc-clip", "clip-ft-captions", "clip-ft-rewritten", "pc-clip/mse", "pc-clip/noise-0.3",
@@ -74,28 +73,9 @@ def text_encoder(model, tokenizer, batch_size: int = 256, device: str | torch.de
     return encode
 
 # %% ../nbs/08_evaluate.ipynb #29ee1248
-def dataset_embeddings(model, preprocess, ds, cfg: Config, device: str | torch.device | None = None,
-                       progress: bool = True) -> tuple[torch.Tensor, np.ndarray]:
-    "`(embeddings [N, D], labels [N])` of the readable images of an `ImageDataset`, cached per model and data set."
-    native = tuple(np.atleast_1d(getattr(model.visual, "image_size", ())).tolist())
-    if ds.arrays is not None and (preprocess is None or tuple(ds.arrays.shape[1:3]) == native):
-        return embed_images(model, ds.arrays, cfg, device=device, progress=progress), ds.labels
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    key = content_hash(model_fingerprint(model, "visual"), ds.fingerprint(), repr(preprocess))
-    path = cache_dir(cfg) / "embeddings" / f"dataset-{ds.name}-{ds.split}-{key}.safetensors"
-    if path.exists():
-        saved = load_file(str(path))
-        return saved["embeddings"], ds.labels[saved["indices"].numpy()]
-    embs, kept = [], []
-    for x, _, where in iter_images(ds, cfg.eval_batch_size, preprocess, progress=progress):
-        embs.append(compute_image_embeddings(model, x, len(x), device, pick_dtype(cfg.precision, device), progress=False))
-        kept.append(where)
-    if not embs:
-        raise ValueError(f"{ds.name}/{ds.split}: no readable image to embed ({ds.n_skipped} skipped)")
-    emb, kept = torch.cat(embs), torch.cat(kept).long()
-    with artifact_lock(path, timeout=60):
-        atomic_write(path, save({"embeddings": emb.contiguous(), "indices": kept.contiguous()}))
-    return emb, ds.labels[kept.numpy()]
+def _embedded(m: LoadedModel, ds, cfg: Config, progress: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+    "`(embeddings [N, D], labels [N])` of the readable images of `ds` by loaded model `m`."
+    return embed_images(m.model, ds, cfg, preprocess=m.preprocess, progress=progress), embedded_labels(ds)
 
 # %% ../nbs/08_evaluate.ipynb #cefa4e97
 PAPER_EVAL_DATASETS = {"difference_classification": ("awa2", "cifar100", "flowers102", "cub"),
@@ -206,7 +186,7 @@ def run_difference_classification(cfg: Config, model_names: Sequence[str], datas
     def one(m: LoadedModel) -> list[dict]:
         encode, rows = text_encoder(m.model, m.tokenizer, cfg.eval_batch_size), []
         for ds in datasets:
-            emb, labels = dataset_embeddings(m.model, m.preprocess, ds, cfg, progress=False)
+            emb, labels = _embedded(m, ds, cfg)
             for t in tqdm(build_difference_tasks(ds, labels, cfg, n_texts), desc=f"difference tasks ({m.name})", disable=not progress):
                 res = difference_classification(emb[torch.as_tensor(t.indices)], t.labels, t.text_fn, encode,
                                                  cfg.eval_n_images, cfg.eval_seeds)
@@ -223,7 +203,7 @@ def run_zero_shot(cfg: Config, model_names: Sequence[str], datasets: Sequence,
     def one(m: LoadedModel) -> list[dict]:
         rows = []
         for ds in datasets:
-            emb, labels = dataset_embeddings(m.model, m.preprocess, ds, cfg, progress=False)
+            emb, labels = _embedded(m, ds, cfg)
             res = zero_shot(emb, labels, zero_shot_classifier(m.model, m.tokenizer, ds.classnames, templates))
             confusions[(m.name, ds.name)] = res["confusion"]
             rows += evaluation_rows({cfg.seed: res}, m.name, "zero_shot", ds.name)
@@ -240,13 +220,13 @@ def run_comparative_prompting(cfg: Config, model_names: Sequence[str], select_ds
 
     def one(m: LoadedModel) -> list[dict]:
         class_emb = zero_shot_classifier(m.model, m.tokenizer, test_ds.classnames, templates)
-        emb = {k: dataset_embeddings(m.model, m.preprocess, d, cfg, progress=False)
+        emb = {k: _embedded(m, d, cfg)
                for k, d in (("select", select_ds), ("val", val_ds), ("test", test_ds))}
         demb, info = confused_pair_differences(zero_shot(*emb["select"], class_emb)["confusion"], test_ds.classnames,
                                                cfg.comparative_topk, lambda p: class_differences(p, cfg, world),
                                                text_encoder(m.model, m.tokenizer, cfg.eval_batch_size))
         val = {a: comparative_prompting(*emb["val"], class_emb, demb, a) for a in cfg.comparative_alphas}
-        chosen = choose_setting({a: r["accuracy"] for a, r in val.items()})
+        chosen = best_on_validation({a: r["accuracy"] for a, r in val.items()})
         infos[m.name] = {**info, "alpha": chosen, "validation": {a: r["accuracy"] for a, r in val.items()}}
         rows = [r for a, res in val.items()
                 for r in evaluation_rows({cfg.seed: res}, m.name, "comparative_prompting", val_ds.name, {"alpha": a, "split": "val"})]
@@ -279,7 +259,7 @@ def run_retrieval(cfg: Config, model_names: Sequence[str], n_images: int | None 
         if dataset == "world":
             img = embed_images(m.model, corpus[0], cfg, progress=progress)[torch.as_tensor(corpus[1])]
         else:
-            img, _ = dataset_embeddings(m.model, m.preprocess, corpus, cfg, progress=progress)
+            img, _ = _embedded(m, corpus, cfg, progress)
             if len(img) != len(corpus):
                 raise ValueError(f"{len(corpus) - len(img)} COCO images could not be read ({corpus.n_skipped} skipped); "
                                  "repair or remove them (their captions would lose their image)")
@@ -330,7 +310,7 @@ def _probe_features(cfg: Config, model_names: Sequence[str], datasets, max_train
             print(f"skipping data set {n}: {str(e).splitlines()[0]}")
     for m in iter_models(cfg, model_names):
         for n, parts in splits.items():
-            embedded = [dataset_embeddings(m.model, m.preprocess, d, cfg, progress=progress) for d in parts]
+            embedded = [_embedded(m, d, cfg, progress) for d in parts]
             features.setdefault(n, {})[m.name] = tuple(x.numpy() for x, _ in embedded)
             labels[n] = {n: tuple(y for _, y in embedded)}
     return features, labels

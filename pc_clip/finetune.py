@@ -17,101 +17,23 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import open_clip
 import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
 from tqdm.auto import tqdm
 
 from .core import Config, artifact_lock, atomic_write_json, autocast, content_hash, get_logger, pick_dtype
 from .embed import embed_images, image_normalization, model_fingerprint
-from .losses import (LOSSES, TRAINABLE_MODES, caption_contrastive_loss, difference_contrastive_loss,
-                            difference_mse_loss, image_differences, make_clip_loss, set_trainable,
+from .losses import (caption_contrastive_loss, difference_contrastive_loss, difference_mse_loss,
+                            encode_text_trimmed, image_differences, make_clip_loss, pooled_positions, set_trainable,
                             trainable_parameter_names)
 from .models import CheckpointError, images_to_tensor, is_checkpoint, load_weights, save_checkpoint
-from .train_state import (barrier, epoch_checkpoints, load_train_state, rank_shard, rank_world,
-                                 save_train_state)
+from .train_state import (FinetuneSettings, barrier, epoch_checkpoints, load_train_state,
+                                 prune_epoch_checkpoints, rank_shard, rank_world, save_train_state)
 
 # %% auto #0
-__all__ = ['pooled_positions', 'encode_text_trimmed', 'FinetuneSettings', 'FinetuneRun', 'finetune', 'difference_agreement']
-
-# %% ../nbs/07_finetune.ipynb #0e0bef73
-def _can_trim(model) -> bool:
-    return (isinstance(model, open_clip.CLIP) and getattr(model, "attn_mask", None) is not None
-            and getattr(model, "text_pool_type", None) in ("argmax", "eos"))
-
-
-def pooled_positions(model, ids: torch.Tensor) -> torch.Tensor:
-    "Index of the token each text is pooled at (its end-of-text token)."
-    if getattr(model, "text_pool_type", "argmax") == "eos":
-        return (ids == model.text_eos_id).int().argmax(dim=-1)
-    return ids.argmax(dim=-1)
-
-
-def encode_text_trimmed(model, ids: torch.Tensor, length: int | None = None) -> torch.Tensor:
-    "Unnormalised text features computed on the first `length` tokens (default: up to the last end-of-text)."
-    if not _can_trim(model):
-        return model.encode_text(ids)
-    length = length or int(pooled_positions(model, ids).max()) + 1
-    ids = ids[:, :length]
-    cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(ids).to(cast) + model.positional_embedding[:length].to(cast)
-    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
-    x = text_global_pool(x, ids, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-    if model.text_projection is None:
-        return x
-    return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
-
-# %% ../nbs/07_finetune.ipynb #63177e14
-@dataclass(frozen=True)
-class FinetuneSettings:
-    "Every knob of one finetuning run; `from_config(cfg, **overrides)` reads them from a `Config`."
-    trainable: str = "text_blocks"
-    loss: str = "contrastive"
-    temperature: float = 1.0
-    lr: float = 2e-3
-    lr_decay: float = 0.9
-    epochs: int = 1
-    batch_size: int = 128
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    max_bad_fraction: float = 0.1
-    max_pairs: int | None = None
-    seed: int = 0
-    precision: str = "auto"
-    model_name: str = "pc-clip-tiny"
-
-    def __post_init__(self):
-        if self.trainable not in TRAINABLE_MODES:
-            raise ValueError(f"trainable must be one of {TRAINABLE_MODES}; got {self.trainable!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}; got {self.loss!r}")
-        if self.batch_size < 2 and self.loss != "mse":
-            raise ValueError("a contrastive loss needs batch_size >= 2 (the other pairs of a batch are its negatives)")
-        for k in ("epochs", "batch_size", "grad_accum"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1; got {getattr(self, k)}")
-        if not 0 <= self.max_bad_fraction < 1:
-            raise ValueError(f"max_bad_fraction must be in [0, 1); got {self.max_bad_fraction}")
-
-    @classmethod
-    def from_config(cls, cfg: Config, **overrides) -> FinetuneSettings:
-        "The `ft_*` settings of `cfg`, with `overrides` (fields of this class; `None` keeps the config's)."
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise TypeError(f"unknown finetuning setting(s) {unknown}; valid: {[f.name for f in dataclasses.fields(cls)]}")
-        base = dict(trainable=cfg.ft_trainable, loss=cfg.ft_loss, temperature=cfg.ft_temperature, lr=cfg.ft_lr,
-                    lr_decay=cfg.ft_lr_decay, epochs=cfg.ft_epochs, batch_size=cfg.ft_batch_size,
-                    grad_accum=cfg.ft_grad_accum, weight_decay=cfg.ft_weight_decay,
-                    max_bad_fraction=getattr(cfg, "ft_max_bad_fraction", 0.1), max_pairs=cfg.ft_max_pairs,
-                    seed=cfg.seed, precision=cfg.precision, model_name=cfg.model_name)
-        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
-
-    def weight_settings(self) -> dict:
-        "The settings the weights depend on (all but `epochs`, which a resumed run may extend, and the guard)."
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("epochs", "max_bad_fraction")}
+__all__ = ['FinetuneRun', 'finetune', 'difference_agreement']
 
 # %% ../nbs/07_finetune.ipynb #725852ef
 @dataclass
@@ -393,8 +315,7 @@ def _save_epoch(tr: _Trainer, out_dir: Path, s: FinetuneSettings, run_key: str, 
                      seconds=hist.seconds, steps=hist.steps, epochs=hist.epochs, settings=dataclasses.asdict(s))
         save_train_state(out_dir / "epochs" / f"epoch-{len(hist.epochs):03d}", tr.model, s.model_name, tr.opt,
                          tr.sched, tr.scaler, state, tr.names)
-        for old in epoch_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old)
+        prune_epoch_checkpoints(out_dir, keep_last, s.keep_epochs)
     barrier(tr.world)
 
 

@@ -131,14 +131,10 @@ def finetuning_inputs(cfg: Config, device: str | torch.device | None = None, pro
         return FinetuneInputs(base, tokenizer, embed_images(base, world.images, cfg, progress=progress), world.images,
                               data, world)
     from pc_clip.data import load_dataset
-    from pc_clip.embed import kept_indices
+    from pc_clip.embed import embedding_rows
     ds = load_dataset(cfg.corpus, cfg, split="train")
     emb = embed_images(base, ds, cfg, preprocess=preprocess, progress=progress)
-    row = np.full(len(ds), -1); row[kept_indices(ds)] = np.arange(len(emb))  # unreadable images have no row
-    for k, df in data.items():
-        cols = [c for c in ("i", "j") if c in df.columns]
-        df = df.assign(**{c: row[df[c].to_numpy()] for c in cols})
-        data[k] = df[(df[cols] >= 0).all(axis=1)].reset_index(drop=True)
+    data = {k: embedding_rows(ds, df) for k, df in data.items()}  # unreadable images have no row: their pairs go
     return FinetuneInputs(base, tokenizer, emb, None, data)
 
 # %% ../nbs/07c_finetune_plan.ipynb #7b87e00a

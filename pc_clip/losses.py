@@ -5,13 +5,16 @@
 # %% ../nbs/07a_losses.ipynb #87388c7d
 from __future__ import annotations
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
+from open_clip.transformer import text_global_pool
 
 # %% auto #0
 __all__ = ['TRAINABLE_MODES', 'LOSSES', 'make_clip_loss', 'image_differences', 'difference_contrastive_loss',
-           'difference_mse_loss', 'caption_contrastive_loss', 'trainable_parameter_names', 'set_trainable']
+           'difference_mse_loss', 'caption_contrastive_loss', 'trainable_parameter_names', 'set_trainable',
+           'pooled_positions', 'encode_text_trimmed']
 
 # %% ../nbs/07a_losses.ipynb #9311e309
 def make_clip_loss(rank: int = 0, world_size: int = 1) -> ClipLoss:
@@ -70,3 +73,30 @@ def set_trainable(model: torch.nn.Module, mode: str) -> list[str]:
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
     return [n for n, _ in model.named_parameters() if n in names]
+
+# %% ../nbs/07a_losses.ipynb #474d1867
+def _can_trim(model) -> bool:
+    return (isinstance(model, open_clip.CLIP) and getattr(model, "attn_mask", None) is not None
+            and getattr(model, "text_pool_type", None) in ("argmax", "eos"))
+
+
+def pooled_positions(model, ids: torch.Tensor) -> torch.Tensor:
+    "Index of the token each text is pooled at (its end-of-text token)."
+    if getattr(model, "text_pool_type", "argmax") == "eos":
+        return (ids == model.text_eos_id).int().argmax(dim=-1)
+    return ids.argmax(dim=-1)
+
+
+def encode_text_trimmed(model, ids: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    "Unnormalised text features computed on the first `length` tokens (default: up to the last end-of-text)."
+    if not _can_trim(model):
+        return model.encode_text(ids)
+    length = length or int(pooled_positions(model, ids).max()) + 1
+    ids = ids[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(ids).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+    x = text_global_pool(x, ids, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is None:
+        return x
+    return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection

@@ -26,8 +26,8 @@ from .core import Config, atomic_write, atomic_write_json, content_hash, data_ro
 __all__ = ['MODEL_CONFIG_DIR', 'TINY_MODEL', 'WEIGHT_FILES', 'WEIGHTS_FILE', 'CONFIG_FILE', 'weights_dir',
            'find_pretrained_weights', 'create_clip', 'save_safetensors', 'file_sha256', 'CheckpointError',
            'save_checkpoint', 'checkpoint_metadata', 'is_checkpoint', 'verify_checkpoint', 'load_weights',
-           'load_checkpoint', 'weights_settings', 'model_dir', 'load_clip', 'images_to_tensor', 'encode_images',
-           'encode_texts', 'average_weights']
+           'load_checkpoint', 'weights_settings', 'model_dir', 'load_clip', 'images_to_tensor', 'encode_texts',
+           'average_weights']
 
 # %% ../nbs/01_models.ipynb #fafcff24
 MODEL_CONFIG_DIR = Path(str(importlib.resources.files("pc_clip"))) / "model_configs"
@@ -206,7 +206,7 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", fix:
 
 # %% ../nbs/01_models.ipynb #32af51b5
 _NOT_WEIGHTS = ("profile", "data_root", "runs_root", "results_root", "figures_root", "cache_root", "device",
-                "judge", "gen_batch_size")
+                "judge", "gen_batch_size", "ft_keep_epochs")
 _NOT_WEIGHTS_PREFIXES = ("eval_", "comparative_", "t2i_")
 _AFTER_BASE = ("n_pairs", "pair_sampling", "generator", "load_in_4bit", "max_new_tokens", "temperature", "top_p",
                "oracle_noise")
@@ -251,17 +251,6 @@ def images_to_tensor(images: np.ndarray, mean: Sequence[float] = open_clip.OPENA
     x = torch.as_tensor(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
     m = torch.tensor(mean).view(1, 3, 1, 1); s = torch.tensor(std).view(1, 3, 1, 1)
     return (x - m) / s
-
-
-@torch.no_grad()
-def encode_images(model, images: torch.Tensor, batch_size: int = 256, device: str | torch.device = "cpu",
-                  normalize: bool = True, progress: bool = False) -> torch.Tensor:
-    "Deprecated (use `pc_clip.embed.compute_image_embeddings`): embeddings of a preprocessed `[N, 3, H, W]` tensor."
-    out = []
-    for i in tqdm(range(0, len(images), batch_size), desc="encode images", disable=not progress):
-        out.append(model.encode_image(images[i:i + batch_size].to(device)).float().cpu())
-    emb = torch.cat(out) if out else torch.zeros(0, model.text_projection.shape[-1])
-    return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
 
 
 @torch.no_grad()

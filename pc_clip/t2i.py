@@ -15,7 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .core import Config, data_root, pick_device, result_row
-from .models import encode_images, encode_texts, images_to_tensor
+from .embed import compute_image_embeddings
+from .models import encode_texts, images_to_tensor
 
 # %% auto #0
 __all__ = ['SDXL_SLOTS', 'T2I_EDITS', 'clip_tokenizer', 'hf_text_config', 'open_clip_text_state_dict', 'open_clip_text_to_hf',
@@ -220,7 +221,7 @@ def clip_scores(model, tokenizer, images: np.ndarray, texts: Sequence[str], prep
     else:
         from PIL import Image
         x = torch.stack([preprocess(Image.fromarray(im)) for im in images])
-    img = encode_images(model, x, batch_size, device)
+    img = compute_image_embeddings(model, x, batch_size, device, progress=False)
     txt = encode_texts(model, tokenizer, list(texts), batch_size, device)
     return (img * txt).sum(-1)
 

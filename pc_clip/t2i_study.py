@@ -203,7 +203,7 @@ def train_t2i_pc_clip(cfg: Config, progress: bool = True):
     "Finetune (or reuse) the T2I study's PC-CLIP from `t2i_base(cfg)`; returns the `FinetuneRun`."
     from pc_clip.data import load_dataset
     from pc_clip.diffs import difference_triples, differences_path, read_records
-    from pc_clip.evaluate import dataset_embeddings
+    from pc_clip.embed import embed_images, embedding_rows
     from pc_clip.finetune import finetune
     from pc_clip.models import create_clip, model_dir
     base = t2i_base(cfg)
@@ -211,8 +211,10 @@ def train_t2i_pc_clip(cfg: Config, progress: bool = True):
         raise ValueError(t2i_not_applicable(cfg) or "on a world profile the T2I study uses the run's own models")
     study_cfg = cfg.replace(model_name=base[0], pretrained=base[1])
     model, preprocess, tokenizer = create_clip(*base, device=pick_device(cfg.device), root=data_root(cfg))
-    emb, _ = dataset_embeddings(model, preprocess, load_dataset(cfg.corpus, cfg, "train"), study_cfg, progress=progress)
+    ds = load_dataset(cfg.corpus, cfg, "train")
+    emb = embed_images(model, ds, study_cfg, preprocess=preprocess, progress=progress)
     triples = difference_triples(read_records(differences_path(cfg, noise=0.0 if cfg.generator == "oracle" else None)))
+    triples = embedding_rows(ds, triples)  # corpus rows -> rows of `emb` (pairs with an unreadable image dropped)
     return finetune(model, tokenizer, triples, study_cfg, model_dir(cfg, T2I_PC_CLIP), image_embeddings=emb,
                     model_name=base[0], progress=progress)
 

@@ -16,122 +16,17 @@ import pandas as pd
 
 from .core import Config, atomic_write, cache_dir, content_hash, get_logger, timer
 from .render import BACKGROUNDS, COLOURS, SHAPES, render_images
+from .species import (_BRIGHTNESS_RANGES, CATEGORIES, CATEGORY_NAMES, COLOUR_GROUPS, COLOUR_NEIGHBOURS,
+                             NON_VISUAL, SHAPE_ADJECTIVES, attribute_info, category_groups, class_attribute_table,
+                             size_order, typical_attrs)
+
+WORLD_VERSION = 3  # bump when rendering or captions change: it is part of the cache key
 
 # %% auto #0
-__all__ = ['WORLD_VERSION', 'COLOUR_GROUPS', 'COLOUR_NEIGHBOURS', 'SHAPE_ADJECTIVES', 'NON_VISUAL', 'CATEGORIES',
-           'CATEGORY_NAMES', 'SIZE_WORDS', 'SPLITS', 'attribute_info', 'class_attribute_table', 'category_groups',
-           'size_order', 'typical_attrs', 'size_word', 'brightness_word', 'position_word', 'heldout_combinations',
+__all__ = ['WORLD_VERSION', 'SIZE_WORDS', 'SPLITS', 'size_word', 'brightness_word', 'position_word', 'heldout_combinations',
            'sample_attributes', 'make_caption', 'oracle_rewrite_caption', 'caption_contradictions',
            'heldout_category_pairs', 'is_heldout_pair', 'World', 'build_world', 'world_key', 'make_world',
            'plot_world_samples']
-
-# %% ../nbs/02_world.ipynb #acbb65cd
-WORLD_VERSION = 3  # bump when rendering or captions change: it is part of the cache key
-
-COLOUR_GROUPS = {"warm": ("red", "orange", "yellow", "pink"), "cool": ("green", "teal", "blue", "purple")}
-COLOUR_NEIGHBOURS = {"red": ("orange", "pink"), "orange": ("red", "yellow"), "yellow": ("orange",), "pink": ("red",),
-                     "green": ("teal",), "teal": ("green", "blue"), "blue": ("teal", "purple"), "purple": ("blue",)}
-SHAPE_ADJECTIVES = {"circle": "round", "square": "square", "triangle": "triangular", "diamond": "diamond-shaped",
-                    "ring": "ring-shaped", "cross": "cross-shaped", "star": "star-shaped", "bar": "bar-shaped"}
-NON_VISUAL = ("nocturnal", "venomous", "edible", "migratory", "lays eggs", "hibernates")
-
-_SPECIES = [  # name, shape, colour, typical radius (px), brightness, social, habitat, non-visual bits
-    ("glorp", "circle", "red", 8.8, "bright", "solitary", "grass", "100110"),
-    ("vantile", "square", "blue", 8.4, "dark", "solitary", "snow", "010011"),
-    ("brombel", "triangle", "orange", 8.0, "normal", "group", "sand", "001100"),
-    ("zorn", "diamond", "green", 7.6, "normal", "solitary", "grass", "110001"),
-    ("skiv", "ring", "yellow", 9.0, "bright", "solitary", "sand", "000110"),
-    ("drell", "cross", "purple", 7.2, "dark", "group", "water", "101010"),
-    ("wemble", "star", "pink", 8.2, "normal", "solitary", "water", "011000"),
-    ("krall", "bar", "teal", 7.0, "bright", "solitary", "snow", "100101"),
-    ("mib", "circle", "teal", 4.2, "normal", "group", "water", "001011"),
-    ("tesk", "square", "yellow", 4.8, "dark", "group", "grass", "010100"),
-    ("quib", "triangle", "purple", 5.2, "bright", "solitary", "snow", "100011"),
-    ("pell", "diamond", "pink", 4.0, "normal", "group", "sand", "001110"),
-    ("nubbin", "ring", "blue", 5.4, "normal", "solitary", "grass", "110000"),
-    ("fip", "cross", "red", 4.4, "bright", "group", "snow", "010101"),
-    ("snark", "star", "green", 5.0, "dark", "solitary", "sand", "101001"),
-    ("yoot", "bar", "orange", 3.8, "normal", "group", "water", "000111"),
-]
-CATEGORIES = pd.DataFrame(
-    [dict(name=n, shape=s, colour=c, colour_group="warm" if c in COLOUR_GROUPS["warm"] else "cool", radius=r,
-          size_class="large" if r > 6 else "small", brightness=b, social=so, habitat=h,
-          **{a: bit == "1" for a, bit in zip(NON_VISUAL, bits)})
-     for n, s, c, r, b, so, h, bits in _SPECIES]).set_index("name")
-CATEGORY_NAMES = list(CATEGORIES.index)
-
-# %% ../nbs/02_world.ipynb #fc2445c7
-_SHAPE_ATTRS = {"round": ("circle", "ring"), "angular": ("square", "triangle", "diamond", "bar", "cross"),
-                "pointed": ("triangle", "diamond", "star"), "hollow": ("ring",), "elongated": ("bar",),
-                "spiky": ("cross", "star")}
-
-
-def attribute_info() -> pd.DataFrame:
-    "One row per class attribute: its `group` and whether it is `visual`."
-    rows = [(a, "shape") for a in _SHAPE_ATTRS] + [(c, "colour") for c in COLOURS]
-    rows += [("warm-coloured", "colour"), ("cool-coloured", "colour"), ("large", "size"), ("small", "size"),
-             ("bright", "brightness"), ("dark", "brightness"), ("lives in groups", "social"),
-             ("solitary", "social"), ("grassland", "habitat"), ("aquatic", "habitat"), ("desert", "habitat"),
-             ("arctic", "habitat")]
-    rows += [(a, "behaviour") for a in NON_VISUAL]
-    df = pd.DataFrame(rows, columns=["attribute", "group"])
-    df["visual"] = ~df["attribute"].isin(NON_VISUAL)
-    return df.set_index("attribute")
-
-# %% ../nbs/02_world.ipynb #ceb3f371
-def class_attribute_table(visual_only: bool = False) -> pd.DataFrame:
-    "Species x attributes (0/1), like AwA2's predicate matrix; `visual_only` drops the non-visual columns."
-    habitat = {"grassland": "grass", "aquatic": "water", "desert": "sand", "arctic": "snow"}
-    cols = {}
-    for a, shapes in _SHAPE_ATTRS.items():
-        cols[a] = CATEGORIES["shape"].isin(shapes)
-    for c in COLOURS:
-        cols[c] = CATEGORIES["colour"] == c
-    cols["warm-coloured"] = CATEGORIES["colour_group"] == "warm"
-    cols["cool-coloured"] = CATEGORIES["colour_group"] == "cool"
-    for s in ("large", "small"):
-        cols[s] = CATEGORIES["size_class"] == s
-    for b in ("bright", "dark"):
-        cols[b] = CATEGORIES["brightness"] == b
-    cols["lives in groups"] = CATEGORIES["social"] == "group"
-    cols["solitary"] = CATEGORIES["social"] == "solitary"
-    for a, bg in habitat.items():
-        cols[a] = CATEGORIES["habitat"] == bg
-    for a in NON_VISUAL:
-        cols[a] = CATEGORIES[a]
-    table = pd.DataFrame(cols).astype(int)
-    info = attribute_info()
-    assert list(table.columns) == list(info.index)
-    return table[info.index[info["visual"]]] if visual_only else table
-
-# %% ../nbs/02_world.ipynb #f6b8f815
-def category_groups() -> dict[str, list[str]]:
-    "Named lists of species: `large`, `small`, `warm`, `cool`, `bright`, `dark`, `group`, `solitary`, and each colour."
-    c = CATEGORIES
-    groups = {"large": c.index[c.size_class == "large"], "small": c.index[c.size_class == "small"],
-              "warm": c.index[c.colour_group == "warm"], "cool": c.index[c.colour_group == "cool"],
-              "bright": c.index[c.brightness == "bright"], "dark": c.index[c.brightness == "dark"],
-              "group": c.index[c.social == "group"], "solitary": c.index[c.social == "solitary"]}
-    groups.update({col: c.index[c.colour == col] for col in COLOURS})
-    return {k: list(v) for k, v in groups.items()}
-
-# %% ../nbs/02_world.ipynb #6858da50
-def size_order() -> list[str]:
-    "Species from the largest to the smallest typical size."
-    return list(CATEGORIES.sort_values("radius", ascending=False).index)
-
-# %% ../nbs/02_world.ipynb #d65056d5
-_BRIGHTNESS_RANGES = {"bright": (0.82, 1.0), "normal": (0.6, 0.92), "dark": (0.42, 0.7)}
-
-
-def typical_attrs(category: str) -> dict:
-    "The prototype of a species as an attribute dict (typical size, colour, brightness, count and habitat)."
-    if category not in CATEGORIES.index:
-        raise KeyError(f"Unknown species {category!r}; the world has {CATEGORY_NAMES}")
-    c = CATEGORIES.loc[category]
-    return dict(category=category, shape=c.shape, colour=c.colour, radius=float(c.radius),
-                brightness=float(np.mean(_BRIGHTNESS_RANGES[c.brightness])), count=3 if c.social == "group" else 1,
-                x=0.5, y=0.5, position="center", background=c.habitat, n_distractors=0)
 
 # %% ../nbs/02_world.ipynb #0edbcd1c
 _P_COUNT = {"solitary": (0.7, 0.2, 0.1), "group": (0.2, 0.4, 0.4)}

@@ -18,14 +18,14 @@ from tqdm.auto import tqdm
 
 from .core import Config, artifact_lock, atomic_write_json, cache_dir, content_hash, result_row
 from .world import COLOURS, COLOUR_NEIGHBOURS, CATEGORY_NAMES, difference_statement, position_word, typical_attrs
+from .world_edits import (WORLD_EDITS, WorldEdit, bootstrap_interval, edit_pair, edit_statement, edit_success,
+                                 edit_target_colour, measure_generated)
 
 # %% auto #0
-__all__ = ['GENERATOR_VERSION', 'WORLD_EDITS', 'CLASS_TEMPLATE', 'CHANCE_SEED_OFFSET', 'text_conditioning',
-           'arithmetic_conditioning', 'GeneratorSettings', 'make_unet', 'to_patches', 'from_patches', 'denoising_loss',
-           'train_generator', 'sample_images', 'measure_generated', 'WorldEdit', 'edit_target_colour', 'edit_pair',
-           'edit_statement', 'edit_success', 'bootstrap_interval', 'generator_key', 'world_caption_conditioning',
-           'train_or_load_generator', 'edit_queries', 'score_edits', 'choose_weight', 'success_rows', 'run_world_t2i',
-           'plot_t2i_gallery']
+__all__ = ['GENERATOR_VERSION', 'CLASS_TEMPLATE', 'CHANCE_SEED_OFFSET', 'text_conditioning', 'arithmetic_conditioning',
+           'GeneratorSettings', 'make_unet', 'to_patches', 'from_patches', 'denoising_loss', 'train_generator',
+           'sample_images', 'generator_key', 'world_caption_conditioning', 'train_or_load_generator', 'edit_queries',
+           'score_edits', 'choose_weight', 'success_rows', 'run_world_t2i', 'plot_t2i_gallery']
 
 # %% ../nbs/11b_world_diffusion.ipynb #40d2a432
 GENERATOR_VERSION = 1  # bump when training or sampling changes: it is part of the cache key
@@ -177,107 +177,6 @@ def sample_images(unet, cond, empty, settings: GeneratorSettings, seeds: Sequenc
             x = ddim.step(eps_u + g * (eps_c - eps_u), t, x).prev_sample
         out.append(from_patches(x.cpu(), settings.patch))
     return np.concatenate(out) if out else np.zeros((0,) + (shape[1] * settings.patch,) * 2 + (3,), np.uint8)
-
-# %% ../nbs/11b_world_diffusion.ipynb #8ac55ad1
-def measure_generated(images: np.ndarray, threshold: float = 60.0, border: int = 2) -> pd.DataFrame:
-    "Per image: foreground `area` (px), `value` and `hue` of the mean foreground colour, centroid `x` in [0, 1]."
-    im = images.astype(np.float32)
-    n, s = im.shape[:2]
-    ring = np.ones((s, s), bool); ring[border:-border, border:-border] = False
-    bg = np.median(im[:, ring], axis=1)  # [N, 3]
-    fg = np.linalg.norm(im - bg[:, None, None], axis=-1) > threshold
-    area = fg.sum((1, 2))
-    safe = np.maximum(area, 1)
-    mean = (im * fg[..., None]).sum((1, 2)) / safe[:, None] / 255
-    mx, mn = mean.max(1), mean.min(1)
-    r, g, b = mean.T
-    delta = np.where(mx > mn, mx - mn, 1)
-    hue = np.select([mx == r, mx == g], [((g - b) / delta) % 6, (b - r) / delta + 2], (r - g) / delta + 4) * 60
-    x = (fg * (np.arange(s) + 0.5)[None, None]).sum((1, 2)) / safe / s
-    empty = area == 0
-    return pd.DataFrame(dict(area=area.astype(float), value=np.where(empty, np.nan, mx),
-                             hue=np.where(empty, np.nan, hue), x=np.where(empty, np.nan, x)))
-
-# %% ../nbs/11b_world_diffusion.ipynb #3a13a384
-@dataclass(frozen=True)
-class WorldEdit:
-    "An edit of the class prompt: a world attribute, the measured pixel statistic it should move, and which way."
-    name: str
-    attribute: str  # the world attribute the difference statement is about
-    measure: str  # column of `measure_generated`
-    sign: int  # +1: the statistic should rise, -1: fall, 0: the hue should approach the target colour
-    tolerance: float  # the least change that counts (area: a ratio; hue: degrees)
-
-# %% ../nbs/11b_world_diffusion.ipynb #8b98785b
-WORLD_EDITS = (
-    WorldEdit("larger", "size", "area", +1, 0.10), WorldEdit("smaller", "size", "area", -1, 0.10),
-    WorldEdit("brighter", "brightness", "value", +1, 0.03), WorldEdit("darker", "brightness", "value", -1, 0.03),
-    WorldEdit("further left", "position", "x", -1, 0.03), WorldEdit("further right", "position", "x", +1, 0.03),
-    WorldEdit("recoloured", "colour", "hue", 0, 5.0),
-)
-_LEVELS = {"size": ("radius", 0.7, 1.4), "brightness": ("brightness", 0.5, 0.94), "position": ("x", 0.28, 0.72)}
-
-# %% ../nbs/11b_world_diffusion.ipynb #d783e945
-def edit_target_colour(category: str) -> str:
-    "The colour a `recoloured` edit asks for: the species' first neighbouring colour."
-    from pc_clip.world import CATEGORIES, COLOUR_NEIGHBOURS
-    return COLOUR_NEIGHBOURS[CATEGORIES.colour[category]][0]
-
-
-def edit_pair(category: str, edit: WorldEdit) -> tuple[dict, dict]:
-    "Attribute dicts `(first, second)` of the species' prototype where `first` has the edit and `second` the opposite."
-    from pc_clip.world import position_word, typical_attrs
-    a, b = typical_attrs(category), typical_attrs(category)
-    a["count"] = b["count"] = 1
-    if edit.attribute == "colour":
-        a["colour"] = edit_target_colour(category)
-        return a, b
-    col, low, high = _LEVELS[edit.attribute]  # the measured statistic rises from `low` to `high`
-    first, second = (high, low) if edit.sign > 0 else (low, high)
-    scale = a[col] if col == "radius" else 1.0
-    a[col], b[col] = scale * first, scale * second
-    if col == "x":
-        a["position"], b["position"] = position_word(a["x"]), position_word(b["x"])
-    return a, b
-
-
-def edit_statement(category: str, edit: WorldEdit, rng: np.random.Generator, wordings: str = "heldout") -> str:
-    "An oracle difference statement saying the first image shows the edited species (e.g. 'The first ... is larger')."
-    from pc_clip.world import difference_statement
-    a, b = edit_pair(category, edit)
-    s = difference_statement(a, b, edit.attribute, rng, wordings)
-    if s is None:
-        raise ValueError(f"{category}/{edit.name}: the two prototypes do not differ enough for a statement")
-    return s["text"]
-
-# %% ../nbs/11b_world_diffusion.ipynb #3c3e159d
-def _hue_distance(h, target):
-    d = np.abs(np.asarray(h, float) - target) % 360
-    return np.minimum(d, 360 - d)
-
-
-def edit_success(reference: pd.DataFrame, edited: pd.DataFrame, edit: WorldEdit, target_hue=None) -> np.ndarray:
-    "Per pair: did the measured statistic move from the reference image to the edited one the stated way (beyond `tolerance`)?"
-    r, e = reference[edit.measure].to_numpy(float), edited[edit.measure].to_numpy(float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if edit.sign == 0:
-            ok = _hue_distance(e, target_hue) < _hue_distance(r, target_hue) - edit.tolerance
-        elif edit.measure == "area":
-            ok = (e > r * (1 + edit.tolerance)) if edit.sign > 0 else (e < r / (1 + edit.tolerance))
-        else:
-            ok = (e - r > edit.tolerance) if edit.sign > 0 else (r - e > edit.tolerance)
-    return ok & np.isfinite(r) & np.isfinite(e)
-
-# %% ../nbs/11b_world_diffusion.ipynb #fc3b9328
-def bootstrap_interval(x, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    "Percentile bootstrap interval of the mean of `x` (seeded)."
-    x = np.asarray(x, float)
-    if len(x) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng([seed, 157])
-    means = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
-    a = (1 - level) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 # %% ../nbs/11b_world_diffusion.ipynb #38ccbf90
 def _clip_fingerprint(model) -> str:

@@ -98,3 +98,17 @@ def test_cached_embeddings_keep_the_skip_count(tiny, runs_dir, tmp_path):
     again = embed_images(model, again_ds, cfg(), preprocess=preprocess, progress=False)
     assert first_ds.n_skipped == again_ds.n_skipped == 3
     assert torch.equal(first, again) and kept_indices(again_ds).tolist() == [0, 2, 3, 5, 6]
+
+
+def test_checkpoints_of_the_configured_epochs_are_kept(tiny, runs_dir):
+    """The paper keeps its models after epochs 10 and 20 (`ft_keep_epochs`); here epoch 2 of 4 stays beside the
+    newest, the others are deleted, and the kept one holds the weights a 2-epoch run ends with."""
+    from safetensors.torch import load_file
+    from pc_clip.train_state import epoch_checkpoints
+    assert get_config("paper").ft_keep_epochs == (10, 20) and get_config("tiny").ft_keep_epochs == ()
+    run = train(tiny, cfg(ft_epochs=4, ft_keep_epochs=(2,)))
+    assert [p.name for p in epoch_checkpoints(run.out_dir)] == ["epoch-002", "epoch-004"]
+    two = train(tiny, cfg(ft_epochs=2))
+    assert [p.name for p in epoch_checkpoints(two.out_dir)] == ["epoch-002"]  # default: only the newest
+    kept = load_file(str(run.out_dir / "epochs" / "epoch-002" / "open_clip_model.safetensors"))
+    assert all(torch.equal(kept[k], v) for k, v in two.model.state_dict().items())
