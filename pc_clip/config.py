@@ -68,11 +68,15 @@ class Config:
     ft_weight_decay: float = 0.0
     ft_max_bad_fraction: float = 0.1  # a run with more non-finite steps than this fails and keeps the previous model
     ft_max_pairs: int | None = 16384  # train on a seeded subset of at most this many rows (None: all)
+    ft_keep_epochs: tuple[int, ...] = ()  # epoch checkpoints kept besides the newest (out_dir/epochs/epoch-NNN)
     # caption-finetuning baselines (ordinary CLIP loss)
     caption_ft_lr: float = 2e-3
     caption_ft_batch_size: int = 128
     caption_ft_epochs: int = 1
     wavg_alpha: float = 0.5
+    # pc-clip is the (lr, alpha) of this grid chosen on validation data (nbs/12a_selection.ipynb); () = ft_lr only / alpha 1 only
+    ft_lr_grid: tuple[float, ...] = (1e-3, 2e-3)  # finetuning learning rates tried (each > 0)
+    wavg_alpha_grid: tuple[float, ...] = (0.25, 0.5, 1.0)  # weight-averaging mixes with the base tried (each in [0, 1]; 1: no averaging)
     # evaluation
     eval_n_images: int = 100
     eval_seeds: tuple[int, ...] = (0, 1, 2)
@@ -111,6 +115,8 @@ _PAPER = dict(
     generator="meta-llama/Llama-2-13b-chat-hf", load_in_4bit=True, gen_batch_size=32,
     judge="meta-llama/Llama-2-13b-chat-hf",  # the generator's local LLM (offline); "openai:gpt-4o-mini" is an option
     ft_lr=1e-8, ft_lr_decay=0.9, ft_epochs=20, ft_batch_size=512, ft_max_pairs=None, eval_batch_size=256,
+    ft_keep_epochs=(10, 20),  # the paper's checkpoints after epochs 10 and 20
+    ft_lr_grid=(), wavg_alpha_grid=(),  # the paper's one setting (lr 1e-8, no averaging): nothing to choose
     caption_ft_lr=1e-6, caption_ft_batch_size=128, caption_ft_epochs=50,
     comparative_alphas=(1.0, 0.9, 0.85, 0.8),
 )

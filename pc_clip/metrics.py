@@ -21,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 # %% auto #0
-__all__ = ['STATISTICS', 'TextFn', 'outcomes', 'statistic_value', 'bootstrap_ci', 'paired_bootstrap', 'choose_setting',
+__all__ = ['STATISTICS', 'TextFn', 'outcomes', 'statistic_value', 'bootstrap_ci', 'paired_bootstrap', 'best_on_validation',
            'difference_cosines', 'sample_eval_indices', 'difference_classification', 'classification_metrics',
            'zero_shot', 'retrieval', 'difference_vectors', 'pair_consistency', 'directional_consistency',
            'analogy_quadruples', 'analogy_hits', 'text_direction_cosines', 'geometry', 'linear_probe']
@@ -108,7 +108,7 @@ def paired_bootstrap(a, b, weights_a=None, weights_b=None, groups=None, strata=N
     return {"delta": float(np.mean(deltas)), "ci_low": float(lo), "ci_high": float(hi), "n": int(len(a))}
 
 # %% ../nbs/08a_metrics.ipynb #88e9166c
-def choose_setting(scores: dict) -> Any:
+def best_on_validation(scores: dict) -> Any:
     "The key of the highest score in `scores` (insertion order breaks ties: list the conservative setting first)."
     if not scores:
         raise ValueError("no validation scores to choose from; evaluate at least one setting on validation data")
@@ -347,7 +347,7 @@ def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, Cs: Sequence[fl
         search = GridSearchCV(_probe(1.0, max_iter, tol), {"logisticregression__C": Cs}, cv=fold, refit=False)
         search.fit(x, np.r_[train_y, val_y])
         scores = dict(zip(Cs, search.cv_results_["mean_test_score"].tolist()))
-        best = choose_setting(scores)
+        best = best_on_validation(scores)
         n_before = len(caught)
         pred = _probe(best, max_iter, tol).fit(np.asarray(train_x, np.float64), train_y).predict(np.asarray(test_x, np.float64))
     hit = (pred == test_y).astype(np.float64)

@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .core import Config, artifact_lock, atomic_write_json, content_hash, pick_device
-from .models import (checkpoint_metadata, create_clip, encode_images, images_to_tensor, is_checkpoint,
+from .embed import compute_image_embeddings
+from .models import (checkpoint_metadata, create_clip, images_to_tensor, is_checkpoint,
                             load_checkpoint, model_dir, save_checkpoint)
 from .world import CATEGORY_NAMES, World, make_caption
 
@@ -51,7 +52,7 @@ def zero_shot_accuracy(model, tokenizer, images: np.ndarray | torch.Tensor, labe
     weights = open_clip.build_zero_shot_classifier(model, tokenizer, classnames, list(templates),
                                                    num_classes_per_batch=None, device=device)
     x = images_to_tensor(images) if isinstance(images, np.ndarray) else images
-    emb = encode_images(model, x, batch_size=batch_size, device=device)
+    emb = compute_image_embeddings(model, x, batch_size, device, progress=False)
     pred = (emb.to(weights.device) @ weights).argmax(1).cpu().numpy()
     model.train(was_training)
     y = np.array([classnames.index(l) for l in labels])

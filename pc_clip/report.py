@@ -15,7 +15,8 @@ import pandas as pd
 
 from .core import Config, atomic_write, condition_dict, read_results, results_path
 from .evaluate import read_items
-from .metrics import choose_setting, paired_bootstrap
+from .metrics import best_on_validation, paired_bootstrap
+from .selection import Targets, candidate_table, choose_setting, selection_markdown, target_check
 
 # %% auto #0
 __all__ = ['ABLATION_MODELS', 'MAIN_METRICS', 'RECALLS', 'PAPER_CLAIMS', 'TASK_TITLES', 'is_validation', 'test_rows', 'cell_name',
@@ -162,11 +163,11 @@ class Claim:
 # %% ../nbs/12_report.ipynb #3f57d6eb
 def chosen_setting(results: pd.DataFrame, task: str, model: str, key: str, metric: str = "accuracy",
                    dataset: str | None = None):
-    "The value of setting `key` chosen on the validation rows of `task` and `model` (by `metrics.choose_setting`)."
+    "The value of setting `key` chosen on the validation rows of `task` and `model` (by `metrics.best_on_validation`)."
     v = results[(results["task"] == task) & (results["model"] == model) & (results["metric"] == metric) & is_validation(results)]
     v = v if dataset is None else v[v["dataset"] == dataset]
     scores = v.assign(s=v["condition"].map(lambda c: condition_dict(c).get(key))).groupby("s", sort=False)["value"].mean()
-    return choose_setting(scores.to_dict()) if len(scores) else None
+    return best_on_validation(scores.to_dict()) if len(scores) else None
 
 
 def _side(items: pd.DataFrame, c: Claim, model: str, extra: dict) -> pd.DataFrame:
@@ -288,12 +289,37 @@ def claims_markdown(verdicts: pd.DataFrame) -> str:
 # %% ../nbs/12_report.ipynb #d80c3987
 def _selections(results: pd.DataFrame) -> list[str]:
     parts = ["\n## Settings chosen on validation data\n",
-             "Rule (fixed before any number, `pc_clip.metrics.choose_setting`): the highest validation accuracy; "
+             "Rule (fixed before any number, `pc_clip.metrics.best_on_validation`): the highest validation accuracy; "
              "ties go to the setting listed first (alpha = 1, the smallest C). Test numbers are reported at the chosen "
              "values only.\n"]
     for task, key in (("comparative_prompting", "alpha"), ("linear_probe", "C")):
         t = selection_table(results, task, key)
         parts.append(f"\n**{task}: {key}** (validation accuracy)\n\n" + markdown_table(t))
+    return parts
+
+
+def _finetune_selection(results: pd.DataFrame, figure: Path | None, report_dir: Path, targets: Targets = Targets()) -> list[str]:
+    "The REPORT section on the finetuning strength: the validation choice, its evidence and figure, the targets on test."
+    cands = candidate_table(results)
+    if cands.empty:
+        return []
+    table, chosen = choose_setting(cands, targets)
+    parts = ["\n## Finetuning strength of `pc-clip` (chosen on validation data)\n",
+             "Rule (fixed before any number, `pc_clip.selection.choose_setting`): among the (lr, weight-averaging alpha) "
+             "candidates that keep validation zero-shot >= clip - 0.01, worst-class >= clip - 0.05 and mean retrieval "
+             "recall >= clip - 0.02, the largest validation difference-classification gain; if none does, the smallest "
+             "total shortfall. Changes are candidate minus clip on the same validation images.\n",
+             selection_markdown(table, targets)]
+    if figure is not None and Path(figure).exists():
+        parts.append(f"\n![finetune selection]({os.path.relpath(Path(figure).resolve(), report_dir.resolve())})\n")
+    check = target_check(results, targets)
+    parts.append(f"\n**Targets on test** (`pc-clip` = lr {chosen['lr']:g}, alpha {chosen['alpha']:g}, against `clip`)\n\n"
+                 + markdown_table(check.set_index("target")))
+    missed = check[check["met"] == "no"]["target"].tolist()
+    parts.append("\nAll targets are met on test.\n" if not missed and (check["met"] == "yes").all() else
+                 f"\n**Targets not met on test: {', '.join(missed) or 'none'}**"
+                 + ("; not measured: " + ", ".join(check[check['met'] == 'not measured']['target']) if (check["met"] == "not measured").any() else "")
+                 + ".\n")
     return parts
 
 
@@ -316,6 +342,7 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
              f"\n{int((counted.agrees == 'yes').sum())} of {len(counted)} measured claims agree with the paper.\n",
              "\n**Controls** (hold by construction for a text-only finetune; not counted)\n\n", claims_markdown(v[v["control"]])]
     parts += _selections(results)
+    parts += _finetune_selection(results, (figures or {}).get("finetune_selection"), path.parent)
     parts += ["\n## Baselines and ablations (mean over cells and seeds)\n", markdown_table(ablation_table(results))]
     for task, title in TASK_TITLES.items():
         sub = test_rows(results[results["task"] == task])

@@ -10,9 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .core import Config
 
 # %% auto #0
-__all__ = ['CONSTRAINTS', 'Targets', 'shortfalls', 'choose_setting', 'pareto_front', 'pareto_figure', 'selection_markdown']
+__all__ = ['CONSTRAINTS', 'VAL_METRICS', 'SELECTION_TASK', 'CHANGES', 'TEST_TARGETS', 'Targets', 'shortfalls', 'choose_setting',
+           'pareto_front', 'pareto_figure', 'selection_markdown', 'sweep_grid', 'candidate_config',
+           'trimmed_text_encoder', 'validation_outcomes', 'validation_rows', 'candidate_table', 'Sweep', 'run_sweep',
+           'save_chosen', 'finetune_chosen', 'target_check']
 
 # %% ../nbs/12a_selection.ipynb #178c9e2b
 @dataclass(frozen=True)
@@ -96,13 +103,218 @@ def selection_markdown(table: pd.DataFrame, targets: Targets = Targets(), what: 
         lines.append(f"The chosen setting does **not** reach the gain targets on validation "
                      f"(+{targets.gain:g} over all tasks, +{targets.gain_heldout:g} on held-out wordings).")
     cols = ["lr", "alpha", "diff_gain", "diff_gain_heldout", *CONSTRAINTS.values(), "feasible", "chosen"]
-    body = table[cols].to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else table[cols].to_string(index=False)
-    return "\n\n".join([" ".join(lines), body])
+    fmt = lambda v: f"{v:+.3f}" if isinstance(v, (float, np.floating)) and not isinstance(v, bool) else str(v)
+    body = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+    body += ["| " + " | ".join([f"{r['lr']:g}", f"{r['alpha']:g}"] + [fmt(r[c]) for c in cols[2:]]) + " |"
+             for _, r in table.iterrows()]
+    return "\n\n".join([" ".join(lines), "\n".join(body)])
+
+# %% ../nbs/12a_selection.ipynb #16c50c20
+def sweep_grid(cfg: Config) -> list[tuple[float, float]]:
+    "The `(lr, alpha)` candidates of `cfg`: `ft_lr_grid` x `wavg_alpha_grid` (empty: `ft_lr` only / alpha 1 only)."
+    lrs, alphas = tuple(cfg.ft_lr_grid) or (cfg.ft_lr,), tuple(cfg.wavg_alpha_grid) or (1.0,)
+    if not all(lr > 0 for lr in lrs) or not all(0 <= a <= 1 for a in alphas):
+        raise ValueError(f"ft_lr_grid must hold learning rates > 0 and wavg_alpha_grid mixes in [0, 1]; got {lrs} and {alphas}")
+    return [(float(lr), float(a)) for lr in dict.fromkeys(lrs) for a in dict.fromkeys(alphas)]
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-        return True
-    except ImportError:
-        return False
+def candidate_config(cfg: Config, lr: float, alpha: float) -> Config:
+    "The config of one candidate: a one-point grid, so `model_dir(candidate_config(...), 'pc-clip')` is its folder."
+    return cfg.replace(ft_lr=lr, ft_lr_grid=(), wavg_alpha_grid=() if alpha == 1 else (alpha,))
+
+# %% ../nbs/12a_selection.ipynb #412ae2cd
+VAL_METRICS = ("difference_accuracy", "difference_accuracy_heldout_wording", "zero_shot_accuracy",
+               "zero_shot_worst_class_accuracy", "retrieval_mean_recall")
+
+
+def _difference_outcomes(emb, encode, val_ds, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "Pooled per-item outcomes of every world difference task: all of them, and the held-out-wording ones."
+    from pc_clip.evaluate import build_difference_tasks
+    from pc_clip.metrics import difference_classification
+    parts, held = [], []
+    for t in build_difference_tasks(val_ds, val_ds.labels, cfg):
+        res = difference_classification(emb[torch.as_tensor(t.indices)], t.labels, t.text_fn, encode, cfg.eval_n_images,
+                                        cfg.eval_seeds)
+        for seed, r in res.items():
+            o = r["outcomes"]["accuracy"]
+            o = o.assign(item=[f"{t.dataset}|{sorted(t.condition.items())}|{seed}|{i}" for i in o["item"]])
+            parts.append(o)
+            if t.condition.get("wording") == "heldout":
+                held.append(o)
+    return pd.concat(parts, ignore_index=True), pd.concat(held, ignore_index=True)
+
+
+def _mean_recall_outcomes(res: dict) -> pd.DataFrame:
+    "The six recall outcomes as one table whose weighted mean is the mean of the six recalls."
+    return pd.concat([o.assign(item=[f"{k}|{i}" for i in o["item"]], weight=1.0 / len(o))
+                      for k, o in res["outcomes"].items()], ignore_index=True)
+
+
+def trimmed_text_encoder(model, tokenizer, batch_size: int = 256):
+    "`encode(texts) -> normalised [N, D]`: each batch cut after its longest text (the full-context numbers, faster), memoised."
+    from pc_clip.losses import encode_text_trimmed
+    device, memory = next(model.parameters()).device, {}
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> torch.Tensor:
+        new = sorted(dict.fromkeys(t for t in texts if t not in memory), key=len)  # similar lengths share a batch
+        was = model.training
+        model.eval()
+        for s in range(0, len(new), batch_size):
+            part = new[s:s + batch_size]
+            emb = encode_text_trimmed(model, tokenizer(part).to(device)).float()
+            memory.update(zip(part, torch.nn.functional.normalize(emb, dim=-1).cpu()))
+        model.train(was)
+        return torch.stack([memory[t] for t in texts])
+    return encode
+
+
+def validation_outcomes(model, tokenizer, cfg: Config, world, val_ds=None, n_captions: int = 1) -> dict:
+    "`{metric: (value, outcomes, statistic)}` of `VAL_METRICS` for `model` on the world's `val` split."
+    from pc_clip.data import world_dataset
+    from pc_clip.embed import embed_images
+    from pc_clip.evaluate import zero_shot_classifier
+    from pc_clip.geometry import flatten_captions, world_captions
+    from pc_clip.metrics import retrieval, statistic_value, zero_shot
+    from pc_clip.world import CATEGORY_NAMES
+    val_ds = val_ds if val_ds is not None else world_dataset(world, "val", classnames=CATEGORY_NAMES)
+    emb = embed_images(model, val_ds.arrays, cfg, progress=False)
+    encode = trimmed_text_encoder(model, tokenizer, cfg.eval_batch_size)
+    diff, held = _difference_outcomes(emb, encode, val_ds, cfg)
+    zs = zero_shot(emb, val_ds.labels, zero_shot_classifier(model, tokenizer, val_ds.classnames))
+    texts, owner = flatten_captions(world_captions(world, world.indices("val"), n_captions, cfg.seed))
+    rec = _mean_recall_outcomes(retrieval(emb, encode(texts), owner))
+    out = {"difference_accuracy": (diff, "mean"), "difference_accuracy_heldout_wording": (held, "mean"),
+           "zero_shot_accuracy": (zs["outcomes"]["accuracy"], "mean"),
+           "zero_shot_worst_class_accuracy": (zs["outcomes"]["worst_class_accuracy"], "worst_group"),
+           "retrieval_mean_recall": (rec, "mean")}
+    return {k: (float(statistic_value(o["value"], o["weight"], o["group"], stat)), o, stat) for k, (o, stat) in out.items()}
+
+# %% ../nbs/12a_selection.ipynb #e870707a
+SELECTION_TASK = "finetune_selection"
+
+
+def validation_rows(scores: dict, model: str, setting: dict, seed: int, n_boot: int = 1000) -> list[dict]:
+    "Rows of the results table for the `validation_outcomes` of one model at `setting` (plus `split=val`)."
+    from pc_clip.core import result_row
+    from pc_clip.metrics import bootstrap_ci
+    rows = []
+    for metric, (value, o, stat) in scores.items():
+        ci = bootstrap_ci(o["value"], o["weight"], o["group"], stat, n_boot)
+        rows.append(result_row(model, SELECTION_TASK, "world", metric, value, seed, len(o), {**setting, "split": "val"}, ci))
+    return rows
+
+# %% ../nbs/12a_selection.ipynb #940a6894
+CHANGES = {"diff_gain": "difference_accuracy", "diff_gain_heldout": "difference_accuracy_heldout_wording",
+           "zero_shot_change": "zero_shot_accuracy", "worst_class_change": "zero_shot_worst_class_accuracy",
+           "retrieval_change": "retrieval_mean_recall"}
+
+
+def candidate_table(results: pd.DataFrame, base: str = "clip", model: str = "pc-clip") -> pd.DataFrame:
+    "One row per validation candidate `(lr, alpha)` of `model`: its numbers and their changes against `base`."
+    from pc_clip.core import condition_dict
+    r = results[(results["task"] == SELECTION_TASK) & results["model"].isin([base, model])]
+    r = r[r["condition"].map(lambda s: condition_dict(s).get("split") == "val").astype(bool)]  # validation rows only, never test
+    if r.empty:
+        return pd.DataFrame(columns=["lr", "alpha", *CHANGES, *CHANGES.values()])
+    ref = r[r["model"] == base].groupby("metric")["value"].mean()
+    c = r[r["model"] == model].assign(lr=lambda d: d["condition"].map(lambda s: float(condition_dict(s)["lr"])),
+                                      alpha=lambda d: d["condition"].map(lambda s: float(condition_dict(s)["alpha"])))
+    t = c.pivot_table(index=["lr", "alpha"], columns="metric", values="value", aggfunc="mean").reset_index()
+    missing = sorted(set(CHANGES.values()) - set(ref.index))
+    if missing:
+        raise ValueError(f"no validation rows of the base model {base!r} for {missing}; the sweep must evaluate it too")
+    for k, metric in CHANGES.items():
+        t[k] = t[metric] - ref[metric]
+    t.columns.name = None
+    return t
+
+# %% ../nbs/12a_selection.ipynb #cdb211bf
+@dataclass
+class Sweep:
+    "What `run_sweep` returns: the candidate table with the rule's columns, the chosen row, the validation rows, the finetunes."
+    table: pd.DataFrame
+    chosen: pd.Series
+    rows: list[dict]
+    runs: dict  # lr -> FinetuneRun of the full-strength finetune
+
+
+def run_sweep(inputs, cfg: Config, targets: Targets = Targets(), progress: bool = True) -> Sweep:
+    "Finetune at each lr of the grid, average at each alpha, evaluate every candidate and `clip` on validation, choose."
+    from pc_clip.finetune_plan import finetune_models, save_weight_average
+    from pc_clip.models import model_dir
+    if inputs.world is None:
+        raise ValueError(f"the sweep needs the Shapes world's validation split (corpus {cfg.corpus!r} has none here); "
+                         "set ft_lr_grid=() and wavg_alpha_grid=() to train the one setting ft_lr without a sweep")
+    rows = validation_rows(validation_outcomes(inputs.base, inputs.tokenizer, cfg, inputs.world), "clip", {}, cfg.seed)
+    runs = {}
+    for lr, alpha in tqdm(sweep_grid(cfg), desc="validation sweep", disable=not progress):
+        if lr not in runs:
+            runs[lr] = finetune_models(inputs, candidate_config(cfg, lr, 1.0), ["pc-clip"], progress=False)["pc-clip"]
+        m = runs[lr].model if alpha == 1 else save_weight_average(
+            inputs.base, runs[lr].model, model_dir(candidate_config(cfg, lr, alpha), "pc-clip"), cfg.model_name, alpha)
+        scores = validation_outcomes(m, inputs.tokenizer, cfg, inputs.world)
+        rows += validation_rows(scores, "pc-clip", {"lr": lr, "alpha": alpha}, cfg.seed)
+    table, chosen = choose_setting(candidate_table(pd.DataFrame(rows)), targets)
+    return Sweep(table, chosen, rows, runs)
+
+# %% ../nbs/12a_selection.ipynb #c281171c
+def save_chosen(base, finetuned, cfg: Config, name: str, lr: float, alpha: float):
+    "Model `name` of `cfg`: `finetuned` (trained at `lr`) averaged with `base` at `alpha`, saved to `model_dir(cfg, name)`."
+    from pc_clip.core import artifact_lock
+    from pc_clip.finetune_plan import weight_average_model
+    from pc_clip.models import model_dir, save_checkpoint
+    source, target = model_dir(candidate_config(cfg, lr, 1.0), name), model_dir(cfg, name)
+    if source == target and alpha == 1:  # a one-point grid: the finetune is the model
+        return finetuned
+    m = weight_average_model(base, finetuned, alpha)
+    with artifact_lock(target):
+        save_checkpoint(m, target, cfg.model_name, {"selection": {"lr": lr, "alpha": alpha, "finetuned": source.name}})
+    return m
+
+
+def finetune_chosen(inputs, cfg: Config, lr: float, alpha: float, progress: bool = True) -> tuple[dict, dict]:
+    "`({name: model}, {name: FinetuneRun})`: every model of `FINETUNE_PLAN` (and the wavg variant) at the chosen setting."
+    from pc_clip.finetune_plan import FINETUNE_PLAN, finetune_models, save_weight_average
+    from pc_clip.models import model_dir
+    variants = [n for n in FINETUNE_PLAN if n == "pc-clip" or n.startswith("pc-clip/")]
+    runs = finetune_models(inputs, candidate_config(cfg, lr, 1.0), variants, progress)
+    runs.update(finetune_models(inputs, cfg, [n for n in FINETUNE_PLAN if n not in variants], progress))
+    models = {n: save_chosen(inputs.base, r.model, cfg, n, lr, alpha) if n in variants else r.model for n, r in runs.items()}
+    wavg = f"pc-clip/wavg-{cfg.wavg_alpha:g}"
+    models[wavg] = save_weight_average(inputs.base, runs["pc-clip"].model, model_dir(cfg, wavg), cfg.model_name, cfg.wavg_alpha)
+    return models, runs
+
+# %% ../nbs/12a_selection.ipynb #58d66357
+def _test_means(results: pd.DataFrame, model: str, task: str, metric, keep=None) -> pd.Series:
+    "Mean over seeds of each (dataset, condition) cell of `model`'s test rows of `task` and `metric` (a name or a test)."
+    from pc_clip.core import condition_dict
+    r = results[(results["model"] == model) & (results["task"] == task)]
+    r = r[~r["condition"].map(lambda s: condition_dict(s).get("split") == "val").astype(bool)]
+    r = r[(r["metric"].map(metric) if callable(metric) else r["metric"] == metric).astype(bool)]
+    if keep is not None:
+        r = r[r["condition"].map(lambda s: bool(keep(condition_dict(s)))).astype(bool)]
+    return r.groupby(["dataset", "condition", "metric"])["value"].mean()
+
+
+TEST_TARGETS = {  # name: (target attribute, task, metric, cell filter)
+    "difference classification, all cells": ("gain", "difference_classification", "accuracy", None),
+    "difference classification, held-out wordings": ("gain_heldout", "difference_classification", "accuracy",
+                                                     lambda c: c.get("wording") == "heldout"),
+    "zero-shot accuracy": ("zero_shot", "zero_shot", "accuracy", None),
+    "worst-class zero-shot accuracy": ("worst_class", "zero_shot", "worst_class_accuracy", None),
+    "mean retrieval recall": ("retrieval", "retrieval", lambda m: str(m).startswith("recall@"), None),
+}
+
+
+def target_check(results: pd.DataFrame, targets: Targets = Targets(), model: str = "pc-clip", base: str = "clip") -> pd.DataFrame:
+    "Per target: `model` and `base` on the test cells both have, the change, the threshold and whether it is met."
+    out = []
+    for name, (attr, task, metric, keep) in TEST_TARGETS.items():
+        a, b = _test_means(results, model, task, metric, keep), _test_means(results, base, task, metric, keep)
+        cells = a.index.intersection(b.index)
+        change = float(a[cells].mean() - b[cells].mean()) if len(cells) else float("nan")
+        out.append(dict(target=name, **{model: a[cells].mean() if len(cells) else np.nan, base: b[cells].mean() if len(cells) else np.nan},
+                        change=change, threshold=getattr(targets, attr), cells=len(cells),
+                        met="not measured" if not len(cells) else ("yes" if change >= getattr(targets, attr) else "no")))
+    return pd.DataFrame(out)

@@ -113,7 +113,7 @@ def test_probe_chooses_C_on_validation_and_scores_test_once():
     centres = 6 * rng.normal(size=(4, 16))
     feat = lambda y: centres[y] + rng.normal(size=(len(y), 16)) * 0.2
     r = M.linear_probe(feat(y_tr), y_tr, feat(y_va), y_va, feat(y_te), y_te, Cs=(1.0, 0.01))
-    assert r["accuracy"] == 1.0 and set(r["validation"]) == {0.01, 1.0} and r["C"] == M.choose_setting(r["validation"])
+    assert r["accuracy"] == 1.0 and set(r["validation"]) == {0.01, 1.0} and r["C"] == M.best_on_validation(r["validation"])
     assert len(r["outcomes"]["accuracy"]) == 100
     # validation labels that are noise: the choice follows them, the test score does not see them
     noisy = M.linear_probe(feat(y_tr), y_tr, feat(y_va), rng.integers(0, 4, 100), feat(y_te), y_te, Cs=(0.01, 1.0))

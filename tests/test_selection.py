@@ -1,0 +1,90 @@
+"""The finetuning-strength selection: the rule decides on validation rows only, and `pc-clip` is the chosen candidate."""
+import pandas as pd
+import pytest
+import torch
+
+from pc_clip.core import get_config, result_row
+from pc_clip.models import checkpoint_metadata, create_clip, load_clip, model_dir
+from pc_clip.selection import (SELECTION_TASK, VAL_METRICS, candidate_config, candidate_table, choose_setting,
+                               save_chosen, sweep_grid, target_check)
+from pc_clip.testing import temp_workdir
+
+BASE = dict(zip(VAL_METRICS, (0.55, 0.50, 0.78, 0.50, 0.30)))
+
+
+def _rows(cands: dict, split: str | None = "val") -> list[dict]:
+    "Selection rows of clip and of candidates `{(lr, alpha): (diff, held, zs, worst, retrieval) changes}`."
+    extra = {"split": split} if split else {}
+    rows = [result_row("clip", SELECTION_TASK, "world", m, v, 0, 100, extra) for m, v in BASE.items()] if split else []
+    for (lr, a), ch in cands.items():
+        rows += [result_row("pc-clip", SELECTION_TASK, "world", m, BASE[m] + c, 0, 100, {"lr": lr, "alpha": a, **extra})
+                 for m, c in zip(VAL_METRICS, ch)]
+    return rows
+
+
+CANDS = {(1e-3, 0.5): (0.06, 0.04, 0.0, -0.01, -0.01),  # feasible, moderate gain
+         (1e-3, 1.0): (0.12, 0.08, -0.04, -0.2, -0.1),  # large gain, loses zero-shot
+         (2e-3, 0.25): (0.07, 0.03, -0.005, 0.0, -0.015),  # feasible, the best feasible gain
+         (2e-3, 1.0): (0.20, 0.10, -0.09, -0.4, -0.2)}
+
+
+def test_rule_picks_best_feasible_gain_from_validation_rows():
+    table, chosen = choose_setting(candidate_table(pd.DataFrame(_rows(CANDS))))
+    assert (chosen.lr, chosen.alpha) == (2e-3, 0.25)
+    assert table.set_index(["lr", "alpha"])["feasible"].to_dict() == {
+        (1e-3, 0.5): True, (1e-3, 1.0): False, (2e-3, 0.25): True, (2e-3, 1.0): False}
+
+
+def test_test_rows_never_influence_the_choice():
+    val = pd.DataFrame(_rows(CANDS))
+    # on test, (1e-3, 0.5) looks far better and keeps everything: the choice must not move
+    leak = pd.DataFrame(_rows({(1e-3, 0.5): (0.5, 0.5, 0.1, 0.1, 0.1)}, split=None))
+    assert (leak["condition"] == "alpha=0.5;lr=0.001").all()
+    _, chosen = choose_setting(candidate_table(pd.concat([val, leak])))
+    assert (chosen.lr, chosen.alpha) == (2e-3, 0.25)
+
+
+def test_nothing_feasible_takes_smallest_shortfall_and_says_so():
+    table, chosen = choose_setting(candidate_table(pd.DataFrame(_rows({k: CANDS[k] for k in [(1e-3, 1.0), (2e-3, 1.0)]}))))
+    assert (chosen.lr, chosen.alpha, bool(chosen.feasible)) == (1e-3, 1.0, False)
+
+
+def test_missing_base_rows_is_an_error():
+    rows = [r for r in _rows(CANDS) if r["model"] != "clip"]
+    with pytest.raises(ValueError, match="base model 'clip'"):
+        candidate_table(pd.DataFrame(rows))
+
+
+def test_grid_and_candidate_folders():
+    cfg = get_config("tiny", ft_lr_grid=(1e-3, 2e-3), wavg_alpha_grid=(0.5, 1.0))
+    assert sweep_grid(cfg) == [(1e-3, 0.5), (1e-3, 1.0), (2e-3, 0.5), (2e-3, 1.0)]
+    folders = {model_dir(candidate_config(cfg, lr, a), "pc-clip") for lr, a in sweep_grid(cfg)}
+    assert len(folders) == 4 and model_dir(cfg, "pc-clip") not in folders  # the chosen copy never overwrites a candidate
+    paper = get_config("paper")
+    assert sweep_grid(paper) == [(paper.ft_lr, 1.0)] and candidate_config(paper, paper.ft_lr, 1.0) == paper
+
+
+def test_saved_choice_is_what_later_experiments_load_as_pc_clip():
+    base, finetuned = create_clip("pc-clip-tiny", seed=0)[0], create_clip("pc-clip-tiny", seed=1)[0]
+    with temp_workdir():
+        cfg = get_config("tiny", ft_lr_grid=(1e-3, 2e-3), wavg_alpha_grid=(0.25, 1.0))
+        save_chosen(base, finetuned, cfg, "pc-clip", 2e-3, 0.25)
+        loaded = load_clip(cfg, "pc-clip", "cpu")[0].state_dict()
+        key = "transformer.resblocks.0.mlp.c_fc.weight"
+        want = torch.lerp(base.state_dict()[key], finetuned.state_dict()[key], 0.25)
+        assert torch.allclose(loaded[key], want)
+        meta = checkpoint_metadata(model_dir(cfg, "pc-clip"))["selection"]
+        assert (meta["lr"], meta["alpha"]) == (2e-3, 0.25)
+        assert meta["finetuned"] == model_dir(candidate_config(cfg, 2e-3, 1.0), "pc-clip").name
+        # a one-point grid at alpha 1: the finetune already is pc-clip, nothing is written
+        one = cfg.replace(ft_lr=1e-3, ft_lr_grid=(), wavg_alpha_grid=())
+        assert save_chosen(base, finetuned, one, "pc-clip", 1e-3, 1.0) is finetuned
+        assert not model_dir(one, "pc-clip").exists()
+
+
+def test_targets_on_test_ignore_validation_rows():
+    rows = [result_row("clip", "zero_shot", "world", "accuracy", 0.78, 0, 100),
+            result_row("pc-clip", "zero_shot", "world", "accuracy", 0.76, 0, 100),
+            result_row("pc-clip", "zero_shot", "world", "accuracy", 0.95, 0, 100, {"split": "val"})]
+    t = target_check(pd.DataFrame(rows)).set_index("target")
+    assert t.loc["zero-shot accuracy", "met"] == "no" and abs(t.loc["zero-shot accuracy", "change"] + 0.02) < 1e-9
