@@ -21,9 +21,10 @@ from .core import (Config, artifact_lock, atomic_write, content_hash, result_row
 from .data import load_dataset
 from .embed import embed_images, embed_texts, embedded_labels
 from .geometry import controlled_pairs, edit_statements, flatten_captions, probe_indices, world_captions, world_probe_labels
+from .losses import encode_text_trimmed
 from .metrics import (bootstrap_ci, best_on_validation, difference_classification, geometry, linear_probe,
                              retrieval, zero_shot)
-from .models import encode_texts, load_clip
+from .models import load_clip
 from .tasks import (DifferenceTask, awa2_attribute_task, cifar100_size_task, cub_comparative_task,
                            flowers_colour_task, world_difference_tasks)
 from .world import heldout_category_pairs, make_world
@@ -63,10 +64,18 @@ def text_encoder(model, tokenizer, batch_size: int = 256, device: str | torch.de
     device = device or next(model.parameters()).device
     memory: dict[str, torch.Tensor] = {}
 
+    @torch.no_grad()
     def encode(texts: list[str]) -> torch.Tensor:
-        new = list(dict.fromkeys(t for t in texts if t not in memory))
-        if new:
-            memory.update(zip(new, encode_texts(model, tokenizer, new, batch_size, device)))
+        new = sorted(dict.fromkeys(t for t in texts if t not in memory), key=len)  # similar lengths share a batch
+        was = model.training
+        model.eval()
+        try:
+            for s in range(0, len(new), batch_size):
+                part = new[s:s + batch_size]
+                emb = encode_text_trimmed(model, tokenizer(part).to(device)).float()
+                memory.update(zip(part, torch.nn.functional.normalize(emb, dim=-1).cpu()))
+        finally:
+            model.train(was)
         return torch.stack([memory[t] for t in texts]) if texts else torch.zeros(0, model.text_projection.shape[-1])
 
     encode.memory = memory

@@ -163,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pc_clip.cli import parse_overrides
     from pc_clip.core import get_config, pick_device
     from pc_clip.models import model_dir
+    from pc_clip.selection import sweep_grid
     p = argparse.ArgumentParser(prog="python -m pc_clip.finetune_plan", description=main.__doc__)
     p.add_argument("--profile", default="tiny")
     p.add_argument("-p", "--param", action="append", default=[], help="config override key=value (repeatable)")
@@ -170,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     rank, world = init_distributed()
     cfg = get_config(args.profile, **parse_overrides(args.param)[0])
+    if len(sweep_grid(cfg)) > 1:  # the sweep evaluates every candidate on validation: that is experiment 03's job
+        p.error(f"profile {args.profile!r} sweeps the finetuning strength on validation ({len(sweep_grid(cfg))} settings of "
+                "ft_lr_grid x wavg_alpha_grid), which experiment 03 runs; to train one setting here pass "
+                "-p 'ft_lr_grid=()' -p 'wavg_alpha_grid=()' (and -p ft_lr=... for its learning rate)")
     device = torch.device("cuda", torch.cuda.current_device()) if world > 1 and torch.cuda.is_available() else pick_device(cfg.device)
     inputs = finetuning_inputs(cfg, device, progress=rank == 0)
     runs = finetune_models(inputs, cfg, args.only.split(",") if args.only else None, progress=rank == 0)

@@ -18,8 +18,8 @@ from .core import Config
 # %% auto #0
 __all__ = ['CONSTRAINTS', 'VAL_METRICS', 'SELECTION_TASK', 'CHANGES', 'TEST_TARGETS', 'Targets', 'shortfalls', 'choose_setting',
            'pareto_front', 'pareto_figure', 'selection_markdown', 'sweep_grid', 'candidate_config',
-           'trimmed_text_encoder', 'validation_outcomes', 'validation_rows', 'candidate_table', 'Sweep', 'run_sweep',
-           'save_chosen', 'finetune_chosen', 'target_check']
+           'validation_outcomes', 'validation_rows', 'candidate_table', 'Sweep', 'run_sweep', 'save_chosen',
+           'finetune_chosen', 'target_check']
 
 # %% ../nbs/12a_selection.ipynb #178c9e2b
 @dataclass(frozen=True)
@@ -150,36 +150,17 @@ def _mean_recall_outcomes(res: dict) -> pd.DataFrame:
                       for k, o in res["outcomes"].items()], ignore_index=True)
 
 
-def trimmed_text_encoder(model, tokenizer, batch_size: int = 256):
-    "`encode(texts) -> normalised [N, D]`: each batch cut after its longest text (the full-context numbers, faster), memoised."
-    from pc_clip.losses import encode_text_trimmed
-    device, memory = next(model.parameters()).device, {}
-
-    @torch.no_grad()
-    def encode(texts: list[str]) -> torch.Tensor:
-        new = sorted(dict.fromkeys(t for t in texts if t not in memory), key=len)  # similar lengths share a batch
-        was = model.training
-        model.eval()
-        for s in range(0, len(new), batch_size):
-            part = new[s:s + batch_size]
-            emb = encode_text_trimmed(model, tokenizer(part).to(device)).float()
-            memory.update(zip(part, torch.nn.functional.normalize(emb, dim=-1).cpu()))
-        model.train(was)
-        return torch.stack([memory[t] for t in texts])
-    return encode
-
-
 def validation_outcomes(model, tokenizer, cfg: Config, world, val_ds=None, n_captions: int = 1) -> dict:
     "`{metric: (value, outcomes, statistic)}` of `VAL_METRICS` for `model` on the world's `val` split."
     from pc_clip.data import world_dataset
     from pc_clip.embed import embed_images
-    from pc_clip.evaluate import zero_shot_classifier
+    from pc_clip.evaluate import text_encoder, zero_shot_classifier
     from pc_clip.geometry import flatten_captions, world_captions
     from pc_clip.metrics import retrieval, statistic_value, zero_shot
     from pc_clip.world import CATEGORY_NAMES
     val_ds = val_ds if val_ds is not None else world_dataset(world, "val", classnames=CATEGORY_NAMES)
     emb = embed_images(model, val_ds.arrays, cfg, progress=False)
-    encode = trimmed_text_encoder(model, tokenizer, cfg.eval_batch_size)
+    encode = text_encoder(model, tokenizer, cfg.eval_batch_size)
     diff, held = _difference_outcomes(emb, encode, val_ds, cfg)
     zs = zero_shot(emb, val_ds.labels, zero_shot_classifier(model, tokenizer, val_ds.classnames))
     texts, owner = flatten_captions(world_captions(world, world.indices("val"), n_captions, cfg.seed))
