@@ -83,7 +83,7 @@ def select_records(records: Sequence[dict], keys: Sequence[str], what: str = "di
     return [by_key[str(k)] for k in dict.fromkeys(keys)]
 
 # %% ../nbs/07c_finetune_plan.ipynb #d6b59300
-BOTH_TOWERS_MAX_PAIRS = 8192  # the image tower's forward and backward make each pair ~6x dearer
+BOTH_TOWERS_MAX_PAIRS = 2048  # the image tower's forward and backward make each pair ~6x dearer
 FINETUNE_PLAN: dict[str, tuple[str, dict]] = {
     "pc-clip": ("differences", {}),
     "pc-clip/mse": ("differences", {"loss": "mse"}),
