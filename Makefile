@@ -1,6 +1,6 @@
 # pc-clip: two commands do all set-up on a fresh machine.
 #   make reproduce   the full reproduction on the embedded tiny profile
-#   make test        notebooks <-> library sync check, nbdev_test, pytest
+#   make test        notebooks <-> library sync check, nbdev_test, pytest (the paper-smoke reproduction included)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.pc-clip-installed
 PROFILE ?= tiny
 
-.PHONY: install reproduce test lab export clean-nbs bench
+.PHONY: install reproduce test paper-smoke lab export clean-nbs bench
 
 $(STAMP): settings.ini setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,8 +33,12 @@ test: $(STAMP)
 	  echo "nbs/ and pc_clip/ were out of sync or notebooks carried outputs; they are fixed in your tree now: review and commit."; exit 1; fi
 	@echo "== nbdev_test (notebook examples) =="
 	$(BIN)/nbdev_test --n_workers 2 --timing
-	@echo "== pytest =="
+	@echo "== pytest (with the paper-smoke reproduction, tests/test_paper_smoke.py) =="
 	$(BIN)/python -m pytest tests -q
+
+# the paper's code path end to end on stand-ins (part of `make test`; this target runs it alone)
+paper-smoke: $(STAMP)
+	$(BIN)/python -m pytest tests/test_paper_smoke.py -q -s
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab --ip 127.0.0.1 --ServerApp.root_dir=. $(if $(filter 0,$(shell id -u)),--allow-root,)

@@ -20,8 +20,9 @@ from .core import (Config, ConfigError, data_root, figures_dir, get_config, proj
                           run_dir)
 
 # %% auto #0
-__all__ = ['EXPERIMENT_NEEDS', 'experiment_notebooks', 'parse_overrides', 'notebook_needs', 'preflight', 'ExperimentFailed',
-           'MissingInputs', 'run_experiments', 'kill_descendants', 'kernels_stop_with_me', 'main']
+__all__ = ['EXPERIMENT_NEEDS', 'SMOKE_PROFILE', 'SMOKE_DATA_ROOT', 'experiment_notebooks', 'parse_overrides', 'notebook_needs',
+           'preflight', 'smoke_overrides', 'prepare_standins', 'ExperimentFailed', 'MissingInputs', 'run_experiments',
+           'kill_descendants', 'kernels_stop_with_me', 'main']
 
 # %% ../nbs/13_cli.ipynb #0f968ecc
 def experiment_notebooks(folder: str | Path | None = None, only: str | None = None) -> list[Path]:
@@ -63,7 +64,8 @@ EXPERIMENT_NEEDS: dict[str, tuple[str, ...]] = {
     "04": ("clip", "class-differences", *(f"{d}/test" for d in _DIFFERENCE)),
     "05": ("clip", *(f"{d}/test" for d in _ZERO_SHOT)),
     "06": ("clip", "class-differences", "cifar100/train", "cifar100/test"),
-    "07": ("clip", "corpus/val"), "08": ("clip",),
+    "07": ("clip", "corpus/val"),
+    "08": ("clip", "generator", "corpus/val", *(f"{d}/test" for d in _DIFFERENCE)),  # held-out pairs, class pairs
     "09": ("clip", *(f"{d}/{s}" for d in _ZERO_SHOT for s in ("train", "test"))),
     "11": ("clip", "sdxl"), "12": (),
 }
@@ -177,6 +179,31 @@ def preflight(cfg: Config, notebooks: list[Path]) -> list[str]:
         out.append(f"{head}{msg}\n    (needed by experiment{'s' if len(numbers) > 1 else ''} {', '.join(sorted(numbers))})")
     return out
 
+# %% ../nbs/13_cli.ipynb #5f2f5f0c
+SMOKE_PROFILE, SMOKE_DATA_ROOT = "paper-smoke", "data/paper-smoke"
+
+
+def smoke_overrides(profile: str, overrides: dict) -> dict:
+    "`overrides`, plus the stand-ins' own data root on `paper-smoke` unless `PC_CLIP_DATA` or a `data_root` is given."
+    if profile != SMOKE_PROFILE or "data_root" in overrides or os.environ.get("PC_CLIP_DATA"):
+        return dict(overrides)
+    if get_config(profile).data_root != Config.data_root:  # the profile names a data root of its own: keep it
+        return dict(overrides)
+    return {**overrides, "data_root": SMOKE_DATA_ROOT}
+
+
+def prepare_standins(cfg: Config, progress: bool = True) -> list[str]:
+    "On `paper-smoke`, build the stand-ins missing under `data_root(cfg)`; returns the names built (none elsewhere)."
+    if cfg.profile != SMOKE_PROFILE:
+        return []
+    from pc_clip.standins import build_paper_smoke
+    root = data_root(cfg)
+    print(f"[pc-clip] paper-smoke stand-ins in {root}", flush=True)
+    info = build_paper_smoke(root, seed=0, progress=progress)
+    if info["built"]:
+        print(f"[pc-clip] built stand-ins {info['built']} in {sum(info['seconds'].values()):.0f} s", flush=True)
+    return info["built"]
+
 # %% ../nbs/13_cli.ipynb #e497a855
 class ExperimentFailed(RuntimeError):
     "An experiment notebook raised; the message names the notebook and the failing cell."
@@ -206,13 +233,14 @@ def run_experiments(profile: str = "tiny", only: str | None = None, overrides: d
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
-    overrides = dict(overrides or {})
+    overrides = smoke_overrides(profile, overrides or {})
     cfg = get_config(profile, **overrides)  # fail early on an unknown profile, key or a bad value
     notebooks = experiment_notebooks(experiments, only)
     declared = {nb: set(pm.inspect_notebook(str(nb))) for nb in notebooks}
     unknown = sorted(set(params or {}) - set().union(*declared.values()))
     if unknown:
         raise KeyError(f"{unknown}: neither Config fields nor parameters of the selected notebooks")
+    prepare_standins(cfg)  # paper-smoke only: its weights and data sets, built where the preflight looks
     missing = preflight(cfg, notebooks) if check_inputs else []
     if missing:
         raise MissingInputs(missing, data_root(cfg))
@@ -325,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         overrides, params = parse_overrides(args.param)
+        overrides = smoke_overrides(args.profile, overrides)
         cfg = get_config(args.profile, **overrides)
         with kernels_stop_with_me():
             timings = run_experiments(args.profile, args.only, overrides, params, args.experiments, args.log_output,

@@ -5,6 +5,7 @@
 # %% ../nbs/09_comparative.ipynb #91d2fba5
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from typing import Callable, Sequence
 
@@ -19,7 +20,7 @@ from .world import make_world
 
 # %% auto #0
 __all__ = ['top_confused_pairs', 'known_pairs', 'difference_embeddings', 'comparative_class_embeddings', 'comparative_prompting',
-           'class_differences', 'confused_pair_differences']
+           'cached_backend', 'LazyBackend', 'class_differences', 'confused_pair_differences']
 
 # %% ../nbs/09_comparative.ipynb #0f010045
 def top_confused_pairs(confusion: np.ndarray, k: int) -> list[tuple[int, int]]:
@@ -81,12 +82,34 @@ def comparative_prompting(image_emb: torch.Tensor, labels: Sequence[int], class_
     return out
 
 # %% ../nbs/09_comparative.ipynb #bc81acd8
+@functools.lru_cache(maxsize=1)
+def cached_backend(cfg: Config):
+    "`make_backend(cfg)` for a language-model generator, built once per process for the same config."
+    return make_backend(cfg)
+
+
+class LazyBackend:
+    "The backend of `cfg.generator` (a language model), built by `cached_backend` on its first use; named at once."
+    def __init__(self, cfg: Config):
+        if cfg.generator == "oracle":
+            raise ValueError("LazyBackend stands for a language model; the oracle is cheap to build (make_backend)")
+        self.cfg, self.name, self.batch_size = cfg, cfg.generator, cfg.gen_batch_size  # a model's records carry its name
+
+    def generate(self, items, task: str = "differences"):
+        return cached_backend(self.cfg).generate(items, task)
+
+    @property
+    def config(self) -> dict:
+        return cached_backend(self.cfg).config
+
+
 def class_differences(pairs: Sequence[tuple[str, str]], cfg: Config, world=None, backend=None,
                       progress: bool = False) -> dict[tuple[str, str], list[str]]:
     "`{(a, b): [how class a differs from class b]}` for ordered pairs of class names, from `cfg.generator`'s backend."
     if backend is None and cfg.generator == "oracle" and world is None:
         world = make_world(cfg)
-    backend = backend or make_backend(cfg, world)
+    if backend is None:
+        backend = make_backend(cfg, world) if cfg.generator == "oracle" else LazyBackend(cfg)
     return write_category_differences(list(dict.fromkeys(pairs)), backend, category_differences_path(cfg),
                                       cfg.gen_batch_size, progress=progress)
 

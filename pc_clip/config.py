@@ -128,7 +128,7 @@ _PAPER_SMOKE = dict(
     t2i_model="tiny-sdxl", t2i_steps=2, t2i_image_size=64,  # <data root>/weights/tiny-sdxl/
     t2i_clip_model="pc-clip-smoke", t2i_clip_pretrained="smoke",  # the stand-in SDXL's first text encoder is its text tower
     world_n_train=200, world_n_test=100, world_n_val=100, pretrain_steps=10,
-    n_pairs=200, gen_batch_size=16, max_new_tokens=64,
+    n_pairs=64, gen_batch_size=16, max_new_tokens=64,
     ft_epochs=2, ft_batch_size=16, caption_ft_epochs=1, caption_ft_batch_size=16,
     eval_n_images=20, eval_seeds=(0,), eval_batch_size=32,
 )

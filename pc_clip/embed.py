@@ -123,10 +123,16 @@ def embedded_labels(ds: ImageDataset) -> np.ndarray:
 
 def embedding_rows(ds: ImageDataset, pairs: pd.DataFrame, columns: Sequence[str] = ("i", "j")) -> pd.DataFrame:
     "`pairs` whose `columns` index `ds` re-indexed to rows of its embedding table; pairs with an unreadable image dropped."
-    row = np.full(len(ds), -1)
+    row = np.full(len(ds) + 1, -1)  # the extra last entry stands for an image that is not in `ds`
     row[kept_indices(ds)] = np.arange(len(ds) - ds.n_skipped)
     cols = [c for c in columns if c in pairs.columns]
-    pairs = pairs.assign(**{c: row[pairs[c].to_numpy()] for c in cols})
+    info = ds.image_info
+    if ds.name != "world" and info is not None and "image_id" in info:  # corpus pairs name images by id (COCO)
+        position = pd.Series(np.arange(len(ds)), index=info["image_id"].to_numpy())
+        pos = lambda v: position.reindex(v).fillna(len(ds)).astype(int).to_numpy()
+    else:  # world pairs name images by their row
+        pos = np.asarray
+    pairs = pairs.assign(**{c: row[pos(pairs[c].to_numpy())] for c in cols})
     return pairs[(pairs[cols] >= 0).all(axis=1)].reset_index(drop=True)
 
 

@@ -38,7 +38,7 @@ __all__ = ['MODELS', 'LoadedModel', 'PAPER_EVAL_DATASETS', 'N_BOOT', 'ITEM_COLUM
 
 # %% ../nbs/08_evaluate.ipynb #e59fc116
 MODELS = ("clip", "pc-clip", "clip-ft-captions", "clip-ft-rewritten", "pc-clip/mse", "pc-clip/noise-0.3",
-          "pc-clip/both-towers", "pc-clip/wavg-0.5")
+          "pc-clip/unfiltered", "pc-clip/both-towers", "pc-clip/wavg-0.5")
 LoadedModel = namedtuple("LoadedModel", "name model preprocess tokenizer")
 
 

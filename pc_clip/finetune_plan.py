@@ -88,6 +88,7 @@ FINETUNE_PLAN: dict[str, tuple[str, dict]] = {
     "pc-clip": ("differences", {}),
     "pc-clip/mse": ("differences", {"loss": "mse"}),
     "pc-clip/noise-0.3": ("noisy", {}),
+    "pc-clip/unfiltered": ("unfiltered", {}),  # profiles with a judge: every accepted statement, judged or not
     "pc-clip/both-towers": ("differences", {"trainable": "both_towers", "max_pairs": BOTH_TOWERS_MAX_PAIRS}),
     "clip-ft-captions": ("captions", {}),
     "clip-ft-rewritten": ("rewritten", {}),
@@ -107,11 +108,14 @@ class FinetuneInputs:
 # %% ../nbs/07c_finetune_plan.ipynb #c50571ba
 def _training_data(cfg: Config, corpus: pd.DataFrame, held_out) -> dict[str, pd.DataFrame]:
     from pc_clip.diffs import (difference_triples, differences_path, read_records, rewrites_path,
-                               rewritten_captions, sample_pairs)
+                               rewritten_captions, sample_pairs, training_triples)
     keys = list(sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling, held_out)["key"])
     oracle = cfg.generator == "oracle"
     pick = lambda path: difference_triples(select_records(read_records(path), keys))
     data = {"differences": pick(differences_path(cfg, noise=0.0 if oracle else None))}
+    if cfg.judge:  # the judge's verdicts decide what pc-clip trains on; all accepted statements train the ablation
+        data["unfiltered"] = data["differences"]
+        data["differences"] = training_triples(cfg, 0.0 if oracle else None, filtered=True, pairs=pd.DataFrame({"key": keys}))
     if oracle:
         data["noisy"] = pick(differences_path(cfg, noise=0.3))
     data["captions"] = corpus.rename(columns={"image_id": "i", "caption": "text"})[["i", "text"]]

@@ -247,6 +247,8 @@ PAPER_CLAIMS = [
           "pc-clip", "same", tol=0.03),
     Claim("unfiltered_data", "Finetuning on unfiltered (noisy) differences still beats CLIP", _DIFF,
           "pc-clip/noise-0.3", "clip", paper="better than CLIP on 4 of 5 tasks"),
+    Claim("unfiltered_llm_data", "Finetuning on the LLM's differences without the judge's filter still beats CLIP", _DIFF,
+          "pc-clip/unfiltered", "clip", paper="better than CLIP on 4 of 5 tasks"),
     Claim("linear_probe", "Text-only finetuning leaves linear-probe accuracy unchanged", "linear_probe", "pc-clip",
           "clip", "same", control=True),
     Claim("geometry_image_only", "Text-only finetuning leaves image-difference geometry unchanged", "geometry",

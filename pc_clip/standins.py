@@ -246,7 +246,7 @@ def build_tiny_sdxl(folder: str | Path, clip_folder: str | Path, seed: int = 0) 
     return Path(folder)
 
 # %% ../nbs/00d_standins.ipynb #91adb9a0
-STANDIN_VERSION = 1
+STANDIN_VERSION = 4  # 4: AwA2 has two test classes, Flowers102 two of one clear colour each
 MANIFEST = "pc-clip-standins.json"
 DATASET_PATHS = {"coco": ["coco"], "cifar100": ["cifar-100-python"], "cub": ["CUB_200_2011", "attributes.txt"],
                  "eurosat": ["eurosat"], "flowers102": ["flowers-102"], "sun397": ["SUN397"],

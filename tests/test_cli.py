@@ -129,14 +129,31 @@ def test_preflight_names_the_llms_of_experiment_02(tmp_path, runs_dir):
     exp = tmp_path / "exp"; exp.mkdir()
     _notebook(exp / "02_differences.ipynb", "x = 1")
     data = tmp_path / "data"; data.mkdir()
-    r = _pc_clip("reproduce", "--profile", "paper-smoke", "--experiments", str(exp), env={"PC_CLIP_DATA": str(data)})
+    llms = ["-p", "generator='tiny-chat'", "-p", "judge='tiny-chat'"]  # paper-smoke would build them (below)
+    r = _pc_clip("reproduce", "--profile", "paper", *llms, "--experiments", str(exp), env={"PC_CLIP_DATA": str(data)})
     assert r.returncode == 2
     assert f"generator LLM 'tiny-chat': put the model folder (with config.json) at {data}/weights/tiny-chat/" in r.stderr
     assert "judge LLM 'tiny-chat'" in r.stderr and "CLIP weights" not in r.stderr
     (data / "weights" / "tiny-chat").mkdir(parents=True)
     (data / "weights" / "tiny-chat" / "config.json").write_text("{}")
-    r = _pc_clip("reproduce", "--profile", "paper-smoke", "--experiments", str(exp), env={"PC_CLIP_DATA": str(data)})
+    r = _pc_clip("reproduce", "--profile", "paper", *llms, "--experiments", str(exp), env={"PC_CLIP_DATA": str(data)})
     assert r.returncode == 2 and "tiny-chat" not in r.stderr and "data set coco (train)" in r.stderr
+
+
+def test_paper_smoke_builds_its_stand_ins_before_the_preflight(tmp_path, runs_dir):
+    "From a fresh clone, `--profile paper-smoke` needs no step of its own: the stand-ins are built (or found) first."
+    exp = tmp_path / "exp"; exp.mkdir()
+    seen = tmp_path / "data_root.txt"
+    _notebook(exp / "02_differences.ipynb", "from pathlib import Path\nfrom pc_clip.core import data_root, get_config\n"
+              f"Path({str(seen)!r}).write_text(str(data_root(get_config(profile, **overrides))))")
+    env = {k: v for k, v in os.environ.items() if k != "PC_CLIP_DATA"}
+    r = subprocess.run([str(Path(sys.executable).parent / "pc-clip"), "reproduce", "--profile", "paper-smoke",
+                        "--experiments", str(exp)], cwd=REPO, capture_output=True, text=True, env=env,
+                       timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    smoke = REPO / "data" / "paper-smoke"
+    assert f"paper-smoke stand-ins in {smoke}" in r.stdout and (smoke / "pc-clip-standins.json").exists()
+    assert seen.read_text() == str(smoke)  # the notebooks read the stand-ins' data root
 
 
 def _pid_gone(pid: int) -> bool:

@@ -13,6 +13,9 @@ import pandas as pd
 import pytest
 
 from conftest import REPO
+from pc_clip.cli import parse_overrides
+from pc_clip.core import get_config
+from pc_clip.models import model_dir
 
 SMALL = ["world_n_train=1200", "world_n_test=400", "world_n_val=400", "pretrain_steps=60",
          "n_pairs=1500", "ft_epochs=1", "caption_ft_epochs=1", "eval_seeds=[0]", "eval_n_images=40",
@@ -26,7 +29,7 @@ def _reproduce(env, *extra):
     return subprocess.run(args + list(extra), cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
 
 
-def test_tiny_reproduction_end_to_end(tmp_path):
+def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
     env = {**os.environ, "PC_CLIP_RUNS": str(tmp_path)}
     r = _reproduce(env)
     assert r.returncode == 0, f"reproduction failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
@@ -47,11 +50,14 @@ def test_tiny_reproduction_end_to_end(tmp_path):
     assert fractions.value.between(0, 1).all()
 
     report = (tmp_path / "results" / "tiny" / "REPORT.md").read_text()
-    assert "The paper's claims" in report and "| yes |" in report or "| no |" in report
+    assert "The paper's claims" in report and ("| yes |" in report or "| no |" in report)
     figures = {p.name for p in (tmp_path / "figures" / "tiny").glob("*.png")}
     assert {"world_samples.png", "finetune_loss.png"} <= figures, figures
 
-    (ck,) = (tmp_path / "runs" / "tiny" / "models").glob("pc-clip-*/open_clip_model.safetensors")
+    monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
+    cfg = get_config("tiny", **parse_overrides(SMALL)[0])
+    ck = model_dir(cfg, "pc-clip") / "open_clip_model.safetensors"  # the setting chosen on validation
+    assert ck.exists(), sorted(p.name for p in ck.parent.parent.iterdir())
     before = ck.stat().st_mtime_ns
     r2 = _reproduce(env, "--only", "01,03")
     assert r2.returncode == 0, r2.stderr[-3000:]

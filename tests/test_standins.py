@@ -34,7 +34,7 @@ def test_second_build_skips_everything_and_a_changed_file_is_rebuilt(smoke_root)
     target = smoke_root / "Animals_with_Attributes2" / "testclasses.txt"
     target.write_text("antelope\n")
     assert build_paper_smoke(smoke_root, progress=False)["built"] == ["awa2"]
-    assert target.read_text() == "grizzly+bear\n"
+    assert target.read_text() == "grizzly+bear\nkiller+whale\n"
     assert set(read_manifest(smoke_root)["items"]) == set(BUILD_ORDER)
 
 
