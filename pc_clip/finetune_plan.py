@@ -23,8 +23,8 @@ from .train_state import init_distributed, rank_world
 
 # %% auto #0
 __all__ = ['BOTH_TOWERS_MAX_PAIRS', 'FINETUNE_PLAN', 'caption_table', 'finetune_captions', 'weight_average_model',
-           'save_weight_average', 'world_check_triples', 'select_records', 'FinetuneInputs', 'finetuning_inputs',
-           'finetune_models', 'main']
+           'save_weight_average', 'save_derived', 'world_check_triples', 'select_records', 'FinetuneInputs',
+           'finetuning_inputs', 'finetune_models', 'main']
 
 # %% ../nbs/07c_finetune_plan.ipynb #efdf88ab
 def caption_table(captions: list[str], indices=None) -> pd.DataFrame:
@@ -49,12 +49,23 @@ def weight_average_model(base: torch.nn.Module, finetuned: torch.nn.Module, alph
 
 def save_weight_average(base: torch.nn.Module, finetuned: torch.nn.Module, out_dir: str | Path, model_name: str,
                         alpha: float = 0.5) -> torch.nn.Module:
-    "Average `base` and `finetuned`, save the result to `out_dir` (a checkpoint, under its lock) and return it."
+    "Average `base` and `finetuned`, save the result to `out_dir` (unless already there) and return it."
     m = weight_average_model(base, finetuned, alpha)
     if rank_world()[0] == 0:
-        with artifact_lock(out_dir):
-            save_checkpoint(m, out_dir, model_name, {"weight_average": {"alpha": alpha}})
+        save_derived(m, out_dir, model_name, {"weight_average": {"alpha": alpha}})
     return m
+
+
+def save_derived(model: torch.nn.Module, out_dir: str | Path, model_name: str, extra: dict) -> bool:
+    "Save a model derived from others (an average) to `out_dir` unless it already holds these weights; True if written."
+    from pc_clip.embed import model_fingerprint
+    from pc_clip.models import checkpoint_metadata, is_checkpoint
+    extra = {**extra, "weights": model_fingerprint(model, "all")}
+    with artifact_lock(out_dir):
+        if is_checkpoint(out_dir) and all(checkpoint_metadata(out_dir).get(k) == v for k, v in extra.items()):
+            return False  # a rerun with unchanged inputs leaves the checkpoint (and its time stamp) alone
+        save_checkpoint(model, out_dir, model_name, extra)
+    return True
 
 # %% ../nbs/07c_finetune_plan.ipynb #d56b260e
 def world_check_triples(world, n_pairs: int = 1000, seed: int = 0, wordings: str = "heldout",

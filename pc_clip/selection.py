@@ -242,15 +242,13 @@ def run_sweep(inputs, cfg: Config, targets: Targets = Targets(), progress: bool 
 # %% ../nbs/12a_selection.ipynb #c281171c
 def save_chosen(base, finetuned, cfg: Config, name: str, lr: float, alpha: float):
     "Model `name` of `cfg`: `finetuned` (trained at `lr`) averaged with `base` at `alpha`, saved to `model_dir(cfg, name)`."
-    from pc_clip.core import artifact_lock
-    from pc_clip.finetune_plan import weight_average_model
-    from pc_clip.models import model_dir, save_checkpoint
+    from pc_clip.finetune_plan import save_derived, weight_average_model
+    from pc_clip.models import model_dir
     source, target = model_dir(candidate_config(cfg, lr, 1.0), name), model_dir(cfg, name)
     if source == target and alpha == 1:  # a one-point grid: the finetune is the model
         return finetuned
     m = weight_average_model(base, finetuned, alpha)
-    with artifact_lock(target):
-        save_checkpoint(m, target, cfg.model_name, {"selection": {"lr": lr, "alpha": alpha, "finetuned": source.name}})
+    save_derived(m, target, cfg.model_name, {"selection": {"lr": lr, "alpha": alpha, "finetuned": source.name}})
     return m
 
 
