@@ -199,7 +199,7 @@ def claim_verdict(results: pd.DataFrame, items: pd.DataFrame, c: Claim, n_boot: 
     extra_a, extra_b = {}, {}
     if c.setting:
         chosen = chosen_setting(results, c.task, c.model_a, c.setting)
-        extra_a, extra_b = {c.setting: str(chosen)}, {c.setting: "1"}
+        extra_a, extra_b = {c.setting: f"{float(chosen):g}"}, {c.setting: "1"}
     keys = ["dataset", "cond_key", "metric", "seed", "item"]
     a, b = _side(items, c, c.model_a, extra_a), _side(items, c, c.model_b, extra_b)
     both = a.merge(b, on=keys, suffixes=("_a", "_b"))
@@ -208,6 +208,8 @@ def claim_verdict(results: pd.DataFrame, items: pd.DataFrame, c: Claim, n_boot: 
         tol=c.tol, control=c.control, delta=np.nan, ci_low=np.nan, ci_high=np.nan, n_items=len(both), cells=0)
     if both.empty:
         return {**out, "observed": "not measured", "agrees": "n/a"}
+    if c.setting and extra_a == extra_b:  # validation chose the reference value itself: A and B are the same numbers
+        return {**out, "observed": f"not measured (validation chose {c.setting}=1)", "agrees": "n/a"}
     strata = both["dataset"].astype(str) + "|" + both["cond_key"] + "|" + both["metric"]
     r = paired_bootstrap(both.value_a, both.value_b, both.weight_a, both.weight_b, both.group_a.astype(str), strata,
                          both.statistic_a.iloc[0], n_boot)
@@ -283,7 +285,7 @@ def claims_markdown(verdicts: pd.DataFrame) -> str:
     "The claim table of REPORT.md: A - B with its 95 % interval next to each verdict."
     lines = ["| claim | paper | expected (tol) | A - B [95% CI] | items | observed | agrees |", "|---|---|---|---|---:|---|---|"]
     for _, r in verdicts.iterrows():
-        ours = ("not measured" if r.observed == "not measured" else f"{r.delta:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]")
+        ours = (r.observed if str(r.observed).startswith("not measured") else f"{r.delta:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]")
         lines.append(f"| {r.statement} ({r.comparison}) | {r.paper or '-'} | {r.expected} ({r.tol:g}) | {ours} "
                      f"| {r.n_items} | {r.observed} | {r.agrees} |")
     return "\n".join(lines) + "\n"
