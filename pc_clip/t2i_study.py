@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from .core import Config, data_root, pick_device, result_row
+from .metrics import bootstrap_ci
 from .t2i import SDXL_SLOTS, embedding_arithmetic, load_sdxl, swap_text_encoder, t2i_clip_score_rows
 
 # %% auto #0
@@ -135,31 +136,33 @@ def gallery_arithmetic_rows(image_emb: torch.Tensor, gallery: pd.DataFrame, enco
             sims = sims.masked_fill(other, float("-inf"))
         return sims.argmax(1).numpy()
 
-    def success(qs, hit):
-        ok = [(species[h] == c) and (gallery[e.column].iat[h] == e.target) for (c, e, _), h in zip(qs, hit)]
-        return float(np.mean(ok))
+    def success(qs, hit):  # one 0/1 outcome per query
+        return [float((species[h] == c) and (gallery[e.column].iat[h] == e.target)) for (c, e, _), h in zip(qs, hit)]
+
+    def rate(metric, ok, condition="", items=False):  # a rate with its bootstrap interval (and its outcomes, once)
+        row = result_row(model, "t2i_arithmetic", dataset, metric, float(np.mean(ok)), seed, len(ok), condition,
+                         bootstrap_ci(ok))
+        if items:
+            row["items"] = pd.DataFrame({"item": np.arange(len(ok)), "value": ok, "weight": 1.0, "group": "",
+                                         "statistic": "mean"})
+        return row
 
     held = queries["heldout"]
     hit = retrieve(held, weight)
     anywhere = retrieve(held, weight, within_species=False)
-    rows = [result_row(model, "t2i_arithmetic", dataset, "success_rate", success(held, hit), seed, len(held)),
-            result_row(model, "t2i_arithmetic", dataset, "success_rate_train_wording",
-                       success(queries["train"], retrieve(queries["train"], weight)), seed, len(queries["train"])),
-            result_row(model, "t2i_arithmetic", dataset, "success_rate_class_only", success(held, retrieve(held, 0.0)),
-                       seed, len(held)),
-            result_row(model, "t2i_arithmetic", dataset, "success_rate_whole_gallery", success(held, anywhere), seed, len(held)),
-            result_row(model, "t2i_arithmetic", dataset, "species_accuracy",
-                       float(np.mean([species[h] == c for (c, _, _), h in zip(held, anywhere)])), seed, len(held))]
-    rows += [result_row(model, "t2i_arithmetic", dataset, "success_rate", success(held, retrieve(held, w)), seed,
-                        len(held), {"w": float(w)}) for w in sweep]
+    rows = [rate("success_rate", success(held, hit), items=True),  # the claim's items: each query once
+            rate("success_rate_train_wording", success(queries["train"], retrieve(queries["train"], weight))),
+            rate("success_rate_class_only", success(held, retrieve(held, 0.0))),
+            rate("success_rate_whole_gallery", success(held, anywhere)),
+            rate("species_accuracy", [float(species[h] == c) for (c, _, _), h in zip(held, anywhere)])]
+    rows += [rate("success_rate", success(held, retrieve(held, w)), {"w": float(w)}) for w in sweep]
     if eval_image_emb is not None and eval_encode_text is not None:
         intended = eval_encode_text([e.intended.format(c=c) for c, e, _ in held])
         score = (eval_image_emb[torch.as_tensor(hit)].float() * intended).sum(-1)
         rows.append(result_row(model, "t2i_arithmetic", dataset, "clip_score", float(score.mean()), seed, len(held)))
     for e in edits:  # per edit, held-out wordings
         sel = [i for i, (_, ee, _) in enumerate(held) if ee.name == e.name]
-        rows.append(result_row(model, "t2i_arithmetic", dataset, "success_rate", success([held[i] for i in sel], hit[sel]),
-                               seed, len(sel), {"edit": e.name}))
+        rows.append(rate("success_rate", success([held[i] for i in sel], hit[sel]), {"edit": e.name}))
     return rows
 
 # %% ../nbs/11a_t2i_study.ipynb #a91ad442
