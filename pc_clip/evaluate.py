@@ -22,8 +22,8 @@ from .data import load_dataset
 from .embed import embed_images, embed_texts, embedded_labels
 from .geometry import controlled_pairs, edit_statements, flatten_captions, probe_indices, world_captions, world_probe_labels
 from .losses import encode_text_trimmed
-from .metrics import (bootstrap_ci, best_on_validation, difference_classification, geometry, linear_probe,
-                             retrieval, zero_shot)
+from .metrics import (TaskUnavailable, bootstrap_ci, best_on_validation, difference_classification, geometry,
+                             linear_probe, retrieval, zero_shot)
 from .models import load_clip
 from .tasks import (DifferenceTask, awa2_attribute_task, cifar100_size_task, cub_comparative_task,
                            flowers_colour_task, world_difference_tasks)
@@ -190,15 +190,22 @@ def build_difference_tasks(ds, labels: Sequence[int], cfg: Config, n_texts: int 
 
 
 def run_difference_classification(cfg: Config, model_names: Sequence[str], datasets: Sequence, n_texts: int = 2,
-                                  progress: bool = True) -> list[dict]:
+                                  progress: bool = True, tasks_fn: Callable = build_difference_tasks) -> list[dict]:
     "Difference-classification rows of every existing model on every data set (one row per task, condition and seed)."
     def one(m: LoadedModel) -> list[dict]:
         encode, rows = text_encoder(m.model, m.tokenizer, cfg.eval_batch_size), []
         for ds in datasets:
             emb, labels = _embedded(m, ds, cfg)
-            for t in tqdm(build_difference_tasks(ds, labels, cfg, n_texts), desc=f"difference tasks ({m.name})", disable=not progress):
-                res = difference_classification(emb[torch.as_tensor(t.indices)], t.labels, t.text_fn, encode,
-                                                 cfg.eval_n_images, cfg.eval_seeds)
+            try:
+                tasks = tasks_fn(ds, labels, cfg, n_texts)
+            except TaskUnavailable as e:  # e.g. an LLM that wrote no usable CUB comparative: the other data sets run
+                print(f"skipping the difference task of {ds.name} ({m.name}): {e}"); continue
+            for t in tqdm(tasks, desc=f"difference tasks ({m.name})", disable=not progress):
+                try:
+                    res = difference_classification(emb[torch.as_tensor(t.indices)], t.labels, t.text_fn, encode,
+                                                     cfg.eval_n_images, cfg.eval_seeds)
+                except TaskUnavailable as e:
+                    print(f"skipping task {t.dataset} {t.condition or ''} ({m.name}): {e}"); continue
                 rows += evaluation_rows(res, m.name, "difference_classification", t.dataset, t.condition)
         return rows
     return for_each_model(cfg, model_names, one)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from .core import Config, artifact_lock, get_logger
+from .core import Config, artifact_lock, atomic_write, get_logger, results_path
 from .embed import embed_images
 from .finetune import FinetuneRun, finetune
 from .models import average_weights, save_checkpoint
@@ -24,7 +24,8 @@ from .train_state import init_distributed, rank_world
 # %% auto #0
 __all__ = ['BOTH_TOWERS_MAX_PAIRS', 'FINETUNE_PLAN', 'caption_table', 'finetune_captions', 'weight_average_model',
            'save_weight_average', 'save_derived', 'world_check_triples', 'select_records', 'FinetuneInputs',
-           'finetuning_inputs', 'finetune_models', 'main']
+           'finetuning_inputs', 'training_data_path', 'training_data_table', 'write_training_data', 'finetune_models',
+           'main']
 
 # %% ../nbs/07c_finetune_plan.ipynb #efdf88ab
 def caption_table(captions: list[str], indices=None) -> pd.DataFrame:
@@ -115,24 +116,38 @@ class FinetuneInputs:
     images: np.ndarray | None
     data: dict[str, pd.DataFrame]
     world: object = None
+    sources: dict[str, str] = field(default_factory=dict)  # data name -> where it came from (file, generator, judge)
 
 # %% ../nbs/07c_finetune_plan.ipynb #c50571ba
-def _training_data(cfg: Config, corpus: pd.DataFrame, held_out) -> dict[str, pd.DataFrame]:
+def _generator_of(path: Path) -> str:
+    "The `generator` named by the first record of a store (the data's own provenance, not the current config's)."
+    from pc_clip.diffs import read_records
+    first = next(iter(read_records(path)), None)
+    return str(first.get("generator", "?")) if first else "?"
+
+
+def _training_data(cfg: Config, corpus: pd.DataFrame, held_out) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
     from pc_clip.diffs import (difference_triples, differences_path, read_records, rewrites_path,
                                rewritten_captions, sample_pairs, training_triples)
     keys = list(sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling, held_out)["key"])
     oracle = cfg.generator == "oracle"
     pick = lambda path: difference_triples(select_records(read_records(path), keys))
-    data = {"differences": pick(differences_path(cfg, noise=0.0 if oracle else None))}
+    clean, noisy = differences_path(cfg, noise=0.0 if oracle else None), differences_path(cfg, noise=0.3)
+    what = f"`{clean.name}` ({_generator_of(clean)}, {len(keys)} pairs)"
+    data, sources = {"differences": pick(clean)}, {"differences": f"{what}: every accepted statement"}
     if cfg.judge:  # the judge's verdicts decide what pc-clip trains on; all accepted statements train the ablation
-        data["unfiltered"] = data["differences"]
+        data["unfiltered"], sources["unfiltered"] = data["differences"], sources["differences"] + " (judge ignored)"
         data["differences"] = training_triples(cfg, 0.0 if oracle else None, filtered=True, pairs=pd.DataFrame({"key": keys}))
+        sources["differences"] = f"{what}: the statements judge `{cfg.judge}` found consistent"
     if oracle:
-        data["noisy"] = pick(differences_path(cfg, noise=0.3))
+        data["noisy"] = pick(noisy)
+        sources["noisy"] = f"`{noisy.name}` ({_generator_of(noisy)}, {len(keys)} pairs): every accepted statement"
     data["captions"] = corpus.rename(columns={"image_id": "i", "caption": "text"})[["i", "text"]]
+    sources["captions"] = f"the {cfg.corpus} training captions ({len(corpus)} images)"
     rewrites = select_records(read_records(rewrites_path(cfg)), [str(i) for i in corpus["image_id"]], "rewrites")
     data["rewritten"] = rewritten_captions(rewrites)
-    return data
+    sources["rewritten"] = f"`{rewrites_path(cfg).name}` ({_generator_of(rewrites_path(cfg))}): rewritten captions"
+    return data, sources
 
 
 def finetuning_inputs(cfg: Config, device: str | torch.device | None = None, progress: bool = True) -> FinetuneInputs:
@@ -141,16 +156,37 @@ def finetuning_inputs(cfg: Config, device: str | torch.device | None = None, pro
     from pc_clip.models import load_clip
     base, preprocess, tokenizer = load_clip(cfg, "clip", device)
     corpus, held_out, world = load_corpus(cfg, "train")
-    data = _training_data(cfg, corpus, held_out)
+    data, sources = _training_data(cfg, corpus, held_out)
     if world is not None:
         return FinetuneInputs(base, tokenizer, embed_images(base, world.images, cfg, progress=progress), world.images,
-                              data, world)
+                              data, world, sources)
     from pc_clip.data import load_dataset
     from pc_clip.embed import embedding_rows
     ds = load_dataset(cfg.corpus, cfg, split="train")
     emb = embed_images(base, ds, cfg, preprocess=preprocess, progress=progress)
     data = {k: embedding_rows(ds, df) for k, df in data.items()}  # unreadable images have no row: their pairs go
-    return FinetuneInputs(base, tokenizer, emb, None, data)
+    return FinetuneInputs(base, tokenizer, emb, None, data, sources=sources)
+
+
+def training_data_path(cfg: Config) -> Path:
+    "Where experiment 03 records what each model was trained on: `results/<profile>/training_data.csv`."
+    return results_path(cfg).parent / "training_data.csv"
+
+
+def training_data_table(inputs: FinetuneInputs, names: Sequence[str] | None = None) -> pd.DataFrame:
+    "One row per planned model that has data: `model, data, rows, source` (the provenance the REPORT prints)."
+    rows = [dict(model=n, data=FINETUNE_PLAN[n][0], rows=len(inputs.data[FINETUNE_PLAN[n][0]]),
+                 source=inputs.sources.get(FINETUNE_PLAN[n][0], "?"))
+            for n in (names or FINETUNE_PLAN) if FINETUNE_PLAN[n][0] in inputs.data]
+    return pd.DataFrame(rows, columns=["model", "data", "rows", "source"])
+
+
+def write_training_data(inputs: FinetuneInputs, cfg: Config, names: Sequence[str] | None = None) -> Path:
+    "Write `training_data_table` to `training_data_path(cfg)` (atomically) and return the path."
+    path = training_data_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, training_data_table(inputs, names).to_csv(index=False))
+    return path
 
 # %% ../nbs/07c_finetune_plan.ipynb #7b87e00a
 def finetune_models(inputs: FinetuneInputs, cfg: Config, names: Sequence[str] | None = None,

@@ -22,9 +22,10 @@ from threadpoolctl import threadpool_limits
 
 # %% auto #0
 __all__ = ['STATISTICS', 'TextFn', 'outcomes', 'statistic_value', 'bootstrap_ci', 'paired_bootstrap', 'best_on_validation',
-           'difference_cosines', 'sample_eval_indices', 'difference_classification', 'classification_metrics',
-           'zero_shot', 'retrieval', 'difference_vectors', 'pair_consistency', 'directional_consistency',
-           'analogy_quadruples', 'analogy_hits', 'text_direction_cosines', 'geometry', 'linear_probe']
+           'difference_cosines', 'sample_eval_indices', 'TaskUnavailable', 'difference_classification',
+           'classification_metrics', 'zero_shot', 'retrieval', 'difference_vectors', 'pair_consistency',
+           'directional_consistency', 'analogy_quadruples', 'analogy_hits', 'text_direction_cosines', 'geometry',
+           'linear_probe']
 
 # %% ../nbs/08a_metrics.ipynb #5a3a37a2
 STATISTICS = ("mean", "worst_group", "group_mean")
@@ -129,6 +130,10 @@ def sample_eval_indices(n_total: int, n_images: int, seed: int) -> np.ndarray:
 TextFn = Callable[[Any, Any], "str | Sequence[str] | None"]
 
 
+class TaskUnavailable(ValueError):
+    "A task that cannot be scored on this data (no texts, no pairs of classes): a runner skips it and says why."
+
+
 def _texts(t) -> list[str]:
     if t is None:
         return []
@@ -171,7 +176,7 @@ def difference_classification(image_emb: torch.Tensor, labels: Sequence, text_fn
     pair_texts = _pair_texts(labels, samples, text_fn)
     distinct = sorted({t for ts in pair_texts.values() for t in ts})
     if not distinct:
-        raise ValueError("text_fn gave no text for any class pair of the sample; it must return a string (or list "
+        raise TaskUnavailable("text_fn gave no text for any class pair of the sample; it must return a string (or list "
                          "of strings) for classes that differ, None for those that do not")
     text_emb = F.normalize(encode_text(distinct).float().cpu(), dim=-1)
     used = np.unique(np.concatenate(list(samples.values())))
@@ -181,7 +186,7 @@ def difference_classification(image_emb: torch.Tensor, labels: Sequence, text_fn
     for seed, idx in samples.items():
         correct, total = _seed_outcomes(sims, row_of, idx, labels[idx], pair_texts, {t: k for k, t in enumerate(distinct)})
         if total.sum() == 0:
-            raise ValueError(f"seed {seed}'s sample of {len(idx)} images holds no pair of classes with a difference "
+            raise TaskUnavailable(f"seed {seed}'s sample of {len(idx)} images holds no pair of classes with a difference "
                              "text; use more images (eval_n_images) or check the labels")
         keep = total > 0
         out[seed] = {"accuracy": float(correct.sum() / total.sum()), "n": {"accuracy": int(total.sum())},

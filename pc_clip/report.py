@@ -15,6 +15,7 @@ import pandas as pd
 
 from .core import Config, atomic_write, condition_dict, read_results, results_path
 from .evaluate import read_items
+from .finetune_plan import training_data_path
 from .metrics import best_on_validation, paired_bootstrap
 from .selection import Targets, candidate_table, choose_setting, selection_markdown, target_check
 
@@ -327,6 +328,21 @@ def _finetune_selection(results: pd.DataFrame, figure: Path | None, report_dir: 
     return parts
 
 
+def _training_data(cfg: Config) -> tuple[str, list[str]]:
+    "The provenance sentence and section: what experiment 03 recorded that each model was trained on."
+    path = training_data_path(cfg)
+    if not path.exists():
+        return (f"differences from `{cfg.generator}` by this config (experiment 03 recorded no `{path.name}`, so the "
+                "data the models were trained on is not known here)", [])
+    t = pd.read_csv(path)
+    main = t[t["model"] == "pc-clip"]
+    line = (f"`pc-clip` was trained on {int(main['rows'].iloc[0])} statements from {main['source'].iloc[0]}"
+            if len(main) else f"the finetuned models' data is listed under 'Training data' (`{path.name}`)")
+    table = "| model | data | rows | source |\n|---|---|---:|---|\n" + "".join(
+        f"| `{r.model}` | {r.data} | {int(r.rows)} | {r.source} |\n" for r in t.itertuples())
+    return line, ["\n## Training data (recorded by experiment 03)\n", table]
+
+
 def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict[str, Path] | None = None,
                  items: pd.DataFrame | None = None) -> Path:
     "Write `results/<profile>/REPORT.md` from the results table and the per-item outcomes; returns its path."
@@ -335,9 +351,10 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
     path = results_path(cfg).parent / "REPORT.md"
     v = claim_verdicts(results, items, PAPER_CLAIMS)
     counted = v[~v["control"] & (v["agrees"] != "n/a")]
+    trained_on, data_section = _training_data(cfg)
     parts = [f"# PC-CLIP reproduction report: profile `{cfg.profile}`\n",
              f"Base model `{cfg.model_name}`" + (f" / `{cfg.pretrained}`" if cfg.pretrained else " (trained from scratch on the Shapes world)")
-             + f"; differences from `{cfg.generator}`. Every number below is read from `{results_path(cfg).name}` "
+             + f"; {trained_on}. Every number below is read from `{results_path(cfg).name}` "
              f"({len(results)} rows) and its per-item outcomes; fractions, not percentages. Means over seeds.\n",
              "## The paper's claims\n",
              "Each claim is decided by a paired bootstrap of A - B over the items both models were evaluated on "
@@ -345,7 +362,7 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
              claims_markdown(v[~v["control"]]),
              f"\n{int((counted.agrees == 'yes').sum())} of {len(counted)} measured claims agree with the paper.\n",
              "\n**Controls** (hold by construction for a text-only finetune; not counted)\n\n", claims_markdown(v[v["control"]])]
-    parts += _selections(results)
+    parts += data_section + _selections(results)
     parts += _finetune_selection(results, (figures or {}).get("finetune_selection"), path.parent)
     parts += ["\n## Baselines and ablations (mean over cells and seeds)\n", markdown_table(ablation_table(results))]
     for task, title in TASK_TITLES.items():

@@ -13,7 +13,7 @@ import numpy as np
 
 from .core import content_hash
 from .data import CIFAR100_SIZE_CLASSES, FLOWERS102_COLOURS, readable_attribute, visual_attribute_mask
-from .metrics import TextFn
+from .metrics import TaskUnavailable, TextFn
 import pc_clip.world as world_lib
 
 # %% auto #0
@@ -103,7 +103,7 @@ def group_task(dataset: str, classnames: Sequence[str], labels: Sequence[int], g
     groups = {norm(c): g for c, g in group_of_class.items()}
     group_of = {i: groups[norm(c)] for i, c in enumerate(classnames) if norm(c) in groups}
     if len(set(group_of.values())) < 2:
-        raise ValueError(f"{dataset}: the class names hold fewer than two of the groups {sorted(set(groups.values()))}; "
+        raise TaskUnavailable(f"{dataset}: the class names hold fewer than two of the groups {sorted(set(groups.values()))}; "
                          f"expected class names like {sorted(groups)[:4]}")
     labels = np.asarray(labels)
     idx = np.flatnonzero(np.isin(labels, list(group_of)))
@@ -126,7 +126,7 @@ def comparative_task(dataset: str, classnames: Sequence[str], labels: Sequence[i
                      differences: dict[tuple[str, str], Sequence[str]], indices: Sequence[int] | None = None) -> DifferenceTask:
     "A task whose texts for class labels (a, b) are `differences[(classnames[a], classnames[b])]`."
     if not differences:
-        raise ValueError(f"{dataset}: no class differences given; write them with pc_clip.comparative.class_differences")
+        raise TaskUnavailable(f"{dataset}: no class differences given; write them with pc_clip.comparative.class_differences")
     labels = np.asarray(labels)
     return DifferenceTask(dataset, np.arange(len(labels)) if indices is None else indices, labels,
                           lambda a, b: differences.get((classnames[a], classnames[b])) or None)
