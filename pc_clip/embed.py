@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .core import Config, autocast, cache_dir, content_hash, get_logger, pick_dtype
 from .data import ImageDataset, iter_images
+from .losses import encode_text_trimmed
 from .models import encode_texts, images_to_tensor, save_safetensors
 
 # %% auto #0
@@ -192,10 +193,20 @@ def embed_texts(model, tokenizer, texts: Sequence[str], cfg: Config, batch_size:
                 device: str | torch.device | None = None, progress: bool = False) -> torch.Tensor:
     "L2-normalised float32 CPU embeddings of `texts`."
     device = torch.device(device) if device is not None else _model_device(model)
-    was_training = model.training
+    texts, bs = list(texts), batch_size or cfg.eval_batch_size
+    if not texts:
+        return encode_texts(model, tokenizer, [], bs, device)
+    order = sorted(range(len(texts)), key=lambda k: len(texts[k]))  # similar lengths share a batch
+    chunks, was_training = [], model.training
     model.eval()
     try:
-        with autocast(device, pick_dtype(cfg.precision, device)):
-            return encode_texts(model, tokenizer, list(texts), batch_size or cfg.eval_batch_size, device, progress=progress)
+        with torch.no_grad(), autocast(device, pick_dtype(cfg.precision, device)):
+            for s in tqdm(range(0, len(order), bs), desc="encode texts", disable=not progress):
+                ids = tokenizer([texts[k] for k in order[s:s + bs]]).to(device)
+                chunks.append(encode_text_trimmed(model, ids).float().cpu())
     finally:
         model.train(was_training)
+    emb = torch.cat(chunks)
+    out = torch.empty_like(emb)
+    out[torch.as_tensor(order)] = emb  # back to the callers' order
+    return torch.nn.functional.normalize(out, dim=-1)

@@ -267,13 +267,13 @@ def pair_consistency(diffs: torch.Tensor) -> np.ndarray:
 
 
 def directional_consistency(diffs: torch.Tensor) -> float:
-    "Mean pairwise cosine of the difference vectors (pairs i < j); negative values are reported as 0."
+    "Mean pairwise cosine of the difference vectors (pairs i < j); about 0 (or below) when they share no direction."
     if len(diffs) < 2:
         raise ValueError(f"directional consistency needs at least 2 difference vectors; got {len(diffs)}")
     u = F.normalize(diffs.float(), dim=-1)
     m = len(u)
     total = (u.sum(0) @ u.sum(0)) - (u * u).sum()  # sum over i != j of cos(u_i, u_j)
-    return max(0.0, float(total / (m * (m - 1))))
+    return float(total / (m * (m - 1)))
 
 # %% ../nbs/08a_metrics.ipynb #89c7892e
 def analogy_quadruples(base: Sequence[int], edited: Sequence[int], n: int | None = None, seed: int = 0) -> np.ndarray:
