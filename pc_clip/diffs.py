@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .core import Config, content_hash, data_root, get_logger, run_dir
+from .core import Config, content_hash, data_root, get_logger, result_row, run_dir
 from .store import JsonlStore
 # the backends, parser and pairs live in 05a_llm, 05b_parse and 05_pairs; their names are re-exported here so
 # that `from pc_clip.diffs import ...` keeps working
@@ -260,7 +260,6 @@ def examples_table(records: Sequence[dict], n: int = 5, seed: int = 0, rejected:
 # %% ../nbs/05_diffs.ipynb #647c4eb5
 def summary_rows(model: str, records: Sequence[dict], dataset: str, seed: int | None = None) -> list[dict]:
     "Results-table rows (task 'differences') of a record set: counts, accepted/empty/true rates, rejections."
-    from pc_clip.core import result_row
     s = filter_summary(records)
     n = s["n_records"]
     row = lambda metric, value, k=n: result_row(model, "differences", dataset, metric, value, seed, k)

@@ -15,11 +15,16 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from .core import Config, artifact_lock, atomic_write, get_logger, results_path
-from .embed import embed_images
+from .core import Config, artifact_lock, atomic_write, get_config, get_logger, pick_device, results_path
+from .embed import embed_images, embedding_rows, model_fingerprint
 from .finetune import FinetuneRun, finetune
-from .models import average_weights, save_checkpoint
+from .models import average_weights, checkpoint_metadata, is_checkpoint, load_clip, model_dir, save_checkpoint
 from .train_state import init_distributed, rank_world
+from .data import load_dataset
+from .diffs import (difference_triples, differences_path, load_corpus, read_records, rewrites_path,
+                           rewritten_captions, sample_pairs, training_triples)
+from .selection import sweep_grid
+from .world import oracle_differences
 
 # %% auto #0
 __all__ = ['BOTH_TOWERS_MAX_PAIRS', 'FINETUNE_PLAN', 'caption_table', 'finetune_captions', 'weight_average_model',
@@ -59,8 +64,6 @@ def save_weight_average(base: torch.nn.Module, finetuned: torch.nn.Module, out_d
 
 def save_derived(model: torch.nn.Module, out_dir: str | Path, model_name: str, extra: dict) -> bool:
     "Save a model derived from others (an average) to `out_dir` unless it already holds these weights; True if written."
-    from pc_clip.embed import model_fingerprint
-    from pc_clip.models import checkpoint_metadata, is_checkpoint
     extra = {**extra, "weights": model_fingerprint(model, "all")}
     with artifact_lock(out_dir):
         if is_checkpoint(out_dir) and all(checkpoint_metadata(out_dir).get(k) == v for k, v in extra.items()):
@@ -72,7 +75,6 @@ def save_derived(model: torch.nn.Module, out_dir: str | Path, model_name: str, e
 def world_check_triples(world, n_pairs: int = 1000, seed: int = 0, wordings: str = "heldout",
                         split: str = "test") -> pd.DataFrame:
     "True oracle statements (in `wordings`) for `n_pairs` random different-species pairs of `split` images: columns i, j, text."
-    from pc_clip.world import oracle_differences
     idx, cats = world.indices(split), world.attrs["category"].to_numpy()
     rng = np.random.default_rng([seed, 11])
     a, b = rng.choice(idx, 3 * n_pairs), rng.choice(idx, 3 * n_pairs)
@@ -121,14 +123,11 @@ class FinetuneInputs:
 # %% ../nbs/07c_finetune_plan.ipynb #c50571ba
 def _generator_of(path: Path) -> str:
     "The `generator` named by the first record of a store (the data's own provenance, not the current config's)."
-    from pc_clip.diffs import read_records
     first = next(iter(read_records(path)), None)
     return str(first.get("generator", "?")) if first else "?"
 
 
 def _training_data(cfg: Config, corpus: pd.DataFrame, held_out) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
-    from pc_clip.diffs import (difference_triples, differences_path, read_records, rewrites_path,
-                               rewritten_captions, sample_pairs, training_triples)
     keys = list(sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling, held_out)["key"])
     oracle = cfg.generator == "oracle"
     pick = lambda path: difference_triples(select_records(read_records(path), keys))
@@ -152,16 +151,12 @@ def _training_data(cfg: Config, corpus: pd.DataFrame, held_out) -> tuple[dict[st
 
 def finetuning_inputs(cfg: Config, device: str | torch.device | None = None, progress: bool = True) -> FinetuneInputs:
     "The base model, the training corpus's image table and the training data of every planned model, for `cfg`."
-    from pc_clip.diffs import load_corpus
-    from pc_clip.models import load_clip
     base, preprocess, tokenizer = load_clip(cfg, "clip", device)
     corpus, held_out, world = load_corpus(cfg, "train")
     data, sources = _training_data(cfg, corpus, held_out)
     if world is not None:
         return FinetuneInputs(base, tokenizer, embed_images(base, world.images, cfg, progress=progress), world.images,
                               data, world, sources)
-    from pc_clip.data import load_dataset
-    from pc_clip.embed import embedding_rows
     ds = load_dataset(cfg.corpus, cfg, split="train")
     emb = embed_images(base, ds, cfg, preprocess=preprocess, progress=progress)
     data = {k: embedding_rows(ds, df) for k, df in data.items()}  # unreadable images have no row: their pairs go
@@ -192,7 +187,6 @@ def write_training_data(inputs: FinetuneInputs, cfg: Config, names: Sequence[str
 def finetune_models(inputs: FinetuneInputs, cfg: Config, names: Sequence[str] | None = None,
                     progress: bool = True) -> dict[str, FinetuneRun]:
     "Train (or reuse) the planned models `names` (default: all) into `model_dir(cfg, name)`."
-    from pc_clip.models import model_dir
     unknown = sorted(set(names or ()) - set(FINETUNE_PLAN))
     if unknown:
         raise KeyError(f"unknown model(s) {unknown}; the plan has {list(FINETUNE_PLAN)}")
@@ -212,9 +206,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     "Train the planned models of experiment 03, in one process or under torchrun / accelerate launch."
     import argparse
     from pc_clip.cli import parse_overrides
-    from pc_clip.core import get_config, pick_device
-    from pc_clip.models import model_dir
-    from pc_clip.selection import sweep_grid
     p = argparse.ArgumentParser(prog="python -m pc_clip.finetune_plan", description=main.__doc__)
     p.add_argument("--profile", default="tiny")
     p.add_argument("-p", "--param", action="append", default=[], help="config override key=value (repeatable)")

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .core import Config, data_root
+from .core import Config, data_root, result_row
 from .store import JsonlStore
 from .llm import OpenAIClient, generate_texts, load_causal_lm
 from .diffs import judged_path  # re-exported: the judged copy's file name
@@ -184,7 +184,6 @@ def judge_agreement(records: Sequence[dict]) -> float:
 # %% ../nbs/06_judge.ipynb #d07f21c5
 def judge_rows(model: str, records: Sequence[dict], dataset: str, seed: int | None = None) -> list[dict]:
     "Results-table rows of judged records: the consistent rate, and agreement with the ground truth if known."
-    from pc_clip.core import result_row
     v = verdict_counts(records)
     n = sum(v.values())
     rows = [result_row(model, "differences", dataset, "consistent_rate", v["consistent"] / n if n else 0.0, seed, n)]

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 
 from .core import Config
+from .data import load_dataset
+from .world import make_world
 
 # %% auto #0
 __all__ = ['PAIR_SAMPLING', 'pair_key', 'sample_pairs', 'corpus_from_world', 'corpus_from_dataset', 'load_corpus']
@@ -106,8 +108,6 @@ def corpus_from_dataset(ds, seed: int) -> pd.DataFrame:
 def load_corpus(cfg: Config, split: str = "train") -> tuple[pd.DataFrame, list, Any]:
     "`(corpus, held-out category pairs, world or None)` for `cfg.corpus` ('world', or a captioned data set like 'coco')."
     if cfg.corpus == "world":
-        from pc_clip.world import make_world
         world = make_world(cfg)
         return corpus_from_world(world, split), list(world.heldout_pairs), world
-    from pc_clip.data import load_dataset
     return corpus_from_dataset(load_dataset(cfg.corpus, cfg, split=split), cfg.seed), [], None

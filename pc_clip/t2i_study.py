@@ -15,6 +15,14 @@ import torch
 from .core import Config, data_root, pick_device, result_row
 from .metrics import bootstrap_ci
 from .t2i import SDXL_SLOTS, embedding_arithmetic, load_sdxl, swap_text_encoder, t2i_clip_score_rows
+from .data import load_dataset
+from .diffs import difference_triples, differences_path, read_records
+from .embed import embed_images, embedding_rows
+from .evaluate import iter_models, text_encoder
+from .finetune import finetune
+from .models import create_clip, is_checkpoint, load_checkpoint, load_clip, model_dir
+from .world import (BACKGROUNDS, CATEGORIES, COLOURS, difference_statement, position_word, render_images,
+                           size_word, typical_attrs)
 
 # %% auto #0
 __all__ = ['GALLERY_LEVELS', 'GALLERY_EDITS', 'T2I_BASE', 'SDXL_TEXT_WIDTHS', 'T2I_PC_CLIP', 'attribute_gallery', 'GalleryEdit',
@@ -27,7 +35,6 @@ GALLERY_LEVELS = {"size": (0.7, 1.0, 1.4), "brightness": (0.5, 0.72, 0.94), "pos
 
 def attribute_gallery(image_size: int = 32, seed: int = 0, categories: Sequence[str] | None = None):
     "`(images uint8 [N,S,S,3], attrs)`: every species x size x brightness x position x background, rendered."
-    from pc_clip.world import BACKGROUNDS, CATEGORIES, COLOURS, position_word, render_images, size_word
     cats = list(categories or CATEGORIES.index)
     rows = []
     for c in cats:
@@ -73,7 +80,6 @@ GALLERY_EDITS = [
 
 def _edit_attrs(category: str, edit: GalleryEdit, value) -> dict:
     "The species' prototype with the edited attribute set to a gallery level (or background)."
-    from pc_clip.world import typical_attrs, CATEGORIES, position_word
     a = typical_attrs(category)
     a["count"] = 1
     if edit.column == "background":
@@ -91,7 +97,6 @@ def _edit_attrs(category: str, edit: GalleryEdit, value) -> dict:
 def gallery_edit_statements(category: str, edit: GalleryEdit, n: int, rng: np.random.Generator,
                             wordings: str = "heldout") -> list[str]:
     "`n` oracle statements of how the edited species differs from its opposite (target vs source)."
-    from pc_clip.world import difference_statement
     first, second = _edit_attrs(category, edit, edit.target), _edit_attrs(category, edit, edit.source)
     out = []
     for _ in range(n):
@@ -204,11 +209,6 @@ def t2i_not_applicable(cfg: Config) -> str | None:
 # %% ../nbs/11a_t2i_study.ipynb #eec53557
 def train_t2i_pc_clip(cfg: Config, progress: bool = True):
     "Finetune (or reuse) the T2I study's PC-CLIP from `t2i_base(cfg)`; returns the `FinetuneRun`."
-    from pc_clip.data import load_dataset
-    from pc_clip.diffs import difference_triples, differences_path, read_records
-    from pc_clip.embed import embed_images, embedding_rows
-    from pc_clip.finetune import finetune
-    from pc_clip.models import create_clip, model_dir
     base = t2i_base(cfg)
     if cfg.corpus == "world" or base is None:
         raise ValueError(t2i_not_applicable(cfg) or "on a world profile the T2I study uses the run's own models")
@@ -225,7 +225,6 @@ def train_t2i_pc_clip(cfg: Config, progress: bool = True):
 def t2i_study_models(cfg: Config, names: Sequence[str] = ("clip", "pc-clip"), device=None,
                      base: tuple[str, str | None] | None = None):
     "`(name, model)` for the T2I study's arms that exist: `clip` (its base) and `pc-clip` (finetuned from it)."
-    from pc_clip.models import create_clip, is_checkpoint, load_checkpoint, model_dir
     base, device = base or t2i_base(cfg), device or pick_device(cfg.device)
     for name in names:
         if name == "clip":
@@ -239,9 +238,6 @@ def t2i_study_models(cfg: Config, names: Sequence[str] = ("clip", "pc-clip"), de
 # %% ../nbs/11a_t2i_study.ipynb #bb7ba65c
 def _gallery_study(cfg: Config, model_names: Sequence[str], weight: float, sweep: Sequence[float], n_texts: int,
                    categories: Sequence[str] | None, progress: bool) -> tuple[list[dict], dict]:
-    from pc_clip.embed import embed_images
-    from pc_clip.evaluate import iter_models, text_encoder
-    from pc_clip.models import load_clip
     ev_model, _, ev_tok = load_clip(cfg, "clip")
     images, gallery = attribute_gallery(cfg.world_image_size, cfg.seed, categories)
     ev_img, ev_txt = embed_images(ev_model, images, cfg, progress=progress), text_encoder(ev_model, ev_tok, cfg.eval_batch_size)
@@ -256,7 +252,6 @@ def _gallery_study(cfg: Config, model_names: Sequence[str], weight: float, sweep
 
 def _sdxl_study(cfg: Config, model_names: Sequence[str], weight: float, n_seeds: int, progress: bool,
                 base: tuple[str, str | None] | None = None) -> tuple[list[dict], dict]:
-    from pc_clip.models import load_clip
     pipe = load_sdxl(cfg)
     ev_model, ev_pre, ev_tok = load_clip(cfg, "clip", device=pipe.device)
     base = base or t2i_base(cfg)

@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import Config, artifact_lock, atomic_write_json, cache_dir, content_hash, result_row
-from .world import COLOURS, COLOUR_NEIGHBOURS, CATEGORY_NAMES, difference_statement, position_word, typical_attrs
+from .core import Config, artifact_lock, atomic_write_json, cache_dir, content_hash, result_row, timer
+from .world import (CATEGORY_NAMES, COLOURS, COLOUR_NEIGHBOURS, difference_statement, make_caption,
+                           make_world, position_word, typical_attrs)
 from .world_edits import (WORLD_EDITS, WorldEdit, bootstrap_interval, edit_pair, edit_statement, edit_success,
                                  edit_target_colour, measure_generated)
+from .models import load_clip
 
 # %% auto #0
 __all__ = ['GENERATOR_VERSION', 'CLASS_TEMPLATE', 'CHANCE_SEED_OFFSET', 'text_conditioning', 'arithmetic_conditioning',
@@ -191,7 +193,6 @@ def generator_key(world_key: str, clip_fingerprint: str, settings: GeneratorSett
 
 def world_caption_conditioning(world, model, tokenizer, idx_pool: np.ndarray):
     "`condition(idx, rng)` for `train_generator`: token states of a fresh caption of each drawn train image."
-    from pc_clip.world import make_caption
     records = world.records(idx_pool)
 
     def condition(idx, rng):
@@ -203,7 +204,6 @@ def train_or_load_generator(cfg: Config, world, model, tokenizer, settings: Gene
                             progress: bool = True, retrain: bool = False, device: str | torch.device = "cpu"):
     "`(unet, info)`: the generator of `settings` trained on the world's train split with `model`'s text states; cached."
     from safetensors.torch import load_file, save_file
-    from pc_clip.core import timer
     idx = world.indices("train")
     key = generator_key(world.key or content_hash(world.images), _clip_fingerprint(model), settings,
                         world.images.shape[1])
@@ -300,8 +300,6 @@ def run_world_t2i(cfg: Config, model_names: Sequence[str], settings: GeneratorSe
                   categories: Sequence[str] | None = None, progress: bool = True,
                   device: str | torch.device = "cpu") -> tuple[list[dict], dict]:
     "Train (or load) the generator, pick `w` per model on validation queries, score test queries; `(rows, shown)`."
-    from pc_clip.models import load_clip
-    from pc_clip.world import CATEGORY_NAMES, make_world
     world = make_world(cfg)
     base, _, tokenizer = load_clip(cfg, "clip", device)
     settings = replace(settings, seed=cfg.seed)
