@@ -13,10 +13,16 @@ import pandas as pd
 import torch
 
 from .core import Config, condition_dict, result_row
-from .diffs import (difference_triples, differences_path, generate_differences, judged_path, make_backend,
-                           sample_pairs)
+from .diffs import (difference_triples, differences_path, generate_differences, item_rng, judged_path,
+                           make_backend, sample_pairs)
 from .judge import OracleJudge, judge_agreement, judge_records
 from .metrics import paired_bootstrap
+from .embed import embed_images
+from .evaluate import eval_datasets, run_difference_classification, run_zero_shot
+from .finetune import finetune
+from .models import load_clip, model_dir
+from .pairs import corpus_from_world
+from .world import make_world
 
 # %% auto #0
 __all__ = ['ITEM_KEYS', 'CURVE_TASK', 'row_items', 'pooled_mean', 'paired_gain', 'study_row', 'noisy_differences',
@@ -76,7 +82,6 @@ def noisy_differences(cfg: Config, world, pairs: pd.DataFrame | None = None, pro
     if cfg.generator != "oracle":
         raise ValueError(f"the noise study needs the world's oracle (generator='oracle'); got {cfg.generator!r}")
     if pairs is None:
-        from pc_clip.pairs import corpus_from_world
         pairs = sample_pairs(corpus_from_world(world, "train"), cfg.n_pairs, cfg.seed, cfg.pair_sampling,
                              world.heldout_pairs)
     return generate_differences(pairs, make_backend(cfg, world), differences_path(cfg), progress=progress)
@@ -104,7 +109,6 @@ class FallibleJudge:
         return "oracle" if self.error == 0 else f"oracle-error{self.error:g}"
 
     def judge(self, records: Sequence[dict]) -> list[tuple[list[str | None], str | None]]:
-        from pc_clip.diffs import item_rng
         out = []
         for r, (verdicts, raw) in zip(records, self.inner.judge(records)):
             rng = item_rng(self.seed, "fallible-judge", str(r["key"]))
@@ -187,12 +191,6 @@ def _base_rows(clip_rows: Sequence[dict], seed, wordings: Sequence[str]) -> list
 def run_noise_curve(cfg: Config, noises: Sequence[float] = (0.0, 0.1, 0.3, 0.5), judges: Sequence = (),
                     progress: bool = True) -> tuple[list[dict], dict]:
     "`(rows, info)`: PC-CLIP finetuned at each noise rate, unfiltered and filtered by each judge, measured against `clip`."
-    from pc_clip.embed import embed_images
-    from pc_clip.evaluate import eval_datasets, run_difference_classification, run_zero_shot
-    from pc_clip.finetune import finetune
-    from pc_clip.models import load_clip, model_dir
-    from pc_clip.pairs import corpus_from_world
-    from pc_clip.world import make_world
     world = make_world(cfg)
     base, _, tokenizer = load_clip(cfg, "clip")
     emb = embed_images(base, world.images, cfg, progress=progress)

@@ -22,7 +22,14 @@ from .models import (checkpoint_metadata, create_clip, images_to_tensor, is_chec
                             save_checkpoint)
 from .oracle import oracle_differences
 from .pretrain import PRETRAIN_THREADS, _param_groups, pretrain_fingerprint, warmup_cosine
-from .world import World, make_caption
+from .world import World, make_caption, make_world
+from .beyond import paired_gain, pooled_mean, row_items, study_row
+from .data import load_dataset
+from .diffs import OracleBackend, build_record, difference_triples
+from .embed import embed_images
+from .evaluate import run_difference_classification, run_retrieval, run_zero_shot
+from .finetune import finetune
+from .pairs import corpus_from_world, sample_pairs
 
 # %% auto #0
 __all__ = ['JOINT_VERSION', 'STUDY_TASK', 'batch_difference_pairs', 'joint_loss', 'pretrain_joint', 'joint_model_name',
@@ -154,8 +161,6 @@ def pretrain_joint_or_load(world: World, cfg: Config, weight: float, device: str
 # %% ../nbs/15a_beyond_pretrain.ipynb #ef60355f
 def oracle_triples(world: World, n_pairs: int, seed: int, noise: float = 0.0) -> pd.DataFrame:
     "Finetuning triples (i, j, text) of `n_pairs` different-species train pairs, written by the oracle at `noise`."
-    from pc_clip.diffs import OracleBackend, build_record, difference_triples
-    from pc_clip.pairs import corpus_from_world, sample_pairs
     pairs = sample_pairs(corpus_from_world(world, "train"), n_pairs, seed, "different_category", world.heldout_pairs)
     items = pairs.to_dict("records")
     backend = OracleBackend(world.attrs, noise=noise, seed=seed)
@@ -165,8 +170,6 @@ def oracle_triples(world: World, n_pairs: int, seed: int, noise: float = 0.0) ->
 def pretrain_then_finetune(world: World, cfg: Config, finetune_steps: int, device: str | torch.device | None = None,
                            progress: bool = True) -> dict:
     "CLIP pretraining for `pretrain_steps - finetune_steps` steps, then `finetune_steps` PC-CLIP steps; a dict of both runs."
-    from pc_clip.embed import embed_images
-    from pc_clip.finetune import finetune
     if not 0 < finetune_steps < cfg.pretrain_steps:
         raise ValueError(f"finetune_steps must be between 1 and pretrain_steps - 1 ({cfg.pretrain_steps - 1}); got {finetune_steps}")
     base_cfg = cfg.replace(pretrain_steps=cfg.pretrain_steps - finetune_steps)
@@ -187,7 +190,6 @@ STUDY_TASK = "pretrain_difference"
 def arm_rows(rows: Sequence[dict], model: str, condition: dict, seed: int | None = None,
              wordings: Sequence[str] = ("train", "heldout")) -> list[dict]:
     "Study rows of one arm from the runner's rows: difference accuracy per wording, zero-shot and retrieval metrics."
-    from pc_clip.beyond import pooled_mean, row_items, study_row
     out = [study_row(model, STUDY_TASK, "world", "difference_accuracy",
                      pooled_mean(row_items(rows, "difference_classification", "accuracy", wording=w)), seed,
                      {**condition, "wording": w}) for w in wordings]
@@ -200,7 +202,6 @@ def arm_rows(rows: Sequence[dict], model: str, condition: dict, seed: int | None
 # %% ../nbs/15a_beyond_pretrain.ipynb #541d1d74
 def choose_weight(val_rows: Sequence[dict], weights: Sequence[float], wordings: Sequence[str] = ("train", "heldout")) -> float:
     "The weight above 0 with the highest validation difference accuracy (mean over `wordings`); ties to the smaller."
-    from pc_clip.beyond import pooled_mean, row_items
     candidates = sorted(w for w in weights if w > 0)
     if not candidates:
         raise ValueError(f"no weight above 0 among {list(weights)}: nothing to choose for the joint arm")
@@ -214,7 +215,6 @@ def choose_weight(val_rows: Sequence[dict], weights: Sequence[float], wordings: 
 def comparison_rows(test_rows: Sequence[dict], weight: float, condition: dict, seed: int | None = None,
                     wordings: Sequence[str] = ("train", "heldout")) -> list[dict]:
     "`joint_minus_ptf_*` rows: the joint arm at `weight` minus pretrain-then-finetune on the same test items."
-    from pc_clip.beyond import paired_gain, row_items, study_row
     a = [r for r in test_rows if r["model"] == joint_model_name(weight)]
     b = [r for r in test_rows if r["model"] == "pretrain-then-finetune"]
     pairs = [("difference", "difference_classification", "accuracy", {"wording": w}) for w in wordings]
@@ -227,8 +227,6 @@ def comparison_rows(test_rows: Sequence[dict], weight: float, condition: dict, s
 # %% ../nbs/15a_beyond_pretrain.ipynb #e07b50ac
 def _evaluate_arms(cfg: Config, names: Sequence[str], retrieval_images: int | None) -> dict[str, list[dict]]:
     "The runner's rows of every arm: test (difference tasks, zero-shot, retrieval) and val (difference tasks, zero-shot)."
-    from pc_clip.data import load_dataset
-    from pc_clip.evaluate import run_difference_classification, run_retrieval, run_zero_shot
     out = {}
     for split in ("test", "val"):
         ds = [load_dataset("world", cfg, split)]
@@ -240,7 +238,6 @@ def _evaluate_arms(cfg: Config, names: Sequence[str], retrieval_images: int | No
 def run_pretrain_study(cfg: Config, weights: Sequence[float] = (0.0, 0.25, 0.5, 1.0), finetune_steps: int | None = None,
                        retrieval_images: int | None = 500, progress: bool = True) -> tuple[list[dict], dict]:
     "`(rows, info)`: joint pretraining at each weight vs pretrain-then-finetune at `cfg.pretrain_steps` steps each."
-    from pc_clip.world import make_world
     world, steps = make_world(cfg), cfg.pretrain_steps
     finetune_steps = finetune_steps or max(1, steps // 5)
     arms = {}

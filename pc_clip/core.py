@@ -53,10 +53,10 @@ def _under_runs_env(default: str, sub: str) -> Path:
     return Path(env).expanduser() / sub if env else resolve_path(default)
 
 
-def data_root(cfg: Config) -> Path:
-    "Where datasets and downloaded weights are looked for: `$PC_CLIP_DATA` or `cfg.data_root`."
+def data_root(cfg: Config | None = None) -> Path:
+    "Where datasets and downloaded weights are looked for: `$PC_CLIP_DATA`, else `cfg.data_root` (default `data/`)."
     env = os.environ.get("PC_CLIP_DATA")
-    return Path(env).expanduser() if env else resolve_path(cfg.data_root)
+    return Path(env).expanduser() if env else resolve_path(cfg.data_root if cfg is not None else Config.data_root)
 
 
 def run_dir(cfg: Config) -> Path:

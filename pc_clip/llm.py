@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .core import content_hash, pick_device
+from .core import content_hash, data_root, pick_device
 from .models import weights_dir
 
 # %% auto #0
@@ -110,7 +110,7 @@ def _lm_candidates(name: str, root: Path) -> list[tuple[str, dict]]:
 def load_causal_lm(name: str, load_in_4bit: bool = True, device: str = "auto", root: str | Path | None = None):
     "`(model, tokenizer)` for a causal LM folder or hub id, found offline, optionally 4-bit NF4, left padding."
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    root = Path(root) if root is not None else Path(os.environ.get("PC_CLIP_DATA", "data"))
+    root = Path(root) if root is not None else data_root()
     dev = pick_device(device)
     kw: dict[str, Any] = dict(local_files_only=True, device_map="auto" if dev.type == "cuda" else {"": str(dev)})
     if load_in_4bit:

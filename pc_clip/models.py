@@ -95,7 +95,7 @@ def _hf_snapshot(repo: str, root: Path) -> Path:
 def create_clip(model_name: str = TINY_MODEL, pretrained: str | None = None, device: str | torch.device = "cpu",
                 root: str | Path | None = None, allow_download: bool = False, seed: int | None = 0):
     "`(model, preprocess, tokenizer)` for an open_clip architecture, tag, hf-hub id or checkpoint folder."
-    root = Path(root) if root is not None else Path(os.environ.get("PC_CLIP_DATA", "data"))
+    root = Path(root) if root is not None else data_root()
     if pretrained and Path(pretrained).is_dir():
         return load_checkpoint(pretrained, device=device)
     if seed is not None:

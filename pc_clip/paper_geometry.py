@@ -15,6 +15,11 @@ import torch.nn.functional as F
 
 from .core import Config
 from .metrics import geometry, outcomes
+from .comparative import LazyBackend, class_differences
+from .data import load_dataset
+from .diffs import differences_dir, generate_differences, generator_slug, load_corpus, sample_pairs
+from .embed import embed_images, embed_texts, embedded_labels, kept_indices
+from .evaluate import eval_datasets, evaluation_rows, for_each_model
 
 # %% auto #0
 __all__ = ['class_pair_frame', 'class_pair_names', 'class_pair_texts', 'pair_alignment', 'heldout_pair_count',
@@ -81,14 +86,11 @@ def heldout_pair_count(cfg: Config) -> int:
 
 def heldout_differences_path(cfg: Config, split: str = "val") -> Path:
     "The JSONL file of the generator's differences for held-out pairs of the corpus's `split`."
-    from pc_clip.diffs import differences_dir, generator_slug
     return differences_dir(cfg) / f"{generator_slug(cfg.generator)}-heldout-{split}.jsonl"
 
 
 def write_heldout_differences(cfg: Config, backend=None, split: str = "val", progress: bool = True) -> list[dict]:
     "Sample the held-out pairs of the corpus's `split` and write (or resume) their differences with `backend`."
-    from pc_clip.comparative import LazyBackend
-    from pc_clip.diffs import generate_differences, load_corpus, sample_pairs
     corpus, _, _ = load_corpus(cfg, split)
     pairs = sample_pairs(corpus, min(heldout_pair_count(cfg), len(corpus) * (len(corpus) - 1)), cfg.seed, "random")
     return generate_differences(pairs, backend or LazyBackend(cfg), heldout_differences_path(cfg, split),
@@ -97,7 +99,6 @@ def write_heldout_differences(cfg: Config, backend=None, split: str = "val", pro
 
 def heldout_statements(records: Sequence[dict], ds) -> pd.DataFrame:
     "One row per accepted statement of `records` (`key`, `i`, `j`, `text`), `i`/`j` re-indexed to `ds`'s embedding rows."
-    from pc_clip.embed import kept_indices
     info = getattr(ds, "image_info", None)
     ids = info["image_id"].tolist() if info is not None and "image_id" in info else list(range(len(ds)))
     kept = kept_indices(ds)  # unreadable images have no embedding row: their pairs are dropped
@@ -109,9 +110,6 @@ def heldout_statements(records: Sequence[dict], ds) -> pd.DataFrame:
 
 # %% ../nbs/10a_paper_geometry.ipynb #1507571c
 def _class_sets(cfg: Config, n_classes: int, n_per_pair: int) -> list:
-    from pc_clip.comparative import class_differences
-    from pc_clip.embed import embedded_labels
-    from pc_clip.evaluate import eval_datasets
     out = []
     for ds in eval_datasets(cfg, "difference_classification"):
         frame = class_pair_frame(embedded_labels(ds), n_classes, n_per_pair, cfg.seed)
@@ -126,9 +124,6 @@ def _class_sets(cfg: Config, n_classes: int, n_per_pair: int) -> list:
 def run_paper_geometry(cfg: Config, model_names: Sequence[str], n_classes: int = 8, n_per_pair: int = 8,
                        n_quads: int = 2000, progress: bool = True) -> list[dict]:
     "Geometry rows of every existing model on held-out corpus pairs and on class pairs of the paper's data sets."
-    from pc_clip.data import load_dataset
-    from pc_clip.embed import embed_images, embed_texts
-    from pc_clip.evaluate import evaluation_rows, for_each_model
     val = load_dataset(cfg.corpus, cfg, "val")
     statements = heldout_statements(write_heldout_differences(cfg, progress=progress), val)
     class_sets = _class_sets(cfg, n_classes, n_per_pair)
