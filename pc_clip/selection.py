@@ -13,7 +13,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .core import Config
+from .core import Config, condition_dict, result_row
+from .data import world_dataset
+from .embed import embed_images
+from .evaluate import build_difference_tasks, text_encoder, zero_shot_classifier
+from .geometry import flatten_captions, world_captions
+from .metrics import bootstrap_ci, difference_classification, retrieval, statistic_value, zero_shot
+from .models import model_dir
+from .world import CATEGORY_NAMES
 
 # %% auto #0
 __all__ = ['CONSTRAINTS', 'VAL_METRICS', 'SELECTION_TASK', 'CHANGES', 'TEST_TARGETS', 'Targets', 'shortfalls', 'choose_setting',
@@ -129,8 +136,6 @@ VAL_METRICS = ("difference_accuracy", "difference_accuracy_heldout_wording", "ze
 
 def _difference_outcomes(emb, encode, val_ds, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
     "Pooled per-item outcomes of every world difference task: all of them, and the held-out-wording ones."
-    from pc_clip.evaluate import build_difference_tasks
-    from pc_clip.metrics import difference_classification
     parts, held = [], []
     for t in build_difference_tasks(val_ds, val_ds.labels, cfg):
         res = difference_classification(emb[torch.as_tensor(t.indices)], t.labels, t.text_fn, encode, cfg.eval_n_images,
@@ -152,12 +157,6 @@ def _mean_recall_outcomes(res: dict) -> pd.DataFrame:
 
 def validation_outcomes(model, tokenizer, cfg: Config, world, val_ds=None, n_captions: int = 1) -> dict:
     "`{metric: (value, outcomes, statistic)}` of `VAL_METRICS` for `model` on the world's `val` split."
-    from pc_clip.data import world_dataset
-    from pc_clip.embed import embed_images
-    from pc_clip.evaluate import text_encoder, zero_shot_classifier
-    from pc_clip.geometry import flatten_captions, world_captions
-    from pc_clip.metrics import retrieval, statistic_value, zero_shot
-    from pc_clip.world import CATEGORY_NAMES
     val_ds = val_ds if val_ds is not None else world_dataset(world, "val", classnames=CATEGORY_NAMES)
     emb = embed_images(model, val_ds.arrays, cfg, progress=False)
     encode = text_encoder(model, tokenizer, cfg.eval_batch_size)
@@ -177,8 +176,6 @@ SELECTION_TASK = "finetune_selection"
 
 def validation_rows(scores: dict, model: str, setting: dict, seed: int, n_boot: int = 1000) -> list[dict]:
     "Rows of the results table for the `validation_outcomes` of one model at `setting` (plus `split=val`)."
-    from pc_clip.core import result_row
-    from pc_clip.metrics import bootstrap_ci
     rows = []
     for metric, (value, o, stat) in scores.items():
         ci = bootstrap_ci(o["value"], o["weight"], o["group"], stat, n_boot)
@@ -193,7 +190,6 @@ CHANGES = {"diff_gain": "difference_accuracy", "diff_gain_heldout": "difference_
 
 def candidate_table(results: pd.DataFrame, base: str = "clip", model: str = "pc-clip") -> pd.DataFrame:
     "One row per validation candidate `(lr, alpha)` of `model`: its numbers and their changes against `base`."
-    from pc_clip.core import condition_dict
     r = results[(results["task"] == SELECTION_TASK) & results["model"].isin([base, model])]
     r = r[r["condition"].map(lambda s: condition_dict(s).get("split") == "val").astype(bool)]  # validation rows only, never test
     if r.empty:
@@ -223,7 +219,6 @@ class Sweep:
 def run_sweep(inputs, cfg: Config, targets: Targets = Targets(), progress: bool = True) -> Sweep:
     "Finetune at each lr of the grid, average at each alpha, evaluate every candidate and `clip` on validation, choose."
     from pc_clip.finetune_plan import finetune_models, save_weight_average
-    from pc_clip.models import model_dir
     if inputs.world is None:
         raise ValueError(f"the sweep needs the Shapes world's validation split (corpus {cfg.corpus!r} has none here); "
                          "set ft_lr_grid=() and wavg_alpha_grid=() to train the one setting ft_lr without a sweep")
@@ -243,7 +238,6 @@ def run_sweep(inputs, cfg: Config, targets: Targets = Targets(), progress: bool 
 def save_chosen(base, finetuned, cfg: Config, name: str, lr: float, alpha: float):
     "Model `name` of `cfg`: `finetuned` (trained at `lr`) averaged with `base` at `alpha`, saved to `model_dir(cfg, name)`."
     from pc_clip.finetune_plan import save_derived, weight_average_model
-    from pc_clip.models import model_dir
     source, target = model_dir(candidate_config(cfg, lr, 1.0), name), model_dir(cfg, name)
     if source == target and alpha == 1:  # a one-point grid: the finetune is the model
         return finetuned
@@ -255,7 +249,6 @@ def save_chosen(base, finetuned, cfg: Config, name: str, lr: float, alpha: float
 def finetune_chosen(inputs, cfg: Config, lr: float, alpha: float, progress: bool = True) -> tuple[dict, dict]:
     "`({name: model}, {name: FinetuneRun})`: every model of `FINETUNE_PLAN` (and the wavg variant) at the chosen setting."
     from pc_clip.finetune_plan import FINETUNE_PLAN, finetune_models, save_weight_average
-    from pc_clip.models import model_dir
     variants = [n for n in FINETUNE_PLAN if n == "pc-clip" or n.startswith("pc-clip/")]
     runs = finetune_models(inputs, candidate_config(cfg, lr, 1.0), variants, progress)
     runs.update(finetune_models(inputs, cfg, [n for n in FINETUNE_PLAN if n not in variants], progress))
@@ -267,7 +260,6 @@ def finetune_chosen(inputs, cfg: Config, lr: float, alpha: float, progress: bool
 # %% ../nbs/12a_selection.ipynb #58d66357
 def _test_means(results: pd.DataFrame, model: str, task: str, metric, keep=None) -> pd.Series:
     "Mean over seeds of each (dataset, condition) cell of `model`'s test rows of `task` and `metric` (a name or a test)."
-    from pc_clip.core import condition_dict
     r = results[(results["model"] == model) & (results["task"] == task)]
     r = r[~r["condition"].map(lambda s: condition_dict(s).get("split") == "val").astype(bool)]
     r = r[(r["metric"].map(metric) if callable(metric) else r["metric"] == metric).astype(bool)]

@@ -16,7 +16,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .core import artifact_lock, atomic_write_json, content_hash
-from .testing import make_fixture
+from .testing import make_fixture, tiny_sdxl_pipeline
+from .llm import HFBackend, LLAMA2_CHAT_TEMPLATE, SYSTEM_PROMPT, build_prompt, load_causal_lm, render_chat
+from .models import create_clip, load_checkpoint, save_checkpoint
 
 # %% auto #0
 __all__ = ['COLOURS', 'NOUNS', 'PLACES', 'CAPTION_TEMPLATES', 'CHAT_TASKS', 'SMOKE_MODEL', 'SMOKE_TAG', 'CHAT_LM', 'SDXL',
@@ -102,7 +104,6 @@ CHAT_TASKS = ("differences", "rewrite", "rewrite", "category", "judge")  # rewri
 def chat_examples(n: int, classnames: Sequence[str], seed: int = 0) -> list[tuple[str, str, str]]:
     "`n` `(system, user, target)` chat examples of the paper path's LLM tasks, built with the project's prompts."
     from pc_clip.judge import JUDGE_SYSTEM_PROMPT
-    from pc_clip.llm import SYSTEM_PROMPT, build_prompt
     rng, out = np.random.default_rng([seed, 11]), []
     for k in range(n):
         task, a, b = CHAT_TASKS[k % len(CHAT_TASKS)], scene(rng), scene(rng)
@@ -126,7 +127,6 @@ def chat_tokenizer(texts: Sequence[str], vocab_size: int = 3000):
     "A byte-level BPE tokenizer trained on `texts`, with `<unk>`, `<s>`, `</s>` and Llama-2's chat template."
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    from pc_clip.llm import LLAMA2_CHAT_TEMPLATE
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -140,7 +140,6 @@ def chat_tokenizer(texts: Sequence[str], vocab_size: int = 3000):
 # %% ../nbs/00d_standins.ipynb #2e6d42ca
 def _encode(tok, examples: Sequence[tuple[str, str, str]]) -> list[tuple[list[int], list[int]]]:
     "`(prompt ids, answer ids + eos)` of each example, the prompt rendered exactly as `generate_texts` renders it."
-    from pc_clip.llm import render_chat
     prompts = tok([render_chat(tok, u, s) for s, u, _ in examples], add_special_tokens=False)["input_ids"]
     answers = tok([" " + t for _, _, t in examples], add_special_tokens=False)["input_ids"]
     return [(p, a + [tok.eos_token_id]) for p, a in zip(prompts, answers)]
@@ -204,7 +203,6 @@ def chat_lm_report(folder: str | Path, n: int = 20, seed: int = 1, load_in_4bit:
     "Accepted-statement fractions per task and parsed-verdict fraction of the LM in `folder` on unseen items."
     from pc_clip.diffs import build_record
     from pc_clip.judge import HFJudge
-    from pc_clip.llm import HFBackend, load_causal_lm
     model, tok = load_causal_lm(str(folder), load_in_4bit=load_in_4bit, device="cpu")
     backend, rng = HFBackend(model, tok, name="stand-in", max_new_tokens=64, seed=seed), np.random.default_rng([seed, 13])
     scenes = [(scene(rng), scene(rng)) for _ in range(n)]
@@ -229,16 +227,13 @@ CHAT_LM, SDXL = "tiny-chat", "tiny-sdxl"
 
 def build_smoke_clip(folder: str | Path, seed: int = 0) -> Path:
     "Save a random `pc-clip-smoke` CLIP as a checkpoint in `folder`."
-    from pc_clip.models import create_clip, save_checkpoint
     model, _, _ = create_clip(SMOKE_MODEL, None, seed=seed)
     return save_checkpoint(model, folder, SMOKE_MODEL, extra={"stand_in": True, "seed": seed})
 
 
 def build_tiny_sdxl(folder: str | Path, clip_folder: str | Path, seed: int = 0) -> Path:
     "Save a tiny SDXL pipeline whose first text encoder is the text tower of the CLIP checkpoint in `clip_folder`."
-    from pc_clip.models import load_checkpoint
     from pc_clip.t2i import open_clip_text_to_hf
-    from pc_clip.testing import tiny_sdxl_pipeline
     clip = load_checkpoint(clip_folder)[0]
     pipe = tiny_sdxl_pipeline(text_model=SMOKE_MODEL, seed=seed)
     pipe.text_encoder = open_clip_text_to_hf(clip, with_projection=False).eval()
