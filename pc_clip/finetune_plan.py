@@ -168,19 +168,23 @@ def training_data_path(cfg: Config) -> Path:
     return results_path(cfg).parent / "training_data.csv"
 
 
-def training_data_table(inputs: FinetuneInputs, names: Sequence[str] | None = None) -> pd.DataFrame:
-    "One row per planned model that has data: `model, data, rows, source` (the provenance the REPORT prints)."
-    rows = [dict(model=n, data=FINETUNE_PLAN[n][0], rows=len(inputs.data[FINETUNE_PLAN[n][0]]),
-                 source=inputs.sources.get(FINETUNE_PLAN[n][0], "?"))
-            for n in (names or FINETUNE_PLAN) if FINETUNE_PLAN[n][0] in inputs.data]
-    return pd.DataFrame(rows, columns=["model", "data", "rows", "source"])
+def training_data_table(inputs: FinetuneInputs, cfg: Config, names: Sequence[str] | None = None) -> pd.DataFrame:
+    "One row per planned model that has data: `model, data, rows, used, source` (`used`: rows after `max_pairs`)."
+    out = []
+    for n in names or FINETUNE_PLAN:
+        key, kw = FINETUNE_PLAN[n]
+        if key in inputs.data:
+            rows, cap = len(inputs.data[key]), kw.get("max_pairs", cfg.ft_max_pairs)
+            out.append(dict(model=n, data=key, rows=rows, used=rows if cap is None else min(rows, cap),
+                            source=inputs.sources.get(key, "?")))
+    return pd.DataFrame(out, columns=["model", "data", "rows", "used", "source"])
 
 
 def write_training_data(inputs: FinetuneInputs, cfg: Config, names: Sequence[str] | None = None) -> Path:
     "Write `training_data_table` to `training_data_path(cfg)` (atomically) and return the path."
     path = training_data_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, training_data_table(inputs, names).to_csv(index=False))
+    atomic_write(path, training_data_table(inputs, cfg, names).to_csv(index=False))
     return path
 
 # %% ../nbs/07c_finetune_plan.ipynb #7b87e00a

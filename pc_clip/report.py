@@ -335,11 +335,13 @@ def _training_data(cfg: Config) -> tuple[str, list[str]]:
         return (f"differences from `{cfg.generator}` by this config (experiment 03 recorded no `{path.name}`, so the "
                 "data the models were trained on is not known here)", [])
     t = pd.read_csv(path)
+    t["used"] = t["used"] if "used" in t else t["rows"]
     main = t[t["model"] == "pc-clip"]
-    line = (f"`pc-clip` was trained on {int(main['rows'].iloc[0])} statements from {main['source'].iloc[0]}"
+    subset = lambda r: (f"{int(r.used)} (a seeded subset) of {int(r.rows)}" if r.used < r.rows else f"{int(r.rows)}")
+    line = (f"`pc-clip` was trained on {subset(next(main.itertuples()))} statements from {main['source'].iloc[0]}"
             if len(main) else f"the finetuned models' data is listed under 'Training data' (`{path.name}`)")
-    table = "| model | data | rows | source |\n|---|---|---:|---|\n" + "".join(
-        f"| `{r.model}` | {r.data} | {int(r.rows)} | {r.source} |\n" for r in t.itertuples())
+    table = "| model | data | rows | trained on | source |\n|---|---|---:|---:|---|\n" + "".join(
+        f"| `{r.model}` | {r.data} | {int(r.rows)} | {int(r.used)} | {r.source} |\n" for r in t.itertuples())
     return line, ["\n## Training data (recorded by experiment 03)\n", table]
 
 
