@@ -226,7 +226,7 @@ def artifact_lock(path: str | Path, timeout: float = 0.0) -> Iterator[Path]:
 # %% ../nbs/00_core.ipynb #f825b886
 RESULT_COLUMNS = ["experiment", "profile", "model", "task", "dataset", "condition", "metric", "value",
                   "ci_low", "ci_high", "seed", "n"]
-FRACTION_METRICS = ("accuracy", "recall", "consistency", "rate", "agreement")
+FRACTION_METRICS = ("accuracy", "recall", "rate", "agreement")  # directional consistency is a mean cosine, in [-1, 1]
 
 
 def condition_string(**settings) -> str:

@@ -43,8 +43,11 @@ def test_geometry_rows_on_pixels(world):
     text = torch.stack([pix[p.edited] - pix[p.base] for p in cp.pairs.itertuples()])
     res = geometry(pix, cp.pairs, text, n_quads=100)
     assert set(res) == {"all"} | set(G.EDITS)
-    for r in res.values():
-        assert 0 <= r["analogy_accuracy"] <= 1 and 0 <= r["directional_consistency"] <= 1
+    for edit, r in res.items():
+        assert 0 <= r["analogy_accuracy"] <= 1 and -1 <= r["directional_consistency"] <= 1
+        if edit != "all":  # the reported value is the mean of its per-pair items, so it lies inside their interval
+            items = r["outcomes"]["directional_consistency"]
+            assert r["directional_consistency"] == pytest.approx(items.value.mean(), abs=1e-6), edit
     assert len(G.edit_statements(cp)) == len(cp.pairs)
 
 
