@@ -58,30 +58,32 @@ class JsonlStore:
             except ArtifactBusy:  # a writer holds it: it heals the file when it opens it
                 pass
 
-    def _scan(self) -> Iterator[tuple[dict | None, bool, bool]]:
-        "`(record, damaged, duplicate)` for each non-blank line of the file."
+    def _scan(self, data: bytes | None = None) -> Iterator[tuple[dict | None, bool, bool]]:
+        "`(record, damaged, duplicate)` for each non-blank line of `data` (default: the file as it is now)."
         seen: set[str] = set()
-        if not self.path.exists():
-            return
-        with open(self.path, "rb") as f:
-            for raw in f:
-                rec, damaged = parse_line(raw.decode("utf-8", errors="replace"), self.key)
-                if rec is None and not damaged:
-                    continue
-                k = None if rec is None else str(rec[self.key])
-                yield rec, damaged, k in seen
-                if k is not None:
-                    seen.add(k)
+        if data is None:
+            data = self.path.read_bytes() if self.path.exists() else b""
+        for raw in data.split(b"\n"):
+            rec, damaged = parse_line(raw.decode("utf-8", errors="replace"), self.key)
+            if rec is None and not damaged:
+                continue
+            k = None if rec is None else str(rec[self.key])
+            yield rec, damaged, k in seen
+            if k is not None:
+                seen.add(k)
 
     def _load(self) -> None:
+        # the size is that of the bytes parsed, not a later stat: a writer that appends while we read makes the
+        # next `extend` see a different size and read the file again, so its records are never missed
+        data = self.path.read_bytes() if self.path.exists() else b""
         self.keys: set[str] = set()
         self.n_corrupt = self.n_duplicate = 0
-        for rec, damaged, dup in self._scan():
+        for rec, damaged, dup in self._scan(data):
             self.n_corrupt += damaged
             self.n_duplicate += dup
             if rec is not None:
                 self.keys.add(str(rec[self.key]))
-        self._size = self.path.stat().st_size if self.path.exists() else 0
+        self._size = len(data)
 
     def _heal(self) -> None:
         "Rewrite the file with one clean line per key (call with the lock held)."
