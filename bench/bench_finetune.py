@@ -3,7 +3,7 @@
     python bench/bench_finetune.py                          # CPU, the tiny world model
     python bench/bench_finetune.py --model ViT-L-14 --pairs 32768 --ref-pairs 8192 --batch-size 512   # a GPU, random weights
 
-Our loop is `pc_clip.finetune.finetune` itself (text blocks trained on cached image embeddings, autocast on a GPU,
+Our loop is `pc_clip.training.finetune.finetune` itself (text blocks trained on cached image embeddings, autocast on a GPU,
 padding after the last end-of-text token trimmed, one host sync per step). The reference-style loop is what a
 straightforward port of the paper's training script does: fp32 without autocast, full-context text forward,
 tokenising every batch in the loop, several `.item()` syncs per step and `torch.cuda.empty_cache()` after every
@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from hardware import peak_bf16
-from pc_clip.core import autocast, get_config, pick_device, pick_dtype
-from pc_clip.finetune import encode_text_trimmed, finetune
-from pc_clip.losses import difference_contrastive_loss, set_trainable
-from pc_clip.models import create_clip
+from pc_clip.core.runtime import autocast, pick_device, pick_dtype
+from pc_clip.core.config import get_config
+from pc_clip.training.losses import encode_text_trimmed
+from pc_clip.training.finetune import finetune
+from pc_clip.training.losses import difference_contrastive_loss, set_trainable
+from pc_clip.models.clip import create_clip
 
 
 def synthetic_triples(n_pairs: int, n_images: int, seed: int) -> pd.DataFrame:
@@ -136,7 +138,7 @@ def measure_finetune(model_name: str = "pc-clip-tiny", pairs: int = 4096, ref_pa
                      images: int = 1024, batch_size: int = 256, epochs: int = 2, device: str = "auto",
                      precision: str = "auto", seed: int = 0, repeats: int = 1, count_flops: bool = True,
                      log=print) -> dict:
-    "Pairs/s of `pc_clip.finetune.finetune` and of the reference-style loop, FLOPs per pair and MFU, as one dict."
+    "Pairs/s of `pc_clip.training.finetune.finetune` and of the reference-style loop, FLOPs per pair and MFU, as one dict."
     dev = pick_device(device)
     model, _, tokenizer = create_clip(model_name, None, device=dev, seed=seed)
     d = model.text_projection.shape[-1]
@@ -195,7 +197,7 @@ def measure_finetune(model_name: str = "pc-clip-tiny", pairs: int = 4096, ref_pa
 def finetune_table(r: dict) -> pd.DataFrame:
     "One row per loop: pairs/s, useful TFLOP/s, MFU and wall seconds."
     rows = []
-    for name, key in (("ours (pc_clip.finetune)", "ours"), ("reference-style", "ref")):
+    for name, key in (("ours (pc_clip.training.finetune)", "ours"), ("reference-style", "ref")):
         rate = r[f"{key}_pairs_per_s"]
         mfu = r[f"{key}_mfu"]
         rows.append(dict(loop=name, pairs_per_s=round(rate, 1), useful_TFLOP_s=round(rate * r["useful_flops_per_pair"] / 1e12, 3),

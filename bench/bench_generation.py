@@ -9,7 +9,7 @@ Prints pairs/s and generated tokens/s for both modes (it asserts nothing about s
 
 Every completion is forced to `--max-new-tokens` tokens (min_new_tokens = max_new_tokens), so both modes
 generate exactly the same number of tokens and the comparison measures batching alone. Both modes go through
-`pc_clip.diffs.generate_texts` (chat template, left padding, sampling at temperature 0.7, top-p 0.9).
+`pc_clip.differences.llm.generate_texts` (chat template, left padding, sampling at temperature 0.7, top-p 0.9).
 
 A shaped model (`--model-shape`) is built with random weights directly on the device in bf16 and its decoder
 linears are replaced by bitsandbytes NF4 `Linear4bit` layers (bf16 compute), the layers `from_pretrained(...,
@@ -27,9 +27,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pc_clip.llm import build_prompt, generate_texts, load_causal_lm
-from pc_clip.pairs import sample_pairs
-from pc_clip.testing import make_tiny_llama
+from pc_clip.differences.llm import build_prompt, generate_texts, load_causal_lm
+from pc_clip.differences.pairs import sample_pairs
+from pc_clip.smoke.fixtures import make_tiny_llama
 
 LLAMA2_13B = dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                   num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096, rms_norm_eps=1e-5)
@@ -42,7 +42,7 @@ SHAPES = {"llama2-13b": LLAMA2_13B, "llama-tiny": LLAMA_TINY}
 def quantize_linears_4bit(model: torch.nn.Module, device: str, compute_dtype=torch.bfloat16) -> torch.nn.Module:
     """Replace every nn.Linear inside the decoder layers by a bitsandbytes NF4 Linear4bit, as `from_pretrained` with
     `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)` does
-    (the config of `pc_clip.diffs.load_causal_lm`: no double quantisation; embeddings and lm_head stay bf16)."""
+    (the config of `pc_clip.differences.llm.load_causal_lm`: no double quantisation; embeddings and lm_head stay bf16)."""
     import bitsandbytes as bnb
     for layer in model.model.layers:
         for name, child in list(layer.named_modules()):

@@ -149,7 +149,7 @@ def _details(ft: dict, gen: dict) -> list[str]:
         mem = f", peak GPU memory while generating {gen['peak_gpu_mem_gib']:.1f} GiB" if gen.get("peak_gpu_mem_gib") else ""
         lines.append(
             f"- Generation: {gen['model']}, {gen['stored_params'] / 1e9:.2f} G stored parameters (4-bit weights count "
-            f"half a byte each), built in {gen['build_s']:.0f} s; `pc_clip.diffs.generate_texts` with the Llama-2 chat "
+            f"half a byte each), built in {gen['build_s']:.0f} s; `pc_clip.differences.llm.generate_texts` with the Llama-2 chat "
             f"template, left padding, sampling (temperature 0.7, top-p 0.9), every completion forced to "
             f"{gen['max_new_tokens']} new tokens; prompts ~{gen['prompt_tokens']} tokens (tiny stand-in tokenizer) before "
             f"the template. Batched: {gen['prompts']} prompts in batches of {gen['batch_size']} ({gen['batched_s']:.1f} s); "

@@ -17,9 +17,10 @@ import time
 import pandas as pd
 import torch
 
-from pc_clip.core import get_config, pick_device
-from pc_clip.pretrain import pretrain_or_load, zero_shot_accuracy
-from pc_clip.world import make_world
+from pc_clip.core.config import get_config
+from pc_clip.core.runtime import pick_device
+from pc_clip.training.pretrain import pretrain_or_load, zero_shot_accuracy
+from pc_clip.world.shapes import make_world
 
 
 def main() -> None:

@@ -5,15 +5,16 @@ import pandas as pd
 import pytest
 import torch
 
-from pc_clip.beyond import (FallibleJudge, false_fraction, judged_triples, noise_model_name, noise_training_sets,
-                            noisy_differences, paired_gain, pooled_mean, row_items)
-from pc_clip.beyond_pretrain import (batch_difference_pairs, choose_weight, joint_loss, joint_model_name,
-                                     pretrain_joint)
-from pc_clip.core import get_config, result_row
-from pc_clip.metrics import outcomes
-from pc_clip.models import model_dir
-from pc_clip.pretrain import pretrain_clip
-from pc_clip.world import build_world, is_heldout_pair
+from pc_clip.studies.noise_curve import (FallibleJudge, false_fraction, judged_triples, noise_model_name,
+    noise_training_sets, noisy_differences, paired_gain, pooled_mean, row_items)
+from pc_clip.studies.pretrain_difference import (batch_difference_pairs, choose_weight, joint_loss, joint_model_name,
+    pretrain_joint)
+from pc_clip.core.config import get_config
+from pc_clip.core.runtime import result_row
+from pc_clip.evaluation.metrics import outcomes
+from pc_clip.models.clip import model_dir
+from pc_clip.training.pretrain import pretrain_clip
+from pc_clip.world.shapes import build_world, is_heldout_pair
 
 torch.set_num_threads(1)
 

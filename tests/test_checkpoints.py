@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pc_clip.core import get_config
-from pc_clip.data import ImageDataset
-from pc_clip.embed import embed_images, kept_indices
-from pc_clip.finetune import finetune
-from pc_clip.models import CheckpointError, create_clip, load_clip, model_dir, save_checkpoint
+from pc_clip.core.config import get_config
+from pc_clip.data.imagedata import ImageDataset
+from pc_clip.models.embed import embed_images, kept_indices
+from pc_clip.training.finetune import finetune
+from pc_clip.models.clip import CheckpointError, create_clip, load_clip, model_dir, save_checkpoint
 
 N = 10
 
@@ -104,7 +104,7 @@ def test_checkpoints_of_the_configured_epochs_are_kept(tiny, runs_dir):
     """The paper keeps its models after epochs 10 and 20 (`ft_keep_epochs`); here epoch 2 of 4 stays beside the
     newest, the others are deleted, and the kept one holds the weights a 2-epoch run ends with."""
     from safetensors.torch import load_file
-    from pc_clip.train_state import epoch_checkpoints
+    from pc_clip.training.state import epoch_checkpoints
     assert get_config("paper").ft_keep_epochs == (10, 20) and get_config("tiny").ft_keep_epochs == ()
     run = train(tiny, cfg(ft_epochs=4, ft_keep_epochs=(2,)))
     assert [p.name for p in epoch_checkpoints(run.out_dir)] == ["epoch-002", "epoch-004"]

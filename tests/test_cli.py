@@ -31,14 +31,14 @@ def _pc_clip(*args, env=None):
 def test_reproduce_runs_in_order_and_injects_overrides(tmp_path, runs_dir):
     exp = tmp_path / "exp"; exp.mkdir()
     marker = tmp_path / "order.txt"
-    code = ("from pc_clip.core import get_config\n"
+    code = ("from pc_clip.core.runtime import get_config\n"
             "cfg = get_config(profile, seed=seed, **overrides)\n"
             f"open({str(marker)!r}, 'a').write(f'{{__NAME__}} {{cfg.ft_epochs}} {{note}}\\n')")
     _notebook(exp / "02_second.ipynb", code.replace("{__NAME__}", "second"))
     _notebook(exp / "01_first.ipynb", code.replace("{__NAME__}", "first"))
     nb = nbformat.read(exp / "01_first.ipynb", as_version=4)  # declares ft_epochs as its own parameter
     nb.cells[0].source += "\nft_epochs = None  # None: the profile's"
-    nb.cells[1].source = ("from pc_clip.core import given\n" +
+    nb.cells[1].source = ("from pc_clip.core.runtime import given\n" +
                           nb.cells[1].source.replace("**overrides)", "**given(ft_epochs=ft_epochs), **overrides)"))
     nbformat.write(nb, exp / "01_first.ipynb")
     r = _pc_clip("reproduce", "--profile", "tiny", "--experiments", str(exp), "-p", "ft_epochs=7", "-p", "note='hi'")
@@ -103,7 +103,7 @@ def test_all_bad_values_reported_at_once(tmp_path):
 
 def test_none_override_is_honoured(tmp_path, runs_dir):
     out = tmp_path / "judge.txt"
-    _notebook(tmp_path / "50_probe.ipynb", "from pc_clip.core import get_config\n"
+    _notebook(tmp_path / "50_probe.ipynb", "from pc_clip.core.runtime import get_config\n"
               f"open({str(out)!r}, 'w').write(repr(get_config(profile, seed=seed, **overrides).judge))")
     r = _pc_clip("reproduce", "--profile", "paper", "-p", "judge=None", "--experiments", str(tmp_path))
     assert r.returncode == 0, r.stderr + r.stdout
@@ -144,7 +144,7 @@ def test_paper_smoke_builds_its_stand_ins_before_the_preflight(tmp_path, runs_di
     "From a fresh clone, `--profile paper-smoke` needs no step of its own: the stand-ins are built (or found) first."
     exp = tmp_path / "exp"; exp.mkdir()
     seen = tmp_path / "data_root.txt"
-    _notebook(exp / "02_differences.ipynb", "from pathlib import Path\nfrom pc_clip.core import data_root, get_config\n"
+    _notebook(exp / "02_differences.ipynb", "from pathlib import Path\nfrom pc_clip.core.runtime import data_root, get_config\n"
               f"Path({str(seen)!r}).write_text(str(data_root(get_config(profile, **overrides))))")
     env = {k: v for k, v in os.environ.items() if k != "PC_CLIP_DATA"}
     r = subprocess.run([str(Path(sys.executable).parent / "pc-clip"), "reproduce", "--profile", "paper-smoke",

@@ -1,4 +1,4 @@
-"""On-disk fixture layouts of the paper's data sets, loaded through the real loaders of `pc_clip.data`."""
+"""On-disk fixture layouts of the paper's data sets, loaded through the real loaders of `pc_clip.data.datasets`."""
 import json
 import pickle
 import sys
@@ -14,15 +14,13 @@ import torch
 import torchvision
 from PIL import Image
 
-from pc_clip.core import get_config, project_root
-from pc_clip.data import (
-    DATASET_INFO, DATASETS, DatasetNotFoundError, ImageDataset, canonical_name, iter_images, load_dataset,
-    visual_attribute_mask,
-)
-from pc_clip.testing import (
-    FLOWERS102_FIXTURE_CLASSES as FLOWERS_FIXTURE_CLASSES, accept_fixture_checksums, fixture_colour, make_fixture,
-    temp_workdir,
-)
+from pc_clip.core.config import get_config
+from pc_clip.core.runtime import project_root
+from pc_clip.data.imagedata import (DATASET_INFO, DatasetNotFoundError, ImageDataset, iter_images,
+    visual_attribute_mask)
+from pc_clip.data.datasets import DATASETS, canonical_name, load_dataset
+from pc_clip.smoke.fixtures import (FLOWERS102_FIXTURE_CLASSES as FLOWERS_FIXTURE_CLASSES, accept_fixture_checksums,
+    fixture_colour, make_fixture, temp_workdir)
 
 REAL = [d for d in DATASETS if d != "world"]
 
@@ -335,7 +333,7 @@ def test_iter_images_with_a_transform_and_indices(tmp_path):
 # ---------------------------------------------------------------- the Shapes world
 
 def fake_world_module():
-    mod = types.ModuleType("pc_clip.world")
+    mod = types.ModuleType("pc_clip.world.shapes")
     attrs = pd.DataFrame({"category": ["glorp", "mib", "glorp", "mib"], "split": ["test", "test", "train", "val"],
                           "size": [7.0, 4.0, 7.5, 3.0]})
     mod.CATEGORY_NAMES = ["mib", "glorp"]
@@ -346,7 +344,7 @@ def fake_world_module():
 
 
 def test_world_through_registry(monkeypatch):
-    monkeypatch.setitem(sys.modules, "pc_clip.world", fake_world_module())
+    monkeypatch.setitem(sys.modules, "pc_clip.world.shapes", fake_world_module())
     ds = load_dataset("world", get_config("tiny"), "test")
     assert ds.classnames == ["mib", "glorp"] and ds.labels.tolist() == [1, 0]
     assert ds.captions == [["a big glorp"], ["a mib"]] and ds.arrays.shape == (2, 32, 32, 3)
@@ -356,7 +354,7 @@ def test_world_through_registry(monkeypatch):
 
 def test_world_val_split(monkeypatch):
     "The world's validation split loads by name, disjoint from train and test."
-    monkeypatch.setitem(sys.modules, "pc_clip.world", fake_world_module())
+    monkeypatch.setitem(sys.modules, "pc_clip.world.shapes", fake_world_module())
     val = load_dataset("world", get_config("tiny"), "val")
     assert val.split == "val" and val.captions == [["a small mib"]] and val.labels.tolist() == [0]
     sizes = {s: set(load_dataset("world", get_config("tiny"), s).image_info["size"]) for s in ("train", "val", "test")}
@@ -364,7 +362,7 @@ def test_world_val_split(monkeypatch):
 
 
 def test_real_world_if_present():
-    pytest.importorskip("pc_clip.world")
+    pytest.importorskip("pc_clip.world.shapes")
     cfg = get_config("tiny", world_n_train=40, world_n_test=20)
     with temp_workdir():
         ds = load_dataset("world", cfg, "test")

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from pc_clip.core import get_config
-from pc_clip.finetune import finetune
-from pc_clip.models import create_clip
+from pc_clip.core.config import get_config
+from pc_clip.training.finetune import finetune
+from pc_clip.models.clip import create_clip
 
 SETTINGS = {"ft_batch_size": 16, "ft_lr": 1e-3, "ft_max_pairs": None}
 
@@ -24,10 +24,10 @@ WORKER = textwrap.dedent("""
     from pathlib import Path
     import pandas as pd
     from safetensors.torch import load_file
-    from pc_clip.core import get_config
-    from pc_clip.finetune import finetune
-    from pc_clip.train_state import init_distributed
-    from pc_clip.models import create_clip
+    from pc_clip.core.config import get_config
+    from pc_clip.training.finetune import finetune
+    from pc_clip.training.state import init_distributed
+    from pc_clip.models.clip import create_clip
 
     rank, world = init_distributed()
     d, epochs, crash_after = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])

@@ -14,14 +14,16 @@ import pandas as pd
 import pytest
 import torch
 
-from pc_clip.core import get_config
-from pc_clip.store import JsonlStore
-from pc_clip.diffs import (
-    HFBackend, OracleBackend, build_prompt, corpus_from_world, difference_triples, differences_path,
-    filter_counts, filter_summary, generate_differences, generate_texts, judged_path, load_causal_lm, make_backend,
-    pair_key, parse_output, render_chat, rewrite_captions, rewritten_captions, sample_pairs,
-    split_statements, statement_problem, summary_rows, training_triples, write_category_differences)
-from pc_clip.testing import make_tiny_llama
+from pc_clip.core.config import get_config
+from pc_clip.core.store import JsonlStore
+from pc_clip.differences.llm import HFBackend, build_prompt, generate_texts, load_causal_lm, render_chat
+from pc_clip.differences.records import (OracleBackend, difference_triples, differences_path, generate_differences,
+    judged_path, make_backend, rewrite_captions, rewritten_captions, summary_rows, training_triples,
+    write_category_differences)
+from pc_clip.differences.pairs import corpus_from_world, pair_key, sample_pairs
+from pc_clip.differences.record_stats import filter_counts, filter_summary
+from pc_clip.differences.parse import parse_output, split_statements, statement_problem
+from pc_clip.smoke.fixtures import make_tiny_llama
 
 CORPUS = pd.DataFrame({
     "image_id": list(range(100, 140)),
@@ -211,7 +213,8 @@ WORKER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[2])
     import test_diffs as T
-    from pc_clip.diffs import generate_differences, sample_pairs
+    from pc_clip.differences.records import generate_differences
+    from pc_clip.differences.pairs import sample_pairs
 
     def slow(a, b, rng, noise=0.0, max_statements=3):
         time.sleep(0.03)
@@ -247,7 +250,7 @@ def test_killed_generation_resumes_with_every_pair_exactly_once(tmp_path):
 
 # ---------------------------------------------------------------- the real world oracle
 def test_world_oracle_statements_pass_the_filter(runs_dir):
-    world_mod = pytest.importorskip("pc_clip.world", reason="pc_clip.world not exported yet")
+    world_mod = pytest.importorskip("pc_clip.world.shapes", reason="pc_clip.world.shapes not exported yet")
     cfg = get_config("tiny", world_n_train=300, world_n_test=50)
     world = world_mod.make_world(cfg)
     corpus = corpus_from_world(world, "train")
@@ -265,9 +268,9 @@ def test_world_oracle_statements_pass_the_filter(runs_dir):
 
 # ---------------------------------------------------------------- the experiment notebook
 def test_experiment_notebook_runs_and_resumes(runs_dir):
-    pytest.importorskip("pc_clip.world", reason="pc_clip.world not exported yet")
+    pytest.importorskip("pc_clip.world.shapes", reason="pc_clip.world.shapes not exported yet")
     import papermill as pm
-    from pc_clip.core import read_results
+    from pc_clip.core.runtime import read_results
     repo = Path(__file__).resolve().parents[1]
     params = dict(n_pairs=200, overrides={"judge": "oracle", "world_n_train": 400, "world_n_test": 50})
     for _ in range(2):  # the second run resumes: nothing is generated twice, the rows are replaced
@@ -335,7 +338,7 @@ def test_no_usable_differences_is_a_clear_error_with_counts(tmp_path, caplog):
 
 
 def test_training_triples_follow_the_judge(runs_dir):
-    from pc_clip.judge import OracleJudge, judge_records
+    from pc_clip.differences.judge import OracleJudge, judge_records
     cfg = get_config("tiny", oracle_noise=0.5)
     pairs = sample_pairs(CORPUS, 40, seed=1)
     recs = generate_differences(pairs, oracle(noise=0.5), differences_path(cfg), progress=False)

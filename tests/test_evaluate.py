@@ -7,14 +7,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pc_clip.comparative import (class_differences, comparative_class_embeddings, comparative_prompting, known_pairs,
-                                 top_confused_pairs)
-from pc_clip.core import get_config, read_results
-from pc_clip.evaluate import build_difference_tasks, evaluation_rows, read_items, write_evaluation, zero_shot_classifier
-from pc_clip.metrics import classification_metrics, difference_classification, difference_cosines, sample_eval_indices, zero_shot
-from pc_clip.models import create_clip, encode_texts
-from pc_clip.tasks import DifferenceTask, cifar100_size_task, cub_comparative_task, world_difference_tasks
-from pc_clip.testing import accept_fixture_checksums, make_fixture
+from pc_clip.evaluation.comparative import (class_differences, comparative_class_embeddings, comparative_prompting,
+    known_pairs, top_confused_pairs)
+from pc_clip.core.config import get_config
+from pc_clip.core.runtime import read_results
+from pc_clip.evaluation.runner import (build_difference_tasks, evaluation_rows, read_items, write_evaluation,
+    zero_shot_classifier)
+from pc_clip.evaluation.metrics import (classification_metrics, difference_classification, difference_cosines,
+    sample_eval_indices, zero_shot)
+from pc_clip.models.clip import create_clip, encode_texts
+from pc_clip.world.oracle import difference_direction
+from pc_clip.world.shapes import heldout_category_pairs, sample_attributes
+from pc_clip.world.species import category_groups, typical_attrs
+from pc_clip.evaluation.tasks import DifferenceTask, cifar100_size_task, cub_comparative_task, world_difference_tasks
+from pc_clip.smoke.fixtures import accept_fixture_checksums, make_fixture
 
 D = 32
 
@@ -191,7 +197,7 @@ def test_top_confused_pairs_order():
 
 def test_rows_fit_the_results_table_and_the_report(tmp_path, monkeypatch):
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
-    from pc_clip.report import Claim, claim_verdicts, direction_sentences
+    from pc_clip.report.summary import Claim, claim_verdicts, direction_sentences
     cfg = get_config("tiny")
     emb, level = attribute_world()
     dc = lambda fn, model: evaluation_rows(difference_classification(emb, level, fn, ENC, seeds=(0, 1)), model,
@@ -214,9 +220,8 @@ def test_rows_fit_the_results_table_and_the_report(tmp_path, monkeypatch):
 
 
 def test_world_tasks_report_heldout_wordings():
-    import pc_clip.world as w
-    attrs = w.sample_attributes(0, 0, 320)
-    tasks = world_difference_tasks(attrs, w.heldout_category_pairs(0), n_texts=2)
+    attrs = sample_attributes(0, 0, 320)
+    tasks = world_difference_tasks(attrs, heldout_category_pairs(0), n_texts=2)
     key = lambda t: (t.dataset, t.condition.get("pairs"))
     base = [t for t in tasks if t.condition["wording"] == "train"]
     held = {key(t): t for t in tasks if t.condition["wording"] == "heldout"}
@@ -232,23 +237,22 @@ def test_world_tasks_report_heldout_wordings():
 
 def test_world_class_level_texts_are_true_of_the_images():
     "Size and brightness texts are class-level; they must hold for (almost) every image pair they are attached to."
-    import pc_clip.world as w
-    attrs = w.sample_attributes(0, 0, 800)
-    g = w.category_groups()
+    attrs = sample_attributes(0, 0, 800)
+    g = category_groups()
     for attr, col, hi, lo, min_rate in (("size", "radius", "large", "small", 0.97), ("brightness", "brightness", "bright", "dark", 1.0)):
         a = attrs.loc[attrs.category.isin(g[hi]), col].to_numpy()
         b = attrs.loc[attrs.category.isin(g[lo]), col].to_numpy()
         assert (a[:, None] > b[None, :]).mean() >= min_rate, attr
     task = {t.dataset: t for t in world_difference_tasks(attrs, [], wordings=("train",), n_texts=3)}["world/size"]
     big, small = g["large"][0], g["small"][0]
-    proto = lambda c: {**w.typical_attrs(c), "count": 1}
-    assert w.difference_direction(proto(big), proto(small), "size")[0] == "larger"
+    proto = lambda c: {**typical_attrs(c), "count": 1}
+    assert difference_direction(proto(big), proto(small), "size")[0] == "larger"
     assert task.text_fn(big, small) and task.text_fn(big, small) != task.text_fn(small, big)
     assert task.text_fn(big, g["large"][1]) is None
 
 
 def test_cifar100_size_on_the_fixture(tmp_path):
-    from pc_clip.data import load_dataset
+    from pc_clip.data.datasets import load_dataset
     with accept_fixture_checksums():
         ds = load_dataset("cifar100", make_fixture("cifar100", tmp_path, n_per_class=2), "test")
     task = cifar100_size_task(ds.classnames, ds.labels)
@@ -269,7 +273,7 @@ class FakeBirdBackend:
 
 
 def test_cub_comparatives_from_a_backend(tmp_path, monkeypatch):
-    from pc_clip.data import load_dataset
+    from pc_clip.data.datasets import load_dataset
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path / "runs"))
     with accept_fixture_checksums():
         ds = load_dataset("cub", make_fixture("cub", tmp_path / "data", n_per_class=2), "test")
@@ -285,7 +289,7 @@ def test_cub_comparatives_from_a_backend(tmp_path, monkeypatch):
 
 
 def test_paper_task_builders_on_fixtures(tmp_path):
-    from pc_clip.data import load_dataset
+    from pc_clip.data.datasets import load_dataset
     cfg = get_config("paper")
     with accept_fixture_checksums():
         awa = load_dataset("awa2", make_fixture("awa2", tmp_path, n_per_class=2), "all")

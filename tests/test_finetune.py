@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pc_clip.core import get_config
-from pc_clip.embed import embed_images
-from pc_clip.finetune import finetune
-from pc_clip.finetune_plan import caption_table, finetune_captions
-from pc_clip.losses import difference_contrastive_loss, difference_mse_loss, trainable_parameter_names
-from pc_clip.models import create_clip, is_checkpoint, load_checkpoint
+from pc_clip.core.config import get_config
+from pc_clip.models.embed import embed_images
+from pc_clip.training.finetune import finetune
+from pc_clip.training.plan import caption_table, finetune_captions
+from pc_clip.training.losses import difference_contrastive_loss, difference_mse_loss, trainable_parameter_names
+from pc_clip.models.clip import create_clip, is_checkpoint, load_checkpoint
 
 N_IMAGES = 12
 
@@ -103,7 +103,7 @@ def test_finished_run_is_reused_and_changed_inputs_retrain(base, data, tmp_path,
     model, tok = base
     _, emb, triples = data
     first = finetune(model, tok, triples, cfg(), tmp_path / "r", image_embeddings=emb, progress=False)
-    import pc_clip.finetune as ft
+    import pc_clip.training.finetune as ft
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run must not train again")
@@ -150,7 +150,7 @@ def test_caption_baseline_and_embedding_cache(base, data, tmp_path, runs_dir):
 
 def test_both_towers_recomputes_the_cached_embeddings(base, data, runs_dir):
     "The per-step image features of both_towers are the same numbers the cache holds for the base model."
-    from pc_clip.finetune import _image_features
+    from pc_clip.training.finetune import _image_features
     model, _ = base
     images, _, _ = data
     cached = embed_images(model, images, cfg(), progress=False)

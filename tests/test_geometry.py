@@ -6,11 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pc_clip import evaluate as E
-from pc_clip import geometry as G
-from pc_clip.metrics import geometry
-from pc_clip.core import get_config, read_results, write_results
-from pc_clip.world import ATTRIBUTE_KINDS, build_world, difference_direction
+from pc_clip.evaluation import runner as E
+from pc_clip.evaluation import geometry as G
+from pc_clip.evaluation.metrics import geometry
+from pc_clip.core.config import get_config
+from pc_clip.core.runtime import read_results, write_results
+from pc_clip.world.oracle import ATTRIBUTE_KINDS, difference_direction
+from pc_clip.world.shapes import build_world
 
 
 def _unit(n, d, seed):
@@ -53,7 +55,7 @@ def test_geometry_rows_on_pixels(world):
 
 # --- the runners, end to end on stand-in models ---------------------------------------------------------------------
 def test_runners_end_to_end_on_stand_in_models(runs_dir, capsys):
-    from pc_clip.models import create_clip, model_dir, save_checkpoint
+    from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
     cfg = get_config("tiny", world_n_train=200, world_n_val=80, world_n_test=120)
     a, _, _ = create_clip("pc-clip-tiny", seed=0)
     b, _, _ = create_clip("pc-clip-tiny", seed=1)
@@ -83,9 +85,9 @@ def test_runners_end_to_end_on_stand_in_models(runs_dir, capsys):
 
 def test_retrieval_runner_reads_coco_on_paper_style_configs(runs_dir, tmp_path, monkeypatch):
     "With corpus='coco' the runner reads COCO val from the data root (a fixture here) with its own captions."
-    from pc_clip.data import load_coco
-    from pc_clip.models import create_clip, model_dir, save_checkpoint
-    from pc_clip.testing import make_fixture
+    from pc_clip.data.datasets import load_coco
+    from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
+    from pc_clip.smoke.fixtures import make_fixture
     make_fixture("coco", tmp_path / "data")
     monkeypatch.setenv("PC_CLIP_DATA", str(tmp_path / "data"))
     cfg = get_config("tiny", corpus="coco")

@@ -5,10 +5,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from pc_clip.store import JsonlStore
-from pc_clip.diffs import difference_triples
-from pc_clip.judge import (OpenAIJudge, OracleJudge, judge_agreement, judge_prompt, judge_records, make_judge,
-                           parse_verdicts, verdict_counts)
+from pc_clip.core.store import JsonlStore
+from pc_clip.differences.records import difference_triples
+from pc_clip.differences.judge import (OpenAIJudge, OracleJudge, judge_agreement, judge_prompt, judge_records,
+    make_judge, parse_verdicts, verdict_counts)
 
 KEY = "sk-secret-4f9a-never-log-me"
 

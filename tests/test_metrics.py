@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pc_clip import metrics as M
+from pc_clip.evaluation import metrics as M
 
 
 def _unit(n, d, seed):

@@ -4,10 +4,11 @@ import time
 import pytest
 import torch
 
-from pc_clip.core import get_config
-from pc_clip.models import is_checkpoint, model_dir
-from pc_clip.pretrain import PRETRAIN_THREADS, pretrain_clip, pretrain_fingerprint, pretrain_or_load, warmup_cosine
-from pc_clip.world import build_world, make_world
+from pc_clip.core.config import get_config
+from pc_clip.models.clip import is_checkpoint, model_dir
+from pc_clip.training.pretrain import (PRETRAIN_THREADS, pretrain_clip, pretrain_fingerprint, pretrain_or_load,
+    warmup_cosine)
+from pc_clip.world.shapes import build_world, make_world
 
 
 @pytest.fixture(scope="module")

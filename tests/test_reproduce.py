@@ -14,8 +14,8 @@ import pytest
 
 from conftest import REPO
 from pc_clip.cli import parse_overrides
-from pc_clip.core import get_config
-from pc_clip.models import model_dir
+from pc_clip.core.config import get_config
+from pc_clip.models.clip import model_dir
 
 SMALL = ["world_n_train=1200", "world_n_test=400", "world_n_val=400", "pretrain_steps=60",
          "n_pairs=1500", "ft_epochs=1", "caption_ft_epochs=1", "eval_seeds=[0]", "eval_n_images=40",

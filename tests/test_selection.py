@@ -3,11 +3,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pc_clip.core import get_config, result_row
-from pc_clip.models import checkpoint_metadata, create_clip, load_clip, model_dir
-from pc_clip.selection import (SELECTION_TASK, VAL_METRICS, candidate_config, candidate_table, choose_setting,
-                               save_chosen, sweep_grid, target_check)
-from pc_clip.testing import temp_workdir
+from pc_clip.core.config import get_config
+from pc_clip.core.runtime import result_row
+from pc_clip.models.clip import checkpoint_metadata, create_clip, load_clip, model_dir
+from pc_clip.training.selection import (SELECTION_TASK, VAL_METRICS, candidate_config, candidate_table,
+    choose_setting, save_chosen, sweep_grid, target_check)
+from pc_clip.smoke.fixtures import temp_workdir
 
 BASE = dict(zip(VAL_METRICS, (0.55, 0.50, 0.78, 0.50, 0.30)))
 

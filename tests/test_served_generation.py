@@ -10,10 +10,12 @@ import time
 
 import pytest
 
-from pc_clip.diffs import build_prompt, generate_differences, sample_pairs
-from pc_clip.llm import OpenAIBackend, serve_local
-from pc_clip.store import JsonlStore
-from pc_clip.testing import make_tiny_llama
+from pc_clip.differences.llm import build_prompt
+from pc_clip.differences.records import generate_differences
+from pc_clip.differences.pairs import sample_pairs
+from pc_clip.differences.llm import OpenAIBackend, serve_local
+from pc_clip.core.store import JsonlStore
+from pc_clip.smoke.fixtures import make_tiny_llama
 
 pytest.importorskip("fastapi", reason="transformers serve needs transformers[serving] (fastapi, uvicorn, openai)")
 
@@ -26,8 +28,9 @@ CORPUS = pd.DataFrame({"image_id": list(range(40)),
 """
 CLIENT = textwrap.dedent("""
     import sys
-    from pc_clip.diffs import generate_differences, sample_pairs
-    from pc_clip.llm import OpenAIBackend
+    from pc_clip.differences.records import generate_differences
+    from pc_clip.differences.pairs import sample_pairs
+    from pc_clip.differences.llm import OpenAIBackend
 """) + CORPUS_CODE + textwrap.dedent("""
     backend = OpenAIBackend(sys.argv[2], max_new_tokens=16, batch_size=2, concurrency=2)
     generate_differences(sample_pairs(CORPUS, int(sys.argv[3]), seed=1), backend, sys.argv[1], progress=False)

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from pc_clip.core import data_root, get_config
-from pc_clip.standins import (BUILD_ORDER, CHAT_LM, DATASET_PATHS, MANIFEST, build_paper_smoke, read_manifest,
-                              scene, scene_caption, standin_checksums)
+from pc_clip.core.runtime import data_root
+from pc_clip.core.config import get_config
+from pc_clip.smoke.standins import (BUILD_ORDER, CHAT_LM, DATASET_PATHS, MANIFEST, build_paper_smoke, read_manifest,
+    scene, scene_caption, standin_checksums)
 
 SPLITS = {"coco": "train", "flowers102": "train"}  # the rest: "test"
 
@@ -39,7 +40,7 @@ def test_second_build_skips_everything_and_a_changed_file_is_rebuilt(smoke_root)
 
 
 def test_clip_loads_through_the_paper_path_and_encodes(cfg):
-    from pc_clip.models import load_clip
+    from pc_clip.models.clip import load_clip
     assert data_root(cfg) / "weights" / cfg.model_name / cfg.pretrained
     model, preprocess, tokenizer = load_clip(cfg, "clip", device="cpu")
     from PIL import Image
@@ -54,8 +55,8 @@ def test_clip_loads_through_the_paper_path_and_encodes(cfg):
 
 def test_chat_lm_in_4bit_writes_parseable_differences_and_verdicts(cfg):
     "The profile's generator and judge, loaded as the paper path loads them (NF4), on 20 unseen caption pairs."
-    from pc_clip.diffs import build_record, make_backend
-    from pc_clip.judge import judge_records, make_judge, verdict_counts
+    from pc_clip.differences.records import build_record, make_backend
+    from pc_clip.differences.judge import judge_records, make_judge, verdict_counts
     assert cfg.generator == cfg.judge == CHAT_LM and cfg.load_in_4bit
     backend = make_backend(cfg)
     assert backend.config["load_in_4bit"]
@@ -77,8 +78,8 @@ def test_chat_lm_in_4bit_writes_parseable_differences_and_verdicts(cfg):
 
 
 def test_sdxl_stand_in_loads_and_its_first_encoder_is_the_clips_text_tower(cfg):
-    from pc_clip.models import load_checkpoint
-    from pc_clip.t2i import load_sdxl, matching_slot, tower_mismatches
+    from pc_clip.models.clip import load_checkpoint
+    from pc_clip.t2i.sdxl import load_sdxl, matching_slot, tower_mismatches
     pipe = load_sdxl(cfg, device="cpu")
     clip = load_checkpoint(data_root(cfg) / "weights" / cfg.t2i_clip_model / cfg.t2i_clip_pretrained)[0]
     assert tower_mismatches(pipe.text_encoder, clip) == {} and matching_slot(pipe, clip) == "text_encoder"
@@ -87,7 +88,7 @@ def test_sdxl_stand_in_loads_and_its_first_encoder_is_the_clips_text_tower(cfg):
 
 @pytest.mark.parametrize("name", DATASET_PATHS)
 def test_every_data_set_loads_with_the_stand_in_checksums(cfg, name):
-    from pc_clip.data import load_dataset
+    from pc_clip.data.datasets import load_dataset
     with standin_checksums(data_root(cfg)):
         ds = load_dataset(name, cfg, SPLITS.get(name, "test"))
     assert len(ds) > 0
@@ -99,8 +100,8 @@ def test_every_data_set_loads_with_the_stand_in_checksums(cfg, name):
 
 
 def test_paper_path_reads_cifar_and_flowers_fixtures_without_help(cfg):
-    "pc_clip.data must wrap its torchvision loaders in standin_checksums (the papermill kernels import nothing else)."
-    from pc_clip.data import load_dataset
+    "pc_clip.data.datasets must wrap its torchvision loaders in standin_checksums (the papermill kernels import nothing else)."
+    from pc_clip.data.datasets import load_dataset
     assert (data_root(cfg) / MANIFEST).exists()
     for name in ("cifar100", "flowers102"):
         assert len(load_dataset(name, cfg, SPLITS.get(name, "test"))) > 0

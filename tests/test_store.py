@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from pc_clip.core import ArtifactBusy
-from pc_clip.store import JsonlStore, parse_line
+from pc_clip.core.runtime import ArtifactBusy
+from pc_clip.core.store import JsonlStore, parse_line
 
 WRITER = textwrap.dedent("""
     import sys, time
-    from pc_clip.store import JsonlStore
+    from pc_clip.core.store import JsonlStore
     store = JsonlStore(sys.argv[1])
     for i in range(int(sys.argv[2])):
         if i in store:
@@ -25,7 +25,7 @@ WRITER = textwrap.dedent("""
 
 RUN = textwrap.dedent("""
     import sys, time
-    from pc_clip.store import JsonlStore
+    from pc_clip.core.store import JsonlStore
     store = JsonlStore(sys.argv[1])
     with store.writing(timeout=float(sys.argv[3])):
         for i in range(int(sys.argv[2])):
@@ -95,7 +95,7 @@ def test_a_locked_store_is_not_rewritten_by_a_reader(tmp_path):
     path.write_bytes(path.read_bytes() + b'{"key": 9, "x\n')
     with JsonlStore(tmp_path / "other.jsonl").writing():  # unrelated lock: no effect
         pass
-    from pc_clip.core import artifact_lock
+    from pc_clip.core.runtime import artifact_lock
     with artifact_lock(path):  # a writer holds it: readers see a clean view, the file is left to the writer
         s = JsonlStore(path)
         assert (len(s), s.n_corrupt) == (5, 1) and path.read_bytes().count(b"\n") == 6

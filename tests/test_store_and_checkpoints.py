@@ -9,8 +9,9 @@ import time
 
 import torch
 
-from pc_clip.core import get_config, read_results, result_row, write_results
-from pc_clip.models import TINY_MODEL, create_clip, load_checkpoint, save_checkpoint
+from pc_clip.core.config import get_config
+from pc_clip.core.runtime import read_results, result_row, write_results
+from pc_clip.models.clip import TINY_MODEL, create_clip, load_checkpoint, save_checkpoint
 
 def test_results_table_is_idempotent_per_experiment(runs_dir):
     cfg = get_config("tiny")

@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pc_clip import t2i as T
-from pc_clip import t2i_study as S
-from pc_clip.core import get_config
-from pc_clip.models import create_clip, model_dir, save_checkpoint
-from pc_clip.testing import temp_workdir, tiny_sdxl_pipeline
+from pc_clip.t2i import sdxl as T
+from pc_clip.t2i import study as S
+from pc_clip.core.config import get_config
+from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
+from pc_clip.smoke.fixtures import temp_workdir, tiny_sdxl_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_text_tower_conversion_is_exact(tiny_clip):
 
 def test_quick_gelu_towers_convert_with_their_activation():
     import open_clip
-    from pc_clip.models import TINY_MODEL  # noqa: F401  (registers the tiny config)
+    from pc_clip.models.clip import TINY_MODEL
     model = open_clip.create_model("pc-clip-tiny", force_quick_gelu=True)
     assert T.hf_text_config(model).hidden_act == "quick_gelu"
     ids = open_clip.get_tokenizer("pc-clip-tiny")(["a dark vantile"])
@@ -154,7 +154,7 @@ def test_sdxl_study_on_a_saved_stand_in(tiny_clip):
 
 
 def test_gallery_is_every_combination_and_statements_are_true():
-    from pc_clip.world import difference_direction
+    from pc_clip.world.oracle import difference_direction
     images, gal = S.attribute_gallery(categories=["glorp", "mib"])
     assert images.shape == (2 * 3 * 3 * 3 * 6, 32, 32, 3)
     rng = np.random.default_rng(0)
@@ -209,7 +209,7 @@ def test_gallery_arithmetic_known_answer():
 
 
 def test_run_t2i_arithmetic_on_stand_in_models(runs_dir, tiny_clip, capsys):
-    from pc_clip.models import model_dir, save_checkpoint
+    from pc_clip.models.clip import model_dir, save_checkpoint
     cfg = get_config("tiny", world_n_train=100, world_n_test=50)
     for name in ("clip", "pc-clip"):
         save_checkpoint(tiny_clip[0], model_dir(cfg, name), "pc-clip-tiny")

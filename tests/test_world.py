@@ -3,13 +3,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pc_clip.core import get_config
-from pc_clip.oracle import (ATTRIBUTE_KINDS, category_differences, difference_direction, oracle_differences,
-                            statement_is_true, wording_templates)
-from pc_clip.render import measured_object_stats, nearest_colour, render_images
-from pc_clip.world import (CATEGORIES, NON_VISUAL, attribute_info, build_world, caption_contradictions, category_groups,
-                           class_attribute_table, heldout_category_pairs, heldout_combinations, make_caption, make_world,
-                           oracle_rewrite_caption, sample_attributes)
+from pc_clip.core.config import get_config
+from pc_clip.world.oracle import (ATTRIBUTE_KINDS, category_differences, difference_direction, oracle_differences,
+    statement_is_true, wording_templates)
+from pc_clip.world.render import measured_object_stats, nearest_colour, render_images
+from pc_clip.world.species import CATEGORIES, NON_VISUAL, attribute_info, category_groups, class_attribute_table
+from pc_clip.world.shapes import (build_world, caption_contradictions, heldout_category_pairs, heldout_combinations,
+    make_caption, make_world, oracle_rewrite_caption, sample_attributes)
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,15 @@ import pandas as pd
 import pytest
 import torch
 
-from pc_clip.core import get_config
-from pc_clip.models import create_clip
-from pc_clip.testing import temp_workdir
-from pc_clip.world import CATEGORIES, CATEGORY_NAMES, COLOURS, World, render_images, typical_attrs
-from pc_clip.world_diffusion import (WORLD_EDITS, GeneratorSettings, _schedulers, arithmetic_conditioning,
-                                     denoising_loss, edit_success, measure_generated, text_conditioning,
-                                     to_patches, train_generator, train_or_load_generator)
+from pc_clip.core.config import get_config
+from pc_clip.models.clip import create_clip
+from pc_clip.smoke.fixtures import temp_workdir
+from pc_clip.world.species import CATEGORIES, CATEGORY_NAMES, typical_attrs
+from pc_clip.world.render import COLOURS, render_images
+from pc_clip.world.shapes import World
+from pc_clip.world.edits import WORLD_EDITS, edit_success, measure_generated
+from pc_clip.t2i.world_diffusion import (GeneratorSettings, _schedulers, arithmetic_conditioning, denoising_loss,
+    text_conditioning, to_patches, train_generator, train_or_load_generator)
 
 torch.set_num_threads(1)
 
@@ -80,7 +82,7 @@ def test_training_reduces_the_denoising_loss(clip):
             return np.mean([denoising_loss(unet, ddpm, to_patches(images, 4), *cond,
                                            torch.Generator().manual_seed(k)).item() for k in range(8)])
 
-    from pc_clip.world_diffusion import make_unet
+    from pc_clip.t2i.world_diffusion import make_unet
     before = loss(make_unet(settings, 32, 96, 96))
     unet, losses = train_generator(images, lambda idx, rng: tuple(t[idx] for t in cond), settings,
                                    text_conditioning(model, tok, [""]), progress=False)

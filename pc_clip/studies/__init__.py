@@ -1,0 +1,1 @@
+"""Studies beyond the paper (noise curve, the difference loss during pretraining). Imports report and below."""

@@ -1,0 +1,1 @@
+"""Losses, training state, pretraining (the tiny base model), finetuning, the validation sweep and the finetuning plan. Imports everything below it, evaluation included (the sweep scores candidates on validation)."""
