@@ -2,13 +2,13 @@
 
 Old step vs new step (the default, `--compare fast`): `pc_clip.finetune`'s own loop with its fast paths off
 (today's step, the `tiny` profile's) and on (fused causal attention, length buckets, optionally the compiled
-text tower: `--compile default`), same model, data and seed. The two trainers take turns epoch by epoch (old,
+text tower; `--compile off` leaves it out), same model, data and seed. The two trainers take turns epoch by epoch (old,
 new, then new, old, ...), so a change in the load of a shared machine hits both alike; the first epoch of
 each warms up (and compiles) and is left out. Prints pairs/s of each, the mean padded length of a batch and
 the ratio new / old, per epoch and overall:
 
     python bench/bench_finetune.py                                   # CPU, the tiny world model
-    python bench/bench_finetune.py --model ViT-L-14 --pairs 32768 --batch-size 512 --compile default   # a GPU
+    python bench/bench_finetune.py --model ViT-L-14 --pairs 32768 --batch-size 512 --epochs 3   # a GPU, random weights
 
 Ours vs a reference-style loop (`--compare reference`):
 
@@ -49,8 +49,8 @@ from pc_clip.losses import difference_contrastive_loss, set_trainable
 from pc_clip.models import create_clip
 from pc_clip.train_state import FinetuneSettings
 
-# the new step: what the GPU profiles switch on (compiling is off here: `--compile default` adds it)
-FAST = dict(fused_attention=True, length_buckets=16, compile="off")
+# the new step: what the GPU profiles switch on (`--compile off`, `--buckets 0`, `--no-fused` take parts away)
+FAST = dict(fused_attention=True, length_buckets=16, compile="default")
 
 
 def synthetic_triples(n_pairs: int, n_images: int, seed: int) -> pd.DataFrame:
@@ -270,7 +270,7 @@ def measure_fast_paths(model_name: str = "pc-clip-tiny", pairs: int = 4096, imag
                 ratio_per_epoch=per_epoch, useful_tokens=float(ids.argmax(-1).float().mean()) + 1,
                 old_mean_batch_max_tokens=_mean_padded(ids, triples, batch_size, epochs, seed, None),
                 new_mean_batch_max_tokens=_mean_padded(ids, triples, batch_size, epochs, seed, fast),
-                threads=torch.get_num_threads())
+                first_epoch_s={k: runs[k][3].epochs[0]["seconds"] for k in runs}, threads=torch.get_num_threads())
 
 
 def finetune_table(r: dict) -> pd.DataFrame:
@@ -312,7 +312,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-fused", action="store_true", help="new step without fused attention")
     ap.add_argument("--buckets", type=int, default=FAST["length_buckets"], help="new step: length_buckets (0: off)")
-    ap.add_argument("--compile", default="off", help="new step: torch.compile mode of the text tower (off, default, ...)")
+    ap.add_argument("--compile", default=FAST["compile"], help="new step: torch.compile mode of the text tower (off, default, ...)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -326,7 +326,8 @@ def main(argv=None):
         if r["card"] == "cpu":
             print(f"{load} at the end (other jobs share this machine: the two steps took turns epoch by epoch)")
         print(f"new / old: {r['ratio']:.2f}x over {r['timed_epochs']} timed epochs each (per epoch: "
-              + ", ".join(f"{x:.2f}x" for x in r["ratio_per_epoch"]) + f"); texts average {r['useful_tokens']:.1f} tokens")
+              + ", ".join(f"{x:.2f}x" for x in r["ratio_per_epoch"]) + f"); texts average {r['useful_tokens']:.1f} tokens; "
+              f"first (untimed) epoch {r['first_epoch_s']['old']:.1f} s old, {r['first_epoch_s']['new']:.1f} s new (compiling included)")
         return table
     r = measure_finetune(args.model, args.pairs, args.ref_pairs, args.images, args.batch_size, args.epochs or 2, args.device,
                          args.precision, args.seed, args.repeats)
