@@ -1,7 +1,19 @@
-"""Finetuning throughput: our PC-CLIP loop vs a reference-style loop, same model and data, one run.
+"""Finetuning throughput, two comparisons on one machine in one run.
 
-    python bench/bench_finetune.py                          # CPU, the tiny world model
-    python bench/bench_finetune.py --model ViT-L-14 --pairs 32768 --ref-pairs 8192 --batch-size 512   # a GPU, random weights
+Old step vs new step (the default, `--compare fast`): `pc_clip.training.finetune`'s own loop with its fast paths off
+(today's step, the `tiny` profile's) and on (fused causal attention, length buckets, optionally the compiled
+text tower; `--compile off` leaves it out), same model, data and seed. The two trainers take turns epoch by epoch (old,
+new, then new, old, ...), so a change in the load of a shared machine hits both alike; the first epoch of
+each warms up (and compiles) and is left out. Prints pairs/s of each, the mean padded length of a batch and
+the ratio new / old, per epoch and overall:
+
+    python bench/bench_finetune.py                                   # CPU, the tiny world model
+    python bench/bench_finetune.py --model ViT-L-14 --pairs 32768 --batch-size 512 --epochs 3   # a GPU, random weights
+
+Ours vs a reference-style loop (`--compare reference`):
+
+    python bench/bench_finetune.py --compare reference              # CPU, the tiny world model
+    python bench/bench_finetune.py --compare reference --model ViT-L-14 --pairs 32768 --ref-pairs 8192 --batch-size 512
 
 Our loop is `pc_clip.training.finetune.finetune` itself (text blocks trained on cached image embeddings, autocast on a GPU,
 padding after the last end-of-text token trimmed, one host sync per step). The reference-style loop is what a
@@ -28,14 +40,19 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from hardware import peak_bf16
 from pc_clip.core.runtime import autocast, pick_device, pick_dtype
 from pc_clip.core.config import get_config
+from pc_clip.training.finetune import _batches, _History, _prepare, _train_epoch, _trainer, finetune
 from pc_clip.training.losses import encode_text_trimmed
-from pc_clip.training.finetune import finetune
 from pc_clip.training.losses import difference_contrastive_loss, set_trainable
 from pc_clip.models.clip import create_clip
+from pc_clip.training.state import FinetuneSettings
+
+# the new step: what the GPU profiles switch on (`--compile off`, `--buckets 0`, `--no-fused` take parts away)
+FAST = dict(fused_attention=True, length_buckets=16, compile="default")
 
 
 def synthetic_triples(n_pairs: int, n_images: int, seed: int) -> pd.DataFrame:
@@ -137,8 +154,9 @@ def _scratch_dir(need_gb: float = 16) -> str | None:
 def measure_finetune(model_name: str = "pc-clip-tiny", pairs: int = 4096, ref_pairs: int | None = None,
                      images: int = 1024, batch_size: int = 256, epochs: int = 2, device: str = "auto",
                      precision: str = "auto", seed: int = 0, repeats: int = 1, count_flops: bool = True,
-                     log=print) -> dict:
-    "Pairs/s of `pc_clip.training.finetune.finetune` and of the reference-style loop, FLOPs per pair and MFU, as one dict."
+                     fast: dict | None = None, log=print) -> dict:
+    """Pairs/s of `pc_clip.training.finetune.finetune` and of the reference-style loop, FLOPs per pair and MFU, as one dict;
+    with `fast` (FinetuneSettings fields), also of `finetune` with those fast paths on (before / after, one card)."""
     dev = pick_device(device)
     model, _, tokenizer = create_clip(model_name, None, device=dev, seed=seed)
     d = model.text_projection.shape[-1]
@@ -157,8 +175,8 @@ def measure_finetune(model_name: str = "pc-clip-tiny", pairs: int = 4096, ref_pa
         f"{model.transformer.layers} layers, {len(triples)} pairs (reference {len(ref_triples)}), batch {batch_size}, "
         f"context {ids.shape[1]} tokens, mean tokens per text {useful_tokens:.1f} (mean batch max {np.mean(batch_max):.1f})")
 
-    ours = ref = 0.0
-    ours_wall = ref_wall = 0.0
+    ours = ref = fast_rate = 0.0
+    ours_wall = ref_wall = fast_wall = 0.0
     for _ in range(repeats):  # alternating evens out a machine whose load changes during the run
         with tempfile.TemporaryDirectory(dir=_scratch_dir() if dev.type == "cuda" else None) as tmp:
             t0 = time.perf_counter()
@@ -169,6 +187,16 @@ def measure_finetune(model_name: str = "pc-clip-tiny", pairs: int = 4096, ref_pa
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         log(f"ours: {ours:.1f} pairs/s ({ours_wall:.1f} s wall, checkpoints included)")
+        if fast:
+            with tempfile.TemporaryDirectory(dir=_scratch_dir() if dev.type == "cuda" else None) as tmp:
+                t0 = time.perf_counter()
+                run = finetune(model, tokenizer, triples, cfg, Path(tmp) / "fast", image_embeddings=emb, progress=False, **fast)
+                fast_wall = time.perf_counter() - t0
+            fast_rate = max(fast_rate, float(run.epochs["pairs_per_s"].iloc[-1]))
+            del run
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            log(f"ours with fast paths {fast}: {fast_rate:.1f} pairs/s ({fast_wall:.1f} s wall, compiling and checkpoints included)")
         t0 = time.perf_counter()
         ref = max(ref, reference_loop(model, tokenizer, ref_triples, emb, batch_size, 1e-5, epochs, seed, dev)[-1])
         ref_wall = time.perf_counter() - t0
@@ -191,7 +219,60 @@ def measure_finetune(model_name: str = "pc-clip-tiny", pairs: int = 4096, ref_pa
                 ours_wall_s=ours_wall, ref_wall_s=ref_wall, useful_flops_per_pair=flops,
                 counted_flops_per_pair=counted, peak_flops=peak, peak_key=peak_key,
                 ours_mfu=ours * flops / peak if peak else None, ref_mfu=ref * flops / peak if peak else None,
-                ours_counted_tflops=ours * counted / 1e12 if counted else None)
+                ours_counted_tflops=ours * counted / 1e12 if counted else None,
+                **(dict(fast=fast, fast_pairs_per_s=fast_rate, fast_wall_s=fast_wall, fast_speedup=fast_rate / ours,
+                        fast_mfu=fast_rate * flops / peak if peak else None,
+                        fast_mean_batch_max_tokens=_mean_padded(ids, triples, batch_size, epochs, seed, fast))
+                   if fast else {}))
+
+
+def _mean_padded(ids: torch.Tensor, triples: pd.DataFrame, batch_size: int, epochs: int, seed: int, fast: dict | None) -> float:
+    "Mean padded length of a batch in the last epoch, with or without the fast paths' length buckets."
+    s = FinetuneSettings(batch_size=batch_size, seed=seed, **{k: v for k, v in (fast or {}).items() if k == "length_buckets"})
+    eot = ids.argmax(dim=-1)
+    return float(np.mean([int(eot[b].max()) + 1 for b in _batches(len(triples), s, epochs - 1, 1, eot)]))
+
+
+def measure_fast_paths(model_name: str = "pc-clip-tiny", pairs: int = 4096, images: int = 1024, batch_size: int = 256,
+                       epochs: int = 5, device: str = "auto", precision: str = "auto", seed: int = 0,
+                       fast: dict | None = None, log=print) -> dict:
+    """Old step (fast paths off) vs new step (`fast`, default `FAST`) of `pc_clip.training.finetune`'s loop in one process:
+    two trainers on the same model and data take turns epoch by epoch; the first epoch of each is left out."""
+    fast = dict(FAST if fast is None else fast)
+    dev = pick_device(device)
+    model, _, tokenizer = create_clip(model_name, None, device=dev, seed=seed)
+    emb = F.normalize(torch.randn(images, model.text_projection.shape[-1], generator=torch.Generator().manual_seed(seed)), dim=-1)
+    triples = synthetic_triples(pairs, images, seed)
+    cfg = get_config("tiny", seed=seed, device=str(dev), precision=precision, ft_lr=1e-5, ft_batch_size=batch_size,
+                     ft_epochs=epochs, ft_grad_accum=1, ft_max_pairs=None)
+    runs = {}
+    for name, s in (("old", FinetuneSettings.from_config(cfg)), ("new", FinetuneSettings.from_config(cfg, **fast))):
+        data = _prepare(model, tokenizer, triples, s, cfg, emb, None, False, 1)
+        tr = _trainer(model, data, s, 0, 1)
+        tr.model.train()
+        runs[name] = (tr, data, s, _History())
+    log(f"device {dev}, model {model_name} (text {model.transformer.width} wide x {model.transformer.layers} layers), "
+        f"{len(triples)} pairs, batch {batch_size}, {epochs} epochs each; new step: {fast}")
+    bar = tqdm(disable=True)
+    for epoch in range(epochs):
+        for name in ("old", "new") if epoch % 2 == 0 else ("new", "old"):
+            tr, data, s, hist = runs[name]
+            _train_epoch(tr, data, s, epoch, hist, 10**9, bar)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            e = hist.epochs[-1]
+            log(f"epoch {epoch + 1} {name}: {e['pairs_per_s']:.1f} pairs/s ({e['seconds']:.1f} s, loss {e['loss']:.4f})")
+    timed = {k: runs[k][3].epochs[1:] if epochs > 1 else runs[k][3].epochs for k in runs}
+    rate = {k: sum(e["pairs"] for e in v) / sum(e["seconds"] for e in v) for k, v in timed.items()}
+    per_epoch = [n["pairs_per_s"] / o["pairs_per_s"] for o, n in zip(timed["old"], timed["new"])]
+    ids = runs["old"][1].ids.cpu()
+    return dict(card=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", model=model_name,
+                batch_size=batch_size, pairs=len(triples), epochs=epochs, timed_epochs=len(timed["old"]), fast=fast,
+                old_pairs_per_s=rate["old"], new_pairs_per_s=rate["new"], ratio=rate["new"] / rate["old"],
+                ratio_per_epoch=per_epoch, useful_tokens=float(ids.argmax(-1).float().mean()) + 1,
+                old_mean_batch_max_tokens=_mean_padded(ids, triples, batch_size, epochs, seed, None),
+                new_mean_batch_max_tokens=_mean_padded(ids, triples, batch_size, epochs, seed, fast),
+                first_epoch_s={k: runs[k][3].epochs[0]["seconds"] for k in runs}, threads=torch.get_num_threads())
 
 
 def finetune_table(r: dict) -> pd.DataFrame:
@@ -205,28 +286,57 @@ def finetune_table(r: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def fast_table(r: dict) -> pd.DataFrame:
+    "One row per step: pairs/s over the timed epochs, mean padded batch length, and the ratio to the old step."
+    return pd.DataFrame([
+        dict(step="old (fast paths off)", pairs_per_s=round(r["old_pairs_per_s"], 1),
+             padded_tokens=round(r["old_mean_batch_max_tokens"], 1), ratio="1.00x"),
+        dict(step="new (" + ", ".join(f"{k}={v}" for k, v in r["fast"].items()) + ")",
+             pairs_per_s=round(r["new_pairs_per_s"], 1), padded_tokens=round(r["new_mean_batch_max_tokens"], 1),
+             ratio=f"{r['ratio']:.2f}x")])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compare", choices=["fast", "reference"], default="fast",
+                    help="fast: old vs new step of pc_clip.training.finetune (default); reference: ours vs a reference-style loop")
     ap.add_argument("--model", default="pc-clip-tiny", help="open_clip architecture (random weights)")
     ap.add_argument("--pairs", type=int, default=4096)
     ap.add_argument("--ref-pairs", type=int, default=None, help="pairs for the reference loop (default: --pairs)")
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--epochs", type=int, default=2, help="throughput is read from the last epoch")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="epochs per loop (default 5 for --compare fast, 2 for reference); the first is left out")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=1, help="alternate the two loops this many times, keep each one's best")
+    ap.add_argument("--repeats", type=int, default=1, help="reference: alternate the two loops this many times, keep each one's best")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--no-fused", action="store_true", help="new step without fused attention")
+    ap.add_argument("--buckets", type=int, default=FAST["length_buckets"], help="new step: length_buckets (0: off)")
+    ap.add_argument("--compile", default=FAST["compile"], help="new step: torch.compile mode of the text tower (off, default, ...)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    r = measure_finetune(args.model, args.pairs, args.ref_pairs, args.images, args.batch_size, args.epochs, args.device,
+    fast = dict(fused_attention=not args.no_fused, length_buckets=args.buckets, compile=args.compile)
+    load = f"CPU threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} over {os.cpu_count()} cores"
+    if args.compare == "fast":
+        r = measure_fast_paths(args.model, args.pairs, args.images, args.batch_size, args.epochs or 5, args.device,
+                               args.precision, args.seed, fast)
+        table = fast_table(r)
+        print(table.to_string(index=False))
+        if r["card"] == "cpu":
+            print(f"{load} at the end (other jobs share this machine: the two steps took turns epoch by epoch)")
+        print(f"new / old: {r['ratio']:.2f}x over {r['timed_epochs']} timed epochs each (per epoch: "
+              + ", ".join(f"{x:.2f}x" for x in r["ratio_per_epoch"]) + f"); texts average {r['useful_tokens']:.1f} tokens; "
+              f"first (untimed) epoch {r['first_epoch_s']['old']:.1f} s old, {r['first_epoch_s']['new']:.1f} s new (compiling included)")
+        return table
+    r = measure_finetune(args.model, args.pairs, args.ref_pairs, args.images, args.batch_size, args.epochs or 2, args.device,
                          args.precision, args.seed, args.repeats)
     table = finetune_table(r)
     print(table.to_string(index=False))
     if r["card"] == "cpu":  # wall-clock rates on a shared CPU move with the load of other processes
-        print(f"CPU threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} over {os.cpu_count()} cores")
+        print(load)
     peak = f"{r['peak_flops'] / 1e12:.0f} TFLOP/s dense bf16 ({r['peak_key']})" if r["peak_flops"] else "no known peak (CPU)"
     print(f"speed-up: {r['speedup']:.2f}x  (useful FLOPs per pair {r['useful_flops_per_pair'] / 1e9:.2f} GFLOP at "
           f"{r['useful_tokens']:.1f} tokens; counted per pair {(r['counted_flops_per_pair'] or float('nan')) / 1e9:.2f} GFLOP; MFU against {peak})")

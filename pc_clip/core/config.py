@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['PROFILES', 'FT_TRAINABLE', 'FT_LOSSES', 'CHOICES', 'Config', 'ConfigError', 'validate_config', 'get_config', 'given']
+__all__ = ['PROFILES', 'FT_TRAINABLE', 'FT_LOSSES', 'FT_COMPILE', 'CHOICES', 'Config', 'ConfigError', 'validate_config',
+           'get_config', 'given']
 
 # %% ../../nbs/core/00_config.ipynb #22c4a6fc
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Config:
     generator: str = "oracle"  # "oracle" or an HF causal LM id / local path
     load_in_4bit: bool = False
     gen_batch_size: int = 16
+    gen_batch_from_memory: bool = False  # on a GPU, batch as many prompts as its free memory holds (pc_clip.differences.llm.fit_generation_batch); False: gen_batch_size exactly
     max_new_tokens: int = 128
     temperature: float = 0.7
     top_p: float = 0.9
@@ -69,6 +71,10 @@ class Config:
     ft_max_bad_fraction: float = 0.1  # a run with more non-finite steps than this fails and keeps the previous model
     ft_max_pairs: int | None = 8192  # (for the time budget) train on a seeded subset of at most this many rows (None: all)
     ft_keep_epochs: tuple[int, ...] = ()  # epoch checkpoints kept besides the newest (out_dir/epochs/epoch-NNN)
+    # finetuning close to the hardware (nbs/training/03_finetune.ipynb); off on tiny, whose numbers stay those of the plain path
+    ft_fused_attention: bool = False  # text blocks through one causal scaled_dot_product_attention each
+    ft_length_buckets: int = 0  # sort texts by length within pools of this many batches, so a batch pads to its own length (0: off)
+    ft_compile: str = "off"  # "off" | "default" | "reduce-overhead" | "max-autotune": torch.compile of the text tower
     # caption-finetuning baselines (ordinary CLIP loss)
     caption_ft_lr: float = 2e-3
     caption_ft_batch_size: int = 128
@@ -113,9 +119,11 @@ _PAPER = dict(
     model_name="ViT-L-14", pretrained="datacomp_xl_s13b_b90k", corpus="coco",
     n_pairs=200_000, pair_sampling="random",
     generator="meta-llama/Llama-2-13b-chat-hf", load_in_4bit=True, gen_batch_size=32,
+    gen_batch_from_memory=True,  # 32 where GPU memory cannot be read; more where it is free (an A100-40GB still fits)
     judge="meta-llama/Llama-2-13b-chat-hf",  # the generator's local LLM (offline); "openai:gpt-4o-mini" is an option
     ft_lr=1e-8, ft_lr_decay=0.9, ft_epochs=20, ft_batch_size=512, ft_max_pairs=None, eval_batch_size=256,
     ft_keep_epochs=(10, 20),  # the paper's checkpoints after epochs 10 and 20
+    ft_fused_attention=True, ft_length_buckets=16, ft_compile="default",  # a GPU: see bench/RESULTS.md
     ft_lr_grid=(), wavg_alpha_grid=(),  # the paper's one setting (lr 1e-8, no averaging): nothing to choose
     caption_ft_lr=1e-6, caption_ft_batch_size=128, caption_ft_epochs=50,
     comparative_alphas=(1.0, 0.9, 0.85, 0.8),
@@ -131,6 +139,7 @@ _PAPER_SMOKE = dict(
     n_pairs=64, gen_batch_size=16, max_new_tokens=64,
     ft_epochs=2, ft_batch_size=16, caption_ft_epochs=1, caption_ft_batch_size=16,
     eval_n_images=20, eval_seeds=(0,), eval_batch_size=32,
+    ft_compile="off",  # compiling costs tens of seconds per run on a CPU, more than the smoke run's training
 )
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -145,9 +154,11 @@ PROFILES: dict[str, dict[str, Any]] = {
 # %% ../../nbs/core/00_config.ipynb #65e60e6d
 FT_TRAINABLE = ("text_blocks", "text_tower", "both_towers")  # which weights finetuning trains
 FT_LOSSES = ("contrastive", "mse", "clip")  # every loss but "mse" contrasts a pair with the others in its batch
+FT_COMPILE = ("off", "default", "reduce-overhead", "max-autotune")  # torch.compile modes of the text tower
 CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("auto", "fp32", "bf16", "fp16"), "corpus": ("world", "coco"),
     "pair_sampling": ("random", "different_category"), "ft_trainable": FT_TRAINABLE, "ft_loss": FT_LOSSES,
+    "ft_compile": FT_COMPILE,
 }
 _UNION = (types.UnionType, typing.Union)
 
@@ -215,7 +226,7 @@ _AT_LEAST = {  # field: smallest allowed value
     "seed": 0, "world_image_size": 8, "world_n_train": 1, "world_n_test": 1, "world_n_val": 1,
     "pretrain_batch_size": 2, "pretrain_steps": 1, "n_pairs": 1, "gen_batch_size": 1, "max_new_tokens": 1,
     "temperature": 0, "ft_epochs": 1, "ft_grad_accum": 1, "ft_weight_decay": 0, "ft_max_bad_fraction": 0,
-    "ft_max_pairs": 1, "caption_ft_batch_size": 2, "caption_ft_epochs": 1, "eval_n_images": 1, "eval_batch_size": 1,
+    "ft_max_pairs": 1, "ft_length_buckets": 0, "caption_ft_batch_size": 2, "caption_ft_epochs": 1, "eval_n_images": 1, "eval_batch_size": 1,
     "comparative_topk": 1, "t2i_steps": 1, "t2i_image_size": 8,
 }
 _POSITIVE = ("pretrain_lr", "ft_lr", "caption_ft_lr", "ft_temperature")  # finite and > 0

@@ -16,20 +16,21 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..core.runtime import content_hash, data_root, pick_device
+from ..core.runtime import content_hash, data_root, pick_device, get_logger
 from ..models.clip import weights_dir
 
 # %% auto #0
 __all__ = ['SYSTEM_PROMPT', 'DIFFERENCE_PROMPT', 'REWRITE_PROMPT', 'CATEGORY_PROMPT', 'N_STATEMENTS', 'TASKS',
            'LLAMA2_CHAT_TEMPLATE', 'DEFAULT_OPENAI_BASE_URL', 'RETRY_STATUSES', 'build_prompt', 'has_chat_template',
-           'render_chat', 'load_causal_lm', 'item_seed', 'SeededSampler', 'generate_texts', 'HFBackend', 'redact',
-           'retry_pause', 'OpenAIClient', 'free_port', 'serve_local', 'OpenAIBackend']
+           'render_chat', 'load_causal_lm', 'item_seed', 'SeededSampler', 'generate_texts', 'kv_bytes_per_token',
+           'fit_generation_batch', 'generation_batch_size', 'HFBackend', 'redact', 'retry_pause', 'OpenAIClient',
+           'free_port', 'serve_local', 'OpenAIBackend']
 
 # %% ../../nbs/differences/01_llm.ipynb #dc16b508
 SYSTEM_PROMPT = ("You describe pictures precisely and briefly. You only state what the descriptions "
@@ -185,6 +186,37 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
         texts += tokenizer.batch_decode(new, skip_special_tokens=True)
     return texts, counts
 
+# %% ../../nbs/differences/01_llm.ipynb #09419e90
+def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
+    "Bytes of key/value cache one position takes in a decoder with this `config` (all layers, bf16 by default)."
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def fit_generation_batch(config, free_bytes: float, prompt_tokens: int = 512, max_new_tokens: int = 128,
+                         cap: int = 256, headroom: float = 0.8, overhead: float = 1.25) -> int:
+    "The largest generation batch whose cache and prefill activations fit `headroom` of `free_bytes` (1..`cap`)."
+    mlp = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+    per_sequence = overhead * (kv_bytes_per_token(config) * (prompt_tokens + max_new_tokens) + 2 * prompt_tokens * mlp * 2)
+    n = int(headroom * free_bytes // per_sequence)
+    return max(1, min(cap, n - n % 8 if n > 8 else n))
+
+
+def generation_batch_size(model, requested: int, from_memory: bool, max_new_tokens: int = 128,
+                          prompt_tokens: int = 512) -> int:
+    "`requested`, or with `from_memory` on a CUDA device the batch its free memory holds (`fit_generation_batch`)."
+    device = next(model.parameters()).device
+    if not from_memory or device.type != "cuda":
+        return requested
+    free, _ = torch.cuda.mem_get_info(device)
+    n = fit_generation_batch(model.config, free, prompt_tokens, max_new_tokens)
+    get_logger("pc_clip.differences.llm").info(
+        f"generation batch {n}, fitted to {free / 2**30:.1f} GiB free on {torch.cuda.get_device_name(device)} "
+        f"(gen_batch_size={requested} where memory cannot be read; -p gen_batch_from_memory=False fixes the batch)")
+    return n
+
 # %% ../../nbs/differences/01_llm.ipynb #75adf8e7
 @dataclass
 class HFBackend:
@@ -199,6 +231,14 @@ class HFBackend:
     seed: int = 0
     n_statements: int = N_STATEMENTS
     system: str | None = SYSTEM_PROMPT
+    batch_from_memory: bool = False  # on a GPU, replace batch_size by what its free memory holds
+    report_every_s: float = 60.0  # how often generate() prints its tokens/s (display only)
+    tokens: int = field(default=0, init=False, repr=False)
+    seconds: float = field(default=0.0, init=False, repr=False)
+    _shown: float | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        self.batch_size = generation_batch_size(self.model, self.batch_size, self.batch_from_memory, self.max_new_tokens)
 
     @property
     def config(self) -> dict:
@@ -206,11 +246,26 @@ class HFBackend:
                     seed=self.seed, chat_template=has_chat_template(self.tokenizer),
                     load_in_4bit=bool(getattr(self.model, "is_loaded_in_4bit", False)))
 
+    @property
+    def tokens_per_s(self) -> float:
+        "Generated tokens per second over every `generate` call so far."
+        return self.tokens / self.seconds if self.seconds else float("nan")
+
+    def _count(self, tokens: int, seconds: float) -> None:
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+        now = time.monotonic()  # when to print only: nothing generated depends on the clock
+        if self._shown is None or now - self._shown >= self.report_every_s:
+            self._shown = now
+            get_logger("pc_clip.differences.llm").info(f"{self.name}: {tokens / max(seconds, 1e-9):.1f} tokens/s in the last batch of "
+                                           f"{self.batch_size}, {self.tokens_per_s:.1f} tokens/s over {self.tokens} tokens")
+
     def generate(self, items: Sequence[dict], task: str = "differences") -> list[dict]:
         prompts = [build_prompt(task, it, self.n_statements) for it in items]
         seeds = [item_seed(self.seed, task, it["key"]) for it in items]
+        t0 = time.perf_counter()
         texts, counts = generate_texts(self.model, self.tokenizer, prompts, self.max_new_tokens, self.temperature,
                                        self.top_p, self.batch_size, self.seed, self.system, seeds=seeds)
+        self._count(sum(counts), time.perf_counter() - t0)
         return [{"raw": t, "prompt": p, "n_tokens": n} for t, p, n in zip(texts, prompts, counts)]
 
 # %% ../../nbs/differences/01_llm.ipynb #c1b1531e

@@ -103,7 +103,7 @@ def make_backend(cfg: Config, world=None, noise: float | None = None):
     if cfg.generator.startswith("openai:"):
         return OpenAIBackend(cfg.generator.split(":", 1)[1], **gen)
     model, tok = load_causal_lm(cfg.generator, load_in_4bit=cfg.load_in_4bit, device=cfg.device, root=data_root(cfg))
-    return HFBackend(model, tok, name=cfg.generator, **gen)
+    return HFBackend(model, tok, name=cfg.generator, batch_from_memory=cfg.gen_batch_from_memory, **gen)
 
 # %% ../../nbs/differences/04_records.ipynb #d5726d49
 RECORD_FIELDS = ("key", "task", "item", "generator", "gen_config", "prompt", "raw", "n_tokens", "statements", "rejected")

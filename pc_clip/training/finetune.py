@@ -27,7 +27,7 @@ from ..core.config import Config
 from ..core.runtime import artifact_lock, atomic_write_json, autocast, content_hash, get_logger, pick_dtype
 from ..models.embed import embed_images, image_normalization, model_fingerprint
 from .losses import (caption_contrastive_loss, difference_contrastive_loss, difference_mse_loss,
-    encode_text_trimmed, image_differences, make_clip_loss, pooled_positions, set_trainable)
+    encode_text_trimmed, image_differences, make_clip_loss, pooled_positions, set_trainable, text_encoder)
 from ..models.clip import CheckpointError, images_to_tensor, is_checkpoint, load_weights, save_checkpoint
 from .state import (FinetuneSettings, barrier, epoch_checkpoints, load_train_state,
     prune_epoch_checkpoints, rank_shard, rank_world, save_train_state)
@@ -97,12 +97,25 @@ def _prepare(model, tokenizer, triples: pd.DataFrame, s: FinetuneSettings, cfg: 
                     table=None if both else image_embeddings.float().to(device))
 
 
-def _batches(n: int, s: FinetuneSettings, epoch: int, world: int = 1) -> list[torch.Tensor]:
+def _length_sorted(order: torch.Tensor, lengths: torch.Tensor, pool: int) -> torch.Tensor:
+    "`order` with each run of `pool` rows sorted by `lengths` (stable: equal lengths keep their seeded order)."
+    return torch.cat([chunk[torch.sort(lengths[chunk], stable=True).indices] for chunk in order.split(pool)])
+
+
+def _batches(n: int, s: FinetuneSettings, epoch: int, world: int = 1,
+             lengths: torch.Tensor | None = None) -> list[torch.Tensor]:
     "The global batches of one epoch: a seeded order, cut into `batch_size`; each a multiple of `world`."
     order = torch.randperm(n, generator=torch.Generator().manual_seed(s.seed * 1_000_003 + epoch))
+    bucketed = s.length_buckets > 0 and lengths is not None
+    if bucketed:  # pools of `length_buckets` batches, each sorted by text length, so a batch holds similar lengths
+        order = _length_sorted(order, lengths, s.batch_size * s.length_buckets)
     min_size = max(1 if s.loss == "mse" else 2, world)
     cut = [b[: len(b) - len(b) % world] for b in order.split(s.batch_size)]
-    return [b for b in cut if len(b) >= min_size]
+    out = [b for b in cut if len(b) >= min_size]
+    if bucketed:  # short and long batches take turns in a seeded order, not in order of length
+        turns = torch.randperm(len(out), generator=torch.Generator().manual_seed(s.seed * 1_000_003 + epoch + 2**40))
+        out = [out[k] for k in turns.tolist()]
+    return out
 
 # %% ../../nbs/training/03_finetune.ipynb #c44b13f0
 def _image_features(model, idx: torch.Tensor, table, images, device, dtype) -> torch.Tensor:
@@ -116,11 +129,12 @@ def _image_features(model, idx: torch.Tensor, table, images, device, dtype) -> t
     return F.normalize(feats.float(), dim=-1)[inv.to(device)]
 
 
-def _step_loss(model, batch: torch.Tensor, data: _RunData, s: FinetuneSettings, clip_loss, device, dtype) -> torch.Tensor:
+def _step_loss(model, batch: torch.Tensor, data: _RunData, s: FinetuneSettings, clip_loss, device, dtype,
+               encode=None) -> torch.Tensor:
     ids = data.ids[batch.to(data.ids.device)]
     length = int(data.pool_pos[batch].max()) + 1
-    with autocast(device, dtype):
-        text = encode_text_trimmed(model, ids, length)
+    with autocast(device, dtype):  # `encode`: the fused / compiled text tower when a fast path is on
+        text = encode_text_trimmed(model, ids, length) if encode is None else encode(ids[:, :length])
     if s.loss == "clip":
         img = _image_features(model, data.i[batch], data.table, data.images, device, dtype)
         return caption_contrastive_loss(text, img, model.logit_scale.detach().exp().float(), clip_loss)
@@ -135,7 +149,9 @@ class _Objective(torch.nn.Module):
     "The loss of one micro-batch as a module call (what DDP wraps)."
     def __init__(self, model, data: _RunData, s: FinetuneSettings, clip_loss, device, dtype):
         super().__init__()
-        self.model, self._run = model, (data, s, clip_loss, device, dtype)
+        fast = s.fused_attention or s.compile != "off"
+        encode = text_encoder(model, s.fused_attention, s.compile) if fast else None  # kept out of the submodules
+        self.model, self._run = model, (data, s, clip_loss, device, dtype, encode)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         return _step_loss(self.model, batch, *self._run)
@@ -283,7 +299,7 @@ def _diverged(bad: int, total: int, s: FinetuneSettings, where: str) -> Floating
 
 # %% ../../nbs/training/03_finetune.ipynb #83949e56
 def _train_epoch(tr: _Trainer, data: _RunData, s: FinetuneSettings, epoch: int, hist: _History, total: int, bar) -> None:
-    batches = _batches(data.n, s, epoch, tr.world)
+    batches = _batches(data.n, s, epoch, tr.world, data.pool_pos)
     t0, losses, n_pairs = time.perf_counter(), [], 0
     for k in range(0, len(batches), s.grad_accum):
         group = batches[k:k + s.grad_accum]
@@ -348,7 +364,7 @@ def finetune(model, tokenizer, triples: pd.DataFrame, cfg: Config, out_dir: str 
             return done
         tr = _trainer(model, data, s, rank, world)
         hist = _resume(tr, out_dir, data.run_key, s)
-        per_epoch = math.ceil(len(_batches(data.n, s, 0, world)) / s.grad_accum)
+        per_epoch = math.ceil(len(_batches(data.n, s, 0, world, data.pool_pos)) / s.grad_accum)
         tr.model.train()
         with tqdm(total=s.epochs * per_epoch, initial=hist.start_epoch * per_epoch, unit="step",
                   disable=not progress or rank != 0, desc=f"finetune {out_dir.name}") as bar:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from ..core.config import Config
 from ..core.runtime import atomic_write_json, replace_folder
-from .losses import LOSSES, TRAINABLE_MODES
+from .losses import LOSSES, TRAINABLE_MODES, COMPILE_MODES
 from ..models.clip import CheckpointError, file_sha256, load_weights, save_checkpoint, save_safetensors
 
 # %% auto #0
@@ -45,6 +45,9 @@ class FinetuneSettings:
     precision: str = "auto"
     model_name: str = "pc-clip-tiny"
     keep_epochs: tuple[int, ...] = ()
+    fused_attention: bool = False
+    length_buckets: int = 0
+    compile: str = "off"
 
     def __post_init__(self):
         if self.trainable not in TRAINABLE_MODES:
@@ -58,6 +61,10 @@ class FinetuneSettings:
                 raise ValueError(f"{k} must be >= 1; got {getattr(self, k)}")
         if not 0 <= self.max_bad_fraction < 1:
             raise ValueError(f"max_bad_fraction must be in [0, 1); got {self.max_bad_fraction}")
+        if self.length_buckets < 0:
+            raise ValueError(f"length_buckets is a number of batches (0: off); got {self.length_buckets}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}; got {self.compile!r}")
 
     @classmethod
     def from_config(cls, cfg: Config, **overrides) -> FinetuneSettings:
@@ -70,12 +77,16 @@ class FinetuneSettings:
                     grad_accum=cfg.ft_grad_accum, weight_decay=cfg.ft_weight_decay,
                     max_bad_fraction=getattr(cfg, "ft_max_bad_fraction", 0.1), max_pairs=cfg.ft_max_pairs,
                     seed=cfg.seed, precision=cfg.precision, model_name=cfg.model_name,
-                    keep_epochs=tuple(getattr(cfg, "ft_keep_epochs", ())))
+                    keep_epochs=tuple(getattr(cfg, "ft_keep_epochs", ())),
+                    fused_attention=getattr(cfg, "ft_fused_attention", False),
+                    length_buckets=getattr(cfg, "ft_length_buckets", 0), compile=getattr(cfg, "ft_compile", "off"))
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     def weight_settings(self) -> dict:
-        "The settings the weights depend on (all but `epochs`, which a resumed run may extend, the guard and what is kept)."
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("epochs", "max_bad_fraction", "keep_epochs")}
+        "The settings the weights depend on: all but `epochs` (a resumed run may extend it), the guard, what is kept, and fast paths left off."
+        off = dict(fused_attention=False, length_buckets=0, compile="off")
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("epochs", "max_bad_fraction", "keep_epochs") and not (k in off and v == off[k])}
 
 # %% ../../nbs/training/01_state.ipynb #4603e11e
 def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
