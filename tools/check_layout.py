@@ -19,8 +19,8 @@ MAX_MODULES = 10
 PKG = Path(__file__).resolve().parents[1] / "pc_clip"
 
 
-def module_name(path: Path) -> str:
-    rel = path.relative_to(PKG.parent).with_suffix("")
+def module_name(path: Path, pkg: Path = PKG) -> str:
+    rel = path.relative_to(pkg.parent).with_suffix("")
     parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
     return ".".join(parts)
 
@@ -87,7 +87,7 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def check(pkg: Path = PKG) -> list[str]:
     files = sorted(p for p in pkg.rglob("*.py") if p.name != "_modidx.py")
-    names = {module_name(p): p for p in files}
+    names = {module_name(p, pkg): p for p in files}
     known = set(names)
     graph = {n: {m for m in imported_modules(p, n, known) if not names[m].name == "__init__.py" or m in known}
              for n, p in names.items()}
