@@ -46,7 +46,7 @@ from hardware import peak_bf16
 from pc_clip.core.runtime import autocast, pick_device, pick_dtype
 from pc_clip.core.config import get_config
 from pc_clip.training.finetune import _batches, _History, _prepare, _train_epoch, _trainer, finetune
-from pc_clip.training.losses import encode_text_trimmed
+from pc_clip.models.text import encode_text_trimmed
 from pc_clip.training.losses import difference_contrastive_loss, set_trainable
 from pc_clip.models.clip import create_clip
 from pc_clip.training.state import FinetuneSettings

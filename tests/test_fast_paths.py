@@ -10,8 +10,8 @@ import torch
 
 from pc_clip.core.config import get_config
 from pc_clip.training.finetune import _batches, _Objective, _prepare, _step_loss, finetune
-from pc_clip.training.losses import (can_fuse, difference_contrastive_loss, encode_text_trimmed, make_clip_loss,
-    set_trainable, text_encoder)
+from pc_clip.models.text import can_fuse, encode_text_trimmed, text_tower
+from pc_clip.training.losses import difference_contrastive_loss, make_clip_loss, set_trainable
 from pc_clip.training.state import FinetuneSettings
 
 EOT = 999  # the largest id in these token rows: open_clip's argmax pooling finds it
@@ -38,7 +38,7 @@ def token_rows(lengths, context: int = 16, seed: int = 0) -> torch.Tensor:
 def features_and_grads(model, ids, fused: bool, compile: str = "off"):
     m = copy.deepcopy(model)
     set_trainable(m, "text_blocks")
-    enc = text_encoder(m, fused, compile)
+    enc = text_tower(m, fused, compile)
     length = int(ids.argmax(-1).max()) + 1
     feats = enc(ids[:, :length])
     (feats.square().sum() + feats[:, :3].sum()).backward()

@@ -22,7 +22,7 @@ from ..data.datasets import load_dataset
 from ..models.embed import embed_images, embed_texts, embedded_labels
 from .geometry import (controlled_pairs, edit_statements, flatten_captions, probe_indices,
     world_captions, world_probe_labels)
-from ..training.losses import encode_text_trimmed
+from ..models.text import encode_text_trimmed
 from .metrics import (TaskUnavailable, bootstrap_ci, best_on_validation, difference_classification,
     geometry, linear_probe, retrieval, zero_shot)
 from ..models.clip import load_clip

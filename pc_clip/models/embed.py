@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..core.config import Config
 from ..core.runtime import autocast, cache_dir, content_hash, get_logger, pick_dtype
 from ..data.imagedata import ImageDataset, iter_images
-from ..training.losses import encode_text_trimmed
+from .text import encode_text_trimmed
 from .clip import encode_texts, images_to_tensor, save_safetensors
 
 # %% auto #0

@@ -27,10 +27,12 @@ from ..core.config import Config
 from ..core.runtime import artifact_lock, atomic_write_json, autocast, content_hash, get_logger, pick_dtype
 from ..models.embed import embed_images, image_normalization, model_fingerprint
 from .losses import (caption_contrastive_loss, difference_contrastive_loss, difference_mse_loss,
-    encode_text_trimmed, image_differences, make_clip_loss, pooled_positions, set_trainable, text_encoder)
+    image_differences, make_clip_loss, set_trainable)
+from ..models.text import encode_text_trimmed, pooled_positions
 from ..models.clip import CheckpointError, images_to_tensor, is_checkpoint, load_weights, save_checkpoint
 from .state import (FinetuneSettings, barrier, epoch_checkpoints, load_train_state,
     prune_epoch_checkpoints, rank_shard, rank_world, save_train_state)
+from ..models.text import text_tower
 
 # %% auto #0
 __all__ = ['FinetuneRun', 'finetune', 'difference_agreement']
@@ -150,7 +152,7 @@ class _Objective(torch.nn.Module):
     def __init__(self, model, data: _RunData, s: FinetuneSettings, clip_loss, device, dtype):
         super().__init__()
         fast = s.fused_attention or s.compile != "off"
-        encode = text_encoder(model, s.fused_attention, s.compile) if fast else None  # kept out of the submodules
+        encode = text_tower(model, s.fused_attention, s.compile) if fast else None  # kept out of the submodules
         self.model, self._run = model, (data, s, clip_loss, device, dtype, encode)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:

@@ -5,17 +5,13 @@
 # %% ../../nbs/training/00_losses.ipynb #87388c7d
 from __future__ import annotations
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
-from open_clip.transformer import ResidualAttentionBlock, text_global_pool
 
 # %% auto #0
-__all__ = ['TRAINABLE_MODES', 'LOSSES', 'COMPILE_MODES', 'make_clip_loss', 'image_differences', 'difference_contrastive_loss',
-           'difference_mse_loss', 'caption_contrastive_loss', 'trainable_parameter_names', 'set_trainable',
-           'pooled_positions', 'encode_text_trimmed', 'can_fuse', 'fused_causal_attention', 'fused_text_blocks',
-           'text_encoder']
+__all__ = ['TRAINABLE_MODES', 'LOSSES', 'make_clip_loss', 'image_differences', 'difference_contrastive_loss',
+           'difference_mse_loss', 'caption_contrastive_loss', 'trainable_parameter_names', 'set_trainable']
 
 # %% ../../nbs/training/00_losses.ipynb #9311e309
 def make_clip_loss(rank: int = 0, world_size: int = 1) -> ClipLoss:
@@ -74,82 +70,3 @@ def set_trainable(model: torch.nn.Module, mode: str) -> list[str]:
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
     return [n for n, _ in model.named_parameters() if n in names]
-
-# %% ../../nbs/training/00_losses.ipynb #474d1867
-def _can_trim(model) -> bool:
-    return (isinstance(model, open_clip.CLIP) and getattr(model, "attn_mask", None) is not None
-            and getattr(model, "text_pool_type", None) in ("argmax", "eos"))
-
-
-def pooled_positions(model, ids: torch.Tensor) -> torch.Tensor:
-    "Index of the token each text is pooled at (its end-of-text token)."
-    if getattr(model, "text_pool_type", "argmax") == "eos":
-        return (ids == model.text_eos_id).int().argmax(dim=-1)
-    return ids.argmax(dim=-1)
-
-
-def encode_text_trimmed(model, ids: torch.Tensor, length: int | None = None, fused: bool = False) -> torch.Tensor:
-    "Unnormalised text features on the first `length` tokens (default: to the last end-of-text); `fused`: SDPA blocks."
-    if not _can_trim(model):
-        return model.encode_text(ids)
-    length = length or int(pooled_positions(model, ids).max()) + 1
-    ids = ids[:, :length]
-    cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(ids).to(cast) + model.positional_embedding[:length].to(cast)
-    if fused and can_fuse(model):
-        x = model.ln_final(fused_text_blocks(model.transformer, x))
-    else:
-        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
-    x = text_global_pool(x, ids, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-    if model.text_projection is None:
-        return x
-    return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
-
-# %% ../../nbs/training/00_losses.ipynb #edb73388
-def can_fuse(model) -> bool:
-    "Whether the text tower of `model` is a causal stack of plain open_clip blocks that `fused_text_blocks` can run."
-    t = getattr(model, "transformer", None)
-    if not _can_trim(model) or t is None or not getattr(t, "batch_first", False) or getattr(t, "grad_checkpointing", False):
-        return False
-    return all(type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv") and b.attn._qkv_same_embed_dim
-               and b.attn.in_proj_bias is not None and b.attn.bias_k is None and not b.attn.add_zero_attn
-               for b in t.resblocks)
-
-
-def fused_causal_attention(attn: torch.nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
-    "Causal self-attention of `[batch, tokens, width]` with the weights of `attn`, as one fused SDPA call."
-    n, length, width = x.shape
-    heads = attn.num_heads
-    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(n, length, 3, heads, width // heads)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [batch, heads, tokens, head width]
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if attn.training else 0.0, is_causal=True)
-    return attn.out_proj(out.transpose(1, 2).reshape(n, length, width))
-
-
-def fused_text_blocks(transformer, x: torch.Tensor) -> torch.Tensor:
-    "The residual blocks of an open_clip text `Transformer` on `[batch, tokens, width]`, attention fused and causal."
-    for b in transformer.resblocks:
-        x = x + b.ls_1(fused_causal_attention(b.attn, b.ln_1(x)))
-        x = x + b.ls_2(b.mlp(b.ln_2(x)))
-    return x
-
-# %% ../../nbs/training/00_losses.ipynb #a1ef3ff0
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
-
-
-class _TextTower(torch.nn.Module):
-    "Token ids cut to their batch's length -> unnormalised text features (the module `torch.compile` wraps)."
-    def __init__(self, model, fused: bool):
-        super().__init__()
-        self.model, self.fused = model, fused
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return encode_text_trimmed(self.model, ids, ids.shape[1], fused=self.fused)
-
-
-def text_encoder(model, fused: bool = False, compile: str = "off") -> torch.nn.Module:
-    "A callable `ids -> features` over the weights of `model`: today's path, fused attention, optionally compiled."
-    if compile not in COMPILE_MODES:
-        raise ValueError(f"compile must be one of {COMPILE_MODES}; got {compile!r}")
-    tower = _TextTower(model, fused)
-    return tower if compile == "off" else torch.compile(tower, mode=None if compile == "default" else compile)
