@@ -229,10 +229,10 @@ class TerminalProgress:
     def say(self, text: str) -> None:
         print(text, file=self.out or sys.stdout, flush=True)
 
-    def start(self, name: str, n_cells: int, last_seconds: float | None = None) -> None:
+    def start(self, name: str, n_cells: int, last_seconds: float | None = None, out: Path | None = None) -> None:
         self.k, self.name, self.n_cells, self.done, self.t0 = self.k + 1, name, n_cells, 0, self.clock()
-        before = f" (last run {last_seconds:.0f} s)" if last_seconds else ""
-        self.say(f"[pc-clip] [{self.k}/{self.n}] {name}: {n_cells} code cells{before}")
+        before = f", last run {last_seconds:.0f} s" if last_seconds else ""
+        self.say(f"[pc-clip] [{self.k}/{self.n}] running {name}{f' -> {out}' if out else ''} ({n_cells} code cells{before})")
 
     def cell_done(self) -> None:
         self.done += 1
@@ -379,9 +379,10 @@ def run_experiments(profile: str = "tiny", only: str | None = None, overrides: d
     timings = []
     for nb in notebooks:
         out = out_dir / nb.name
-        say(f"[pc-clip] running {nb.name} -> {out}", flush=True)
         if progress is not None:
-            progress.start(nb.name, _code_cells(nb), before.get(nb.name))
+            progress.start(nb.name, _code_cells(nb), before.get(nb.name), out)
+        else:
+            say(f"[pc-clip] running {nb.name} -> {out}", flush=True)
         t0 = time.perf_counter()
         try:
             pm.execute_notebook(str(nb), str(out), kernel_name=kernel, cwd=str(project_root()), engine_name=engine,
