@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 from .core import Config, artifact_lock, atomic_write_json, cache_dir, content_hash, result_row, timer
 from .world import (CATEGORY_NAMES, COLOURS, COLOUR_NEIGHBOURS, difference_statement, make_caption,
                            make_world, position_word, typical_attrs)
-from .world_edits import (WORLD_EDITS, WorldEdit, bootstrap_interval, edit_pair, edit_statement, edit_success,
-                                 edit_target_colour, measure_generated)
+from .metrics import bootstrap_ci
+from .world_edits import (WORLD_EDITS, WorldEdit, edit_pair, edit_statement, edit_success, edit_target_colour,
+                                 measure_generated)
 from .models import load_clip
 
 # %% auto #0
@@ -291,7 +292,7 @@ def success_rows(scored: pd.DataFrame, model: str, seed: int, metric: str = "suc
         for edit, g in groups:
             x = g["success"].to_numpy(float)
             rows.append(result_row(model, "t2i_world", "world", metric, float(x.mean()), seed, len(x),
-                                   condition={"edit": edit, "w": float(w)}, ci=bootstrap_interval(x, seed=seed)))
+                                   condition={"edit": edit, "w": float(w)}, ci=bootstrap_ci(x, seed=seed) if len(x) else None))
     return rows
 
 # %% ../nbs/11b_world_diffusion.ipynb #575d14c6
