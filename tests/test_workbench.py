@@ -131,7 +131,7 @@ def test_help_version_and_list():
     v = _pc_clip("--version")
     assert v.returncode == 0 and v.stdout.strip() == f"pc-clip {__version__}"
     listed = _pc_clip("list").stdout
-    for nb in sorted((REPO / "nbs" / "experiments").rglob("*.ipynb")):
+    for nb in sorted(p for p in (REPO / "nbs" / "experiments").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts):
         assert nb.name in listed, f"{nb} not listed:\n{listed}"
     assert "nbs/experiments/beyond/" in listed
 
@@ -140,3 +140,16 @@ def test_papermill_help_shows_typed_parameters():
     r = subprocess.run([str(Path(sys.executable).parent / "papermill"), "--help-notebook",
                         str(REPO / "nbs" / "experiments" / "03_finetune.ipynb")], capture_output=True, text=True, timeout=120)
     assert "ft_epochs: Optional[int] (default None)" in r.stdout and "Unknown type" not in r.stdout, r.stdout
+
+
+# --- the README's source --------------------------------------------------------------------------------------------
+def test_readme_is_the_text_of_index_notebook():
+    "README.md is what nbs/index.ipynb says (nbdev_readme renders it; editing one without the other fails here)."
+    import index_from_readme
+    nb = json.loads((REPO / "nbs" / "index.ipynb").read_text())
+    assert index_from_readme.readme_from_index(nb) == (REPO / "README.md").read_text(), \
+        "README.md and nbs/index.ipynb differ: edit nbs/index.ipynb and regenerate README.md (nbdev_readme)"
+    from configparser import ConfigParser
+    cfg = ConfigParser(delimiters=["="])
+    cfg.read(REPO / "settings.ini")
+    assert cfg["DEFAULT"]["readme_nb"] == "index.ipynb"

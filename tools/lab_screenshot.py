@@ -83,6 +83,8 @@ def main(argv=None) -> int:
         print("needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver", file=sys.stderr)
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="pc-clip-lab-"))
+    checkpoints = [REPO / Path(p).parent / ".ipynb_checkpoints" for p in NOTEBOOKS]
+    made = [c for c in checkpoints if not c.exists()]  # JupyterLab writes these on opening; removed again below
     lab_port, drv_port, token = free_port(), free_port(), base64.b32encode(os.urandom(10)).decode().lower()
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"), "JUPYTER_CONFIG_DIR": str(tmp / "config")}
     lab = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ip", "127.0.0.1", f"--port={lab_port}",
@@ -138,6 +140,8 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+        for c in made:
+            shutil.rmtree(c, ignore_errors=True)
 
 
 if __name__ == "__main__":
