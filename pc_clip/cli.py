@@ -251,7 +251,7 @@ class TerminalProgress:
         value = state.get("value")
         if not isinstance(value, str):
             return
-        value = html.unescape(value).replace("\xa0", " ").strip()
+        value = re.sub(r"[\u2007\xa0]", " ", html.unescape(value)).strip()  # tqdm.notebook pads with figure spaces
         if _BAR.search(value):
             self.bar(f"{self.left} {value}".strip())
         elif value.endswith("%"):

@@ -84,6 +84,23 @@ def test_reproduce_prints_progress_by_default(run00):
     assert json.loads((runs / "runs" / "tiny" / "notebooks" / "timings.json").read_text())["00_environment.ipynb"] > 0
 
 
+def test_a_long_loop_shows_its_bar_with_count_and_eta(tmp_path):
+    "A tqdm bar in a notebook (a widget, with ipywidgets installed) reaches the terminal as lines with n/total and ETA."
+    import nbformat
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    params = nbformat.v4.new_code_cell('profile = "tiny"\nseed = 0\noverrides = {}')
+    params.metadata["tags"] = ["parameters"]
+    loop = nbformat.v4.new_code_cell("import time\nfrom tqdm.auto import tqdm\n"
+                                     "for i in tqdm(range(6), desc='a loop'):\n    time.sleep(0.2)")
+    nb = nbformat.v4.new_notebook(cells=[params, loop], metadata={"kernelspec": set_kernelspec.KERNELSPEC})
+    nbformat.write(nb, exp / "01_loop.ipynb")
+    r = _pc_clip("reproduce", "--experiments", str(exp), env={"PC_CLIP_RUNS": str(tmp_path / "runs")})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r"^    a loop:\s+0% 0/6 \[00:00<", r.stdout, re.M), r.stdout
+    assert re.search(r"^    a loop: 100% 6/6 \[\d\d:\d\d<00:00", r.stdout, re.M), r.stdout
+
+
 def test_quiet_prints_no_progress(tmp_path):
     r = _pc_clip("reproduce", "--only", "00", *SMALL, "--quiet", env={"PC_CLIP_RUNS": str(tmp_path)})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
