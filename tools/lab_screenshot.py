@@ -86,7 +86,11 @@ def main(argv=None) -> int:
     checkpoints = [REPO / Path(p).parent / ".ipynb_checkpoints" for p in NOTEBOOKS]
     made = [c for c in checkpoints if not c.exists()]  # JupyterLab writes these on opening; removed again below
     lab_port, drv_port, token = free_port(), free_port(), base64.b32encode(os.urandom(10)).decode().lower()
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"), "JUPYTER_CONFIG_DIR": str(tmp / "config")}
+    settings = tmp / "settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))  # no news pop-up
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"), "JUPYTER_CONFIG_DIR": str(tmp / "config"),
+           "JUPYTERLAB_SETTINGS_DIR": str(tmp / "settings")}
     lab = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ip", "127.0.0.1", f"--port={lab_port}",
                             f"--ServerApp.root_dir={REPO}", f"--IdentityProvider.token={token}",
                             f"--LabApp.workspaces_dir={tmp / 'workspaces'}", "--allow-root"],
