@@ -108,6 +108,7 @@ def test_beyond_figures_draw_intervals():
                                  ci_low=0.05 - noise / 10, ci_high=0.15 - noise / 10, seed=0, n=100,
                                  condition=condition_string(noise=noise, filter=filt)))
     curve = pd.DataFrame(rows)
+    assert "95 % interval" in " ".join(t.get_text() for t in plot_noise_curve(curve).texts)
     assert _png(plot_noise_curve, curve) != _png(plot_noise_curve, curve.assign(ci_low=curve["ci_low"] - 0.1))
     rows = []
     for metric in ("difference_accuracy", "zero_shot_accuracy", "retrieval_recall@5_i2t"):
@@ -117,4 +118,5 @@ def test_beyond_figures_draw_intervals():
         rows.append(dict(model="ptf", task=STUDY_TASK, dataset="world", metric=metric, value=0.52, ci_low=0.47,
                          ci_high=0.57, seed=0, n=100, condition=condition_string(arm="pretrain-then-finetune", w=0.0)))
     study = pd.DataFrame(rows)
+    assert "95 % interval" in " ".join(t.get_text() for t in plot_pretrain_study(study).texts)
     assert _png(plot_pretrain_study, study) != _png(plot_pretrain_study, study.assign(ci_high=study["ci_high"] + 0.1))
