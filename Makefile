@@ -13,10 +13,13 @@ PROFILE ?= tiny
 $(STAMP): settings.ini setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch and torchvision pinned: these exact releases come from the local package mirror
+	# torch and torchvision pinned here (the package itself asks only for a floor, so it keeps a user's CUDA build):
+	# these exact releases come from the local package mirror
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	$(BIN)/python -m ipykernel install --sys-prefix --name pc-clip --display-name "pc-clip (.venv)" >/dev/null
+	# the notebooks name the "pc-clip" kernel: registered for this venv's Jupyter and for the user's own Jupyter
+	$(BIN)/python -m ipykernel install --sys-prefix --name pc-clip --display-name "pc-clip" >/dev/null
+	$(BIN)/python -m ipykernel install --user --name pc-clip --display-name "pc-clip" >/dev/null
 	touch $(STAMP)
 
 install: $(STAMP)

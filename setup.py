@@ -24,7 +24,7 @@ setup(
     package_data={"pc_clip": ["model_configs/*.json"]},
     include_package_data=True,
     install_requires=_split("requirements"),
-    extras_require={"dev": _split("dev_requirements")},
+    extras_require={"dev": _split("dev_requirements"), "openai": _split("openai_requirements")},
     entry_points={
         "console_scripts": _split("console_scripts"),
         "nbdev": [f"{meta['lib_path']}={meta['lib_path']}._modidx:d"],

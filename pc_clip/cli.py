@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import html
+import json
 import os
+import re
 import signal
 import sys
 import time
@@ -20,9 +23,10 @@ from .core.config import Config, ConfigError, get_config
 from .core.runtime import data_root, figures_dir, project_root, results_path, run_dir
 
 # %% auto #0
-__all__ = ['EXPERIMENT_NEEDS', 'SMOKE_PROFILE', 'SMOKE_DATA_ROOT', 'experiment_notebooks', 'parse_overrides', 'notebook_needs',
-           'preflight', 'smoke_overrides', 'prepare_standins', 'ExperimentFailed', 'MissingInputs', 'run_experiments',
-           'kill_descendants', 'kernels_stop_with_me', 'main']
+__all__ = ['EXPERIMENT_NEEDS', 'SMOKE_PROFILE', 'SMOKE_DATA_ROOT', 'KERNEL_NAME', 'experiment_notebooks', 'parse_overrides',
+           'experiment_folders', 'notebook_needs', 'preflight', 'smoke_overrides', 'prepare_standins',
+           'TerminalProgress', 'ExperimentFailed', 'MissingInputs', 'run_experiments', 'kill_descendants',
+           'kernels_stop_with_me', 'main']
 
 # %% ../nbs/90_cli.ipynb #0f968ecc
 def experiment_notebooks(folder: str | Path | None = None, only: str | None = None) -> list[Path]:
@@ -55,6 +59,13 @@ def parse_overrides(pairs: list[str]) -> tuple[dict, dict]:
             value = raw
         (cfg_over if key.strip() in cfg_keys else params)[key.strip()] = value
     return cfg_over, params
+
+# %% ../nbs/90_cli.ipynb #94cefb18
+def experiment_folders(root: str | Path | None = None) -> list[Path]:
+    "`nbs/experiments/` and each folder below it that holds experiment notebooks, the main one first."
+    base = Path(root or project_root()) / "nbs" / "experiments"
+    subs = sorted(p for p in base.glob("*/") if p.is_dir() and not p.name.startswith((".", "_")) and any(p.glob("*.ipynb")))
+    return [base, *subs]
 
 # %% ../nbs/90_cli.ipynb #8f7bda50
 _ZERO_SHOT = ("cifar100", "cub", "eurosat", "flowers102", "sun397")  # as pc_clip.evaluation.runner.PAPER_EVAL_DATASETS
@@ -204,6 +215,116 @@ def prepare_standins(cfg: Config, progress: bool = True) -> list[str]:
         print(f"[pc-clip] built stand-ins {info['built']} in {sum(info['seconds'].values()):.0f} s", flush=True)
     return info["built"]
 
+# %% ../nbs/90_cli.ipynb #6286151a
+_BAR = re.compile(r"(\d+)/(\d+) \[")  # a tqdm bar's "n/total [elapsed<remaining, rate]"
+_LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR|CRITICAL) ")  # the format of pc_clip.core.runtime.get_logger
+
+
+class TerminalProgress:
+    "Terminal lines for running notebooks: notebook, cells done, log lines and tqdm bars (each at most once per `every` s)."
+    def __init__(self, n_notebooks: int, every: float = 15.0, out=None, clock=time.monotonic):
+        self.n, self.every, self.out, self.clock = n_notebooks, every, out, clock
+        self.k, self.left, self.last, self.finished = 0, "", {}, set()
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out or sys.stdout, flush=True)
+
+    def start(self, name: str, n_cells: int, last_seconds: float | None = None, out: Path | None = None) -> None:
+        self.k, self.name, self.n_cells, self.done, self.t0 = self.k + 1, name, n_cells, 0, self.clock()
+        before = f", last run {last_seconds:.0f} s" if last_seconds else ""
+        self.say(f"[pc-clip] [{self.k}/{self.n}] running {name}{f' -> {out}' if out else ''} ({n_cells} code cells{before})")
+
+    def cell_done(self) -> None:
+        self.done += 1
+        self.say(f"  {self.name} cell {self.done}/{self.n_cells} done, {self.clock() - self.t0:.0f} s in this notebook")
+
+    def text(self, chunk: str) -> None:
+        "A stream chunk from the kernel: log lines are shown, tqdm bars throttled, the rest left to the notebook."
+        for piece in re.split(r"[\r\n]", chunk):
+            if _LOG_LINE.match(piece.strip()):
+                self.say(f"  {piece.strip()}")
+            elif _BAR.search(piece):
+                self.bar(piece.strip())
+
+    def widget(self, state: dict) -> None:
+        "A widget update from the kernel: a tqdm.notebook bar is its left text (description, %) then its right text."
+        value = state.get("value")
+        if not isinstance(value, str):
+            return
+        value = re.sub(r"[\u2007\xa0]", " ", html.unescape(value)).strip()  # tqdm.notebook pads with figure spaces
+        if _BAR.search(value):
+            self.bar(f"{self.left} {value}".strip())
+        elif value.endswith("%"):
+            self.left = value
+
+    def bar(self, line: str) -> None:
+        m, key = _BAR.search(line), line[:_BAR.search(line).start()].split("%")[0].rsplit(":", 1)[0]
+        done, now = m.group(1) == m.group(2), self.clock()
+        if done and key in self.finished:
+            return
+        if done or now - self.last.get(key, -float("inf")) >= self.every:
+            self.last[key] = now
+            self.say(f"    {line}")
+        (self.finished.add if done else self.finished.discard)(key)
+
+# %% ../nbs/90_cli.ipynb #b7f81f33
+KERNEL_NAME = "pc-clip"
+
+
+def _kernel_name(say=print) -> str:
+    "The `pc-clip` kernelspec when Jupyter knows it, else `python3` (with a note on how to register it)."
+    from jupyter_client.kernelspec import KernelSpecManager
+    if KERNEL_NAME in KernelSpecManager().find_kernel_specs():
+        return KERNEL_NAME
+    say(f"[pc-clip] no '{KERNEL_NAME}' kernel registered; using python3 "
+        f"(register it: {sys.executable} -m ipykernel install --user --name {KERNEL_NAME})")
+    return "python3"
+
+
+def _ipc_kernel_manager():
+    "A kernel manager whose kernel listens on IPC sockets (files beside its connection file), not TCP ports."
+    from jupyter_client.manager import AsyncKernelManager
+
+    class _IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            super().__init__(**{"transport": "ipc" if os.name == "posix" else "tcp", **kw})
+    return _IPCKernelManager
+
+
+def _progress_engine():
+    "papermill's nbclient engine, whose client reports cells, streams and widget updates to `progress` (if given)."
+    from papermill.clientwrap import PapermillNotebookClient
+    from papermill.engines import NBClientEngine, papermill_engines
+    from papermill.utils import merge_kwargs, remove_args
+
+    class _Client(PapermillNotebookClient):
+        progress = None
+
+        def process_message(self, msg, cell, cell_index):
+            kind, content = msg["msg_type"], msg["content"]
+            if self.progress is not None and kind == "stream" and not self.log_output:
+                self.progress.text(content.get("text", ""))
+            elif self.progress is not None and kind in ("comm_open", "comm_msg"):
+                self.progress.widget((content.get("data") or {}).get("state") or {})
+            return super().process_message(msg, cell, cell_index)
+
+    class _Engine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None, stderr_file=None,
+                                     start_timeout=60, execution_timeout=None, progress=None, **kwargs):
+            kwargs = remove_args(["input_path", "timeout", "startup_timeout"], **kwargs)
+            client = _Client(nb_man, **merge_kwargs(kwargs, timeout=execution_timeout, startup_timeout=start_timeout,
+                                                    kernel_name=kernel_name, log_output=log_output,
+                                                    stdout_file=stdout_file, stderr_file=stderr_file,
+                                                    kernel_manager_class=_ipc_kernel_manager()))
+            client.progress = progress
+            if progress is not None:
+                client.on_cell_executed = lambda **_: progress.cell_done()
+            return client.execute()
+
+    papermill_engines.register("pc-clip", _Engine)
+    return "pc-clip"
+
 # %% ../nbs/90_cli.ipynb #e497a855
 class ExperimentFailed(RuntimeError):
     "An experiment notebook raised; the message names the notebook and the failing cell."
@@ -226,10 +347,14 @@ def _notebook_parameters(nb: Path, declared: set, profile: str, cfg: Config, ove
     return {"profile": profile, "seed": cfg.seed, "overrides": rest, **own, **params}
 
 
+def _code_cells(nb: Path) -> int:
+    return sum(c.get("cell_type") == "code" for c in json.loads(nb.read_text())["cells"]) + 1  # + papermill's injected cell
+
+
 def run_experiments(profile: str = "tiny", only: str | None = None, overrides: dict | None = None,
                     params: dict | None = None, experiments: str | Path | None = None,
-                    log_output: bool = False, check_inputs: bool = True) -> list[tuple[str, float]]:
-    "Execute experiment notebooks with papermill into `runs/<profile>/notebooks/`; returns (name, seconds) pairs."
+                    log_output: bool = False, check_inputs: bool = True, quiet: bool = False) -> list[tuple[str, float]]:
+    "Execute experiment notebooks with papermill into `runs/<profile>/notebooks/` (progress on the terminal unless `quiet`); returns (name, seconds) pairs."
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
@@ -246,45 +371,49 @@ def run_experiments(profile: str = "tiny", only: str | None = None, overrides: d
         raise MissingInputs(missing, data_root(cfg))
     out_dir = run_dir(cfg) / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
+    say = (lambda *a, **k: None) if quiet else print
+    progress = None if quiet or log_output else TerminalProgress(len(notebooks))
+    engine, kernel = _progress_engine(), _kernel_name(say)
+    before_path = out_dir / "timings.json"  # seconds per notebook of the last run here: a guide for the next one
+    before = json.loads(before_path.read_text()) if before_path.exists() else {}
     timings = []
     for nb in notebooks:
         out = out_dir / nb.name
-        print(f"[pc-clip] running {nb.name} -> {out}", flush=True)
+        if progress is not None:
+            progress.start(nb.name, _code_cells(nb), before.get(nb.name), out)
+        else:
+            say(f"[pc-clip] running {nb.name} -> {out}", flush=True)
         t0 = time.perf_counter()
         try:
-            pm.execute_notebook(str(nb), str(out), kernel_name="python3", cwd=str(project_root()),
+            pm.execute_notebook(str(nb), str(out), kernel_name=kernel, cwd=str(project_root()), engine_name=engine,
                                 parameters=_notebook_parameters(nb, declared[nb], profile, cfg, overrides, params or {}),
-                                progress_bar=False, log_output=log_output)
+                                progress_bar=False, log_output=log_output, progress=progress)
         except PapermillExecutionError as e:
             raise ExperimentFailed(
                 f"experiment {nb.name} failed in cell {e.exec_count} ({e.ename}: {e.evalue}).\n"
                 f"The executed notebook with the full traceback is {out}") from None
         timings.append((nb.name, time.perf_counter() - t0))
-        print(f"[pc-clip] {nb.name} done in {timings[-1][1]:.1f} s", flush=True)
+        before[nb.name] = round(timings[-1][1], 1)
+        before_path.write_text(json.dumps(before, indent=1))
+        say(f"[pc-clip] {nb.name} done in {timings[-1][1]:.1f} s", flush=True)
     return timings
 
 # %% ../nbs/90_cli.ipynb #4af1f885
 def _descendants(pid: int) -> list[int]:
-    "Process ids below `pid`, children first (Linux `/proc`; empty where there is none)."
-    parents = {}
-    for d in Path("/proc").glob("[0-9]*"):
-        try:
-            parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    out, frontier = [], {pid}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier and p not in out}
-        out += sorted(frontier)
-    return out
+    "Process ids below `pid`, children first (empty where there is none or `pid` is gone)."
+    import psutil
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _gone(pid: int) -> bool:
+    import psutil
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)  # a zombie runs no code
+    except psutil.NoSuchProcess:
         return True
-    return state in ("Z", "X")  # a zombie runs no code
 
 
 def kill_descendants(pid: int | None = None, timeout: float = 10.0) -> list[int]:
@@ -329,8 +458,18 @@ def _summary(cfg: Config, timings: list[tuple[str, float]]) -> str:
     return "\n".join(lines)
 
 
+_ENVIRONMENT = """environment:
+  PC_CLIP_DATA  data root: data sets and downloaded weights (default: data/ in the repository, or -p data_root=...)
+  PC_CLIP_RUNS  one folder for runs/, results/, figures/ and cache/ (default: those folders in the repository)
+  OPENAI_API_KEY, OPENAI_BASE_URL  an OpenAI-compatible server for generator/judge "openai:<model>"
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pc-clip", description="PC-CLIP research workbook")
+    from pc_clip import __version__
+    ap = argparse.ArgumentParser(prog="pc-clip", description="PC-CLIP research workbook", epilog=_ENVIRONMENT,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"pc-clip {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     rp = sub.add_parser("reproduce", help="run the experiment notebooks with papermill")
     rp.add_argument("--profile", default="tiny", help="tiny (embedded world, CPU), paper, paper-h14 or paper-smoke")
@@ -338,9 +477,10 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field (or pass a notebook parameter); repeatable; values are Python literals")
     rp.add_argument("--experiments", default=None, help="folder of experiment notebooks (default nbs/experiments)")
-    rp.add_argument("--log-output", action="store_true", help="stream notebook output to the terminal")
+    rp.add_argument("--log-output", action="store_true", help="stream all notebook output to the terminal")
+    rp.add_argument("-q", "--quiet", action="store_true", help="no progress lines (errors and the summary only)")
     rp.add_argument("--skip-preflight", action="store_true", help="start even if weights or data sets seem missing")
-    sub.add_parser("list", help="list the experiment notebooks in run order")
+    sub.add_parser("list", help="list the experiment notebooks in run order, folder by folder")
     return ap
 
 
@@ -348,8 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     "Entry point of the `pc-clip` console script."
     args = _parser().parse_args(argv)
     if args.command == "list":
-        for p in experiment_notebooks():
-            print(p.name)
+        for i, folder in enumerate(experiment_folders()):
+            where = folder.relative_to(project_root()) if folder.is_relative_to(project_root()) else folder
+            print(f"{where}/" + ("" if i == 0 else f"  (run with: pc-clip reproduce --experiments {where})"))
+            print("\n".join(f"  {p.name}" for p in experiment_notebooks(folder)))
         return 0
     try:
         overrides, params = parse_overrides(args.param)
@@ -357,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = get_config(args.profile, **overrides)
         with kernels_stop_with_me():
             timings = run_experiments(args.profile, args.only, overrides, params, args.experiments, args.log_output,
-                                      check_inputs=not args.skip_preflight)
+                                      check_inputs=not args.skip_preflight, quiet=args.quiet)
     except ConfigError as e:
         print(f"[pc-clip] invalid config (profile {args.profile}); nothing was run:", file=sys.stderr)
         print("\n".join(f"  {p}" for p in e.problems), file=sys.stderr)

@@ -1,4 +1,5 @@
-"""JupyterLab starts on 127.0.0.1 and serves a notebook of the repository through its contents API."""
+"""JupyterLab starts on 127.0.0.1, serves a notebook of the repository through its contents API and knows the
+notebook's kernel, `pc-clip`."""
 import json
 import os
 import socket
@@ -40,6 +41,10 @@ def test_jupyterlab_serves_repo_notebook(tmp_path):
             raise AssertionError(f"JupyterLab did not answer (exit code {proc.returncode}); its log ends with:\n{err}")
         assert body["type"] == "notebook" and body["name"] == "core/01_runtime.ipynb"
         assert any("default_exp core" in "".join(c["source"]) for c in body["content"]["cells"])
+        assert body["content"]["metadata"]["kernelspec"]["name"] == "pc-clip"  # the notebook asks for the project's kernel
+        specs = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/kernelspecs", headers={"Authorization": f"token {token}"}), timeout=10).read())
+        assert "pc-clip" in specs["kernelspecs"], f"JupyterLab knows {sorted(specs['kernelspecs'])}; run make install"
         lab = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/lab",
                                                             headers={"Authorization": f"token {token}"}), timeout=10)
         assert lab.status == 200

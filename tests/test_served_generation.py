@@ -91,3 +91,18 @@ def test_killed_client_resumes_without_loss_or_duplicates(served_env, tmp_path):
     resumed = {r["key"]: r for r in JsonlStore(path).records()}
     assert [resumed[r["key"]]["raw"] for r in fresh] == [r["raw"] for r in fresh]
     assert KEY not in path.read_text()
+
+
+def test_a_refused_request_names_the_url_and_never_the_key(served_env, tmp_path):
+    "The openai SDK's errors become ours: the URL and HTTP status named, no retry on a client error, the key never shown."
+    from pc_clip.differences.llm import OpenAIClient
+    client = OpenAIClient(str(tmp_path / "no-such-model"), retries=2, backoff=0.01)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as err:
+        client.chat("Describe a red circle.", max_tokens=4)
+    msg = str(err.value)
+    assert f"request to {os.environ['OPENAI_BASE_URL'].rstrip('/')}/chat/completions failed" in msg, msg
+    assert "HTTP" in msg and KEY not in msg and KEY not in repr(client)
+    assert time.monotonic() - t0 < 120
+    ok = OpenAIClient(served_env).chat("Describe a red circle.", max_tokens=4, temperature=0)
+    assert isinstance(ok["text"], str) and 0 < ok["n_tokens"] <= 4

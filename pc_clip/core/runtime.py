@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -34,9 +35,12 @@ __all__ = ['RESULT_COLUMNS', 'FRACTION_METRICS', 'project_root', 'resolve_path',
 
 # %% ../../nbs/core/01_runtime.ipynb #f853336c
 def project_root(start: str | Path | None = None) -> Path:
-    "The nearest folder at or above `start` (default: cwd) that holds `settings.ini`, else `start` itself."
+    "The nearest folder at or above `start` (default: cwd, then this package's checkout) that holds `settings.ini`, else `start`."
+    given = start is not None
     start = Path(start or os.getcwd()).resolve()
-    for p in [start, *start.parents]:
+    spec = importlib.util.find_spec("pc_clip")  # a source checkout (pip install -e .): where the package lives
+    here = Path(spec.origin).resolve().parent.parent if spec and spec.origin else start
+    for p in [start, *start.parents, *([] if given else [here])]:
         if (p / "settings.ini").exists() and (p / "pc_clip").is_dir():
             return p
     return start
@@ -121,7 +125,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 # %% ../../nbs/core/01_runtime.ipynb #87eaa10f
 def get_logger(name: str = "pc_clip") -> logging.Logger:
-    "A logger that prints `time level name: message` once per process."
+    "A logger that prints `time level name: message` once per process (its own handler, not also the root's)."
     log = logging.getLogger(name)
     if not logging.getLogger("pc_clip").handlers:
         h = logging.StreamHandler()
@@ -129,6 +133,7 @@ def get_logger(name: str = "pc_clip") -> logging.Logger:
         root = logging.getLogger("pc_clip")
         root.addHandler(h)
         root.setLevel(logging.INFO)
+        root.propagate = False  # a root handler (a kernel's, a library's basicConfig) would print every line twice
     return log
 
 

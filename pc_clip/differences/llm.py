@@ -307,28 +307,35 @@ class OpenAIClient:
                                "for a local server without keys, set OPENAI_API_KEY to any placeholder")
         return key or "EMPTY"
 
+    def _sdk(self, key: str):
+        try:
+            import openai
+        except ImportError:
+            raise RuntimeError("the OpenAI-compatible backend needs the openai package: pip install -e \".[openai]\" "
+                               "(or pip install openai)") from None
+        return openai, openai.OpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout, max_retries=0)
+
     def chat(self, user: str, system: str | None = None, **params) -> dict:
         "`{'text', 'n_tokens'}` of the assistant's reply to one user message; `params` go into the request."
         key, url = self._key(), f"{self.base_url}/chat/completions"
+        openai, client = self._sdk(key)
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        body = json.dumps({"model": self.model, "messages": msgs, **params}).encode()
         for attempt in range(self.retries + 1):
-            req = urllib.request.Request(url, data=body, method="POST", headers={
-                "Content-Type": "application/json", "Authorization": f"Bearer {key}"})
             retry_after = None
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    data = json.loads(resp.read().decode())
-                usage = data.get("usage") or {}
-                return {"text": data["choices"][0]["message"]["content"] or "", "n_tokens": usage.get("completion_tokens")}
-            except urllib.error.HTTPError as e:
-                detail, retry_after = redact(e.read().decode(errors="replace")[:300], key), e.headers.get("Retry-After")
-                err = f"request to {url} failed with HTTP {e.code}: {detail}"
-                if e.code not in RETRY_STATUSES:
+                reply = client.chat.completions.create(model=self.model, messages=msgs, **params)
+                usage = reply.usage
+                return {"text": reply.choices[0].message.content or "",
+                        "n_tokens": usage.completion_tokens if usage is not None else None}
+            except openai.APIStatusError as e:
+                detail = redact(e.response.text[:300], key)
+                retry_after = e.response.headers.get("Retry-After")
+                err = f"request to {url} failed with HTTP {e.status_code}: {detail}"
+                if e.status_code not in RETRY_STATUSES:
                     raise RuntimeError(err) from None
-            except (urllib.error.URLError, TimeoutError, OSError) as e:
-                err = f"request to {url} failed: {redact(str(getattr(e, 'reason', e)), key)}; is the server up? check OPENAI_BASE_URL"
-            except (KeyError, IndexError, TypeError, ValueError) as e:
+            except openai.APIConnectionError as e:  # refused, reset or timed out
+                err = f"request to {url} failed: {redact(str(e.__cause__ or e), key)}; is the server up? check OPENAI_BASE_URL"
+            except (AttributeError, IndexError, TypeError, ValueError) as e:
                 raise RuntimeError(f"reply from {url} is not an OpenAI chat completion ({type(e).__name__})") from None
             if attempt == self.retries:
                 raise RuntimeError(f"{err} (after {self.retries + 1} tries)") from None

@@ -9,7 +9,9 @@ import dataclasses
 import hashlib
 import importlib.resources
 import json
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -99,6 +101,21 @@ def is_weights_path(pretrained: str | None) -> bool:
         return False
     return "/" in pretrained or os.sep in pretrained or pretrained.startswith("~") or Path(pretrained).suffix in (
         ".safetensors", ".bin", ".pt", ".pth")
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+
+@contextmanager
+def _no_random_init_warning(active: bool = True):
+    "Inside the block, drop open_clip's root-logger warning that a model has random weights (when `active`)."
+    f, root = _DropRandomInitWarning(), logging.getLogger()
+    if active:
+        root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
 
 
 def create_clip(model_name: str = TINY_MODEL, pretrained: str | None = None, device: str | torch.device = "cpu",
@@ -121,7 +138,8 @@ def create_clip(model_name: str = TINY_MODEL, pretrained: str | None = None, dev
             kw.update(force_quick_gelu=bool(pcfg.get("quick_gelu", False)), image_mean=pcfg.get("mean"),
                       image_std=pcfg.get("std"))
             pretrained = str(local)
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kw)
+    with _no_random_init_warning(pretrained is None):  # random weights asked for: open_clip's warning says nothing new
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kw)
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(model_name, cache_dir=kw["cache_dir"])
 

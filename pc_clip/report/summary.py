@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import os
+import textwrap
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -14,16 +16,17 @@ import numpy as np
 import pandas as pd
 
 from ..core.config import Config
-from ..core.runtime import atomic_write, condition_dict, read_results, results_path
+from ..core.runtime import atomic_write, condition_dict, read_results, results_path, FRACTION_METRICS
 from ..evaluation.runner import read_items
 from ..training.plan import training_data_path
 from ..evaluation.metrics import best_on_validation, paired_bootstrap
 from ..training.selection import Targets, candidate_table, choose_setting, selection_markdown, target_check
 
 # %% auto #0
-__all__ = ['ABLATION_MODELS', 'MAIN_METRICS', 'RECALLS', 'PAPER_CLAIMS', 'TASK_TITLES', 'is_validation', 'test_rows', 'cell_name',
-           'summarise', 'pivot_table', 'markdown_table', 'bar_figure', 'ablation_table', 'direction_sentences', 'Claim',
-           'chosen_setting', 'claim_verdict', 'claim_verdicts', 'selection_table', 'claims_markdown', 'write_report']
+__all__ = ['MODEL_ORDER', 'ABLATION_MODELS', 'MAIN_METRICS', 'RECALLS', 'PAPER_CLAIMS', 'TASK_TITLES', 'is_validation',
+           'test_rows', 'cell_name', 'summarise', 'pivot_table', 'markdown_table', 'model_colours', 'interval_table',
+           'bar_figure', 'ablation_table', 'direction_sentences', 'Claim', 'chosen_setting', 'claim_verdict',
+           'claim_verdicts', 'selection_table', 'claims_markdown', 'write_report']
 
 # %% ../../nbs/report/00_summary.ipynb #d7d1dee4
 def is_validation(results: pd.DataFrame) -> pd.Series:
@@ -75,34 +78,97 @@ def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 # %% ../../nbs/report/00_summary.ipynb #868498b9
+MODEL_ORDER = ("clip", "pc-clip", "clip-ft-captions", "clip-ft-rewritten", "pc-clip/mse", "pc-clip/noise-0.3",
+               "pc-clip/unfiltered", "pc-clip/both-towers", "pc-clip/wavg-0.5")  # as pc_clip.evaluation.runner.MODELS
+
+
+def model_colours(models: Sequence[str], known: Sequence[str] = MODEL_ORDER) -> dict[str, tuple]:
+    "One colour per model name, the same in every figure: `known` names get tab10's colours in order, others a light tab20 one by a hash of the name."
+    import matplotlib
+    tab10, tab20 = matplotlib.colormaps["tab10"].colors, matplotlib.colormaps["tab20"].colors
+    return {m: tab10[known.index(m)] if m in known[:10] else tab20[2 * (zlib.crc32(m.encode()) % 10) + 1] for m in models}
+
+
+def interval_table(results: pd.DataFrame, task: str, metrics: Sequence[str], x: str = "dataset",
+                   dataset: str | None = None) -> pd.DataFrame:
+    "Per model, cell (the `x` column) and metric of one task's test rows: the mean over seeds and the mean 95 % interval."
+    sub = test_rows(results[results["task"] == task])
+    sub = sub if dataset is None else sub[sub["dataset"] == dataset]
+    sub = sub[sub["metric"].isin(metrics)]
+    sub = sub.reindex(columns=list(sub.columns) + [c for c in ("condition", "ci_low", "ci_high") if c not in sub])
+    cells = [cell_name(a, b) for a, b in zip(sub["dataset"], sub["condition"].fillna(""))] if x == "dataset" else sub[x]
+    sub = sub.assign(cell=list(cells), ci_low=sub["ci_low"].astype(float), ci_high=sub["ci_high"].astype(float))
+    return sub.groupby(["model", "cell", "metric"], sort=False).agg(
+        mean=("value", "mean"), ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean"), seeds=("value", "count")).reset_index()
+
+
+def _metric_kind(metric: str) -> str:
+    return "fraction" if any(k in metric for k in FRACTION_METRICS) else metric
+
+
+def _panels(metrics: Sequence[str], x: str) -> list[list[str]]:
+    "Metrics per axis: with the metrics on the y axis, those of one kind share an axis; else one axis per metric."
+    if x != "metric":
+        return [[m] for m in metrics]
+    kinds = list(dict.fromkeys(_metric_kind(m) for m in metrics))
+    return [[m for m in metrics if _metric_kind(m) == k] for k in kinds]
+
+
+def _draw_panel(ax, t: pd.DataFrame, order: Sequence[str], colours: dict, chance_of) -> None:
+    cells = list(dict.fromkeys(t["cell"]))
+    h = 0.8 / len(order)
+    for j, m in enumerate(order):
+        q = t[t["model"] == m].drop_duplicates("cell").set_index("cell").reindex(cells)
+        ys = np.arange(len(cells)) + (j - (len(order) - 1) / 2) * h
+        ax.barh(ys, q["mean"], height=h, color=colours[m], label=m)
+        ok = (q["ci_low"].notna() & q["ci_high"].notna()).to_numpy()
+        ax.errorbar(q["mean"][ok], ys[ok], xerr=[(q["mean"] - q["ci_low"])[ok], (q["ci_high"] - q["mean"])[ok]],
+                    fmt="none", ecolor="black", elinewidth=1, capsize=2)
+    for i, cell in enumerate(cells):
+        metric = t.loc[t["cell"] == cell, "metric"].iloc[0]
+        if chance_of(metric) is not None:
+            ax.vlines(chance_of(metric), i - 0.45, i + 0.45, color="grey", ls="--", lw=1.2, label="chance")
+    ax.set_yticks(range(len(cells)), [textwrap.fill(str(c), 30) for c in cells])
+    ax.invert_yaxis()
+
+
 def bar_figure(results: pd.DataFrame, task: str, path: str | Path, metric: str | Sequence[str] | None = None,
                x: str = "dataset", dataset: str | None = None, models: Sequence[str] | None = None,
-               title: str | None = None, chance: float | None = None):
-    "Save a seaborn bar chart of one task's test rows (x: a column, hue: model; mean and sd over seeds); returns the path."
+               title: str | None = None, chance: float | dict[str, float] | None = None):
+    "Save bars of one task's test rows (cells on the y axis, one colour per model, 95 % intervals from the table); returns the path."
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import seaborn as sns
-    sub = test_rows(results[results["task"] == task])
-    sub = sub if dataset is None else sub[sub["dataset"] == dataset]
-    if sub.empty:
+    sub = results[results["task"] == task]
+    metrics = [metric] if isinstance(metric, str) else list(metric or ([sub["metric"].iloc[0]] if len(sub) else []))
+    t = interval_table(results, task, metrics, x, dataset)
+    if t.empty:
         return None
-    metrics = [metric] if isinstance(metric, str) else list(metric or [sub["metric"].iloc[0]])
-    sub = sub[sub["metric"].isin(metrics)]
-    if x == "dataset":
-        sub = sub.assign(dataset=[cell_name(a, b) for a, b in zip(sub.dataset, sub.condition.fillna(""))])
-    order = [m for m in (models or sub["model"].unique()) if m in set(sub["model"])]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * sub[x].nunique() + 3), 4))
-    sns.barplot(data=sub, x=x, y="value", hue="model", hue_order=order, errorbar="sd", ax=ax,
-                order=metrics if x == "metric" else None)
-    if chance is not None:
-        ax.axhline(chance, color="grey", ls="--", lw=1, label="chance")
-    ax.set_ylabel(metrics[0] if len(metrics) == 1 else "value"); ax.set_xlabel(""); ax.set_title(title or task.replace("_", " "))
-    ax.tick_params(axis="x", rotation=30)
-    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.tight_layout()
+    order = [m for m in (models or t["model"].unique()) if m in set(t["model"])]
+    colours, panels = model_colours(order), [p for p in _panels(metrics, x) if t["metric"].isin(p).any()]
+    chance_of = (lambda m: chance.get(m)) if isinstance(chance, dict) else (lambda m: chance)
+    rows = max(t[t["metric"].isin(p)]["cell"].nunique() for p in panels)
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, layout="constrained",
+                             figsize=(4.8 * len(panels) + 2.4, max(2.4, 0.9 + rows * (0.16 * len(order) + 0.25))))
+    for ax, group in zip(axes[0], panels):
+        _draw_panel(ax, t[t["metric"].isin(group)], order, colours, chance_of)
+        ax.set_xlabel(group[0] if len(group) == 1 else f"{_metric_kind(group[0])} ({', '.join(group)})" if len(group) < 4
+                      else _metric_kind(group[0]))
+        if _metric_kind(group[0]) == "fraction":
+            ax.set_xlim(0, 1.0)
+    handles = dict(zip(*reversed(axes[0][0].get_legend_handles_labels())))
+    for ax in axes[0][1:]:
+        handles.update(dict(zip(*reversed(ax.get_legend_handles_labels()))))
+    fig.legend(list(handles.values()), list(handles.keys()), loc="outside right upper", fontsize=8)
+    fig.suptitle(textwrap.fill(title or task.replace("_", " "), 90))
+    several = int(t["seeds"].max()) > 1
+    caption = ("Bars: mean over seeds" if several else "Bars: value") + "; black lines: 95 % interval (ci_low to ci_high " \
+              "in results.csv" + (", mean over seeds)" if several else ")")
+    if t["ci_low"].isna().any():
+        caption += "; bars without a line have no interval in the table"
+    fig.text(0.0, 0.0, textwrap.fill(caption, 120), fontsize=8, ha="left", va="top")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 

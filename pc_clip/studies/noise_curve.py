@@ -238,5 +238,6 @@ def plot_noise_curve(results: pd.DataFrame):
         ax.axhline(0, color="grey", lw=1)
         ax.set(title=title, xlabel="oracle noise rate (fraction of false statements)", ylabel="A - clip")
         ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.text(0.01, 0.01, "error bars: 95 % interval of each row (ci_low to ci_high in results.csv)", fontsize=8)
     return fig

@@ -247,5 +247,6 @@ def plot_pretrain_study(results: pd.DataFrame):
                 ax.axhspan(p["ci_low"], p["ci_high"], color="C1", alpha=0.12)
         ax.set(title=title, xlabel="weight w of the difference loss", ylabel=metric)
         ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.text(0.01, 0.01, "error bars and bands: 95 % interval of each row (ci_low to ci_high in results.csv)", fontsize=8)
     return fig

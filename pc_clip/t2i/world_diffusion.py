@@ -21,9 +21,10 @@ from ..core.runtime import artifact_lock, atomic_write_json, cache_dir, content_
 from ..world.species import CATEGORY_NAMES
 from ..world.render import COLOURS
 from ..world.shapes import make_caption, make_world
-from ..world.edits import (WORLD_EDITS, WorldEdit, bootstrap_interval, edit_statement, edit_success,
-    edit_target_colour, measure_generated)
+from pc_clip.world.edits import (WORLD_EDITS, WorldEdit, edit_statement, edit_success, edit_target_colour,
+    measure_generated)
 from ..models.clip import load_clip, save_safetensors
+from ..evaluation.metrics import bootstrap_ci
 
 # %% auto #0
 __all__ = ['GENERATOR_VERSION', 'CLASS_TEMPLATE', 'CHANCE_SEED_OFFSET', 'text_conditioning', 'arithmetic_conditioning',
@@ -291,7 +292,7 @@ def success_rows(scored: pd.DataFrame, model: str, seed: int, metric: str = "suc
         for edit, g in groups:
             x = g["success"].to_numpy(float)
             rows.append(result_row(model, "t2i_world", "world", metric, float(x.mean()), seed, len(x),
-                                   condition={"edit": edit, "w": float(w)}, ci=bootstrap_interval(x, seed=seed)))
+                                   condition={"edit": edit, "w": float(w)}, ci=bootstrap_ci(x, seed=seed) if len(x) else None))
     return rows
 
 # %% ../../nbs/t2i/02_world_diffusion.ipynb #575d14c6

@@ -72,28 +72,38 @@ def pareto_front(candidates: pd.DataFrame, x: str = "zero_shot_change", y: str =
     return pd.Series(~np.array(dominated, bool), index=candidates.index)
 
 # %% ../../nbs/training/04_selection.ipynb #6aa748ea
+_CONSTRAINT_LABELS = {"zero_shot": "zero-shot accuracy change", "worst_class": "worst-class zero-shot change",
+                      "retrieval": "mean retrieval recall change"}
+
+
 def pareto_figure(table: pd.DataFrame, path: str | Path | None = None, targets: Targets = Targets()):
-    "Validation difference gain against zero-shot change for every candidate; front joined, choice circled."
+    "Validation difference gain against each constraint's change (one panel each), misses crossed, front joined, choice circled."
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.6, 4.0))
-    for (lr, grp), marker in zip(table.groupby("lr"), "osD^v<>p"):
-        ax.scatter(grp["zero_shot_change"], grp["diff_gain"], marker=marker, label=f"lr {lr:g}")
-        for _, r in grp.iterrows():
-            ax.annotate(f"α={r['alpha']:g}", (r["zero_shot_change"], r["diff_gain"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-    front = table[pareto_front(table)].sort_values("zero_shot_change")
-    ax.plot(front["zero_shot_change"], front["diff_gain"], color="grey", lw=1, zorder=0, label="Pareto front")
-    ch = table[table["chosen"]]
-    ax.scatter(ch["zero_shot_change"], ch["diff_gain"], s=220, facecolors="none", edgecolors="red", lw=1.5, label="chosen")
-    ax.axvline(targets.zero_shot, color="red", ls=":", lw=1, label="zero-shot constraint")
-    ax.axhline(0, color="black", lw=0.5)
-    ax.set(xlabel="zero-shot accuracy change vs clip (validation)", ylabel="difference-classification gain (validation)",
-           title="Finetuning strength and weight averaging")
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, len(CONSTRAINTS), figsize=(5.0 * len(CONSTRAINTS), 4.2), sharey=True, layout="constrained")
+    for k, (ax, (name, col)) in enumerate(zip(axes, CONSTRAINTS.items())):
+        for (lr, grp), marker in zip(table.groupby("lr"), "osD^v<>p"):
+            ax.scatter(grp[col], grp["diff_gain"], marker=marker, label=f"lr {lr:g}")
+            for _, r in grp.iterrows():
+                ax.annotate(f"α={r['alpha']:g}", (r[col], r["diff_gain"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        miss = table[table[col] < getattr(targets, name)]
+        ax.scatter(miss[col], miss["diff_gain"], marker="x", s=90, color="red", lw=1.2, label="misses this constraint")
+        if k == 0:
+            front = table[pareto_front(table, x=col)].sort_values(col)
+            ax.plot(front[col], front["diff_gain"], color="grey", lw=1, zorder=0, label="Pareto front")
+        ch = table[table["chosen"]]
+        ax.scatter(ch[col], ch["diff_gain"], s=220, facecolors="none", edgecolors="red", lw=1.5, label="chosen")
+        ax.axvline(getattr(targets, name), color="red", ls=":", lw=1, label="constraint (keep right of it)")
+        ax.axhline(0, color="black", lw=0.5)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(5))
+        ax.set(xlabel=f"{_CONSTRAINT_LABELS[name]} vs clip (validation)", title=f"{name.replace('_', '-')} constraint "
+               f"(>= {getattr(targets, name):+g})")
+    axes[0].set_ylabel("difference-classification gain (validation)")
+    handles = dict(zip(*reversed(axes[0].get_legend_handles_labels())))
+    fig.legend(list(handles.values()), list(handles.keys()), fontsize=7, loc="outside right upper")
+    fig.suptitle("Finetuning strength and weight averaging: every candidate against every constraint")
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
     return fig
 
 # %% ../../nbs/training/04_selection.ipynb #8e19060a

@@ -15,8 +15,7 @@ from .oracle import difference_statement
 from .shapes import position_word
 
 # %% auto #0
-__all__ = ['WORLD_EDITS', 'measure_generated', 'WorldEdit', 'edit_target_colour', 'edit_pair', 'edit_statement', 'edit_success',
-           'bootstrap_interval']
+__all__ = ['WORLD_EDITS', 'measure_generated', 'WorldEdit', 'edit_target_colour', 'edit_pair', 'edit_statement', 'edit_success']
 
 # %% ../../nbs/world/04_edits.ipynb #a5a13a0d
 def measure_generated(images: np.ndarray, threshold: float = 60.0, border: int = 2) -> pd.DataFrame:
@@ -104,14 +103,3 @@ def edit_success(reference: pd.DataFrame, edited: pd.DataFrame, edit: WorldEdit,
         else:
             ok = (e - r > edit.tolerance) if edit.sign > 0 else (r - e > edit.tolerance)
     return ok & np.isfinite(r) & np.isfinite(e)
-
-# %% ../../nbs/world/04_edits.ipynb #7dedbd6f
-def bootstrap_interval(x, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    "Percentile bootstrap interval of the mean of `x` (seeded)."
-    x = np.asarray(x, float)
-    if len(x) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng([seed, 157])
-    means = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
-    a = (1 - level) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))

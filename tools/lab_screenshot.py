@@ -1,0 +1,152 @@
+"""Screenshot of JupyterLab with one library and one experiment notebook open on the `pc-clip` kernel.
+
+    python tools/lab_screenshot.py [--out figures/jupyterlab_pc_clip_kernel.png]
+
+Starts JupyterLab on 127.0.0.1 (a free port, a fresh token, its own runtime and workspace folders), lays out a
+workspace with `nbs/00_core.ipynb` beside `nbs/experiments/00_environment.ipynb`, opens it in headless
+Chromium driven through chromedriver's W3C HTTP interface (Debian's `chromium` and `chromium-driver`:
+`apt-get install -y chromium chromium-driver`), waits until both notebooks show the `pc-clip` kernel as idle,
+and saves a PNG. It exits non-zero, saying why, if a notebook opens on another kernel. Not part of `make test`:
+it needs a browser and a minute.
+"""
+import argparse
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ("nbs/00_core.ipynb", "nbs/experiments/00_environment.ipynb")
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1800,1000"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body=None, token: str | None = None, timeout: float = 60):
+    "JSON in, JSON out (None for an empty answer)."
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"token {token}"} if token else {})
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method=method,
+                                 headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        raw = r.read()
+    return json.loads(raw) if raw else None
+
+
+def wait_for(what: str, check, timeout: float, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            got = check()
+            if got:
+                return got
+        except OSError:
+            pass
+        time.sleep(every)
+    raise TimeoutError(f"{what} did not happen within {timeout:.0f} s")
+
+
+def workspace(name: str) -> dict:
+    "A JupyterLab workspace: the two notebooks side by side, the file browser folded away."
+    ids = [f"notebook:{p}" for p in NOTEBOOKS]
+    dock = {"type": "split-area", "orientation": "horizontal", "sizes": [0.5, 0.5],
+            "children": [{"type": "tab-area", "currentIndex": 0, "widgets": [i]} for i in ids]}
+    data = {"layout-restorer:data": {"main": {"dock": dock, "current": ids[1]},
+                                     "left": {"collapsed": True, "widgets": ["filebrowser"]},
+                                     "right": {"collapsed": True, "widgets": []}}}
+    data |= {i: {"data": {"path": p, "factory": "Notebook"}} for i, p in zip(ids, NOTEBOOKS)}
+    return {"data": data, "metadata": {"id": name}}
+
+
+KERNEL_NAMES_JS = """return Array.from(document.querySelectorAll('.jp-NotebookPanel .jp-Toolbar-kernelName'))
+  .map(k => k.innerText.trim());"""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(REPO / "figures" / "jupyterlab_pc_clip_kernel.png"))
+    ap.add_argument("--timeout", type=float, default=180)
+    args = ap.parse_args(argv)
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        print("needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="pc-clip-lab-"))
+    checkpoints = [REPO / Path(p).parent / ".ipynb_checkpoints" for p in NOTEBOOKS]
+    made = [c for c in checkpoints if not c.exists()]  # JupyterLab writes these on opening; removed again below
+    lab_port, drv_port, token = free_port(), free_port(), base64.b32encode(os.urandom(10)).decode().lower()
+    settings = tmp / "settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))  # no news pop-up
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"), "JUPYTER_CONFIG_DIR": str(tmp / "config"),
+           "JUPYTERLAB_SETTINGS_DIR": str(tmp / "settings")}
+    lab = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ip", "127.0.0.1", f"--port={lab_port}",
+                            f"--ServerApp.root_dir={REPO}", f"--IdentityProvider.token={token}",
+                            f"--LabApp.workspaces_dir={tmp / 'workspaces'}", "--allow-root"],
+                           env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "lab.log", "w"))
+    drv = subprocess.Popen([driver, f"--port={drv_port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base, wd, session = f"http://127.0.0.1:{lab_port}", f"http://127.0.0.1:{drv_port}", None
+    try:
+        wait_for("JupyterLab answering", lambda: http("GET", f"{base}/api/status", token=token), args.timeout)
+        specs = http("GET", f"{base}/api/kernelspecs", token=token)["kernelspecs"]
+        if "pc-clip" not in specs:
+            print(f"JupyterLab knows no pc-clip kernel (it knows {sorted(specs)}); run make install", file=sys.stderr)
+            return 1
+        http("PUT", f"{base}/lab/api/workspaces/pc-clip-shot", workspace("pc-clip-shot"), token=token)
+        wait_for("chromedriver answering", lambda: http("GET", f"{wd}/status")["value"]["ready"], 30)
+        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": chromium, "args": CHROME_FLAGS + [f"--user-data-dir={tmp / 'chrome'}"]}}}}
+        session = http("POST", f"{wd}/session", caps)["value"]["sessionId"]
+        s = f"{wd}/session/{session}"
+        http("POST", f"{s}/url", {"url": f"{base}/lab/workspaces/pc-clip-shot?reset&token={token}"})
+        http("POST", f"{s}/url", {"url": f"{base}/lab/workspaces/pc-clip-shot?token={token}"})
+
+        def both_idle():  # the toolbars name the pc-clip kernel, and the server's sessions run it, idle
+            shown = http("POST", f"{s}/execute/sync", {"script": KERNEL_NAMES_JS, "args": []})["value"]
+            sessions = {x["path"]: x["kernel"] for x in http("GET", f"{base}/api/sessions", token=token)}
+            ok = (len(shown) == 2 and all("pc-clip" in k for k in shown) and all(
+                sessions.get(p, {}).get("name") == "pc-clip" and sessions[p].get("execution_state") == "idle" for p in NOTEBOOKS))
+            return {p: sessions[p]["name"] for p in NOTEBOOKS} if ok else None
+        try:
+            kernels = wait_for("both notebooks idle on the pc-clip kernel", both_idle, args.timeout, every=1.0)
+        except TimeoutError as e:
+            got = http("POST", f"{s}/execute/sync", {"script": KERNEL_NAMES_JS, "args": []})["value"]
+            sessions = {x["path"]: x["kernel"]["name"] for x in http("GET", f"{base}/api/sessions", token=token)}
+            print(f"{e}; the toolbars show {got}, the server's sessions {sessions}", file=sys.stderr)
+            return 1
+        time.sleep(2)  # let the last repaint settle
+        png = base64.b64decode(http("GET", f"{s}/screenshot")["value"])
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_bytes(png)
+        print(f"{args.out}: {len(png)} bytes; kernels {kernels}")
+        return 0
+    finally:
+        if session:
+            try:
+                http("DELETE", f"{wd}/session/{session}", timeout=20)
+            except OSError:
+                pass
+        for p in (drv, lab):
+            p.terminate()
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+        for c in made:
+            shutil.rmtree(c, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
