@@ -34,6 +34,8 @@ test: $(STAMP)
 	@before=$$($(SOURCES_HASH)); $(BIN)/nbdev_export && $(BIN)/nbdev_clean; after=$$($(SOURCES_HASH)); \
 	if [ "$$before" != "$$after" ]; then git status --short -- nbs pc_clip; \
 	  echo "nbs/ and pc_clip/ were out of sync or notebooks carried outputs; they are fixed in your tree now: review and commit."; exit 1; fi
+	@echo "== layout: stages import only the stages below them, no import circles, no shims =="
+	$(BIN)/python tools/check_layout.py
 	@echo "== nbdev_test (notebook examples) =="
 	$(BIN)/nbdev_test --n_workers 2 --timing
 	@echo "== pytest (with the paper-smoke reproduction, tests/test_paper_smoke.py) =="
