@@ -26,7 +26,7 @@ def test_jupyterlab_serves_repo_notebook(tmp_path):
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip", "127.0.0.1", f"--port={port}",
          f"--ServerApp.root_dir={REPO}", f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False", "--allow-root"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    url = f"http://127.0.0.1:{port}/api/contents/nbs/00_core.ipynb?content=1"
+    url = f"http://127.0.0.1:{port}/api/contents/nbs/core/01_runtime.ipynb?content=1"
     try:
         body, deadline = None, time.time() + 90
         while time.time() < deadline and body is None and proc.poll() is None:

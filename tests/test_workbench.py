@@ -130,7 +130,8 @@ def test_experiment_00_checks_its_parameters(tmp_path):
 
 # --- paths, help, list ----------------------------------------------------------------------------------------------
 def test_folders_resolve_against_the_checkout_from_any_working_directory(tmp_path):
-    code = ("from pc_clip.core import get_config, results_path, cache_dir\n"
+    code = ("from pc_clip.core.config import get_config\n"
+            "from pc_clip.core.runtime import results_path, cache_dir\n"
             "cfg = get_config()\nprint(results_path(cfg)); print(cache_dir(cfg))")
     env = {k: v for k, v in os.environ.items() if k not in ("PC_CLIP_RUNS", "PC_CLIP_DATA")}
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
