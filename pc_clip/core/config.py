@@ -106,15 +106,12 @@ class Config:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        "A short summary: the settings that differ from the profile's and the folders the run really uses."
-        from pc_clip.core.runtime import cache_dir, data_root, figures_dir, results_path, run_dir
+        "A short summary: the settings that differ from the profile's (`config_summary` adds the folders)."
         base = Config(**{**dataclasses.asdict(Config()), **PROFILES.get(self.profile, {}), "profile": self.profile})
         changed = [(k, v, getattr(base, k)) for k, v in self.to_dict().items() if k != "seed" and getattr(base, k) != v]
         lines = [f"Config(profile={self.profile!r}, seed={self.seed}): the profile's settings"
                  + (", except" if changed else " (all fields: cfg.to_dict())")]
         lines += [f"  {k} = {v!r}  (profile: {b!r})" for k, v, b in changed]
-        lines += ["folders:", f"  data    {data_root(self)}", f"  runs    {run_dir(self)}",
-                  f"  results {results_path(self)}", f"  figures {figures_dir(self)}", f"  cache   {cache_dir(self)}"]
         return "\n".join(lines)
 
 

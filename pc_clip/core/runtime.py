@@ -29,8 +29,8 @@ from .config import Config
 
 # %% auto #0
 __all__ = ['RESULT_COLUMNS', 'FRACTION_METRICS', 'project_root', 'resolve_path', 'data_root', 'run_dir', 'cache_dir',
-           'results_path', 'figures_dir', 'seed_everything', 'pick_device', 'pick_dtype', 'autocast', 'get_logger',
-           'timer', 'atomic_write', 'atomic_write_json', 'content_hash', 'replace_folder', 'ArtifactBusy',
+           'results_path', 'figures_dir', 'config_summary', 'seed_everything', 'pick_device', 'pick_dtype', 'autocast',
+           'get_logger', 'timer', 'atomic_write', 'atomic_write_json', 'content_hash', 'replace_folder', 'ArtifactBusy',
            'artifact_lock', 'condition_string', 'condition_dict', 'result_row', 'read_results', 'write_results']
 
 # %% ../../nbs/core/01_runtime.ipynb #f853336c
@@ -80,6 +80,12 @@ def results_path(cfg: Config) -> Path:
 def figures_dir(cfg: Config) -> Path:
     "Figures of a profile: `figures/<profile>/`."
     return _under_runs_env(cfg.figures_root, "figures") / cfg.profile
+
+# %% ../../nbs/core/01_runtime.ipynb #115be1f0
+def config_summary(cfg: Config) -> str:
+    "The settings of `cfg` that differ from its profile's, then the folders the run really uses."
+    return "\n".join([str(cfg), "folders:", f"  data    {data_root(cfg)}", f"  runs    {run_dir(cfg)}",
+                      f"  results {results_path(cfg)}", f"  figures {figures_dir(cfg)}", f"  cache   {cache_dir(cfg)}"])
 
 # %% ../../nbs/core/01_runtime.ipynb #9cd13d99
 def seed_everything(seed: int) -> None:
