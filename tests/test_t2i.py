@@ -222,3 +222,35 @@ def test_run_t2i_arithmetic_on_stand_in_models(runs_dir, tiny_clip, capsys):
     assert (main.loc["clip"] == main.loc["pc-clip"]).all()  # same weights, same numbers
     assert shown["gallery"].shape[0] == 3 * 162
     assert shown["chance"] == pytest.approx((6 / 3 + 2 / 6) / 8)
+
+
+def test_finetuned_quick_gelu_tower_reloads_as_quick_gelu_and_swaps_into_sdxl(tmp_path):
+    "An OpenAI-tag tower (QuickGELU) finetuned, saved and reloaded is still QuickGELU, so it fits SDXL's first encoder."
+    import open_clip
+    from pc_clip.finetune import finetune
+    from pc_clip.models import load_checkpoint
+    torch.manual_seed(0)
+    model = open_clip.create_model("pc-clip-tiny", force_quick_gelu=True)  # what loading an `openai` tag does
+    tok = open_clip.get_tokenizer("pc-clip-tiny")
+    rng = np.random.default_rng(0)
+    emb = torch.nn.functional.normalize(torch.tensor(rng.normal(size=(8, model.text_projection.shape[1])),
+                                                     dtype=torch.float32), dim=-1)
+    words = ["larger", "smaller", "brighter", "darker"]
+    triples = pd.DataFrame([dict(i=i, j=j, text=f"the first object is {words[(i + j) % 4]}")
+                            for i in range(8) for j in range(8) if i != j])
+    cfg = get_config("tiny", ft_epochs=1, ft_batch_size=16, ft_lr=1e-3)
+    run = finetune(model, tok, triples, cfg, tmp_path / "ft", image_embeddings=emb, model_name="pc-clip-tiny",
+                   progress=False)
+    reloaded, _, _ = load_checkpoint(tmp_path / "ft")
+    assert any(isinstance(m, open_clip.transformer.QuickGELU) for m in reloaded.modules())
+    assert not any(isinstance(m, torch.nn.GELU) for m in reloaded.modules())
+    ids = tok(["a dark vantile", "The first image shows a larger glorp."])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.encode_text(ids), run.model.encode_text(ids), atol=0, rtol=0)
+        assert not torch.allclose(reloaded.encode_text(ids), model.encode_text(ids))  # it was finetuned
+    openai_like = tiny_sdxl_pipeline(quick_gelu=True, seed=0)
+    T.swap_text_encoder(openai_like, reloaded)  # refused if the reload had turned it into GELU
+    assert openai_like.text_encoder.config.hidden_act == "quick_gelu"
+    with torch.no_grad():
+        pooled = openai_like.text_encoder(ids).pooler_output  # the end-of-text state, before the projection
+        torch.testing.assert_close(pooled @ reloaded.text_projection, reloaded.encode_text(ids), atol=1e-4, rtol=1e-4)
