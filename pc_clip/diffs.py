@@ -5,6 +5,7 @@
 # %% ../nbs/05_diffs.ipynb #9eb5354e
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,11 +29,11 @@ from .pairs import PAIR_SAMPLING, corpus_from_dataset, corpus_from_world, load_c
 from .record_stats import filter_counts, filter_summary, no_usable_message, rejection_warning
 
 # %% auto #0
-__all__ = ['RECORD_FIELDS', 'item_rng', 'OracleBackend', 'generator_slug', 'make_backend', 'record_key', 'build_record',
-           'generate_records', 'generate_differences', 'rewrite_captions', 'write_category_differences',
-           'difference_triples', 'rewritten_captions', 'examples_table', 'summary_rows', 'differences_dir',
-           'differences_path', 'rewrites_path', 'category_differences_path', 'judged_path', 'read_records',
-           'training_triples']
+__all__ = ['RECORD_FIELDS', 'item_rng', 'OracleBackend', 'generator_slug', 'generator_fingerprint', 'generator_key',
+           'make_backend', 'record_key', 'build_record', 'generate_records', 'generate_differences', 'rewrite_captions',
+           'write_category_differences', 'difference_triples', 'rewritten_captions', 'examples_table', 'summary_rows',
+           'differences_dir', 'differences_path', 'rewrites_path', 'category_differences_path', 'judged_path',
+           'read_records', 'training_triples']
 
 # %% ../nbs/05_diffs.ipynb #a2bb3ee1
 def item_rng(seed: int, *parts: str) -> np.random.Generator:
@@ -99,6 +100,54 @@ def generator_slug(name: str) -> str:
         prefix, name = "openai-", name.split(":", 1)[1]
     return prefix + (re.sub(r"[^a-z0-9.]+", "-", Path(name.rstrip("/")).name.lower()).strip("-") or "generator")
 
+# %% ../nbs/05_diffs.ipynb #fe3344e0
+_FINGERPRINTS: dict = {}
+
+
+def _folder_fingerprint(folder: Path, full_limit: int = 1 << 30, edge: int = 1 << 23) -> str:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts))
+    stats = tuple((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if stats in _FINGERPRINTS:  # the file list, sizes and times only decide whether to hash again in this process
+        return _FINGERPRINTS[stats]
+    full, h = sum(s for _, s, _ in stats) <= full_limit, hashlib.sha256()
+    for p, (rel, size, _) in zip(files, stats):
+        h.update(f"{rel}\0{size}\0".encode())
+        with open(p, "rb") as f:
+            if full or size <= 2 * edge:
+                while block := f.read(1 << 24):
+                    h.update(block)
+            else:
+                h.update(f.read(edge)); f.seek(size - edge); h.update(f.read(edge))
+    _FINGERPRINTS[stats] = out = "sha256:" + h.hexdigest()[:16]
+    return out
+
+
+def generator_fingerprint(name: str, root: str | Path | None = None) -> str:
+    "What identifies the weights behind generator `name`: a snapshot revision, a hash of its folder, or why there is none."
+    if name == "oracle" or name.startswith("openai:"):
+        return "served" if name.startswith("openai:") else "oracle"
+    root = Path(root) if root is not None else data_root()
+    for folder in (Path(name).expanduser(), Path(root) / "weights" / name):
+        if folder.is_dir():
+            return _folder_fingerprint(folder)
+    from huggingface_hub import try_to_load_from_cache
+    for cache in (str(Path(root) / "weights" / "hf"), None):
+        hit = try_to_load_from_cache(name, "config.json", cache_dir=cache)
+        if isinstance(hit, str):
+            return "revision:" + Path(hit).parent.name  # .../snapshots/<revision>/config.json
+    return "not-found"
+
+
+def generator_key(cfg: Config, generator: str | None = None) -> str:
+    "The file-name key of `generator`'s stores (default `cfg.generator`): its slug, plus a hash of its identity for an LLM."
+    name = generator or cfg.generator
+    if name == "oracle":
+        return generator_slug(name)
+    settings = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                    load_in_4bit=cfg.load_in_4bit, n_statements=N_STATEMENTS)
+    prompts = (DIFFERENCE_PROMPT, CATEGORY_PROMPT, REWRITE_PROMPT, SYSTEM_PROMPT)
+    return f"{generator_slug(name)}-{content_hash(name, generator_fingerprint(name, data_root(cfg)), settings, prompts, n=8)}"
+
 # %% ../nbs/05_diffs.ipynb #c12309d5
 def make_backend(cfg: Config, world=None, noise: float | None = None):
     "The backend named by `cfg.generator`: the world's oracle (needs `world`), a served model, or a causal LM."
@@ -134,7 +183,8 @@ def _context(task: str, item: dict) -> list[str]:
 # %% ../nbs/05_diffs.ipynb #8133a3c0
 def build_record(item: dict, output: dict, backend, task: str, max_words: int = 40) -> dict:
     "The stored record of one item: identity, raw output, accepted statements and rejected pieces."
-    accepted, rejected = parse_output(output["raw"], _context(task, item), output.get("prompt"), max_words, task)
+    accepted, rejected = parse_output(output["raw"], _context(task, item), output.get("prompt"), max_words, task,
+                                      truncated=bool(output.get("truncated")))  # hit max_new_tokens: the last line is cut
     truth = {normalize_statement(s["text"]): s for s in output.get("oracle") or []}
     statements = []
     for s in accepted:
@@ -279,17 +329,17 @@ def differences_dir(cfg: Config) -> Path:
 def differences_path(cfg: Config, noise: float | None = None, generator: str | None = None) -> Path:
     "The JSONL file of the difference set of `generator` (default `cfg.generator`) at `noise` (default cfg's)."
     noise = cfg.oracle_noise if noise is None else noise
-    return differences_dir(cfg) / f"{generator_slug(generator or cfg.generator)}-noise{noise:g}.jsonl"
+    return differences_dir(cfg) / f"{generator_key(cfg, generator)}-noise{noise:g}.jsonl"
 
 
 def rewrites_path(cfg: Config, generator: str | None = None) -> Path:
     "The JSONL file of the rewritten captions of `generator` (default `cfg.generator`)."
-    return differences_dir(cfg) / f"{generator_slug(generator or cfg.generator)}-rewrites.jsonl"
+    return differences_dir(cfg) / f"{generator_key(cfg, generator)}-rewrites.jsonl"
 
 
 def category_differences_path(cfg: Config, generator: str | None = None) -> Path:
     "The JSONL file of the class-level differences of `generator` (default `cfg.generator`)."
-    return differences_dir(cfg) / f"{generator_slug(generator or cfg.generator)}-categories.jsonl"
+    return differences_dir(cfg) / f"{generator_key(cfg, generator)}-categories.jsonl"
 
 
 def judged_path(path: str | Path, judge_name: str) -> Path:

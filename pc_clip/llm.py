@@ -166,11 +166,12 @@ def _token_count(row: list[int], eos: int | None, pad: int | None) -> int:
 
 def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128, temperature: float = 0.7,
                    top_p: float = 0.9, batch_size: int = 16, seed: int = 0, system: str | None = SYSTEM_PROMPT,
-                   seeds: Sequence[int] | None = None, **generate_kwargs) -> tuple[list[str], list[int]]:
-    "Completions of `prompts` (user messages) and their token counts, generated in left-padded batches."
+                   seeds: Sequence[int] | None = None, return_finished: bool = False,
+                   **generate_kwargs) -> tuple[list[str], list[int]]:
+    "Completions of `prompts` (user messages) and their token counts (and, if asked, whether each ended), in left-padded batches."
     from transformers import LogitsProcessorList
     seeds = list(seeds) if seeds is not None else [item_seed(seed, p) for p in prompts]
-    texts, counts = [], []
+    texts, counts, finished = [], [], []
     plain, device = not has_chat_template(tokenizer), next(model.parameters()).device
     for b in range(0, len(prompts), batch_size):
         chunk = [render_chat(tokenizer, p, system) for p in prompts[b:b + batch_size]]
@@ -182,8 +183,9 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
                                  do_sample=False, **generate_kwargs)
         new = out[:, enc["input_ids"].shape[1]:].cpu()
         counts += [_token_count(row, tokenizer.eos_token_id, tokenizer.pad_token_id) for row in new.tolist()]
+        finished += [tokenizer.eos_token_id in row for row in new.tolist()]  # no end token: cut at max_new_tokens
         texts += tokenizer.batch_decode(new, skip_special_tokens=True)
-    return texts, counts
+    return (texts, counts, finished) if return_finished else (texts, counts)
 
 # %% ../nbs/05a_llm.ipynb #75adf8e7
 @dataclass
@@ -209,9 +211,11 @@ class HFBackend:
     def generate(self, items: Sequence[dict], task: str = "differences") -> list[dict]:
         prompts = [build_prompt(task, it, self.n_statements) for it in items]
         seeds = [item_seed(self.seed, task, it["key"]) for it in items]
-        texts, counts = generate_texts(self.model, self.tokenizer, prompts, self.max_new_tokens, self.temperature,
-                                       self.top_p, self.batch_size, self.seed, self.system, seeds=seeds)
-        return [{"raw": t, "prompt": p, "n_tokens": n} for t, p, n in zip(texts, prompts, counts)]
+        texts, counts, ended = generate_texts(self.model, self.tokenizer, prompts, self.max_new_tokens, self.temperature,
+                                              self.top_p, self.batch_size, self.seed, self.system, seeds=seeds,
+                                              return_finished=True)
+        return [{"raw": t, "prompt": p, "n_tokens": n, "truncated": not e}
+                for t, p, n, e in zip(texts, prompts, counts, ended)]
 
 # %% ../nbs/05a_llm.ipynb #c1b1531e
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -265,7 +269,8 @@ class OpenAIClient:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     data = json.loads(resp.read().decode())
                 usage = data.get("usage") or {}
-                return {"text": data["choices"][0]["message"]["content"] or "", "n_tokens": usage.get("completion_tokens")}
+                return {"text": data["choices"][0]["message"]["content"] or "", "n_tokens": usage.get("completion_tokens"),
+                        "truncated": data["choices"][0].get("finish_reason") == "length"}
             except urllib.error.HTTPError as e:
                 detail, retry_after = redact(e.read().decode(errors="replace")[:300], key), e.headers.get("Retry-After")
                 err = f"request to {url} failed with HTTP {e.code}: {detail}"
@@ -366,4 +371,5 @@ class OpenAIBackend:
                                      top_p=self.top_p, seed=ps[1])
         with ThreadPoolExecutor(max(1, min(self.concurrency or self.batch_size, len(items) or 1))) as pool:
             replies = list(pool.map(ask, zip(prompts, seeds)))
-        return [{"raw": r["text"], "prompt": p, "n_tokens": r["n_tokens"]} for r, p in zip(replies, prompts)]
+        return [{"raw": r["text"], "prompt": p, "n_tokens": r["n_tokens"], "truncated": bool(r.get("truncated"))}
+                for r, p in zip(replies, prompts)]

@@ -17,7 +17,7 @@ from .core import Config
 from .metrics import geometry, outcomes
 from .comparative import LazyBackend, class_differences
 from .data import load_dataset
-from .diffs import differences_dir, generate_differences, generator_slug, load_corpus, sample_pairs
+from .diffs import differences_dir, generate_differences, generator_key, load_corpus, sample_pairs
 from .embed import embed_images, embed_texts, kept_indices
 from .evaluate import eval_datasets, evaluation_rows, for_each_model
 
@@ -87,7 +87,7 @@ def heldout_pair_count(cfg: Config) -> int:
 
 def heldout_differences_path(cfg: Config, split: str = "val") -> Path:
     "The JSONL file of the generator's differences for held-out pairs of the corpus's `split`."
-    return differences_dir(cfg) / f"{generator_slug(cfg.generator)}-heldout-{split}.jsonl"
+    return differences_dir(cfg) / f"{generator_key(cfg)}-heldout-{split}.jsonl"
 
 
 def write_heldout_differences(cfg: Config, backend=None, split: str = "val", progress: bool = True) -> list[dict]:
