@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['PROFILES', 'FT_TRAINABLE', 'FT_LOSSES', 'CHOICES', 'Config', 'ConfigError', 'validate_config', 'get_config', 'given']
+__all__ = ['PROFILES', 'STANDIN_PROFILES', 'FT_TRAINABLE', 'FT_LOSSES', 'CHOICES', 'Config', 'ConfigError', 'validate_config',
+           'get_config', 'given']
 
 # %% ../nbs/00a_config.ipynb #22c4a6fc
 @dataclass(frozen=True)
@@ -141,6 +142,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                   "t2i_clip_model": None, "t2i_clip_pretrained": None},
     "paper-smoke": {**_PAPER, **_PAPER_SMOKE},
 }
+# profiles that run on the stand-ins the project builds: only they may accept a stand-in by its recorded checksum
+STANDIN_PROFILES = ("paper-smoke",)
 
 # %% ../nbs/00a_config.ipynb #65e60e6d
 FT_TRAINABLE = ("text_blocks", "text_tower", "both_towers")  # which weights finetuning trains

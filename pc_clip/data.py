@@ -5,6 +5,7 @@
 # %% ../nbs/03_data.ipynb #498a73b8
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,11 +16,12 @@ import numpy as np
 import pandas as pd
 
 from .core import Config, data_root, get_config, get_logger
-from .standins import standin_checksums
+from .config import STANDIN_PROFILES
 from .imagedata import (  # noqa: F401  (re-exported: `from pc_clip.data import ImageDataset` keeps working)
     AWA2_NON_VISUAL, AWA2_PREDICATE_WORDS, CIFAR100_SIZE_CLASSES, CLASSNAME_OVERRIDES, DATASET_INFO, FLOWERS102_COLOURS,
     SPLITS, UNREADABLE, DatasetInfo, DatasetNotFoundError, ImageDataset, _check_split, _require, clean_classname,
     dataset_layout_error, hashed_split, iter_images, pil_to_uint8, readable_attribute, visual_attribute_mask)
+from .imagedata import accept_recorded, recorded_checksums, torchvision_integrity
 
 log = get_logger("pc_clip.data")
 
@@ -70,8 +72,7 @@ def load_cifar100(root: Path, split: str = "test", download: bool = False) -> Im
         _torchvision_download("cifar100", lambda: torchvision.datasets.CIFAR100(root, train=split == "train", download=True))
     _require("cifar100", root, [base / split, base / "meta"], download)
     try:
-        with standin_checksums(root):  # a paper-smoke stand-in passes by its recorded sha256; real data by MD5
-            tv = torchvision.datasets.CIFAR100(root, train=split == "train", download=False)
+        tv = torchvision.datasets.CIFAR100(root, train=split == "train", download=False)  # MD5-checked
     except RuntimeError as e:
         raise _torchvision_refused("cifar100", base, e) from e
     return ImageDataset("cifar100", split, [clean_classname(c) for c in tv.classes], tv.targets, arrays=tv.data,
@@ -161,8 +162,7 @@ def load_flowers102(root: Path, split: str = "test", download: bool = False) -> 
         _torchvision_download("flowers102", lambda: torchvision.datasets.Flowers102(root, split, download=True))
     _require("flowers102", root, [base / "jpg", base / "imagelabels.mat", base / "setid.mat"], download)
     try:
-        with standin_checksums(root):
-            tv = torchvision.datasets.Flowers102(root, split)
+        tv = torchvision.datasets.Flowers102(root, split)  # MD5-checked
     except RuntimeError as e:
         raise _torchvision_refused("flowers102", base, e) from e
     raw = list(torchvision.datasets.Flowers102.classes)
@@ -284,6 +284,13 @@ def canonical_name(name: str) -> str:
     return key
 
 # %% ../nbs/03_data.ipynb #aaf5cd04
+def _integrity_checks(cfg_or_root, root: Path):
+    "Official MD5 sums, except on a stand-in profile (`paper-smoke`), where a stand-in also passes by its recorded sha256."
+    if isinstance(cfg_or_root, Config) and cfg_or_root.profile in STANDIN_PROFILES:
+        return torchvision_integrity(accept_recorded(recorded_checksums(root)))
+    return contextlib.nullcontext()  # `paper` and any folder: a manifest in the data root changes nothing
+
+
 def load_dataset(name: str, cfg_or_root: Config | str | Path, split: str = "test",
                  download: bool = False) -> ImageDataset:
     "Load data set `name` from the data root of a config (or from a folder) in its standard layout."
@@ -292,6 +299,7 @@ def load_dataset(name: str, cfg_or_root: Config | str | Path, split: str = "test
         cfg = cfg_or_root if isinstance(cfg_or_root, Config) else get_config()
         return load_world(cfg, split)
     root = data_root(cfg_or_root) if isinstance(cfg_or_root, Config) else Path(cfg_or_root).expanduser()
-    ds = LOADERS[name](root, split, download)
+    with _integrity_checks(cfg_or_root, root):
+        ds = LOADERS[name](root, split, download)
     log.info(f"loaded {ds}")
     return ds
