@@ -16,7 +16,8 @@ from .core import Config, data_root, pick_device, result_row
 from .metrics import bootstrap_ci
 from .t2i import SDXL_SLOTS, embedding_arithmetic, load_sdxl, swap_text_encoder, t2i_clip_score_rows
 from .data import load_dataset
-from .diffs import difference_triples, differences_path, read_records
+from .diffs import training_triples
+from .pairs import load_corpus, sample_pairs
 from .embed import embed_images, embedding_rows
 from .evaluate import iter_models, text_encoder
 from .finetune import finetune
@@ -216,7 +217,10 @@ def train_t2i_pc_clip(cfg: Config, progress: bool = True):
     model, preprocess, tokenizer = create_clip(*base, device=pick_device(cfg.device), root=data_root(cfg))
     ds = load_dataset(cfg.corpus, cfg, "train")
     emb = embed_images(model, ds, study_cfg, preprocess=preprocess, progress=progress)
-    triples = difference_triples(read_records(differences_path(cfg, noise=0.0 if cfg.generator == "oracle" else None)))
+    # this config's training data, as experiment 03 reads it for `pc-clip`: with a judge, its consistent statements only
+    corpus, held_out, _ = load_corpus(cfg, "train")
+    keys = pd.DataFrame({"key": sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling, held_out)["key"]})
+    triples = training_triples(cfg, noise=0.0 if cfg.generator == "oracle" else None, pairs=keys)
     triples = embedding_rows(ds, triples)  # corpus rows -> rows of `emb` (pairs with an unreadable image dropped)
     return finetune(model, tokenizer, triples, study_cfg, model_dir(cfg, T2I_PC_CLIP), image_embeddings=emb,
                     model_name=base[0], progress=progress)
