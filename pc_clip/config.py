@@ -131,6 +131,9 @@ _PAPER_SMOKE = dict(
     world_n_train=200, world_n_test=100, world_n_val=100, pretrain_steps=10,
     n_pairs=64, gen_batch_size=16, max_new_tokens=64,
     ft_epochs=2, ft_batch_size=16, caption_ft_epochs=1, caption_ft_batch_size=16,
+    # a learning rate that moves the stand-in's weights in two epochs (at the paper's 1e-8 every pc-clip - clip
+    # delta is exactly 0, so a finetune that did nothing would pass unnoticed)
+    ft_lr=1e-4, caption_ft_lr=1e-4,
     eval_n_images=20, eval_seeds=(0,), eval_batch_size=32,
 )
 

@@ -199,7 +199,8 @@ def load_sun397(root: Path, split: str = "test", download: bool = False) -> Imag
         keep = np.array([r in wanted for r in rel])
     else:
         if split != "all":
-            log.info(f"no SUN397 Partitions/{SUN397_PARTITION_FILES[split]} under {root}; using a stable 80/20 hash split")
+            log.warning(f"no SUN397 Partitions/{SUN397_PARTITION_FILES[split]} under {root}: using a stable 80/20 hash split, "
+                        "not the paper's partition 01 (put the official Partitions/ folder there)")
         keep = hashed_split(rel, split)
     order = order[keep[order]]
     return ImageDataset("sun397", split, [clean_classname(c) for c in tv.classes], np.asarray(tv._labels)[order],

@@ -210,6 +210,18 @@ def _items(items) -> list[dict]:
     return out
 
 
+def _generate(backend, chunk: list[dict], task: str) -> list[dict]:
+    try:
+        return backend.generate(chunk, task)
+    except RuntimeError as e:  # bitsandbytes' 4-bit CPU kernels reshape by 64-wide blocks
+        four_bit = getattr(getattr(backend, "model", None), "is_loaded_in_4bit", False)
+        if four_bit and re.search(r"shape '\[\d+, 1\]' is invalid", str(e)):
+            raise RuntimeError(f"{backend.name}: the 4-bit (bitsandbytes NF4) kernels on the CPU need every hidden size "
+                               f"to be a multiple of 64, which this model's are not ({e}). Load it unquantised "
+                               "(-p load_in_4bit=False) or run on a GPU.") from e
+        raise
+
+
 def _fill(store: JsonlStore, items: list[dict], backend, task: str, batch_size: int, max_words: int, progress: bool) -> None:
     todo = [it for it in items if record_key(backend.name, str(it["key"])) not in store]
     unit = {"differences": "pair", "rewrite": "caption", "category": "class pair"}.get(task, "item")
@@ -217,7 +229,7 @@ def _fill(store: JsonlStore, items: list[dict], backend, task: str, batch_size: 
               disable=not progress, dynamic_ncols=True) as bar:
         for b in range(0, len(todo), batch_size):
             chunk = todo[b:b + batch_size]
-            outs = backend.generate(chunk, task)
+            outs = _generate(backend, chunk, task)
             if len(outs) != len(chunk):
                 raise RuntimeError(f"backend {backend.name} returned {len(outs)} outputs for {len(chunk)} items")
             store.extend([build_record(it, o, backend, task, max_words) for it, o in zip(chunk, outs)])
@@ -262,7 +274,12 @@ def write_category_differences(category_pairs: Iterable[tuple[str, str]], backen
     "How category a differs from category b, for each `(a, b)`: `{(a, b): [accepted statements]}`."
     items = [{"key": pair_key(a, b), "category_a": a, "category_b": b} for a, b in category_pairs]
     recs = generate_records(items, backend, store_path, "category", batch_size, progress=progress, lock_timeout=lock_timeout)
-    return {(r["item"]["category_a"], r["item"]["category_b"]): [s["text"] for s in r["statements"]] for r in recs}
+    out = {(r["item"]["category_a"], r["item"]["category_b"]): [s["text"] for s in r["statements"]] for r in recs}
+    if (empty := [k for k, v in out.items() if not v]):
+        get_logger("pc_clip.diffs").warning(
+            f"{len(empty)} of {len(out)} class pairs have no usable class difference from {backend.name} (e.g. "
+            f"{empty[0][0]!r} vs {empty[0][1]!r}); tasks that need them skip those pairs. See {Path(store_path).name}.")
+    return out
 
 # %% ../nbs/05_diffs.ipynb #3ddae625
 def difference_triples(records: Iterable[dict], consistent_only: bool = False) -> pd.DataFrame:

@@ -405,3 +405,18 @@ def test_a_changed_generator_regenerates(runs_dir, tmp_path):
     generate_differences(pairs, w, second, progress=False)
     assert w.asked == 10  # regenerated
     assert differences_path(cfg.replace(temperature=0.2)) not in (first, second)
+
+
+def test_4bit_cpu_shape_error_is_explained(tmp_path):
+    "bitsandbytes' CPU 4-bit kernels fail on hidden sizes that are not multiples of 64; the error says so and what to do."
+    folder = make_tiny_llama(tmp_path / "odd-lm", hidden=96)
+    model, tok = load_causal_lm(str(folder), load_in_4bit=True, device="cpu")
+    backend = HFBackend(model, tok, name="odd-lm", max_new_tokens=4)
+    try:
+        backend.generate(sample_pairs(CORPUS, 1, seed=0).to_dict("records"))
+    except RuntimeError as e:
+        assert "shape" in str(e)
+    else:
+        pytest.skip("this bitsandbytes build runs 96-wide 4-bit layers on the CPU")
+    with pytest.raises(RuntimeError, match="multiple of 64.*load_in_4bit=False"):
+        generate_differences(sample_pairs(CORPUS, 2, seed=0), backend, tmp_path / "d.jsonl", progress=False)
