@@ -132,7 +132,10 @@ def generator_fingerprint(name: str, root: str | Path | None = None) -> str:
             return _folder_fingerprint(folder)
     from huggingface_hub import try_to_load_from_cache
     for cache in (str(Path(root) / "weights" / "hf"), None):
-        hit = try_to_load_from_cache(name, "config.json", cache_dir=cache)
+        try:
+            hit = try_to_load_from_cache(name, "config.json", cache_dir=cache)
+        except ValueError:  # not a repository id (a path that does not exist, say)
+            break
         if isinstance(hit, str):
             return "revision:" + Path(hit).parent.name  # .../snapshots/<revision>/config.json
     return "not-found"

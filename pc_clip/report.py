@@ -218,8 +218,11 @@ def claim_verdict(results: pd.DataFrame, items: pd.DataFrame, c: Claim, n_boot: 
     out = dict(claim=c.name, statement=c.statement, comparison=f"{c.model_a} vs {c.model_b}" + (
         f" ({c.setting}={extra_a[c.setting]} vs {c.setting}=1)" if c.setting else ""), paper=c.paper, expected=c.expect,
         tol=c.tol, control=c.control, delta=np.nan, ci_low=np.nan, ci_high=np.nan, n_items=len(both), cells=0)
-    if both.empty:
-        return {**out, "observed": "not measured", "agrees": "n/a"}
+    if both.empty:  # say why: a model this run does not train, or a task it did not run
+        why = (f"no test items of `{c.model_a}`" if a.empty else f"no test items of `{c.model_b}`" if b.empty
+               else "no items both models share")
+        return {**out, "observed": f"not measured ({why} on {c.task}{' outside the world' if not world else ''})",
+                "agrees": "n/a"}
     if c.setting and extra_a == extra_b:  # validation chose the reference value itself: A and B are the same numbers
         return {**out, "observed": f"not measured (validation chose {c.setting}=1)", "agrees": "n/a"}
     strata = both["dataset"].astype(str) + "|" + both["cond_key"] + "|" + both["metric"]
