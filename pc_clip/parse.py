@@ -16,8 +16,8 @@ __all__ = ['REASONS', 'STOPWORDS', 'COMPARATIVES', 'normalize_statement', 'is_co
            'has_control_chars', 'statement_problem', 'parse_output']
 
 # %% ../nbs/05b_parse.ipynb #8f991fec
-REASONS = ("control_chars", "code", "empty", "garbled", "repeated", "preamble", "too_short", "too_long",
-           "prompt_echo", "unrelated", "duplicate", "empty_output", "truncated")
+REASONS = ("control_chars", "code", "empty", "garbled", "repeated", "preamble", "too_short", "too_long", "truncated",
+           "prompt_echo", "unrelated", "duplicate", "empty_output")
 
 _BULLET = re.compile(r"^\s*(?:[-*\u2022\u00b7>]+|\(?\d{1,2}\s*[.):\]]|\(?[a-hA-H][.)]\s)\s*")
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
