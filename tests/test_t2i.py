@@ -254,3 +254,25 @@ def test_finetuned_quick_gelu_tower_reloads_as_quick_gelu_and_swaps_into_sdxl(tm
     with torch.no_grad():
         pooled = openai_like.text_encoder(ids).pooler_output  # the end-of-text state, before the projection
         torch.testing.assert_close(pooled @ reloaded.text_projection, reloaded.encode_text(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_sdxl_study_decides_the_t2i_claim_from_per_prompt_items(tiny_clip, runs_dir):
+    "The SDXL arm's CLIP scores come with one item per prompt and generation seed, so the paper's T2I claim is decided."
+    from pc_clip.evaluate import read_items, write_evaluation
+    from pc_clip.report import PAPER_CLAIMS, claim_verdicts
+    with temp_workdir(data=True) as d:
+        cfg = get_config("tiny", corpus="coco", t2i_steps=1, t2i_image_size=64)
+        tiny_sdxl_pipeline().save_pretrained(d / "data" / "weights" / cfg.t2i_model)
+        other = create_clip("pc-clip-tiny", seed=1)[0]  # a tower of the same architecture with other weights
+        save_checkpoint(tiny_clip[0], model_dir(cfg, "clip"), "pc-clip-tiny")
+        save_checkpoint(other, model_dir(cfg, S.T2I_PC_CLIP), "pc-clip-tiny")
+        rows, _ = S._sdxl_study(cfg, ["clip", "pc-clip"], 1.0, 2, False, base=("pc-clip-tiny", None))
+        for r in rows:
+            assert len(r["items"]) == r["n"] == 2 * len(T.T2I_EDITS)
+            assert r["ci_low"] <= r["value"] <= r["ci_high"]
+            assert r["items"]["value"].mean() == pytest.approx(r["value"])
+        results = write_evaluation(rows, cfg, "11_t2i_arithmetic")
+        items = read_items(cfg)
+    v = claim_verdicts(results, items, [c for c in PAPER_CLAIMS if c.name == "t2i_arithmetic"]).iloc[0]
+    assert not v["observed"].startswith("not measured") and v["n_items"] == 2 * len(T.T2I_EDITS)
+    assert v["agrees"] in ("yes", "no")
