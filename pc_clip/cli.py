@@ -159,11 +159,11 @@ def _model_missing(item: str, cfg: Config, root: Path) -> str | None:
     return _folder_model_missing("judge LLM" if item == "judge" else "generator LLM", name, "config.json", root)
 
 
-def _dataset_missing(name: str, split: str, root: Path) -> str | None:
-    "None if split `split` of data set `name` loads from `root`, else what is missing and where to get it."
+def _dataset_missing(name: str, split: str, root: Path, cfg: Config | None = None) -> str | None:
+    "None if split `split` of data set `name` loads from `root` (with `cfg`'s integrity rule), else what is missing and where."
     from pc_clip.data.datasets import load_dataset
     try:
-        load_dataset(name, root, split)
+        load_dataset(name, cfg if cfg is not None else root, split)
     except FileNotFoundError as e:
         lines = str(e).splitlines()
         return "\n    ".join([lines[0], *[l for l in lines[1:] if l.startswith("Get it")]])
@@ -172,13 +172,27 @@ def _dataset_missing(name: str, split: str, root: Path) -> str | None:
     return None
 
 
+def _t2i_base_missing(cfg: Config, root: Path) -> str | None:
+    "None if the T2I study's base CLIP (`t2i_base(cfg)`, e.g. ViT-L-14 / openai) is on disk or not needed, else where it goes."
+    from pc_clip.t2i.study import t2i_base
+    base = None if cfg.corpus == "world" else t2i_base(cfg)
+    if base is None:
+        return None
+    msg = _clip_missing(cfg.replace(model_name=base[0], pretrained=base[1]), root)
+    return None if msg is None else f"the T2I study's base ({msg}; SDXL's first text encoder is this tower)"
+
+
 def preflight(cfg: Config, notebooks: list[Path]) -> list[str]:
     "What `notebooks` need on `cfg`'s profile and is not on disk, one message per item naming where it goes."
     root = data_root(cfg)
     found: dict[str, list] = {}  # data set name or message -> [message, experiment numbers, splits]
-    for item, numbers in notebook_needs(notebooks, cfg).items():
+    needs = notebook_needs(notebooks, cfg)
+    if "sdxl" in needs:  # where the study runs, it finetunes its own PC-CLIP from SDXL's first encoder
+        needs["t2i-base"] = needs["sdxl"]
+    for item, numbers in needs.items():
         name, _, split = item.partition("/")
-        msg = _dataset_missing(name, split, root) if split else _model_missing(item, cfg, root)
+        msg = (_dataset_missing(name, split, root, cfg) if split else _t2i_base_missing(cfg, root)
+               if item == "t2i-base" else _model_missing(item, cfg, root))
         if msg is None:
             continue
         entry = found.setdefault(name if split else msg, [msg, [], []])  # one entry per data set or per model

@@ -80,9 +80,10 @@ def test_paper_smoke_is_paper_at_toy_scale():
     assert (smoke.model_name, smoke.pretrained, smoke.generator, smoke.judge) == ("pc-clip-smoke", "smoke", "tiny-chat", "tiny-chat")
     assert (smoke.ft_epochs, smoke.ft_batch_size, smoke.t2i_steps, smoke.t2i_image_size) == (2, 16, 2, 64)
     assert smoke.n_pairs < 1000 and smoke.eval_n_images < paper.eval_n_images
-    same = ("corpus", "pair_sampling", "load_in_4bit", "ft_trainable", "ft_loss", "ft_lr", "ft_lr_decay", "ft_temperature",
+    same = ("corpus", "pair_sampling", "load_in_4bit", "ft_trainable", "ft_loss", "ft_lr_decay", "ft_temperature",
             "ft_max_pairs")
     assert [getattr(smoke, k) for k in same] == [getattr(paper, k) for k in same]
+    assert smoke.ft_lr >= 1e3 * paper.ft_lr  # a learning rate that moves the stand-in's weights (issue 21)
 
 
 def test_checking_a_config_imports_neither_torch_nor_pandas():

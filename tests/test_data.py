@@ -370,3 +370,35 @@ def test_real_world_if_present():
     assert set(ds.classnames) >= set(ds.image_info["category"]) and ds.class_attributes is not None
     x, y, idx = next(iter_images(ds, batch_size=8, progress=False))
     assert x.shape == (8, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["cifar100", "flowers102"])
+def test_a_stand_in_manifest_in_a_real_data_root_does_not_bypass_md5(name, tmp_path, monkeypatch):
+    "Only `paper-smoke` accepts a file by its recorded sha256; on `paper` the official MD5 decides, manifest or not."
+    import hashlib
+    import os
+    from pc_clip.data.imagedata import STANDIN_MANIFEST
+    root = make_fixture(name, tmp_path / "data")  # not the official files: their MD5 differs
+    files = {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+             for f in sorted(root.rglob("*")) if f.is_file()}
+    (root / STANDIN_MANIFEST).write_text(json.dumps({"items": {name: {"key": "k", "files": files}}}))
+    monkeypatch.setenv("PC_CLIP_DATA", str(root))
+    split = EXPECTED[name][0]
+    with pytest.raises(RuntimeError, match="torchvision refused .*official"):
+        load_dataset(name, get_config("paper"), split)
+    with pytest.raises(RuntimeError, match="torchvision refused"):
+        load_dataset(name, root, split)  # a folder alone: official sums too
+    assert len(load_dataset(name, get_config("paper-smoke"), split)) == EXPECTED[name][2]  # the stand-in profile
+    victim = next(f for f in sorted(root.rglob("*")) if f.is_file() and f.suffix in (".mat", "") and f.name != "meta"
+                  and f.parent.name == ("cifar-100-python" if name == "cifar100" else "flowers-102"))
+    victim.write_bytes(victim.read_bytes() + b"x")  # a changed file no longer matches its recorded sha256
+    with pytest.raises(RuntimeError, match="torchvision refused"):
+        load_dataset(name, get_config("paper-smoke"), split)
+
+
+def test_data_does_not_import_the_stand_ins():
+    "pc_clip.data reads a checksum manifest as plain data; importing it loads neither pc_clip.smoke.standins nor pc_clip.testing."
+    import subprocess
+    code = "import sys, pc_clip.data; print(sorted(m for m in sys.modules if m in ('pc_clip.smoke.standins', 'pc_clip.smoke.fixtures')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -357,3 +357,69 @@ def test_training_triples_follow_the_judge(runs_dir):
     assert len(training_triples(jcfg, filtered=False)) == n_all  # pc-clip/unfiltered
     head = training_triples(jcfg, filtered=False, pairs=pairs.head(5))
     assert set(zip(head.i, head.j)) == set(zip(pairs.i[:5], pairs.j[:5]))
+
+
+def test_a_generation_cut_at_max_new_tokens_loses_its_last_statement(tiny_llama, tmp_path):
+    "A random tiny Llama never ends by itself: at max_new_tokens every answer is cut, and its last piece is rejected as such."
+    model, tok = load_causal_lm(str(tiny_llama), load_in_4bit=False, device="cpu")
+    backend = HFBackend(model, tok, name="tiny", max_new_tokens=10, temperature=0.9, seed=0)
+    pairs = sample_pairs(CORPUS, 4, seed=0)
+    outs = backend.generate(pairs.to_dict("records"))
+    cut = [o for o in outs if o["truncated"]]
+    assert cut and all(o["n_tokens"] == 10 for o in cut)
+    recs = generate_differences(pairs, backend, tmp_path / "d.jsonl", progress=False)
+    for r, o in zip(recs, outs):
+        pieces = split_statements(r["raw"])
+        if o["truncated"] and pieces:
+            assert r["rejected"][-1] == {"text": pieces[-1], "reason": "truncated"}
+            assert pieces[-1] not in [s["text"] for s in r["statements"]]
+    n_cut = sum(bool(split_statements(o["raw"])) for o in cut)
+    rows = {x["metric"]: x["value"] for x in summary_rows("tiny", recs, "toy", 0)}
+    assert rows["n_rejected_truncated"] == n_cut  # counted, like every other reason
+
+
+class EndingWriter:
+    "A stand-in LLM backend whose answer ends cleanly, and that counts what it is asked."
+    name, config, batch_size, max_new_tokens = "my-lm", {}, 8, 64
+
+    def __init__(self):
+        self.asked = 0
+
+    def generate(self, items, task="differences"):
+        self.asked += len(items)
+        return [{"raw": "The first image is brighter than the second image.", "prompt": "p", "truncated": False}
+                for _ in items]
+
+
+def test_a_changed_generator_regenerates(runs_dir, tmp_path):
+    "New weights at the same path, or new sampling settings, get a new store: the old generations are not reused."
+    lm = make_tiny_llama(tmp_path / "my-lm", seed=0)
+    cfg = get_config("tiny", corpus="coco", generator=str(lm))
+    pairs = sample_pairs(CORPUS, 5, seed=0)
+    first = differences_path(cfg)
+    w = EndingWriter()
+    generate_differences(pairs, w, first, progress=False)
+    assert w.asked == 5 and differences_path(cfg) == first
+    generate_differences(pairs, w, differences_path(cfg), progress=False)
+    assert w.asked == 5  # same generator: resumed from its store
+    make_tiny_llama(lm, seed=1)  # other weights written over the same folder
+    second = differences_path(cfg)
+    assert second != first and second.parent == first.parent and not second.exists()
+    generate_differences(pairs, w, second, progress=False)
+    assert w.asked == 10  # regenerated
+    assert differences_path(cfg.replace(temperature=0.2)) not in (first, second)
+
+
+def test_4bit_cpu_shape_error_is_explained(tmp_path):
+    "bitsandbytes' CPU 4-bit kernels fail on hidden sizes that are not multiples of 64; the error says so and what to do."
+    folder = make_tiny_llama(tmp_path / "odd-lm", hidden=96)
+    model, tok = load_causal_lm(str(folder), load_in_4bit=True, device="cpu")
+    backend = HFBackend(model, tok, name="odd-lm", max_new_tokens=4)
+    try:
+        backend.generate(sample_pairs(CORPUS, 1, seed=0).to_dict("records"))
+    except RuntimeError as e:
+        assert "shape" in str(e)
+    else:
+        pytest.skip("this bitsandbytes build runs 96-wide 4-bit layers on the CPU")
+    with pytest.raises(RuntimeError, match="multiple of 64.*load_in_4bit=False"):
+        generate_differences(sample_pairs(CORPUS, 2, seed=0), backend, tmp_path / "d.jsonl", progress=False)

@@ -99,3 +99,42 @@ def test_retrieval_runner_reads_coco_on_paper_style_configs(runs_dir, tmp_path, 
     assert {r["dataset"] for r in rows} == {"coco"} and len(rows) == 6
     assert {r["n"] for r in rows} == {len(coco), n_captions}
     assert all(r["value"] == 1.0 for r in rows if r["metric"].startswith("recall@10"))  # fewer candidates than k
+
+
+def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monkeypatch):
+    "One unreadable COCO image drops its own pairs; every other statement still meets its own pair's images."
+    from pc_clip.evaluation import paper_geometry as P
+    from pc_clip.data.datasets import load_coco
+    from pc_clip.models.embed import embed_images
+    from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
+    from pc_clip.smoke.fixtures import make_fixture
+    monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("PC_CLIP_DATA", str(tmp_path / "data"))
+    make_fixture("coco", tmp_path / "data", n_images=8)
+    cfg = get_config("tiny", corpus="coco", n_pairs=200, generator="tiny-chat")
+    model, pre, tok = create_clip("pc-clip-tiny", seed=0)
+    save_checkpoint(model, model_dir(cfg, "clip"), "pc-clip-tiny")
+
+    class Writer:  # a stand-in generator: one statement per pair, naming the pair (so each text differs)
+        name, batch_size, config = "tiny-chat", 16, {}
+        def generate(self, items, task="differences"):
+            return [{"raw": f"The first image is brighter than the second image number {it['i'] % 97}."} for it in items]
+
+    recs = P.write_heldout_differences(cfg, Writer(), progress=False)
+    intact = load_coco(tmp_path / "data", "val")
+    emb_intact = embed_images(model, intact, cfg, preprocess=pre, cache=False, progress=False)
+    ids = intact.image_info.image_id.tolist()
+    broken = ids[1]  # the second image: before the fix, every later pair shifted by one row
+    (tmp_path / "data" / "coco" / "val2017" / f"{broken:012d}.jpg").write_bytes(b"not a jpeg")
+    rows = pd.DataFrame(P.run_paper_geometry(cfg, ["clip"], progress=False))
+    cos = rows[(rows.metric == "text_direction_cosine") & (rows.condition == "pairs=heldout")]
+    assert len(cos) == 1
+    # the expected value, from the intact embeddings of the pairs without the broken image
+    st = P.heldout_statements(recs, intact)
+    keep = [r["item"]["i"] != broken and r["item"]["j"] != broken for r in recs for _ in r["statements"]]
+    st = st[keep].reset_index(drop=True)
+    assert 0 < len(st) < len(keep)
+    from pc_clip.models.embed import embed_texts
+    want = P.pair_alignment(emb_intact, st, embed_texts(model, tok, list(st.text), cfg))["text_direction_cosine"]
+    assert cos.value.item() == pytest.approx(want, abs=1e-5)
+    assert cos.n.item() == len(st)

@@ -222,3 +222,57 @@ def test_run_t2i_arithmetic_on_stand_in_models(runs_dir, tiny_clip, capsys):
     assert (main.loc["clip"] == main.loc["pc-clip"]).all()  # same weights, same numbers
     assert shown["gallery"].shape[0] == 3 * 162
     assert shown["chance"] == pytest.approx((6 / 3 + 2 / 6) / 8)
+
+
+def test_finetuned_quick_gelu_tower_reloads_as_quick_gelu_and_swaps_into_sdxl(tmp_path):
+    "An OpenAI-tag tower (QuickGELU) finetuned, saved and reloaded is still QuickGELU, so it fits SDXL's first encoder."
+    import open_clip
+    from pc_clip.training.finetune import finetune
+    from pc_clip.models.clip import load_checkpoint
+    torch.manual_seed(0)
+    model = open_clip.create_model("pc-clip-tiny", force_quick_gelu=True)  # what loading an `openai` tag does
+    tok = open_clip.get_tokenizer("pc-clip-tiny")
+    rng = np.random.default_rng(0)
+    emb = torch.nn.functional.normalize(torch.tensor(rng.normal(size=(8, model.text_projection.shape[1])),
+                                                     dtype=torch.float32), dim=-1)
+    words = ["larger", "smaller", "brighter", "darker"]
+    triples = pd.DataFrame([dict(i=i, j=j, text=f"the first object is {words[(i + j) % 4]}")
+                            for i in range(8) for j in range(8) if i != j])
+    cfg = get_config("tiny", ft_epochs=1, ft_batch_size=16, ft_lr=1e-3)
+    run = finetune(model, tok, triples, cfg, tmp_path / "ft", image_embeddings=emb, model_name="pc-clip-tiny",
+                   progress=False)
+    reloaded, _, _ = load_checkpoint(tmp_path / "ft")
+    assert any(isinstance(m, open_clip.transformer.QuickGELU) for m in reloaded.modules())
+    assert not any(isinstance(m, torch.nn.GELU) for m in reloaded.modules())
+    ids = tok(["a dark vantile", "The first image shows a larger glorp."])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.encode_text(ids), run.model.encode_text(ids), atol=0, rtol=0)
+        assert not torch.allclose(reloaded.encode_text(ids), model.encode_text(ids))  # it was finetuned
+    openai_like = tiny_sdxl_pipeline(quick_gelu=True, seed=0)
+    T.swap_text_encoder(openai_like, reloaded)  # refused if the reload had turned it into GELU
+    assert openai_like.text_encoder.config.hidden_act == "quick_gelu"
+    with torch.no_grad():
+        pooled = openai_like.text_encoder(ids).pooler_output  # the end-of-text state, before the projection
+        torch.testing.assert_close(pooled @ reloaded.text_projection, reloaded.encode_text(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_sdxl_study_decides_the_t2i_claim_from_per_prompt_items(tiny_clip, runs_dir):
+    "The SDXL arm's CLIP scores come with one item per prompt and generation seed, so the paper's T2I claim is decided."
+    from pc_clip.evaluation.runner import read_items, write_evaluation
+    from pc_clip.report.summary import PAPER_CLAIMS, claim_verdicts
+    with temp_workdir(data=True) as d:
+        cfg = get_config("tiny", corpus="coco", t2i_steps=1, t2i_image_size=64)
+        tiny_sdxl_pipeline().save_pretrained(d / "data" / "weights" / cfg.t2i_model)
+        other = create_clip("pc-clip-tiny", seed=1)[0]  # a tower of the same architecture with other weights
+        save_checkpoint(tiny_clip[0], model_dir(cfg, "clip"), "pc-clip-tiny")
+        save_checkpoint(other, model_dir(cfg, S.T2I_PC_CLIP), "pc-clip-tiny")
+        rows, _ = S._sdxl_study(cfg, ["clip", "pc-clip"], 1.0, 2, False, base=("pc-clip-tiny", None))
+        for r in rows:
+            assert len(r["items"]) == r["n"] == 2 * len(T.T2I_EDITS)
+            assert r["ci_low"] <= r["value"] <= r["ci_high"]
+            assert r["items"]["value"].mean() == pytest.approx(r["value"])
+        results = write_evaluation(rows, cfg, "11_t2i_arithmetic")
+        items = read_items(cfg)
+    v = claim_verdicts(results, items, [c for c in PAPER_CLAIMS if c.name == "t2i_arithmetic"]).iloc[0]
+    assert not v["observed"].startswith("not measured") and v["n_items"] == 2 * len(T.T2I_EDITS)
+    assert v["agrees"] in ("yes", "no")

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['PROFILES', 'FT_TRAINABLE', 'FT_LOSSES', 'FT_COMPILE', 'CHOICES', 'Config', 'ConfigError', 'validate_config',
-           'get_config', 'given']
+__all__ = ['PROFILES', 'STANDIN_PROFILES', 'FT_TRAINABLE', 'FT_LOSSES', 'FT_COMPILE', 'CHOICES', 'Config', 'ConfigError',
+           'validate_config', 'get_config', 'given']
 
 # %% ../../nbs/core/00_config.ipynb #22c4a6fc
 @dataclass(frozen=True)
@@ -138,6 +138,9 @@ _PAPER_SMOKE = dict(
     world_n_train=200, world_n_test=100, world_n_val=100, pretrain_steps=10,
     n_pairs=64, gen_batch_size=16, max_new_tokens=64,
     ft_epochs=2, ft_batch_size=16, caption_ft_epochs=1, caption_ft_batch_size=16,
+    # a learning rate that moves the stand-in's weights in two epochs (at the paper's 1e-8 every pc-clip - clip
+    # delta is exactly 0, so a finetune that did nothing would pass unnoticed)
+    ft_lr=1e-4, caption_ft_lr=1e-4,
     eval_n_images=20, eval_seeds=(0,), eval_batch_size=32,
     ft_compile="off",  # compiling costs tens of seconds per run on a CPU, more than the smoke run's training
 )
@@ -150,6 +153,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                   "t2i_clip_model": None, "t2i_clip_pretrained": None},
     "paper-smoke": {**_PAPER, **_PAPER_SMOKE},
 }
+# profiles that run on the stand-ins the project builds: only they may accept a stand-in by its recorded checksum
+STANDIN_PROFILES = ("paper-smoke",)
 
 # %% ../../nbs/core/00_config.ipynb #65e60e6d
 FT_TRAINABLE = ("text_blocks", "text_tower", "both_towers")  # which weights finetuning trains

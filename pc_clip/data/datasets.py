@@ -5,6 +5,7 @@
 # %% ../../nbs/data/01_datasets.ipynb #498a73b8
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,11 +15,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from ..core.config import Config, get_config
+from ..core.config import Config, get_config, STANDIN_PROFILES
 from ..core.runtime import data_root, get_logger
-from ..smoke.standins import standin_checksums
 from .imagedata import (DATASET_INFO, DatasetNotFoundError, ImageDataset, _check_split, _require,
-    clean_classname, dataset_layout_error, hashed_split)
+    clean_classname, dataset_layout_error, hashed_split, accept_recorded, recorded_checksums, torchvision_integrity)
 
 log = get_logger("pc_clip.data.datasets")
 
@@ -69,8 +69,7 @@ def load_cifar100(root: Path, split: str = "test", download: bool = False) -> Im
         _torchvision_download("cifar100", lambda: torchvision.datasets.CIFAR100(root, train=split == "train", download=True))
     _require("cifar100", root, [base / split, base / "meta"], download)
     try:
-        with standin_checksums(root):  # a paper-smoke stand-in passes by its recorded sha256; real data by MD5
-            tv = torchvision.datasets.CIFAR100(root, train=split == "train", download=False)
+        tv = torchvision.datasets.CIFAR100(root, train=split == "train", download=False)  # MD5-checked
     except RuntimeError as e:
         raise _torchvision_refused("cifar100", base, e) from e
     return ImageDataset("cifar100", split, [clean_classname(c) for c in tv.classes], tv.targets, arrays=tv.data,
@@ -160,8 +159,7 @@ def load_flowers102(root: Path, split: str = "test", download: bool = False) -> 
         _torchvision_download("flowers102", lambda: torchvision.datasets.Flowers102(root, split, download=True))
     _require("flowers102", root, [base / "jpg", base / "imagelabels.mat", base / "setid.mat"], download)
     try:
-        with standin_checksums(root):
-            tv = torchvision.datasets.Flowers102(root, split)
+        tv = torchvision.datasets.Flowers102(root, split)  # MD5-checked
     except RuntimeError as e:
         raise _torchvision_refused("flowers102", base, e) from e
     raw = list(torchvision.datasets.Flowers102.classes)
@@ -198,7 +196,8 @@ def load_sun397(root: Path, split: str = "test", download: bool = False) -> Imag
         keep = np.array([r in wanted for r in rel])
     else:
         if split != "all":
-            log.info(f"no SUN397 Partitions/{SUN397_PARTITION_FILES[split]} under {root}; using a stable 80/20 hash split")
+            log.warning(f"no SUN397 Partitions/{SUN397_PARTITION_FILES[split]} under {root}: using a stable 80/20 hash split, "
+                        "not the paper's partition 01 (put the official Partitions/ folder there)")
         keep = hashed_split(rel, split)
     order = order[keep[order]]
     return ImageDataset("sun397", split, [clean_classname(c) for c in tv.classes], np.asarray(tv._labels)[order],
@@ -283,6 +282,13 @@ def canonical_name(name: str) -> str:
     return key
 
 # %% ../../nbs/data/01_datasets.ipynb #aaf5cd04
+def _integrity_checks(cfg_or_root, root: Path):
+    "Official MD5 sums, except on a stand-in profile (`paper-smoke`), where a stand-in also passes by its recorded sha256."
+    if isinstance(cfg_or_root, Config) and cfg_or_root.profile in STANDIN_PROFILES:
+        return torchvision_integrity(accept_recorded(recorded_checksums(root)))
+    return contextlib.nullcontext()  # `paper` and any folder: a manifest in the data root changes nothing
+
+
 def load_dataset(name: str, cfg_or_root: Config | str | Path, split: str = "test",
                  download: bool = False) -> ImageDataset:
     "Load data set `name` from the data root of a config (or from a folder) in its standard layout."
@@ -291,6 +297,7 @@ def load_dataset(name: str, cfg_or_root: Config | str | Path, split: str = "test
         cfg = cfg_or_root if isinstance(cfg_or_root, Config) else get_config()
         return load_world(cfg, split)
     root = data_root(cfg_or_root) if isinstance(cfg_or_root, Config) else Path(cfg_or_root).expanduser()
-    ds = LOADERS[name](root, split, download)
+    with _integrity_checks(cfg_or_root, root):
+        ds = LOADERS[name](root, split, download)
     log.info(f"loaded {ds}")
     return ds

@@ -167,11 +167,12 @@ def _token_count(row: list[int], eos: int | None, pad: int | None) -> int:
 
 def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128, temperature: float = 0.7,
                    top_p: float = 0.9, batch_size: int = 16, seed: int = 0, system: str | None = SYSTEM_PROMPT,
-                   seeds: Sequence[int] | None = None, **generate_kwargs) -> tuple[list[str], list[int]]:
-    "Completions of `prompts` (user messages) and their token counts, generated in left-padded batches."
+                   seeds: Sequence[int] | None = None, return_finished: bool = False,
+                   **generate_kwargs) -> tuple[list[str], list[int]]:
+    "Completions of `prompts` (user messages) and their token counts (and, if asked, whether each ended), in left-padded batches."
     from transformers import LogitsProcessorList
     seeds = list(seeds) if seeds is not None else [item_seed(seed, p) for p in prompts]
-    texts, counts = [], []
+    texts, counts, finished = [], [], []
     plain, device = not has_chat_template(tokenizer), next(model.parameters()).device
     for b in range(0, len(prompts), batch_size):
         chunk = [render_chat(tokenizer, p, system) for p in prompts[b:b + batch_size]]
@@ -183,8 +184,9 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
                                  do_sample=False, **generate_kwargs)
         new = out[:, enc["input_ids"].shape[1]:].cpu()
         counts += [_token_count(row, tokenizer.eos_token_id, tokenizer.pad_token_id) for row in new.tolist()]
+        finished += [tokenizer.eos_token_id in row for row in new.tolist()]  # no end token: cut at max_new_tokens
         texts += tokenizer.batch_decode(new, skip_special_tokens=True)
-    return texts, counts
+    return (texts, counts, finished) if return_finished else (texts, counts)
 
 # %% ../../nbs/differences/01_llm.ipynb #09419e90
 def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
@@ -263,10 +265,12 @@ class HFBackend:
         prompts = [build_prompt(task, it, self.n_statements) for it in items]
         seeds = [item_seed(self.seed, task, it["key"]) for it in items]
         t0 = time.perf_counter()
-        texts, counts = generate_texts(self.model, self.tokenizer, prompts, self.max_new_tokens, self.temperature,
-                                       self.top_p, self.batch_size, self.seed, self.system, seeds=seeds)
+        texts, counts, ended = generate_texts(self.model, self.tokenizer, prompts, self.max_new_tokens, self.temperature,
+                                              self.top_p, self.batch_size, self.seed, self.system, seeds=seeds,
+                                              return_finished=True)
         self._count(sum(counts), time.perf_counter() - t0)
-        return [{"raw": t, "prompt": p, "n_tokens": n} for t, p, n in zip(texts, prompts, counts)]
+        return [{"raw": t, "prompt": p, "n_tokens": n, "truncated": not e}
+                for t, p, n, e in zip(texts, prompts, counts, ended)]
 
 # %% ../../nbs/differences/01_llm.ipynb #c1b1531e
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -326,7 +330,8 @@ class OpenAIClient:
                 reply = client.chat.completions.create(model=self.model, messages=msgs, **params)
                 usage = reply.usage
                 return {"text": reply.choices[0].message.content or "",
-                        "n_tokens": usage.completion_tokens if usage is not None else None}
+                        "n_tokens": usage.completion_tokens if usage is not None else None,
+                        "truncated": reply.choices[0].finish_reason == "length"}
             except openai.APIStatusError as e:
                 detail = redact(e.response.text[:300], key)
                 retry_after = e.response.headers.get("Retry-After")
@@ -428,4 +433,5 @@ class OpenAIBackend:
                                      top_p=self.top_p, seed=ps[1])
         with ThreadPoolExecutor(max(1, min(self.concurrency or self.batch_size, len(items) or 1))) as pool:
             replies = list(pool.map(ask, zip(prompts, seeds)))
-        return [{"raw": r["text"], "prompt": p, "n_tokens": r["n_tokens"]} for r, p in zip(replies, prompts)]
+        return [{"raw": r["text"], "prompt": p, "n_tokens": r["n_tokens"], "truncated": bool(r.get("truncated"))}
+                for r, p in zip(replies, prompts)]

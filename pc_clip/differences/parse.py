@@ -16,7 +16,7 @@ __all__ = ['REASONS', 'STOPWORDS', 'COMPARATIVES', 'normalize_statement', 'is_co
            'has_control_chars', 'statement_problem', 'parse_output']
 
 # %% ../../nbs/differences/02_parse.ipynb #8f991fec
-REASONS = ("control_chars", "code", "empty", "garbled", "repeated", "preamble", "too_short", "too_long",
+REASONS = ("control_chars", "code", "empty", "garbled", "repeated", "preamble", "too_short", "too_long", "truncated",
            "prompt_echo", "unrelated", "duplicate", "empty_output")
 
 _BULLET = re.compile(r"^\s*(?:[-*\u2022\u00b7>]+|\(?\d{1,2}\s*[.):\]]|\(?[a-hA-H][.)]\s)\s*")
@@ -119,14 +119,14 @@ def statement_problem(text: str, context: Sequence[str], prompt: str | None = No
 
 # %% ../../nbs/differences/02_parse.ipynb #52d6a7cb
 def parse_output(raw: str, context: Sequence[str], prompt: str | None = None, max_words: int = 40,
-                 task: str = "differences") -> tuple[list[str], list[dict]]:
-    "`(accepted statements, rejected [{'text', 'reason'}])` of one answer."
+                 task: str = "differences", truncated: bool = False) -> tuple[list[str], list[dict]]:
+    "`(accepted statements, rejected [{'text', 'reason'}])` of one answer; the last piece of a `truncated` answer is cut off."
     pieces = split_statements(raw)
     if not pieces:
         return [], [{"text": str(raw), "reason": "empty_output"}]
     accepted, rejected, seen = [], [], set()
-    for s in pieces:
-        why = statement_problem(s, context, prompt, max_words, task)
+    for k, s in enumerate(pieces):
+        why = "truncated" if truncated and k == len(pieces) - 1 else statement_problem(s, context, prompt, max_words, task)
         if why is None and _norm(s) in seen:
             why = "duplicate"
         if why is None:

@@ -5,6 +5,7 @@
 # %% ../../nbs/differences/04_records.ipynb #9eb5354e
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,11 +27,11 @@ from ..world.oracle import category_differences, oracle_differences
 from ..world.shapes import oracle_rewrite_caption
 
 # %% auto #0
-__all__ = ['RECORD_FIELDS', 'item_rng', 'OracleBackend', 'generator_slug', 'make_backend', 'record_key', 'build_record',
-           'generate_records', 'generate_differences', 'rewrite_captions', 'write_category_differences',
-           'difference_triples', 'rewritten_captions', 'examples_table', 'summary_rows', 'differences_dir',
-           'differences_path', 'rewrites_path', 'category_differences_path', 'judged_path', 'read_records',
-           'training_triples']
+__all__ = ['RECORD_FIELDS', 'item_rng', 'OracleBackend', 'generator_slug', 'generator_fingerprint', 'generator_key',
+           'make_backend', 'record_key', 'build_record', 'generate_records', 'generate_differences', 'rewrite_captions',
+           'write_category_differences', 'difference_triples', 'rewritten_captions', 'examples_table', 'summary_rows',
+           'differences_dir', 'differences_path', 'rewrites_path', 'category_differences_path', 'judged_path',
+           'read_records', 'training_triples']
 
 # %% ../../nbs/differences/04_records.ipynb #a2bb3ee1
 def item_rng(seed: int, *parts: str) -> np.random.Generator:
@@ -89,6 +90,57 @@ def generator_slug(name: str) -> str:
         prefix, name = "openai-", name.split(":", 1)[1]
     return prefix + (re.sub(r"[^a-z0-9.]+", "-", Path(name.rstrip("/")).name.lower()).strip("-") or "generator")
 
+# %% ../../nbs/differences/04_records.ipynb #fe3344e0
+_FINGERPRINTS: dict = {}
+
+
+def _folder_fingerprint(folder: Path, full_limit: int = 1 << 30, edge: int = 1 << 23) -> str:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts))
+    stats = tuple((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if stats in _FINGERPRINTS:  # the file list, sizes and times only decide whether to hash again in this process
+        return _FINGERPRINTS[stats]
+    full, h = sum(s for _, s, _ in stats) <= full_limit, hashlib.sha256()
+    for p, (rel, size, _) in zip(files, stats):
+        h.update(f"{rel}\0{size}\0".encode())
+        with open(p, "rb") as f:
+            if full or size <= 2 * edge:
+                while block := f.read(1 << 24):
+                    h.update(block)
+            else:
+                h.update(f.read(edge)); f.seek(size - edge); h.update(f.read(edge))
+    _FINGERPRINTS[stats] = out = "sha256:" + h.hexdigest()[:16]
+    return out
+
+
+def generator_fingerprint(name: str, root: str | Path | None = None) -> str:
+    "What identifies the weights behind generator `name`: a snapshot revision, a hash of its folder, or why there is none."
+    if name == "oracle" or name.startswith("openai:"):
+        return "served" if name.startswith("openai:") else "oracle"
+    root = Path(root) if root is not None else data_root()
+    for folder in (Path(name).expanduser(), Path(root) / "weights" / name):
+        if folder.is_dir():
+            return _folder_fingerprint(folder)
+    from huggingface_hub import try_to_load_from_cache
+    for cache in (str(Path(root) / "weights" / "hf"), None):
+        try:
+            hit = try_to_load_from_cache(name, "config.json", cache_dir=cache)
+        except ValueError:  # not a repository id (a path that does not exist, say)
+            break
+        if isinstance(hit, str):
+            return "revision:" + Path(hit).parent.name  # .../snapshots/<revision>/config.json
+    return "not-found"
+
+
+def generator_key(cfg: Config, generator: str | None = None) -> str:
+    "The file-name key of `generator`'s stores (default `cfg.generator`): its slug, plus a hash of its identity for an LLM."
+    name = generator or cfg.generator
+    if name == "oracle":
+        return generator_slug(name)
+    settings = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                    load_in_4bit=cfg.load_in_4bit, n_statements=N_STATEMENTS)
+    prompts = (DIFFERENCE_PROMPT, CATEGORY_PROMPT, REWRITE_PROMPT, SYSTEM_PROMPT)
+    return f"{generator_slug(name)}-{content_hash(name, generator_fingerprint(name, data_root(cfg)), settings, prompts, n=8)}"
+
 # %% ../../nbs/differences/04_records.ipynb #c12309d5
 def make_backend(cfg: Config, world=None, noise: float | None = None):
     "The backend named by `cfg.generator`: the world's oracle (needs `world`), a served model, or a causal LM."
@@ -124,7 +176,8 @@ def _context(task: str, item: dict) -> list[str]:
 # %% ../../nbs/differences/04_records.ipynb #8133a3c0
 def build_record(item: dict, output: dict, backend, task: str, max_words: int = 40) -> dict:
     "The stored record of one item: identity, raw output, accepted statements and rejected pieces."
-    accepted, rejected = parse_output(output["raw"], _context(task, item), output.get("prompt"), max_words, task)
+    accepted, rejected = parse_output(output["raw"], _context(task, item), output.get("prompt"), max_words, task,
+                                      truncated=bool(output.get("truncated")))  # hit max_new_tokens: the last line is cut
     truth = {normalize_statement(s["text"]): s for s in output.get("oracle") or []}
     statements = []
     for s in accepted:
@@ -150,6 +203,18 @@ def _items(items) -> list[dict]:
     return out
 
 
+def _generate(backend, chunk: list[dict], task: str) -> list[dict]:
+    try:
+        return backend.generate(chunk, task)
+    except RuntimeError as e:  # bitsandbytes' 4-bit CPU kernels reshape by 64-wide blocks
+        four_bit = getattr(getattr(backend, "model", None), "is_loaded_in_4bit", False)
+        if four_bit and re.search(r"shape '\[\d+, 1\]' is invalid", str(e)):
+            raise RuntimeError(f"{backend.name}: the 4-bit (bitsandbytes NF4) kernels on the CPU need every hidden size "
+                               f"to be a multiple of 64, which this model's are not ({e}). Load it unquantised "
+                               "(-p load_in_4bit=False) or run on a GPU.") from e
+        raise
+
+
 def _fill(store: JsonlStore, items: list[dict], backend, task: str, batch_size: int, max_words: int, progress: bool) -> None:
     todo = [it for it in items if record_key(backend.name, str(it["key"])) not in store]
     unit = {"differences": "pair", "rewrite": "caption", "category": "class pair"}.get(task, "item")
@@ -157,7 +222,7 @@ def _fill(store: JsonlStore, items: list[dict], backend, task: str, batch_size: 
               disable=not progress, dynamic_ncols=True) as bar:
         for b in range(0, len(todo), batch_size):
             chunk = todo[b:b + batch_size]
-            outs = backend.generate(chunk, task)
+            outs = _generate(backend, chunk, task)
             if len(outs) != len(chunk):
                 raise RuntimeError(f"backend {backend.name} returned {len(outs)} outputs for {len(chunk)} items")
             store.extend([build_record(it, o, backend, task, max_words) for it, o in zip(chunk, outs)])
@@ -202,7 +267,12 @@ def write_category_differences(category_pairs: Iterable[tuple[str, str]], backen
     "How category a differs from category b, for each `(a, b)`: `{(a, b): [accepted statements]}`."
     items = [{"key": pair_key(a, b), "category_a": a, "category_b": b} for a, b in category_pairs]
     recs = generate_records(items, backend, store_path, "category", batch_size, progress=progress, lock_timeout=lock_timeout)
-    return {(r["item"]["category_a"], r["item"]["category_b"]): [s["text"] for s in r["statements"]] for r in recs}
+    out = {(r["item"]["category_a"], r["item"]["category_b"]): [s["text"] for s in r["statements"]] for r in recs}
+    if (empty := [k for k, v in out.items() if not v]):
+        get_logger("pc_clip.differences.records").warning(
+            f"{len(empty)} of {len(out)} class pairs have no usable class difference from {backend.name} (e.g. "
+            f"{empty[0][0]!r} vs {empty[0][1]!r}); tasks that need them skip those pairs. See {Path(store_path).name}.")
+    return out
 
 # %% ../../nbs/differences/04_records.ipynb #3ddae625
 def difference_triples(records: Iterable[dict], consistent_only: bool = False) -> pd.DataFrame:
@@ -269,17 +339,17 @@ def differences_dir(cfg: Config) -> Path:
 def differences_path(cfg: Config, noise: float | None = None, generator: str | None = None) -> Path:
     "The JSONL file of the difference set of `generator` (default `cfg.generator`) at `noise` (default cfg's)."
     noise = cfg.oracle_noise if noise is None else noise
-    return differences_dir(cfg) / f"{generator_slug(generator or cfg.generator)}-noise{noise:g}.jsonl"
+    return differences_dir(cfg) / f"{generator_key(cfg, generator)}-noise{noise:g}.jsonl"
 
 
 def rewrites_path(cfg: Config, generator: str | None = None) -> Path:
     "The JSONL file of the rewritten captions of `generator` (default `cfg.generator`)."
-    return differences_dir(cfg) / f"{generator_slug(generator or cfg.generator)}-rewrites.jsonl"
+    return differences_dir(cfg) / f"{generator_key(cfg, generator)}-rewrites.jsonl"
 
 
 def category_differences_path(cfg: Config, generator: str | None = None) -> Path:
     "The JSONL file of the class-level differences of `generator` (default `cfg.generator`)."
-    return differences_dir(cfg) / f"{generator_slug(generator or cfg.generator)}-categories.jsonl"
+    return differences_dir(cfg) / f"{generator_key(cfg, generator)}-categories.jsonl"
 
 
 def judged_path(path: str | Path, judge_name: str) -> Path:

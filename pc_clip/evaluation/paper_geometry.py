@@ -17,14 +17,15 @@ from ..core.config import Config
 from .metrics import geometry, outcomes
 from .comparative import LazyBackend, class_differences
 from ..data.datasets import load_dataset
-from ..differences.records import differences_dir, generate_differences, generator_slug
+from ..differences.records import differences_dir, generate_differences, generator_key
 from ..differences.pairs import load_corpus, sample_pairs
-from ..models.embed import embed_images, embed_texts, embedded_labels, kept_indices
+from ..models.embed import embed_images, embed_texts, kept_indices
 from .runner import eval_datasets, evaluation_rows, for_each_model
 
 # %% auto #0
 __all__ = ['class_pair_frame', 'class_pair_names', 'class_pair_texts', 'pair_alignment', 'heldout_pair_count',
-           'heldout_differences_path', 'write_heldout_differences', 'heldout_statements', 'run_paper_geometry']
+           'heldout_differences_path', 'write_heldout_differences', 'heldout_statements', 'to_embedding_rows',
+           'run_paper_geometry']
 
 # %% ../../nbs/evaluation/05_paper_geometry.ipynb #2a76405e
 def class_pair_frame(labels: Sequence[int], n_classes: int = 8, n_per_pair: int = 8, seed: int = 0) -> pd.DataFrame:
@@ -87,7 +88,7 @@ def heldout_pair_count(cfg: Config) -> int:
 
 def heldout_differences_path(cfg: Config, split: str = "val") -> Path:
     "The JSONL file of the generator's differences for held-out pairs of the corpus's `split`."
-    return differences_dir(cfg) / f"{generator_slug(cfg.generator)}-heldout-{split}.jsonl"
+    return differences_dir(cfg) / f"{generator_key(cfg)}-heldout-{split}.jsonl"
 
 
 def write_heldout_differences(cfg: Config, backend=None, split: str = "val", progress: bool = True) -> list[dict]:
@@ -99,21 +100,29 @@ def write_heldout_differences(cfg: Config, backend=None, split: str = "val", pro
 
 
 def heldout_statements(records: Sequence[dict], ds) -> pd.DataFrame:
-    "One row per accepted statement of `records` (`key`, `i`, `j`, `text`), `i`/`j` re-indexed to `ds`'s embedding rows."
+    "One row per accepted statement of `records` (`key`, `i`, `j`, `text`), `i`/`j` the positions in `ds` of the pair's image ids."
     info = getattr(ds, "image_info", None)
     ids = info["image_id"].tolist() if info is not None and "image_id" in info else list(range(len(ds)))
-    kept = kept_indices(ds)  # unreadable images have no embedding row: their pairs are dropped
-    row = {str(ids[k]): r for r, k in enumerate(kept)}
-    rows = [(r["key"], row.get(str(r["item"]["i"]), -1), row.get(str(r["item"]["j"]), -1), s["text"])
+    position = {str(v): k for k, v in enumerate(ids)}
+    rows = [(r["key"], position.get(str(r["item"]["i"]), -1), position.get(str(r["item"]["j"]), -1), s["text"])
             for r in records for s in r["statements"]]
     out = pd.DataFrame(rows, columns=["key", "i", "j", "text"])
     return out[(out.i >= 0) & (out.j >= 0)].reset_index(drop=True)
+
+
+def to_embedding_rows(ds, frame: pd.DataFrame, columns: Sequence[str] = ("i", "j")) -> pd.DataFrame:
+    "`frame` with its `columns` (positions in `ds`) turned into rows of `ds`'s embedding table; call it after embedding."
+    row = np.full(len(ds), -1)
+    kept = kept_indices(ds)  # known only once the images were read: unreadable ones have no row, nor do their pairs
+    row[kept] = np.arange(len(kept))
+    out = frame.assign(**{c: row[frame[c].to_numpy(dtype=np.int64)] for c in columns})
+    return out[(out[list(columns)] >= 0).all(axis=1)].reset_index(drop=True)
 
 # %% ../../nbs/evaluation/05_paper_geometry.ipynb #1507571c
 def _class_sets(cfg: Config, n_classes: int, n_per_pair: int) -> list:
     out = []
     for ds in eval_datasets(cfg, "difference_classification"):
-        frame = class_pair_frame(embedded_labels(ds), n_classes, n_per_pair, cfg.seed)
+        frame = class_pair_frame(np.asarray(ds.labels), n_classes, n_per_pair, cfg.seed)  # positions in `ds`
         frame = class_pair_texts(frame, ds.classnames, class_differences(class_pair_names(frame, ds.classnames), cfg))
         if frame.edit.nunique() < 1 or frame.groupby("edit").size().min() < 2:
             print(f"geometry on {ds.name}: not measured (no class pair with usable class differences)")
@@ -131,15 +140,17 @@ def run_paper_geometry(cfg: Config, model_names: Sequence[str], n_classes: int =
 
     def one(m) -> list[dict]:
         rows = []
-        if statements.key.nunique() >= 2:
-            emb = embed_images(m.model, val, cfg, preprocess=m.preprocess, progress=progress)
-            txt = embed_texts(m.model, m.tokenizer, list(statements.text), cfg)
-            rows += evaluation_rows({cfg.seed: pair_alignment(emb, statements, txt)}, m.name, "geometry", cfg.corpus,
+        emb = embed_images(m.model, val, cfg, preprocess=m.preprocess, progress=progress)
+        st = to_embedding_rows(val, statements)  # after embedding: an unreadable image drops its own pairs only
+        if st.key.nunique() >= 2:
+            txt = embed_texts(m.model, m.tokenizer, list(st.text), cfg)
+            rows += evaluation_rows({cfg.seed: pair_alignment(emb, st, txt)}, m.name, "geometry", cfg.corpus,
                                     {"pairs": "heldout"})
         else:
-            print(f"geometry on {cfg.corpus}: not measured ({statements.key.nunique()} held-out pairs with statements)")
+            print(f"geometry on {cfg.corpus}: not measured ({st.key.nunique()} held-out pairs with statements)")
         for ds, frame in class_sets:
             emb = embed_images(m.model, ds, cfg, preprocess=m.preprocess, progress=progress)
+            frame = to_embedding_rows(ds, frame, ("edited", "base"))
             txt = embed_texts(m.model, m.tokenizer, list(frame.text), cfg)
             res = geometry(emb, frame, txt, None, n_quads, cfg.seed)["all"]
             rows += evaluation_rows({cfg.seed: res}, m.name, "geometry", ds.name, {"pairs": "classes"})

@@ -28,9 +28,9 @@ from ..core.runtime import atomic_write, atomic_write_json, content_hash, data_r
 # %% auto #0
 __all__ = ['MODEL_CONFIG_DIR', 'TINY_MODEL', 'WEIGHT_FILES', 'WEIGHTS_FILE', 'CONFIG_FILE', 'weights_dir',
            'find_pretrained_weights', 'is_weights_path', 'create_clip', 'save_safetensors', 'file_sha256',
-           'CheckpointError', 'save_checkpoint', 'checkpoint_metadata', 'is_checkpoint', 'verify_checkpoint',
-           'load_weights', 'load_checkpoint', 'weights_settings', 'model_dir', 'load_clip', 'images_to_tensor',
-           'encode_texts', 'average_weights']
+           'CheckpointError', 'architecture_config', 'save_checkpoint', 'checkpoint_metadata', 'is_checkpoint',
+           'verify_checkpoint', 'load_weights', 'load_checkpoint', 'weights_settings', 'model_dir', 'load_clip',
+           'images_to_tensor', 'encode_texts', 'average_weights']
 
 # %% ../../nbs/models/00_clip.ipynb #fafcff24
 MODEL_CONFIG_DIR = Path(str(importlib.resources.files("pc_clip"))) / "model_configs"
@@ -167,12 +167,25 @@ class CheckpointError(RuntimeError):
     "A checkpoint on disk is damaged (unreadable, truncated or not matching its recorded checksum)."
 
 
-def save_checkpoint(model: torch.nn.Module, folder: str | Path, model_name: str, extra: dict | None = None) -> Path:
-    "Save `model` as safetensors + `open_clip_config.json` (config of `model_name`, the weights' sha256, `extra`)."
-    folder = Path(folder)
-    model_cfg = open_clip.get_model_config(model_name)
+def architecture_config(model: torch.nn.Module, model_name: str) -> dict:
+    "The open_clip config that rebuilds `model` exactly: `model_name`'s registered config plus what loading changed (QuickGELU)."
+    model_cfg = open_clip.get_model_config(model_name)  # a copy: safe to edit
     if model_cfg is None:
         raise ValueError(f"No open_clip config for {model_name!r}; cannot describe the checkpoint")
+    quick = any(isinstance(m, open_clip.transformer.QuickGELU) for m in model.modules())
+    gelu = any(isinstance(m, torch.nn.GELU) for m in model.modules())
+    if quick and gelu:
+        raise ValueError(f"{model_name}: the model mixes QuickGELU and GELU layers; an open_clip config cannot describe it")
+    model_cfg.pop("quick_gelu", None)
+    if quick:  # set by an OpenAI tag (force_quick_gelu), not by the registered config
+        model_cfg["quick_gelu"] = True
+    return model_cfg
+
+
+def save_checkpoint(model: torch.nn.Module, folder: str | Path, model_name: str, extra: dict | None = None) -> Path:
+    "Save `model` as safetensors + `open_clip_config.json` (its full architecture: `architecture_config`, the weights' sha256, `extra`)."
+    folder = Path(folder)
+    model_cfg = architecture_config(model, model_name)
     pp = getattr(model.visual, "preprocess_cfg", {}) or {}
     sha = save_safetensors(model.state_dict(), folder / WEIGHTS_FILE)
     atomic_write_json(folder / CONFIG_FILE, {"model_cfg": model_cfg, "preprocess_cfg": {k: v for k, v in pp.items()},

@@ -5,9 +5,11 @@
 # %% ../../nbs/report/00_summary.ipynb #f96ab42f
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 import zlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -16,17 +18,19 @@ import numpy as np
 import pandas as pd
 
 from ..core.config import Config
-from ..core.runtime import atomic_write, condition_dict, read_results, results_path, FRACTION_METRICS
+from ..core.runtime import atomic_write, condition_dict, read_results, results_path, FRACTION_METRICS, run_dir
 from ..evaluation.runner import read_items
 from ..training.plan import training_data_path
 from ..evaluation.metrics import best_on_validation, paired_bootstrap
 from ..training.selection import Targets, candidate_table, choose_setting, selection_markdown, target_check
+from ..models.clip import is_checkpoint, model_dir
 
 # %% auto #0
-__all__ = ['MODEL_ORDER', 'ABLATION_MODELS', 'MAIN_METRICS', 'RECALLS', 'PAPER_CLAIMS', 'TASK_TITLES', 'is_validation',
-           'test_rows', 'cell_name', 'summarise', 'pivot_table', 'markdown_table', 'model_colours', 'interval_table',
-           'bar_figure', 'ablation_table', 'direction_sentences', 'Claim', 'chosen_setting', 'claim_verdict',
-           'claim_verdicts', 'selection_table', 'claims_markdown', 'write_report']
+__all__ = ['MODEL_ORDER', 'ABLATION_MODELS', 'MAIN_METRICS', 'RECALLS', 'PAPER_CLAIMS', 'TASK_TITLES', 'PAPER_SETTING',
+           'is_validation', 'test_rows', 'cell_name', 'summarise', 'pivot_table', 'markdown_table', 'model_colours',
+           'interval_table', 'bar_figure', 'ablation_table', 'direction_sentences', 'Claim', 'chosen_setting',
+           'is_world_dataset', 'claim_verdict', 'claim_verdicts', 'selection_table', 'claims_markdown', 'departures',
+           'run_warnings', 'write_report']
 
 # %% ../../nbs/report/00_summary.ipynb #d7d1dee4
 def is_validation(results: pd.DataFrame) -> pd.Series:
@@ -262,8 +266,15 @@ def _observed(lo: float, hi: float, tol: float) -> str:
     return "not worse" if lo > -tol else "inconclusive"
 
 
-def claim_verdict(results: pd.DataFrame, items: pd.DataFrame, c: Claim, n_boot: int = 1000) -> dict:
-    "A - B of one claim with its paired-bootstrap interval, the observed direction and whether it agrees."
+def is_world_dataset(dataset) -> bool:
+    "Whether a results-table data-set name is the Shapes world's (`world`, `world-gallery`, `world/...`)."
+    return str(dataset).split("/")[0].startswith("world")
+
+
+def claim_verdict(results: pd.DataFrame, items: pd.DataFrame, c: Claim, n_boot: int = 1000, world: bool = True) -> dict:
+    "A - B of one claim with its paired-bootstrap interval, the observed direction and whether it agrees (world items only if `world`)."
+    if not world:
+        items = items[~items["dataset"].map(is_world_dataset).astype(bool)]
     extra_a, extra_b = {}, {}
     if c.setting:
         chosen = chosen_setting(results, c.task, c.model_a, c.setting)
@@ -274,8 +285,11 @@ def claim_verdict(results: pd.DataFrame, items: pd.DataFrame, c: Claim, n_boot: 
     out = dict(claim=c.name, statement=c.statement, comparison=f"{c.model_a} vs {c.model_b}" + (
         f" ({c.setting}={extra_a[c.setting]} vs {c.setting}=1)" if c.setting else ""), paper=c.paper, expected=c.expect,
         tol=c.tol, control=c.control, delta=np.nan, ci_low=np.nan, ci_high=np.nan, n_items=len(both), cells=0)
-    if both.empty:
-        return {**out, "observed": "not measured", "agrees": "n/a"}
+    if both.empty:  # say why: a model this run does not train, or a task it did not run
+        why = (f"no test items of `{c.model_a}`" if a.empty else f"no test items of `{c.model_b}`" if b.empty
+               else "no items both models share")
+        return {**out, "observed": f"not measured ({why} on {c.task}{' outside the world' if not world else ''})",
+                "agrees": "n/a"}
     if c.setting and extra_a == extra_b:  # validation chose the reference value itself: A and B are the same numbers
         return {**out, "observed": f"not measured (validation chose {c.setting}=1)", "agrees": "n/a"}
     strata = both["dataset"].astype(str) + "|" + both["cond_key"] + "|" + both["metric"]
@@ -287,9 +301,12 @@ def claim_verdict(results: pd.DataFrame, items: pd.DataFrame, c: Claim, n_boot: 
             "observed": _observed(lo, hi, c.tol), "agrees": "yes" if ok else "no"}
 
 
-def claim_verdicts(results: pd.DataFrame, items: pd.DataFrame, claims: Sequence[Claim]) -> pd.DataFrame:
+def claim_verdicts(results: pd.DataFrame, items: pd.DataFrame, claims: Sequence[Claim],
+                   world: bool | None = None) -> pd.DataFrame:
     "One row per claim: A - B, its 95 % paired-bootstrap interval, the observed direction and the verdict."
-    return pd.DataFrame([claim_verdict(results, items, c) for c in claims])
+    if world is None:  # the Shapes world decides claims only on a world-only run: never pooled with the paper's data
+        world = bool(items["dataset"].map(is_world_dataset).all()) if len(items) else True
+    return pd.DataFrame([claim_verdict(results, items, c, world=world) for c in claims])
 
 # %% ../../nbs/report/00_summary.ipynb #4c96936b
 _DIFF = "difference_classification"
@@ -309,7 +326,7 @@ PAPER_CLAIMS = [
     Claim("geometry", "Difference texts point along the image-difference directions (held-out wordings)", "geometry",
           "pc-clip", "clip", "better", metrics=("text_direction_cosine",), top_level=True),
     Claim("t2i_arithmetic", "PC-CLIP's text embeddings make better text-to-image arithmetic", "t2i_arithmetic",
-          "pc-clip", "clip", "better", metrics=("success_rate",), top_level=True),
+          "pc-clip", "clip", "better", metrics=("success_rate", "clip_score"), top_level=True),  # gallery / SDXL
     Claim("baseline_captions", "Finetuning on captions does not explain the gain", _DIFF, "pc-clip", "clip-ft-captions"),
     Claim("baseline_rewritten", "Finetuning on LLM-rewritten captions does not explain the gain", _DIFF, "pc-clip",
           "clip-ft-rewritten"),
@@ -403,13 +420,80 @@ def _training_data(cfg: Config) -> tuple[str, list[str]]:
                 "data the models were trained on is not known here)", [])
     t = pd.read_csv(path)
     t["used"] = t["used"] if "used" in t else t["rows"]
-    main = t[t["model"] == "pc-clip"]
+    trained = t["model"].map(lambda m: is_checkpoint(model_dir(cfg, m)))  # a skipped variant was planned, not trained
+    t["used"] = t["used"].where(trained, 0)
+    t["source"] = t["source"].where(trained, "**not trained** (skipped by experiment 03; see the warnings below)")
+    main = t[(t["model"] == "pc-clip") & trained]
     subset = lambda r: (f"{int(r.used)} (a seeded subset) of {int(r.rows)}" if r.used < r.rows else f"{int(r.rows)}")
     line = (f"`pc-clip` was trained on {subset(next(main.itertuples()))} statements from {main['source'].iloc[0]}"
             if len(main) else f"the finetuned models' data is listed under 'Training data' (`{path.name}`)")
     table = "| model | data | rows | trained on | source |\n|---|---|---:|---:|---|\n" + "".join(
         f"| `{r.model}` | {r.data} | {int(r.rows)} | {int(r.used)} | {r.source} |\n" for r in t.itertuples())
     return line, ["\n## Training data (recorded by experiment 03)\n", table]
+
+
+PAPER_SETTING = dict(model_name="ViT-L-14", pretrained="datacomp_xl_s13b_b90k", corpus="coco", n_images=1000,
+                     generator="Llama-2-13b-chat (4-bit)", judge="openai:gpt-4o-mini", eval_seeds=5, eval_n_images=100,
+                     ft_lr=1e-8, ft_lr_decay=0.9, ft_epochs=20, ft_batch_size=512, caption_ft_lr=1e-6,
+                     caption_ft_batch_size=128, caption_ft_epochs=50)
+
+
+def departures(cfg: Config) -> list[str]:
+    "How `cfg` departs from the paper's reference setting (`PAPER_SETTING`, from the paper's text), one sentence each."
+    p, out = PAPER_SETTING, []
+    if (cfg.model_name, cfg.pretrained) != (p["model_name"], p["pretrained"]):
+        out.append(f"base CLIP `{cfg.model_name}` / `{cfg.pretrained or 'random init'}` (paper: {p['model_name']} / {p['pretrained']})")
+    if cfg.corpus != p["corpus"]:
+        out.append(f"corpus `{cfg.corpus}`: the embedded Shapes world, not COCO; every evaluation runs on the world")
+    else:
+        out.append(f"pair pool: {cfg.n_pairs} pairs (`{cfg.pair_sampling}`) sampled from every COCO train image "
+                   f"(paper: pairs formed from {p['n_images']:,} randomly sampled images)")
+    if cfg.generator != "oracle" and "llama-2-13b-chat" not in cfg.generator.lower():
+        out.append(f"generator `{cfg.generator}` (paper: {p['generator']})")
+    elif cfg.generator == "oracle":
+        out.append("differences written by the world's attribute oracle, not an LLM")
+    if cfg.generator != "oracle" and not cfg.load_in_4bit:
+        out.append("the generator runs unquantised (paper: 4-bit)")
+    if cfg.judge is None:
+        out.append(f"no judge filters the differences (paper: {p['judge']})")
+    elif cfg.judge == cfg.generator:
+        out.append(f"the generator judges its own differences (`{cfg.judge}`; paper: {p['judge']})")
+    elif cfg.judge not in (p["judge"], "openai:"):
+        out.append(f"judge `{cfg.judge}` (paper: {p['judge']})")
+    if len(cfg.eval_seeds) != p["eval_seeds"]:
+        out.append(f"{len(cfg.eval_seeds)} evaluation seed{'s' * (len(cfg.eval_seeds) > 1)} {tuple(cfg.eval_seeds)} "
+                   f"(paper: {p['eval_seeds']})")
+    if cfg.eval_n_images != p["eval_n_images"]:
+        out.append(f"{cfg.eval_n_images} test images per seed for difference classification (paper: {p['eval_n_images']})")
+    ft = [f"{k}={getattr(cfg, k)!r} (paper {p[k]!r})" for k in ("ft_lr", "ft_lr_decay", "ft_epochs", "ft_batch_size",
+          "caption_ft_lr", "caption_ft_batch_size", "caption_ft_epochs") if getattr(cfg, k) != p[k]]
+    if ft:
+        out.append("finetuning: " + ", ".join(ft))
+    if cfg.corpus != "world":
+        out.append("text-to-image is scored by the CLIP score of the run's base `clip` only (the paper also asked an LLM judge)")
+    return out
+
+
+_WARNING_LINE = re.compile(r"\bWARNING pc_clip\b|^skipping |: not measured|Warning: .*pc_clip")
+
+
+def run_warnings(cfg: Config, limit: int = 40) -> list[str]:
+    "The warnings and skips printed by this profile's executed experiment notebooks (`runs/<profile>/notebooks/`), once each."
+    out: dict[str, None] = {}
+    for nb in sorted((run_dir(cfg) / "notebooks").glob("*.ipynb")):
+        try:
+            cells = json.loads(nb.read_text()).get("cells", [])
+        except (OSError, ValueError):
+            continue
+        for cell in cells:
+            for o in cell.get("outputs", []):
+                text = "".join(o.get("text", [])) if o.get("output_type") == "stream" else ""
+                for line in text.splitlines():
+                    if _WARNING_LINE.search(line.strip()):
+                        msg = re.sub(r"^\d\d:\d\d:\d\d ", "", line.strip())  # the log's clock time is not the message
+                        out.setdefault(f"{nb.stem.split('_')[0]}: {msg}", None)
+    lines = list(out)
+    return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
 
 
 def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict[str, Path] | None = None,
@@ -431,6 +515,12 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
              claims_markdown(v[~v["control"]]),
              f"\n{int((counted.agrees == 'yes').sum())} of {len(counted)} measured claims agree with the paper.\n",
              "\n**Controls** (hold by construction for a text-only finetune; not counted)\n\n", claims_markdown(v[v["control"]])]
+    if not items.empty and not items["dataset"].map(is_world_dataset).all():
+        parts.append("\nThe Shapes world's rows (data set `world...`) are shown in their own, labelled rows and figures; "
+                     "they never enter a claim of this paper-data run.\n")
+    parts += ["\n## Departures from the paper\n", "".join(f"- {d}\n" for d in departures(cfg)) or "none\n"]
+    warned = run_warnings(cfg)
+    parts += ["\n## Warnings of this run\n", "".join(f"- {w}\n" for w in warned) if warned else "none\n"]
     parts += data_section + _selections(results)
     parts += _finetune_selection(results, (figures or {}).get("finetune_selection"), path.parent)
     parts += ["\n## Baselines and ablations (mean over cells and seeds)\n", markdown_table(ablation_table(results))]

@@ -16,6 +16,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from ..data.imagedata import torchvision_integrity
+
 # %% auto #0
 __all__ = ['FLOWERS102_FIXTURE_CLASSES', 'FIXTURES', 'temp_workdir', 'fixture_colour', 'accept_fixture_checksums', 'make_fixture',
            'make_tiny_llama', 'tiny_sdxl_pipeline']
@@ -56,23 +58,11 @@ def _write_text(path: Path, lines: Sequence[str]) -> None:
     path.write_text("".join(f"{l}\n" for l in lines))
 
 # %% ../../nbs/smoke/00_fixtures.ipynb #b8fb1693
-_CHECKSUMMED = ("torchvision.datasets.cifar", "torchvision.datasets.flowers102")
-
-
 @contextmanager
 def accept_fixture_checksums() -> Iterator[None]:
     "Inside the block, torchvision's CIFAR-100 and Flowers102 accept files whose MD5 differs from the release."
-    import importlib
-    mods = [importlib.import_module(m) for m in _CHECKSUMMED]
-    saved = [m.check_integrity for m in mods]
-    exists = lambda fpath, md5=None: os.path.isfile(fpath)
-    for m in mods:
-        m.check_integrity = exists
-    try:
+    with torchvision_integrity(lambda fpath, md5, official: os.path.isfile(fpath)):
         yield
-    finally:
-        for m, f in zip(mods, saved):
-            m.check_integrity = f
 
 # %% ../../nbs/smoke/00_fixtures.ipynb #0acd7053
 def _fixture_cifar100(root: Path, n: int) -> None:

@@ -20,6 +20,7 @@ from .fixtures import make_fixture, tiny_sdxl_pipeline
 from pc_clip.differences.llm import (HFBackend, LLAMA2_CHAT_TEMPLATE, SYSTEM_PROMPT, build_prompt, load_causal_lm,
     render_chat)
 from ..models.clip import create_clip, load_checkpoint, save_checkpoint
+from ..data.imagedata import STANDIN_MANIFEST, accept_recorded, recorded_checksums, torchvision_integrity
 
 # %% auto #0
 __all__ = ['COLOURS', 'NOUNS', 'PLACES', 'CAPTION_TEMPLATES', 'CHAT_TASKS', 'SMOKE_MODEL', 'SMOKE_TAG', 'CHAT_LM', 'SDXL',
@@ -243,7 +244,7 @@ def build_tiny_sdxl(folder: str | Path, clip_folder: str | Path, seed: int = 0) 
 
 # %% ../../nbs/smoke/01_standins.ipynb #91adb9a0
 STANDIN_VERSION = 4  # 4: AwA2 has two test classes, Flowers102 two of one clear colour each
-MANIFEST = "pc-clip-standins.json"
+MANIFEST = STANDIN_MANIFEST  # read as plain data by pc_clip.data (paper-smoke only)
 DATASET_PATHS = {"coco": ["coco"], "cifar100": ["cifar-100-python"], "cub": ["CUB_200_2011", "attributes.txt"],
                  "eurosat": ["eurosat"], "flowers102": ["flowers-102"], "sun397": ["SUN397"],
                  "awa2": ["Animals_with_Attributes2"]}
@@ -281,32 +282,11 @@ def is_complete(root: str | Path, name: str, key: str, manifest: dict | None = N
     return bool(entry) and entry["key"] == key and bool(entry["files"]) and owned_files(root, name) == entry["files"]
 
 # %% ../../nbs/smoke/01_standins.ipynb #f72a28c5
-_CHECKSUMMED = ("torchvision.datasets.cifar", "torchvision.datasets.flowers102")
-
-
 @contextmanager
 def standin_checksums(root: str | Path) -> Iterator[None]:
     "Inside the block, torchvision accepts the CIFAR-100 and Flowers102 files recorded in `root`'s stand-in manifest."
-    import importlib
-    manifest = Path(root) / MANIFEST
-    if not manifest.exists():
+    with torchvision_integrity(accept_recorded(recorded_checksums(root))):
         yield
-        return
-    recorded = {os.path.realpath(Path(root) / rel): sha for entry in read_manifest(root)["items"].values()
-                for rel, sha in entry["files"].items()}
-    mods = [importlib.import_module(m) for m in _CHECKSUMMED]
-    saved = [m.check_integrity for m in mods]
-
-    def check(fpath, md5=None, _official=saved[0]):
-        real = os.path.realpath(fpath)
-        return _official(fpath, md5) or (real in recorded and os.path.isfile(real) and _sha256(Path(real)) == recorded[real])
-    for m in mods:
-        m.check_integrity = check
-    try:
-        yield
-    finally:
-        for m, f in zip(mods, saved):
-            m.check_integrity = f
 
 # %% ../../nbs/smoke/01_standins.ipynb #db1c839d
 FIXTURE_PER_CLASS, COCO_IMAGES = 4, 40

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -18,6 +19,7 @@ from ..core.config import Config
 from ..core.runtime import data_root, pick_device, result_row
 from ..models.embed import compute_image_embeddings
 from ..models.clip import encode_texts, images_to_tensor
+from ..evaluation.metrics import bootstrap_ci
 
 # %% auto #0
 __all__ = ['SDXL_SLOTS', 'T2I_EDITS', 'clip_tokenizer', 'hf_text_config', 'open_clip_text_state_dict', 'open_clip_text_to_hf',
@@ -267,7 +269,7 @@ def t2i_clip_score_rows(pipe, evaluator, model: str, edits: Sequence[tuple[str, 
                         weight: float = 1.0, n_seeds: int = 4, steps: int = 30, size: int = 1024,
                         guidance_scale: float = 5.0, seed: int = 0, dataset: str = "sdxl-edits",
                         batch_size: int = 4, condition: str | dict = "", progress: bool = True) -> tuple[list[dict], np.ndarray]:
-    "Rows (task `t2i_arithmetic`) of mean CLIP score with and without the arithmetic, and the arithmetic's images."
+    "Rows (task `t2i_arithmetic`) of mean CLIP score with and without the arithmetic (per-prompt items, bootstrap interval), and the arithmetic's images."
     ev_model, ev_tok, ev_pre = evaluator
     cls = [c for c, _, _ in edits for _ in range(n_seeds)]
     diff = [d for _, d, _ in edits for _ in range(n_seeds)]
@@ -277,7 +279,13 @@ def t2i_clip_score_rows(pipe, evaluator, model: str, edits: Sequence[tuple[str, 
     for metric, w in (("clip_score", weight), ("clip_score_class_only", 0.0)):
         e, p = arithmetic_conditioning(pipe, cls, diff, w)
         images = generate_images(pipe, e, p, steps, size, guidance_scale, seed, batch_size, progress)
-        s = clip_scores(ev_model, ev_tok, images, intended, ev_pre, device=dev)
-        rows.append(result_row(model, "t2i_arithmetic", dataset, metric, float(s.mean()), seed, len(images), condition))
+        s = clip_scores(ev_model, ev_tok, images, intended, ev_pre, device=dev).double().numpy()
+        groups = np.repeat(np.arange(len(edits)), n_seeds)  # an edit's seeds are one cluster of the bootstrap
+        row = result_row(model, "t2i_arithmetic", dataset, metric, float(s.mean()), seed, len(images), condition,
+                         bootstrap_ci(s, groups=groups))
+        # item k is the same prompt and generation seed for every model: the claim pairs models on it
+        row["items"] = pd.DataFrame({"item": np.arange(len(s)), "value": s, "weight": 1.0, "group": groups.astype(str),
+                                     "statistic": "mean"})
+        rows.append(row)
         shown = images if shown is None else shown
     return rows, shown

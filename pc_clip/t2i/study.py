@@ -17,7 +17,7 @@ from ..core.runtime import data_root, pick_device, result_row
 from ..evaluation.metrics import bootstrap_ci
 from .sdxl import embedding_arithmetic, load_sdxl, swap_text_encoder, t2i_clip_score_rows
 from ..data.datasets import load_dataset
-from ..differences.records import difference_triples, differences_path, read_records
+from ..differences.records import training_triples
 from ..models.embed import embed_images, embedding_rows
 from ..evaluation.runner import iter_models, text_encoder
 from ..training.finetune import finetune
@@ -26,6 +26,7 @@ from ..world.render import BACKGROUNDS, COLOURS, render_images
 from ..world.species import CATEGORIES, typical_attrs
 from ..world.oracle import difference_statement
 from ..world.shapes import position_word, size_word
+from ..differences.pairs import load_corpus, sample_pairs
 
 # %% auto #0
 __all__ = ['GALLERY_LEVELS', 'GALLERY_EDITS', 'T2I_BASE', 'SDXL_TEXT_WIDTHS', 'T2I_PC_CLIP', 'attribute_gallery', 'GalleryEdit',
@@ -219,7 +220,10 @@ def train_t2i_pc_clip(cfg: Config, progress: bool = True):
     model, preprocess, tokenizer = create_clip(*base, device=pick_device(cfg.device), root=data_root(cfg))
     ds = load_dataset(cfg.corpus, cfg, "train")
     emb = embed_images(model, ds, study_cfg, preprocess=preprocess, progress=progress)
-    triples = difference_triples(read_records(differences_path(cfg, noise=0.0 if cfg.generator == "oracle" else None)))
+    # this config's training data, as experiment 03 reads it for `pc-clip`: with a judge, its consistent statements only
+    corpus, held_out, _ = load_corpus(cfg, "train")
+    keys = pd.DataFrame({"key": sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling, held_out)["key"]})
+    triples = training_triples(cfg, noise=0.0 if cfg.generator == "oracle" else None, pairs=keys)
     triples = embedding_rows(ds, triples)  # corpus rows -> rows of `emb` (pairs with an unreadable image dropped)
     return finetune(model, tokenizer, triples, study_cfg, model_dir(cfg, T2I_PC_CLIP), image_embeddings=emb,
                     model_name=base[0], progress=progress)
