@@ -25,6 +25,7 @@ from .pairs import pair_key
 from .record_stats import filter_summary, no_usable_message, rejection_warning
 from ..world.oracle import category_differences, oracle_differences
 from ..world.shapes import oracle_rewrite_caption
+from .llm import CATEGORY_PROMPT, DIFFERENCE_PROMPT, REWRITE_PROMPT, SYSTEM_PROMPT
 
 # %% auto #0
 __all__ = ['RECORD_FIELDS', 'item_rng', 'OracleBackend', 'generator_slug', 'generator_fingerprint', 'generator_key',
