@@ -231,6 +231,7 @@ class Claim:
     paper: str = ""  # the paper's number, where the paper gives one
     control: bool = False  # holds by construction for the model under test: shown, not counted
     setting: str = ""  # compare A at the setting chosen on validation with A at 1 (e.g. "alpha")
+    chance: float | None = None  # the score of guessing (0.5 for a difference task): each side is checked against it
 
 # %% ../../nbs/report/00_summary.ipynb #3f57d6eb
 def chosen_setting(results: pd.DataFrame, task: str, model: str, key: str, metric: str = "accuracy",
@@ -271,6 +272,12 @@ def is_world_dataset(dataset) -> bool:
     return str(dataset).split("/")[0].startswith("world")
 
 
+def _side_mean(side: pd.DataFrame) -> float:
+    "The weighted mean score of one side's items (each item counts by its weight, as the bootstrap counts it)."
+    w = side["weight"] if "weight" in side else pd.Series(1.0, index=side.index)
+    return float((side["value"] * w).sum() / w.sum()) if len(side) else float("nan")
+
+
 def claim_verdict(results: pd.DataFrame, items: pd.DataFrame, c: Claim, n_boot: int = 1000, world: bool = True) -> dict:
     "A - B of one claim with its paired-bootstrap interval, the observed direction and whether it agrees (world items only if `world`)."
     if not world:
@@ -284,14 +291,19 @@ def claim_verdict(results: pd.DataFrame, items: pd.DataFrame, c: Claim, n_boot: 
     both = a.merge(b, on=keys, suffixes=("_a", "_b"))
     out = dict(claim=c.name, statement=c.statement, comparison=f"{c.model_a} vs {c.model_b}" + (
         f" ({c.setting}={extra_a[c.setting]} vs {c.setting}=1)" if c.setting else ""), paper=c.paper, expected=c.expect,
-        tol=c.tol, control=c.control, delta=np.nan, ci_low=np.nan, ci_high=np.nan, n_items=len(both), cells=0)
+        tol=c.tol, control=c.control, delta=np.nan, ci_low=np.nan, ci_high=np.nan, n_items=len(both), cells=0,
+        value_a=np.nan, value_b=np.nan, chance=c.chance, below_chance="")
     if both.empty:  # say why: a model this run does not train, or a task it did not run
         why = (f"no test items of `{c.model_a}`" if a.empty else f"no test items of `{c.model_b}`" if b.empty
                else "no items both models share")
         return {**out, "observed": f"not measured ({why} on {c.task}{' outside the world' if not world else ''})",
                 "agrees": "n/a"}
-    if c.setting and extra_a == extra_b:  # validation chose the reference value itself: A and B are the same numbers
-        return {**out, "observed": f"not measured (validation chose {c.setting}=1)", "agrees": "n/a"}
+    mean_a = _side_mean(both.rename(columns={"value_a": "value", "weight_a": "weight"}))
+    mean_b = _side_mean(both.rename(columns={"value_b": "value", "weight_b": "weight"}))
+    below = [m for m, v in ((c.model_a, mean_a), (c.model_b, mean_b)) if c.chance is not None and v < c.chance]
+    out.update(value_a=mean_a, value_b=mean_b, below_chance=", ".join(dict.fromkeys(below)))
+    if c.setting and extra_a == extra_b:  # validation found no value better than the reference: the claim fails here
+        return {**out, "delta": 0.0, "observed": f"no gain (validation chose {c.setting}=1)", "agrees": "no"}
     strata = both["dataset"].astype(str) + "|" + both["cond_key"] + "|" + both["metric"]
     r = paired_bootstrap(both.value_a, both.value_b, both.weight_a, both.weight_b, both.group_a.astype(str), strata,
                          both.statistic_a.iloc[0], n_boot)
@@ -313,9 +325,9 @@ _DIFF = "difference_classification"
 RECALLS = tuple(f"recall@{k}_{d}" for k in (1, 5, 10) for d in ("i2t", "t2i"))
 PAPER_CLAIMS = [
     Claim("difference_classification", "PC-CLIP beats CLIP on difference-based classification / attribute ranking",
-          _DIFF, "pc-clip", "clip", "better", paper="up to +14 points over CLIP"),
+          _DIFF, "pc-clip", "clip", "better", paper="up to +14 points over CLIP", chance=0.5),
     Claim("difference_heldout_wording", "... also with difference wordings never seen in finetuning", _DIFF, "pc-clip",
-          "clip", "better", conditions=(("wording", "heldout"),)),
+          "clip", "better", conditions=(("wording", "heldout"),), chance=0.5),
     Claim("zero_shot", "PC-CLIP keeps or improves zero-shot accuracy", "zero_shot", "pc-clip", "clip", "not_worse"),
     Claim("zero_shot_worst_class", "PC-CLIP keeps or improves worst-class zero-shot accuracy", "zero_shot", "pc-clip",
           "clip", "not_worse", metrics=("worst_class_accuracy",), tol=0.05),
@@ -327,15 +339,15 @@ PAPER_CLAIMS = [
           "pc-clip", "clip", "better", metrics=("text_direction_cosine",), top_level=True),
     Claim("t2i_arithmetic", "PC-CLIP's text embeddings make better text-to-image arithmetic", "t2i_arithmetic",
           "pc-clip", "clip", "better", metrics=("success_rate", "clip_score"), top_level=True),  # gallery / SDXL
-    Claim("baseline_captions", "Finetuning on captions does not explain the gain", _DIFF, "pc-clip", "clip-ft-captions"),
+    Claim("baseline_captions", "Finetuning on captions does not explain the gain", _DIFF, "pc-clip", "clip-ft-captions", chance=0.5),
     Claim("baseline_rewritten", "Finetuning on LLM-rewritten captions does not explain the gain", _DIFF, "pc-clip",
-          "clip-ft-rewritten"),
+          "clip-ft-rewritten", chance=0.5),
     Claim("mse_ablation", "The MSE objective works about as well as the contrastive one", _DIFF, "pc-clip/mse",
-          "pc-clip", "same", tol=0.03),
+          "pc-clip", "same", tol=0.03, chance=0.5),
     Claim("unfiltered_data", "Finetuning on unfiltered (noisy) differences still beats CLIP", _DIFF,
-          "pc-clip/noise-0.3", "clip", paper="better than CLIP on 4 of 5 tasks"),
+          "pc-clip/noise-0.3", "clip", paper="better than CLIP on 4 of 5 tasks", chance=0.5),
     Claim("unfiltered_llm_data", "Finetuning on the LLM's differences without the judge's filter still beats CLIP", _DIFF,
-          "pc-clip/unfiltered", "clip", paper="better than CLIP on 4 of 5 tasks"),
+          "pc-clip/unfiltered", "clip", paper="better than CLIP on 4 of 5 tasks", chance=0.5),
     Claim("linear_probe", "Text-only finetuning leaves linear-probe accuracy unchanged", "linear_probe", "pc-clip",
           "clip", "same", control=True),
     Claim("geometry_image_only", "Text-only finetuning leaves image-difference geometry unchanged", "geometry",
@@ -368,10 +380,17 @@ TASK_TITLES = {
 
 def claims_markdown(verdicts: pd.DataFrame) -> str:
     "The claim table of REPORT.md: A - B with its 95 % interval next to each verdict."
-    lines = ["| claim | paper | expected (tol) | A - B [95% CI] | items | observed | agrees |", "|---|---|---|---|---:|---|---|"]
+    lines = ["| claim | paper | expected (tol) | A / B (chance) | A - B [95% CI] | items | observed | agrees |",
+             "|---|---|---|---|---|---:|---|---|"]
     for _, r in verdicts.iterrows():
-        ours = (r.observed if str(r.observed).startswith("not measured") else f"{r.delta:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]")
-        lines.append(f"| {r.statement} ({r.comparison}) | {r.paper or '-'} | {r.expected} ({r.tol:g}) | {ours} "
+        ours = (r.observed if str(r.observed).startswith("not measured") or pd.isna(r.ci_low)
+                else f"{r.delta:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]")
+        chance = r.get("chance")
+        ab = "-" if pd.isna(r.get("value_a", np.nan)) else f"{r.value_a:.3f} / {r.value_b:.3f}" + (
+            f" ({chance:g})" if chance is not None and not pd.isna(chance) else "")
+        if r.get("below_chance"):
+            ab += f" **below chance: {r.below_chance}**"
+        lines.append(f"| {r.statement} ({r.comparison}) | {r.paper or '-'} | {r.expected} ({r.tol:g}) | {ab} | {ours} "
                      f"| {r.n_items} | {r.observed} | {r.agrees} |")
     return "\n".join(lines) + "\n"
 
