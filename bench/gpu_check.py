@@ -139,11 +139,11 @@ def _fast_rows(f: dict, peak: str, no_peak: bool) -> list[tuple[str, str, str, s
     "Rows of the same loop with the fast paths on, measured on the same card in the same run (before -> after)."
     ref = f["ref_pairs_per_s"]
     return [
-        (f"finetune pairs/s, ours with fast paths", _fmt(f.get("fast_pairs_per_s"), ".1f"), "", ""),
-        ("finetune fast paths / plain (same card, same run)", _fmt(f.get("fast_speedup"), ".2f") + "x", "", ""),
-        ("finetune speed-up with fast paths", _fmt(f["fast_pairs_per_s"] / ref if ref else None, ".2f") + "x",
+        ("finetune with fast paths: pairs/s", _fmt(f.get("fast_pairs_per_s"), ".1f"), "", ""),
+        ("finetune with fast paths: / plain loop (same card, same run)", _fmt(f.get("fast_speedup"), ".2f") + "x", "", ""),
+        ("finetune with fast paths: speed-up", _fmt(f["fast_pairs_per_s"] / ref if ref else None, ".2f") + "x",
          f">= {GOALS['finetune_fast_speedup']:g}x", _met(f["fast_pairs_per_s"] / ref if ref else None, GOALS["finetune_fast_speedup"])),
-        (f"finetune MFU, ours with fast paths ({peak})",
+        (f"finetune with fast paths: MFU ({peak})",
          "n/a" if no_peak else _fmt(f.get("fast_mfu") and 100 * f["fast_mfu"], ".1f") + "%",
          f">= {GOALS['finetune_mfu']:.0%}", "" if no_peak else _met(f.get("fast_mfu"), GOALS["finetune_mfu"])),
     ]
