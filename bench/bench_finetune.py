@@ -4,8 +4,9 @@ Old step vs new step (the default, `--compare fast`): `pc_clip.finetune`'s own l
 (today's step, the `tiny` profile's) and on (fused causal attention, length buckets and the compiled text
 tower; `--compile off` leaves it out), same model, data and seed. The two trainers take turns step by step
 (old, new, then new, old, ...), each step timed on its own, so a change in the load of a shared machine hits
-both alike; the first epoch of each warms up (and compiles) and is not timed. Prints pairs/s of each, the mean padded length of a batch and
-the ratio new / old, per epoch and overall:
+both alike; the first epoch of each warms up (and compiles) and is not timed. Prints pairs/s of each (wall clock, and per CPU
+second of this process, which the load of other jobs moves less), the mean padded length of a batch and the
+ratio new / old, per epoch and overall:
 
     python bench/bench_finetune.py                                   # CPU, the tiny world model
     python bench/bench_finetune.py --model ViT-L-14 --pairs 32768 --batch-size 512 --epochs 3   # a GPU, random weights
@@ -254,6 +255,7 @@ def measure_fast_paths(model_name: str = "pc-clip-tiny", pairs: int = 4096, imag
         f"{len(triples)} pairs, batch {batch_size}, {epochs} epochs each, steps interleaved; new step: {fast}")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     seconds = {k: [0.0] * epochs for k in runs}
+    cpu = {k: [0.0] * epochs for k in runs}  # CPU seconds of this process: what a step costs, whatever the load
     n_pairs = {k: [0] * epochs for k in runs}
     losses = {k: [] for k in runs}
     for epoch in range(epochs):
@@ -263,10 +265,11 @@ def measure_fast_paths(model_name: str = "pc-clip-tiny", pairs: int = 4096, imag
             for name, batch in turns if step % 2 == 0 else turns[::-1]:  # who goes first alternates
                 tr = runs[name][0]
                 sync()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 loss, _ = _train_step(tr, [batch])
                 sync()
                 seconds[name][epoch] += time.perf_counter() - t0
+                cpu[name][epoch] += time.process_time() - c0
                 n_pairs[name][epoch] += len(batch)
                 losses[name].append(loss)
         for tr, _, _ in runs.values():
@@ -276,6 +279,7 @@ def measure_fast_paths(model_name: str = "pc-clip-tiny", pairs: int = 4096, imag
             f"({seconds['new'][epoch]:.1f} s){' (warm-up, not timed)' if epoch == 0 and epochs > 1 else ''}")
     timed = slice(1, None) if epochs > 1 else slice(None)
     rate = {k: sum(n_pairs[k][timed]) / sum(seconds[k][timed]) for k in runs}
+    cpu_rate = {k: sum(n_pairs[k][timed]) / sum(cpu[k][timed]) for k in runs}
     per_epoch = [(n_pairs["new"][e] / seconds["new"][e]) / (n_pairs["old"][e] / seconds["old"][e])
                  for e in range(epochs)][timed]
     ids = runs["old"][1].ids.cpu()
@@ -285,7 +289,8 @@ def measure_fast_paths(model_name: str = "pc-clip-tiny", pairs: int = 4096, imag
                 ratio_per_epoch=per_epoch, useful_tokens=float(ids.argmax(-1).float().mean()) + 1,
                 old_mean_batch_max_tokens=_mean_padded(ids, triples, batch_size, epochs, seed, None),
                 new_mean_batch_max_tokens=_mean_padded(ids, triples, batch_size, epochs, seed, fast),
-                final_loss={k: float(np.mean(v[-len(order[k]):])) for k, v in losses.items()},
+                old_pairs_per_cpu_s=cpu_rate["old"], new_pairs_per_cpu_s=cpu_rate["new"],
+                cpu_ratio=cpu_rate["new"] / cpu_rate["old"], final_loss={k: float(np.mean(v[-len(order[k]):])) for k, v in losses.items()},
                 first_epoch_s={k: seconds[k][0] for k in runs}, threads=torch.get_num_threads())
 
 
@@ -304,10 +309,12 @@ def fast_table(r: dict) -> pd.DataFrame:
     "One row per step: pairs/s over the timed epochs, mean padded batch length, and the ratio to the old step."
     return pd.DataFrame([
         dict(step="old (fast paths off)", pairs_per_s=round(r["old_pairs_per_s"], 1),
-             padded_tokens=round(r["old_mean_batch_max_tokens"], 1), ratio="1.00x"),
+             pairs_per_cpu_s=round(r["old_pairs_per_cpu_s"], 1), padded_tokens=round(r["old_mean_batch_max_tokens"], 1),
+             ratio="1.00x", cpu_ratio="1.00x"),
         dict(step="new (" + ", ".join(f"{k}={v}" for k, v in r["fast"].items()) + ")",
-             pairs_per_s=round(r["new_pairs_per_s"], 1), padded_tokens=round(r["new_mean_batch_max_tokens"], 1),
-             ratio=f"{r['ratio']:.2f}x")])
+             pairs_per_s=round(r["new_pairs_per_s"], 1), pairs_per_cpu_s=round(r["new_pairs_per_cpu_s"], 1),
+             padded_tokens=round(r["new_mean_batch_max_tokens"], 1), ratio=f"{r['ratio']:.2f}x",
+             cpu_ratio=f"{r['cpu_ratio']:.2f}x")])
 
 
 def main(argv=None):
