@@ -6,23 +6,21 @@
 from __future__ import annotations
 
 import json
-import math
-import time
+import shutil
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import open_clip
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .core import Config, artifact_lock, atomic_write_json, condition_dict, content_hash, pick_device, result_row
 from .losses import difference_contrastive_loss, make_clip_loss
-from .models import (checkpoint_metadata, create_clip, images_to_tensor, is_checkpoint, load_checkpoint, model_dir,
-                            save_checkpoint)
+from .models import checkpoint_metadata, is_checkpoint, load_checkpoint, model_dir, save_checkpoint
 from .oracle import oracle_differences
-from .pretrain import PRETRAIN_THREADS, _param_groups, pretrain_fingerprint, warmup_cosine
-from .world import World, make_caption, make_world
+from .pretrain import PRETRAIN_THREADS, pretrain_clip, pretrain_fingerprint, resume_folder
+from .world import World, make_world
 from .beyond import paired_gain, pooled_mean, row_items, study_row
 from .data import load_dataset
 from .diffs import OracleBackend, build_record, difference_triples
@@ -32,9 +30,9 @@ from .finetune import finetune
 from .pairs import corpus_from_world, sample_pairs
 
 # %% auto #0
-__all__ = ['JOINT_VERSION', 'STUDY_TASK', 'batch_difference_pairs', 'joint_loss', 'pretrain_joint', 'joint_model_name',
-           'pretrain_joint_or_load', 'oracle_triples', 'pretrain_then_finetune', 'arm_rows', 'choose_weight',
-           'comparison_rows', 'run_pretrain_study', 'plot_pretrain_study']
+__all__ = ['JOINT_VERSION', 'STUDY_TASK', 'batch_difference_pairs', 'joint_loss', 'joint_step_loss', 'pretrain_joint',
+           'joint_model_name', 'pretrain_joint_or_load', 'oracle_triples', 'pretrain_then_finetune', 'arm_rows',
+           'choose_weight', 'comparison_rows', 'run_pretrain_study', 'plot_pretrain_study']
 
 # %% ../nbs/15a_beyond_pretrain.ipynb #78dafc1e
 def batch_difference_pairs(records: Sequence[dict], heldout: Sequence[tuple[str, str]], rng: np.random.Generator,
@@ -66,72 +64,34 @@ def joint_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
     return {"total": clip + weight * diff, "clip": clip, "difference": diff}
 
 # %% ../nbs/15a_beyond_pretrain.ipynb #4b99ea5b
-def _joint_step(model, tokenizer, images, tokens, records, j, heldout, weight, loss_fn, device, rng) -> dict:
-    "The loss parts of one step on batch `j`."
-    f_img = model.encode_image(images[j].to(device), normalize=True)
-    f_txt = model.encode_text(tokens[j].to(device), normalize=True)
-    diff, first, second = None, (), ()
-    if weight > 0:
-        first, second, texts = batch_difference_pairs([records[k] for k in j.tolist()], heldout, rng)
-        if len(texts) >= 2:
-            diff = model.encode_text(tokenizer(texts).to(device), normalize=True)
-    out = joint_loss(f_img, f_txt, model.logit_scale.exp(), diff, first, second, weight, loss_fn)
-    return {**out, "n_pairs": len(first)}
+def joint_step_loss(heldout: Sequence[tuple[str, str]], weight: float, seed: int):
+    "The `step_loss` hook of the joint loop: CLIP loss + `weight` x difference loss of the batch's pairs."
+    loss_fn = open_clip.ClipLoss()
 
-
-def _joint_steps(model, tokenizer, world: World, cfg: Config, weight: float, device, weight_decay: float,
-                 warmup: float, progress: bool) -> dict:
-    "`cfg.pretrain_steps` steps of the joint loss (the loop of `pc_clip.pretrain`, plus the difference term)."
-    idx = world.indices("train")
-    bs, total = cfg.pretrain_batch_size, cfg.pretrain_steps
-    images, records = images_to_tensor(world.images[idx]), world.records(idx)
-    steps_per_epoch = len(idx) // bs
-    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=cfg.pretrain_lr, betas=(0.9, 0.98), eps=1e-6)
-    loss_fn, gen = open_clip.ClipLoss(), torch.Generator().manual_seed(cfg.seed)
-    hist = dict(loss=[], clip=[], difference=[], n_pairs=[], steps=0, weight=weight)
-    model.train()
-    for step in tqdm(range(total), desc=f"joint pretraining (w={weight:g})", disable=not progress, mininterval=2.0):
-        epoch, b = divmod(step, steps_per_epoch)
-        if b == 0:
-            rng = np.random.default_rng([cfg.seed, 11, epoch])  # fresh captions every epoch, as pretrain_clip
-            tokens = tokenizer([make_caption(r, rng) for r in records])
-            perm = torch.randperm(len(idx), generator=gen)
-        parts = _joint_step(model, tokenizer, images, tokens, records, perm[b * bs:(b + 1) * bs], world.heldout_pairs,
-                            weight, loss_fn, device, np.random.default_rng([cfg.seed, 13, step]))
-        opt.zero_grad(set_to_none=True)
-        parts["total"].backward()
-        lr = cfg.pretrain_lr * warmup_cosine(step, total, warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        hist["loss"].append(parts["total"].item()); hist["clip"].append(parts["clip"].item())
-        hist["difference"].append(None if parts["difference"] is None else parts["difference"].item())
-        hist["n_pairs"].append(parts["n_pairs"]); hist["steps"] = step + 1
-    model.eval()
-    return hist
+    def step_loss(model, batch: dict) -> dict:
+        f_img = model.encode_image(batch["images"], normalize=True)
+        f_txt = model.encode_text(batch["tokens"], normalize=True)
+        diff, first, second = None, (), ()
+        if weight > 0:
+            records = [batch["records"][k] for k in batch["positions"].tolist()]
+            first, second, texts = batch_difference_pairs(records, heldout, np.random.default_rng([seed, 13, batch["step"]]))
+            if len(texts) >= 2:
+                diff = model.encode_text(batch["tokenizer"](texts).to(f_txt.device), normalize=True)
+        out = joint_loss(f_img, f_txt, model.logit_scale.exp(), diff, first, second, weight, loss_fn)
+        return {**out, "n_pairs": len(first)}
+    return step_loss
 
 # %% ../nbs/15a_beyond_pretrain.ipynb #bf8c3881
 def pretrain_joint(world: World, cfg: Config, weight: float, device: str | torch.device | None = None,
                    weight_decay: float = 0.1, warmup: float = 0.05, progress: bool = True,
-                   threads: int = PRETRAIN_THREADS):
+                   threads: int = PRETRAIN_THREADS, resume_dir: str | Path | None = None, key: str = ""):
     "Train `cfg.model_name` from scratch for `cfg.pretrain_steps` steps of CLIP + `weight` x difference loss; `(model, tokenizer, history)`."
     if weight < 0:
         raise ValueError(f"the weight of the difference loss must be >= 0; got {weight}")
-    if len(world.indices("train")) < cfg.pretrain_batch_size:
-        raise ValueError(f"the world has {len(world.indices('train'))} train images, fewer than one batch "
-                         f"({cfg.pretrain_batch_size}); raise world_n_train or lower pretrain_batch_size")
-    device = torch.device(device) if device is not None else pick_device(cfg.device)
-    caller = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        t0 = time.perf_counter()
-        model, _, tokenizer = create_clip(cfg.model_name, None, device=device, seed=cfg.seed)
-        hist = _joint_steps(model, tokenizer, world, cfg, weight, device, weight_decay, warmup, progress)
-    finally:
-        torch.set_num_threads(caller)
-    hist["seconds"] = time.perf_counter() - t0  # reported, never used
+    model, tokenizer, hist = pretrain_clip(world, cfg, device, weight_decay, warmup, progress, threads,
+                                           step_loss=joint_step_loss(world.heldout_pairs, weight, cfg.seed),
+                                           resume_dir=resume_dir, key=key, desc=f"joint pretraining (w={weight:g})")
+    hist["weight"] = weight
     return model, tokenizer, hist
 
 # %% ../nbs/15a_beyond_pretrain.ipynb #1e5b8eba
@@ -152,10 +112,12 @@ def pretrain_joint_or_load(world: World, cfg: Config, weight: float, device: str
         if is_checkpoint(folder) and checkpoint_metadata(folder).get("fingerprint") == fp:
             model, _, tokenizer = load_checkpoint(folder, device=device or pick_device(cfg.device))
             return model, tokenizer, json.loads((folder / "history.json").read_text()), True
-        model, tokenizer, hist = pretrain_joint(world, cfg, weight, device, progress=progress)
+        model, tokenizer, hist = pretrain_joint(world, cfg, weight, device, progress=progress,
+                                                resume_dir=resume_folder(folder), key=fp)
         save_checkpoint(model, folder, cfg.model_name, extra=dict(fingerprint=fp, weight=weight, steps=hist["steps"],
                                                                    seconds=hist["seconds"]))
         atomic_write_json(folder / "history.json", hist)
+        shutil.rmtree(resume_folder(folder), ignore_errors=True)
     return model, tokenizer, hist, False
 
 # %% ../nbs/15a_beyond_pretrain.ipynb #ef60355f

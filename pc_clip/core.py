@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import socket
 import sys
 import tempfile
@@ -30,8 +31,8 @@ from .config import (CHOICES, FT_LOSSES, FT_TRAINABLE, PROFILES, Config, ConfigE
 # %% auto #0
 __all__ = ['RESULT_COLUMNS', 'FRACTION_METRICS', 'project_root', 'resolve_path', 'data_root', 'run_dir', 'cache_dir',
            'results_path', 'figures_dir', 'seed_everything', 'pick_device', 'pick_dtype', 'autocast', 'get_logger',
-           'timer', 'atomic_write', 'atomic_write_json', 'content_hash', 'ArtifactBusy', 'artifact_lock',
-           'condition_string', 'condition_dict', 'result_row', 'read_results', 'write_results']
+           'timer', 'atomic_write', 'atomic_write_json', 'content_hash', 'replace_folder', 'ArtifactBusy',
+           'artifact_lock', 'condition_string', 'condition_dict', 'result_row', 'read_results', 'write_results']
 
 # %% ../nbs/00_core.ipynb #f853336c
 def project_root(start: str | Path | None = None) -> Path:
@@ -189,6 +190,19 @@ def content_hash(*parts: Any, n: int = 16) -> str:
             h.update(json.dumps(p, sort_keys=True, default=str).encode())
         h.update(b"\x00")
     return h.hexdigest()[:n]
+
+# %% ../nbs/00_core.ipynb #ec709294
+def replace_folder(new: str | Path, dest: str | Path) -> Path:
+    "Move the finished folder `new` to `dest`; an old `dest` is renamed aside first and deleted last."
+    new, dest = Path(new), Path(dest)
+    old = dest.with_name(f".{dest.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
 
 # %% ../nbs/00_core.ipynb #df299cca
 class ArtifactBusy(RuntimeError):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -15,15 +17,16 @@ import open_clip
 import torch
 from tqdm.auto import tqdm
 
-from .core import Config, artifact_lock, atomic_write_json, content_hash, pick_device
+from .core import Config, artifact_lock, atomic_write_json, content_hash, get_logger, pick_device
 from .embed import compute_image_embeddings
-from .models import (checkpoint_metadata, create_clip, images_to_tensor, is_checkpoint,
+from .models import (CheckpointError, checkpoint_metadata, create_clip, images_to_tensor, is_checkpoint,
                             load_checkpoint, model_dir, save_checkpoint)
 from .world import CATEGORY_NAMES, World, make_caption
+from .train_state import load_train_state, save_train_state
 
 # %% auto #0
-__all__ = ['ZERO_SHOT_TEMPLATE', 'PRETRAIN_THREADS', 'warmup_cosine', 'zero_shot_accuracy', 'pretrain_clip',
-           'pretrain_fingerprint', 'pretrain_or_load']
+__all__ = ['ZERO_SHOT_TEMPLATE', 'PRETRAIN_THREADS', 'warmup_cosine', 'zero_shot_accuracy', 'clip_step_loss', 'train_steps',
+           'pretrain_clip', 'pretrain_fingerprint', 'resume_folder', 'pretrain_or_load']
 
 # %% ../nbs/02a_pretrain.ipynb #464b8a7a
 def warmup_cosine(step: int, total: int, warmup: float = 0.05) -> float:
@@ -74,36 +77,72 @@ def _param_groups(model, weight_decay: float):
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 # %% ../nbs/02a_pretrain.ipynb #6ecb247e
-def _train_steps(model, tokenizer, world: World, cfg: Config, device, weight_decay: float, warmup: float,
-                 progress: bool, on_step) -> dict:
-    "The training loop of `pretrain_clip`: `cfg.pretrain_steps` steps, a new order and new captions every epoch."
+def clip_step_loss(model, batch: dict, loss_fn) -> dict:
+    "The CLIP loss of a batch's images and captions: `{'total': loss}` (the default hook of `train_steps`)."
+    f_img = model.encode_image(batch["images"], normalize=True)
+    f_txt = model.encode_text(batch["tokens"], normalize=True)
+    return {"total": loss_fn(f_img, f_txt, model.logit_scale.exp())}
+
+
+def _logged(v):
+    "A loss part as a history value: a float, or None for a term that did not apply at this step."
+    return v.item() if torch.is_tensor(v) else v
+
+
+def _resume(resume_dir, key, model, opt, gen, names) -> tuple[int, torch.Tensor | None, dict | None]:
+    "`(step, epoch order, history)` of a saved state of the same run in `resume_dir`; `(0, None, None)` when none."
+    if resume_dir is None or not (Path(resume_dir) / "train_state.json").exists():
+        return 0, None, None
+    if json.loads((Path(resume_dir) / "train_state.json").read_text()).get("run_key") != key:
+        return 0, None, None  # another run's state: start over (it is replaced at the first save)
+    meta = load_train_state(resume_dir, model, opt, None, None, names)
+    gen.set_state(meta["extra"]["generator"])
+    return meta["step"], meta["extra"]["order"], meta["history"]
+
+# %% ../nbs/02a_pretrain.ipynb #747af3dd
+def train_steps(model, tokenizer, world: World, cfg: Config, device, weight_decay: float = 0.1, warmup: float = 0.05,
+                progress: bool = True, on_step: Callable[[int, float], None] | None = None,
+                step_loss: Callable[[torch.nn.Module, dict], dict] | None = None, resume_dir: str | Path | None = None,
+                key: str = "", save_every: int = 50, desc: str = "pretrain CLIP") -> dict:
+    "`cfg.pretrain_steps` steps of `step_loss` (default: CLIP loss), a new order and new captions every epoch; the history."
     idx = world.indices("train")
     bs, total = cfg.pretrain_batch_size, cfg.pretrain_steps
     images, records = images_to_tensor(world.images[idx]), world.records(idx)
     steps_per_epoch = len(idx) // bs
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=cfg.pretrain_lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn, gen = open_clip.ClipLoss(), torch.Generator().manual_seed(cfg.seed)
-    history = dict(loss=[], lr=[], steps=0, steps_per_epoch=steps_per_epoch)
+    step_loss = step_loss or (lambda m, batch: clip_step_loss(m, batch, loss_fn))
+    names = [n for n, _ in model.named_parameters()]
+    start, perm, history = _resume(resume_dir, key, model, opt, gen, names)
+    history = history or dict(loss=[], lr=[], steps=0, steps_per_epoch=steps_per_epoch)
     model.train()
-    for step in tqdm(range(total), desc="pretrain CLIP", disable=not progress, mininterval=2.0):
+    bar = tqdm(range(start, total), desc=desc, disable=not progress, mininterval=2.0, initial=start, total=total)
+    for step in bar:
         epoch, b = divmod(step, steps_per_epoch)
-        if b == 0:
+        if b == 0 or step == start:
             rng = np.random.default_rng([cfg.seed, 11, epoch])  # fresh captions every epoch
             tokens = tokenizer([make_caption(r, rng) for r in records])
+        if b == 0:
             perm = torch.randperm(len(idx), generator=gen)
         j = perm[b * bs:(b + 1) * bs]
-        f_img = model.encode_image(images[j].to(device), normalize=True)
-        f_txt = model.encode_text(tokens[j].to(device), normalize=True)
-        loss = loss_fn(f_img, f_txt, model.logit_scale.exp())
+        parts = step_loss(model, dict(images=images[j].to(device), tokens=tokens[j].to(device), positions=j,
+                                      records=records, step=step, tokenizer=tokenizer))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        parts["total"].backward()
         lr = cfg.pretrain_lr * warmup_cosine(step, total, warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        history["loss"].append(loss.item()); history["lr"].append(lr); history["steps"] = step + 1
+        history["loss"].append(parts["total"].item()); history["lr"].append(lr); history["steps"] = step + 1
+        for k, v in parts.items():
+            if k != "total":
+                history.setdefault(k, []).append(_logged(v))
+        if resume_dir is not None and (step + 1) % save_every == 0 and step + 1 < total:
+            save_train_state(resume_dir, model, cfg.model_name, opt, None, None,
+                             dict(epoch=epoch, step=step + 1, run_key=key, history=history), names,
+                             extra=dict(generator=gen.get_state(), order=perm))
         if on_step is not None:
             on_step(step, history["loss"][-1])
     model.eval()
@@ -114,7 +153,8 @@ def _train_steps(model, tokenizer, world: World, cfg: Config, device, weight_dec
 # %% ../nbs/02a_pretrain.ipynb #638c606b
 def pretrain_clip(world: World, cfg: Config, device: str | torch.device | None = None, weight_decay: float = 0.1,
                   warmup: float = 0.05, progress: bool = True, threads: int = PRETRAIN_THREADS,
-                  on_step: Callable[[int, float], None] | None = None):
+                  on_step: Callable[[int, float], None] | None = None, step_loss=None,
+                  resume_dir: str | Path | None = None, key: str = "", save_every: int = 50, desc: str = "pretrain CLIP"):
     "Train `cfg.model_name` from scratch for `cfg.pretrain_steps` steps on the world's train split; `(model, tokenizer, history)`."
     device = torch.device(device) if device is not None else pick_device(cfg.device)
     n_train = len(world.indices("train"))
@@ -128,7 +168,8 @@ def pretrain_clip(world: World, cfg: Config, device: str | torch.device | None =
     try:
         t0, c0 = time.perf_counter(), time.process_time()
         model, _, tokenizer = create_clip(cfg.model_name, None, device=device, seed=cfg.seed)
-        history = _train_steps(model, tokenizer, world, cfg, device, weight_decay, warmup, progress, on_step)
+        history = train_steps(model, tokenizer, world, cfg, device, weight_decay, warmup, progress, on_step,
+                              step_loss, resume_dir, key, save_every, desc)
     finally:
         torch.set_num_threads(caller_threads)
     history["seconds"] = time.perf_counter() - t0  # reported, never used
@@ -147,6 +188,12 @@ def pretrain_fingerprint(cfg: Config, world: World, weight_decay: float = 0.1, w
                              weight_decay=weight_decay, warmup=warmup, threads=threads))
 
 # %% ../nbs/02a_pretrain.ipynb #5b3def2c
+def resume_folder(folder: str | Path) -> Path:
+    "Where the training state of the model saved at `folder` lives until the model is finished."
+    folder = Path(folder)
+    return folder.with_name(f".{folder.name}.resume")
+
+
 def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | None = None, retrain: bool = False,
                      progress: bool = True, threads: int = PRETRAIN_THREADS):
     "`(model, tokenizer, history, reused)`: the saved base model of `cfg` if its fingerprint matches, else a new one."
@@ -154,11 +201,16 @@ def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | Non
     fp = pretrain_fingerprint(cfg, world, threads=threads)
     with artifact_lock(folder):  # a second run writing the same model stops here with a clear message
         if not retrain and is_checkpoint(folder) and checkpoint_metadata(folder).get("fingerprint") == fp:
-            model, _, tokenizer = load_checkpoint(folder, device=device or pick_device(cfg.device))
-            return model, tokenizer, json.loads((folder / "history.json").read_text()), True
-        model, tokenizer, history = pretrain_clip(world, cfg, device=device, progress=progress, threads=threads)
+            try:
+                model, _, tokenizer = load_checkpoint(folder, device=device or pick_device(cfg.device))
+                return model, tokenizer, json.loads((folder / "history.json").read_text()), True
+            except (CheckpointError, OSError, ValueError) as e:  # damaged: trained again, like a finetuned model
+                get_logger().warning(f"the base model at {folder} cannot be used ({e}); training it again")
+        model, tokenizer, history = pretrain_clip(world, cfg, device=device, progress=progress, threads=threads,
+                                                  resume_dir=resume_folder(folder), key=fp)
         keep = ("seconds", "cpu_seconds", "final_loss", "steps", "epochs", "threads")
         save_checkpoint(model, folder, cfg.model_name, extra=dict(fingerprint=fp, world_key=world.key, seed=cfg.seed,
                                                                    **{k: history[k] for k in keep}))
         atomic_write_json(folder / "history.json", history)
+        shutil.rmtree(resume_folder(folder), ignore_errors=True)  # the finished model replaces its training state
     return model, tokenizer, history, False

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .core import Config, atomic_write_json
+from .core import Config, atomic_write_json, replace_folder
 from .losses import COMPILE_MODES, LOSSES, TRAINABLE_MODES
 from .models import CheckpointError, file_sha256, load_weights, save_checkpoint, save_safetensors
 
@@ -100,8 +100,8 @@ def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict[str, dic
 
 
 def save_train_state(folder: str | Path, model, model_name: str, opt, sched, scaler, state: dict,
-                     names: list[str]) -> Path:
-    "Write model + optimizer, scheduler, scaler, RNG and `state` (JSON-able) to `folder`, atomically as a folder."
+                     names: list[str], extra: dict[str, torch.Tensor] | None = None) -> Path:
+    "Write model + optimizer, scheduler and scaler (each may be None), RNG, `extra` tensors and `state` (JSON-able) to `folder`, atomically as a folder."
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -111,13 +111,13 @@ def save_train_state(folder: str | Path, model, model_name: str, opt, sched, sca
     tensors["rng/cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors.update({f"rng/cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    tensors.update({f"extra/{k}": v for k, v in (extra or {}).items()})
     sha = save_safetensors(tensors, tmp / "train_state.safetensors")
     atomic_write_json(tmp / "train_state.json", {
         **state, "param_names": names, "param_groups": sd["param_groups"], "opt_plain": plain, "sha256": sha,
-        "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None})
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder
+        "scheduler": sched.state_dict() if sched is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None})
+    return replace_folder(tmp, folder)  # the previous state stays whole until the new one has its name
 
 # %% ../nbs/07b_train_state.ipynb #7c42c799
 def _read_state_tensors(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
@@ -132,7 +132,7 @@ def _read_state_tensors(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
 
 
 def load_train_state(folder: str | Path, model, opt, sched, scaler, names: list[str]) -> dict:
-    "Restore what `save_train_state` wrote into `model`, `opt`, `sched`, `scaler` and the RNG; return the state."
+    "Restore what `save_train_state` wrote into `model`, `opt`, `sched`, `scaler` (None: not restored) and the RNG; the state, `extra` tensors under `'extra'`."
     folder = Path(folder)
     meta = json.loads((folder / "train_state.json").read_text())
     if meta["param_names"] != names:
@@ -149,13 +149,15 @@ def load_train_state(folder: str | Path, model, opt, sched, scaler, names: list[
     for idx, st in meta["opt_plain"].items():
         state.setdefault(int(idx), {}).update(st)
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    sched.load_state_dict(meta["scheduler"])
-    if meta.get("scaler") and scaler.is_enabled():
+    if sched is not None:
+        sched.load_state_dict(meta["scheduler"])
+    if meta.get("scaler") and scaler is not None and scaler.is_enabled():
         scaler.load_state_dict(meta["scaler"])
     torch.set_rng_state(tensors["rng/cpu"])
     cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng/cuda"))]
     if torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+    meta["extra"] = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("extra/")}
     return meta
 
 

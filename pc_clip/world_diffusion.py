@@ -21,7 +21,7 @@ from .world import (CATEGORY_NAMES, COLOURS, COLOUR_NEIGHBOURS, difference_state
                            make_world, position_word, typical_attrs)
 from .world_edits import (WORLD_EDITS, WorldEdit, bootstrap_interval, edit_pair, edit_statement, edit_success,
                                  edit_target_colour, measure_generated)
-from .models import load_clip
+from .models import load_clip, save_safetensors
 
 # %% auto #0
 __all__ = ['GENERATOR_VERSION', 'CLASS_TEMPLATE', 'CHANCE_SEED_OFFSET', 'text_conditioning', 'arithmetic_conditioning',
@@ -203,7 +203,7 @@ def world_caption_conditioning(world, model, tokenizer, idx_pool: np.ndarray):
 def train_or_load_generator(cfg: Config, world, model, tokenizer, settings: GeneratorSettings = GeneratorSettings(),
                             progress: bool = True, retrain: bool = False, device: str | torch.device = "cpu"):
     "`(unet, info)`: the generator of `settings` trained on the world's train split with `model`'s text states; cached."
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     idx = world.indices("train")
     key = generator_key(world.key or content_hash(world.images), _clip_fingerprint(model), settings,
                         world.images.shape[1])
@@ -219,9 +219,7 @@ def train_or_load_generator(cfg: Config, world, model, tokenizer, settings: Gene
     with artifact_lock(path, timeout=600), timer() as t:
         unet, losses = train_generator(world.images[idx], world_caption_conditioning(world, model, tokenizer, idx),
                                        settings, empty, progress, device)
-    tmp = path.with_name("." + path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    save_safetensors(unet.state_dict(), path)  # written whole (fsync, then rename) or not at all
     info = dict(key=key, settings=asdict(settings), seconds=t["seconds"], cpu_seconds=time.process_time() - c0, steps=settings.steps,
                 first_loss=float(np.mean(losses[:50])), final_loss=float(np.mean(losses[-50:])))
     atomic_write_json(path.with_suffix(".json"), info)
