@@ -122,11 +122,12 @@ def measure_generation(model: str | None = None, shape: str | None = "llama-tiny
             name = f"{model or 'tiny random llama'} ({'4-bit NF4' if four_bit else 'fp32/bf16'})"
         load_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in lm.parameters())
-    fitted = batch_size <= 0
-    if fitted:  # the paper profile's rule (gen_batch_from_memory): as many prompts as free memory holds
+    fitted = batch_size <= 0 and dev.startswith("cuda")
+    if batch_size <= 0:  # the paper profile's rule (gen_batch_from_memory): as many prompts as free GPU memory holds
         batch_size = generation_batch_size(lm, 32, True, max_new_tokens)
         n_prompts = max(n_prompts, batch_size)
-        log(f"batch fitted to free memory: {batch_size}")
+        log(f"the paper profile's batch on this device: {batch_size} "
+            + ("(fitted to free GPU memory)" if fitted else "(its gen_batch_size: no GPU memory to fit)"))
     prompts = bench_prompts(n_prompts)
     single = prompts[:single_prompts] if single_prompts else prompts
     n_prompt = len(tok(prompts[0])["input_ids"])
