@@ -1,11 +1,12 @@
 """Finetuning throughput, two comparisons on one machine in one run.
 
 Old step vs new step (the default, `--compare fast`): `pc_clip.training.finetune`'s own loop with its fast paths off
-(today's step, the `tiny` profile's) and on (fused causal attention, length buckets, optionally the compiled
-text tower; `--compile off` leaves it out), same model, data and seed. The two trainers take turns epoch by epoch (old,
-new, then new, old, ...), so a change in the load of a shared machine hits both alike; the first epoch of
-each warms up (and compiles) and is left out. Prints pairs/s of each, the mean padded length of a batch and
-the ratio new / old, per epoch and overall:
+(today's step, the `tiny` profile's) and on (fused causal attention, length buckets and the compiled text
+tower; `--compile off` leaves it out), same model, data and seed. The two trainers take turns step by step
+(old, new, then new, old, ...), each step timed on its own, so a change in the load of a shared machine hits
+both alike; the first epoch of each warms up (and compiles) and is not timed. Prints pairs/s of each (wall clock, and per CPU
+second of this process, which the load of other jobs moves less), the mean padded length of a batch and the
+ratio new / old, per epoch and overall:
 
     python bench/bench_finetune.py                                   # CPU, the tiny world model
     python bench/bench_finetune.py --model ViT-L-14 --pairs 32768 --batch-size 512 --epochs 3   # a GPU, random weights
@@ -45,7 +46,7 @@ from tqdm.auto import tqdm
 from hardware import peak_bf16
 from pc_clip.core.runtime import autocast, pick_device, pick_dtype
 from pc_clip.core.config import get_config
-from pc_clip.training.finetune import _batches, _History, _prepare, _train_epoch, _trainer, finetune
+from pc_clip.training.finetune import _batches, _prepare, _train_step, _trainer, finetune
 from pc_clip.models.text import encode_text_trimmed
 from pc_clip.training.losses import difference_contrastive_loss, set_trainable
 from pc_clip.models.clip import create_clip
@@ -234,10 +235,11 @@ def _mean_padded(ids: torch.Tensor, triples: pd.DataFrame, batch_size: int, epoc
 
 
 def measure_fast_paths(model_name: str = "pc-clip-tiny", pairs: int = 4096, images: int = 1024, batch_size: int = 256,
-                       epochs: int = 5, device: str = "auto", precision: str = "auto", seed: int = 0,
+                       epochs: int = 3, device: str = "auto", precision: str = "auto", seed: int = 0,
                        fast: dict | None = None, log=print) -> dict:
     """Old step (fast paths off) vs new step (`fast`, default `FAST`) of `pc_clip.training.finetune`'s loop in one process:
-    two trainers on the same model and data take turns epoch by epoch; the first epoch of each is left out."""
+    two trainers on the same model and data take turns step by step (`_train_step`, the loop's own optimizer step),
+    each step timed on its own; the first epoch of each warms up (and compiles) and is not timed."""
     fast = dict(FAST if fast is None else fast)
     dev = pick_device(device)
     model, _, tokenizer = create_clip(model_name, None, device=dev, seed=seed)
@@ -250,29 +252,48 @@ def measure_fast_paths(model_name: str = "pc-clip-tiny", pairs: int = 4096, imag
         data = _prepare(model, tokenizer, triples, s, cfg, emb, None, False, 1)
         tr = _trainer(model, data, s, 0, 1)
         tr.model.train()
-        runs[name] = (tr, data, s, _History())
+        runs[name] = (tr, data, s)
     log(f"device {dev}, model {model_name} (text {model.transformer.width} wide x {model.transformer.layers} layers), "
-        f"{len(triples)} pairs, batch {batch_size}, {epochs} epochs each; new step: {fast}")
-    bar = tqdm(disable=True)
+        f"{len(triples)} pairs, batch {batch_size}, {epochs} epochs each, steps interleaved; new step: {fast}")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    seconds = {k: [0.0] * epochs for k in runs}
+    cpu = {k: [0.0] * epochs for k in runs}  # CPU seconds of this process: what a step costs, whatever the load
+    n_pairs = {k: [0] * epochs for k in runs}
+    losses = {k: [] for k in runs}
     for epoch in range(epochs):
-        for name in ("old", "new") if epoch % 2 == 0 else ("new", "old"):
-            tr, data, s, hist = runs[name]
-            _train_epoch(tr, data, s, epoch, hist, 10**9, bar)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            e = hist.epochs[-1]
-            log(f"epoch {epoch + 1} {name}: {e['pairs_per_s']:.1f} pairs/s ({e['seconds']:.1f} s, loss {e['loss']:.4f})")
-    timed = {k: runs[k][3].epochs[1:] if epochs > 1 else runs[k][3].epochs for k in runs}
-    rate = {k: sum(e["pairs"] for e in v) / sum(e["seconds"] for e in v) for k, v in timed.items()}
-    per_epoch = [n["pairs_per_s"] / o["pairs_per_s"] for o, n in zip(timed["old"], timed["new"])]
+        order = {k: _batches(d.n, s, epoch, 1, d.pool_pos) for k, (_, d, s) in runs.items()}
+        for step, pair in enumerate(zip(order["old"], order["new"])):
+            turns = (("old", pair[0]), ("new", pair[1]))
+            for name, batch in turns if step % 2 == 0 else turns[::-1]:  # who goes first alternates
+                tr = runs[name][0]
+                sync()
+                t0, c0 = time.perf_counter(), time.process_time()
+                loss, _ = _train_step(tr, [batch])
+                sync()
+                seconds[name][epoch] += time.perf_counter() - t0
+                cpu[name][epoch] += time.process_time() - c0
+                n_pairs[name][epoch] += len(batch)
+                losses[name].append(loss)
+        for tr, _, _ in runs.values():
+            tr.sched.step()
+        log(f"epoch {epoch + 1}: old {n_pairs['old'][epoch] / seconds['old'][epoch]:.1f} pairs/s "
+            f"({seconds['old'][epoch]:.1f} s), new {n_pairs['new'][epoch] / seconds['new'][epoch]:.1f} pairs/s "
+            f"({seconds['new'][epoch]:.1f} s){' (warm-up, not timed)' if epoch == 0 and epochs > 1 else ''}")
+    timed = slice(1, None) if epochs > 1 else slice(None)
+    rate = {k: sum(n_pairs[k][timed]) / sum(seconds[k][timed]) for k in runs}
+    cpu_rate = {k: sum(n_pairs[k][timed]) / sum(cpu[k][timed]) for k in runs}
+    per_epoch = [(n_pairs["new"][e] / seconds["new"][e]) / (n_pairs["old"][e] / seconds["old"][e])
+                 for e in range(epochs)][timed]
     ids = runs["old"][1].ids.cpu()
     return dict(card=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", model=model_name,
-                batch_size=batch_size, pairs=len(triples), epochs=epochs, timed_epochs=len(timed["old"]), fast=fast,
+                batch_size=batch_size, pairs=len(triples), epochs=epochs, timed_epochs=len(per_epoch), fast=fast,
                 old_pairs_per_s=rate["old"], new_pairs_per_s=rate["new"], ratio=rate["new"] / rate["old"],
                 ratio_per_epoch=per_epoch, useful_tokens=float(ids.argmax(-1).float().mean()) + 1,
                 old_mean_batch_max_tokens=_mean_padded(ids, triples, batch_size, epochs, seed, None),
                 new_mean_batch_max_tokens=_mean_padded(ids, triples, batch_size, epochs, seed, fast),
-                first_epoch_s={k: runs[k][3].epochs[0]["seconds"] for k in runs}, threads=torch.get_num_threads())
+                old_pairs_per_cpu_s=cpu_rate["old"], new_pairs_per_cpu_s=cpu_rate["new"],
+                cpu_ratio=cpu_rate["new"] / cpu_rate["old"], final_loss={k: float(np.mean(v[-len(order[k]):])) for k, v in losses.items()},
+                first_epoch_s={k: seconds[k][0] for k in runs}, threads=torch.get_num_threads())
 
 
 def finetune_table(r: dict) -> pd.DataFrame:
@@ -290,10 +311,12 @@ def fast_table(r: dict) -> pd.DataFrame:
     "One row per step: pairs/s over the timed epochs, mean padded batch length, and the ratio to the old step."
     return pd.DataFrame([
         dict(step="old (fast paths off)", pairs_per_s=round(r["old_pairs_per_s"], 1),
-             padded_tokens=round(r["old_mean_batch_max_tokens"], 1), ratio="1.00x"),
+             pairs_per_cpu_s=round(r["old_pairs_per_cpu_s"], 1), padded_tokens=round(r["old_mean_batch_max_tokens"], 1),
+             ratio="1.00x", cpu_ratio="1.00x"),
         dict(step="new (" + ", ".join(f"{k}={v}" for k, v in r["fast"].items()) + ")",
-             pairs_per_s=round(r["new_pairs_per_s"], 1), padded_tokens=round(r["new_mean_batch_max_tokens"], 1),
-             ratio=f"{r['ratio']:.2f}x")])
+             pairs_per_s=round(r["new_pairs_per_s"], 1), pairs_per_cpu_s=round(r["new_pairs_per_cpu_s"], 1),
+             padded_tokens=round(r["new_mean_batch_max_tokens"], 1), ratio=f"{r['ratio']:.2f}x",
+             cpu_ratio=f"{r['cpu_ratio']:.2f}x")])
 
 
 def main(argv=None):
@@ -306,7 +329,7 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=None,
-                    help="epochs per loop (default 5 for --compare fast, 2 for reference); the first is left out")
+                    help="epochs per loop (default 3 for --compare fast, 2 for reference); the first is not timed")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -321,12 +344,12 @@ def main(argv=None):
     fast = dict(fused_attention=not args.no_fused, length_buckets=args.buckets, compile=args.compile)
     load = f"CPU threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} over {os.cpu_count()} cores"
     if args.compare == "fast":
-        r = measure_fast_paths(args.model, args.pairs, args.images, args.batch_size, args.epochs or 5, args.device,
+        r = measure_fast_paths(args.model, args.pairs, args.images, args.batch_size, args.epochs or 3, args.device,
                                args.precision, args.seed, fast)
         table = fast_table(r)
         print(table.to_string(index=False))
         if r["card"] == "cpu":
-            print(f"{load} at the end (other jobs share this machine: the two steps took turns epoch by epoch)")
+            print(f"{load} at the end (other jobs share this machine: the two steps took turns step by step)")
         print(f"new / old: {r['ratio']:.2f}x over {r['timed_epochs']} timed epochs each (per epoch: "
               + ", ".join(f"{x:.2f}x" for x in r["ratio_per_epoch"]) + f"); texts average {r['useful_tokens']:.1f} tokens; "
               f"first (untimed) epoch {r['first_epoch_s']['old']:.1f} s old, {r['first_epoch_s']['new']:.1f} s new (compiling included)")

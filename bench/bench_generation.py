@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pc_clip.differences.llm import build_prompt, generate_texts, load_causal_lm
+from pc_clip.differences.llm import build_prompt, generate_texts, load_causal_lm, generation_batch_size
 from pc_clip.differences.pairs import sample_pairs
 from pc_clip.smoke.fixtures import make_tiny_llama
 
@@ -104,7 +104,8 @@ def measure_generation(model: str | None = None, shape: str | None = "llama-tiny
                        four_bit: bool = True, device: str = "auto", n_prompts: int = 16, single_prompts: int | None = None,
                        batch_size: int = 8, max_new_tokens: int = 32, log=print) -> dict:
     """Tokens/s of batched generation (`n_prompts` in batches of `batch_size`) and of one prompt at a time
-    (the first `single_prompts` of them; default all), both through `generate_texts`, as one dict."""
+    (the first `single_prompts` of them; default all), both through `generate_texts`, as one dict. `batch_size=0`:
+    the batch the paper profile uses on this card (`pc_clip.differences.llm.generation_batch_size` from free GPU memory)."""
     dev = "cuda" if (device == "auto" and torch.cuda.is_available()) else ("cpu" if device == "auto" else device)
     with tempfile.TemporaryDirectory() as tmp:
         tiny = make_tiny_llama(Path(tmp) / "tiny-llama")
@@ -121,6 +122,12 @@ def measure_generation(model: str | None = None, shape: str | None = "llama-tiny
             name = f"{model or 'tiny random llama'} ({'4-bit NF4' if four_bit else 'fp32/bf16'})"
         load_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in lm.parameters())
+    fitted = batch_size <= 0 and dev.startswith("cuda")
+    if batch_size <= 0:  # the paper profile's rule (gen_batch_from_memory): as many prompts as free GPU memory holds
+        batch_size = generation_batch_size(lm, 32, True, max_new_tokens)
+        n_prompts = max(n_prompts, batch_size)
+        log(f"the paper profile's batch on this device: {batch_size} "
+            + ("(fitted to free GPU memory)" if fitted else "(its gen_batch_size: no GPU memory to fit)"))
     prompts = bench_prompts(n_prompts)
     single = prompts[:single_prompts] if single_prompts else prompts
     n_prompt = len(tok(prompts[0])["input_ids"])
@@ -136,7 +143,7 @@ def measure_generation(model: str | None = None, shape: str | None = "llama-tiny
     log(f"one at a time: {one['tokens_per_s']:.1f} tokens/s")
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else None  # after the build
     return dict(model=name, device=dev, stored_params=n_params, build_s=load_s, prompts=len(prompts),
-                single_prompts=len(single), batch_size=batch_size, max_new_tokens=max_new_tokens,
+                single_prompts=len(single), batch_size=batch_size, batch_fitted=fitted, max_new_tokens=max_new_tokens,
                 prompt_tokens=n_prompt, batched_s=batched["seconds"], batched_tokens_per_s=batched["tokens_per_s"],
                 batched_pairs_per_s=batched["pairs_per_s"], single_s=one["seconds"],
                 single_tokens_per_s=one["tokens_per_s"], single_pairs_per_s=one["pairs_per_s"],

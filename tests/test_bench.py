@@ -49,6 +49,12 @@ def test_gpu_check_smoke_prints_numeric_table(tmp_path):
         row = _row(table, label)
         assert re.search(rf"\s{num}x\s+{goal}\s+(yes|no)$", row), row
     assert re.search(r"\sn/a\s+>= 35%", _row(table, "finetune MFU"))
+    # before and after: the same loop with the fast paths on (fused attention, length buckets), same machine, same run
+    assert ft["fast"] == dict(fused_attention=True, length_buckets=2, compile="off") and ft["fast_pairs_per_s"] > 0
+    assert abs(ft["fast_speedup"] - ft["fast_pairs_per_s"] / ft["ours_pairs_per_s"]) < 1e-9
+    assert re.search(rf"\s{num}x\s*$", _row(table, "finetune with fast paths: / plain loop"))
+    assert re.search(rf"\s{num}x\s+>= 20x\s+(yes|no)$", _row(table, "finetune with fast paths: speed-up"))
+    assert re.search(r"\sn/a\s+>= 35%", _row(table, "finetune with fast paths: MFU"))
     speedup = float(re.search(num, _row(table, "generate speed-up")).group())
     assert abs(speedup - gen["speedup"]) < 0.01
 
@@ -85,3 +91,24 @@ def test_peak_lookup_prefers_specific_names(monkeypatch):
     assert bf.peak_bf16("NVIDIA H100 80GB HBM3") == (989e12, "H100")
     assert bf.peak_bf16("NVIDIA H100 PCIe")[0] == 756e12 and bf.peak_bf16("NVIDIA H200")[0] == 989e12
     assert bf.peak_bf16("NVIDIA H200 NVL")[0] == 835e12 and bf.peak_bf16("cpu") == (None, "")
+
+
+def test_report_shows_mfu_before_and_after_the_fast_paths(tmp_path):
+    "One card, one run: the plain loop's MFU, the fast paths' MFU, their ratio and the goals, as the GPU run reports them."
+    gc = _gpu_check()
+    (tmp_path / "env.json").write_text(json.dumps(dict(card="NVIDIA H200", torch="2.11.0", python="3.12.3")))
+    flops, peak = 6.89e9, 989e12
+    ft = dict(ok=True, card="NVIDIA H200", model="ViT-L-14", batch_size=512, pairs=32768, ref_pairs=8192, epochs=2,
+              text_width=768, text_layers=12, trained_params=85.1e6, useful_tokens=13.5, mean_batch_max_tokens=26.1,
+              context=77, ours_pairs_per_s=11452.7, ref_pairs_per_s=924.3, speedup=11452.7 / 924.3,
+              useful_flops_per_pair=flops, counted_flops_per_pair=13.34e9, peak_flops=peak, peak_key="H200",
+              ours_mfu=11452.7 * flops / peak, ref_mfu=924.3 * flops / peak,
+              fast=dict(fused_attention=True, length_buckets=16, compile="default"), fast_pairs_per_s=45811.0,
+              fast_speedup=45811.0 / 11452.7, fast_mfu=45811.0 * flops / peak, fast_mean_batch_max_tokens=14.2)
+    (tmp_path / "finetune.json").write_text(json.dumps(ft))
+    text = gc.report(tmp_path)
+    assert "| finetune MFU, ours (989 TFLOP/s bf16 peak) | 8.0% | >= 35% | no |" in text
+    assert "| finetune with fast paths: MFU (989 TFLOP/s bf16 peak) | 31.9% | >= 35% | no |" in text
+    assert "| finetune with fast paths: / plain loop (same card, same run) | 4.00x |  |  |" in text
+    assert "| finetune with fast paths: speed-up | 49.56x | >= 20x | yes |" in text
+    assert "padded to 14.2 tokens on average; the MFU ratio after / before is the pairs/s ratio, 4.00x." in text

@@ -75,10 +75,12 @@ def test_only_trainable_parameters_change(base, data, mode, tmp_path):
         assert any(n.startswith("visual.") for n in trained)
 
 
-def test_resume_reproduces_uninterrupted_run(base, data, tmp_path):
+@pytest.mark.parametrize("fast", [{}, dict(ft_fused_attention=True, ft_length_buckets=2)], ids=["plain", "fast-paths"])
+def test_resume_reproduces_uninterrupted_run(base, data, tmp_path, fast):
+    "Also with fused attention and length buckets: the bucketed batches of an epoch are the same after a resume."
     model, tok = base
     _, emb, triples = data
-    c = cfg(ft_epochs=3, ft_grad_accum=2, ft_batch_size=8)
+    c = cfg(ft_epochs=3, ft_grad_accum=2, ft_batch_size=8, **fast)
     full = finetune(model, tok, triples, c, tmp_path / "full", image_embeddings=emb, progress=False)
 
     def crash(epoch, logs):
