@@ -14,6 +14,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import pc_clip.data.datasets as datasets_module
 from pc_clip.core.config import get_config
 from pc_clip.core.runtime import project_root
 from pc_clip.data.imagedata import (DATASET_INFO, DatasetNotFoundError, ImageDataset, iter_images,
@@ -332,19 +333,20 @@ def test_iter_images_with_a_transform_and_indices(tmp_path):
 
 # ---------------------------------------------------------------- the Shapes world
 
-def fake_world_module():
-    mod = types.ModuleType("pc_clip.world.shapes")
+def fake_world(monkeypatch):
+    "A four-image world in place of the Shapes world `load_dataset('world')` reads (the loader's own names)."
     attrs = pd.DataFrame({"category": ["glorp", "mib", "glorp", "mib"], "split": ["test", "test", "train", "val"],
                           "size": [7.0, 4.0, 7.5, 3.0]})
-    mod.CATEGORY_NAMES = ["mib", "glorp"]
-    mod.make_world = lambda cfg: types.SimpleNamespace(images=np.zeros((4, 32, 32, 3), np.uint8), attrs=attrs,
-                                                       captions=["a big glorp", "a mib", "a glorp", "a small mib"])
-    mod.class_attribute_table = lambda: pd.DataFrame({"large": [0, 1], "red": [1, 0]}, index=["mib", "glorp"])
-    return mod
+    world = types.SimpleNamespace(images=np.zeros((4, 32, 32, 3), np.uint8), attrs=attrs,
+                                  captions=["a big glorp", "a mib", "a glorp", "a small mib"])
+    monkeypatch.setattr(datasets_module, "make_world", lambda cfg: world)
+    monkeypatch.setattr(datasets_module, "CATEGORY_NAMES", ["mib", "glorp"])
+    monkeypatch.setattr(datasets_module, "class_attribute_table",
+                        lambda: pd.DataFrame({"large": [0, 1], "red": [1, 0]}, index=["mib", "glorp"]))
 
 
 def test_world_through_registry(monkeypatch):
-    monkeypatch.setitem(sys.modules, "pc_clip.world.shapes", fake_world_module())
+    fake_world(monkeypatch)
     ds = load_dataset("world", get_config("tiny"), "test")
     assert ds.classnames == ["mib", "glorp"] and ds.labels.tolist() == [1, 0]
     assert ds.captions == [["a big glorp"], ["a mib"]] and ds.arrays.shape == (2, 32, 32, 3)
@@ -354,7 +356,7 @@ def test_world_through_registry(monkeypatch):
 
 def test_world_val_split(monkeypatch):
     "The world's validation split loads by name, disjoint from train and test."
-    monkeypatch.setitem(sys.modules, "pc_clip.world.shapes", fake_world_module())
+    fake_world(monkeypatch)
     val = load_dataset("world", get_config("tiny"), "val")
     assert val.split == "val" and val.captions == [["a small mib"]] and val.labels.tolist() == [0]
     sizes = {s: set(load_dataset("world", get_config("tiny"), s).image_info["size"]) for s in ("train", "val", "test")}
@@ -362,7 +364,6 @@ def test_world_val_split(monkeypatch):
 
 
 def test_real_world_if_present():
-    pytest.importorskip("pc_clip.world.shapes")
     cfg = get_config("tiny", world_n_train=40, world_n_test=20)
     with temp_workdir():
         ds = load_dataset("world", cfg, "test")
@@ -399,6 +400,6 @@ def test_a_stand_in_manifest_in_a_real_data_root_does_not_bypass_md5(name, tmp_p
 def test_data_does_not_import_the_stand_ins():
     "pc_clip.data reads a checksum manifest as plain data; importing it loads neither pc_clip.smoke.standins nor pc_clip.testing."
     import subprocess
-    code = "import sys, pc_clip.data; print(sorted(m for m in sys.modules if m in ('pc_clip.smoke.standins', 'pc_clip.smoke.fixtures')))"
+    code = "import sys, pc_clip.data.datasets; print(sorted(m for m in sys.modules if m in ('pc_clip.smoke.standins', 'pc_clip.smoke.fixtures')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pc_clip.world.shapes import make_world
 from pc_clip.core.config import get_config
 from pc_clip.core.store import JsonlStore
 from pc_clip.differences.llm import HFBackend, build_prompt, generate_texts, load_causal_lm, render_chat
@@ -250,9 +251,8 @@ def test_killed_generation_resumes_with_every_pair_exactly_once(tmp_path):
 
 # ---------------------------------------------------------------- the real world oracle
 def test_world_oracle_statements_pass_the_filter(runs_dir):
-    world_mod = pytest.importorskip("pc_clip.world.shapes", reason="pc_clip.world.shapes not exported yet")
     cfg = get_config("tiny", world_n_train=300, world_n_test=50)
-    world = world_mod.make_world(cfg)
+    world = make_world(cfg)
     corpus = corpus_from_world(world, "train")
     assert len(corpus) == 300 and corpus.caption.tolist() == [world.captions[i] for i in corpus.image_id]
     pairs = sample_pairs(corpus, 200, seed=0, held_out=world.heldout_pairs)
@@ -268,7 +268,6 @@ def test_world_oracle_statements_pass_the_filter(runs_dir):
 
 # ---------------------------------------------------------------- the experiment notebook
 def test_experiment_notebook_runs_and_resumes(runs_dir):
-    pytest.importorskip("pc_clip.world.shapes", reason="pc_clip.world.shapes not exported yet")
     import papermill as pm
     from pc_clip.core.runtime import read_results
     repo = Path(__file__).resolve().parents[1]

@@ -68,7 +68,7 @@ def test_openai_judge_sends_key_only_in_the_header(openai_env, tmp_path, caplog)
         out = judge_records(records(), judge, tmp_path / "judged.jsonl", batch_size=3, progress=False)
     assert len(srv.requests) == 4
     req = srv.requests[0]
-    assert req["path"] == "/v1/chat/completions" and req["headers"]["Authorization"] == f"Bearer {KEY}"
+    assert req["path"] == "/v1/chat/completions" and {k.lower(): v for k, v in req["headers"].items()}["authorization"] == f"Bearer {KEY}"  # names are case-free
     assert req["body"]["model"] == "gpt-4o-mini" and req["body"]["temperature"] == 0
     assert "A large red glorp." in req["body"]["messages"][-1]["content"]
     assert KEY not in json.dumps(req["body"])

@@ -21,6 +21,8 @@ from .imagedata import (DATASET_INFO, DatasetNotFoundError, ImageDataset, _check
     clean_classname, dataset_layout_error, hashed_split, accept_recorded, recorded_checksums, torchvision_integrity)
 
 log = get_logger("pc_clip.data.datasets")
+from ..world.shapes import make_world
+from ..world.species import CATEGORY_NAMES, class_attribute_table
 
 # %% auto #0
 __all__ = ['log', 'EUROSAT_FOLDERS', 'SUN397_PARTITION_FILES', 'WORLD_SPLITS', 'LOADERS', 'DATASETS', 'load_coco',
@@ -258,10 +260,7 @@ def world_dataset(world: Any, split: str = "test", class_table: pd.DataFrame | N
 # %% ../../nbs/data/01_datasets.ipynb #bf681bcc
 def load_world(cfg: Config, split: str = "test") -> ImageDataset:
     "The embedded Shapes world of `cfg` (built or read from cache by `pc_clip.world.shapes.make_world`)."
-    import importlib
-    world_mod = importlib.import_module("pc_clip.world.shapes")
-    table = world_mod.class_attribute_table() if hasattr(world_mod, "class_attribute_table") else None
-    return world_dataset(world_mod.make_world(cfg), split, table, getattr(world_mod, "CATEGORY_NAMES", None))
+    return world_dataset(make_world(cfg), split, class_attribute_table(), CATEGORY_NAMES)
 
 # %% ../../nbs/data/01_datasets.ipynb #a5503a98
 LOADERS: dict[str, Callable[..., ImageDataset]] = {
