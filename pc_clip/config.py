@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['PROFILES', 'FT_TRAINABLE', 'FT_LOSSES', 'CHOICES', 'Config', 'ConfigError', 'validate_config', 'get_config', 'given']
+__all__ = ['PROFILES', 'FT_TRAINABLE', 'FT_LOSSES', 'CHOICES', 'Config', 'ConfigError', 'validate_config', 'one_learning_rate',
+           'get_config', 'given']
 
 # %% ../nbs/00a_config.ipynb #22c4a6fc
 @dataclass(frozen=True)
@@ -241,6 +242,9 @@ def _range_problems(cfg: Config) -> list[tuple[str, str]]:
     check("ft_batch_size", lambda v: v >= 1, ">= 1")
     check("eval_seeds", lambda v: len(v) >= 1 and min(v) >= 0, "a non-empty tuple of seeds >= 0")
     check("comparative_alphas", lambda v: len(v) >= 1 and all(0 <= a <= 1 for a in v), "a non-empty tuple of weights in [0, 1]")
+    check("ft_lr_grid", lambda v: all(math.isfinite(x) and x > 0 for x in v), "a tuple of finite learning rates > 0 (or () for ft_lr alone)")
+    check("wavg_alpha_grid", lambda v: all(0 <= a <= 1 for a in v), "a tuple of weight-averaging mixes in [0, 1] (or () for alpha 1 alone)")
+    check("ft_keep_epochs", lambda v: all(e >= 1 for e in v), "a tuple of epoch numbers >= 1")
     check("t2i_image_size", lambda v: v % 8 == 0, "a multiple of 8 (SDXL works on an 8x smaller latent grid)")
     return out
 
@@ -316,12 +320,23 @@ def _check_keys(overrides: dict) -> None:
         raise KeyError(f"Unknown config key(s) {unknown}; valid keys are: {', '.join(sorted(valid))}")
 
 
+def one_learning_rate(overrides: dict) -> dict:
+    "`overrides` with `ft_lr` given alone read as one learning rate, no sweep: both grids `()` unless given too."
+    if overrides.get("ft_lr") is None:
+        return dict(overrides)
+    grid = overrides.get("ft_lr_grid", ())
+    if isinstance(grid, (tuple, list)) and len(grid):
+        raise ConfigError([f"ft_lr: given together with ft_lr_grid={tuple(grid)!r}; ft_lr trains one learning rate "
+                           "(no sweep), ft_lr_grid sweeps several: give one of them"])
+    return {"ft_lr_grid": (), "wavg_alpha_grid": (), **overrides}
+
+
 def get_config(profile: str = "tiny", **overrides) -> Config:
-    "The validated config of a named profile with `overrides` applied; a `None` override sets the field to `None`."
+    "The validated config of a named profile with `overrides` applied (`ft_lr` alone: see `one_learning_rate`)."
     if profile not in PROFILES:
         raise KeyError(f"Unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
     _check_keys(overrides)
-    return _validated(Config(**{**PROFILES[profile], "profile": profile, **_coerce(overrides)}))
+    return _validated(Config(**{**PROFILES[profile], "profile": profile, **_coerce(one_learning_rate(overrides))}))
 
 # %% ../nbs/00a_config.ipynb #4bdac749
 def given(**params) -> dict:
