@@ -60,6 +60,7 @@ class ModelSpec:
     ablation: bool = True
     when: str | None = None
     reported_as: str | None = None
+    family: bool = False  # the entry stands for every name `<name>-<something>` too (a study's arms)
     note: str = ""
 
     def __post_init__(self):
@@ -103,6 +104,13 @@ REGISTRY: list[ModelSpec] = [
     ModelSpec("t2i/pc-clip", "study", "differences", T2I_BASE_SETTINGS + PAIR_SETTINGS + GENERATION_SETTINGS
               + FINETUNE_SETTINGS, parent=None, evaluated=False, ablation=False,
               when="t2i", reported_as="pc-clip", note="the T2I study's PC-CLIP, finetuned from SDXL's first text encoder"),
+    # the studies beyond the paper (nbs/15_beyond*.ipynb): their arms differ by a part of the name
+    ModelSpec("pc-clip/noise-curve", "study", "noisy", _DIFFERENCES, evaluated=False, ablation=False, family=True,
+              note="the noise study: oracle statements at oracle_noise, filtered by the judge in the name's last part"),
+    ModelSpec("joint", "study", None, BASE_SETTINGS + PAIR_SETTINGS, parent=None, evaluated=False, ablation=False,
+              family=True, note="joint pretraining with a difference term of the weight in the name (joint-w<weight>)"),
+    ModelSpec("pretrain-then-finetune", "study", "differences", BASE_SETTINGS + PAIR_SETTINGS + FINETUNE_SETTINGS,
+              parent="joint", evaluated=False, ablation=False, note="CLIP pretraining, then PC-CLIP steps on oracle differences"),
 ]
 
 # %% ../nbs/00e_registry.ipynb #1c166b08
@@ -131,6 +139,9 @@ def model_spec(cfg: Config, name: str) -> ModelSpec:
         r = s.resolved(cfg)
         if r.name == name:
             return r
+    for s in REGISTRY:
+        if s.family and name.startswith(s.name + "-"):
+            return dataclasses.replace(s, name=name)
     raise KeyError(f"no model {name!r} in the registry (pc_clip.registry.REGISTRY) for profile {cfg.profile!r}; "
                    f"known: {[s.resolved(cfg).name for s in REGISTRY]}")
 
