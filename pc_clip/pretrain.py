@@ -15,9 +15,9 @@ import open_clip
 import torch
 from tqdm.auto import tqdm
 
-from .core import Config, artifact_lock, atomic_write_json, content_hash, pick_device
+from .core import Config, artifact_lock, atomic_write_json, content_hash, get_logger, pick_device
 from .embed import compute_image_embeddings
-from .models import (checkpoint_metadata, create_clip, images_to_tensor, is_checkpoint,
+from .models import (CheckpointError, checkpoint_metadata, create_clip, images_to_tensor, is_checkpoint,
                             load_checkpoint, model_dir, save_checkpoint)
 from .world import CATEGORY_NAMES, World, make_caption
 
@@ -147,15 +147,26 @@ def pretrain_fingerprint(cfg: Config, world: World, weight_decay: float = 0.1, w
                              weight_decay=weight_decay, warmup=warmup, threads=threads))
 
 # %% ../nbs/02a_pretrain.ipynb #5b3def2c
+def _fingerprint(folder: Path) -> str | None:
+    "The fingerprint recorded with a checkpoint (None when its config file cannot be read: rebuilt)."
+    try:
+        return checkpoint_metadata(folder).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
 def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | None = None, retrain: bool = False,
                      progress: bool = True, threads: int = PRETRAIN_THREADS):
     "`(model, tokenizer, history, reused)`: the saved base model of `cfg` if its fingerprint matches, else a new one."
     folder = model_dir(cfg, "clip")
     fp = pretrain_fingerprint(cfg, world, threads=threads)
     with artifact_lock(folder):  # a second run writing the same model stops here with a clear message
-        if not retrain and is_checkpoint(folder) and checkpoint_metadata(folder).get("fingerprint") == fp:
-            model, _, tokenizer = load_checkpoint(folder, device=device or pick_device(cfg.device))
-            return model, tokenizer, json.loads((folder / "history.json").read_text()), True
+        if not retrain and is_checkpoint(folder) and _fingerprint(folder) == fp:
+            try:
+                model, _, tokenizer = load_checkpoint(folder, device=device or pick_device(cfg.device))
+                return model, tokenizer, json.loads((folder / "history.json").read_text()), True
+            except (CheckpointError, OSError, ValueError) as e:  # damaged: rebuilt, as a finetuned model is
+                get_logger("pc_clip.pretrain").warning(f"{e}. Rebuilding it.")
         model, tokenizer, history = pretrain_clip(world, cfg, device=device, progress=progress, threads=threads)
         keep = ("seconds", "cpu_seconds", "final_loss", "steps", "epochs", "threads")
         save_checkpoint(model, folder, cfg.model_name, extra=dict(fingerprint=fp, world_key=world.key, seed=cfg.seed,
