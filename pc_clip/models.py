@@ -250,7 +250,23 @@ def write_manifest(cfg: Config, name: str, folder: str | Path | None = None, lr:
         m["candidate"] = {"lr": float(cfg.ft_lr if lr is None else lr), "alpha": 1.0 if alpha is None else float(alpha)}
     if data_file is not None and Path(data_file).exists():
         m.update(data_file=str(data_file), data_sha256=file_sha256(data_file))
+    # what the training data was is inherited: from the folder's earlier manifest (the same weights) or from the parent
+    for src in (folder / MANIFEST_FILE, None if parent is None else Path(parent) / MANIFEST_FILE):
+        old = _read_json(src) if src is not None else {}
+        if src == folder / MANIFEST_FILE and old.get("weights_sha256") != m["weights_sha256"]:
+            continue
+        m = {**{k: old[k] for k in _INHERITED if k in old and k not in m}, **m}
     return atomic_write_json(folder / MANIFEST_FILE, {**m, **(extra or {})})
+
+
+_INHERITED = ("data_file", "data_sha256", "training")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def find_models(cfg: Config, name: str | None = None, role: str | None = None) -> list[dict]:

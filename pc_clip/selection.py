@@ -20,7 +20,7 @@ from .evaluate import build_difference_tasks, text_encoder, zero_shot_classifier
 from .geometry import flatten_captions, world_captions
 from .metrics import bootstrap_ci, difference_classification, retrieval, statistic_value, zero_shot
 from .finetune_plan import finetune_models, save_derived, save_weight_average, weight_average_model
-from .models import model_dir, write_manifest
+from .models import is_checkpoint, model_dir, write_manifest
 from .registry import model_specs, sweep_grid
 from .world import CATEGORY_NAMES
 
@@ -262,7 +262,8 @@ def save_chosen(base, finetuned, cfg: Config, name: str, lr: float, alpha: float
     else:
         m = weight_average_model(base, finetuned, alpha)
         save_derived(m, target, cfg.model_name, {"selection": choice})
-    write_manifest(cfg, name, target, parent=source, extra={"selection": {**choice, **(evidence or {})}})
+    if is_checkpoint(target):  # (a finetune that was never saved, as in a test, gets no manifest)
+        write_manifest(cfg, name, target, parent=source, extra={"selection": {**choice, **(evidence or {})}})
     return m
 
 
