@@ -15,6 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from conftest import REPO
+from pc_clip.cli import parse_overrides
+from pc_clip.core import get_config, notebooks_dir, results_path
 
 # which data sets each task of the paper is measured on (the paper's Tables 1-4 and Figures 3-6)
 EXPECTED = {
@@ -30,7 +32,7 @@ PAPER_DATASETS = {"coco", "cifar100", "cub", "eurosat", "flowers102", "sun397", 
 SMALL = ["n_pairs=64"]
 
 
-def test_paper_smoke_reproduction(tmp_path):
+def test_paper_smoke_reproduction(tmp_path, monkeypatch):
     env = {k: v for k, v in os.environ.items() if k != "PC_CLIP_DATA"}  # the command picks the stand-ins' data root
     env["PC_CLIP_RUNS"] = str(tmp_path)
     args = [str(Path(sys.executable).parent / "pc-clip"), "reproduce", "--profile", "paper-smoke"]
@@ -42,11 +44,13 @@ def test_paper_smoke_reproduction(tmp_path):
     assert r.returncode == 0, f"paper-smoke failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert "time per notebook" in r.stdout
 
+    monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
+    cfg = get_config("paper-smoke", **parse_overrides(SMALL)[0])  # its own settings: its own results and notebooks
     experiments = sorted(p.name for p in (REPO / "nbs" / "experiments").glob("*.ipynb"))
-    executed = {p.name for p in (tmp_path / "runs" / "paper-smoke" / "notebooks").glob("*.ipynb")}
+    executed = {p.name for p in notebooks_dir(cfg).glob("*.ipynb")}
     assert set(experiments) <= executed, sorted(set(experiments) - executed)
 
-    results = pd.read_csv(tmp_path / "results" / "paper-smoke" / "results.csv", keep_default_na=False)
+    results = pd.read_csv(results_path(cfg), keep_default_na=False)
     assert set(results.profile) == {"paper-smoke"}
     for task, datasets in EXPECTED.items():
         rows = results[results.task == task]
@@ -59,4 +63,4 @@ def test_paper_smoke_reproduction(tmp_path):
     assert PAPER_DATASETS <= named, sorted(PAPER_DATASETS - named)
     numbers = results[results.metric.str.contains("accuracy|recall")]
     assert pd.to_numeric(numbers.value).between(0, 1).all()
-    assert (tmp_path / "results" / "paper-smoke" / "REPORT.md").exists()
+    assert (results_path(cfg).parent / "REPORT.md").exists()
