@@ -21,7 +21,7 @@ from .geometry import flatten_captions, world_captions
 from .metrics import bootstrap_ci, difference_classification, retrieval, statistic_value, zero_shot
 from .finetune_plan import finetune_models, save_derived, save_weight_average, weight_average_model
 from .models import is_checkpoint, model_dir, write_manifest
-from .registry import model_specs, sweep_grid
+from .registry import model_spec, model_specs, sweep_grid
 from .world import CATEGORY_NAMES
 
 # %% auto #0
@@ -263,7 +263,8 @@ def save_chosen(base, finetuned, cfg: Config, name: str, lr: float, alpha: float
         m = weight_average_model(base, finetuned, alpha)
         save_derived(m, target, cfg.model_name, {"selection": choice})
     if is_checkpoint(target):  # (a finetune that was never saved, as in a test, gets no manifest)
-        write_manifest(cfg, name, target, parent=source, extra={"selection": {**choice, **(evidence or {})}})
+        parent = source if source != target else model_dir(cfg, model_spec(cfg, name).parent)  # the finetune, or its base
+        write_manifest(cfg, name, target, parent=parent, extra={"selection": {**choice, **(evidence or {})}})
     return m
 
 
