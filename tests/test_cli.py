@@ -45,8 +45,10 @@ def test_reproduce_runs_in_order_and_injects_overrides(tmp_path, runs_dir):
     assert r.returncode == 0, r.stderr + r.stdout
     assert marker.read_text().split("\n")[:2] == ["first 7 hi", "second 7 hi"]
     assert "time per notebook" in r.stdout and "results table" in r.stdout
-    executed = runs_dir / "runs" / "tiny" / "notebooks" / "01_first.ipynb"
-    assert executed.exists()
+    from pc_clip.core import get_config, notebooks_dir
+    executed = notebooks_dir(get_config("tiny", ft_epochs=7)) / "01_first.ipynb"  # this run's settings: its own folder
+    assert executed.exists() and executed.parent == runs_dir / "runs" / "tiny" / executed.parent.name
+    assert not (runs_dir / "runs" / "tiny" / "notebooks").exists()  # the default run's folder is not touched
     r = _pc_clip("reproduce", "--experiments", str(exp), "--only", "second", "-p", "note=1")
     assert r.returncode == 0 and "01_first" not in r.stdout and "02_second" in r.stdout
     r = _pc_clip("reproduce", "--experiments", str(exp), "--only", "first", "-p", "note=2")  # ft_epochs left at None
