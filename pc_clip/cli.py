@@ -12,6 +12,7 @@ import html
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -20,13 +21,15 @@ from pathlib import Path
 from typing import Iterator
 
 from .core.config import Config, ConfigError, get_config
-from .core.runtime import data_root, figures_dir, project_root, results_path, run_dir
+from .core.runtime import (data_root, figures_dir, project_root, results_path, run_dir, ArtifactBusy,
+    artifact_lock, cache_dir, notebooks_dir)
+from .core.config import parse_overrides
 
 # %% auto #0
-__all__ = ['EXPERIMENT_NEEDS', 'SMOKE_PROFILE', 'SMOKE_DATA_ROOT', 'KERNEL_NAME', 'experiment_notebooks', 'parse_overrides',
+__all__ = ['EXPERIMENT_NEEDS', 'SMOKE_PROFILE', 'SMOKE_DATA_ROOT', 'KERNEL_NAME', 'MIN_FREE_BYTES', 'experiment_notebooks',
            'experiment_folders', 'notebook_needs', 'preflight', 'smoke_overrides', 'prepare_standins',
-           'TerminalProgress', 'ExperimentFailed', 'MissingInputs', 'run_experiments', 'kill_descendants',
-           'kernels_stop_with_me', 'main']
+           'TerminalProgress', 'ExperimentFailed', 'MissingInputs', 'run_experiments', 'UnwritableFolder',
+           'check_writable', 'list_models', 'kill_descendants', 'kernels_stop_with_me', 'main']
 
 # %% ../nbs/90_cli.ipynb #0f968ecc
 def experiment_notebooks(folder: str | Path | None = None, only: str | None = None) -> list[Path]:
@@ -43,22 +46,6 @@ def experiment_notebooks(folder: str | Path | None = None, only: str | None = No
         if not nbs:
             raise ValueError(f"--only {only!r} matches no notebook in {folder}")
     return nbs
-
-
-def parse_overrides(pairs: list[str]) -> tuple[dict, dict]:
-    "Split `key=value` strings into (config overrides, other notebook parameters); values are Python literals."
-    cfg_keys = {f.name for f in dataclasses.fields(Config)}
-    cfg_over, params = {}, {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ValueError(f"-p expects key=value, got {pair!r}")
-        key, raw = pair.split("=", 1)
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        (cfg_over if key.strip() in cfg_keys else params)[key.strip()] = value
-    return cfg_over, params
 
 # %% ../nbs/90_cli.ipynb #94cefb18
 def experiment_folders(root: str | Path | None = None) -> list[Path]:
@@ -358,7 +345,16 @@ def _notebook_parameters(nb: Path, declared: set, profile: str, cfg: Config, ove
     "Papermill parameters: config fields the notebook declares are set directly (unless None), the rest go in `overrides`."
     own = {k: v for k, v in overrides.items() if k in declared and v is not None}
     rest = {k: v for k, v in overrides.items() if k not in own}  # a None goes here: `given` would drop it
-    return {"profile": profile, "seed": cfg.seed, "overrides": rest, **own, **params}
+    return _as_lists({"profile": profile, "seed": cfg.seed, "overrides": rest, **own, **params})
+
+
+def _as_lists(value):
+    "Tuples as lists, inside dicts and lists too: papermill hands a tuple to the notebook as its string."
+    if isinstance(value, dict):
+        return {k: _as_lists(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_as_lists(v) for v in value]
+    return value
 
 
 def _code_cells(nb: Path) -> int:
@@ -379,11 +375,12 @@ def run_experiments(profile: str = "tiny", only: str | None = None, overrides: d
     unknown = sorted(set(params or {}) - set().union(*declared.values()))
     if unknown:
         raise KeyError(f"{unknown}: neither Config fields nor parameters of the selected notebooks")
+    check_writable(cfg)  # a read-only or full runs folder stops here, naming the folder
     prepare_standins(cfg)  # paper-smoke only: its weights and data sets, built where the preflight looks
     missing = preflight(cfg, notebooks) if check_inputs else []
     if missing:
         raise MissingInputs(missing, data_root(cfg))
-    out_dir = run_dir(cfg) / "notebooks"
+    out_dir = notebooks_dir(cfg)  # per run identity: another run's settings never replace these
     out_dir.mkdir(parents=True, exist_ok=True)
     say = (lambda *a, **k: None) if quiet else print
     progress = None if quiet or log_output else TerminalProgress(len(notebooks))
@@ -399,9 +396,10 @@ def run_experiments(profile: str = "tiny", only: str | None = None, overrides: d
             say(f"[pc-clip] running {nb.name} -> {out}", flush=True)
         t0 = time.perf_counter()
         try:
-            pm.execute_notebook(str(nb), str(out), kernel_name=kernel, cwd=str(project_root()), engine_name=engine,
-                                parameters=_notebook_parameters(nb, declared[nb], profile, cfg, overrides, params or {}),
-                                progress_bar=False, log_output=log_output, progress=progress)
+            with artifact_lock(out):  # a second run of the same settings stops here instead of overwriting this one
+                pm.execute_notebook(str(nb), str(out), kernel_name=kernel, cwd=str(project_root()), engine_name=engine,
+                                    parameters=_notebook_parameters(nb, declared[nb], profile, cfg, overrides, params or {}),
+                                    progress_bar=False, log_output=log_output, progress=progress)
         except PapermillExecutionError as e:
             raise ExperimentFailed(
                 f"experiment {nb.name} failed in cell {e.exec_count} ({e.ename}: {e.evalue}).\n"
@@ -411,6 +409,49 @@ def run_experiments(profile: str = "tiny", only: str | None = None, overrides: d
         before_path.write_text(json.dumps(before, indent=1))
         say(f"[pc-clip] {nb.name} done in {timings[-1][1]:.1f} s", flush=True)
     return timings
+
+# %% ../nbs/90_cli.ipynb #0be4c1cc
+MIN_FREE_BYTES = 200 * 2**20  # below this much free space a run would die mid-way writing a checkpoint
+
+
+class UnwritableFolder(OSError):
+    "A folder the run must write is read-only, not a folder, or full."
+
+
+def _folder_problem(folder: Path, min_free: int) -> str | None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".pc-clip-write-test-{os.getpid()}"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        return f"cannot write to {folder} ({e.strerror or e})"
+    free = shutil.disk_usage(folder).free
+    if free < min_free:
+        return f"{folder} is full ({free / 2**20:.0f} MiB free, at least {min_free / 2**20:.0f} MiB needed)"
+    return None
+
+
+def check_writable(cfg: Config, min_free: int = MIN_FREE_BYTES) -> None:
+    "Raise `UnwritableFolder` naming the first folder of the run that cannot be written or has under `min_free` bytes free."
+    for folder in (run_dir(cfg), notebooks_dir(cfg), results_path(cfg).parent, figures_dir(cfg), cache_dir(cfg)):
+        problem = _folder_problem(folder, min_free)
+        if problem:
+            raise UnwritableFolder(f"{problem}; nothing was run. Free space or make it writable, or point PC_CLIP_RUNS "
+                                   "(or runs_root / results_root / figures_root / cache_root) at a folder that is")
+
+
+def list_models(profile: str = "tiny", name: str | None = None) -> int:
+    "Print the model folders of `profile` (of model `name`) as their manifests describe them; `pc-clip models`."
+    from pc_clip.models.clip import find_models
+    found = find_models(get_config(profile), name)
+    for m in found:
+        what = m.get("selection") or m.get("candidate") or {}
+        at = f" lr={what['lr']:g} alpha={what['alpha']:g}" if "lr" in what and "alpha" in what else ""
+        print(f"{m['name']:<22s} {m.get('role', '?'):<15s}{at:<26s} {m['path']}")
+    if not found:
+        print(f"no model folders{' of ' + name if name else ''} in {run_dir(get_config(profile)) / 'models'}")
+    return 0
 
 # %% ../nbs/90_cli.ipynb #4af1f885
 def _descendants(pid: int) -> list[int]:
@@ -495,6 +536,9 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("-q", "--quiet", action="store_true", help="no progress lines (errors and the summary only)")
     rp.add_argument("--skip-preflight", action="store_true", help="start even if weights or data sets seem missing")
     sub.add_parser("list", help="list the experiment notebooks in run order, folder by folder")
+    mp = sub.add_parser("models", help="list the model folders of a profile and what their manifests say")
+    mp.add_argument("--profile", default="tiny")
+    mp.add_argument("--name", default=None, help="only the folders of this model, e.g. pc-clip")
     return ap
 
 
@@ -507,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{where}/" + ("" if i == 0 else f"  (run with: pc-clip reproduce --experiments {where})"))
             print("\n".join(f"  {p.name}" for p in experiment_notebooks(folder)))
         return 0
+    if args.command == "models":
+        return list_models(args.profile, args.name)
     try:
         overrides, params = parse_overrides(args.param)
         overrides = smoke_overrides(args.profile, overrides)
@@ -521,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExperimentFailed as e:
         print(f"[pc-clip] FAILED: {e}", file=sys.stderr)
         return 1
-    except (KeyError, ValueError, FileNotFoundError) as e:
+    except (KeyError, ValueError, FileNotFoundError, UnwritableFolder, ArtifactBusy) as e:
         print(f"[pc-clip] error: {e}", file=sys.stderr)
         return 2
     print(_summary(cfg, timings))

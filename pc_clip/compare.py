@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pandas as pd
 from .core.runtime import read_results
 
 # %% auto #0
-__all__ = ['KEY_COLUMNS', 'COMPARED_COLUMNS', 'is_timing_metric', 'compare_results', 'main']
+__all__ = ['KEY_COLUMNS', 'COMPARED_COLUMNS', 'is_timing_metric', 'compare_results', 'run_of', 'main']
 
 # %% ../nbs/91_compare.ipynb #fd20c3d6
 KEY_COLUMNS = ["experiment", "profile", "model", "task", "dataset", "condition", "metric", "seed"]
@@ -51,6 +52,17 @@ def compare_results(a: pd.DataFrame | str | Path, b: pd.DataFrame | str | Path, 
     return out[KEY_COLUMNS + [f"{c}_{s}" for c in COMPARED_COLUMNS for s in "ab"] + ["where"]].reset_index(drop=True)
 
 # %% ../nbs/91_compare.ipynb #6c20e2b7
+def run_of(path: str | Path) -> str:
+    "Which run a results table holds, from the `run.json` beside it: `run tiny-1a2b3c4d (changed: eval_seeds=[0])`."
+    info = Path(path).parent / "run.json"
+    try:
+        r = json.loads(info.read_text())
+    except (OSError, ValueError):
+        return "run not recorded"
+    changed = ", ".join(f"{k}={v}" for k, v in r.get("changed", {}).items())
+    return f"run {r.get('run', '?')}" + (f" (changed: {changed})" if changed else " (the profile's settings)")
+
+
 def main(argv: list[str] | None = None) -> int:
     "`python -m pc_clip.compare A B`: print the non-timing differences of two results tables; exit 1 if any."
     ap = argparse.ArgumentParser(description="Compare two results.csv files (timing rows ignored).")
@@ -62,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in paths:
         if not p.exists():
             ap.error(f"{p} does not exist: pass a results.csv or a results/<profile> folder")
+    for label, p in zip("ab", paths):
+        print(f"{label}: {p} ({run_of(p)})")
     diff = compare_results(*paths, atol=args.atol)
     n = len(read_results(paths[0]))
     if diff.empty:

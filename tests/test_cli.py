@@ -45,8 +45,11 @@ def test_reproduce_runs_in_order_and_injects_overrides(tmp_path, runs_dir):
     assert r.returncode == 0, r.stderr + r.stdout
     assert marker.read_text().split("\n")[:2] == ["first 7 hi", "second 7 hi"]
     assert "time per notebook" in r.stdout and "results table" in r.stdout
-    executed = runs_dir / "runs" / "tiny" / "notebooks" / "01_first.ipynb"
-    assert executed.exists()
+    from pc_clip.core.config import get_config
+    from pc_clip.core.runtime import notebooks_dir
+    executed = notebooks_dir(get_config("tiny", ft_epochs=7)) / "01_first.ipynb"  # this run's settings: its own folder
+    assert executed.exists() and executed.parent == runs_dir / "runs" / "tiny" / executed.parent.name
+    assert not (runs_dir / "runs" / "tiny" / "notebooks").exists()  # the default run's folder is not touched
     r = _pc_clip("reproduce", "--experiments", str(exp), "--only", "second", "-p", "note=1")
     assert r.returncode == 0 and "01_first" not in r.stdout and "02_second" in r.stdout
     r = _pc_clip("reproduce", "--experiments", str(exp), "--only", "first", "-p", "note=2")  # ft_epochs left at None
@@ -191,3 +194,79 @@ def test_stopping_pc_clip_stops_its_kernel(tmp_path, runs_dir, sig):
     time.sleep(2.0)  # the kernel used to go on writing for seconds
     assert out.stat().st_size == size, "the notebook kept writing after pc-clip was stopped"
     assert _pid_gone(kernel)
+
+
+@pytest.mark.parametrize("args, field, says", [
+    (["-p", "ft_lr_grid=(0,)"], "ft_lr_grid", "finite learning rates > 0"),
+    (["-p", "wavg_alpha_grid=(2.0,)"], "wavg_alpha_grid", "mixes in [0, 1]"),
+    (["-p", "ft_keep_epochs=(-3,)"], "ft_keep_epochs", "epoch numbers >= 1"),
+    (["-p", "eval_seeds=[0, 'a']"], "eval_seeds", "tuple of ints"),
+    (["-p", "ft_lr=1e-3", "-p", "ft_lr_grid=(1e-3, 2e-3)"], "ft_lr", "give one of them"),
+])
+def test_bad_tuples_and_grids_exit_2_before_any_notebook(tmp_path, runs_dir, args, field, says):
+    _notebook(tmp_path / "01_a.ipynb", f"open({str(tmp_path / 'ran')!r}, 'w').write('x')")
+    t0 = time.perf_counter()
+    r = _pc_clip("reproduce", *args, "--experiments", str(tmp_path))
+    seconds = time.perf_counter() - t0
+    assert r.returncode == 2, r.stderr + r.stdout
+    problems = [l.strip() for l in r.stderr.splitlines() if l.startswith("  ")]
+    assert len(problems) == 1 and problems[0].startswith(f"{field}:") and says in problems[0], r.stderr
+    assert not (tmp_path / "ran").exists() and seconds < 5, seconds
+
+
+@pytest.mark.parametrize("given", ["eval_seeds=(0, 1)", "eval_seeds=[0, 1]"])
+def test_tuples_and_lists_reach_the_notebook_as_values(tmp_path, runs_dir, given):
+    out = tmp_path / "seen.txt"
+    _notebook(tmp_path / "01_a.ipynb", "from pc_clip.core import get_config\n"
+              f"open({str(out)!r}, 'w').write(repr(get_config(profile, seed=seed, **overrides).eval_seeds))")
+    r = _pc_clip("reproduce", "-p", given, "-p", "ft_lr_grid=()", "--experiments", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert out.read_text() == "(0, 1)"  # not the string "(0, 1)" papermill used to hand over
+
+
+def test_ft_lr_alone_reaches_every_notebook_as_one_learning_rate(tmp_path, runs_dir):
+    "The notebook that declares ft_lr and the one that gets it in `overrides` build the same config."
+    seen = tmp_path / "seen.txt"
+    code = ("from pc_clip.core import get_config, given\n"
+            "cfg = get_config(profile, seed=seed, **given(ft_lr=globals().get('ft_lr')), **overrides)\n"
+            f"open({str(seen)!r}, 'a').write(repr((cfg.ft_lr, cfg.ft_lr_grid, cfg.wavg_alpha_grid)) + '\\n')")
+    _notebook(tmp_path / "03_own.ipynb", code)
+    nb = nbformat.read(tmp_path / "03_own.ipynb", as_version=4)
+    nb.cells[0].source += "\nft_lr = None"
+    nbformat.write(nb, tmp_path / "03_own.ipynb")
+    _notebook(tmp_path / "04_rest.ipynb", code)
+    r = _pc_clip("reproduce", "-p", "ft_lr=1e-3", "--experiments", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert seen.read_text().splitlines() == ["(0.001, (), ())"] * 2
+
+
+def test_an_unwritable_runs_folder_exits_2_naming_it(tmp_path):
+    _notebook(tmp_path / "01_a.ipynb", f"open({str(tmp_path / 'ran')!r}, 'w').write('x')")
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the runs folder should be")
+    t0 = time.perf_counter()
+    r = _pc_clip("reproduce", "--experiments", str(tmp_path), env={"PC_CLIP_RUNS": str(blocked)})
+    assert r.returncode == 2 and f"cannot write to {blocked}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "ran").exists() and time.perf_counter() - t0 < 5
+
+
+def test_a_second_run_of_the_same_notebook_and_settings_waits_its_turn(tmp_path, runs_dir):
+    "Two runs of one identity never write the same executed notebook: the second stops, naming the first."
+    go = tmp_path / "go"
+    _notebook(tmp_path / "01_slow.ipynb", "import time, pathlib\n"
+              f"pathlib.Path({str(tmp_path / 'started')!r}).write_text('x')\n"
+              f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.05)")
+    exe = Path(sys.executable).parent / "pc-clip"
+    first = subprocess.Popen([str(exe), "reproduce", "--experiments", str(tmp_path)], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "started").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.1)
+        second = _pc_clip("reproduce", "--experiments", str(tmp_path))
+        assert second.returncode == 2 and "is being written by pid" in second.stderr, second.stderr
+    finally:
+        go.write_text("x")
+        first.communicate(timeout=120)
+    assert first.returncode == 0

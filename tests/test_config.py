@@ -25,6 +25,11 @@ from pc_clip.core.config import PROFILES, Config, ConfigError, get_config, given
     ({"top_p": 0.0}, "top_p", "(0, 1]"),
     ({"t2i_image_size": 100}, "t2i_image_size", "multiple of 8"),
     ({"device": "gpu"}, "device", "cuda"),
+    ({"ft_lr_grid": (0,)}, "ft_lr_grid", "> 0"),
+    ({"ft_lr_grid": (1e-3, float("inf"))}, "ft_lr_grid", "finite"),
+    ({"wavg_alpha_grid": (2.0,)}, "wavg_alpha_grid", "[0, 1]"),
+    ({"ft_keep_epochs": (-3,)}, "ft_keep_epochs", ">= 1"),
+    ({"ft_lr": 1e-3, "ft_lr_grid": (1e-3, 2e-3)}, "ft_lr", "give one of them"),
 ])
 def test_each_bad_value_is_one_message_naming_its_field(override, field, says):
     with pytest.raises(ConfigError) as e:
@@ -96,3 +101,13 @@ def test_checking_a_config_imports_neither_torch_nor_pandas():
 def test_a_config_built_by_hand_is_checked_by_validate_config():
     assert validate_config(Config()) == []
     assert [p.split(":")[0] for p in validate_config(Config(n_pairs=0, corpus="imagenet"))] == ["n_pairs", "corpus"]
+
+
+def test_ft_lr_alone_is_one_learning_rate_for_every_caller():
+    "The CLI and every notebook build their config with get_config: ft_lr alone collapses both grids, in all of them."
+    one = get_config("tiny", ft_lr=1e-3)
+    assert (one.ft_lr_grid, one.wavg_alpha_grid) == ((), ())
+    assert get_config("tiny", ft_lr=1e-3, ft_lr_grid=[]) == one  # the grid given empty too: the same config
+    assert get_config("tiny", ft_lr=1e-3, wavg_alpha_grid=(0.5, 1.0)).wavg_alpha_grid == (0.5, 1.0)  # an alpha sweep at that lr
+    assert get_config("tiny").ft_lr_grid == (1e-3, 2e-3)  # nothing given: the profile's sweep
+    assert get_config("paper", ft_lr=1e-7).ft_lr_grid == ()

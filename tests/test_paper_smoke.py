@@ -15,6 +15,9 @@ from pathlib import Path
 import pandas as pd
 
 from conftest import REPO
+from pc_clip.core.config import parse_overrides
+from pc_clip.core.config import get_config
+from pc_clip.core.runtime import notebooks_dir, results_path
 
 # which data sets each task of the paper is measured on (the paper's Tables 1-4 and Figures 3-6)
 EXPECTED = {
@@ -42,11 +45,13 @@ def test_paper_smoke_reproduction(tmp_path, monkeypatch):
     assert r.returncode == 0, f"paper-smoke failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert "time per notebook" in r.stdout
 
+    monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
+    cfg = get_config("paper-smoke", **parse_overrides(SMALL)[0])  # its own settings: its own results and notebooks
     experiments = sorted(p.name for p in (REPO / "nbs" / "experiments").glob("*.ipynb"))
-    executed = {p.name for p in (tmp_path / "runs" / "paper-smoke" / "notebooks").glob("*.ipynb")}
+    executed = {p.name for p in notebooks_dir(cfg).glob("*.ipynb")}
     assert set(experiments) <= executed, sorted(set(experiments) - executed)
 
-    results = pd.read_csv(tmp_path / "results" / "paper-smoke" / "results.csv", keep_default_na=False)
+    results = pd.read_csv(results_path(cfg), keep_default_na=False)
     assert set(results.profile) == {"paper-smoke"}
     for task, datasets in EXPECTED.items():
         rows = results[results.task == task]
@@ -59,7 +64,7 @@ def test_paper_smoke_reproduction(tmp_path, monkeypatch):
     assert PAPER_DATASETS <= named, sorted(PAPER_DATASETS - named)
     numbers = results[results.metric.str.contains("accuracy|recall")]
     assert pd.to_numeric(numbers.value).between(0, 1).all()
-    assert (tmp_path / "results" / "paper-smoke" / "REPORT.md").exists()
+    assert (results_path(cfg).parent / "REPORT.md").exists()
 
     # the finetune moved the weights: pc-clip's checkpoint and its text-side numbers differ from clip's
     from pc_clip.core.config import get_config
@@ -89,6 +94,6 @@ def test_paper_smoke_reproduction(tmp_path, monkeypatch):
     assert v.loc["t2i_arithmetic", "n_items"] > 0 and v.loc["t2i_arithmetic", "cells"] >= 1
     undecided = v[v.observed.str.startswith("not measured")]
     assert all("(" in o for o in undecided.observed), undecided.observed  # each one says why
-    report = (tmp_path / "results" / "paper-smoke" / "REPORT.md").read_text()
+    report = (results_path(cfg).parent / "REPORT.md").read_text()
     assert "## Departures from the paper" in report and "the generator judges its own differences" in report
     assert "## Warnings of this run" in report

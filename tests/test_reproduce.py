@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 
 from conftest import REPO
-from pc_clip.cli import parse_overrides
+from pc_clip.core.config import parse_overrides
 from pc_clip.core.config import get_config
 from pc_clip.models.clip import model_dir
+from pc_clip.core.runtime import figures_dir, results_path
 
 SMALL = ["world_n_train=1200", "world_n_test=400", "world_n_val=400", "pretrain_steps=60",
          "n_pairs=1500", "ft_epochs=1", "caption_ft_epochs=1", "eval_seeds=[0]", "eval_n_images=40",
@@ -35,7 +36,9 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
     assert r.returncode == 0, f"reproduction failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert "time per notebook" in r.stdout and "REPORT.md" in r.stdout
 
-    results = pd.read_csv(tmp_path / "results" / "tiny" / "results.csv")
+    monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
+    cfg = get_config("tiny", **parse_overrides(SMALL)[0])  # a run with its own settings: its own results folder
+    results = pd.read_csv(results_path(cfg))
     assert not results.duplicated(["experiment", "model", "task", "dataset", "condition", "metric", "seed"]).any()
     assert not results["dataset"].astype(str).str.contains("[@=]").any(), "settings belong in the condition column"
     tasks = set(results.task)
@@ -49,13 +52,11 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
     fractions = results[results.metric.str.contains("accuracy|recall|rate")]
     assert fractions.value.between(0, 1).all()
 
-    report = (tmp_path / "results" / "tiny" / "REPORT.md").read_text()
+    report = (results_path(cfg).parent / "REPORT.md").read_text()
     assert "The paper's claims" in report and ("| yes |" in report or "| no |" in report)
-    figures = {p.name for p in (tmp_path / "figures" / "tiny").glob("*.png")}
+    figures = {p.name for p in figures_dir(cfg).glob("*.png")}
     assert {"world_samples.png", "finetune_loss.png"} <= figures, figures
 
-    monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
-    cfg = get_config("tiny", **parse_overrides(SMALL)[0])
     ck = model_dir(cfg, "pc-clip") / "open_clip_model.safetensors"  # the setting chosen on validation
     assert ck.exists(), sorted(p.name for p in ck.parent.parent.iterdir())
     before = ck.stat().st_mtime_ns

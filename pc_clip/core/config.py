@@ -5,6 +5,7 @@
 # %% ../../nbs/core/00_config.ipynb #52914c1e
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import math
@@ -17,7 +18,7 @@ from typing import Any
 
 # %% auto #0
 __all__ = ['PROFILES', 'STANDIN_PROFILES', 'FT_TRAINABLE', 'FT_LOSSES', 'FT_COMPILE', 'CHOICES', 'Config', 'ConfigError',
-           'validate_config', 'get_config', 'given']
+           'validate_config', 'one_learning_rate', 'get_config', 'given', 'parse_overrides']
 
 # %% ../../nbs/core/00_config.ipynb #22c4a6fc
 @dataclass(frozen=True)
@@ -257,6 +258,9 @@ def _range_problems(cfg: Config) -> list[tuple[str, str]]:
     check("ft_batch_size", lambda v: v >= 1, ">= 1")
     check("eval_seeds", lambda v: len(v) >= 1 and min(v) >= 0, "a non-empty tuple of seeds >= 0")
     check("comparative_alphas", lambda v: len(v) >= 1 and all(0 <= a <= 1 for a in v), "a non-empty tuple of weights in [0, 1]")
+    check("ft_lr_grid", lambda v: all(math.isfinite(x) and x > 0 for x in v), "a tuple of finite learning rates > 0 (or () for ft_lr alone)")
+    check("wavg_alpha_grid", lambda v: all(0 <= a <= 1 for a in v), "a tuple of weight-averaging mixes in [0, 1] (or () for alpha 1 alone)")
+    check("ft_keep_epochs", lambda v: all(e >= 1 for e in v), "a tuple of epoch numbers >= 1")
     check("t2i_image_size", lambda v: v % 8 == 0, "a multiple of 8 (SDXL works on an 8x smaller latent grid)")
     return out
 
@@ -332,14 +336,41 @@ def _check_keys(overrides: dict) -> None:
         raise KeyError(f"Unknown config key(s) {unknown}; valid keys are: {', '.join(sorted(valid))}")
 
 
+def one_learning_rate(overrides: dict) -> dict:
+    "`overrides` with `ft_lr` given alone read as one learning rate, no sweep: both grids `()` unless given too."
+    if overrides.get("ft_lr") is None:
+        return dict(overrides)
+    grid = overrides.get("ft_lr_grid", ())
+    if isinstance(grid, (tuple, list)) and len(grid):
+        raise ConfigError([f"ft_lr: given together with ft_lr_grid={tuple(grid)!r}; ft_lr trains one learning rate "
+                           "(no sweep), ft_lr_grid sweeps several: give one of them"])
+    return {"ft_lr_grid": (), "wavg_alpha_grid": (), **overrides}
+
+
 def get_config(profile: str = "tiny", **overrides) -> Config:
-    "The validated config of a named profile with `overrides` applied; a `None` override sets the field to `None`."
+    "The validated config of a named profile with `overrides` applied (`ft_lr` alone: see `one_learning_rate`)."
     if profile not in PROFILES:
         raise KeyError(f"Unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
     _check_keys(overrides)
-    return _validated(Config(**{**PROFILES[profile], "profile": profile, **_coerce(overrides)}))
+    return _validated(Config(**{**PROFILES[profile], "profile": profile, **_coerce(one_learning_rate(overrides))}))
 
 # %% ../../nbs/core/00_config.ipynb #4bdac749
 def given(**params) -> dict:
     "The notebook parameters that were set: `None` means 'the profile's value', so those are left out."
     return {k: v for k, v in params.items() if v is not None}
+
+# %% ../../nbs/core/00_config.ipynb #1364ee38
+def parse_overrides(pairs: list[str]) -> tuple[dict, dict]:
+    "Split `key=value` strings into (config overrides, other notebook parameters); values are Python literals."
+    cfg_keys = {f.name for f in dataclasses.fields(Config)}
+    cfg_over, params = {}, {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"-p expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        (cfg_over if key.strip() in cfg_keys else params)[key.strip()] = value
+    return cfg_over, params

@@ -26,12 +26,14 @@ import numpy as np
 from .config import Config
 
 # torch and pandas are imported where they are used, so that `pc-clip` checks a config in well under a second
+from .config import PROFILES
 
 # %% auto #0
-__all__ = ['RESULT_COLUMNS', 'FRACTION_METRICS', 'project_root', 'resolve_path', 'data_root', 'run_dir', 'cache_dir',
-           'results_path', 'figures_dir', 'config_summary', 'seed_everything', 'pick_device', 'pick_dtype', 'autocast',
-           'get_logger', 'timer', 'atomic_write', 'atomic_write_json', 'content_hash', 'replace_folder', 'ArtifactBusy',
-           'artifact_lock', 'condition_string', 'condition_dict', 'result_row', 'read_results', 'write_results']
+__all__ = ['PLACE_SETTINGS', 'RESULT_COLUMNS', 'FRACTION_METRICS', 'project_root', 'resolve_path', 'data_root', 'run_dir',
+           'cache_dir', 'run_id', 'is_default_run', 'run_name', 'results_path', 'figures_dir', 'notebooks_dir',
+           'config_summary', 'seed_everything', 'pick_device', 'pick_dtype', 'autocast', 'get_logger', 'timer',
+           'atomic_write', 'atomic_write_json', 'content_hash', 'replace_folder', 'ArtifactBusy', 'artifact_lock',
+           'condition_string', 'condition_dict', 'result_row', 'read_results', 'write_results', 'describe_run']
 
 # %% ../../nbs/core/01_runtime.ipynb #f853336c
 def project_root(start: str | Path | None = None) -> Path:
@@ -72,14 +74,38 @@ def cache_dir(cfg: Config) -> Path:
     return _under_runs_env(cfg.cache_root, "cache") / cfg.profile
 
 
+PLACE_SETTINGS = ("data_root", "runs_root", "results_root", "figures_root", "cache_root", "device")
+
+
+def run_id(cfg: Config) -> str:
+    "The identity of a run's results: a hash of every setting but where files live and the device (8 hex digits)."
+    what = {k: v for k, v in cfg.to_dict().items() if k not in PLACE_SETTINGS}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def is_default_run(cfg: Config) -> bool:
+    "Whether `cfg` is its profile's own settings (where files live aside): the run that keeps `results/<profile>/`."
+    return run_id(cfg) == run_id(Config(**{**PROFILES.get(cfg.profile, {}), "profile": cfg.profile}))
+
+
+def run_name(cfg: Config) -> str:
+    "`<profile>` for the profile's default run, `<profile>-<run_id>` for a run with other settings."
+    return cfg.profile if is_default_run(cfg) else f"{cfg.profile}-{run_id(cfg)}"
+
+
 def results_path(cfg: Config) -> Path:
-    "The long-format results table of a profile: `results/<profile>/results.csv`."
-    return _under_runs_env(cfg.results_root, "results") / cfg.profile / "results.csv"
+    "The long-format results table of a run: `results/<profile>/results.csv` (other settings: `results/<profile>-<id>/`)."
+    return _under_runs_env(cfg.results_root, "results") / run_name(cfg) / "results.csv"
 
 
 def figures_dir(cfg: Config) -> Path:
-    "Figures of a profile: `figures/<profile>/`."
-    return _under_runs_env(cfg.figures_root, "figures") / cfg.profile
+    "Figures of a run: `figures/<profile>/` (other settings: `figures/<profile>-<id>/`)."
+    return _under_runs_env(cfg.figures_root, "figures") / run_name(cfg)
+
+
+def notebooks_dir(cfg: Config) -> Path:
+    "Executed experiment notebooks of a run: `runs/<profile>/notebooks/` (other settings: `notebooks-<id>/`)."
+    return run_dir(cfg) / ("notebooks" if is_default_run(cfg) else f"notebooks-{run_id(cfg)}")
 
 # %% ../../nbs/core/01_runtime.ipynb #115be1f0
 def config_summary(cfg: Config) -> str:
@@ -308,4 +334,13 @@ def write_results(rows: Iterable[dict], cfg: Config, experiment: str) -> pd.Data
         keep = old[~((old["experiment"] == experiment) & (old["profile"] == cfg.profile))]
         table = pd.concat([keep, new], ignore_index=True) if len(keep) else new
         atomic_write(path, table.to_csv(index=False))
+        if not (path.parent / "run.json").exists():
+            atomic_write_json(path.parent / "run.json", describe_run(cfg))
     return table
+
+
+def describe_run(cfg: Config) -> dict:
+    "What `run.json` says about the run a results folder belongs to: its name, id and the settings it changed."
+    base = Config(**{**PROFILES.get(cfg.profile, {}), "profile": cfg.profile})
+    return {"run": run_name(cfg), "run_id": run_id(cfg), "profile": cfg.profile,
+            "changed": {k: v for k, v in cfg.to_dict().items() if k not in PLACE_SETTINGS and getattr(base, k) != v}}

@@ -25,21 +25,21 @@ from .geometry import (controlled_pairs, edit_statements, flatten_captions, prob
 from ..models.text import encode_text_trimmed
 from .metrics import (TaskUnavailable, bootstrap_ci, best_on_validation, difference_classification,
     geometry, linear_probe, retrieval, zero_shot)
-from ..models.clip import load_clip
+from ..models.clip import load_clip, is_checkpoint, model_dir
 from .tasks import (DifferenceTask, awa2_attribute_task, cifar100_size_task, cub_comparative_task,
     flowers_colour_task, world_difference_tasks)
 from ..world.shapes import heldout_category_pairs, make_world
+from ..core.registry import REGISTRY, model_names
 
 # %% auto #0
 __all__ = ['MODELS', 'LoadedModel', 'PAPER_EVAL_DATASETS', 'N_BOOT', 'ITEM_COLUMNS', 'ZERO_SHOT_TEMPLATES', 'iter_models',
-           'for_each_model', 'text_encoder', 'eval_datasets', 'split_off_validation', 'validation_dataset',
-           'evaluation_rows', 'items_path', 'write_evaluation', 'read_items', 'zero_shot_classifier',
-           'build_difference_tasks', 'run_difference_classification', 'run_zero_shot', 'run_comparative_prompting',
-           'run_retrieval', 'run_geometry', 'run_linear_probe']
+           'for_each_model', 'evaluated_models', 'text_encoder', 'eval_datasets', 'split_off_validation',
+           'validation_dataset', 'evaluation_rows', 'items_path', 'write_evaluation', 'read_items',
+           'zero_shot_classifier', 'build_difference_tasks', 'run_difference_classification', 'run_zero_shot',
+           'run_comparative_prompting', 'run_retrieval', 'run_geometry', 'run_linear_probe']
 
 # %% ../../nbs/evaluation/04_runner.ipynb #e59fc116
-MODELS = ("clip", "pc-clip", "clip-ft-captions", "clip-ft-rewritten", "pc-clip/mse", "pc-clip/noise-0.3",
-          "pc-clip/unfiltered", "pc-clip/both-towers", "pc-clip/wavg-0.5")
+MODELS = tuple(s.resolved(Config()).name for s in REGISTRY if s.evaluated)  # every evaluated model of the registry (default wavg_alpha)
 LoadedModel = namedtuple("LoadedModel", "name model preprocess tokenizer")
 
 
@@ -58,6 +58,18 @@ def for_each_model(cfg: Config, names: Sequence[str], evaluate: Callable[[Loaded
                    device: str | torch.device | None = None) -> list[dict]:
     "The rows `evaluate(m)` returns for each existing model `m` of `names`, concatenated."
     return [row for m in iter_models(cfg, names, device) for row in evaluate(m)]
+
+
+def evaluated_models(cfg: Config) -> list[str]:
+    "The models the registry says `cfg` trains and the experiments evaluate; an error naming any that is not on disk."
+    names = model_names(cfg)
+    missing = [n for n in names if not is_checkpoint(model_dir(cfg, n)) and not (n == "clip" and cfg.pretrained)]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of the {len(names)} models this run evaluates are not on disk for these settings: "
+            + ", ".join(f"{n} ({model_dir(cfg, n)})" for n in missing)
+            + "; run experiments 01 and 03 with the same -p settings first (pc-clip reproduce --only 01,03 -p ...)")
+    return names
 
 # %% ../../nbs/evaluation/04_runner.ipynb #bb40299f
 def text_encoder(model, tokenizer, batch_size: int = 256, device: str | torch.device | None = None) -> Callable[[list[str]], torch.Tensor]:
@@ -153,9 +165,11 @@ def write_evaluation(rows: Sequence[dict], cfg: Config, experiment: str) -> pd.D
     path = items_path(cfg, experiment)
     buf = io.BytesIO()
     table.to_csv(buf, index=False, float_format="%.10g", compression={"method": "gzip", "mtime": 0})
+    # the rows first: a row the table refuses stops here, before either file of this experiment changes
+    results = write_results([{k: v for k, v in r.items() if k != "items"} for r in rows], cfg, experiment)
     with artifact_lock(path, timeout=60):
         atomic_write(path, buf.getvalue())
-    return write_results([{k: v for k, v in r.items() if k != "items"} for r in rows], cfg, experiment)
+    return results
 
 
 def read_items(cfg: Config, experiments: Sequence[str] | None = None) -> pd.DataFrame:

@@ -24,13 +24,14 @@ from tqdm.auto import tqdm
 
 from ..core.config import Config
 from ..core.runtime import atomic_write, atomic_write_json, content_hash, data_root, pick_device, run_dir
+from ..core.registry import model_settings, model_spec
 
 # %% auto #0
-__all__ = ['MODEL_CONFIG_DIR', 'TINY_MODEL', 'WEIGHT_FILES', 'WEIGHTS_FILE', 'CONFIG_FILE', 'weights_dir',
+__all__ = ['MODEL_CONFIG_DIR', 'TINY_MODEL', 'WEIGHT_FILES', 'WEIGHTS_FILE', 'CONFIG_FILE', 'MANIFEST_FILE', 'weights_dir',
            'find_pretrained_weights', 'is_weights_path', 'create_clip', 'save_safetensors', 'file_sha256',
            'CheckpointError', 'architecture_config', 'save_checkpoint', 'checkpoint_metadata', 'is_checkpoint',
            'verify_checkpoint', 'load_weights', 'load_checkpoint', 'weights_settings', 'model_dir', 'load_clip',
-           'images_to_tensor', 'encode_texts', 'average_weights']
+           'write_manifest', 'find_models', 'images_to_tensor', 'encode_texts', 'average_weights']
 
 # %% ../../nbs/models/00_clip.ipynb #fafcff24
 MODEL_CONFIG_DIR = Path(str(importlib.resources.files("pc_clip"))) / "model_configs"
@@ -245,30 +246,15 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", fix:
     return model, preprocess, open_clip.get_tokenizer(f"local-dir:{folder}")
 
 # %% ../../nbs/models/00_clip.ipynb #32af51b5
-_NOT_WEIGHTS = ("profile", "data_root", "runs_root", "results_root", "figures_root", "cache_root", "device",
-                "judge", "gen_batch_size", "ft_keep_epochs")
-_NOT_WEIGHTS_PREFIXES = ("eval_", "comparative_", "t2i_")
-_AFTER_BASE = ("n_pairs", "pair_sampling", "generator", "load_in_4bit", "max_new_tokens", "temperature", "top_p",
-               "oracle_noise")
-_AFTER_BASE_PREFIXES = ("ft_", "caption_ft_", "wavg_")
+def weights_settings(cfg: Config, name: str, lr: float | None = None, alpha: float | None = None) -> dict:
+    "The config fields the weights of model `name` depend on: exactly its registry entry's (`registry.model_settings`)."
+    return model_settings(cfg, name, lr, alpha)
 
 
-def weights_settings(cfg: Config, name: str) -> dict:
-    "The config fields the weights of model `name` depend on (the base `clip`: only those before finetuning)."
-    out = {}
-    for f in dataclasses.fields(cfg):
-        k = f.name
-        if k in _NOT_WEIGHTS or k.startswith(_NOT_WEIGHTS_PREFIXES):
-            continue
-        if name == "clip" and (k in _AFTER_BASE or k.startswith(_AFTER_BASE_PREFIXES)):
-            continue
-        out[k] = getattr(cfg, k)
-    return out
-
-
-def model_dir(cfg: Config, name: str) -> Path:
-    "Folder of the model called `name` (results-table name) trained with the settings of `cfg`."
-    return run_dir(cfg) / "models" / f"{name.replace('/', '__')}-{content_hash(weights_settings(cfg, name), n=10)}"
+def model_dir(cfg: Config, name: str, lr: float | None = None, alpha: float | None = None) -> Path:
+    "Folder of the model called `name` (results-table name) trained with the settings of `cfg` (candidate `lr`, `alpha`)."
+    key = content_hash(weights_settings(cfg, name, lr, alpha), n=10)
+    return run_dir(cfg) / "models" / f"{name.replace('/', '__')}-{key}"
 
 
 def load_clip(cfg: Config, name: str = "clip", device: str | torch.device | None = None):
@@ -283,6 +269,57 @@ def load_clip(cfg: Config, name: str = "clip", device: str | torch.device | None
         return create_clip(cfg.model_name, cfg.pretrained, device=device, root=data_root(cfg))
     raise FileNotFoundError(f"Model {name!r} for these settings not found at {folder}; run {writer} first"
                             + ("" if name != "clip" else ", or set `pretrained` in the config"))
+
+# %% ../../nbs/models/00_clip.ipynb #d2a830a0
+MANIFEST_FILE = "manifest.json"
+
+
+def write_manifest(cfg: Config, name: str, folder: str | Path | None = None, lr: float | None = None,
+                   alpha: float | None = None, data_file: str | Path | None = None, parent: str | Path | None = None,
+                   extra: dict | None = None) -> Path:
+    "Write `manifest.json` of model `name` (candidate `lr`, `alpha`) into its folder; returns the file."
+    spec, settings = model_spec(cfg, name), weights_settings(cfg, name, lr, alpha)
+    folder = Path(folder) if folder is not None else model_dir(cfg, name, lr, alpha)
+    candidate = lr is not None or alpha is not None
+    m = dict(name=name, role="candidate" if candidate else spec.role, profile=cfg.profile, folder=folder.name,
+             key=content_hash(settings, n=10), settings=settings, data=spec.data,
+             trainable=spec.trainable or (cfg.ft_trainable if spec.data else None),
+             loss=spec.loss or (cfg.ft_loss if spec.data else None), parent=None if parent is None else Path(parent).name,
+             weights_sha256=checkpoint_metadata(folder).get("sha256") if is_checkpoint(folder) else None)
+    if candidate:
+        m["candidate"] = {"lr": float(cfg.ft_lr if lr is None else lr), "alpha": 1.0 if alpha is None else float(alpha)}
+    if data_file is not None and Path(data_file).exists():
+        m.update(data_file=str(data_file), data_sha256=file_sha256(data_file))
+    # what the training data was is inherited: from the folder's earlier manifest (the same weights) or from the parent
+    for src in (folder / MANIFEST_FILE, None if parent is None else Path(parent) / MANIFEST_FILE):
+        old = _read_json(src) if src is not None else {}
+        if src == folder / MANIFEST_FILE and old.get("weights_sha256") != m["weights_sha256"]:
+            continue
+        m = {**{k: old[k] for k in _INHERITED if k in old and k not in m}, **m}
+    return atomic_write_json(folder / MANIFEST_FILE, {**m, **(extra or {})})
+
+
+_INHERITED = ("data_file", "data_sha256", "training")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def find_models(cfg: Config, name: str | None = None, role: str | None = None) -> list[dict]:
+    "The manifests under `runs/<profile>/models/` (of model `name`, of `role`), each with its `path`."
+    out = []
+    for f in sorted((run_dir(cfg) / "models").glob(f"*/{MANIFEST_FILE}")):
+        try:
+            m = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if (name is None or m.get("name") == name) and (role is None or m.get("role") == role):
+            out.append({**m, "path": str(f.parent)})
+    return out
 
 # %% ../../nbs/models/00_clip.ipynb #7a67c5fd
 def images_to_tensor(images: np.ndarray, mean: Sequence[float] = open_clip.OPENAI_DATASET_MEAN,

@@ -22,15 +22,16 @@ from ..core.runtime import atomic_write, condition_dict, read_results, results_p
 from ..evaluation.runner import read_items
 from ..training.plan import training_data_path
 from ..evaluation.metrics import best_on_validation, paired_bootstrap
-from ..training.selection import Targets, candidate_table, choose_setting, selection_markdown, target_check
+from ..training.selection import Targets, choose_setting, selection_markdown, target_check, read_candidates
 from ..models.clip import is_checkpoint, model_dir
+from ..core.registry import REGISTRY, model_specs
 
 # %% auto #0
 __all__ = ['MODEL_ORDER', 'ABLATION_MODELS', 'MAIN_METRICS', 'RECALLS', 'PAPER_CLAIMS', 'TASK_TITLES', 'PAPER_SETTING',
            'is_validation', 'test_rows', 'cell_name', 'summarise', 'pivot_table', 'markdown_table', 'model_colours',
-           'interval_table', 'bar_figure', 'ablation_table', 'direction_sentences', 'Claim', 'chosen_setting',
-           'is_world_dataset', 'claim_verdict', 'claim_verdicts', 'selection_table', 'claims_markdown', 'departures',
-           'run_warnings', 'write_report']
+           'interval_table', 'bar_figure', 'ablation_models', 'ablation_table', 'direction_sentences', 'Claim',
+           'chosen_setting', 'is_world_dataset', 'claim_verdict', 'claim_verdicts', 'selection_table',
+           'claims_markdown', 'departures', 'run_warnings', 'write_report']
 
 # %% ../../nbs/report/00_summary.ipynb #d7d1dee4
 def is_validation(results: pd.DataFrame) -> pd.Series:
@@ -177,8 +178,16 @@ def bar_figure(results: pd.DataFrame, task: str, path: str | Path, metric: str |
     return Path(path)
 
 # %% ../../nbs/report/00_summary.ipynb #945c072a
-ABLATION_MODELS = ["clip", "clip-ft-captions", "clip-ft-rewritten", "pc-clip", "pc-clip/mse", "pc-clip/noise-0.3",
-                   "pc-clip/both-towers", "pc-clip/wavg-0.5"]
+_ABLATION_ORDER = ("base", "baseline", "pc-clip", "ablation", "weight-average")
+
+
+def ablation_models(cfg: Config | None = None) -> list[str]:
+    "The report's baselines and ablations, from the registry: base, baselines, pc-clip, ablations, weight averages."
+    specs = model_specs(cfg) if cfg is not None else [s.resolved(Config()) for s in REGISTRY]
+    return [s.name for r in _ABLATION_ORDER for s in specs if s.ablation and s.role == r]
+
+
+ABLATION_MODELS = ablation_models()  # as the registry declares them (default wavg_alpha)
 MAIN_METRICS = {"difference_classification": "accuracy", "zero_shot": "accuracy", "retrieval": "recall@5_i2t",
                 "linear_probe": "accuracy", "t2i_arithmetic": "success_rate"}
 
@@ -406,12 +415,13 @@ def _selections(results: pd.DataFrame) -> list[str]:
     return parts
 
 
-def _finetune_selection(results: pd.DataFrame, figure: Path | None, report_dir: Path, targets: Targets = Targets()) -> list[str]:
+def _finetune_selection(results: pd.DataFrame, figure: Path | None, report_dir: Path, targets: Targets = Targets(),
+                        cands: pd.DataFrame | None = None) -> list[str]:
     "The REPORT section on the finetuning strength: the validation choice, its evidence and figure, the targets on test."
-    cands = candidate_table(results)
-    if cands.empty:
+    if cands is None or cands.empty:
         return []
-    table, chosen = choose_setting(cands, targets)
+    table, chosen = choose_setting(cands[[c for c in cands.columns if c not in ("shortfall", "feasible", "chosen",
+                                                                               "meets_gain_targets")]], targets)
     parts = ["\n## Finetuning strength of `pc-clip` (chosen on validation data)\n",
              "Rule (fixed before any number, `pc_clip.training.selection.choose_setting`): among the (lr, weight-averaging alpha) "
              "candidates that keep validation zero-shot >= clip - 0.01, worst-class >= clip - 0.05 and mean retrieval "
@@ -541,8 +551,9 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
     warned = run_warnings(cfg)
     parts += ["\n## Warnings of this run\n", "".join(f"- {w}\n" for w in warned) if warned else "none\n"]
     parts += data_section + _selections(results)
-    parts += _finetune_selection(results, (figures or {}).get("finetune_selection"), path.parent)
-    parts += ["\n## Baselines and ablations (mean over cells and seeds)\n", markdown_table(ablation_table(results))]
+    parts += _finetune_selection(results, (figures or {}).get("finetune_selection"), path.parent, cands=read_candidates(cfg))
+    parts += ["\n## Baselines and ablations (mean over cells and seeds)\n",
+              markdown_table(ablation_table(results, ablation_models(cfg)))]
     for task, title in TASK_TITLES.items():
         sub = test_rows(results[results["task"] == task])
         if sub.empty:

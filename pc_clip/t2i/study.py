@@ -27,11 +27,12 @@ from ..world.species import CATEGORIES, typical_attrs
 from ..world.oracle import difference_statement
 from ..world.shapes import position_word, size_word
 from ..differences.pairs import load_corpus, sample_pairs
+from ..core.registry import REGISTRY
 
 # %% auto #0
-__all__ = ['GALLERY_LEVELS', 'GALLERY_EDITS', 'T2I_BASE', 'SDXL_TEXT_WIDTHS', 'T2I_PC_CLIP', 'attribute_gallery', 'GalleryEdit',
-           'gallery_edit_statements', 'arithmetic_queries', 'gallery_arithmetic_rows', 'gallery_chance', 't2i_base',
-           't2i_not_applicable', 'train_t2i_pc_clip', 't2i_study_models', 'run_t2i_arithmetic']
+__all__ = ['GALLERY_LEVELS', 'GALLERY_EDITS', 'T2I_BASE', 'SDXL_TEXT_WIDTHS', 'T2I_ARMS', 'T2I_PC_CLIP', 'attribute_gallery',
+           'GalleryEdit', 'gallery_edit_statements', 'arithmetic_queries', 'gallery_arithmetic_rows', 'gallery_chance',
+           't2i_base', 't2i_not_applicable', 'train_t2i_pc_clip', 't2i_study_models', 'run_t2i_arithmetic']
 
 # %% ../../nbs/t2i/01_study.ipynb #b94922a1
 GALLERY_LEVELS = {"size": (0.7, 1.0, 1.4), "brightness": (0.5, 0.72, 0.94), "position": (0.28, 0.5, 0.72)}
@@ -182,7 +183,9 @@ def gallery_chance(gallery: pd.DataFrame, edits: Sequence[GalleryEdit] = GALLERY
 # %% ../../nbs/t2i/01_study.ipynb #aedd353b
 T2I_BASE = ("ViT-L-14", "openai")
 SDXL_TEXT_WIDTHS = {768: "text_encoder", 1280: "text_encoder_2"}
-T2I_PC_CLIP = "t2i/pc-clip"
+# the study's arms, from the registry: its base `clip`, and each study model under the name it is reported as
+T2I_ARMS = {"clip": None, **{s.reported_as: s.name for s in REGISTRY if s.role == "study" and s.when == "t2i"}}
+T2I_PC_CLIP = T2I_ARMS["pc-clip"]
 
 
 def _text_width(model_name: str) -> int | None:
@@ -229,7 +232,7 @@ def train_t2i_pc_clip(cfg: Config, progress: bool = True):
                     model_name=base[0], progress=progress)
 
 # %% ../../nbs/t2i/01_study.ipynb #63d51b79
-def t2i_study_models(cfg: Config, names: Sequence[str] = ("clip", "pc-clip"), device=None,
+def t2i_study_models(cfg: Config, names: Sequence[str] = tuple(T2I_ARMS), device=None,
                      base: tuple[str, str | None] | None = None):
     "`(name, model)` for the T2I study's arms that exist: `clip` (its base) and `pc-clip` (finetuned from it)."
     base, device = base or t2i_base(cfg), device or pick_device(cfg.device)
@@ -263,7 +266,7 @@ def _sdxl_study(cfg: Config, model_names: Sequence[str], weight: float, n_seeds:
     ev_model, ev_pre, ev_tok = load_clip(cfg, "clip", device=pipe.device)
     base = base or t2i_base(cfg)
     rows, shown = [], {}
-    for name, model in t2i_study_models(cfg, [n for n in model_names if n in ("clip", "pc-clip")], pipe.device, base):
+    for name, model in t2i_study_models(cfg, [n for n in model_names if n in T2I_ARMS], pipe.device, base):
         swap_text_encoder(pipe, model)  # refuses a tower of another architecture
         r, shown[name] = t2i_clip_score_rows(pipe, (ev_model, ev_tok, ev_pre), name, weight=weight, n_seeds=n_seeds,
                                              steps=cfg.t2i_steps, size=cfg.t2i_image_size, seed=cfg.seed,

@@ -19,21 +19,20 @@ from ..core.config import Config, get_config
 from ..core.runtime import artifact_lock, atomic_write, get_logger, pick_device, results_path
 from ..models.embed import embed_images, embedding_rows, model_fingerprint
 from .finetune import FinetuneRun, finetune
-from pc_clip.models.clip import (average_weights, checkpoint_metadata, is_checkpoint, load_clip, model_dir,
-    save_checkpoint)
+from ..models.clip import (average_weights, checkpoint_metadata, is_checkpoint, load_clip, model_dir,
+    save_checkpoint, write_manifest)
 from .state import init_distributed, rank_world
 from ..data.datasets import load_dataset
 from ..differences.records import (difference_triples, differences_path, read_records, rewrites_path,
     rewritten_captions, training_triples)
 from ..differences.pairs import load_corpus, sample_pairs
-from .selection import sweep_grid
+from ..core.registry import sweep_grid, CAPTION_DATA, NOISE_LEVEL, REGISTRY, model_spec
 from ..world.oracle import oracle_differences
 
 # %% auto #0
-__all__ = ['BOTH_TOWERS_MAX_PAIRS', 'FINETUNE_PLAN', 'caption_table', 'finetune_captions', 'weight_average_model',
-           'save_weight_average', 'save_derived', 'world_check_triples', 'select_records', 'FinetuneInputs',
-           'finetuning_inputs', 'training_data_path', 'training_data_table', 'write_training_data', 'finetune_models',
-           'main']
+__all__ = ['FINETUNE_PLAN', 'caption_table', 'finetune_captions', 'weight_average_model', 'save_weight_average', 'save_derived',
+           'world_check_triples', 'select_records', 'finetune_plan', 'FinetuneInputs', 'finetuning_inputs',
+           'training_data_path', 'training_data_table', 'write_training_data', 'finetune_models', 'main']
 
 # %% ../../nbs/training/05_plan.ipynb #efdf88ab
 def caption_table(captions: list[str], indices=None) -> pd.DataFrame:
@@ -100,21 +99,19 @@ def select_records(records: Sequence[dict], keys: Sequence[str], what: str = "di
     return [by_key[str(k)] for k in dict.fromkeys(keys)]
 
 # %% ../../nbs/training/05_plan.ipynb #d6b59300
-BOTH_TOWERS_MAX_PAIRS = 2048  # the image tower's forward and backward make each pair ~6x dearer
-FINETUNE_PLAN: dict[str, tuple[str, dict]] = {
-    "pc-clip": ("differences", {}),
-    "pc-clip/mse": ("differences", {"loss": "mse"}),
-    "pc-clip/noise-0.3": ("noisy", {}),
-    "pc-clip/unfiltered": ("unfiltered", {}),  # profiles with a judge: every accepted statement, judged or not
-    "pc-clip/both-towers": ("differences", {"trainable": "both_towers", "max_pairs": BOTH_TOWERS_MAX_PAIRS}),
-    "clip-ft-captions": ("captions", {}),
-    "clip-ft-rewritten": ("rewritten", {}),
-}
+def finetune_plan() -> dict[str, tuple[str, dict]]:
+    "`{name: (training data, finetune overrides)}` of every model trained on data (the registry's, when called)."
+    trained = [s for s in REGISTRY if s.data is not None and s.role not in ("base", "study")]
+    # the pc-clip family first (it trains at the chosen setting), then the baselines: the order experiment 03 trains in
+    return {s.name: (s.data, s.training_kwargs()) for s in sorted(trained, key=lambda s: not s.chosen)}
+
+
+FINETUNE_PLAN: dict[str, tuple[str, dict]] = finetune_plan()
 
 
 @dataclass
 class FinetuneInputs:
-    "What the models of `FINETUNE_PLAN` train on: base model, image table (and images) and data by name."
+    "What the models of `finetune_plan()` train on: base model, image table (and images) and data by name."
     base: torch.nn.Module
     tokenizer: Callable
     image_emb: torch.Tensor
@@ -122,6 +119,7 @@ class FinetuneInputs:
     data: dict[str, pd.DataFrame]
     world: object = None
     sources: dict[str, str] = field(default_factory=dict)  # data name -> where it came from (file, generator, judge)
+    files: dict[str, Path] = field(default_factory=dict)  # data name -> the file it was read from (for the manifests)
 
 # %% ../../nbs/training/05_plan.ipynb #c50571ba
 def _generator_of(path: Path) -> str:
@@ -130,11 +128,11 @@ def _generator_of(path: Path) -> str:
     return str(first.get("generator", "?")) if first else "?"
 
 
-def _training_data(cfg: Config, corpus: pd.DataFrame, held_out) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+def _training_data(cfg: Config, corpus: pd.DataFrame, held_out) -> tuple[dict[str, pd.DataFrame], dict[str, str], dict[str, Path]]:
     keys = list(sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling, held_out)["key"])
     oracle = cfg.generator == "oracle"
     pick = lambda path: difference_triples(select_records(read_records(path), keys))
-    clean, noisy = differences_path(cfg, noise=0.0 if oracle else None), differences_path(cfg, noise=0.3)
+    clean, noisy = differences_path(cfg, noise=0.0 if oracle else None), differences_path(cfg, noise=NOISE_LEVEL)
     what = f"`{clean.name}` ({_generator_of(clean)}, {len(keys)} pairs)"
     data, sources = {"differences": pick(clean)}, {"differences": f"{what}: every accepted statement"}
     if cfg.judge:  # the judge's verdicts decide what pc-clip trains on; all accepted statements train the ablation
@@ -149,21 +147,22 @@ def _training_data(cfg: Config, corpus: pd.DataFrame, held_out) -> tuple[dict[st
     rewrites = select_records(read_records(rewrites_path(cfg)), [str(i) for i in corpus["image_id"]], "rewrites")
     data["rewritten"] = rewritten_captions(rewrites)
     sources["rewritten"] = f"`{rewrites_path(cfg).name}` ({_generator_of(rewrites_path(cfg))}): rewritten captions"
-    return data, sources
+    files = {"differences": clean, "unfiltered": clean, "noisy": noisy, "rewritten": rewrites_path(cfg)}
+    return data, sources, {k: v for k, v in files.items() if k in data}
 
 
 def finetuning_inputs(cfg: Config, device: str | torch.device | None = None, progress: bool = True) -> FinetuneInputs:
     "The base model, the training corpus's image table and the training data of every planned model, for `cfg`."
     base, preprocess, tokenizer = load_clip(cfg, "clip", device)
     corpus, held_out, world = load_corpus(cfg, "train")
-    data, sources = _training_data(cfg, corpus, held_out)
+    data, sources, files = _training_data(cfg, corpus, held_out)
     if world is not None:
         return FinetuneInputs(base, tokenizer, embed_images(base, world.images, cfg, progress=progress), world.images,
-                              data, world, sources)
+                              data, world, sources, files)
     ds = load_dataset(cfg.corpus, cfg, split="train")
     emb = embed_images(base, ds, cfg, preprocess=preprocess, progress=progress)
     data = {k: embedding_rows(ds, df) for k, df in data.items()}  # unreadable images have no row: their pairs go
-    return FinetuneInputs(base, tokenizer, emb, None, data, sources=sources)
+    return FinetuneInputs(base, tokenizer, emb, None, data, sources=sources, files=files)
 
 
 def training_data_path(cfg: Config) -> Path:
@@ -173,9 +172,9 @@ def training_data_path(cfg: Config) -> Path:
 
 def training_data_table(inputs: FinetuneInputs, cfg: Config, names: Sequence[str] | None = None) -> pd.DataFrame:
     "One row per planned model that has data: `model, data, rows, used, source` (`used`: rows after `max_pairs`)."
-    out = []
-    for n in names or FINETUNE_PLAN:
-        key, kw = FINETUNE_PLAN[n]
+    out, plan = [], finetune_plan()
+    for n in names or plan:
+        key, kw = plan[n]
         if key in inputs.data:
             rows, cap = len(inputs.data[key]), kw.get("max_pairs", cfg.ft_max_pairs)
             out.append(dict(model=n, data=key, rows=rows, used=rows if cap is None else min(rows, cap),
@@ -192,27 +191,37 @@ def write_training_data(inputs: FinetuneInputs, cfg: Config, names: Sequence[str
 
 # %% ../../nbs/training/05_plan.ipynb #7b87e00a
 def finetune_models(inputs: FinetuneInputs, cfg: Config, names: Sequence[str] | None = None,
-                    progress: bool = True) -> dict[str, FinetuneRun]:
-    "Train (or reuse) the planned models `names` (default: all) into `model_dir(cfg, name)`."
-    unknown = sorted(set(names or ()) - set(FINETUNE_PLAN))
+                    progress: bool = True, lr: float | None = None) -> dict[str, FinetuneRun]:
+    "Train (or reuse) the planned models `names` (default: all) into their folders; the pc-clip family at `lr`."
+    plan = finetune_plan()
+    unknown = sorted(set(names or ()) - set(plan))
     if unknown:
-        raise KeyError(f"unknown model(s) {unknown}; the plan has {list(FINETUNE_PLAN)}")
+        raise KeyError(f"unknown model(s) {unknown}; the plan has {list(plan)}")
     runs = {}
-    for name in names or FINETUNE_PLAN:
-        key, kw = FINETUNE_PLAN[name]
+    for name in names or plan:
+        key, kw = plan[name]
         if key not in inputs.data or (kw.get("trainable") == "both_towers" and inputs.images is None):
             get_logger("pc_clip.training.finetune").warning(f"skipping {name}: no {key} data or in-memory images for this profile")
             continue
-        fn = finetune_captions if key in ("captions", "rewritten") else finetune
-        runs[name] = fn(inputs.base, inputs.tokenizer, inputs.data[key], cfg, model_dir(cfg, name),
+        at = None
+        if model_spec(cfg, name).chosen:  # trained at a candidate learning rate (the one setting, unless given)
+            at = float(lr) if lr is not None else sweep_grid(cfg)[0][0] if len(sweep_grid(cfg)) == 1 else cfg.ft_lr
+            kw = {**kw, "lr": at}
+        fn = finetune_captions if key in CAPTION_DATA else finetune
+        out = model_dir(cfg, name, lr=at)
+        runs[name] = fn(inputs.base, inputs.tokenizer, inputs.data[key], cfg, out,
                         image_embeddings=inputs.image_emb, images=inputs.images, progress=progress, **kw)
+        if rank_world()[0] == 0:
+            write_manifest(cfg, name, out, lr=at, data_file=inputs.files.get(key), parent=model_dir(cfg, "clip"),
+                           extra={"training": {"rows": int(runs[name].epochs.pairs.iloc[0]) if len(runs[name].epochs) else None,
+                                               "source": inputs.sources.get(key, "?")}})
     return runs
 
 # %% ../../nbs/training/05_plan.ipynb #b88f1e85
 def main(argv: Sequence[str] | None = None) -> int:
     "Train the planned models of experiment 03, in one process or under torchrun / accelerate launch."
     import argparse
-    from pc_clip.cli import parse_overrides
+    from pc_clip.core.config import parse_overrides
     p = argparse.ArgumentParser(prog="python -m pc_clip.training.plan", description=main.__doc__)
     p.add_argument("--profile", default="tiny")
     p.add_argument("-p", "--param", action="append", default=[], help="config override key=value (repeatable)")
@@ -223,13 +232,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(sweep_grid(cfg)) > 1:  # the sweep evaluates every candidate on validation: that is experiment 03's job
         p.error(f"profile {args.profile!r} sweeps the finetuning strength on validation ({len(sweep_grid(cfg))} settings of "
                 "ft_lr_grid x wavg_alpha_grid), which experiment 03 runs; to train one setting here pass "
-                "-p 'ft_lr_grid=()' -p 'wavg_alpha_grid=()' (and -p ft_lr=... for its learning rate)")
+                "-p ft_lr=<rate> (one learning rate, no sweep)")
     device = torch.device("cuda", torch.cuda.current_device()) if world > 1 and torch.cuda.is_available() else pick_device(cfg.device)
     inputs = finetuning_inputs(cfg, device, progress=rank == 0)
     runs = finetune_models(inputs, cfg, args.only.split(",") if args.only else None, progress=rank == 0)
-    if "pc-clip" in runs:
-        save_weight_average(inputs.base, runs["pc-clip"].model, model_dir(cfg, f"pc-clip/wavg-{cfg.wavg_alpha:g}"),
-                            cfg.model_name, cfg.wavg_alpha)
+    for s in [s.resolved(cfg) for s in REGISTRY if s.role == "weight-average"]:
+        if s.parent in runs:
+            save_weight_average(inputs.base, runs[s.parent].model, model_dir(cfg, s.name), cfg.model_name, cfg.wavg_alpha)
+            if rank == 0:
+                write_manifest(cfg, s.name, parent=runs[s.parent].out_dir, extra={"weight_average": {"alpha": cfg.wavg_alpha}})
     if world > 1:
         dist.destroy_process_group()
     return 0

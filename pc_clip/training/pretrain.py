@@ -196,18 +196,26 @@ def resume_folder(folder: str | Path) -> Path:
     return folder.with_name(f".{folder.name}.resume")
 
 
+def _fingerprint(folder: Path) -> str | None:
+    "The fingerprint recorded with a checkpoint (None when its config file cannot be read: rebuilt)."
+    try:
+        return checkpoint_metadata(folder).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
 def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | None = None, retrain: bool = False,
                      progress: bool = True, threads: int = PRETRAIN_THREADS):
     "`(model, tokenizer, history, reused)`: the saved base model of `cfg` if its fingerprint matches, else a new one."
     folder = model_dir(cfg, "clip")
     fp = pretrain_fingerprint(cfg, world, threads=threads)
     with artifact_lock(folder):  # a second run writing the same model stops here with a clear message
-        if not retrain and is_checkpoint(folder) and checkpoint_metadata(folder).get("fingerprint") == fp:
+        if not retrain and is_checkpoint(folder) and _fingerprint(folder) == fp:
             try:
                 model, _, tokenizer = load_checkpoint(folder, device=device or pick_device(cfg.device))
                 return model, tokenizer, json.loads((folder / "history.json").read_text()), True
-            except (CheckpointError, OSError, ValueError) as e:  # damaged: trained again, like a finetuned model
-                get_logger().warning(f"the base model at {folder} cannot be used ({e}); training it again")
+            except (CheckpointError, OSError, ValueError) as e:  # damaged: rebuilt, as a finetuned model is
+                get_logger("pc_clip.training.pretrain").warning(f"{e}. Rebuilding it.")
         model, tokenizer, history = pretrain_clip(world, cfg, device=device, progress=progress, threads=threads,
                                                   resume_dir=resume_folder(folder), key=fp)
         keep = ("seconds", "cpu_seconds", "final_loss", "steps", "epochs", "threads")

@@ -14,20 +14,22 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.config import Config
-from ..core.runtime import condition_dict, result_row
+from ..core.runtime import condition_dict, result_row, atomic_write, results_path
 from ..data.datasets import world_dataset
 from ..models.embed import embed_images
 from ..evaluation.runner import build_difference_tasks, text_encoder, zero_shot_classifier
 from ..evaluation.geometry import flatten_captions, world_captions
 from ..evaluation.metrics import bootstrap_ci, difference_classification, retrieval, statistic_value, zero_shot
-from ..models.clip import model_dir
+from ..models.clip import model_dir, is_checkpoint, write_manifest
 from ..world.species import CATEGORY_NAMES
+from .plan import finetune_models, save_derived, save_weight_average, weight_average_model
+from ..core.registry import model_spec, model_specs, sweep_grid
 
 # %% auto #0
 __all__ = ['CONSTRAINTS', 'VAL_METRICS', 'SELECTION_TASK', 'CHANGES', 'TEST_TARGETS', 'Targets', 'shortfalls', 'choose_setting',
-           'pareto_front', 'pareto_figure', 'selection_markdown', 'sweep_grid', 'candidate_config',
-           'validation_outcomes', 'validation_rows', 'candidate_table', 'Sweep', 'run_sweep', 'save_chosen',
-           'finetune_chosen', 'target_check']
+           'pareto_front', 'pareto_figure', 'selection_markdown', 'candidate_folders', 'validation_outcomes',
+           'validation_rows', 'validation_records', 'candidate_table', 'candidates_path', 'write_candidates',
+           'read_candidates', 'Sweep', 'run_sweep', 'save_chosen', 'finetune_chosen', 'target_check']
 
 # %% ../../nbs/training/04_selection.ipynb #178c9e2b
 @dataclass(frozen=True)
@@ -128,17 +130,9 @@ def selection_markdown(table: pd.DataFrame, targets: Targets = Targets(), what: 
     return "\n\n".join([" ".join(lines), "\n".join(body)])
 
 # %% ../../nbs/training/04_selection.ipynb #16c50c20
-def sweep_grid(cfg: Config) -> list[tuple[float, float]]:
-    "The `(lr, alpha)` candidates of `cfg`: `ft_lr_grid` x `wavg_alpha_grid` (empty: `ft_lr` only / alpha 1 only)."
-    lrs, alphas = tuple(cfg.ft_lr_grid) or (cfg.ft_lr,), tuple(cfg.wavg_alpha_grid) or (1.0,)
-    if not all(lr > 0 for lr in lrs) or not all(0 <= a <= 1 for a in alphas):
-        raise ValueError(f"ft_lr_grid must hold learning rates > 0 and wavg_alpha_grid mixes in [0, 1]; got {lrs} and {alphas}")
-    return [(float(lr), float(a)) for lr in dict.fromkeys(lrs) for a in dict.fromkeys(alphas)]
-
-
-def candidate_config(cfg: Config, lr: float, alpha: float) -> Config:
-    "The config of one candidate: a one-point grid, so `model_dir(candidate_config(...), 'pc-clip')` is its folder."
-    return cfg.replace(ft_lr=lr, ft_lr_grid=(), wavg_alpha_grid=() if alpha == 1 else (alpha,))
+def candidate_folders(cfg: Config, name: str = "pc-clip") -> dict[tuple[float, float], Path]:
+    "`{(lr, alpha): folder}` of every candidate of model `name` on `cfg`'s grid."
+    return {(lr, a): model_dir(cfg, name, lr=lr, alpha=a) for lr, a in sweep_grid(cfg)}
 
 # %% ../../nbs/training/04_selection.ipynb #412ae2cd
 VAL_METRICS = ("difference_accuracy", "difference_accuracy_heldout_wording", "zero_shot_accuracy",
@@ -193,22 +187,26 @@ def validation_rows(scores: dict, model: str, setting: dict, seed: int, n_boot: 
         rows.append(result_row(model, SELECTION_TASK, "world", metric, value, seed, len(o), {**setting, "split": "val"}, ci))
     return rows
 
+
+def validation_records(scores: dict, model: str, lr: float | None = None, alpha: float | None = None) -> list[dict]:
+    "The `validation_outcomes` of one model as records `model, lr, alpha, metric, value` (the setting as numbers)."
+    nan = float("nan")
+    return [dict(model=model, lr=nan if lr is None else float(lr), alpha=nan if alpha is None else float(alpha),
+                 metric=metric, value=float(value)) for metric, (value, _, _) in scores.items()]
+
 # %% ../../nbs/training/04_selection.ipynb #940a6894
 CHANGES = {"diff_gain": "difference_accuracy", "diff_gain_heldout": "difference_accuracy_heldout_wording",
            "zero_shot_change": "zero_shot_accuracy", "worst_class_change": "zero_shot_worst_class_accuracy",
            "retrieval_change": "retrieval_mean_recall"}
 
 
-def candidate_table(results: pd.DataFrame, base: str = "clip", model: str = "pc-clip") -> pd.DataFrame:
-    "One row per validation candidate `(lr, alpha)` of `model`: its numbers and their changes against `base`."
-    r = results[(results["task"] == SELECTION_TASK) & results["model"].isin([base, model])]
-    r = r[r["condition"].map(lambda s: condition_dict(s).get("split") == "val").astype(bool)]  # validation rows only, never test
-    if r.empty:
+def candidate_table(records: pd.DataFrame, base: str = "clip", model: str = "pc-clip") -> pd.DataFrame:
+    "One row per validation candidate `(lr, alpha)` of `model` (from `validation_records`): numbers and changes against `base`."
+    r = records[records["model"].isin([base, model])] if len(records) else records
+    if not len(r) or not (r["model"] == model).any():
         return pd.DataFrame(columns=["lr", "alpha", *CHANGES, *CHANGES.values()])
     ref = r[r["model"] == base].groupby("metric")["value"].mean()
-    c = r[r["model"] == model].assign(lr=lambda d: d["condition"].map(lambda s: float(condition_dict(s)["lr"])),
-                                      alpha=lambda d: d["condition"].map(lambda s: float(condition_dict(s)["alpha"])))
-    t = c.pivot_table(index=["lr", "alpha"], columns="metric", values="value", aggfunc="mean").reset_index()
+    t = r[r["model"] == model].pivot_table(index=["lr", "alpha"], columns="metric", values="value", aggfunc="mean").reset_index()
     missing = sorted(set(CHANGES.values()) - set(ref.index))
     if missing:
         raise ValueError(f"no validation rows of the base model {base!r} for {missing}; the sweep must evaluate it too")
@@ -217,55 +215,88 @@ def candidate_table(results: pd.DataFrame, base: str = "clip", model: str = "pc-
     t.columns.name = None
     return t
 
+
+def candidates_path(cfg: Config) -> Path:
+    "Where experiment 03 keeps the candidate table of its sweep: `finetune_selection.csv` next to the results table."
+    return results_path(cfg).parent / "finetune_selection.csv"
+
+
+def write_candidates(table: pd.DataFrame, cfg: Config) -> Path:
+    "Write the chosen candidate table (`choose_setting`'s) to `candidates_path(cfg)`, atomically."
+    return atomic_write(candidates_path(cfg), table.to_csv(index=False))
+
+
+def read_candidates(cfg: Config) -> pd.DataFrame:
+    "The candidate table experiment 03 wrote for `cfg` (empty if it wrote none: one setting, nothing chosen)."
+    path = candidates_path(cfg)
+    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["lr", "alpha", *CHANGES, "chosen"])
+
 # %% ../../nbs/training/04_selection.ipynb #cdb211bf
 @dataclass
 class Sweep:
-    "What `run_sweep` returns: the candidate table with the rule's columns, the chosen row, the validation rows, the finetunes."
+    "What `run_sweep` returns: the candidate table with the rule's columns, the chosen row, the validation rows and records, the finetunes."
     table: pd.DataFrame
     chosen: pd.Series
     rows: list[dict]
     runs: dict  # lr -> FinetuneRun of the full-strength finetune
+    records: list[dict] = None  # validation_records of clip and every candidate
 
 
 def run_sweep(inputs, cfg: Config, targets: Targets = Targets(), progress: bool = True) -> Sweep:
     "Finetune at each lr of the grid, average at each alpha, evaluate every candidate and `clip` on validation, choose."
-    from pc_clip.training.plan import finetune_models, save_weight_average
     if inputs.world is None:
         raise ValueError(f"the sweep needs the Shapes world's validation split (corpus {cfg.corpus!r} has none here); "
-                         "set ft_lr_grid=() and wavg_alpha_grid=() to train the one setting ft_lr without a sweep")
-    rows = validation_rows(validation_outcomes(inputs.base, inputs.tokenizer, cfg, inputs.world), "clip", {}, cfg.seed)
-    runs = {}
+                         "pass -p ft_lr=<rate> (one learning rate, no sweep) to train that one setting")
+    scores = validation_outcomes(inputs.base, inputs.tokenizer, cfg, inputs.world)
+    rows, records, runs = validation_rows(scores, "clip", {}, cfg.seed), validation_records(scores, "clip"), {}
     for lr, alpha in tqdm(sweep_grid(cfg), desc="validation sweep", disable=not progress):
         if lr not in runs:
-            runs[lr] = finetune_models(inputs, candidate_config(cfg, lr, 1.0), ["pc-clip"], progress=False)["pc-clip"]
-        m = runs[lr].model if alpha == 1 else save_weight_average(
-            inputs.base, runs[lr].model, model_dir(candidate_config(cfg, lr, alpha), "pc-clip"), cfg.model_name, alpha)
+            runs[lr] = finetune_models(inputs, cfg, ["pc-clip"], progress=False, lr=lr)["pc-clip"]
+        m = runs[lr].model
+        if alpha != 1:
+            folder = model_dir(cfg, "pc-clip", lr=lr, alpha=alpha)
+            m = save_weight_average(inputs.base, m, folder, cfg.model_name, alpha)
+            write_manifest(cfg, "pc-clip", folder, lr=lr, alpha=alpha, parent=runs[lr].out_dir)
         scores = validation_outcomes(m, inputs.tokenizer, cfg, inputs.world)
         rows += validation_rows(scores, "pc-clip", {"lr": lr, "alpha": alpha}, cfg.seed)
-    table, chosen = choose_setting(candidate_table(pd.DataFrame(rows)), targets)
-    return Sweep(table, chosen, rows, runs)
+        records += validation_records(scores, "pc-clip", lr, alpha)
+    table, chosen = choose_setting(candidate_table(pd.DataFrame(records)), targets)
+    return Sweep(table, chosen, rows, runs, records)
 
 # %% ../../nbs/training/04_selection.ipynb #c281171c
-def save_chosen(base, finetuned, cfg: Config, name: str, lr: float, alpha: float):
+def save_chosen(base, finetuned, cfg: Config, name: str, lr: float, alpha: float, evidence: dict | None = None):
     "Model `name` of `cfg`: `finetuned` (trained at `lr`) averaged with `base` at `alpha`, saved to `model_dir(cfg, name)`."
-    from pc_clip.training.plan import save_derived, weight_average_model
-    source, target = model_dir(candidate_config(cfg, lr, 1.0), name), model_dir(cfg, name)
+    source, target = model_dir(cfg, name, lr=lr), model_dir(cfg, name)
+    choice = {"lr": float(lr), "alpha": float(alpha), "finetuned": source.name}
     if source == target and alpha == 1:  # a one-point grid: the finetune is the model
-        return finetuned
-    m = weight_average_model(base, finetuned, alpha)
-    save_derived(m, target, cfg.model_name, {"selection": {"lr": lr, "alpha": alpha, "finetuned": source.name}})
+        m = finetuned
+    else:
+        m = weight_average_model(base, finetuned, alpha)
+        save_derived(m, target, cfg.model_name, {"selection": choice})
+    if is_checkpoint(target):  # (a finetune that was never saved, as in a test, gets no manifest)
+        parent = source if source != target else model_dir(cfg, model_spec(cfg, name).parent)  # the finetune, or its base
+        write_manifest(cfg, name, target, parent=parent, extra={"selection": {**choice, **(evidence or {})}})
     return m
 
 
-def finetune_chosen(inputs, cfg: Config, lr: float, alpha: float, progress: bool = True) -> tuple[dict, dict]:
-    "`({name: model}, {name: FinetuneRun})`: every model of `FINETUNE_PLAN` (and the wavg variant) at the chosen setting."
-    from pc_clip.training.plan import FINETUNE_PLAN, finetune_models, save_weight_average
-    variants = [n for n in FINETUNE_PLAN if n == "pc-clip" or n.startswith("pc-clip/")]
-    runs = finetune_models(inputs, candidate_config(cfg, lr, 1.0), variants, progress)
-    runs.update(finetune_models(inputs, cfg, [n for n in FINETUNE_PLAN if n not in variants], progress))
-    models = {n: save_chosen(inputs.base, r.model, cfg, n, lr, alpha) if n in variants else r.model for n, r in runs.items()}
-    wavg = f"pc-clip/wavg-{cfg.wavg_alpha:g}"
-    models[wavg] = save_weight_average(inputs.base, runs["pc-clip"].model, model_dir(cfg, wavg), cfg.model_name, cfg.wavg_alpha)
+def _candidate_rows(table: pd.DataFrame | None) -> list[dict]:
+    return [] if table is None else table.to_dict("records")
+
+
+def finetune_chosen(inputs, cfg: Config, lr: float, alpha: float, progress: bool = True,
+                    table: pd.DataFrame | None = None) -> tuple[dict, dict]:
+    "`({name: model}, {name: FinetuneRun})`: every planned model of the registry, the pc-clip family at the chosen setting."
+    specs = [s for s in model_specs(cfg) if s.data is not None and s.role != "study"]
+    chosen = [s.name for s in specs if s.chosen]
+    runs = finetune_models(inputs, cfg, chosen, progress, lr=lr)
+    runs.update(finetune_models(inputs, cfg, [s.name for s in specs if not s.chosen], progress))
+    evidence = {"candidates": _candidate_rows(table)}
+    models = {n: save_chosen(inputs.base, r.model, cfg, n, lr, alpha, evidence) if n in chosen else r.model
+              for n, r in runs.items()}
+    for s in model_specs(cfg, "weight-average"):
+        parent = runs[s.parent]
+        models[s.name] = save_weight_average(inputs.base, parent.model, model_dir(cfg, s.name), cfg.model_name, cfg.wavg_alpha)
+        write_manifest(cfg, s.name, parent=parent.out_dir, extra={"weight_average": {"alpha": cfg.wavg_alpha, "lr": float(lr)}})
     return models, runs
 
 # %% ../../nbs/training/04_selection.ipynb #58d66357
