@@ -25,6 +25,7 @@ from ..evaluation.metrics import best_on_validation, paired_bootstrap
 from ..training.selection import Targets, choose_setting, selection_markdown, target_check, read_candidates
 from ..models.clip import is_checkpoint, model_dir
 from ..core.registry import REGISTRY, model_specs
+from ..core.registry import NOISE_LEVEL
 
 # %% auto #0
 __all__ = ['MODEL_ORDER', 'ABLATION_MODELS', 'MAIN_METRICS', 'RECALLS', 'PAPER_CLAIMS', 'TASK_TITLES', 'PAPER_SETTING',
@@ -83,7 +84,7 @@ def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 # %% ../../nbs/report/00_summary.ipynb #868498b9
-MODEL_ORDER = ("clip", "pc-clip", "clip-ft-captions", "clip-ft-rewritten", "pc-clip/mse", "pc-clip/noise-0.3",
+MODEL_ORDER = ("clip", "pc-clip", "clip-ft-captions", "clip-ft-rewritten", "pc-clip/mse", f"pc-clip/noise-{NOISE_LEVEL:g}",
                "pc-clip/unfiltered", "pc-clip/both-towers", "pc-clip/wavg-0.5")  # as pc_clip.evaluation.runner.MODELS
 
 
@@ -354,7 +355,7 @@ PAPER_CLAIMS = [
     Claim("mse_ablation", "The MSE objective works about as well as the contrastive one", _DIFF, "pc-clip/mse",
           "pc-clip", "same", tol=0.03, chance=0.5),
     Claim("unfiltered_data", "Finetuning on unfiltered (noisy) differences still beats CLIP", _DIFF,
-          "pc-clip/noise-0.3", "clip", paper="better than CLIP on 4 of 5 tasks", chance=0.5),
+          f"pc-clip/noise-{NOISE_LEVEL:g}", "clip", paper="better than CLIP on 4 of 5 tasks", chance=0.5),
     Claim("unfiltered_llm_data", "Finetuning on the LLM's differences without the judge's filter still beats CLIP", _DIFF,
           "pc-clip/unfiltered", "clip", paper="better than CLIP on 4 of 5 tasks", chance=0.5),
     Claim("linear_probe", "Text-only finetuning leaves linear-probe accuracy unchanged", "linear_probe", "pc-clip",
