@@ -1,17 +1,20 @@
-"""The `pc-clip` command: order, overrides, a failing experiment named in the error, bad values and missing inputs
-stopped before any notebook runs, and a stop of `pc-clip` that stops its kernel."""
+"""Tests of the `pc-clip` command: running experiments, up-front checks of settings, weights and data
+(preflight), clean stops."""
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-
 import nbformat
 import pytest
+from pathlib import Path
 
 from conftest import REPO
+from pc_clip.cli import experiment_notebooks, preflight
+from pc_clip.core.config import get_config
 
+
+# ---- The `pc-clip` command: order, overrides, a failing experiment named in the error, bad values and missing inputs
 
 def _notebook(path: Path, code: str) -> None:
     nb = nbformat.v4.new_notebook()
@@ -217,7 +220,7 @@ def test_bad_tuples_and_grids_exit_2_before_any_notebook(tmp_path, runs_dir, arg
 @pytest.mark.parametrize("given", ["eval_seeds=(0, 1)", "eval_seeds=[0, 1]"])
 def test_tuples_and_lists_reach_the_notebook_as_values(tmp_path, runs_dir, given):
     out = tmp_path / "seen.txt"
-    _notebook(tmp_path / "01_a.ipynb", "from pc_clip.core import get_config\n"
+    _notebook(tmp_path / "01_a.ipynb", "from pc_clip.core.config import get_config\n"
               f"open({str(out)!r}, 'w').write(repr(get_config(profile, seed=seed, **overrides).eval_seeds))")
     r = _pc_clip("reproduce", "-p", given, "-p", "ft_lr_grid=()", "--experiments", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -227,7 +230,7 @@ def test_tuples_and_lists_reach_the_notebook_as_values(tmp_path, runs_dir, given
 def test_ft_lr_alone_reaches_every_notebook_as_one_learning_rate(tmp_path, runs_dir):
     "The notebook that declares ft_lr and the one that gets it in `overrides` build the same config."
     seen = tmp_path / "seen.txt"
-    code = ("from pc_clip.core import get_config, given\n"
+    code = ("from pc_clip.core.config import get_config, given\n"
             "cfg = get_config(profile, seed=seed, **given(ft_lr=globals().get('ft_lr')), **overrides)\n"
             f"open({str(seen)!r}, 'a').write(repr((cfg.ft_lr, cfg.ft_lr_grid, cfg.wavg_alpha_grid)) + '\\n')")
     _notebook(tmp_path / "03_own.ipynb", code)
@@ -270,3 +273,28 @@ def test_a_second_run_of_the_same_notebook_and_settings_waits_its_turn(tmp_path,
         go.write_text("x")
         first.communicate(timeout=120)
     assert first.returncode == 0
+
+
+# ---- The up-front checks of `pc-clip reproduce`: what the chosen notebooks need is on disk before the first one starts.
+
+def test_a_missing_t2i_base_exits_2_before_any_notebook(tmp_path):
+    "On `paper`, experiment 11 finetunes its own PC-CLIP from ViT-L-14/openai: without it the run stops at once, naming it."
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    cfg = get_config("paper")
+    clip = data / "weights" / cfg.model_name / cfg.pretrained  # everything else experiment 11 reads is in place
+    clip.mkdir(parents=True)
+    (clip / "open_clip_model.safetensors").write_bytes(b"")
+    (data / "weights" / cfg.t2i_model).mkdir(parents=True)
+    (data / "weights" / cfg.t2i_model / "model_index.json").write_text("{}")
+    env = {**os.environ, "PC_CLIP_DATA": str(data), "PC_CLIP_RUNS": str(runs), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([str(Path(sys.executable).parent / "pc-clip"), "reproduce", "--profile", "paper", "--only", "11"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-3000:]
+    assert "T2I study's base" in out and "ViT-L-14 / openai" in out and str(data / "weights" / "ViT-L-14" / "openai") in out
+    assert "SDXL pipeline (t2i_model)" not in out and "CLIP weights ViT-L-14 / datacomp" not in out  # those were found
+    assert not (runs / "runs" / "paper" / "notebooks").exists()  # no notebook started
+    base = data / "weights" / "ViT-L-14" / "openai"
+    base.mkdir(parents=True)
+    (base / "open_clip_model.safetensors").write_bytes(b"")
+    assert preflight(get_config("paper", data_root=str(data)), experiment_notebooks(only="11")) == []

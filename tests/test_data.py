@@ -5,16 +5,15 @@ import sys
 import types
 import urllib.error
 import warnings
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torchvision
+import pc_clip.data.datasets as datasets_module
+from pathlib import Path
 from PIL import Image
 
-import pc_clip.data.datasets as datasets_module
 from pc_clip.core.config import get_config
 from pc_clip.core.runtime import project_root
 from pc_clip.data.imagedata import (DATASET_INFO, DatasetNotFoundError, ImageDataset, iter_images,

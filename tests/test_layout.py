@@ -5,6 +5,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import check_layout  # noqa: E402
 

@@ -10,13 +10,11 @@ import os
 import subprocess
 import sys
 import time
+import pandas as pd
 from pathlib import Path
 
-import pandas as pd
-
 from conftest import REPO
-from pc_clip.core.config import parse_overrides
-from pc_clip.core.config import get_config
+from pc_clip.core.config import parse_overrides, get_config
 from pc_clip.core.runtime import notebooks_dir, results_path
 
 # which data sets each task of the paper is measured on (the paper's Tables 1-4 and Figures 3-6)

@@ -7,14 +7,12 @@ a second run reuses the trained checkpoints instead of training again.
 import os
 import subprocess
 import sys
-from pathlib import Path
-
 import pandas as pd
 import pytest
+from pathlib import Path
 
 from conftest import REPO
-from pc_clip.core.config import parse_overrides
-from pc_clip.core.config import get_config
+from pc_clip.core.config import parse_overrides, get_config
 from pc_clip.models.clip import model_dir
 from pc_clip.core.runtime import figures_dir, results_path
 

@@ -1,6 +1,5 @@
-"Difference-based classification, zero-shot and comparative prompting: behaviour a user relies on."
+"""Tests of `pc_clip.evaluation`: pure metrics, task builders, the runner, comparative prompting and geometry."""
 import itertools
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,17 +9,21 @@ import torch.nn.functional as F
 from pc_clip.evaluation.comparative import (class_differences, comparative_class_embeddings, comparative_prompting,
     known_pairs, top_confused_pairs)
 from pc_clip.core.config import get_config
-from pc_clip.core.runtime import read_results
+from pc_clip.core.runtime import read_results, write_results
 from pc_clip.evaluation.runner import (build_difference_tasks, evaluation_rows, read_items, write_evaluation,
     zero_shot_classifier)
 from pc_clip.evaluation.metrics import (classification_metrics, difference_classification, difference_cosines,
-    sample_eval_indices, zero_shot)
+    sample_eval_indices, zero_shot, geometry)
 from pc_clip.models.clip import create_clip, encode_texts
-from pc_clip.world.oracle import difference_direction
-from pc_clip.world.shapes import heldout_category_pairs, sample_attributes
+from pc_clip.world.oracle import difference_direction, ATTRIBUTE_KINDS
+from pc_clip.world.shapes import heldout_category_pairs, sample_attributes, build_world
 from pc_clip.world.species import category_groups, typical_attrs
 from pc_clip.evaluation.tasks import DifferenceTask, cifar100_size_task, cub_comparative_task, world_difference_tasks
 from pc_clip.smoke.fixtures import accept_fixture_checksums, make_fixture
+from pc_clip.evaluation import metrics as M, runner as E, geometry as G
+
+
+# ---- Difference-based classification, zero-shot and comparative prompting: behaviour a user relies on.
 
 D = 32
 
@@ -318,3 +321,242 @@ def test_the_evaluated_models_come_from_the_registry_and_must_exist(runs_dir):
         evaluated_models(cfg)
     save_checkpoint(tiny, model_dir(cfg, names[-1]), "pc-clip-tiny")
     assert evaluated_models(cfg) == names
+
+
+# ---- Pure metrics: bootstrap intervals, retrieval, geometry and probes on embeddings with known answers.
+
+def _unit(n, d, seed):
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+# --- intervals -----------------------------------------------------------------------------------------------------
+def test_bootstrap_interval_covers_the_truth_about_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    covered = 0
+    for i in range(200):
+        x = (rng.random(150) < 0.3).astype(float)
+        lo, hi = M.bootstrap_ci(x, n_boot=300, seed=i)
+        covered += lo <= 0.3 <= hi
+    assert 0.88 <= covered / 200 <= 0.99
+
+
+def test_weighted_items_reproduce_a_ratio_and_worst_group():
+    v, w, g = np.array([1.0, 0.5, 0.0, 1.0]), np.array([2, 4, 1, 1]), np.array([0, 0, 1, 1])
+    assert M.statistic_value(v, w) == pytest.approx((2 + 2 + 0 + 1) / 8)
+    assert M.statistic_value(v, w, g, "worst_group") == pytest.approx(0.5)
+    lo, hi = M.bootstrap_ci(v, w, g, "worst_group", n_boot=200)
+    assert 0 <= lo <= hi <= 1
+
+
+def test_paired_bootstrap_is_deterministic_and_detects_a_real_difference():
+    rng = np.random.default_rng(1)
+    hard = rng.random(500)
+    a, b = (hard < 0.62).astype(float), (hard < 0.6).astype(float)
+    r = M.paired_bootstrap(a, b)
+    assert r == M.paired_bootstrap(a, b)
+    assert r["ci_low"] > 0  # a is never worse on any item: even +0.02 is signal when paired
+    unpaired_lo = M.bootstrap_ci(a)[0] - M.bootstrap_ci(b)[1]
+    assert unpaired_lo < 0  # ... which unpaired intervals would not show
+
+
+# --- retrieval ---------------------------------------------------------------------------------------------------
+def test_perfect_retrieval_with_several_captions_per_image():
+    img = _unit(40, 32, 0)
+    owner = np.repeat(np.arange(40), 5)  # five captions per image, as on COCO
+    txt = F.normalize(img[owner] + 0.05 * _unit(200, 32, 1), dim=-1)
+    rec = M.retrieval(img, txt, owner)
+    assert {k: v for k, v in rec.items() if k != "outcomes"} == {f"recall@{k}_{d}": 1.0 for k in (1, 5, 10) for d in ("i2t", "t2i")}
+
+
+def test_retrieval_counts_any_caption_and_is_chunk_invariant():
+    img = torch.eye(4)
+    # image 0's first caption points at image 1, its second at itself: i2t still finds image 0 at rank 1
+    txt = torch.stack([img[1], img[0], img[1], img[2], img[3]])
+    owner = np.array([0, 0, 1, 2, 3])
+    rec = M.retrieval(img, txt, owner, ks=(1,), chunk=2)
+    assert rec["recall@1_i2t"] == 1.0
+    assert rec["recall@1_t2i"] == pytest.approx(4 / 5)  # the stray caption retrieves image 1 first
+    big_img, big_txt = _unit(50, 16, 2), _unit(120, 16, 3)
+    big_owner = np.arange(120) % 50
+    drop = lambda r: {k: v for k, v in r.items() if k != "outcomes"}
+    assert drop(M.retrieval(big_img, big_txt, big_owner, chunk=7)) == drop(M.retrieval(big_img, big_txt, big_owner))
+
+
+def test_random_retrieval_is_near_chance_and_outcomes_make_the_recalls():
+    img, txt = _unit(200, 64, 4), _unit(1000, 64, 5)
+    rec = M.retrieval(img, txt, np.arange(1000) % 200)
+    assert rec["recall@10_t2i"] == pytest.approx(10 / 200, abs=0.03)
+    for m, o in rec["outcomes"].items():
+        assert len(o) == (200 if m.endswith("i2t") else 1000) and o.value.mean() == rec[m]
+
+
+def test_retrieval_rejects_captions_without_images():
+    with pytest.raises(ValueError, match="index the 3 images"):
+        M.retrieval(torch.eye(3), torch.eye(3), [0, 1, 5])
+    with pytest.raises(ValueError, match="at least one caption"):
+        M.retrieval(torch.eye(3), torch.eye(3)[:2], [0, 1])
+
+
+# --- geometry ----------------------------------------------------------------------------------------------------
+def test_exact_offsets_solve_every_analogy_and_identical_directions_are_consistent():
+    base = torch.randn(12, 24, generator=torch.Generator().manual_seed(0))
+    offset = 2.0 * _unit(1, 24, 1)
+    emb = torch.cat([base, base + offset])
+    quads = M.analogy_quadruples(np.arange(12), np.arange(12) + 12)
+    assert M.analogy_hits(emb, quads).mean() == 1.0
+    assert M.directional_consistency(M.difference_vectors(emb, np.arange(12) + 12, np.arange(12))) == pytest.approx(1.0, abs=1e-5)
+    assert M.text_direction_cosines(offset, emb[12:] - emb[:12])[0] == pytest.approx(1.0, abs=1e-5)
+    assert M.text_direction_cosines(-offset, emb[12:] - emb[:12])[0] == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_analogy_excludes_the_query_images():
+    # c itself would be the nearest candidate to a - b + c when the offset is tiny; it must not count
+    base = _unit(6, 8, 2)
+    emb = torch.cat([base, F.normalize(base + 1e-3, dim=-1)])
+    quads = M.analogy_quadruples(np.arange(6), np.arange(6) + 6)
+    assert M.analogy_hits(emb, quads).mean() == 1.0
+
+
+def test_random_directions_are_not_consistent():
+    assert M.directional_consistency(torch.randn(300, 128, generator=torch.Generator().manual_seed(3))) < 0.02
+    with pytest.raises(ValueError, match="at least 2"):
+        M.directional_consistency(torch.randn(1, 4))
+
+
+# --- linear probes -----------------------------------------------------------------------------------------------
+def test_probe_chooses_C_on_validation_and_scores_test_once():
+    rng = np.random.default_rng(0)
+    y_tr, y_va, y_te = rng.integers(0, 4, 400), rng.integers(0, 4, 100), rng.integers(0, 4, 100)
+    centres = 6 * rng.normal(size=(4, 16))
+    feat = lambda y: centres[y] + rng.normal(size=(len(y), 16)) * 0.2
+    r = M.linear_probe(feat(y_tr), y_tr, feat(y_va), y_va, feat(y_te), y_te, Cs=(1.0, 0.01))
+    assert r["accuracy"] == 1.0 and set(r["validation"]) == {0.01, 1.0} and r["C"] == M.best_on_validation(r["validation"])
+    assert len(r["outcomes"]["accuracy"]) == 100
+    # validation labels that are noise: the choice follows them, the test score does not see them
+    noisy = M.linear_probe(feat(y_tr), y_tr, feat(y_va), rng.integers(0, 4, 100), feat(y_te), y_te, Cs=(0.01, 1.0))
+    assert noisy["validation"][0.01] < 0.6 and noisy["accuracy"] > 0.9
+
+
+# ---- Retrieval, geometry and linear probes: known answers on synthetic embeddings, controlled world pairs, and the
+
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(0, 300, 300, n_val=50)
+
+
+def test_controlled_pairs_differ_in_exactly_the_edited_attribute(world):
+    cp = G.controlled_pairs(world, n_per_edit=10, seed=1)
+    recs = cp.records()
+    assert cp.pairs["edit"].value_counts().to_dict() == {e: 10 for e in G.EDITS}
+    for p in cp.pairs.itertuples():
+        changed = [k for k in ATTRIBUTE_KINDS if difference_direction(recs[p.edited], recs[p.base], k) is not None]
+        assert changed == [G.EDITS[p.edit].attribute], (p.edit, changed)
+    # a background edit leaves the object's pixels alone: pixels that stay put are most of the image for large objects
+    snow = cp.pairs[cp.pairs.edit == "snowier"].iloc[0]
+    same = (cp.images[snow.edited] == cp.images[snow.base]).all(-1)
+    assert 0 < same.mean() < 1
+    again = G.controlled_pairs(world, n_per_edit=10, seed=1)
+    assert np.array_equal(again.images, cp.images)  # seeded
+
+
+def test_geometry_rows_on_pixels(world):
+    cp = G.controlled_pairs(world, n_per_edit=12, seed=0)
+    pix = F.normalize(torch.as_tensor(cp.images.reshape(len(cp.images), -1), dtype=torch.float32), dim=-1)
+    text = torch.stack([pix[p.edited] - pix[p.base] for p in cp.pairs.itertuples()])
+    res = geometry(pix, cp.pairs, text, n_quads=100)
+    assert set(res) == {"all"} | set(G.EDITS)
+    for edit, r in res.items():
+        assert 0 <= r["analogy_accuracy"] <= 1 and -1 <= r["directional_consistency"] <= 1
+        if edit != "all":  # the reported value is the mean of its per-pair items, so it lies inside their interval
+            items = r["outcomes"]["directional_consistency"]
+            assert r["directional_consistency"] == pytest.approx(items.value.mean(), abs=1e-6), edit
+    assert len(G.edit_statements(cp)) == len(cp.pairs)
+
+
+# --- the runners, end to end on stand-in models ---------------------------------------------------------------------
+def test_runners_end_to_end_on_stand_in_models(runs_dir, capsys):
+    from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
+    cfg = get_config("tiny", world_n_train=200, world_n_val=80, world_n_test=120)
+    a, _, _ = create_clip("pc-clip-tiny", seed=0)
+    b, _, _ = create_clip("pc-clip-tiny", seed=1)
+    save_checkpoint(a, model_dir(cfg, "clip"), "pc-clip-tiny")
+    save_checkpoint(a, model_dir(cfg, "pc-clip"), "pc-clip-tiny")
+    with torch.no_grad():  # a text-only change: image numbers must stay identical, text numbers must move
+        a.transformer.resblocks[-1].mlp.c_proj.weight.add_(0.5 * torch.randn_like(a.transformer.resblocks[-1].mlp.c_proj.weight))
+    save_checkpoint(a, model_dir(cfg, "pc-clip/mse"), "pc-clip-tiny")
+    save_checkpoint(b, model_dir(cfg, "pc-clip/both-towers"), "pc-clip-tiny")
+    names = ["clip", "pc-clip", "pc-clip/mse", "pc-clip/both-towers", "clip-ft-captions"]
+    rr = pd.DataFrame(E.run_retrieval(cfg, names, n_images=60, n_captions=3, progress=False))
+    gr = pd.DataFrame(E.run_geometry(cfg, names, n_per_edit=6, n_quads=30, progress=False))
+    pr = pd.DataFrame(E.run_linear_probe(cfg, names, max_train=150, progress=False))
+    assert "skipping model clip-ft-captions" in capsys.readouterr().out
+    for df in (rr, gr, pr):
+        assert set(df.model) == set(names[:4])
+    val = lambda df, m, metric, ds="world": df[(df.model == m) & (df.metric == metric) & (df.dataset == ds)].value.item()
+    assert (pr[pr.model == "pc-clip/mse"].value.to_numpy() == pr[pr.model == "clip"].value.to_numpy()).all()
+    assert set(pr.condition) >= {"", "C=0.1;split=val", "C=1;split=val"}
+    assert val(gr, "pc-clip/mse", "analogy_accuracy") == val(gr, "clip", "analogy_accuracy")
+    assert val(gr, "pc-clip/mse", "text_direction_cosine") != val(gr, "clip", "text_direction_cosine")
+    assert val(gr, "pc-clip", "text_direction_cosine") == val(gr, "clip", "text_direction_cosine")
+    assert rr[rr.model == "clip"].n.max() == 180  # 60 images x 3 captions
+    assert (rr[rr.model == "pc-clip"].value.to_numpy() == rr[rr.model == "clip"].value.to_numpy()).all()
+    assert rr[["ci_low", "ci_high"]].notna().all().all() and (rr.ci_low <= rr.value).all() and (rr.value <= rr.ci_high).all()
+
+
+def test_retrieval_runner_reads_coco_on_paper_style_configs(runs_dir, tmp_path, monkeypatch):
+    "With corpus='coco' the runner reads COCO val from the data root (a fixture here) with its own captions."
+    from pc_clip.data.datasets import load_coco
+    from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
+    from pc_clip.smoke.fixtures import make_fixture
+    make_fixture("coco", tmp_path / "data")
+    monkeypatch.setenv("PC_CLIP_DATA", str(tmp_path / "data"))
+    cfg = get_config("tiny", corpus="coco")
+    model, _, _ = create_clip("pc-clip-tiny", seed=0)
+    save_checkpoint(model, model_dir(cfg, "clip"), "pc-clip-tiny")
+    rows = E.run_retrieval(cfg, ["clip"], progress=False)
+    coco = load_coco(tmp_path / "data", "val")
+    n_captions = sum(len(c) for c in coco.captions)
+    assert {r["dataset"] for r in rows} == {"coco"} and len(rows) == 6
+    assert {r["n"] for r in rows} == {len(coco), n_captions}
+    assert all(r["value"] == 1.0 for r in rows if r["metric"].startswith("recall@10"))  # fewer candidates than k
+
+
+def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monkeypatch):
+    "One unreadable COCO image drops its own pairs; every other statement still meets its own pair's images."
+    from pc_clip.evaluation import paper_geometry as P
+    from pc_clip.data.datasets import load_coco
+    from pc_clip.models.embed import embed_images
+    from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
+    from pc_clip.smoke.fixtures import make_fixture
+    monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("PC_CLIP_DATA", str(tmp_path / "data"))
+    make_fixture("coco", tmp_path / "data", n_images=8)
+    cfg = get_config("tiny", corpus="coco", n_pairs=200, generator="tiny-chat")
+    model, pre, tok = create_clip("pc-clip-tiny", seed=0)
+    save_checkpoint(model, model_dir(cfg, "clip"), "pc-clip-tiny")
+
+    class Writer:  # a stand-in generator: one statement per pair, naming the pair (so each text differs)
+        name, batch_size, config = "tiny-chat", 16, {}
+        def generate(self, items, task="differences"):
+            return [{"raw": f"The first image is brighter than the second image number {it['i'] % 97}."} for it in items]
+
+    recs = P.write_heldout_differences(cfg, Writer(), progress=False)
+    intact = load_coco(tmp_path / "data", "val")
+    emb_intact = embed_images(model, intact, cfg, preprocess=pre, cache=False, progress=False)
+    ids = intact.image_info.image_id.tolist()
+    broken = ids[1]  # the second image: before the fix, every later pair shifted by one row
+    (tmp_path / "data" / "coco" / "val2017" / f"{broken:012d}.jpg").write_bytes(b"not a jpeg")
+    rows = pd.DataFrame(P.run_paper_geometry(cfg, ["clip"], progress=False))
+    cos = rows[(rows.metric == "text_direction_cosine") & (rows.condition == "pairs=heldout")]
+    assert len(cos) == 1
+    # the expected value, from the intact embeddings of the pairs without the broken image
+    st = P.heldout_statements(recs, intact)
+    keep = [r["item"]["i"] != broken and r["item"]["j"] != broken for r in recs for _ in r["statements"]]
+    st = st[keep].reset_index(drop=True)
+    assert 0 < len(st) < len(keep)
+    from pc_clip.models.embed import embed_texts
+    want = P.pair_alignment(emb_intact, st, embed_texts(model, tok, list(st.text), cfg))["text_direction_cosine"]
+    assert cos.value.item() == pytest.approx(want, abs=1e-5)
+    assert cos.n.item() == len(st)

@@ -1,7 +1,5 @@
-"""Every figure of a result is drawn from a results table and shows the 95 % interval of its rows: each figure the
-experiments draw is rendered twice from a small table, once with other ci_low/ci_high only, and must change."""
+"""Tests of `pc_clip.report`: every result figure is drawn from the results table, intervals included."""
 import io
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,6 +7,9 @@ import pytest
 from pc_clip.core.runtime import condition_string
 from pc_clip.evaluation.runner import MODELS
 from pc_clip.report.summary import RECALLS, bar_figure, model_colours
+
+
+# ---- Every figure of a result is drawn from a results table and shows the 95 % interval of its rows: each figure the
 
 RNG = np.random.default_rng(0)
 

@@ -1,8 +1,5 @@
-"""Checkpoints that prove themselves and runs that cannot replace good models: a truncated model is named and
-rebuilt, a diverging run keeps the good model and fails, an override trains into its own folder, and cached
-image embeddings keep their skip count."""
+"""Tests of `pc_clip.models`: checkpoints that prove themselves with a checksum, and reload exactly."""
 import json
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,6 +12,9 @@ from pc_clip.data.imagedata import ImageDataset
 from pc_clip.models.embed import embed_images, kept_indices
 from pc_clip.training.finetune import finetune
 from pc_clip.models.clip import CheckpointError, create_clip, load_clip, model_dir, save_checkpoint
+
+
+# ---- Checkpoints that prove themselves and runs that cannot replace good models: a truncated model is named and
 
 N = 10
 

@@ -1,4 +1,5 @@
-"""Difference data: pair sampling, the real 4-bit HF path on a tiny Llama, parsing/filtering, kill-and-resume."""
+"""Tests of `pc_clip.differences`: pairs, backends, parsing, resumable stores of records, the judge, and
+generation served by a real OpenAI-compatible server on 127.0.0.1."""
 import json
 import os
 import signal
@@ -6,18 +7,20 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections import Counter
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import threading
+from collections import Counter
+from pathlib import Path
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from pc_clip.world.shapes import make_world
 from pc_clip.core.config import get_config
 from pc_clip.core.store import JsonlStore
-from pc_clip.differences.llm import HFBackend, build_prompt, generate_texts, load_causal_lm, render_chat
+from pc_clip.differences.llm import (HFBackend, build_prompt, generate_texts, load_causal_lm, render_chat,
+    OpenAIBackend, serve_local)
 from pc_clip.differences.records import (OracleBackend, difference_triples, differences_path, generate_differences,
     judged_path, make_backend, rewrite_captions, rewritten_captions, summary_rows, training_triples,
     write_category_differences)
@@ -25,6 +28,11 @@ from pc_clip.differences.pairs import corpus_from_world, pair_key, sample_pairs
 from pc_clip.differences.record_stats import filter_counts, filter_summary
 from pc_clip.differences.parse import parse_output, split_statements, statement_problem
 from pc_clip.smoke.fixtures import make_tiny_llama
+from pc_clip.differences.judge import (OpenAIJudge, OracleJudge, judge_agreement, judge_prompt, judge_records,
+    make_judge, parse_verdicts, verdict_counts)
+
+
+# ---- Difference data: pair sampling, the real 4-bit HF path on a tiny Llama, parsing/filtering, kill-and-resume.
 
 CORPUS = pd.DataFrame({
     "image_id": list(range(100, 140)),
@@ -33,6 +41,8 @@ CORPUS = pd.DataFrame({
         ["glorp", "mib", "skiv", "yoot", "vantile"] * 8, ["grass", "sand", "snow", "water"] * 10)],
     "category": ["glorp", "mib", "skiv", "yoot", "vantile"] * 8,
 })
+
+
 ATTRS = pd.DataFrame({"category": CORPUS.category.to_numpy(), "size": np.arange(40) % 7}, index=CORPUS.image_id)
 
 
@@ -129,6 +139,8 @@ def test_plain_prompt_without_chat_template_and_fast_failure(tmp_path):
 
 # ---------------------------------------------------------------- parsing and filtering
 CAPS = ["A large red glorp on grass.", "Two small blue mibs on sand."]
+
+
 GOOD = """Sure! Here are three differences:
 1. The first image has a larger object than the second image.
 2) The first image shows a red glorp, while the second shows blue mibs.
@@ -213,7 +225,7 @@ def test_make_backend_and_paths(runs_dir):
 WORKER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[2])
-    import test_diffs as T
+    import test_differences as T
     from pc_clip.differences.records import generate_differences
     from pc_clip.differences.pairs import sample_pairs
 
@@ -422,3 +434,233 @@ def test_4bit_cpu_shape_error_is_explained(tmp_path):
         pytest.skip("this bitsandbytes build runs 96-wide 4-bit layers on the CPU")
     with pytest.raises(RuntimeError, match="multiple of 64.*load_in_4bit=False"):
         generate_differences(sample_pairs(CORPUS, 2, seed=0), backend, tmp_path / "d.jsonl", progress=False)
+
+
+# ---- The judge: verdict parsing, the oracle judge, and an OpenAI-compatible endpoint on 127.0.0.1 (key hygiene).
+
+KEY = "sk-secret-4f9a-never-log-me"
+
+
+def records(n=4):
+    return [{"key": f"g|{k}", "task": "differences",
+             "item": {"key": str(k), "i": k, "j": k + 10, "caption_a": "A large red glorp.", "caption_b": "Two small mibs."},
+             "statements": [{"text": "The first image has a larger object.", "true": True},
+                            {"text": "The first image has more objects.", "true": False}],
+             "rejected": []} for k in range(n)]
+
+
+class Server:
+    "A stand-in chat-completions server; `replies` is a list of (status, body) consumed in order (last repeats)."
+
+    def __init__(self, replies):
+        self.replies, self.requests = list(replies), []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                status, reply = outer.replies.pop(0) if len(outer.replies) > 1 else outer.replies[0]
+                data = (reply if isinstance(reply, str) else json.dumps(reply)).encode()
+                self.send_response(status); self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data))); self.end_headers(); self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.srv = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.srv.server_port}/v1"
+
+    def __enter__(self):
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *a):
+        self.srv.shutdown(); self.srv.server_close()
+
+
+def chat(text):
+    return 200, {"choices": [{"message": {"role": "assistant", "content": text}}]}
+
+
+@pytest.fixture
+def openai_env(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    return monkeypatch
+
+
+def test_openai_judge_sends_key_only_in_the_header(openai_env, tmp_path, caplog):
+    with Server([chat("1: consistent\n2: inconsistent")]) as srv:
+        openai_env.setenv("OPENAI_BASE_URL", srv.url + "/")
+        judge = make_judge("openai:gpt-4o-mini")
+        out = judge_records(records(), judge, tmp_path / "judged.jsonl", batch_size=3, progress=False)
+    assert len(srv.requests) == 4
+    req = srv.requests[0]
+    assert req["path"] == "/v1/chat/completions" and {k.lower(): v for k, v in req["headers"].items()}["authorization"] == f"Bearer {KEY}"  # names are case-free
+    assert req["body"]["model"] == "gpt-4o-mini" and req["body"]["temperature"] == 0
+    assert "A large red glorp." in req["body"]["messages"][-1]["content"]
+    assert KEY not in json.dumps(req["body"])
+    assert [s["verdict"] for s in out[0]["statements"]] == ["consistent", "inconsistent"]
+    assert out[0]["judge"] == "openai:gpt-4o-mini" and out[0]["judge_raw"].startswith("1: consistent")
+    assert KEY not in (tmp_path / "judged.jsonl").read_text() and KEY not in json.dumps(out)
+    assert KEY not in repr(judge) and KEY not in caplog.text
+    assert judge_agreement(out) == 1.0
+
+
+def test_openai_judge_errors_never_show_the_key(openai_env):
+    body = {"error": {"message": f"Incorrect API key provided: {KEY}"}}
+    with Server([(401, body)]) as srv:
+        openai_env.setenv("OPENAI_BASE_URL", srv.url)
+        with pytest.raises(RuntimeError) as e:
+            OpenAIJudge(retries=0).chat("hi")
+    assert "HTTP 401" in str(e.value) and srv.url in str(e.value)
+    assert KEY not in str(e.value) and "***" in str(e.value)
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_openai_judge_retries_server_errors(openai_env):
+    with Server([(503, "busy"), (429, "slow down"), chat("Inconsistent.")]) as srv:
+        openai_env.setenv("OPENAI_BASE_URL", srv.url)
+        rec = records(1)[0]
+        one = dict(rec, statements=rec["statements"][:1])
+        verdicts, raw = OpenAIJudge(retries=3, backoff=0.01).judge([one])[0]
+    assert len(srv.requests) == 3 and verdicts == ["inconsistent"] and raw == "Inconsistent."
+
+
+def test_openai_judge_needs_a_key(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(RuntimeError, match="OPENAI_API_KEY"):
+        OpenAIJudge().chat("hi")
+
+
+def test_unparseable_answers_are_counted_not_guessed(openai_env):
+    with Server([chat("These statements look fine to me.")]) as srv:
+        openai_env.setenv("OPENAI_BASE_URL", srv.url)
+        out = judge_records(records(2), OpenAIJudge(), progress=False)
+    assert verdict_counts(out) == {"unparsed": 4}
+    assert judge_agreement(out) == 0.5  # unparsed counts as "not consistent"
+
+
+@pytest.mark.parametrize("text,n,expected", [
+    ("1: consistent\n2: inconsistent", 2, ["consistent", "inconsistent"]),
+    ("2 - Inconsistent\n1 - CONSISTENT", 2, ["consistent", "inconsistent"]),
+    ("1. **Not consistent**: the caption says red", 1, ["inconsistent"]),
+    ("consistent", 1, ["consistent"]), ("consistent or inconsistent?", 1, [None]),
+    ("1: consistent\n7: inconsistent", 2, ["consistent", None]),
+])
+def test_parse_verdicts(text, n, expected):
+    assert parse_verdicts(text, n) == expected
+
+
+def test_oracle_judge_resumes_and_filters_triples(tmp_path):
+    recs = records(6) + [dict(records(1)[0], key="g|empty", statements=[])]
+    first = judge_records(recs[:4], OracleJudge(), tmp_path / "j.jsonl", batch_size=3, progress=False)
+    allj = judge_records(recs, OracleJudge(), tmp_path / "j.jsonl", batch_size=3, progress=False)
+    assert allj[:4] == first and len(JsonlStore(tmp_path / "j.jsonl")) == 7
+    assert verdict_counts(allj) == {"consistent": 6, "inconsistent": 6}
+    t = difference_triples(allj, consistent_only=True)
+    assert len(t) == 6 and set(t.text) == {"The first image has a larger object."}
+    assert "The first image has more objects." in judge_prompt(recs[0])
+
+
+# ---- Generation through a real OpenAI-compatible server on 127.0.0.1 (`transformers serve` with the tiny Llama):
+
+
+
+SERVED_KEY = "sk-served-test-not-a-real-key"
+
+
+CORPUS_CODE = """
+import pandas as pd
+SERVED_CORPUS = pd.DataFrame({"image_id": list(range(40)),
+                       "caption": [f"A {s} {c} glorp number {k}." for k, (s, c) in enumerate(zip(["small", "large"] * 20, ["red", "blue", "green", "teal"] * 10))],
+                       "category": ["a", "b", "c", "d"] * 10})
+"""
+
+
+CLIENT = textwrap.dedent("""
+    import sys
+    from pc_clip.differences.records import generate_differences
+    from pc_clip.differences.pairs import sample_pairs
+    from pc_clip.differences.llm import OpenAIBackend
+""") + CORPUS_CODE + textwrap.dedent("""
+    backend = OpenAIBackend(sys.argv[2], max_new_tokens=16, batch_size=2, concurrency=2)
+    generate_differences(sample_pairs(SERVED_CORPUS, int(sys.argv[3]), seed=1), backend, sys.argv[1], progress=False)
+""")
+
+
+ns: dict = {}
+
+
+exec(CORPUS_CODE, ns)
+
+
+SERVED_CORPUS = ns["SERVED_CORPUS"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = make_tiny_llama(tmp_path_factory.mktemp("lm") / "tiny-llama")
+    with serve_local(folder, log=tmp_path_factory.mktemp("log") / "serve.log") as url:
+        yield url, str(folder)
+
+
+@pytest.fixture
+def served_env(server, monkeypatch):
+    url, model = server
+    monkeypatch.setenv("OPENAI_BASE_URL", url)
+    monkeypatch.setenv("OPENAI_API_KEY", SERVED_KEY)
+    return model
+
+
+def test_served_generator_uses_the_same_prompts_parser_and_store(served_env, tmp_path, caplog):
+    pairs = sample_pairs(SERVED_CORPUS, 6, seed=0)
+    backend = OpenAIBackend(served_env, max_new_tokens=16, batch_size=4)
+    recs = generate_differences(pairs, backend, tmp_path / "d.jsonl", progress=False)
+    assert [r["key"] for r in recs] == [f"openai:{served_env}|{k}" for k in pairs.key]
+    for r, row in zip(recs, pairs.itertuples()):
+        assert r["prompt"] == build_prompt("differences", {"caption_a": row.caption_a, "caption_b": row.caption_b})
+        assert isinstance(r["raw"], str) and 0 < r["n_tokens"] <= 16
+        assert len(r["statements"]) + len(r["rejected"]) >= 1  # every piece parsed and accounted for
+    assert generate_differences(pairs, backend, tmp_path / "d.jsonl", progress=False) == recs  # resumes, no requests
+    assert SERVED_KEY not in (tmp_path / "d.jsonl").read_text() and SERVED_KEY not in json.dumps(recs) and SERVED_KEY not in caplog.text
+    assert SERVED_KEY not in repr(backend) and SERVED_KEY not in json.dumps(backend.config)
+
+
+def test_killed_client_resumes_without_loss_or_duplicates(served_env, tmp_path):
+    path, n = tmp_path / "d.jsonl", 16
+    script = tmp_path / "client.py"; script.write_text(CLIENT)
+    env = {**os.environ}
+    p = subprocess.Popen([sys.executable, str(script), str(path), served_env, str(n)], env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and (not path.exists() or path.read_bytes().count(b"\n") < 3):
+        assert p.poll() is None, "the client ended before it could be killed"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL); p.wait()
+    n_before = len(JsonlStore(path))
+    assert 3 <= n_before < n, n_before
+    subprocess.run([sys.executable, str(script), str(path), served_env, str(n)], env=env, check=True, timeout=400)
+    keys = [json.loads(line)["key"] for line in path.read_text().splitlines()]
+    pairs = sample_pairs(SERVED_CORPUS, n, seed=1)
+    assert sorted(keys) == sorted(f"openai:{served_env}|{k}" for k in pairs.key), "every pair exactly once"
+    # the server decodes greedily here (the tiny model's generation config), so a resumed run equals a fresh one
+    fresh = generate_differences(pairs.head(6), OpenAIBackend(served_env, max_new_tokens=16, batch_size=3),
+                                 tmp_path / "fresh.jsonl", progress=False)
+    resumed = {r["key"]: r for r in JsonlStore(path).records()}
+    assert [resumed[r["key"]]["raw"] for r in fresh] == [r["raw"] for r in fresh]
+    assert SERVED_KEY not in path.read_text()
+
+
+def test_a_refused_request_names_the_url_and_never_the_key(served_env, tmp_path):
+    "The openai SDK's errors become ours: the URL and HTTP status named, no retry on a client error, the key never shown."
+    from pc_clip.differences.llm import OpenAIClient
+    client = OpenAIClient(str(tmp_path / "no-such-model"), retries=2, backoff=0.01)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as err:
+        client.chat("Describe a red circle.", max_tokens=4)
+    msg = str(err.value)
+    assert f"request to {os.environ['OPENAI_BASE_URL'].rstrip('/')}/chat/completions failed" in msg, msg
+    assert "HTTP" in msg and SERVED_KEY not in msg and SERVED_KEY not in repr(client)
+    assert time.monotonic() - t0 < 120
+    ok = OpenAIClient(served_env).chat("Describe a red circle.", max_tokens=4, temperature=0)
+    assert isinstance(ok["text"], str) and 0 < ok["n_tokens"] <= 4

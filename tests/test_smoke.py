@@ -1,6 +1,5 @@
-"""The `paper-smoke` stand-ins, built once into a temporary data root, as the `paper` code path reads them."""
+"""Tests of `pc_clip.smoke`: stand-ins built in the real on-disk layouts, checked by their hashes."""
 import time
-
 import numpy as np
 import pytest
 import torch
@@ -9,6 +8,9 @@ from pc_clip.core.runtime import data_root
 from pc_clip.core.config import get_config
 from pc_clip.smoke.standins import (BUILD_ORDER, CHAT_LM, DATASET_PATHS, MANIFEST, build_paper_smoke, read_manifest,
     scene, scene_caption, standin_checksums)
+
+
+# ---- The `paper-smoke` stand-ins, built once into a temporary data root, as the `paper` code path reads them.
 
 SPLITS = {"coco": "train", "flowers102": "train"}  # the rest: "test"
 

@@ -1,4 +1,4 @@
-"""Studies beyond the paper: joint pretraining with the difference loss, and the noise curve with judges."""
+"""Tests of `pc_clip.studies`: the noise curve and the difference loss during pretraining."""
 import numpy as np
 import open_clip
 import pandas as pd
@@ -15,6 +15,9 @@ from pc_clip.evaluation.metrics import outcomes
 from pc_clip.models.clip import model_dir
 from pc_clip.training.pretrain import pretrain_clip
 from pc_clip.world.shapes import build_world, is_heldout_pair
+
+
+# ---- Studies beyond the paper: joint pretraining with the difference loss, and the noise curve with judges.
 
 torch.set_num_threads(1)
 
