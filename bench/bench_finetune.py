@@ -41,7 +41,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from hardware import peak_bf16
 from pc_clip.core.runtime import autocast, pick_device, pick_dtype
@@ -152,6 +151,19 @@ def _scratch_dir(need_gb: float = 16) -> str | None:
     return None
 
 
+def _timed_finetune(model, tokenizer, triples, cfg, emb, dev, **fast) -> tuple[float, float]:
+    "`(pairs/s of the last epoch, wall seconds)` of one `finetune` run into a scratch folder (checkpoints included)."
+    with tempfile.TemporaryDirectory(dir=_scratch_dir() if dev.type == "cuda" else None) as tmp:
+        t0 = time.perf_counter()
+        run = finetune(model, tokenizer, triples, cfg, Path(tmp) / "run", image_embeddings=emb, progress=False, **fast)
+        wall = time.perf_counter() - t0
+    rate = float(run.epochs["pairs_per_s"].iloc[-1])
+    del run
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return rate, wall
+
+
 def measure_finetune(model_name: str = "pc-clip-tiny", pairs: int = 4096, ref_pairs: int | None = None,
                      images: int = 1024, batch_size: int = 256, epochs: int = 2, device: str = "auto",
                      precision: str = "auto", seed: int = 0, repeats: int = 1, count_flops: bool = True,
@@ -179,24 +191,12 @@ def measure_finetune(model_name: str = "pc-clip-tiny", pairs: int = 4096, ref_pa
     ours = ref = fast_rate = 0.0
     ours_wall = ref_wall = fast_wall = 0.0
     for _ in range(repeats):  # alternating evens out a machine whose load changes during the run
-        with tempfile.TemporaryDirectory(dir=_scratch_dir() if dev.type == "cuda" else None) as tmp:
-            t0 = time.perf_counter()
-            run = finetune(model, tokenizer, triples, cfg, Path(tmp) / "ours", image_embeddings=emb, progress=False)
-            ours_wall = time.perf_counter() - t0
-        ours = max(ours, float(run.epochs["pairs_per_s"].iloc[-1]))
-        del run
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        rate, ours_wall = _timed_finetune(model, tokenizer, triples, cfg, emb, dev)
+        ours = max(ours, rate)
         log(f"ours: {ours:.1f} pairs/s ({ours_wall:.1f} s wall, checkpoints included)")
         if fast:
-            with tempfile.TemporaryDirectory(dir=_scratch_dir() if dev.type == "cuda" else None) as tmp:
-                t0 = time.perf_counter()
-                run = finetune(model, tokenizer, triples, cfg, Path(tmp) / "fast", image_embeddings=emb, progress=False, **fast)
-                fast_wall = time.perf_counter() - t0
-            fast_rate = max(fast_rate, float(run.epochs["pairs_per_s"].iloc[-1]))
-            del run
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+            rate, fast_wall = _timed_finetune(model, tokenizer, triples, cfg, emb, dev, **fast)
+            fast_rate = max(fast_rate, rate)
             log(f"ours with fast paths {fast}: {fast_rate:.1f} pairs/s ({fast_wall:.1f} s wall, compiling and checkpoints included)")
         t0 = time.perf_counter()
         ref = max(ref, reference_loop(model, tokenizer, ref_triples, emb, batch_size, 1e-5, epochs, seed, dev)[-1])

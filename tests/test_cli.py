@@ -9,20 +9,13 @@ import nbformat
 import pytest
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, make_notebook
 from pc_clip.cli import experiment_notebooks, preflight
 from pc_clip.core.config import get_config
 
 
 # ---- The `pc-clip` command: order, overrides, a failing experiment named in the error, bad values and missing inputs
 
-def _notebook(path: Path, code: str) -> None:
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell('profile = "tiny"\nseed = 0\noverrides = {}\nnote = None')
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(code)]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, path)
 
 
 def _pc_clip(*args, env=None):
@@ -37,8 +30,8 @@ def test_reproduce_runs_in_order_and_injects_overrides(tmp_path, runs_dir):
     code = ("from pc_clip.core.runtime import get_config\n"
             "cfg = get_config(profile, seed=seed, **overrides)\n"
             f"open({str(marker)!r}, 'a').write(f'{{__NAME__}} {{cfg.ft_epochs}} {{note}}\\n')")
-    _notebook(exp / "02_second.ipynb", code.replace("{__NAME__}", "second"))
-    _notebook(exp / "01_first.ipynb", code.replace("{__NAME__}", "first"))
+    make_notebook(exp / "02_second.ipynb", code.replace("{__NAME__}", "second"))
+    make_notebook(exp / "01_first.ipynb", code.replace("{__NAME__}", "first"))
     nb = nbformat.read(exp / "01_first.ipynb", as_version=4)  # declares ft_epochs as its own parameter
     nb.cells[0].source += "\nft_epochs = None  # None: the profile's"
     nb.cells[1].source = ("from pc_clip.core.runtime import given\n" +
@@ -62,9 +55,9 @@ def test_reproduce_runs_in_order_and_injects_overrides(tmp_path, runs_dir):
 
 def test_failing_experiment_exits_nonzero_and_names_notebook(tmp_path, runs_dir):
     exp = tmp_path / "exp"; exp.mkdir()
-    _notebook(exp / "01_ok.ipynb", "x = 1")
-    _notebook(exp / "02_broken.ipynb", "raise RuntimeError('the world is flat')")
-    _notebook(exp / "03_never.ipynb", f"open({str(tmp_path / 'ran')!r}, 'w').write('x')")
+    make_notebook(exp / "01_ok.ipynb", "x = 1")
+    make_notebook(exp / "02_broken.ipynb", "raise RuntimeError('the world is flat')")
+    make_notebook(exp / "03_never.ipynb", f"open({str(tmp_path / 'ran')!r}, 'w').write('x')")
     r = _pc_clip("reproduce", "--experiments", str(exp))
     assert r.returncode == 1
     assert "02_broken.ipynb" in r.stderr and "the world is flat" in r.stderr and "cell" in r.stderr
@@ -76,7 +69,7 @@ def test_unknown_profile_or_key_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "Unknown profile" in r.stderr
     r = _pc_clip("reproduce", "--experiments", str(tmp_path))
     assert r.returncode == 2 and "No experiment notebooks" in r.stderr
-    _notebook(tmp_path / "01_a.ipynb", "x = 1")
+    make_notebook(tmp_path / "01_a.ipynb", "x = 1")
     r = _pc_clip("reproduce", "-p", "no_such_field=1", "--experiments", str(tmp_path))
     assert r.returncode == 2 and "no_such_field" in r.stderr
 
@@ -89,7 +82,7 @@ def test_unknown_profile_or_key_is_a_clear_error(tmp_path):
     ("ft_epochs=None", "ft_epochs", "None is not allowed"),
 ])
 def test_bad_value_exits_2_before_any_notebook(tmp_path, runs_dir, value, field, says):
-    _notebook(tmp_path / "01_a.ipynb", f"open({str(tmp_path / 'ran')!r}, 'w').write('x')")
+    make_notebook(tmp_path / "01_a.ipynb", f"open({str(tmp_path / 'ran')!r}, 'w').write('x')")
     t0 = time.perf_counter()
     r = _pc_clip("reproduce", "-p", value, "--experiments", str(tmp_path))
     seconds = time.perf_counter() - t0
@@ -109,7 +102,7 @@ def test_all_bad_values_reported_at_once(tmp_path):
 
 def test_none_override_is_honoured(tmp_path, runs_dir):
     out = tmp_path / "judge.txt"
-    _notebook(tmp_path / "50_probe.ipynb", "from pc_clip.core.runtime import get_config\n"
+    make_notebook(tmp_path / "50_probe.ipynb", "from pc_clip.core.runtime import get_config\n"
               f"open({str(out)!r}, 'w').write(repr(get_config(profile, seed=seed, **overrides).judge))")
     r = _pc_clip("reproduce", "--profile", "paper", "-p", "judge=None", "--experiments", str(tmp_path))
     assert r.returncode == 0, r.stderr + r.stdout
@@ -118,7 +111,7 @@ def test_none_override_is_honoured(tmp_path, runs_dir):
 
 def test_missing_weights_and_data_are_named_before_any_notebook(tmp_path, runs_dir):
     exp = tmp_path / "exp"; exp.mkdir()
-    _notebook(exp / "03_finetune.ipynb", f"open({str(tmp_path / 'ran')!r}, 'w').write('x')")
+    make_notebook(exp / "03_finetune.ipynb", f"open({str(tmp_path / 'ran')!r}, 'w').write('x')")
     data = tmp_path / "data"; data.mkdir()
     r = _pc_clip("reproduce", "--profile", "paper", "--experiments", str(exp), env={"PC_CLIP_DATA": str(data)})
     assert r.returncode == 2, r.stderr + r.stdout
@@ -133,7 +126,7 @@ def test_missing_weights_and_data_are_named_before_any_notebook(tmp_path, runs_d
 
 def test_preflight_names_the_llms_of_experiment_02(tmp_path, runs_dir):
     exp = tmp_path / "exp"; exp.mkdir()
-    _notebook(exp / "02_differences.ipynb", "x = 1")
+    make_notebook(exp / "02_differences.ipynb", "x = 1")
     data = tmp_path / "data"; data.mkdir()
     llms = ["-p", "generator='tiny-chat'", "-p", "judge='tiny-chat'"]  # paper-smoke would build them (below)
     r = _pc_clip("reproduce", "--profile", "paper", *llms, "--experiments", str(exp), env={"PC_CLIP_DATA": str(data)})
@@ -150,7 +143,7 @@ def test_paper_smoke_builds_its_stand_ins_before_the_preflight(tmp_path, runs_di
     "From a fresh clone, `--profile paper-smoke` needs no step of its own: the stand-ins are built (or found) first."
     exp = tmp_path / "exp"; exp.mkdir()
     seen = tmp_path / "data_root.txt"
-    _notebook(exp / "02_differences.ipynb", "from pathlib import Path\nfrom pc_clip.core.runtime import data_root, get_config\n"
+    make_notebook(exp / "02_differences.ipynb", "from pathlib import Path\nfrom pc_clip.core.runtime import data_root, get_config\n"
               f"Path({str(seen)!r}).write_text(str(data_root(get_config(profile, **overrides))))")
     env = {k: v for k, v in os.environ.items() if k != "PC_CLIP_DATA"}
     r = subprocess.run([str(Path(sys.executable).parent / "pc-clip"), "reproduce", "--profile", "paper-smoke",
@@ -172,7 +165,7 @@ def _pid_gone(pid: int) -> bool:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_stopping_pc_clip_stops_its_kernel(tmp_path, runs_dir, sig):
     out, pid_file = tmp_path / "ticks.txt", tmp_path / "kernel.pid"
-    _notebook(tmp_path / "01_loop.ipynb", "import os, time\n"
+    make_notebook(tmp_path / "01_loop.ipynb", "import os, time\n"
               f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
               "for i in range(100_000):\n"
               f"    with open({str(out)!r}, 'a') as f: f.write(f'{{i}}\\n')\n"
@@ -207,7 +200,7 @@ def test_stopping_pc_clip_stops_its_kernel(tmp_path, runs_dir, sig):
     (["-p", "ft_lr=1e-3", "-p", "ft_lr_grid=(1e-3, 2e-3)"], "ft_lr", "give one of them"),
 ])
 def test_bad_tuples_and_grids_exit_2_before_any_notebook(tmp_path, runs_dir, args, field, says):
-    _notebook(tmp_path / "01_a.ipynb", f"open({str(tmp_path / 'ran')!r}, 'w').write('x')")
+    make_notebook(tmp_path / "01_a.ipynb", f"open({str(tmp_path / 'ran')!r}, 'w').write('x')")
     t0 = time.perf_counter()
     r = _pc_clip("reproduce", *args, "--experiments", str(tmp_path))
     seconds = time.perf_counter() - t0
@@ -220,7 +213,7 @@ def test_bad_tuples_and_grids_exit_2_before_any_notebook(tmp_path, runs_dir, arg
 @pytest.mark.parametrize("given", ["eval_seeds=(0, 1)", "eval_seeds=[0, 1]"])
 def test_tuples_and_lists_reach_the_notebook_as_values(tmp_path, runs_dir, given):
     out = tmp_path / "seen.txt"
-    _notebook(tmp_path / "01_a.ipynb", "from pc_clip.core.config import get_config\n"
+    make_notebook(tmp_path / "01_a.ipynb", "from pc_clip.core.config import get_config\n"
               f"open({str(out)!r}, 'w').write(repr(get_config(profile, seed=seed, **overrides).eval_seeds))")
     r = _pc_clip("reproduce", "-p", given, "-p", "ft_lr_grid=()", "--experiments", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -233,18 +226,18 @@ def test_ft_lr_alone_reaches_every_notebook_as_one_learning_rate(tmp_path, runs_
     code = ("from pc_clip.core.config import get_config, given\n"
             "cfg = get_config(profile, seed=seed, **given(ft_lr=globals().get('ft_lr')), **overrides)\n"
             f"open({str(seen)!r}, 'a').write(repr((cfg.ft_lr, cfg.ft_lr_grid, cfg.wavg_alpha_grid)) + '\\n')")
-    _notebook(tmp_path / "03_own.ipynb", code)
+    make_notebook(tmp_path / "03_own.ipynb", code)
     nb = nbformat.read(tmp_path / "03_own.ipynb", as_version=4)
     nb.cells[0].source += "\nft_lr = None"
     nbformat.write(nb, tmp_path / "03_own.ipynb")
-    _notebook(tmp_path / "04_rest.ipynb", code)
+    make_notebook(tmp_path / "04_rest.ipynb", code)
     r = _pc_clip("reproduce", "-p", "ft_lr=1e-3", "--experiments", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     assert seen.read_text().splitlines() == ["(0.001, (), ())"] * 2
 
 
 def test_an_unwritable_runs_folder_exits_2_naming_it(tmp_path):
-    _notebook(tmp_path / "01_a.ipynb", f"open({str(tmp_path / 'ran')!r}, 'w').write('x')")
+    make_notebook(tmp_path / "01_a.ipynb", f"open({str(tmp_path / 'ran')!r}, 'w').write('x')")
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the runs folder should be")
     t0 = time.perf_counter()
@@ -256,7 +249,7 @@ def test_an_unwritable_runs_folder_exits_2_naming_it(tmp_path):
 def test_a_second_run_of_the_same_notebook_and_settings_waits_its_turn(tmp_path, runs_dir):
     "Two runs of one identity never write the same executed notebook: the second stops, naming the first."
     go = tmp_path / "go"
-    _notebook(tmp_path / "01_slow.ipynb", "import time, pathlib\n"
+    make_notebook(tmp_path / "01_slow.ipynb", "import time, pathlib\n"
               f"pathlib.Path({str(tmp_path / 'started')!r}).write_text('x')\n"
               f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.05)")
     exe = Path(sys.executable).parent / "pc-clip"

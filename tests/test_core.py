@@ -20,7 +20,7 @@ from pc_clip.core.runtime import ArtifactBusy, read_results, result_row, write_r
 from pc_clip.core.store import JsonlStore, parse_line
 from pc_clip.models.clip import (TINY_MODEL, create_clip, load_checkpoint, save_checkpoint, WEIGHTS_FILE,
     find_models, is_checkpoint, load_clip, model_dir)
-from conftest import REPO
+from conftest import REPO, make_notebook
 from pc_clip.core import registry
 from pc_clip.evaluation.runner import (evaluated_models, items_path, read_items, run_zero_shot, eval_datasets,
     write_evaluation)
@@ -330,13 +330,6 @@ def test_one_learning_rate_trains_and_evaluates_the_same_folders(tmp_path, monke
     assert r.returncode == 0 and str(model_dir(cfg, "pc-clip")) in r.stdout and "lr=0.001" in r.stdout, r.stdout + r.stderr
 
 
-def _notebook(path: Path, code: str) -> None:
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell('profile = "tiny"\nseed = 0\noverrides = {}')
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(code)]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, path)
 
 
 NOTEBOOK_WRITER = ("from pc_clip.core.config import get_config\n"
@@ -350,7 +343,7 @@ NOTEBOOK_WRITER = ("from pc_clip.core.config import get_config\n"
 
 def test_other_settings_leave_the_default_rows_and_notebooks_byte_identical(tmp_path):
     exp = tmp_path / "exp"; exp.mkdir()
-    _notebook(exp / "05_zero_shot.ipynb", NOTEBOOK_WRITER.format(fail=""))
+    make_notebook(exp / "05_zero_shot.ipynb", NOTEBOOK_WRITER.format(fail=""))
     env = {**os.environ, "PC_CLIP_RUNS": str(tmp_path / "out")}
     r = _pc_clip(env, "reproduce", "--experiments", str(exp))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -379,12 +372,12 @@ def other_id(cfg):
 
 def test_a_failed_experiment_keeps_the_earlier_rows(tmp_path, runs_dir):
     exp = tmp_path / "exp"; exp.mkdir()
-    _notebook(exp / "05_zero_shot.ipynb", NOTEBOOK_WRITER.format(fail=""))
+    make_notebook(exp / "05_zero_shot.ipynb", NOTEBOOK_WRITER.format(fail=""))
     env = {**os.environ, "PC_CLIP_RUNS": str(runs_dir)}
     assert _pc_clip(env, "reproduce", "--experiments", str(exp)).returncode == 0
     table = results_path(get_config("tiny"))
     before = table.read_bytes()
-    _notebook(exp / "05_zero_shot.ipynb", NOTEBOOK_WRITER.format(fail="raise RuntimeError('the models were not found')\n"))
+    make_notebook(exp / "05_zero_shot.ipynb", NOTEBOOK_WRITER.format(fail="raise RuntimeError('the models were not found')\n"))
     r = _pc_clip(env, "reproduce", "--experiments", str(exp))
     assert r.returncode == 1 and "the models were not found" in r.stderr
     assert table.read_bytes() == before
