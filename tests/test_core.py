@@ -114,7 +114,7 @@ def test_paper_smoke_is_paper_at_toy_scale():
 
 
 def test_checking_a_config_imports_neither_torch_nor_pandas():
-    code = ("import sys; from pc_clip.core.runtime import get_config; get_config('paper', ft_lr=1e-3); "
+    code = ("import sys; from pc_clip.core.config import get_config; get_config('paper', ft_lr=1e-3); "
             "print('torch' in sys.modules, 'pandas' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.split() == ["False", "False"], r.stderr
