@@ -291,7 +291,8 @@ def test_experiment_notebook_runs_and_resumes(runs_dir):
     for name in ("oracle-noise0.jsonl", "oracle-noise0.3.jsonl", "oracle-noise0.judged-oracle.jsonl"):
         keys = [json.loads(line)["key"] for line in (folder / name).read_text().splitlines()]
         assert len(keys) == len(set(keys)) == 200, name
-    t = read_results(get_config("tiny")).set_index(["model", "metric"])["value"]
+    cfg = get_config("tiny", n_pairs=200, **params["overrides"])  # the run's own settings: its own results table
+    t = read_results(cfg).set_index(["model", "metric"])["value"]
     assert t[("oracle-noise0", "n_records")] == 200 and t[("oracle-noise0", "true_rate")] == 1.0
     assert 0.55 < t[("oracle-noise0.3", "consistent_rate")] < 0.85 and t[("oracle-noise0.3", "judge_agreement")] == 1.0
     assert t[("oracle-noise0/rewrites", "n_records")] == 400
