@@ -41,7 +41,6 @@ def test_reproduce_runs_in_order_and_injects_overrides(tmp_path, runs_dir):
     assert r.returncode == 0, r.stderr + r.stdout
     assert marker.read_text().split("\n")[:2] == ["first 7 hi", "second 7 hi"]
     assert "time per notebook" in r.stdout and "results table" in r.stdout
-    from pc_clip.core.config import get_config
     from pc_clip.core.runtime import notebooks_dir
     executed = notebooks_dir(get_config("tiny", ft_epochs=7)) / "01_first.ipynb"  # this run's settings: its own folder
     assert executed.exists() and executed.parent == runs_dir / "runs" / "tiny" / executed.parent.name

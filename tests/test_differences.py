@@ -350,7 +350,6 @@ def test_no_usable_differences_is_a_clear_error_with_counts(tmp_path, caplog):
 
 
 def test_training_triples_follow_the_judge(runs_dir):
-    from pc_clip.differences.judge import OracleJudge, judge_records
     cfg = get_config("tiny", oracle_noise=0.5)
     pairs = sample_pairs(CORPUS, 40, seed=1)
     recs = generate_differences(pairs, oracle(noise=0.5), differences_path(cfg), progress=False)

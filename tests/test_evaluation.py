@@ -509,7 +509,6 @@ def test_retrieval_runner_reads_coco_on_paper_style_configs(runs_dir, tmp_path, 
     "With corpus='coco' the runner reads COCO val from the data root (a fixture here) with its own captions."
     from pc_clip.data.datasets import load_coco
     from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
-    from pc_clip.smoke.fixtures import make_fixture
     make_fixture("coco", tmp_path / "data")
     monkeypatch.setenv("PC_CLIP_DATA", str(tmp_path / "data"))
     cfg = get_config("tiny", corpus="coco")
@@ -529,7 +528,6 @@ def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monke
     from pc_clip.data.datasets import load_coco
     from pc_clip.models.embed import embed_images
     from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
-    from pc_clip.smoke.fixtures import make_fixture
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("PC_CLIP_DATA", str(tmp_path / "data"))
     make_fixture("coco", tmp_path / "data", n_images=8)

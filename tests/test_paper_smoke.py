@@ -14,8 +14,11 @@ import pandas as pd
 from pathlib import Path
 
 from conftest import REPO
+from pc_clip.core.runtime import read_results, notebooks_dir, results_path
+from pc_clip.evaluation.runner import read_items
+from pc_clip.models.clip import load_clip, load_weights, model_dir
+from pc_clip.report.summary import PAPER_CLAIMS, claim_verdicts, is_world_dataset
 from pc_clip.core.config import parse_overrides, get_config
-from pc_clip.core.runtime import notebooks_dir, results_path
 
 # which data sets each task of the paper is measured on (the paper's Tables 1-4 and Figures 3-6)
 EXPECTED = {
@@ -65,11 +68,6 @@ def test_paper_smoke_reproduction(tmp_path, monkeypatch):
     assert (results_path(cfg).parent / "REPORT.md").exists()
 
     # the finetune moved the weights: pc-clip's checkpoint and its text-side numbers differ from clip's
-    from pc_clip.core.config import get_config
-    from pc_clip.core.runtime import read_results
-    from pc_clip.evaluation.runner import read_items
-    from pc_clip.models.clip import load_clip, load_weights, model_dir
-    from pc_clip.report.summary import PAPER_CLAIMS, claim_verdicts, is_world_dataset
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
     monkeypatch.delenv("PC_CLIP_DATA", raising=False)
     cfg = get_config("paper-smoke", n_pairs=64, data_root=str(REPO / "data" / "paper-smoke"))  # as the command ran it

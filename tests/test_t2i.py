@@ -215,7 +215,6 @@ def test_gallery_arithmetic_known_answer():
 
 
 def test_run_t2i_arithmetic_on_stand_in_models(runs_dir, tiny_clip, capsys):
-    from pc_clip.models.clip import model_dir, save_checkpoint
     cfg = get_config("tiny", world_n_train=100, world_n_test=50)
     for name in ("clip", "pc-clip"):
         save_checkpoint(tiny_clip[0], model_dir(cfg, name), "pc-clip-tiny")

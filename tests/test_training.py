@@ -548,7 +548,6 @@ def _mixed_run_data(model, n: int = 64):
 
 def test_bucketed_and_unbucketed_loss_of_a_fixed_batch_are_equal():
     "A batch padded to its own length (bucketed) and the same batch padded to the full context: the same loss."
-    from pc_clip.models.clip import create_clip
     model, _, tok = create_clip("pc-clip-tiny", seed=0)
     triples, emb, _ = _mixed_run_data(model)
     cfg = get_config("tiny")
@@ -585,7 +584,6 @@ def test_compiled_and_eager_steps_agree():
 
 def test_fast_paths_off_on_tiny_and_runs_repeat(tmp_path):
     "The tiny profile keeps the plain step; a run with the fast paths on repeats itself exactly."
-    from pc_clip.models.clip import create_clip
     model, _, tok = create_clip("pc-clip-tiny", seed=0)
     triples, emb, _ = _mixed_run_data(model)
     cfg = get_config("tiny", ft_batch_size=16)
