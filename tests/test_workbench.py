@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 import pytest
-import set_kernelspec
 import socket
 import time
 import urllib.request
@@ -18,6 +17,7 @@ from conftest import REPO
 # ---- The workbench as a user meets it: progress on the terminal, the project's own kernel in every notebook and in
 
 sys.path.insert(0, str(REPO / "tools"))
+import set_kernelspec  # noqa: E402  (a script of tools/, found through the line above)
 
 
 EXE = Path(sys.executable).parent / "pc-clip"

@@ -28,8 +28,8 @@ def main() -> int:
         src = [l + "\n" for l in sec.split("\n")]
         src[-1] = src[-1].rstrip("\n")
         cells.append({"cell_type": "markdown", "id": f"readme{k:02d}", "metadata": {}, "source": src})
-    nb = {"cells": cells, "metadata": {"kernelspec": {"display_name": "python3", "language": "python", "name": "python3"}},
-          "nbformat": 4, "nbformat_minor": 5}
+    from set_kernelspec import KERNELSPEC  # the project's kernel, as every notebook names it
+    nb = {"cells": cells, "metadata": {"kernelspec": dict(KERNELSPEC)}, "nbformat": 4, "nbformat_minor": 5}
     assert readme_from_index(nb) == text, "the sections do not give the README back"
     (REPO / "nbs" / "index.ipynb").write_text(json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False) + "\n")
     print(f"nbs/index.ipynb: {len(cells)} markdown cells")
