@@ -21,7 +21,7 @@ from ..core.config import Config
 from ..core.runtime import atomic_write, condition_dict, read_results, results_path, FRACTION_METRICS, run_dir
 from ..evaluation.runner import read_items
 from ..training.plan import training_data_path
-from ..evaluation.metrics import best_on_validation, paired_bootstrap
+from ..evaluation.metrics import best_on_validation, paired_bootstrap, statistic_value
 from ..training.selection import Targets, choose_setting, selection_markdown, target_check, read_candidates
 from ..models.clip import is_checkpoint, model_dir
 from ..core.registry import REGISTRY, model_specs
@@ -282,10 +282,11 @@ def is_world_dataset(dataset) -> bool:
     return str(dataset).split("/")[0].startswith("world")
 
 
-def _side_mean(side: pd.DataFrame) -> float:
-    "The weighted mean score of one side's items (each item counts by its weight, as the bootstrap counts it)."
-    w = side["weight"] if "weight" in side else pd.Series(1.0, index=side.index)
-    return float((side["value"] * w).sum() / w.sum()) if len(side) else float("nan")
+def _strata_mean(values, weights, groups, strata, statistic: str) -> float:
+    "One side's score as the claim's A - B counts it: the statistic within each cell, averaged over the cells."
+    values, weights, groups, strata = (np.asarray(x) for x in (values, weights, groups, strata))
+    return float(np.mean([statistic_value(values[strata == k], weights[strata == k], groups[strata == k], statistic)
+                          for k in pd.unique(strata)]))
 
 
 def claim_verdict(results: pd.DataFrame, items: pd.DataFrame, c: Claim, n_boot: int = 1000, world: bool = True) -> dict:
@@ -308,15 +309,16 @@ def claim_verdict(results: pd.DataFrame, items: pd.DataFrame, c: Claim, n_boot: 
                else "no items both models share")
         return {**out, "observed": f"not measured ({why} on {c.task}{' outside the world' if not world else ''})",
                 "agrees": "n/a"}
-    mean_a = _side_mean(both.rename(columns={"value_a": "value", "weight_a": "weight"}))
-    mean_b = _side_mean(both.rename(columns={"value_b": "value", "weight_b": "weight"}))
+    strata = both["dataset"].astype(str) + "|" + both["cond_key"] + "|" + both["metric"]
+    stat = both.statistic_a.iloc[0]
+    mean_a = _strata_mean(both.value_a, both.weight_a, both.group_a.astype(str), strata, stat)
+    mean_b = _strata_mean(both.value_b, both.weight_b, both.group_b.astype(str), strata, stat)
     below = [m for m, v in ((c.model_a, mean_a), (c.model_b, mean_b)) if c.chance is not None and v < c.chance]
     out.update(value_a=mean_a, value_b=mean_b, below_chance=", ".join(dict.fromkeys(below)))
     if c.setting and extra_a == extra_b:  # validation found no value better than the reference: the claim fails here
         return {**out, "delta": 0.0, "observed": f"no gain (validation chose {c.setting}=1)", "agrees": "no"}
-    strata = both["dataset"].astype(str) + "|" + both["cond_key"] + "|" + both["metric"]
     r = paired_bootstrap(both.value_a, both.value_b, both.weight_a, both.weight_b, both.group_a.astype(str), strata,
-                         both.statistic_a.iloc[0], n_boot)
+                         stat, n_boot)
     lo, hi = r["ci_low"], r["ci_high"]
     ok = {"better": lo > 0, "not_worse": lo > -c.tol, "same": lo > -c.tol and hi < c.tol}[c.expect]
     return {**out, "delta": r["delta"], "ci_low": lo, "ci_high": hi, "cells": int(strata.nunique()),
