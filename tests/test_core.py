@@ -315,7 +315,7 @@ def test_one_learning_rate_trains_and_evaluates_the_same_folders(tmp_path, monke
     rows = read_results(cfg)
     evaluated = set(rows[rows.experiment == "04_difference_classification"].model)
     assert evaluated == set(model_names(cfg)), sorted(set(model_names(cfg)) - evaluated)  # every finetuned model
-    assert len(evaluated) == 8
+    assert len(evaluated) == 10  # with the vocabulary ablation (clip/plain-captions, pc-clip/plain-captions)
     assert not (tmp_path / "results" / "tiny" / "results.csv").exists() or "04_difference_classification" not in set(
         read_results(tmp_path / "results" / "tiny" / "results.csv").experiment)  # not the default run's table
 
@@ -399,6 +399,7 @@ def _toy_world_run(cfg):
         rewrites_path)
     from pc_clip.differences.pairs import load_corpus, sample_pairs
     save_checkpoint(create_clip("pc-clip-tiny", seed=0)[0], model_dir(cfg, "clip"), "pc-clip-tiny")
+    save_checkpoint(create_clip("pc-clip-tiny", seed=1)[0], model_dir(cfg, "clip/plain-captions"), "pc-clip-tiny")
     corpus, held_out, world = load_corpus(cfg, "train")
     pairs = sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling, held_out)
     for noise in (0.0, registry.NOISE_LEVEL):
@@ -427,7 +428,7 @@ def test_one_registry_entry_is_trained_evaluated_and_reported(runs_dir, one_more
                      caption_ft_batch_size=16, ft_lr=1e-3, eval_n_images=20, eval_seeds=(0,))
     _toy_world_run(cfg)
     inputs = finetuning_inputs(cfg, progress=False)
-    models, runs = finetune_chosen(inputs, cfg, 1e-3, 1.0, progress=False)
+    models, runs = finetune_chosen(inputs, cfg, progress=False)  # one lr (ft_lr=1e-3): each model at its own rate
     assert "pc-clip/tau-0.5" in runs and runs["pc-clip/tau-0.5"].settings.temperature == 0.5  # trained ...
     assert is_checkpoint(model_dir(cfg, "pc-clip/tau-0.5")) and model_dir(cfg, "pc-clip/tau-0.5") != model_dir(cfg, "pc-clip")
     assert find_models(cfg, "pc-clip/tau-0.5")[0]["role"] == "ablation"

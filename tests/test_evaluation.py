@@ -317,7 +317,7 @@ def test_the_evaluated_models_come_from_the_registry_and_must_exist(runs_dir):
     tiny = create_clip("pc-clip-tiny", seed=0)[0]
     for n in names[:-1]:
         save_checkpoint(tiny, model_dir(cfg, n), "pc-clip-tiny")
-    with pytest.raises(FileNotFoundError, match=r"1 of the 8 models .* pc-clip/wavg-0\.25 .*--only 01,03"):
+    with pytest.raises(FileNotFoundError, match=r"1 of the 10 models .* pc-clip/wavg-0\.25 .*--only 01,03"):
         evaluated_models(cfg)
     save_checkpoint(tiny, model_dir(cfg, names[-1]), "pc-clip-tiny")
     assert evaluated_models(cfg) == names

@@ -43,6 +43,7 @@ class Config:
     world_n_train: int = 8000
     world_n_test: int = 1500
     world_n_val: int = 1500  # validation images, disjoint from train and test: every setting chosen by looking at results is chosen on them
+    world_captions: str = "comparative"  # "comparative": captions use the language of comparison, as web alt-text does; "plain": the ablation without it
     # pretraining from scratch (tiny profile only; paper profiles start from pretrained weights)
     pretrain_batch_size: int = 64
     pretrain_lr: float = 2e-3
@@ -63,23 +64,23 @@ class Config:
     ft_trainable: str = "text_blocks"  # "text_blocks" | "text_tower" | "both_towers"
     ft_loss: str = "contrastive"  # "contrastive" | "mse" | "clip"
     ft_temperature: float = 1.0
-    ft_lr: float = 2e-3  # tiny: tau = 1 gives weak gradients and the CPU budget allows ~1 epoch, so a high lr
-    ft_lr_decay: float = 0.9
-    ft_epochs: int = 1
+    ft_lr: float = 2e-3  # tiny: tau = 1 gives weak gradients, so a high lr (the grid below is what is used)
+    ft_lr_decay: float = 0.5  # per epoch; tiny: two epochs, the second at half the rate (the paper: 0.9 over 20 epochs)
+    ft_epochs: int = 2
     ft_batch_size: int = 128
     ft_grad_accum: int = 1
     ft_weight_decay: float = 0.0
     ft_max_bad_fraction: float = 0.1  # a run with more non-finite steps than this fails and keeps the previous model
     ft_max_pairs: int | None = 8192  # (for the time budget) train on a seeded subset of at most this many rows (None: all)
     ft_keep_epochs: tuple[int, ...] = ()  # epoch checkpoints kept besides the newest (out_dir/epochs/epoch-NNN)
-    # finetuning close to the hardware (nbs/training/03_finetune.ipynb); off on tiny, whose numbers stay those of the plain path
-    ft_fused_attention: bool = False  # text blocks through one causal scaled_dot_product_attention each
-    ft_length_buckets: int = 0  # sort texts by length within pools of this many batches, so a batch pads to its own length (0: off)
+    # finetuning close to the hardware (nbs/training/03_finetune.ipynb): fused attention and length buckets on (about 2x on a CPU, bench/RESULTS.md), compiling off on a CPU
+    ft_fused_attention: bool = True  # text blocks through one causal scaled_dot_product_attention each
+    ft_length_buckets: int = 16  # sort texts by length within pools of this many batches, so a batch pads to its own length (0: off)
     ft_compile: str = "off"  # "off" | "default" | "reduce-overhead" | "max-autotune": torch.compile of the text tower
     # caption-finetuning baselines (ordinary CLIP loss)
     caption_ft_lr: float = 2e-3
     caption_ft_batch_size: int = 128
-    caption_ft_epochs: int = 1
+    caption_ft_epochs: int = 2  # tiny: the same two epochs as the difference finetunes
     wavg_alpha: float = 0.5
     # pc-clip is the (lr, alpha) of this grid chosen on validation data (nbs/training/04_selection.ipynb); () = ft_lr only / alpha 1 only
     ft_lr_grid: tuple[float, ...] = (1e-3, 2e-3)  # finetuning learning rates tried (each > 0)
@@ -162,7 +163,7 @@ FT_TRAINABLE = ("text_blocks", "text_tower", "both_towers")  # which weights fin
 FT_LOSSES = ("contrastive", "mse", "clip")  # every loss but "mse" contrasts a pair with the others in its batch
 FT_COMPILE = ("off", "default", "reduce-overhead", "max-autotune")  # torch.compile modes of the text tower
 CHOICES: dict[str, tuple[str, ...]] = {
-    "precision": ("auto", "fp32", "bf16", "fp16"), "corpus": ("world", "coco"),
+    "precision": ("auto", "fp32", "bf16", "fp16"), "corpus": ("world", "coco"), "world_captions": ("comparative", "plain"),
     "pair_sampling": ("random", "different_category"), "ft_trainable": FT_TRAINABLE, "ft_loss": FT_LOSSES,
     "ft_compile": FT_COMPILE,
 }

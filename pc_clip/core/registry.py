@@ -19,7 +19,7 @@ __all__ = ['BASE_SETTINGS', 'PAIR_SETTINGS', 'LLM_SETTINGS', 'GENERATION_SETTING
 
 # %% ../../nbs/core/03_registry.ipynb #e4b77711
 BASE_SETTINGS = ("seed", "precision", "model_name", "pretrained", "corpus", "world_image_size", "world_n_train",
-                 "world_n_test", "world_n_val", "pretrain_batch_size", "pretrain_lr", "pretrain_steps")
+                 "world_n_test", "world_n_val", "world_captions", "pretrain_batch_size", "pretrain_lr", "pretrain_steps")
 PAIR_SETTINGS = ("n_pairs", "pair_sampling")
 LLM_SETTINGS = ("generator", "load_in_4bit", "max_new_tokens", "temperature", "top_p")
 GENERATION_SETTINGS = LLM_SETTINGS + ("oracle_noise",)
@@ -64,14 +64,20 @@ class ModelSpec:
     when: str | None = None
     reported_as: str | None = None
     family: bool = False  # the entry stands for every name `<name>-<something>` too (a study's arms)
+    config: dict = field(default_factory=dict)  # config overrides the model (and its parents) are built under
+    lr_setting: str = "ft_lr"  # the config field its learning rate comes from when the grid holds one rate
     note: str = ""
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"model {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
-        unknown = sorted(set(self.settings) - {f.name for f in dataclasses.fields(Config)})
+        unknown = sorted((set(self.settings) | set(self.config) | {self.lr_setting}) - {f.name for f in dataclasses.fields(Config)})
         if unknown:
             raise ValueError(f"model {self.name!r}: {unknown} are not Config fields")
+
+    def config_of(self, cfg: Config) -> Config:
+        "`cfg` with this model's `config` overrides applied (the config its whole chain is built under)."
+        return cfg.replace(**self.config) if self.config else cfg
 
     def resolved(self, cfg: Config) -> "ModelSpec":
         "This entry with its name filled in from `cfg`."
@@ -89,9 +95,10 @@ REGISTRY: list[ModelSpec] = [
     ModelSpec("pc-clip", "pc-clip", "differences", _DIFFERENCES + ("judge",), chosen=True,
               note="difference statements (those the judge found consistent, with a judge)"),
     ModelSpec("clip-ft-captions", "baseline", "captions", BASE_SETTINGS + CAPTION_FINETUNE_SETTINGS, loss="clip",
-              note="the corpus captions, ordinary CLIP loss"),
+              chosen=True, lr_setting="caption_ft_lr", note="the corpus captions, ordinary CLIP loss"),
     ModelSpec("clip-ft-rewritten", "baseline", "rewritten", BASE_SETTINGS + LLM_SETTINGS + CAPTION_FINETUNE_SETTINGS,
-              loss="clip", note="captions rewritten by the generator (no comparisons), ordinary CLIP loss"),
+              loss="clip", chosen=True, lr_setting="caption_ft_lr",
+              note="captions rewritten by the generator (no comparisons), ordinary CLIP loss"),
     ModelSpec("pc-clip/mse", "ablation", "differences", _without(_DIFFERENCES, "ft_loss") + ("judge",), loss="mse",
               chosen=True, note="the same data, MSE objective"),
     ModelSpec(f"pc-clip/noise-{NOISE_LEVEL:g}", "ablation", "noisy", _without(_DIFFERENCES, "oracle_noise"), chosen=True,
@@ -102,6 +109,11 @@ REGISTRY: list[ModelSpec] = [
               _without(_DIFFERENCES, "ft_trainable", "ft_max_pairs") + ("judge",), trainable="both_towers",
               finetune={"max_pairs": BOTH_TOWERS_MAX_PAIRS}, chosen=True, when="world",
               note=f"the same data (at most {BOTH_TOWERS_MAX_PAIRS} pairs), text and image towers"),
+    ModelSpec("clip/plain-captions", "base", None, BASE_SETTINGS, parent=None, config={"world_captions": "plain"},
+              when="world", note="the base model pretrained on the plain world captions, which never use the words of comparison"),
+    ModelSpec("pc-clip/plain-captions", "ablation", "differences", _DIFFERENCES + ("judge",), parent="clip/plain-captions",
+              config={"world_captions": "plain"}, chosen=True, when="world",
+              note="PC-CLIP finetuned from clip/plain-captions (its own validation search)"),
     ModelSpec("pc-clip/wavg-{wavg_alpha:g}", "weight-average", None, _DIFFERENCES + ("judge", "wavg_alpha"),
               parent="pc-clip", chosen=True, note="the chosen-lr finetune of pc-clip averaged with clip at wavg_alpha"),
     ModelSpec("t2i/pc-clip", "study", "differences", T2I_BASE_SETTINGS + PAIR_SETTINGS + GENERATION_SETTINGS
@@ -175,18 +187,22 @@ def _one_setting(cfg: Config) -> tuple[float, float] | None:
 def model_settings(cfg: Config, name: str, lr: float | None = None, alpha: float | None = None) -> dict:
     "`{field: value}` of the settings the weights of model `name` depend on (of candidate `lr`, `alpha` if given)."
     spec = model_spec(cfg, name)
+    cfg = spec.config_of(cfg)
     out = {k: getattr(cfg, k) for k in spec.settings
            if not (k in FAST_PATH_SETTINGS and getattr(cfg, k) in (False, 0, "off"))}
     if not spec.chosen:
         if lr is not None or alpha is not None:
             raise ValueError(f"model {name!r} is not trained at a chosen (lr, alpha): it has no candidates")
         return out
+    key = spec.lr_setting
     if lr is None and alpha is None:
+        if not (cfg.ft_lr_grid or cfg.wavg_alpha_grid):  # nothing to choose: its one configured rate, no averaging
+            return out
         one = _one_setting(cfg)
         if one is None:  # chosen on validation: the grid and what validation measured with decide it
-            return {**{k: v for k, v in out.items() if k != "ft_lr"}, **{k: getattr(cfg, k) for k in SELECTION_SETTINGS}}
+            return {**{k: v for k, v in out.items() if k != key}, **{k: getattr(cfg, k) for k in SELECTION_SETTINGS}}
         lr, alpha = one
-    out["ft_lr"] = float(cfg.ft_lr if lr is None else lr)
+    out[key] = float(getattr(cfg, key) if lr is None else lr)
     if alpha is not None and float(alpha) != 1.0:
         out["candidate_alpha"] = float(alpha)
     return out

@@ -73,7 +73,7 @@ def evaluated_models(cfg: Config) -> list[str]:
 
 # %% ../../nbs/evaluation/04_runner.ipynb #bb40299f
 def text_encoder(model, tokenizer, batch_size: int = 256, device: str | torch.device | None = None) -> Callable[[list[str]], torch.Tensor]:
-    "`encode(texts) -> normalised [len(texts), D]` for `model`, remembering every text it has encoded."
+    "`encode(texts) -> normalised [len(texts), D]` for `model` (fused attention where it applies), remembering every text it has encoded."
     device = device or next(model.parameters()).device
     memory: dict[str, torch.Tensor] = {}
 
@@ -85,7 +85,7 @@ def text_encoder(model, tokenizer, batch_size: int = 256, device: str | torch.de
         try:
             for s in range(0, len(new), batch_size):
                 part = new[s:s + batch_size]
-                emb = encode_text_trimmed(model, tokenizer(part).to(device)).float()
+                emb = encode_text_trimmed(model, tokenizer(part).to(device), fused=True).float()  # fused: SDPA blocks where they apply
                 memory.update(zip(part, torch.nn.functional.normalize(emb, dim=-1).cpu()))
         finally:
             model.train(was)

@@ -12,7 +12,7 @@ from open_clip.transformer import ResidualAttentionBlock, text_global_pool
 
 # %% auto #0
 __all__ = ['COMPILE_MODES', 'pooled_positions', 'encode_text_trimmed', 'can_fuse', 'fused_causal_attention', 'fused_text_blocks',
-           'text_tower']
+           'text_tower', 'memo_tokenizer']
 
 # %% ../../nbs/models/02_text.ipynb #474d1867
 def _can_trim(model) -> bool:
@@ -92,3 +92,24 @@ def text_tower(model, fused: bool = False, compile: str = "off") -> torch.nn.Mod
         raise ValueError(f"compile must be one of {COMPILE_MODES}; got {compile!r}")
     tower = _TextTower(model, fused)
     return tower if compile == "off" else torch.compile(tower, mode=None if compile == "default" else compile)
+
+# %% ../../nbs/models/02_text.ipynb #dc696d0a
+def memo_tokenizer(tokenizer):
+    "`tokenizer` remembering the ids of every text it has tokenised (the same tensor rows); a wrapped one is returned as is."
+    if getattr(tokenizer, "memory", None) is not None:
+        return tokenizer
+    memory: dict[str, torch.Tensor] = {}
+
+    def tokenize(texts, *args, **kwargs):
+        if args or kwargs or isinstance(texts, str):  # another context length, one string: the tokenizer itself
+            return tokenizer(texts, *args, **kwargs)
+        new = [t for t in dict.fromkeys(texts) if t not in memory]
+        if new:
+            memory.update(zip(new, tokenizer(new)))
+        return torch.stack([memory[t] for t in texts]) if len(texts) else tokenizer([])
+
+    tokenize.memory, tokenize.wrapped = memory, tokenizer
+    for attr in ("context_length", "vocab_size", "sot_token_id", "eot_token_id"):
+        if hasattr(tokenizer, attr):
+            setattr(tokenize, attr, getattr(tokenizer, attr))
+    return tokenize

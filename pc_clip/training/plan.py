@@ -32,7 +32,8 @@ from ..world.oracle import oracle_differences
 # %% auto #0
 __all__ = ['FINETUNE_PLAN', 'caption_table', 'finetune_captions', 'weight_average_model', 'save_weight_average', 'save_derived',
            'world_check_triples', 'select_records', 'finetune_plan', 'FinetuneInputs', 'finetuning_inputs',
-           'training_data_path', 'training_data_table', 'write_training_data', 'finetune_models', 'main']
+           'training_data_path', 'training_data_table', 'write_training_data', 'base_inputs', 'candidate_lr',
+           'finetune_models', 'main']
 
 # %% ../../nbs/training/05_plan.ipynb #efdf88ab
 def caption_table(captions: list[str], indices=None) -> pd.DataFrame:
@@ -120,6 +121,7 @@ class FinetuneInputs:
     world: object = None
     sources: dict[str, str] = field(default_factory=dict)  # data name -> where it came from (file, generator, judge)
     files: dict[str, Path] = field(default_factory=dict)  # data name -> the file it was read from (for the manifests)
+    bases: dict = field(default_factory=dict)  # other base models (name -> FinetuneInputs), loaded by `base_inputs`
 
 # %% ../../nbs/training/05_plan.ipynb #c50571ba
 def _generator_of(path: Path) -> str:
@@ -190,9 +192,29 @@ def write_training_data(inputs: FinetuneInputs, cfg: Config, names: Sequence[str
     return path
 
 # %% ../../nbs/training/05_plan.ipynb #7b87e00a
+def base_inputs(inputs: FinetuneInputs, cfg: Config, name: str | None, progress: bool = True) -> FinetuneInputs:
+    "`inputs` with base model `name` (a base of the registry, e.g. an ablation's) and its image embeddings in place of `clip`'s."
+    if name in (None, "clip"):
+        return inputs
+    if name not in inputs.bases:
+        if inputs.world is None:
+            raise ValueError(f"base model {name!r} is an ablation of the Shapes world; corpus {cfg.corpus!r} has none")
+        base, _, _ = load_clip(cfg, name, inputs.image_emb.device)
+        emb = embed_images(base, inputs.world.images, cfg, progress=progress)
+        inputs.bases[name] = FinetuneInputs(base, inputs.tokenizer, emb, inputs.images, inputs.data, inputs.world,
+                                            inputs.sources, inputs.files)
+    return inputs.bases[name]
+
+
+def candidate_lr(cfg: Config, name: str) -> float:
+    "The learning rate model `name` trains at when nothing is chosen: the grid's one rate, else its entry's `lr_setting`."
+    spec, grid = model_spec(cfg, name), sweep_grid(cfg)
+    return float(grid[0][0]) if cfg.ft_lr_grid and len({g[0] for g in grid}) == 1 else float(getattr(cfg, spec.lr_setting))
+
+
 def finetune_models(inputs: FinetuneInputs, cfg: Config, names: Sequence[str] | None = None,
                     progress: bool = True, lr: float | None = None) -> dict[str, FinetuneRun]:
-    "Train (or reuse) the planned models `names` (default: all) into their folders; the pc-clip family at `lr`."
+    "Train (or reuse) the planned models `names` (default: all) into their folders, from their base; chosen ones at `lr`."
     plan = finetune_plan()
     unknown = sorted(set(names or ()) - set(plan))
     if unknown:
@@ -203,16 +225,17 @@ def finetune_models(inputs: FinetuneInputs, cfg: Config, names: Sequence[str] | 
         if key not in inputs.data or (kw.get("trainable") == "both_towers" and inputs.images is None):
             get_logger("pc_clip.training.finetune").warning(f"skipping {name}: no {key} data or in-memory images for this profile")
             continue
-        at = None
-        if model_spec(cfg, name).chosen:  # trained at a candidate learning rate (the one setting, unless given)
-            at = float(lr) if lr is not None else sweep_grid(cfg)[0][0] if len(sweep_grid(cfg)) == 1 else cfg.ft_lr
+        at, spec = None, model_spec(cfg, name)
+        if spec.chosen:  # trained at a candidate learning rate (the one setting, unless given)
+            at = float(lr) if lr is not None else candidate_lr(cfg, name)
             kw = {**kw, "lr": at}
         fn = finetune_captions if key in CAPTION_DATA else finetune
         out = model_dir(cfg, name, lr=at)
-        runs[name] = fn(inputs.base, inputs.tokenizer, inputs.data[key], cfg, out,
-                        image_embeddings=inputs.image_emb, images=inputs.images, progress=progress, **kw)
+        src = base_inputs(inputs, cfg, spec.parent, progress)
+        runs[name] = fn(src.base, src.tokenizer, src.data[key], cfg, out,
+                        image_embeddings=src.image_emb, images=src.images, progress=progress, **kw)
         if rank_world()[0] == 0:
-            write_manifest(cfg, name, out, lr=at, data_file=inputs.files.get(key), parent=model_dir(cfg, "clip"),
+            write_manifest(cfg, name, out, lr=at, data_file=inputs.files.get(key), parent=model_dir(cfg, spec.parent or "clip"),
                            extra={"training": {"rows": int(runs[name].epochs.pairs.iloc[0]) if len(runs[name].epochs) else None,
                                                "source": inputs.sources.get(key, "?")}})
     return runs

@@ -23,7 +23,7 @@ from ..models.embed import compute_image_embeddings
 from ..models.clip import (CheckpointError, checkpoint_metadata, create_clip, images_to_tensor, is_checkpoint,
     load_checkpoint, model_dir, save_checkpoint)
 from ..world.species import CATEGORY_NAMES
-from ..world.shapes import World, make_caption
+from ..world.shapes import World, epoch_captions
 from .state import load_train_state, save_train_state
 
 # %% auto #0
@@ -122,8 +122,7 @@ def train_steps(model, tokenizer, world: World, cfg: Config, device, weight_deca
     for step in bar:
         epoch, b = divmod(step, steps_per_epoch)
         if b == 0 or step == start:
-            rng = np.random.default_rng([cfg.seed, 11, epoch])  # fresh captions every epoch
-            tokens = tokenizer([make_caption(r, rng) for r in records])
+            tokens = tokenizer(epoch_captions(records, cfg.seed, epoch, world.caption_style))  # fresh captions every epoch
         if b == 0:
             perm = torch.randperm(len(idx), generator=gen)
         j = perm[b * bs:(b + 1) * bs]
@@ -184,7 +183,7 @@ def pretrain_clip(world: World, cfg: Config, device: str | torch.device | None =
 def pretrain_fingerprint(cfg: Config, world: World, weight_decay: float = 0.1, warmup: float = 0.05,
                          threads: int = PRETRAIN_THREADS) -> str:
     "Hash of everything that determines the pretrained weights (world, architecture, seed, steps and optimiser settings)."
-    return content_hash(dict(world=world.key or content_hash(world.images), model=cfg.model_name,
+    return content_hash(dict(world=world.key or content_hash(world.images), captions=world.caption_style, model=cfg.model_name,
                              architecture=open_clip.get_model_config(cfg.model_name), seed=cfg.seed,
                              steps=cfg.pretrain_steps, batch=cfg.pretrain_batch_size, lr=cfg.pretrain_lr,
                              weight_decay=weight_decay, warmup=warmup, threads=threads))
@@ -205,9 +204,9 @@ def _fingerprint(folder: Path) -> str | None:
 
 
 def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | None = None, retrain: bool = False,
-                     progress: bool = True, threads: int = PRETRAIN_THREADS):
-    "`(model, tokenizer, history, reused)`: the saved base model of `cfg` if its fingerprint matches, else a new one."
-    folder = model_dir(cfg, "clip")
+                     progress: bool = True, threads: int = PRETRAIN_THREADS, name: str = "clip"):
+    "`(model, tokenizer, history, reused)`: the saved base model `name` of `cfg` if its fingerprint matches, else a new one."
+    folder = model_dir(cfg, name)
     fp = pretrain_fingerprint(cfg, world, threads=threads)
     with artifact_lock(folder):  # a second run writing the same model stops here with a clear message
         if not retrain and is_checkpoint(folder) and _fingerprint(folder) == fp:
@@ -217,7 +216,8 @@ def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | Non
             except (CheckpointError, OSError, ValueError) as e:  # damaged: rebuilt, as a finetuned model is
                 get_logger("pc_clip.training.pretrain").warning(f"{e}. Rebuilding it.")
         model, tokenizer, history = pretrain_clip(world, cfg, device=device, progress=progress, threads=threads,
-                                                  resume_dir=resume_folder(folder), key=fp)
+                                                  resume_dir=resume_folder(folder), key=fp,
+                                                  desc=f"pretrain {name}")
         keep = ("seconds", "cpu_seconds", "final_loss", "steps", "epochs", "threads")
         save_checkpoint(model, folder, cfg.model_name, extra=dict(fingerprint=fp, world_key=world.key, seed=cfg.seed,
                                                                    **{k: history[k] for k in keep}))

@@ -17,19 +17,22 @@ from ..core.config import Config
 from ..core.runtime import condition_dict, result_row, atomic_write, results_path
 from ..data.datasets import world_dataset
 from ..models.embed import embed_images
+from ..models.text import memo_tokenizer
 from ..evaluation.runner import build_difference_tasks, text_encoder, zero_shot_classifier
 from ..evaluation.geometry import flatten_captions, world_captions
 from ..evaluation.metrics import bootstrap_ci, difference_classification, retrieval, statistic_value, zero_shot
 from ..models.clip import model_dir, is_checkpoint, write_manifest
 from ..world.species import CATEGORY_NAMES
-from .plan import finetune_models, save_derived, save_weight_average, weight_average_model
+from pc_clip.training.plan import (base_inputs, candidate_lr, finetune_models, save_derived, save_weight_average,
+    weight_average_model)
 from ..core.registry import model_spec, model_specs, sweep_grid
 
 # %% auto #0
 __all__ = ['CONSTRAINTS', 'VAL_METRICS', 'SELECTION_TASK', 'CHANGES', 'TEST_TARGETS', 'Targets', 'shortfalls', 'choose_setting',
            'pareto_front', 'pareto_figure', 'selection_markdown', 'candidate_folders', 'validation_outcomes',
            'validation_rows', 'validation_records', 'candidate_table', 'candidates_path', 'write_candidates',
-           'read_candidates', 'Sweep', 'run_sweep', 'save_chosen', 'finetune_chosen', 'target_check']
+           'read_candidates', 'choices_markdown', 'Sweep', 'run_sweep', 'swept_models', 'run_sweeps', 'save_chosen',
+           'finetune_chosen', 'target_check']
 
 # %% ../../nbs/training/04_selection.ipynb #178c9e2b
 @dataclass(frozen=True)
@@ -226,10 +229,26 @@ def write_candidates(table: pd.DataFrame, cfg: Config) -> Path:
     return atomic_write(candidates_path(cfg), table.to_csv(index=False))
 
 
-def read_candidates(cfg: Config) -> pd.DataFrame:
-    "The candidate table experiment 03 wrote for `cfg` (empty if it wrote none: one setting, nothing chosen)."
+def read_candidates(cfg: Config, model: str | None = "pc-clip") -> pd.DataFrame:
+    "The candidate table experiment 03 wrote for `cfg`, of `model` (None: every swept model); empty if it wrote none."
     path = candidates_path(cfg)
-    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["lr", "alpha", *CHANGES, "chosen"])
+    if not path.exists():
+        return pd.DataFrame(columns=["model", "lr", "alpha", *CHANGES, "chosen"])
+    t = pd.read_csv(path)
+    t = t if "model" in t else t.assign(model="pc-clip")  # a table from before every model had its own search
+    return t if model is None else t[t["model"] == model].reset_index(drop=True)
+
+
+def choices_markdown(table: pd.DataFrame) -> str:
+    "One row per swept model: the (lr, alpha) its own validation search chose and that candidate's changes against its base."
+    if table.empty or "model" not in table:
+        return ""
+    ch = table[table["chosen"].astype(bool)]
+    cols = ["diff_gain", "diff_gain_heldout", *CONSTRAINTS.values()]
+    lines = ["| model | base | lr | alpha | " + " | ".join(cols) + " | feasible |", "|---|---|---:|---:|" + "---:|" * (len(cols) + 1)]
+    lines += [f"| `{r.model}` | `{r.get('base', 'clip')}` | {r.lr:g} | {r.alpha:g} | " + " | ".join(f"{r[c]:+.3f}" for c in cols)
+              + f" | {bool(r.feasible)} |" for _, r in ch.iterrows()]
+    return "\n".join(lines) + "\n"
 
 # %% ../../nbs/training/04_selection.ipynb #cdb211bf
 @dataclass
@@ -242,26 +261,48 @@ class Sweep:
     records: list[dict] = None  # validation_records of clip and every candidate
 
 
-def run_sweep(inputs, cfg: Config, targets: Targets = Targets(), progress: bool = True) -> Sweep:
-    "Finetune at each lr of the grid, average at each alpha, evaluate every candidate and `clip` on validation, choose."
+def run_sweep(inputs, cfg: Config, targets: Targets = Targets(), progress: bool = True, name: str = "pc-clip",
+              base_scores: dict | None = None) -> Sweep:
+    "Finetune `name` at each lr of the grid, average with its base at each alpha, evaluate every candidate and the base on validation, choose."
     if inputs.world is None:
         raise ValueError(f"the sweep needs the Shapes world's validation split (corpus {cfg.corpus!r} has none here); "
                          "pass -p ft_lr=<rate> (one learning rate, no sweep) to train that one setting")
-    scores = validation_outcomes(inputs.base, inputs.tokenizer, cfg, inputs.world)
-    rows, records, runs = validation_rows(scores, "clip", {}, cfg.seed), validation_records(scores, "clip"), {}
-    for lr, alpha in tqdm(sweep_grid(cfg), desc="validation sweep", disable=not progress):
+    base_name = model_spec(cfg, name).parent or "clip"
+    src = base_inputs(inputs, cfg, base_name, progress=False)
+    base_scores = {} if base_scores is None else base_scores  # shared by the sweeps of one base: evaluated once
+    rows = []
+    if base_name not in base_scores:
+        base_scores[base_name] = validation_outcomes(src.base, src.tokenizer, cfg, src.world)
+        rows += validation_rows(base_scores[base_name], base_name, {}, cfg.seed)
+    records, runs = validation_records(base_scores[base_name], base_name), {}
+    for lr, alpha in tqdm(sweep_grid(cfg), desc=f"validation sweep of {name}", disable=not progress):
         if lr not in runs:
-            runs[lr] = finetune_models(inputs, cfg, ["pc-clip"], progress=False, lr=lr)["pc-clip"]
+            runs[lr] = finetune_models(inputs, cfg, [name], progress=False, lr=lr)[name]
         m = runs[lr].model
         if alpha != 1:
-            folder = model_dir(cfg, "pc-clip", lr=lr, alpha=alpha)
-            m = save_weight_average(inputs.base, m, folder, cfg.model_name, alpha)
-            write_manifest(cfg, "pc-clip", folder, lr=lr, alpha=alpha, parent=runs[lr].out_dir)
-        scores = validation_outcomes(m, inputs.tokenizer, cfg, inputs.world)
-        rows += validation_rows(scores, "pc-clip", {"lr": lr, "alpha": alpha}, cfg.seed)
-        records += validation_records(scores, "pc-clip", lr, alpha)
-    table, chosen = choose_setting(candidate_table(pd.DataFrame(records)), targets)
-    return Sweep(table, chosen, rows, runs, records)
+            folder = model_dir(cfg, name, lr=lr, alpha=alpha)
+            m = save_weight_average(src.base, m, folder, cfg.model_name, alpha)
+            write_manifest(cfg, name, folder, lr=lr, alpha=alpha, parent=runs[lr].out_dir)
+        scores = validation_outcomes(m, src.tokenizer, cfg, src.world)
+        rows += validation_rows(scores, name, {"lr": lr, "alpha": alpha}, cfg.seed)
+        records += validation_records(scores, name, lr, alpha)
+    table, chosen = choose_setting(candidate_table(pd.DataFrame(records), base=base_name, model=name), targets)
+    return Sweep(table.assign(model=name, base=base_name), chosen, rows, runs, records)
+
+
+def swept_models(cfg: Config) -> list[str]:
+    "The models that get their own validation search on `cfg`: every trained entry of the registry marked `chosen`."
+    return [s.name for s in model_specs(cfg) if s.chosen and s.data is not None and s.role != "study"]
+
+
+def run_sweeps(inputs, cfg: Config, targets: Targets = Targets(), progress: bool = True,
+               names: list[str] | None = None) -> dict[str, Sweep]:
+    "`{name: Sweep}`: the same validation search, one per compared model (`swept_models`), each against its own base."
+    inputs.tokenizer = memo_tokenizer(inputs.tokenizer)  # every candidate encodes the same validation texts
+    for b in inputs.bases.values():
+        b.tokenizer = inputs.tokenizer
+    base_scores: dict = {}
+    return {n: run_sweep(inputs, cfg, targets, progress, n, base_scores) for n in (names or swept_models(cfg))}
 
 # %% ../../nbs/training/04_selection.ipynb #c281171c
 def save_chosen(base, finetuned, cfg: Config, name: str, lr: float, alpha: float, evidence: dict | None = None):
@@ -283,18 +324,28 @@ def _candidate_rows(table: pd.DataFrame | None) -> list[dict]:
     return [] if table is None else table.to_dict("records")
 
 
-def finetune_chosen(inputs, cfg: Config, lr: float, alpha: float, progress: bool = True,
-                    table: pd.DataFrame | None = None) -> tuple[dict, dict]:
-    "`({name: model}, {name: FinetuneRun})`: every planned model of the registry, the pc-clip family at the chosen setting."
+def finetune_chosen(inputs, cfg: Config, choices: dict[str, tuple[float, float]] | None = None, progress: bool = True,
+                    tables: dict[str, pd.DataFrame] | None = None) -> tuple[dict, dict]:
+    "`({name: model}, {name: FinetuneRun})`: every planned model of the registry, each chosen one at its `choices[name]` = (lr, alpha)."
     specs = [s for s in model_specs(cfg) if s.data is not None and s.role != "study"]
-    chosen = [s.name for s in specs if s.chosen]
-    runs = finetune_models(inputs, cfg, chosen, progress, lr=lr)
-    runs.update(finetune_models(inputs, cfg, [s.name for s in specs if not s.chosen], progress))
-    evidence = {"candidates": _candidate_rows(table)}
-    models = {n: save_chosen(inputs.base, r.model, cfg, n, lr, alpha, evidence) if n in chosen else r.model
-              for n, r in runs.items()}
+    choices, tables = dict(choices or {}), tables or {}
+    for s in specs:  # nothing chosen on validation (one setting): the model's own rate, no averaging
+        if s.chosen and s.name not in choices:
+            choices[s.name] = (candidate_lr(cfg, s.name), 1.0)
+    runs = {}
+    for s in specs:
+        runs.update(finetune_models(inputs, cfg, [s.name], progress, lr=choices[s.name][0] if s.chosen else None))
+    models = {}
+    for n, r in runs.items():
+        spec = model_spec(cfg, n)
+        if not spec.chosen:
+            models[n] = r.model
+            continue
+        lr, alpha = choices[n]
+        base = base_inputs(inputs, cfg, spec.parent, progress=False).base
+        models[n] = save_chosen(base, r.model, cfg, n, lr, alpha, {"candidates": _candidate_rows(tables.get(n))})
     for s in model_specs(cfg, "weight-average"):
-        parent = runs[s.parent]
+        parent, lr = runs[s.parent], choices[s.parent][0]
         models[s.name] = save_weight_average(inputs.base, parent.model, model_dir(cfg, s.name), cfg.model_name, cfg.wavg_alpha)
         write_manifest(cfg, s.name, parent=parent.out_dir, extra={"weight_average": {"alpha": cfg.wavg_alpha, "lr": float(lr)}})
     return models, runs

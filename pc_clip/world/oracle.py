@@ -5,15 +5,19 @@
 # %% ../../nbs/world/03_oracle.ipynb #759b56de
 from __future__ import annotations
 
-import numpy as np
+import re
+from collections import Counter
 
-from .shapes import _BACKGROUND_PHRASES, World, _article
+import numpy as np
+import pandas as pd
+
+from .shapes import _BACKGROUND_PHRASES, World, _article, epoch_captions
 from .species import CATEGORIES, SHAPE_ADJECTIVES, typical_attrs
 
 # %% auto #0
 __all__ = ['ATTRIBUTE_KINDS', 'SIZE_RATIO', 'BRIGHTNESS_GAP', 'POSITION_GAP', 'wording_templates', 'difference_direction',
-           'difference_statement', 'oracle_differences', 'statement_is_true', 'category_differences',
-           'plot_world_pairs']
+           'difference_statement', 'oracle_differences', 'statement_is_true', 'vocabulary_coverage',
+           'category_differences', 'plot_world_pairs']
 
 # %% ../../nbs/world/03_oracle.ipynb #7eab1b81
 _TEMPLATES = {
@@ -167,6 +171,36 @@ def statement_is_true(s: dict, a: dict, b: dict) -> bool:
         return False
     d = difference_direction(a, b, s["attribute"])
     return d is not None and (s["first"], s["second"]) == d[:2]
+
+# %% ../../nbs/world/03_oracle.ipynb #4b28494c
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def vocabulary_coverage(world: World, epochs: int, seed: int, n_pairs: int = 2000, rare: int = 20,
+                        split: str = "train") -> pd.DataFrame:
+    "Per wording (`train`, `heldout`): share of statement word occurrences seen in `epochs` of pretraining captions."
+    idx = world.indices(split)
+    records = world.records(idx)
+    seen = Counter()
+    for epoch in range(max(1, int(epochs))):
+        for c in epoch_captions(records, seed, epoch, world.caption_style):
+            seen.update(_words(c))
+    cats = np.array([r["category"] for r in records])
+    out = []
+    for wording in ("train", "heldout"):
+        rng = np.random.default_rng([seed, 23])
+        a, b = rng.integers(len(records), size=3 * n_pairs), rng.integers(len(records), size=3 * n_pairs)
+        keep = np.flatnonzero(cats[a] != cats[b])[:n_pairs]
+        occ = Counter(w for i in keep for s in oracle_differences(records[a[i]], records[b[i]], rng, wordings=wording)
+                      for w in _words(s["text"]))
+        total = sum(occ.values())
+        covered = sum(n for w, n in occ.items() if seen[w] > 0)
+        out.append(dict(wording=wording, coverage=covered / max(total, 1), occurrences=total, words=len(occ),
+                        unseen=" ".join(sorted(w for w in occ if seen[w] == 0)),
+                        rare=" ".join(sorted(w for w in occ if 0 < seen[w] < rare)), caption_style=world.caption_style,
+                        epochs=int(epochs)))
+    return pd.DataFrame(out)
 
 # %% ../../nbs/world/03_oracle.ipynb #583a1e2e
 def category_differences(cat_a: str, cat_b: str, rng: np.random.Generator, n: int = 3, style: str = "category") -> list[str]:

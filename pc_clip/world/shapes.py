@@ -17,15 +17,17 @@ import pandas as pd
 from ..core.config import Config
 from ..core.runtime import atomic_write, cache_dir, content_hash, get_logger, timer
 from .render import BACKGROUNDS, COLOURS, render_images
-from .species import _BRIGHTNESS_RANGES, CATEGORIES, CATEGORY_NAMES, COLOUR_NEIGHBOURS, SHAPE_ADJECTIVES
+from pc_clip.world.species import (_BRIGHTNESS_RANGES, CATEGORIES, CATEGORY_NAMES, COLOUR_NEIGHBOURS, SHAPE_ADJECTIVES,
+    typical_attrs)
 
 WORLD_VERSION = 3  # bump when rendering or captions change: it is part of the cache key
 
 # %% auto #0
-__all__ = ['WORLD_VERSION', 'SIZE_WORDS', 'SPLITS', 'size_word', 'brightness_word', 'position_word', 'heldout_combinations',
-           'sample_attributes', 'make_caption', 'oracle_rewrite_caption', 'caption_contradictions',
-           'heldout_category_pairs', 'is_heldout_pair', 'World', 'build_world', 'world_key', 'make_world',
-           'plot_world_samples']
+__all__ = ['WORLD_VERSION', 'SIZE_WORDS', 'CAPTION_STYLES', 'P_NORM', 'P_GALLERY', 'P_GENERIC', 'P_RARE', 'NORM_SIZE_RATIO',
+           'NORM_BRIGHTNESS_GAP', 'SPLITS', 'size_word', 'brightness_word', 'position_word', 'heldout_combinations',
+           'sample_attributes', 'species_norm_departures', 'make_caption', 'epoch_captions', 'oracle_rewrite_caption',
+           'caption_contradictions', 'heldout_category_pairs', 'is_heldout_pair', 'World', 'build_world', 'world_key',
+           'make_world', 'plot_world_samples']
 
 # %% ../../nbs/world/02_shapes.ipynb #0edbcd1c
 _P_COUNT = {"solitary": (0.7, 0.2, 0.1), "group": (0.2, 0.4, 0.4)}
@@ -184,10 +186,113 @@ def _fill(frame: str, attrs: dict, rng, p: float) -> str:
                         extra=extra)
     return text[0].upper() + text[1:]
 
+# %% ../../nbs/world/02_shapes.ipynb #4a5cc813
+CAPTION_STYLES = ("comparative", "plain")
+P_NORM, P_GALLERY, P_GENERIC, P_RARE = 0.35, 0.3, 0.15, 0.03  # rates of the comparative style (see above)
+NORM_SIZE_RATIO, NORM_BRIGHTNESS_GAP = 1.1, 0.07  # a departure from the species' typical size / brightness
+_GALLERY_REFS = ("the first image", "the second image", "the first picture", "the second picture", "the first photo",
+                 "the second photo", "image one", "image two")
+_GALLERY_VERBS = ("shows", "contains", "has", "features")
+_GENERIC_NOUNS = ("creature", "object", "shape", "thing")
+_SURFACES = {"grass": "a grassy background", "water": "a watery background", "sand": "a sandy background",
+             "snow": "a snowy background", "stone": "a grey stone background", "night": "a night sky"}
+_RARE_FRAMES = ("We see {np}{loc}.", "{NP} appears{loc}.", "A scene where {np} {sit}{loc}.", "{NP}{loc}, plain but clear.")
+
+
+def species_norm_departures(attrs: dict) -> dict[str, str]:
+    "How an image departs from its species' typical look: `{attribute: word}` (size, brightness, count, colour, background, position)."
+    t, c = typical_attrs(attrs["category"]), CATEGORIES.loc[attrs["category"]]
+    out = {}
+    ratio = attrs["radius"] / t["radius"]
+    if ratio >= NORM_SIZE_RATIO or ratio <= 1 / NORM_SIZE_RATIO:
+        out["size"] = "larger" if ratio > 1 else "smaller"
+    gap = attrs["brightness"] - t["brightness"]
+    if abs(gap) >= NORM_BRIGHTNESS_GAP:
+        out["brightness"] = "brighter" if gap > 0 else "darker"
+    if int(attrs["count"]) != t["count"]:
+        out["count"] = "more" if int(attrs["count"]) > t["count"] else "fewer"
+    if attrs["colour"] != c.colour:
+        out["colour"] = c.colour  # the species' usual colour
+    if attrs["background"] != c.habitat:
+        out["background"] = c.habitat  # its usual surroundings
+    if attrs["position"] != "center":
+        out["position"] = attrs["position"]
+    return out
+
+
+def _norm_clause(kind: str, word: str, attrs: dict, rng) -> str:
+    "One clause comparing the image with its species' norm in `kind` (`word` from `species_norm_departures`)."
+    sp, n = attrs["category"], int(attrs["count"])
+    pl = sp + "s"
+    pick = lambda options: options[rng.integers(len(options))]
+    if kind in ("size", "brightness"):
+        w = pick({"larger": ("larger", "bigger"), "smaller": ("smaller",), "brighter": ("brighter", "lighter"),
+                  "darker": ("darker",)}[word])
+        return pick((f"{w} than most {pl}", f"{w} than usual", f"{w} than a typical {sp}",
+                     f"compared with most {pl}, {w}")) if rng.random() > P_RARE else f"{w} relative to most {pl}"
+    if kind == "count":
+        if word == "more":
+            return pick((f"more {pl} than usual", "more numerous than usual"))
+        return pick((f"fewer {pl} than usual", "fewer in number than usual")) if n > 1 else "fewer in number than usual"
+    if kind == "colour":
+        col = attrs["colour"]
+        return pick((f"{col} rather than {word}", f"{col} instead of {word}", f"{col}, whereas most {pl} are {word}",
+                     f"{col}, while most {pl} are {word}", f"unlike most {pl}, {col}"))
+    if kind == "background":
+        here, usual = _SURFACES[attrs["background"]], _SURFACES[word]
+        return pick((f"with {here}", f"with {here} rather than {usual}", f"with {here} instead of {usual}"))
+    if kind == "position":
+        verb = "sit" if n > 1 else "sits"
+        return pick((f"{verb} further {word}", f"{verb} more to the {word}"))
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def _generic_phrase(attrs: dict, rng, p: float) -> str:
+    "'two red creatures, both mibs': a generic noun with the species as an appositive."
+    n = int(attrs["count"])
+    head = _noun_phrase(attrs, rng, p, noun=_GENERIC_NOUNS[rng.integers(len(_GENERIC_NOUNS))])
+    sp = attrs["category"]
+    return f"{head}, " + {1: f"{_article(sp)} {sp}", 2: f"both {sp}s", 3: f"all {sp}s"}[n] + ","
+
+
+def _comparative_caption(attrs: dict, rng) -> str:
+    "A caption of the `comparative` style: a frame (gallery, rare or ordinary), a noun phrase, maybe a norm clause."
+    u = rng.random()
+    if u < P_GALLERY:
+        ref, verb = _GALLERY_REFS[rng.integers(len(_GALLERY_REFS))], _GALLERY_VERBS[rng.integers(len(_GALLERY_VERBS))]
+        frame = f"{ref} {verb} {{np}}{{loc}}."
+    elif u < P_GALLERY + P_RARE:
+        frame = _RARE_FRAMES[rng.integers(len(_RARE_FRAMES))]
+    else:
+        frame = _CAPTION_FRAMES[rng.integers(len(_CAPTION_FRAMES))]
+    np_ = _generic_phrase(attrs, rng, 0.5) if rng.random() < P_GENERIC else _noun_phrase(attrs, rng, 0.5)
+    loc = _location(attrs, rng, 0.5)
+    if np_.endswith(","):  # the appositive closes with a comma: drop it before the end of the sentence
+        np_ = np_[:-1] if not loc else np_
+    text = frame.format(np=np_, NP=np_, loc=loc, be="is" if attrs["count"] == 1 else "are",
+                        extra=rng.choice(_CAPTION_EXTRAS), sit="sit" if attrs["count"] > 1 else "sits")
+    departures = species_norm_departures(attrs)
+    if departures and rng.random() < P_NORM:
+        kinds = list(departures)
+        kind = kinds[rng.integers(len(kinds))]
+        text = f"{text[:-1]}, {_norm_clause(kind, departures[kind], attrs, rng)}."
+    text = text.replace(",,", ",").replace(", .", ".")
+    return text[0].upper() + text[1:]
+
 # %% ../../nbs/world/02_shapes.ipynb #2981ae60
-def make_caption(attrs: dict, rng: np.random.Generator) -> str:
-    "A COCO-like caption of an image from its attribute dict: the species plus a random subset of true attributes."
-    return _fill(_CAPTION_FRAMES[rng.integers(len(_CAPTION_FRAMES))], attrs, rng, 0.5)
+def make_caption(attrs: dict, rng: np.random.Generator, style: str = "comparative") -> str:
+    "A COCO-like caption of an image from its attribute dict: the species plus a random subset of true attributes (`style`: see above)."
+    if style == "plain":
+        return _fill(_CAPTION_FRAMES[rng.integers(len(_CAPTION_FRAMES))], attrs, rng, 0.5)
+    if style != "comparative":
+        raise ValueError(f"caption style must be one of {CAPTION_STYLES}; got {style!r}")
+    return _comparative_caption(attrs, rng)
+
+
+def epoch_captions(records: list[dict], seed: int, epoch: int, style: str = "comparative") -> list[str]:
+    "The captions pretraining pairs with `records` in `epoch` (fresh every epoch, seeded by `seed` and `epoch`)."
+    rng = np.random.default_rng([seed, 11, epoch])
+    return [make_caption(r, rng, style) for r in records]
 
 # %% ../../nbs/world/02_shapes.ipynb #e90ee4db
 def oracle_rewrite_caption(attrs: dict, rng: np.random.Generator) -> str:
@@ -195,9 +300,16 @@ def oracle_rewrite_caption(attrs: dict, rng: np.random.Generator) -> str:
     return _fill(_REWRITE_FRAMES[rng.integers(len(_REWRITE_FRAMES))], attrs, rng, 0.6)
 
 # %% ../../nbs/world/02_shapes.ipynb #4a747ded
+# phrases that name something other than the image's own attributes: a species' usual colour or surroundings ("rather
+# than red", "whereas most glorps are red"), the species in general ("most glorps"), a gallery index ("image two")
+_NOT_OF_THIS_IMAGE = re.compile(r"(rather than|instead of|whereas most|while most)[^,.;]*|\bmost [a-z]+|\bimage (one|two)\b"
+                                r"|\bthis one\b")
+
+
 def caption_contradictions(caption: str, attrs: dict) -> list[str]:
     "The attribute words in `caption` that contradict `attrs` (an empty list for a faithful caption)."
-    words = re.findall(r"[a-z\-]+", caption.lower())
+    caption = _NOT_OF_THIS_IMAGE.sub(" ", caption.lower())
+    words = re.findall(r"[a-z\-]+", caption)
     bad = []
     bad += [w for w in words if w in COLOURS and w != attrs["colour"]]
     bad += [w for w in words if w.rstrip("s") in CATEGORIES.index and w.rstrip("s") != attrs["category"]]
@@ -212,7 +324,7 @@ def caption_contradictions(caption: str, attrs: dict) -> list[str]:
     if plural != (attrs["count"] > 1):
         bad.append("plural" if plural else "singular")
     for bg, phrases in _BACKGROUND_PHRASES.items():
-        if bg != attrs["background"] and any(ph in caption.lower() for ph in phrases):
+        if bg != attrs["background"] and any(ph in caption for ph in phrases):
             bad.append(bg)
     if attrs["category"] not in words and not plural:
         bad.append("no species")
@@ -237,12 +349,13 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class World:
-    "A rendered Shapes world: `images` uint8 [N, S, S, 3], `attrs` (one row per image), `captions`."
+    "A rendered Shapes world: `images` uint8 [N, S, S, 3], `attrs` (one row per image), `captions` (of `caption_style`)."
     images: np.ndarray
     attrs: pd.DataFrame
     captions: list[str]
     seed: int
     key: str = ""
+    caption_style: str = "comparative"
 
     def __len__(self) -> int:
         return len(self.images)
@@ -266,25 +379,26 @@ class World:
         n = self.attrs["split"].value_counts()
         return (f"World(seed={self.seed}, {len(self)} images of {self.images.shape[1]} px: "
                 + " / ".join(f"{n.get(s, 0)} {s}" for s in SPLITS)
-                + f", {self.attrs['category'].nunique()} species, key={self.key!r})")
+                + f", {self.attrs['category'].nunique()} species, {self.caption_style} captions, key={self.key!r})")
 
 # %% ../../nbs/world/02_shapes.ipynb #3ddd455d
-def build_world(seed: int, n_train: int, n_test: int, image_size: int = 32, n_val: int = 0) -> World:
-    "Sample attributes, render images and write one caption per image (no caching)."
+def build_world(seed: int, n_train: int, n_test: int, image_size: int = 32, n_val: int = 0,
+                caption_style: str = "comparative") -> World:
+    "Sample attributes, render images and write one caption per image, of `caption_style` (no caching)."
     attrs = sample_attributes(seed, n_train, n_test, image_size, n_val=n_val)
     n_main = n_train + n_test
     images = render_images(attrs.iloc[:n_main], image_size, seed=seed)
     if n_val:
         images = np.concatenate([images, render_images(attrs.iloc[n_main:], image_size, seed=(seed, 1))])
     rng = np.random.default_rng([seed, 3])
-    attrs["caption"] = [make_caption(r, rng) for r in attrs.to_dict("records")]
-    return World(images, attrs, list(attrs["caption"]), seed)
+    attrs["caption"] = [make_caption(r, rng, caption_style) for r in attrs.to_dict("records")]
+    return World(images, attrs, list(attrs["caption"]), seed, caption_style=caption_style)
 
 # %% ../../nbs/world/02_shapes.ipynb #b191158a
 def world_key(cfg: Config) -> str:
     "The cache key of the world a config describes."
-    return content_hash(dict(version=WORLD_VERSION, seed=cfg.seed, size=cfg.world_image_size,
-                             n_train=cfg.world_n_train, n_test=cfg.world_n_test, n_val=cfg.world_n_val))
+    return content_hash(dict(version=WORLD_VERSION, seed=cfg.seed, size=cfg.world_image_size, n_train=cfg.world_n_train,
+                             n_test=cfg.world_n_test, n_val=cfg.world_n_val, captions=cfg.world_captions))
 
 # %% ../../nbs/world/02_shapes.ipynb #5d5109b0
 def make_world(cfg: Config, rebuild: bool = False) -> World:
@@ -295,9 +409,10 @@ def make_world(cfg: Config, rebuild: bool = False) -> World:
     if npy.exists() and csv.exists() and not rebuild:
         attrs = pd.read_csv(csv, keep_default_na=False, na_values=[""])
         images = np.load(npy)
-        return World(images, attrs, list(attrs["caption"]), cfg.seed, key)
+        return World(images, attrs, list(attrs["caption"]), cfg.seed, key, cfg.world_captions)
     with timer() as t:
-        world = build_world(cfg.seed, cfg.world_n_train, cfg.world_n_test, cfg.world_image_size, cfg.world_n_val)
+        world = build_world(cfg.seed, cfg.world_n_train, cfg.world_n_test, cfg.world_image_size, cfg.world_n_val,
+                            cfg.world_captions)
     buf = io.BytesIO(); np.save(buf, world.images)
     atomic_write(npy, buf.getvalue())
     atomic_write(csv, world.attrs.to_csv(index=False))
