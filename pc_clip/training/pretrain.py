@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..core.config import Config
 from ..core.runtime import artifact_lock, atomic_write_json, content_hash, get_logger, pick_device
 from ..models.embed import compute_image_embeddings
+from ..models.text import encode_text_trimmed
 from ..models.clip import (CheckpointError, checkpoint_metadata, create_clip, images_to_tensor, is_checkpoint,
     load_checkpoint, model_dir, save_checkpoint)
 from ..world.species import CATEGORY_NAMES
@@ -27,8 +28,8 @@ from ..world.shapes import World, epoch_captions
 from .state import load_train_state, save_train_state
 
 # %% auto #0
-__all__ = ['ZERO_SHOT_TEMPLATE', 'PRETRAIN_THREADS', 'warmup_cosine', 'zero_shot_accuracy', 'clip_step_loss', 'train_steps',
-           'pretrain_clip', 'pretrain_fingerprint', 'resume_folder', 'pretrain_or_load']
+__all__ = ['ZERO_SHOT_TEMPLATE', 'PRETRAIN_THREADS', 'PRETRAIN_STEP', 'warmup_cosine', 'zero_shot_accuracy', 'clip_step_loss',
+           'train_steps', 'pretrain_clip', 'pretrain_fingerprint', 'resume_folder', 'pretrain_or_load']
 
 # %% ../../nbs/training/02_pretrain.ipynb #464b8a7a
 def warmup_cosine(step: int, total: int, warmup: float = 0.05) -> float:
@@ -82,7 +83,8 @@ def _param_groups(model, weight_decay: float):
 def clip_step_loss(model, batch: dict, loss_fn) -> dict:
     "The CLIP loss of a batch's images and captions: `{'total': loss}` (the default hook of `train_steps`)."
     f_img = model.encode_image(batch["images"], normalize=True)
-    f_txt = model.encode_text(batch["tokens"], normalize=True)
+    # the text tower on the batch's own length (captions fill half the context) with fused attention
+    f_txt = torch.nn.functional.normalize(encode_text_trimmed(model, batch["tokens"], fused=True), dim=-1)
     return {"total": loss_fn(f_img, f_txt, model.logit_scale.exp())}
 
 
@@ -180,12 +182,15 @@ def pretrain_clip(world: World, cfg: Config, device: str | torch.device | None =
     return model, tokenizer, history
 
 # %% ../../nbs/training/02_pretrain.ipynb #895a01ee
+PRETRAIN_STEP = 2  # the version of the step's computation: 2 = the text tower trimmed and fused (issue 22)
+
+
 def pretrain_fingerprint(cfg: Config, world: World, weight_decay: float = 0.1, warmup: float = 0.05,
                          threads: int = PRETRAIN_THREADS) -> str:
     "Hash of everything that determines the pretrained weights (world, architecture, seed, steps and optimiser settings)."
     return content_hash(dict(world=world.key or content_hash(world.images), captions=world.caption_style, model=cfg.model_name,
                              architecture=open_clip.get_model_config(cfg.model_name), seed=cfg.seed,
-                             steps=cfg.pretrain_steps, batch=cfg.pretrain_batch_size, lr=cfg.pretrain_lr,
+                             step=PRETRAIN_STEP, steps=cfg.pretrain_steps, batch=cfg.pretrain_batch_size, lr=cfg.pretrain_lr,
                              weight_decay=weight_decay, warmup=warmup, threads=threads))
 
 # %% ../../nbs/training/02_pretrain.ipynb #5b3def2c
