@@ -457,12 +457,12 @@ def _finetune_selection(results: pd.DataFrame, figure: Path | None, report_dir: 
                  "share no per-item outcomes (a point change from the results table is then shown without an interval or "
                  "a verdict). The zero-shot, worst-class and retrieval thresholds are the claims' tolerances.\n\n"
                  + _targets_markdown(check))
-    by = lambda verdict: check[check["met"] == verdict]["target"].tolist()
-    if len(by("yes")) == len(check):
+    by = lambda verdict: ", ".join(f"*{t}*" for t in check[check["met"] == verdict]["target"])  # names hold commas
+    if (check["met"] == "yes").all():
         parts.append("\nAll targets are met on test.\n")
     else:
-        parts.append(f"\n**Targets not met on test: {', '.join(by('no')) or 'none'}**"
-                     + "".join(f"; {v}: {', '.join(by(v))}" for v in ("inconclusive", "not measured") if by(v)) + ".\n")
+        parts.append(f"\n**Targets not met on test:** {by('no') or 'none'}"
+                     + "".join(f"; {v}: {by(v)}" for v in ("inconclusive", "not measured") if by(v)) + ".\n")
     return parts
 
 
