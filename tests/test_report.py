@@ -121,3 +121,84 @@ def test_beyond_figures_draw_intervals():
     study = pd.DataFrame(rows)
     assert "95 % interval" in " ".join(t.get_text() for t in plot_pretrain_study(study).texts)
     assert _png(plot_pretrain_study, study) != _png(plot_pretrain_study, study.assign(ci_high=study["ci_high"] + 0.1))
+
+
+# ---- The targets on test are decided as the claims are, and the REPORT counts every measured claim.
+
+def _cell_items(model, task, dataset, condition, metric, values, seed=0, groups=None, statistic="mean"):
+    n = len(values)
+    return pd.DataFrame(dict(experiment="x", profile="tiny", model=model, task=task, dataset=dataset, condition=condition,
+                             metric=metric, seed=seed, item=np.arange(n).astype(str), value=np.asarray(values, float),
+                             weight=1.0, group=np.zeros(n, int).astype(str) if groups is None else groups,
+                             statistic=statistic))
+
+
+def _random_items(rng, models=("clip", "pc-clip"), n=300):
+    "Per-item outcomes of every task a target reads: several cells, two seeds, worst-class groups, six recalls."
+    parts = []
+    for k, m in enumerate(models):
+        for seed in (0, 1):
+            for ds in ("world/size", "world/count"):
+                for w in ("train", "heldout"):
+                    parts.append(_cell_items(m, "difference_classification", ds, f"wording={w}", "accuracy",
+                                             rng.random(n) < 0.5 + 0.1 * k, seed))
+        hits = rng.random(n) < 0.7 - 0.01 * k
+        parts += [_cell_items(m, "zero_shot", "world", "", "accuracy", hits),
+                  _cell_items(m, "zero_shot", "world", "", "worst_class_accuracy", hits, groups=(np.arange(n) % 5).astype(str),
+                              statistic="worst_group")]
+        parts += [_cell_items(m, "retrieval", "world", "", r, rng.random(n) < 0.4 - 0.02 * k) for r in RECALLS]
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_targets_use_the_claims_interval_and_rule():
+    from pc_clip.report.summary import PAPER_CLAIMS, claim_verdicts
+    from pc_clip.training.selection import target_check
+    items = _random_items(np.random.default_rng(3))
+    results = pd.DataFrame(columns=["model", "task", "dataset", "condition", "metric", "value", "seed"])
+    t = target_check(results, items=items).set_index("target")
+    v = claim_verdicts(results, items, PAPER_CLAIMS).set_index("claim")
+    pairs = {"difference classification, all cells": "difference_classification",
+             "difference classification, held-out wordings": "difference_heldout_wording",
+             "zero-shot accuracy": "zero_shot", "worst-class zero-shot accuracy": "zero_shot_worst_class",
+             "mean retrieval recall": "retrieval"}
+    for target, claim in pairs.items():  # the same items, the same function, the same interval, to the last bit
+        assert t.loc[target, "items"] == v.loc[claim, "n_items"] > 0, target
+        assert t.loc[target, "cells"] == v.loc[claim, "cells"], target
+        for a, b in (("change", "delta"), ("ci_low", "ci_low"), ("ci_high", "ci_high"), ("pc-clip", "value_a"), ("clip", "value_b")):
+            assert t.loc[target, a] == v.loc[claim, b], (target, a)
+    for target, claim in list(pairs.items())[2:]:  # thresholds = the claims' tolerances: the same verdict
+        assert (t.loc[target, "met"] == "yes") == (v.loc[claim, "agrees"] == "yes"), target
+        assert -t.loc[target, "threshold"] == next(c.tol for c in PAPER_CLAIMS if c.name == claim)
+
+
+def test_report_counts_every_measured_claim(runs_dir):
+    "Six claims have test items of both sides (one of them a validated alpha = 1: a 'no'); the count says 5 of 6."
+    from pc_clip.core.config import get_config
+    from pc_clip.report.summary import PAPER_CLAIMS, write_report
+    rng = np.random.default_rng(4)
+    n = 400
+    clip_hits = rng.random(n) < 0.5
+    better = clip_hits | (rng.random(n) < 0.4)  # never worse, ~20 % more right
+    parts = []
+    for w in ("train", "heldout"):
+        parts += [_cell_items("clip", "difference_classification", "world/size", f"wording={w}", "accuracy", clip_hits),
+                  _cell_items("clip-ft-captions", "difference_classification", "world/size", f"wording={w}", "accuracy", clip_hits),
+                  _cell_items("pc-clip", "difference_classification", "world/size", f"wording={w}", "accuracy", better)]
+    for m in ("clip", "pc-clip"):  # zero-shot unchanged: not worse
+        parts += [_cell_items(m, "zero_shot", "world", "", "accuracy", clip_hits),
+                  _cell_items(m, "zero_shot", "world", "", "worst_class_accuracy", clip_hits,
+                              groups=(np.arange(n) % 4).astype(str), statistic="worst_group")]
+    for a in ("1", "0.9"):  # comparative prompting on test at alpha 1 and 0.9; validation chose 1 (ties go to 1)
+        parts.append(_cell_items("pc-clip", "comparative_prompting", "world", f"alpha={a}", "accuracy", better))
+    items = pd.concat(parts, ignore_index=True)
+    keys = ["model", "task", "dataset", "condition", "metric", "seed"]
+    results = items.groupby(keys, sort=False)["value"].mean().reset_index().assign(experiment="x", profile="tiny", n=n)
+    val = pd.DataFrame([dict(experiment="06", profile="tiny", model="pc-clip", task="comparative_prompting", dataset="world",
+                             condition=f"alpha={a};split=val", metric="accuracy", value=0.7, seed=0, n=n) for a in ("1", "0.9")])
+    text = write_report(get_config("tiny"), pd.concat([results, val], ignore_index=True), items=items).read_text()
+    measured = {"difference_classification", "difference_heldout_wording", "zero_shot", "zero_shot_worst_class",
+                "comparative_prompting", "baseline_captions"}
+    others = [c.name for c in PAPER_CLAIMS if not c.control and c.name not in measured]
+    line = f"5 of 6 measured claims agree with the paper; {len(others)} not measured, not counted: {', '.join(others)}."
+    assert line in text, text.split("**Controls**")[0]
+    assert "no gain (validation chose alpha=1)" in text

@@ -355,12 +355,100 @@ def test_saved_choice_is_what_later_experiments_load_as_pc_clip():
         assert not model_dir(one, "pc-clip").exists()
 
 
+def _outcome_items(model, task, metric, hits, cond="", seed=0, groups=None, statistic="mean"):
+    "One cell's per-item outcomes as the experiments store them (item ids 0..n-1)."
+    n = len(hits)
+    return pd.DataFrame(dict(model=model, task=task, dataset="world", condition=cond, metric=metric, seed=seed,
+                             item=np.arange(n).astype(str), value=np.asarray(hits, float), weight=1.0,
+                             group=np.zeros(n, int) if groups is None else groups, statistic=statistic))
+
+
 def test_targets_on_test_ignore_validation_rows():
     rows = [result_row("clip", "zero_shot", "world", "accuracy", 0.78, 0, 100),
             result_row("pc-clip", "zero_shot", "world", "accuracy", 0.76, 0, 100),
             result_row("pc-clip", "zero_shot", "world", "accuracy", 0.95, 0, 100, {"split": "val"})]
-    t = target_check(pd.DataFrame(rows)).set_index("target")
-    assert t.loc["zero-shot accuracy", "met"] == "no" and abs(t.loc["zero-shot accuracy", "change"] + 0.02) < 1e-9
+    hits = lambda k: (np.arange(100) < k).astype(float)
+    items = pd.concat([_outcome_items("clip", "zero_shot", "accuracy", hits(78)),
+                       _outcome_items("pc-clip", "zero_shot", "accuracy", hits(76)),
+                       _outcome_items("clip", "zero_shot", "accuracy", hits(0), "split=val"),
+                       _outcome_items("pc-clip", "zero_shot", "accuracy", hits(100), "split=val")])
+    t = target_check(pd.DataFrame(rows), items=items).set_index("target")
+    assert t.loc["zero-shot accuracy", "items"] == 100 and abs(t.loc["zero-shot accuracy", "change"] + 0.02) < 1e-9
+    # the two lost items give an interval from -0.05 or so to 0: it straddles the -0.01 threshold
+    assert t.loc["zero-shot accuracy", "ci_low"] < -0.01 < t.loc["zero-shot accuracy", "ci_high"] <= 0
+    assert t.loc["zero-shot accuracy", "met"] == "inconclusive"
+    # without per-item outcomes: the point change of the test rows (the validation row ignored), no verdict
+    bare = target_check(pd.DataFrame(rows)).set_index("target")
+    assert bare.loc["zero-shot accuracy", "met"] == "not measured" and abs(bare.loc["zero-shot accuracy", "change"] + 0.02) < 1e-9
+    assert np.isnan(bare.loc["zero-shot accuracy", "ci_low"]) and bare.loc["zero-shot accuracy", "items"] == 0
+
+
+def test_target_verdicts_follow_the_interval_on_constructed_outcomes():
+    "Outcome tables whose intervals are known by construction: each target's verdict is the interval's side of its threshold."
+    n, rng = 1000, np.random.default_rng(1)
+    base = (rng.random(n) < 0.5).astype(float)
+    gained = np.maximum(base, (rng.random(n) < 0.4).astype(float))  # right wherever clip is, and on ~20 % more: never worse
+    lost = base * (rng.random(n) < 0.9)  # wrong on ~10 % of clip's hits: never better
+    classes = np.arange(n) % 4
+    parts = []
+    for seed in (0, 1):  # two seeds: paired item by item within each
+        parts += [_outcome_items("clip", "difference_classification", "accuracy", base, f"wording={w}", seed)
+                  for w in ("train", "heldout")]
+        parts += [_outcome_items("pc-clip", "difference_classification", "accuracy", gained, "wording=train", seed),
+                  _outcome_items("pc-clip", "difference_classification", "accuracy", base, "wording=heldout", seed)]
+    for m in ("clip", "pc-clip"):  # zero-shot: the same outcomes (a zero interval); worst class: the same too
+        parts += [_outcome_items(m, "zero_shot", "accuracy", base),
+                  _outcome_items(m, "zero_shot", "worst_class_accuracy", base, groups=classes, statistic="worst_group")]
+    parts += [_outcome_items("clip", "retrieval", "recall@5_i2t", base), _outcome_items("pc-clip", "retrieval", "recall@5_i2t", lost)]
+    t = target_check(pd.DataFrame(columns=["model", "task", "condition", "metric", "dataset", "value"]),
+                     items=pd.concat(parts, ignore_index=True)).set_index("target")
+    gain = (gained - base).mean()
+    all_cells = t.loc["difference classification, all cells"]
+    assert abs(all_cells["change"] - gain / 2) < 1e-12 and all_cells["cells"] == 2 and all_cells["items"] == 4 * n
+    assert 0 <= all_cells["ci_low"] < gain / 2 < all_cells["ci_high"] and all_cells["ci_low"] > 0.05
+    held = t.loc["difference classification, held-out wordings"]
+    assert (held["ci_low"], held["ci_high"], held["met"]) == (0.0, 0.0, "no")  # no change at all: below +0.03
+    assert t.loc["zero-shot accuracy", "met"] == "yes" and t.loc["zero-shot accuracy", "ci_low"] == 0.0  # 0 > -0.01
+    worst = t.loc["worst-class zero-shot accuracy"]
+    assert worst["met"] == "yes" and abs(worst["clip"] - min(base[classes == k].mean() for k in range(4))) < 1e-12
+    ret = t.loc["mean retrieval recall"]
+    assert ret["ci_high"] < -0.02 and ret["met"] == "no" and ret["ci_high"] <= 0
+    assert t.loc["difference classification, all cells", "met"] == "yes"
+
+
+def test_validation_retrieval_is_experiment_07s_protocol_on_the_val_images(runs_dir):
+    "The sweep's validation retrieval is experiment 07's test protocol (images x captions, seeds) on the val images."
+    from pathlib import Path
+    from pc_clip.core.runtime import cache_dir
+    from pc_clip.evaluation.runner import RETRIEVAL_CAPTIONS, RETRIEVAL_IMAGES, run_retrieval
+    from pc_clip.models.clip import save_checkpoint
+    from pc_clip.training.selection import validation_outcomes
+    from pc_clip.world.shapes import world_key
+    # the defaults agree: experiment 07's n_images, the runner's captions per image, the sweep's
+    nb = json.loads((Path(__file__).resolve().parents[1] / "nbs/experiments/07_retrieval.ipynb").read_text())
+    params = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+    assigned = {n.target.id if isinstance(n, ast.AnnAssign) else n.targets[0].id: n.value
+                for n in ast.parse("".join(params["source"])).body if isinstance(n, (ast.Assign, ast.AnnAssign))}
+    assert ast.literal_eval(assigned["n_images"]) == RETRIEVAL_IMAGES
+    sig = inspect.signature(validation_outcomes).parameters
+    assert sig["retrieval_images"].default == RETRIEVAL_IMAGES and sig["n_captions"].default == RETRIEVAL_CAPTIONS
+    assert inspect.signature(run_retrieval).parameters["n_captions"].default == RETRIEVAL_CAPTIONS
+    # and the protocol is one: on a world whose val and test splits are swapped, experiment 07's runner scores the
+    # very retrieval outcomes the sweep scored on validation (same images, captions and seed), item for item
+    cfg = get_config("tiny", world_n_train=40, world_n_val=60, world_n_test=50)
+    world = make_world(cfg)
+    save_checkpoint(create_clip("pc-clip-tiny", seed=0)[0], model_dir(cfg, "clip"), "pc-clip-tiny")
+    model, _, tokenizer = load_clip(cfg, "clip", "cpu")
+    val = validation_outcomes(model, tokenizer, cfg, world, retrieval_images=40)["retrieval_mean_recall"][1]
+    swapped = world.attrs.assign(split=world.attrs["split"].replace({"val": "test", "test": "val"}))
+    swapped.to_csv(cache_dir(cfg) / "world" / f"{world_key(cfg)}.attrs.csv", index=False)
+    assert (make_world(cfg).indices("test") == world.indices("val")).all()
+    test = run_retrieval(cfg, ["clip"], n_images=40, progress=False)
+    assert len(test) == 6
+    for row in test:
+        mine = val[val["item"].str.startswith(row["metric"] + "|")]
+        assert len(mine) == len(row["items"]) == (40 if row["metric"].endswith("i2t") else 40 * RETRIEVAL_CAPTIONS)
+        assert (mine["value"].to_numpy() == row["items"]["value"].to_numpy()).all(), row["metric"]
 
 
 # ---- Data-parallel finetuning under torchrun: 2 CPU processes (gloo) equal one process on the same global batch,

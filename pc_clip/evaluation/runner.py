@@ -32,11 +32,12 @@ from ..world.shapes import heldout_category_pairs, make_world
 from ..core.registry import REGISTRY, model_names
 
 # %% auto #0
-__all__ = ['MODELS', 'LoadedModel', 'PAPER_EVAL_DATASETS', 'N_BOOT', 'ITEM_COLUMNS', 'ZERO_SHOT_TEMPLATES', 'iter_models',
-           'for_each_model', 'evaluated_models', 'text_encoder', 'eval_datasets', 'split_off_validation',
-           'validation_dataset', 'evaluation_rows', 'items_path', 'write_evaluation', 'read_items',
-           'zero_shot_classifier', 'build_difference_tasks', 'run_difference_classification', 'run_zero_shot',
-           'run_comparative_prompting', 'run_retrieval', 'run_geometry', 'run_linear_probe']
+__all__ = ['MODELS', 'LoadedModel', 'PAPER_EVAL_DATASETS', 'N_BOOT', 'ITEM_COLUMNS', 'ZERO_SHOT_TEMPLATES', 'RETRIEVAL_IMAGES',
+           'RETRIEVAL_CAPTIONS', 'iter_models', 'for_each_model', 'evaluated_models', 'text_encoder', 'eval_datasets',
+           'split_off_validation', 'validation_dataset', 'evaluation_rows', 'items_path', 'write_evaluation',
+           'read_items', 'zero_shot_classifier', 'build_difference_tasks', 'run_difference_classification',
+           'run_zero_shot', 'run_comparative_prompting', 'world_retrieval_corpus', 'run_retrieval', 'run_geometry',
+           'run_linear_probe']
 
 # %% ../../nbs/evaluation/04_runner.ipynb #e59fc116
 MODELS = tuple(s.resolved(Config()).name for s in REGISTRY if s.evaluated)  # every evaluated model of the registry (default wavg_alpha)
@@ -268,20 +269,31 @@ def run_comparative_prompting(cfg: Config, model_names: Sequence[str], select_ds
     return for_each_model(cfg, model_names, one), infos
 
 # %% ../../nbs/evaluation/04_runner.ipynb #e8f2aba0
+RETRIEVAL_IMAGES = 500  # world images retrieved among (experiment 07's `n_images`; the validation sweep uses the same)
+RETRIEVAL_CAPTIONS = 5  # seeded captions per world image (COCO has five human captions per image)
+
+
+def world_retrieval_corpus(world, split: str, seed: int, n_images: int | None = RETRIEVAL_IMAGES,
+                           n_captions: int = RETRIEVAL_CAPTIONS) -> tuple[np.ndarray, list[str], np.ndarray]:
+    "`(image rows, texts, text_image)` of the world's retrieval protocol on `split`: `n_images` seeded images (all if fewer or None), `n_captions` captions each."
+    rows = world.indices(split)
+    if n_images is not None and n_images < len(rows):
+        rows = np.sort(np.random.default_rng([seed, 59]).choice(rows, n_images, replace=False))
+    return (rows,) + flatten_captions(world_captions(world, rows, n_captions, seed))
+
+
 def _retrieval_corpus(cfg: Config, n_images: int | None, n_captions: int) -> tuple:
     "`(dataset name, images or ImageDataset, texts, text_image)` of the retrieval corpus of a profile."
     if cfg.corpus == "world":
         world = make_world(cfg)
-        test = world.indices("test")
-        if n_images is not None and n_images < len(test):
-            test = np.sort(np.random.default_rng([cfg.seed, 59]).choice(test, n_images, replace=False))
-        return ("world", (world.images, test)) + flatten_captions(world_captions(world, test, n_captions, cfg.seed))
+        rows, texts, owner = world_retrieval_corpus(world, "test", cfg.seed, n_images, n_captions)
+        return "world", (world.images, rows), texts, owner
     ds = load_dataset("coco", cfg, "test")
     ds = ds.sample(n_images, cfg.seed) if n_images else ds
     return ("coco", ds) + flatten_captions(ds.captions)
 
 
-def run_retrieval(cfg: Config, model_names: Sequence[str], n_images: int | None = None, n_captions: int = 5,
+def run_retrieval(cfg: Config, model_names: Sequence[str], n_images: int | None = None, n_captions: int = RETRIEVAL_CAPTIONS,
                   progress: bool = True) -> list[dict]:
     "Retrieval rows of every existing model: the world's test images (world corpus) or COCO val (paper profiles)."
     dataset, corpus, texts, owner = _retrieval_corpus(cfg, n_images, n_captions)

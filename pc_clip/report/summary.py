@@ -295,9 +295,11 @@ def claim_verdict(results: pd.DataFrame, items: pd.DataFrame, c: Claim, n_boot: 
     if not world:
         items = items[~items["dataset"].map(is_world_dataset).astype(bool)]
     extra_a, extra_b = {}, {}
+    unchosen = False
     if c.setting:
         chosen = chosen_setting(results, c.task, c.model_a, c.setting)
-        extra_a, extra_b = {c.setting: f"{float(chosen):g}"}, {c.setting: "1"}
+        unchosen = chosen is None  # no validation rows: nothing was chosen, so nothing can be compared
+        extra_a, extra_b = {c.setting: "none chosen" if unchosen else f"{float(chosen):g}"}, {c.setting: "1"}
     keys = ["dataset", "cond_key", "metric", "seed", "item"]
     a, b = _side(items, c, c.model_a, extra_a), _side(items, c, c.model_b, extra_b)
     both = a.merge(b, on=keys, suffixes=("_a", "_b"))
@@ -306,8 +308,8 @@ def claim_verdict(results: pd.DataFrame, items: pd.DataFrame, c: Claim, n_boot: 
         tol=c.tol, control=c.control, delta=np.nan, ci_low=np.nan, ci_high=np.nan, n_items=len(both), cells=0,
         value_a=np.nan, value_b=np.nan, chance=c.chance, below_chance="")
     if both.empty:  # say why: a model this run does not train, or a task it did not run
-        why = (f"no test items of `{c.model_a}`" if a.empty else f"no test items of `{c.model_b}`" if b.empty
-               else "no items both models share")
+        why = (f"no validation rows of `{c.model_a}` chose {c.setting}" if unchosen else f"no test items of `{c.model_a}`"
+               if a.empty else f"no test items of `{c.model_b}`" if b.empty else "no items both models share")
         return {**out, "observed": f"not measured ({why} on {c.task}{' outside the world' if not world else ''})",
                 "agrees": "n/a"}
     strata = both["dataset"].astype(str) + "|" + both["cond_key"] + "|" + both["metric"]
@@ -457,8 +459,20 @@ def _selections(results: pd.DataFrame) -> list[str]:
     return parts
 
 
+def _targets_markdown(check: pd.DataFrame, model: str = "pc-clip", base: str = "clip") -> str:
+    "The targets-on-test table of REPORT.md: each side, the change with its 95 % interval, the threshold and the verdict."
+    num = lambda v: "-" if pd.isna(v) else f"{v:.3f}"
+    lines = [f"| target | {model} | {base} | change [95% CI] | threshold | items | met |", "|---|---:|---:|---|---:|---:|---|"]
+    for _, r in check.iterrows():
+        change = ("-" if pd.isna(r["change"]) else f"{r['change']:+.3f}" + (
+            f" [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" if not pd.isna(r["ci_low"]) else " (no interval: no per-item outcomes)"))
+        lines.append(f"| {r['target']} | {num(r[model])} | {num(r[base])} | {change} | {r['threshold']:+g} | {int(r['items'])} "
+                     f"| {r['met']} |")
+    return "\n".join(lines) + "\n"
+
+
 def _finetune_selection(results: pd.DataFrame, figure: Path | None, report_dir: Path, targets: Targets = Targets(),
-                        cands: pd.DataFrame | None = None) -> list[str]:
+                        cands: pd.DataFrame | None = None, items: pd.DataFrame | None = None) -> list[str]:
     "The REPORT section on the finetuning strength: the validation choice, its evidence and figure, the targets on test."
     if cands is None or cands.empty:
         return []
@@ -472,14 +486,22 @@ def _finetune_selection(results: pd.DataFrame, figure: Path | None, report_dir: 
              selection_markdown(table, targets)]
     if figure is not None and Path(figure).exists():
         parts.append(f"\n![finetune selection]({os.path.relpath(Path(figure).resolve(), report_dir.resolve())})\n")
-    check = target_check(results, targets)
+    check = target_check(results, targets, items=items)
     parts.append(f"\n**Targets on test** (`pc-clip` = lr {chosen['lr']:g}, alpha {chosen['alpha']:g}, against `clip`)\n\n"
-                 + markdown_table(check.set_index("target")))
-    missed = check[check["met"] == "no"]["target"].tolist()
-    parts.append("\nAll targets are met on test.\n" if not missed and (check["met"] == "yes").all() else
-                 f"\n**Targets not met on test: {', '.join(missed) or 'none'}**"
-                 + ("; not measured: " + ", ".join(check[check['met'] == 'not measured']['target']) if (check["met"] == "not measured").any() else "")
-                 + ".\n")
+                 "Decided as the claims are (`pc_clip.training.selection.target_check`): the paired bootstrap 95 % interval "
+                 "of pc-clip - clip over the test items both models have (`pc_clip.evaluation.metrics.paired_bootstrap`, "
+                 "each side's statistic within a cell averaged over the cells). Met = yes when the whole interval lies above "
+                 "the threshold (lower end > threshold, the claims' rule for not worse and better), no when it lies below "
+                 "(upper end < threshold), inconclusive when it straddles the threshold; not measured where the two models "
+                 "share no per-item outcomes (a point change from the results table is then shown without an interval or "
+                 "a verdict). The zero-shot, worst-class and retrieval thresholds are the claims' tolerances.\n\n"
+                 + _targets_markdown(check))
+    by = lambda verdict: ", ".join(f"*{t}*" for t in check[check["met"] == verdict]["target"])  # names hold commas
+    if (check["met"] == "yes").all():
+        parts.append("\nAll targets are met on test.\n")
+    else:
+        parts.append(f"\n**Targets not met on test:** {by('no') or 'none'}"
+                     + "".join(f"; {v}: {by(v)}" for v in ("inconclusive", "not measured") if by(v)) + ".\n")
     return parts
 
 
@@ -574,7 +596,8 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
     items = read_items(cfg) if items is None else items
     path = results_path(cfg).parent / "REPORT.md"
     v = claim_verdicts(results, items, PAPER_CLAIMS)
-    counted = v[~v["control"] & (v["agrees"] != "n/a")]
+    counted = v[~v["control"] & (v["agrees"] != "n/a")]  # every measured claim; a "no gain" (alpha = 1) counts as "no"
+    unmeasured = v[~v["control"] & (v["agrees"] == "n/a")]["claim"].tolist()
     trained_on, data_section = _training_data(cfg)
     parts = [f"# PC-CLIP reproduction report: profile `{cfg.profile}`\n",
              f"Base model `{cfg.model_name}`" + (f" / `{cfg.pretrained}`" if cfg.pretrained else " (trained from scratch on the Shapes world)")
@@ -584,7 +607,8 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
              "Each claim is decided by a paired bootstrap of A - B over the items both models were evaluated on "
              "(95 %): better = interval above 0; not worse = lower end above -tol; same = inside +/-tol.\n\n",
              claims_markdown(v[~v["control"]]),
-             f"\n{int((counted.agrees == 'yes').sum())} of {len(counted)} measured claims agree with the paper.\n",
+             f"\n{int((counted.agrees == 'yes').sum())} of {len(counted)} measured claims agree with the paper"
+             + (f"; {len(unmeasured)} not measured, not counted: {', '.join(unmeasured)}" if unmeasured else "") + ".\n",
              "\n**Controls** (hold by construction for a text-only finetune; not counted)\n\n", claims_markdown(v[v["control"]])]
     parts += vocabulary_section(results, items)
     if not items.empty and not items["dataset"].map(is_world_dataset).all():
@@ -594,7 +618,8 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
     warned = run_warnings(cfg)
     parts += ["\n## Warnings of this run\n", "".join(f"- {w}\n" for w in warned) if warned else "none\n"]
     parts += data_section + _selections(results)
-    parts += _finetune_selection(results, (figures or {}).get("finetune_selection"), path.parent, cands=read_candidates(cfg))
+    parts += _finetune_selection(results, (figures or {}).get("finetune_selection"), path.parent, cands=read_candidates(cfg),
+                                 items=items)
     every = read_candidates(cfg, None)
     if every["model"].nunique() > 1:
         parts += ["\n**The comparisons are tuned alike:** every finetuned model of the comparison (ablations and caption "

@@ -18,9 +18,10 @@ from ..core.runtime import condition_dict, result_row, atomic_write, results_pat
 from ..data.datasets import world_dataset
 from ..models.embed import embed_images
 from ..models.text import memo_tokenizer
-from ..evaluation.runner import build_difference_tasks, text_encoder, zero_shot_classifier
-from ..evaluation.geometry import flatten_captions, world_captions
-from ..evaluation.metrics import bootstrap_ci, difference_classification, retrieval, statistic_value, zero_shot
+from ..evaluation.runner import (RETRIEVAL_CAPTIONS, RETRIEVAL_IMAGES, build_difference_tasks, text_encoder,
+    world_retrieval_corpus, zero_shot_classifier)
+from ..evaluation.metrics import (bootstrap_ci, difference_classification, paired_bootstrap, retrieval,
+    statistic_value, zero_shot)
 from ..models.clip import model_dir, is_checkpoint, write_manifest
 from ..world.species import CATEGORY_NAMES
 from pc_clip.training.plan import (base_inputs, candidate_lr, finetune_models, save_derived, save_weight_average,
@@ -32,7 +33,7 @@ __all__ = ['CONSTRAINTS', 'VAL_METRICS', 'SELECTION_TASK', 'CHANGES', 'TEST_TARG
            'pareto_front', 'pareto_figure', 'selection_markdown', 'candidate_folders', 'validation_outcomes',
            'validation_rows', 'validation_records', 'candidate_table', 'candidates_path', 'write_candidates',
            'read_candidates', 'choices_markdown', 'Sweep', 'run_sweep', 'swept_models', 'run_sweeps', 'save_chosen',
-           'finetune_chosen', 'target_check']
+           'finetune_chosen', 'paired_change', 'target_verdict', 'target_check']
 
 # %% ../../nbs/training/04_selection.ipynb #178c9e2b
 @dataclass(frozen=True)
@@ -163,15 +164,21 @@ def _mean_recall_outcomes(res: dict) -> pd.DataFrame:
                       for k, o in res["outcomes"].items()], ignore_index=True)
 
 
-def validation_outcomes(model, tokenizer, cfg: Config, world, val_ds=None, n_captions: int = 1) -> dict:
+def validation_outcomes(model, tokenizer, cfg: Config, world, val_ds=None, retrieval_images: int | None = RETRIEVAL_IMAGES,
+                        n_captions: int = RETRIEVAL_CAPTIONS) -> dict:
     "`{metric: (value, outcomes, statistic)}` of `VAL_METRICS` for `model` on the world's `val` split."
     val_ds = val_ds if val_ds is not None else world_dataset(world, "val", classnames=CATEGORY_NAMES)
+    val_rows = world.indices("val")
+    if len(val_ds) != len(val_rows):
+        raise ValueError(f"val_ds has {len(val_ds)} images but the world's val split {len(val_rows)}; pass the world's "
+                         "own val split (world_dataset(world, 'val')) or none")
     emb = embed_images(model, val_ds.arrays, cfg, progress=False)
     encode = text_encoder(model, tokenizer, cfg.eval_batch_size)
     diff, held = _difference_outcomes(emb, encode, val_ds, cfg)
     zs = zero_shot(emb, val_ds.labels, zero_shot_classifier(model, tokenizer, val_ds.classnames))
-    texts, owner = flatten_captions(world_captions(world, world.indices("val"), n_captions, cfg.seed))
-    rec = _mean_recall_outcomes(retrieval(emb, encode(texts), owner))
+    rows, texts, owner = world_retrieval_corpus(world, "val", cfg.seed, retrieval_images, n_captions)  # experiment 07's protocol
+    img = emb[torch.as_tensor(np.searchsorted(val_rows, rows))]  # val_ds holds the val rows in world order
+    rec = _mean_recall_outcomes(retrieval(img, encode(texts), owner))
     out = {"difference_accuracy": (diff, "mean"), "difference_accuracy_heldout_wording": (held, "mean"),
            "zero_shot_accuracy": (zs["outcomes"]["accuracy"], "mean"),
            "zero_shot_worst_class_accuracy": (zs["outcomes"]["worst_class_accuracy"], "worst_group"),
@@ -361,6 +368,42 @@ def _test_means(results: pd.DataFrame, model: str, task: str, metric, keep=None)
     return r.groupby(["dataset", "condition", "metric"])["value"].mean()
 
 
+def _test_items(items: pd.DataFrame, model: str, task: str, metric, keep=None) -> pd.DataFrame:
+    "`model`'s per-item test outcomes of `task` and `metric` (a name or a test) in the cells `keep` accepts, with a condition key."
+    r = items[(items["model"] == model) & (items["task"] == task)]
+    r = r[(r["metric"].map(metric) if callable(metric) else r["metric"] == metric).astype(bool)]
+    conds = r["condition"].fillna("").astype(str).map(condition_dict)
+    ok = conds.map(lambda d: d.get("split") != "val" and (keep is None or bool(keep(d)))).astype(bool)
+    return r[ok].assign(cond_key=[";".join(f"{k}={v}" for k, v in sorted(d.items())) for d in conds[ok]])
+
+
+def paired_change(items: pd.DataFrame, model: str, base: str, task: str, metric, keep=None, n_boot: int = 1000) -> dict:
+    "`model` - `base` on the test items both have, as a claim computes it: the change with its paired-bootstrap 95 % interval."
+    keys = ["dataset", "cond_key", "metric", "seed", "item"]
+    both = _test_items(items, model, task, metric, keep).merge(_test_items(items, base, task, metric, keep), on=keys,
+                                                               suffixes=("_a", "_b"))
+    out = dict(value_a=np.nan, value_b=np.nan, change=np.nan, ci_low=np.nan, ci_high=np.nan, cells=0, items=len(both))
+    if both.empty:
+        return out
+    strata = (both["dataset"].astype(str) + "|" + both["cond_key"] + "|" + both["metric"].astype(str)).to_numpy()
+    stat = str(both["statistic_a"].iloc[0]) if "statistic_a" in both else "mean"
+    groups = both["group_a"].astype(str).to_numpy() if "group_a" in both else None
+    cells = pd.unique(strata)
+
+    def side(s: str) -> float:  # the statistic within each cell, averaged over the cells (the claims' A and B)
+        v, w = both[f"value_{s}"].to_numpy(float), both[f"weight_{s}"].to_numpy(float)
+        return float(np.mean([statistic_value(v[strata == k], w[strata == k], None if groups is None else groups[strata == k],
+                                              stat) for k in cells]))
+    r = paired_bootstrap(both["value_a"], both["value_b"], both["weight_a"], both["weight_b"], groups, strata, stat, n_boot)
+    return {**out, "value_a": side("a"), "value_b": side("b"), "change": r["delta"], "ci_low": r["ci_low"],
+            "ci_high": r["ci_high"], "cells": len(cells)}
+
+
+def target_verdict(ci_low: float, ci_high: float, threshold: float) -> str:
+    "`yes` when the interval lies above `threshold` (lower end > it), `no` when below (upper end < it), else `inconclusive`."
+    return "yes" if ci_low > threshold else "no" if ci_high < threshold else "inconclusive"
+
+
 TEST_TARGETS = {  # name: (target attribute, task, metric, cell filter)
     "difference classification, all cells": ("gain", "difference_classification", "accuracy", None),
     "difference classification, held-out wordings": ("gain_heldout", "difference_classification", "accuracy",
@@ -371,14 +414,22 @@ TEST_TARGETS = {  # name: (target attribute, task, metric, cell filter)
 }
 
 
-def target_check(results: pd.DataFrame, targets: Targets = Targets(), model: str = "pc-clip", base: str = "clip") -> pd.DataFrame:
-    "Per target: `model` and `base` on the test cells both have, the change, the threshold and whether it is met."
+def target_check(results: pd.DataFrame, targets: Targets = Targets(), model: str = "pc-clip", base: str = "clip",
+                 items: pd.DataFrame | None = None, n_boot: int = 1000) -> pd.DataFrame:
+    "Per target: `model` and `base` on the test items both have, the change, its 95 % interval, the threshold and the verdict."
     out = []
     for name, (attr, task, metric, keep) in TEST_TARGETS.items():
-        a, b = _test_means(results, model, task, metric, keep), _test_means(results, base, task, metric, keep)
-        cells = a.index.intersection(b.index)
-        change = float(a[cells].mean() - b[cells].mean()) if len(cells) else float("nan")
-        out.append(dict(target=name, **{model: a[cells].mean() if len(cells) else np.nan, base: b[cells].mean() if len(cells) else np.nan},
-                        change=change, threshold=getattr(targets, attr), cells=len(cells),
-                        met="not measured" if not len(cells) else ("yes" if change >= getattr(targets, attr) else "no")))
+        threshold = getattr(targets, attr)
+        r = paired_change(items, model, base, task, metric, keep, n_boot) if items is not None and len(items) else {}
+        if r.get("items"):
+            met = target_verdict(r["ci_low"], r["ci_high"], threshold)
+        else:  # no per-item outcomes of both: the results table's point change at most, and no verdict
+            a, b = _test_means(results, model, task, metric, keep), _test_means(results, base, task, metric, keep)
+            cells = a.index.intersection(b.index)
+            mean = lambda s: float(s[cells].mean()) if len(cells) else np.nan
+            r = dict(value_a=mean(a), value_b=mean(b), change=mean(a) - mean(b), ci_low=np.nan, ci_high=np.nan,
+                     cells=len(cells), items=0)
+            met = "not measured"
+        out.append({"target": name, model: r["value_a"], base: r["value_b"], "change": r["change"], "ci_low": r["ci_low"],
+                    "ci_high": r["ci_high"], "threshold": threshold, "cells": r["cells"], "items": r["items"], "met": met})
     return pd.DataFrame(out)
