@@ -63,7 +63,7 @@ def test_pixels_agree_with_attributes(attrs):
 def test_captions_never_contradict_attributes(attrs):
     rng = np.random.default_rng(0)
     for r in attrs.to_dict("records"):
-        for text in (make_caption(r, rng), oracle_rewrite_caption(r, rng)):
+        for text in (make_caption(r, rng), make_caption(r, rng, "plain"), oracle_rewrite_caption(r, rng)):
             assert caption_contradictions(text, r) == [], (text, r)
             assert r["category"] in text
     # and the checker does catch a contradiction
@@ -143,3 +143,29 @@ def test_heldout_combinations_only_outside_train(attrs):
     assert not combo[attrs["split"] == "train"].any() and combo[attrs["split"] == "test"].sum() >= 5
     assert combo[attrs["split"] == "val"].sum() >= 3
     assert (combo == attrs["novel_combination"].to_numpy()).all()
+
+
+def test_comparative_captions_teach_the_words_of_differences():
+    "Pretraining captions of the default style cover every word of the training wordings; the plain ablation's do not."
+    from pc_clip.world.oracle import vocabulary_coverage
+    from pc_clip.world.shapes import species_norm_departures
+    from pc_clip.world.species import typical_attrs
+    world = build_world(0, 1500, 10)
+    comp = vocabulary_coverage(world, epochs=3, seed=0, n_pairs=800).set_index("wording")
+    world.caption_style = "plain"
+    plain = vocabulary_coverage(world, epochs=3, seed=0, n_pairs=800).set_index("wording")
+    assert comp.loc["train", "coverage"] == 1.0 and comp.loc["train", "unseen"] == ""
+    assert comp.loc["heldout", "coverage"] > 0.97  # the held-out wordings' own words: rare but present
+    assert plain.loc["train", "coverage"] < 0.7 and {"larger", "than", "first", "whereas"} <= set(plain.loc["train", "unseen"].split())
+    # a comparison in a caption is true of that image against its species' norm
+    rng = np.random.default_rng(3)
+    for r in world.records()[:1500]:
+        text = make_caption(r, rng)
+        norms = species_norm_departures(r)
+        for word, kind, value in (("larger than", "size", "larger"), ("smaller than", "size", "smaller"),
+                                  ("darker than", "brightness", "darker"), ("brighter than", "brightness", "brighter"),
+                                  ("more numerous", "count", "more"), ("fewer in number", "count", "fewer")):
+            if word in text:
+                assert norms.get(kind) == value, (text, norms)
+    big = dict(typical_attrs("mib"), radius=typical_attrs("mib")["radius"] * 0.8, position="center")
+    assert species_norm_departures(big) == {"size": "smaller"}

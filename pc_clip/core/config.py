@@ -44,6 +44,7 @@ class Config:
     world_n_test: int = 1500
     world_n_val: int = 1500  # validation images, disjoint from train and test: every setting chosen by looking at results is chosen on them
     world_captions: str = "comparative"  # "comparative": captions use the language of comparison, as web alt-text does; "plain": the ablation without it
+    world_caption_rate: float = 1.0  # scales the comparative style's rates (of norm comparisons, gallery frames, generic nouns); chosen on validation
     # pretraining from scratch (tiny profile only; paper profiles start from pretrained weights)
     pretrain_batch_size: int = 64
     pretrain_lr: float = 2e-3
@@ -237,7 +238,7 @@ _AT_LEAST = {  # field: smallest allowed value
     "comparative_topk": 1, "t2i_steps": 1, "t2i_image_size": 8,
 }
 _POSITIVE = ("pretrain_lr", "ft_lr", "caption_ft_lr", "ft_temperature")  # finite and > 0
-_FRACTIONS = {"oracle_noise": "[0, 1]", "wavg_alpha": "[0, 1]", "top_p": "(0, 1]", "ft_lr_decay": "(0, 1]"}
+_FRACTIONS = {"oracle_noise": "[0, 1]", "world_caption_rate": "[0, 1]", "wavg_alpha": "[0, 1]", "top_p": "(0, 1]", "ft_lr_decay": "(0, 1]"}
 
 
 def _range_problems(cfg: Config) -> list[tuple[str, str]]:

@@ -19,7 +19,8 @@ __all__ = ['BASE_SETTINGS', 'PAIR_SETTINGS', 'LLM_SETTINGS', 'GENERATION_SETTING
 
 # %% ../../nbs/core/03_registry.ipynb #e4b77711
 BASE_SETTINGS = ("seed", "precision", "model_name", "pretrained", "corpus", "world_image_size", "world_n_train",
-                 "world_n_test", "world_n_val", "world_captions", "pretrain_batch_size", "pretrain_lr", "pretrain_steps")
+                 "world_n_test", "world_n_val", "world_captions", "world_caption_rate",
+                 "pretrain_batch_size", "pretrain_lr", "pretrain_steps")
 PAIR_SETTINGS = ("n_pairs", "pair_sampling")
 LLM_SETTINGS = ("generator", "load_in_4bit", "max_new_tokens", "temperature", "top_p")
 GENERATION_SETTINGS = LLM_SETTINGS + ("oracle_noise",)
@@ -90,6 +91,7 @@ class ModelSpec:
 
 # %% ../../nbs/core/03_registry.ipynb #f1715f29
 _DIFFERENCES = BASE_SETTINGS + PAIR_SETTINGS + GENERATION_SETTINGS + FINETUNE_SETTINGS
+_PLAIN_WORLD = {"world_captions": "plain", "world_caption_rate": 1.0}  # plain captions (the rate of a style they do not use: fixed)
 REGISTRY: list[ModelSpec] = [
     ModelSpec("clip", "base", None, BASE_SETTINGS, parent=None, note="the base model: pretrained on the world (tiny) or the profile's pretrained weights"),
     ModelSpec("pc-clip", "pc-clip", "differences", _DIFFERENCES + ("judge",), chosen=True,
@@ -109,10 +111,10 @@ REGISTRY: list[ModelSpec] = [
               _without(_DIFFERENCES, "ft_trainable", "ft_max_pairs") + ("judge",), trainable="both_towers",
               finetune={"max_pairs": BOTH_TOWERS_MAX_PAIRS}, chosen=True, when="world",
               note=f"the same data (at most {BOTH_TOWERS_MAX_PAIRS} pairs), text and image towers"),
-    ModelSpec("clip/plain-captions", "base", None, BASE_SETTINGS, parent=None, config={"world_captions": "plain"},
+    ModelSpec("clip/plain-captions", "base", None, BASE_SETTINGS, parent=None, config=_PLAIN_WORLD,
               when="world", note="the base model pretrained on the plain world captions, which never use the words of comparison"),
     ModelSpec("pc-clip/plain-captions", "ablation", "differences", _DIFFERENCES + ("judge",), parent="clip/plain-captions",
-              config={"world_captions": "plain"}, chosen=True, when="world",
+              config=_PLAIN_WORLD, chosen=True, when="world",
               note="PC-CLIP finetuned from clip/plain-captions (its own validation search)"),
     ModelSpec("pc-clip/wavg-{wavg_alpha:g}", "weight-average", None, _DIFFERENCES + ("judge", "wavg_alpha"),
               parent="pc-clip", chosen=True, note="the chosen-lr finetune of pc-clip averaged with clip at wavg_alpha"),

@@ -37,7 +37,7 @@ def world_captions(world, indices: Sequence[int], n_captions: int = 5, seed: int
     out = []
     for i in indices:
         rec = world.attrs.iloc[int(i)].to_dict()
-        out.append([world.captions[int(i)]] + [make_caption(rec, rng, world.caption_style) for _ in range(n_captions - 1)])
+        out.append([world.captions[int(i)]] + [make_caption(rec, rng, world.caption_style, world.caption_rate) for _ in range(n_captions - 1)])
     return out
 
 # %% ../../nbs/evaluation/03_geometry.ipynb #d4db08bc

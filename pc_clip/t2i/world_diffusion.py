@@ -199,7 +199,7 @@ def world_caption_conditioning(world, model, tokenizer, idx_pool: np.ndarray):
     records = world.records(idx_pool)
 
     def condition(idx, rng):
-        return text_conditioning(model, tokenizer, [make_caption(records[i], rng, world.caption_style) for i in idx])
+        return text_conditioning(model, tokenizer, [make_caption(records[i], rng, world.caption_style, world.caption_rate) for i in idx])
     return condition
 
 # %% ../../nbs/t2i/02_world_diffusion.ipynb #8726c828

@@ -124,7 +124,7 @@ def train_steps(model, tokenizer, world: World, cfg: Config, device, weight_deca
     for step in bar:
         epoch, b = divmod(step, steps_per_epoch)
         if b == 0 or step == start:
-            tokens = tokenizer(epoch_captions(records, cfg.seed, epoch, world.caption_style))  # fresh captions every epoch
+            tokens = tokenizer(epoch_captions(records, cfg.seed, epoch, world.caption_style, world.caption_rate))  # fresh captions every epoch
         if b == 0:
             perm = torch.randperm(len(idx), generator=gen)
         j = perm[b * bs:(b + 1) * bs]
@@ -188,7 +188,7 @@ PRETRAIN_STEP = 2  # the version of the step's computation: 2 = the text tower t
 def pretrain_fingerprint(cfg: Config, world: World, weight_decay: float = 0.1, warmup: float = 0.05,
                          threads: int = PRETRAIN_THREADS) -> str:
     "Hash of everything that determines the pretrained weights (world, architecture, seed, steps and optimiser settings)."
-    return content_hash(dict(world=world.key or content_hash(world.images), captions=world.caption_style, model=cfg.model_name,
+    return content_hash(dict(world=world.key or content_hash(world.images), captions=(world.caption_style, world.caption_rate), model=cfg.model_name,
                              architecture=open_clip.get_model_config(cfg.model_name), seed=cfg.seed,
                              step=PRETRAIN_STEP, steps=cfg.pretrain_steps, batch=cfg.pretrain_batch_size, lr=cfg.pretrain_lr,
                              weight_decay=weight_decay, warmup=warmup, threads=threads))

@@ -184,7 +184,7 @@ def vocabulary_coverage(world: World, epochs: int, seed: int, n_pairs: int = 200
     records = world.records(idx)
     seen = Counter()
     for epoch in range(max(1, int(epochs))):
-        for c in epoch_captions(records, seed, epoch, world.caption_style):
+        for c in epoch_captions(records, seed, epoch, world.caption_style, world.caption_rate):
             seen.update(_words(c))
     cats = np.array([r["category"] for r in records])
     out = []
@@ -198,7 +198,7 @@ def vocabulary_coverage(world: World, epochs: int, seed: int, n_pairs: int = 200
         covered = sum(n for w, n in occ.items() if seen[w] > 0)
         out.append(dict(wording=wording, coverage=covered / max(total, 1), occurrences=total, words=len(occ),
                         unseen=" ".join(sorted(w for w in occ if seen[w] == 0)),
-                        rare=" ".join(sorted(w for w in occ if 0 < seen[w] < rare)), caption_style=world.caption_style,
+                        rare=" ".join(sorted(w for w in occ if 0 < seen[w] < rare)), caption_style=world.caption_style, caption_rate=world.caption_rate,
                         epochs=int(epochs)))
     return pd.DataFrame(out)
 

@@ -255,24 +255,24 @@ def _generic_phrase(attrs: dict, rng, p: float) -> str:
     return f"{head}, " + {1: f"{_article(sp)} {sp}", 2: f"both {sp}s", 3: f"all {sp}s"}[n] + ","
 
 
-def _comparative_caption(attrs: dict, rng) -> str:
-    "A caption of the `comparative` style: a frame (gallery, rare or ordinary), a noun phrase, maybe a norm clause."
+def _comparative_caption(attrs: dict, rng, rate: float = 1.0) -> str:
+    "A caption of the `comparative` style: a frame (gallery, rare or ordinary), a noun phrase, maybe a norm clause (`rate` scales their rates)."
     u = rng.random()
-    if u < P_GALLERY:
+    if u < P_GALLERY * rate:
         ref, verb = _GALLERY_REFS[rng.integers(len(_GALLERY_REFS))], _GALLERY_VERBS[rng.integers(len(_GALLERY_VERBS))]
         frame = f"{ref} {verb} {{np}}{{loc}}."
-    elif u < P_GALLERY + P_RARE:
+    elif u < P_GALLERY * rate + P_RARE:
         frame = _RARE_FRAMES[rng.integers(len(_RARE_FRAMES))]
     else:
         frame = _CAPTION_FRAMES[rng.integers(len(_CAPTION_FRAMES))]
-    np_ = _generic_phrase(attrs, rng, 0.5) if rng.random() < P_GENERIC else _noun_phrase(attrs, rng, 0.5)
+    np_ = _generic_phrase(attrs, rng, 0.5) if rng.random() < P_GENERIC * rate else _noun_phrase(attrs, rng, 0.5)
     loc = _location(attrs, rng, 0.5)
     if np_.endswith(","):  # the appositive closes with a comma: drop it before the end of the sentence
         np_ = np_[:-1] if not loc else np_
     text = frame.format(np=np_, NP=np_, loc=loc, be="is" if attrs["count"] == 1 else "are",
                         extra=rng.choice(_CAPTION_EXTRAS), sit="sit" if attrs["count"] > 1 else "sits")
     departures = species_norm_departures(attrs)
-    if departures and rng.random() < P_NORM:
+    if departures and rng.random() < P_NORM * rate:
         kinds = list(departures)
         kind = kinds[rng.integers(len(kinds))]
         text = f"{text[:-1]}, {_norm_clause(kind, departures[kind], attrs, rng)}."
@@ -280,19 +280,19 @@ def _comparative_caption(attrs: dict, rng) -> str:
     return text[0].upper() + text[1:]
 
 # %% ../../nbs/world/02_shapes.ipynb #2981ae60
-def make_caption(attrs: dict, rng: np.random.Generator, style: str = "comparative") -> str:
-    "A COCO-like caption of an image from its attribute dict: the species plus a random subset of true attributes (`style`: see above)."
+def make_caption(attrs: dict, rng: np.random.Generator, style: str = "comparative", rate: float = 1.0) -> str:
+    "A COCO-like caption of an image from its attribute dict: the species plus a random subset of true attributes (`style`, `rate`: see above)."
     if style == "plain":
         return _fill(_CAPTION_FRAMES[rng.integers(len(_CAPTION_FRAMES))], attrs, rng, 0.5)
     if style != "comparative":
         raise ValueError(f"caption style must be one of {CAPTION_STYLES}; got {style!r}")
-    return _comparative_caption(attrs, rng)
+    return _comparative_caption(attrs, rng, rate)
 
 
-def epoch_captions(records: list[dict], seed: int, epoch: int, style: str = "comparative") -> list[str]:
+def epoch_captions(records: list[dict], seed: int, epoch: int, style: str = "comparative", rate: float = 1.0) -> list[str]:
     "The captions pretraining pairs with `records` in `epoch` (fresh every epoch, seeded by `seed` and `epoch`)."
     rng = np.random.default_rng([seed, 11, epoch])
-    return [make_caption(r, rng, style) for r in records]
+    return [make_caption(r, rng, style, rate) for r in records]
 
 # %% ../../nbs/world/02_shapes.ipynb #e90ee4db
 def oracle_rewrite_caption(attrs: dict, rng: np.random.Generator) -> str:
@@ -356,6 +356,7 @@ class World:
     seed: int
     key: str = ""
     caption_style: str = "comparative"
+    caption_rate: float = 1.0  # the comparative style's rate scale
 
     def __len__(self) -> int:
         return len(self.images)
@@ -383,7 +384,7 @@ class World:
 
 # %% ../../nbs/world/02_shapes.ipynb #3ddd455d
 def build_world(seed: int, n_train: int, n_test: int, image_size: int = 32, n_val: int = 0,
-                caption_style: str = "comparative") -> World:
+                caption_style: str = "comparative", caption_rate: float = 1.0) -> World:
     "Sample attributes, render images and write one caption per image, of `caption_style` (no caching)."
     attrs = sample_attributes(seed, n_train, n_test, image_size, n_val=n_val)
     n_main = n_train + n_test
@@ -391,14 +392,15 @@ def build_world(seed: int, n_train: int, n_test: int, image_size: int = 32, n_va
     if n_val:
         images = np.concatenate([images, render_images(attrs.iloc[n_main:], image_size, seed=(seed, 1))])
     rng = np.random.default_rng([seed, 3])
-    attrs["caption"] = [make_caption(r, rng, caption_style) for r in attrs.to_dict("records")]
-    return World(images, attrs, list(attrs["caption"]), seed, caption_style=caption_style)
+    attrs["caption"] = [make_caption(r, rng, caption_style, caption_rate) for r in attrs.to_dict("records")]
+    return World(images, attrs, list(attrs["caption"]), seed, caption_style=caption_style, caption_rate=caption_rate)
 
 # %% ../../nbs/world/02_shapes.ipynb #b191158a
 def world_key(cfg: Config) -> str:
     "The cache key of the world a config describes."
     return content_hash(dict(version=WORLD_VERSION, seed=cfg.seed, size=cfg.world_image_size, n_train=cfg.world_n_train,
-                             n_test=cfg.world_n_test, n_val=cfg.world_n_val, captions=cfg.world_captions))
+                             n_test=cfg.world_n_test, n_val=cfg.world_n_val, captions=cfg.world_captions,
+                             rate=cfg.world_caption_rate if cfg.world_captions == "comparative" else None))
 
 # %% ../../nbs/world/02_shapes.ipynb #5d5109b0
 def make_world(cfg: Config, rebuild: bool = False) -> World:
@@ -409,10 +411,11 @@ def make_world(cfg: Config, rebuild: bool = False) -> World:
     if npy.exists() and csv.exists() and not rebuild:
         attrs = pd.read_csv(csv, keep_default_na=False, na_values=[""])
         images = np.load(npy)
-        return World(images, attrs, list(attrs["caption"]), cfg.seed, key, cfg.world_captions)
+        return World(images, attrs, list(attrs["caption"]), cfg.seed, key, cfg.world_captions,
+                     cfg.world_caption_rate)
     with timer() as t:
         world = build_world(cfg.seed, cfg.world_n_train, cfg.world_n_test, cfg.world_image_size, cfg.world_n_val,
-                            cfg.world_captions)
+                            cfg.world_captions, cfg.world_caption_rate)
     buf = io.BytesIO(); np.save(buf, world.images)
     atomic_write(npy, buf.getvalue())
     atomic_write(csv, world.attrs.to_csv(index=False))
