@@ -682,3 +682,19 @@ def test_fast_paths_off_on_tiny_and_runs_repeat(tmp_path):
     runs = [finetune(model, tok, triples, fast, tmp_path / k, image_embeddings=emb, epochs=2, progress=False) for k in "ab"]
     assert runs[0].steps.loss.tolist() == runs[1].steps.loss.tolist()
     assert all(torch.equal(p, q) for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()))
+
+
+def test_every_compared_model_gets_the_same_search():
+    "Issue 22: the caption baselines and every ablation are tuned on validation like pc-clip, each in its own folders."
+    from pc_clip.core.registry import sweep_grid
+    from pc_clip.training.plan import candidate_lr
+    from pc_clip.training.selection import swept_models
+    cfg = get_config("tiny")
+    assert set(swept_models(cfg)) == {"pc-clip", "clip-ft-captions", "clip-ft-rewritten", "pc-clip/mse", "pc-clip/noise-0.3",
+                                      "pc-clip/both-towers", "pc-clip/plain-captions"}
+    grid = sweep_grid(cfg)
+    folders = {model_dir(cfg, n, lr=lr, alpha=a) for n in swept_models(cfg) for lr, a in grid}
+    assert len(folders) == len(grid) * len(swept_models(cfg))  # no two candidates share a folder
+    paper = get_config("paper")  # no grid: each trains at its own configured rate
+    assert candidate_lr(paper, "clip-ft-captions") == paper.caption_ft_lr and candidate_lr(paper, "pc-clip") == paper.ft_lr
+    assert "pc-clip/plain-captions" not in swept_models(paper)  # an ablation of the world's captions
