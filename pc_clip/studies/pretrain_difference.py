@@ -21,7 +21,8 @@ from pc_clip.core.runtime import (artifact_lock, atomic_write_json, condition_di
 from ..training.losses import difference_contrastive_loss, make_clip_loss
 from ..models.clip import checkpoint_metadata, is_checkpoint, load_checkpoint, model_dir, save_checkpoint
 from ..world.oracle import oracle_differences
-from ..training.pretrain import PRETRAIN_THREADS, pretrain_clip, pretrain_fingerprint, resume_folder
+from pc_clip.training.pretrain import (PRETRAIN_THREADS, encode_captions, pretrain_clip, pretrain_fingerprint,
+    resume_folder)
 from ..world.shapes import World, make_world
 from .noise_curve import paired_gain, pooled_mean, row_items, study_row
 from ..data.datasets import load_dataset
@@ -72,13 +73,13 @@ def joint_step_loss(heldout: Sequence[tuple[str, str]], weight: float, seed: int
 
     def step_loss(model, batch: dict) -> dict:
         f_img = model.encode_image(batch["images"], normalize=True)
-        f_txt = model.encode_text(batch["tokens"], normalize=True)
+        f_txt = encode_captions(model, batch["tokens"])  # as the CLIP step encodes them
         diff, first, second = None, (), ()
         if weight > 0:
             records = [batch["records"][k] for k in batch["positions"].tolist()]
             first, second, texts = batch_difference_pairs(records, heldout, np.random.default_rng([seed, 13, batch["step"]]))
             if len(texts) >= 2:
-                diff = model.encode_text(batch["tokenizer"](texts).to(f_txt.device), normalize=True)
+                diff = encode_captions(model, batch["tokenizer"](texts).to(f_txt.device))
         out = joint_loss(f_img, f_txt, model.logit_scale.exp(), diff, first, second, weight, loss_fn)
         return {**out, "n_pairs": len(first)}
     return step_loss

@@ -28,8 +28,9 @@ from ..world.shapes import World, epoch_captions
 from .state import load_train_state, save_train_state
 
 # %% auto #0
-__all__ = ['ZERO_SHOT_TEMPLATE', 'PRETRAIN_THREADS', 'PRETRAIN_STEP', 'warmup_cosine', 'zero_shot_accuracy', 'clip_step_loss',
-           'train_steps', 'pretrain_clip', 'pretrain_fingerprint', 'resume_folder', 'pretrain_or_load']
+__all__ = ['ZERO_SHOT_TEMPLATE', 'PRETRAIN_THREADS', 'PRETRAIN_STEP', 'warmup_cosine', 'zero_shot_accuracy', 'encode_captions',
+           'clip_step_loss', 'train_steps', 'pretrain_clip', 'pretrain_fingerprint', 'resume_folder',
+           'pretrain_or_load']
 
 # %% ../../nbs/training/02_pretrain.ipynb #464b8a7a
 def warmup_cosine(step: int, total: int, warmup: float = 0.05) -> float:
@@ -80,11 +81,15 @@ def _param_groups(model, weight_decay: float):
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 # %% ../../nbs/training/02_pretrain.ipynb #6ecb247e
+def encode_captions(model, tokens: torch.Tensor) -> torch.Tensor:
+    "Normalised text features of a pretraining batch: the text tower on the batch's own length, attention fused."
+    return torch.nn.functional.normalize(encode_text_trimmed(model, tokens, fused=True), dim=-1)
+
+
 def clip_step_loss(model, batch: dict, loss_fn) -> dict:
     "The CLIP loss of a batch's images and captions: `{'total': loss}` (the default hook of `train_steps`)."
     f_img = model.encode_image(batch["images"], normalize=True)
-    # the text tower on the batch's own length (captions fill half the context) with fused attention
-    f_txt = torch.nn.functional.normalize(encode_text_trimmed(model, batch["tokens"], fused=True), dim=-1)
+    f_txt = encode_captions(model, batch["tokens"])  # captions fill about half the context: the rest is not computed
     return {"total": loss_fn(f_img, f_txt, model.logit_scale.exp())}
 
 
