@@ -49,7 +49,7 @@ def test_reproduce_runs_in_order_and_injects_overrides(tmp_path, runs_dir):
     assert r.returncode == 0 and "01_first" not in r.stdout and "02_second" in r.stdout
     r = _pc_clip("reproduce", "--experiments", str(exp), "--only", "first", "-p", "note=2")  # ft_epochs left at None
     assert r.returncode == 0, r.stderr
-    assert marker.read_text().splitlines()[-1] == "first 1 2"  # the profile's ft_epochs
+    assert marker.read_text().splitlines()[-1] == f"first {get_config('tiny').ft_epochs} 2"  # the profile's ft_epochs
 
 
 def test_failing_experiment_exits_nonzero_and_names_notebook(tmp_path, runs_dir):
