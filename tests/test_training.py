@@ -670,11 +670,13 @@ def test_compiled_and_eager_steps_agree():
     print(f"compiled and checked in {time.perf_counter() - t0:.1f} s")
 
 
-def test_fast_paths_off_on_tiny_and_runs_repeat(tmp_path):
-    "The tiny profile keeps the plain step; a run with the fast paths on repeats itself exactly."
+def test_fast_paths_switch_and_runs_repeat(tmp_path):
+    "Off, the step is the plain one (no fused tower); tiny has them on (issue 22); a run with them on repeats itself exactly."
     model, _, tok = create_clip("pc-clip-tiny", seed=0)
     triples, emb, _ = _mixed_run_data(model)
-    cfg = get_config("tiny", ft_batch_size=16)
+    tiny = get_config("tiny")
+    assert tiny.ft_fused_attention and tiny.ft_length_buckets == 16 and tiny.ft_compile == "off"
+    cfg = get_config("tiny", ft_batch_size=16, ft_fused_attention=False, ft_length_buckets=0)
     s = FinetuneSettings.from_config(cfg)
     data = _prepare(model, tok, triples, s, cfg, emb, None, False, 1)
     assert _Objective(model, data, s, make_clip_loss(), torch.device("cpu"), torch.float32)._run[-1] is None
