@@ -170,6 +170,7 @@ def pretrain_stage(world, cfg, steps: int, warmup: int, threads: int, reps: int,
     return dict(batch=bs, flops_per_step=flops, flops_by_op=by_op, steps=steps, seconds=seconds,
                 cpu_seconds=c1 - c0, steps_per_s=steps / seconds, gflops=flops * steps / seconds / 1e9,
                 median_step_s=median, gflops_median_step=flops / median / 1e9,
+                gflops_per_cpu_s=flops * steps / (c1 - c0) / 1e9,
                 phases_s=phases, trained_params=n_params, threads=hist["threads"]), trained, tok
 
 
@@ -232,6 +233,7 @@ def finetune_stages(model, tokenizer, triples, emb, cfg, steps: int, warmup: int
                          mean_padded_tokens=float(np.mean(lengths)), steps=steps, seconds=seconds[name],
                          cpu_seconds=cpu[name], steps_per_s=steps / seconds[name],
                          gflops=float(np.sum(flops)) / seconds[name] / 1e9, phases_s=phases,
+                         gflops_per_cpu_s=float(np.sum(flops)) / cpu[name] / 1e9,
                          median_step_s=float(np.median(per_step[name])),
                          gflops_median_step=float(np.median(np.array(flops) / np.array(per_step[name]))) / 1e9,
                          phase_padded_tokens=r["shape"](probe)[1],
@@ -245,22 +247,24 @@ def finetune_stages(model, tokenizer, triples, emb, cfg, steps: int, warmup: int
 def embedding_stages(model, tokenizer, world, cfg, n_images: int, n_texts: int, log=print) -> tuple[dict, torch.Tensor]:
     "Image and text embedding throughput (items/s, GFLOP/s); returns the image embeddings of the whole world too."
     out = {}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     emb = compute_image_embeddings(model, world.images, cfg.eval_batch_size, "cpu", progress=False)
-    sec = time.perf_counter() - t0
+    sec, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = min(n_images, len(world.images))
     flops, _ = count_flops(lambda: compute_image_embeddings(model, world.images[:n], cfg.eval_batch_size, "cpu", progress=False))
     per_item = flops / n
-    out["embed_images"] = dict(batch=cfg.eval_batch_size, items=len(world.images), seconds=sec,
+    out["embed_images"] = dict(batch=cfg.eval_batch_size, items=len(world.images), seconds=sec, cpu_seconds=cpu,
                                items_per_s=len(world.images) / sec, flops_per_item=per_item,
-                               gflops=per_item * len(world.images) / sec / 1e9)
+                               gflops=per_item * len(world.images) / sec / 1e9,
+                               gflops_per_cpu_s=per_item * len(world.images) / cpu / 1e9)
     texts = world.captions[:n_texts]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     embed_texts(model, tokenizer, texts, cfg)
-    sec = time.perf_counter() - t0
+    sec, cpu = time.perf_counter() - t0, time.process_time() - c0
     flops, _ = count_flops(lambda: embed_texts(model, tokenizer, texts, cfg))
-    out["embed_texts"] = dict(batch=cfg.eval_batch_size, items=len(texts), seconds=sec, items_per_s=len(texts) / sec,
-                              flops_per_item=flops / len(texts), gflops=flops / sec / 1e9)
+    out["embed_texts"] = dict(batch=cfg.eval_batch_size, items=len(texts), seconds=sec, cpu_seconds=cpu,
+                              items_per_s=len(texts) / sec, flops_per_item=flops / len(texts), gflops=flops / sec / 1e9,
+                              gflops_per_cpu_s=flops / cpu / 1e9)
     for k, v in out.items():
         log(f"  {k}: {v['items_per_s']:.0f} items/s, {v['gflops']:.1f} GFLOP/s")
     return out, emb
@@ -276,21 +280,25 @@ LABELS = dict(pretrain="pretraining step (CLIP loss, both towers, AdamW)",
 def table(r: dict) -> str:
     "The figures as a markdown table: one row per stage against the matmul peak of the same run."
     peak = r["peak"]["gflops"]
-    lines = ["| stage | batch | GFLOP per step | steps/s | achieved GFLOP/s | % of matmul peak | GFLOP/s of the median step |",
-             "|---|---:|---:|---:|---:|---:|---:|",
+    pct = lambda x: f"{x / peak:.0%}".replace("%", " %")
+    lines = ["| stage | batch | GFLOP per step | steps/s | achieved GFLOP/s | % of matmul peak | GFLOP/s of the median step "
+             "| GFLOP per CPU second |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|",
              f"| fp32 matmul peak ({r['peak']['size']}x{r['peak']['size']}, {r['threads']} threads) | | | | "
-             f"{peak:.1f} | 100 % | |",
+             f"{peak:.1f} | 100 % | | |",
              f"| (matmul peak at the start / at the end of the run) | | | | {r['peak']['start_gflops']:.1f} / "
-             f"{r['peak']['end_gflops']:.1f} | | |"]
+             f"{r['peak']['end_gflops']:.1f} | | | |"]
     for name, shape in r["model_shape_gflops"].items():
-        lines.append(f"| matmul at the model's shapes ({name}) | | | | {shape:.1f} | {shape / peak:.0%} | |".replace("%", " %"))
+        lines.append(f"| matmul at the model's shapes ({name}) | | | | {shape:.1f} | {pct(shape)} | | |")
     for k, v in r["stages"].items():
         if "flops_per_step" in v:
             lines.append(f"| {LABELS[k]} | {v['batch']} | {v['flops_per_step'] / 1e9:.2f} | {v['steps_per_s']:.2f} | "
-                         f"{v['gflops']:.1f} | {v['gflops'] / peak:.0%} | {v['gflops_median_step']:.1f} |".replace("%", " %"))
+                         f"{v['gflops']:.1f} | {pct(v['gflops'])} | {v['gflops_median_step']:.1f} | "
+                         f"{v['gflops_per_cpu_s']:.1f} |")
         else:
             lines.append(f"| {LABELS[k]} | {v['batch']} | {v['flops_per_item'] / 1e6:.1f} MFLOP per item | "
-                         f"{v['items_per_s']:.0f} items/s | {v['gflops']:.1f} | {v['gflops'] / peak:.0%} | |".replace("%", " %"))
+                         f"{v['items_per_s']:.0f} items/s | {v['gflops']:.1f} | {pct(v['gflops'])} | | "
+                         f"{v['gflops_per_cpu_s']:.1f} |")
     return "\n".join(lines)
 
 
