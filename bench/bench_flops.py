@@ -197,7 +197,7 @@ def finetune_stages(model, tokenizer, triples, emb, cfg, steps: int, warmup: int
             order += _batches(data.n, s, epoch, 1, data.pool_pos)
             epoch += 1
         order = order[:warmup + steps]
-        shape = lambda b: (len(b), int(data.pool_pos[b].max()) + 1)  # the step trims to its batch's longest text
+        shape = lambda b, pos=data.pool_pos: (len(b), int(pos[b].max()) + 1)  # a step trims to its longest text
         counted = {}
         for b in order:
             if shape(b) not in counted:
