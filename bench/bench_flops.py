@@ -11,10 +11,10 @@ In one process and at one thread count (default `PRETRAIN_THREADS`, what pretrai
    (the load of a shared machine drifts): the better pass is the peak, both are printed. Also the same matmuls at
    the **model's shapes** (tokens x width against the qkv, output and MLP weights of a 96-wide block), the ceiling
    the tiny model's matrices allow.
-2. **pretraining**: FLOPs of one step (`pc_clip.training.pretrain.clip_step_loss` forward + backward on a batch of
-   `pretrain_batch_size` world images and captions) counted with `torch.utils.flop_counter.FlopCounterMode`, then
-   `pc_clip.training.pretrain.pretrain_clip` itself (the library's loop) on a small world, its steps timed through its
-   `on_step` hook; the first `--warmup` steps are not timed.
+2. **pretraining**: `pc_clip.training.pretrain.pretrain_clip` itself (the library's loop, batch
+   `pretrain_batch_size`) on a small world, its steps timed through its `on_step` hook (the first `--warmup` steps
+   are not timed); the FLOPs of each step (`clip_step_loss` forward + backward) counted with
+   `torch.utils.flop_counter.FlopCounterMode` per batch shape, on a batch of each shape the timed steps saw.
 3. **finetuning**: `pc_clip.training.finetune`'s optimizer step (`_train_step`, text blocks trained, contrastive loss on
    cached image embeddings, batch `ft_batch_size`) on oracle difference statements of the small world, the plain step
    (the `tiny` profile's) and the fast-path step (`ft_fused_attention=True, ft_length_buckets=16`) taking turns step by
@@ -50,6 +50,7 @@ from pc_clip.differences.pairs import corpus_from_world, sample_pairs
 from pc_clip.differences.records import OracleBackend
 from pc_clip.models.clip import create_clip, images_to_tensor
 from pc_clip.models.embed import compute_image_embeddings, embed_texts
+from pc_clip.models.text import pooled_positions
 from pc_clip.training.finetune import _batches, _prepare, _train_step, _trainer
 from pc_clip.training.pretrain import PRETRAIN_THREADS, _param_groups, clip_step_loss, pretrain_clip
 from pc_clip.training.state import FinetuneSettings
@@ -139,38 +140,50 @@ def _phases(forward, opt, reps: int) -> dict:
 
 
 def pretrain_stage(world, cfg, steps: int, warmup: int, threads: int, reps: int, log=print) -> tuple[dict, torch.nn.Module, object]:
-    "FLOPs of one pretraining step, then `warmup + steps` real steps of `pretrain_clip` timed through `on_step`."
-    bs = cfg.pretrain_batch_size
-    model, _, tokenizer = create_clip(cfg.model_name, None, device="cpu", seed=cfg.seed)
-    idx = world.indices("train")[:bs]
-    batch = dict(images=images_to_tensor(world.images[idx]), tokens=tokenizer([world.captions[k] for k in idx]))
-    loss_fn = open_clip.ClipLoss()
-    model.train()
-    flops, by_op = count_flops(lambda: clip_step_loss(model, batch, loss_fn)["total"].backward())
-    log(f"  one step (batch {bs}): {flops / 1e9:.2f} GFLOP counted")
+    """`warmup + steps` real steps of `pretrain_clip` timed through its `on_step` hook; FLOPs counted afterwards per
+    batch shape (images, and the batch's longest caption: a step may trim the text tower to it) with the library's
+    `clip_step_loss` on a batch of each shape that the timed steps saw."""
+    bs, loss_fn = cfg.pretrain_batch_size, open_clip.ClipLoss()
+    shapes, examples = [], {}
 
-    # where a step's time goes (same step code on a copy: forward, backward, AdamW over the same parameter groups)
-    m = copy.deepcopy(model)
-    opt = torch.optim.AdamW(_param_groups(m, 0.1), lr=cfg.pretrain_lr, betas=(0.9, 0.98), eps=1e-6)
-    phases = _phases(lambda: clip_step_loss(m, batch, loss_fn)["total"], opt, reps)
-    n_params = sum(p.numel() for p in m.parameters() if p.requires_grad)
-    del m, opt
+    def step_loss(model, batch):  # the default step, and a note of its batch's shape (no clock, no change)
+        key = (len(batch["tokens"]), int(pooled_positions(model, batch["tokens"]).max()) + 1)
+        shapes.append(key)
+        if key not in examples:
+            examples[key] = dict(images=batch["images"].clone(), tokens=batch["tokens"].clone())
+        return clip_step_loss(model, batch, loss_fn)
 
     stamps = []
     on_step = lambda step, loss: stamps.append((time.perf_counter(), time.process_time()))
     total = warmup + steps
     t0 = time.perf_counter()
     trained, tok, hist = pretrain_clip(world, cfg.replace(pretrain_steps=total), device="cpu", progress=False,
-                                       threads=threads, on_step=on_step)
+                                       threads=threads, on_step=on_step, step_loss=step_loss)
     log(f"  {total} steps of pretrain_clip in {time.perf_counter() - t0:.1f} s (model built, world tokenised, "
         f"{warmup} warm-up steps included)")
     (w0, c0), (w1, c1) = stamps[warmup - 1], stamps[-1]
     seconds = w1 - w0
-    median = float(np.median(np.diff([w for w, _ in stamps[warmup - 1:]])))
-    return dict(batch=bs, flops_per_step=flops, flops_by_op=by_op, steps=steps, seconds=seconds,
-                cpu_seconds=c1 - c0, steps_per_s=steps / seconds, gflops=flops * steps / seconds / 1e9,
-                median_step_s=median, gflops_median_step=flops / median / 1e9,
-                gflops_per_cpu_s=flops * steps / (c1 - c0) / 1e9,
+    durations = np.diff([w for w, _ in stamps[warmup - 1:]])
+
+    model = create_clip(cfg.model_name, None, device="cpu", seed=cfg.seed)[0]
+    model.train()
+    counted = {k: count_flops(lambda: clip_step_loss(model, b, loss_fn)["total"].backward()) for k, b in examples.items()}
+    model.zero_grad(set_to_none=True)
+    flops = np.array([counted[k][0] for k in shapes[warmup:]], dtype=float)
+    log(f"  one step (batch {bs}): {flops.mean() / 1e9:.2f} GFLOP counted on average ({len(counted)} batch shapes)")
+
+    # where a step's time goes (same step code: forward, backward, AdamW over the same parameter groups), median batch
+    probe = examples[sorted(shapes[warmup:], key=lambda k: k[1])[len(shapes[warmup:]) // 2]]
+    opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=cfg.pretrain_lr, betas=(0.9, 0.98), eps=1e-6)
+    phases = _phases(lambda: clip_step_loss(model, probe, loss_fn)["total"], opt, reps)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    by_shape = {f"{b}x{l}": c[0] for (b, l), c in sorted(counted.items())}
+    return dict(batch=bs, flops_per_step=float(flops.mean()), flops_by_shape=by_shape,
+                flops_by_op={f"{b}x{l}": c[1] for (b, l), c in sorted(counted.items())},
+                steps=steps, seconds=seconds, cpu_seconds=c1 - c0, steps_per_s=steps / seconds,
+                gflops=float(flops.sum()) / seconds / 1e9, median_step_s=float(np.median(durations)),
+                gflops_median_step=float(np.median(flops / durations)) / 1e9,
+                gflops_per_cpu_s=float(flops.sum()) / (c1 - c0) / 1e9,
                 phases_s=phases, trained_params=n_params, threads=hist["threads"]), trained, tok
 
 

@@ -134,6 +134,7 @@ def test_bench_flops_reports_peak_and_stage_gflops(tmp_path):
     from pc_clip.models.clip import create_clip
     from pc_clip.models.text import encode_text_trimmed
     from pc_clip.training.losses import difference_contrastive_loss, set_trainable
+    from pc_clip.training.pretrain import clip_step_loss
 
     out = tmp_path / "flops.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "PC_CLIP_RUNS": str(tmp_path / "runs"), "TQDM_DISABLE": "1"}
@@ -154,20 +155,30 @@ def test_bench_flops_reports_peak_and_stage_gflops(tmp_path):
     # the markdown table names every stage against the same peak
     assert "| fp32 matmul peak (" in proc.stdout and proc.stdout.count("| finetuning step,") == 2
 
-    # pretraining: one CLIP step at batch 8, counted again here on a fresh model of the same architecture
+    # pretraining: each counted batch shape (images x longest caption) against the library's step on a fresh model
+    pre = stages["pretrain"]
+    assert pre["batch"] == 8 and pre["steps"] == 2 and set(pre["flops_by_op"]) == set(pre["flops_by_shape"])
+    assert min(pre["flops_by_shape"].values()) <= pre["flops_per_step"] <= max(pre["flops_by_shape"].values())
     model, _, tok = create_clip("pc-clip-tiny", None, device="cpu", seed=0)
     model.train()
-    images, tokens = torch.randn(8, 3, 32, 32), tok(["a small red glorp"] * 8)
-    with FlopCounterMode(display=False) as fc:
-        f_i, f_t = model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
-        open_clip.ClipLoss()(f_i, f_t, model.logit_scale.exp()).backward()
-    mine = {str(k).split(".")[-1]: v for k, v in fc.get_flop_counts()["Global"].items()}
-    pre = stages["pretrain"]
-    other, attention = _split(pre["flops_by_op"])
-    assert other == _split(mine)[0]  # every matmul and convolution FlopCounterMode sees, the same
     w, layers, patches = model.transformer.width, model.transformer.layers, 8 * 8 + 1  # 32 px, patch 4, class token
-    assert attention == _attention_flops(8, patches, w, layers) + _attention_flops(8, tokens.shape[1], w, layers)
-    assert pre["flops_per_step"] == sum(pre["flops_by_op"].values()) and pre["batch"] == 8 and pre["steps"] == 2
+    for key, by_op in pre["flops_by_op"].items():
+        b, length = map(int, key.split("x"))
+        ids = torch.zeros(b, model.context_length, dtype=torch.long)
+        ids[:, :length] = torch.randint(1, 1000, (b, length))
+        ids[:, length - 1] = 49407  # end of text: the highest id, where the text is pooled
+        batch = dict(images=torch.randn(b, 3, 32, 32), tokens=ids)
+        with FlopCounterMode(display=False) as fc:
+            clip_step_loss(model, batch, open_clip.ClipLoss())["total"].backward()
+        mine = {str(k).split(".")[-1]: v for k, v in fc.get_flop_counts()["Global"].items()}
+        other, attention = _split(by_op)
+        assert other == _split(mine)[0], key  # every matmul and convolution FlopCounterMode sees, the same
+        assert pre["flops_by_shape"][key] == sum(by_op.values())
+        # the attention products: image tower at its patches, text tower at the step's length (the batch's longest
+        # caption when the step trims the text tower, else the full context)
+        image = _attention_flops(b, patches, w, layers)
+        assert attention in (image + _attention_flops(b, length, w, layers),
+                             image + _attention_flops(b, model.context_length, w, layers)), key
 
     # finetuning: each counted batch shape (texts x padded length) against a text-blocks step on the same architecture
     for name in ("finetune", "finetune_fast"):
