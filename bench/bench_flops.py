@@ -16,9 +16,10 @@ In one process and at one thread count (default `PRETRAIN_THREADS`, what pretrai
    are not timed); the FLOPs of each step (`clip_step_loss` forward + backward) counted with
    `torch.utils.flop_counter.FlopCounterMode` per batch shape, on a batch of each shape the timed steps saw.
 3. **finetuning**: `pc_clip.training.finetune`'s optimizer step (`_train_step`, text blocks trained, contrastive loss on
-   cached image embeddings, batch `ft_batch_size`) on oracle difference statements of the small world, the plain step
-   (the `tiny` profile's) and the fast-path step (`ft_fused_attention=True, ft_length_buckets=16`) taking turns step by
-   step; FLOPs counted per batch shape (a batch pads to its own longest text).
+   cached image embeddings, batch `ft_batch_size`) on oracle difference statements of the small world, the step with
+   its fast paths off and the fast-path step (`ft_fused_attention=True, ft_length_buckets=16`) taking turns step by
+   step (the table marks which one the `tiny` profile runs); FLOPs counted per batch shape (a batch pads to its own
+   longest text).
 4. **evaluation**: image and text embedding throughput (`compute_image_embeddings`, `embed_texts`).
 
 FlopCounterMode has no formula for the CPU flash-attention kernels (`_scaled_dot_product_flash_attention_for_cpu`
@@ -56,6 +57,7 @@ from pc_clip.training.pretrain import PRETRAIN_THREADS, _param_groups, clip_step
 from pc_clip.training.state import FinetuneSettings
 from pc_clip.world.shapes import build_world
 
+PLAIN = dict(ft_fused_attention=False, ft_length_buckets=0)  # the step with its fast paths off
 FAST = dict(ft_fused_attention=True, ft_length_buckets=16)  # the fast-path step (compiling is off: it does not pay on a CPU)
 
 
@@ -200,7 +202,7 @@ def finetune_stages(model, tokenizer, triples, emb, cfg, steps: int, warmup: int
     """Plain and fast-path steps of `pc_clip.training.finetune` taking turns (who goes first alternates), each step timed;
     FLOPs counted once per batch shape (batch size, padded length) on the same trainer."""
     runs = {}
-    for name, c in (("finetune", cfg), ("finetune_fast", cfg.replace(**FAST))):
+    for name, c in (("finetune", cfg.replace(**PLAIN)), ("finetune_fast", cfg.replace(**FAST))):
         s = FinetuneSettings.from_config(c)
         data = _prepare(model, tokenizer, triples, s, c, emb, None, False, 1)
         tr = _trainer(model, data, s, 0, 1)
@@ -241,6 +243,7 @@ def finetune_stages(model, tokenizer, triples, emb, cfg, steps: int, warmup: int
         probe = timed[int(np.argsort(lengths)[len(lengths) // 2])]  # a batch of median padded length
         phases = _phases(lambda: tr.objective(probe), tr.opt, reps)
         out[name] = dict(batch=r["s"].batch_size, fused_attention=r["s"].fused_attention,
+                         tiny_profile_step=all(getattr(cfg, k) == v for k, v in (PLAIN if name == "finetune" else FAST).items()),
                          length_buckets=r["s"].length_buckets, flops_per_step=float(np.mean(flops)),
                          flops_by_shape={f"{b}x{l}": c[0] for (b, l), c in sorted(r["counted"].items())},
                          mean_padded_tokens=float(np.mean(lengths)), steps=steps, seconds=seconds[name],
@@ -285,7 +288,7 @@ def embedding_stages(model, tokenizer, world, cfg, n_images: int, n_texts: int, 
 
 # ------------------------------------------------------------------------------------------------------------- report
 LABELS = dict(pretrain="pretraining step (CLIP loss, both towers, AdamW)",
-              finetune="finetuning step, plain (`tiny`: text blocks, contrastive)",
+              finetune="finetuning step, fast paths off (text blocks, contrastive)",
               finetune_fast="finetuning step, fast paths (fused attention, buckets 16)",
               embed_images="image embedding (evaluation, per image)", embed_texts="text embedding (evaluation, per text)")
 
@@ -305,7 +308,8 @@ def table(r: dict) -> str:
         lines.append(f"| matmul at the model's shapes ({name}) | | | | {shape:.1f} | {pct(shape)} | | |")
     for k, v in r["stages"].items():
         if "flops_per_step" in v:
-            lines.append(f"| {LABELS[k]} | {v['batch']} | {v['flops_per_step'] / 1e9:.2f} | {v['steps_per_s']:.2f} | "
+            label = LABELS[k] + (", the `tiny` profile's" if v.get("tiny_profile_step") else "")
+            lines.append(f"| {label} | {v['batch']} | {v['flops_per_step'] / 1e9:.2f} | {v['steps_per_s']:.2f} | "
                          f"{v['gflops']:.1f} | {pct(v['gflops'])} | {v['gflops_median_step']:.1f} | "
                          f"{v['gflops_per_cpu_s']:.1f} |")
         else:
