@@ -113,3 +113,89 @@ def test_report_shows_mfu_before_and_after_the_fast_paths(tmp_path):
     assert "| finetune with fast paths: / plain loop (same card, same run) | 4.00x |  |  |" in text
     assert "| finetune with fast paths: speed-up | 49.56x | >= 20x | yes |" in text
     assert "padded to 14.2 tokens on average; the MFU ratio after / before is the pairs/s ratio, 4.00x." in text
+
+
+def _attention_flops(batch: int, tokens: int, width: int, layers: int) -> int:
+    "FLOPs of the attention products of `layers` blocks, forward (q k^T and p v) plus backward (5 products), full square."
+    return layers * 7 * 2 * batch * tokens * tokens * width
+
+
+def _split(by_op: dict) -> tuple[dict, int]:
+    "`(FLOPs of the other ops, FLOPs of the attention kernels)` of a per-op count."
+    return ({k: v for k, v in by_op.items() if "attention" not in k},
+            sum(v for k, v in by_op.items() if "attention" in k))
+
+
+def test_bench_flops_reports_peak_and_stage_gflops(tmp_path):
+    "bench_flops.py at its smallest settings: a positive peak and GFLOP/s per stage; FLOPs per step as FlopCounterMode counts them."
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    import open_clip
+    from pc_clip.models.clip import create_clip
+    from pc_clip.models.text import encode_text_trimmed
+    from pc_clip.training.losses import difference_contrastive_loss, set_trainable
+    from pc_clip.training.pretrain import clip_step_loss
+
+    out = tmp_path / "flops.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PC_CLIP_RUNS": str(tmp_path / "runs"), "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_flops.py"), "--threads", "1", "--sizes", "64", "128",
+                           "--repeats", "1", "--train-images", "64", "--pretrain-batch-size", "8", "--pretrain-steps", "2",
+                           "--warmup", "1", "--ft-batch-size", "8", "--ft-steps", "3", "--pairs", "24", "--phase-reps", "1",
+                           "--embed-texts", "16", "--json", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["threads"] == 1 and r["peak"]["gflops"] > 0 and set(r["peak"]["by_size"]) == {"64", "128"}
+    peak = r["peak"]
+    assert peak["gflops"] == max(peak["by_size"].values()) == max(peak["start_gflops"], peak["end_gflops"])
+    stages = r["stages"]
+    assert set(stages) == {"pretrain", "finetune", "finetune_fast", "embed_images", "embed_texts"}
+    for name, s in stages.items():
+        assert s["gflops"] > 0 and abs(s["pct_of_peak"] - 100 * s["gflops"] / r["peak"]["gflops"]) < 1e-9, name
+    # the markdown table names every stage against the same peak
+    assert "| fp32 matmul peak (" in proc.stdout and proc.stdout.count("| finetuning step,") == 2
+
+    # pretraining: each counted batch shape (images x longest caption) against the library's step on a fresh model
+    pre = stages["pretrain"]
+    assert pre["batch"] == 8 and pre["steps"] == 2 and set(pre["flops_by_op"]) == set(pre["flops_by_shape"])
+    assert min(pre["flops_by_shape"].values()) <= pre["flops_per_step"] <= max(pre["flops_by_shape"].values())
+    model, _, tok = create_clip("pc-clip-tiny", None, device="cpu", seed=0)
+    model.train()
+    w, layers, patches = model.transformer.width, model.transformer.layers, 8 * 8 + 1  # 32 px, patch 4, class token
+    for key, by_op in pre["flops_by_op"].items():
+        b, length = map(int, key.split("x"))
+        ids = torch.zeros(b, model.context_length, dtype=torch.long)
+        ids[:, :length] = torch.randint(1, 1000, (b, length))
+        ids[:, length - 1] = 49407  # end of text: the highest id, where the text is pooled
+        batch = dict(images=torch.randn(b, 3, 32, 32), tokens=ids)
+        with FlopCounterMode(display=False) as fc:
+            clip_step_loss(model, batch, open_clip.ClipLoss())["total"].backward()
+        mine = {str(k).split(".")[-1]: v for k, v in fc.get_flop_counts()["Global"].items()}
+        other, attention = _split(by_op)
+        assert other == _split(mine)[0], key  # every matmul and convolution FlopCounterMode sees, the same
+        assert pre["flops_by_shape"][key] == sum(by_op.values())
+        # the attention products: image tower at its patches, text tower at the step's length (the batch's longest
+        # caption when the step trims the text tower, else the full context)
+        image = _attention_flops(b, patches, w, layers)
+        assert attention in (image + _attention_flops(b, length, w, layers),
+                             image + _attention_flops(b, model.context_length, w, layers)), key
+
+    # finetuning: each counted batch shape (texts x padded length) against a text-blocks step on the same architecture
+    for name in ("finetune", "finetune_fast"):
+        s = stages[name]
+        shapes = s["flops_by_shape"]
+        assert shapes and min(shapes.values()) <= s["flops_per_step"] <= max(shapes.values())
+        key = sorted(shapes)[0]
+        b, length = map(int, key.split("x"))
+        m = create_clip("pc-clip-tiny", None, device="cpu", seed=0)[0]
+        set_trainable(m, "text_blocks")
+        m.train()
+        ids = torch.randint(1, 1000, (b, m.context_length))
+        ids[:, length - 1] = 49407  # end of text: the highest id, where the text is pooled
+        a, c = torch.randn(b, 96), torch.randn(b, 96)
+        with FlopCounterMode(display=False) as fc:
+            difference_contrastive_loss(encode_text_trimmed(m, ids, length), a, c, 1.0).backward()
+        plain = {str(k).split(".")[-1]: v for k, v in fc.get_flop_counts()["Global"].items()}
+        non_attention = sum(_split(plain)[0].values())
+        assert shapes[key] == non_attention + _attention_flops(b, length, w, layers), (name, key)
+    assert stages["finetune"]["trained_params"] == stages["finetune_fast"]["trained_params"] < pre["trained_params"]
