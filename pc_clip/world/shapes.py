@@ -201,7 +201,7 @@ _RARE_FRAMES = ("We see {np}{loc}.", "{NP} appears{loc}.", "A scene where {np} {
 
 def species_norm_departures(attrs: dict) -> dict[str, str]:
     "How an image departs from its species' typical look: `{attribute: word}` (size, brightness, count, colour, background, position)."
-    t, c = typical_attrs(attrs["category"]), CATEGORIES.loc[attrs["category"]]
+    t = typical_attrs(attrs["category"])
     out = {}
     ratio = attrs["radius"] / t["radius"]
     if ratio >= NORM_SIZE_RATIO or ratio <= 1 / NORM_SIZE_RATIO:
@@ -211,10 +211,10 @@ def species_norm_departures(attrs: dict) -> dict[str, str]:
         out["brightness"] = "brighter" if gap > 0 else "darker"
     if int(attrs["count"]) != t["count"]:
         out["count"] = "more" if int(attrs["count"]) > t["count"] else "fewer"
-    if attrs["colour"] != c.colour:
-        out["colour"] = c.colour  # the species' usual colour
-    if attrs["background"] != c.habitat:
-        out["background"] = c.habitat  # its usual surroundings
+    if attrs["colour"] != t["colour"]:
+        out["colour"] = t["colour"]  # the species' usual colour
+    if attrs["background"] != t["background"]:
+        out["background"] = t["background"]  # its usual surroundings (the prototype's background)
     if attrs["position"] != "center":
         out["position"] = attrs["position"]
     return out

@@ -5,6 +5,8 @@
 # %% ../../nbs/world/01_species.ipynb #d82c79f8
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 
@@ -113,9 +115,15 @@ _BRIGHTNESS_RANGES = {"bright": (0.82, 1.0), "normal": (0.6, 0.92), "dark": (0.4
 
 def typical_attrs(category: str) -> dict:
     "The prototype of a species as an attribute dict (typical size, colour, brightness, count and habitat)."
+    return dict(_typical(category))  # a fresh dict: callers may change it
+
+
+@functools.cache
+def _typical(category: str) -> tuple:
+    "The prototype's items, computed once per species (captions ask for it thousands of times per epoch)."
     if category not in CATEGORIES.index:
         raise KeyError(f"Unknown species {category!r}; the world has {CATEGORY_NAMES}")
     c = CATEGORIES.loc[category]
-    return dict(category=category, shape=c.shape, colour=c.colour, radius=float(c.radius),
-                brightness=float(np.mean(_BRIGHTNESS_RANGES[c.brightness])), count=3 if c.social == "group" else 1,
-                x=0.5, y=0.5, position="center", background=c.habitat, n_distractors=0)
+    return tuple(dict(category=category, shape=c.shape, colour=c.colour, radius=float(c.radius),
+                      brightness=float(np.mean(_BRIGHTNESS_RANGES[c.brightness])), count=3 if c.social == "group" else 1,
+                      x=0.5, y=0.5, position="center", background=c.habitat, n_distractors=0).items())
