@@ -126,6 +126,12 @@ def selection_markdown(table: pd.DataFrame, targets: Targets = Targets(), what: 
     if not ch["meets_gain_targets"]:
         lines.append(f"The chosen setting does **not** reach the gain targets on validation "
                      f"(+{targets.gain:g} over all tasks, +{targets.gain_heldout:g} on held-out wordings).")
+        ok = table[table["feasible"].astype(bool)]
+        reach = ok[ok["meets_gain_targets"].astype(bool)] if "meets_gain_targets" in ok else ok.iloc[:0]
+        if len(ok) and not len(reach):
+            lines.append(f"**No candidate that keeps the constraints reaches them** (the largest such gain: "
+                         f"{ok['diff_gain'].max():+.3f} over all tasks, {ok['diff_gain_heldout'].max():+.3f} on held-out wordings); "
+                         "the front below shows what the stronger candidates cost.")
     cols = ["lr", "alpha", "diff_gain", "diff_gain_heldout", *CONSTRAINTS.values(), "feasible", "chosen"]
     fmt = lambda v: f"{v:+.3f}" if isinstance(v, (float, np.floating)) and not isinstance(v, bool) else str(v)
     body = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
