@@ -22,18 +22,20 @@ from ..core.runtime import atomic_write, condition_dict, read_results, results_p
 from ..evaluation.runner import read_items
 from ..training.plan import training_data_path
 from ..evaluation.metrics import best_on_validation, paired_bootstrap, statistic_value
-from pc_clip.training.selection import (Targets, choices_markdown, choose_setting, selection_markdown, target_check,
-    read_candidates)
+from ..evaluation.ceiling import CELL_ATTRIBUTES
+from ..training.selection import (Targets, choices_markdown, choose_setting, selection_markdown, target_check,
+    paired_change, read_candidates)
 from ..models.clip import is_checkpoint, model_dir
 from ..core.registry import REGISTRY, model_specs
 from ..core.registry import NOISE_LEVEL
 
 # %% auto #0
 __all__ = ['MODEL_ORDER', 'ABLATION_MODELS', 'MAIN_METRICS', 'RECALLS', 'PAPER_CLAIMS', 'VOCABULARY_CLAIMS', 'TASK_TITLES',
-           'PAPER_SETTING', 'is_validation', 'test_rows', 'cell_name', 'summarise', 'pivot_table', 'markdown_table',
-           'model_colours', 'interval_table', 'bar_figure', 'ablation_models', 'ablation_table', 'direction_sentences',
-           'Claim', 'chosen_setting', 'is_world_dataset', 'claim_verdict', 'claim_verdicts', 'selection_table',
-           'vocabulary_section', 'claims_markdown', 'departures', 'run_warnings', 'write_report']
+           'CEILING_TASK', 'PAPER_SETTING', 'is_validation', 'test_rows', 'cell_name', 'summarise', 'pivot_table',
+           'markdown_table', 'model_colours', 'interval_table', 'bar_figure', 'ablation_models', 'ablation_table',
+           'direction_sentences', 'Claim', 'chosen_setting', 'is_world_dataset', 'claim_verdict', 'claim_verdicts',
+           'selection_table', 'vocabulary_section', 'claims_markdown', 'difference_cells', 'cells_markdown',
+           'departures', 'run_warnings', 'write_report']
 
 # %% ../../nbs/report/00_summary.ipynb #d7d1dee4
 def is_validation(results: pd.DataFrame) -> pd.Series:
@@ -451,6 +453,68 @@ def claims_markdown(verdicts: pd.DataFrame) -> str:
                      f"| {r.n_items} | {r.observed} | {r.agrees} |")
     return "\n".join(lines) + "\n"
 
+# %% ../../nbs/report/00_summary.ipynb #caf7166a
+CEILING_TASK = "cell_ceiling"  # experiment 09's rows of what bounds each cell (pc_clip.evaluation.runner.run_cell_ceiling)
+
+
+def _ceiling_values(results: pd.DataFrame, measure: str, model: str = "clip") -> pd.DataFrame:
+    "Mean over seeds of `run_cell_ceiling`'s rows of one measure: `dataset, condition (without measure), metric, value`."
+    r = results[(results["task"] == CEILING_TASK) & (results["model"] == model)]
+    conds = r["condition"].fillna("").astype(str).map(condition_dict)
+    r = r[conds.map(lambda d: d.get("measure") == measure).astype(bool)]
+    key = [";".join(f"{k}={v}" for k, v in sorted(d.items()) if k not in ("measure", "lr"))
+           for d in r["condition"].fillna("").astype(str).map(condition_dict)]
+    return r.assign(cond=key).groupby(["dataset", "cond", "metric"])["value"].mean().reset_index()
+
+
+def difference_cells(results: pd.DataFrame, items: pd.DataFrame, model: str = "pc-clip", base: str = "clip",
+                     n_boot: int = 1000) -> pd.DataFrame:
+    "Every test cell of difference classification: both models, the change with its paired 95 % interval, and what bounds it (probe, ceiling, unconstrained finetune)."
+    it = items[(items["task"] == "difference_classification") & (items["metric"] == "accuracy")] if len(items) else items
+    probe, ceiling = _ceiling_values(results, "probe"), _ceiling_values(results, "image_side_ceiling")
+    free = _ceiling_values(results, "unconstrained", model)
+    look = lambda t, d, c, m="accuracy": t[(t.dataset == d) & (t.cond == c) & (t.metric == m)]["value"].mean() if len(t) else np.nan
+    rows = []
+    for dataset in (pd.unique(it["dataset"]) if len(it) else []):
+        sub = it[it["dataset"] == dataset]
+        conds = sub["condition"].fillna("").astype(str)
+        for cond in sorted(pd.unique(conds[~conds.map(lambda c: condition_dict(c).get("split") == "val").astype(bool)])):
+            want = condition_dict(cond)
+            r = paired_change(sub[conds == cond], model, base, "difference_classification", "accuracy", None, n_boot)
+            if not r["items"]:
+                continue
+            attr = CELL_ATTRIBUTES.get(str(dataset))
+            rows.append(dict(dataset=dataset, condition=cond, wording=want.get("wording", "train"), **{base: r["value_b"]},
+                             **{model: r["value_a"]}, change=r["change"], ci_low=r["ci_low"], ci_high=r["ci_high"],
+                             attribute=attr or "", probe=look(probe, "world", f"attribute={attr}"),
+                             majority=look(probe, "world", f"attribute={attr}", "majority"),
+                             ceiling=look(ceiling, dataset, cond), unconstrained=look(free, dataset, cond)))
+    return pd.DataFrame(rows)
+
+
+def cells_markdown(cells: pd.DataFrame, model: str = "pc-clip", base: str = "clip") -> str:
+    "The per-cell table of the main difference claim (training wordings, then held-out wordings) and its 'up to' sentence."
+    if cells.empty:
+        return "no difference-classification cell with test items of both models\n"
+    trained = cells[cells["wording"] != "heldout"]
+    best = trained.loc[trained["change"].idxmax()] if len(trained) else None
+    above = int((trained["ci_low"] > 0).sum())
+    lines = []
+    if best is not None:
+        lines.append(f"Over the {len(trained)} cells of the training wordings, `{model}` gains **up to "
+                     f"{best['change']:+.3f} [{best['ci_low']:+.3f}, {best['ci_high']:+.3f}]** over `{base}` "
+                     f"({cell_name(best['dataset'], best['condition'])}); the interval lies above 0 in {above} of them. "
+                     "Where a cell's attribute probe sits near its majority rate, the frozen image tower does not carry the "
+                     "attribute and no text-only finetune can gain there (the ceiling column).\n")
+    fmt = lambda v: "" if v != v else f"{v:.3f}"
+    head = (f"| cell | {base} | {model} | change [95 % CI] | probe of (accuracy / majority) | image-side ceiling | "
+            "unconstrained finetune |\n|---|---:|---:|---:|---|---:|---:|")
+    body = [f"| {cell_name(r.dataset, r.condition)} | {r[base]:.3f} | {r[model]:.3f} | {r.change:+.3f} "
+            f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}] | " + (f"{r.attribute} ({fmt(r.probe)} / {fmt(r.majority)})" if r.attribute else "")
+            + f" | {fmt(r.ceiling)} | {fmt(r.unconstrained)} |"
+            for _, r in pd.concat([trained, cells[cells["wording"] == "heldout"]]).iterrows()]
+    return "\n".join(lines + [head] + body) + "\n"
+
 # %% ../../nbs/report/00_summary.ipynb #d80c3987
 def _selections(results: pd.DataFrame) -> list[str]:
     parts = ["\n## Settings chosen on validation data\n",
@@ -614,6 +678,7 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
              f"\n{int((counted.agrees == 'yes').sum())} of {len(counted)} measured claims agree with the paper"
              + (f"; {len(unmeasured)} not measured, not counted: {', '.join(unmeasured)}" if unmeasured else "") + ".\n",
              "\n**Controls** (hold by construction for a text-only finetune; not counted)\n\n", claims_markdown(v[v["control"]])]
+    parts += ["\n## Difference classification, cell by cell (the paper's form)\n", cells_markdown(difference_cells(results, items))]
     parts += vocabulary_section(results, items)
     if not items.empty and not items["dataset"].map(is_world_dataset).all():
         parts.append("\nThe Shapes world's rows (data set `world...`) are shown in their own, labelled rows and figures; "

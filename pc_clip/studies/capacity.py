@@ -43,28 +43,29 @@ __all__ = ['BASES', 'PROBED', 'STUDY_VERSION', 'GAIN_TARGET', 'PROBE_MARGIN', 'R
 # %% ../../nbs/studies/02_capacity.ipynb #9da5df0d
 @dataclass(frozen=True)
 class Base:
-    "One base of the study: an open_clip architecture, the world image size it reads, its pretraining steps."
+    "One base of the study: an open_clip architecture, the world image size it reads, its pretraining budget."
     name: str
     model_name: str
     image_size: int
-    pretrain_steps: int
+    budget: float = 1.0  # pretraining steps as a multiple of the profile's `pretrain_steps`
     axis: str = ""  # what it changes from the first tiny base
 
     def config_of(self, cfg: Config) -> Config:
-        "`cfg` with this base in place of the profile's."
-        return cfg.replace(model_name=self.model_name, world_image_size=self.image_size, pretrain_steps=self.pretrain_steps)
+        "`cfg` with this base in place of the profile's (its steps: `budget` x the profile's)."
+        return cfg.replace(model_name=self.model_name, world_image_size=self.image_size,
+                           pretrain_steps=max(1, round(self.budget * cfg.pretrain_steps)))
 
 
 BASES = (
-    Base("tiny", "pc-clip-tiny", 32, 420, "the first tiny base"),
-    Base("tiny-840", "pc-clip-tiny", 32, 840, "pretraining budget x2"),
-    Base("48px", "pc-clip-tiny-48px", 48, 420, "image size 48 (144 patches)"),
-    Base("v128x4", "pc-clip-tiny-v128x4", 32, 420, "vision width 128, 4 blocks"),
-    Base("t128x4", "pc-clip-tiny-t128x4", 32, 420, "text width 128, 4 blocks"),
-    Base("p2", "pc-clip-tiny-p2", 32, 420, "2-pixel patches (256)"),
-    Base("48px-840", "pc-clip-tiny-48px", 48, 840, "image size 48, budget x2"),
-    Base("v128x4-840", "pc-clip-tiny-v128x4", 32, 840, "vision 128 x 4, budget x2"),
-    Base("48px-v128x4-840", "pc-clip-tiny-48px-v128x4", 48, 840, "image size 48, vision 128 x 4, budget x2"),
+    Base("tiny", "pc-clip-tiny", 32, 1, "the first tiny base"),
+    Base("tiny-840", "pc-clip-tiny", 32, 2, "pretraining budget x2"),
+    Base("48px", "pc-clip-tiny-48px", 48, 1, "image size 48 (144 patches)"),
+    Base("v128x4", "pc-clip-tiny-v128x4", 32, 1, "vision width 128, 4 blocks"),
+    Base("t128x4", "pc-clip-tiny-t128x4", 32, 1, "text width 128, 4 blocks"),
+    Base("p2", "pc-clip-tiny-p2", 32, 1, "2-pixel patches (256)"),
+    Base("48px-840", "pc-clip-tiny-48px", 48, 2, "image size 48, budget x2"),
+    Base("v128x4-840", "pc-clip-tiny-v128x4", 32, 2, "vision 128 x 4, budget x2"),
+    Base("48px-v128x4-840", "pc-clip-tiny-48px-v128x4", 48, 2, "image size 48, vision 128 x 4, budget x2"),
 )
 
 
@@ -257,7 +258,7 @@ def run_capacity_study(cfg: Config, bases: Sequence[Base] = BASES, seeds: Sequen
                        threads: int = PRETRAIN_THREADS, progress: bool = True) -> pd.DataFrame:
     "Measure every base for every seed (cached per base and seed); the tidy table of all of them."
     jobs = [(b, s) for s in seeds for b in bases]
-    cost = {b.name: b.pretrain_steps * _relative_cost(b) for b in bases}
+    cost = {b.name: b.budget * _relative_cost(b) for b in bases}
     parts, t0, done_cost = [], time.perf_counter(), 0.0
     for k, (b, s) in enumerate(jobs):
         m = measure_base(cfg.replace(seed=s), b, threads, progress)
