@@ -35,7 +35,7 @@ __all__ = ['MODEL_ORDER', 'ABLATION_MODELS', 'MAIN_METRICS', 'RECALLS', 'PAPER_C
            'markdown_table', 'model_colours', 'interval_table', 'bar_figure', 'ablation_models', 'ablation_table',
            'direction_sentences', 'Claim', 'chosen_setting', 'is_world_dataset', 'claim_verdict', 'claim_verdicts',
            'selection_table', 'vocabulary_section', 'claims_markdown', 'difference_cells', 'cells_markdown',
-           'departures', 'run_warnings', 'write_report']
+           'capacity_section', 'departures', 'run_warnings', 'write_report']
 
 # %% ../../nbs/report/00_summary.ipynb #d7d1dee4
 def is_validation(results: pd.DataFrame) -> pd.Series:
@@ -515,6 +515,27 @@ def cells_markdown(cells: pd.DataFrame, model: str = "pc-clip", base: str = "cli
             for _, r in pd.concat([trained, cells[cells["wording"] == "heldout"]]).iterrows()]
     return "\n".join(lines + [head] + body) + "\n"
 
+# %% ../../nbs/report/00_summary.ipynb #511d8680
+def capacity_section(results: pd.DataFrame, model_name: str) -> list[str]:
+    "REPORT lines on the base model: which capacity-study base it is, and the study's table when this run's results hold it (experiment 15c)."
+    lines = ["\n## The base model and the capacity study\n",
+             f"The base architecture `{model_name}` was chosen by the base-capacity study (experiment 15c, "
+             "`pc-clip reproduce --experiments nbs/experiments/beyond --only 15c`) by a rule written before its numbers, "
+             "on validation images only; its table and curve are in `bench/RESULTS.md` and `figures/capacity_study.png`.\n"]
+    r = results[results["task"] == "capacity"]
+    if r.empty:
+        return lines + ["This run did not run the study (its rows are not in this results table).\n"]
+    d = r["condition"].map(condition_dict)
+    r = r.assign(base=d.map(lambda c: c.get("base")), kind=d.map(lambda c: c.get("kind")), cell=d.map(lambda c: c.get("cell", "")))
+    pick = lambda kind, cell, metric: r[(r.kind == kind) & (r.cell == cell) & (r.metric == metric)].groupby("base", sort=False)["value"].mean()
+    t = pd.DataFrame({"pretraining GFLOP": pick("cost", "", "pretrain_gflop"),
+                      "weakest probe margin": r[(r.kind == "probe") & (r.metric == "margin")].groupby("base", sort=False)["value"].min(),
+                      "constrained gain": pick("constrained", "training wordings", "gain"),
+                      "unconstrained gain": pick("unconstrained", "training wordings", "gain"),
+                      "held-out wordings (constrained)": pick("constrained", "held-out wordings", "gain")})
+    return lines + ["Validation numbers of every base this run measured (means over seeds; gains over the training "
+                    "wordings' cells):\n\n", markdown_table(t.sort_values("pretraining GFLOP"))]
+
 # %% ../../nbs/report/00_summary.ipynb #d80c3987
 def _selections(results: pd.DataFrame) -> list[str]:
     parts = ["\n## Settings chosen on validation data\n",
@@ -680,6 +701,7 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
              "\n**Controls** (hold by construction for a text-only finetune; not counted)\n\n", claims_markdown(v[v["control"]])]
     parts += ["\n## Difference classification, cell by cell (the paper's form)\n", cells_markdown(difference_cells(results, items))]
     parts += vocabulary_section(results, items)
+    parts += capacity_section(results, cfg.model_name) if cfg.corpus == "world" and not cfg.pretrained else []
     if not items.empty and not items["dataset"].map(is_world_dataset).all():
         parts.append("\nThe Shapes world's rows (data set `world...`) are shown in their own, labelled rows and figures; "
                      "they never enter a claim of this paper-data run.\n")
