@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from ..core.config import Config
-from ..core.runtime import atomic_write, condition_dict, read_results, results_path, FRACTION_METRICS, run_dir
+from pc_clip.core.runtime import (atomic_write, condition_dict, read_results, results_path, FRACTION_METRICS, run_dir,
+    project_root)
 from ..evaluation.runner import read_items
 from ..training.plan import training_data_path
 from ..evaluation.metrics import best_on_validation, paired_bootstrap, statistic_value
@@ -31,11 +32,12 @@ from ..core.registry import NOISE_LEVEL
 
 # %% auto #0
 __all__ = ['MODEL_ORDER', 'ABLATION_MODELS', 'MAIN_METRICS', 'RECALLS', 'PAPER_CLAIMS', 'VOCABULARY_CLAIMS', 'TASK_TITLES',
-           'CEILING_TASK', 'PAPER_SETTING', 'is_validation', 'test_rows', 'cell_name', 'summarise', 'pivot_table',
-           'markdown_table', 'model_colours', 'interval_table', 'bar_figure', 'ablation_models', 'ablation_table',
-           'direction_sentences', 'Claim', 'chosen_setting', 'is_world_dataset', 'claim_verdict', 'claim_verdicts',
-           'selection_table', 'vocabulary_section', 'claims_markdown', 'difference_cells', 'cells_markdown',
-           'capacity_section', 'departures', 'run_warnings', 'write_report']
+           'CEILING_TASK', 'RECORDED_STUDY', 'PAPER_SETTING', 'is_validation', 'test_rows', 'cell_name', 'summarise',
+           'pivot_table', 'markdown_table', 'model_colours', 'interval_table', 'bar_figure', 'ablation_models',
+           'ablation_table', 'direction_sentences', 'Claim', 'chosen_setting', 'is_world_dataset', 'claim_verdict',
+           'claim_verdicts', 'selection_table', 'vocabulary_section', 'claims_markdown', 'difference_cells',
+           'cells_markdown', 'recorded_capacity_study', 'capacity_section', 'departures', 'run_warnings',
+           'write_report']
 
 # %% ../../nbs/report/00_summary.ipynb #d7d1dee4
 def is_validation(results: pd.DataFrame) -> pd.Series:
@@ -516,25 +518,52 @@ def cells_markdown(cells: pd.DataFrame, model: str = "pc-clip", base: str = "cli
     return "\n".join(lines + [head] + body) + "\n"
 
 # %% ../../nbs/report/00_summary.ipynb #511d8680
-def capacity_section(results: pd.DataFrame, model_name: str) -> list[str]:
-    "REPORT lines on the base model: which capacity-study base it is, and the study's table when this run's results hold it (experiment 15c)."
-    lines = ["\n## The base model and the capacity study\n",
-             f"The base architecture `{model_name}` was chosen by the base-capacity study (experiment 15c, "
-             "`pc-clip reproduce --experiments nbs/experiments/beyond --only 15c`) by a rule written before its numbers, "
-             "on validation images only; its table and curve are in `bench/RESULTS.md` and `figures/capacity_study.png`.\n"]
-    r = results[results["task"] == "capacity"]
-    if r.empty:
-        return lines + ["This run did not run the study (its rows are not in this results table).\n"]
+import importlib.resources
+
+RECORDED_STUDY = Path(str(importlib.resources.files("pc_clip") / "studies" / "capacity_study.csv"))  # package data
+
+
+def recorded_capacity_study(path: Path | None = None) -> pd.DataFrame:
+    "The capacity study's summary the shipped default was chosen from (`pc_clip/studies/capacity_study.csv`; empty if absent)."
+    path = path or RECORDED_STUDY
+    return pd.read_csv(path, index_col="base") if path is not None and Path(path).exists() else pd.DataFrame()
+
+
+def _capacity_table(r: pd.DataFrame) -> pd.DataFrame:
+    "Per base, from the run's `capacity` rows: compute, the weakest probe margin and the gains (means over seeds)."
     d = r["condition"].map(condition_dict)
     r = r.assign(base=d.map(lambda c: c.get("base")), kind=d.map(lambda c: c.get("kind")), cell=d.map(lambda c: c.get("cell", "")))
     pick = lambda kind, cell, metric: r[(r.kind == kind) & (r.cell == cell) & (r.metric == metric)].groupby("base", sort=False)["value"].mean()
-    t = pd.DataFrame({"pretraining GFLOP": pick("cost", "", "pretrain_gflop"),
-                      "weakest probe margin": r[(r.kind == "probe") & (r.metric == "margin")].groupby("base", sort=False)["value"].min(),
-                      "constrained gain": pick("constrained", "training wordings", "gain"),
-                      "unconstrained gain": pick("unconstrained", "training wordings", "gain"),
-                      "held-out wordings (constrained)": pick("constrained", "held-out wordings", "gain")})
-    return lines + ["Validation numbers of every base this run measured (means over seeds; gains over the training "
-                    "wordings' cells):\n\n", markdown_table(t.sort_values("pretraining GFLOP"))]
+    return pd.DataFrame({"pretrain_gflop": pick("cost", "", "pretrain_gflop"),
+                         "weakest_probe_margin": r[(r.kind == "probe") & (r.metric == "margin")].groupby(["base", "cell"])["value"].mean().groupby("base").min(),
+                         "constrained_gain": pick("constrained", "training wordings", "gain"),
+                         "unconstrained_gain": pick("unconstrained", "training wordings", "gain"),
+                         "constrained_gain_heldout": pick("constrained", "held-out wordings", "gain")}).sort_values("pretrain_gflop")
+
+
+def capacity_section(results: pd.DataFrame, model_name: str, recorded: pd.DataFrame | None = None,
+                     figure: str = "figures/capacity_study.png", gain: float = 0.08) -> list[str]:
+    "REPORT lines on the base model: the capacity study it was chosen by, its table (this run's rows, else the recorded study) and the outcome."
+    r = results[results["task"] == "capacity"]
+    t = _capacity_table(r) if len(r) else (recorded_capacity_study() if recorded is None else recorded)
+    lines = ["\n## The base model and the capacity study\n",
+             f"The base architecture `{model_name}` was chosen by the base-capacity study (experiment 15c, "
+             "`pc-clip reproduce --experiments nbs/experiments/beyond --only 15c`) by a rule written before its numbers, "
+             "on validation images only (`pc_clip.studies.capacity`). "
+             + ("The table below is this run's." if len(r) else "The table below is the recorded study's (`bench/RESULTS.md`).") + "\n"]
+    if t.empty:
+        return lines + ["No capacity-study numbers are available here.\n"]
+    cols = [c for c in ("pretrain_gflop", "estimated_run_s", "weakest_probe", "weakest_probe_margin", "constrained_gain",
+                        "constrained_ci_low", "constrained_ci_high", "unconstrained_gain", "constrained_gain_heldout") if c in t]
+    best = t["constrained_gain"].idxmax()
+    reach = t[t["constrained_gain"] >= gain]
+    lines.append(f"Validation gains over the training wordings' cells (means over seeds): the largest constrained gain is "
+                 f"{t.loc[best, 'constrained_gain']:+.3f} (`{best}`); the largest gain with the constraints ignored "
+                 f"{t['unconstrained_gain'].max():+.3f} (`{t['unconstrained_gain'].idxmax()}`). "
+                 + (f"Bases reaching +{gain:g} within the constraints: {', '.join(f'`{b}`' for b in reach.index)}.\n" if len(reach)
+                    else f"**No base of the study reaches +{gain:g} while keeping zero-shot and retrieval**: the curve "
+                         "below shows the gain against the base's compute.\n"))
+    return lines + ["\n" + markdown_table(t[cols]), f"\n![capacity study]({figure})\n"]
 
 # %% ../../nbs/report/00_summary.ipynb #d80c3987
 def _selections(results: pd.DataFrame) -> list[str]:
@@ -701,7 +730,8 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
              "\n**Controls** (hold by construction for a text-only finetune; not counted)\n\n", claims_markdown(v[v["control"]])]
     parts += ["\n## Difference classification, cell by cell (the paper's form)\n", cells_markdown(difference_cells(results, items))]
     parts += vocabulary_section(results, items)
-    parts += capacity_section(results, cfg.model_name) if cfg.corpus == "world" and not cfg.pretrained else []
+    study_figure = os.path.relpath(project_root() / "figures" / "capacity_study.png", path.parent.resolve())
+    parts += capacity_section(results, cfg.model_name, figure=study_figure) if cfg.corpus == "world" and not cfg.pretrained else []
     if not items.empty and not items["dataset"].map(is_world_dataset).all():
         parts.append("\nThe Shapes world's rows (data set `world...`) are shown in their own, labelled rows and figures; "
                      "they never enter a claim of this paper-data run.\n")

@@ -59,6 +59,7 @@ class Base:
 BASES = (
     Base("tiny", "pc-clip-tiny", 32, 1, "the first tiny base"),
     Base("tiny-840", "pc-clip-tiny", 32, 2, "pretraining budget x2"),
+    Base("tiny-1680", "pc-clip-tiny", 32, 4, "pretraining budget x4"),
     Base("48px", "pc-clip-tiny-48px", 48, 1, "image size 48 (144 patches)"),
     Base("v128x4", "pc-clip-tiny-v128x4", 32, 1, "vision width 128, 4 blocks"),
     Base("t128x4", "pc-clip-tiny-t128x4", 32, 1, "text width 128, 4 blocks"),
