@@ -142,6 +142,7 @@ def create_clip(model_name: str = TINY_MODEL, pretrained: str | None = None, dev
     with _no_random_init_warning(pretrained is None):  # random weights asked for: open_clip's warning says nothing new
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kw)
     model.eval()
+    model.pc_clip_model_name = model_name  # the architecture it was built as: what its checkpoints record
     return model, preprocess, open_clip.get_tokenizer(model_name, cache_dir=kw["cache_dir"])
 
 # %% ../../nbs/models/00_clip.ipynb #82eed2d3
@@ -186,6 +187,7 @@ def architecture_config(model: torch.nn.Module, model_name: str) -> dict:
 def save_checkpoint(model: torch.nn.Module, folder: str | Path, model_name: str, extra: dict | None = None) -> Path:
     "Save `model` as safetensors + `open_clip_config.json` (its full architecture: `architecture_config`, the weights' sha256, `extra`)."
     folder = Path(folder)
+    model_name = getattr(model, "pc_clip_model_name", None) or model_name  # a model knows its own architecture
     model_cfg = architecture_config(model, model_name)
     pp = getattr(model.visual, "preprocess_cfg", {}) or {}
     sha = save_safetensors(model.state_dict(), folder / WEIGHTS_FILE)
@@ -243,6 +245,9 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", fix:
     # registered config it was built from
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", device=device)
     model.eval()
+    name = checkpoint_metadata(folder).get("model_name")
+    if name and open_clip.get_model_config(name) is not None:
+        model.pc_clip_model_name = name
     return model, preprocess, open_clip.get_tokenizer(f"local-dir:{folder}")
 
 # %% ../../nbs/models/00_clip.ipynb #32af51b5
