@@ -116,7 +116,7 @@ def train_steps(model, tokenizer, world: World, cfg: Config, device, weight_deca
     "`cfg.pretrain_steps` steps of `step_loss` (default: CLIP loss), a new order and new captions every epoch; the history."
     idx = world.indices("train")
     bs, total = cfg.pretrain_batch_size, cfg.pretrain_steps
-    images, records = images_to_tensor(world.images[idx]), world.records(idx)
+    images, records = images_to_tensor(world.images[idx], size=input_size(model)), world.records(idx)
     steps_per_epoch = len(idx) // bs
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=cfg.pretrain_lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn, gen = open_clip.ClipLoss(), torch.Generator().manual_seed(cfg.seed)
@@ -169,11 +169,11 @@ def pretrain_clip(world: World, cfg: Config, device: str | torch.device | None =
     if n_train < cfg.pretrain_batch_size:
         raise ValueError(f"the world has {n_train} train images, fewer than one batch ({cfg.pretrain_batch_size}); "
                          "raise world_n_train or lower pretrain_batch_size")
-    arch = open_clip.get_model_config(cfg.model_name) or {}
-    size = arch.get("vision_cfg", {}).get("image_size")
-    if size is not None and size != world.images.shape[1]:
-        raise ValueError(f"{cfg.model_name} reads {size}-pixel images but the world is drawn at {world.images.shape[1]} "
-                         f"pixels; set world_image_size={size} (or pick an architecture of that size)")
+    size = (open_clip.get_model_config(cfg.model_name) or {}).get("vision_cfg", {}).get("image_size")
+    if size is not None and size != world.images.shape[1]:  # allowed (images are resized), but rarely meant
+        get_logger("pc_clip.training.pretrain").warning(
+            f"{cfg.model_name} reads {size}-pixel images but the world is drawn at {world.images.shape[1]} pixels: "
+            f"its images are resized; set world_image_size={size} to draw them at the model's size")
     if cfg.pretrain_steps < 1:
         raise ValueError(f"pretrain_steps must be at least 1; got {cfg.pretrain_steps}")
     caller_threads = torch.get_num_threads()
