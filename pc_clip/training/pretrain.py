@@ -124,6 +124,8 @@ def train_steps(model, tokenizer, world: World, cfg: Config, device, weight_deca
     names = [n for n, _ in model.named_parameters()]
     start, perm, history = _resume(resume_dir, key, model, opt, gen, names)
     history = history or dict(loss=[], lr=[], steps=0, steps_per_epoch=steps_per_epoch)
+    before = {k: float(history.get(f"{k}_before", 0.0)) for k in ("seconds", "cpu_seconds")}  # of the earlier parts
+    t0, c0 = time.perf_counter(), time.process_time()  # reported, never used
     model.train()
     bar = tqdm(range(start, total), desc=desc, disable=not progress, mininterval=2.0, initial=start, total=total)
     for step in bar:
@@ -148,12 +150,15 @@ def train_steps(model, tokenizer, world: World, cfg: Config, device, weight_deca
             if k != "total":
                 history.setdefault(k, []).append(_logged(v))
         if resume_dir is not None and (step + 1) % save_every == 0 and step + 1 < total:
+            history.update(seconds_before=before["seconds"] + time.perf_counter() - t0,
+                           cpu_seconds_before=before["cpu_seconds"] + time.process_time() - c0)
             save_train_state(resume_dir, model, cfg.model_name, opt, None, None,
                              dict(epoch=epoch, step=step + 1, run_key=key, history=history), names,
                              extra=dict(generator=gen.get_state(), order=perm))
         if on_step is not None:
             on_step(step, history["loss"][-1])
     model.eval()
+    history.update(seconds_before=before["seconds"], cpu_seconds_before=before["cpu_seconds"])
     history["epochs"] = total / steps_per_epoch
     history["final_loss"] = float(np.mean(history["loss"][-max(1, steps_per_epoch // 4):]))
     return history
@@ -180,8 +185,9 @@ def pretrain_clip(world: World, cfg: Config, device: str | torch.device | None =
                               step_loss, resume_dir, key, save_every, desc)
     finally:
         torch.set_num_threads(caller_threads)
-    history["seconds"] = time.perf_counter() - t0  # reported, never used
-    history["cpu_seconds"] = time.process_time() - c0  # wall time is inflated when other jobs share the CPU
+    # reported, never used; a resumed run counts the parts before it (up to their last saved state) too
+    history["seconds"] = history.get("seconds_before", 0.0) + time.perf_counter() - t0
+    history["cpu_seconds"] = history.get("cpu_seconds_before", 0.0) + time.process_time() - c0  # wall time is inflated under load
     history["steps_per_second"] = history["steps"] / max(history["seconds"], 1e-9)
     history["threads"] = threads
     return model, tokenizer, history
