@@ -18,11 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.config import Config
-from ..core.runtime import artifact_lock, atomic_write_json, content_hash, get_logger, pick_device
+from ..core.runtime import artifact_lock, atomic_write_json, cache_dir, content_hash, get_logger, pick_device
 from ..models.embed import compute_image_embeddings
 from ..models.text import encode_text_trimmed
 from ..models.clip import (CheckpointError, checkpoint_metadata, create_clip, images_to_tensor, is_checkpoint,
-    load_checkpoint, model_dir, save_checkpoint)
+    load_checkpoint, model_dir, save_checkpoint, write_manifest)
 from ..world.species import CATEGORY_NAMES
 from ..world.shapes import World, epoch_captions
 from .state import load_train_state, save_train_state
@@ -219,6 +219,13 @@ def _fingerprint(folder: Path) -> str | None:
         return None
 
 
+def _base_manifest(cfg: Config, name: str, folder: Path, world: World, history: dict) -> None:
+    "A base model's manifest, like a finetuned one's: its settings, the run, and its data (the world's caption table)."
+    data = cache_dir(cfg) / "world" / f"{world.key}.attrs.csv"
+    write_manifest(cfg, name, folder, data_file=data if world.key else None,
+                   extra={"pretraining": {"world_key": world.key, **{k: history.get(k) for k in ("steps", "epochs", "final_loss")}}})
+
+
 def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | None = None, retrain: bool = False,
                      progress: bool = True, threads: int = PRETRAIN_THREADS, name: str = "clip"):
     "`(model, tokenizer, history, reused)`: the saved base model `name` of `cfg` if its fingerprint matches, else a new one."
@@ -228,7 +235,9 @@ def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | Non
         if not retrain and is_checkpoint(folder) and _fingerprint(folder) == fp:
             try:
                 model, _, tokenizer = load_checkpoint(folder, device=device or pick_device(cfg.device))
-                return model, tokenizer, json.loads((folder / "history.json").read_text()), True
+                history = json.loads((folder / "history.json").read_text())
+                _base_manifest(cfg, name, folder, world, history)
+                return model, tokenizer, history, True
             except (CheckpointError, OSError, ValueError) as e:  # damaged: rebuilt, as a finetuned model is
                 get_logger("pc_clip.training.pretrain").warning(f"{e}. Rebuilding it.")
         model, tokenizer, history = pretrain_clip(world, cfg, device=device, progress=progress, threads=threads,
@@ -239,4 +248,5 @@ def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | Non
                                                                    **{k: history[k] for k in keep}))
         atomic_write_json(folder / "history.json", history)
         shutil.rmtree(resume_folder(folder), ignore_errors=True)  # the finished model replaces its training state
+        _base_manifest(cfg, name, folder, world, history)
     return model, tokenizer, history, False
