@@ -120,7 +120,7 @@ def test_weight_is_chosen_on_validation_rows_ties_to_the_smaller():
 
 def _small_capacity_config(runs):
     return get_config("tiny", runs_root=str(runs), world_n_train=256, world_n_test=32, world_n_val=96, n_pairs=200,
-                      pretrain_steps=4, ft_batch_size=32, ft_epochs=1, eval_n_images=24, eval_seeds=(0,),
+                      ft_batch_size=32, ft_epochs=1, eval_n_images=24, eval_seeds=(0,),
                       ft_lr_grid=(1e-3,), wavg_alpha_grid=(0.5, 1.0))
 
 
@@ -130,8 +130,8 @@ def test_capacity_study_measures_a_base_end_to_end_caches_it_and_tidies_it(tmp_p
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
     cfg = _small_capacity_config(tmp_path)
     base = Base("tiny", "pc-clip-tiny", 32)  # the first tiny base, at the small config's 4 pretraining steps
-    m = measure_base(cfg, base, threads=1, progress=False)
-    assert measurement_path(cfg, base, 1).exists()
+    m = measure_base(cfg, base, threads=1, progress=False, reference_steps=4)
+    assert measurement_path(cfg, base, 1, 4).exists()
     assert {p["attribute"] for p in m["probes"]} == {"category", "size", "brightness", "colour", "count"}
     cells = {c["cell"] for c in m["ceiling"]}
     assert "world/size|wording=train" in cells and "world/count|wording=heldout" in cells
@@ -139,12 +139,13 @@ def test_capacity_study_measures_a_base_end_to_end_caches_it_and_tidies_it(tmp_p
     assert {"training wordings", "held-out wordings"} <= set(front["cell"])
     assert (front["ci_low"] <= front["gain"] + 1e-9).all() and (front["gain"] <= front["ci_high"] + 1e-9).all()
     assert m["pretrain_gflop"] == pytest.approx(m["step_gflop"] * 4)
+    assert m["steps"] == 4  # the small study's reference budget
     # a second call reads the cache: the same numbers, no training
-    again = measure_base(cfg, base, threads=1, progress=False)
+    again = measure_base(cfg, base, threads=1, progress=False, reference_steps=4)
     assert again == m
     # another seed is another measurement (its own world and base)
-    assert measurement_path(cfg.replace(seed=1), base, 1) != measurement_path(cfg, base, 1)
-    tidy = run_capacity_study(cfg, [base], seeds=(0,), threads=1, progress=False)
+    assert measurement_path(cfg.replace(seed=1), base, 1, 4) != measurement_path(cfg, base, 1, 4)
+    tidy = run_capacity_study(cfg, [base], seeds=(0,), threads=1, progress=False, reference_steps=4)
     assert set(tidy["kind"]) >= {"cost", "base", "probe", "ceiling", "unconstrained"}
     s = capacity_summary(tidy)
     assert s.loc["tiny", "estimated_run_s"] == pytest.approx(386.0)  # the first tiny base: the last measured run
@@ -158,7 +159,7 @@ def test_capacity_study_notebook_runs_through_the_cli_on_small_settings(tmp_path
     from pathlib import Path
     from conftest import REPO
     env = {**os.environ, "PC_CLIP_RUNS": str(tmp_path)}
-    small = ["world_n_train=256", "world_n_test=32", "world_n_val=96", "n_pairs=200", "pretrain_steps=4",
+    small = ["world_n_train=256", "world_n_test=32", "world_n_val=96", "n_pairs=200", "reference_steps=4", "more_seeds={}",
              "ft_batch_size=32", "ft_epochs=1", "eval_n_images=24", "eval_seeds=[0]", "ft_lr_grid=[0.001]",
              "wavg_alpha_grid=[0.5,1.0]", 'bases=["tiny","48px"]']
     args = [str(Path(sys.executable).parent / "pc-clip"), "reproduce", "--profile", "tiny", "--experiments",

@@ -35,11 +35,11 @@ class Config:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
     # the CLIP model: open_clip architecture + pretrained tag, "hf-hub:org/name", or a local checkpoint
-    model_name: str = "pc-clip-tiny"
+    model_name: str = "pc-clip-tiny-48px"  # tiny: the base chosen by the capacity study (experiment 15c); the first tiny base was pc-clip-tiny at 32 px
     pretrained: str | None = None
     # the image-caption corpus used for pairs: "world" (embedded) or "coco"
     corpus: str = "world"
-    world_image_size: int = 32
+    world_image_size: int = 48  # pixels; must be the size the architecture reads (tiny: the capacity study's choice)
     world_n_train: int = 8000
     world_n_test: int = 1500
     world_n_val: int = 1500  # validation images, disjoint from train and test: every setting chosen by looking at results is chosen on them
@@ -48,7 +48,7 @@ class Config:
     # pretraining from scratch (tiny profile only; paper profiles start from pretrained weights)
     pretrain_batch_size: int = 64
     pretrain_lr: float = 2e-3
-    pretrain_steps: int = 420  # chosen on validation (bench/pretrain_steps.py); a fixed step budget with a step-based schedule: nothing that changes the weights reads the clock
+    pretrain_steps: int = 840  # the capacity study's choice (experiment 15c, validation only); a fixed step budget with a step-based schedule: nothing that changes the weights reads the clock
     # difference data
     n_pairs: int = 12000
     pair_sampling: str = "different_category"  # "random" | "different_category"

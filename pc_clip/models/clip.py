@@ -31,7 +31,7 @@ __all__ = ['MODEL_CONFIG_DIR', 'TINY_MODEL', 'WEIGHT_FILES', 'WEIGHTS_FILE', 'CO
            'find_pretrained_weights', 'is_weights_path', 'create_clip', 'save_safetensors', 'file_sha256',
            'CheckpointError', 'architecture_config', 'save_checkpoint', 'checkpoint_metadata', 'is_checkpoint',
            'verify_checkpoint', 'load_weights', 'load_checkpoint', 'weights_settings', 'model_dir', 'load_clip',
-           'write_manifest', 'find_models', 'images_to_tensor', 'encode_texts', 'average_weights']
+           'write_manifest', 'find_models', 'images_to_tensor', 'input_size', 'encode_texts', 'average_weights']
 
 # %% ../../nbs/models/00_clip.ipynb #fafcff24
 MODEL_CONFIG_DIR = Path(str(importlib.resources.files("pc_clip"))) / "model_configs"
@@ -142,6 +142,7 @@ def create_clip(model_name: str = TINY_MODEL, pretrained: str | None = None, dev
     with _no_random_init_warning(pretrained is None):  # random weights asked for: open_clip's warning says nothing new
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kw)
     model.eval()
+    model.pc_clip_model_name = model_name  # the architecture it was built as: what its checkpoints record
     return model, preprocess, open_clip.get_tokenizer(model_name, cache_dir=kw["cache_dir"])
 
 # %% ../../nbs/models/00_clip.ipynb #82eed2d3
@@ -186,6 +187,7 @@ def architecture_config(model: torch.nn.Module, model_name: str) -> dict:
 def save_checkpoint(model: torch.nn.Module, folder: str | Path, model_name: str, extra: dict | None = None) -> Path:
     "Save `model` as safetensors + `open_clip_config.json` (its full architecture: `architecture_config`, the weights' sha256, `extra`)."
     folder = Path(folder)
+    model_name = getattr(model, "pc_clip_model_name", None) or model_name  # a model knows its own architecture
     model_cfg = architecture_config(model, model_name)
     pp = getattr(model.visual, "preprocess_cfg", {}) or {}
     sha = save_safetensors(model.state_dict(), folder / WEIGHTS_FILE)
@@ -243,6 +245,9 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", fix:
     # registered config it was built from
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", device=device)
     model.eval()
+    name = checkpoint_metadata(folder).get("model_name")
+    if name and open_clip.get_model_config(name) is not None:
+        model.pc_clip_model_name = name
     return model, preprocess, open_clip.get_tokenizer(f"local-dir:{folder}")
 
 # %% ../../nbs/models/00_clip.ipynb #32af51b5
@@ -324,11 +329,19 @@ def find_models(cfg: Config, name: str | None = None, role: str | None = None) -
 
 # %% ../../nbs/models/00_clip.ipynb #7a67c5fd
 def images_to_tensor(images: np.ndarray, mean: Sequence[float] = open_clip.OPENAI_DATASET_MEAN,
-                     std: Sequence[float] = open_clip.OPENAI_DATASET_STD) -> torch.Tensor:
-    "`uint8 [N, H, W, 3]` images -> normalised `float32 [N, 3, H, W]`."
+                     std: Sequence[float] = open_clip.OPENAI_DATASET_STD, size: int | None = None) -> torch.Tensor:
+    "`uint8 [N, H, W, 3]` images -> normalised `float32 [N, 3, H, W]`, resized (bilinear, antialiased) to `size` if given and different."
     x = torch.as_tensor(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
+    if size is not None and tuple(x.shape[-2:]) != (size, size):  # e.g. a 32-px model on a world drawn at 48 px
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     m = torch.tensor(mean).view(1, 3, 1, 1); s = torch.tensor(std).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+def input_size(model) -> int | None:
+    "The square image size a model's image tower reads (None when it does not say)."
+    size = getattr(getattr(model, "visual", None), "image_size", None)
+    return int(np.atleast_1d(size)[0]) if size is not None else None
 
 
 @torch.no_grad()

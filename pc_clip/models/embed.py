@@ -19,7 +19,7 @@ from ..core.config import Config
 from ..core.runtime import autocast, cache_dir, content_hash, get_logger, pick_dtype
 from ..data.imagedata import ImageDataset, iter_images
 from .text import encode_text_trimmed
-from .clip import encode_texts, images_to_tensor, save_safetensors
+from .clip import encode_texts, images_to_tensor, input_size, save_safetensors
 
 # %% auto #0
 __all__ = ['model_fingerprint', 'image_normalization', 'compute_image_embeddings', 'embedding_cache_path', 'kept_indices',
@@ -65,12 +65,12 @@ def image_normalization(model) -> tuple[tuple, tuple]:
     return (tuple(pp.get("mean") or open_clip.OPENAI_DATASET_MEAN), tuple(pp.get("std") or open_clip.OPENAI_DATASET_STD))
 
 
-def _batch_to_tensor(images, sl: slice, mean, std) -> torch.Tensor:
+def _batch_to_tensor(images, sl: slice, mean, std, size: int | None = None) -> torch.Tensor:
     chunk = images[sl]
     if isinstance(chunk, np.ndarray) and chunk.dtype == np.uint8:
         if chunk.ndim != 4 or chunk.shape[-1] != 3:
             raise ValueError(f"uint8 images must be [N, H, W, 3]; got shape {chunk.shape}")
-        return images_to_tensor(chunk, mean, std)
+        return images_to_tensor(chunk, mean, std, size)
     chunk = torch.as_tensor(chunk)
     if not chunk.is_floating_point() or chunk.ndim != 4 or chunk.shape[1] != 3:
         raise ValueError(f"a preprocessed image tensor must be float [N, 3, H, W]; got {chunk.dtype} {tuple(chunk.shape)}")
@@ -89,7 +89,7 @@ def compute_image_embeddings(model, images, batch_size: int = 256, device: str |
     try:
         for s in tqdm(range(0, len(images), batch_size), desc="embed images", disable=not progress,
                       unit_scale=batch_size, unit="img"):
-            x = _batch_to_tensor(images, slice(s, s + batch_size), mean, std)
+            x = _batch_to_tensor(images, slice(s, s + batch_size), mean, std, input_size(model))
             x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
             with autocast(device, dtype):
                 out.append(model.encode_image(x).float())

@@ -29,7 +29,7 @@ from ..models.embed import embed_images, image_normalization, model_fingerprint
 from .losses import (caption_contrastive_loss, difference_contrastive_loss, difference_mse_loss,
     image_differences, make_clip_loss, set_trainable)
 from ..models.text import encode_text_trimmed, pooled_positions
-from ..models.clip import CheckpointError, images_to_tensor, is_checkpoint, load_weights, save_checkpoint
+from ..models.clip import CheckpointError, images_to_tensor, input_size, is_checkpoint, load_weights, save_checkpoint
 from .state import (FinetuneSettings, barrier, epoch_checkpoints, load_train_state,
     prune_epoch_checkpoints, rank_shard, rank_world, save_train_state)
 from ..models.text import text_tower
@@ -125,7 +125,7 @@ def _image_features(model, idx: torch.Tensor, table, images, device, dtype) -> t
         return table[idx.to(table.device)]
     uniq, inv = torch.unique(idx, return_inverse=True)
     chunk = images[uniq.numpy()]
-    x = images_to_tensor(chunk, *image_normalization(model)) if isinstance(chunk, np.ndarray) else torch.as_tensor(chunk).float()
+    x = images_to_tensor(chunk, *image_normalization(model), input_size(model)) if isinstance(chunk, np.ndarray) else torch.as_tensor(chunk).float()
     with autocast(device, dtype):
         feats = model.encode_image(x.to(device, non_blocking=True))
     return F.normalize(feats.float(), dim=-1)[inv.to(device)]

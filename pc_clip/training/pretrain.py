@@ -21,7 +21,7 @@ from ..core.config import Config
 from ..core.runtime import artifact_lock, atomic_write_json, cache_dir, content_hash, get_logger, pick_device
 from ..models.embed import compute_image_embeddings
 from ..models.text import encode_text_trimmed
-from ..models.clip import (CheckpointError, checkpoint_metadata, create_clip, images_to_tensor, is_checkpoint,
+from ..models.clip import (CheckpointError, checkpoint_metadata, create_clip, images_to_tensor, input_size, is_checkpoint,
     load_checkpoint, model_dir, save_checkpoint, write_manifest)
 from ..world.species import CATEGORY_NAMES
 from ..world.shapes import World, epoch_captions
@@ -58,7 +58,7 @@ def zero_shot_accuracy(model, tokenizer, images: np.ndarray | torch.Tensor, labe
     model.eval()
     weights = open_clip.build_zero_shot_classifier(model, tokenizer, classnames, list(templates),
                                                    num_classes_per_batch=None, device=device)
-    x = images_to_tensor(images) if isinstance(images, np.ndarray) else images
+    x = images_to_tensor(images, size=input_size(model)) if isinstance(images, np.ndarray) else images
     emb = compute_image_embeddings(model, x, batch_size, device, progress=False)
     pred = (emb.to(weights.device) @ weights).argmax(1).cpu().numpy()
     model.train(was_training)
