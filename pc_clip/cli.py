@@ -441,16 +441,62 @@ def check_writable(cfg: Config, min_free: int = MIN_FREE_BYTES) -> None:
                                    "(or runs_root / results_root / figures_root / cache_root) at a folder that is")
 
 
-def list_models(profile: str = "tiny", name: str | None = None) -> int:
-    "Print the model folders of `profile` (of model `name`) as their manifests describe them; `pc-clip models`."
+# %% ../nbs/90_cli.ipynb #c92ebdf7
+def _plain_json(x):
+    return json.loads(json.dumps(x, default=str))
+
+
+def _manifest_line(m: dict, base: Config) -> str:
+    "One model folder as `pc-clip models` prints it: what it is, which run wrote it, lr/alpha, data file, differing settings."
+    from pc_clip.models.clip import weights_settings
+    what = m.get("selection") or m.get("candidate") or m.get("weight_average") or {}
+    at = " ".join(f"{k}={what[k]:g}" for k in ("lr", "alpha") if isinstance(what.get(k), (int, float)))
+    data = Path(m["data_file"]).name if m.get("data_file") else "-"
+    line = f"{m['name']:<24s} {m.get('role', '?'):<14s} run {m.get('run', '?'):<15s} {at or '-':<22s} data {data:<36s} {m['path']}"
+    try:
+        cand = m.get("candidate") or {}
+        ref = _plain_json(weights_settings(base, m["name"], cand.get("lr"), cand.get("alpha")))
+    except (KeyError, ValueError):
+        return line
+    mine = m.get("settings") or {}
+    diff = [f"{k}={v!r}" for k, v in sorted(mine.items()) if k not in ref or ref[k] != v]  # its own settings that differ
+    return line + (f"\n{'':24s} differs from profile {base.profile!r}: {', '.join(diff)}" if diff else "")
+
+
+def _resolved_models(cfg: Config, name: str | None) -> list[tuple[str, Path | None, str]]:
+    "`(model, folder or None, what is there)` of every model of the run `cfg` describes (of `name`)."
+    from pc_clip.core.registry import model_specs
+    from pc_clip.models.clip import MANIFEST_FILE, is_checkpoint, model_dir
+    out = []
+    for s in model_specs(cfg):
+        if s.family or (name is not None and s.name != name):
+            continue
+        if s.role == "base" and cfg.pretrained and not s.config:
+            out.append((s.name, None, f"the pretrained weights {cfg.model_name} / {cfg.pretrained} (no folder)"))
+            continue
+        folder = model_dir(cfg, s.name)
+        m = json.loads((folder / MANIFEST_FILE).read_text()) if (folder / MANIFEST_FILE).exists() else {}
+        state = (f"written by run {m.get('run', '?')}" if m else "present, no manifest") if is_checkpoint(folder) else "not trained yet"
+        out.append((s.name, folder, state))
+    return out
+
+
+def list_models(profile: str = "tiny", name: str | None = None, overrides: dict | None = None) -> int:
+    "Print the model folders of `profile` (of model `name`) from their manifests, or, given `overrides`, the folders of that run."
+    from pc_clip.core.runtime import run_id, run_name
     from pc_clip.models.clip import find_models
-    found = find_models(get_config(profile), name)
+    base = get_config(profile)
+    if overrides:
+        cfg = get_config(profile, **overrides)
+        print(f"run {run_name(cfg)} (id {run_id(cfg)}): the folder of each of its models")
+        for model, folder, state in _resolved_models(cfg, name):
+            print(f"{model:<24s} {str(folder) if folder is not None else '-':<70s} {state}")
+        return 0
+    found = find_models(base, name)
     for m in found:
-        what = m.get("selection") or m.get("candidate") or {}
-        at = f" lr={what['lr']:g} alpha={what['alpha']:g}" if "lr" in what and "alpha" in what else ""
-        print(f"{m['name']:<22s} {m.get('role', '?'):<15s}{at:<26s} {m['path']}")
+        print(_manifest_line(m, base))
     if not found:
-        print(f"no model folders{' of ' + name if name else ''} in {run_dir(get_config(profile)) / 'models'}")
+        print(f"no model folders{' of ' + name if name else ''} in {run_dir(base) / 'models'}")
     return 0
 
 # %% ../nbs/90_cli.ipynb #4af1f885
@@ -539,6 +585,8 @@ def _parser() -> argparse.ArgumentParser:
     mp = sub.add_parser("models", help="list the model folders of a profile and what their manifests say")
     mp.add_argument("--profile", default="tiny")
     mp.add_argument("--name", default=None, help="only the folders of this model, e.g. pc-clip")
+    mp.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="the folders of the run with these settings (as `reproduce -p`); repeatable")
     return ap
 
 
@@ -552,7 +600,11 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(f"  {p.name}" for p in experiment_notebooks(folder)))
         return 0
     if args.command == "models":
-        return list_models(args.profile, args.name)
+        try:
+            return list_models(args.profile, args.name, parse_overrides(args.param)[0])
+        except (ConfigError, KeyError, ValueError) as e:
+            print(f"[pc-clip] {getattr(e, 'problems', None) or e}", file=sys.stderr)
+            return 2
     try:
         overrides, params = parse_overrides(args.param)
         overrides = smoke_overrides(args.profile, overrides)

@@ -329,6 +329,34 @@ def test_one_learning_rate_trains_and_evaluates_the_same_folders(tmp_path, monke
     r = _pc_clip(env, "models", "--name", "pc-clip", timeout=300)
     assert r.returncode == 0 and str(model_dir(cfg, "pc-clip")) in r.stdout and "lr=0.001" in r.stdout, r.stdout + r.stderr
 
+    # issue 30: every model is listed, bases too, with the run that wrote it and its data file; -p names the folders
+    from pc_clip.core.runtime import run_name
+    from pc_clip.report.summary import run_warnings
+    small = get_config("tiny", **parse_overrides(SMALL)[0])
+    r = _pc_clip(env, "models", timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = {tuple(l.split()[:2]): l for l in r.stdout.splitlines() if l and not l.startswith(" ")}
+    for base in ("clip", "clip/plain-captions"):
+        assert f"run {run_name(small)}" in lines[(base, "base")] and ".attrs.csv" in lines[(base, "base")], r.stdout
+    assert "lr=0.001" in lines[("pc-clip/wavg-0.5", "weight-average")] and "alpha=0.5" in lines[("pc-clip/wavg-0.5", "weight-average")]
+    r = _pc_clip(env, "models", *_small("-p", "ft_lr=1e-3"), timeout=300)
+    assert r.returncode == 0 and f"run {run_name(cfg)}" in r.stdout, r.stdout + r.stderr
+    for name in ("pc-clip", "clip-ft-captions", "clip"):
+        (line,) = [l for l in r.stdout.splitlines() if l.split()[0] == name]
+        assert str(model_dir(cfg, name)) in line and "written by run" in line, line
+
+    # issue 30: the override switched the search off: the run's output and its own REPORT say so, with each rate
+    out03 = (notebooks_dir(cfg) / "03_finetune.ipynb").read_text()
+    assert "No model was searched on validation" in out03 and "caption_ft_lr=0.002" in out03
+    r = _pc_clip(env, "reproduce", "--only", "12", *_small("-p", "ft_lr=1e-3"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    report = (results_path(cfg).parent / "REPORT.md").read_text()
+    assert "**How the compared models were tuned:** No model was searched on validation." in report
+    assert "`clip-ft-captions`, `clip-ft-rewritten` at caption_ft_lr=0.002" in report
+    warned = report.split("## Warnings of this run\n")[1].split("\n## ")[0]
+    assert warned.strip() == ("".join(f"- {w}\n" for w in run_warnings(cfg)) or "none").strip()  # its own notebooks'
+    assert "ft_lr=0.001" in report.split("## Departures from the paper")[1].split("## Warnings")[0]
+
 
 
 

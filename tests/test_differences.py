@@ -22,14 +22,14 @@ from pc_clip.core.store import JsonlStore
 from pc_clip.differences.llm import (HFBackend, build_prompt, generate_texts, load_causal_lm, render_chat,
     OpenAIBackend, serve_local)
 from pc_clip.differences.records import (OracleBackend, difference_triples, differences_path, generate_differences,
-    judged_path, make_backend, rewrite_captions, rewritten_captions, summary_rows, training_triples,
-    write_category_differences)
+    generator_key, judged_path, make_backend, read_records, rewrite_captions, rewrites_path, rewritten_captions,
+    summary_rows, training_triples, write_category_differences)
 from pc_clip.differences.pairs import corpus_from_world, pair_key, sample_pairs
 from pc_clip.differences.record_stats import filter_counts, filter_summary
 from pc_clip.differences.parse import parse_output, split_statements, statement_problem
 from pc_clip.smoke.fixtures import make_tiny_llama
-from pc_clip.differences.judge import (OpenAIJudge, OracleJudge, judge_agreement, judge_prompt, judge_records,
-    make_judge, parse_verdicts, verdict_counts)
+from pc_clip.differences.judge import (OpenAIJudge, OracleJudge, judge_agreement, judge_key, judge_prompt,
+    judge_records, make_judge, parse_verdicts, verdict_counts)
 
 
 # ---- Difference data: pair sampling, the real 4-bit HF path on a tiny Llama, parsing/filtering, kill-and-resume.
@@ -218,7 +218,9 @@ def test_make_backend_and_paths(runs_dir):
         make_backend(cfg)
     with pytest.raises(ValueError, match="the oracle needs corpus=world"):
         make_backend(get_config("tiny", corpus="coco"))
-    assert differences_path(cfg, 0.3) == runs_dir / "runs" / "tiny" / "differences" / "oracle-noise0.3.jsonl"
+    path = differences_path(cfg, 0.3)
+    assert path == runs_dir / "runs" / "tiny" / "differences" / f"{generator_key(cfg)}-noise0.3.jsonl"
+    assert path.name.startswith("oracle-") and path.name.endswith("-noise0.3.jsonl")
 
 
 # ---------------------------------------------------------------- kill mid-run, resume
@@ -287,16 +289,101 @@ def test_experiment_notebook_runs_and_resumes(runs_dir):
     for _ in range(2):  # the second run resumes: nothing is generated twice, the rows are replaced
         pm.execute_notebook(str(repo / "nbs/experiments/02_differences.ipynb"), str(runs_dir.parent / "out.ipynb"),
                             parameters=params, cwd=str(repo), kernel_name="python3", progress_bar=False)
-    folder = runs_dir / "runs" / "tiny" / "differences"
-    for name in ("oracle-noise0.jsonl", "oracle-noise0.3.jsonl", "oracle-noise0.judged-oracle.jsonl"):
-        keys = [json.loads(line)["key"] for line in (folder / name).read_text().splitlines()]
-        assert len(keys) == len(set(keys)) == 200, name
     cfg = get_config("tiny", n_pairs=200, **params["overrides"])  # the run's own settings: its own results table
+    for path in (differences_path(cfg, 0.0), differences_path(cfg, 0.3), judged_path(differences_path(cfg, 0.0), "oracle", cfg)):
+        keys = [json.loads(line)["key"] for line in path.read_text().splitlines()]
+        assert len(keys) == len(set(keys)) == 200, path.name
     t = read_results(cfg).set_index(["model", "metric"])["value"]
     assert t[("oracle-noise0", "n_records")] == 200 and t[("oracle-noise0", "true_rate")] == 1.0
     assert 0.55 < t[("oracle-noise0.3", "consistent_rate")] < 0.85 and t[("oracle-noise0.3", "judge_agreement")] == 1.0
     assert t[("oracle-noise0/rewrites", "n_records")] == 400
     assert not t.index.duplicated().any()
+
+
+def test_runs_on_other_worlds_get_records_of_their_own_world(runs_dir):
+    "Issue 30: after a run, `-p seed=1` and `-p world_n_train=...` runs of experiment 02 write and train on records of their own world."
+    import papermill as pm
+    from pc_clip.differences.pairs import load_corpus
+    from pc_clip.training.plan import _training_data
+    repo = Path(__file__).resolve().parents[1]
+    small = {"world_n_train": 400, "world_n_test": 50}
+    runs = [small, {**small, "seed": 1}, {**small, "world_n_train": 500}]
+    data = []
+    for overrides in runs:
+        seed = overrides.get("seed", 0)  # -p seed=1 is the notebook's own parameter
+        pm.execute_notebook(str(repo / "nbs/experiments/02_differences.ipynb"), str(runs_dir.parent / "out.ipynb"),
+                            parameters=dict(n_pairs=100, seed=seed, overrides={k: v for k, v in overrides.items() if k != "seed"}),
+                            cwd=str(repo), kernel_name="python3", progress_bar=False)
+        cfg = get_config("tiny", n_pairs=100, **overrides)
+        corpus, held_out, world = load_corpus(cfg, "train")
+        for r in read_records(rewrites_path(cfg)):  # every stored rewrite was written from this world's caption
+            assert r["item"]["caption"] == world.captions[r["item"]["i"]], r["key"]
+        for r in read_records(differences_path(cfg)):
+            it = r["item"]
+            assert (it["caption_a"], it["caption_b"]) == (world.captions[it["i"]], world.captions[it["j"]]), r["key"]
+        d, _, files = _training_data(cfg, corpus, held_out)  # what experiment 03 trains on
+        fresh = rewrite_captions(corpus, make_backend(cfg, world), runs_dir / f"fresh-{len(data)}.jsonl", progress=False)
+        assert d["rewritten"].equals(rewritten_captions(fresh))  # equal to a run on an empty folder
+        data.append((files["differences"], d["rewritten"]))
+    assert len({str(f) for f, _ in data}) == 3  # three worlds, three stores
+    assert not data[0][1]["text"].equals(data[1][1]["text"])
+
+
+def test_a_stored_record_for_another_item_is_made_again(tmp_path, caplog):
+    "A record under the key asked for, but written for another image or caption (e.g. a store copied from another world), is regenerated."
+    pairs = sample_pairs(CORPUS, 12, seed=2)
+    path = tmp_path / "d.jsonl"
+    generate_differences(pairs, oracle(), path, progress=False)
+    moved = pairs.assign(caption_a=pairs.caption_b.to_numpy(), caption_b=pairs.caption_a.to_numpy())  # the same keys
+    moved.loc[:5, ["caption_a", "caption_b"]] = pairs.loc[:5, ["caption_a", "caption_b"]].to_numpy()  # 6 still match
+    caplog.clear()
+    recs = generate_differences(moved, oracle(), path, progress=False)
+    assert "6 stored differences record(s) did not match the item asked for" in caplog.text
+    assert [(r["item"]["caption_a"], r["item"]["caption_b"]) for r in recs] == list(zip(moved.caption_a, moved.caption_b))
+    assert recs == generate_differences(moved, oracle(), tmp_path / "fresh.jsonl", progress=False)
+    assert len(JsonlStore(path)) == 12
+    rw = rewrite_captions(CORPUS.head(4), oracle(), tmp_path / "rw.jsonl", progress=False)
+    other = CORPUS.head(4).assign(caption=CORPUS.caption[4:8].to_numpy())
+    again = rewrite_captions(other, oracle(), tmp_path / "rw.jsonl", progress=False)
+    assert [r["item"]["caption"] for r in again] == list(other.caption) != [r["item"]["caption"] for r in rw]
+
+
+class CountingJudge:
+    "A judge with a given identity that calls everything consistent and counts the records it is asked about."
+    def __init__(self, name, identity):
+        self.name, self.identity, self.asked = name, identity, 0
+
+    def judge(self, records):
+        self.asked += len(records)
+        return [(["consistent"] * len(r["statements"]), "ok") for r in records]
+
+
+def test_a_judge_of_another_identity_judges_again(tmp_path, monkeypatch):
+    "Issue 30: another folder of the same last name, the model served, new weights or an edited prompt is another judge."
+    import pc_clip.differences.judge as J
+    for d in ("a", "b"):
+        (tmp_path / d / "llama").mkdir(parents=True)
+        (tmp_path / d / "llama" / "model.safetensors").write_bytes(b"the same weights")
+    a, b = str(tmp_path / "a" / "llama"), str(tmp_path / "b" / "llama")
+    path = tmp_path / "oracle-x-noise0.jsonl"
+    recs = generate_differences(sample_pairs(CORPUS, 10, seed=0), oracle(), path, progress=False)
+    keys = {"folder a": judge_key(a), "folder b": judge_key(b), "served": judge_key("openai:" + a)}
+    (tmp_path / "a" / "llama" / "model.safetensors").write_bytes(b"other weights")
+    keys["new weights"] = judge_key(a)
+    monkeypatch.setattr(J, "JUDGE_PROMPT", J.JUDGE_PROMPT.replace("consistent if", "consistent only if"))
+    keys["edited prompt"] = judge_key(a)
+    assert len(set(keys.values())) == 5, keys
+    assert len({judged_path(path, spec) for spec in (a, b, "openai:" + a)}) == 3  # each its own file of verdicts
+    # each identity judges every record, into its own file; a judged file holding another judge's verdicts is judged again
+    store = tmp_path / "shared.judged.jsonl"
+    first = CountingJudge("llama", J.judge_identity(a))
+    judge_records(recs, first, store, progress=False)
+    judge_records(recs, first, store, progress=False)
+    assert first.asked == 10  # the same judge: reused
+    for what in ("served", "folder b"):
+        other = CountingJudge("llama", {"kind": what})
+        out = judge_records(recs, other, store, progress=False)
+        assert other.asked == 10 and {r["judge_key"] for r in out} == {judge_key(other)}
 
 
 def test_two_concurrent_runs_leave_one_record_per_key(tmp_path):

@@ -558,3 +558,25 @@ def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monke
     want = P.pair_alignment(emb_intact, st, embed_texts(model, tok, list(st.text), cfg))["text_direction_cosine"]
     assert cos.value.item() == pytest.approx(want, abs=1e-5)
     assert cos.n.item() == len(st)
+
+
+def test_write_evaluation_writes_items_before_rows(tmp_path, monkeypatch):
+    "Issue 30: the rows commit an experiment; when they are written, its items are already the new ones."
+    monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
+    from pc_clip.core.runtime import result_row
+    cfg = get_config("tiny")
+    row = lambda v: dict(result_row("clip", "zero_shot", "world", "accuracy", v, 0, 2),
+                         items=pd.DataFrame({"item": ["a", "b"], "value": [v * 2, 0.0], "weight": 1.0, "group": "x"}))
+    write_evaluation([row(0.5)], cfg, "toy")
+    seen = {}
+
+    def rows_after_items(rows, cfg, experiment):
+        seen["items"] = read_items(cfg, [experiment])["value"].tolist()  # what a kill here would leave
+        raise KeyboardInterrupt  # stopped between the two writes
+
+    monkeypatch.setattr(E, "write_results", rows_after_items)
+    with pytest.raises(KeyboardInterrupt):
+        write_evaluation([row(0.25)], cfg, "toy")
+    assert seen["items"] == [0.5, 0.0]  # the new items were on disk before the rows were written
+    assert read_items(cfg, ["toy"])["value"].tolist() == [1.0, 0.0]  # an interrupted write puts the old items back
+    assert read_results(cfg)["value"].tolist() == [0.5]

@@ -140,6 +140,24 @@ class JsonlStore:
             self._size = self.path.stat().st_size
         return len(new)
 
+    def drop(self, keys: Iterable) -> int:
+        "Remove the records of `keys` with one atomic rewrite (inside `writing()`); returns how many were removed."
+        if not self._locked:
+            raise RuntimeError(f"{self.path}: drop() rewrites the file, so it needs the store's lock: call it inside "
+                               "`with store.writing():`")
+        keys, kept, n = {str(k) for k in keys}, [], 0
+        for rec, _, dup in self._scan():
+            if rec is None or dup:
+                continue
+            if str(rec[self.key]) in keys:
+                n += 1
+            else:
+                kept.append(_dump(rec))
+        if n:
+            atomic_write(self.path, "".join(kept))
+            self._load()
+        return n
+
     def append(self, record: dict) -> bool:
         "Write `record` unless its key is already stored; returns whether it was written."
         return self.extend([record]) == 1

@@ -5,6 +5,8 @@
 # %% ../../nbs/differences/05_judge.ipynb #869d9373
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -15,13 +17,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..core.config import Config
-from ..core.runtime import data_root, result_row
+from ..core.runtime import content_hash, data_root, get_logger, result_row
 from ..core.store import JsonlStore
-from .llm import OpenAIClient, generate_texts, load_causal_lm
+from .llm import OpenAIClient, generator_slug, generate_texts, lm_identity, load_causal_lm
 
 # %% auto #0
-__all__ = ['JUDGE_SYSTEM_PROMPT', 'JUDGE_PROMPT', 'VERDICTS', 'judge_prompt', 'parse_verdicts', 'OracleJudge', 'HFJudge',
-           'OpenAIJudge', 'make_judge', 'judge_records', 'verdict_counts', 'judge_agreement', 'judge_rows']
+__all__ = ['JUDGE_SYSTEM_PROMPT', 'JUDGE_PROMPT', 'VERDICTS', 'JUDGE_MAX_NEW_TOKENS', 'judge_prompt', 'parse_verdicts',
+           'OracleJudge', 'HFJudge', 'OpenAIJudge', 'make_judge', 'judge_identity', 'judge_key', 'judged_matches',
+           'judge_records', 'verdict_counts', 'judge_agreement', 'judge_rows']
 
 # %% ../../nbs/differences/05_judge.ipynb #f4250abd
 JUDGE_SYSTEM_PROMPT = "You check statements against image captions. You answer exactly in the requested format."
@@ -63,10 +66,25 @@ def parse_verdicts(text: str, n: int) -> list[str | None]:
     return out
 
 # %% ../../nbs/differences/05_judge.ipynb #a2c94082
+JUDGE_MAX_NEW_TOKENS = 64
+
+
+def _lm_judge_identity(who: dict, max_new_tokens: int | None, load_in_4bit: bool | None = None) -> dict:
+    "A language-model judge's identity: the model (`lm_identity`), its decoding settings and its prompts, read now."
+    settings = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
+    if who.get("kind") == "in-process":
+        settings["load_in_4bit"] = load_in_4bit
+    return {**who, "settings": settings, "prompts": [JUDGE_SYSTEM_PROMPT, JUDGE_PROMPT]}
+
+
 @dataclass
 class OracleJudge:
     "Ground-truth judge for oracle-written records: a statement is consistent iff it is true."
     name: str = "oracle"
+
+    @property
+    def identity(self) -> dict:
+        return {"kind": "oracle"}
 
     def judge(self, records: Sequence[dict]) -> list[tuple[list[str | None], str | None]]:
         return [([None if "true" not in s else VERDICTS[0] if s["true"] else VERDICTS[1] for s in r["statements"]], None)
@@ -80,7 +98,14 @@ class HFJudge:
     tokenizer: Any
     name: str
     batch_size: int = 8
-    max_new_tokens: int = 64
+    max_new_tokens: int = JUDGE_MAX_NEW_TOKENS
+    weights: dict | None = None  # `lm_identity` of what was loaded (set by `make_judge`)
+    load_in_4bit: bool | None = None
+
+    @property
+    def identity(self) -> dict:
+        who = self.weights or {"kind": "in-process", "model": self.name}
+        return _lm_judge_identity(who, self.max_new_tokens, self.load_in_4bit)
 
     def judge(self, records: Sequence[dict]) -> list[tuple[list[str | None], str | None]]:
         prompts = [judge_prompt(r) for r in records]
@@ -101,6 +126,10 @@ class OpenAIJudge:
     @property
     def name(self) -> str:
         return f"openai:{self.model}"
+
+    @property
+    def identity(self) -> dict:
+        return _lm_judge_identity({"kind": "served", "model": self.model}, self.max_tokens)
 
     @property
     def client(self) -> OpenAIClient:
@@ -130,9 +159,56 @@ def make_judge(spec: str, cfg: Config | None = None):
         return OpenAIJudge(model=spec.split(":", 1)[1] or "gpt-4o-mini")
     kw = dict(load_in_4bit=cfg.load_in_4bit, device=cfg.device, root=data_root(cfg)) if cfg is not None else {}
     model, tok = load_causal_lm(spec, **kw)
-    return HFJudge(model, tok, name=spec, batch_size=cfg.gen_batch_size if cfg is not None else 8)
+    return HFJudge(model, tok, name=spec, batch_size=cfg.gen_batch_size if cfg is not None else 8,
+                   weights=lm_identity(spec, data_root(cfg) if cfg is not None else None),
+                   load_in_4bit=cfg.load_in_4bit if cfg is not None else True)
+
+# %% ../../nbs/differences/05_judge.ipynb #212e34bc
+def _judge_spec(spec: str) -> str:
+    return "openai:gpt-4o-mini" if spec == "openai:" else spec
+
+
+def judge_identity(spec: str, cfg: Config | None = None) -> dict:
+    "The identity of the judge `make_judge(spec, cfg)` makes, without loading it."
+    spec = _judge_spec(spec)
+    if spec == "oracle":
+        return OracleJudge().identity
+    if spec.startswith("openai:"):
+        return OpenAIJudge(model=spec.split(":", 1)[1]).identity
+    who = lm_identity(spec, data_root(cfg) if cfg is not None else None)
+    return _lm_judge_identity(who, JUDGE_MAX_NEW_TOKENS, cfg.load_in_4bit if cfg is not None else True)
+
+
+def _identity_of(judge) -> dict:
+    "A judge object's identity; for a judge without one, its name, type and plain settings."
+    ident = getattr(judge, "identity", None)
+    if ident is not None:
+        return ident
+    fields = dataclasses.asdict(judge) if dataclasses.is_dataclass(judge) else {}
+    return {"name": judge.name, "type": type(judge).__name__,
+            **{k: v for k, v in fields.items() if isinstance(v, (str, int, float, bool, type(None)))}}
+
+
+def judge_key(judge, cfg: Config | None = None) -> str:
+    "The file-name key of a judge's verdicts (a judge, or a judge spec with `cfg`): its slug and a hash of its identity."
+    if isinstance(judge, str):
+        name, ident = _judge_spec(judge), judge_identity(judge, cfg)
+    else:
+        name, ident = judge.name, _identity_of(judge)
+    return f"{generator_slug(name)}-{content_hash(ident, n=8)}"
 
 # %% ../../nbs/differences/05_judge.ipynb #c18ff1d0
+def _plain(x):
+    return json.loads(json.dumps(x, default=str))
+
+
+def judged_matches(judged: dict, record: dict, key: str) -> bool:
+    "Whether a stored judged copy holds judge `key`'s verdicts on `record` as it is now (the same item and statements)."
+    texts = lambda r: [s.get("text") for s in r.get("statements") or []]
+    return (judged.get("judge_key") == key and _plain(judged.get("item")) == _plain(record.get("item"))
+            and texts(judged) == texts(record))
+
+
 def _judge_chunk(chunk: Sequence[dict], judge) -> list[dict]:
     need = [r for r in chunk if r["statements"]]
     answers = dict(zip([r["key"] for r in need], judge.judge(need))) if need else {}
@@ -141,12 +217,20 @@ def _judge_chunk(chunk: Sequence[dict], judge) -> list[dict]:
         verdicts, raw = answers.get(r["key"], ([], None))
         verdicts = (list(verdicts) + [None] * len(r["statements"]))[:len(r["statements"])]
         judged.append({**r, "statements": [{**s, "verdict": v} for s, v in zip(r["statements"], verdicts)],
-                       "judge": judge.name, "judge_raw": raw})
+                       "judge": judge.name, "judge_key": judge_key(judge), "judge_raw": raw})
     return judged
 
 
 def _judge_all(records: Sequence[dict], judge, store: JsonlStore | None, batch_size: int, progress: bool) -> dict:
     done = {r["key"]: r for r in store.records()} if store is not None else {}
+    key, asked = judge_key(judge), {r["key"]: r for r in records}
+    stale = [k for k, j in done.items() if k in asked and not judged_matches(j, asked[k], key)]
+    if stale:  # judged by another judge, or the record was made again since: judge it again
+        store.drop(stale)
+        get_logger("pc_clip.differences.judge").warning(
+            f"{store.path.name}: {len(stale)} stored verdict(s) were of another judge or of another version of the "
+            f"record (e.g. {stale[0]!r}); they are judged again by {judge.name}")
+        done = {k: j for k, j in done.items() if k not in set(stale)}
     todo = [r for r in records if r["key"] not in done]
     with tqdm(total=len(records), initial=len(records) - len(todo), unit="record", desc=f"judge [{judge.name}]",
               disable=not progress, dynamic_ncols=True) as bar:

@@ -5,8 +5,10 @@
 # %% ../../nbs/differences/01_llm.ipynb #949af796
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -28,9 +30,10 @@ from ..models.clip import weights_dir
 # %% auto #0
 __all__ = ['SYSTEM_PROMPT', 'DIFFERENCE_PROMPT', 'REWRITE_PROMPT', 'CATEGORY_PROMPT', 'N_STATEMENTS', 'TASKS',
            'LLAMA2_CHAT_TEMPLATE', 'DEFAULT_OPENAI_BASE_URL', 'RETRY_STATUSES', 'build_prompt', 'has_chat_template',
-           'render_chat', 'load_causal_lm', 'item_seed', 'SeededSampler', 'generate_texts', 'kv_bytes_per_token',
-           'fit_generation_batch', 'generation_batch_size', 'HFBackend', 'redact', 'retry_pause', 'OpenAIClient',
-           'free_port', 'serve_local', 'OpenAIBackend']
+           'render_chat', 'load_causal_lm', 'generator_slug', 'folder_fingerprint', 'hf_snapshot', 'lm_identity',
+           'item_seed', 'SeededSampler', 'generate_texts', 'kv_bytes_per_token', 'fit_generation_batch',
+           'generation_batch_size', 'HFBackend', 'redact', 'retry_pause', 'OpenAIClient', 'free_port', 'serve_local',
+           'OpenAIBackend']
 
 # %% ../../nbs/differences/01_llm.ipynb #dc16b508
 SYSTEM_PROMPT = ("You describe pictures precisely and briefly. You only state what the descriptions "
@@ -134,6 +137,78 @@ def load_causal_lm(name: str, load_in_4bit: bool = True, device: str = "auto", r
     model.generation_config.pad_token_id = tok.pad_token_id
     model.eval()
     return model, tok
+
+# %% ../../nbs/differences/01_llm.ipynb #10309a2f
+def generator_slug(name: str) -> str:
+    "A file-name friendly form of a model name: 'meta-llama/Llama-2-13b-chat-hf' -> 'llama-2-13b-chat-hf'."
+    name = str(name)
+    prefix = ""
+    if name.startswith("openai:"):
+        prefix, name = "openai-", name.split(":", 1)[1]
+    return prefix + (re.sub(r"[^a-z0-9.]+", "-", Path(name.rstrip("/")).name.lower()).strip("-") or "generator")
+
+# %% ../../nbs/differences/01_llm.ipynb #2d44afec
+_FINGERPRINTS: dict = {}
+
+
+def folder_fingerprint(folder: str | Path, full_limit: int = 1 << 30, edge: int = 1 << 23) -> str:
+    "A sha256 of a model folder's files: whole up to `full_limit` bytes, else each file's name, size, first and last `edge` bytes."
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts))
+    stats = tuple((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if (folder, stats) in _FINGERPRINTS:  # the file list, sizes and times only decide whether to hash again in this process
+        return _FINGERPRINTS[folder, stats]
+    full, h = sum(s for _, s, _ in stats) <= full_limit, hashlib.sha256()
+    for p, (rel, size, _) in zip(files, stats):
+        h.update(f"{rel}\0{size}\0".encode())
+        with open(p, "rb") as f:  # a Hugging Face snapshot's files are links into blobs/: open() reads the blob
+            if full or size <= 2 * edge:
+                while block := f.read(1 << 24):
+                    h.update(block)
+            else:
+                h.update(f.read(edge)); f.seek(size - edge); h.update(f.read(edge))
+    _FINGERPRINTS[folder, stats] = out = "sha256:" + h.hexdigest()[:16]
+    return out
+
+# %% ../../nbs/differences/01_llm.ipynb #03546bac
+def _where(path: Path, root: Path) -> str:
+    "`path` resolved, written relative to the data root when it lies inside it."
+    p = Path(path).expanduser().resolve()
+    try:
+        return "<data root>/" + p.relative_to(Path(root).expanduser().resolve()).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def hf_snapshot(name: str, root: str | Path | None = None) -> Path | None:
+    "The Hugging Face snapshot folder `load_causal_lm` loads repository `name` from (the data root's cache first), or None."
+    from huggingface_hub import try_to_load_from_cache
+    root = Path(root) if root is not None else data_root()
+    for cache in (str(weights_dir(root) / "hf"), None):
+        try:
+            hit = try_to_load_from_cache(name, "config.json", cache_dir=cache)
+        except ValueError:  # not a repository id (a path that does not exist, say)
+            return None
+        if isinstance(hit, str):
+            return Path(hit).parent  # .../snapshots/<revision>/config.json
+    return None
+
+
+def lm_identity(name: str, root: str | Path | None = None) -> dict:
+    "What model `name` stands for: how it runs, the folder or snapshot it loads from and a hash of its weights."
+    if name == "oracle":
+        return {"kind": "oracle"}
+    if name.startswith("openai:"):
+        return {"kind": "served", "model": name.split(":", 1)[1]}
+    root = Path(root) if root is not None else data_root()
+    for folder in (Path(name).expanduser(), weights_dir(root) / name):
+        if folder.is_dir():
+            return {"kind": "in-process", "path": _where(folder, root), "weights": folder_fingerprint(folder)}
+    snap = hf_snapshot(name, root)
+    if snap is not None:
+        return {"kind": "in-process", "model": name, "path": _where(snap, root), "revision": snap.name,
+                "weights": folder_fingerprint(snap)}
+    return {"kind": "in-process", "model": name, "weights": "not-found"}
 
 # %% ../../nbs/differences/01_llm.ipynb #b14ce26d
 def item_seed(seed: int, *parts: Any) -> int:

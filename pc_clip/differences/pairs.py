@@ -10,12 +10,17 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from pathlib import Path
+
 from ..core.config import Config
-from ..data.datasets import load_dataset
-from ..world.shapes import make_world
+from ..core.runtime import data_root
+from ..data.datasets import canonical_name, load_dataset
+from ..models.clip import file_sha256
+from ..world.shapes import make_world, world_key
 
 # %% auto #0
-__all__ = ['PAIR_SAMPLING', 'pair_key', 'sample_pairs', 'corpus_from_world', 'corpus_from_dataset', 'load_corpus']
+__all__ = ['PAIR_SAMPLING', 'CORPUS_FILES', 'pair_key', 'sample_pairs', 'corpus_from_world', 'corpus_from_dataset', 'load_corpus',
+           'corpus_identity']
 
 # %% ../../nbs/differences/00_pairs.ipynb #da669efc
 PAIR_SAMPLING = ("random", "different_category")
@@ -111,3 +116,26 @@ def load_corpus(cfg: Config, split: str = "train") -> tuple[pd.DataFrame, list, 
         world = make_world(cfg)
         return corpus_from_world(world, split), list(world.heldout_pairs), world
     return corpus_from_dataset(load_dataset(cfg.corpus, cfg, split=split), cfg.seed), [], None
+
+# %% ../../nbs/differences/00_pairs.ipynb #dec146a3
+CORPUS_FILES = {"coco": ("coco/annotations/captions_train2017.json", "coco/annotations/captions_val2017.json")}
+_FILE_HASHES: dict = {}
+
+
+def _file_identity(path: Path) -> str:
+    if not path.is_file():
+        return "missing"
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)  # hashed once per process while unchanged
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = "sha256:" + file_sha256(path)
+    return _FILE_HASHES[key]
+
+
+def corpus_identity(cfg: Config) -> dict:
+    "What decides the images and captions behind a corpus's item keys: the world's key, or the annotation files and seed."
+    if cfg.corpus == "world":
+        return {"world": world_key(cfg)}
+    name = canonical_name(cfg.corpus)
+    files = {f: _file_identity(data_root(cfg) / f) for f in CORPUS_FILES.get(name, ())}
+    return {"corpus": name, "seed": cfg.seed, "files": files}

@@ -5,7 +5,7 @@
 # %% ../../nbs/differences/04_records.ipynb #9eb5354e
 from __future__ import annotations
 
-import hashlib
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,20 +19,21 @@ from tqdm.auto import tqdm
 from ..core.config import Config
 from ..core.runtime import content_hash, data_root, get_logger, result_row, run_dir
 from ..core.store import JsonlStore
-from .llm import N_STATEMENTS, HFBackend, OpenAIBackend, load_causal_lm
+from .llm import N_STATEMENTS, HFBackend, OpenAIBackend, generator_slug, lm_identity, load_causal_lm
 from .parse import normalize_statement, parse_output
-from .pairs import pair_key
+from .pairs import corpus_identity, pair_key
 from .record_stats import filter_summary, no_usable_message, rejection_warning
 from ..world.oracle import category_differences, oracle_differences
 from ..world.shapes import oracle_rewrite_caption
 from .llm import CATEGORY_PROMPT, DIFFERENCE_PROMPT, REWRITE_PROMPT, SYSTEM_PROMPT
+from .judge import judge_key, judged_matches
 
 # %% auto #0
-__all__ = ['RECORD_FIELDS', 'item_rng', 'OracleBackend', 'generator_slug', 'generator_fingerprint', 'generator_key',
-           'make_backend', 'record_key', 'build_record', 'generate_records', 'generate_differences', 'rewrite_captions',
-           'write_category_differences', 'difference_triples', 'rewritten_captions', 'examples_table', 'summary_rows',
-           'differences_dir', 'differences_path', 'rewrites_path', 'category_differences_path', 'judged_path',
-           'read_records', 'training_triples']
+__all__ = ['RECORD_FIELDS', 'item_rng', 'OracleBackend', 'generator_identity', 'generator_key', 'make_backend', 'record_key',
+           'item_identity', 'record_matches', 'build_record', 'generate_records', 'generate_differences',
+           'rewrite_captions', 'write_category_differences', 'difference_triples', 'rewritten_captions',
+           'examples_table', 'summary_rows', 'differences_dir', 'differences_path', 'rewrites_path',
+           'category_differences_path', 'judged_path', 'read_records', 'training_triples']
 
 # %% ../../nbs/differences/04_records.ipynb #a2bb3ee1
 def item_rng(seed: int, *parts: str) -> np.random.Generator:
@@ -82,65 +83,22 @@ class OracleBackend:
     def generate(self, items: Sequence[dict], task: str = "differences") -> list[dict]:
         return [self._one(it, task) for it in items]
 
-# %% ../../nbs/differences/04_records.ipynb #e679cc41
-def generator_slug(name: str) -> str:
-    "A file-name friendly form of a generator name: 'meta-llama/Llama-2-13b-chat-hf' -> 'llama-2-13b-chat-hf'."
-    name = str(name)
-    prefix = ""
-    if name.startswith("openai:"):
-        prefix, name = "openai-", name.split(":", 1)[1]
-    return prefix + (re.sub(r"[^a-z0-9.]+", "-", Path(name.rstrip("/")).name.lower()).strip("-") or "generator")
-
 # %% ../../nbs/differences/04_records.ipynb #fe3344e0
-_FINGERPRINTS: dict = {}
-
-
-def _folder_fingerprint(folder: Path, full_limit: int = 1 << 30, edge: int = 1 << 23) -> str:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts))
-    stats = tuple((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-    if stats in _FINGERPRINTS:  # the file list, sizes and times only decide whether to hash again in this process
-        return _FINGERPRINTS[stats]
-    full, h = sum(s for _, s, _ in stats) <= full_limit, hashlib.sha256()
-    for p, (rel, size, _) in zip(files, stats):
-        h.update(f"{rel}\0{size}\0".encode())
-        with open(p, "rb") as f:
-            if full or size <= 2 * edge:
-                while block := f.read(1 << 24):
-                    h.update(block)
-            else:
-                h.update(f.read(edge)); f.seek(size - edge); h.update(f.read(edge))
-    _FINGERPRINTS[stats] = out = "sha256:" + h.hexdigest()[:16]
-    return out
-
-
-def generator_fingerprint(name: str, root: str | Path | None = None) -> str:
-    "What identifies the weights behind generator `name`: a snapshot revision, a hash of its folder, or why there is none."
-    if name == "oracle" or name.startswith("openai:"):
-        return "served" if name.startswith("openai:") else "oracle"
-    root = Path(root) if root is not None else data_root()
-    for folder in (Path(name).expanduser(), Path(root) / "weights" / name):
-        if folder.is_dir():
-            return _folder_fingerprint(folder)
-    from huggingface_hub import try_to_load_from_cache
-    for cache in (str(Path(root) / "weights" / "hf"), None):
-        try:
-            hit = try_to_load_from_cache(name, "config.json", cache_dir=cache)
-        except ValueError:  # not a repository id (a path that does not exist, say)
-            break
-        if isinstance(hit, str):
-            return "revision:" + Path(hit).parent.name  # .../snapshots/<revision>/config.json
-    return "not-found"
+def generator_identity(cfg: Config, generator: str | None = None) -> dict:
+    "What decides the records `generator` (default `cfg.generator`) writes: the model, its settings and prompts."
+    name = generator or cfg.generator
+    if name == "oracle":
+        return {"kind": "oracle", "n_statements": N_STATEMENTS}
+    who = lm_identity(name, data_root(cfg))
+    settings = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                    n_statements=N_STATEMENTS, **({"load_in_4bit": cfg.load_in_4bit} if who["kind"] == "in-process" else {}))
+    return {**who, "settings": settings, "prompts": [DIFFERENCE_PROMPT, CATEGORY_PROMPT, REWRITE_PROMPT, SYSTEM_PROMPT]}
 
 
 def generator_key(cfg: Config, generator: str | None = None) -> str:
-    "The file-name key of `generator`'s stores (default `cfg.generator`): its slug, plus a hash of its identity for an LLM."
+    "The file-name key of `generator`'s stores on `cfg`'s corpus: its slug and a hash of the inputs' and its identity."
     name = generator or cfg.generator
-    if name == "oracle":
-        return generator_slug(name)
-    settings = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-                    load_in_4bit=cfg.load_in_4bit, n_statements=N_STATEMENTS)
-    prompts = (DIFFERENCE_PROMPT, CATEGORY_PROMPT, REWRITE_PROMPT, SYSTEM_PROMPT)
-    return f"{generator_slug(name)}-{content_hash(name, generator_fingerprint(name, data_root(cfg)), settings, prompts, n=8)}"
+    return f"{generator_slug(name)}-{content_hash(corpus_identity(cfg), generator_identity(cfg, name), n=8)}"
 
 # %% ../../nbs/differences/04_records.ipynb #c12309d5
 def make_backend(cfg: Config, world=None, noise: float | None = None):
@@ -173,6 +131,26 @@ def _context(task: str, item: dict) -> list[str]:
     if task == "rewrite":
         return [item["caption"]]
     return [str(item["category_a"]), str(item["category_b"])]
+
+# %% ../../nbs/differences/04_records.ipynb #3882cfa0
+def _plain(x):
+    return json.loads(json.dumps(x, default=str))  # the record as the store holds it (tuples as lists, numpy as numbers)
+
+
+def item_identity(task: str, item: dict) -> tuple:
+    "What one item is: its key, image ids and the texts a writer sees (captions, or class names)."
+    ids = {"differences": ("i", "j"), "rewrite": ("i",)}.get(task, ())
+    return (str(item.get("key")), *(str(item.get(k)) for k in ids), *map(str, _context(task, item)))
+
+
+def record_matches(record: dict, item: dict, backend, task: str) -> bool:
+    "Whether a stored `record` answers `item` for `backend` and `task`: the same item, generator and settings."
+    try:
+        same_item = item_identity(task, record.get("item") or {}) == item_identity(task, item)
+    except KeyError:  # a record of another task or shape
+        return False
+    return (same_item and record.get("task") == task and record.get("generator") == backend.name
+            and _plain(record.get("gen_config")) == _plain(backend.config))
 
 # %% ../../nbs/differences/04_records.ipynb #8133a3c0
 def build_record(item: dict, output: dict, backend, task: str, max_words: int = 40) -> dict:
@@ -216,7 +194,20 @@ def _generate(backend, chunk: list[dict], task: str) -> list[dict]:
         raise
 
 
+def _drop_mismatched(store: JsonlStore, items: list[dict], backend, task: str) -> int:
+    "Remove stored records of `items` that do not answer them (see `record_matches`); returns how many."
+    want = {record_key(backend.name, str(it["key"])): it for it in items}
+    bad = [r["key"] for r in store.records() if r["key"] in want and not record_matches(r, want[r["key"]], backend, task)]
+    if bad:
+        store.drop(bad)
+        get_logger("pc_clip.differences.records").warning(
+            f"{store.path.name}: {len(bad)} stored {task} record(s) did not match the item asked for (another image, "
+            f"caption or generator setting under the same key, e.g. {bad[0]!r}); they are generated again")
+    return len(bad)
+
+
 def _fill(store: JsonlStore, items: list[dict], backend, task: str, batch_size: int, max_words: int, progress: bool) -> None:
+    _drop_mismatched(store, items, backend, task)
     todo = [it for it in items if record_key(backend.name, str(it["key"])) not in store]
     unit = {"differences": "pair", "rewrite": "caption", "category": "class pair"}.get(task, "item")
     with tqdm(total=len(items), initial=len(items) - len(todo), unit=unit, desc=f"{task} [{backend.name}]",
@@ -353,10 +344,10 @@ def category_differences_path(cfg: Config, generator: str | None = None) -> Path
     return differences_dir(cfg) / f"{generator_key(cfg, generator)}-categories.jsonl"
 
 
-def judged_path(path: str | Path, judge_name: str) -> Path:
-    "Where the judged copy of the record file `path` goes: `<stem>.judged-<judge slug>.jsonl` beside it."
+def judged_path(path: str | Path, judge, cfg: Config | None = None) -> Path:
+    "Where `judge`'s verdicts on the record file `path` go: `<stem>.judged-<judge key>.jsonl` beside it."
     path = Path(path)
-    return path.with_name(f"{path.stem}.judged-{generator_slug(judge_name.replace(':', '-'))}.jsonl")
+    return path.with_name(f"{path.stem}.judged-{judge_key(judge, cfg)}.jsonl")
 
 # %% ../../nbs/differences/04_records.ipynb #1e3473d7
 def read_records(path: str | Path) -> list[dict]:
@@ -367,25 +358,23 @@ def read_records(path: str | Path) -> list[dict]:
     return JsonlStore(path).records()
 
 # %% ../../nbs/differences/04_records.ipynb #aa56cce8
-def _judge_name(spec: str) -> str:
-    return "openai:gpt-4o-mini" if spec == "openai:" else spec
-
-
 def training_triples(cfg: Config, noise: float | None = None, filtered: bool = True, pairs=None) -> pd.DataFrame:
     "Finetuning triples (i, j, text): consistent statements when `cfg.judge` is set and `filtered`, else all accepted."
     path = differences_path(cfg, noise)
     records = read_records(path)
     judged = bool(filtered and cfg.judge)
     if judged:
-        jpath = judged_path(path, _judge_name(cfg.judge))
+        jpath = judged_path(path, cfg.judge, cfg)
         if not jpath.exists():
             raise FileNotFoundError(f"cfg.judge={cfg.judge!r} but {jpath} does not exist: run experiment 02 with this "
                                     "judge, or train on unfiltered differences (filtered=False, or judge=None)")
         by_key = {r["key"]: r for r in read_records(jpath)}
-        missing = [r["key"] for r in records if r["key"] not in by_key]
+        key = judge_key(cfg.judge, cfg)
+        missing = [r["key"] for r in records if r["key"] not in by_key or not judged_matches(by_key[r["key"]], r, key)]
         if missing:
-            raise ValueError(f"{jpath} judges {len(records) - len(missing)} of {len(records)} records of {path.name} "
-                             f"(e.g. {missing[0]} is not judged): run experiment 02 again to finish judging")
+            raise ValueError(f"{jpath} judges {len(records) - len(missing)} of {len(records)} records of {path.name} as "
+                             f"they are now (e.g. {missing[0]} is not judged, or was judged as another record or by "
+                             "another judge): run experiment 02 again to finish judging")
         records = [by_key[r["key"]] for r in records]
     if pairs is not None:
         keys = set(pd.DataFrame(pairs)["key"].astype(str))

@@ -166,11 +166,20 @@ def write_evaluation(rows: Sequence[dict], cfg: Config, experiment: str) -> pd.D
     path = items_path(cfg, experiment)
     buf = io.BytesIO()
     table.to_csv(buf, index=False, float_format="%.10g", compression={"method": "gzip", "mtime": 0})
-    # the rows first: a row the table refuses stops here, before either file of this experiment changes
-    results = write_results([{k: v for k, v in r.items() if k != "items"} for r in rows], cfg, experiment)
+    # the items first, the rows last: the rows commit the experiment, so a run killed between the two leaves the old
+    # rows (read as not done, and rerun) and never new rows paired with old items; a row the table refuses puts the
+    # old items back, so neither file of this experiment changes
     with artifact_lock(path, timeout=60):
+        old = path.read_bytes() if path.exists() else None
         atomic_write(path, buf.getvalue())
-    return results
+        try:
+            return write_results([{k: v for k, v in r.items() if k != "items"} for r in rows], cfg, experiment)
+        except BaseException:
+            if old is None:
+                path.unlink(missing_ok=True)
+            else:
+                atomic_write(path, old)
+            raise
 
 
 def read_items(cfg: Config, experiments: Sequence[str] | None = None) -> pd.DataFrame:

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from ..core.config import Config
-from ..core.runtime import atomic_write, atomic_write_json, content_hash, data_root, pick_device, run_dir
+from ..core.runtime import atomic_write, atomic_write_json, content_hash, data_root, pick_device, run_dir, run_id, run_name
 from ..core.registry import model_settings, model_spec
 
 # %% auto #0
@@ -286,7 +286,8 @@ def write_manifest(cfg: Config, name: str, folder: str | Path | None = None, lr:
     spec, settings = model_spec(cfg, name), weights_settings(cfg, name, lr, alpha)
     folder = Path(folder) if folder is not None else model_dir(cfg, name, lr, alpha)
     candidate = lr is not None or alpha is not None
-    m = dict(name=name, role="candidate" if candidate else spec.role, profile=cfg.profile, folder=folder.name,
+    m = dict(name=name, role="candidate" if candidate else spec.role, profile=cfg.profile, run=run_name(cfg), run_id=run_id(cfg),
+             folder=folder.name,
              key=content_hash(settings, n=10), settings=settings, data=spec.data,
              trainable=spec.trainable or (cfg.ft_trainable if spec.data else None),
              loss=spec.loss or (cfg.ft_loss if spec.data else None), parent=None if parent is None else Path(parent).name,

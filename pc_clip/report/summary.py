@@ -17,17 +17,17 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..core.config import Config
-from pc_clip.core.runtime import (atomic_write, condition_dict, read_results, results_path, FRACTION_METRICS, run_dir,
-    project_root)
+from ..core.config import PROFILES, Config
+from ..core.runtime import (PLACE_SETTINGS, atomic_write, condition_dict, notebooks_dir, read_results, results_path,
+    FRACTION_METRICS, run_dir, project_root)
 from ..evaluation.runner import read_items
 from ..training.plan import training_data_path
 from ..evaluation.metrics import best_on_validation, paired_bootstrap, statistic_value
 from ..evaluation.ceiling import CELL_ATTRIBUTES
 from ..training.selection import (Targets, choices_markdown, choose_setting, selection_markdown, target_check,
-    paired_change, read_candidates)
+    paired_change, read_candidates, tuning_statement)
 from ..models.clip import is_checkpoint, model_dir
-from ..core.registry import REGISTRY, model_specs
+from ..core.registry import REGISTRY, model_specs, sweep_grid
 from ..core.registry import NOISE_LEVEL
 
 # %% auto #0
@@ -36,8 +36,8 @@ __all__ = ['MODEL_ORDER', 'ABLATION_MODELS', 'MAIN_METRICS', 'RECALLS', 'PAPER_C
            'pivot_table', 'markdown_table', 'model_colours', 'interval_table', 'bar_figure', 'ablation_models',
            'ablation_table', 'direction_sentences', 'Claim', 'chosen_setting', 'is_world_dataset', 'claim_verdict',
            'claim_verdicts', 'selection_table', 'vocabulary_section', 'claims_markdown', 'difference_cells',
-           'cells_markdown', 'recorded_capacity_study', 'capacity_section', 'departures', 'run_warnings',
-           'write_report']
+           'cells_markdown', 'recorded_capacity_study', 'capacity_section', 'departures', 'truncation_warnings',
+           't2i_pair', 'run_warnings', 'write_report']
 
 # %% ../../nbs/report/00_summary.ipynb #d7d1dee4
 def is_validation(results: pd.DataFrame) -> pd.Series:
@@ -630,6 +630,7 @@ def _training_data(cfg: Config) -> tuple[str, list[str]]:
         return (f"differences from `{cfg.generator}` by this config (experiment 03 recorded no `{path.name}`, so the "
                 "data the models were trained on is not known here)", [])
     t = pd.read_csv(path)
+    t = t[t["model"].isin({s.name for s in model_specs(cfg)})]  # the world's ablations are no model of a paper run
     t["used"] = t["used"] if "used" in t else t["rows"]
     trained = t["model"].map(lambda m: is_checkpoint(model_dir(cfg, m)))  # a skipped variant was planned, not trained
     t["used"] = t["used"].where(trained, 0)
@@ -682,16 +683,70 @@ def departures(cfg: Config) -> list[str]:
         out.append("finetuning: " + ", ".join(ft))
     if cfg.corpus != "world":
         out.append("text-to-image is scored by the CLIP score of the run's base `clip` only (the paper also asked an LLM judge)")
+    return out + _profile_departures(cfg)
+
+
+_NOT_RESULTS = set(PLACE_SETTINGS) | {"profile", "gen_batch_size", "eval_batch_size", "gen_batch_from_memory", "ft_keep_epochs"}
+_SAID = {"model_name", "pretrained", "corpus", "generator", "load_in_4bit", "judge", "eval_seeds", "eval_n_images",
+         "ft_lr", "ft_lr_decay", "ft_epochs", "ft_batch_size", "caption_ft_lr", "caption_ft_batch_size", "caption_ft_epochs"}
+
+
+def _profile_departures(cfg: Config) -> list[str]:
+    "Every other setting that decides a result and differs from the `paper` profile's, T2I and generation first."
+    paper = Config(**{**PROFILES["paper"], "profile": "paper"})
+    differs = lambda k: getattr(cfg, k) != getattr(paper, k)
+    said, out = set(_SAID) | ({"n_pairs", "pair_sampling"} if cfg.corpus == paper.corpus else set()), []
+    if cfg.corpus != "world":  # the T2I study of a paper-data run: its own base, SDXL and budget
+        base, ref = (cfg.t2i_clip_model, cfg.t2i_clip_pretrained), (paper.t2i_clip_model, paper.t2i_clip_pretrained)
+        if base != ref:
+            out.append(f"the T2I study finetunes its own PC-CLIP from `{base[0]}` / `{base[1]}` (paper: {ref[0]} / {ref[1]}, "
+                       "SDXL's first text encoder)" if base[0] else "no T2I study: the base's text tower fits no SDXL slot")
+        t2i = [f"{k}={getattr(cfg, k)!r} (paper profile {getattr(paper, k)!r})" for k in ("t2i_model", "t2i_steps", "t2i_image_size")
+               if differs(k)]
+        if t2i:
+            out.append("text-to-image: " + ", ".join(t2i))
+    said |= {"t2i_clip_model", "t2i_clip_pretrained", "t2i_model", "t2i_steps", "t2i_image_size"}
+    if cfg.generator != "oracle" and differs("max_new_tokens"):
+        out.append(f"each generation is cut at max_new_tokens={cfg.max_new_tokens} (paper profile: {paper.max_new_tokens}); "
+                   "a statement cut there is rejected (see the warnings)")
+    said.add("max_new_tokens")
+    rest = [f"{k}={getattr(cfg, k)!r} (paper profile {getattr(paper, k)!r})" for k in cfg.to_dict()
+            if k not in said and k not in _NOT_RESULTS and differs(k)]
+    if rest:
+        out.append("other settings that differ from the `paper` profile: " + ", ".join(rest))
     return out
+
+
+def truncation_warnings(results: pd.DataFrame, cfg: Config) -> list[str]:
+    "A warning per record set of experiment 02 whose generations stopped at `max_new_tokens` and so lost a statement."
+    d = results[results["task"] == "differences"]
+    out = []
+    for (model, dataset), r in d[d["metric"] == "n_rejected_truncated"].groupby(["model", "dataset"], sort=False):
+        cut = int(r["value"].sum())
+        n = d[(d["model"] == model) & (d["dataset"] == dataset) & (d["metric"] == "n_records")]["value"]
+        if cut > 0:
+            out.append(f"02: {cut}{f' of {int(n.iloc[0])}' if len(n) else ''} generations of `{model}` ({dataset}) stopped at "
+                       f"max_new_tokens={cfg.max_new_tokens} and lost their last statement (rejected as truncated); "
+                       "raise it (-p max_new_tokens=...) to keep them")
+    return out
+
+
+def t2i_pair(cfg: Config) -> str | None:
+    "What `pc-clip` and `clip` are in the T2I rows of a paper-data run: the study's own pair, named by its base."
+    if cfg.corpus == "world" or not cfg.t2i_clip_model:
+        return None  # the world's gallery uses the run's own models
+    base = f"`{cfg.t2i_clip_model}` / `{cfg.t2i_clip_pretrained}`"
+    return (f"the T2I study's own pair: `t2i/pc-clip` (finetuned from {base}, SDXL's first text encoder) vs {base} itself, "
+            f"not the run's `{cfg.model_name}` models")
 
 
 _WARNING_LINE = re.compile(r"\bWARNING pc_clip\b|^skipping |: not measured|Warning: .*pc_clip")
 
 
 def run_warnings(cfg: Config, limit: int = 40) -> list[str]:
-    "The warnings and skips printed by this profile's executed experiment notebooks (`runs/<profile>/notebooks/`), once each."
+    "The warnings and skips printed by this run's executed experiment notebooks (`notebooks_dir(cfg)`), once each."
     out: dict[str, None] = {}
-    for nb in sorted((run_dir(cfg) / "notebooks").glob("*.ipynb")):
+    for nb in sorted(notebooks_dir(cfg).glob("*.ipynb")):
         try:
             cells = json.loads(nb.read_text()).get("cells", [])
         except (OSError, ValueError):
@@ -714,6 +769,8 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
     items = read_items(cfg) if items is None else items
     path = results_path(cfg).parent / "REPORT.md"
     v = claim_verdicts(results, items, PAPER_CLAIMS)
+    if (pair := t2i_pair(cfg)) is not None:
+        v.loc[v["claim"] == "t2i_arithmetic", "comparison"] = pair
     counted = v[~v["control"] & (v["agrees"] != "n/a")]  # every measured claim; a "no gain" (alpha = 1) counts as "no"
     unmeasured = v[~v["control"] & (v["agrees"] == "n/a")]["claim"].tolist()
     trained_on, data_section = _training_data(cfg)
@@ -736,16 +793,20 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
         parts.append("\nThe Shapes world's rows (data set `world...`) are shown in their own, labelled rows and figures; "
                      "they never enter a claim of this paper-data run.\n")
     parts += ["\n## Departures from the paper\n", "".join(f"- {d}\n" for d in departures(cfg)) or "none\n"]
-    warned = run_warnings(cfg)
+    warned = truncation_warnings(results, cfg) + run_warnings(cfg)
     parts += ["\n## Warnings of this run\n", "".join(f"- {w}\n" for w in warned) if warned else "none\n"]
     parts += data_section + _selections(results)
     parts += _finetune_selection(results, (figures or {}).get("finetune_selection"), path.parent, cands=read_candidates(cfg),
                                  items=items)
     every = read_candidates(cfg, None)
-    if every["model"].nunique() > 1:
+    searched = list(every["model"].unique()) if len(sweep_grid(cfg)) > 1 else []
+    tuning = tuning_statement(cfg, searched)
+    if every["model"].nunique() > 1 and tuning.startswith("Every compared model"):
         parts += ["\n**The comparisons are tuned alike:** every finetuned model of the comparison (ablations and caption "
                   "baselines too) had the same search over the same grid on the same validation images, by the same rule, "
                   "against its own base; the (lr, alpha) each one chose:\n\n" + choices_markdown(every)]
+    else:
+        parts += [f"\n**How the compared models were tuned:** {tuning}\n"]
     parts += ["\n## Baselines and ablations (mean over cells and seeds)\n",
               markdown_table(ablation_table(results, ablation_models(cfg)))]
     for task, title in TASK_TITLES.items():

@@ -122,7 +122,7 @@ class FallibleJudge:
 # %% ../../nbs/studies/00_noise_curve.ipynb #433e25a0
 def judged_triples(records: Sequence[dict], judge, records_path=None, progress: bool = True) -> tuple[pd.DataFrame, dict]:
     "`(triples, info)`: the statements `judge` rates consistent, and its agreement with the truth and kept fraction."
-    store = judged_path(records_path, judge.name) if records_path is not None else None
+    store = judged_path(records_path, judge) if records_path is not None else None
     judged = judge_records(records, judge, store, batch_size=512, progress=progress)
     kept = difference_triples(judged, consistent_only=True)
     n_all = sum(len(r["statements"]) for r in records)

@@ -17,11 +17,11 @@ from ..core.runtime import data_root, pick_device, result_row
 from ..evaluation.metrics import bootstrap_ci
 from .sdxl import embedding_arithmetic, load_sdxl, swap_text_encoder, t2i_clip_score_rows
 from ..data.datasets import load_dataset
-from ..differences.records import training_triples
+from ..differences.records import differences_path, training_triples
 from ..models.embed import embed_images, embedding_rows
 from ..evaluation.runner import iter_models, text_encoder
 from ..training.finetune import finetune
-from ..models.clip import create_clip, is_checkpoint, load_checkpoint, load_clip, model_dir
+from ..models.clip import create_clip, is_checkpoint, load_checkpoint, load_clip, model_dir, write_manifest
 from ..world.render import BACKGROUNDS, COLOURS, render_images
 from ..world.species import CATEGORIES, typical_attrs
 from ..world.oracle import difference_statement
@@ -228,8 +228,13 @@ def train_t2i_pc_clip(cfg: Config, progress: bool = True):
     keys = pd.DataFrame({"key": sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling, held_out)["key"]})
     triples = training_triples(cfg, noise=0.0 if cfg.generator == "oracle" else None, pairs=keys)
     triples = embedding_rows(ds, triples)  # corpus rows -> rows of `emb` (pairs with an unreadable image dropped)
-    return finetune(model, tokenizer, triples, study_cfg, model_dir(cfg, T2I_PC_CLIP), image_embeddings=emb,
-                    model_name=base[0], progress=progress)
+    run = finetune(model, tokenizer, triples, study_cfg, model_dir(cfg, T2I_PC_CLIP), image_embeddings=emb,
+                   model_name=base[0], progress=progress)
+    noise = 0.0 if cfg.generator == "oracle" else None  # its manifest, like every model's: base, data file, rows
+    write_manifest(cfg, T2I_PC_CLIP, run.out_dir, data_file=differences_path(cfg, noise),
+                   extra={"base": {"model_name": base[0], "pretrained": base[1]},
+                          "training": {"rows": len(triples), "judge": cfg.judge}})
+    return run
 
 # %% ../../nbs/t2i/01_study.ipynb #63d51b79
 def t2i_study_models(cfg: Config, names: Sequence[str] = tuple(T2I_ARMS), device=None,

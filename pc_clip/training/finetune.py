@@ -35,7 +35,7 @@ from .state import (FinetuneSettings, barrier, epoch_checkpoints, load_train_sta
 from ..models.text import text_tower
 
 # %% auto #0
-__all__ = ['FinetuneRun', 'finetune', 'difference_agreement']
+__all__ = ['FinetuneRun', 'missing_kept_epochs', 'finetune', 'difference_agreement']
 
 # %% ../../nbs/training/03_finetune.ipynb #725852ef
 @dataclass
@@ -242,12 +242,27 @@ def _reuse_finished(model, out_dir: Path, run_key: str, s: FinetuneSettings) -> 
                        done["seconds"], done["bad_steps"], True, run_key, s, s.epochs)
 
 # %% ../../nbs/training/03_finetune.ipynb #cbfc6865
-def _resume(tr: _Trainer, out_dir: Path, run_key: str, s: FinetuneSettings) -> _History:
+def missing_kept_epochs(out_dir: str | Path, run_key: str, s: FinetuneSettings) -> list[int]:
+    "The epochs of `s.keep_epochs` (up to `s.epochs`) of which `out_dir` holds no checkpoint of this run."
+    have = set()
+    for ck in epoch_checkpoints(out_dir):
+        try:
+            meta = json.loads((ck / "train_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("run_key") == run_key:
+            have.add(int(meta.get("epoch", -1)))
+    return sorted(e for e in set(s.keep_epochs) if e <= s.epochs and e not in have)
+
+
+def _resume(tr: _Trainer, out_dir: Path, run_key: str, s: FinetuneSettings, until: int | None = None) -> _History:
+    "Restore the newest checkpoint of this run at an epoch <= `until` (default `s.epochs`); remove the others that cannot serve."
     log, hist, stale = get_logger("pc_clip.training.finetune"), _History(), []
+    until = s.epochs if until is None else until
     for ck in reversed(epoch_checkpoints(out_dir)):
         meta = json.loads((ck / "train_state.json").read_text())
         same, resumed = meta["run_key"] == run_key, bool(hist.start_epoch)
-        if same and not resumed and meta["epoch"] <= s.epochs:
+        if same and not resumed and meta["epoch"] <= until:
             try:
                 meta = load_train_state(ck, tr.model, tr.opt, tr.sched, tr.scaler, tr.names)
             except CheckpointError as e:
@@ -260,7 +275,8 @@ def _resume(tr: _Trainer, out_dir: Path, run_key: str, s: FinetuneSettings) -> _
             stale.append(ck)
     barrier(tr.world)
     for ck in stale if tr.rank == 0 else []:
-        log.info(f"removing {ck}: another run's checkpoint (other data, weights or settings), damaged, or past epochs={s.epochs}")
+        log.info(f"removing {ck}: another run's checkpoint (other data, weights or settings), damaged, or past epoch {until} "
+                 "(it is written again)")
         shutil.rmtree(ck)
     return hist
 
@@ -361,11 +377,16 @@ def finetune(model, tokenizer, triples: pd.DataFrame, cfg: Config, out_dir: str 
     out_dir, (rank, world) = Path(out_dir), rank_world()
     data = _prepare(model, tokenizer, triples, s, cfg, image_embeddings, images, progress, world)
     with artifact_lock(out_dir) if rank == 0 else contextlib.nullcontext():
-        done = _reuse_finished(model, out_dir, data.run_key, s)
+        missing = missing_kept_epochs(out_dir, data.run_key, s)  # asked-for epoch checkpoints a finished run lacks
+        done = None if missing else _reuse_finished(model, out_dir, data.run_key, s)
         if done is not None:
             return done
+        if missing:
+            get_logger("pc_clip.training.finetune").info(
+                f"{out_dir.name}: keep_epochs asks for the checkpoints of epochs {missing}, which this folder lacks: "
+                f"training again from the newest checkpoint before epoch {missing[0]}")
         tr = _trainer(model, data, s, rank, world)
-        hist = _resume(tr, out_dir, data.run_key, s)
+        hist = _resume(tr, out_dir, data.run_key, s, until=missing[0] - 1 if missing else None)
         per_epoch = math.ceil(len(_batches(data.n, s, 0, world, data.pool_pos)) / s.grad_accum)
         tr.model.train()
         with tqdm(total=s.epochs * per_epoch, initial=hist.start_epoch * per_epoch, unit="step",

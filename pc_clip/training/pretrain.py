@@ -18,11 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.config import Config
-from ..core.runtime import artifact_lock, atomic_write_json, content_hash, get_logger, pick_device
+from ..core.runtime import artifact_lock, atomic_write_json, cache_dir, content_hash, get_logger, pick_device
 from ..models.embed import compute_image_embeddings
 from ..models.text import encode_text_trimmed
 from ..models.clip import (CheckpointError, checkpoint_metadata, create_clip, images_to_tensor, input_size, is_checkpoint,
-    load_checkpoint, model_dir, save_checkpoint)
+    load_checkpoint, model_dir, save_checkpoint, write_manifest)
 from ..world.species import CATEGORY_NAMES
 from ..world.shapes import World, epoch_captions
 from .state import load_train_state, save_train_state
@@ -124,6 +124,8 @@ def train_steps(model, tokenizer, world: World, cfg: Config, device, weight_deca
     names = [n for n, _ in model.named_parameters()]
     start, perm, history = _resume(resume_dir, key, model, opt, gen, names)
     history = history or dict(loss=[], lr=[], steps=0, steps_per_epoch=steps_per_epoch)
+    before = {k: float(history.get(f"{k}_before", 0.0)) for k in ("seconds", "cpu_seconds")}  # of the earlier parts
+    t0, c0 = time.perf_counter(), time.process_time()  # reported, never used
     model.train()
     bar = tqdm(range(start, total), desc=desc, disable=not progress, mininterval=2.0, initial=start, total=total)
     for step in bar:
@@ -148,12 +150,15 @@ def train_steps(model, tokenizer, world: World, cfg: Config, device, weight_deca
             if k != "total":
                 history.setdefault(k, []).append(_logged(v))
         if resume_dir is not None and (step + 1) % save_every == 0 and step + 1 < total:
+            history.update(seconds_before=before["seconds"] + time.perf_counter() - t0,
+                           cpu_seconds_before=before["cpu_seconds"] + time.process_time() - c0)
             save_train_state(resume_dir, model, cfg.model_name, opt, None, None,
                              dict(epoch=epoch, step=step + 1, run_key=key, history=history), names,
                              extra=dict(generator=gen.get_state(), order=perm))
         if on_step is not None:
             on_step(step, history["loss"][-1])
     model.eval()
+    history.update(seconds_before=before["seconds"], cpu_seconds_before=before["cpu_seconds"])
     history["epochs"] = total / steps_per_epoch
     history["final_loss"] = float(np.mean(history["loss"][-max(1, steps_per_epoch // 4):]))
     return history
@@ -185,8 +190,9 @@ def pretrain_clip(world: World, cfg: Config, device: str | torch.device | None =
                               step_loss, resume_dir, key, save_every, desc)
     finally:
         torch.set_num_threads(caller_threads)
-    history["seconds"] = time.perf_counter() - t0  # reported, never used
-    history["cpu_seconds"] = time.process_time() - c0  # wall time is inflated when other jobs share the CPU
+    # reported, never used; a resumed run counts the parts before it (up to their last saved state) too
+    history["seconds"] = history.get("seconds_before", 0.0) + time.perf_counter() - t0
+    history["cpu_seconds"] = history.get("cpu_seconds_before", 0.0) + time.process_time() - c0  # wall time is inflated under load
     history["steps_per_second"] = history["steps"] / max(history["seconds"], 1e-9)
     history["threads"] = threads
     return model, tokenizer, history
@@ -218,6 +224,13 @@ def _fingerprint(folder: Path) -> str | None:
         return None
 
 
+def _base_manifest(cfg: Config, name: str, folder: Path, world: World, history: dict) -> None:
+    "A base model's manifest, like a finetuned one's: its settings, the run, and its data (the world's caption table)."
+    data = cache_dir(cfg) / "world" / f"{world.key}.attrs.csv"
+    write_manifest(cfg, name, folder, data_file=data if world.key else None,
+                   extra={"pretraining": {"world_key": world.key, **{k: history.get(k) for k in ("steps", "epochs", "final_loss")}}})
+
+
 def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | None = None, retrain: bool = False,
                      progress: bool = True, threads: int = PRETRAIN_THREADS, name: str = "clip"):
     "`(model, tokenizer, history, reused)`: the saved base model `name` of `cfg` if its fingerprint matches, else a new one."
@@ -227,7 +240,9 @@ def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | Non
         if not retrain and is_checkpoint(folder) and _fingerprint(folder) == fp:
             try:
                 model, _, tokenizer = load_checkpoint(folder, device=device or pick_device(cfg.device))
-                return model, tokenizer, json.loads((folder / "history.json").read_text()), True
+                history = json.loads((folder / "history.json").read_text())
+                _base_manifest(cfg, name, folder, world, history)
+                return model, tokenizer, history, True
             except (CheckpointError, OSError, ValueError) as e:  # damaged: rebuilt, as a finetuned model is
                 get_logger("pc_clip.training.pretrain").warning(f"{e}. Rebuilding it.")
         model, tokenizer, history = pretrain_clip(world, cfg, device=device, progress=progress, threads=threads,
@@ -238,4 +253,5 @@ def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | Non
                                                                    **{k: history[k] for k in keep}))
         atomic_write_json(folder / "history.json", history)
         shutil.rmtree(resume_folder(folder), ignore_errors=True)  # the finished model replaces its training state
+        _base_manifest(cfg, name, folder, world, history)
     return model, tokenizer, history, False

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,8 +34,8 @@ __all__ = ['CONSTRAINTS', 'VAL_METRICS', 'SELECTION_TASK', 'CHANGES', 'TEST_TARG
            'pareto_front', 'pareto_figure', 'selection_markdown', 'candidate_folders', 'cell_key',
            'difference_cell_outcomes', 'pool_cells', 'is_heldout_wording', 'validation_outcomes', 'validation_rows',
            'validation_records', 'candidate_table', 'candidates_path', 'write_candidates', 'read_candidates',
-           'choices_markdown', 'Sweep', 'run_sweep', 'swept_models', 'run_sweeps', 'save_chosen', 'finetune_chosen',
-           'paired_change', 'target_verdict', 'target_check']
+           'choices_markdown', 'Sweep', 'run_sweep', 'swept_models', 'run_sweeps', 'tuning_statement', 'save_chosen',
+           'finetune_chosen', 'paired_change', 'target_verdict', 'target_check']
 
 # %% ../../nbs/training/04_selection.ipynb #178c9e2b
 @dataclass(frozen=True)
@@ -341,6 +341,24 @@ def run_sweeps(inputs, cfg: Config, targets: Targets = Targets(), progress: bool
         b.tokenizer = inputs.tokenizer
     base_scores: dict = {}
     return {n: run_sweep(inputs, cfg, targets, progress, n, base_scores) for n in (names or swept_models(cfg))}
+
+# %% ../../nbs/training/04_selection.ipynb #5af87326
+def tuning_statement(cfg: Config, searched: Sequence[str] = ()) -> str:
+    "Which compared models had the validation search (`searched`) and which trained at a fixed rate, naming the rate."
+    searched = [n for n in swept_models(cfg) if n in set(searched)]
+    fixed: dict[tuple[str, float], list[str]] = {}
+    for n in swept_models(cfg):
+        if n not in searched:
+            fixed.setdefault((model_spec(cfg, n).lr_setting, candidate_lr(cfg, n)), []).append(n)
+    names = lambda ns: ", ".join(f"`{n}`" for n in ns)
+    if not fixed:
+        return (f"Every compared model ({names(searched)}) had the same validation search over ft_lr_grid x "
+                f"wavg_alpha_grid ({len(sweep_grid(cfg))} candidates each), by the same rule, against its own base.")
+    rates = "; ".join(f"{names(ns)} at {setting}={lr:g}" for (setting, lr), ns in fixed.items())
+    head = f"Searched on validation: {names(searched)}." if searched else "No model was searched on validation."
+    unlike = (" The compared models did not all train at one rate, so the comparisons are not tuned alike."
+              if len({lr for _, lr in fixed}) > 1 or searched else "")
+    return f"{head} Trained at a fixed learning rate, without weight averaging: {rates}.{unlike}"
 
 # %% ../../nbs/training/04_selection.ipynb #c281171c
 def save_chosen(base, finetuned, cfg: Config, name: str, lr: float, alpha: float, evidence: dict | None = None):
