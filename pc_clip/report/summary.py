@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from ..core.config import Config
-from ..core.runtime import atomic_write, condition_dict, read_results, results_path, FRACTION_METRICS, run_dir
+from ..core.runtime import (atomic_write, condition_dict, read_results, results_path, FRACTION_METRICS, run_dir,
+    figures_dir, save_figure)
 from ..evaluation.runner import read_items
 from ..training.plan import training_data_path
 from ..evaluation.metrics import best_on_validation, paired_bootstrap, statistic_value
@@ -28,12 +29,13 @@ from ..core.registry import PALETTE, REGISTRY, model_specs
 from ..core.registry import NOISE_LEVEL
 
 # %% auto #0
-__all__ = ['ABLATION_MODELS', 'MAIN_METRICS', 'RECALLS', 'PAPER_CLAIMS', 'VOCABULARY_CLAIMS', 'TASK_TITLES', 'PAPER_SETTING',
-           'is_validation', 'test_rows', 'cell_name', 'summarise', 'pivot_table', 'markdown_table', 'reader_label',
-           'cell_label', 'interval_table', 'new_figure', 'bar_figure', 'ablation_models', 'ablation_table',
-           'direction_sentences', 'Claim', 'chosen_setting', 'is_world_dataset', 'claim_verdict', 'claim_verdicts',
-           'selection_table', 'ablation_figure', 'alpha_figure', 'claims_figure', 'loss_figure', 'vocabulary_section',
-           'claims_markdown', 'departures', 'run_warnings', 'write_report']
+__all__ = ['ABLATION_MODELS', 'MAIN_METRICS', 'RECALLS', 'PAPER_CLAIMS', 'VOCABULARY_CLAIMS', 'MAIN_MODELS', 'TASK_TITLES',
+           'PAPER_SETTING', 'FIGURE_FILES', 'is_validation', 'test_rows', 'cell_name', 'summarise', 'pivot_table',
+           'markdown_table', 'reader_label', 'cell_label', 'interval_table', 'new_figure', 'bar_figure',
+           'ablation_models', 'ablation_table', 'direction_sentences', 'Claim', 'chosen_setting', 'is_world_dataset',
+           'claim_verdict', 'claim_verdicts', 'selection_table', 'ablation_figure', 'alpha_figure', 'claims_figure',
+           'loss_figure', 'vocabulary_section', 'claims_markdown', 'departures', 'run_warnings', 'write_report',
+           'report_figures']
 
 # %% ../../nbs/report/00_summary.ipynb #d7d1dee4
 def is_validation(results: pd.DataFrame) -> pd.Series:
@@ -460,6 +462,8 @@ def selection_table(results: pd.DataFrame, task: str, key: str, metric: str = "a
     return t
 
 # %% ../../nbs/report/00_summary.ipynb #31e075ab
+# the models of the paper's main comparison: the base, pc-clip and the caption baselines (the ablations get their own figure)
+MAIN_MODELS = tuple(s.name for s in REGISTRY if s.role in ("pc-clip", "baseline") or (s.role == "base" and not s.config))
 _SHORT_TASKS = {"difference_classification": "difference classification", "zero_shot": "zero-shot",
                 "retrieval": "retrieval", "linear_probe": "linear probe", "t2i_arithmetic": "T2I arithmetic"}
 
@@ -827,6 +831,9 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
              f"\n{int((counted.agrees == 'yes').sum())} of {len(counted)} measured claims agree with the paper"
              + (f"; {len(unmeasured)} not measured, not counted: {', '.join(unmeasured)}" if unmeasured else "") + ".\n",
              "\n**Controls** (hold by construction for a text-only finetune; not counted)\n\n", claims_markdown(v[v["control"]])]
+    figures = {**report_figures(cfg), **(figures or {})}
+    shown = _figure_markdown(cfg, v, figures, path.parent)
+    parts += shown.pop("claims", [])
     parts += vocabulary_section(results, items)
     if not items.empty and not items["dataset"].map(is_world_dataset).all():
         parts.append("\nThe Shapes world's rows (data set `world...`) are shown in their own, labelled rows and figures; "
@@ -851,8 +858,49 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
         parts.append(f"\n## {title}\n")
         for metric in sub["metric"].unique():
             parts.append(f"\n**{metric}**\n\n" + markdown_table(pivot_table(results, task, metric)))
-        fig = (figures or {}).get(task)
-        if fig is not None and Path(fig).exists():
-            parts.append(f"\n![{task}]({os.path.relpath(Path(fig).resolve(), path.parent.resolve())})\n")
+        parts += shown.pop(task, [])
+    parts += shown.pop("other", [])
     atomic_write(path, "\n".join(parts))
     return path
+
+# %% ../../nbs/report/00_summary.ipynb #d8155184
+FIGURE_FILES = {  # the file names the experiments save, by the REPORT section that shows them
+    "difference_classification": ("difference_classification.png", "ablations.png"),
+    "zero_shot": ("zero_shot_accuracy.png", "zero_shot_worst_class_accuracy.png"),
+    "comparative_prompting": ("comparative_alpha.png",), "retrieval": ("retrieval.png",),
+    "geometry": ("geometry.png", "geometry_world.png"), "linear_probe": ("linear_probe.png",),
+    "t2i_arithmetic": ("t2i_arithmetic.png", "t2i_gallery.png"),
+    "pretrain": ("world_samples.png", "world_pairs.png", "pretrain_loss.png"), "finetune": ("finetune_loss.png",),
+    "finetune_selection": ("finetune_selection_pareto.png",)}
+
+
+def report_figures(cfg: Config) -> dict[str, Path]:
+    "The figures of a run's folder the REPORT places under a section: `{section: path}` (the first of its files found)."
+    found = {}
+    for section, names in FIGURE_FILES.items():
+        paths = [figures_dir(cfg) / n for n in names if (figures_dir(cfg) / n).exists()]
+        if paths:
+            found[section] = paths[0]
+    return found
+
+
+def _figure_markdown(cfg: Config, verdicts: pd.DataFrame, figures: dict[str, Path], report_dir: Path) -> dict[str, list[str]]:
+    "Markdown image lines per REPORT section: the claims' forest plot, each task's figures, and every other figure of the run."
+    link = lambda p, name: f"\n![{name}]({os.path.relpath(Path(p).resolve(), report_dir.resolve())})\n"
+    out, used = {}, set()
+    claims = claims_figure(verdicts[~verdicts["control"].astype(bool)])
+    if claims is not None:
+        path = save_figure(claims, figures_dir(cfg) / "claims.png")
+        out["claims"], used = [link(path, "the paper's claims: ours with 95 % intervals beside the paper's numbers")], {path.name}
+    for section, names in FIGURE_FILES.items():
+        given = Path(figures[section]) if figures.get(section) is not None else None
+        paths = list(dict.fromkeys(([given] if given is not None and given.exists() else [])
+                                   + [figures_dir(cfg) / n for n in names if (figures_dir(cfg) / n).exists()]))
+        used |= {p.name for p in paths}
+        if section != "finetune_selection":  # shown by the finetuning-strength section itself
+            out[section] = [link(p, p.stem.replace("_", " ")) for p in paths]
+    rest = sorted(p for p in figures_dir(cfg).glob("*.png") if p.name not in used)
+    if rest:
+        out["other"] = ["\n## Other figures of this run\n"] + [link(p, p.stem.replace("_", " ")) for p in rest]
+    return out
+
