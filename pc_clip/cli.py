@@ -65,7 +65,7 @@ EXPERIMENT_NEEDS: dict[str, tuple[str, ...]] = {
     "07": ("clip", "corpus/val"),
     "08": ("clip", "generator", "corpus/val", *(f"{d}/test" for d in _DIFFERENCE)),  # held-out pairs, class pairs
     "09": ("clip", *(f"{d}/{s}" for d in _ZERO_SHOT for s in ("train", "test"))),
-    "11": ("clip", "sdxl"), "12": (),
+    "10": ("clip", "corpus/val"), "11": ("clip", "sdxl"), "12": (),
 }
 
 
