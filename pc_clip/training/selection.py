@@ -94,6 +94,7 @@ def pareto_figure(table: pd.DataFrame, path: str | Path | None = None, targets: 
     model = str(table["model"].iloc[0]) if "model" in table and len(table) else "pc-clip"
     for k, (ax, (name, col)) in enumerate(zip(axes, CONSTRAINTS.items())):
         sns.scatterplot(data=lrs, x=col, y="diff_gain", style="learning_rate", color=PALETTE[model], s=45, ax=ax)
+        ax.set_ylabel("")
         for _, grp in table.groupby("lr"):
             for _, r in grp.iterrows():
                 ax.annotate(f"α={r['alpha']:g}", (r[col], r["diff_gain"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
