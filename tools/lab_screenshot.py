@@ -67,7 +67,7 @@ def workspace(name: str, notebooks=NOTEBOOKS) -> dict:
     ids = [f"notebook:{p}" for p in notebooks]
     dock = {"type": "split-area", "orientation": "horizontal", "sizes": [1 / len(ids)] * len(ids),
             "children": [{"type": "tab-area", "currentIndex": 0, "widgets": [i]} for i in ids]}
-    data = {"layout-restorer:data": {"main": {"dock": dock, "current": ids[1]},
+    data = {"layout-restorer:data": {"main": {"dock": dock, "current": ids[-1]},
                                      "left": {"collapsed": True, "widgets": ["filebrowser"]},
                                      "right": {"collapsed": True, "widgets": []}}}
     data |= {i: {"data": {"path": p, "factory": "Notebook"}} for i, p in zip(ids, notebooks)}
@@ -143,8 +143,11 @@ def main(argv=None) -> int:
             return 1
         figure = None
         if args.executed:  # the figure in view: the first image output, scrolled to the middle of the window
-            figure = wait_for("a figure in the notebook", lambda: http(
-                "POST", f"{s}/execute/sync", {"script": FIRST_FIGURE_JS, "args": []})["value"], args.timeout, every=1.0)
+            try:
+                figure = wait_for("a figure in the notebook", lambda: http(
+                    "POST", f"{s}/execute/sync", {"script": FIRST_FIGURE_JS, "args": []})["value"], 30, every=1.0)
+            except TimeoutError:
+                print(f"{args.executed} shows no figure (not executed, or it draws none)", file=sys.stderr)
         time.sleep(2)  # let the last repaint settle
         dirty = http("POST", f"{s}/execute/sync", {"script": DIRTY_JS, "args": []})["value"]
         png = base64.b64decode(http("GET", f"{s}/screenshot")["value"])
