@@ -22,7 +22,7 @@ setup(
     python_requires=f">={meta['min_python']}",
     # pc_clip.model_configs holds only the open_clip JSON configs: a namespace package, so setuptools ships it as one
     packages=find_namespace_packages(include=["pc_clip", "pc_clip.*"], exclude=["*.__pycache__"]),
-    package_data={"pc_clip.model_configs": ["*.json"]},
+    package_data={"pc_clip.model_configs": ["*.json"], "pc_clip.studies": ["*.csv"]},
     include_package_data=True,
     # the `pc-clip` kernel the notebooks name, for the Jupyter of the environment the package is installed into
     # (conda's environment.yml included); `make install` also registers it with --user, naming the checkout
