@@ -4,7 +4,7 @@
     python tools/lab_screenshot.py --executed runs/tiny/notebooks/05_zero_shot.ipynb [--out figures/jupyterlab_experiment_figure.png]
 
 With `--executed`, JupyterLab opens one executed experiment notebook (papermill's copy under `runs/`), scrolls to its
-first figure and takes the screenshot with the figure in view; it also says whether the notebook's tab was marked
+first figure (`--figure N`: another) and takes the screenshot with the figure in view; it also says whether the notebook's tab was marked
 modified on opening (it should not be).
 
 Starts JupyterLab on 127.0.0.1 (a free port, a fresh token, its own runtime and workspace folders), lays out a
@@ -76,9 +76,10 @@ def workspace(name: str, notebooks=NOTEBOOKS) -> dict:
 
 KERNEL_NAMES_JS = """return Array.from(document.querySelectorAll('.jp-NotebookPanel .jp-Toolbar-kernelName'))
   .map(k => k.innerText.trim());"""
-FIRST_FIGURE_JS = """const img = document.querySelector('.jp-NotebookPanel .jp-OutputArea-output img');
+FIGURE_JS = """const all = document.querySelectorAll('.jp-NotebookPanel .jp-OutputArea-output img');
+const img = all[arguments[0] < 0 ? all.length + arguments[0] : arguments[0]];
 if (!img || !img.complete || img.naturalWidth === 0) return false;
-img.scrollIntoView({block: 'center'}); return [img.naturalWidth, img.naturalHeight];"""
+img.scrollIntoView({block: 'start'}); window.scrollBy(0, -60); return [img.naturalWidth, img.naturalHeight];"""
 DIRTY_JS = "return document.querySelectorAll('.lm-TabBar-tab.jp-mod-dirty, .p-TabBar-tab.jp-mod-dirty').length;"
 
 
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "figures" / "jupyterlab_pc_clip_kernel.png"))
     ap.add_argument("--timeout", type=float, default=180)
-    ap.add_argument("--executed", default=None, help="an executed notebook to show with its first figure in view")
+    ap.add_argument("--executed", default=None, help="an executed notebook to show with a figure in view")
+    ap.add_argument("--figure", type=int, default=0, help="which figure of --executed to scroll to (0: the first, -1: the last)")
     args = ap.parse_args(argv)
     root, notebooks = REPO, NOTEBOOKS
     if args.executed:
@@ -145,10 +147,13 @@ def main(argv=None) -> int:
         if args.executed:  # the figure in view: the first image output, scrolled to the middle of the window
             try:
                 figure = wait_for("a figure in the notebook", lambda: http(
-                    "POST", f"{s}/execute/sync", {"script": FIRST_FIGURE_JS, "args": []})["value"], 30, every=1.0)
+                    "POST", f"{s}/execute/sync", {"script": FIGURE_JS, "args": [args.figure]})["value"], 30, every=1.0)
             except TimeoutError:
                 print(f"{args.executed} shows no figure (not executed, or it draws none)", file=sys.stderr)
         time.sleep(2)  # let the last repaint settle
+        if figure:  # cells above may have grown while they rendered: scroll to the figure again
+            http("POST", f"{s}/execute/sync", {"script": FIGURE_JS, "args": [args.figure]})
+            time.sleep(1)
         dirty = http("POST", f"{s}/execute/sync", {"script": DIRTY_JS, "args": []})["value"]
         png = base64.b64decode(http("GET", f"{s}/screenshot")["value"])
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
