@@ -567,14 +567,14 @@ def _paper_points(text: str) -> float | None:
     return float(m[1].replace(" ", "")) / 100 if m else None
 
 
-def claims_figure(verdicts: pd.DataFrame, title: str = "The paper's claims: ours (A - B, 95 % interval) beside the paper's"):
+def claims_figure(verdicts: pd.DataFrame, title: str = "The paper's claims: ours (A - B, 95 % interval) and the paper's number"):
     "Forest plot of a claim table (`claim_verdicts`): one row per claim, A - B with its interval, the tolerance, the paper."
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     v = verdicts.reset_index(drop=True)
     if v.empty:
         return None
-    fig, (ax,) = new_figure(1, (5.2, 0.6 + 0.5 * len(v)), legend=0.2)
+    fig, (ax,) = new_figure(1, (5.0, 0.6 + 0.5 * len(v)), legend=6.0)  # room for both label columns
     for i, r in v.iterrows():
         model_a = str(r["comparison"]).split(" vs ")[0].split(" (")[0]
         if r["expected"] in ("not_worse", "same"):
@@ -591,7 +591,7 @@ def claims_figure(verdicts: pd.DataFrame, title: str = "The paper's claims: ours
     ax.set_yticks(range(len(v)), [textwrap.fill(f"{s} ({c})", 46) for s, c in zip(v["statement"], v["comparison"])],
                   fontsize=8)
     ax.set_ylim(len(v) - 0.5, -0.5)
-    ax.set_xlabel("A - B: difference of the two models on the same items (95 % paired-bootstrap interval)")
+    ax.set_xlabel("A - B on the same items\n(95 % paired-bootstrap interval)")
     right = ax.twinx()
     right.set_ylim(ax.get_ylim())
     right.grid(False)
@@ -601,8 +601,8 @@ def claims_figure(verdicts: pd.DataFrame, title: str = "The paper's claims: ours
     handles = {"ours (95 % interval), in model A's colour": Line2D([], [], color="grey", marker="o", lw=2),
                "the paper's number (where given in points)": Line2D([], [], color="black", marker="D", mfc="white", ls=""),
                "tolerance of a 'not worse' / 'same' claim": Patch(color="grey", alpha=0.3)}
-    fig.suptitle(textwrap.fill(title, 90), fontsize=12)
-    fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+    fig.suptitle(textwrap.fill(title, 70), fontsize=12)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     return fig
 
 
