@@ -7,6 +7,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pc-clip-installed
 PROFILE ?= tiny
+# where torch and torchvision come from: empty = the default index; a CPU-only machine can save ~6 GB of CUDA wheels
+# with `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu` (any index that has the pinned releases)
+TORCH_INDEX ?=
+# the --user kernel's display name carries the checkout, so two checkouts never silently share one `pc-clip` kernel
+# (the venv's own kernel, which `make lab` uses, keeps the plain name the notebooks' metadata carries)
+KERNEL_DISPLAY := pc-clip ($(subst $(HOME),~,$(CURDIR)))
 
 .PHONY: install reproduce test paper-smoke lab export clean-nbs bench
 
@@ -14,12 +20,13 @@ $(STAMP): settings.ini setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch and torchvision pinned here (the package itself asks only for a floor, so it keeps a user's CUDA build):
-	# these exact releases come from the local package mirror
-	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	# these exact releases come from the default index, or from TORCH_INDEX (e.g. CPU-only wheels) when it is set
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	# the notebooks name the "pc-clip" kernel: registered for this venv's Jupyter and for the user's own Jupyter
+	$(BIN)/python tools/set_kernelspec.py --user-kernel-owner  # says so when the --user kernel was another checkout's
 	$(BIN)/python -m ipykernel install --sys-prefix --name pc-clip --display-name "pc-clip" >/dev/null
-	$(BIN)/python -m ipykernel install --user --name pc-clip --display-name "pc-clip" >/dev/null
+	$(BIN)/python -m ipykernel install --user --name pc-clip --display-name "$(KERNEL_DISPLAY)" >/dev/null
 	touch $(STAMP)
 
 install: $(STAMP)

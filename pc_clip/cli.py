@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import Iterator
 
 from .core.config import Config, ConfigError, get_config
-from .core.runtime import (data_root, figures_dir, project_root, results_path, run_dir, ArtifactBusy,
+from .core.runtime import (data_root, display_path, figures_dir, project_root, results_path, run_dir, ArtifactBusy,
     artifact_lock, cache_dir, notebooks_dir)
 from .core.config import parse_overrides
 
 # %% auto #0
 __all__ = ['EXPERIMENT_NEEDS', 'SMOKE_PROFILE', 'SMOKE_DATA_ROOT', 'KERNEL_NAME', 'MIN_FREE_BYTES', 'experiment_notebooks',
-           'experiment_folders', 'notebook_needs', 'preflight', 'smoke_overrides', 'prepare_standins',
-           'TerminalProgress', 'ExperimentFailed', 'MissingInputs', 'run_experiments', 'UnwritableFolder',
-           'check_writable', 'list_models', 'kill_descendants', 'kernels_stop_with_me', 'main']
+           'experiment_folders', 'notebook_title', 'list_experiments', 'notebook_needs', 'preflight', 'smoke_overrides',
+           'prepare_standins', 'TerminalProgress', 'ExperimentFailed', 'MissingInputs', 'run_experiments',
+           'UnwritableFolder', 'check_writable', 'list_models', 'kill_descendants', 'kernels_stop_with_me', 'main']
 
 # %% ../nbs/90_cli.ipynb #0f968ecc
 def experiment_notebooks(folder: str | Path | None = None, only: str | None = None) -> list[Path]:
@@ -54,6 +54,33 @@ def experiment_folders(root: str | Path | None = None) -> list[Path]:
     subs = sorted(p for p in base.glob("*/") if p.is_dir() and not p.name.startswith((".", "_")) and any(p.glob("*.ipynb")))
     return [base, *subs]
 
+# %% ../nbs/90_cli.ipynb #3637cf7c
+def notebook_title(path: str | Path) -> str:
+    "The first heading of a notebook's first markdown cell, without its number: 'Zero-shot classification'."
+    for cell in json.loads(Path(path).read_text(encoding="utf-8")).get("cells", []):
+        if cell.get("cell_type") == "markdown":
+            heads = [l for l in "".join(cell.get("source", [])).splitlines() if l.startswith("#")]
+            if heads:
+                return re.sub(r"^[0-9a-z]+\s*·\s*", "", heads[0].lstrip("#").strip())
+    return ""
+
+
+def list_experiments(profile: str = "tiny", root: str | Path | None = None, say=print) -> int:
+    "Print each experiment folder and its notebooks in run order: title, and the time and date of the last run of `profile`."
+    done = notebooks_dir(get_config(profile))
+    timings_file = done / "timings.json"
+    last = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    for i, folder in enumerate(experiment_folders(root)):
+        where = display_path(folder)
+        say(f"{where}/" + ("" if i == 0 else f"  (run with: pc-clip reproduce --experiments {where})"))
+        for nb in experiment_notebooks(folder):
+            ran = done / nb.name
+            when = (f"last run {last[nb.name]:.0f} s, {time.strftime('%Y-%m-%d %H:%M', time.localtime(ran.stat().st_mtime))}"
+                    if nb.name in last and ran.exists() else "not run yet")
+            say(f"  {nb.name:<32s} {notebook_title(nb)[:60]:<60s} {when}")
+    return 0
+
+
 # %% ../nbs/90_cli.ipynb #8f7bda50
 _ZERO_SHOT = ("cifar100", "cub", "eurosat", "flowers102", "sun397")  # as pc_clip.evaluation.runner.PAPER_EVAL_DATASETS
 _DIFFERENCE = ("awa2", "cifar100", "flowers102", "cub")
@@ -65,7 +92,7 @@ EXPERIMENT_NEEDS: dict[str, tuple[str, ...]] = {
     "07": ("clip", "corpus/val"),
     "08": ("clip", "generator", "corpus/val", *(f"{d}/test" for d in _DIFFERENCE)),  # held-out pairs, class pairs
     "09": ("clip", *(f"{d}/{s}" for d in _ZERO_SHOT for s in ("train", "test"))),
-    "11": ("clip", "sdxl"), "12": (),
+    "10": ("clip", "corpus/val"), "11": ("clip", "sdxl"), "12": (),
 }
 
 
@@ -102,7 +129,7 @@ def _folder_model_missing(what: str, name: str, marker: str, root: Path) -> str 
     if _in_hf_cache(name, marker, root):
         return None
     hub = (f", or the Hugging Face cache in {root / 'weights' / 'hf'} "
-           f"(huggingface-cli download {name} --cache-dir {root / 'weights' / 'hf'})") if "/" in name else ""
+           f"(hf download {name} --cache-dir {root / 'weights' / 'hf'})") if "/" in name else ""
     return f"{what} {name!r}: put the model folder (with {marker}) at {root / 'weights' / name}/{hub}"
 
 
@@ -581,7 +608,8 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--log-output", action="store_true", help="stream all notebook output to the terminal")
     rp.add_argument("-q", "--quiet", action="store_true", help="no progress lines (errors and the summary only)")
     rp.add_argument("--skip-preflight", action="store_true", help="start even if weights or data sets seem missing")
-    sub.add_parser("list", help="list the experiment notebooks in run order, folder by folder")
+    lp = sub.add_parser("list", help="list the experiment notebooks in run order, folder by folder, with titles and last times")
+    lp.add_argument("--profile", default="tiny", help="whose last run's times to show")
     mp = sub.add_parser("models", help="list the model folders of a profile and what their manifests say")
     mp.add_argument("--profile", default="tiny")
     mp.add_argument("--name", default=None, help="only the folders of this model, e.g. pc-clip")
@@ -594,11 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     "Entry point of the `pc-clip` console script."
     args = _parser().parse_args(argv)
     if args.command == "list":
-        for i, folder in enumerate(experiment_folders()):
-            where = folder.relative_to(project_root()) if folder.is_relative_to(project_root()) else folder
-            print(f"{where}/" + ("" if i == 0 else f"  (run with: pc-clip reproduce --experiments {where})"))
-            print("\n".join(f"  {p.name}" for p in experiment_notebooks(folder)))
-        return 0
+        return list_experiments(args.profile)
     if args.command == "models":
         try:
             return list_models(args.profile, args.name, parse_overrides(args.param)[0])

@@ -6,7 +6,7 @@ import pytest
 
 from pc_clip.core.runtime import condition_string
 from pc_clip.evaluation.runner import MODELS
-from pc_clip.report.summary import RECALLS, bar_figure, model_colours
+from pc_clip.report.summary import RECALLS, bar_figure
 
 
 # ---- Every figure of a result is drawn from a results table and shows the 95 % interval of its rows: each figure the
@@ -43,11 +43,9 @@ FIGURES = {
 
 
 def _png(fn, *args, **kw) -> bytes:
-    import matplotlib.pyplot as plt
     buf = io.BytesIO()
     fig = fn(*args, **kw)
     fig.savefig(buf, format="png")
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -56,46 +54,35 @@ def test_bar_figures_draw_the_tables_intervals(task, tmp_path):
     kw, cells, metrics = FIGURES[task]
     table = pd.DataFrame(_rows(task, cells, metrics, seeds=(0, 1)))
     wider = table.assign(ci_low=table["value"] - 0.15)
-    a = bar_figure(table, task, tmp_path / "a.png", models=list(MODELS), title=f"{task} " * 8, **kw)
-    b = bar_figure(wider, task, tmp_path / "b.png", models=list(MODELS), title=f"{task} " * 8, **kw)
-    c = bar_figure(table, task, tmp_path / "c.png", models=list(MODELS), title=f"{task} " * 8, **kw)
-    assert a.read_bytes() == c.read_bytes(), "the same table must give the same figure"
-    assert a.read_bytes() != b.read_bytes(), f"{task}: the figure does not change with ci_low: intervals not drawn"
-    none = bar_figure(table.assign(ci_low=np.nan, ci_high=np.nan), task, tmp_path / "n.png", models=list(MODELS), **kw)
-    assert none.read_bytes() != a.read_bytes()  # without intervals there are no interval lines (and the caption says so)
+    a = _png(bar_figure, table, task, models=list(MODELS), title=f"{task} " * 8, **kw)
+    b = _png(bar_figure, wider, task, models=list(MODELS), title=f"{task} " * 8, **kw)
+    c = _png(bar_figure, table, task, models=list(MODELS), title=f"{task} " * 8, **kw)
+    assert a == c, "the same table must give the same figure"
+    assert a != b, f"{task}: the figure does not change with ci_low: intervals not drawn"
+    none = _png(bar_figure, table.assign(ci_low=np.nan, ci_high=np.nan), task, models=list(MODELS), **kw)
+    assert none != a  # without intervals there are no interval lines (and the caption says so)
 
 
-def test_one_colour_per_model_across_figures():
-    assert model_colours(["pc-clip", "clip"]) == {m: model_colours(MODELS)[m] for m in ("pc-clip", "clip")}
-    assert len(set(model_colours(MODELS).values())) == len(MODELS)
-
-
-def test_caption_and_axes(tmp_path):
-    "Geometry's accuracy and cosine get an axis each; the caption names the interval's source."
+def test_figure_functions_leave_the_backend_and_pyplot_alone():
+    "A figure function returns a Figure: it switches no backend and leaves no open pyplot figure to show twice."
     import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.figure import Figure
+    backend = matplotlib.get_backend()
+    kw, cells, metrics = FIGURES["retrieval"]
+    fig = bar_figure(pd.DataFrame(_rows("retrieval", cells, metrics)), "retrieval", **kw)
+    assert fig is not None and plt.get_fignums() == [] and matplotlib.get_backend() == backend
+
+
+def test_caption_and_axes():
+    "Geometry's accuracy and cosines get an axis each, named for a reader; the caption names the interval's source."
     kw, cells, metrics = FIGURES["geometry"]
-    table = pd.DataFrame(_rows("geometry", cells, metrics))
-    seen = {}
-    orig = Figure.savefig
-
-    def spy(self, *a, **k):
-        seen["fig"] = self
-        return orig(self, *a, **k)
-
-    Figure.savefig = spy
-    try:
-        bar_figure(table, "geometry", tmp_path / "g.png", models=list(MODELS), **kw)
-    finally:
-        Figure.savefig = orig
-    fig = seen["fig"]
+    fig = bar_figure(pd.DataFrame(_rows("geometry", cells, metrics)), "geometry", models=list(MODELS), **kw)
     panels = [ax for ax in fig.axes if ax.get_xlabel()]
-    assert [ax.get_xlabel() for ax in panels] == ["accuracy", "directional_consistency"]
+    assert [ax.get_xlabel() for ax in panels] == ["accuracy", "directional consistency (mean cosine)"]
     texts = " ".join(t.get_text() for t in fig.texts)
     assert "95 % interval" in texts and "ci_low" in texts and "results.csv" in texts
-    plt.close("all")
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_yticklabels()]
+    assert not any("_" in t for t in labels), labels  # reader-facing names, never a column name
 
 
 def test_beyond_figures_draw_intervals():

@@ -5,6 +5,7 @@ each task of the paper for the base and the finetuned model, that REPORT.md and 
 a second run reuses the trained checkpoints instead of training again.
 """
 import os
+import re
 import subprocess
 import sys
 import pandas as pd
@@ -14,7 +15,23 @@ from pathlib import Path
 from conftest import REPO
 from pc_clip.core.config import parse_overrides, get_config
 from pc_clip.models.clip import model_dir
-from pc_clip.core.runtime import figures_dir, results_path
+from pc_clip.core.runtime import figures_dir, notebooks_dir, results_path
+
+# the experiment notebooks that make a figure, and the figure each one saves (the REPORT shows them all)
+FIGURE_NOTEBOOKS = {"01": "pretrain_loss.png", "03": "finetune_loss.png", "04": "difference_classification.png",
+                    "05": "zero_shot_accuracy.png", "06": "comparative_alpha.png", "07": "retrieval.png",
+                    "08": "geometry.png", "09": "linear_probe.png", "10": "qualitative_pairs.png",
+                    "11": "t2i_arithmetic.png", "12": "ablations.png"}
+
+
+def _outputs(path: Path) -> list[dict]:
+    import json
+    return [o for c in json.loads(path.read_text())["cells"] for o in c.get("outputs", [])]
+
+
+def _text(o: dict) -> str:
+    return "".join(o.get("text", [])) + "".join(o.get("data", {}).get("text/plain", [])) + "".join(
+        o.get("data", {}).get("text/markdown", []))
 
 SMALL = ["world_n_train=1200", "world_n_test=400", "world_n_val=400", "pretrain_steps=60",
          "n_pairs=1500", "ft_epochs=1", "caption_ft_epochs=1", "eval_seeds=[0]", "eval_n_images=40",
@@ -53,7 +70,29 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
     report = (results_path(cfg).parent / "REPORT.md").read_text()
     assert "The paper's claims" in report and ("| yes |" in report or "| no |" in report)
     figures = {p.name for p in figures_dir(cfg).glob("*.png")}
-    assert {"world_samples.png", "finetune_loss.png"} <= figures, figures
+    assert {"world_samples.png", "claims.png", *FIGURE_NOTEBOOKS.values()} <= figures, figures
+    for name in figures:  # the REPORT shows every figure of the run
+        assert f"figures/{figures_dir(cfg).name}/{name})" in report, f"REPORT.md does not show {name}"
+
+    # the executed notebooks are the paper: every one that makes a figure shows it inline, and their outputs name no
+    # folder of this machine and repeat no log line of a reused cache
+    executed = {p.name[:2]: p for p in notebooks_dir(cfg).glob("*.ipynb")}
+    for number in FIGURE_NOTEBOOKS:
+        outputs = _outputs(executed[number])
+        assert any("image/png" in o.get("data", {}) for o in outputs), f"{executed[number].name} shows no figure inline"
+    for nb in executed.values():
+        text = "\n".join(l for o in _outputs(nb) for l in _text(o).splitlines() if "site-packages" not in l)  # (a library's warning names its file)
+        for place in (str(tmp_path), str(REPO)):
+            assert place not in text, f"{nb.name} prints an absolute path: {[l for l in text.splitlines() if place in l][:3]}"
+        reused = [re.sub(r"^\d\d:\d\d:\d\d ", "", l) for l in text.splitlines() if "reusing" in l and "image embeddings" in l]
+        assert len(reused) == len(set(reused)), f"{nb.name} repeats: {reused}"
+
+    # the explorer beyond the paper runs headless on the models of this run, with its fixed selection
+    r3 = _reproduce(env, "--experiments", "nbs/experiments/beyond", "--only", "16_explorer")
+    assert r3.returncode == 0, f"explorer failed:\n{r3.stdout[-3000:]}\n{r3.stderr[-3000:]}"
+    explorer = _outputs(notebooks_dir(cfg) / "16_explorer.ipynb")
+    assert sum("image/png" in o.get("data", {}) for o in explorer) >= 3  # the pair, the pairs a statement picks, image + text
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in explorer)  # the widget, for Lab
 
     ck = model_dir(cfg, "pc-clip") / "open_clip_model.safetensors"  # the setting chosen on validation
     assert ck.exists(), sorted(p.name for p in ck.parent.parent.iterdir())

@@ -127,7 +127,7 @@ def test_clip_score_uses_the_evaluator_pairwise(tiny_clip):
 
 def test_sdxl_missing_weights_is_a_clear_error():
     with temp_workdir(data=True), pytest.raises(FileNotFoundError,
-                                                match="huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0"):
+                                                match="hf download stabilityai/stable-diffusion-xl-base-1.0"):
         T.load_sdxl(get_config("paper"), "cpu")
 
 

@@ -30,10 +30,31 @@ def set_kernelspec(path: Path, write: bool = True) -> bool:
     return True
 
 
+def user_kernel_owner(python: str = sys.executable) -> str | None:
+    "A line naming the checkout whose venv the --user `pc-clip` kernel runs, when it is not `python`'s; else None."
+    from jupyter_core.paths import jupyter_data_dir
+    spec = Path(jupyter_data_dir()) / "kernels" / "pc-clip" / "kernel.json"
+    if not spec.exists():
+        return None
+    info = json.loads(spec.read_text(encoding="utf-8"))
+    other = info.get("argv", [""])[0]
+    if Path(other).resolve() == Path(python).resolve():
+        return None
+    return (f"note: your --user `pc-clip` kernel ran {other} ({info.get('display_name')}); make install now points it at "
+            f"this checkout ({Path(python).parent.parent.parent})")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="only list notebooks without the pc-clip kernel")
+    ap.add_argument("--user-kernel-owner", action="store_true",
+                    help="only say whether the --user pc-clip kernel belongs to another checkout's venv")
     args = ap.parse_args(argv)
+    if args.user_kernel_owner:
+        line = user_kernel_owner()
+        if line:
+            print(line)
+        return 0
     changed = [p for p in notebooks() if set_kernelspec(p, write=not args.check)]
     for p in changed:
         print(f"{'lacks' if args.check else 'set'} pc-clip kernel: {p.relative_to(REPO)}")

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -14,8 +15,9 @@ from .config import Config
 # %% auto #0
 __all__ = ['BASE_SETTINGS', 'PAIR_SETTINGS', 'LLM_SETTINGS', 'GENERATION_SETTINGS', 'FAST_PATH_SETTINGS', 'FINETUNE_SETTINGS',
            'CAPTION_FINETUNE_SETTINGS', 'SELECTION_SETTINGS', 'T2I_BASE_SETTINGS', 'NOT_WEIGHT_SETTINGS', 'NOISE_LEVEL',
-           'BOTH_TOWERS_MAX_PAIRS', 'ROLES', 'CAPTION_DATA', 'REGISTRY', 'ModelSpec', 'applies', 'model_specs',
-           'model_spec', 'model_names', 'ablation_models', 'sweep_grid', 'model_settings']
+           'BOTH_TOWERS_MAX_PAIRS', 'ROLES', 'CAPTION_DATA', 'REGISTRY', 'MODEL_COLOURS', 'UNKNOWN_MODEL_COLOUR',
+           'PALETTE', 'ModelSpec', 'applies', 'model_specs', 'model_spec', 'model_names', 'ablation_models',
+           'ModelPalette', 'sweep_grid', 'model_settings']
 
 # %% ../../nbs/core/03_registry.ipynb #e4b77711
 BASE_SETTINGS = ("seed", "precision", "model_name", "pretrained", "corpus", "world_image_size", "world_n_train",
@@ -171,6 +173,39 @@ def model_names(cfg: Config) -> list[str]:
 def ablation_models(cfg: Config) -> list[str]:
     "The models of the report's table of baselines and ablations."
     return [s.name for s in model_specs(cfg) if s.ablation]
+
+# %% ../../nbs/core/03_registry.ipynb #c8acb19d
+MODEL_COLOURS = {  # registry entry name -> colour (hex); far apart, no two greens
+    "clip": "#333333", "pc-clip": "#1f77b4", "clip-ft-captions": "#ff7f0e", "clip-ft-rewritten": "#8c564b",
+    "pc-clip/mse": "#2ca02c", f"pc-clip/noise-{NOISE_LEVEL:g}": "#d62728", "pc-clip/unfiltered": "#e377c2",
+    "pc-clip/both-towers": "#9467bd", "clip/plain-captions": "#bcbd22", "pc-clip/plain-captions": "#17becf",
+    "pc-clip/wavg-{wavg_alpha:g}": "#7a0177", "pc-clip/noise-curve": "#fdbf6f", "joint": "#000000",
+    "pretrain-then-finetune": "#b2df8a"}
+UNKNOWN_MODEL_COLOUR = "#a0a0a0"
+
+
+class ModelPalette:
+    "Model name -> colour, from the registry: `PALETTE['pc-clip']`, `PALETTE.colours(names)` for seaborn's `palette=`."
+    def __init__(self, colours: dict[str, str] = MODEL_COLOURS, registry: Sequence[ModelSpec] = REGISTRY):
+        missing = [s.name for s in registry if s.reported_as is None and s.name not in colours]
+        if missing:
+            raise ValueError(f"registry entries without a colour: {missing}; add them to MODEL_COLOURS")
+        self._entries = [(s, colours[s.reported_as or s.name]) for s in registry]
+
+    def __getitem__(self, name: str) -> str:
+        for s, colour in self._entries:
+            pattern = re.escape(s.name).replace(r"\{", "{").replace(r"\}", "}")
+            pattern = re.sub(r"\{[^}]*\}", ".+", pattern) + ("(-.+)?" if s.family else "")
+            if re.fullmatch(pattern, name):
+                return colour
+        return UNKNOWN_MODEL_COLOUR
+
+    def colours(self, models: Sequence[str]) -> dict[str, str]:
+        return {m: self[m] for m in models}
+
+
+PALETTE = ModelPalette()
+
 
 # %% ../../nbs/core/03_registry.ipynb #22177b8d
 def sweep_grid(cfg: Config) -> list[tuple[float, float]]:

@@ -29,11 +29,12 @@ from .config import Config
 from .config import PROFILES
 
 # %% auto #0
-__all__ = ['PLACE_SETTINGS', 'RESULT_COLUMNS', 'FRACTION_METRICS', 'project_root', 'resolve_path', 'data_root', 'run_dir',
-           'cache_dir', 'run_id', 'is_default_run', 'run_name', 'results_path', 'figures_dir', 'notebooks_dir',
-           'config_summary', 'seed_everything', 'pick_device', 'pick_dtype', 'autocast', 'get_logger', 'timer',
-           'atomic_write', 'atomic_write_json', 'content_hash', 'replace_folder', 'ArtifactBusy', 'artifact_lock',
-           'condition_string', 'condition_dict', 'result_row', 'read_results', 'write_results', 'describe_run']
+__all__ = ['PLACE_SETTINGS', 'MAX_FIGURE_PX', 'RESULT_COLUMNS', 'FRACTION_METRICS', 'project_root', 'resolve_path', 'data_root',
+           'run_dir', 'cache_dir', 'run_id', 'is_default_run', 'run_name', 'results_path', 'figures_dir',
+           'notebooks_dir', 'display_path', 'config_summary', 'seed_everything', 'pick_device', 'pick_dtype',
+           'autocast', 'get_logger', 'timer', 'atomic_write', 'atomic_write_json', 'content_hash', 'save_figure',
+           'replace_folder', 'ArtifactBusy', 'artifact_lock', 'condition_string', 'condition_dict', 'result_row',
+           'read_results', 'write_results', 'describe_run']
 
 # %% ../../nbs/core/01_runtime.ipynb #f853336c
 def project_root(start: str | Path | None = None) -> Path:
@@ -107,11 +108,24 @@ def notebooks_dir(cfg: Config) -> Path:
     "Executed experiment notebooks of a run: `runs/<profile>/notebooks/` (other settings: `notebooks-<id>/`)."
     return run_dir(cfg) / ("notebooks" if is_default_run(cfg) else f"notebooks-{run_id(cfg)}")
 
+# %% ../../nbs/core/01_runtime.ipynb #79483274
+def display_path(path: str | Path) -> str:
+    "`path` as a reader should see it: relative to the checkout, else under `$PC_CLIP_RUNS`, `$PC_CLIP_DATA` or `~`."
+    p = Path(path).expanduser().resolve()
+    places = [("", project_root())] + [(f"${v}/", Path(os.environ[v]).expanduser().resolve())
+                                       for v in ("PC_CLIP_RUNS", "PC_CLIP_DATA") if os.environ.get(v)]
+    for prefix, root in places + [("~/", Path.home().resolve())]:
+        if p == root or root in p.parents:
+            return prefix + p.relative_to(root).as_posix() if p != root else (prefix.rstrip("/") or ".")
+    return p.as_posix()
+
+
 # %% ../../nbs/core/01_runtime.ipynb #115be1f0
 def config_summary(cfg: Config) -> str:
     "The settings of `cfg` that differ from its profile's, then the folders the run really uses."
-    return "\n".join([str(cfg), "folders:", f"  data    {data_root(cfg)}", f"  runs    {run_dir(cfg)}",
-                      f"  results {results_path(cfg)}", f"  figures {figures_dir(cfg)}", f"  cache   {cache_dir(cfg)}"])
+    places = [("data", data_root(cfg)), ("runs", run_dir(cfg)), ("results", results_path(cfg)), ("figures", figures_dir(cfg)),
+              ("cache", cache_dir(cfg))]  # as a reader should see them: relative to the checkout or to $PC_CLIP_RUNS
+    return "\n".join([str(cfg), "folders:"] + [f"  {name:<7s} {display_path(p)}" for name, p in places])
 
 # %% ../../nbs/core/01_runtime.ipynb #9cd13d99
 def seed_everything(seed: int) -> None:
@@ -225,6 +239,28 @@ def content_hash(*parts: Any, n: int = 16) -> str:
             h.update(json.dumps(p, sort_keys=True, default=str).encode())
         h.update(b"\x00")
     return h.hexdigest()[:n]
+
+# %% ../../nbs/core/01_runtime.ipynb #62468c74
+MAX_FIGURE_PX = (1800, 1600)  # width, height of a saved figure at most
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110, max_px: tuple[int, int] = MAX_FIGURE_PX) -> Path:
+    "Write matplotlib figure `fig` as a PNG at `dpi`, lowered where needed to stay within `max_px`; returns the path."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width, height = fig.get_size_inches()
+    dpi = min(float(dpi), max_px[0] / width, max_px[1] / height)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=int(dpi), format="png")
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
 
 # %% ../../nbs/core/01_runtime.ipynb #ec709294
 def replace_folder(new: str | Path, dest: str | Path) -> Path:

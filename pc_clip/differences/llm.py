@@ -100,7 +100,7 @@ def _missing_lm_message(name: str, root: Path) -> str:
     return (f"Causal LM {name!r} is not on this machine and no model hub is used (offline).\n"
             f"Either pass a folder holding config.json, the tokenizer files and *.safetensors as the generator, "
             f"or copy that folder to {weights_dir(root) / name}, or put the Hugging Face cache in {weights_dir(root) / 'hf'} "
-            f"(on a machine with internet: huggingface-cli download {name} --cache-dir {weights_dir(root) / 'hf'}). "
+            f"(on a machine with internet: hf download {name} --cache-dir {weights_dir(root) / 'hf'}). "
             "Set PC_CLIP_DATA to use another data root, or serve the model and use generator='openai:<model>'.")
 
 

@@ -92,7 +92,7 @@ def _hf_snapshot(repo: str, root: Path) -> Path:
     except Exception:
         raise FileNotFoundError(
             f"hf-hub:{repo} is not in the local Hugging Face cache {weights_dir(root) / 'hf'} and no hub is reachable. "
-            f"Copy the repository's files there (huggingface-cli download {repo} --cache-dir {weights_dir(root) / 'hf'}) "
+            f"Copy the repository's files there (hf download {repo} --cache-dir {weights_dir(root) / 'hf'}) "
             "on a machine with internet, or pass allow_download=True.") from None
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..core.config import Config
-from ..core.runtime import autocast, cache_dir, content_hash, get_logger, pick_dtype
+from ..core.runtime import autocast, cache_dir, content_hash, display_path, get_logger, pick_dtype
 from ..data.imagedata import ImageDataset, iter_images
 from .text import encode_text_trimmed
 from .clip import encode_texts, images_to_tensor, input_size, save_safetensors
@@ -163,6 +163,16 @@ def _embed_dataset(model, ds: ImageDataset, preprocess, batch_size: int, device,
     return torch.cat(embs)
 
 
+_SAID: set[str] = set()
+
+
+def _said_once(message: str) -> None:
+    "Log `message` at INFO the first time in this process (a notebook's kernel), at DEBUG after that."
+    log = get_logger("pc_clip.models.embed")
+    (log.debug if message in _SAID else log.info)(message)
+    _SAID.add(message)
+
+
 def embed_images(model, images, cfg: Config, batch_size: int | None = None, device: str | torch.device | None = None,
                  cache: bool = True, progress: bool = True, preprocess: Callable | None = None) -> torch.Tensor:
     "Cached, L2-normalised float32 CPU embeddings `[N, D]` of an image array or of the readable images of an `ImageDataset`."
@@ -175,7 +185,7 @@ def embed_images(model, images, cfg: Config, batch_size: int | None = None, devi
     path = embedding_cache_path(model, images, cfg, dtype, preprocess)
     saved = _read_cache(path, len(images)) if cache else None
     if saved is not None:
-        get_logger("pc_clip.models.embed").info(f"reusing {tuple(saved['embeddings'].shape)} image embeddings from {path}")
+        _said_once(f"reusing {tuple(saved['embeddings'].shape)} image embeddings from {display_path(path)}")
         if is_ds:
             images.skipped = set(saved["skipped"].tolist())
         return saved["embeddings"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import textwrap
-import zlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import pandas as pd
 
 from ..core.config import PROFILES, Config
 from ..core.runtime import (PLACE_SETTINGS, atomic_write, condition_dict, notebooks_dir, read_results, results_path,
-    FRACTION_METRICS, run_dir, project_root)
+    FRACTION_METRICS, run_dir, figures_dir, project_root, save_figure)
 from ..evaluation.runner import read_items
 from ..training.plan import training_data_path
 from ..evaluation.metrics import best_on_validation, paired_bootstrap, statistic_value
@@ -27,17 +26,18 @@ from ..evaluation.ceiling import CELL_ATTRIBUTES
 from ..training.selection import (Targets, choices_markdown, choose_setting, selection_markdown, target_check,
     paired_change, read_candidates, tuning_statement)
 from ..models.clip import is_checkpoint, model_dir
-from ..core.registry import REGISTRY, model_specs, sweep_grid
+from ..core.registry import PALETTE, REGISTRY, model_specs, sweep_grid
 from ..core.registry import NOISE_LEVEL
 
 # %% auto #0
-__all__ = ['MODEL_ORDER', 'ABLATION_MODELS', 'MAIN_METRICS', 'RECALLS', 'PAPER_CLAIMS', 'VOCABULARY_CLAIMS', 'TASK_TITLES',
-           'CEILING_TASK', 'RECORDED_STUDY', 'PAPER_SETTING', 'is_validation', 'test_rows', 'cell_name', 'summarise',
-           'pivot_table', 'markdown_table', 'model_colours', 'interval_table', 'bar_figure', 'ablation_models',
-           'ablation_table', 'direction_sentences', 'Claim', 'chosen_setting', 'is_world_dataset', 'claim_verdict',
-           'claim_verdicts', 'selection_table', 'vocabulary_section', 'claims_markdown', 'difference_cells',
+__all__ = ['ABLATION_MODELS', 'MAIN_METRICS', 'RECALLS', 'PAPER_CLAIMS', 'VOCABULARY_CLAIMS', 'MAIN_MODELS', 'TASK_TITLES',
+           'CEILING_TASK', 'RECORDED_STUDY', 'PAPER_SETTING', 'FIGURE_FILES', 'is_validation', 'test_rows', 'cell_name',
+           'summarise', 'pivot_table', 'markdown_table', 'reader_label', 'cell_label', 'interval_table', 'new_figure',
+           'bar_figure', 'ablation_models', 'ablation_table', 'direction_sentences', 'Claim', 'chosen_setting',
+           'is_world_dataset', 'claim_verdict', 'claim_verdicts', 'selection_table', 'ablation_figure', 'alpha_figure',
+           'claims_figure', 'loss_figure', 'vocabulary_section', 'claims_markdown', 'difference_cells',
            'cells_markdown', 'recorded_capacity_study', 'capacity_section', 'departures', 'truncation_warnings',
-           't2i_pair', 'run_warnings', 'write_report']
+           't2i_pair', 'run_warnings', 'write_report', 'report_figures']
 
 # %% ../../nbs/report/00_summary.ipynb #d7d1dee4
 def is_validation(results: pd.DataFrame) -> pd.Series:
@@ -89,15 +89,37 @@ def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 # %% ../../nbs/report/00_summary.ipynb #868498b9
-MODEL_ORDER = ("clip", "pc-clip", "clip-ft-captions", "clip-ft-rewritten", "pc-clip/mse", f"pc-clip/noise-{NOISE_LEVEL:g}",
-               "pc-clip/unfiltered", "pc-clip/both-towers", "pc-clip/wavg-0.5")  # as pc_clip.evaluation.runner.MODELS
+_LABELS = {"accuracy": "accuracy", "worst_class_accuracy": "worst-class accuracy",
+           "confused_class_accuracy": "accuracy on the confused classes",
+           "analogy_accuracy": "analogy accuracy", "directional_consistency": "directional consistency (mean cosine)",
+           "text_direction_cosine": "text-direction cosine, held-out wordings",
+           "text_direction_cosine_train_wording": "text-direction cosine, training wordings",
+           "difference_retrieval_accuracy": "difference retrieval accuracy",
+           "success_rate": "success rate, held-out wordings", "success_rate_train_wording": "success rate, training wordings",
+           "success_rate_class_only": "success rate, class prompt alone",
+           "success_rate_whole_gallery": "success rate, whole gallery", "species_accuracy": "species accuracy",
+           "clip_score": "CLIP score", "clip_score_class_only": "CLIP score, class prompt alone"}
+_CONDITION_WORDS = {("wording", "heldout"): "held-out wording", ("wording", "train"): "training wording",
+                    ("pairs", "heldout"): "held-out pairs", ("pairs", "seen"): "seen pairs", ("split", "val"): "validation",
+                    ("pairs", "classes"): "class pairs"}
 
 
-def model_colours(models: Sequence[str], known: Sequence[str] = MODEL_ORDER) -> dict[str, tuple]:
-    "One colour per model name, the same in every figure: `known` names get tab10's colours in order, others a light tab20 one by a hash of the name."
-    import matplotlib
-    tab10, tab20 = matplotlib.colormaps["tab10"].colors, matplotlib.colormaps["tab20"].colors
-    return {m: tab10[known.index(m)] if m in known[:10] else tab20[2 * (zlib.crc32(m.encode()) % 10) + 1] for m in models}
+def reader_label(name: str) -> str:
+    "What a reader sees for a metric, data set or cell name: `recall@5_i2t` -> 'recall@5, image to text'."
+    name = str(name)
+    if name in _LABELS:
+        return _LABELS[name]
+    m = re.fullmatch(r"recall@(\d+)_(i2t|t2i)", name)
+    if m:
+        return f"recall@{m[1]}, {'image to text' if m[2] == 'i2t' else 'text to image'}"
+    return name.replace("world/", "").replace("_", " ")
+
+
+def cell_label(dataset: str, condition: str = "") -> str:
+    "A cell as a reader names it: `('world/size', 'wording=heldout')` -> 'size · held-out wording'."
+    words = [_CONDITION_WORDS.get((k, v), f"{reader_label(k)} {v}" if k != "alpha" else f"α = {v}")
+             for k, v in condition_dict(condition).items()]
+    return " · ".join([reader_label(dataset)] + words)
 
 
 def interval_table(results: pd.DataFrame, task: str, metrics: Sequence[str], x: str = "dataset",
@@ -114,7 +136,9 @@ def interval_table(results: pd.DataFrame, task: str, metrics: Sequence[str], x: 
 
 
 def _metric_kind(metric: str) -> str:
-    return "fraction" if any(k in metric for k in FRACTION_METRICS) else metric
+    if any(k in metric for k in FRACTION_METRICS):
+        return "fraction"
+    return "cosine" if "cosine" in metric or "consistency" in metric else metric
 
 
 def _panels(metrics: Sequence[str], x: str) -> list[list[str]]:
@@ -125,63 +149,99 @@ def _panels(metrics: Sequence[str], x: str) -> list[list[str]]:
     return [[m for m in metrics if _metric_kind(m) == k] for k in kinds]
 
 
-def _draw_panel(ax, t: pd.DataFrame, order: Sequence[str], colours: dict, chance_of) -> None:
+def new_figure(n_panels: int = 1, panel_size: tuple[float, float] = (5.0, 3.0), columns: int = 2, legend: float = 2.0,
+               sharex: bool = False):
+    "A seaborn-styled figure of `n_panels` axes (at most `columns` a row, `legend` inches kept for a legend at the right)."
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    cols = min(columns, n_panels)
+    rows = -(-n_panels // cols)
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.1):
+        fig, axes = plt.subplots(rows, cols, squeeze=False, layout="constrained", sharex=sharex,
+                                 figsize=(panel_size[0] * cols + legend, panel_size[1] * rows + 0.9))
+    plt.close(fig)  # detached from pyplot: a notebook shows it once, where it is displayed, and the backend is untouched
+    for ax in axes.flat[n_panels:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n_panels])
+
+
+def _finish(fig, title: str, caption: str, handles: dict | None = None) -> None:
+    "Title on top, the legend outside the axes at the right (never over a title), the caption underneath."
+    fig.suptitle(textwrap.fill(title, 80), fontsize=12)
+    if handles:
+        fig.legend(list(handles.values()), list(handles.keys()), loc="outside right upper", fontsize=9, frameon=False)
+    width = fig.get_size_inches()[0]
+    fig.supxlabel(textwrap.fill(caption, int(width * 15)), fontsize=8, ha="center")
+
+
+def _interval_caption(t: pd.DataFrame) -> str:
+    several = int(t["seeds"].max()) > 1 if len(t) else False
+    caption = (("Bars: mean over seeds" if several else "Bars: value") + "; black lines: 95 % interval (ci_low to ci_high "
+               "in results.csv" + (", mean over seeds)" if several else ")"))
+    if t["ci_low"].isna().any():
+        caption += "; bars without a line have no interval in the table"
+    return caption
+
+
+def _draw_bars(ax, t: pd.DataFrame, order: Sequence[str], chance_of) -> None:
+    "Horizontal bars (seaborn) of one panel: cells on the y axis, one bar per model in its colour, intervals in black."
+    import seaborn as sns
     cells = list(dict.fromkeys(t["cell"]))
+    full = pd.MultiIndex.from_product([order, cells], names=["model", "cell"])
+    q = t.drop_duplicates(["model", "cell"]).set_index(["model", "cell"]).reindex(full).reset_index()
+    q["label"] = q["cell"].map(lambda c: textwrap.fill(c, 28))
+    sns.barplot(data=q, y="label", x="mean", hue="model", order=[textwrap.fill(c, 28) for c in cells], hue_order=order,
+                palette=PALETTE.colours(order), errorbar=None, orient="h", width=0.8, saturation=1.0, legend=False, ax=ax)
     h = 0.8 / len(order)
     for j, m in enumerate(order):
-        q = t[t["model"] == m].drop_duplicates("cell").set_index("cell").reindex(cells)
+        r = q[q["model"] == m]
         ys = np.arange(len(cells)) + (j - (len(order) - 1) / 2) * h
-        ax.barh(ys, q["mean"], height=h, color=colours[m], label=m)
-        ok = (q["ci_low"].notna() & q["ci_high"].notna()).to_numpy()
-        ax.errorbar(q["mean"][ok], ys[ok], xerr=[(q["mean"] - q["ci_low"])[ok], (q["ci_high"] - q["mean"])[ok]],
+        ok = (r["ci_low"].notna() & r["ci_high"].notna() & r["mean"].notna()).to_numpy()
+        ax.errorbar(r["mean"][ok], ys[ok], xerr=[(r["mean"] - r["ci_low"])[ok], (r["ci_high"] - r["mean"])[ok]],
                     fmt="none", ecolor="black", elinewidth=1, capsize=2)
     for i, cell in enumerate(cells):
-        metric = t.loc[t["cell"] == cell, "metric"].iloc[0]
-        if chance_of(metric) is not None:
-            ax.vlines(chance_of(metric), i - 0.45, i + 0.45, color="grey", ls="--", lw=1.2, label="chance")
-    ax.set_yticks(range(len(cells)), [textwrap.fill(str(c), 30) for c in cells])
-    ax.invert_yaxis()
+        c = chance_of(t.loc[t["cell"] == cell, "metric"].iloc[0])
+        if c is not None:
+            ax.vlines(c, i - 0.45, i + 0.45, color="grey", ls="--", lw=1.2)
+    ax.set_ylabel("")
 
 
-def bar_figure(results: pd.DataFrame, task: str, path: str | Path, metric: str | Sequence[str] | None = None,
-               x: str = "dataset", dataset: str | None = None, models: Sequence[str] | None = None,
-               title: str | None = None, chance: float | dict[str, float] | None = None):
-    "Save bars of one task's test rows (cells on the y axis, one colour per model, 95 % intervals from the table); returns the path."
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _model_handles(order: Sequence[str], chance: bool = False) -> dict:
+    from matplotlib.patches import Patch
+    from matplotlib.lines import Line2D
+    out = {m: Patch(color=PALETTE[m]) for m in order}
+    return {**out, "chance": Line2D([], [], color="grey", ls="--")} if chance else out
+
+
+def bar_figure(results: pd.DataFrame, task: str, metric: str | Sequence[str] | None = None, x: str = "dataset",
+               dataset: str | None = None, models: Sequence[str] | None = None, title: str | None = None,
+               chance: float | dict[str, float] | None = None):
+    "Bars of one task's test rows (cells on the y axis, one colour per model, 95 % intervals from the table): a `Figure`, or None."
     sub = results[results["task"] == task]
     metrics = [metric] if isinstance(metric, str) else list(metric or ([sub["metric"].iloc[0]] if len(sub) else []))
     t = interval_table(results, task, metrics, x, dataset)
     if t.empty:
         return None
+    if x == "dataset":
+        names = dict(zip(sub["dataset"].astype(str) + "|" + sub["condition"].fillna("").astype(str),
+                         [cell_label(a, b) for a, b in zip(sub["dataset"], sub["condition"].fillna(""))]))
+        t["cell"] = [names.get(c.split(" [")[0] + "|" + (c.split(" [", 1)[1][:-1] if " [" in c else ""), c) for c in t["cell"]]
+    else:
+        t["cell"] = t["cell"].map(reader_label)
     order = [m for m in (models or t["model"].unique()) if m in set(t["model"])]
-    colours, panels = model_colours(order), [p for p in _panels(metrics, x) if t["metric"].isin(p).any()]
+    panels = [p for p in _panels(metrics, x) if t["metric"].isin(p).any()]
     chance_of = (lambda m: chance.get(m)) if isinstance(chance, dict) else (lambda m: chance)
     rows = max(t[t["metric"].isin(p)]["cell"].nunique() for p in panels)
-    fig, axes = plt.subplots(1, len(panels), squeeze=False, layout="constrained",
-                             figsize=(4.8 * len(panels) + 2.4, max(2.4, 0.9 + rows * (0.16 * len(order) + 0.25))))
-    for ax, group in zip(axes[0], panels):
-        _draw_panel(ax, t[t["metric"].isin(group)], order, colours, chance_of)
-        ax.set_xlabel(group[0] if len(group) == 1 else f"{_metric_kind(group[0])} ({', '.join(group)})" if len(group) < 4
-                      else _metric_kind(group[0]))
-        if _metric_kind(group[0]) == "fraction":
+    fig, axes = new_figure(len(panels), (5.0, 0.5 + rows * max(0.3, 0.11 * len(order) + 0.08)))
+    for ax, group in zip(axes, panels):
+        _draw_bars(ax, t[t["metric"].isin(group)], order, chance_of)
+        kind = _metric_kind(group[0])
+        ax.set_xlabel(reader_label(group[0]) if len(group) == 1 else {"fraction": "fraction", "cosine": "mean cosine"}.get(kind, kind))
+        if kind == "fraction":
             ax.set_xlim(0, 1.0)
-    handles = dict(zip(*reversed(axes[0][0].get_legend_handles_labels())))
-    for ax in axes[0][1:]:
-        handles.update(dict(zip(*reversed(ax.get_legend_handles_labels()))))
-    fig.legend(list(handles.values()), list(handles.keys()), loc="outside right upper", fontsize=8)
-    fig.suptitle(textwrap.fill(title or task.replace("_", " "), 90))
-    several = int(t["seeds"].max()) > 1
-    caption = ("Bars: mean over seeds" if several else "Bars: value") + "; black lines: 95 % interval (ci_low to ci_high " \
-              "in results.csv" + (", mean over seeds)" if several else ")")
-    if t["ci_low"].isna().any():
-        caption += "; bars without a line have no interval in the table"
-    fig.text(0.0, 0.0, textwrap.fill(caption, 120), fontsize=8, ha="left", va="top")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return Path(path)
+    drawn_chance = any(chance_of(m) is not None for m in metrics)
+    _finish(fig, title or reader_label(task).capitalize(), _interval_caption(t), _model_handles(order, drawn_chance))
+    return fig
 
 # %% ../../nbs/report/00_summary.ipynb #945c072a
 _ABLATION_ORDER = ("base", "baseline", "pc-clip", "ablation", "weight-average")
@@ -274,11 +334,12 @@ def _side(items: pd.DataFrame, c: Claim, model: str, extra: dict) -> pd.DataFram
     return sub.loc[keep].assign(cond_key=key)
 
 # %% ../../nbs/report/00_summary.ipynb #9961f626
-def _observed(lo: float, hi: float, tol: float) -> str:
+def _observed(lo: float, hi: float, tol: float, agrees: bool = False) -> str:
+    "The direction the interval shows; a 'worse' that the claim's tolerance allows says so ('worse, within tolerance')."
     if lo > 0:
         return "better"
     if hi < 0:
-        return "worse"
+        return "worse, within tolerance" if agrees else "worse"
     if lo > -tol and hi < tol:
         return "same"
     return "not worse" if lo > -tol else "inconclusive"
@@ -331,7 +392,7 @@ def claim_verdict(results: pd.DataFrame, items: pd.DataFrame, c: Claim, n_boot: 
     lo, hi = r["ci_low"], r["ci_high"]
     ok = {"better": lo > 0, "not_worse": lo > -c.tol, "same": lo > -c.tol and hi < c.tol}[c.expect]
     return {**out, "delta": r["delta"], "ci_low": lo, "ci_high": hi, "cells": int(strata.nunique()),
-            "observed": _observed(lo, hi, c.tol), "agrees": "yes" if ok else "no"}
+            "observed": _observed(lo, hi, c.tol, ok), "agrees": "yes" if ok else "no"}
 
 
 def claim_verdicts(results: pd.DataFrame, items: pd.DataFrame, claims: Sequence[Claim],
@@ -405,6 +466,164 @@ def selection_table(results: pd.DataFrame, task: str, key: str, metric: str = "a
     t.index = [f"{m} / {d}" for m, d in t.index]
     t.columns.name = None
     return t
+
+# %% ../../nbs/report/00_summary.ipynb #31e075ab
+# the models of the paper's main comparison: the base, pc-clip and the caption baselines (the ablations get their own figure)
+MAIN_MODELS = tuple(s.name for s in REGISTRY if s.role in ("pc-clip", "baseline") or (s.role == "base" and not s.config))
+_SHORT_TASKS = {"difference_classification": "difference classification", "zero_shot": "zero-shot",
+                "retrieval": "retrieval", "linear_probe": "linear probe", "t2i_arithmetic": "T2I arithmetic"}
+
+
+def _model_bars(ax, t: pd.DataFrame, order: Sequence[str]) -> None:
+    "Horizontal bars of one value per model (y axis: the models), in the palette's colours, with their intervals."
+    import seaborn as sns
+    t = t.set_index("model").reindex(order).reset_index()
+    sns.barplot(data=t, y="model", x="mean", hue="model", order=order, hue_order=order, palette=PALETTE.colours(order),
+                errorbar=None, orient="h", saturation=1.0, legend=False, ax=ax)
+    ok = (t["ci_low"].notna() & t["ci_high"].notna() & t["mean"].notna()).to_numpy()
+    ax.errorbar(t["mean"][ok], np.arange(len(order))[ok], xerr=[(t["mean"] - t["ci_low"])[ok], (t["ci_high"] - t["mean"])[ok]],
+                fmt="none", ecolor="black", elinewidth=1, capsize=2)
+    ax.set_ylabel("")
+
+
+def ablation_figure(results: pd.DataFrame, models: Sequence[str] = ABLATION_MODELS, metrics: dict[str, str] = MAIN_METRICS,
+                    title: str = "Baselines and ablations: each task's main metric, mean over its cells"):
+    "One axis per task (difference classification per wording), one bar per model: mean over cells with the mean interval."
+    res = test_rows(results)
+    res = res.reindex(columns=list(res.columns) + [c for c in ("condition", "ci_low", "ci_high") if c not in res])
+    panels = []
+    for task, metric in metrics.items():
+        sub = res[(res["task"] == task) & (res["metric"] == metric) & res["model"].isin(models)]
+        sub = sub.assign(condition=sub["condition"].fillna("").astype(str), ci_low=sub["ci_low"].astype(float),
+                         ci_high=sub["ci_high"].astype(float))
+        split = sub["condition"].map(lambda c: condition_dict(c).get("wording")) if task == _DIFF else pd.Series("", sub.index)
+        for wording, g in sub.groupby(split.fillna(""), sort=False):
+            cells = g.groupby(["model", "dataset", "condition"])[["value", "ci_low", "ci_high"]].mean()
+            t = cells.groupby("model").mean().rename(columns={"value": "mean"}).reset_index()
+            words = f", {_CONDITION_WORDS.get(('wording', wording), wording)}s" if wording else ""
+            panels.append((f"{_SHORT_TASKS.get(task, task)}{words}", reader_label(metric), t))
+    if not panels:
+        return None
+    order = [m for m in models if any(m in set(t["model"]) for _, _, t in panels)]
+    fig, axes = new_figure(len(panels), (3.6, 0.4 + 0.27 * len(order)), columns=3, legend=0.0)
+    for ax, (name, metric, t) in zip(axes, panels):
+        _model_bars(ax, t, order)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(metric)
+        if _metric_kind(metric) == "fraction":
+            ax.set_xlim(0, 1.0)
+    _finish(fig, title, "Bars: the mean over the task's cells (and seeds); black lines: the mean of the cells' 95 % "
+                        "intervals (ci_low to ci_high in results.csv), a guide, not an interval of the mean")
+    return fig
+
+
+def alpha_figure(results: pd.DataFrame, models: Sequence[str] | None = None, metric: str = "accuracy",
+                 title: str = "Comparative prompting: accuracy over the alpha sweep"):
+    "Validation accuracy over every alpha (with intervals) and test accuracy at alpha = 1 and the chosen alpha, per model."
+    import seaborn as sns
+    from matplotlib.lines import Line2D
+    r = results[(results["task"] == "comparative_prompting") & (results["metric"] == metric)]
+    r = r.reindex(columns=list(r.columns) + [c for c in ("ci_low", "ci_high") if c not in r])
+    r = r.assign(alpha=r["condition"].map(lambda c: float(condition_dict(c).get("alpha", "nan"))),
+                 ci_low=r["ci_low"].astype(float), ci_high=r["ci_high"].astype(float))
+    if r.empty:
+        return None
+    order = [m for m in (models or r["model"].unique()) if m in set(r["model"])]
+    val, test = r[is_validation(r)], test_rows(r)
+    fig, axes = new_figure(2, (4.6, 3.2))
+    for ax, part, name in ((axes[0], val, "validation: every alpha (the choice is made here)"),
+                           (axes[1], test, "test: alpha = 1 and the chosen alpha")):
+        g = part.groupby(["model", "alpha"], sort=True)[["value", "ci_low", "ci_high"]].mean().reset_index()
+        g = g[g["model"].isin(order)]
+        if g.empty:
+            ax.set_visible(False)
+            continue
+        if part is val:  # the sweep: a line per model, its interval as a band
+            sns.lineplot(data=g, x="alpha", y="value", hue="model", hue_order=order, palette=PALETTE.colours(order),
+                         marker="o", errorbar=None, legend=False, ax=ax)
+            for m, q in g.groupby("model"):
+                if q["ci_low"].notna().all():
+                    ax.fill_between(q["alpha"], q["ci_low"], q["ci_high"], color=PALETTE[m], alpha=0.1, lw=0)
+        else:  # two settings per model: points with their intervals, side by side
+            step = 0.3 * (g["alpha"].max() - g["alpha"].min() or 0.1) / max(len(order), 1)
+            g = g.assign(x=g["alpha"] + g["model"].map({m: (j - (len(order) - 1) / 2) * step for j, m in enumerate(order)}))
+            sns.scatterplot(data=g, x="x", y="value", hue="model", hue_order=order, palette=PALETTE.colours(order),
+                            legend=False, ax=ax, zorder=3)
+            ok = g["ci_low"].notna().to_numpy()
+            ax.errorbar(g["x"][ok], g["value"][ok], yerr=[(g["value"] - g["ci_low"])[ok], (g["ci_high"] - g["value"])[ok]],
+                        fmt="none", ecolor="black", elinewidth=1, capsize=2)
+            ax.set_xticks(sorted(g["alpha"].unique()))
+        ax.set(title=name, xlabel="alpha (1 = plain zero-shot prompts)", ylabel=reader_label(metric))
+        ax.title.set_fontsize(10)
+    handles = {m: Line2D([], [], color=PALETTE[m], marker="o") for m in order}
+    _finish(fig, title, "Points: accuracy at each alpha; bands (validation) and black lines (test): 95 % interval (ci_low to ci_high in "
+                        "results.csv)", handles)
+    return fig
+
+
+def _paper_points(text: str) -> float | None:
+    "The paper's number as a difference, where it gives one in points: 'up to +14 points' -> 0.14."
+    m = re.search(r"([+-]\s?\d+(?:\.\d+)?)\s*(?:points|pts|pp)\b", str(text or ""))
+    return float(m[1].replace(" ", "")) / 100 if m else None
+
+
+def claims_figure(verdicts: pd.DataFrame, title: str = "The paper's claims: ours (A - B, 95 % interval) and the paper's number"):
+    "Forest plot of a claim table (`claim_verdicts`): one row per claim, A - B with its interval, the tolerance, the paper."
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    v = verdicts.reset_index(drop=True)
+    if v.empty:
+        return None
+    fig, (ax,) = new_figure(1, (5.0, 0.6 + 0.5 * len(v)), legend=6.0)  # room for both label columns
+    for i, r in v.iterrows():
+        model_a = str(r["comparison"]).split(" vs ")[0].split(" (")[0]
+        if r["expected"] in ("not_worse", "same"):
+            ax.fill_betweenx([i - 0.35, i + 0.35], -r["tol"], r["tol"], color="grey", alpha=0.18, lw=0)
+        if np.isfinite(r["delta"]) and np.isfinite(r["ci_low"]):
+            ax.errorbar([r["delta"]], [i], xerr=[[r["delta"] - r["ci_low"]], [r["ci_high"] - r["delta"]]], fmt="o",
+                        color=PALETTE[model_a], ecolor=PALETTE[model_a], elinewidth=2, capsize=3, ms=6)
+        elif np.isfinite(r["delta"]):
+            ax.plot([r["delta"]], [i], "o", color=PALETTE[model_a], mfc="white")
+        p = _paper_points(r["paper"])
+        if p is not None:
+            ax.plot([p], [i], "D", color="black", mfc="white", ms=6)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(v)), [textwrap.fill(f"{s} ({c})", 46) for s, c in zip(v["statement"], v["comparison"])],
+                  fontsize=8)
+    ax.set_ylim(len(v) - 0.5, -0.5)
+    ax.set_xlabel("A - B on the same items\n(95 % paired-bootstrap interval)")
+    right = ax.twinx()
+    right.set_ylim(ax.get_ylim())
+    right.grid(False)
+    said = lambda r: (f"ours: {r['observed']}" + ("" if r["agrees"] == "n/a" else f" · agrees: {r['agrees']}"))
+    right.set_yticks(range(len(v)), [textwrap.fill(f"paper: {r['paper'] or '-'}", 34) + "\n" + textwrap.fill(said(r), 34)
+                                     for _, r in v.iterrows()], fontsize=8)
+    handles = {"ours (95 % interval), in model A's colour": Line2D([], [], color="grey", marker="o", lw=2),
+               "the paper's number (where given in points)": Line2D([], [], color="black", marker="D", mfc="white", ls=""),
+               "tolerance of a 'not worse' / 'same' claim": Patch(color="grey", alpha=0.3)}
+    fig.suptitle(textwrap.fill(title, 70), fontsize=12)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    return fig
+
+
+def loss_figure(panels: dict[str, dict[str, pd.Series]], xlabel: str = "step", ylabel: str = "loss",
+                title: str = "Training loss"):
+    "Loss curves, one axis per panel (`{title: {model: series indexed by step or epoch}}`), each model in its colour."
+    import seaborn as sns
+    from matplotlib.lines import Line2D
+    panels = {k: c for k, c in panels.items() if c}
+    if not panels:
+        return None
+    fig, axes = new_figure(len(panels), (4.4, 3.0), columns=3)
+    names = []
+    for ax, (name, curves) in zip(axes, panels.items()):
+        for model, s in curves.items():
+            sns.lineplot(x=np.asarray(s.index, float), y=np.asarray(s, float), color=PALETTE[model], ax=ax, lw=1.2)
+            names.append(model)
+        ax.set(title=name, xlabel=xlabel, ylabel=ylabel)
+        ax.title.set_fontsize(10)
+    _finish(fig, title, "", {m: Line2D([], [], color=PALETTE[m]) for m in dict.fromkeys(names)})
+    return fig
 
 # %% ../../nbs/report/00_summary.ipynb #00c2c3d3
 TASK_TITLES = {
@@ -785,6 +1004,9 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
              f"\n{int((counted.agrees == 'yes').sum())} of {len(counted)} measured claims agree with the paper"
              + (f"; {len(unmeasured)} not measured, not counted: {', '.join(unmeasured)}" if unmeasured else "") + ".\n",
              "\n**Controls** (hold by construction for a text-only finetune; not counted)\n\n", claims_markdown(v[v["control"]])]
+    figures = {**report_figures(cfg), **(figures or {})}
+    shown = _figure_markdown(cfg, v, figures, path.parent)
+    parts += shown.pop("claims", [])
     parts += ["\n## Difference classification, cell by cell (the paper's form)\n", cells_markdown(difference_cells(results, items))]
     parts += vocabulary_section(results, items)
     study_figure = os.path.relpath(project_root() / "figures" / "capacity_study.png", path.parent.resolve())
@@ -816,8 +1038,49 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
         parts.append(f"\n## {title}\n")
         for metric in sub["metric"].unique():
             parts.append(f"\n**{metric}**\n\n" + markdown_table(pivot_table(results, task, metric)))
-        fig = (figures or {}).get(task)
-        if fig is not None and Path(fig).exists():
-            parts.append(f"\n![{task}]({os.path.relpath(Path(fig).resolve(), path.parent.resolve())})\n")
+        parts += shown.pop(task, [])
+    parts += shown.pop("other", [])
     atomic_write(path, "\n".join(parts))
     return path
+
+# %% ../../nbs/report/00_summary.ipynb #d8155184
+FIGURE_FILES = {  # the file names the experiments save, by the REPORT section that shows them
+    "difference_classification": ("difference_classification.png", "ablations.png"),
+    "zero_shot": ("zero_shot_accuracy.png", "zero_shot_worst_class_accuracy.png"),
+    "comparative_prompting": ("comparative_alpha.png",), "retrieval": ("retrieval.png",),
+    "geometry": ("geometry.png", "geometry_world.png"), "linear_probe": ("linear_probe.png",),
+    "t2i_arithmetic": ("t2i_arithmetic.png", "t2i_gallery.png"),
+    "pretrain": ("world_samples.png", "world_pairs.png", "pretrain_loss.png"), "finetune": ("finetune_loss.png",),
+    "finetune_selection": ("finetune_selection_pareto.png",)}
+
+
+def report_figures(cfg: Config) -> dict[str, Path]:
+    "The figures of a run's folder the REPORT places under a section: `{section: path}` (the first of its files found)."
+    found = {}
+    for section, names in FIGURE_FILES.items():
+        paths = [figures_dir(cfg) / n for n in names if (figures_dir(cfg) / n).exists()]
+        if paths:
+            found[section] = paths[0]
+    return found
+
+
+def _figure_markdown(cfg: Config, verdicts: pd.DataFrame, figures: dict[str, Path], report_dir: Path) -> dict[str, list[str]]:
+    "Markdown image lines per REPORT section: the claims' forest plot, each task's figures, and every other figure of the run."
+    link = lambda p, name: f"\n![{name}]({os.path.relpath(Path(p).resolve(), report_dir.resolve())})\n"
+    out, used = {}, set()
+    claims = claims_figure(verdicts[~verdicts["control"].astype(bool)])
+    if claims is not None:
+        path = save_figure(claims, figures_dir(cfg) / "claims.png")
+        out["claims"], used = [link(path, "the paper's claims: ours with 95 % intervals beside the paper's numbers")], {path.name}
+    for section, names in FIGURE_FILES.items():
+        given = Path(figures[section]) if figures.get(section) is not None else None
+        paths = list(dict.fromkeys(([given] if given is not None and given.exists() else [])
+                                   + [figures_dir(cfg) / n for n in names if (figures_dir(cfg) / n).exists()]))
+        used |= {p.name for p in paths}
+        if section != "finetune_selection":  # shown by the finetuning-strength section itself
+            out[section] = [link(p, p.stem.replace("_", " ")) for p in paths]
+    rest = sorted(p for p in figures_dir(cfg).glob("*.png") if p.name not in used)
+    if rest:
+        out["other"] = ["\n## Other figures of this run\n"] + [link(p, p.stem.replace("_", " ")) for p in rest]
+    return out
+

@@ -330,6 +330,7 @@ def capacity_figure(summary: pd.DataFrame, gain: float = GAIN_TARGET, chosen: st
     import seaborn as sns
     s = summary.reset_index(names="base")
     fig, ax = plt.subplots(figsize=(7.0, 4.2), layout="constrained")
+    plt.close(fig)  # detached from pyplot: the notebook shows it where it is displayed
     sns.scatterplot(data=s, x="pretrain_gflop", y="unconstrained_gain", ax=ax, marker="o", s=60, facecolor="none",
                     edgecolor="grey", label="best candidate, constraints ignored")
     ok = s.dropna(subset=["constrained_gain"])

@@ -216,13 +216,15 @@ def run_noise_curve(cfg: Config, noises: Sequence[float] = (0.0, 0.1, 0.3, 0.5),
 
 # %% ../../nbs/studies/00_noise_curve.ipynb #874d6189
 def plot_noise_curve(results: pd.DataFrame):
-    "A matplotlib figure of the noise study's gains over `clip` against the noise rate, one line per filter."
-    import matplotlib.pyplot as plt
+    "A seaborn-styled figure of the noise study's gains over `clip` against the noise rate, one line per filter."
+    import seaborn as sns
+    from pc_clip.report.summary import new_figure
     t = results[(results["task"] == CURVE_TASK) & (results["model"] != "clip")].copy()
     conds = t["condition"].map(condition_dict)
     t = t.assign(noise=conds.map(lambda d: float(d.get("noise", "nan"))), filter=conds.map(lambda d: d.get("filter")),
                  wording=conds.map(lambda d: d.get("wording")))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = new_figure(2, (4.6, 3.2), legend=0.0)
+    colours = sns.color_palette("colorblind")
     panels = (("difference_gain_vs_clip", "difference-classification gain over clip"),
               ("zero_shot_change_vs_clip", "zero-shot accuracy change vs clip"))
     for ax, (metric, title) in zip(axes, panels):
@@ -234,10 +236,10 @@ def plot_noise_curve(results: pd.DataFrame):
                     continue
                 s = s.sort_values("noise")
                 ax.errorbar(s["noise"] + 0.004 * k, s["value"], yerr=[s["value"] - s["ci_low"], s["ci_high"] - s["value"]],
-                            fmt="o" + style, color=f"C{k}", capsize=3, label=f"{filt}" + (f" ({wording} wordings)" if wording else ""))
+                            fmt="o" + style, color=colours[k % len(colours)], capsize=3, label=f"{filt}" + (f" ({wording} wordings)" if wording else ""))
         ax.axhline(0, color="grey", lw=1)
         ax.set(title=title, xlabel="oracle noise rate (fraction of false statements)", ylabel="A - clip")
         ax.legend(fontsize=7)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.text(0.01, 0.01, "error bars: 95 % interval of each row (ci_low to ci_high in results.csv)", fontsize=8)
+    fig.suptitle("PC-CLIP on noisy differences, unfiltered and filtered by a judge")
+    fig.supxlabel("error bars: 95 % interval of each row (ci_low to ci_high in results.csv)", fontsize=8)
     return fig

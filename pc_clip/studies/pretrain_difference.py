@@ -226,15 +226,16 @@ def run_pretrain_study(cfg: Config, weights: Sequence[float] = (0.0, 0.25, 0.5, 
 
 # %% ../../nbs/studies/01_pretrain_difference.ipynb #68a4af5a
 def plot_pretrain_study(results: pd.DataFrame):
-    "A matplotlib figure of the pretraining study's test rows against the weight of the difference term."
-    import matplotlib.pyplot as plt
+    "A seaborn-styled figure of the pretraining study's test rows against the weight of the difference term."
+    from pc_clip.core.registry import PALETTE
+    from pc_clip.report.summary import new_figure
     t = results[(results["task"] == STUDY_TASK) & ~results["condition"].astype(str).str.contains("split=val")].copy()
     conds = t["condition"].map(condition_dict)
     t = t.assign(arm=conds.map(lambda d: d.get("arm")), w=conds.map(lambda d: float(d.get("w", "nan"))),
                  wording=conds.map(lambda d: d.get("wording")))
     panels = (("difference_accuracy", "difference classification (chance 0.5)"),
               ("zero_shot_accuracy", "zero-shot accuracy"), ("retrieval_recall@5_i2t", "retrieval recall@5 (image to text)"))
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = new_figure(3, (4.2, 3.2), columns=3, legend=0.0)
     for ax, (metric, title) in zip(axes, panels):
         sub = t[t["metric"] == metric]
         for k, wording in enumerate(sorted(sub["wording"].dropna().unique(), reverse=True) or [None]):
@@ -242,12 +243,12 @@ def plot_pretrain_study(results: pd.DataFrame):
             style, label = ("--" if wording == "train" else "-"), (f" ({wording} wordings)" if wording else "")
             j = s[s["arm"] == "joint"].sort_values("w")
             ax.errorbar(j["w"], j["value"], yerr=[j["value"] - j["ci_low"], j["ci_high"] - j["value"]], fmt="o" + style,
-                        color="C0", capsize=3, label="joint" + label)
+                        color=PALETTE["joint"], capsize=3, label="joint" + label)
             for _, p in s[s["arm"] == "pretrain-then-finetune"].iterrows():
-                ax.axhline(p["value"], color="C1", ls=style, label="pretrain-then-finetune" + label)
-                ax.axhspan(p["ci_low"], p["ci_high"], color="C1", alpha=0.12)
-        ax.set(title=title, xlabel="weight w of the difference loss", ylabel=metric)
+                ax.axhline(p["value"], color=PALETTE["pretrain-then-finetune"], ls=style, label="pretrain-then-finetune" + label)
+                ax.axhspan(p["ci_low"], p["ci_high"], color=PALETTE["pretrain-then-finetune"], alpha=0.12)
+        ax.set(title=title, xlabel="weight w of the difference loss", ylabel=metric.replace("_", " "))
         ax.legend(fontsize=7)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.text(0.01, 0.01, "error bars and bands: 95 % interval of each row (ci_low to ci_high in results.csv)", fontsize=8)
+    fig.suptitle("Joint pretraining with the difference loss against pretrain-then-finetune")
+    fig.supxlabel("error bars and bands: 95 % interval of each row (ci_low to ci_high in results.csv)", fontsize=8)
     return fig

@@ -259,7 +259,7 @@ def load_sdxl(cfg: Config, device: str | torch.device | None = None):
         raise FileNotFoundError(
             f"SDXL weights {cfg.t2i_model!r} are not on this machine (looked in {local} and in the Hugging Face cache "
             f"{data_root(cfg) / 'weights' / 'hf'}). On a machine with internet run "
-            f"`huggingface-cli download {cfg.t2i_model} --cache-dir {data_root(cfg) / 'weights' / 'hf'}`, or put a "
+            f"`hf download {cfg.t2i_model} --cache-dir {data_root(cfg) / 'weights' / 'hf'}`, or put a "
             f"diffusers folder at {local}. ({type(e).__name__}: {e})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

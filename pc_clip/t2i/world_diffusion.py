@@ -331,6 +331,7 @@ def plot_t2i_gallery(shown: dict, categories: Sequence[str] = ("glorp", "mib", "
     edits = list(dict.fromkeys(q.edit))
     panels = [(m, c) for m in shown["images"] for c in categories]
     fig, axes = plt.subplots(len(panels), len(edits) + 1, figsize=(1.3 * (len(edits) + 1), 1.4 * len(panels)), squeeze=False)
+    plt.close(fig)  # detached from pyplot: the notebook shows it where it is displayed
     for row, (m, c) in zip(axes, panels):
         sel = np.flatnonzero((q.category == c).to_numpy() & (q.noise_seed == seed).to_numpy())
         row[0].imshow(shown["images"][m]["reference"][sel[0]], interpolation="nearest")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.config import Config
-from ..core.runtime import artifact_lock, atomic_write_json, autocast, content_hash, get_logger, pick_dtype
+from ..core.runtime import artifact_lock, atomic_write_json, autocast, content_hash, display_path, get_logger, pick_dtype
 from ..models.embed import embed_images, image_normalization, model_fingerprint
 from .losses import (caption_contrastive_loss, difference_contrastive_loss, difference_mse_loss,
     image_differences, make_clip_loss, set_trainable)
@@ -237,7 +237,7 @@ def _reuse_finished(model, out_dir: Path, run_key: str, s: FinetuneSettings) -> 
         return None
     m = copy.deepcopy(model)
     m.load_state_dict(weights)
-    get_logger("pc_clip.training.finetune").info(f"reusing the finished run in {out_dir} ({s.epochs} epochs, key {run_key})")
+    get_logger("pc_clip.training.finetune").info(f"reusing the finished run in {display_path(out_dir)} ({s.epochs} epochs, key {run_key})")
     return FinetuneRun(m.eval(), out_dir, pd.DataFrame(done["steps"]), pd.DataFrame(done["epochs_history"]),
                        done["seconds"], done["bad_steps"], True, run_key, s, s.epochs)
 
@@ -270,7 +270,7 @@ def _resume(tr: _Trainer, out_dir: Path, run_key: str, s: FinetuneSettings, unti
                 stale.append(ck)
                 continue
             hist = _History(meta["epoch"], meta["steps"], meta["epochs"], meta["seconds"], meta["bad_steps"])
-            log.info(f"resuming {out_dir.name} from epoch {hist.start_epoch} ({ck})")
+            log.info(f"resuming {out_dir.name} from epoch {hist.start_epoch} ({display_path(ck)})")
         elif not same or not resumed:
             stale.append(ck)
     barrier(tr.world)

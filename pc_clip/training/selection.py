@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.config import Config
-from ..core.runtime import condition_dict, result_row, atomic_write, results_path
+from ..core.runtime import condition_dict, result_row, atomic_write, results_path, save_figure
 from ..data.datasets import world_dataset
 from ..models.embed import embed_images
 from ..models.text import memo_tokenizer
@@ -27,7 +27,7 @@ from ..models.clip import model_dir, is_checkpoint, write_manifest
 from ..world.species import CATEGORY_NAMES
 from pc_clip.training.plan import (base_inputs, candidate_lr, finetune_models, save_derived, save_weight_average,
     weight_average_model)
-from ..core.registry import model_spec, model_specs, sweep_grid
+from ..core.registry import PALETTE, model_spec, model_specs, sweep_grid
 
 # %% auto #0
 __all__ = ['CONSTRAINTS', 'VAL_METRICS', 'SELECTION_TASK', 'CHANGES', 'TEST_TARGETS', 'Targets', 'shortfalls', 'choose_setting',
@@ -87,12 +87,20 @@ _CONSTRAINT_LABELS = {"zero_shot": "zero-shot accuracy change", "worst_class": "
 def pareto_figure(table: pd.DataFrame, path: str | Path | None = None, targets: Targets = Targets()):
     "Validation difference gain against each constraint's change (one panel each), misses crossed, front joined, choice circled."
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(CONSTRAINTS), figsize=(5.0 * len(CONSTRAINTS), 4.2), sharey=True, layout="constrained")
+    import seaborn as sns
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
+        fig, axes = plt.subplots(1, len(CONSTRAINTS), figsize=(3.9 * len(CONSTRAINTS) + 1.8, 3.8), sharey=True,
+                                 layout="constrained")
+    plt.close(fig)  # detached from pyplot: the notebook shows it where it is displayed
+    lrs = table.assign(learning_rate=table["lr"].map(lambda v: f"lr {v:g}"))
+    model = str(table["model"].iloc[0]) if "model" in table and len(table) else "pc-clip"
     for k, (ax, (name, col)) in enumerate(zip(axes, CONSTRAINTS.items())):
-        for (lr, grp), marker in zip(table.groupby("lr"), "osD^v<>p"):
-            ax.scatter(grp[col], grp["diff_gain"], marker=marker, label=f"lr {lr:g}")
+        sns.scatterplot(data=lrs, x=col, y="diff_gain", style="learning_rate", color=PALETTE[model], s=45, ax=ax)
+        ax.set_ylabel("")
+        for _, grp in table.groupby("lr"):
             for _, r in grp.iterrows():
                 ax.annotate(f"α={r['alpha']:g}", (r[col], r["diff_gain"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.get_legend().remove()
         miss = table[table[col] < getattr(targets, name)]
         ax.scatter(miss[col], miss["diff_gain"], marker="x", s=90, color="red", lw=1.2, label="misses this constraint")
         if k == 0:
@@ -110,8 +118,7 @@ def pareto_figure(table: pd.DataFrame, path: str | Path | None = None, targets: 
     fig.legend(list(handles.values()), list(handles.keys()), fontsize=7, loc="outside right upper")
     fig.suptitle("Finetuning strength and weight averaging: every candidate against every constraint")
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        save_figure(fig, path)
     return fig
 
 # %% ../../nbs/training/04_selection.ipynb #8e19060a

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.config import Config
-from ..core.runtime import atomic_write, cache_dir, content_hash, get_logger, timer
+from ..core.runtime import atomic_write, cache_dir, content_hash, display_path, get_logger, timer
 from .render import BACKGROUNDS, COLOURS, render_images
 from pc_clip.world.species import (_BRIGHTNESS_RANGES, CATEGORIES, CATEGORY_NAMES, COLOUR_NEIGHBOURS, SHAPE_ADJECTIVES,
     typical_attrs)
@@ -419,7 +419,7 @@ def make_world(cfg: Config, rebuild: bool = False) -> World:
     buf = io.BytesIO(); np.save(buf, world.images)
     atomic_write(npy, buf.getvalue())
     atomic_write(csv, world.attrs.to_csv(index=False))
-    get_logger("pc_clip.world.shapes").info(f"built the Shapes world ({len(world)} images) in {t['seconds']:.1f} s -> {folder}")
+    get_logger("pc_clip.world.shapes").info(f"built the Shapes world ({len(world)} images) in {t['seconds']:.1f} s -> {display_path(folder)}")
     world.key = key
     return world
 
