@@ -380,7 +380,7 @@ def _kernel_root() -> Path:
     root = Path(jupyter_runtime_dir())
     try:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if os.access(root, os.W_OK) and len(str(root)) <= 70:  # a socket path holds at most ~107 bytes
+        if os.access(root, os.W_OK) and len(str(root)) <= 60:  # a socket path (root + ~45 bytes) holds at most 107
             return root
     except OSError:
         pass
@@ -426,6 +426,11 @@ def _ipc_kernel_manager():
         async def _async_pre_start_kernel(self, **kw):
             kw["env"] = {**KERNEL_ENV, **kw.get("env", os.environ)}  # the caller's own settings win
             return await super()._async_pre_start_kernel(**kw)
+
+        async def _async_interrupt_kernel(self) -> None:
+            if self.shutting_down:  # stopping it: the shutdown request (or a kill) does that without a KeyboardInterrupt
+                return              # traceback from a kernel that is still starting
+            await super()._async_interrupt_kernel()
 
         async def _async_cleanup_resources(self, restart: bool = False) -> None:
             await super()._async_cleanup_resources(restart=restart)
