@@ -21,7 +21,7 @@ setup(
     license="Apache-2.0",
     python_requires=f">={meta['min_python']}",
     packages=find_packages(include=["pc_clip", "pc_clip.*"]),
-    package_data={"pc_clip": ["model_configs/*.json"]},
+    package_data={"pc_clip": ["model_configs/*.json", "studies/*.csv"]},
     include_package_data=True,
     install_requires=_split("requirements"),
     extras_require={"dev": _split("dev_requirements"), "openai": _split("openai_requirements")},

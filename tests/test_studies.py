@@ -1,4 +1,6 @@
-"""Tests of `pc_clip.studies`: the noise curve and the difference loss during pretraining."""
+"""Tests of `pc_clip.studies`: the noise curve, the difference loss during pretraining, the base-capacity study."""
+import os
+
 import numpy as np
 import open_clip
 import pandas as pd
@@ -112,3 +114,62 @@ def test_weight_is_chosen_on_validation_rows_ties_to_the_smaller():
     assert choose_weight(val, [0.0, 0.5, 1.0, 2.0]) == 1.0  # w = 0 is not a candidate; 1 and 2 tie
     with pytest.raises(ValueError, match="no weight above 0"):
         choose_weight(val, [0.0])
+
+
+# ---- The base-capacity study (issue 29): one base measured end to end on small settings, cached, and the rule.
+
+def _small_capacity_config(runs):
+    return get_config("tiny", runs_root=str(runs), world_n_train=256, world_n_test=32, world_n_val=96, n_pairs=200,
+                      pretrain_steps=4, ft_batch_size=32, ft_epochs=1, eval_n_images=24, eval_seeds=(0,),
+                      ft_lr_grid=(1e-3,), wavg_alpha_grid=(0.5, 1.0))
+
+
+def test_capacity_study_measures_a_base_end_to_end_caches_it_and_tidies_it(tmp_path, monkeypatch):
+    from pc_clip.studies.capacity import (Base, capacity_rows, capacity_summary, measure_base, measurement_path,
+        run_capacity_study)
+    monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
+    cfg = _small_capacity_config(tmp_path)
+    base = Base("tiny", "pc-clip-tiny", 32)  # the first tiny base, at the small config's 4 pretraining steps
+    m = measure_base(cfg, base, threads=1, progress=False)
+    assert measurement_path(cfg, base, 1).exists()
+    assert {p["attribute"] for p in m["probes"]} == {"category", "size", "brightness", "colour", "count"}
+    cells = {c["cell"] for c in m["ceiling"]}
+    assert "world/size|wording=train" in cells and "world/count|wording=heldout" in cells
+    front = pd.DataFrame(m["front"])
+    assert {"training wordings", "held-out wordings"} <= set(front["cell"])
+    assert (front["ci_low"] <= front["gain"] + 1e-9).all() and (front["gain"] <= front["ci_high"] + 1e-9).all()
+    assert m["pretrain_gflop"] == pytest.approx(m["step_gflop"] * 4)
+    # a second call reads the cache: the same numbers, no training
+    again = measure_base(cfg, base, threads=1, progress=False)
+    assert again == m
+    # another seed is another measurement (its own world and base)
+    assert measurement_path(cfg.replace(seed=1), base, 1) != measurement_path(cfg, base, 1)
+    tidy = run_capacity_study(cfg, [base], seeds=(0,), threads=1, progress=False)
+    assert set(tidy["kind"]) >= {"cost", "base", "probe", "ceiling", "unconstrained"}
+    s = capacity_summary(tidy)
+    assert s.loc["tiny", "estimated_run_s"] == pytest.approx(386.0)  # the first tiny base: the last measured run
+    rows = capacity_rows(tidy)
+    assert all(r["task"] == "capacity" and "split=val" in r["condition"] for r in rows)
+
+
+def test_capacity_study_notebook_runs_through_the_cli_on_small_settings(tmp_path):
+    "Experiment 15c, the study's one command, on two small bases: its rows, its figure and the rule's outcome."
+    import subprocess, sys
+    from pathlib import Path
+    from conftest import REPO
+    env = {**os.environ, "PC_CLIP_RUNS": str(tmp_path)}
+    small = ["world_n_train=256", "world_n_test=32", "world_n_val=96", "n_pairs=200", "pretrain_steps=4",
+             "ft_batch_size=32", "ft_epochs=1", "eval_n_images=24", "eval_seeds=[0]", "ft_lr_grid=[0.001]",
+             "wavg_alpha_grid=[0.5,1.0]", 'bases=["tiny","48px"]']
+    args = [str(Path(sys.executable).parent / "pc-clip"), "reproduce", "--profile", "tiny", "--experiments",
+            "nbs/experiments/beyond", "--only", "15c", "--quiet"]
+    for p in small:
+        args += ["-p", p]
+    r = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = pd.concat([pd.read_csv(p) for p in tmp_path.rglob("results.csv")])
+    study = results[results["task"] == "capacity"]
+    assert {c.split("base=")[1].split(";")[0] for c in study["condition"]} == {"tiny", "48px"}
+    assert list(tmp_path.rglob("capacity_study.png"))
+    nb = next(tmp_path.rglob("15c_capacity.ipynb")).read_text()
+    assert "Chosen base:" in nb

@@ -33,11 +33,11 @@ from ..core.registry import REGISTRY, model_names
 
 # %% auto #0
 __all__ = ['MODELS', 'LoadedModel', 'PAPER_EVAL_DATASETS', 'N_BOOT', 'ITEM_COLUMNS', 'ZERO_SHOT_TEMPLATES', 'RETRIEVAL_IMAGES',
-           'RETRIEVAL_CAPTIONS', 'iter_models', 'for_each_model', 'evaluated_models', 'text_encoder', 'eval_datasets',
-           'split_off_validation', 'validation_dataset', 'evaluation_rows', 'items_path', 'write_evaluation',
-           'read_items', 'zero_shot_classifier', 'build_difference_tasks', 'run_difference_classification',
-           'run_zero_shot', 'run_comparative_prompting', 'world_retrieval_corpus', 'run_retrieval', 'run_geometry',
-           'run_linear_probe']
+           'RETRIEVAL_CAPTIONS', 'CEILING_TASK', 'iter_models', 'for_each_model', 'evaluated_models', 'text_encoder',
+           'eval_datasets', 'split_off_validation', 'validation_dataset', 'evaluation_rows', 'items_path',
+           'write_evaluation', 'read_items', 'zero_shot_classifier', 'build_difference_tasks',
+           'run_difference_classification', 'run_zero_shot', 'run_comparative_prompting', 'world_retrieval_corpus',
+           'run_retrieval', 'run_geometry', 'run_linear_probe', 'unconstrained_folder', 'run_cell_ceiling']
 
 # %% ../../nbs/evaluation/04_runner.ipynb #e59fc116
 MODELS = tuple(s.resolved(Config()).name for s in REGISTRY if s.evaluated)  # every evaluated model of the registry (default wavg_alpha)
@@ -378,4 +378,62 @@ def run_linear_probe(cfg: Config, model_names: Sequence[str], datasets: Sequence
                 if key not in memo:  # identical image features: the same probe
                     memo[key] = linear_probe(x[0], y[0], x[1], y[1], x[2], y[2], **probe_kw)
                 rows += _probe_rows(model, dataset, memo[key], cfg.seed)
+    return rows
+
+# %% ../../nbs/evaluation/04_runner.ipynb #40baac7c
+from .ceiling import CELL_ATTRIBUTES, attribute_labels, attribute_probe, image_side_ceiling
+from ..models.clip import load_checkpoint
+from ..core.registry import sweep_grid
+
+CEILING_TASK = "cell_ceiling"
+
+
+def _cell_tasks(cfg: Config, world, split: str) -> dict:
+    "`{(dataset, condition string): task}` of the world's difference tasks on one split."
+    ds = load_dataset("world", cfg, split)
+    return {(t.dataset, ";".join(f"{k}={v}" for k, v in sorted(t.condition.items()))): t
+            for t in build_difference_tasks(ds, ds.labels, cfg)}
+
+
+def unconstrained_folder(cfg: Config):
+    "The folder of `pc-clip`'s strongest candidate: the grid's largest learning rate, no weight averaging (alpha 1)."
+    grid = sweep_grid(cfg)
+    return model_dir(cfg, "pc-clip", lr=max(lr for lr, _ in grid), alpha=1.0) if grid else model_dir(cfg, "pc-clip")
+
+
+def run_cell_ceiling(cfg: Config, max_train: int | None = 4000, progress: bool = True) -> list[dict]:
+    "Per world difference cell, on test images: the probe of its attribute (and the majority rate), the image-side ceiling of `clip`'s image tower, and the unconstrained finetune."
+    if cfg.corpus != "world":
+        return []
+    world = make_world(cfg)
+    (m,) = list(iter_models(cfg, ["clip"]))
+    emb = embed_images(m.model, world.images, cfg, progress=progress)
+    tr, va, te = probe_indices(world, max_train, cfg.seed)
+    x = emb.numpy()
+    rows = []
+    for attr in dict.fromkeys(CELL_ATTRIBUTES.values()):
+        y = attribute_labels(world.attrs, attr)
+        r = attribute_probe(x[tr], y[tr], x[va], y[va], x[te], y[te])
+        rows += evaluation_rows({cfg.seed: r}, "clip", CEILING_TASK, "world", {"attribute": attr, "measure": "probe"})
+        rows.append(result_row("clip", CEILING_TASK, "world", "majority", r["majority"], cfg.seed, len(te),
+                               {"attribute": attr, "measure": "probe"}))
+    train_tasks, test_tasks = _cell_tasks(cfg, world, "train"), _cell_tasks(cfg, world, "test")
+    tr_emb, te_emb = emb[torch.as_tensor(world.indices("train"))], emb[torch.as_tensor(world.indices("test"))]
+    for key, t in tqdm(test_tasks.items(), desc="image-side ceiling per cell", disable=not progress):
+        fit = train_tasks[key]
+        res = image_side_ceiling(tr_emb[torch.as_tensor(fit.indices)], fit.labels, te_emb[torch.as_tensor(t.indices)],
+                                 t.labels, t.text_fn, cfg.eval_n_images, cfg.eval_seeds)
+        rows += evaluation_rows(res, "clip", CEILING_TASK, t.dataset, {**t.condition, "measure": "image_side_ceiling"})
+    folder = unconstrained_folder(cfg)
+    if is_checkpoint(folder):
+        model, _, tok = load_checkpoint(folder)
+        encode = text_encoder(model, tok, cfg.eval_batch_size)
+        lr = max((lr for lr, _ in sweep_grid(cfg)), default=cfg.ft_lr)
+        for key, t in test_tasks.items():
+            res = difference_classification(te_emb[torch.as_tensor(t.indices)], t.labels, t.text_fn, encode,
+                                            cfg.eval_n_images, cfg.eval_seeds)
+            rows += evaluation_rows(res, "pc-clip", CEILING_TASK, t.dataset,
+                                    {**t.condition, "measure": "unconstrained", "lr": f"{lr:g}"})
+    else:
+        print(f"skipping the unconstrained finetune: no checkpoint at {folder.name} (experiment 03 trains it)")
     return rows

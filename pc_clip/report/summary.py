@@ -18,22 +18,26 @@ import numpy as np
 import pandas as pd
 
 from ..core.config import Config
-from ..core.runtime import atomic_write, condition_dict, read_results, results_path, FRACTION_METRICS, run_dir
+from pc_clip.core.runtime import (atomic_write, condition_dict, read_results, results_path, FRACTION_METRICS, run_dir,
+    project_root)
 from ..evaluation.runner import read_items
 from ..training.plan import training_data_path
 from ..evaluation.metrics import best_on_validation, paired_bootstrap, statistic_value
-from pc_clip.training.selection import (Targets, choices_markdown, choose_setting, selection_markdown, target_check,
-    read_candidates)
+from ..evaluation.ceiling import CELL_ATTRIBUTES
+from ..training.selection import (Targets, choices_markdown, choose_setting, selection_markdown, target_check,
+    paired_change, read_candidates)
 from ..models.clip import is_checkpoint, model_dir
 from ..core.registry import REGISTRY, model_specs
 from ..core.registry import NOISE_LEVEL
 
 # %% auto #0
 __all__ = ['MODEL_ORDER', 'ABLATION_MODELS', 'MAIN_METRICS', 'RECALLS', 'PAPER_CLAIMS', 'VOCABULARY_CLAIMS', 'TASK_TITLES',
-           'PAPER_SETTING', 'is_validation', 'test_rows', 'cell_name', 'summarise', 'pivot_table', 'markdown_table',
-           'model_colours', 'interval_table', 'bar_figure', 'ablation_models', 'ablation_table', 'direction_sentences',
-           'Claim', 'chosen_setting', 'is_world_dataset', 'claim_verdict', 'claim_verdicts', 'selection_table',
-           'vocabulary_section', 'claims_markdown', 'departures', 'run_warnings', 'write_report']
+           'CEILING_TASK', 'RECORDED_STUDY', 'PAPER_SETTING', 'is_validation', 'test_rows', 'cell_name', 'summarise',
+           'pivot_table', 'markdown_table', 'model_colours', 'interval_table', 'bar_figure', 'ablation_models',
+           'ablation_table', 'direction_sentences', 'Claim', 'chosen_setting', 'is_world_dataset', 'claim_verdict',
+           'claim_verdicts', 'selection_table', 'vocabulary_section', 'claims_markdown', 'difference_cells',
+           'cells_markdown', 'recorded_capacity_study', 'capacity_section', 'departures', 'run_warnings',
+           'write_report']
 
 # %% ../../nbs/report/00_summary.ipynb #d7d1dee4
 def is_validation(results: pd.DataFrame) -> pd.Series:
@@ -236,6 +240,7 @@ class Claim:
     expect: str = "better"  # "better" | "not_worse" | "same"
     metrics: tuple = ("accuracy",)
     conditions: tuple = ()  # required (key, value) settings of the condition column
+    exclude: tuple = ()  # (key, value) settings whose cells are left out (e.g. the held-out wordings, their own claim)
     datasets: tuple = ()  # exact data-set names; empty: all
     top_level: bool = False  # only data sets without a '/' part (e.g. a mean over edits, not each edit)
     tol: float = 0.01
@@ -263,7 +268,8 @@ def _side(items: pd.DataFrame, c: Claim, model: str, extra: dict) -> pd.DataFram
         sub = sub[~sub["dataset"].astype(str).str.contains("/")]
     need = {**dict(c.conditions), **extra}
     conds = sub["condition"].fillna("").astype(str).map(condition_dict)
-    keep = conds.map(lambda d: d.get("split") != "val" and all(d.get(k) == v for k, v in need.items())).astype(bool)
+    keep = conds.map(lambda d: d.get("split") != "val" and all(d.get(k) == v for k, v in need.items())
+                     and not any(d.get(k) == v for k, v in c.exclude)).astype(bool)
     key = [";".join(f"{k}={v}" for k, v in sorted(d.items()) if k != c.setting) for d in conds[keep]]
     return sub.loc[keep].assign(cond_key=key)
 
@@ -338,9 +344,11 @@ def claim_verdicts(results: pd.DataFrame, items: pd.DataFrame, claims: Sequence[
 # %% ../../nbs/report/00_summary.ipynb #4c96936b
 _DIFF = "difference_classification"
 RECALLS = tuple(f"recall@{k}_{d}" for k in (1, 5, 10) for d in ("i2t", "t2i"))
+_TRAINED = (("wording", "heldout"),)  # the paper's form: a difference claim is over the wordings finetuning used, per cell;
+# the held-out wordings are a claim of their own, never pooled into it (issue 29)
 PAPER_CLAIMS = [
     Claim("difference_classification", "PC-CLIP beats CLIP on difference-based classification / attribute ranking",
-          _DIFF, "pc-clip", "clip", "better", paper="up to +14 points over CLIP", chance=0.5),
+          _DIFF, "pc-clip", "clip", "better", paper="up to +14 points over CLIP", chance=0.5, exclude=_TRAINED),
     Claim("difference_heldout_wording", "... also with difference wordings never seen in finetuning", _DIFF, "pc-clip",
           "clip", "better", conditions=(("wording", "heldout"),), chance=0.5),
     Claim("zero_shot", "PC-CLIP keeps or improves zero-shot accuracy", "zero_shot", "pc-clip", "clip", "not_worse"),
@@ -354,15 +362,15 @@ PAPER_CLAIMS = [
           "pc-clip", "clip", "better", metrics=("text_direction_cosine",), top_level=True),
     Claim("t2i_arithmetic", "PC-CLIP's text embeddings make better text-to-image arithmetic", "t2i_arithmetic",
           "pc-clip", "clip", "better", metrics=("success_rate", "clip_score"), top_level=True),  # gallery / SDXL
-    Claim("baseline_captions", "Finetuning on captions does not explain the gain", _DIFF, "pc-clip", "clip-ft-captions", chance=0.5),
+    Claim("baseline_captions", "Finetuning on captions does not explain the gain", _DIFF, "pc-clip", "clip-ft-captions", chance=0.5, exclude=_TRAINED),
     Claim("baseline_rewritten", "Finetuning on LLM-rewritten captions does not explain the gain", _DIFF, "pc-clip",
-          "clip-ft-rewritten", chance=0.5),
+          "clip-ft-rewritten", chance=0.5, exclude=_TRAINED),
     Claim("mse_ablation", "The MSE objective works about as well as the contrastive one", _DIFF, "pc-clip/mse",
-          "pc-clip", "same", tol=0.03, chance=0.5),
+          "pc-clip", "same", tol=0.03, chance=0.5, exclude=_TRAINED),
     Claim("unfiltered_data", "Finetuning on unfiltered (noisy) differences still beats CLIP", _DIFF,
-          f"pc-clip/noise-{NOISE_LEVEL:g}", "clip", paper="better than CLIP on 4 of 5 tasks", chance=0.5),
+          f"pc-clip/noise-{NOISE_LEVEL:g}", "clip", paper="better than CLIP on 4 of 5 tasks", chance=0.5, exclude=_TRAINED),
     Claim("unfiltered_llm_data", "Finetuning on the LLM's differences without the judge's filter still beats CLIP", _DIFF,
-          "pc-clip/unfiltered", "clip", paper="better than CLIP on 4 of 5 tasks", chance=0.5),
+          "pc-clip/unfiltered", "clip", paper="better than CLIP on 4 of 5 tasks", chance=0.5, exclude=_TRAINED),
     Claim("linear_probe", "Text-only finetuning leaves linear-probe accuracy unchanged", "linear_probe", "pc-clip",
           "clip", "same", control=True),
     Claim("geometry_image_only", "Text-only finetuning leaves image-difference geometry unchanged", "geometry",
@@ -373,14 +381,14 @@ _PLAIN, _PLAIN_BASE = "pc-clip/plain-captions", "clip/plain-captions"
 # comparison; shown in a section of its own, beside the paper's claims, never counted among them
 VOCABULARY_CLAIMS = [
     Claim("plain_difference", "On a base that never saw the words of comparison, PC-CLIP beats its base", _DIFF, _PLAIN,
-          _PLAIN_BASE, "better", chance=0.5),
+          _PLAIN_BASE, "better", chance=0.5, exclude=_TRAINED),
     Claim("plain_heldout", "... also with held-out wordings", _DIFF, _PLAIN, _PLAIN_BASE, "better",
           conditions=(("wording", "heldout"),), chance=0.5),
     Claim("plain_zero_shot", "... and keeps its base's zero-shot accuracy", "zero_shot", _PLAIN, _PLAIN_BASE, "not_worse"),
     Claim("plain_retrieval", "... and keeps its base's retrieval", "retrieval", _PLAIN, _PLAIN_BASE, "not_worse",
           metrics=RECALLS, tol=0.02),
     Claim("vocabulary_base", "A base that knows the words of comparison: PC-CLIP beats PC-CLIP on the plain-caption base",
-          _DIFF, "pc-clip", _PLAIN, "better", chance=0.5),
+          _DIFF, "pc-clip", _PLAIN, "better", chance=0.5, exclude=_TRAINED),
     Claim("vocabulary_base_heldout", "... also with held-out wordings", _DIFF, "pc-clip", _PLAIN, "better",
           conditions=(("wording", "heldout"),), chance=0.5),
 ]
@@ -446,6 +454,116 @@ def claims_markdown(verdicts: pd.DataFrame) -> str:
         lines.append(f"| {r.statement} ({r.comparison}) | {r.paper or '-'} | {r.expected} ({r.tol:g}) | {ab} | {ours} "
                      f"| {r.n_items} | {r.observed} | {r.agrees} |")
     return "\n".join(lines) + "\n"
+
+# %% ../../nbs/report/00_summary.ipynb #caf7166a
+CEILING_TASK = "cell_ceiling"  # experiment 09's rows of what bounds each cell (pc_clip.evaluation.runner.run_cell_ceiling)
+
+
+def _ceiling_values(results: pd.DataFrame, measure: str, model: str = "clip") -> pd.DataFrame:
+    "Mean over seeds of `run_cell_ceiling`'s rows of one measure: `dataset, condition (without measure), metric, value`."
+    r = results[(results["task"] == CEILING_TASK) & (results["model"] == model)]
+    conds = r["condition"].fillna("").astype(str).map(condition_dict)
+    r = r[conds.map(lambda d: d.get("measure") == measure).astype(bool)]
+    key = [";".join(f"{k}={v}" for k, v in sorted(d.items()) if k not in ("measure", "lr"))
+           for d in r["condition"].fillna("").astype(str).map(condition_dict)]
+    return r.assign(cond=key).groupby(["dataset", "cond", "metric"])["value"].mean().reset_index()
+
+
+def difference_cells(results: pd.DataFrame, items: pd.DataFrame, model: str = "pc-clip", base: str = "clip",
+                     n_boot: int = 1000) -> pd.DataFrame:
+    "Every test cell of difference classification: both models, the change with its paired 95 % interval, and what bounds it (probe, ceiling, unconstrained finetune)."
+    it = items[(items["task"] == "difference_classification") & (items["metric"] == "accuracy")] if len(items) else items
+    probe, ceiling = _ceiling_values(results, "probe"), _ceiling_values(results, "image_side_ceiling")
+    free = _ceiling_values(results, "unconstrained", model)
+    look = lambda t, d, c, m="accuracy": t[(t.dataset == d) & (t.cond == c) & (t.metric == m)]["value"].mean() if len(t) else np.nan
+    rows = []
+    for dataset in (pd.unique(it["dataset"]) if len(it) else []):
+        sub = it[it["dataset"] == dataset]
+        conds = sub["condition"].fillna("").astype(str)
+        for cond in sorted(pd.unique(conds[~conds.map(lambda c: condition_dict(c).get("split") == "val").astype(bool)])):
+            want = condition_dict(cond)
+            r = paired_change(sub[conds == cond], model, base, "difference_classification", "accuracy", None, n_boot)
+            if not r["items"]:
+                continue
+            attr = CELL_ATTRIBUTES.get(str(dataset))
+            rows.append(dict(dataset=dataset, condition=cond, wording=want.get("wording", "train"), **{base: r["value_b"]},
+                             **{model: r["value_a"]}, change=r["change"], ci_low=r["ci_low"], ci_high=r["ci_high"],
+                             attribute=attr or "", probe=look(probe, "world", f"attribute={attr}"),
+                             majority=look(probe, "world", f"attribute={attr}", "majority"),
+                             ceiling=look(ceiling, dataset, cond), unconstrained=look(free, dataset, cond)))
+    return pd.DataFrame(rows)
+
+
+def cells_markdown(cells: pd.DataFrame, model: str = "pc-clip", base: str = "clip") -> str:
+    "The per-cell table of the main difference claim (training wordings, then held-out wordings) and its 'up to' sentence."
+    if cells.empty:
+        return "no difference-classification cell with test items of both models\n"
+    trained = cells[cells["wording"] != "heldout"]
+    best = trained.loc[trained["change"].idxmax()] if len(trained) else None
+    above = int((trained["ci_low"] > 0).sum())
+    lines = []
+    if best is not None:
+        lines.append(f"Over the {len(trained)} cells of the training wordings, `{model}` gains **up to "
+                     f"{best['change']:+.3f} [{best['ci_low']:+.3f}, {best['ci_high']:+.3f}]** over `{base}` "
+                     f"({cell_name(best['dataset'], best['condition'])}); the interval lies above 0 in {above} of them. "
+                     "Where a cell's attribute probe sits near its majority rate, the frozen image tower does not carry the "
+                     "attribute and no text-only finetune can gain there (the ceiling column).\n")
+    fmt = lambda v: "" if v != v else f"{v:.3f}"
+    head = (f"| cell | {base} | {model} | change [95 % CI] | probe of (accuracy / majority) | image-side ceiling | "
+            "unconstrained finetune |\n|---|---:|---:|---:|---|---:|---:|")
+    body = [f"| {cell_name(r.dataset, r.condition)} | {r[base]:.3f} | {r[model]:.3f} | {r.change:+.3f} "
+            f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}] | " + (f"{r.attribute} ({fmt(r.probe)} / {fmt(r.majority)})" if r.attribute else "")
+            + f" | {fmt(r.ceiling)} | {fmt(r.unconstrained)} |"
+            for _, r in pd.concat([trained, cells[cells["wording"] == "heldout"]]).iterrows()]
+    return "\n".join(lines + [head] + body) + "\n"
+
+# %% ../../nbs/report/00_summary.ipynb #511d8680
+import importlib.resources
+
+RECORDED_STUDY = Path(str(importlib.resources.files("pc_clip") / "studies" / "capacity_study.csv"))  # package data
+
+
+def recorded_capacity_study(path: Path | None = None) -> pd.DataFrame:
+    "The capacity study's summary the shipped default was chosen from (`pc_clip/studies/capacity_study.csv`; empty if absent)."
+    path = path or RECORDED_STUDY
+    return pd.read_csv(path, index_col="base") if path is not None and Path(path).exists() else pd.DataFrame()
+
+
+def _capacity_table(r: pd.DataFrame) -> pd.DataFrame:
+    "Per base, from the run's `capacity` rows: compute, the weakest probe margin and the gains (means over seeds)."
+    d = r["condition"].map(condition_dict)
+    r = r.assign(base=d.map(lambda c: c.get("base")), kind=d.map(lambda c: c.get("kind")), cell=d.map(lambda c: c.get("cell", "")))
+    pick = lambda kind, cell, metric: r[(r.kind == kind) & (r.cell == cell) & (r.metric == metric)].groupby("base", sort=False)["value"].mean()
+    return pd.DataFrame({"pretrain_gflop": pick("cost", "", "pretrain_gflop"),
+                         "weakest_probe_margin": r[(r.kind == "probe") & (r.metric == "margin")].groupby(["base", "cell"])["value"].mean().groupby("base").min(),
+                         "constrained_gain": pick("constrained", "training wordings", "gain"),
+                         "unconstrained_gain": pick("unconstrained", "training wordings", "gain"),
+                         "constrained_gain_heldout": pick("constrained", "held-out wordings", "gain")}).sort_values("pretrain_gflop")
+
+
+def capacity_section(results: pd.DataFrame, model_name: str, recorded: pd.DataFrame | None = None,
+                     figure: str = "figures/capacity_study.png", gain: float = 0.08) -> list[str]:
+    "REPORT lines on the base model: the capacity study it was chosen by, its table (this run's rows, else the recorded study) and the outcome."
+    r = results[results["task"] == "capacity"]
+    t = _capacity_table(r) if len(r) else (recorded_capacity_study() if recorded is None else recorded)
+    lines = ["\n## The base model and the capacity study\n",
+             f"The base architecture `{model_name}` was chosen by the base-capacity study (experiment 15c, "
+             "`pc-clip reproduce --experiments nbs/experiments/beyond --only 15c`) by a rule written before its numbers, "
+             "on validation images only (`pc_clip.studies.capacity`). "
+             + ("The table below is this run's." if len(r) else "The table below is the recorded study's (`bench/RESULTS.md`).") + "\n"]
+    if t.empty:
+        return lines + ["No capacity-study numbers are available here.\n"]
+    cols = [c for c in ("pretrain_gflop", "estimated_run_s", "weakest_probe", "weakest_probe_margin", "constrained_gain",
+                        "constrained_ci_low", "constrained_ci_high", "unconstrained_gain", "constrained_gain_heldout") if c in t]
+    best = t["constrained_gain"].idxmax()
+    reach = t[t["constrained_gain"] >= gain]
+    lines.append(f"Validation gains over the training wordings' cells (means over seeds): the largest constrained gain is "
+                 f"{t.loc[best, 'constrained_gain']:+.3f} (`{best}`); the largest gain with the constraints ignored "
+                 f"{t['unconstrained_gain'].max():+.3f} (`{t['unconstrained_gain'].idxmax()}`). "
+                 + (f"Bases reaching +{gain:g} within the constraints: {', '.join(f'`{b}`' for b in reach.index)}.\n" if len(reach)
+                    else f"**No base of the study reaches +{gain:g} while keeping zero-shot and retrieval**: the curve "
+                         "below shows the gain against the base's compute.\n"))
+    return lines + ["\n" + markdown_table(t[cols]), f"\n![capacity study]({figure})\n"]
 
 # %% ../../nbs/report/00_summary.ipynb #d80c3987
 def _selections(results: pd.DataFrame) -> list[str]:
@@ -610,7 +728,10 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
              f"\n{int((counted.agrees == 'yes').sum())} of {len(counted)} measured claims agree with the paper"
              + (f"; {len(unmeasured)} not measured, not counted: {', '.join(unmeasured)}" if unmeasured else "") + ".\n",
              "\n**Controls** (hold by construction for a text-only finetune; not counted)\n\n", claims_markdown(v[v["control"]])]
+    parts += ["\n## Difference classification, cell by cell (the paper's form)\n", cells_markdown(difference_cells(results, items))]
     parts += vocabulary_section(results, items)
+    study_figure = os.path.relpath(project_root() / "figures" / "capacity_study.png", path.parent.resolve())
+    parts += capacity_section(results, cfg.model_name, figure=study_figure) if cfg.corpus == "world" and not cfg.pretrained else []
     if not items.empty and not items["dataset"].map(is_world_dataset).all():
         parts.append("\nThe Shapes world's rows (data set `world...`) are shown in their own, labelled rows and figures; "
                      "they never enter a claim of this paper-data run.\n")

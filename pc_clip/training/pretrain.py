@@ -169,6 +169,11 @@ def pretrain_clip(world: World, cfg: Config, device: str | torch.device | None =
     if n_train < cfg.pretrain_batch_size:
         raise ValueError(f"the world has {n_train} train images, fewer than one batch ({cfg.pretrain_batch_size}); "
                          "raise world_n_train or lower pretrain_batch_size")
+    arch = open_clip.get_model_config(cfg.model_name) or {}
+    size = arch.get("vision_cfg", {}).get("image_size")
+    if size is not None and size != world.images.shape[1]:
+        raise ValueError(f"{cfg.model_name} reads {size}-pixel images but the world is drawn at {world.images.shape[1]} "
+                         f"pixels; set world_image_size={size} (or pick an architecture of that size)")
     if cfg.pretrain_steps < 1:
         raise ValueError(f"pretrain_steps must be at least 1; got {cfg.pretrain_steps}")
     caller_threads = torch.get_num_threads()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -30,10 +31,11 @@ from ..core.registry import model_spec, model_specs, sweep_grid
 
 # %% auto #0
 __all__ = ['CONSTRAINTS', 'VAL_METRICS', 'SELECTION_TASK', 'CHANGES', 'TEST_TARGETS', 'Targets', 'shortfalls', 'choose_setting',
-           'pareto_front', 'pareto_figure', 'selection_markdown', 'candidate_folders', 'validation_outcomes',
-           'validation_rows', 'validation_records', 'candidate_table', 'candidates_path', 'write_candidates',
-           'read_candidates', 'choices_markdown', 'Sweep', 'run_sweep', 'swept_models', 'run_sweeps', 'save_chosen',
-           'finetune_chosen', 'paired_change', 'target_verdict', 'target_check']
+           'pareto_front', 'pareto_figure', 'selection_markdown', 'candidate_folders', 'cell_key',
+           'difference_cell_outcomes', 'pool_cells', 'is_heldout_wording', 'validation_outcomes', 'validation_rows',
+           'validation_records', 'candidate_table', 'candidates_path', 'write_candidates', 'read_candidates',
+           'choices_markdown', 'Sweep', 'run_sweep', 'swept_models', 'run_sweeps', 'save_chosen', 'finetune_chosen',
+           'paired_change', 'target_verdict', 'target_check']
 
 # %% ../../nbs/training/04_selection.ipynb #178c9e2b
 @dataclass(frozen=True)
@@ -149,19 +151,34 @@ VAL_METRICS = ("difference_accuracy", "difference_accuracy_heldout_wording", "ze
                "zero_shot_worst_class_accuracy", "retrieval_mean_recall")
 
 
-def _difference_outcomes(emb, encode, val_ds, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Pooled per-item outcomes of every world difference task: all of them, and the held-out-wording ones."
-    parts, held = [], []
+def cell_key(dataset: str, condition: dict) -> str:
+    "The name of one difference cell: its data set and its condition, e.g. `world/size|wording=train`."
+    return dataset + "|" + ";".join(f"{k}={v}" for k, v in sorted(condition.items()))
+
+
+def difference_cell_outcomes(emb, encode, val_ds, cfg: Config) -> dict[str, pd.DataFrame]:
+    "`{cell: per-item outcomes}` of every world difference task on `val_ds`'s embeddings `emb` (seeds pooled in a cell)."
+    cells = {}
     for t in build_difference_tasks(val_ds, val_ds.labels, cfg):
         res = difference_classification(emb[torch.as_tensor(t.indices)], t.labels, t.text_fn, encode, cfg.eval_n_images,
                                         cfg.eval_seeds)
-        for seed, r in res.items():
-            o = r["outcomes"]["accuracy"]
-            o = o.assign(item=[f"{t.dataset}|{sorted(t.condition.items())}|{seed}|{i}" for i in o["item"]])
-            parts.append(o)
-            if t.condition.get("wording") == "heldout":
-                held.append(o)
-    return pd.concat(parts, ignore_index=True), pd.concat(held, ignore_index=True)
+        key = cell_key(t.dataset, t.condition)
+        cells[key] = pd.concat([r["outcomes"]["accuracy"].assign(item=lambda o, s=seed: [f"{key}|{s}|{i}" for i in o["item"]])
+                                for seed, r in res.items()], ignore_index=True)
+    return cells
+
+
+def pool_cells(cells: dict[str, pd.DataFrame], keep: Callable[[str], bool] = lambda k: True) -> pd.DataFrame:
+    "The outcomes of the cells `keep` accepts, each cell's weights scaled to sum to 1: their weighted mean is the mean over cells."
+    parts = [o.assign(weight=o["weight"] / o["weight"].sum()) for k, o in cells.items() if keep(k)]
+    if not parts:
+        raise ValueError(f"no difference cell passes the filter among {sorted(cells)}")
+    return pd.concat(parts, ignore_index=True)
+
+
+def is_heldout_wording(cell: str) -> bool:
+    "Whether a cell key (`cell_key`) is one of the held-out wordings."
+    return "wording=heldout" in cell.split("|", 1)[1].split(";")
 
 
 def _mean_recall_outcomes(res: dict) -> pd.DataFrame:
@@ -171,8 +188,8 @@ def _mean_recall_outcomes(res: dict) -> pd.DataFrame:
 
 
 def validation_outcomes(model, tokenizer, cfg: Config, world, val_ds=None, retrieval_images: int | None = RETRIEVAL_IMAGES,
-                        n_captions: int = RETRIEVAL_CAPTIONS) -> dict:
-    "`{metric: (value, outcomes, statistic)}` of `VAL_METRICS` for `model` on the world's `val` split."
+                        n_captions: int = RETRIEVAL_CAPTIONS, cells: dict | None = None) -> dict:
+    "`{metric: (value, outcomes, statistic)}` of `VAL_METRICS` for `model` on the world's `val` split (`cells`: filled with the per-cell outcomes)."
     val_ds = val_ds if val_ds is not None else world_dataset(world, "val", classnames=CATEGORY_NAMES)
     val_rows = world.indices("val")
     if len(val_ds) != len(val_rows):
@@ -180,12 +197,15 @@ def validation_outcomes(model, tokenizer, cfg: Config, world, val_ds=None, retri
                          "own val split (world_dataset(world, 'val')) or none")
     emb = embed_images(model, val_ds.arrays, cfg, progress=False)
     encode = text_encoder(model, tokenizer, cfg.eval_batch_size)
-    diff, held = _difference_outcomes(emb, encode, val_ds, cfg)
+    per_cell = difference_cell_outcomes(emb, encode, val_ds, cfg)
+    if cells is not None:
+        cells.update(per_cell)
     zs = zero_shot(emb, val_ds.labels, zero_shot_classifier(model, tokenizer, val_ds.classnames))
     rows, texts, owner = world_retrieval_corpus(world, "val", cfg.seed, retrieval_images, n_captions)  # experiment 07's protocol
     img = emb[torch.as_tensor(np.searchsorted(val_rows, rows))]  # val_ds holds the val rows in world order
     rec = _mean_recall_outcomes(retrieval(img, encode(texts), owner))
-    out = {"difference_accuracy": (diff, "mean"), "difference_accuracy_heldout_wording": (held, "mean"),
+    out = {"difference_accuracy": (pool_cells(per_cell, lambda k: not is_heldout_wording(k)), "mean"),
+           "difference_accuracy_heldout_wording": (pool_cells(per_cell, is_heldout_wording), "mean"),
            "zero_shot_accuracy": (zs["outcomes"]["accuracy"], "mean"),
            "zero_shot_worst_class_accuracy": (zs["outcomes"]["worst_class_accuracy"], "worst_group"),
            "retrieval_mean_recall": (rec, "mean")}
@@ -272,6 +292,7 @@ class Sweep:
     rows: list[dict]
     runs: dict  # lr -> FinetuneRun of the full-strength finetune
     records: list[dict] = None  # validation_records of clip and every candidate
+    cells: dict = None  # per-cell validation outcomes: {'base' or (lr, alpha): {cell: outcomes}}
 
 
 def run_sweep(inputs, cfg: Config, targets: Targets = Targets(), progress: bool = True, name: str = "pc-clip",
@@ -285,9 +306,12 @@ def run_sweep(inputs, cfg: Config, targets: Targets = Targets(), progress: bool 
     base_scores = {} if base_scores is None else base_scores  # shared by the sweeps of one base: evaluated once
     rows = []
     if base_name not in base_scores:
-        base_scores[base_name] = validation_outcomes(src.base, src.tokenizer, cfg, src.world)
+        base_cells: dict = {}
+        base_scores[base_name] = validation_outcomes(src.base, src.tokenizer, cfg, src.world, cells=base_cells)
+        base_scores[f"{base_name}/cells"] = base_cells
         rows += validation_rows(base_scores[base_name], base_name, {}, cfg.seed)
     records, runs = validation_records(base_scores[base_name], base_name), {}
+    cells = {"base": base_scores[f"{base_name}/cells"]}
     for lr, alpha in tqdm(sweep_grid(cfg), desc=f"validation sweep of {name}", disable=not progress):
         if lr not in runs:
             runs[lr] = finetune_models(inputs, cfg, [name], progress=False, lr=lr)[name]
@@ -296,11 +320,12 @@ def run_sweep(inputs, cfg: Config, targets: Targets = Targets(), progress: bool 
             folder = model_dir(cfg, name, lr=lr, alpha=alpha)
             m = save_weight_average(src.base, m, folder, cfg.model_name, alpha)
             write_manifest(cfg, name, folder, lr=lr, alpha=alpha, parent=runs[lr].out_dir)
-        scores = validation_outcomes(m, src.tokenizer, cfg, src.world)
+        cells[(lr, alpha)] = {}
+        scores = validation_outcomes(m, src.tokenizer, cfg, src.world, cells=cells[(lr, alpha)])
         rows += validation_rows(scores, name, {"lr": lr, "alpha": alpha}, cfg.seed)
         records += validation_records(scores, name, lr, alpha)
     table, chosen = choose_setting(candidate_table(pd.DataFrame(records), base=base_name, model=name), targets)
-    return Sweep(table.assign(model=name, base=base_name), chosen, rows, runs, records)
+    return Sweep(table.assign(model=name, base=base_name), chosen, rows, runs, records, cells)
 
 
 def swept_models(cfg: Config) -> list[str]:
@@ -411,7 +436,8 @@ def target_verdict(ci_low: float, ci_high: float, threshold: float) -> str:
 
 
 TEST_TARGETS = {  # name: (target attribute, task, metric, cell filter)
-    "difference classification, all cells": ("gain", "difference_classification", "accuracy", None),
+    "difference classification, training wordings": ("gain", "difference_classification", "accuracy",
+                                                     lambda c: c.get("wording") != "heldout"),
     "difference classification, held-out wordings": ("gain_heldout", "difference_classification", "accuracy",
                                                      lambda c: c.get("wording") == "heldout"),
     "zero-shot accuracy": ("zero_shot", "zero_shot", "accuracy", None),
