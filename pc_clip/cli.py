@@ -155,8 +155,9 @@ def _folder_model_missing(what: str, name: str, marker: str, root: Path) -> str 
     gaps = _snapshot_gaps(found[0], marker)  # the first one found is the one its loader reads
     if not gaps:
         return None
+    again = f" (huggingface-cli download {name} --cache-dir {root / 'weights' / 'hf'})" if "/" in name else ""
     return (f"{what} {name!r}: {found[0]} is incomplete (a download cut short?), missing {'; '.join(gaps)}; "
-            f"download it again{hub if cached is not None and found[0] == cached.parent else ''}, or put the whole model folder at {root / 'weights' / name}/")
+            f"download it again{again} or put the complete model folder at {root / 'weights' / name}/")
 
 
 def _clip_missing(cfg: Config, root: Path) -> str | None:
