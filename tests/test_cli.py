@@ -361,7 +361,7 @@ def test_a_run_killed_with_9_leaves_its_kernel_folder_to_the_next_start(tmp_path
     proc = subprocess.Popen([str(Path(sys.executable).parent / "pc-clip"), "reproduce", "--experiments", str(tmp_path)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600
         while not started.exists():
             assert proc.poll() is None and time.monotonic() < deadline, "the notebook never started"
             time.sleep(0.1)
