@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import errno
 import html
 import json
 import os
@@ -15,21 +16,24 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .core.config import Config, ConfigError, get_config
+from .core.config import Config, ConfigError, did_you_mean, field_help, get_config
 from .core.runtime import (data_root, display_path, figures_dir, project_root, results_path, run_dir, ArtifactBusy,
     artifact_lock, cache_dir, notebooks_dir)
 from .core.config import parse_overrides
 
 # %% auto #0
-__all__ = ['EXPERIMENT_NEEDS', 'SMOKE_PROFILE', 'SMOKE_DATA_ROOT', 'KERNEL_NAME', 'MIN_FREE_BYTES', 'experiment_notebooks',
-           'experiment_folders', 'notebook_title', 'list_experiments', 'notebook_needs', 'preflight', 'smoke_overrides',
-           'prepare_standins', 'TerminalProgress', 'ExperimentFailed', 'MissingInputs', 'run_experiments',
-           'UnwritableFolder', 'check_writable', 'list_models', 'kill_descendants', 'kernels_stop_with_me', 'main']
+__all__ = ['EXPERIMENT_NEEDS', 'SMOKE_PROFILE', 'SMOKE_DATA_ROOT', 'KERNEL_NAME', 'KERNEL_ENV', 'KERNEL_START_TIMEOUT',
+           'MIN_FREE_BYTES', 'experiment_notebooks', 'experiment_folders', 'notebook_title', 'list_experiments',
+           'notebook_needs', 'preflight', 'smoke_overrides', 'prepare_standins', 'TerminalProgress',
+           'remove_kernel_folders', 'ExperimentFailed', 'KernelStartFailed', 'DiskFull', 'kernel_timeout',
+           'MissingInputs', 'declared_parameters', 'run_experiments', 'UnwritableFolder', 'check_writable',
+           'list_models', 'kill_descendants', 'kernels_stop_with_me', 'main', 'config_table']
 
 # %% ../nbs/90_cli.ipynb #0f968ecc
 def experiment_notebooks(folder: str | Path | None = None, only: str | None = None) -> list[Path]:
@@ -108,29 +112,79 @@ def notebook_needs(notebooks: list[Path], cfg: Config) -> dict[str, list[str]]:
             out.setdefault(item, []).append(number)
     return out
 
+# %% ../nbs/90_cli.ipynb #146a2348
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def _weights_gap(folder: Path) -> str | None:
+    "None if `folder` holds weights a loader reads (every shard one of its weight indexes lists, or a weights file), else what is missing."
+    gaps = []
+    for index in sorted(folder.glob("*.index.json"), key=lambda p: "safetensors" not in p.name):
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            gaps.append(f"a readable {index.name}")
+            continue
+        gone = [s for s in shards if not (folder / s).is_file()]
+        if not gone:
+            return None
+        gaps.append(f"{len(gone)} of the {len(shards)} weight shards {index.name} lists ({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''})")
+    if gaps:
+        return gaps[0]
+    if any(p.is_file() for pattern in _WEIGHT_FILES for p in folder.glob(pattern)):
+        return None
+    return "the weights (no *.safetensors or *.bin file)"
+
+
+def _snapshot_gaps(folder: Path, marker: str) -> list[str]:
+    "What loading needs from model folder `folder` and is not there: an LLM's or CLIP's weights, a diffusers pipeline's components."
+    if marker != "model_index.json":
+        gap = _weights_gap(folder)
+        return [] if gap is None else [gap]
+    try:
+        components = json.loads((folder / marker).read_text())
+    except (OSError, ValueError):
+        return [f"a readable {marker}"]
+    gaps = []
+    for name, spec in components.items() if isinstance(components, dict) else ():
+        if name.startswith("_") or not (isinstance(spec, list) and spec and spec[0]):  # metadata, or an empty slot [null, null]
+            continue
+        sub = folder / name
+        if not sub.is_dir() or not any(sub.iterdir()):
+            gaps.append(f"{name}/")
+        elif (sub / "config.json").exists() and (gap := _weights_gap(sub)) is not None:  # a model component: its weights
+            gaps.append(f"{name}/: {gap}")
+    return gaps
+
 # %% ../nbs/90_cli.ipynb #ca765cc5
-def _in_hf_cache(repo_id: str, filename: str, root: Path) -> bool:
+def _in_hf_cache(repo_id: str, filename: str, root: Path) -> Path | None:
+    "The cached `filename` of Hugging Face repository `repo_id` (the data root's `weights/hf`, then the user's cache), or None."
     from huggingface_hub import try_to_load_from_cache
     for cache in (root / "weights" / "hf", None):
         try:
             hit = try_to_load_from_cache(repo_id, filename, cache_dir=str(cache) if cache else None)
         except ValueError:  # not a valid repository id (a path, say)
-            return False
+            return None
         if isinstance(hit, str) and os.path.exists(hit):
-            return True
-    return False
+            return Path(hit)
+    return None
 
 
 def _folder_model_missing(what: str, name: str, marker: str, root: Path) -> str | None:
-    "None if model `name` (a folder holding `marker`, or a hub id) is on disk, else where to put it."
-    for folder in (Path(name).expanduser(), root / "weights" / name):
-        if (folder / marker).exists():
-            return None
-    if _in_hf_cache(name, marker, root):
-        return None
+    "None if model `name` (a folder holding `marker` and what loading reads, or a hub id) is on disk, else what to do."
+    found = [f for f in (Path(name).expanduser(), root / "weights" / name) if (f / marker).exists()]
+    cached = _in_hf_cache(name, marker, root)
+    found += [cached.parent] if cached is not None else []
     hub = (f", or the Hugging Face cache in {root / 'weights' / 'hf'} "
            f"(hf download {name} --cache-dir {root / 'weights' / 'hf'})") if "/" in name else ""
-    return f"{what} {name!r}: put the model folder (with {marker}) at {root / 'weights' / name}/{hub}"
+    if not found:
+        return f"{what} {name!r}: put the model folder (with {marker}) at {root / 'weights' / name}/{hub}"
+    gaps = _snapshot_gaps(found[0], marker)  # the first one found is the one its loader reads
+    if not gaps:
+        return None
+    again = f" (hf download {name} --cache-dir {root / 'weights' / 'hf'})" if "/" in name else ""
+    return (f"{what} {name!r}: {found[0]} is incomplete (a download cut short?), missing {'; '.join(gaps)}; "
+            f"download it again{again} or put the complete model folder at {root / 'weights' / name}/")
 
 
 def _clip_missing(cfg: Config, root: Path) -> str | None:
@@ -148,7 +202,7 @@ def _clip_missing(cfg: Config, root: Path) -> str | None:
         pcfg = open_clip.get_pretrained_cfg(cfg.model_name, cfg.pretrained)
         source = f" (from {pcfg.get('hf_hub') or pcfg.get('url')})"
     except ValueError:  # a tag open_clip does not know: only a folder placed by hand can hold it
-        if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(folder.glob("*.pt*")):
+        if _weights_gap(folder) is None:
             return None
         source = ""
     return f"CLIP weights {cfg.model_name} / {cfg.pretrained}: put open_clip_model.safetensors{source} in {folder}/"
@@ -309,16 +363,6 @@ def _kernel_name(say=print) -> str:
     return "python3"
 
 
-def _ipc_kernel_manager():
-    "A kernel manager whose kernel listens on IPC sockets (files beside its connection file), not TCP ports."
-    from jupyter_client.manager import AsyncKernelManager
-
-    class _IPCKernelManager(AsyncKernelManager):
-        def __init__(self, **kw):
-            super().__init__(**{"transport": "ipc" if os.name == "posix" else "tcp", **kw})
-    return _IPCKernelManager
-
-
 def _progress_engine():
     "papermill's nbclient engine, whose client reports cells, streams and widget updates to `progress` (if given)."
     from papermill.clientwrap import PapermillNotebookClient
@@ -353,9 +397,119 @@ def _progress_engine():
     papermill_engines.register("pc-clip", _Engine)
     return "pc-clip"
 
+# %% ../nbs/90_cli.ipynb #7b5100d8
+KERNEL_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # OpenMP threads that wait sleep: a busy machine costs time, not 40x
+_KERNEL_FOLDER = "pc-clip-kernel-"  # + the pid of the process that started the kernel + a random part
+
+
+def _kernel_root() -> Path:
+    "Where kernels' private folders go: Jupyter's runtime folder (the temp folder if it cannot be written or its path is too long for a socket)."
+    from jupyter_core.paths import jupyter_runtime_dir
+    root = Path(jupyter_runtime_dir())
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if os.access(root, os.W_OK) and len(str(root)) <= 60:  # a socket path (root + ~45 bytes) holds at most 107
+            return root
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_kernel_folders(root: Path | None = None, pid: int | None = None) -> list[Path]:
+    "Remove the kernel folders under `root` of process `pid` (default: of every process that is gone); returns them."
+    gone = []
+    for folder in Path(root or _kernel_root()).glob(f"{_KERNEL_FOLDER}*"):
+        owner = folder.name[len(_KERNEL_FOLDER):].split("-")[0]
+        if owner.isdigit() and (int(owner) == pid if pid is not None else not _pid_alive(int(owner))):
+            shutil.rmtree(folder, ignore_errors=True)
+            gone.append(folder)
+    return gone
+
+# %% ../nbs/90_cli.ipynb #ecf99f7c
+def _ipc_kernel_manager():
+    "A kernel manager whose kernel listens on IPC sockets in a private folder under Jupyter's runtime folder, started with `KERNEL_ENV`."
+    from jupyter_client.manager import AsyncKernelManager
+
+    class _IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            folder = None
+            if os.name == "posix" and "transport" not in kw:
+                root = _kernel_root()
+                remove_kernel_folders(root)  # those of runs killed before they could clean up
+                folder = Path(tempfile.mkdtemp(prefix=f"{_KERNEL_FOLDER}{os.getpid()}-", dir=root))
+                kw = {"transport": "ipc", "ip": str(folder / "ipc"), "connection_file": str(folder / "kernel.json"), **kw}
+            super().__init__(**kw)
+            self.private_folder = folder
+
+        async def _async_pre_start_kernel(self, **kw):
+            kw["env"] = {**KERNEL_ENV, **kw.get("env", os.environ)}  # the caller's own settings win
+            return await super()._async_pre_start_kernel(**kw)
+
+        async def _async_interrupt_kernel(self) -> None:
+            if self.shutting_down:  # stopping it: the shutdown request (or a kill) does that without a KeyboardInterrupt
+                return              # traceback from a kernel that is still starting
+            await super()._async_interrupt_kernel()
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart=restart)
+            if not restart and self.private_folder is not None:
+                shutil.rmtree(self.private_folder, ignore_errors=True)
+    return _IPCKernelManager
+
 # %% ../nbs/90_cli.ipynb #e497a855
 class ExperimentFailed(RuntimeError):
     "An experiment notebook raised; the message names the notebook and the failing cell."
+
+
+class KernelStartFailed(RuntimeError):
+    "A notebook's kernel did not start (in time); nothing of that notebook ran."
+
+
+class DiskFull(RuntimeError):
+    "No space was left on the disk of a folder the run writes; the message names the folder and what to do."
+
+
+KERNEL_START_TIMEOUT = 300.0  # seconds a kernel may take to start before the run stops (PC_CLIP_KERNEL_TIMEOUT, --kernel-timeout)
+
+
+def kernel_timeout(seconds: float | None = None) -> float:
+    "`seconds`, else `$PC_CLIP_KERNEL_TIMEOUT`, else `KERNEL_START_TIMEOUT`: how long a notebook's kernel may take to start."
+    raw = seconds if seconds is not None else os.environ.get("PC_CLIP_KERNEL_TIMEOUT", KERNEL_START_TIMEOUT)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"the kernel start timeout must be a number of seconds > 0 (--kernel-timeout or "
+                         f"PC_CLIP_KERNEL_TIMEOUT), got {raw!r}")
+    return value
+
+
+def _disk_full(where: str | None, during: str) -> DiskFull:
+    "The `DiskFull` of a write to `where` (a path named by the error, or None), `during` something."
+    folder = Path(where) if where else None
+    if folder is not None and not folder.is_dir():
+        folder = folder.parent
+    return DiskFull(f"no space left on the disk of {folder or 'a folder of the run'} ({during}); free space there, or "
+                    "point PC_CLIP_RUNS (data sets: PC_CLIP_DATA) at a disk with room, and run again: finished work is reused")
+
+
+def _no_space_path(text: str) -> tuple[bool, str | None]:
+    "`(is it a full disk, the path it names)` of an error's text, e.g. \"[Errno 28] No space left on device: '/runs/x'\"."
+    if "[Errno 28]" not in text and "No space left on device" not in text:
+        return False, None
+    m = re.search(r"'(/[^']+)'", text)
+    return True, m.group(1) if m else None
 
 
 class MissingInputs(FileNotFoundError):
@@ -384,25 +538,51 @@ def _as_lists(value):
     return value
 
 
+def declared_parameters(nb: Path) -> set[str]:
+    "The names a notebook's `parameters` cell assigns (read with `ast`: no papermill import, so a typo is caught at once)."
+    for cell in json.loads(nb.read_text())["cells"]:
+        if cell.get("cell_type") == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
+            source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+            tree = ast.parse(source)
+            return {t.id for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AnnAssign))
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+    return set()
+
+
 def _code_cells(nb: Path) -> int:
     return sum(c.get("cell_type") == "code" for c in json.loads(nb.read_text())["cells"]) + 1  # + papermill's injected cell
 
 
 def run_experiments(profile: str = "tiny", only: str | None = None, overrides: dict | None = None,
                     params: dict | None = None, experiments: str | Path | None = None,
-                    log_output: bool = False, check_inputs: bool = True, quiet: bool = False) -> list[tuple[str, float]]:
+                    log_output: bool = False, check_inputs: bool = True, quiet: bool = False,
+                    kernel_timeout_s: float | None = None) -> list[tuple[str, float]]:
     "Execute experiment notebooks with papermill into `runs/<profile>/notebooks/` (progress on the terminal unless `quiet`); returns (name, seconds) pairs."
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
-
     overrides = smoke_overrides(profile, overrides or {})
     cfg = get_config(profile, **overrides)  # fail early on an unknown profile, key or a bad value
-    notebooks = experiment_notebooks(experiments, only)
-    declared = {nb: set(pm.inspect_notebook(str(nb))) for nb in notebooks}
-    unknown = sorted(set(params or {}) - set().union(*declared.values()))
-    if unknown:
-        raise KeyError(f"{unknown}: neither Config fields nor parameters of the selected notebooks")
+    start_timeout = kernel_timeout(kernel_timeout_s)
     check_writable(cfg)  # a read-only or full runs folder stops here, naming the folder
+    with artifact_lock(notebooks_dir(cfg)):  # before anything slow: a second run of these settings stops here at once
+        return _run_notebooks(cfg, profile, only, overrides, params or {}, experiments, log_output, check_inputs,
+                              quiet, start_timeout)
+
+
+def _run_notebooks(cfg: Config, profile: str, only: str | None, overrides: dict, params: dict,
+                   experiments: str | Path | None, log_output: bool, check_inputs: bool, quiet: bool,
+                   start_timeout: float) -> list[tuple[str, float]]:
+    "The body of `run_experiments`, run with the run's lock held."
+    notebooks = experiment_notebooks(experiments, only)
+    declared = {nb: declared_parameters(nb) for nb in notebooks}
+    known = set().union(*declared.values())
+    unknown = sorted(set(params) - known)
+    if unknown:
+        keys = known | {f.name for f in dataclasses.fields(Config)}
+        raise KeyError(", ".join(f"{k!r}{did_you_mean(k, keys)}" for k in unknown) + ": neither config keys nor "
+                       "parameters of the selected notebooks (`pc-clip config` lists the config keys)")
+    import papermill as pm
+    from nbclient.exceptions import DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
     prepare_standins(cfg)  # paper-smoke only: its weights and data sets, built where the preflight looks
     missing = preflight(cfg, notebooks) if check_inputs else []
     if missing:
@@ -423,14 +603,29 @@ def run_experiments(profile: str = "tiny", only: str | None = None, overrides: d
             say(f"[pc-clip] running {nb.name} -> {out}", flush=True)
         t0 = time.perf_counter()
         try:
-            with artifact_lock(out):  # a second run of the same settings stops here instead of overwriting this one
-                pm.execute_notebook(str(nb), str(out), kernel_name=kernel, cwd=str(project_root()), engine_name=engine,
-                                    parameters=_notebook_parameters(nb, declared[nb], profile, cfg, overrides, params or {}),
-                                    progress_bar=False, log_output=log_output, progress=progress)
+            pm.execute_notebook(str(nb), str(out), kernel_name=kernel, cwd=str(project_root()), engine_name=engine,
+                                parameters=_notebook_parameters(nb, declared[nb], profile, cfg, overrides, params),
+                                progress_bar=False, log_output=log_output, progress=progress, start_timeout=start_timeout)
         except PapermillExecutionError as e:
+            full, where = _no_space_path(f"{e.ename}: {e.evalue}")
+            if full:
+                raise _disk_full(where, f"{nb.name}, cell {e.exec_count}") from None
             raise ExperimentFailed(
                 f"experiment {nb.name} failed in cell {e.exec_count} ({e.ename}: {e.evalue}).\n"
                 f"The executed notebook with the full traceback is {out}") from None
+        except DeadKernelError:
+            raise ExperimentFailed(f"the kernel running {nb.name} died (out of memory, or killed by a signal); "
+                                   f"the executed notebook so far is {out}") from None
+        except RuntimeError as e:  # jupyter_client: "Kernel didn't respond in N seconds", "Kernel died before replying"
+            if not str(e).startswith(("Kernel didn't respond", "Kernel died before")):
+                raise
+            raise KernelStartFailed(f"the {kernel!r} kernel for {nb.name} did not start ({e}); nothing of it ran. On a "
+                                    f"busy machine give it longer: --kernel-timeout SECONDS (or PC_CLIP_KERNEL_TIMEOUT; "
+                                    f"it was {start_timeout:g} s), then run again") from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise _disk_full(e.filename, f"writing {out.name}") from None
         timings.append((nb.name, time.perf_counter() - t0))
         before[nb.name] = round(timings[-1][1], 1)
         before_path.write_text(json.dumps(before, indent=1))
@@ -511,6 +706,10 @@ def _resolved_models(cfg: Config, name: str | None) -> list[tuple[str, Path | No
 def list_models(profile: str = "tiny", name: str | None = None, overrides: dict | None = None) -> int:
     "Print the model folders of `profile` (of model `name`) from their manifests, or, given `overrides`, the folders of that run."
     from pc_clip.core.runtime import run_id, run_name
+    folder = run_dir(get_config(profile)) / "models"
+    if not overrides and (not folder.is_dir() or not any(folder.iterdir())):  # nothing to list: said without importing torch
+        print(f"no model folders{' of ' + name if name else ''} in {folder}")
+        return 0
     from pc_clip.models.clip import find_models
     base = get_config(profile)
     if overrides:
@@ -563,6 +762,7 @@ def kernels_stop_with_me(signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
     "Inside the block, a stop signal kills this process's descendants (the notebook kernel) before this process exits."
     def stop(signum, frame):
         kill_descendants()
+        remove_kernel_folders(pid=os.getpid())
         print(f"\n[pc-clip] stopped by {signal.Signals(signum).name}; the notebook's kernel was stopped with it",
               file=sys.stderr, flush=True)
         sys.stdout.flush()
@@ -590,6 +790,7 @@ _ENVIRONMENT = """environment:
   PC_CLIP_DATA  data root: data sets and downloaded weights (default: data/ in the repository, or -p data_root=...)
   PC_CLIP_RUNS  one folder for runs/, results/, figures/ and cache/ (default: those folders in the repository)
   OPENAI_API_KEY, OPENAI_BASE_URL  an OpenAI-compatible server for generator/judge "openai:<model>"
+  PC_CLIP_KERNEL_TIMEOUT  seconds a notebook's kernel may take to start (default 300; --kernel-timeout)
 """
 
 
@@ -608,6 +809,10 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--log-output", action="store_true", help="stream all notebook output to the terminal")
     rp.add_argument("-q", "--quiet", action="store_true", help="no progress lines (errors and the summary only)")
     rp.add_argument("--skip-preflight", action="store_true", help="start even if weights or data sets seem missing")
+    rp.add_argument("--kernel-timeout", type=float, default=None, metavar="SECONDS",
+                    help=f"how long a notebook's kernel may take to start (default $PC_CLIP_KERNEL_TIMEOUT or {KERNEL_START_TIMEOUT:g})")
+    cp = sub.add_parser("config", help="list every config key with its type, the profile's value and what it is for")
+    cp.add_argument("--profile", default="tiny")
     lp = sub.add_parser("list", help="list the experiment notebooks in run order, folder by folder, with titles and last times")
     lp.add_argument("--profile", default="tiny", help="whose last run's times to show")
     mp = sub.add_parser("models", help="list the model folders of a profile and what their manifests say")
@@ -619,32 +824,58 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `pc-clip` console script."
+    "Entry point of the `pc-clip` console script: a mistake of the user or the machine is one line and exit status 2."
     args = _parser().parse_args(argv)
-    if args.command == "list":
-        return list_experiments(args.profile)
-    if args.command == "models":
-        try:
-            return list_models(args.profile, args.name, parse_overrides(args.param)[0])
-        except (ConfigError, KeyError, ValueError) as e:
-            print(f"[pc-clip] {getattr(e, 'problems', None) or e}", file=sys.stderr)
-            return 2
     try:
-        overrides, params = parse_overrides(args.param)
-        overrides = smoke_overrides(args.profile, overrides)
-        cfg = get_config(args.profile, **overrides)
-        with kernels_stop_with_me():
-            timings = run_experiments(args.profile, args.only, overrides, params, args.experiments, args.log_output,
-                                      check_inputs=not args.skip_preflight, quiet=args.quiet)
+        return _command(args)
     except ConfigError as e:
-        print(f"[pc-clip] invalid config (profile {args.profile}); nothing was run:", file=sys.stderr)
+        print(f"[pc-clip] invalid config (profile {getattr(args, 'profile', '?')}); nothing was run:", file=sys.stderr)
         print("\n".join(f"  {p}" for p in e.problems), file=sys.stderr)
         return 2
     except ExperimentFailed as e:
         print(f"[pc-clip] FAILED: {e}", file=sys.stderr)
         return 1
-    except (KeyError, ValueError, FileNotFoundError, UnwritableFolder, ArtifactBusy) as e:
-        print(f"[pc-clip] error: {e}", file=sys.stderr)
+    except (KeyError, ValueError, FileNotFoundError, UnwritableFolder, ArtifactBusy, KernelStartFailed, DiskFull) as e:
+        print(f"[pc-clip] error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"[pc-clip] error: {_disk_full(e.filename, 'writing the run')}", file=sys.stderr)
+        return 2
+
+
+def _command(args: argparse.Namespace) -> int:
+    "Run the command `args` names."
+    if args.command == "list":
+        return list_experiments(args.profile)
+    if args.command == "models":
+        return list_models(args.profile, args.name, parse_overrides(args.param)[0])
+    if args.command == "config":
+        print(config_table(args.profile))
+        return 0
+    overrides, params = parse_overrides(args.param)
+    overrides = smoke_overrides(args.profile, overrides)
+    cfg = get_config(args.profile, **overrides)
+    with kernels_stop_with_me():
+        timings = run_experiments(args.profile, args.only, overrides, params, args.experiments, args.log_output,
+                                  check_inputs=not args.skip_preflight, quiet=args.quiet,
+                                  kernel_timeout_s=args.kernel_timeout)
     print(_summary(cfg, timings))
     return 0
+
+# %% ../nbs/90_cli.ipynb #efc94be5
+def config_table(profile: str = "tiny") -> str:
+    "Every config key of `profile`, group by group: its type, the profile's value (the default where it differs) and what it is for."
+    cfg, helps, group = get_config(profile), field_help(), None
+    lines = [f"config keys of profile {profile} ({len(helps)}): set one with -p KEY=VALUE (a Python literal), "
+             f"the profile with --profile"]
+    for f in dataclasses.fields(Config):
+        text, head = helps[f.name]
+        if head != group:
+            lines += ["", f"# {head or 'the run'}"]
+            group = head
+        value = getattr(cfg, f.name)
+        default = "" if value == f.default else f"  (default {f.default!r})"
+        lines += [f"{f.name}: {f.type} = {value!r}{default}", f"    {text}"]
+    return "\n".join(lines)

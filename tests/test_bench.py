@@ -199,3 +199,13 @@ def test_bench_flops_reports_peak_and_stage_gflops(tmp_path):
         non_attention = sum(_split(plain)[0].values())
         assert shapes[key] == non_attention + _attention_flops(b, length, w, layers), (name, key)
     assert stages["finetune"]["trained_params"] == stages["finetune_fast"]["trained_params"] < pre["trained_params"]
+
+
+def test_busy_machine_times_the_stage_with_and_without_the_kernel_env_and_checks_the_weights(tmp_path):
+    "bench/busy_machine.py at its smallest: four cases (with / without KERNEL_ENV, quiet / one hog), one weights hash."
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "busy_machine.py"), "--steps", "2", "--repeats", "1",
+                           "--world-n-train", "64"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.count("steps in") == 4 and "| with | " in out and "| without | " in out, out
+    assert "weights identical in all 4 runs: True" in out and "OMP_WAIT_POLICY" in out, out

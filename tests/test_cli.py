@@ -1,9 +1,12 @@
 """Tests of the `pc-clip` command: running experiments, up-front checks of settings, weights and data
 (preflight), clean stops."""
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import nbformat
 import pytest
@@ -132,8 +135,16 @@ def test_preflight_names_the_llms_of_experiment_02(tmp_path, runs_dir):
     assert r.returncode == 2
     assert f"generator LLM 'tiny-chat': put the model folder (with config.json) at {data}/weights/tiny-chat/" in r.stderr
     assert "judge LLM 'tiny-chat'" in r.stderr and "CLIP weights" not in r.stderr
-    (data / "weights" / "tiny-chat").mkdir(parents=True)
-    (data / "weights" / "tiny-chat" / "config.json").write_text("{}")
+    llm = data / "weights" / "tiny-chat"
+    llm.mkdir(parents=True)
+    (llm / "config.json").write_text("{}")  # a download cut short: the config, not the weights
+    (llm / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                                                 "b": "model-00002-of-00002.safetensors"}}))
+    (llm / "model-00001-of-00002.safetensors").write_bytes(b"")
+    r = _pc_clip("reproduce", "--profile", "paper", *llms, "--experiments", str(exp), env={"PC_CLIP_DATA": str(data)})
+    assert r.returncode == 2 and f"generator LLM 'tiny-chat': {llm} is incomplete" in r.stderr, r.stderr
+    assert "1 of the 2 weight shards model.safetensors.index.json lists (model-00002-of-00002.safetensors)" in r.stderr
+    (llm / "model-00002-of-00002.safetensors").write_bytes(b"")
     r = _pc_clip("reproduce", "--profile", "paper", *llms, "--experiments", str(exp), env={"PC_CLIP_DATA": str(data)})
     assert r.returncode == 2 and "tiny-chat" not in r.stderr and "data set coco (train)" in r.stderr
 
@@ -257,10 +268,13 @@ def test_a_second_run_of_the_same_notebook_and_settings_waits_its_turn(tmp_path,
     try:
         deadline = time.monotonic() + 180
         while not (tmp_path / "started").exists():
-            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            assert first.poll() is None and time.monotonic() < deadline, "the first run's notebook never started"
             time.sleep(0.1)
+        t0 = time.perf_counter()
         second = _pc_clip("reproduce", "--experiments", str(tmp_path))
+        seconds = time.perf_counter() - t0
         assert second.returncode == 2 and "is being written by pid" in second.stderr, second.stderr
+        assert "running" not in second.stdout and seconds < 3, (seconds, second.stdout)  # stopped before anything ran
     finally:
         go.write_text("x")
         first.communicate(timeout=120)
@@ -290,3 +304,181 @@ def test_a_missing_t2i_base_exits_2_before_any_notebook(tmp_path):
     base.mkdir(parents=True)
     (base / "open_clip_model.safetensors").write_bytes(b"")
     assert preflight(get_config("paper", data_root=str(data)), experiment_notebooks(only="11")) == []
+
+
+
+# ---- Runs that share a machine: kernels of their own, a lock taken first, a slow kernel start, one-line errors
+
+def _kernel_probe(out: Path) -> str:
+    "Notebook code that writes the kernel's connection file and its OpenMP wait policy to `out`."
+    return ("import os, time\nfrom ipykernel import get_connection_file\n"
+            f"open({str(out)!r}, 'w').write(get_connection_file() + '\\n' + os.environ.get('OMP_WAIT_POLICY', ''))\n"
+            "time.sleep(1)")
+
+
+@pytest.fixture
+def runtime():
+    "A Jupyter runtime folder of the test's own, on a short path (a socket's path holds at most 107 bytes)."
+    folder = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_three_runs_started_together_keep_their_kernels_apart(tmp_path, runtime):
+    "Three runs started in the same second (each with its own PC_CLIP_RUNS): each kernel has sockets of its own, none in the checkout."
+    before = sorted(REPO.glob("kernel-ipc*"))
+    exe = Path(sys.executable).parent / "pc-clip"
+    procs = []
+    try:
+        for k in range(3):
+            exp = tmp_path / f"exp{k}"; exp.mkdir()
+            make_notebook(exp / "01_probe.ipynb", _kernel_probe(tmp_path / f"probe{k}.txt"))
+            env = {**os.environ, "PC_CLIP_RUNS": str(tmp_path / f"runs{k}"), "JUPYTER_RUNTIME_DIR": str(runtime)}
+            env.pop("OMP_WAIT_POLICY", None)
+            procs.append(subprocess.Popen([str(exe), "reproduce", "--experiments", str(exp)], cwd=REPO, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "Invalid Signature" not in out + err, err[-3000:]
+    probes = [(tmp_path / f"probe{k}.txt").read_text().splitlines() for k in range(3)]
+    folders = [Path(connection).parent for connection, _ in probes]
+    assert len(set(folders)) == 3 and all(f.parent == runtime for f in folders)  # one private folder per kernel
+    assert [policy for _, policy in probes] == ["PASSIVE"] * 3  # KERNEL_ENV reached each kernel
+    assert list(runtime.iterdir()) == [], list(runtime.iterdir())  # each went with its kernel
+    assert sorted(REPO.glob("kernel-ipc*")) == before  # nothing in the checkout
+
+
+def test_a_run_killed_with_9_leaves_its_kernel_folder_to_the_next_start(tmp_path, runs_dir, runtime):
+    started = tmp_path / "started"
+    make_notebook(tmp_path / "01_wait.ipynb", "import time, pathlib\n"
+                  f"pathlib.Path({str(started)!r}).write_text('x')\ntime.sleep(120)")
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime)}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "pc-clip"), "reproduce", "--experiments", str(tmp_path)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the notebook never started"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its kernel, with no chance to clean up
+        proc.wait(timeout=30)
+    left = list(runtime.iterdir())
+    assert len(left) == 1 and left[0].name.startswith(f"pc-clip-kernel-{proc.pid}-"), left
+    (tmp_path / "01_wait.ipynb").unlink()
+    make_notebook(tmp_path / "01_quick.ipynb", "x = 1")
+    r = subprocess.run([str(Path(sys.executable).parent / "pc-clip"), "reproduce", "--experiments", str(tmp_path)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list(runtime.iterdir()) == []  # the dead run's folder went at this start, this run's with its kernel
+
+
+SLOW_KERNEL = ("import sys, time\ntime.sleep({delay})\nfrom ipykernel import kernelapp\n"
+               "sys.argv = ['ipykernel_launcher', '-f', sys.argv[1]]\nkernelapp.launch_new_instance()")
+
+
+def test_a_slow_kernel_start_is_waited_for_or_named_in_one_line(tmp_path, runs_dir):
+    "A kernel that takes 8 s to start: with 3 s allowed the run stops in one line naming the option; with 60 s it runs."
+    spec = tmp_path / "jupyter" / "kernels" / "pc-clip"  # found before any other `pc-clip` kernelspec
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": [sys.executable, "-c", SLOW_KERNEL.format(delay=8), "{connection_file}"],
+                                                   "display_name": "slow", "language": "python"}))
+    make_notebook(tmp_path / "01_a.ipynb", f"open({str(tmp_path / 'ran')!r}, 'w').write('x')")
+    env = {"JUPYTER_PATH": str(tmp_path / "jupyter")}
+    r = _pc_clip("reproduce", "--experiments", str(tmp_path), "--kernel-timeout", "3", env=env)
+    assert r.returncode == 2 and not (tmp_path / "ran").exists(), r.stderr[-3000:]
+    errors = [l for l in r.stderr.splitlines() if l.startswith("[pc-clip]")]
+    assert len(errors) == 1 and "did not start" in errors[0] and "--kernel-timeout" in errors[0], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    r = _pc_clip("reproduce", "--experiments", str(tmp_path), env={**env, "PC_CLIP_KERNEL_TIMEOUT": "60"})
+    assert r.returncode == 0 and (tmp_path / "ran").exists(), r.stderr[-3000:]
+
+
+def test_no_lock_file_is_left_after_a_clean_run(tmp_path):
+    "The world, two pretrained base models, the results table and the executed notebooks, each written under a lock: none stays."
+    env = {"PC_CLIP_RUNS": str(tmp_path)}
+    small = ["-p", "world_n_train=256", "-p", "world_n_test=64", "-p", "world_n_val=64", "-p", "pretrain_steps=3"]
+    r = _pc_clip("reproduce", "--only", "00,01", "--quiet", *small, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list(tmp_path.rglob("*.ipynb")) and list(tmp_path.rglob("open_clip_model.safetensors"))
+    assert sorted(tmp_path.rglob("*.lock*")) == []
+
+
+def test_a_partial_sdxl_snapshot_is_named_by_the_preflight(tmp_path):
+    "An SDXL folder with model_index.json but without unet/ (and a vae/ without weights) stops the run before notebook 11."
+    data = tmp_path / "data"
+    cfg = get_config("paper")
+    for arch, tag in ((cfg.model_name, cfg.pretrained), (cfg.t2i_clip_model, cfg.t2i_clip_pretrained)):
+        (data / "weights" / arch / tag).mkdir(parents=True)
+        (data / "weights" / arch / tag / "open_clip_model.safetensors").write_bytes(b"")
+    sdxl = data / "weights" / cfg.t2i_model
+    sdxl.mkdir(parents=True)
+    (sdxl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline",
+                                                       "unet": ["diffusers", "UNet2DConditionModel"],
+                                                       "vae": ["diffusers", "AutoencoderKL"],
+                                                       "tokenizer": ["transformers", "CLIPTokenizer"],
+                                                       "feature_extractor": [None, None]}))
+    (sdxl / "vae").mkdir(); (sdxl / "vae" / "config.json").write_text("{}")
+    (sdxl / "tokenizer").mkdir(); (sdxl / "tokenizer" / "vocab.json").write_text("{}")
+    env = {"PC_CLIP_DATA": str(data), "PC_CLIP_RUNS": str(tmp_path / "runs"), "HF_HUB_OFFLINE": "1"}
+    r = _pc_clip("reproduce", "--profile", "paper", "--only", "11", env=env)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"SDXL pipeline (t2i_model) {cfg.t2i_model!r}: {sdxl} is incomplete" in r.stderr, r.stderr
+    assert "missing unet/; vae/: the weights" in r.stderr and "tokenizer" not in r.stderr
+    (sdxl / "unet").mkdir(); (sdxl / "unet" / "config.json").write_text("{}")
+    (sdxl / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    (sdxl / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    assert preflight(get_config("paper", data_root=str(data)), experiment_notebooks(only="11")) == []
+
+
+@pytest.mark.parametrize("args, says", [
+    (["reproduce", "-p", "profile=paper"], "choose it with --profile paper"),
+    (["models", "--profile", "bogus"], "Unknown profile 'bogus'"),
+    (["reproduce", "--profile", "papr"], "Unknown profile 'papr' (did you mean 'paper'?)"),
+    (["config", "--profile", "bogus"], "Unknown profile 'bogus'"),
+    (["reproduce", "-p", "pretrain_step=5"], "'pretrain_step' (did you mean 'pretrain_steps'?)"),
+    (["reproduce", "-p", "ft_lrr=1e-3"], "'ft_lrr' (did you mean 'ft_lr'?)"),
+])
+def test_a_mistake_is_one_line_and_exit_2(tmp_path, runs_dir, args, says):
+    t0 = time.perf_counter()
+    r = _pc_clip(*args)
+    seconds = time.perf_counter() - t0
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("[pc-clip] error: ") and says in r.stderr, r.stderr
+    assert not r.stderr.startswith(("[pc-clip] error: \"", "[pc-clip] error: '\"")), r.stderr  # no quotes around the message
+    assert seconds < 3, seconds  # nothing heavy is imported, no notebook is run
+
+
+def test_config_lists_every_key_with_type_value_and_help():
+    from pc_clip.core.config import Config
+    import dataclasses
+    r = _pc_clip("config", "--profile", "paper")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for f in dataclasses.fields(Config):
+        row = next(i for i, l in enumerate(lines) if l.startswith(f"{f.name}: "))
+        assert f" = {getattr(get_config('paper'), f.name)!r}" in lines[row] and lines[row + 1].strip(), lines[row:row + 2]
+    assert "pretrain_steps: int = 420" in r.stdout and "n_pairs: int = 200000  (default 12000)" in r.stdout
+
+
+def test_models_without_models_imports_no_torch(tmp_path, runs_dir):
+    code = ("import sys\nfrom pc_clip.cli import main\nrc = main(['models'])\n"
+            "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "no model folders" in r.stdout, r.stderr
+
+
+def test_a_full_disk_is_one_line_naming_the_folder(tmp_path, runs_dir):
+    "A notebook whose write fails with errno 28 (as a full disk fails it): exit 2, one line naming the folder and the fix."
+    folder = runs_dir / "runs" / "tiny" / "models" / "clip"
+    make_notebook(tmp_path / "01_write.ipynb", "import errno, os\n"
+                  f"raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), {str(folder / 'open_clip_model.safetensors')!r})")
+    r = _pc_clip("reproduce", "--experiments", str(tmp_path))
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"[pc-clip] error: no space left on the disk of {folder} "), r.stderr
+    assert "01_write.ipynb" in r.stderr and "free space there" in r.stderr

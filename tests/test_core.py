@@ -255,6 +255,52 @@ def test_a_second_writer_stops_naming_the_holder(tmp_path):
                 pass
 
 
+COUNTER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from pc_clip.core.runtime import artifact_lock
+    target, n = Path(sys.argv[1]), int(sys.argv[2])
+    for _ in range(n):
+        with artifact_lock(target, timeout=60):  # read, add one, write: lost updates if two held it at once
+            count = int(target.read_text()) if target.exists() else 0
+            target.write_text(str(count + 1))
+""")
+
+
+def test_lock_files_removed_on_release_still_exclude(tmp_path):
+    "Each holder removes its lock file on release; four processes taking turns 100 times each still never overlap."
+    target, script = tmp_path / "counter.txt", tmp_path / "count.py"
+    script.write_text(COUNTER)
+    procs = [subprocess.Popen([sys.executable, str(script), str(target), "100"]) for _ in range(4)]
+    assert [p.wait(timeout=300) for p in procs] == [0] * 4
+    assert target.read_text() == "400"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["count.py", "counter.txt"]  # no lock file left
+
+
+def test_a_lock_file_removed_while_being_taken_is_not_held(tmp_path, monkeypatch):
+    "A taker opened the lock file, then its holder removed it and let go, then the taker locked it: the taker must not count that as holding the lock (a third process would lock a new file of the same name), and takes the file at the path instead."
+    import fcntl
+    from pc_clip.core import runtime
+    lock = tmp_path / "model.lock"
+    holder = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    real, locked = fcntl.flock, []
+    def flock(fd, op):
+        if not locked:  # the holder finishes between the taker's open and its lock
+            os.unlink(lock)
+            os.close(holder)
+        locked.append(fd)
+        return real(fd, op)
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with runtime.artifact_lock(tmp_path / "model"):
+        assert len(locked) == 2 and lock.exists()  # it went on to lock the file now at the path
+        other = os.open(lock, os.O_RDWR)
+        with pytest.raises(BlockingIOError):  # which excludes a third process
+            real(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(other)
+    assert not lock.exists()
+
+
 def test_parse_line_recovers_the_record_after_a_fragment():
     assert parse_line('{"key": 1, "a": "{"{"key": 2, "b": {"c": 3}}') == ({"key": 2, "b": {"c": 3}}, True)
     assert parse_line('{"key": 1}') == ({"key": 1}, False)

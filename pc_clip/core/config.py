@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import functools
+import importlib.util
+import io
 import math
 import re
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -18,59 +22,60 @@ from typing import Any
 
 # %% auto #0
 __all__ = ['PROFILES', 'STANDIN_PROFILES', 'FT_TRAINABLE', 'FT_LOSSES', 'FT_COMPILE', 'CHOICES', 'Config', 'ConfigError',
-           'validate_config', 'one_learning_rate', 'get_config', 'given', 'parse_overrides']
+           'validate_config', 'did_you_mean', 'one_learning_rate', 'get_config', 'given', 'parse_overrides',
+           'field_help']
 
 # %% ../../nbs/core/00_config.ipynb #22c4a6fc
 @dataclass(frozen=True)
 class Config:
     "Every knob of a pc-clip run; build one with `get_config(profile, **overrides)`."
-    profile: str = "tiny"
-    seed: int = 0
+    profile: str = "tiny"  # the profile whose settings the others change: "tiny", "paper", "paper-h14", "paper-smoke" (choose it with --profile)
+    seed: int = 0  # seeds the world, pair sampling, initialisation and every sampled order of the run
     # where things live (relative paths are resolved against the project root; see `resolve_path`)
-    data_root: str = "data"
-    runs_root: str = "runs"
-    results_root: str = "results"
-    figures_root: str = "figures"
-    cache_root: str = "cache"
+    data_root: str = "data"  # data sets and downloaded weights (PC_CLIP_DATA wins)
+    runs_root: str = "runs"  # models, training states and executed notebooks (PC_CLIP_RUNS/runs wins)
+    results_root: str = "results"  # the results tables, per-item outcomes and REPORT.md (PC_CLIP_RUNS/results wins)
+    figures_root: str = "figures"  # the figures drawn from the results table (PC_CLIP_RUNS/figures wins)
+    cache_root: str = "cache"  # content-addressed caches: rendered worlds, image embeddings (PC_CLIP_RUNS/cache wins)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
     # the CLIP model: open_clip architecture + pretrained tag, "hf-hub:org/name", or a local checkpoint
-    model_name: str = "pc-clip-tiny-48px"  # tiny: the base chosen by the capacity study (experiment 15c); the first tiny base was pc-clip-tiny at 32 px
-    pretrained: str | None = None
+    model_name: str = "pc-clip-tiny-48px"  # the base CLIP: an open_clip architecture (tiny: pc-clip-tiny-48px, the capacity study's choice), "hf-hub:org/name" or a checkpoint folder
+    pretrained: str | None = None  # open_clip pretrained tag or weights file of model_name (None: trained from scratch on the world)
     # the image-caption corpus used for pairs: "world" (embedded) or "coco"
-    corpus: str = "world"
-    world_image_size: int = 48  # pixels; must be the size the architecture reads (tiny: the capacity study's choice)
-    world_n_train: int = 8000
-    world_n_test: int = 1500
+    corpus: str = "world"  # "world" (the embedded Shapes world) or "coco" (COCO 2017 captions under the data root)
+    world_image_size: int = 48  # side of a rendered world image in pixels: the size the architecture reads (tiny: the capacity study's choice)
+    world_n_train: int = 8000  # training images of the world (pretraining, pairs, finetuning)
+    world_n_test: int = 1500  # test images of the world: the reported numbers
     world_n_val: int = 1500  # validation images, disjoint from train and test: every setting chosen by looking at results is chosen on them
     world_captions: str = "comparative"  # "comparative": captions use the language of comparison, as web alt-text does; "plain": the ablation without it
     world_caption_rate: float = 1.0  # scales the comparative style's rates (of norm comparisons, gallery frames, generic nouns); chosen on validation
     # pretraining from scratch (tiny profile only; paper profiles start from pretrained weights)
-    pretrain_batch_size: int = 64
-    pretrain_lr: float = 2e-3
+    pretrain_batch_size: int = 64  # image-caption pairs per pretraining step
+    pretrain_lr: float = 2e-3  # peak learning rate of pretraining (warm-up, then cosine)
     pretrain_steps: int = 840  # the capacity study's choice (experiment 15c, validation only); a fixed step budget with a step-based schedule: nothing that changes the weights reads the clock
     # difference data
-    n_pairs: int = 12000
+    n_pairs: int = 12000  # image pairs whose differences are written (the finetuning data)
     pair_sampling: str = "different_category"  # "random" | "different_category"
     generator: str = "oracle"  # "oracle" or an HF causal LM id / local path
-    load_in_4bit: bool = False
-    gen_batch_size: int = 16
+    load_in_4bit: bool = False  # load the generator (and a local judge) in 4-bit NF4 (bitsandbytes, a GPU)
+    gen_batch_size: int = 16  # prompts per generation batch of the LLM
     gen_batch_from_memory: bool = False  # on a GPU, batch as many prompts as its free memory holds (pc_clip.differences.llm.fit_generation_batch); False: gen_batch_size exactly
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 0.9
-    oracle_noise: float = 0.0
+    max_new_tokens: int = 128  # the longest generation, in tokens (a longer one is cut and rejected)
+    temperature: float = 0.7  # sampling temperature of the generator (0: greedy)
+    top_p: float = 0.9  # nucleus-sampling mass of the generator
+    oracle_noise: float = 0.0  # share of the oracle's statements made false on purpose (the noise study)
     judge: str | None = None  # None (no judge), "oracle", an HF model id / local folder, or "openai:<model>" (OPENAI_BASE_URL/OPENAI_API_KEY)
     # PC-CLIP finetuning
     ft_trainable: str = "text_blocks"  # "text_blocks" | "text_tower" | "both_towers"
     ft_loss: str = "contrastive"  # "contrastive" | "mse" | "clip"
-    ft_temperature: float = 1.0
+    ft_temperature: float = 1.0  # temperature of the difference loss (the paper: 1)
     ft_lr: float = 2e-3  # tiny: tau = 1 gives weak gradients, so a high lr (the grid below is what is used)
     ft_lr_decay: float = 0.5  # per epoch; tiny: two epochs, the second at half the rate (the paper: 0.9 over 20 epochs)
-    ft_epochs: int = 2
-    ft_batch_size: int = 128
-    ft_grad_accum: int = 1
-    ft_weight_decay: float = 0.0
+    ft_epochs: int = 2  # passes over the difference data
+    ft_batch_size: int = 128  # difference triples per finetuning step (>= 2 for a contrastive loss)
+    ft_grad_accum: int = 1  # batches whose gradients are summed before each optimiser step
+    ft_weight_decay: float = 0.0  # AdamW weight decay of finetuning
     ft_max_bad_fraction: float = 0.1  # a run with more non-finite steps than this fails and keeps the previous model
     ft_max_pairs: int | None = 8192  # (for the time budget) train on a seeded subset of at most this many rows (None: all)
     ft_keep_epochs: tuple[int, ...] = ()  # epoch checkpoints kept besides the newest (out_dir/epochs/epoch-NNN)
@@ -79,26 +84,26 @@ class Config:
     ft_length_buckets: int = 16  # sort texts by length within pools of this many batches, so a batch pads to its own length (0: off)
     ft_compile: str = "off"  # "off" | "default" | "reduce-overhead" | "max-autotune": torch.compile of the text tower
     # caption-finetuning baselines (ordinary CLIP loss)
-    caption_ft_lr: float = 2e-3
-    caption_ft_batch_size: int = 128
+    caption_ft_lr: float = 2e-3  # learning rate of the caption-finetuning baselines
+    caption_ft_batch_size: int = 128  # image-caption pairs per step of the caption baselines
     caption_ft_epochs: int = 2  # tiny: the same two epochs as the difference finetunes
-    wavg_alpha: float = 0.5
+    wavg_alpha: float = 0.5  # mix of the finetuned weights in the weight-average ablation (0: the base, 1: the finetuned model)
     # pc-clip is the (lr, alpha) of this grid chosen on validation data (nbs/training/04_selection.ipynb); () = ft_lr only / alpha 1 only
     ft_lr_grid: tuple[float, ...] = (1e-3, 2e-3)  # finetuning learning rates tried (each > 0)
     wavg_alpha_grid: tuple[float, ...] = (0.25, 0.5, 1.0)  # weight-averaging mixes with the base tried (each in [0, 1]; 1: no averaging)
     # evaluation
-    eval_n_images: int = 100
-    eval_seeds: tuple[int, ...] = (0, 1, 2)
-    eval_batch_size: int = 256
-    comparative_alphas: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)
-    comparative_topk: int = 10
+    eval_n_images: int = 100  # images sampled per seed for difference classification
+    eval_seeds: tuple[int, ...] = (0, 1, 2)  # one evaluation sample per seed
+    eval_batch_size: int = 256  # images or texts per embedding batch in evaluation
+    comparative_alphas: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)  # class-prompt weights tried in comparative prompting (chosen on validation)
+    comparative_topk: int = 10  # most-confused class pairs whose differences comparative prompting adds
     # text-to-image with embedding arithmetic
-    t2i_model: str = "stabilityai/stable-diffusion-xl-base-1.0"
-    t2i_steps: int = 30
-    t2i_image_size: int = 1024
+    t2i_model: str = "stabilityai/stable-diffusion-xl-base-1.0"  # the SDXL pipeline: a Hugging Face id or a diffusers folder
+    t2i_steps: int = 30  # denoising steps per generated image
+    t2i_image_size: int = 1024  # side of a generated image in pixels (a multiple of 8)
     # the CLIP the T2I study finetunes its own PC-CLIP from: SDXL's first text encoder (None: study not applicable)
-    t2i_clip_model: str | None = "ViT-L-14"
-    t2i_clip_pretrained: str | None = "openai"
+    t2i_clip_model: str | None = "ViT-L-14"  # architecture of SDXL's first text encoder
+    t2i_clip_pretrained: str | None = "openai"  # its pretrained tag
 
     def replace(self, **overrides) -> "Config":
         "A validated copy with `overrides` applied (unknown keys and invalid values are an error)."
@@ -331,11 +336,19 @@ def _validated(cfg: Config) -> Config:
     return cfg
 
 # %% ../../nbs/core/00_config.ipynb #c2fd64ac
+def did_you_mean(word: str, choices) -> str:
+    "` (did you mean 'x'?)` for the choice closest to a mistyped `word`, or an empty string when none is close."
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _check_keys(overrides: dict) -> None:
     valid = {f.name for f in fields(Config)}
     unknown = sorted(set(overrides) - valid)
     if unknown:
-        raise KeyError(f"Unknown config key(s) {unknown}; valid keys are: {', '.join(sorted(valid))}")
+        raise KeyError(f"Unknown config key{'s' if len(unknown) > 1 else ''} "
+                       + ", ".join(f"{k!r}{did_you_mean(k, valid)}" for k in unknown)
+                       + "; `pc-clip config` lists every key with its type, default and meaning")
 
 
 def one_learning_rate(overrides: dict) -> dict:
@@ -352,7 +365,7 @@ def one_learning_rate(overrides: dict) -> dict:
 def get_config(profile: str = "tiny", **overrides) -> Config:
     "The validated config of a named profile with `overrides` applied (`ft_lr` alone: see `one_learning_rate`)."
     if profile not in PROFILES:
-        raise KeyError(f"Unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+        raise KeyError(f"Unknown profile {profile!r}{did_you_mean(profile, PROFILES)}; choose one of {', '.join(PROFILES)}")
     _check_keys(overrides)
     return _validated(Config(**{**PROFILES[profile], "profile": profile, **_coerce(one_learning_rate(overrides))}))
 
@@ -370,9 +383,28 @@ def parse_overrides(pairs: list[str]) -> tuple[dict, dict]:
         if "=" not in pair:
             raise ValueError(f"-p expects key=value, got {pair!r}")
         key, raw = pair.split("=", 1)
+        if key.strip() == "profile":
+            raise ValueError(f"-p {pair}: the profile is not an override; choose it with --profile {raw.strip()}")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
         (cfg_over if key.strip() in cfg_keys else params)[key.strip()] = value
     return cfg_over, params
+
+# %% ../../nbs/core/00_config.ipynb #a2fed4a2
+@functools.cache
+def field_help() -> dict[str, tuple[str, str]]:
+    "`{field: (help, group)}`: the comment beside each `Config` field and the comment heading its group, from the source."
+    source = Path(importlib.util.find_spec(__package__ + ".config" if __package__ else "pc_clip.core.config").origin).read_text()
+    comments = {t.start[0]: (t.string.lstrip("#").strip(), t.line.strip().startswith("#"))
+                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    heads = [(line, text) for line, (text, own_line) in sorted(comments.items()) if own_line]
+    cls = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "Config")
+    out = {}
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign):
+            text, own_line = comments.get(node.end_lineno, ("", True))
+            group = next((t for line, t in reversed(heads) if cls.lineno < line < node.lineno), "")
+            out[node.target.id] = ("" if own_line else text, group)
+    return out

@@ -20,6 +20,10 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: filelock's lock (whose file stays)
+    fcntl = None
 import filelock
 import numpy as np
 
@@ -280,12 +284,30 @@ class ArtifactBusy(RuntimeError):
     "Another process holds the lock of an artifact this run must write."
 
 
-def _holder(info: Path) -> str:
+def _holder(lock_path: Path) -> str:
     try:
-        h = json.loads(info.read_text())
+        h = json.loads(lock_path.read_text())
         return f"pid {h['pid']} on {h['host']} ({h['command']})"
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return "another process"
+
+
+def _take(lock_path: Path) -> int | None:
+    "A descriptor holding the exclusive lock on the file now at `lock_path`, or None while another process holds it."
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            mine, now = os.fstat(fd), os.stat(lock_path)
+            if (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed this file as we locked it: take the one at the path now
 
 
 @contextmanager
@@ -294,18 +316,39 @@ def artifact_lock(path: str | Path, timeout: float = 0.0) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
-    info = path.with_name(path.name + ".lock.json")
+    if fcntl is None:
+        with _filelock(path, lock_path, timeout):
+            yield path
+        return
+    deadline = time.monotonic() + timeout
+    while (fd := _take(lock_path)) is None:
+        if time.monotonic() >= deadline:
+            raise ArtifactBusy(f"{path} is being written by {_holder(lock_path)}; wait for that run to finish "
+                               f"(or stop it), then run again")
+        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "command": " ".join(sys.argv)[:200]}).encode())
+        path.with_name(path.name + ".lock.json").unlink(missing_ok=True)  # the holder file of older versions
+        yield path
+    finally:
+        lock_path.unlink(missing_ok=True)  # still ours: removed before the lock is let go
+        os.close(fd)
+
+
+@contextmanager
+def _filelock(path: Path, lock_path: Path, timeout: float) -> Iterator[None]:
+    "`artifact_lock` where `fcntl` is missing (not POSIX): the `filelock` package's lock; its file stays."
     lock = filelock.FileLock(str(lock_path))
     try:
         lock.acquire(timeout=timeout)
     except filelock.Timeout:
-        raise ArtifactBusy(f"{path} is being written by {_holder(info)}; wait for that run to finish "
+        raise ArtifactBusy(f"{path} is being written by another process; wait for that run to finish "
                            f"(or stop it), then run again") from None
     try:
-        atomic_write_json(info, {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:200]})
-        yield path
+        yield
     finally:
-        info.unlink(missing_ok=True)
         lock.release()
 
 # %% ../../nbs/core/01_runtime.ipynb #f825b886
