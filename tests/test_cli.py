@@ -463,7 +463,7 @@ def test_config_lists_every_key_with_type_value_and_help():
     for f in dataclasses.fields(Config):
         row = next(i for i, l in enumerate(lines) if l.startswith(f"{f.name}: "))
         assert f" = {getattr(get_config('paper'), f.name)!r}" in lines[row] and lines[row + 1].strip(), lines[row:row + 2]
-    assert "pretrain_steps: int = 840" in r.stdout and "n_pairs: int = 200000  (default 12000)" in r.stdout
+    assert "pretrain_steps: int = 420" in r.stdout and "n_pairs: int = 200000  (default 12000)" in r.stdout
 
 
 def test_models_without_models_imports_no_torch(tmp_path, runs_dir):

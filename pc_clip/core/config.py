@@ -40,11 +40,11 @@ class Config:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
     # the CLIP model: open_clip architecture + pretrained tag, "hf-hub:org/name", or a local checkpoint
-    model_name: str = "pc-clip-tiny-48px"  # the base CLIP: an open_clip architecture (tiny: pc-clip-tiny-48px, the capacity study's choice), "hf-hub:org/name" or a checkpoint folder
+    model_name: str = "pc-clip-tiny"  # the base CLIP: an open_clip architecture (tiny: pc-clip-tiny, kept by the capacity study, experiment 15c), "hf-hub:org/name" or a checkpoint folder
     pretrained: str | None = None  # open_clip pretrained tag or weights file of model_name (None: trained from scratch on the world)
     # the image-caption corpus used for pairs: "world" (embedded) or "coco"
     corpus: str = "world"  # "world" (the embedded Shapes world) or "coco" (COCO 2017 captions under the data root)
-    world_image_size: int = 48  # side of a rendered world image in pixels: the size the architecture reads (tiny: the capacity study's choice)
+    world_image_size: int = 32  # side of a rendered world image in pixels: the size the architecture reads
     world_n_train: int = 8000  # training images of the world (pretraining, pairs, finetuning)
     world_n_test: int = 1500  # test images of the world: the reported numbers
     world_n_val: int = 1500  # validation images, disjoint from train and test: every setting chosen by looking at results is chosen on them
@@ -53,7 +53,7 @@ class Config:
     # pretraining from scratch (tiny profile only; paper profiles start from pretrained weights)
     pretrain_batch_size: int = 64  # image-caption pairs per pretraining step
     pretrain_lr: float = 2e-3  # peak learning rate of pretraining (warm-up, then cosine)
-    pretrain_steps: int = 840  # the capacity study's choice (experiment 15c, validation only); a fixed step budget with a step-based schedule: nothing that changes the weights reads the clock
+    pretrain_steps: int = 420  # chosen on validation (bench/pretrain_steps.py), kept by the capacity study (experiment 15c); a fixed step budget with a step-based schedule: nothing that changes the weights reads the clock
     # difference data
     n_pairs: int = 12000  # image pairs whose differences are written (the finetuning data)
     pair_sampling: str = "different_category"  # "random" | "different_category"

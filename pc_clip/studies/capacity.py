@@ -309,9 +309,13 @@ def capacity_summary(tidy: pd.DataFrame, first: str = "tiny") -> pd.DataFrame:
 
 
 def choose_base(summary: pd.DataFrame, gain: float = GAIN_TARGET, margin: float = PROBE_MARGIN,
-                budget_s: float = RUN_BUDGET_S) -> tuple[str, str]:
-    "`(base, why)`: the rule above applied to `capacity_summary`'s table."
-    within = summary[summary["estimated_run_s"] <= budget_s]
+                budget_s: float = RUN_BUDGET_S, measured_run_s: dict[str, float] | None = None) -> tuple[str, str]:
+    "`(base, why)`: the rule above applied to `capacity_summary`'s table (a measured run time, where given, overrides the estimate)."
+    run_s = summary["estimated_run_s"].copy()
+    for b, s in (measured_run_s or {}).items():
+        if b in run_s.index:
+            run_s[b] = s
+    within = summary[run_s <= budget_s]
     if within.empty:
         raise ValueError(f"no base is estimated to run within {budget_s:g} s; add a cheaper base to the study")
     ok = within[(within["constrained_gain"].fillna(-np.inf) >= gain) & (within["weakest_probe_margin"] >= margin)]
