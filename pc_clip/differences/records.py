@@ -150,7 +150,8 @@ def record_matches(record: dict, item: dict, backend, task: str) -> bool:
     except KeyError:  # a record of another task or shape
         return False
     return (same_item and record.get("task") == task and record.get("generator") == backend.name
-            and _plain(record.get("gen_config")) == _plain(backend.config))
+            and (getattr(backend, "lazy", False)  # a backend not built yet: its store's name already carries its identity
+                 or _plain(record.get("gen_config")) == _plain(backend.config)))
 
 # %% ../../nbs/differences/04_records.ipynb #8133a3c0
 def build_record(item: dict, output: dict, backend, task: str, max_words: int = 40) -> dict:

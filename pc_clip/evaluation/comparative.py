@@ -94,6 +94,9 @@ class LazyBackend:
         if cfg.generator == "oracle":
             raise ValueError("LazyBackend stands for a language model; the oracle is cheap to build (make_backend)")
         self.cfg, self.name, self.batch_size = cfg, cfg.generator, cfg.gen_batch_size  # a model's records carry its name
+        # stored records are checked without building the model: the store's name carries the generator's identity
+        # (weights' content, settings, prompts: pc_clip.differences.records.generator_key), which decides `config`
+        self.lazy = True
 
     def generate(self, items, task: str = "differences"):
         return cached_backend(self.cfg).generate(items, task)
