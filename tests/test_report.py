@@ -144,7 +144,7 @@ def test_targets_use_the_claims_interval_and_rule():
     results = pd.DataFrame(columns=["model", "task", "dataset", "condition", "metric", "value", "seed"])
     t = target_check(results, items=items).set_index("target")
     v = claim_verdicts(results, items, PAPER_CLAIMS).set_index("claim")
-    pairs = {"difference classification, all cells": "difference_classification",
+    pairs = {"difference classification, training wordings": "difference_classification",
              "difference classification, held-out wordings": "difference_heldout_wording",
              "zero-shot accuracy": "zero_shot", "worst-class zero-shot accuracy": "zero_shot_worst_class",
              "mean retrieval recall": "retrieval"}
