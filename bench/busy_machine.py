@@ -20,6 +20,8 @@ Whole-run mode runs `pc-clip reproduce` (default profile `tiny`, `--only` and `-
 
     python bench/busy_machine.py --whole-run
     python bench/busy_machine.py --whole-run --only 00,01 -p pretrain_steps=40
+    python bench/busy_machine.py --whole-run --keep /tmp/busy --cases quiet   # one case now, kept ...
+    python bench/busy_machine.py --whole-run --keep /tmp/busy                 # ... the other later, then the comparison
 
 Prints one line per measurement and a closing table with the loaded / quiet ratios and the load average before and
 after each case (other jobs on the machine count too: say so when you quote a number).
@@ -99,8 +101,11 @@ def stage_mode(a) -> None:
     with tempfile.TemporaryDirectory(prefix="pc-clip-busy-") as d:
         base = plain_env(Path(d) / "runs")
         envs = {"without": base, "with": {**base, **kernel_env()}}
+        for v in a.variant:  # NAME=VAR=VALUE[,VAR=VALUE]: another environment to compare (e.g. a spin count)
+            name, _, assignments = v.partition("=")
+            envs[name] = {**base, **dict(x.split("=", 1) for x in assignments.split(","))}
         run_stage(base, {**overrides, "pretrain_steps": 1})  # builds and caches the world (not timed)
-        cases = [(fix, busy) for busy in (False, True) for fix in ("without", "with")]
+        cases = [(fix, busy) for busy in (False, True) for fix in envs]
         seen: dict[tuple, list[dict]] = {c: [] for c in cases}
         for rep in range(a.repeats):
             for fix, busy in cases:
@@ -112,7 +117,7 @@ def stage_mode(a) -> None:
                     out = run_stage(envs[fix], overrides)
                 out.update(load_before=before, load_after=load())
                 seen[(fix, busy)].append(out)
-                print(f"[{rep + 1}/{a.repeats}] {fix:>7s} kernel env, {'one hog' if busy else 'quiet  '}: "
+                print(f"[{rep + 1}/{a.repeats}] {fix:>9s} env, {'one hog' if busy else 'quiet  '}: "
                       f"{a.steps} steps in {out['seconds']:6.1f} s ({out['seconds'] / a.steps:.3f} s/step, "
                       f"{out['cpu_seconds']:.1f} CPU s), load {before:.2f} -> {out['load_after']:.2f}, "
                       f"weights {out['weights']}", flush=True)
@@ -120,9 +125,9 @@ def stage_mode(a) -> None:
     hashes = {o["weights"] for v in seen.values() for o in v}
     print(f"\n{a.steps} pretraining steps of the tiny model (batch 64, {seen[cases[0]][0]['threads']} threads), "
           f"median of {a.repeats}; kernel env = {kernel_env()}")
-    print("| kernel env | quiet s/step | beside one hog s/step | hog / quiet |")
+    print("| environment | quiet s/step | beside one hog s/step | hog / quiet |")
     print("|---|---:|---:|---:|")
-    for fix in ("without", "with"):
+    for fix in dict.fromkeys(f for f, _ in cases):
         q, b = med[(fix, False)] / a.steps, med[(fix, True)] / a.steps
         print(f"| {fix} | {q:.3f} | {b:.3f} | {b / q:.2f}x |")
     print(f"beside one hog, with vs without: {med[('without', True)] / med[('with', True)]:.2f}x faster; "
@@ -142,18 +147,34 @@ def reproduce(env: dict, a) -> float:
     return time.perf_counter() - t0
 
 
+def timed_case(name: str, root: Path, env: dict, a) -> float:
+    "One whole run into `root/name` (its own PC_CLIP_RUNS), or the seconds it took before when `root/name` holds a finished one."
+    done = root / name / "seconds.json"
+    if done.exists():
+        seconds = json.loads(done.read_text())["seconds"]
+        print(f"{name}: {seconds:.0f} s (kept from an earlier invocation, {done})", flush=True)
+        return seconds
+    before = load()
+    if name == "busy":
+        with Hog():
+            seconds = reproduce({**env, "PC_CLIP_RUNS": str(root / name)}, a)
+    else:
+        seconds = reproduce({**env, "PC_CLIP_RUNS": str(root / name)}, a)
+    done.write_text(json.dumps(dict(seconds=seconds, load_before=before, load_after=load())))
+    print(f"{name}: {seconds:.0f} s (load {before:.2f} -> {load():.2f})", flush=True)
+    return seconds
+
+
 def whole_run_mode(a) -> None:
     with tempfile.TemporaryDirectory(prefix="pc-clip-busy-whole-") as d:
-        quiet_runs, busy_runs = Path(d) / "quiet", Path(d) / "busy"
+        root = Path(a.keep) if a.keep else Path(d)  # --keep: the runs stay, and a finished case is not run again
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        before = load()
-        quiet = reproduce({**env, "PC_CLIP_RUNS": str(quiet_runs)}, a)
-        print(f"quiet: {quiet:.0f} s (load {before:.2f} -> {load():.2f})", flush=True)
-        before = load()
-        with Hog():
-            busy = reproduce({**env, "PC_CLIP_RUNS": str(busy_runs)}, a)
-        print(f"beside one hog: {busy:.0f} s (load {before:.2f} -> {load():.2f})", flush=True)
-        results = [next((r / "results").glob("*/results.csv")).parent for r in (quiet_runs, busy_runs)]
+        cases = a.cases.split(",")
+        seconds = {name: timed_case(name, root, env, a) for name in cases}
+        if len(seconds) < 2:
+            return
+        quiet, busy = seconds["quiet"], seconds["busy"]
+        results = [next((root / name / "results").glob("*/results.csv")).parent for name in ("quiet", "busy")]
         cmp = subprocess.run([sys.executable, "-m", "pc_clip.compare", *map(str, results)], env=env, cwd=REPO,
                              capture_output=True, text=True)
         print(cmp.stdout.strip() or cmp.stderr.strip())
@@ -173,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", default="tiny", help="whole-run mode: the profile")
     p.add_argument("--only", default=None, help="whole-run mode: passed to pc-clip reproduce")
     p.add_argument("-p", "--param", action="append", default=[], help="whole-run mode: passed to pc-clip reproduce")
+    p.add_argument("--variant", action="append", default=[],
+                   help="stage mode: NAME=VAR=VALUE[,VAR=VALUE], another kernel environment to time (repeatable)")
+    p.add_argument("--keep", default=None, help="whole-run mode: keep the runs in this folder (a finished case is reused)")
+    p.add_argument("--cases", default="quiet,busy", help="whole-run mode: which cases to run, of quiet,busy")
     a = p.parse_args(argv)
     whole_run_mode(a) if a.whole_run else stage_mode(a)
 
