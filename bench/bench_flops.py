@@ -32,7 +32,6 @@ to decide anything. Prints progress, then a markdown table; asserts nothing abou
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -49,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from pc_clip.core.config import get_config
 from pc_clip.differences.pairs import corpus_from_world, sample_pairs
 from pc_clip.differences.records import OracleBackend
-from pc_clip.models.clip import create_clip, images_to_tensor
+from pc_clip.models.clip import create_clip
 from pc_clip.models.embed import compute_image_embeddings, embed_texts
 from pc_clip.models.text import pooled_positions
 from pc_clip.training.finetune import _batches, _prepare, _train_step, _trainer

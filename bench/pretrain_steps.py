@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import pandas as pd
 import torch
@@ -37,7 +36,6 @@ def main() -> None:
     rows = []
     for steps in sorted(set(a.steps) | {a.reference}):
         cfg = base.replace(pretrain_steps=steps)
-        t0, c0 = time.perf_counter(), time.process_time()
         model, tok, history, reused = pretrain_or_load(world, cfg, device=device)
         zs = zero_shot_accuracy(model, tok, world.images[ix], labels, device=device)
         rows.append(dict(steps=steps, val_zero_shot=zs["accuracy"], val_worst_class=zs["worst_class_accuracy"],

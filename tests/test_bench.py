@@ -5,10 +5,10 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
+import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def _gpu_check():
@@ -24,6 +24,7 @@ def _row(out: str, label: str) -> str:
     return lines[-1]
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_prints_numeric_table(tmp_path):
     "Every stage at CPU sizes (tiny CLIP, batch 8; tiny NF4 Llama): JSON per stage, markdown, and the table last."
     env = {**os.environ, "PYTHONPATH": str(REPO), "PC_CLIP_RUNS": str(tmp_path / "runs"), "TQDM_DISABLE": "1",
@@ -126,6 +127,7 @@ def _split(by_op: dict) -> tuple[dict, int]:
             sum(v for k, v in by_op.items() if "attention" in k))
 
 
+@pytest.mark.slow
 def test_bench_flops_reports_peak_and_stage_gflops(tmp_path):
     "bench_flops.py at its smallest settings: a positive peak and GFLOP/s per stage; FLOPs per step as FlopCounterMode counts them."
     import torch
@@ -201,6 +203,7 @@ def test_bench_flops_reports_peak_and_stage_gflops(tmp_path):
     assert stages["finetune"]["trained_params"] == stages["finetune_fast"]["trained_params"] < pre["trained_params"]
 
 
+@pytest.mark.slow
 def test_busy_machine_times_the_stage_with_and_without_the_kernel_env_and_checks_the_weights(tmp_path):
     "bench/busy_machine.py at its smallest: four cases (with / without KERNEL_ENV, quiet / one hog), one weights hash."
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "busy_machine.py"), "--steps", "2", "--repeats", "1",

@@ -9,9 +9,7 @@ import signal
 import textwrap
 import time
 import torch
-import dataclasses
 import hashlib
-import nbformat
 import pandas as pd
 from pathlib import Path
 
@@ -20,9 +18,9 @@ from pc_clip.core.runtime import ArtifactBusy, read_results, result_row, write_r
 from pc_clip.core.store import JsonlStore, parse_line
 from pc_clip.models.clip import (TINY_MODEL, create_clip, load_checkpoint, save_checkpoint, WEIGHTS_FILE,
     find_models, is_checkpoint, load_clip, model_dir)
-from conftest import REPO, make_notebook
+from conftest import SMALL_TINY, make_notebook, p_args, pc_clip
 from pc_clip.core import registry
-from pc_clip.evaluation.runner import (evaluated_models, items_path, read_items, run_zero_shot, eval_datasets,
+from pc_clip.evaluation.runner import (evaluated_models, items_path, run_zero_shot, eval_datasets,
     write_evaluation)
 from pc_clip.core.registry import ModelSpec, model_names
 
@@ -335,29 +333,16 @@ def test_checkpoint_round_trip_is_exact_and_pickle_free(tmp_path):
 
 # ---- Change a setting and rerun: every model and every row knows the settings that made it.
 
-# a world and budgets small enough for a CPU test; everything else is the tiny profile
-SMALL = ["world_n_train=300", "world_n_test=150", "world_n_val=150", "pretrain_steps=20", "n_pairs=200",
-         "ft_batch_size=32", "caption_ft_batch_size=32", "eval_seeds=[0]", "eval_n_images=20", "comparative_topk=4"]
-
-
-def _pc_clip(env, *args, timeout=1200):
-    exe = Path(sys.executable).parent / "pc-clip"
-    return subprocess.run([str(exe), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _small(*extra):
-    return [a for p in SMALL for a in ("-p", p)] + list(extra)
-
-
+@pytest.mark.slow
 def test_one_learning_rate_trains_and_evaluates_the_same_folders(tmp_path, monkeypatch):
     env = {**os.environ, "PC_CLIP_RUNS": str(tmp_path)}
-    r = _pc_clip(env, "reproduce", "--only", "01,02", *_small())
+    r = pc_clip("reproduce", "--only", "01,02", *p_args(SMALL_TINY), env=env, timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    r = _pc_clip(env, "reproduce", "--only", "03,04", *_small("-p", "ft_lr=1e-3"))
+    r = pc_clip("reproduce", "--only", "03,04", *p_args(SMALL_TINY, "-p", "ft_lr=1e-3"), env=env, timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
 
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
-    cfg = get_config("tiny", ft_lr=1e-3, **parse_overrides(SMALL)[0])
+    cfg = get_config("tiny", ft_lr=1e-3, **parse_overrides(SMALL_TINY)[0])
     rows = read_results(cfg)
     evaluated = set(rows[rows.experiment == "04_difference_classification"].model)
     assert evaluated == set(model_names(cfg)), sorted(set(model_names(cfg)) - evaluated)  # every finetuned model
@@ -372,20 +357,20 @@ def test_one_learning_rate_trains_and_evaluates_the_same_folders(tmp_path, monke
     assert chosen["weights_sha256"] == hashlib.sha256((chosen["path"] / WEIGHTS_FILE).read_bytes()).hexdigest()
     assert chosen["data_sha256"] == hashlib.sha256(Path(chosen["data_file"]).read_bytes()).hexdigest()
     assert chosen["settings"]["ft_lr"] == 1e-3 and chosen["parent"] == model_dir(cfg, "clip").name
-    r = _pc_clip(env, "models", "--name", "pc-clip", timeout=300)
+    r = pc_clip("models", "--name", "pc-clip", env=env, timeout=300)
     assert r.returncode == 0 and str(model_dir(cfg, "pc-clip")) in r.stdout and "lr=0.001" in r.stdout, r.stdout + r.stderr
 
     # issue 30: every model is listed, bases too, with the run that wrote it and its data file; -p names the folders
     from pc_clip.core.runtime import run_name
     from pc_clip.report.summary import run_warnings
-    small = get_config("tiny", **parse_overrides(SMALL)[0])
-    r = _pc_clip(env, "models", timeout=300)
+    small = get_config("tiny", **parse_overrides(SMALL_TINY)[0])
+    r = pc_clip("models", env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = {tuple(l.split()[:2]): l for l in r.stdout.splitlines() if l and not l.startswith(" ")}
     for base in ("clip", "clip/plain-captions"):
         assert f"run {run_name(small)}" in lines[(base, "base")] and ".attrs.csv" in lines[(base, "base")], r.stdout
     assert "lr=0.001" in lines[("pc-clip/wavg-0.5", "weight-average")] and "alpha=0.5" in lines[("pc-clip/wavg-0.5", "weight-average")]
-    r = _pc_clip(env, "models", *_small("-p", "ft_lr=1e-3"), timeout=300)
+    r = pc_clip("models", *p_args(SMALL_TINY, "-p", "ft_lr=1e-3"), env=env, timeout=300)
     assert r.returncode == 0 and f"run {run_name(cfg)}" in r.stdout, r.stdout + r.stderr
     for name in ("pc-clip", "clip-ft-captions", "clip"):
         (line,) = [l for l in r.stdout.splitlines() if l.split()[0] == name]
@@ -394,7 +379,7 @@ def test_one_learning_rate_trains_and_evaluates_the_same_folders(tmp_path, monke
     # issue 30: the override switched the search off: the run's output and its own REPORT say so, with each rate
     out03 = (notebooks_dir(cfg) / "03_finetune.ipynb").read_text()
     assert "No model was searched on validation" in out03 and "caption_ft_lr=0.002" in out03
-    r = _pc_clip(env, "reproduce", "--only", "12", *_small("-p", "ft_lr=1e-3"))
+    r = pc_clip("reproduce", "--only", "12", *p_args(SMALL_TINY, "-p", "ft_lr=1e-3"), env=env, timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     report = (results_path(cfg).parent / "REPORT.md").read_text()
     assert "**How the compared models were tuned:** No model was searched on validation." in report
@@ -419,23 +404,23 @@ def test_other_settings_leave_the_default_rows_and_notebooks_byte_identical(tmp_
     exp = tmp_path / "exp"; exp.mkdir()
     make_notebook(exp / "05_zero_shot.ipynb", NOTEBOOK_WRITER.format(fail=""))
     env = {**os.environ, "PC_CLIP_RUNS": str(tmp_path / "out")}
-    r = _pc_clip(env, "reproduce", "--experiments", str(exp))
+    r = pc_clip("reproduce", "--experiments", str(exp), env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     default_csv = tmp_path / "out" / "results" / "tiny" / "results.csv"
     default_nb = tmp_path / "out" / "runs" / "tiny" / "notebooks" / "05_zero_shot.ipynb"
     before = default_csv.read_bytes(), default_nb.read_bytes()
 
-    r = _pc_clip(env, "reproduce", "--experiments", str(exp), "-p", "eval_seeds=(0, 1)")  # a tuple, as a user types it
+    r = pc_clip("reproduce", "--experiments", str(exp), "-p", "eval_seeds=(0, 1)", env=env)  # a tuple, as a user types it
     assert r.returncode == 0, r.stderr[-2000:]
     assert (default_csv.read_bytes(), default_nb.read_bytes()) == before
     other = get_config("tiny", eval_seeds=(0, 1))
     mine = read_results(tmp_path / "out" / "results" / f"tiny-{other_id(other)}" / "results.csv")
     assert sorted(mine.seed) == [0, 1] and (mine.value == 0.7).all()  # the tuple arrived as a tuple
     assert (tmp_path / "out" / "runs" / "tiny" / f"notebooks-{other_id(other)}" / "05_zero_shot.ipynb").exists()
-    assert json.loads((mine_dir := tmp_path / "out" / "results" / f"tiny-{other_id(other)}").joinpath("run.json").read_text())[
-        "changed"] == {"eval_seeds": [0, 1]}
+    run_json = tmp_path / "out" / "results" / f"tiny-{other_id(other)}" / "run.json"
+    assert json.loads(run_json.read_text())["changed"] == {"eval_seeds": [0, 1]}
 
-    r = _pc_clip(env, "reproduce", "--experiments", str(exp))  # the default again: the same rows
+    r = pc_clip("reproduce", "--experiments", str(exp), env=env)  # the default again: the same rows
     assert r.returncode == 0 and default_csv.read_bytes() == before[0]
 
 
@@ -448,11 +433,11 @@ def test_a_failed_experiment_keeps_the_earlier_rows(tmp_path, runs_dir):
     exp = tmp_path / "exp"; exp.mkdir()
     make_notebook(exp / "05_zero_shot.ipynb", NOTEBOOK_WRITER.format(fail=""))
     env = {**os.environ, "PC_CLIP_RUNS": str(runs_dir)}
-    assert _pc_clip(env, "reproduce", "--experiments", str(exp)).returncode == 0
+    assert pc_clip("reproduce", "--experiments", str(exp), env=env).returncode == 0
     table = results_path(get_config("tiny"))
     before = table.read_bytes()
     make_notebook(exp / "05_zero_shot.ipynb", NOTEBOOK_WRITER.format(fail="raise RuntimeError('the models were not found')\n"))
-    r = _pc_clip(env, "reproduce", "--experiments", str(exp))
+    r = pc_clip("reproduce", "--experiments", str(exp), env=env)
     assert r.returncode == 1 and "the models were not found" in r.stderr
     assert table.read_bytes() == before
     # in the library too: a row the table refuses stops write_evaluation before either file changes

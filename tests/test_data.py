@@ -1,6 +1,5 @@
 """On-disk fixture layouts of the paper's data sets, loaded through the real loaders of `pc_clip.data.datasets`."""
 import json
-import pickle
 import sys
 import types
 import urllib.error
@@ -376,7 +375,6 @@ def test_real_world_if_present():
 def test_a_stand_in_manifest_in_a_real_data_root_does_not_bypass_md5(name, tmp_path, monkeypatch):
     "Only `paper-smoke` accepts a file by its recorded sha256; on `paper` the official MD5 decides, manifest or not."
     import hashlib
-    import os
     from pc_clip.data.imagedata import STANDIN_MANIFEST
     root = make_fixture(name, tmp_path / "data")  # not the official files: their MD5 differs
     files = {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()

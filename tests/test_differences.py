@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+from conftest import REPO
 from pc_clip.world.shapes import make_world
 from pc_clip.core.config import get_config
 from pc_clip.core.store import JsonlStore
@@ -281,14 +282,14 @@ def test_world_oracle_statements_pass_the_filter(runs_dir):
 
 
 # ---------------------------------------------------------------- the experiment notebook
+@pytest.mark.slow
 def test_experiment_notebook_runs_and_resumes(runs_dir):
     import papermill as pm
     from pc_clip.core.runtime import read_results
-    repo = Path(__file__).resolve().parents[1]
     params = dict(n_pairs=200, overrides={"judge": "oracle", "world_n_train": 400, "world_n_test": 50})
     for _ in range(2):  # the second run resumes: nothing is generated twice, the rows are replaced
-        pm.execute_notebook(str(repo / "nbs/experiments/02_differences.ipynb"), str(runs_dir.parent / "out.ipynb"),
-                            parameters=params, cwd=str(repo), kernel_name="python3", progress_bar=False)
+        pm.execute_notebook(str(REPO / "nbs/experiments/02_differences.ipynb"), str(runs_dir.parent / "out.ipynb"),
+                            parameters=params, cwd=str(REPO), kernel_name="python3", progress_bar=False)
     cfg = get_config("tiny", n_pairs=200, **params["overrides"])  # the run's own settings: its own results table
     for path in (differences_path(cfg, 0.0), differences_path(cfg, 0.3), judged_path(differences_path(cfg, 0.0), "oracle", cfg)):
         keys = [json.loads(line)["key"] for line in path.read_text().splitlines()]
@@ -300,20 +301,20 @@ def test_experiment_notebook_runs_and_resumes(runs_dir):
     assert not t.index.duplicated().any()
 
 
+@pytest.mark.slow
 def test_runs_on_other_worlds_get_records_of_their_own_world(runs_dir):
     "Issue 30: after a run, `-p seed=1` and `-p world_n_train=...` runs of experiment 02 write and train on records of their own world."
     import papermill as pm
     from pc_clip.differences.pairs import load_corpus
     from pc_clip.training.plan import _training_data
-    repo = Path(__file__).resolve().parents[1]
     small = {"world_n_train": 400, "world_n_test": 50}
     runs = [small, {**small, "seed": 1}, {**small, "world_n_train": 500}]
     data = []
     for overrides in runs:
         seed = overrides.get("seed", 0)  # -p seed=1 is the notebook's own parameter
-        pm.execute_notebook(str(repo / "nbs/experiments/02_differences.ipynb"), str(runs_dir.parent / "out.ipynb"),
+        pm.execute_notebook(str(REPO / "nbs/experiments/02_differences.ipynb"), str(runs_dir.parent / "out.ipynb"),
                             parameters=dict(n_pairs=100, seed=seed, overrides={k: v for k, v in overrides.items() if k != "seed"}),
-                            cwd=str(repo), kernel_name="python3", progress_bar=False)
+                            cwd=str(REPO), kernel_name="python3", progress_bar=False)
         cfg = get_config("tiny", n_pairs=100, **overrides)
         corpus, held_out, world = load_corpus(cfg, "train")
         for r in read_records(rewrites_path(cfg)):  # every stored rewrite was written from this world's caption

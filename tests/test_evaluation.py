@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pc_clip.evaluation.comparative import (class_differences, comparative_class_embeddings, comparative_prompting,
     known_pairs, top_confused_pairs)
 from pc_clip.core.config import get_config
-from pc_clip.core.runtime import read_results, write_results
+from pc_clip.core.runtime import read_results
 from pc_clip.evaluation.runner import (build_difference_tasks, evaluation_rows, read_items, write_evaluation,
     zero_shot_classifier)
 from pc_clip.evaluation.metrics import (classification_metrics, difference_classification, difference_cosines,

@@ -3,13 +3,11 @@ import ast
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
+from conftest import REPO
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(REPO / "tools"))
 import check_layout  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_library_keeps_its_layout():
@@ -41,11 +39,11 @@ def test_the_evaluation_runner_does_not_load_the_stand_ins():
         import pc_clip.evaluation.runner, pc_clip.training.plan, pc_clip.report.summary
         print(sorted(m for m in sys.modules if m.startswith("pc_clip.smoke")))
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_no_module_defines_a_module_getattr():
-    for p in (ROOT / "pc_clip").rglob("*.py"):
+    for p in (REPO / "pc_clip").rglob("*.py"):
         tree = ast.parse(p.read_text())
         assert not any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body), p

@@ -6,14 +6,11 @@ CPU and loaded in 4-bit, a tiny SDXL pipeline, fixtures of the seven data sets i
 experiment notebook on them. The test checks that every notebook ran and that the results table has rows for
 each paper data set in each task of the paper, for the base and the finetuned model.
 """
-import os
-import subprocess
-import sys
 import time
 import pandas as pd
-from pathlib import Path
+import pytest
 
-from conftest import REPO
+from conftest import REPO, SMALL_PAPER_SMOKE, p_args, pc_clip
 from pc_clip.core.runtime import read_results, notebooks_dir, results_path
 from pc_clip.evaluation.runner import read_items
 from pc_clip.models.clip import load_clip, load_weights, model_dir
@@ -30,24 +27,20 @@ EXPECTED = {
     "geometry": {"coco", "awa2", "cifar100", "flowers102", "cub"},
 }
 PAPER_DATASETS = {"coco", "cifar100", "cub", "eurosat", "flowers102", "sun397", "awa2"}
-# the same code path, smaller: fewer generated pairs keep the 4-bit chat LM's share of the run short
-SMALL = ["n_pairs=64"]
 
 
+@pytest.mark.slow
 def test_paper_smoke_reproduction(tmp_path, monkeypatch):
-    env = {k: v for k, v in os.environ.items() if k != "PC_CLIP_DATA"}  # the command picks the stand-ins' data root
-    env["PC_CLIP_RUNS"] = str(tmp_path)
-    args = [str(Path(sys.executable).parent / "pc-clip"), "reproduce", "--profile", "paper-smoke"]
-    for p in SMALL:
-        args += ["-p", p]
     start = time.perf_counter()
-    r = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=2400)
+    # the command picks the stand-ins' data root: no PC_CLIP_DATA
+    r = pc_clip("reproduce", "--profile", "paper-smoke", *p_args(SMALL_PAPER_SMOKE), env={"PC_CLIP_RUNS": str(tmp_path)},
+                unset=("PC_CLIP_DATA",), timeout=2400)
     print(f"paper-smoke reproduction: {time.perf_counter() - start:.0f} s\n{r.stdout[-2500:]}")
     assert r.returncode == 0, f"paper-smoke failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert "time per notebook" in r.stdout
 
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
-    cfg = get_config("paper-smoke", **parse_overrides(SMALL)[0])  # its own settings: its own results and notebooks
+    cfg = get_config("paper-smoke", **parse_overrides(SMALL_PAPER_SMOKE)[0])  # its own settings: its own results and notebooks
     experiments = sorted(p.name for p in (REPO / "nbs" / "experiments").glob("*.ipynb"))
     executed = {p.name for p in notebooks_dir(cfg).glob("*.ipynb")}
     assert set(experiments) <= executed, sorted(set(experiments) - executed)

@@ -6,13 +6,11 @@ a second run reuses the trained checkpoints instead of training again.
 """
 import os
 import re
-import subprocess
-import sys
 import pandas as pd
 import pytest
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, SMALL_REPRODUCTION, p_args, pc_clip
 from pc_clip.core.config import parse_overrides, get_config
 from pc_clip.models.clip import model_dir
 from pc_clip.core.runtime import figures_dir, notebooks_dir, results_path
@@ -33,18 +31,12 @@ def _text(o: dict) -> str:
     return "".join(o.get("text", [])) + "".join(o.get("data", {}).get("text/plain", [])) + "".join(
         o.get("data", {}).get("text/markdown", []))
 
-SMALL = ["world_n_train=1200", "world_n_test=400", "world_n_val=400", "pretrain_steps=60",
-         "n_pairs=1500", "ft_epochs=1", "caption_ft_epochs=1", "eval_seeds=[0]", "eval_n_images=40",
-         "comparative_topk=4"]
-
 
 def _reproduce(env, *extra):
-    args = [str(Path(sys.executable).parent / "pc-clip"), "reproduce", "--profile", "tiny"]
-    for p in SMALL:
-        args += ["-p", p]
-    return subprocess.run(args + list(extra), cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    return pc_clip("reproduce", "--profile", "tiny", *p_args(SMALL_REPRODUCTION, *extra), env=env, timeout=1500)
 
 
+@pytest.mark.slow
 def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
     env = {**os.environ, "PC_CLIP_RUNS": str(tmp_path)}
     r = _reproduce(env)
@@ -52,7 +44,7 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
     assert "time per notebook" in r.stdout and "REPORT.md" in r.stdout
 
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
-    cfg = get_config("tiny", **parse_overrides(SMALL)[0])  # a run with its own settings: its own results folder
+    cfg = get_config("tiny", **parse_overrides(SMALL_REPRODUCTION)[0])  # a run with its own settings: its own results folder
     results = pd.read_csv(results_path(cfg))
     assert not results.duplicated(["experiment", "model", "task", "dataset", "condition", "metric", "seed"]).any()
     assert not results["dataset"].astype(str).str.contains("[@=]").any(), "settings belong in the condition column"

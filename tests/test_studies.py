@@ -1,12 +1,11 @@
 """Tests of `pc_clip.studies`: the noise curve, the difference loss during pretraining, the base-capacity study."""
-import os
-
 import numpy as np
 import open_clip
 import pandas as pd
 import pytest
 import torch
 
+from conftest import SMALL_CAPACITY, p_args, pc_clip
 from pc_clip.studies.noise_curve import (FallibleJudge, false_fraction, judged_triples, noise_model_name,
     noise_training_sets, noisy_differences, paired_gain, pooled_mean, row_items)
 from pc_clip.studies.pretrain_difference import (batch_difference_pairs, choose_weight, joint_loss, joint_model_name,
@@ -153,20 +152,11 @@ def test_capacity_study_measures_a_base_end_to_end_caches_it_and_tidies_it(tmp_p
     assert all(r["task"] == "capacity" and "split=val" in r["condition"] for r in rows)
 
 
+@pytest.mark.slow
 def test_capacity_study_notebook_runs_through_the_cli_on_small_settings(tmp_path):
     "Experiment 15c, the study's one command, on two small bases: its rows, its figure and the rule's outcome."
-    import subprocess, sys
-    from pathlib import Path
-    from conftest import REPO
-    env = {**os.environ, "PC_CLIP_RUNS": str(tmp_path)}
-    small = ["world_n_train=256", "world_n_test=32", "world_n_val=96", "n_pairs=200", "reference_steps=4", "more_seeds={}",
-             "ft_batch_size=32", "ft_epochs=1", "eval_n_images=24", "eval_seeds=[0]", "ft_lr_grid=[0.001]",
-             "wavg_alpha_grid=[0.5,1.0]", 'bases=["tiny","48px"]']
-    args = [str(Path(sys.executable).parent / "pc-clip"), "reproduce", "--profile", "tiny", "--experiments",
-            "nbs/experiments/beyond", "--only", "15c", "--quiet"]
-    for p in small:
-        args += ["-p", p]
-    r = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    r = pc_clip("reproduce", "--profile", "tiny", "--experiments", "nbs/experiments/beyond", "--only", "15c", "--quiet",
+                *p_args(SMALL_CAPACITY), env={"PC_CLIP_RUNS": str(tmp_path)}, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = pd.concat([pd.read_csv(p) for p in tmp_path.rglob("results.csv")])
     study = results[results["task"] == "capacity"]

@@ -10,7 +10,7 @@ from pc_clip.core.config import get_config
 from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
 from pc_clip.smoke.fixtures import temp_workdir, tiny_sdxl_pipeline
 from pc_clip.world.species import CATEGORIES, CATEGORY_NAMES, typical_attrs
-from pc_clip.world.render import COLOURS, render_images
+from pc_clip.world.render import render_images
 from pc_clip.world.shapes import World
 from pc_clip.world.edits import WORLD_EDITS, edit_success, measure_generated
 from pc_clip.t2i.world_diffusion import (GeneratorSettings, _schedulers, arithmetic_conditioning, denoising_loss,
@@ -48,7 +48,6 @@ def test_text_tower_conversion_is_exact(tiny_clip):
 
 def test_quick_gelu_towers_convert_with_their_activation():
     import open_clip
-    from pc_clip.models.clip import TINY_MODEL
     model = open_clip.create_model("pc-clip-tiny", force_quick_gelu=True)
     assert T.hf_text_config(model).hidden_act == "quick_gelu"
     ids = open_clip.get_tokenizer("pc-clip-tiny")(["a dark vantile"])

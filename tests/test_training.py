@@ -20,6 +20,7 @@ import copy
 import open_clip
 from safetensors.torch import load_file, save_file
 
+from conftest import REPO
 from pc_clip.core.config import get_config
 from pc_clip.models.embed import embed_images
 from pc_clip.training.finetune import finetune, _batches, _Objective, _prepare, _step_loss
@@ -32,7 +33,7 @@ from pc_clip.training.pretrain import (PRETRAIN_THREADS, pretrain_clip, pretrain
     warmup_cosine)
 from pc_clip.world.shapes import build_world, make_world
 from pc_clip.core.runtime import result_row
-from pc_clip.training.selection import (SELECTION_TASK, VAL_METRICS, candidate_table, choose_setting, save_chosen,
+from pc_clip.training.selection import (VAL_METRICS, candidate_table, choose_setting, save_chosen,
     target_check, candidate_folders, read_candidates, write_candidates)
 from pc_clip.core.registry import sweep_grid
 from pc_clip.smoke.fixtures import temp_workdir
@@ -418,14 +419,13 @@ def test_target_verdicts_follow_the_interval_on_constructed_outcomes():
 
 def test_validation_retrieval_is_experiment_07s_protocol_on_the_val_images(runs_dir):
     "The sweep's validation retrieval is experiment 07's test protocol (images x captions, seeds) on the val images."
-    from pathlib import Path
     from pc_clip.core.runtime import cache_dir
     from pc_clip.evaluation.runner import RETRIEVAL_CAPTIONS, RETRIEVAL_IMAGES, run_retrieval
     from pc_clip.models.clip import save_checkpoint
     from pc_clip.training.selection import validation_outcomes
     from pc_clip.world.shapes import world_key
     # the defaults agree: experiment 07's n_images, the runner's captions per image, the sweep's
-    nb = json.loads((Path(__file__).resolve().parents[1] / "nbs/experiments/07_retrieval.ipynb").read_text())
+    nb = json.loads((REPO / "nbs/experiments/07_retrieval.ipynb").read_text())
     params = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
     assigned = {n.target.id if isinstance(n, ast.AnnAssign) else n.targets[0].id: n.value
                 for n in ast.parse("".join(params["source"])).body if isinstance(n, (ast.Assign, ast.AnnAssign))}
@@ -528,6 +528,7 @@ def _single(tmp_path, emb, triples, epochs, monkeypatch):
                     image_embeddings=emb, epochs=epochs, progress=False)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_step_on_the_global_batch(runs, tmp_path, monkeypatch):
     _, emb, triples, (weights, state), _ = runs
     one = _single(tmp_path, emb, triples, 1, monkeypatch)
@@ -551,6 +552,7 @@ def test_two_processes_equal_one_process_step_on_the_global_batch(runs, tmp_path
     assert n_moved and n_full / n_moved > 0.99, n_full / n_moved  # almost every trained weight took a full step
 
 
+@pytest.mark.slow
 def test_resumed_two_process_run_continues_from_the_saved_step(runs, tmp_path, monkeypatch):
     d, emb, triples, (_, state), ranks = runs
     assert [r["world"] for r in ranks] == [2, 2]

@@ -11,24 +11,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, SMALL_ENVIRONMENT, p_args, pc_clip, venv_script
 
 
 # ---- The workbench as a user meets it: progress on the terminal, the project's own kernel in every notebook and in
 
 sys.path.insert(0, str(REPO / "tools"))
 import set_kernelspec  # noqa: E402  (a script of tools/, found through the line above)
-
-
-EXE = Path(sys.executable).parent / "pc-clip"
-
-
-SMALL = ["-p", "n_images=8"]  # experiment 00 times 8 images instead of 512
-
-
-def _pc_clip(*args, env=None, cwd=REPO, timeout=600):
-    return subprocess.run([str(EXE), *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=timeout)
 
 
 def _outputs(nb: dict) -> list[dict]:
@@ -50,7 +39,7 @@ def test_every_notebook_names_the_pc_clip_kernel():
 
 
 def test_the_venvs_jupyter_lists_the_pc_clip_kernel():
-    r = subprocess.run([str(Path(sys.executable).parent / "jupyter"), "kernelspec", "list", "--json"],
+    r = subprocess.run([str(venv_script("jupyter")), "kernelspec", "list", "--json"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     specs = json.loads(r.stdout)["kernelspecs"]
@@ -64,7 +53,7 @@ def test_nbdev_clean_keeps_the_kernelspec(tmp_path):
     copy = tmp_path / "nb.ipynb"
     copy.write_text(nb.read_text())
     set_kernelspec.set_kernelspec(copy)
-    r = subprocess.run([str(Path(sys.executable).parent / "nbdev_clean"), "--fname", str(copy)], cwd=REPO,
+    r = subprocess.run([str(venv_script("nbdev_clean")), "--fname", str(copy)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(copy.read_text())["metadata"]["kernelspec"] == set_kernelspec.KERNELSPEC
@@ -75,11 +64,12 @@ def test_nbdev_clean_keeps_the_kernelspec(tmp_path):
 def run00(tmp_path_factory):
     "`pc-clip reproduce --only 00` at small settings, into a private PC_CLIP_RUNS."
     runs = tmp_path_factory.mktemp("runs")
-    r = _pc_clip("reproduce", "--only", "00", *SMALL, env={"PC_CLIP_RUNS": str(runs)})
+    r = pc_clip("reproduce", "--only", "00", *p_args(SMALL_ENVIRONMENT), env={"PC_CLIP_RUNS": str(runs)})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r, runs
 
 
+@pytest.mark.slow
 def test_reproduce_prints_progress_by_default(run00):
     r, runs = run00
     out = r.stdout
@@ -103,19 +93,21 @@ def test_a_long_loop_shows_its_bar_with_count_and_eta(tmp_path):
                                      "for i in tqdm(range(6), desc='a loop'):\n    time.sleep(0.2)")
     nb = nbformat.v4.new_notebook(cells=[params, loop], metadata={"kernelspec": set_kernelspec.KERNELSPEC})
     nbformat.write(nb, exp / "01_loop.ipynb")
-    r = _pc_clip("reproduce", "--experiments", str(exp), env={"PC_CLIP_RUNS": str(tmp_path / "runs")})
+    r = pc_clip("reproduce", "--experiments", str(exp), env={"PC_CLIP_RUNS": str(tmp_path / "runs")})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert re.search(r"^    a loop:\s+0% 0/6 \[00:00<", r.stdout, re.M), r.stdout
     assert re.search(r"^    a loop: 100% 6/6 \[\d\d:\d\d<00:00", r.stdout, re.M), r.stdout
 
 
+@pytest.mark.slow
 def test_quiet_prints_no_progress(tmp_path):
-    r = _pc_clip("reproduce", "--only", "00", *SMALL, "--quiet", env={"PC_CLIP_RUNS": str(tmp_path)})
+    r = pc_clip("reproduce", "--only", "00", *p_args(SMALL_ENVIRONMENT), "--quiet", env={"PC_CLIP_RUNS": str(tmp_path)})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "cell 1/" not in r.stdout and "running" not in r.stdout
     assert "time per notebook" in r.stdout  # the summary stays
 
 
+@pytest.mark.slow
 def test_executed_notebook_is_clean(run00):
     _, runs = run00
     nb = json.loads((runs / "runs" / "tiny" / "notebooks" / "00_environment.ipynb").read_text())
@@ -132,7 +124,7 @@ def test_executed_notebook_is_clean(run00):
 
 
 def test_experiment_00_checks_its_parameters(tmp_path):
-    r = _pc_clip("reproduce", "--only", "00", "-p", "n_images=-3", env={"PC_CLIP_RUNS": str(tmp_path)})
+    r = pc_clip("reproduce", "--only", "00", "-p", "n_images=-3", env={"PC_CLIP_RUNS": str(tmp_path)})
     assert r.returncode == 1 and "n_images must be a positive integer" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
 
 
@@ -151,19 +143,19 @@ def test_folders_resolve_against_the_checkout_from_any_working_directory(tmp_pat
 
 
 def test_help_version_and_list():
-    h = _pc_clip("--help")
+    h = pc_clip("--help")
     assert h.returncode == 0 and "PC_CLIP_RUNS" in h.stdout and "PC_CLIP_DATA" in h.stdout, h.stdout
     from pc_clip import __version__
-    v = _pc_clip("--version")
+    v = pc_clip("--version")
     assert v.returncode == 0 and v.stdout.strip() == f"pc-clip {__version__}"
-    listed = _pc_clip("list").stdout
+    listed = pc_clip("list").stdout
     for nb in sorted(p for p in (REPO / "nbs" / "experiments").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts):
         assert nb.name in listed, f"{nb} not listed:\n{listed}"
     assert "nbs/experiments/beyond/" in listed
 
 
 def test_papermill_help_shows_typed_parameters():
-    r = subprocess.run([str(Path(sys.executable).parent / "papermill"), "--help-notebook",
+    r = subprocess.run([str(venv_script("papermill")), "--help-notebook",
                         str(REPO / "nbs" / "experiments" / "03_finetune.ipynb")], capture_output=True, text=True, timeout=120)
     assert "ft_epochs: Optional[int] (default None)" in r.stdout and "Unknown type" not in r.stdout, r.stdout
 

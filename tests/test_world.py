@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from pc_clip.core.config import get_config
-from pc_clip.world.oracle import (ATTRIBUTE_KINDS, category_differences, difference_direction, oracle_differences,
+from pc_clip.world.oracle import (ATTRIBUTE_KINDS, category_differences, oracle_differences,
     statement_is_true, wording_templates)
 from pc_clip.world.render import measured_object_stats, nearest_colour, render_images
 from pc_clip.world.species import CATEGORIES, NON_VISUAL, attribute_info, category_groups, class_attribute_table
