@@ -65,9 +65,11 @@ def kernel_env() -> dict[str, str]:
 
 
 def plain_env(runs: Path) -> dict[str, str]:
-    "This process's environment without the kernel variables (so 'without' is really without), with private runs."
+    """This process's environment without the kernel variables (so 'without' is really without), with private
+    runs."""
     env = {k: v for k, v in os.environ.items() if k not in kernel_env()}
-    return {**env, "PC_CLIP_RUNS": str(runs), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))}
+    return {**env, "PC_CLIP_RUNS": str(runs),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))}
 
 
 class Hog:
@@ -87,7 +89,8 @@ def load() -> float:
 
 
 def run_stage(env: dict, overrides: dict) -> dict:
-    r = subprocess.run([sys.executable, "-c", WORKER, json.dumps(overrides)], env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", WORKER, json.dumps(overrides)], env=env, capture_output=True,
+                       text=True,
                        cwd=REPO)
     if r.returncode:
         raise SystemExit(f"the worker failed:\n{r.stderr[-3000:]}")
@@ -118,7 +121,8 @@ def stage_mode(a) -> None:
                       f"weights {out['weights']}", flush=True)
     med = {c: statistics.median(o["seconds"] for o in v) for c, v in seen.items()}
     hashes = {o["weights"] for v in seen.values() for o in v}
-    print(f"\n{a.steps} pretraining steps of the tiny model (batch 64, {seen[cases[0]][0]['threads']} threads), "
+    print(f"\n{a.steps} pretraining steps of the tiny model (batch 64, {seen[cases[0]][0]['threads']} "
+          f"threads), "
           f"median of {a.repeats}; kernel env = {kernel_env()}")
     print("| kernel env | quiet s/step | beside one hog s/step | hog / quiet |")
     print("|---|---:|---:|---:|")
@@ -127,7 +131,8 @@ def stage_mode(a) -> None:
         print(f"| {fix} | {q:.3f} | {b:.3f} | {b / q:.2f}x |")
     print(f"beside one hog, with vs without: {med[('without', True)] / med[('with', True)]:.2f}x faster; "
           f"quiet, with vs without: {med[('without', False)] / med[('with', False)]:.2f}x")
-    print(f"weights identical in all {sum(len(v) for v in seen.values())} runs: {len(hashes) == 1} ({sorted(hashes)})")
+    print(f"weights identical in all {sum(len(v) for v in seen.values())} runs: {len(hashes) == 1} "
+          f"({sorted(hashes)})")
     if len(hashes) != 1:
         raise SystemExit("the kernel environment changed the weights")
 
@@ -145,7 +150,8 @@ def reproduce(env: dict, a) -> float:
 def whole_run_mode(a) -> None:
     with tempfile.TemporaryDirectory(prefix="pc-clip-busy-whole-") as d:
         quiet_runs, busy_runs = Path(d) / "quiet", Path(d) / "busy"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ,
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         before = load()
         quiet = reproduce({**env, "PC_CLIP_RUNS": str(quiet_runs)}, a)
         print(f"quiet: {quiet:.0f} s (load {before:.2f} -> {load():.2f})", flush=True)
@@ -157,7 +163,8 @@ def whole_run_mode(a) -> None:
         cmp = subprocess.run([sys.executable, "-m", "pc_clip.compare", *map(str, results)], env=env, cwd=REPO,
                              capture_output=True, text=True)
         print(cmp.stdout.strip() or cmp.stderr.strip())
-        print(f"whole run ({a.profile}{', --only ' + a.only if a.only else ''}{' ' + ' '.join(a.param) if a.param else ''}): "
+        print(f"whole run "
+              f"({a.profile}{', --only ' + a.only if a.only else ''}{' ' + ' '.join(a.param) if a.param else ''}): "
               f"quiet {quiet:.0f} s, beside one hog {busy:.0f} s, ratio {busy / quiet:.2f}x; "
               f"numbers identical: {cmp.returncode == 0}")
         if cmp.returncode:
@@ -169,10 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=60, help="pretraining steps per measurement (stage mode)")
     p.add_argument("--repeats", type=int, default=3, help="measurements per case, alternating (stage mode)")
     p.add_argument("--world-n-train", type=int, default=640, help="train images of the stage's world")
-    p.add_argument("--whole-run", action="store_true", help="time `pc-clip reproduce` quiet and beside one hog")
+    p.add_argument("--whole-run", action="store_true",
+                   help="time `pc-clip reproduce` quiet and beside one hog")
     p.add_argument("--profile", default="tiny", help="whole-run mode: the profile")
     p.add_argument("--only", default=None, help="whole-run mode: passed to pc-clip reproduce")
-    p.add_argument("-p", "--param", action="append", default=[], help="whole-run mode: passed to pc-clip reproduce")
+    p.add_argument("-p", "--param", action="append", default=[],
+                   help="whole-run mode: passed to pc-clip reproduce")
     a = p.parse_args(argv)
     whole_run_mode(a) if a.whole_run else stage_mode(a)
 

@@ -34,7 +34,8 @@ from pc_clip.world.shapes import make_world
 def config_of(rate: float):
     "The tiny config of a caption rate (0: the plain world)."
     tiny = get_config("tiny")
-    return tiny.replace(world_captions="plain", world_caption_rate=1.0) if rate == 0 else tiny.replace(world_caption_rate=rate)
+    return tiny.replace(world_captions="plain",
+                        world_caption_rate=1.0) if rate == 0 else tiny.replace(world_caption_rate=rate)
 
 
 def study(rate: float) -> dict:
@@ -46,11 +47,15 @@ def study(rate: float) -> dict:
     sweep = run_sweep(finetuning_inputs(cfg, progress=False), cfg, progress=False)
     base = {r["metric"]: r["value"] for r in sweep.records if r["model"] == "clip"}
     ch = sweep.chosen
-    return dict(rate=rate, coverage_train=cov.loc["train", "coverage"], coverage_heldout=cov.loc["heldout", "coverage"],
-                base_zero_shot=base["zero_shot_accuracy"], base_worst_class=base["zero_shot_worst_class_accuracy"],
+    return dict(rate=rate, coverage_train=cov.loc["train", "coverage"],
+                coverage_heldout=cov.loc["heldout", "coverage"],
+                base_zero_shot=base["zero_shot_accuracy"],
+                base_worst_class=base["zero_shot_worst_class_accuracy"],
                 base_retrieval=base["retrieval_mean_recall"], base_difference=base["difference_accuracy"],
-                chosen_lr=ch.lr, chosen_alpha=ch.alpha, diff_gain=ch.diff_gain, diff_gain_heldout=ch.diff_gain_heldout,
-                zero_shot_change=ch.zero_shot_change, retrieval_change=ch.retrieval_change, feasible=bool(ch.feasible),
+                chosen_lr=ch.lr, chosen_alpha=ch.alpha, diff_gain=ch.diff_gain,
+                diff_gain_heldout=ch.diff_gain_heldout,
+                zero_shot_change=ch.zero_shot_change, retrieval_change=ch.retrieval_change,
+                feasible=bool(ch.feasible),
                 best_full_strength_gain=float(sweep.table.loc[sweep.table.alpha == 1, "diff_gain"].max()),
                 reused_base=reused, seconds=time.perf_counter() - t0)
 
@@ -68,7 +73,8 @@ def main() -> None:
     print(t.round(3).to_string())
     if len(eligible):
         best = eligible.sort_values(["diff_gain", "base_zero_shot"], ascending=False).index[0]
-        print(f"chosen world_caption_rate = {best:g} (the rule above; torch threads {torch.get_num_threads()}, "
+        print(f"chosen world_caption_rate = {best:g} (the rule above; torch threads "
+              f"{torch.get_num_threads()}, "
               f"PC_CLIP_RUNS={os.environ.get('PC_CLIP_RUNS')})")
     else:
         print("no comparative rate covers every word of the training wordings")

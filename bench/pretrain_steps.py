@@ -38,7 +38,8 @@ def main() -> None:
         cfg = base.replace(pretrain_steps=steps)
         model, tok, history, reused = pretrain_or_load(world, cfg, device=device)
         zs = zero_shot_accuracy(model, tok, world.images[ix], labels, device=device)
-        rows.append(dict(steps=steps, val_zero_shot=zs["accuracy"], val_worst_class=zs["worst_class_accuracy"],
+        rows.append(dict(steps=steps, val_zero_shot=zs["accuracy"],
+                         val_worst_class=zs["worst_class_accuracy"],
                          train_seconds=history["seconds"], cpu_seconds=history["cpu_seconds"], reused=reused,
                          final_loss=history["final_loss"]))
         print(rows[-1], flush=True)
@@ -47,7 +48,8 @@ def main() -> None:
     t["ok"] = ((t.val_zero_shot >= ref.val_zero_shot - a.zero_shot_tol)
                & (t.val_worst_class >= ref.val_worst_class - a.worst_class_tol))
     print(t.round(3).to_string())
-    print(f"chosen pretrain_steps = {int(t.index[t.ok].min())} (the fewest steps meeting the rule; torch threads "
+    print(f"chosen pretrain_steps = {int(t.index[t.ok].min())} (the fewest steps meeting the rule; torch "
+          f"threads "
           f"{torch.get_num_threads()}, PC_CLIP_RUNS={os.environ.get('PC_CLIP_RUNS')})")
 
 

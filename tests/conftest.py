@@ -32,12 +32,14 @@ def pc_clip_env(env: dict | None = None, unset: tuple = ()) -> dict:
 
 def pc_clip(*args, env: dict | None = None, unset: tuple = (), cwd=REPO, timeout: float = 600):
     "Run `pc-clip *args` from the checkout and wait; the finished process, its output captured as text."
-    return subprocess.run([str(PC_CLIP), *map(str, args)], cwd=cwd, env=pc_clip_env(env, unset), capture_output=True,
+    return subprocess.run([str(PC_CLIP), *map(str, args)], cwd=cwd, env=pc_clip_env(env, unset),
+                          capture_output=True,
                           text=True, timeout=timeout)
 
 
 def start_pc_clip(*args, env: dict | None = None, unset: tuple = (), cwd=REPO, **popen) -> subprocess.Popen:
-    "Start `pc-clip *args` from the checkout without waiting (stdout and stderr piped as text unless `popen` says)."
+    """Start `pc-clip *args` from the checkout without waiting (stdout and stderr piped as text unless
+    `popen` says)."""
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
     return subprocess.Popen([str(PC_CLIP), *map(str, args)], cwd=cwd, env=pc_clip_env(env, unset), **popen)
 
@@ -46,10 +48,12 @@ def start_pc_clip(*args, env: dict | None = None, unset: tuple = (), cwd=REPO, *
 
 # experiments 01-04 and 12: a world and budgets small enough for a CPU test
 SMALL_TINY = ["world_n_train=300", "world_n_test=150", "world_n_val=150", "pretrain_steps=20", "n_pairs=200",
-              "ft_batch_size=32", "caption_ft_batch_size=32", "eval_seeds=[0]", "eval_n_images=20", "comparative_topk=4"]
+              "ft_batch_size=32", "caption_ft_batch_size=32", "eval_seeds=[0]", "eval_n_images=20",
+              "comparative_topk=4"]
 # every experiment, at a reduced size
 SMALL_REPRODUCTION = ["world_n_train=1200", "world_n_test=400", "world_n_val=400", "pretrain_steps=60",
-                      "n_pairs=1500", "ft_epochs=1", "caption_ft_epochs=1", "eval_seeds=[0]", "eval_n_images=40",
+                      "n_pairs=1500", "ft_epochs=1", "caption_ft_epochs=1", "eval_seeds=[0]",
+                      "eval_n_images=40",
                       "comparative_topk=4"]
 # experiments 00 and 01 only: a world and two base models, each written under a lock
 SMALL_BASES = ["world_n_train=256", "world_n_test=64", "world_n_val=64", "pretrain_steps=3"]
@@ -58,7 +62,8 @@ SMALL_ENVIRONMENT = ["n_images=8"]
 # the paper-smoke run: fewer generated pairs keep the 4-bit chat LM's share of the run short
 SMALL_PAPER_SMOKE = ["n_pairs=64"]
 # experiment 15c, the base-capacity study, on two small bases
-SMALL_CAPACITY = ["world_n_train=256", "world_n_test=32", "world_n_val=96", "n_pairs=200", "reference_steps=4",
+SMALL_CAPACITY = ["world_n_train=256", "world_n_test=32", "world_n_val=96", "n_pairs=200",
+                  "reference_steps=4",
                   "more_seeds={}", "ft_batch_size=32", "ft_epochs=1", "eval_n_images=24", "eval_seeds=[0]",
                   "ft_lr_grid=[0.001]", "wavg_alpha_grid=[0.5,1.0]", 'bases=["tiny","48px"]']
 
@@ -77,7 +82,8 @@ def runs_dir(tmp_path, monkeypatch):
     return tmp_path / "runs"
 
 
-def make_notebook(path: Path, code: str, params: str = 'profile = "tiny"\nseed = 0\noverrides = {}\nnote = None') -> None:
+def make_notebook(path: Path, code: str,
+                  params: str = 'profile = "tiny"\nseed = 0\noverrides = {}\nnote = None') -> None:
     "An experiment notebook as the CLI expects one: a tagged parameters cell, then `code`."
     nb = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell(params)

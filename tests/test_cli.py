@@ -17,7 +17,8 @@ from pc_clip.cli import experiment_notebooks, preflight
 from pc_clip.core.config import get_config
 
 
-# ---- The `pc-clip` command: order, overrides, a failing experiment named in the error, bad values and missing inputs
+# ---- The `pc-clip` command: order, overrides, a failing experiment named in the error, bad values and
+# missing inputs
 
 
 def test_reproduce_runs_in_order_and_injects_overrides(tmp_path, runs_dir):
@@ -31,21 +32,26 @@ def test_reproduce_runs_in_order_and_injects_overrides(tmp_path, runs_dir):
     nb = nbformat.read(exp / "01_first.ipynb", as_version=4)  # declares ft_epochs as its own parameter
     nb.cells[0].source += "\nft_epochs = None  # None: the profile's"
     nb.cells[1].source = ("from pc_clip.core.config import given\n" +
-                          nb.cells[1].source.replace("**overrides)", "**given(ft_epochs=ft_epochs), **overrides)"))
+                          nb.cells[1].source.replace("**overrides)",
+                                                     "**given(ft_epochs=ft_epochs), **overrides)"))
     nbformat.write(nb, exp / "01_first.ipynb")
-    r = pc_clip("reproduce", "--profile", "tiny", "--experiments", str(exp), "-p", "ft_epochs=7", "-p", "note='hi'")
+    r = pc_clip("reproduce", "--profile", "tiny", "--experiments", str(exp), "-p", "ft_epochs=7", "-p",
+                "note='hi'")
     assert r.returncode == 0, r.stderr + r.stdout
     assert marker.read_text().split("\n")[:2] == ["first 7 hi", "second 7 hi"]
     assert "time per notebook" in r.stdout and "results table" in r.stdout
     from pc_clip.core.runtime import notebooks_dir
-    executed = notebooks_dir(get_config("tiny", ft_epochs=7)) / "01_first.ipynb"  # this run's settings: its own folder
+    # this run's settings: its own folder
+    executed = notebooks_dir(get_config("tiny", ft_epochs=7)) / "01_first.ipynb"
     assert executed.exists() and executed.parent == runs_dir / "runs" / "tiny" / executed.parent.name
     assert not (runs_dir / "runs" / "tiny" / "notebooks").exists()  # the default run's folder is not touched
     r = pc_clip("reproduce", "--experiments", str(exp), "--only", "second", "-p", "note=1")
     assert r.returncode == 0 and "01_first" not in r.stdout and "02_second" in r.stdout
-    r = pc_clip("reproduce", "--experiments", str(exp), "--only", "first", "-p", "note=2")  # ft_epochs left at None
+    # ft_epochs left at None
+    r = pc_clip("reproduce", "--experiments", str(exp), "--only", "first", "-p", "note=2")
     assert r.returncode == 0, r.stderr
-    assert marker.read_text().splitlines()[-1] == f"first {get_config('tiny').ft_epochs} 2"  # the profile's ft_epochs
+    # the profile's ft_epochs
+    assert marker.read_text().splitlines()[-1] == f"first {get_config('tiny').ft_epochs} 2"
 
 
 def test_failing_experiment_exits_nonzero_and_names_notebook(tmp_path, runs_dir):
@@ -89,7 +95,8 @@ def test_bad_value_exits_2_before_any_notebook(tmp_path, runs_dir, value, field,
 
 
 def test_all_bad_values_reported_at_once(tmp_path):
-    r = pc_clip("reproduce", "-p", "ft_lr=abc", "-p", "n_pairs=-5", "-p", "ft_batch_size=0", "-p", "oracle_noise=2",
+    r = pc_clip("reproduce", "-p", "ft_lr=abc", "-p", "n_pairs=-5", "-p", "ft_batch_size=0", "-p",
+                "oracle_noise=2",
                  "--experiments", str(tmp_path))
     problems = sorted(l.strip().split(":")[0] for l in r.stderr.splitlines() if l.startswith("  "))
     assert r.returncode == 2 and problems == ["ft_batch_size", "ft_lr", "n_pairs", "oracle_noise"], r.stderr
@@ -124,7 +131,8 @@ def test_preflight_names_the_llms_of_experiment_02(tmp_path, runs_dir):
     make_notebook(exp / "02_differences.ipynb", "x = 1")
     data = tmp_path / "data"; data.mkdir()
     llms = ["-p", "generator='tiny-chat'", "-p", "judge='tiny-chat'"]  # paper-smoke would build them (below)
-    r = pc_clip("reproduce", "--profile", "paper", *llms, "--experiments", str(exp), env={"PC_CLIP_DATA": str(data)})
+    r = pc_clip("reproduce", "--profile", "paper", *llms, "--experiments", str(exp),
+                env={"PC_CLIP_DATA": str(data)})
     assert r.returncode == 2
     assert f"generator LLM 'tiny-chat': put the model folder (with config.json) at {data}/weights/tiny-chat/" in r.stderr
     assert "judge LLM 'tiny-chat'" in r.stderr and "CLIP weights" not in r.stderr
@@ -134,22 +142,27 @@ def test_preflight_names_the_llms_of_experiment_02(tmp_path, runs_dir):
     (llm / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
                                                                                  "b": "model-00002-of-00002.safetensors"}}))
     (llm / "model-00001-of-00002.safetensors").write_bytes(b"")
-    r = pc_clip("reproduce", "--profile", "paper", *llms, "--experiments", str(exp), env={"PC_CLIP_DATA": str(data)})
+    r = pc_clip("reproduce", "--profile", "paper", *llms, "--experiments", str(exp),
+                env={"PC_CLIP_DATA": str(data)})
     assert r.returncode == 2 and f"generator LLM 'tiny-chat': {llm} is incomplete" in r.stderr, r.stderr
     assert "1 of the 2 weight shards model.safetensors.index.json lists (model-00002-of-00002.safetensors)" in r.stderr
     (llm / "model-00002-of-00002.safetensors").write_bytes(b"")
-    r = pc_clip("reproduce", "--profile", "paper", *llms, "--experiments", str(exp), env={"PC_CLIP_DATA": str(data)})
+    r = pc_clip("reproduce", "--profile", "paper", *llms, "--experiments", str(exp),
+                env={"PC_CLIP_DATA": str(data)})
     assert r.returncode == 2 and "tiny-chat" not in r.stderr and "data set coco (train)" in r.stderr
 
 
 @pytest.mark.slow
 def test_paper_smoke_builds_its_stand_ins_before_the_preflight(tmp_path, runs_dir):
-    "From a fresh clone, `--profile paper-smoke` needs no step of its own: the stand-ins are built (or found) first."
+    """From a fresh clone, `--profile paper-smoke` needs no step of its own: the stand-ins are built (or
+    found) first."""
     exp = tmp_path / "exp"; exp.mkdir()
     seen = tmp_path / "data_root.txt"
-    make_notebook(exp / "02_differences.ipynb", "from pathlib import Path\nfrom pc_clip.core.config import get_config\nfrom pc_clip.core.runtime import data_root\n"
+    make_notebook(exp / "02_differences.ipynb", "from pathlib import Path\nfrom pc_clip.core.config import "
+                                                "get_config\nfrom pc_clip.core.runtime import data_root\n"
               f"Path({str(seen)!r}).write_text(str(data_root(get_config(profile, **overrides))))")
-    r = pc_clip("reproduce", "--profile", "paper-smoke", "--experiments", exp, unset=("PC_CLIP_DATA",), timeout=1800)
+    r = pc_clip("reproduce", "--profile", "paper-smoke", "--experiments", exp, unset=("PC_CLIP_DATA",),
+                timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     smoke = REPO / "data" / "paper-smoke"
     assert f"paper-smoke stand-ins in {smoke}" in r.stdout and (smoke / "pc-clip-standins.json").exists()
@@ -261,20 +274,24 @@ def test_a_second_run_of_the_same_notebook_and_settings_waits_its_turn(tmp_path,
         second = pc_clip("reproduce", "--experiments", str(tmp_path))
         seconds = time.perf_counter() - t0
         assert second.returncode == 2 and "is being written by pid" in second.stderr, second.stderr
-        assert "running" not in second.stdout and seconds < 3, (seconds, second.stdout)  # stopped before anything ran
+        # stopped before anything ran
+        assert "running" not in second.stdout and seconds < 3, (seconds, second.stdout)
     finally:
         go.write_text("x")
         first.communicate(timeout=120)
     assert first.returncode == 0
 
 
-# ---- The up-front checks of `pc-clip reproduce`: what the chosen notebooks need is on disk before the first one starts.
+# ---- The up-front checks of `pc-clip reproduce`: what the chosen notebooks need is on disk before the
+# first one starts.
 
 def test_a_missing_t2i_base_exits_2_before_any_notebook(tmp_path):
-    "On `paper`, experiment 11 finetunes its own PC-CLIP from ViT-L-14/openai: without it the run stops at once, naming it."
+    """On `paper`, experiment 11 finetunes its own PC-CLIP from ViT-L-14/openai: without it the run stops at
+    once, naming it."""
     data, runs = tmp_path / "data", tmp_path / "runs"
     cfg = get_config("paper")
-    clip = data / "weights" / cfg.model_name / cfg.pretrained  # everything else experiment 11 reads is in place
+    # everything else experiment 11 reads is in place
+    clip = data / "weights" / cfg.model_name / cfg.pretrained
     clip.mkdir(parents=True)
     (clip / "open_clip_model.safetensors").write_bytes(b"")
     (data / "weights" / cfg.t2i_model).mkdir(parents=True)
@@ -284,8 +301,10 @@ def test_a_missing_t2i_base_exits_2_before_any_notebook(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 2, out[-3000:]
     assert "T2I study's base" in out and "ViT-L-14 / openai" in out and str(data / "weights" / "ViT-L-14" / "openai") in out
-    assert "SDXL pipeline (t2i_model)" not in out and "CLIP weights ViT-L-14 / datacomp" not in out  # those were found
-    assert not list(runs.rglob("*.ipynb"))  # no notebook started (the writable-folder check may have made the folder)
+    # those were found
+    assert "SDXL pipeline (t2i_model)" not in out and "CLIP weights ViT-L-14 / datacomp" not in out
+    # no notebook started (the writable-folder check may have made the folder)
+    assert not list(runs.rglob("*.ipynb"))
     base = data / "weights" / "ViT-L-14" / "openai"
     base.mkdir(parents=True)
     (base / "open_clip_model.safetensors").write_bytes(b"")
@@ -293,12 +312,14 @@ def test_a_missing_t2i_base_exits_2_before_any_notebook(tmp_path):
 
 
 
-# ---- Runs that share a machine: kernels of their own, a lock taken first, a slow kernel start, one-line errors
+# ---- Runs that share a machine: kernels of their own, a lock taken first, a slow kernel start, one-line
+# errors
 
 def _kernel_probe(out: Path) -> str:
     "Notebook code that writes the kernel's connection file and its OpenMP wait policy to `out`."
     return ("import os, time\nfrom ipykernel import get_connection_file\n"
-            f"open({str(out)!r}, 'w').write(get_connection_file() + '\\n' + os.environ.get('OMP_WAIT_POLICY', ''))\n"
+            f"open({str(out)!r}, 'w').write(get_connection_file() + '\\n' + "
+            f"os.environ.get('OMP_WAIT_POLICY', ''))\n"
             "time.sleep(1)")
 
 
@@ -311,7 +332,8 @@ def runtime():
 
 
 def test_three_runs_started_together_keep_their_kernels_apart(tmp_path, runtime):
-    "Three runs started in the same second (each with its own PC_CLIP_RUNS): each kernel has sockets of its own, none in the checkout."
+    """Three runs started in the same second (each with its own PC_CLIP_RUNS): each kernel has sockets of its
+    own, none in the checkout."""
     before = sorted(REPO.glob("kernel-ipc*"))
     procs = []
     try:
@@ -319,7 +341,8 @@ def test_three_runs_started_together_keep_their_kernels_apart(tmp_path, runtime)
             exp = tmp_path / f"exp{k}"; exp.mkdir()
             make_notebook(exp / "01_probe.ipynb", _kernel_probe(tmp_path / f"probe{k}.txt"))
             env = {"PC_CLIP_RUNS": str(tmp_path / f"runs{k}"), "JUPYTER_RUNTIME_DIR": str(runtime)}
-            procs.append(start_pc_clip("reproduce", "--experiments", exp, env=env, unset=("OMP_WAIT_POLICY",)))
+            procs.append(start_pc_clip("reproduce", "--experiments", exp, env=env,
+                                       unset=("OMP_WAIT_POLICY",)))
         outs = [p.communicate(timeout=300) for p in procs]
     finally:
         for p in procs:
@@ -330,7 +353,8 @@ def test_three_runs_started_together_keep_their_kernels_apart(tmp_path, runtime)
         assert p.returncode == 0 and "Invalid Signature" not in out + err, err[-3000:]
     probes = [(tmp_path / f"probe{k}.txt").read_text().splitlines() for k in range(3)]
     folders = [Path(connection).parent for connection, _ in probes]
-    assert len(set(folders)) == 3 and all(f.parent == runtime for f in folders)  # one private folder per kernel
+    # one private folder per kernel
+    assert len(set(folders)) == 3 and all(f.parent == runtime for f in folders)
     assert [policy for _, policy in probes] == ["PASSIVE"] * 3  # KERNEL_ENV reached each kernel
     assert list(runtime.iterdir()) == [], list(runtime.iterdir())  # each went with its kernel
     assert sorted(REPO.glob("kernel-ipc*")) == before  # nothing in the checkout
@@ -357,7 +381,8 @@ def test_a_run_killed_with_9_leaves_its_kernel_folder_to_the_next_start(tmp_path
     make_notebook(tmp_path / "01_quick.ipynb", "x = 1")
     r = pc_clip("reproduce", "--experiments", tmp_path, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert list(runtime.iterdir()) == []  # the dead run's folder went at this start, this run's with its kernel
+    # the dead run's folder went at this start, this run's with its kernel
+    assert list(runtime.iterdir()) == []
 
 
 SLOW_KERNEL = ("import sys, time\ntime.sleep({delay})\nfrom ipykernel import kernelapp\n"
@@ -365,10 +390,12 @@ SLOW_KERNEL = ("import sys, time\ntime.sleep({delay})\nfrom ipykernel import ker
 
 
 def test_a_slow_kernel_start_is_waited_for_or_named_in_one_line(tmp_path, runs_dir):
-    "A kernel that takes 8 s to start: with 3 s allowed the run stops in one line naming the option; with 60 s it runs."
+    """A kernel that takes 8 s to start: with 3 s allowed the run stops in one line naming the option; with
+    60 s it runs."""
     spec = tmp_path / "jupyter" / "kernels" / "pc-clip"  # found before any other `pc-clip` kernelspec
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({"argv": [sys.executable, "-c", SLOW_KERNEL.format(delay=8), "{connection_file}"],
+    (spec / "kernel.json").write_text(json.dumps({"argv": [sys.executable, "-c", SLOW_KERNEL.format(delay=8),
+                                                           "{connection_file}"],
                                                    "display_name": "slow", "language": "python"}))
     make_notebook(tmp_path / "01_a.ipynb", f"open({str(tmp_path / 'ran')!r}, 'w').write('x')")
     env = {"JUPYTER_PATH": str(tmp_path / "jupyter")}
@@ -383,7 +410,8 @@ def test_a_slow_kernel_start_is_waited_for_or_named_in_one_line(tmp_path, runs_d
 
 @pytest.mark.slow
 def test_no_lock_file_is_left_after_a_clean_run(tmp_path):
-    "The world, two pretrained base models, the results table and the executed notebooks, each written under a lock: none stays."
+    """The world, two pretrained base models, the results table and the executed notebooks, each written
+    under a lock: none stays."""
     env = {"PC_CLIP_RUNS": str(tmp_path)}
     r = pc_clip("reproduce", "--only", "00,01", "--quiet", *p_args(SMALL_BASES), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -392,7 +420,8 @@ def test_no_lock_file_is_left_after_a_clean_run(tmp_path):
 
 
 def test_a_partial_sdxl_snapshot_is_named_by_the_preflight(tmp_path):
-    "An SDXL folder with model_index.json but without unet/ (and a vae/ without weights) stops the run before notebook 11."
+    """An SDXL folder with model_index.json but without unet/ (and a vae/ without weights) stops the run
+    before notebook 11."""
     data = tmp_path / "data"
     cfg = get_config("paper")
     for arch, tag in ((cfg.model_name, cfg.pretrained), (cfg.t2i_clip_model, cfg.t2i_clip_pretrained)):
@@ -432,7 +461,8 @@ def test_a_mistake_is_one_line_and_exit_2(tmp_path, runs_dir, args, says):
     seconds = time.perf_counter() - t0
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("[pc-clip] error: ") and says in r.stderr, r.stderr
-    assert not r.stderr.startswith(("[pc-clip] error: \"", "[pc-clip] error: '\"")), r.stderr  # no quotes around the message
+    # no quotes around the message
+    assert not r.stderr.startswith(("[pc-clip] error: \"", "[pc-clip] error: '\"")), r.stderr
     assert seconds < 3, seconds  # nothing heavy is imported, no notebook is run
 
 
@@ -450,17 +480,21 @@ def test_config_lists_every_key_with_type_value_and_help():
 
 def test_models_without_models_imports_no_torch(tmp_path, runs_dir):
     code = ("import sys\nfrom pc_clip.cli import main\nrc = main(['models'])\n"
-            "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]")
+            "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in "
+            "m)[:5]")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "no model folders" in r.stdout, r.stderr
 
 
 def test_a_full_disk_is_one_line_naming_the_folder(tmp_path, runs_dir):
-    "A notebook whose write fails with errno 28 (as a full disk fails it): exit 2, one line naming the folder and the fix."
+    """A notebook whose write fails with errno 28 (as a full disk fails it): exit 2, one line naming the
+    folder and the fix."""
     folder = runs_dir / "runs" / "tiny" / "models" / "clip"
     make_notebook(tmp_path / "01_write.ipynb", "import errno, os\n"
-                  f"raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), {str(folder / 'open_clip_model.safetensors')!r})")
+                  f"raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "
+                  f"{str(folder / 'open_clip_model.safetensors')!r})")
     r = pc_clip("reproduce", "--experiments", str(tmp_path))
     assert r.returncode == 2, r.stderr[-3000:]
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"[pc-clip] error: no space left on the disk of {folder} "), r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"[pc-clip] error: no space left on the disk of "
+                                                             f"{folder} "), r.stderr
     assert "01_write.ipynb" in r.stderr and "free space there" in r.stderr

@@ -1,4 +1,5 @@
-"The package layout the README's module map promises: stages in order, no circles, no shims, stand-ins as a leaf."
+"""The package layout the README's module map promises: stages in order, no circles, no shims, stand-ins as a
+leaf."""
 import ast
 import subprocess
 import sys
@@ -20,9 +21,11 @@ def test_the_checker_finds_a_circle_an_upward_import_and_a_shim(tmp_path):
         (pkg / stage).mkdir(parents=True)
         (pkg / stage / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
-    (pkg / "core" / "a.py").write_text("def f():\n    from pc_clip.core.b import g  # inside a function: still an arrow\n")
+    (pkg / "core" / "a.py").write_text("def f():\n    from pc_clip.core.b import g  # inside a function: "
+                                       "still an arrow\n")
     (pkg / "core" / "b.py").write_text("from .a import f\n")
-    (pkg / "world" / "w.py").write_text("from ..training.t import x\n\ndef __getattr__(name):\n    raise AttributeError(name)\n")
+    (pkg / "world" / "w.py").write_text("from ..training.t import x\n\ndef __getattr__(name):\n    raise "
+                                        "AttributeError(name)\n")
     (pkg / "training" / "t.py").write_text("x = 1\n")
     problems = check_layout.check(pkg)
     assert any(p.startswith("import circle: pc_clip.core.a <-> pc_clip.core.b") for p in problems), problems

@@ -33,14 +33,16 @@ PAPER_DATASETS = {"coco", "cifar100", "cub", "eurosat", "flowers102", "sun397", 
 def test_paper_smoke_reproduction(tmp_path, monkeypatch):
     start = time.perf_counter()
     # the command picks the stand-ins' data root: no PC_CLIP_DATA
-    r = pc_clip("reproduce", "--profile", "paper-smoke", *p_args(SMALL_PAPER_SMOKE), env={"PC_CLIP_RUNS": str(tmp_path)},
+    r = pc_clip("reproduce", "--profile", "paper-smoke", *p_args(SMALL_PAPER_SMOKE),
+                env={"PC_CLIP_RUNS": str(tmp_path)},
                 unset=("PC_CLIP_DATA",), timeout=2400)
     print(f"paper-smoke reproduction: {time.perf_counter() - start:.0f} s\n{r.stdout[-2500:]}")
     assert r.returncode == 0, f"paper-smoke failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert "time per notebook" in r.stdout
 
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
-    cfg = get_config("paper-smoke", **parse_overrides(SMALL_PAPER_SMOKE)[0])  # its own settings: its own results and notebooks
+    # its own settings: its own results and notebooks
+    cfg = get_config("paper-smoke", **parse_overrides(SMALL_PAPER_SMOKE)[0])
     experiments = sorted(p.name for p in (REPO / "nbs" / "experiments").glob("*.ipynb"))
     executed = {p.name for p in notebooks_dir(cfg).glob("*.ipynb")}
     assert set(experiments) <= executed, sorted(set(experiments) - executed)
@@ -50,7 +52,8 @@ def test_paper_smoke_reproduction(tmp_path, monkeypatch):
     for task, datasets in EXPECTED.items():
         rows = results[results.task == task]
         for model in ("clip", "pc-clip"):
-            found = {d.split("/")[0] for d in rows[rows.model == model].dataset}  # awa2/attributes is an awa2 task
+            # awa2/attributes is an awa2 task
+            found = {d.split("/")[0] for d in rows[rows.model == model].dataset}
             assert datasets <= found, f"{task} / {model}: no rows for {sorted(datasets - found)} (has {sorted(found)})"
     t2i = results[results.task.str.startswith("t2i")]
     assert len(t2i) and {"clip", "pc-clip"} <= set(t2i.model), sorted(set(t2i.model))
@@ -63,12 +66,16 @@ def test_paper_smoke_reproduction(tmp_path, monkeypatch):
     # the finetune moved the weights: pc-clip's checkpoint and its text-side numbers differ from clip's
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
     monkeypatch.delenv("PC_CLIP_DATA", raising=False)
-    cfg = get_config("paper-smoke", n_pairs=64, data_root=str(REPO / "data" / "paper-smoke"))  # as the command ran it
-    base, tuned = load_clip(cfg, "clip", device="cpu")[0].state_dict(), load_weights(model_dir(cfg, "pc-clip"))
+    # as the command ran it
+    cfg = get_config("paper-smoke", n_pairs=64, data_root=str(REPO / "data" / "paper-smoke"))
+    base, tuned = load_clip(cfg, "clip",
+                            device="cpu")[0].state_dict(), load_weights(model_dir(cfg, "pc-clip"))
     assert base.keys() == tuned.keys() and any(not (base[k] == tuned[k]).all() for k in base), "pc-clip == clip"
     results = read_results(cfg)  # numbers as numbers
-    diff = results[results.task == "difference_classification"].pivot_table(index=["dataset", "condition", "metric"],
-                                                                               columns="model", values="value")
+    diff = results[results.task == "difference_classification"].pivot_table(index=["dataset", "condition",
+                                                                                   "metric"],
+                                                                               columns="model",
+                                                                               values="value")
     assert (diff["pc-clip"] != diff["clip"]).any(), "every pc-clip difference-classification number equals clip's"
 
     # the claims: paper data only, and decided wherever this profile measures them

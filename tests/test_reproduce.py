@@ -16,7 +16,8 @@ from pc_clip.models.clip import model_dir
 from pc_clip.core.runtime import figures_dir, notebooks_dir, results_path
 
 # the experiment notebooks that make a figure, and the figure each one saves (the REPORT shows them all)
-FIGURE_NOTEBOOKS = {"01": "pretrain_loss.png", "03": "finetune_loss.png", "04": "difference_classification.png",
+FIGURE_NOTEBOOKS = {"01": "pretrain_loss.png", "03": "finetune_loss.png",
+                    "04": "difference_classification.png",
                     "05": "zero_shot_accuracy.png", "06": "comparative_alpha.png", "07": "retrieval.png",
                     "08": "geometry.png", "09": "linear_probe.png", "10": "qualitative_pairs.png",
                     "11": "t2i_arithmetic.png", "12": "ablations.png"}
@@ -33,7 +34,8 @@ def _text(o: dict) -> str:
 
 
 def _reproduce(env, *extra):
-    return pc_clip("reproduce", "--profile", "tiny", *p_args(SMALL_REPRODUCTION, *extra), env=env, timeout=1500)
+    return pc_clip("reproduce", "--profile", "tiny", *p_args(SMALL_REPRODUCTION, *extra), env=env,
+                   timeout=1500)
 
 
 @pytest.mark.slow
@@ -44,9 +46,11 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
     assert "time per notebook" in r.stdout and "REPORT.md" in r.stdout
 
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
-    cfg = get_config("tiny", **parse_overrides(SMALL_REPRODUCTION)[0])  # a run with its own settings: its own results folder
+    # a run with its own settings: its own results folder
+    cfg = get_config("tiny", **parse_overrides(SMALL_REPRODUCTION)[0])
     results = pd.read_csv(results_path(cfg))
-    assert not results.duplicated(["experiment", "model", "task", "dataset", "condition", "metric", "seed"]).any()
+    assert not results.duplicated(["experiment", "model", "task", "dataset", "condition", "metric",
+                                   "seed"]).any()
     assert not results["dataset"].astype(str).str.contains("[@=]").any(), "settings belong in the condition column"
     tasks = set(results.task)
     for task in ["pretrain", "difference_classification", "zero_shot", "comparative_prompting", "retrieval",
@@ -66,25 +70,30 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
     for name in figures:  # the REPORT shows every figure of the run
         assert f"figures/{figures_dir(cfg).name}/{name})" in report, f"REPORT.md does not show {name}"
 
-    # the executed notebooks are the paper: every one that makes a figure shows it inline, and their outputs name no
+    # the executed notebooks are the paper: every one that makes a figure shows it inline, and their
+    # outputs name no
     # folder of this machine and repeat no log line of a reused cache
     executed = {p.name[:2]: p for p in notebooks_dir(cfg).glob("*.ipynb")}
     for number in FIGURE_NOTEBOOKS:
         outputs = _outputs(executed[number])
         assert any("image/png" in o.get("data", {}) for o in outputs), f"{executed[number].name} shows no figure inline"
     for nb in executed.values():
-        text = "\n".join(l for o in _outputs(nb) for l in _text(o).splitlines() if "site-packages" not in l)  # (a library's warning names its file)
+        # (a library's warning names its file)
+        text = "\n".join(l for o in _outputs(nb) for l in _text(o).splitlines() if "site-packages" not in l)
         for place in (str(tmp_path), str(REPO)):
             assert place not in text, f"{nb.name} prints an absolute path: {[l for l in text.splitlines() if place in l][:3]}"
-        reused = [re.sub(r"^\d\d:\d\d:\d\d ", "", l) for l in text.splitlines() if "reusing" in l and "image embeddings" in l]
+        reused = [re.sub(r"^\d\d:\d\d:\d\d ", "",
+                         l) for l in text.splitlines() if "reusing" in l and "image embeddings" in l]
         assert len(reused) == len(set(reused)), f"{nb.name} repeats: {reused}"
 
     # the explorer beyond the paper runs headless on the models of this run, with its fixed selection
     r3 = _reproduce(env, "--experiments", "nbs/experiments/beyond", "--only", "16_explorer")
     assert r3.returncode == 0, f"explorer failed:\n{r3.stdout[-3000:]}\n{r3.stderr[-3000:]}"
     explorer = _outputs(notebooks_dir(cfg) / "16_explorer.ipynb")
-    assert sum("image/png" in o.get("data", {}) for o in explorer) >= 3  # the pair, the pairs a statement picks, image + text
-    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in explorer)  # the widget, for Lab
+    # the pair, the pairs a statement picks, image + text
+    assert sum("image/png" in o.get("data", {}) for o in explorer) >= 3
+    # the widget, for Lab
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in explorer)
 
     ck = model_dir(cfg, "pc-clip") / "open_clip_model.safetensors"  # the setting chosen on validation
     assert ck.exists(), sorted(p.name for p in ck.parent.parent.iterdir())

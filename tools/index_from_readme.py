@@ -31,7 +31,8 @@ def main() -> int:
     from set_kernelspec import KERNELSPEC  # the project's kernel, as every notebook names it
     nb = {"cells": cells, "metadata": {"kernelspec": dict(KERNELSPEC)}, "nbformat": 4, "nbformat_minor": 5}
     assert readme_from_index(nb) == text, "the sections do not give the README back"
-    (REPO / "nbs" / "index.ipynb").write_text(json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False) + "\n")
+    (REPO / "nbs" / "index.ipynb").write_text(json.dumps(nb, sort_keys=True, indent=1,
+                                                         ensure_ascii=False) + "\n")
     print(f"nbs/index.ipynb: {len(cells)} markdown cells")
     return 0
 
