@@ -1,7 +1,9 @@
-"""Shared fixtures and helpers: every test writes below its own temporary PC_CLIP_RUNS, never into the repository.
+"""Shared fixtures and helpers: every test writes below its own temporary PC_CLIP_RUNS, never into the
+repository.
 
-Two layers: tests marked `slow` (the marker is declared in pyproject.toml) run a reproduction, a whole notebook or a
-pipeline of processes; `pytest -m "not slow"` is the quick unit layer, `pytest tests` (what `make test` runs) both.
+Two layers: tests marked `slow` (the marker is declared in pyproject.toml) run a reproduction, a whole
+notebook or a pipeline of processes; `pytest -m "not slow"` is the quick unit layer, `pytest tests`
+(`make test`) runs both.
 """
 import os
 import subprocess
@@ -33,13 +35,11 @@ def pc_clip_env(env: dict | None = None, unset: tuple = ()) -> dict:
 def pc_clip(*args, env: dict | None = None, unset: tuple = (), cwd=REPO, timeout: float = 600):
     "Run `pc-clip *args` from the checkout and wait; the finished process, its output captured as text."
     return subprocess.run([str(PC_CLIP), *map(str, args)], cwd=cwd, env=pc_clip_env(env, unset),
-                          capture_output=True,
-                          text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def start_pc_clip(*args, env: dict | None = None, unset: tuple = (), cwd=REPO, **popen) -> subprocess.Popen:
-    """Start `pc-clip *args` from the checkout without waiting (stdout and stderr piped as text unless
-    `popen` says)."""
+    "Start `pc-clip *args` from the checkout, not waiting; output piped as text unless `popen` says."
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
     return subprocess.Popen([str(PC_CLIP), *map(str, args)], cwd=cwd, env=pc_clip_env(env, unset), **popen)
 
@@ -47,14 +47,13 @@ def start_pc_clip(*args, env: dict | None = None, unset: tuple = (), cwd=REPO, *
 # ---- small settings for whole runs on a CPU (the tiny profile otherwise), one list per kind of run
 
 # experiments 01-04 and 12: a world and budgets small enough for a CPU test
-SMALL_TINY = ["world_n_train=300", "world_n_test=150", "world_n_val=150", "pretrain_steps=20", "n_pairs=200",
-              "ft_batch_size=32", "caption_ft_batch_size=32", "eval_seeds=[0]", "eval_n_images=20",
-              "comparative_topk=4"]
+SMALL_TINY = ["world_n_train=300", "world_n_test=150", "world_n_val=150", "pretrain_steps=20",
+              "n_pairs=200", "ft_batch_size=32", "caption_ft_batch_size=32", "eval_seeds=[0]",
+              "eval_n_images=20", "comparative_topk=4"]
 # every experiment, at a reduced size
 SMALL_REPRODUCTION = ["world_n_train=1200", "world_n_test=400", "world_n_val=400", "pretrain_steps=60",
                       "n_pairs=1500", "ft_epochs=1", "caption_ft_epochs=1", "eval_seeds=[0]",
-                      "eval_n_images=40",
-                      "comparative_topk=4"]
+                      "eval_n_images=40", "comparative_topk=4"]
 # experiments 00 and 01 only: a world and two base models, each written under a lock
 SMALL_BASES = ["world_n_train=256", "world_n_test=64", "world_n_val=64", "pretrain_steps=3"]
 # experiment 00 times 8 images instead of 512
@@ -63,9 +62,9 @@ SMALL_ENVIRONMENT = ["n_images=8"]
 SMALL_PAPER_SMOKE = ["n_pairs=64"]
 # experiment 15c, the base-capacity study, on two small bases
 SMALL_CAPACITY = ["world_n_train=256", "world_n_test=32", "world_n_val=96", "n_pairs=200",
-                  "reference_steps=4",
-                  "more_seeds={}", "ft_batch_size=32", "ft_epochs=1", "eval_n_images=24", "eval_seeds=[0]",
-                  "ft_lr_grid=[0.001]", "wavg_alpha_grid=[0.5,1.0]", 'bases=["tiny","48px"]']
+                  "reference_steps=4", "more_seeds={}", "ft_batch_size=32", "ft_epochs=1",
+                  "eval_n_images=24", "eval_seeds=[0]", "ft_lr_grid=[0.001]",
+                  "wavg_alpha_grid=[0.5,1.0]", 'bases=["tiny","48px"]']
 
 
 def p_args(settings: list[str], *extra: str) -> list[str]:
