@@ -21,6 +21,7 @@ from pc_clip.core.config import get_config
 # missing inputs
 
 
+@pytest.mark.slow
 def test_reproduce_runs_in_order_and_injects_overrides(tmp_path, runs_dir):
     exp = tmp_path / "exp"; exp.mkdir()
     marker = tmp_path / "order.txt"
@@ -54,6 +55,7 @@ def test_reproduce_runs_in_order_and_injects_overrides(tmp_path, runs_dir):
     assert marker.read_text().splitlines()[-1] == f"first {get_config('tiny').ft_epochs} 2"
 
 
+@pytest.mark.slow
 def test_failing_experiment_exits_nonzero_and_names_notebook(tmp_path, runs_dir):
     exp = tmp_path / "exp"; exp.mkdir()
     make_notebook(exp / "01_ok.ipynb", "x = 1")
@@ -102,6 +104,7 @@ def test_all_bad_values_reported_at_once(tmp_path):
     assert r.returncode == 2 and problems == ["ft_batch_size", "ft_lr", "n_pairs", "oracle_noise"], r.stderr
 
 
+@pytest.mark.slow
 def test_none_override_is_honoured(tmp_path, runs_dir):
     out = tmp_path / "judge.txt"
     make_notebook(tmp_path / "50_probe.ipynb", "from pc_clip.core.config import get_config\n"
@@ -111,6 +114,7 @@ def test_none_override_is_honoured(tmp_path, runs_dir):
     assert out.read_text() == "None"  # not silently the profile's LLM judge
 
 
+@pytest.mark.slow
 def test_missing_weights_and_data_are_named_before_any_notebook(tmp_path, runs_dir):
     exp = tmp_path / "exp"; exp.mkdir()
     make_notebook(exp / "03_finetune.ipynb", f"open({str(tmp_path / 'ran')!r}, 'w').write('x')")
@@ -177,6 +181,7 @@ def _pid_gone(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_stopping_pc_clip_stops_its_kernel(tmp_path, runs_dir, sig):
     out, pid_file = tmp_path / "ticks.txt", tmp_path / "kernel.pid"
     make_notebook(tmp_path / "01_loop.ipynb", "import os, time\n"
@@ -223,6 +228,7 @@ def test_bad_tuples_and_grids_exit_2_before_any_notebook(tmp_path, runs_dir, arg
 
 
 @pytest.mark.parametrize("given", ["eval_seeds=(0, 1)", "eval_seeds=[0, 1]"])
+@pytest.mark.slow
 def test_tuples_and_lists_reach_the_notebook_as_values(tmp_path, runs_dir, given):
     out = tmp_path / "seen.txt"
     make_notebook(tmp_path / "01_a.ipynb", "from pc_clip.core.config import get_config\n"
@@ -232,6 +238,7 @@ def test_tuples_and_lists_reach_the_notebook_as_values(tmp_path, runs_dir, given
     assert out.read_text() == "(0, 1)"  # not the string "(0, 1)" papermill used to hand over
 
 
+@pytest.mark.slow
 def test_ft_lr_alone_reaches_every_notebook_as_one_learning_rate(tmp_path, runs_dir):
     "The notebook that declares ft_lr and the one that gets it in `overrides` build the same config."
     seen = tmp_path / "seen.txt"
@@ -258,6 +265,7 @@ def test_an_unwritable_runs_folder_exits_2_naming_it(tmp_path):
     assert not (tmp_path / "ran").exists() and time.perf_counter() - t0 < 5
 
 
+@pytest.mark.slow
 def test_a_second_run_of_the_same_notebook_and_settings_waits_its_turn(tmp_path, runs_dir):
     "Two runs of one identity never write the same executed notebook: the second stops, naming the first."
     go = tmp_path / "go"
@@ -331,6 +339,7 @@ def runtime():
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_three_runs_started_together_keep_their_kernels_apart(tmp_path, runtime):
     """Three runs started in the same second (each with its own PC_CLIP_RUNS): each kernel has sockets of its
     own, none in the checkout."""
@@ -360,6 +369,7 @@ def test_three_runs_started_together_keep_their_kernels_apart(tmp_path, runtime)
     assert sorted(REPO.glob("kernel-ipc*")) == before  # nothing in the checkout
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_9_leaves_its_kernel_folder_to_the_next_start(tmp_path, runs_dir, runtime):
     started = tmp_path / "started"
     make_notebook(tmp_path / "01_wait.ipynb", "import time, pathlib\n"
@@ -389,6 +399,7 @@ SLOW_KERNEL = ("import sys, time\ntime.sleep({delay})\nfrom ipykernel import ker
                "sys.argv = ['ipykernel_launcher', '-f', sys.argv[1]]\nkernelapp.launch_new_instance()")
 
 
+@pytest.mark.slow
 def test_a_slow_kernel_start_is_waited_for_or_named_in_one_line(tmp_path, runs_dir):
     """A kernel that takes 8 s to start: with 3 s allowed the run stops in one line naming the option; with
     60 s it runs."""
@@ -486,6 +497,7 @@ def test_models_without_models_imports_no_torch(tmp_path, runs_dir):
     assert r.returncode == 0 and "no model folders" in r.stdout, r.stderr
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_folder(tmp_path, runs_dir):
     """A notebook whose write fails with errno 28 (as a full disk fails it): exit 2, one line naming the
     folder and the fix."""

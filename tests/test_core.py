@@ -422,6 +422,7 @@ NOTEBOOK_WRITER = ("from pc_clip.core.config import get_config\n"
           "print(cfg.eval_seeds)")
 
 
+@pytest.mark.slow
 def test_other_settings_leave_the_default_rows_and_notebooks_byte_identical(tmp_path):
     exp = tmp_path / "exp"; exp.mkdir()
     make_notebook(exp / "05_zero_shot.ipynb", NOTEBOOK_WRITER.format(fail=""))
@@ -452,6 +453,7 @@ def other_id(cfg):
     return run_id(cfg)
 
 
+@pytest.mark.slow
 def test_a_failed_experiment_keeps_the_earlier_rows(tmp_path, runs_dir):
     exp = tmp_path / "exp"; exp.mkdir()
     make_notebook(exp / "05_zero_shot.ipynb", NOTEBOOK_WRITER.format(fail=""))

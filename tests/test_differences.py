@@ -764,6 +764,7 @@ def test_served_generator_uses_the_same_prompts_parser_and_store(served_env, tmp
     assert SERVED_KEY not in repr(backend) and SERVED_KEY not in json.dumps(backend.config)
 
 
+@pytest.mark.slow
 def test_killed_client_resumes_without_loss_or_duplicates(served_env, tmp_path):
     path, n = tmp_path / "d.jsonl", 16
     script = tmp_path / "client.py"; script.write_text(CLIENT)

@@ -159,22 +159,6 @@ def test_finished_run_is_reused_and_changed_inputs_retrain(base, data, tmp_path,
     assert not longer.reused and len(longer.epochs) == 3
 
 
-def test_nan_steps_are_skipped_counted_and_limited(base, data, tmp_path):
-    model, tok = base
-    _, emb, triples = data
-    bad = torch.cat([emb, torch.full((1, emb.shape[1]), float("nan"))])
-    poisoned = pd.concat([triples, pd.DataFrame([dict(i=N_IMAGES, j=0, text="the first object is larger")])],
-                         ignore_index=True)
-    run = finetune(model, tok, poisoned, cfg(), tmp_path / "a", image_embeddings=bad, max_bad_fraction=0.3,
-                   progress=False)
-    # one poisoned step per epoch
-    assert len(run.steps) == 8 and run.bad_steps == 2 and run.steps.skipped.sum() == 2
-    assert all(torch.isfinite(p).all() for p in run.model.parameters())
-    with pytest.raises(FloatingPointError, match="2 of 8 training steps .* more than max_bad_fraction=0.2"):
-        finetune(model, tok, poisoned, cfg(), tmp_path / "b", image_embeddings=bad, max_bad_fraction=0.2,
-                 progress=False)
-
-
 def test_caption_baseline_and_embedding_cache(base, data, tmp_path, runs_dir):
     model, tok = base
     images, _, _ = data

@@ -85,6 +85,7 @@ def test_reproduce_prints_progress_by_default(run00):
     assert json.loads((runs / "runs" / "tiny" / "notebooks" / "timings.json").read_text())["00_environment.ipynb"] > 0
 
 
+@pytest.mark.slow
 def test_a_long_loop_shows_its_bar_with_count_and_eta(tmp_path):
     """A tqdm bar in a notebook (a widget, with ipywidgets installed) reaches the terminal as lines with
     n/total and ETA."""
@@ -130,6 +131,7 @@ def test_executed_notebook_is_clean(run00):
     assert len(config.splitlines()) <= 12 and f"runs    {runs / 'runs' / 'tiny'}" in config, config
 
 
+@pytest.mark.slow
 def test_experiment_00_checks_its_parameters(tmp_path):
     r = pc_clip("reproduce", "--only", "00", "-p", "n_images=-3", env={"PC_CLIP_RUNS": str(tmp_path)})
     assert r.returncode == 1 and "n_images must be a positive integer" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
@@ -192,6 +194,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_jupyterlab_serves_repo_notebook(tmp_path):
     port, token = _free_port(), "pc-clip-test-token"
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
