@@ -1,4 +1,5 @@
-"""The GPU check script (bench/gpu_check.py) runs end to end at CPU sizes and reports what it could not measure."""
+"""The GPU check script (bench/gpu_check.py) runs end to end at CPU sizes and reports what it could not
+measure."""
 import importlib.util
 import json
 import os
@@ -127,7 +128,8 @@ def test_report_shows_mfu_before_and_after_the_fast_paths(tmp_path):
     assert "| finetune with fast paths: MFU (989 TFLOP/s bf16 peak) | 31.9% | >= 35% | no |" in text
     assert "| finetune with fast paths: / plain loop (same card, same run) | 4.00x |  |  |" in text
     assert "| finetune with fast paths: speed-up | 49.56x | >= 20x | yes |" in text
-    assert "padded to 14.2 tokens on average; the MFU ratio after / before is the pairs/s ratio, 4.00x." in text
+    assert ("padded to 14.2 tokens on average; the MFU ratio after / before is the pairs/s ratio, 4.00x."
+            in text)
 
 
 def _attention_flops(batch: int, tokens: int, width: int, layers: int) -> int:
@@ -172,7 +174,8 @@ def test_bench_flops_reports_peak_and_stage_gflops(tmp_path):
     stages = r["stages"]
     assert set(stages) == {"pretrain", "finetune", "finetune_fast", "embed_images", "embed_texts"}
     for name, s in stages.items():
-        assert s["gflops"] > 0 and abs(s["pct_of_peak"] - 100 * s["gflops"] / r["peak"]["gflops"]) < 1e-9, name
+        assert s["gflops"] > 0, name
+        assert abs(s["pct_of_peak"] - 100 * s["gflops"] / r["peak"]["gflops"]) < 1e-9, name
     # the markdown table names every stage against the same peak
     assert "| fp32 matmul peak (" in proc.stdout and proc.stdout.count("| finetuning step,") == 2
 
@@ -223,7 +226,9 @@ def test_bench_flops_reports_peak_and_stage_gflops(tmp_path):
         plain = {str(k).split(".")[-1]: v for k, v in fc.get_flop_counts()["Global"].items()}
         non_attention = sum(_split(plain)[0].values())
         assert shapes[key] == non_attention + _attention_flops(b, length, w, layers), (name, key)
-    assert stages["finetune"]["trained_params"] == stages["finetune_fast"]["trained_params"] < pre["trained_params"]
+    trained = stages["finetune"]["trained_params"]
+    assert trained == stages["finetune_fast"]["trained_params"] < pre["trained_params"]
+
 
 
 @pytest.mark.slow

@@ -138,18 +138,20 @@ def test_preflight_names_the_llms_of_experiment_02(tmp_path, runs_dir):
     r = pc_clip("reproduce", "--profile", "paper", *llms, "--experiments", str(exp),
                 env={"PC_CLIP_DATA": str(data)})
     assert r.returncode == 2
-    assert f"generator LLM 'tiny-chat': put the model folder (with config.json) at {data}/weights/tiny-chat/" in r.stderr
+    assert (f"generator LLM 'tiny-chat': put the model folder (with config.json) at {data}/weights/tiny-chat/"
+            in r.stderr)
     assert "judge LLM 'tiny-chat'" in r.stderr and "CLIP weights" not in r.stderr
     llm = data / "weights" / "tiny-chat"
     llm.mkdir(parents=True)
     (llm / "config.json").write_text("{}")  # a download cut short: the config, not the weights
-    (llm / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
-                                                                                 "b": "model-00002-of-00002.safetensors"}}))
+    shards = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (llm / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
     (llm / "model-00001-of-00002.safetensors").write_bytes(b"")
     r = pc_clip("reproduce", "--profile", "paper", *llms, "--experiments", str(exp),
                 env={"PC_CLIP_DATA": str(data)})
     assert r.returncode == 2 and f"generator LLM 'tiny-chat': {llm} is incomplete" in r.stderr, r.stderr
-    assert "1 of the 2 weight shards model.safetensors.index.json lists (model-00002-of-00002.safetensors)" in r.stderr
+    assert ("1 of the 2 weight shards model.safetensors.index.json lists (model-00002-of-00002.safetensors)"
+            in r.stderr)
     (llm / "model-00002-of-00002.safetensors").write_bytes(b"")
     r = pc_clip("reproduce", "--profile", "paper", *llms, "--experiments", str(exp),
                 env={"PC_CLIP_DATA": str(data)})
@@ -193,7 +195,8 @@ def test_stopping_pc_clip_stops_its_kernel(tmp_path, runs_dir, sig):
     try:
         deadline = time.monotonic() + 180
         while not (out.exists() and len(out.read_text().splitlines()) >= 5):
-            assert proc.poll() is None and time.monotonic() < deadline, "the loop notebook never started writing"
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                "the loop notebook never started writing"
             time.sleep(0.1)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
@@ -261,7 +264,8 @@ def test_an_unwritable_runs_folder_exits_2_naming_it(tmp_path):
     blocked.write_text("a file where the runs folder should be")
     t0 = time.perf_counter()
     r = pc_clip("reproduce", "--experiments", str(tmp_path), env={"PC_CLIP_RUNS": str(blocked)})
-    assert r.returncode == 2 and f"cannot write to {blocked}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2, r.stderr
+    assert f"cannot write to {blocked}" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "ran").exists() and time.perf_counter() - t0 < 5
 
 
@@ -276,7 +280,8 @@ def test_a_second_run_of_the_same_notebook_and_settings_waits_its_turn(tmp_path,
     try:
         deadline = time.monotonic() + 180
         while not (tmp_path / "started").exists():
-            assert first.poll() is None and time.monotonic() < deadline, "the first run's notebook never started"
+            assert first.poll() is None and time.monotonic() < deadline, \
+                "the first run's notebook never started"
             time.sleep(0.1)
         t0 = time.perf_counter()
         second = pc_clip("reproduce", "--experiments", str(tmp_path))
@@ -308,7 +313,8 @@ def test_a_missing_t2i_base_exits_2_before_any_notebook(tmp_path):
     r = pc_clip("reproduce", "--profile", "paper", "--only", "11", env=env, timeout=300)
     out = r.stdout + r.stderr
     assert r.returncode == 2, out[-3000:]
-    assert "T2I study's base" in out and "ViT-L-14 / openai" in out and str(data / "weights" / "ViT-L-14" / "openai") in out
+    assert "T2I study's base" in out and "ViT-L-14 / openai" in out
+    assert str(data / "weights" / "ViT-L-14" / "openai") in out
     # those were found
     assert "SDXL pipeline (t2i_model)" not in out and "CLIP weights ViT-L-14 / datacomp" not in out
     # no notebook started (the writable-folder check may have made the folder)
@@ -413,7 +419,8 @@ def test_a_slow_kernel_start_is_waited_for_or_named_in_one_line(tmp_path, runs_d
     r = pc_clip("reproduce", "--experiments", str(tmp_path), "--kernel-timeout", "3", env=env)
     assert r.returncode == 2 and not (tmp_path / "ran").exists(), r.stderr[-3000:]
     errors = [l for l in r.stderr.splitlines() if l.startswith("[pc-clip]")]
-    assert len(errors) == 1 and "did not start" in errors[0] and "--kernel-timeout" in errors[0], r.stderr[-3000:]
+    assert len(errors) == 1 and "did not start" in errors[0] and "--kernel-timeout" in errors[0], \
+        r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     r = pc_clip("reproduce", "--experiments", str(tmp_path), env={**env, "PC_CLIP_KERNEL_TIMEOUT": "60"})
     assert r.returncode == 0 and (tmp_path / "ran").exists(), r.stderr[-3000:]
@@ -485,14 +492,16 @@ def test_config_lists_every_key_with_type_value_and_help():
     lines = r.stdout.splitlines()
     for f in dataclasses.fields(Config):
         row = next(i for i, l in enumerate(lines) if l.startswith(f"{f.name}: "))
-        assert f" = {getattr(get_config('paper'), f.name)!r}" in lines[row] and lines[row + 1].strip(), lines[row:row + 2]
+        assert f" = {getattr(get_config('paper'), f.name)!r}" in lines[row] and lines[row + 1].strip(), \
+            lines[row:row + 2]
     assert "pretrain_steps: int = 420" in r.stdout and "n_pairs: int = 200000  (default 12000)" in r.stdout
 
 
 def test_models_without_models_imports_no_torch(tmp_path, runs_dir):
     code = ("import sys\nfrom pc_clip.cli import main\nrc = main(['models'])\n"
-            "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in "
-            "m)[:5]")
+            "assert rc == 0 and 'torch' not in sys.modules, "
+            "sorted(m for m in sys.modules if 'torch' in m)[:5]")
+
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "no model folders" in r.stdout, r.stderr
 

@@ -211,7 +211,8 @@ def test_a_torn_line_mid_file_costs_one_record(tmp_path, caplog, glued):
     s = JsonlStore(path)
     assert len(s) == 399 and 200 not in s and 199 in s and 201 in s and 399 in s
     assert s.n_corrupt == 1 and "dropped 1 unparsable line(s)" in caplog.text
-    assert path.read_bytes().count(b"\n") == 399 and [r["key"] for r in s.records()] == [k for k in range(400) if k != 200]
+    assert path.read_bytes().count(b"\n") == 399
+    assert [r["key"] for r in s.records()] == [k for k in range(400) if k != 200]
     assert JsonlStore(path).n_corrupt == 0  # healed on disk
     assert s.append({"key": 200, "payload": "again"}) and len(JsonlStore(path)) == 400
 
@@ -290,7 +291,8 @@ def test_lock_files_removed_on_release_still_exclude(tmp_path):
 
 def test_a_lock_file_removed_while_being_taken_is_not_held(tmp_path, monkeypatch):
     """A taker opened the lock file, then its holder removed it and let go, then the taker locked it: the
-    taker must not count that as holding the lock (a third process would lock a new file of the same name), and takes the file at the path instead."""
+    taker must not count that as holding the lock (a third process would lock a new file of the same name),
+    and takes the file at the path instead."""
     import fcntl
     from pc_clip.core import runtime
     lock = tmp_path / "model.lock"
@@ -364,18 +366,22 @@ def test_one_learning_rate_trains_and_evaluates_the_same_folders(tmp_path, monke
     # every finetuned model
     assert evaluated == set(model_names(cfg)), sorted(set(model_names(cfg)) - evaluated)
     assert len(evaluated) == 10  # with the vocabulary ablation (clip/plain-captions, pc-clip/plain-captions)
-    assert not (tmp_path / "results" / "tiny" / "results.csv").exists() or "04_difference_classification" not in set(
-        read_results(tmp_path / "results" / "tiny" / "results.csv").experiment)  # not the default run's table
+    default_table = tmp_path / "results" / "tiny" / "results.csv"  # not the default run's table
+    assert not default_table.exists() or "04_difference_classification" not in set(
+        read_results(default_table).experiment)
 
     # which folder is pc-clip, at which lr, trained on which file: the manifests alone say
-    manifests = [json.loads(p.read_text()) | {"path": p.parent} for p in (tmp_path / "runs" / "tiny" / "models").glob("*/manifest.json")]
+    manifests = [json.loads(p.read_text()) | {"path": p.parent}
+                 for p in (tmp_path / "runs" / "tiny" / "models").glob("*/manifest.json")]
     (chosen,) = [m for m in manifests if m["name"] == "pc-clip" and m["role"] == "pc-clip"]
     assert chosen["path"] == model_dir(cfg, "pc-clip") and chosen["selection"]["lr"] == 1e-3
-    assert chosen["weights_sha256"] == hashlib.sha256((chosen["path"] / WEIGHTS_FILE).read_bytes()).hexdigest()
+    weights = (chosen["path"] / WEIGHTS_FILE).read_bytes()
+    assert chosen["weights_sha256"] == hashlib.sha256(weights).hexdigest()
     assert chosen["data_sha256"] == hashlib.sha256(Path(chosen["data_file"]).read_bytes()).hexdigest()
     assert chosen["settings"]["ft_lr"] == 1e-3 and chosen["parent"] == model_dir(cfg, "clip").name
     r = pc_clip("models", "--name", "pc-clip", env=env, timeout=300)
-    assert r.returncode == 0 and str(model_dir(cfg, "pc-clip")) in r.stdout and "lr=0.001" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and str(model_dir(cfg, "pc-clip")) in r.stdout and "lr=0.001" in r.stdout, \
+        r.stdout + r.stderr
 
     # issue 30: every model is listed, bases too, with the run that wrote it and its data file; -p names
     # the folders
@@ -386,9 +392,11 @@ def test_one_learning_rate_trains_and_evaluates_the_same_folders(tmp_path, monke
     assert r.returncode == 0, r.stderr
     lines = {tuple(l.split()[:2]): l for l in r.stdout.splitlines() if l and not l.startswith(" ")}
     for base in ("clip", "clip/plain-captions"):
-        assert f"run {run_name(small)}" in lines[(base, "base")] and ".attrs.csv" in lines[(base,
-                                                                                            "base")], r.stdout
-    assert "lr=0.001" in lines[("pc-clip/wavg-0.5", "weight-average")] and "alpha=0.5" in lines[("pc-clip/wavg-0.5", "weight-average")]
+        line = lines[(base, "base")]
+        assert f"run {run_name(small)}" in line and ".attrs.csv" in line, r.stdout
+    wavg = lines[("pc-clip/wavg-0.5", "weight-average")]
+    assert "lr=0.001" in wavg and "alpha=0.5" in wavg
+
     r = pc_clip("models", *p_args(SMALL_TINY, "-p", "ft_lr=1e-3"), env=env, timeout=300)
     assert r.returncode == 0 and f"run {run_name(cfg)}" in r.stdout, r.stdout + r.stderr
     for name in ("pc-clip", "clip-ft-captions", "clip"):
@@ -440,7 +448,8 @@ def test_other_settings_leave_the_default_rows_and_notebooks_byte_identical(tmp_
     other = get_config("tiny", eval_seeds=(0, 1))
     mine = read_results(tmp_path / "out" / "results" / f"tiny-{other_id(other)}" / "results.csv")
     assert sorted(mine.seed) == [0, 1] and (mine.value == 0.7).all()  # the tuple arrived as a tuple
-    assert (tmp_path / "out" / "runs" / "tiny" / f"notebooks-{other_id(other)}" / "05_zero_shot.ipynb").exists()
+    assert (tmp_path / "out" / "runs" / "tiny" / f"notebooks-{other_id(other)}" / "05_zero_shot.ipynb"
+            ).exists()
     run_json = tmp_path / "out" / "results" / f"tiny-{other_id(other)}" / "run.json"
     assert json.loads(run_json.read_text())["changed"] == {"eval_seeds": [0, 1]}
 
@@ -520,7 +529,9 @@ def test_one_registry_entry_is_trained_evaluated_and_reported(runs_dir, one_more
     # one lr (ft_lr=1e-3): each model at its own rate
     models, runs = finetune_chosen(inputs, cfg, progress=False)
     assert "pc-clip/tau-0.5" in runs and runs["pc-clip/tau-0.5"].settings.temperature == 0.5  # trained ...
-    assert is_checkpoint(model_dir(cfg, "pc-clip/tau-0.5")) and model_dir(cfg, "pc-clip/tau-0.5") != model_dir(cfg, "pc-clip")
+    assert is_checkpoint(model_dir(cfg, "pc-clip/tau-0.5"))
+    assert model_dir(cfg, "pc-clip/tau-0.5") != model_dir(cfg, "pc-clip")
+
     assert find_models(cfg, "pc-clip/tau-0.5")[0]["role"] == "ablation"
     assert "pc-clip/tau-0.5" in evaluated_models(cfg)  # ... evaluated ...
     rows, _ = run_zero_shot(cfg, evaluated_models(cfg), eval_datasets(cfg, "zero_shot"))

@@ -1,4 +1,5 @@
-"""On-disk fixture layouts of the paper's data sets, loaded through the real loaders of `pc_clip.data.datasets`."""
+"""On-disk fixture layouts of the paper's data sets, loaded through the real loaders of
+`pc_clip.data.datasets`."""
 import json
 import sys
 import types
@@ -252,7 +253,8 @@ def test_cub_real_format_with_attributes_next_to_folder(tmp_path):
     (base / "classes.txt").write_text("1 001.Black_footed_Albatross\n2 200.Common_Yellowthroat\n")
     (base / "image_class_labels.txt").write_text("1 1\n")
     (base / "train_test_split.txt").write_text("1 0\n")
-    (tmp_path / "attributes.txt").write_text("1 has_bill_shape::curved_(up_or_down)\n2 has_wing_color::blue\n")
+    (tmp_path / "attributes.txt").write_text("1 has_bill_shape::curved_(up_or_down)\n"
+                                             "2 has_wing_color::blue\n")
     (base / "attributes").mkdir()
     (base / "attributes" / "class_attribute_labels_continuous.txt").write_text(
         "0.000000 50.000000\n100.000000 25.000000\n")
@@ -410,6 +412,8 @@ def test_data_does_not_import_the_stand_ins():
     """pc_clip.data reads a checksum manifest as plain data; importing it loads neither
     pc_clip.smoke.standins nor pc_clip.testing."""
     import subprocess
-    code = "import sys, pc_clip.data.datasets; print(sorted(m for m in sys.modules if m in ('pc_clip.smoke.standins', 'pc_clip.smoke.fixtures')))"
+    code = ("import sys, pc_clip.data.datasets; print(sorted(m for m in sys.modules "
+            "if m in ('pc_clip.smoke.standins', 'pc_clip.smoke.fixtures')))")
+
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -105,7 +105,8 @@ def test_tiny_llama_loads_in_4bit_nf4_and_generates_end_to_end(tiny_llama, tmp_p
     import bitsandbytes as bnb
     model, tok = load_causal_lm(str(tiny_llama), load_in_4bit=True, device="cpu")
     lin = model.model.layers[0].mlp.down_proj
-    assert isinstance(lin, bnb.nn.Linear4bit) and lin.weight.quant_type == "nf4" and lin.weight.dtype == torch.uint8
+    assert isinstance(lin, bnb.nn.Linear4bit)
+    assert lin.weight.quant_type == "nf4" and lin.weight.dtype == torch.uint8
     assert lin.compute_dtype == torch.bfloat16 and tok.padding_side == "left" and tok.pad_token is not None
     cfg = get_config("tiny", generator=str(tiny_llama), load_in_4bit=True, device="cpu", max_new_tokens=12,
                      gen_batch_size=2)
@@ -251,8 +252,8 @@ WORKER = textwrap.dedent("""
 
     backend = T.oracle(noise=0.3); backend.differences_fn = slow
     timeout = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
-    generate_differences(sample_pairs(T.CORPUS, 120, seed=5), backend, sys.argv[1], batch_size=3, progress=False,
-                         lock_timeout=timeout)
+    generate_differences(sample_pairs(T.CORPUS, 120, seed=5), backend, sys.argv[1], batch_size=3,
+                         progress=False, lock_timeout=timeout)
 """)
 
 
@@ -630,7 +631,8 @@ def test_openai_judge_sends_key_only_in_the_header(openai_env, tmp_path, caplog)
     assert len(srv.requests) == 4
     req = srv.requests[0]
     # names are case-free
-    assert req["path"] == "/v1/chat/completions" and {k.lower(): v for k, v in req["headers"].items()}["authorization"] == f"Bearer {KEY}"
+    headers = {k.lower(): v for k, v in req["headers"].items()}
+    assert req["path"] == "/v1/chat/completions" and headers["authorization"] == f"Bearer {KEY}"
     assert req["body"]["model"] == "gpt-4o-mini" and req["body"]["temperature"] == 0
     assert "A large red glorp." in req["body"]["messages"][-1]["content"]
     assert KEY not in json.dumps(req["body"])
@@ -708,7 +710,10 @@ SERVED_KEY = "sk-served-test-not-a-real-key"
 CORPUS_CODE = """
 import pandas as pd
 SERVED_CORPUS = pd.DataFrame({"image_id": list(range(40)),
-                       "caption": [f"A {s} {c} glorp number {k}." for k, (s, c) in enumerate(zip(["small", "large"] * 20, ["red", "blue", "green", "teal"] * 10))],
+                       "caption": [f"A {s} {c} glorp number {k}." for k, (s, c)
+                                   in enumerate(zip(["small", "large"] * 20,
+                                                    ["red", "blue", "green", "teal"] * 10))],
+
                        "category": ["a", "b", "c", "d"] * 10})
 """
 
@@ -720,7 +725,8 @@ CLIENT = textwrap.dedent("""
     from pc_clip.differences.llm import OpenAIBackend
 """) + CORPUS_CODE + textwrap.dedent("""
     backend = OpenAIBackend(sys.argv[2], max_new_tokens=16, batch_size=2, concurrency=2)
-    generate_differences(sample_pairs(SERVED_CORPUS, int(sys.argv[3]), seed=1), backend, sys.argv[1], progress=False)
+    generate_differences(sample_pairs(SERVED_CORPUS, int(sys.argv[3]), seed=1), backend, sys.argv[1],
+                         progress=False)
 """)
 
 
@@ -760,7 +766,9 @@ def test_served_generator_uses_the_same_prompts_parser_and_store(served_env, tmp
         assert len(r["statements"]) + len(r["rejected"]) >= 1  # every piece parsed and accounted for
     # resumes, no requests
     assert generate_differences(pairs, backend, tmp_path / "d.jsonl", progress=False) == recs
-    assert SERVED_KEY not in (tmp_path / "d.jsonl").read_text() and SERVED_KEY not in json.dumps(recs) and SERVED_KEY not in caplog.text
+    assert SERVED_KEY not in (tmp_path / "d.jsonl").read_text() and SERVED_KEY not in json.dumps(recs)
+    assert SERVED_KEY not in caplog.text
+
     assert SERVED_KEY not in repr(backend) and SERVED_KEY not in json.dumps(backend.config)
 
 

@@ -1,4 +1,5 @@
-"""Tests of `pc_clip.evaluation`: pure metrics, task builders, the runner, comparative prompting and geometry."""
+"""Tests of `pc_clip.evaluation`: pure metrics, task builders, the runner, comparative prompting and
+geometry."""
 import itertools
 import numpy as np
 import pandas as pd
@@ -112,7 +113,8 @@ def test_samples_are_seeded_and_rows_follow_the_contract():
                         "difference_classification", "d", {"wording": "train"})
     b = evaluation_rows(difference_classification(emb, level, fn, ENC, n_images=30, seeds=(0, 1)), "m",
                         "difference_classification", "d", {"wording": "train"})
-    assert [{k: v for k, v in r.items() if k != "items"} for r in a] == [{k: v for k, v in r.items() if k != "items"} for r in b]
+    without_items = lambda rows: [{k: v for k, v in r.items() if k != "items"} for r in rows]
+    assert without_items(a) == without_items(b)
     assert [r["seed"] for r in a] == [0, 1]
     assert {(r["model"], r["task"], r["dataset"], r["condition"], r["metric"]) for r in a} == {
         ("m", "difference_classification", "d", "wording=train", "accuracy")}
@@ -195,7 +197,8 @@ def test_alpha_one_equals_zero_shot():
                             dim=0) for p in known_pairs(top_confused_pairs(zs["confusion"], 3))}
     assert diffs
     at_one = comparative_prompting(img, labels, class_emb, diffs, 1.0)
-    assert at_one["accuracy"] == zs["accuracy"] and at_one["worst_class_accuracy"] == zs["worst_class_accuracy"]
+    assert at_one["accuracy"] == zs["accuracy"]
+    assert at_one["worst_class_accuracy"] == zs["worst_class_accuracy"]
     moved = comparative_prompting(img, labels, class_emb, diffs, 0.5)
     assert len(moved["outcomes"]["confused_class_accuracy"]) == np.isin(labels, [b for _, b in diffs]).sum()
 
@@ -226,11 +229,13 @@ def test_rows_fit_the_results_table_and_the_report(tmp_path, monkeypatch):
     assert set(table.condition) == {"wording=heldout", "alpha=1;split=val", "alpha=0.9;split=val"}
     assert table[["ci_low", "ci_high"]].notna().all().all()
     sentence = direction_sentences(table, "difference_classification")[0]
-    assert sentence.startswith("pc-clip vs clip on world/level [wording=heldout] (accuracy): 1.000 vs") and sentence.endswith("(better)")
+    assert sentence.startswith("pc-clip vs clip on world/level [wording=heldout] (accuracy): 1.000 vs")
+    assert sentence.endswith("(better)")
     claim = Claim("held", "held-out wordings", "difference_classification", "pc-clip", "clip",
                   conditions=(("wording", "heldout"),))
     v = claim_verdicts(table, items, [claim]).iloc[0]
-    assert v.agrees == "yes" and v.ci_low > 0 and v.n_items == len(items[(items.model == "clip") & (items.task == "difference_classification")])
+    clip_items = items[(items.model == "clip") & (items.task == "difference_classification")]
+    assert v.agrees == "yes" and v.ci_low > 0 and v.n_items == len(clip_items)
 
 
 def test_world_tasks_report_heldout_wordings():
@@ -243,7 +248,8 @@ def test_world_tasks_report_heldout_wordings():
     assert all("@" not in t.dataset and "=" not in t.dataset for t in tasks)
     for t in base:
         h = held[key(t)]
-        pairs = [(a, b) for a in sorted(set(t.labels.tolist())) for b in sorted(set(t.labels.tolist())) if a != b]
+        labels = sorted(set(t.labels.tolist()))
+        pairs = [(a, b) for a in labels for b in labels if a != b]
         as_list = lambda x: [x] if isinstance(x, str) else list(x or [])
         texts = lambda task: {s for p in pairs for s in as_list(task.text_fn(*p))}
         assert texts(t) and texts(h) and not texts(t) & texts(h), key(t)
@@ -313,7 +319,8 @@ def test_paper_task_builders_on_fixtures(tmp_path):
     with accept_fixture_checksums():
         awa = load_dataset("awa2", make_fixture("awa2", tmp_path, n_per_class=2), "all")
     (task,) = build_difference_tasks(awa, awa.labels, cfg)
-    texts = [task.text_fn(a, b) for a in range(len(awa.classnames)) for b in range(len(awa.classnames)) if a != b]
+    n = len(awa.classnames)
+    texts = [task.text_fn(a, b) for a in range(n) for b in range(n) if a != b]
     assert task.dataset == "awa2/attributes" and any(texts)
     assert all(t.startswith("The first image") for t in texts if t)
     with pytest.raises(ValueError, match="no difference task"):
@@ -383,7 +390,8 @@ def test_perfect_retrieval_with_several_captions_per_image():
     owner = np.repeat(np.arange(40), 5)  # five captions per image, as on COCO
     txt = F.normalize(img[owner] + 0.05 * _unit(200, 32, 1), dim=-1)
     rec = M.retrieval(img, txt, owner)
-    assert {k: v for k, v in rec.items() if k != "outcomes"} == {f"recall@{k}_{d}": 1.0 for k in (1, 5, 10) for d in ("i2t", "t2i")}
+    recalls = {f"recall@{k}_{d}": 1.0 for k in (1, 5, 10) for d in ("i2t", "t2i")}
+    assert {k: v for k, v in rec.items() if k != "outcomes"} == recalls
 
 
 def test_retrieval_counts_any_caption_and_is_chunk_invariant():
@@ -450,7 +458,8 @@ def test_probe_chooses_C_on_validation_and_scores_test_once():
     centres = 6 * rng.normal(size=(4, 16))
     feat = lambda y: centres[y] + rng.normal(size=(len(y), 16)) * 0.2
     r = M.linear_probe(feat(y_tr), y_tr, feat(y_va), y_va, feat(y_te), y_te, Cs=(1.0, 0.01))
-    assert r["accuracy"] == 1.0 and set(r["validation"]) == {0.01, 1.0} and r["C"] == M.best_on_validation(r["validation"])
+    assert r["accuracy"] == 1.0 and set(r["validation"]) == {0.01, 1.0}
+    assert r["C"] == M.best_on_validation(r["validation"])
     assert len(r["outcomes"]["accuracy"]) == 100
     # validation labels that are noise: the choice follows them, the test score does not see them
     noisy = M.linear_probe(feat(y_tr), y_tr, feat(y_va), rng.integers(0, 4, 100), feat(y_te), y_te,
@@ -509,7 +518,8 @@ def test_runners_end_to_end_on_stand_in_models(runs_dir, capsys):
     save_checkpoint(a, model_dir(cfg, "clip"), "pc-clip-tiny")
     save_checkpoint(a, model_dir(cfg, "pc-clip"), "pc-clip-tiny")
     with torch.no_grad():  # a text-only change: image numbers must stay identical, text numbers must move
-        a.transformer.resblocks[-1].mlp.c_proj.weight.add_(0.5 * torch.randn_like(a.transformer.resblocks[-1].mlp.c_proj.weight))
+        weight = a.transformer.resblocks[-1].mlp.c_proj.weight
+        weight.add_(0.5 * torch.randn_like(weight))
     save_checkpoint(a, model_dir(cfg, "pc-clip/mse"), "pc-clip-tiny")
     save_checkpoint(b, model_dir(cfg, "pc-clip/both-towers"), "pc-clip-tiny")
     names = ["clip", "pc-clip", "pc-clip/mse", "pc-clip/both-towers", "clip-ft-captions"]
@@ -519,7 +529,8 @@ def test_runners_end_to_end_on_stand_in_models(runs_dir, capsys):
     assert "skipping model clip-ft-captions" in capsys.readouterr().out
     for df in (rr, gr, pr):
         assert set(df.model) == set(names[:4])
-    val = lambda df, m, metric, ds="world": df[(df.model == m) & (df.metric == metric) & (df.dataset == ds)].value.item()
+    val = lambda df, m, metric, ds="world": df[(df.model == m) & (df.metric == metric)
+                                               & (df.dataset == ds)].value.item()
     assert (pr[pr.model == "pc-clip/mse"].value.to_numpy() == pr[pr.model == "clip"].value.to_numpy()).all()
     assert set(pr.condition) >= {"", "C=0.1;split=val", "C=1;split=val"}
     assert val(gr, "pc-clip/mse", "analogy_accuracy") == val(gr, "clip", "analogy_accuracy")
@@ -527,7 +538,8 @@ def test_runners_end_to_end_on_stand_in_models(runs_dir, capsys):
     assert val(gr, "pc-clip", "text_direction_cosine") == val(gr, "clip", "text_direction_cosine")
     assert rr[rr.model == "clip"].n.max() == 180  # 60 images x 3 captions
     assert (rr[rr.model == "pc-clip"].value.to_numpy() == rr[rr.model == "clip"].value.to_numpy()).all()
-    assert rr[["ci_low", "ci_high"]].notna().all().all() and (rr.ci_low <= rr.value).all() and (rr.value <= rr.ci_high).all()
+    assert rr[["ci_low", "ci_high"]].notna().all().all()
+    assert (rr.ci_low <= rr.value).all() and (rr.value <= rr.ci_high).all()
 
 
 def test_retrieval_runner_reads_coco_on_paper_style_configs(runs_dir, tmp_path, monkeypatch):
@@ -564,7 +576,9 @@ def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monke
     class Writer:  # a stand-in generator: one statement per pair, naming the pair (so each text differs)
         name, batch_size, config = "tiny-chat", 16, {}
         def generate(self, items, task="differences"):
-            return [{"raw": f"The first image is brighter than the second image number {it['i'] % 97}."} for it in items]
+            return [{"raw": f"The first image is brighter than the second image number {it['i'] % 97}."}
+                    for it in items]
+
 
     recs = P.write_heldout_differences(cfg, Writer(), progress=False)
     intact = load_coco(tmp_path / "data", "val")

@@ -1,8 +1,9 @@
 """Figures a reader can read: one colour per model in every figure, and every figure within a notebook column.
 
-Every figure function of the workbook is drawn here on a table shaped like the default run's (14 difference cells,
-every evaluated model, the alpha sweep, fifteen claims, three loss panels, the finetuning sweep) and saved as the
-experiments save it (`pc_clip.core.runtime.save_figure`).
+Every figure function of the workbook is drawn here on a table shaped like the default run's (14 difference
+cells, every evaluated model, the alpha sweep, fifteen claims, three loss panels, the finetuning sweep) and
+saved as the experiments save it (`pc_clip.core.runtime.save_figure`).
+
 """
 import numpy as np
 import pandas as pd
@@ -60,7 +61,8 @@ def _verdicts() -> pd.DataFrame:
 
 def _losses() -> dict:
     curve = lambda k: pd.Series(2.0 / (1 + np.arange(50) / (5 + k)), index=np.arange(50) / 25)
-    return {"difference (contrastive)": {m: curve(k) for k, m in enumerate(MODELS) if m.startswith("pc-clip") and "mse" not in m},
+    return {"difference (contrastive)": {m: curve(k) for k, m in enumerate(MODELS)
+                                         if m.startswith("pc-clip") and "mse" not in m},
             "difference (MSE)": {"pc-clip/mse": curve(3)},
             "captions (CLIP loss)": {m: curve(k) for k,
                                      m in enumerate(["clip-ft-captions", "clip-ft-rewritten"])}}
@@ -116,8 +118,8 @@ def _model_colours(fig) -> dict[str, set]:
     for legend in fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]:
         for handle, text in zip(legend.legend_handles, legend.get_texts()):
             if text.get_text() in PALETTE_NAMES:
-                colour = handle.get_facecolor() if hasattr(handle, "get_facecolor") and not hasattr(handle, "get_xdata") \
-                    else handle.get_color()
+                patch = hasattr(handle, "get_facecolor") and not hasattr(handle, "get_xdata")
+                colour = handle.get_facecolor() if patch else handle.get_color()
                 seen.setdefault(text.get_text(), set()).add(to_hex(colour))
     for ax in fig.axes:
         labels = [t.get_text() for t in ax.get_yticklabels()]
@@ -135,7 +137,9 @@ def test_each_model_has_one_colour_across_all_figures(drawn):
     everywhere: dict[str, set] = {}
     for name, fig in drawn.items():
         for model, colours in _model_colours(fig).items():
-            assert colours == {PALETTE[model]}, f"{name}: {model} drawn in {colours}, its colour is {PALETTE[model]}"
+            assert colours == {PALETTE[model]}, \
+                f"{name}: {model} drawn in {colours}, its colour is {PALETTE[model]}"
+
             everywhere.setdefault(model, set()).update(colours)
     assert set(MODELS) <= set(everywhere), f"models never seen with a colour: {set(MODELS) - set(everywhere)}"
     colours = [PALETTE[m] for m in MODELS]

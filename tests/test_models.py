@@ -106,8 +106,9 @@ def test_cached_embeddings_keep_the_skip_count(tiny, runs_dir, tmp_path):
 
 
 def test_checkpoints_of_the_configured_epochs_are_kept(tiny, runs_dir):
-    """The paper keeps its models after epochs 10 and 20 (`ft_keep_epochs`); here epoch 2 of 4 stays beside the
-    newest, the others are deleted, and the kept one holds the weights a 2-epoch run ends with."""
+    """The paper keeps its models after epochs 10 and 20 (`ft_keep_epochs`); here epoch 2 of 4 stays beside
+    the newest, the others are deleted, and the kept one holds the weights a 2-epoch run ends with."""
+
     from safetensors.torch import load_file
     from pc_clip.training.state import epoch_checkpoints
     assert get_config("paper").ft_keep_epochs == (10, 20) and get_config("tiny").ft_keep_epochs == ()

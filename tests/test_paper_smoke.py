@@ -1,9 +1,10 @@
 """The `paper` code path end to end: `pc-clip reproduce --profile paper-smoke`, exactly as a user types it.
 
-The command builds its own stand-ins (a random small CLIP under `weights/<arch>/<tag>/`, a chat LM trained on the
-CPU and loaded in 4-bit, a tiny SDXL pipeline, fixtures of the seven data sets in their official layouts) into
-`data/paper-smoke/` (git-ignored, kept between runs, so the chat LM is trained once per checkout) and runs every
-experiment notebook on them. The test checks that every notebook ran and that the results table has rows for
+The command builds its own stand-ins (a random small CLIP under `weights/<arch>/<tag>/`, a chat LM trained
+on the CPU and loaded in 4-bit, a tiny SDXL pipeline, fixtures of the seven data sets in their official
+layouts) into `data/paper-smoke/` (git-ignored, kept between runs, so the chat LM is trained once per
+checkout) and runs every experiment notebook on them.
+ The test checks that every notebook ran and that the results table has rows for
 each paper data set in each task of the paper, for the base and the finetuned model.
 """
 import time
@@ -54,7 +55,8 @@ def test_paper_smoke_reproduction(tmp_path, monkeypatch):
         for model in ("clip", "pc-clip"):
             # awa2/attributes is an awa2 task
             found = {d.split("/")[0] for d in rows[rows.model == model].dataset}
-            assert datasets <= found, f"{task} / {model}: no rows for {sorted(datasets - found)} (has {sorted(found)})"
+            assert datasets <= found, \
+                f"{task} / {model}: no rows for {sorted(datasets - found)} (has {sorted(found)})"
     t2i = results[results.task.str.startswith("t2i")]
     assert len(t2i) and {"clip", "pc-clip"} <= set(t2i.model), sorted(set(t2i.model))
     named = {d.split("/")[0] for d in results.dataset}
@@ -70,13 +72,16 @@ def test_paper_smoke_reproduction(tmp_path, monkeypatch):
     cfg = get_config("paper-smoke", n_pairs=64, data_root=str(REPO / "data" / "paper-smoke"))
     base, tuned = load_clip(cfg, "clip",
                             device="cpu")[0].state_dict(), load_weights(model_dir(cfg, "pc-clip"))
-    assert base.keys() == tuned.keys() and any(not (base[k] == tuned[k]).all() for k in base), "pc-clip == clip"
+    assert base.keys() == tuned.keys()
+    assert any(not (base[k] == tuned[k]).all() for k in base), "pc-clip == clip"
     results = read_results(cfg)  # numbers as numbers
     diff = results[results.task == "difference_classification"].pivot_table(index=["dataset", "condition",
                                                                                    "metric"],
                                                                                columns="model",
                                                                                values="value")
-    assert (diff["pc-clip"] != diff["clip"]).any(), "every pc-clip difference-classification number equals clip's"
+    assert (diff["pc-clip"] != diff["clip"]).any(), \
+        "every pc-clip difference-classification number equals clip's"
+
 
     # the claims: paper data only, and decided wherever this profile measures them
     items = read_items(cfg)

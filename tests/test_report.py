@@ -218,6 +218,8 @@ def test_report_counts_every_measured_claim(runs_dir):
                 "zero_shot_worst_class",
                 "comparative_prompting", "baseline_captions"}
     others = [c.name for c in PAPER_CLAIMS if not c.control and c.name not in measured]
-    line = f"5 of 6 measured claims agree with the paper; {len(others)} not measured, not counted: {', '.join(others)}."
+    line = (f"5 of 6 measured claims agree with the paper; {len(others)} not measured, not counted: "
+            f"{', '.join(others)}.")
+
     assert line in text, text.split("**Controls**")[0]
     assert "no gain (validation chose alpha=1)" in text

@@ -51,7 +51,8 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
     results = pd.read_csv(results_path(cfg))
     assert not results.duplicated(["experiment", "model", "task", "dataset", "condition", "metric",
                                    "seed"]).any()
-    assert not results["dataset"].astype(str).str.contains("[@=]").any(), "settings belong in the condition column"
+    assert not results["dataset"].astype(str).str.contains("[@=]").any(), \
+        "settings belong in the condition column"
     tasks = set(results.task)
     for task in ["pretrain", "difference_classification", "zero_shot", "comparative_prompting", "retrieval",
                  "geometry", "linear_probe", "t2i_arithmetic"]:
@@ -76,14 +77,16 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
     executed = {p.name[:2]: p for p in notebooks_dir(cfg).glob("*.ipynb")}
     for number in FIGURE_NOTEBOOKS:
         outputs = _outputs(executed[number])
-        assert any("image/png" in o.get("data", {}) for o in outputs), f"{executed[number].name} shows no figure inline"
+        assert any("image/png" in o.get("data", {}) for o in outputs), \
+            f"{executed[number].name} shows no figure inline"
     for nb in executed.values():
         # (a library's warning names its file)
         text = "\n".join(l for o in _outputs(nb) for l in _text(o).splitlines() if "site-packages" not in l)
         for place in (str(tmp_path), str(REPO)):
-            assert place not in text, f"{nb.name} prints an absolute path: {[l for l in text.splitlines() if place in l][:3]}"
-        reused = [re.sub(r"^\d\d:\d\d:\d\d ", "",
-                         l) for l in text.splitlines() if "reusing" in l and "image embeddings" in l]
+            named = [line for line in text.splitlines() if place in line][:3]
+            assert place not in text, f"{nb.name} prints an absolute path: {named}"
+        reused = [re.sub(r"^\d\d:\d\d:\d\d ", "", l) for l in text.splitlines()
+                  if "reusing" in l and "image embeddings" in l]
         assert len(reused) == len(set(reused)), f"{nb.name} repeats: {reused}"
 
     # the explorer beyond the paper runs headless on the models of this run, with its fixed selection
@@ -100,4 +103,6 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
     before = ck.stat().st_mtime_ns
     r2 = _reproduce(env, "--only", "01,03")
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert ck.stat().st_mtime_ns == before, "a rerun with unchanged inputs must reuse the finetuned checkpoint"
+    assert ck.stat().st_mtime_ns == before, \
+        "a rerun with unchanged inputs must reuse the finetuned checkpoint"
+

@@ -1,4 +1,5 @@
-"""Tests of `pc_clip.studies`: the noise curve, the difference loss during pretraining, the base-capacity study."""
+"""Tests of `pc_clip.studies`: the noise curve, the difference loss during pretraining, the base-capacity
+study."""
 import numpy as np
 import open_clip
 import pandas as pd
@@ -140,7 +141,9 @@ def test_capacity_study_measures_a_base_end_to_end_caches_it_and_tidies_it(tmp_p
     assert "world/size|wording=train" in cells and "world/count|wording=heldout" in cells
     front = pd.DataFrame(m["front"])
     assert {"training wordings", "held-out wordings"} <= set(front["cell"])
-    assert (front["ci_low"] <= front["gain"] + 1e-9).all() and (front["gain"] <= front["ci_high"] + 1e-9).all()
+    assert (front["ci_low"] <= front["gain"] + 1e-9).all()
+    assert (front["gain"] <= front["ci_high"] + 1e-9).all()
+
     assert m["pretrain_gflop"] == pytest.approx(m["step_gflop"] * 4)
     assert m["steps"] == 4  # the small study's reference budget
     # a second call reads the cache: the same numbers, no training

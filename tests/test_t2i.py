@@ -32,7 +32,8 @@ def pipe():
 def test_clip_tokenizer_matches_open_clip(tiny_clip):
     _, _, oc_tok = tiny_clip
     tok = T.clip_tokenizer(32)
-    for text in ["a photo of a glorp", "The second photo has a brighter glorp than the first photo.", "two mibs, in water!"]:
+    for text in ["a photo of a glorp", "The second photo has a brighter glorp than the first photo.",
+                 "two mibs, in water!"]:
         ids = tok(text).input_ids
         assert ids == oc_tok([text])[0, :len(ids)].tolist()
 
@@ -139,7 +140,9 @@ def test_sdxl_missing_weights_is_a_clear_error():
 
 def test_t2i_study_base_and_paper_h14_not_applicable():
     assert S.t2i_base(get_config("paper")) == ("ViT-L-14", "openai")
-    assert S.t2i_not_applicable(get_config("paper")) is None and S.t2i_not_applicable(get_config("tiny")) is None
+    assert S.t2i_not_applicable(get_config("paper")) is None
+    assert S.t2i_not_applicable(get_config("tiny")) is None
+
     h14 = get_config("paper-h14")
     if S.t2i_base(h14) is None:  # the default (Config.t2i_clip_model may set otherwise)
         msg = S.t2i_not_applicable(h14)

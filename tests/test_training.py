@@ -213,7 +213,8 @@ def test_slowed_run_gives_bit_identical_weights(small_world):
                                       on_step=slow_step)
     assert slept == [0, 1, 2, 3] and h_slow["seconds"] >= 1.0  # really slowed down, after every step ...
     assert h_fast["steps"] == h_slow["steps"] == 4 and h_slow["loss"] == h_fast["loss"]
-    assert h_slow["lr"] == h_fast["lr"] and h_fast["lr"][-1] == pytest.approx(cfg.pretrain_lr * warmup_cosine(3, 4))
+    assert h_slow["lr"] == h_fast["lr"]
+    assert h_fast["lr"][-1] == pytest.approx(cfg.pretrain_lr * warmup_cosine(3, 4))
     assert _same_weights(m_fast, m_slow)  # ... and still bit-identical
     assert torch.get_num_threads() == before  # the caller's thread count is restored
 
@@ -320,7 +321,8 @@ def test_no_import_circle_between_selection_and_finetune_plan():
 
 
 def test_nothing_feasible_takes_smallest_shortfall_and_says_so():
-    table, chosen = choose_setting(candidate_table(pd.DataFrame(_rows({k: CANDS[k] for k in [(1e-3, 1.0), (2e-3, 1.0)]}))))
+    two = {k: CANDS[k] for k in [(1e-3, 1.0), (2e-3, 1.0)]}
+    table, chosen = choose_setting(candidate_table(pd.DataFrame(_rows(two))))
     assert (chosen.lr, chosen.alpha, bool(chosen.feasible)) == (1e-3, 1.0, False)
 
 
@@ -339,7 +341,8 @@ def test_grid_and_candidate_folders():
     # a run with one learning rate finds the sweep's finetune at that rate
     assert model_dir(get_config("tiny", ft_lr=2e-3), "pc-clip") == candidate_folders(cfg)[(2e-3, 1.0)]
     paper = get_config("paper")
-    assert sweep_grid(paper) == [(paper.ft_lr, 1.0)] and list(candidate_folders(paper).values()) == [model_dir(paper, "pc-clip")]
+    assert sweep_grid(paper) == [(paper.ft_lr, 1.0)]
+    assert list(candidate_folders(paper).values()) == [model_dir(paper, "pc-clip")]
 
 
 def test_saved_choice_is_what_later_experiments_load_as_pc_clip():
@@ -382,13 +385,15 @@ def test_targets_on_test_ignore_validation_rows():
                        _outcome_items("clip", "zero_shot", "accuracy", hits(0), "split=val"),
                        _outcome_items("pc-clip", "zero_shot", "accuracy", hits(100), "split=val")])
     t = target_check(pd.DataFrame(rows), items=items).set_index("target")
-    assert t.loc["zero-shot accuracy", "items"] == 100 and abs(t.loc["zero-shot accuracy", "change"] + 0.02) < 1e-9
+    assert t.loc["zero-shot accuracy", "items"] == 100
+    assert abs(t.loc["zero-shot accuracy", "change"] + 0.02) < 1e-9
     # the two lost items give an interval from -0.05 or so to 0: it straddles the -0.01 threshold
     assert t.loc["zero-shot accuracy", "ci_low"] < -0.01 < t.loc["zero-shot accuracy", "ci_high"] <= 0
     assert t.loc["zero-shot accuracy", "met"] == "inconclusive"
     # without per-item outcomes: the point change of the test rows (the validation row ignored), no verdict
     bare = target_check(pd.DataFrame(rows)).set_index("target")
-    assert bare.loc["zero-shot accuracy", "met"] == "not measured" and abs(bare.loc["zero-shot accuracy", "change"] + 0.02) < 1e-9
+    assert bare.loc["zero-shot accuracy", "met"] == "not measured"
+    assert abs(bare.loc["zero-shot accuracy", "change"] + 0.02) < 1e-9
     assert np.isnan(bare.loc["zero-shot accuracy", "ci_low"]) and bare.loc["zero-shot accuracy", "items"] == 0
 
 
@@ -427,7 +432,8 @@ def test_target_verdicts_follow_the_interval_on_constructed_outcomes():
     # 0 > -0.01
     assert t.loc["zero-shot accuracy", "met"] == "yes" and t.loc["zero-shot accuracy", "ci_low"] == 0.0
     worst = t.loc["worst-class zero-shot accuracy"]
-    assert worst["met"] == "yes" and abs(worst["clip"] - min(base[classes == k].mean() for k in range(4))) < 1e-12
+    assert worst["met"] == "yes"
+    assert abs(worst["clip"] - min(base[classes == k].mean() for k in range(4))) < 1e-12
     ret = t.loc["mean retrieval recall"]
     assert ret["ci_high"] < -0.02 and ret["met"] == "no" and ret["ci_high"] <= 0
     assert t.loc["difference classification, training wordings", "met"] == "yes"
@@ -449,7 +455,8 @@ def test_validation_retrieval_is_experiment_07s_protocol_on_the_val_images(runs_
                                                                                  (ast.Assign, ast.AnnAssign))}
     assert ast.literal_eval(assigned["n_images"]) == RETRIEVAL_IMAGES
     sig = inspect.signature(validation_outcomes).parameters
-    assert sig["retrieval_images"].default == RETRIEVAL_IMAGES and sig["n_captions"].default == RETRIEVAL_CAPTIONS
+    assert sig["retrieval_images"].default == RETRIEVAL_IMAGES
+    assert sig["n_captions"].default == RETRIEVAL_CAPTIONS
     assert inspect.signature(run_retrieval).parameters["n_captions"].default == RETRIEVAL_CAPTIONS
     # and the protocol is one: on a world whose val and test splits are swapped, experiment 07's runner
     # scores the
@@ -466,7 +473,8 @@ def test_validation_retrieval_is_experiment_07s_protocol_on_the_val_images(runs_
     assert len(test) == 6
     for row in test:
         mine = val[val["item"].str.startswith(row["metric"] + "|")]
-        assert len(mine) == len(row["items"]) == (40 if row["metric"].endswith("i2t") else 40 * RETRIEVAL_CAPTIONS)
+        n_items = 40 if row["metric"].endswith("i2t") else 40 * RETRIEVAL_CAPTIONS
+        assert len(mine) == len(row["items"]) == n_items
         assert (mine["value"].to_numpy() == row["items"]["value"].to_numpy()).all(), row["metric"]
 
 
@@ -740,5 +748,7 @@ def test_every_compared_model_gets_the_same_search():
     folders = {model_dir(cfg, n, lr=lr, alpha=a) for n in swept_models(cfg) for lr, a in grid}
     assert len(folders) == len(grid) * len(swept_models(cfg))  # no two candidates share a folder
     paper = get_config("paper")  # no grid: each trains at its own configured rate
-    assert candidate_lr(paper, "clip-ft-captions") == paper.caption_ft_lr and candidate_lr(paper, "pc-clip") == paper.ft_lr
+    assert candidate_lr(paper, "clip-ft-captions") == paper.caption_ft_lr
+    assert candidate_lr(paper, "pc-clip") == paper.ft_lr
+
     assert "pc-clip/plain-captions" not in swept_models(paper)  # an ablation of the world's captions

@@ -33,8 +33,10 @@ def _text(o: dict) -> str:
 
 # --- the kernel ---------------------------------------------------------------------------------------------
 def test_every_notebook_names_the_pc_clip_kernel():
-    lacking = [str(p.relative_to(REPO)) for p in set_kernelspec.notebooks() if set_kernelspec.set_kernelspec(p, write=False)]
-    assert set_kernelspec.notebooks() and not lacking, f"notebooks without the pc-clip kernel (run tools/set_kernelspec.py): {lacking}"
+    lacking = [str(p.relative_to(REPO)) for p in set_kernelspec.notebooks()
+               if set_kernelspec.set_kernelspec(p, write=False)]
+    assert set_kernelspec.notebooks() and not lacking, \
+        f"notebooks without the pc-clip kernel (run tools/set_kernelspec.py): {lacking}"
     for p in set_kernelspec.notebooks():
         assert json.loads(p.read_text())["metadata"]["kernelspec"]["name"] == "pc-clip"
 
@@ -82,7 +84,8 @@ def test_reproduce_prints_progress_by_default(run00):
     # the project's log lines come through
     assert re.search(r"^  \d\d:\d\d:\d\d INFO pc_clip\.", out, re.M), out
     assert "without encryption" not in r.stderr + out  # the kernel talks over IPC, not TCP
-    assert json.loads((runs / "runs" / "tiny" / "notebooks" / "timings.json").read_text())["00_environment.ipynb"] > 0
+    timings = json.loads((runs / "runs" / "tiny" / "notebooks" / "timings.json").read_text())
+    assert timings["00_environment.ipynb"] > 0
 
 
 @pytest.mark.slow
@@ -134,7 +137,8 @@ def test_executed_notebook_is_clean(run00):
 @pytest.mark.slow
 def test_experiment_00_checks_its_parameters(tmp_path):
     r = pc_clip("reproduce", "--only", "00", "-p", "n_images=-3", env={"PC_CLIP_RUNS": str(tmp_path)})
-    assert r.returncode == 1 and "n_images must be a positive integer" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode == 1 and "n_images must be a positive integer" in r.stderr, \
+        r.stdout[-2000:] + r.stderr[-2000:]
 
 
 # --- paths, help, list --------------------------------------------------------------------------------------
@@ -159,7 +163,8 @@ def test_help_version_and_list():
     v = pc_clip("--version")
     assert v.returncode == 0 and v.stdout.strip() == f"pc-clip {__version__}"
     listed = pc_clip("list").stdout
-    for nb in sorted(p for p in (REPO / "nbs" / "experiments").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts):
+    experiments = (REPO / "nbs" / "experiments").rglob("*.ipynb")
+    for nb in sorted(p for p in experiments if ".ipynb_checkpoints" not in p.parts):
         assert nb.name in listed, f"{nb} not listed:\n{listed}"
     assert "nbs/experiments/beyond/" in listed
 
@@ -226,7 +231,9 @@ def test_jupyterlab_serves_repo_notebook(tmp_path):
         specs = json.loads(urllib.request.urlopen(urllib.request.Request(
             f"http://127.0.0.1:{port}/api/kernelspecs", headers={"Authorization": f"token {token}"}),
             timeout=10).read())
-        assert "pc-clip" in specs["kernelspecs"], f"JupyterLab knows {sorted(specs['kernelspecs'])}; run make install"
+        assert "pc-clip" in specs["kernelspecs"], \
+            f"JupyterLab knows {sorted(specs['kernelspecs'])}; run make install"
+
         lab = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/lab",
                                                             headers={"Authorization": f"token {token}"}),
                                                             timeout=10)
