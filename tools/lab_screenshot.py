@@ -1,18 +1,19 @@
 """Screenshot of JupyterLab with one library and one experiment notebook open on the `pc-clip` kernel.
 
     python tools/lab_screenshot.py [--out figures/jupyterlab_pc_clip_kernel.png]
-    python tools/lab_screenshot.py --executed runs/tiny/notebooks/05_zero_shot.ipynb [--out figures/jupyterlab_experiment_figure.png]
+    python tools/lab_screenshot.py --executed runs/tiny/notebooks/05_zero_shot.ipynb \\
+        [--out figures/jupyterlab_experiment_figure.png]
 
-With `--executed`, JupyterLab opens one executed experiment notebook (papermill's copy under `runs/`), scrolls to its
-first figure (`--figure N`: another) and takes the screenshot with the figure in view; it also says whether the notebook's tab was marked
-modified on opening (it should not be).
+With `--executed`, JupyterLab opens one executed experiment notebook (papermill's copy under `runs/`), scrolls
+to its first figure (`--figure N`: another) and takes the screenshot with the figure in view; it also says
+whether the notebook's tab was marked modified on opening (it should not be).
 
 Starts JupyterLab on 127.0.0.1 (a free port, a fresh token, its own runtime and workspace folders), lays out a
 workspace with `nbs/core/01_runtime.ipynb` beside `nbs/experiments/00_environment.ipynb`, opens it in headless
 Chromium driven through chromedriver's W3C HTTP interface (Debian's `chromium` and `chromium-driver`:
 `apt-get install -y chromium chromium-driver`), waits until both notebooks show the `pc-clip` kernel as idle,
-and saves a PNG. It exits non-zero, saying why, if a notebook opens on another kernel. Not part of `make test`:
-it needs a browser and a minute.
+and saves a PNG. It exits non-zero, saying why, if a notebook opens on another kernel. Not part of
+`make test`: it needs a browser and a minute.
 """
 import argparse
 import base64
@@ -79,8 +80,10 @@ KERNEL_NAMES_JS = """return Array.from(document.querySelectorAll('.jp-NotebookPa
 FIGURE_JS = """const all = document.querySelectorAll('.jp-NotebookPanel .jp-OutputArea-output img');
 const img = all[arguments[0] < 0 ? all.length + arguments[0] : arguments[0]];
 if (!img || !img.complete || img.naturalWidth === 0) return false;
-img.scrollIntoView({block: 'start'}); window.scrollBy(0, -60); return [img.naturalWidth, img.naturalHeight];"""
-DIRTY_JS = "return document.querySelectorAll('.lm-TabBar-tab.jp-mod-dirty, .p-TabBar-tab.jp-mod-dirty').length;"
+img.scrollIntoView({block: 'start'}); window.scrollBy(0, -60);
+return [img.naturalWidth, img.naturalHeight];"""
+DIRTY_JS = ("return document.querySelectorAll('.lm-TabBar-tab.jp-mod-dirty, .p-TabBar-tab.jp-mod-dirty')"
+            ".length;")
 
 
 def main(argv=None) -> int:
@@ -142,8 +145,11 @@ def main(argv=None) -> int:
         def both_idle():  # the toolbars name the pc-clip kernel, and the server's sessions run it, idle
             shown = http("POST", f"{s}/execute/sync", {"script": KERNEL_NAMES_JS, "args": []})["value"]
             sessions = {x["path"]: x["kernel"] for x in http("GET", f"{base}/api/sessions", token=token)}
-            ok = (len(shown) == len(notebooks) and all("pc-clip" in k for k in shown) and all(
-                sessions.get(p, {}).get("name") == "pc-clip" and sessions[p].get("execution_state") == "idle" for p in notebooks))
+            idle = lambda p: (sessions.get(p, {}).get("name") == "pc-clip"
+                              and sessions[p].get("execution_state") == "idle")
+            ok = (len(shown) == len(notebooks) and all("pc-clip" in k for k in shown)
+                  and all(idle(p) for p in notebooks))
+
             return {p: sessions[p]["name"] for p in notebooks} if ok else None
         try:
             kernels = wait_for("both notebooks idle on the pc-clip kernel", both_idle, args.timeout,
