@@ -230,7 +230,6 @@ def test_bench_flops_reports_peak_and_stage_gflops(tmp_path):
     assert trained == stages["finetune_fast"]["trained_params"] < pre["trained_params"]
 
 
-
 @pytest.mark.slow
 def test_busy_machine_times_the_stage_with_and_without_the_kernel_env_and_checks_the_weights(tmp_path):
     """bench/busy_machine.py at its smallest: four cases (with / without KERNEL_ENV, quiet / one hog), one

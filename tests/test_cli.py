@@ -501,7 +501,6 @@ def test_models_without_models_imports_no_torch(tmp_path, runs_dir):
     code = ("import sys\nfrom pc_clip.cli import main\nrc = main(['models'])\n"
             "assert rc == 0 and 'torch' not in sys.modules, "
             "sorted(m for m in sys.modules if 'torch' in m)[:5]")
-
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "no model folders" in r.stdout, r.stderr
 

@@ -396,7 +396,6 @@ def test_one_learning_rate_trains_and_evaluates_the_same_folders(tmp_path, monke
         assert f"run {run_name(small)}" in line and ".attrs.csv" in line, r.stdout
     wavg = lines[("pc-clip/wavg-0.5", "weight-average")]
     assert "lr=0.001" in wavg and "alpha=0.5" in wavg
-
     r = pc_clip("models", *p_args(SMALL_TINY, "-p", "ft_lr=1e-3"), env=env, timeout=300)
     assert r.returncode == 0 and f"run {run_name(cfg)}" in r.stdout, r.stdout + r.stderr
     for name in ("pc-clip", "clip-ft-captions", "clip"):
@@ -531,7 +530,6 @@ def test_one_registry_entry_is_trained_evaluated_and_reported(runs_dir, one_more
     assert "pc-clip/tau-0.5" in runs and runs["pc-clip/tau-0.5"].settings.temperature == 0.5  # trained ...
     assert is_checkpoint(model_dir(cfg, "pc-clip/tau-0.5"))
     assert model_dir(cfg, "pc-clip/tau-0.5") != model_dir(cfg, "pc-clip")
-
     assert find_models(cfg, "pc-clip/tau-0.5")[0]["role"] == "ablation"
     assert "pc-clip/tau-0.5" in evaluated_models(cfg)  # ... evaluated ...
     rows, _ = run_zero_shot(cfg, evaluated_models(cfg), eval_datasets(cfg, "zero_shot"))

@@ -414,6 +414,5 @@ def test_data_does_not_import_the_stand_ins():
     import subprocess
     code = ("import sys, pc_clip.data.datasets; print(sorted(m for m in sys.modules "
             "if m in ('pc_clip.smoke.standins', 'pc_clip.smoke.fixtures')))")
-
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

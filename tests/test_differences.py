@@ -713,7 +713,6 @@ SERVED_CORPUS = pd.DataFrame({"image_id": list(range(40)),
                        "caption": [f"A {s} {c} glorp number {k}." for k, (s, c)
                                    in enumerate(zip(["small", "large"] * 20,
                                                     ["red", "blue", "green", "teal"] * 10))],
-
                        "category": ["a", "b", "c", "d"] * 10})
 """
 
@@ -768,7 +767,6 @@ def test_served_generator_uses_the_same_prompts_parser_and_store(served_env, tmp
     assert generate_differences(pairs, backend, tmp_path / "d.jsonl", progress=False) == recs
     assert SERVED_KEY not in (tmp_path / "d.jsonl").read_text() and SERVED_KEY not in json.dumps(recs)
     assert SERVED_KEY not in caplog.text
-
     assert SERVED_KEY not in repr(backend) and SERVED_KEY not in json.dumps(backend.config)
 
 

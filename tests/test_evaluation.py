@@ -215,8 +215,8 @@ def test_rows_fit_the_results_table_and_the_report(tmp_path, monkeypatch):
     cfg = get_config("tiny")
     emb, level = attribute_world()
     dc = lambda fn, model: evaluation_rows(difference_classification(emb, level, fn, ENC, seeds=(0, 1)),
-                                           model,
-                                           "difference_classification", "world/level", {"wording": "heldout"})
+                                           model, "difference_classification", "world/level",
+                                           {"wording": "heldout"})
     rows = dc(lambda a, b: "more" if a > b else "less", "pc-clip") + dc(lambda a, b: f"x{a}{b}", "clip")
     class_emb = F.normalize(torch.randn(3, D), dim=-1)
     for alpha in (1.0, 0.9):
@@ -467,8 +467,7 @@ def test_probe_chooses_C_on_validation_and_scores_test_once():
     assert noisy["validation"][0.01] < 0.6 and noisy["accuracy"] > 0.9
 
 
-# ---- Retrieval, geometry and linear probes: known answers on synthetic embeddings, controlled world pairs,
-# and the
+# ---- Retrieval, geometry and linear probes: known answers on synthetic embeddings and controlled world pairs
 
 
 
@@ -578,7 +577,6 @@ def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monke
         def generate(self, items, task="differences"):
             return [{"raw": f"The first image is brighter than the second image number {it['i'] % 97}."}
                     for it in items]
-
 
     recs = P.write_heldout_differences(cfg, Writer(), progress=False)
     intact = load_coco(tmp_path / "data", "val")

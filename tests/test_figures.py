@@ -88,7 +88,6 @@ def figures() -> dict:
         "linear_probe": bar_figure(t, "linear_probe", metric="accuracy", models=MODELS),
         "t2i_arithmetic": bar_figure(t, "t2i_arithmetic", metric=T2I_METRICS, x="metric",
                                      dataset="world-gallery", models=MODELS, chance={"success_rate": 1 / 3}),
-
         "claims": claims_figure(_verdicts()[lambda v: ~v.control]),
         "finetune_loss": loss_figure(_losses(), xlabel="epoch"),
         "finetune_selection_pareto": _pareto(),
@@ -154,6 +153,5 @@ def test_figure_labels_are_for_readers(drawn):
         for ax in fig.axes:
             words = [ax.get_xlabel(), ax.get_ylabel(), ax.get_title()]
             words += [t.get_text() for t in ax.get_yticklabels()]
-
             assert not [w for w in words if "_" in w], (name, [w for w in words if "_" in w])
             assert ax.get_legend() is None, f"{name}: a legend inside an axis can cover its title or bars"

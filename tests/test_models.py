@@ -55,8 +55,8 @@ def test_truncated_finetuned_model_is_named_and_rebuilt(tiny, runs_dir):
     rebuilt = train(tiny, c)  # the finetuning stage rebuilds it instead of dying
     assert not rebuilt.reused
     loaded = load_clip(c, "pc-clip", "cpu")[0]
-    assert all(torch.equal(a, b) for a,
-               b in zip(loaded.state_dict().values(), good.model.state_dict().values()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(loaded.state_dict().values(), good.model.state_dict().values()))
 
 
 def test_diverging_run_keeps_the_good_model_and_fails(tiny, runs_dir):
@@ -108,7 +108,6 @@ def test_cached_embeddings_keep_the_skip_count(tiny, runs_dir, tmp_path):
 def test_checkpoints_of_the_configured_epochs_are_kept(tiny, runs_dir):
     """The paper keeps its models after epochs 10 and 20 (`ft_keep_epochs`); here epoch 2 of 4 stays beside
     the newest, the others are deleted, and the kept one holds the weights a 2-epoch run ends with."""
-
     from safetensors.torch import load_file
     from pc_clip.training.state import epoch_checkpoints
     assert get_config("paper").ft_keep_epochs == (10, 20) and get_config("tiny").ft_keep_epochs == ()

@@ -75,13 +75,10 @@ def test_paper_smoke_reproduction(tmp_path, monkeypatch):
     assert base.keys() == tuned.keys()
     assert any(not (base[k] == tuned[k]).all() for k in base), "pc-clip == clip"
     results = read_results(cfg)  # numbers as numbers
-    diff = results[results.task == "difference_classification"].pivot_table(index=["dataset", "condition",
-                                                                                   "metric"],
-                                                                               columns="model",
-                                                                               values="value")
+    classification = results[results.task == "difference_classification"]
+    diff = classification.pivot_table(index=["dataset", "condition", "metric"], columns="model", values="value")
     assert (diff["pc-clip"] != diff["clip"]).any(), \
         "every pc-clip difference-classification number equals clip's"
-
 
     # the claims: paper data only, and decided wherever this profile measures them
     items = read_items(cfg)

@@ -206,8 +206,8 @@ def test_report_counts_every_measured_claim(runs_dir):
                                  better))
     items = pd.concat(parts, ignore_index=True)
     keys = ["model", "task", "dataset", "condition", "metric", "seed"]
-    results = items.groupby(keys, sort=False)["value"].mean().reset_index().assign(experiment="x",
-                                                                                   profile="tiny", n=n)
+    results = items.groupby(keys, sort=False)["value"].mean().reset_index()
+    results = results.assign(experiment="x", profile="tiny", n=n)
     val = pd.DataFrame([dict(experiment="06", profile="tiny", model="pc-clip", task="comparative_prompting",
                              dataset="world",
                              condition=f"alpha={a};split=val", metric="accuracy", value=0.7, seed=0,
@@ -220,6 +220,5 @@ def test_report_counts_every_measured_claim(runs_dir):
     others = [c.name for c in PAPER_CLAIMS if not c.control and c.name not in measured]
     line = (f"5 of 6 measured claims agree with the paper; {len(others)} not measured, not counted: "
             f"{', '.join(others)}.")
-
     assert line in text, text.split("**Controls**")[0]
     assert "no gain (validation chose alpha=1)" in text

@@ -49,8 +49,8 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
     # a run with its own settings: its own results folder
     cfg = get_config("tiny", **parse_overrides(SMALL_REPRODUCTION)[0])
     results = pd.read_csv(results_path(cfg))
-    assert not results.duplicated(["experiment", "model", "task", "dataset", "condition", "metric",
-                                   "seed"]).any()
+    row_key = ["experiment", "model", "task", "dataset", "condition", "metric", "seed"]
+    assert not results.duplicated(row_key).any()
     assert not results["dataset"].astype(str).str.contains("[@=]").any(), \
         "settings belong in the condition column"
     tasks = set(results.task)
@@ -105,4 +105,3 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert ck.stat().st_mtime_ns == before, \
         "a rerun with unchanged inputs must reuse the finetuned checkpoint"
-

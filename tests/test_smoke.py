@@ -68,14 +68,14 @@ def test_chat_lm_in_4bit_writes_parseable_differences_and_verdicts(cfg):
     items = [{"key": str(k), "caption_a": scene_caption(scene(rng), k),
               "caption_b": scene_caption(scene(rng), k + 2)}
              for k in range(20)]
-    records = [build_record(it, out, backend, "differences") for it,
-               out in zip(items, backend.generate(items))]
+    records = [build_record(it, out, backend, "differences")
+               for it, out in zip(items, backend.generate(items))]
     accepted = sum(len(r["statements"]) for r in records)
     rejected = sum(len(r["rejected"]) for r in records)
     assert accepted > rejected and accepted >= 30, [r["raw"] for r in records[:3]]
     rewrites = [{"key": f"r{k}", "caption": it["caption_a"]} for k, it in enumerate(items)]
-    kept = [build_record(it, out, backend, "rewrite") for it,
-            out in zip(rewrites, backend.generate(rewrites, "rewrite"))]
+    kept = [build_record(it, out, backend, "rewrite")
+            for it, out in zip(rewrites, backend.generate(rewrites, "rewrite"))]
     assert sum(bool(r["statements"]) for r in kept) > len(kept) / 2
     classes = [{"key": "c", "category_a": "killer whale", "category_b": "maple tree"}]
     assert build_record(classes[0], backend.generate(classes, "category")[0], backend,

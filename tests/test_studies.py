@@ -143,7 +143,6 @@ def test_capacity_study_measures_a_base_end_to_end_caches_it_and_tidies_it(tmp_p
     assert {"training wordings", "held-out wordings"} <= set(front["cell"])
     assert (front["ci_low"] <= front["gain"] + 1e-9).all()
     assert (front["gain"] <= front["ci_high"] + 1e-9).all()
-
     assert m["pretrain_gflop"] == pytest.approx(m["step_gflop"] * 4)
     assert m["steps"] == 4  # the small study's reference budget
     # a second call reads the cache: the same numbers, no training

@@ -59,8 +59,8 @@ def test_quick_gelu_towers_convert_with_their_activation():
 
 def test_arithmetic_conditioning_reaches_the_unet(pipe, tiny_clip):
     T.swap_text_encoder(pipe, tiny_clip[0])
-    classes, diffs = ["a photo of a glorp", "a photo of a mib"], ["The first one is larger.",
-                                                                  "The first image is snowier."]
+    classes = ["a photo of a glorp", "a photo of a mib"]
+    diffs = ["The first one is larger.", "The first image is snowier."]
     e, p = T.arithmetic_conditioning(pipe, classes, diffs, weight=0.7)
     e_c, p_c = T.encode_sdxl_prompts(pipe, classes)
     e_d, p_d = T.encode_sdxl_prompts(pipe, diffs)
@@ -142,7 +142,6 @@ def test_t2i_study_base_and_paper_h14_not_applicable():
     assert S.t2i_base(get_config("paper")) == ("ViT-L-14", "openai")
     assert S.t2i_not_applicable(get_config("paper")) is None
     assert S.t2i_not_applicable(get_config("tiny")) is None
-
     h14 = get_config("paper-h14")
     if S.t2i_base(h14) is None:  # the default (Config.t2i_clip_model may set otherwise)
         msg = S.t2i_not_applicable(h14)
@@ -353,8 +352,8 @@ def test_edit_success_needs_the_stated_direction():
 
 def test_arithmetic_conditioning_is_class_plus_weighted_difference(clip):
     model, tok = clip
-    c, d, e = (text_conditioning(model, tok, [t]) for t in ("a photo of a mib", "The first mib is brighter.",
-                                                            ""))
+    c, d, e = (text_conditioning(model, tok, [t])
+               for t in ("a photo of a mib", "The first mib is brighter.", ""))
     for w in (0.0, 1.0, 3.0):
         s, p = arithmetic_conditioning(c, d, e, w)
         torch.testing.assert_close(s, c[0] + w * (d[0] - e[0]))

@@ -272,11 +272,11 @@ BASE = dict(zip(VAL_METRICS, (0.55, 0.50, 0.78, 0.50, 0.30)))
 def _rows(cands: dict, base: bool = True) -> list[dict]:
     """Validation records of clip and of candidates `{(lr, alpha): (diff, held, zs, worst, retrieval)
     changes}`."""
-    rows = [dict(model="clip", lr=np.nan, alpha=np.nan, metric=m, value=v) for m,
-            v in BASE.items()] if base else []
+    rows = [dict(model="clip", lr=np.nan, alpha=np.nan, metric=m, value=v)
+            for m, v in BASE.items()] if base else []
     for (lr, a), ch in cands.items():
-        rows += [dict(model="pc-clip", lr=lr, alpha=a, metric=m, value=BASE[m] + c) for m,
-                 c in zip(VAL_METRICS, ch)]
+        rows += [dict(model="pc-clip", lr=lr, alpha=a, metric=m, value=BASE[m] + c)
+                 for m, c in zip(VAL_METRICS, ch)]
     return rows
 
 
@@ -451,8 +451,8 @@ def test_validation_retrieval_is_experiment_07s_protocol_on_the_val_images(runs_
     nb = json.loads((REPO / "nbs/experiments/07_retrieval.ipynb").read_text())
     params = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
     assigned = {n.target.id if isinstance(n, ast.AnnAssign) else n.targets[0].id: n.value
-                for n in ast.parse("".join(params["source"])).body if isinstance(n,
-                                                                                 (ast.Assign, ast.AnnAssign))}
+                for n in ast.parse("".join(params["source"])).body
+                if isinstance(n, (ast.Assign, ast.AnnAssign))}
     assert ast.literal_eval(assigned["n_images"]) == RETRIEVAL_IMAGES
     sig = inspect.signature(validation_outcomes).parameters
     assert sig["retrieval_images"].default == RETRIEVAL_IMAGES
@@ -709,8 +709,8 @@ def test_compiled_and_eager_steps_agree():
     # a second length: the step recompiles (dynamic) and still agrees
     for lengths in ([3, 16, 9, 5], [4, 6, 2, 7]):
         ids = token_rows(lengths, seed=len(lengths) + lengths[0])
-        (fe, ge), (fc, gc) = features_and_grads(model, ids, True), features_and_grads(model, ids, True,
-                                                                                      "default")
+        (fe, ge), (fc, gc) = (features_and_grads(model, ids, True),
+                              features_and_grads(model, ids, True, "default"))
         torch.testing.assert_close(fc, fe, rtol=1e-5, atol=1e-5)
         assert_grads_close(gc, ge, rtol=1e-4, atol=1e-5)
     print(f"compiled and checked in {time.perf_counter() - t0:.1f} s")
@@ -750,5 +750,4 @@ def test_every_compared_model_gets_the_same_search():
     paper = get_config("paper")  # no grid: each trains at its own configured rate
     assert candidate_lr(paper, "clip-ft-captions") == paper.caption_ft_lr
     assert candidate_lr(paper, "pc-clip") == paper.ft_lr
-
     assert "pc-clip/plain-captions" not in swept_models(paper)  # an ablation of the world's captions

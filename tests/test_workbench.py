@@ -76,8 +76,8 @@ def run00(tmp_path_factory):
 def test_reproduce_prints_progress_by_default(run00):
     r, runs = run00
     out = r.stdout
-    assert re.search(r"^\[pc-clip\] \[1/1\] running 00_environment\.ipynb -> .*\(\d+ code cells", out,
-                     re.M), out
+    assert re.search(r"^\[pc-clip\] \[1/1\] running 00_environment\.ipynb -> .*\(\d+ code cells",
+                     out, re.M), out
     cells = re.findall(r"^  00_environment\.ipynb cell (\d+)/(\d+) done, \d+ s in this notebook$", out, re.M)
     assert cells and cells[-1][0] == cells[-1][1], out  # every cell reported, the last one included
     assert "[pc-clip] 00_environment.ipynb done in" in out
@@ -233,10 +233,9 @@ def test_jupyterlab_serves_repo_notebook(tmp_path):
             timeout=10).read())
         assert "pc-clip" in specs["kernelspecs"], \
             f"JupyterLab knows {sorted(specs['kernelspecs'])}; run make install"
-
-        lab = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/lab",
-                                                            headers={"Authorization": f"token {token}"}),
-                                                            timeout=10)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/lab",
+                                         headers={"Authorization": f"token {token}"})
+        lab = urllib.request.urlopen(request, timeout=10)
         assert lab.status == 200
     finally:
         proc.terminate()

@@ -55,8 +55,8 @@ def test_pixels_agree_with_attributes(attrs):
     assert np.corrcoef(m["value"], attrs["brightness"])[0, 1] > 0.99
     single = attrs[attrs["count"] == 1]
     for shape, grp in single.groupby("shape"):                              # larger radius, larger area
-        rho = pd.Series(m["area"][grp.index].to_numpy()).corr(grp["radius"].reset_index(drop=True),
-                                                              method="spearman")
+        area = pd.Series(m["area"][grp.index].to_numpy())
+        rho = area.corr(grp["radius"].reset_index(drop=True), method="spearman")
         assert rho > 0.97, (shape, rho)
     # objects sit where the attributes say: the covered mass is left of centre for 'left' images
     cx = (coverage * np.arange(32)[None, None, :]).sum((1, 2)) / coverage.sum((1, 2)) / 32
@@ -116,7 +116,6 @@ def test_wordings_vary_and_heldout_is_disjoint(pairs):
     # two-clause and short forms both occur, in both clause orders
     assert any(" while " in s["text"] for s in texts)
     assert any(s["text"].startswith("The second one") for s in texts)
-
 
 
 def test_class_table_orderings_and_pairs():

@@ -23,7 +23,6 @@ def readme_from_index(nb: dict) -> str:
     return "\n\n".join(markdown) + "\n"
 
 
-
 def main() -> int:
     text = (REPO / "README.md").read_text(encoding="utf-8")
     cells = []

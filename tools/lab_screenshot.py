@@ -149,7 +149,6 @@ def main(argv=None) -> int:
                               and sessions[p].get("execution_state") == "idle")
             ok = (len(shown) == len(notebooks) and all("pc-clip" in k for k in shown)
                   and all(idle(p) for p in notebooks))
-
             return {p: sessions[p]["name"] for p in notebooks} if ok else None
         try:
             kernels = wait_for("both notebooks idle on the pc-clip kernel", both_idle, args.timeout,
