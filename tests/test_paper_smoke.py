@@ -3,9 +3,9 @@
 The command builds its own stand-ins (a random small CLIP under `weights/<arch>/<tag>/`, a chat LM trained
 on the CPU and loaded in 4-bit, a tiny SDXL pipeline, fixtures of the seven data sets in their official
 layouts) into `data/paper-smoke/` (git-ignored, kept between runs, so the chat LM is trained once per
-checkout) and runs every experiment notebook on them.
- The test checks that every notebook ran and that the results table has rows for
-each paper data set in each task of the paper, for the base and the finetuned model.
+checkout) and runs every experiment notebook on them. The test checks that every notebook ran and that the
+results table has rows for each paper data set in each task of the paper, for the base and the finetuned
+model.
 """
 import time
 import pandas as pd
@@ -35,8 +35,7 @@ def test_paper_smoke_reproduction(tmp_path, monkeypatch):
     start = time.perf_counter()
     # the command picks the stand-ins' data root: no PC_CLIP_DATA
     r = pc_clip("reproduce", "--profile", "paper-smoke", *p_args(SMALL_PAPER_SMOKE),
-                env={"PC_CLIP_RUNS": str(tmp_path)},
-                unset=("PC_CLIP_DATA",), timeout=2400)
+                env={"PC_CLIP_RUNS": str(tmp_path)}, unset=("PC_CLIP_DATA",), timeout=2400)
     print(f"paper-smoke reproduction: {time.perf_counter() - start:.0f} s\n{r.stdout[-2500:]}")
     assert r.returncode == 0, f"paper-smoke failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert "time per notebook" in r.stdout
@@ -70,13 +69,14 @@ def test_paper_smoke_reproduction(tmp_path, monkeypatch):
     monkeypatch.delenv("PC_CLIP_DATA", raising=False)
     # as the command ran it
     cfg = get_config("paper-smoke", n_pairs=64, data_root=str(REPO / "data" / "paper-smoke"))
-    base, tuned = load_clip(cfg, "clip",
-                            device="cpu")[0].state_dict(), load_weights(model_dir(cfg, "pc-clip"))
+    base = load_clip(cfg, "clip", device="cpu")[0].state_dict()
+    tuned = load_weights(model_dir(cfg, "pc-clip"))
     assert base.keys() == tuned.keys()
     assert any(not (base[k] == tuned[k]).all() for k in base), "pc-clip == clip"
     results = read_results(cfg)  # numbers as numbers
     classification = results[results.task == "difference_classification"]
-    diff = classification.pivot_table(index=["dataset", "condition", "metric"], columns="model", values="value")
+    diff = classification.pivot_table(index=["dataset", "condition", "metric"], columns="model",
+                                      values="value")
     assert (diff["pc-clip"] != diff["clip"]).any(), \
         "every pc-clip difference-classification number equals clip's"
 
