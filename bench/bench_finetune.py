@@ -1,12 +1,12 @@
 """Finetuning throughput, two comparisons on one machine in one run.
 
-Old step vs new step (the default, `--compare fast`): `pc_clip.training.finetune`'s own loop with its fast paths off
-(today's step, the `tiny` profile's) and on (fused causal attention, length buckets and the compiled text
-tower; `--compile off` leaves it out), same model, data and seed. The two trainers take turns step by step
-(old, new, then new, old, ...), each step timed on its own, so a change in the load of a shared machine hits
-both alike; the first epoch of each warms up (and compiles) and is not timed. Prints pairs/s of each (wall clock, and per CPU
-second of this process, which the load of other jobs moves less), the mean padded length of a batch and the
-ratio new / old, per epoch and overall:
+Old step vs new step (the default, `--compare fast`): `pc_clip.training.finetune`'s own loop with its fast
+paths off (today's step, the `tiny` profile's) and on (fused causal attention, length buckets and the compiled
+text tower; `--compile off` leaves it out), same model, data and seed. The two trainers take turns step by
+step (old, new, then new, old, ...), each step timed on its own, so a change in the load of a shared machine
+hits both alike; the first epoch of each warms up (and compiles) and is not timed. Prints pairs/s of each
+(wall clock, and per CPU second of this process, which the load of other jobs moves less), the mean padded
+length of a batch and the ratio new / old, per epoch and overall:
 
     python bench/bench_finetune.py                                   # CPU, the tiny world model
     python bench/bench_finetune.py --model ViT-L-14 --pairs 32768 --batch-size 512 --epochs 3   # a GPU, random weights
@@ -16,16 +16,16 @@ Ours vs a reference-style loop (`--compare reference`):
     python bench/bench_finetune.py --compare reference              # CPU, the tiny world model
     python bench/bench_finetune.py --compare reference --model ViT-L-14 --pairs 32768 --ref-pairs 8192 --batch-size 512
 
-Our loop is `pc_clip.training.finetune.finetune` itself (text blocks trained on cached image embeddings, autocast on a GPU,
-padding after the last end-of-text token trimmed, one host sync per step). The reference-style loop is what a
-straightforward port of the paper's training script does: fp32 without autocast, full-context text forward,
-tokenising every batch in the loop, several `.item()` syncs per step and `torch.cuda.empty_cache()` after every
-step. Both train the same parameters (text transformer blocks) with Adam on the same kind of triples (the
-reference may see fewer of them, `--ref-pairs`: a rate is a rate). Throughput is read from the last epoch (the
-first warms up kernels and caches). MFU counts the useful FLOPs of a pair (its tokens up to end-of-text, forward
-and backward of the trained blocks) against the card's dense bf16 peak; `counted_flops_per_pair` measures what one
-of our steps really executes (padding included) with `torch.utils.flop_counter.FlopCounterMode` as a cross-check.
-Prints a table; asserts nothing about speed.
+Our loop is `pc_clip.training.finetune.finetune` itself (text blocks trained on cached image embeddings,
+autocast on a GPU, padding after the last end-of-text token trimmed, one host sync per step). The
+reference-style loop is what a straightforward port of the paper's training script does: fp32 without
+autocast, full-context text forward, tokenising every batch in the loop, several `.item()` syncs per step and
+`torch.cuda.empty_cache()` after every step. Both train the same parameters (text transformer blocks) with
+Adam on the same kind of triples (the reference may see fewer of them, `--ref-pairs`: a rate is a rate).
+Throughput is read from the last epoch (the first warms up kernels and caches). MFU counts the useful FLOPs of
+a pair (its tokens up to end-of-text, forward and backward of the trained blocks) against the card's dense
+bf16 peak; `counted_flops_per_pair` measures what one of our steps really executes (padding included) with
+`torch.utils.flop_counter.FlopCounterMode` as a cross-check. Prints a table; asserts nothing about speed.
 """
 from __future__ import annotations
 
@@ -75,11 +75,12 @@ def text_flops_per_pair(model, tokens: float) -> float:
     """Training FLOPs per difference text when only the text blocks are trained.
 
     Per layer and token the matmuls hold 12 w^2 weights (qkv 3w^2, attention output w^2, MLP 8w^2); a forward
-    costs 2 FLOPs per weight, the backward 4 (2 for the activation gradient, 2 for the weight gradient), so 6 *
-    12 w^2 = 72 w^2. Attention scores and their weighted sum cost 4 L w per token forward and twice that
+    costs 2 FLOPs per weight, the backward 4 (2 for the activation gradient, 2 for the weight gradient), so 6
+    * 12 w^2 = 72 w^2. Attention scores and their weighted sum cost 4 L w per token forward and twice that
     backward: 12 L w. Embedding lookups, layer norms and the final projection of one pooled token are
-    negligible. FLOPs per pair = layers * L * (72 w^2 + 12 L w), with L the tokens a text actually needs (up to
-    its end-of-text token): padding is not useful work, so a loop that computes on padding shows a lower MFU.
+    negligible. FLOPs per pair = layers * L * (72 w^2 + 12 L w), with L the tokens a text actually needs (up
+    to its end-of-text token): padding is not useful work, so a loop that computes on padding shows a lower
+    MFU.
     """
     w, layers = model.transformer.width, model.transformer.layers
     return layers * tokens * (72 * w * w + 12 * tokens * w)
@@ -174,8 +175,9 @@ def measure_finetune(model_name: str = "pc-clip-tiny", pairs: int = 4096, ref_pa
                      images: int = 1024, batch_size: int = 256, epochs: int = 2, device: str = "auto",
                      precision: str = "auto", seed: int = 0, repeats: int = 1, count_flops: bool = True,
                      fast: dict | None = None, log=print) -> dict:
-    """Pairs/s of `pc_clip.training.finetune.finetune` and of the reference-style loop, FLOPs per pair and MFU, as one dict;
-    with `fast` (FinetuneSettings fields), also of `finetune` with those fast paths on (before / after, one card)."""
+    """Pairs/s of `pc_clip.training.finetune.finetune` and of the reference-style loop, FLOPs per pair and
+    MFU, as one dict; with `fast` (FinetuneSettings fields), also of `finetune` with those fast paths on
+    (before / after, one card)."""
     dev = pick_device(device)
     model, _, tokenizer = create_clip(model_name, None, device=dev, seed=seed)
     d = model.text_projection.shape[-1]
@@ -253,9 +255,10 @@ def measure_fast_paths(model_name: str = "pc-clip-tiny", pairs: int = 4096, imag
                        batch_size: int = 256,
                        epochs: int = 3, device: str = "auto", precision: str = "auto", seed: int = 0,
                        fast: dict | None = None, log=print) -> dict:
-    """Old step (fast paths off) vs new step (`fast`, default `FAST`) of `pc_clip.training.finetune`'s loop in one process:
-    two trainers on the same model and data take turns step by step (`_train_step`, the loop's own optimizer step),
-    each step timed on its own; the first epoch of each warms up (and compiles) and is not timed."""
+    """Old step (fast paths off) vs new step (`fast`, default `FAST`) of `pc_clip.training.finetune`'s loop in
+    one process: two trainers on the same model and data take turns step by step (`_train_step`, the loop's
+    own optimizer step), each step timed on its own; the first epoch of each warms up (and compiles) and is
+    not timed."""
     fast = dict(FAST if fast is None else fast)
     dev = pick_device(device)
     model, _, tokenizer = create_clip(model_name, None, device=dev, seed=seed)

@@ -1,33 +1,34 @@
-"""How close do pretraining and finetuning come to the machine? Achieved GFLOP/s of each stage against a matmul peak
-measured in the same run, so that a larger time budget is spent where it buys the most.
+"""How close do pretraining and finetuning come to the machine? Achieved GFLOP/s of each stage against a
+matmul peak measured in the same run, so that a larger time budget is spent where it buys the most.
 
     python bench/bench_flops.py                          # CPU, --threads 2 (the pretraining threads), about 1-2 minutes
     python bench/bench_flops.py --json /tmp/flops.json   # the figures as JSON too
 
 In one process and at one thread count (default `PRETRAIN_THREADS`, what pretraining pins):
 
-1. **matmul peak**: square fp32 `torch.mm` of a few sizes, best of `--repeats` timings each (`time.perf_counter`),
-   GFLOP/s = 2 n^3 / t; the best size's figure is the peak. Measured at the start and again at the end of the run
-   (the load of a shared machine drifts): the better pass is the peak, both are printed. Also the same matmuls at
-   the **model's shapes** (tokens x width against the qkv, output and MLP weights of a 96-wide block), the ceiling
-   the tiny model's matrices allow.
+1. **matmul peak**: square fp32 `torch.mm` of a few sizes, best of `--repeats` timings each
+   (`time.perf_counter`), GFLOP/s = 2 n^3 / t; the best size's figure is the peak. Measured at the start and
+   again at the end of the run (the load of a shared machine drifts): the better pass is the peak, both are
+   printed. Also the same matmuls at the **model's shapes** (tokens x width against the qkv, output and MLP
+   weights of a 96-wide block), the ceiling the tiny model's matrices allow.
 2. **pretraining**: `pc_clip.training.pretrain.pretrain_clip` itself (the library's loop, batch
-   `pretrain_batch_size`) on a small world, its steps timed through its `on_step` hook (the first `--warmup` steps
-   are not timed); the FLOPs of each step (`clip_step_loss` forward + backward) counted with
+   `pretrain_batch_size`) on a small world, its steps timed through its `on_step` hook (the first `--warmup`
+   steps are not timed); the FLOPs of each step (`clip_step_loss` forward + backward) counted with
    `torch.utils.flop_counter.FlopCounterMode` per batch shape, on a batch of each shape the timed steps saw.
-3. **finetuning**: `pc_clip.training.finetune`'s optimizer step (`_train_step`, text blocks trained, contrastive loss on
-   cached image embeddings, batch `ft_batch_size`) on oracle difference statements of the small world, the step with
-   its fast paths off and the fast-path step (`ft_fused_attention=True, ft_length_buckets=16`) taking turns step by
-   step (the table marks which one the `tiny` profile runs); FLOPs counted per batch shape (a batch pads to its own
-   longest text).
+3. **finetuning**: `pc_clip.training.finetune`'s optimizer step (`_train_step`, text blocks trained,
+   contrastive loss on cached image embeddings, batch `ft_batch_size`) on oracle difference statements of the
+   small world, the step with its fast paths off and the fast-path step (`ft_fused_attention=True,
+   ft_length_buckets=16`) taking turns step by step (the table marks which one the `tiny` profile runs); FLOPs
+   counted per batch shape (a batch pads to its own longest text).
 4. **evaluation**: image and text embedding throughput (`compute_image_embeddings`, `embed_texts`).
 
-FlopCounterMode has no formula for the CPU flash-attention kernels (`_scaled_dot_product_flash_attention_for_cpu`
-and its backward), which both towers run on a CPU; they are counted here with torch's own attention formulas
-(`sdpa_flop_count`, `sdpa_backward_flop_count`), so "FLOPs per step" is every matmul, convolution and attention
-product the step executes. Optimizer updates, norms, softmax and other elementwise work are not FLOPs in this count
-(they are time, though: see the phase breakdown). Timing is the bench's alone: nothing in `pc_clip` reads the clock
-to decide anything. Prints progress, then a markdown table; asserts nothing about speed.
+FlopCounterMode has no formula for the CPU flash-attention kernels
+(`_scaled_dot_product_flash_attention_for_cpu` and its backward), which both towers run on a CPU; they are
+counted here with torch's own attention formulas (`sdpa_flop_count`, `sdpa_backward_flop_count`), so "FLOPs
+per step" is every matmul, convolution and attention product the step executes. Optimizer updates, norms,
+softmax and other elementwise work are not FLOPs in this count (they are time, though: see the phase
+breakdown). Timing is the bench's alone: nothing in `pc_clip` reads the clock to decide anything. Prints
+progress, then a markdown table; asserts nothing about speed.
 """
 from __future__ import annotations
 
@@ -149,9 +150,9 @@ def _phases(forward, opt, reps: int) -> dict:
 
 def pretrain_stage(world, cfg, steps: int, warmup: int, threads: int, reps: int,
                    log=print) -> tuple[dict, torch.nn.Module, object]:
-    """`warmup + steps` real steps of `pretrain_clip` timed through its `on_step` hook; FLOPs counted afterwards per
-    batch shape (images, and the batch's longest caption: a step may trim the text tower to it) with the library's
-    `clip_step_loss` on a batch of each shape that the timed steps saw."""
+    """`warmup + steps` real steps of `pretrain_clip` timed through its `on_step` hook; FLOPs counted
+    afterwards per batch shape (images, and the batch's longest caption: a step may trim the text tower to it)
+    with the library's `clip_step_loss` on a batch of each shape that the timed steps saw."""
     bs, loss_fn = cfg.pretrain_batch_size, open_clip.ClipLoss()
     shapes, examples = [], {}
 
@@ -214,8 +215,8 @@ def oracle_triples(world, cfg, n_pairs: int) -> pd.DataFrame:
 
 def finetune_stages(model, tokenizer, triples, emb, cfg, steps: int, warmup: int, reps: int,
                     log=print) -> dict:
-    """Plain and fast-path steps of `pc_clip.training.finetune` taking turns (who goes first alternates), each step timed;
-    FLOPs counted once per batch shape (batch size, padded length) on the same trainer."""
+    """Plain and fast-path steps of `pc_clip.training.finetune` taking turns (who goes first alternates), each
+    step timed; FLOPs counted once per batch shape (batch size, padded length) on the same trainer."""
     runs = {}
     for name, c in (("finetune", cfg.replace(**PLAIN)), ("finetune_fast", cfg.replace(**FAST))):
         s = FinetuneSettings.from_config(c)

@@ -9,13 +9,15 @@ Prints pairs/s and generated tokens/s for both modes (it asserts nothing about s
 
 Every completion is forced to `--max-new-tokens` tokens (min_new_tokens = max_new_tokens), so both modes
 generate exactly the same number of tokens and the comparison measures batching alone. Both modes go through
-`pc_clip.differences.llm.generate_texts` (chat template, left padding, sampling at temperature 0.7, top-p 0.9).
+`pc_clip.differences.llm.generate_texts` (chat template, left padding, sampling at temperature 0.7, top-p
+0.9).
 
 A shaped model (`--model-shape`) is built with random weights directly on the device in bf16 and its decoder
 linears are replaced by bitsandbytes NF4 `Linear4bit` layers (bf16 compute), the layers `from_pretrained(...,
-quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))` makes; no checkpoint
-is read from disk or a hub. Its tokenizer is the project's tiny stand-in (a small BPE with the Llama-2 chat
-template), so prompts are somewhat longer in tokens than with the real Llama tokenizer; the prompt length is printed.
+quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))` makes; no checkpoint is
+read from disk or a hub. Its tokenizer is the project's tiny stand-in (a small BPE with the Llama-2 chat
+template), so prompts are somewhat longer in tokens than with the real Llama tokenizer; the prompt length is
+printed.
 """
 from __future__ import annotations
 
@@ -43,9 +45,10 @@ SHAPES = {"llama2-13b": LLAMA2_13B, "llama-tiny": LLAMA_TINY}
 
 def quantize_linears_4bit(model: torch.nn.Module, device: str,
                           compute_dtype=torch.bfloat16) -> torch.nn.Module:
-    """Replace every nn.Linear inside the decoder layers by a bitsandbytes NF4 Linear4bit, as `from_pretrained` with
-    `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)` does
-    (the config of `pc_clip.differences.llm.load_causal_lm`: no double quantisation; embeddings and lm_head stay bf16)."""
+    """Replace every nn.Linear inside the decoder layers by a bitsandbytes NF4 Linear4bit, as
+    `from_pretrained` with `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_compute_dtype=torch.bfloat16)` does (the config of `pc_clip.differences.llm.load_causal_lm`: no
+    double quantisation; embeddings and lm_head stay bf16)."""
     import bitsandbytes as bnb
     for layer in model.model.layers:
         for name, child in list(layer.named_modules()):
@@ -113,8 +116,9 @@ def measure_generation(model: str | None = None, shape: str | None = "llama-tiny
                        single_prompts: int | None = None,
                        batch_size: int = 8, max_new_tokens: int = 32, log=print) -> dict:
     """Tokens/s of batched generation (`n_prompts` in batches of `batch_size`) and of one prompt at a time
-    (the first `single_prompts` of them; default all), both through `generate_texts`, as one dict. `batch_size=0`:
-    the batch the paper profile uses on this card (`pc_clip.differences.llm.generation_batch_size` from free GPU memory)."""
+    (the first `single_prompts` of them; default all), both through `generate_texts`, as one dict.
+    `batch_size=0`: the batch the paper profile uses on this card
+    (`pc_clip.differences.llm.generation_batch_size` from free GPU memory)."""
     dev = "cuda" if (device == "auto" and torch.cuda.is_available()) else ("cpu" if device == "auto" else device)
     with tempfile.TemporaryDirectory() as tmp:
         tiny = make_tiny_llama(Path(tmp) / "tiny-llama")

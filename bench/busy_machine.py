@@ -1,28 +1,31 @@
-"""What one CPU hog beside a run costs, with and without the kernel environment `pc-clip` starts its kernels with.
+"""What one CPU hog beside a run costs, with and without the kernel environment `pc-clip` starts its kernels
+with.
 
-On a shared machine, torch's OpenMP threads used to spin-wait at the end of every parallel region: when another job
-holds one of the cores, the thread that finished first burns the core its partner needs, and a 2-thread pretraining
-step ran many times slower than the load alone explains. `pc_clip.cli.KERNEL_ENV` (`OMP_WAIT_POLICY=PASSIVE`: a
-thread that waits sleeps instead of spinning) is what the CLI sets for every notebook kernel it starts; it changes
-no number (the same threads split the same work; the weights' hash is printed and compared).
+On a shared machine, torch's OpenMP threads used to spin-wait at the end of every parallel region: when
+another job holds one of the cores, the thread that finished first burns the core its partner needs, and a
+2-thread pretraining step ran many times slower than the load alone explains. `pc_clip.cli.KERNEL_ENV`
+(`OMP_WAIT_POLICY=PASSIVE`: a thread that waits sleeps instead of spinning) is what the CLI sets for every
+notebook kernel it starts; it changes no number (the same threads split the same work; the weights' hash is
+printed and compared).
 
 Stage mode (the default) times `--steps` pretraining steps of the tiny model (the `tiny` profile's batch and
-`PRETRAIN_THREADS`, on a small world cached in a private folder), each in a fresh process so the environment is set
-before torch loads, four ways: {without, with} the kernel environment x {quiet, beside one busy-loop process
-this script starts and stops itself}. Each case is run `--repeats` times, alternating, and the median is kept:
+`PRETRAIN_THREADS`, on a small world cached in a private folder), each in a fresh process so the environment
+is set before torch loads, four ways: {without, with} the kernel environment x {quiet, beside one busy-loop
+process this script starts and stops itself}. Each case is run `--repeats` times, alternating, and the median
+is kept:
 
     python bench/busy_machine.py                     # 60 steps, 3 repeats
     python bench/busy_machine.py --steps 30 --repeats 1
 
-Whole-run mode runs `pc-clip reproduce` (default profile `tiny`, `--only` and `-p` passed through) from empty private
-`PC_CLIP_RUNS` folders, quiet and beside one hog, and checks that the two runs' numbers agree
-(`python -m pc_clip.compare`); it takes two full runs (about 2 x 6.5 minutes on a quiet 2-core machine):
+Whole-run mode runs `pc-clip reproduce` (default profile `tiny`, `--only` and `-p` passed through) from empty
+private `PC_CLIP_RUNS` folders, quiet and beside one hog, and checks that the two runs' numbers agree (`python
+-m pc_clip.compare`); it takes two full runs (about 2 x 6.5 minutes on a quiet 2-core machine):
 
     python bench/busy_machine.py --whole-run
     python bench/busy_machine.py --whole-run --only 00,01 -p pretrain_steps=40
 
-Prints one line per measurement and a closing table with the loaded / quiet ratios and the load average before and
-after each case (other jobs on the machine count too: say so when you quote a number).
+Prints one line per measurement and a closing table with the loaded / quiet ratios and the load average before
+and after each case (other jobs on the machine count too: say so when you quote a number).
 """
 from __future__ import annotations
 

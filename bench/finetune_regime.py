@@ -3,10 +3,10 @@
     PC_CLIP_RUNS=/tmp/fr pc-clip reproduce --profile tiny --only 01,02   # base model and differences
     PC_CLIP_RUNS=/tmp/fr python bench/finetune_regime.py [A B ...]
 
-Each regime finetunes `pc-clip` from the run's base model on the run's difference statements; each finetune, at
-full strength and averaged with the base at alpha 0.5, is scored on the world's **validation** images with the
-metrics the selection rule uses (`pc_clip.training.selection.validation_outcomes`), as changes against the base.
-Test images are never touched. Wall time is printed for the budget and never used.
+Each regime finetunes `pc-clip` from the run's base model on the run's difference statements; each finetune,
+at full strength and averaged with the base at alpha 0.5, is scored on the world's **validation** images with
+the metrics the selection rule uses (`pc_clip.training.selection.validation_outcomes`), as changes against the
+base. Test images are never touched. Wall time is printed for the budget and never used.
 """
 from __future__ import annotations
 

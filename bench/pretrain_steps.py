@@ -1,12 +1,14 @@
-"""How many pretraining steps does the `tiny` base model need? A validation study, run once to set `pretrain_steps`.
+"""How many pretraining steps does the `tiny` base model need? A validation study, run once to set
+`pretrain_steps`.
 
     python bench/pretrain_steps.py --steps 280 350 420 560 --reference 560
 
-The rule, fixed before any number was looked at: the tiny profile uses the fewest steps among the candidates whose
-base model is within 0.02 of the reference schedule's zero-shot species accuracy on the world's **validation**
-images and within 0.05 of its worst-class accuracy there (the issue's tolerances for a finetuned model, applied to
-the base). Test images are not touched. Each candidate is its own schedule (warm-up + cosine over its own steps),
-trained from the same seed; wall time is printed for the time budget and never used by training.
+The rule, fixed before any number was looked at: the tiny profile uses the fewest steps among the candidates
+whose base model is within 0.02 of the reference schedule's zero-shot species accuracy on the world's
+**validation** images and within 0.05 of its worst-class accuracy there (the issue's tolerances for a
+finetuned model, applied to the base). Test images are not touched. Each candidate is its own schedule
+(warm-up + cosine over its own steps), trained from the same seed; wall time is printed for the time budget
+and never used by training.
 """
 from __future__ import annotations
 
