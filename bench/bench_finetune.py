@@ -9,12 +9,14 @@ hits both alike; the first epoch of each warms up (and compiles) and is not time
 length of a batch and the ratio new / old, per epoch and overall:
 
     python bench/bench_finetune.py                                   # CPU, the tiny world model
-    python bench/bench_finetune.py --model ViT-L-14 --pairs 32768 --batch-size 512 --epochs 3   # a GPU, random weights
+    # a GPU, random weights:
+    python bench/bench_finetune.py --model ViT-L-14 --pairs 32768 --batch-size 512 --epochs 3
 
 Ours vs a reference-style loop (`--compare reference`):
 
     python bench/bench_finetune.py --compare reference              # CPU, the tiny world model
-    python bench/bench_finetune.py --compare reference --model ViT-L-14 --pairs 32768 --ref-pairs 8192 --batch-size 512
+    python bench/bench_finetune.py --compare reference --model ViT-L-14 --pairs 32768 --ref-pairs 8192 \\
+        --batch-size 512
 
 Our loop is `pc_clip.training.finetune.finetune` itself (text blocks trained on cached image embeddings,
 autocast on a GPU, padding after the last end-of-text token trimmed, one host sync per step). The
@@ -96,7 +98,8 @@ def counted_flops_per_pair(model, tokenizer, triples: pd.DataFrame, emb: torch.T
     m.train()
     part = triples.iloc[:batch_size]
     ids = tokenizer(list(part["text"])).to(device)
-    a, b = emb[torch.tensor(part["i"].to_numpy())].to(device), emb[torch.tensor(part["j"].to_numpy())].to(device)
+    a = emb[torch.tensor(part["i"].to_numpy())].to(device)
+    b = emb[torch.tensor(part["j"].to_numpy())].to(device)
     with FlopCounterMode(display=False) as counter:
         with autocast(device, dtype):
             text = encode_text_trimmed(m, ids)
@@ -276,8 +279,8 @@ def measure_fast_paths(model_name: str = "pc-clip-tiny", pairs: int = 4096, imag
         tr.model.train()
         runs[name] = (tr, data, s)
     log(f"device {dev}, model {model_name} (text {model.transformer.width} wide x {model.transformer.layers} "
-        f"layers), "
-        f"{len(triples)} pairs, batch {batch_size}, {epochs} epochs each, steps interleaved; new step: {fast}")
+        f"layers), {len(triples)} pairs, batch {batch_size}, {epochs} epochs each, steps interleaved; "
+        f"new step: {fast}")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     seconds = {k: [0.0] * epochs for k in runs}
     # CPU seconds of this process: what a step costs, whatever the load
@@ -379,7 +382,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     fast = dict(fused_attention=not args.no_fused, length_buckets=args.buckets, compile=args.compile)
-    load = f"CPU threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} over {os.cpu_count()} cores"
+    load = (f"CPU threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} "
+            f"over {os.cpu_count()} cores")
     if args.compare == "fast":
         r = measure_fast_paths(args.model, args.pairs, args.images, args.batch_size, args.epochs or 3,
                                args.device,
@@ -401,7 +405,8 @@ def main(argv=None):
     print(table.to_string(index=False))
     if r["card"] == "cpu":  # wall-clock rates on a shared CPU move with the load of other processes
         print(load)
-    peak = f"{r['peak_flops'] / 1e12:.0f} TFLOP/s dense bf16 ({r['peak_key']})" if r["peak_flops"] else "no known peak (CPU)"
+    peak = (f"{r['peak_flops'] / 1e12:.0f} TFLOP/s dense bf16 ({r['peak_key']})" if r["peak_flops"]
+            else "no known peak (CPU)")
     print(f"speed-up: {r['speedup']:.2f}x  (useful FLOPs per pair {r['useful_flops_per_pair'] / 1e9:.2f} "
           f"GFLOP at "
           f"{r['useful_tokens']:.1f} tokens; counted per pair "

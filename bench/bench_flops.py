@@ -1,7 +1,7 @@
 """How close do pretraining and finetuning come to the machine? Achieved GFLOP/s of each stage against a
 matmul peak measured in the same run, so that a larger time budget is spent where it buys the most.
 
-    python bench/bench_flops.py                          # CPU, --threads 2 (the pretraining threads), about 1-2 minutes
+    python bench/bench_flops.py                          # CPU, --threads 2 (pretraining's), 1-2 minutes
     python bench/bench_flops.py --json /tmp/flops.json   # the figures as JSON too
 
 In one process and at one thread count (default `PRETRAIN_THREADS`, what pretraining pins):
@@ -270,7 +270,8 @@ def finetune_stages(model, tokenizer, triples, emb, cfg, steps: int, warmup: int
                          gflops=float(np.sum(flops)) / seconds[name] / 1e9, phases_s=phases,
                          gflops_per_cpu_s=float(np.sum(flops)) / cpu[name] / 1e9,
                          median_step_s=float(np.median(per_step[name])),
-                         gflops_median_step=float(np.median(np.array(flops) / np.array(per_step[name]))) / 1e9,
+                         gflops_median_step=float(np.median(np.array(flops) / np.array(per_step[name])))
+                         / 1e9,
                          phase_padded_tokens=r["shape"](probe)[1],
                          trained_params=sum(p.numel() for p in tr.params))
         log(f"  {name}: {out[name]['steps_per_s']:.2f} steps/s, {out[name]['gflops']:.1f} GFLOP/s "
@@ -311,7 +312,7 @@ def embedding_stages(model, tokenizer, world, cfg, n_images: int, n_texts: int,
     return out, emb
 
 
-# -------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # report
 LABELS = dict(pretrain="pretraining step (CLIP loss, both towers, AdamW)",
               finetune="finetuning step, fast paths off (text blocks, contrastive)",

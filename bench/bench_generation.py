@@ -5,7 +5,7 @@ Prints pairs/s and generated tokens/s for both modes (it asserts nothing about s
     python bench/bench_generation.py                       # CPU: the tiny random Llama, loaded in 4-bit NF4
     python bench/bench_generation.py --no-4bit             # the same model in fp32
     python bench/bench_generation.py --model PATH          # any local causal LM folder
-    python bench/bench_generation.py --model-shape llama2-13b   # GPU: Llama-2-13B-shaped, random weights, 4-bit
+    python bench/bench_generation.py --model-shape llama2-13b   # GPU: Llama-2-13B-shaped, random, 4-bit
 
 Every completion is forced to `--max-new-tokens` tokens (min_new_tokens = max_new_tokens), so both modes
 generate exactly the same number of tokens and the comparison measures batching alone. Both modes go through
@@ -56,8 +56,8 @@ def quantize_linears_4bit(model: torch.nn.Module, device: str,
                 if type(lin) is torch.nn.Linear:
                     q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                           compute_dtype=compute_dtype, quant_type="nf4", device="meta")
-                    q.weight = bnb.nn.Params4bit(lin.weight.data.to("cpu" if device == "cpu" else lin.weight.device),
-                                                 requires_grad=False, quant_type="nf4",
+                    weight = lin.weight.data.to("cpu" if device == "cpu" else lin.weight.device)
+                    q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
                                                  compress_statistics=False).to(device)
                     if lin.bias is not None:
                         q.bias = torch.nn.Parameter(lin.bias.data.to(device), requires_grad=False)
@@ -119,7 +119,10 @@ def measure_generation(model: str | None = None, shape: str | None = "llama-tiny
     (the first `single_prompts` of them; default all), both through `generate_texts`, as one dict.
     `batch_size=0`: the batch the paper profile uses on this card
     (`pc_clip.differences.llm.generation_batch_size` from free GPU memory)."""
-    dev = "cuda" if (device == "auto" and torch.cuda.is_available()) else ("cpu" if device == "auto" else device)
+    if device == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        dev = device
     with tempfile.TemporaryDirectory() as tmp:
         tiny = make_tiny_llama(Path(tmp) / "tiny-llama")
         t0 = time.perf_counter()

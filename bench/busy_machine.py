@@ -166,8 +166,9 @@ def whole_run_mode(a) -> None:
         cmp = subprocess.run([sys.executable, "-m", "pc_clip.compare", *map(str, results)], env=env, cwd=REPO,
                              capture_output=True, text=True)
         print(cmp.stdout.strip() or cmp.stderr.strip())
-        print(f"whole run "
-              f"({a.profile}{', --only ' + a.only if a.only else ''}{' ' + ' '.join(a.param) if a.param else ''}): "
+        only = ", --only " + a.only if a.only else ""
+        params = " " + " ".join(a.param) if a.param else ""
+        print(f"whole run ({a.profile}{only}{params}): "
               f"quiet {quiet:.0f} s, beside one hog {busy:.0f} s, ratio {busy / quiet:.2f}x; "
               f"numbers identical: {cmp.returncode == 0}")
         if cmp.returncode:

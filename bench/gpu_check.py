@@ -47,8 +47,8 @@ def environment() -> dict:
     "Card, driver and library versions of this machine."
     import torch
     env = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
-               card=torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu "
-                                                                                    f"({platform.processor() or platform.machine()})")
+               card=torch.cuda.get_device_name(0) if torch.cuda.is_available()
+               else f"cpu ({platform.processor() or platform.machine()})")
     for mod in ("transformers", "bitsandbytes", "open_clip"):
         try:
             env[mod] = __import__(mod).__version__
@@ -81,7 +81,8 @@ def stage_generate(s: dict) -> dict:
         try:  # bitsandbytes' NF4 on a CPU is a fallback that some builds lack
             import bitsandbytes  # noqa: F401
         except Exception as e:
-            raise RuntimeError(f"skipped on this CPU: bitsandbytes does not import ({e}); NF4 needs it") from e
+            raise RuntimeError(f"skipped on this CPU: bitsandbytes does not import ({e}); NF4 needs it") \
+                from e
     from bench_generation import measure_generation
     return measure_generation(None, s["gen_shape"], s["gen_layers"], True, "auto", s["gen_prompts"],
                               s["gen_single"],
@@ -201,7 +202,8 @@ def _details(ft: dict, gen: dict) -> list[str]:
     else:
         lines.append(f"- Finetuning: not measured ({ft.get('error', 'no result')}).")
     if gen.get("ok"):
-        mem = f", peak GPU memory while generating {gen['peak_gpu_mem_gib']:.1f} GiB" if gen.get("peak_gpu_mem_gib") else ""
+        mem = (f", peak GPU memory while generating {gen['peak_gpu_mem_gib']:.1f} GiB"
+               if gen.get("peak_gpu_mem_gib") else "")
         lines.append(
             f"- Generation: {gen['model']}, {gen['stored_params'] / 1e9:.2f} G stored parameters (4-bit "
             f"weights count "
