@@ -178,8 +178,8 @@ def pretrain_stage(world, cfg, steps: int, warmup: int, threads: int, reps: int,
 
     model = create_clip(cfg.model_name, None, device="cpu", seed=cfg.seed)[0]
     model.train()
-    counted = {k: count_flops(lambda: clip_step_loss(model, b, loss_fn)["total"].backward()) for k,
-               b in examples.items()}
+    counted = {k: count_flops(lambda: clip_step_loss(model, b, loss_fn)["total"].backward())
+               for k, b in examples.items()}
     model.zero_grad(set_to_none=True)
     flops = np.array([counted[k][0] for k in shapes[warmup:]], dtype=float)
     log(f"  one step (batch {bs}): {flops.mean() / 1e9:.2f} GFLOP counted on average ({len(counted)} batch "
@@ -261,8 +261,8 @@ def finetune_stages(model, tokenizer, triples, emb, cfg, steps: int, warmup: int
         probe = timed[int(np.argsort(lengths)[len(lengths) // 2])]  # a batch of median padded length
         phases = _phases(lambda: tr.objective(probe), tr.opt, reps)
         out[name] = dict(batch=r["s"].batch_size, fused_attention=r["s"].fused_attention,
-                         tiny_profile_step=all(getattr(cfg, k) == v for k,
-                                               v in (PLAIN if name == "finetune" else FAST).items()),
+                         tiny_profile_step=all(getattr(cfg, k) == v
+                                               for k, v in (PLAIN if name == "finetune" else FAST).items()),
                          length_buckets=r["s"].length_buckets, flops_per_step=float(np.mean(flops)),
                          flops_by_shape={f"{b}x{l}": c[0] for (b, l), c in sorted(r["counted"].items())},
                          mean_padded_tokens=float(np.mean(lengths)), steps=steps, seconds=seconds[name],
@@ -428,8 +428,8 @@ def main(argv=None) -> dict:
     shapes = {f"{cfg.pretrain_batch_size} images x {patches} tokens": cfg.pretrain_batch_size * patches,
               f"{cfg.ft_batch_size} texts x {ft['finetune']['mean_padded_tokens']:.0f} tokens":
                   int(cfg.ft_batch_size * round(ft["finetune"]["mean_padded_tokens"]))}
-    model_shape = {f"width {width}, {k}": model_shape_matmuls(width, rows, args.repeats) for k,
-                   rows in shapes.items()}
+    model_shape = {f"width {width}, {k}": model_shape_matmuls(width, rows, args.repeats)
+                   for k, rows in shapes.items()}
     print("matmul peak again (the load of a shared machine drifts; the better of the two passes is the peak)",
           flush=True)
     again = matmul_peak(args.sizes, args.repeats)

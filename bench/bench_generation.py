@@ -105,8 +105,7 @@ def bench_prompts(n: int) -> list[str]:
     "`n` difference prompts about random pairs of a small caption corpus."
     corpus = pd.DataFrame({"image_id": range(64),
                            "caption": [f"A {'large' if k % 2 else 'small'} {c} glorp on grass."
-                                                               for k, c in enumerate(["red", "blue", "green",
-                                                                                      "yellow"] * 16)]})
+                                       for k, c in enumerate(["red", "blue", "green", "yellow"] * 16)]})
     pairs = sample_pairs(corpus, n, seed=0, mode="random")
     return [build_prompt("differences", r) for r in pairs.to_dict("records")]
 
