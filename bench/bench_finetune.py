@@ -239,8 +239,7 @@ def measure_finetune(model_name: str = "pc-clip-tiny", pairs: int = 4096, ref_pa
                 ours_mfu=ours * flops / peak if peak else None, ref_mfu=ref * flops / peak if peak else None,
                 ours_counted_tflops=ours * counted / 1e12 if counted else None,
                 **(dict(fast=fast, fast_pairs_per_s=fast_rate, fast_wall_s=fast_wall,
-                        fast_speedup=fast_rate / ours,
-                        fast_mfu=fast_rate * flops / peak if peak else None,
+                        fast_speedup=fast_rate / ours, fast_mfu=fast_rate * flops / peak if peak else None,
                         fast_mean_batch_max_tokens=_mean_padded(ids, triples, batch_size, epochs, seed, fast))
                    if fast else {}))
 
@@ -269,8 +268,7 @@ def measure_fast_paths(model_name: str = "pc-clip-tiny", pairs: int = 4096, imag
                                   generator=torch.Generator().manual_seed(seed)), dim=-1)
     triples = synthetic_triples(pairs, images, seed)
     cfg = get_config("tiny", seed=seed, device=str(dev), precision=precision, ft_lr=1e-5,
-                     ft_batch_size=batch_size,
-                     ft_epochs=epochs, ft_grad_accum=1, ft_max_pairs=None)
+                     ft_batch_size=batch_size, ft_epochs=epochs, ft_grad_accum=1, ft_max_pairs=None)
     runs = {}
     for name, s in (("old", FinetuneSettings.from_config(cfg)),
                     ("new", FinetuneSettings.from_config(cfg, **fast))):
@@ -386,8 +384,7 @@ def main(argv=None):
             f"over {os.cpu_count()} cores")
     if args.compare == "fast":
         r = measure_fast_paths(args.model, args.pairs, args.images, args.batch_size, args.epochs or 3,
-                               args.device,
-                               args.precision, args.seed, fast)
+                               args.device, args.precision, args.seed, fast)
         table = fast_table(r)
         print(table.to_string(index=False))
         if r["card"] == "cpu":
@@ -399,8 +396,7 @@ def main(argv=None):
               f"s new (compiling included)")
         return table
     r = measure_finetune(args.model, args.pairs, args.ref_pairs, args.images, args.batch_size,
-                         args.epochs or 2, args.device,
-                         args.precision, args.seed, args.repeats)
+                         args.epochs or 2, args.device, args.precision, args.seed, args.repeats)
     table = finetune_table(r)
     print(table.to_string(index=False))
     if r["card"] == "cpu":  # wall-clock rates on a shared CPU move with the load of other processes

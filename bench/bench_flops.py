@@ -294,8 +294,7 @@ def embedding_stages(model, tokenizer, world, cfg, n_images: int, n_texts: int,
                                                             "cpu", progress=False))
     per_item = flops / n
     out["embed_images"] = dict(batch=cfg.eval_batch_size, items=len(world.images), seconds=sec,
-                               cpu_seconds=cpu,
-                               items_per_s=len(world.images) / sec, flops_per_item=per_item,
+                               cpu_seconds=cpu, items_per_s=len(world.images) / sec, flops_per_item=per_item,
                                gflops=per_item * len(world.images) / sec / 1e9,
                                gflops_per_cpu_s=per_item * len(world.images) / cpu / 1e9)
     texts = world.captions[:n_texts]
@@ -305,8 +304,7 @@ def embedding_stages(model, tokenizer, world, cfg, n_images: int, n_texts: int,
     flops, _ = count_flops(lambda: embed_texts(model, tokenizer, texts, cfg))
     out["embed_texts"] = dict(batch=cfg.eval_batch_size, items=len(texts), seconds=sec, cpu_seconds=cpu,
                               items_per_s=len(texts) / sec, flops_per_item=flops / len(texts),
-                              gflops=flops / sec / 1e9,
-                              gflops_per_cpu_s=flops / cpu / 1e9)
+                              gflops=flops / sec / 1e9, gflops_per_cpu_s=flops / cpu / 1e9)
     for k, v in out.items():
         log(f"  {k}: {v['items_per_s']:.0f} items/s, {v['gflops']:.1f} GFLOP/s")
     return out, emb

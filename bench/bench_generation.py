@@ -163,8 +163,7 @@ def measure_generation(model: str | None = None, shape: str | None = "llama-tiny
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else None
     return dict(model=name, device=dev, stored_params=n_params, build_s=load_s, prompts=len(prompts),
                 single_prompts=len(single), batch_size=batch_size, batch_fitted=fitted,
-                max_new_tokens=max_new_tokens,
-                prompt_tokens=n_prompt, batched_s=batched["seconds"],
+                max_new_tokens=max_new_tokens, prompt_tokens=n_prompt, batched_s=batched["seconds"],
                 batched_tokens_per_s=batched["tokens_per_s"],
                 batched_pairs_per_s=batched["pairs_per_s"], single_s=one["seconds"],
                 single_tokens_per_s=one["tokens_per_s"], single_pairs_per_s=one["pairs_per_s"],
@@ -187,8 +186,7 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=32)
     a = ap.parse_args(argv)
     r = measure_generation(a.model, None if a.model_shape == "tiny" else a.model_shape, a.layers,
-                           not a.no_4bit,
-                           a.device, a.n_pairs, a.single_pairs, a.batch_size, a.max_new_tokens)
+                           not a.no_4bit, a.device, a.n_pairs, a.single_pairs, a.batch_size, a.max_new_tokens)
     print(f"{r['prompts']} pairs batched, {r['single_prompts']} one at a time, ~{r['prompt_tokens']} prompt "
           f"tokens "
           f"each (before the chat template), {r['max_new_tokens']} new tokens each")

@@ -93,8 +93,7 @@ def load() -> float:
 
 def run_stage(env: dict, overrides: dict) -> dict:
     r = subprocess.run([sys.executable, "-c", WORKER, json.dumps(overrides)], env=env, capture_output=True,
-                       text=True,
-                       cwd=REPO)
+                       text=True, cwd=REPO)
     if r.returncode:
         raise SystemExit(f"the worker failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])

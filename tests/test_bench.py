@@ -32,8 +32,7 @@ def test_gpu_check_smoke_prints_numeric_table(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "PC_CLIP_RUNS": str(tmp_path / "runs"), "TQDM_DISABLE": "1",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "all", "--smoke",
-                           "--threads", "1",
-                           "--dir", str(tmp_path)],
+                           "--threads", "1", "--dir", str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -113,8 +112,7 @@ def test_report_shows_mfu_before_and_after_the_fast_paths(tmp_path):
     (tmp_path / "env.json").write_text(json.dumps(dict(card="NVIDIA H200", torch="2.11.0", python="3.12.3")))
     flops, peak = 6.89e9, 989e12
     ft = dict(ok=True, card="NVIDIA H200", model="ViT-L-14", batch_size=512, pairs=32768, ref_pairs=8192,
-              epochs=2,
-              text_width=768, text_layers=12, trained_params=85.1e6, useful_tokens=13.5,
+              epochs=2, text_width=768, text_layers=12, trained_params=85.1e6, useful_tokens=13.5,
               mean_batch_max_tokens=26.1,
               context=77, ours_pairs_per_s=11452.7, ref_pairs_per_s=924.3, speedup=11452.7 / 924.3,
               useful_flops_per_pair=flops, counted_flops_per_pair=13.34e9, peak_flops=peak, peak_key="H200",
@@ -163,8 +161,7 @@ def test_bench_flops_reports_peak_and_stage_gflops(tmp_path):
                            "--repeats", "1", "--train-images", "64", "--pretrain-batch-size", "8",
                            "--pretrain-steps", "2",
                            "--warmup", "1", "--ft-batch-size", "8", "--ft-steps", "3", "--pairs", "24",
-                           "--phase-reps", "1",
-                           "--embed-texts", "16", "--json", str(out)],
+                           "--phase-reps", "1", "--embed-texts", "16", "--json", str(out)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())

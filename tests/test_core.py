@@ -31,8 +31,7 @@ from pc_clip.core.registry import ModelSpec, model_names
 
 @pytest.mark.parametrize("override, field, says", [
     ({"ft_lr": "abc"}, "ft_lr", "expected a float"),
-    ({"n_pairs": -5}, "n_pairs", ">= 1"),
-    ({"ft_batch_size": 0}, "ft_batch_size", ">= 2"),
+    ({"n_pairs": -5}, "n_pairs", ">= 1"), ({"ft_batch_size": 0}, "ft_batch_size", ">= 2"),
     ({"ft_batch_size": 1}, "ft_batch_size", "contrastive"),
     ({"oracle_noise": 2}, "oracle_noise", "[0, 1]"),
     ({"ft_epochs": None}, "ft_epochs", "None is not allowed"),
@@ -42,12 +41,9 @@ from pc_clip.core.registry import ModelSpec, model_names
     ({"ft_loss": "hinge"}, "ft_loss", "contrastive"),
     ({"generator": "openai:"}, "generator", "name the served model"),
     ({"judge": ""}, "judge", "None (no judge)"),
-    ({"ft_lr": 0.0}, "ft_lr", "> 0"),
-    ({"ft_lr": float("nan")}, "ft_lr", "> 0"),
-    ({"top_p": 0.0}, "top_p", "(0, 1]"),
-    ({"t2i_image_size": 100}, "t2i_image_size", "multiple of 8"),
-    ({"device": "gpu"}, "device", "cuda"),
-    ({"ft_lr_grid": (0,)}, "ft_lr_grid", "> 0"),
+    ({"ft_lr": 0.0}, "ft_lr", "> 0"), ({"ft_lr": float("nan")}, "ft_lr", "> 0"),
+    ({"top_p": 0.0}, "top_p", "(0, 1]"), ({"t2i_image_size": 100}, "t2i_image_size", "multiple of 8"),
+    ({"device": "gpu"}, "device", "cuda"), ({"ft_lr_grid": (0,)}, "ft_lr_grid", "> 0"),
     ({"ft_lr_grid": (1e-3, float("inf"))}, "ft_lr_grid", "finite"),
     ({"wavg_alpha_grid": (2.0,)}, "wavg_alpha_grid", "[0, 1]"),
     ({"ft_keep_epochs": (-3,)}, "ft_keep_epochs", ">= 1"),
@@ -112,8 +108,7 @@ def test_paper_smoke_is_paper_at_toy_scale():
     assert (smoke.ft_epochs, smoke.ft_batch_size, smoke.t2i_steps, smoke.t2i_image_size) == (2, 16, 2, 64)
     assert smoke.n_pairs < 1000 and smoke.eval_n_images < paper.eval_n_images
     same = ("corpus", "pair_sampling", "load_in_4bit", "ft_trainable", "ft_loss", "ft_lr_decay",
-            "ft_temperature",
-            "ft_max_pairs")
+            "ft_temperature", "ft_max_pairs")
     assert [getattr(smoke, k) for k in same] == [getattr(paper, k) for k in same]
     assert smoke.ft_lr >= 1e3 * paper.ft_lr  # a learning rate that moves the stand-in's weights (issue 21)
 

@@ -218,8 +218,7 @@ def test_data_readme_documents_every_file_the_loaders_need(tmp_path):
                        "Animals_with_Attributes2/classes.txt", "Animals_with_Attributes2/predicates.txt",
                        "Animals_with_Attributes2/predicate-matrix-binary.txt"],
               "cub": ["CUB_200_2011/images.txt", "CUB_200_2011/classes.txt",
-                      "CUB_200_2011/image_class_labels.txt",
-                      "CUB_200_2011/train_test_split.txt"],
+                      "CUB_200_2011/image_class_labels.txt", "CUB_200_2011/train_test_split.txt"],
               "flowers102": ["flowers-102/imagelabels.mat", "flowers-102/setid.mat"],
               "sun397": ["SUN397/ClassName.txt"], "cifar100": ["cifar-100-python/meta"]}
     for name, files in needed.items():

@@ -221,8 +221,7 @@ def test_rows_fit_the_results_table_and_the_report(tmp_path, monkeypatch):
     class_emb = F.normalize(torch.randn(3, D), dim=-1)
     for alpha in (1.0, 0.9):
         rows += evaluation_rows({0: comparative_prompting(emb, level, class_emb, {(0, 1): AXIS}, alpha)},
-                                "pc-clip",
-                                "comparative_prompting", "world", {"alpha": alpha, "split": "val"})
+                                "pc-clip", "comparative_prompting", "world", {"alpha": alpha, "split": "val"})
     write_evaluation(rows, cfg, "test")
     table, items = read_results(cfg), read_items(cfg)
     assert len(table) == len(rows) and not table["dataset"].str.contains("[@=]").any()

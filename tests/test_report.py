@@ -24,8 +24,7 @@ def _rows(task, cells, metrics, models=MODELS, seeds=(0,)):
                     v = float(np.clip(0.4 + 0.03 * k + RNG.normal(0, 0.01), 0, 1))
                     rows.append(dict(experiment="x", profile="tiny", model=model, task=task, dataset=dataset,
                                      condition=condition, metric=metric, value=v, ci_low=v - 0.05,
-                                     ci_high=v + 0.04,
-                                     seed=seed, n=100))
+                                     ci_high=v + 0.04, seed=seed, n=100))
     return rows
 
 
@@ -39,8 +38,7 @@ FIGURES = {
                               ["accuracy"]),
     "retrieval": (dict(metric=list(RECALLS), x="metric"), [("world", "")], list(RECALLS)),
     "geometry": (dict(metric=["accuracy", "directional_consistency"], x="metric", dataset="world"),
-                 [("world", "")],
-                 ["accuracy", "directional_consistency"]),
+                 [("world", "")], ["accuracy", "directional_consistency"]),
     "linear_probe": (dict(metric="accuracy"), [("world", "C=1")], ["accuracy"]),
     "t2i_arithmetic": (dict(metric=["success_rate", "species_accuracy"], x="metric", dataset="world",
                             chance={"success_rate": 0.2}), [("world", "")],
@@ -111,12 +109,10 @@ def test_beyond_figures_draw_intervals():
     for metric in ("difference_accuracy", "zero_shot_accuracy", "retrieval_recall@5_i2t"):
         for w in (0.0, 0.5):
             rows.append(dict(model="joint", task=STUDY_TASK, dataset="world", metric=metric,
-                             value=0.5 + w / 10,
-                             ci_low=0.45, ci_high=0.6, seed=0, n=100,
+                             value=0.5 + w / 10, ci_low=0.45, ci_high=0.6, seed=0, n=100,
                              condition=condition_string(arm="joint", w=w)))
         rows.append(dict(model="ptf", task=STUDY_TASK, dataset="world", metric=metric, value=0.52,
-                         ci_low=0.47,
-                         ci_high=0.57, seed=0, n=100,
+                         ci_low=0.47, ci_high=0.57, seed=0, n=100,
                          condition=condition_string(arm="pretrain-then-finetune", w=0.0)))
     study = pd.DataFrame(rows)
     assert "95 % interval" in " ".join(t.get_text() for t in plot_pretrain_study(study).texts)
@@ -129,8 +125,7 @@ def test_beyond_figures_draw_intervals():
 def _cell_items(model, task, dataset, condition, metric, values, seed=0, groups=None, statistic="mean"):
     n = len(values)
     return pd.DataFrame(dict(experiment="x", profile="tiny", model=model, task=task, dataset=dataset,
-                             condition=condition,
-                             metric=metric, seed=seed, item=np.arange(n).astype(str),
+                             condition=condition, metric=metric, seed=seed, item=np.arange(n).astype(str),
                              value=np.asarray(values, float),
                              weight=1.0, group=np.zeros(n, int).astype(str) if groups is None else groups,
                              statistic=statistic))
@@ -149,8 +144,7 @@ def _random_items(rng, models=("clip", "pc-clip"), n=300):
         hits = rng.random(n) < 0.7 - 0.01 * k
         parts += [_cell_items(m, "zero_shot", "world", "", "accuracy", hits),
                   _cell_items(m, "zero_shot", "world", "", "worst_class_accuracy", hits,
-                              groups=(np.arange(n) % 5).astype(str),
-                              statistic="worst_group")]
+                              groups=(np.arange(n) % 5).astype(str), statistic="worst_group")]
         parts += [_cell_items(m, "retrieval", "world", "", r,
                               rng.random(n) < 0.4 - 0.02 * k) for r in RECALLS]
     return pd.concat(parts, ignore_index=True)
@@ -215,8 +209,7 @@ def test_report_counts_every_measured_claim(runs_dir):
     text = write_report(get_config("tiny"), pd.concat([results, val], ignore_index=True),
                         items=items).read_text()
     measured = {"difference_classification", "difference_heldout_wording", "zero_shot",
-                "zero_shot_worst_class",
-                "comparative_prompting", "baseline_captions"}
+                "zero_shot_worst_class", "comparative_prompting", "baseline_captions"}
     others = [c.name for c in PAPER_CLAIMS if not c.control and c.name not in measured]
     line = (f"5 of 6 measured claims agree with the paper; {len(others)} not measured, not counted: "
             f"{', '.join(others)}.")

@@ -122,8 +122,7 @@ def test_weight_is_chosen_on_validation_rows_ties_to_the_smaller():
 
 def _small_capacity_config(runs):
     return get_config("tiny", runs_root=str(runs), world_n_train=256, world_n_test=32, world_n_val=96,
-                      n_pairs=200,
-                      ft_batch_size=32, ft_epochs=1, eval_n_images=24, eval_seeds=(0,),
+                      n_pairs=200, ft_batch_size=32, ft_epochs=1, eval_n_images=24, eval_seeds=(0,),
                       ft_lr_grid=(1e-3,), wavg_alpha_grid=(0.5, 1.0))
 
 
@@ -164,8 +163,7 @@ def test_capacity_study_notebook_runs_through_the_cli_on_small_settings(tmp_path
     """Experiment 15c, the study's one command, on two small bases: its rows, its figure and the rule's
     outcome."""
     r = pc_clip("reproduce", "--profile", "tiny", "--experiments", "nbs/experiments/beyond", "--only", "15c",
-                "--quiet",
-                *p_args(SMALL_CAPACITY), env={"PC_CLIP_RUNS": str(tmp_path)}, timeout=1200)
+                "--quiet", *p_args(SMALL_CAPACITY), env={"PC_CLIP_RUNS": str(tmp_path)}, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = pd.concat([pd.read_csv(p) for p in tmp_path.rglob("results.csv")])
     study = results[results["task"] == "capacity"]

@@ -232,8 +232,7 @@ def test_run_t2i_arithmetic_on_stand_in_models(runs_dir, tiny_clip, capsys):
     for name in ("clip", "pc-clip"):
         save_checkpoint(tiny_clip[0], model_dir(cfg, name), "pc-clip-tiny")
     rows, shown = S.run_t2i_arithmetic(cfg, ["clip", "pc-clip", "pc-clip/mse"], n_texts=1,
-                                       categories=["glorp", "mib", "skiv"],
-                                       progress=False)
+                                       categories=["glorp", "mib", "skiv"], progress=False)
     assert "skipping model pc-clip/mse" in capsys.readouterr().out
     df = pd.DataFrame(rows)
     main = df[df.condition == ""].pivot_table(index="model", columns="metric", values="value")

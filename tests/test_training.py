@@ -94,8 +94,7 @@ def test_only_trainable_parameters_change(base, data, mode, tmp_path):
     images, emb, triples = data
     before = state(model)
     run = finetune(model, tok, triples, cfg(ft_epochs=1), tmp_path / mode, image_embeddings=emb,
-                   images=images,
-                   trainable=mode, progress=False)
+                   images=images, trainable=mode, progress=False)
     trained = set(trainable_parameter_names(model, mode))
     assert trained and len(run.steps) == math.ceil(len(triples) / 16)
     for name, p in run.model.named_parameters():
@@ -239,8 +238,7 @@ def test_fingerprint_covers_the_settings_that_change_weights(small_world):
     cfg = _cfg()
     fp = pretrain_fingerprint(cfg, small_world)
     changed = [cfg.replace(pretrain_steps=7), cfg.replace(pretrain_lr=2e-3),
-               cfg.replace(pretrain_batch_size=16),
-               cfg.replace(seed=1)]
+               cfg.replace(pretrain_batch_size=16), cfg.replace(seed=1)]
     fps = {fp} | {pretrain_fingerprint(c, small_world) for c in changed}
     fps |= {pretrain_fingerprint(cfg, small_world, threads=1),
             pretrain_fingerprint(cfg, small_world, warmup=0.2),
@@ -742,8 +740,7 @@ def test_every_compared_model_gets_the_same_search():
     from pc_clip.training.selection import swept_models
     cfg = get_config("tiny")
     assert set(swept_models(cfg)) == {"pc-clip", "clip-ft-captions", "clip-ft-rewritten", "pc-clip/mse",
-                                      "pc-clip/noise-0.3",
-                                      "pc-clip/both-towers", "pc-clip/plain-captions"}
+                                      "pc-clip/noise-0.3", "pc-clip/both-towers", "pc-clip/plain-captions"}
     grid = sweep_grid(cfg)
     folders = {model_dir(cfg, n, lr=lr, alpha=a) for n in swept_models(cfg) for lr, a in grid}
     assert len(folders) == len(grid) * len(swept_models(cfg))  # no two candidates share a folder

@@ -148,8 +148,7 @@ def test_folders_resolve_against_the_checkout_from_any_working_directory(tmp_pat
             "cfg = get_config()\nprint(results_path(cfg)); print(cache_dir(cfg))")
     env = {k: v for k, v in os.environ.items() if k not in ("PC_CLIP_RUNS", "PC_CLIP_DATA")}
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=120,
-                       env={**env, "PYTHONPATH": str(REPO)})
+                       timeout=120, env={**env, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr
     results, cache = map(Path, r.stdout.split())
     assert results == REPO / "results" / "tiny" / "results.csv" and cache == REPO / "cache" / "tiny"

@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 
 STAGES = ["core", "world", "data", "models", "differences", "evaluation", "training", "t2i", "report",
-          "studies",
-          "smoke"]
+          "studies", "smoke"]
 TOP = {"cli": len(STAGES), "compare": len(STAGES)}  # entry points: may import any stage
 MAX_MODULES = 10
 PKG = Path(__file__).resolve().parents[1] / "pc_clip"
