@@ -296,8 +296,8 @@ def test_lr_and_alpha_are_values_never_parsed_from_condition_labels():
     anywhere in it."""
     tree = ast.parse(inspect.getsource(pc_clip.training.selection))
     parsed = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "float"
-              and any(isinstance(a, ast.Call) and getattr(a.func, "id",
-                                                          "") == "condition_dict" for a in ast.walk(n))]
+              and any(isinstance(a, ast.Call) and getattr(a.func, "id", "") == "condition_dict"
+                      for a in ast.walk(n))]
     assert not parsed, [ast.unparse(n) for n in parsed]
     # a record whose label says something else: the numbers decide
     recs = pd.DataFrame(_rows(CANDS)).assign(condition="alpha=9;lr=9")
@@ -662,9 +662,8 @@ def test_fused_attention_falls_back_where_it_does_not_apply():
 
 def _mixed_run_data(model, n: int = 64):
     import open_clip as oc
-    texts = [("the first image has a larger glorp" + (", while the second image shows a bluer vantile in the "
-                                                      "background"
-                                                      if k % 4 == 0 else "")) for k in range(n)]
+    long_tail = ", while the second image shows a bluer vantile in the background"
+    texts = [("the first image has a larger glorp" + (long_tail if k % 4 == 0 else "")) for k in range(n)]
     g = torch.Generator().manual_seed(1)
     triples = pd.DataFrame(dict(i=torch.randint(0, 32, (n,), generator=g).tolist(),
                                 j=torch.randint(0, 32, (n,), generator=g).tolist(), text=texts))
