@@ -123,8 +123,8 @@ def test_executed_notebook_is_clean(run00):
     assert nb["metadata"]["kernelspec"]["name"] == "pc-clip"
     outs = _outputs(nb)
     assert outs, "the executed notebook has no outputs"
-    warnings = [_text(o) for o in outs if re.search(r"warn", _text(o),
-                                                    re.I) or o.get("output_type") == "error"]
+    warnings = [_text(o) for o in outs
+                if re.search(r"warn", _text(o), re.I) or o.get("output_type") == "error"]
     assert not warnings, warnings
     lines = [l for o in outs if o.get("output_type") == "stream" for l in _text(o).splitlines() if l.strip()]
     logged = [l for l in lines if re.match(r"(\d\d:\d\d:\d\d )?(INFO|WARNING)[: ]", l)]
