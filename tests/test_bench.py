@@ -73,8 +73,8 @@ def test_gpu_check_smoke_prints_numeric_table(tmp_path):
 def test_report_marks_failed_and_missing_stages(tmp_path):
     "A failed stage and a killed one read 'not measured' with their cause; the other figures stay."
     gc = _gpu_check()
-    (tmp_path / "env.json").write_text(json.dumps(dict(card="NVIDIA H100 80GB HBM3", torch="2.11.0",
-                                                       python="3.12.3")))
+    env = dict(card="NVIDIA H100 80GB HBM3", torch="2.11.0", python="3.12.3")
+    (tmp_path / "env.json").write_text(json.dumps(env))
     (tmp_path / "finetune.json").write_text(json.dumps(dict(ok=False,
                                                             error="OutOfMemoryError: CUDA out of memory")))
     text = gc.report(tmp_path)  # generate.json missing: the stage timed out

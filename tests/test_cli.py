@@ -411,9 +411,9 @@ def test_a_slow_kernel_start_is_waited_for_or_named_in_one_line(tmp_path, runs_d
     60 s it runs."""
     spec = tmp_path / "jupyter" / "kernels" / "pc-clip"  # found before any other `pc-clip` kernelspec
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({"argv": [sys.executable, "-c", SLOW_KERNEL.format(delay=8),
-                                                           "{connection_file}"],
-                                                   "display_name": "slow", "language": "python"}))
+    argv = [sys.executable, "-c", SLOW_KERNEL.format(delay=8), "{connection_file}"]
+    spec_json = {"argv": argv, "display_name": "slow", "language": "python"}
+    (spec / "kernel.json").write_text(json.dumps(spec_json))
     make_notebook(tmp_path / "01_a.ipynb", f"open({str(tmp_path / 'ran')!r}, 'w').write('x')")
     env = {"JUPYTER_PATH": str(tmp_path / "jupyter")}
     r = pc_clip("reproduce", "--experiments", str(tmp_path), "--kernel-timeout", "3", env=env)

@@ -59,8 +59,8 @@ def test_each_bad_value_is_one_message_naming_its_field(override, field, says):
 def test_all_bad_fields_are_reported_together():
     with pytest.raises(ConfigError) as e:
         get_config("tiny", ft_lr="abc", n_pairs=-5, ft_batch_size=0, oracle_noise=2)
-    assert sorted(p.split(":")[0] for p in e.value.problems) == ["ft_batch_size", "ft_lr", "n_pairs",
-                                                                 "oracle_noise"]
+    fields = sorted(p.split(":")[0] for p in e.value.problems)
+    assert fields == ["ft_batch_size", "ft_lr", "n_pairs", "oracle_noise"]
 
 
 def test_none_is_a_value_where_the_field_allows_it():
@@ -122,8 +122,8 @@ def test_checking_a_config_imports_neither_torch_nor_pandas():
 
 def test_a_config_built_by_hand_is_checked_by_validate_config():
     assert validate_config(Config()) == []
-    assert [p.split(":")[0] for p in validate_config(Config(n_pairs=0, corpus="imagenet"))] == ["n_pairs",
-                                                                                                "corpus"]
+    problems = validate_config(Config(n_pairs=0, corpus="imagenet"))
+    assert [p.split(":")[0] for p in problems] == ["n_pairs", "corpus"]
 
 
 def test_ft_lr_alone_is_one_learning_rate_for_every_caller():
@@ -485,8 +485,7 @@ def _toy_world_run(cfg):
     """A random base model as `clip` and oracle differences and rewrites for `cfg`'s small world (experiments
     01-02)."""
     from pc_clip.differences.records import (differences_path, generate_differences, make_backend,
-                                             rewrite_captions,
-        rewrites_path)
+        rewrite_captions, rewrites_path)
     from pc_clip.differences.pairs import load_corpus, sample_pairs
     save_checkpoint(create_clip("pc-clip-tiny", seed=0)[0], model_dir(cfg, "clip"), "pc-clip-tiny")
     save_checkpoint(create_clip("pc-clip-tiny", seed=1)[0], model_dir(cfg, "clip/plain-captions"),

@@ -168,8 +168,8 @@ def test_torchvision_accepts_our_fixtures(tmp_path):
 
 def test_official_splits_are_disjoint_and_complete(tmp_path):
     for name, splits, full in [("cub", ("train", "test"), "all"), ("sun397", ("train", "test"), "all"),
-                               ("flowers102", ("train", "val", "test"), None), ("eurosat", ("train", "test"),
-                                                                                "all")]:
+                               ("flowers102", ("train", "val", "test"), None),
+                               ("eurosat", ("train", "test"), "all")]:
         make_fixture(name, tmp_path, n_per_class=6)
         with accept_fixture_checksums():
             parts = [set(map(str, load_dataset(name, tmp_path, s).paths)) for s in splits]
@@ -366,8 +366,8 @@ def test_world_val_split(monkeypatch):
     fake_world(monkeypatch)
     val = load_dataset("world", get_config("tiny"), "val")
     assert val.split == "val" and val.captions == [["a small mib"]] and val.labels.tolist() == [0]
-    sizes = {s: set(load_dataset("world", get_config("tiny"), s).image_info["size"]) for s in ("train", "val",
-                                                                                               "test")}
+    sizes = {s: set(load_dataset("world", get_config("tiny"), s).image_info["size"])
+             for s in ("train", "val", "test")}
     assert not (sizes["val"] & sizes["train"]) and not (sizes["val"] & sizes["test"])
 
 

@@ -368,8 +368,8 @@ def test_a_stored_record_for_another_item_is_made_again(tmp_path, caplog):
     caplog.clear()
     recs = generate_differences(moved, oracle(), path, progress=False)
     assert "6 stored differences record(s) did not match the item asked for" in caplog.text
-    assert [(r["item"]["caption_a"], r["item"]["caption_b"]) for r in recs] == list(zip(moved.caption_a,
-                                                                                        moved.caption_b))
+    assert ([(r["item"]["caption_a"], r["item"]["caption_b"]) for r in recs]
+            == list(zip(moved.caption_a, moved.caption_b)))
     assert recs == generate_differences(moved, oracle(), tmp_path / "fresh.jsonl", progress=False)
     assert len(JsonlStore(path)) == 12
     rw = rewrite_captions(CORPUS.head(4), oracle(), tmp_path / "rw.jsonl", progress=False)

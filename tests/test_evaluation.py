@@ -404,8 +404,8 @@ def test_retrieval_counts_any_caption_and_is_chunk_invariant():
     big_img, big_txt = _unit(50, 16, 2), _unit(120, 16, 3)
     big_owner = np.arange(120) % 50
     drop = lambda r: {k: v for k, v in r.items() if k != "outcomes"}
-    assert drop(M.retrieval(big_img, big_txt, big_owner, chunk=7)) == drop(M.retrieval(big_img, big_txt,
-                                                                                       big_owner))
+    chunked = M.retrieval(big_img, big_txt, big_owner, chunk=7)
+    assert drop(chunked) == drop(M.retrieval(big_img, big_txt, big_owner))
 
 
 def test_random_retrieval_is_near_chance_and_outcomes_make_the_recalls():
@@ -480,8 +480,8 @@ def test_controlled_pairs_differ_in_exactly_the_edited_attribute(world):
     recs = cp.records()
     assert cp.pairs["edit"].value_counts().to_dict() == {e: 10 for e in G.EDITS}
     for p in cp.pairs.itertuples():
-        changed = [k for k in ATTRIBUTE_KINDS if difference_direction(recs[p.edited], recs[p.base],
-                                                                      k) is not None]
+        changed = [k for k in ATTRIBUTE_KINDS
+                   if difference_direction(recs[p.edited], recs[p.base], k) is not None]
         assert changed == [G.EDITS[p.edit].attribute], (p.edit, changed)
     # a background edit leaves the object's pixels alone: pixels that stay put are most of the image for
     # large objects

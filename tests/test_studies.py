@@ -128,8 +128,7 @@ def _small_capacity_config(runs):
 
 def test_capacity_study_measures_a_base_end_to_end_caches_it_and_tidies_it(tmp_path, monkeypatch):
     from pc_clip.studies.capacity import (Base, capacity_rows, capacity_summary, measure_base,
-                                          measurement_path,
-        run_capacity_study)
+        measurement_path, run_capacity_study)
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
     cfg = _small_capacity_config(tmp_path)
     base = Base("tiny", "pc-clip-tiny", 32)  # the first tiny base, at the small config's 4 pretraining steps

@@ -112,8 +112,8 @@ def check(pkg: Path = PKG) -> list[str]:
         mods = [p for p in (pkg / stage).glob("*.py") if p.name != "__init__.py"]
         if len(mods) > MAX_MODULES:
             problems.append(f"pc_clip/{stage}/ holds {len(mods)} modules (at most {MAX_MODULES})")
-    stray = [p.name for p in pkg.glob("*.py") if p.stem not in TOP and p.name not in ("__init__.py",
-                                                                                      "_modidx.py")]
+    stray = [p.name for p in pkg.glob("*.py")
+             if p.stem not in TOP and p.name not in ("__init__.py", "_modidx.py")]
     if stray:
         problems.append(f"modules outside any stage folder: {stray}")
     return problems

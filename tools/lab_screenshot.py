@@ -155,8 +155,8 @@ def main(argv=None) -> int:
                                every=1.0)
         except TimeoutError as e:
             got = http("POST", f"{s}/execute/sync", {"script": KERNEL_NAMES_JS, "args": []})["value"]
-            sessions = {x["path"]: x["kernel"]["name"] for x in http("GET", f"{base}/api/sessions",
-                                                                     token=token)}
+            sessions = {x["path"]: x["kernel"]["name"]
+                        for x in http("GET", f"{base}/api/sessions", token=token)}
             print(f"{e}; the toolbars show {got}, the server's sessions {sessions}", file=sys.stderr)
             return 1
         figure = None
