@@ -37,7 +37,8 @@ from pc_clip.differences.judge import (OpenAIJudge, OracleJudge, judge_agreement
 # kill-and-resume.
 
 CORPUS = pd.DataFrame({
-    "image_id": list(range(100, 140)), "caption": [f"A {s} {c} {k} on {b}." for s, c, k, b in zip(
+    "image_id": list(range(100, 140)),
+    "caption": [f"A {s} {c} {k} on {b}." for s, c, k, b in zip(
         ["small", "large"] * 20, ["red", "blue", "green", "yellow"] * 10,
         ["glorp", "mib", "skiv", "yoot", "vantile"] * 8, ["grass", "sand", "snow", "water"] * 10)],
     "category": ["glorp", "mib", "skiv", "yoot", "vantile"] * 8,
@@ -334,7 +335,8 @@ def test_runs_on_other_worlds_get_records_of_their_own_world(runs_dir):
     for overrides in runs:
         seed = overrides.get("seed", 0)  # -p seed=1 is the notebook's own parameter
         pm.execute_notebook(str(REPO / "nbs/experiments/02_differences.ipynb"),
-                            str(runs_dir.parent / "out.ipynb"), parameters=dict(n_pairs=100, seed=seed,
+                            str(runs_dir.parent / "out.ipynb"),
+                            parameters=dict(n_pairs=100, seed=seed,
                                             overrides={k: v for k, v in overrides.items() if k != "seed"}),
                             cwd=str(REPO), kernel_name="python3", progress_bar=False)
         cfg = get_config("tiny", n_pairs=100, **overrides)

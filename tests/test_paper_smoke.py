@@ -22,7 +22,8 @@ from pc_clip.core.config import parse_overrides, get_config
 EXPECTED = {
     "difference_classification": {"awa2", "cifar100", "flowers102", "cub"},
     "zero_shot": {"cifar100", "cub", "eurosat", "flowers102", "sun397"},
-    "comparative_prompting": {"cifar100"}, "retrieval": {"coco"},
+    "comparative_prompting": {"cifar100"},
+    "retrieval": {"coco"},
     "linear_probe": {"cifar100", "cub", "eurosat", "flowers102", "sun397"},
     "geometry": {"coco", "awa2", "cifar100", "flowers102", "cub"},
 }
