@@ -433,14 +433,14 @@ def test_other_settings_leave_the_default_rows_and_notebooks_byte_identical(tmp_
     exp = tmp_path / "exp"; exp.mkdir()
     make_notebook(exp / "05_zero_shot.ipynb", NOTEBOOK_WRITER.format(fail=""))
     env = {**os.environ, "PC_CLIP_RUNS": str(tmp_path / "out")}
-    r = pc_clip("reproduce", "--experiments", str(exp), env=env)
+    r = pc_clip("reproduce", "--experiments", str(exp), env=env, timeout=1200)
     assert r.returncode == 0, r.stderr[-2000:]
     default_csv = tmp_path / "out" / "results" / "tiny" / "results.csv"
     default_nb = tmp_path / "out" / "runs" / "tiny" / "notebooks" / "05_zero_shot.ipynb"
     before = default_csv.read_bytes(), default_nb.read_bytes()
 
     # a tuple, as a user types it
-    r = pc_clip("reproduce", "--experiments", str(exp), "-p", "eval_seeds=(0, 1)", env=env)
+    r = pc_clip("reproduce", "--experiments", str(exp), "-p", "eval_seeds=(0, 1)", env=env, timeout=1200)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (default_csv.read_bytes(), default_nb.read_bytes()) == before
     other = get_config("tiny", eval_seeds=(0, 1))
@@ -451,7 +451,8 @@ def test_other_settings_leave_the_default_rows_and_notebooks_byte_identical(tmp_
     run_json = tmp_path / "out" / "results" / f"tiny-{other_id(other)}" / "run.json"
     assert json.loads(run_json.read_text())["changed"] == {"eval_seeds": [0, 1]}
 
-    r = pc_clip("reproduce", "--experiments", str(exp), env=env)  # the default again: the same rows
+    # the default again: the same rows
+    r = pc_clip("reproduce", "--experiments", str(exp), env=env, timeout=1200)
     assert r.returncode == 0 and default_csv.read_bytes() == before[0]
 
 
@@ -465,12 +466,12 @@ def test_a_failed_experiment_keeps_the_earlier_rows(tmp_path, runs_dir):
     exp = tmp_path / "exp"; exp.mkdir()
     make_notebook(exp / "05_zero_shot.ipynb", NOTEBOOK_WRITER.format(fail=""))
     env = {**os.environ, "PC_CLIP_RUNS": str(runs_dir)}
-    assert pc_clip("reproduce", "--experiments", str(exp), env=env).returncode == 0
+    assert pc_clip("reproduce", "--experiments", str(exp), env=env, timeout=1200).returncode == 0
     table = results_path(get_config("tiny"))
     before = table.read_bytes()
     make_notebook(exp / "05_zero_shot.ipynb",
                   NOTEBOOK_WRITER.format(fail="raise RuntimeError('the models were not found')\n"))
-    r = pc_clip("reproduce", "--experiments", str(exp), env=env)
+    r = pc_clip("reproduce", "--experiments", str(exp), env=env, timeout=1200)
     assert r.returncode == 1 and "the models were not found" in r.stderr
     assert table.read_bytes() == before
     # in the library too: a row the table refuses stops write_evaluation before either file changes
