@@ -1,6 +1,6 @@
 # pc-clip: two commands do all set-up on a fresh machine.
 #   make reproduce   the full reproduction on the embedded tiny profile
-#   make test        notebooks <-> library sync check, nbdev_test, pytest (the paper-smoke reproduction included)
+#   make test        notebooks <-> library sync check, layout, ruff, nbdev_test, pytest (slow whole runs included)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -43,9 +43,11 @@ test: $(STAMP)
 	  echo "nbs/ and pc_clip/ were out of sync or notebooks carried outputs; they are fixed in your tree now: review and commit."; exit 1; fi
 	@echo "== layout: stages import only the stages below them, no import circles, no shims =="
 	$(BIN)/python tools/check_layout.py
+	@echo "== ruff: unused imports and variables, redefinitions, lines over 110 characters (pyproject.toml [tool.ruff]) =="
+	$(BIN)/ruff check pc_clip nbs tests tools bench
 	@echo "== nbdev_test (notebook examples) =="
 	$(BIN)/nbdev_test --n_workers 2 --timing
-	@echo "== pytest (with the paper-smoke reproduction, tests/test_paper_smoke.py) =="
+	@echo "== pytest, both layers: the quick unit tests and the slow whole runs (the paper-smoke reproduction included) =="
 	$(BIN)/python -m pytest tests -q
 
 # the paper's code path end to end on stand-ins (part of `make test`; this target runs it alone)

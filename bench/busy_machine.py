@@ -1,30 +1,33 @@
-"""What one CPU hog beside a run costs, with and without the kernel environment `pc-clip` starts its kernels with.
+"""What one CPU hog beside a run costs, with and without the kernel environment `pc-clip` starts its kernels
+with.
 
-On a shared machine, torch's OpenMP threads used to spin-wait at the end of every parallel region: when another job
-holds one of the cores, the thread that finished first burns the core its partner needs, and a 2-thread pretraining
-step ran many times slower than the load alone explains. `pc_clip.cli.KERNEL_ENV` (`OMP_WAIT_POLICY=PASSIVE`: a
-thread that waits sleeps instead of spinning) is what the CLI sets for every notebook kernel it starts; it changes
-no number (the same threads split the same work; the weights' hash is printed and compared).
+On a shared machine, torch's OpenMP threads used to spin-wait at the end of every parallel region: when
+another job holds one of the cores, the thread that finished first burns the core its partner needs, and a
+2-thread pretraining step ran many times slower than the load alone explains. `pc_clip.cli.KERNEL_ENV`
+(`OMP_WAIT_POLICY=PASSIVE`: a thread that waits sleeps instead of spinning) is what the CLI sets for every
+notebook kernel it starts; it changes no number (the same threads split the same work; the weights' hash is
+printed and compared).
 
 Stage mode (the default) times `--steps` pretraining steps of the tiny model (the `tiny` profile's batch and
-`PRETRAIN_THREADS`, on a small world cached in a private folder), each in a fresh process so the environment is set
-before torch loads, four ways: {without, with} the kernel environment x {quiet, beside one busy-loop process
-this script starts and stops itself}. Each case is run `--repeats` times, alternating, and the median is kept:
+`PRETRAIN_THREADS`, on a small world cached in a private folder), each in a fresh process so the environment
+is set before torch loads, four ways: {without, with} the kernel environment x {quiet, beside one busy-loop
+process this script starts and stops itself}. Each case is run `--repeats` times, alternating, and the median
+is kept:
 
     python bench/busy_machine.py                     # 60 steps, 3 repeats
     python bench/busy_machine.py --steps 30 --repeats 1
 
-Whole-run mode runs `pc-clip reproduce` (default profile `tiny`, `--only` and `-p` passed through) from empty private
-`PC_CLIP_RUNS` folders, quiet and beside one hog, and checks that the two runs' numbers agree
-(`python -m pc_clip.compare`); it takes two full runs (about 2 x 6.5 minutes on a quiet 2-core machine):
+Whole-run mode runs `pc-clip reproduce` (default profile `tiny`, `--only` and `-p` passed through) from empty
+private `PC_CLIP_RUNS` folders, quiet and beside one hog, and checks that the two runs' numbers agree (`python
+-m pc_clip.compare`); it takes two full runs (about 2 x 6.5 minutes on a quiet 2-core machine):
 
     python bench/busy_machine.py --whole-run
     python bench/busy_machine.py --whole-run --only 00,01 -p pretrain_steps=40
     python bench/busy_machine.py --whole-run --keep /tmp/busy --cases quiet   # one case now, kept ...
-    python bench/busy_machine.py --whole-run --keep /tmp/busy                 # ... the other later, then the comparison
+    python bench/busy_machine.py --whole-run --keep /tmp/busy                 # ... the other later, compared
 
-Prints one line per measurement and a closing table with the loaded / quiet ratios and the load average before and
-after each case (other jobs on the machine count too: say so when you quote a number).
+Prints one line per measurement and a closing table with the loaded / quiet ratios and the load average before
+and after each case (other jobs on the machine count too: say so when you quote a number).
 """
 from __future__ import annotations
 
@@ -67,9 +70,11 @@ def kernel_env() -> dict[str, str]:
 
 
 def plain_env(runs: Path) -> dict[str, str]:
-    "This process's environment without the kernel variables (so 'without' is really without), with private runs."
+    """This process's environment without the kernel variables (so 'without' is really without), with private
+    runs."""
     env = {k: v for k, v in os.environ.items() if k not in kernel_env()}
-    return {**env, "PC_CLIP_RUNS": str(runs), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))}
+    return {**env, "PC_CLIP_RUNS": str(runs),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))}
 
 
 class Hog:
@@ -89,8 +94,8 @@ def load() -> float:
 
 
 def run_stage(env: dict, overrides: dict) -> dict:
-    r = subprocess.run([sys.executable, "-c", WORKER, json.dumps(overrides)], env=env, capture_output=True, text=True,
-                       cwd=REPO)
+    r = subprocess.run([sys.executable, "-c", WORKER, json.dumps(overrides)], env=env, capture_output=True,
+                       text=True, cwd=REPO)
     if r.returncode:
         raise SystemExit(f"the worker failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -123,7 +128,8 @@ def stage_mode(a) -> None:
                       f"weights {out['weights']}", flush=True)
     med = {c: statistics.median(o["seconds"] for o in v) for c, v in seen.items()}
     hashes = {o["weights"] for v in seen.values() for o in v}
-    print(f"\n{a.steps} pretraining steps of the tiny model (batch 64, {seen[cases[0]][0]['threads']} threads), "
+    print(f"\n{a.steps} pretraining steps of the tiny model (batch 64, {seen[cases[0]][0]['threads']} "
+          f"threads), "
           f"median of {a.repeats}; kernel env = {kernel_env()}")
     print("| environment | quiet s/step | beside one hog s/step | hog / quiet |")
     print("|---|---:|---:|---:|")
@@ -132,7 +138,8 @@ def stage_mode(a) -> None:
         print(f"| {fix} | {q:.3f} | {b:.3f} | {b / q:.2f}x |")
     print(f"beside one hog, with vs without: {med[('without', True)] / med[('with', True)]:.2f}x faster; "
           f"quiet, with vs without: {med[('without', False)] / med[('with', False)]:.2f}x")
-    print(f"weights identical in all {sum(len(v) for v in seen.values())} runs: {len(hashes) == 1} ({sorted(hashes)})")
+    print(f"weights identical in all {sum(len(v) for v in seen.values())} runs: {len(hashes) == 1} "
+          f"({sorted(hashes)})")
     if len(hashes) != 1:
         raise SystemExit("the kernel environment changed the weights")
 
@@ -148,7 +155,7 @@ def reproduce(env: dict, a) -> float:
 
 
 def timed_case(name: str, root: Path, env: dict, a) -> float:
-    "One whole run into `root/name` (its own PC_CLIP_RUNS), or the seconds it took before when `root/name` holds a finished one."
+    "One whole run into `root/name` (its own PC_CLIP_RUNS), or its earlier seconds when `root/name` holds one."
     done = root / name / "seconds.json"
     if done.exists():
         seconds = json.loads(done.read_text())["seconds"]
@@ -168,17 +175,21 @@ def timed_case(name: str, root: Path, env: dict, a) -> float:
 def whole_run_mode(a) -> None:
     with tempfile.TemporaryDirectory(prefix="pc-clip-busy-whole-") as d:
         root = Path(a.keep) if a.keep else Path(d)  # --keep: the runs stay, and a finished case is not run again
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ,
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         cases = a.cases.split(",")
         seconds = {name: timed_case(name, root, env, a) for name in cases}
         if len(seconds) < 2:
             return
         quiet, busy = seconds["quiet"], seconds["busy"]
-        results = [next((root / name / "results").glob("*/results.csv")).parent for name in ("quiet", "busy")]
+        results = [next((root / name / "results").glob("*/results.csv")).parent
+                   for name in ("quiet", "busy")]
         cmp = subprocess.run([sys.executable, "-m", "pc_clip.compare", *map(str, results)], env=env, cwd=REPO,
                              capture_output=True, text=True)
         print(cmp.stdout.strip() or cmp.stderr.strip())
-        print(f"whole run ({a.profile}{', --only ' + a.only if a.only else ''}{' ' + ' '.join(a.param) if a.param else ''}): "
+        only = ", --only " + a.only if a.only else ""
+        params = " " + " ".join(a.param) if a.param else ""
+        print(f"whole run ({a.profile}{only}{params}): "
               f"quiet {quiet:.0f} s, beside one hog {busy:.0f} s, ratio {busy / quiet:.2f}x; "
               f"numbers identical: {cmp.returncode == 0}")
         if cmp.returncode:
@@ -190,13 +201,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=60, help="pretraining steps per measurement (stage mode)")
     p.add_argument("--repeats", type=int, default=3, help="measurements per case, alternating (stage mode)")
     p.add_argument("--world-n-train", type=int, default=640, help="train images of the stage's world")
-    p.add_argument("--whole-run", action="store_true", help="time `pc-clip reproduce` quiet and beside one hog")
+    p.add_argument("--whole-run", action="store_true",
+                   help="time `pc-clip reproduce` quiet and beside one hog")
     p.add_argument("--profile", default="tiny", help="whole-run mode: the profile")
     p.add_argument("--only", default=None, help="whole-run mode: passed to pc-clip reproduce")
-    p.add_argument("-p", "--param", action="append", default=[], help="whole-run mode: passed to pc-clip reproduce")
+    p.add_argument("-p", "--param", action="append", default=[],
+                   help="whole-run mode: passed to pc-clip reproduce")
     p.add_argument("--variant", action="append", default=[],
                    help="stage mode: NAME=VAR=VALUE[,VAR=VALUE], another kernel environment to time (repeatable)")
-    p.add_argument("--keep", default=None, help="whole-run mode: keep the runs in this folder (a finished case is reused)")
+    p.add_argument("--keep", default=None,
+                   help="whole-run mode: keep the runs in this folder (a finished case is reused)")
     p.add_argument("--cases", default="quiet,busy", help="whole-run mode: which cases to run, of quiet,busy")
     a = p.parse_args(argv)
     whole_run_mode(a) if a.whole_run else stage_mode(a)

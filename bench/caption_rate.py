@@ -1,16 +1,18 @@
-"""How much comparison language should the world's captions carry? A validation study, run once to set `world_caption_rate`.
+"""How much comparison language should the world's captions carry? A validation study, run once to set
+`world_caption_rate`.
 
-    PC_CLIP_RUNS=/tmp/cr pc-clip reproduce --profile tiny --only 02   # the oracle differences (shared by every rate)
-    PC_CLIP_RUNS=/tmp/cr python bench/caption_rate.py --rates 0 0.25 0.5 1
+    PC_CLIP_RUNS=/tmp/cr pc-clip reproduce --profile tiny --only 02   # the oracle differences (shared by
+    every rate) PC_CLIP_RUNS=/tmp/cr python bench/caption_rate.py --rates 0 0.25 0.5 1
 
-Rate 0 is the plain world (`world_captions="plain"`, the ablation); a rate r > 0 scales the comparative style's rates
-(norm comparisons, gallery frames, generic nouns; `pc_clip.world.shapes`). For each rate the script pretrains the
-tiny base model (the profile's steps, seed and schedule), measures the vocabulary coverage of its pretraining
-captions, and runs `pc-clip`'s validation search (`pc_clip.training.selection.run_sweep`, the profile's grid and
-rule). Test images are never touched. The rule, fixed before any number was looked at: among the rates whose
-pretraining captions cover every word of the training wordings (coverage 1.0), the one whose chosen `pc-clip` has
-the largest validation difference-classification gain over its own base; ties go to the higher base zero-shot
-accuracy. Wall time is printed for the budget and never used.
+Rate 0 is the plain world (`world_captions="plain"`, the ablation); a rate r > 0 scales the comparative
+style's rates (norm comparisons, gallery frames, generic nouns; `pc_clip.world.shapes`). For each rate the
+script pretrains the tiny base model (the profile's steps, seed and schedule), measures the vocabulary
+coverage of its pretraining captions, and runs `pc-clip`'s validation search
+(`pc_clip.training.selection.run_sweep`, the profile's grid and rule). Test images are never touched. The
+rule, fixed before any number was looked at: among the rates whose pretraining captions cover every word of
+the training wordings (coverage 1.0), the one whose chosen `pc-clip` has the largest validation
+difference-classification gain over its own base; ties go to the higher base zero-shot accuracy. Wall time is
+printed for the budget and never used.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ from pc_clip.world.shapes import make_world
 def config_of(rate: float):
     "The tiny config of a caption rate (0: the plain world)."
     tiny = get_config("tiny")
-    return tiny.replace(world_captions="plain", world_caption_rate=1.0) if rate == 0 else tiny.replace(world_caption_rate=rate)
+    return tiny.replace(world_captions="plain",
+                        world_caption_rate=1.0) if rate == 0 else tiny.replace(world_caption_rate=rate)
 
 
 def study(rate: float) -> dict:
@@ -46,11 +49,15 @@ def study(rate: float) -> dict:
     sweep = run_sweep(finetuning_inputs(cfg, progress=False), cfg, progress=False)
     base = {r["metric"]: r["value"] for r in sweep.records if r["model"] == "clip"}
     ch = sweep.chosen
-    return dict(rate=rate, coverage_train=cov.loc["train", "coverage"], coverage_heldout=cov.loc["heldout", "coverage"],
-                base_zero_shot=base["zero_shot_accuracy"], base_worst_class=base["zero_shot_worst_class_accuracy"],
+    return dict(rate=rate, coverage_train=cov.loc["train", "coverage"],
+                coverage_heldout=cov.loc["heldout", "coverage"],
+                base_zero_shot=base["zero_shot_accuracy"],
+                base_worst_class=base["zero_shot_worst_class_accuracy"],
                 base_retrieval=base["retrieval_mean_recall"], base_difference=base["difference_accuracy"],
-                chosen_lr=ch.lr, chosen_alpha=ch.alpha, diff_gain=ch.diff_gain, diff_gain_heldout=ch.diff_gain_heldout,
-                zero_shot_change=ch.zero_shot_change, retrieval_change=ch.retrieval_change, feasible=bool(ch.feasible),
+                chosen_lr=ch.lr, chosen_alpha=ch.alpha, diff_gain=ch.diff_gain,
+                diff_gain_heldout=ch.diff_gain_heldout,
+                zero_shot_change=ch.zero_shot_change, retrieval_change=ch.retrieval_change,
+                feasible=bool(ch.feasible),
                 best_full_strength_gain=float(sweep.table.loc[sweep.table.alpha == 1, "diff_gain"].max()),
                 reused_base=reused, seconds=time.perf_counter() - t0)
 
@@ -68,7 +75,8 @@ def main() -> None:
     print(t.round(3).to_string())
     if len(eligible):
         best = eligible.sort_values(["diff_gain", "base_zero_shot"], ascending=False).index[0]
-        print(f"chosen world_caption_rate = {best:g} (the rule above; torch threads {torch.get_num_threads()}, "
+        print(f"chosen world_caption_rate = {best:g} (the rule above; torch threads "
+              f"{torch.get_num_threads()}, "
               f"PC_CLIP_RUNS={os.environ.get('PC_CLIP_RUNS')})")
     else:
         print("no comparative rate covers every word of the training wordings")

@@ -3,10 +3,10 @@
     PC_CLIP_RUNS=/tmp/fr pc-clip reproduce --profile tiny --only 01,02   # base model and differences
     PC_CLIP_RUNS=/tmp/fr python bench/finetune_regime.py [A B ...]
 
-Each regime finetunes `pc-clip` from the run's base model on the run's difference statements; each finetune, at
-full strength and averaged with the base at alpha 0.5, is scored on the world's **validation** images with the
-metrics the selection rule uses (`pc_clip.training.selection.validation_outcomes`), as changes against the base.
-Test images are never touched. Wall time is printed for the budget and never used.
+Each regime finetunes `pc-clip` from the run's base model on the run's difference statements; each finetune,
+at full strength and averaged with the base at alpha 0.5, is scored on the world's **validation** images with
+the metrics the selection rule uses (`pc_clip.training.selection.validation_outcomes`), as changes against the
+base. Test images are never touched. Wall time is printed for the budget and never used.
 """
 from __future__ import annotations
 
@@ -21,14 +21,22 @@ from pc_clip.training.selection import validation_outcomes
 
 FAST = dict(fused_attention=True, length_buckets=16)
 REGIMES = {  # letter: (what, finetune overrides)
-    "A": ("lr 2e-3, 1 epoch, 8192 pairs (the former tiny regime)", dict(lr=2e-3, epochs=1, max_pairs=8192, fused_attention=False, length_buckets=0)),
-    "B": ("lr 1e-3, 3 epochs, every pair, decay 0.5", dict(lr=1e-3, epochs=3, max_pairs=None, lr_decay=0.5, **FAST)),
-    "C": ("lr 5e-4, 3 epochs, every pair, decay 0.5", dict(lr=5e-4, epochs=3, max_pairs=None, lr_decay=0.5, **FAST)),
-    "D": ("tau 0.1, lr 2e-4, 3 epochs, every pair, decay 0.5", dict(lr=2e-4, epochs=3, max_pairs=None, lr_decay=0.5, temperature=0.1, **FAST)),
-    "E": ("tau 0.1, lr 5e-4, 3 epochs, every pair, decay 0.5", dict(lr=5e-4, epochs=3, max_pairs=None, lr_decay=0.5, temperature=0.1, **FAST)),
-    "F": ("lr 2e-3, 2 epochs, 8192 pairs, decay 0.5 (the tiny regime)", dict(lr=2e-3, epochs=2, max_pairs=8192, lr_decay=0.5, **FAST)),
-    "G": ("lr 1e-3, 2 epochs, 8192 pairs, decay 0.5", dict(lr=1e-3, epochs=2, max_pairs=8192, lr_decay=0.5, **FAST)),
-    "H": ("lr 4e-3, 2 epochs, 8192 pairs, decay 0.5", dict(lr=4e-3, epochs=2, max_pairs=8192, lr_decay=0.5, **FAST)),
+    "A": ("lr 2e-3, 1 epoch, 8192 pairs (the former tiny regime)",
+          dict(lr=2e-3, epochs=1, max_pairs=8192, fused_attention=False, length_buckets=0)),
+    "B": ("lr 1e-3, 3 epochs, every pair, decay 0.5",
+          dict(lr=1e-3, epochs=3, max_pairs=None, lr_decay=0.5, **FAST)),
+    "C": ("lr 5e-4, 3 epochs, every pair, decay 0.5",
+          dict(lr=5e-4, epochs=3, max_pairs=None, lr_decay=0.5, **FAST)),
+    "D": ("tau 0.1, lr 2e-4, 3 epochs, every pair, decay 0.5",
+          dict(lr=2e-4, epochs=3, max_pairs=None, lr_decay=0.5, temperature=0.1, **FAST)),
+    "E": ("tau 0.1, lr 5e-4, 3 epochs, every pair, decay 0.5",
+          dict(lr=5e-4, epochs=3, max_pairs=None, lr_decay=0.5, temperature=0.1, **FAST)),
+    "F": ("lr 2e-3, 2 epochs, 8192 pairs, decay 0.5 (the tiny regime)",
+          dict(lr=2e-3, epochs=2, max_pairs=8192, lr_decay=0.5, **FAST)),
+    "G": ("lr 1e-3, 2 epochs, 8192 pairs, decay 0.5",
+          dict(lr=1e-3, epochs=2, max_pairs=8192, lr_decay=0.5, **FAST)),
+    "H": ("lr 4e-3, 2 epochs, 8192 pairs, decay 0.5",
+          dict(lr=4e-3, epochs=2, max_pairs=8192, lr_decay=0.5, **FAST)),
 }
 
 

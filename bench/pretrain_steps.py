@@ -1,18 +1,19 @@
-"""How many pretraining steps does the `tiny` base model need? A validation study, run once to set `pretrain_steps`.
+"""How many pretraining steps does the `tiny` base model need? A validation study, run once to set
+`pretrain_steps`.
 
     python bench/pretrain_steps.py --steps 280 350 420 560 --reference 560
 
-The rule, fixed before any number was looked at: the tiny profile uses the fewest steps among the candidates whose
-base model is within 0.02 of the reference schedule's zero-shot species accuracy on the world's **validation**
-images and within 0.05 of its worst-class accuracy there (the issue's tolerances for a finetuned model, applied to
-the base). Test images are not touched. Each candidate is its own schedule (warm-up + cosine over its own steps),
-trained from the same seed; wall time is printed for the time budget and never used by training.
+The rule, fixed before any number was looked at: the tiny profile uses the fewest steps among the candidates
+whose base model is within 0.02 of the reference schedule's zero-shot species accuracy on the world's
+**validation** images and within 0.05 of its worst-class accuracy there (the issue's tolerances for a
+finetuned model, applied to the base). Test images are not touched. Each candidate is its own schedule
+(warm-up + cosine over its own steps), trained from the same seed; wall time is printed for the time budget
+and never used by training.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import pandas as pd
 import torch
@@ -37,10 +38,10 @@ def main() -> None:
     rows = []
     for steps in sorted(set(a.steps) | {a.reference}):
         cfg = base.replace(pretrain_steps=steps)
-        t0, c0 = time.perf_counter(), time.process_time()
         model, tok, history, reused = pretrain_or_load(world, cfg, device=device)
         zs = zero_shot_accuracy(model, tok, world.images[ix], labels, device=device)
-        rows.append(dict(steps=steps, val_zero_shot=zs["accuracy"], val_worst_class=zs["worst_class_accuracy"],
+        rows.append(dict(steps=steps, val_zero_shot=zs["accuracy"],
+                         val_worst_class=zs["worst_class_accuracy"],
                          train_seconds=history["seconds"], cpu_seconds=history["cpu_seconds"], reused=reused,
                          final_loss=history["final_loss"]))
         print(rows[-1], flush=True)
@@ -49,7 +50,8 @@ def main() -> None:
     t["ok"] = ((t.val_zero_shot >= ref.val_zero_shot - a.zero_shot_tol)
                & (t.val_worst_class >= ref.val_worst_class - a.worst_class_tol))
     print(t.round(3).to_string())
-    print(f"chosen pretrain_steps = {int(t.index[t.ok].min())} (the fewest steps meeting the rule; torch threads "
+    print(f"chosen pretrain_steps = {int(t.index[t.ok].min())} (the fewest steps meeting the rule; torch "
+          f"threads "
           f"{torch.get_num_threads()}, PC_CLIP_RUNS={os.environ.get('PC_CLIP_RUNS')})")
 
 

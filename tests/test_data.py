@@ -1,6 +1,6 @@
-"""On-disk fixture layouts of the paper's data sets, loaded through the real loaders of `pc_clip.data.datasets`."""
+"""On-disk fixture layouts of the paper's data sets, loaded through the real loaders of
+`pc_clip.data.datasets`."""
 import json
-import pickle
 import sys
 import types
 import urllib.error
@@ -19,8 +19,8 @@ from pc_clip.core.runtime import project_root
 from pc_clip.data.imagedata import (DATASET_INFO, DatasetNotFoundError, ImageDataset, iter_images,
     visual_attribute_mask)
 from pc_clip.data.datasets import DATASETS, canonical_name, load_dataset
-from pc_clip.smoke.fixtures import (FLOWERS102_FIXTURE_CLASSES as FLOWERS_FIXTURE_CLASSES, accept_fixture_checksums,
-    fixture_colour, make_fixture, temp_workdir)
+from pc_clip.smoke.fixtures import (FLOWERS102_FIXTURE_CLASSES as FLOWERS_FIXTURE_CLASSES,
+    accept_fixture_checksums, fixture_colour, make_fixture, temp_workdir)
 
 REAL = [d for d in DATASETS if d != "world"]
 
@@ -168,7 +168,8 @@ def test_torchvision_accepts_our_fixtures(tmp_path):
 
 def test_official_splits_are_disjoint_and_complete(tmp_path):
     for name, splits, full in [("cub", ("train", "test"), "all"), ("sun397", ("train", "test"), "all"),
-                               ("flowers102", ("train", "val", "test"), None), ("eurosat", ("train", "test"), "all")]:
+                               ("flowers102", ("train", "val", "test"), None),
+                               ("eurosat", ("train", "test"), "all")]:
         make_fixture(name, tmp_path, n_per_class=6)
         with accept_fixture_checksums():
             parts = [set(map(str, load_dataset(name, tmp_path, s).paths)) for s in splits]
@@ -194,12 +195,15 @@ def test_sun397_official_partitions_next_to_the_images(tmp_path):
     (tmp_path / "SUN397" / "Partitions").rename(tmp_path / "Partitions")
     moved = load_dataset("sun397", tmp_path, "test")
     assert [p.name for p in moved.paths] == [p.name for p in official.paths]
-    assert all(int(p.stem[-10:-7]) % 2 == 1 for p in moved.paths)  # the fixture's Testing_01 holds the odd images
+    # the fixture's Testing_01 holds the odd images
+    assert all(int(p.stem[-10:-7]) % 2 == 1 for p in moved.paths)
 
 
 def test_eurosat_rgb_release_layout(tmp_path):
-    "The current EuroSAT release unpacks to EuroSAT_RGB/<Class>/; it loads, with the same split as eurosat/2750/."
-    rgb = load_dataset("eurosat", make_fixture("eurosat", tmp_path / "a", n_per_class=10, layout="EuroSAT_RGB"), "test")
+    """The current EuroSAT release unpacks to EuroSAT_RGB/<Class>/; it loads, with the same split as
+    eurosat/2750/."""
+    rgb = load_dataset("eurosat",
+                       make_fixture("eurosat", tmp_path / "a", n_per_class=10, layout="EuroSAT_RGB"), "test")
     old = load_dataset("eurosat", make_fixture("eurosat", tmp_path / "b", n_per_class=10), "test")
     assert rgb.classnames == ["annual crop", "forest", "sea or lake"] and len(rgb) > 0
     assert [p.relative_to(rgb.root) for p in rgb.paths] == [p.relative_to(old.root) for p in old.paths]
@@ -209,11 +213,12 @@ def test_eurosat_rgb_release_layout(tmp_path):
 def test_data_readme_documents_every_file_the_loaders_need(tmp_path):
     "data/README.md names every file whose absence stops a loader (AwA2's class lists included)."
     readme = (project_root() / "data" / "README.md").read_text()
-    needed = {"awa2": ["Animals_with_Attributes2/trainclasses.txt", "Animals_with_Attributes2/testclasses.txt",
+    needed = {"awa2": ["Animals_with_Attributes2/trainclasses.txt",
+                       "Animals_with_Attributes2/testclasses.txt",
                        "Animals_with_Attributes2/classes.txt", "Animals_with_Attributes2/predicates.txt",
                        "Animals_with_Attributes2/predicate-matrix-binary.txt"],
-              "cub": ["CUB_200_2011/images.txt", "CUB_200_2011/classes.txt", "CUB_200_2011/image_class_labels.txt",
-                      "CUB_200_2011/train_test_split.txt"],
+              "cub": ["CUB_200_2011/images.txt", "CUB_200_2011/classes.txt",
+                      "CUB_200_2011/image_class_labels.txt", "CUB_200_2011/train_test_split.txt"],
               "flowers102": ["flowers-102/imagelabels.mat", "flowers-102/setid.mat"],
               "sun397": ["SUN397/ClassName.txt"], "cifar100": ["cifar-100-python/meta"]}
     for name, files in needed.items():
@@ -247,7 +252,8 @@ def test_cub_real_format_with_attributes_next_to_folder(tmp_path):
     (base / "classes.txt").write_text("1 001.Black_footed_Albatross\n2 200.Common_Yellowthroat\n")
     (base / "image_class_labels.txt").write_text("1 1\n")
     (base / "train_test_split.txt").write_text("1 0\n")
-    (tmp_path / "attributes.txt").write_text("1 has_bill_shape::curved_(up_or_down)\n2 has_wing_color::blue\n")
+    (tmp_path / "attributes.txt").write_text("1 has_bill_shape::curved_(up_or_down)\n"
+                                             "2 has_wing_color::blue\n")
     (base / "attributes").mkdir()
     (base / "attributes" / "class_attribute_labels_continuous.txt").write_text(
         "0.000000 50.000000\n100.000000 25.000000\n")
@@ -288,7 +294,8 @@ def test_coco_captions_all_per_image(tmp_path):
     (tmp_path / "coco" / "val2017").mkdir()
     images = [{"id": 139, "file_name": "000000000139.jpg"}, {"id": 285, "file_name": "000000000285.jpg"},
               {"id": 632, "file_name": "000000000632.jpg"}]
-    anns = [{"id": 3, "image_id": 285, "caption": "A big  bear.\n"}, {"id": 1, "image_id": 139, "caption": "A room."},
+    anns = [{"id": 3, "image_id": 285, "caption": "A big  bear.\n"},
+            {"id": 1, "image_id": 139, "caption": "A room."},
             {"id": 2, "image_id": 285, "caption": "A brown bear sitting."}]
     (ann / "captions_val2017.json").write_text(json.dumps({"images": images, "annotations": anns}))
     ds = load_dataset("coco", tmp_path, "test")  # COCO test has no captions: reads val
@@ -334,7 +341,8 @@ def test_iter_images_with_a_transform_and_indices(tmp_path):
 
 def fake_world(monkeypatch):
     "A four-image world in place of the Shapes world `load_dataset('world')` reads (the loader's own names)."
-    attrs = pd.DataFrame({"category": ["glorp", "mib", "glorp", "mib"], "split": ["test", "test", "train", "val"],
+    attrs = pd.DataFrame({"category": ["glorp", "mib", "glorp", "mib"],
+                          "split": ["test", "test", "train", "val"],
                           "size": [7.0, 4.0, 7.5, 3.0]})
     world = types.SimpleNamespace(images=np.zeros((4, 32, 32, 3), np.uint8), attrs=attrs,
                                   captions=["a big glorp", "a mib", "a glorp", "a small mib"])
@@ -358,7 +366,8 @@ def test_world_val_split(monkeypatch):
     fake_world(monkeypatch)
     val = load_dataset("world", get_config("tiny"), "val")
     assert val.split == "val" and val.captions == [["a small mib"]] and val.labels.tolist() == [0]
-    sizes = {s: set(load_dataset("world", get_config("tiny"), s).image_info["size"]) for s in ("train", "val", "test")}
+    sizes = {s: set(load_dataset("world", get_config("tiny"), s).image_info["size"])
+             for s in ("train", "val", "test")}
     assert not (sizes["val"] & sizes["train"]) and not (sizes["val"] & sizes["test"])
 
 
@@ -374,9 +383,9 @@ def test_real_world_if_present():
 
 @pytest.mark.parametrize("name", ["cifar100", "flowers102"])
 def test_a_stand_in_manifest_in_a_real_data_root_does_not_bypass_md5(name, tmp_path, monkeypatch):
-    "Only `paper-smoke` accepts a file by its recorded sha256; on `paper` the official MD5 decides, manifest or not."
+    """Only `paper-smoke` accepts a file by its recorded sha256; on `paper` the official MD5 decides,
+    manifest or not."""
     import hashlib
-    import os
     from pc_clip.data.imagedata import STANDIN_MANIFEST
     root = make_fixture(name, tmp_path / "data")  # not the official files: their MD5 differs
     files = {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
@@ -388,8 +397,10 @@ def test_a_stand_in_manifest_in_a_real_data_root_does_not_bypass_md5(name, tmp_p
         load_dataset(name, get_config("paper"), split)
     with pytest.raises(RuntimeError, match="torchvision refused"):
         load_dataset(name, root, split)  # a folder alone: official sums too
-    assert len(load_dataset(name, get_config("paper-smoke"), split)) == EXPECTED[name][2]  # the stand-in profile
-    victim = next(f for f in sorted(root.rglob("*")) if f.is_file() and f.suffix in (".mat", "") and f.name != "meta"
+    # the stand-in profile
+    assert len(load_dataset(name, get_config("paper-smoke"), split)) == EXPECTED[name][2]
+    victim = next(f for f in sorted(root.rglob("*")) if f.is_file() and f.suffix in (".mat",
+                                                                                     "") and f.name != "meta"
                   and f.parent.name == ("cifar-100-python" if name == "cifar100" else "flowers-102"))
     victim.write_bytes(victim.read_bytes() + b"x")  # a changed file no longer matches its recorded sha256
     with pytest.raises(RuntimeError, match="torchvision refused"):
@@ -397,8 +408,10 @@ def test_a_stand_in_manifest_in_a_real_data_root_does_not_bypass_md5(name, tmp_p
 
 
 def test_data_does_not_import_the_stand_ins():
-    "pc_clip.data reads a checksum manifest as plain data; importing it loads neither pc_clip.smoke.standins nor pc_clip.testing."
+    """pc_clip.data reads a checksum manifest as plain data; importing it loads neither
+    pc_clip.smoke.standins nor pc_clip.testing."""
     import subprocess
-    code = "import sys, pc_clip.data.datasets; print(sorted(m for m in sys.modules if m in ('pc_clip.smoke.standins', 'pc_clip.smoke.fixtures')))"
+    code = ("import sys, pc_clip.data.datasets; print(sorted(m for m in sys.modules "
+            "if m in ('pc_clip.smoke.standins', 'pc_clip.smoke.fixtures')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

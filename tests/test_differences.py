@@ -16,14 +16,15 @@ from collections import Counter
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+from conftest import REPO
 from pc_clip.world.shapes import make_world
 from pc_clip.core.config import get_config
 from pc_clip.core.store import JsonlStore
 from pc_clip.differences.llm import (HFBackend, build_prompt, generate_texts, load_causal_lm, render_chat,
     OpenAIBackend, serve_local)
-from pc_clip.differences.records import (OracleBackend, difference_triples, differences_path, generate_differences,
-    generator_key, judged_path, make_backend, read_records, rewrite_captions, rewrites_path, rewritten_captions,
-    summary_rows, training_triples, write_category_differences)
+from pc_clip.differences.records import (OracleBackend, difference_triples, differences_path,
+    generate_differences, generator_key, judged_path, make_backend, read_records, rewrite_captions,
+    rewrites_path, rewritten_captions, summary_rows, training_triples, write_category_differences)
 from pc_clip.differences.pairs import corpus_from_world, pair_key, sample_pairs
 from pc_clip.differences.record_stats import filter_counts, filter_summary
 from pc_clip.differences.parse import parse_output, split_statements, statement_problem
@@ -32,7 +33,8 @@ from pc_clip.differences.judge import (OpenAIJudge, OracleJudge, judge_agreement
     judge_records, make_judge, parse_verdicts, verdict_counts)
 
 
-# ---- Difference data: pair sampling, the real 4-bit HF path on a tiny Llama, parsing/filtering, kill-and-resume.
+# ---- Difference data: pair sampling, the real 4-bit HF path on a tiny Llama, parsing/filtering,
+# kill-and-resume.
 
 CORPUS = pd.DataFrame({
     "image_id": list(range(100, 140)),
@@ -43,12 +45,14 @@ CORPUS = pd.DataFrame({
 })
 
 
-ATTRS = pd.DataFrame({"category": CORPUS.category.to_numpy(), "size": np.arange(40) % 7}, index=CORPUS.image_id)
+ATTRS = pd.DataFrame({"category": CORPUS.category.to_numpy(), "size": np.arange(40) % 7},
+                     index=CORPUS.image_id)
 
 
 def fake_differences(a, b, rng, noise=0.0, max_statements=3):
     word = "larger" if a["size"] > b["size"] else "smaller"
-    out = [{"text": f"The first image has a {word} {a['category']}.", "attribute": "size", "true": rng.random() >= noise},
+    out = [{"text": f"The first image has a {word} {a['category']}.", "attribute": "size",
+            "true": rng.random() >= noise},
            {"text": f"The first image shows a {a['category']}, while the second shows a {b['category']}.",
             "attribute": "category", "true": True}]
     return out[: int(rng.integers(1, max_statements + 1))]
@@ -101,9 +105,11 @@ def test_tiny_llama_loads_in_4bit_nf4_and_generates_end_to_end(tiny_llama, tmp_p
     import bitsandbytes as bnb
     model, tok = load_causal_lm(str(tiny_llama), load_in_4bit=True, device="cpu")
     lin = model.model.layers[0].mlp.down_proj
-    assert isinstance(lin, bnb.nn.Linear4bit) and lin.weight.quant_type == "nf4" and lin.weight.dtype == torch.uint8
+    assert isinstance(lin, bnb.nn.Linear4bit)
+    assert lin.weight.quant_type == "nf4" and lin.weight.dtype == torch.uint8
     assert lin.compute_dtype == torch.bfloat16 and tok.padding_side == "left" and tok.pad_token is not None
-    cfg = get_config("tiny", generator=str(tiny_llama), load_in_4bit=True, device="cpu", max_new_tokens=12, gen_batch_size=2)
+    cfg = get_config("tiny", generator=str(tiny_llama), load_in_4bit=True, device="cpu", max_new_tokens=12,
+                     gen_batch_size=2)
     backend = make_backend(cfg)  # the config's path: same loader, 4-bit, generation settings from the config
     assert isinstance(backend, HFBackend) and backend.batch_size == 2 and backend.max_new_tokens == 12
     pairs = sample_pairs(CORPUS, 3, seed=0)
@@ -111,7 +117,8 @@ def test_tiny_llama_loads_in_4bit_nf4_and_generates_end_to_end(tiny_llama, tmp_p
     assert [r["item"]["key"] for r in recs] == list(pairs.key)
     for r, row in zip(recs, pairs.itertuples()):
         assert r["generator"] == str(tiny_llama) and r["gen_config"]["load_in_4bit"] is True
-        assert r["prompt"] == build_prompt("differences", {"caption_a": row.caption_a, "caption_b": row.caption_b})
+        assert r["prompt"] == build_prompt("differences",
+                                           {"caption_a": row.caption_a, "caption_b": row.caption_b})
         assert isinstance(r["raw"], str) and 0 < r["n_tokens"] <= 12
         pieces = split_statements(r["raw"])  # every piece of the answer is accounted for
         assert len(r["statements"]) + len(r["rejected"]) == max(len(pieces), 1)
@@ -122,7 +129,8 @@ def test_left_padded_batches_match_one_at_a_time_greedy(tiny_llama):
     model, tok = load_causal_lm(str(tiny_llama), load_in_4bit=False, device="cpu")
     prompts = ["short", "a much longer prompt about the first image and the second image and more"]
     batched, nb = generate_texts(model, tok, prompts, max_new_tokens=8, temperature=0, batch_size=2)
-    single = [generate_texts(model, tok, [p], max_new_tokens=8, temperature=0, batch_size=1)[0][0] for p in prompts]
+    single = [generate_texts(model, tok, [p], max_new_tokens=8, temperature=0,
+                             batch_size=1)[0][0] for p in prompts]
     assert batched == single
 
 
@@ -148,7 +156,8 @@ GOOD = """Sure! Here are three differences:
 
 
 def test_parser_keeps_statements_and_counts_filler():
-    acc, rej = parse_output(GOOD, CAPS, build_prompt("differences", {"caption_a": CAPS[0], "caption_b": CAPS[1]}))
+    acc, rej = parse_output(GOOD, CAPS,
+                            build_prompt("differences", {"caption_a": CAPS[0], "caption_b": CAPS[1]}))
     assert acc == ["The first image has a larger object than the second image.",
                    "The first image shows a red glorp, while the second shows blue mibs.",
                    "The first image has fewer objects.", "The first image is on grass instead of sand."]
@@ -159,10 +168,12 @@ def test_parser_keeps_statements_and_counts_filler():
     ("", "empty"), ("import torch", "code"), ("x = {'a': 1}", "code"), ("<div>first</div>", "code"),
     ("The first image is redddddd.", "repeated"), ("bigger bigger bigger bigger", "repeated"),
     ("ab\x07\x1b\x7f\x01 \x02\x03\x04\x05cd", "control_chars"), ("ab#$@~^ |#$@~^cd", "garbled"),
-    ("The first image has a larger\x00 glorp.", "control_chars"), ("The first image is \ufffdlarger.", "control_chars"),
+    ("The first image has a larger\x00 glorp.", "control_chars"),
+    ("The first image is \ufffdlarger.", "control_chars"),
     ("The first\x0bimage is larger.", "control_chars"), ("I'm sorry, I cannot compare images.", "preamble"),
     ("Larger.", "too_short"), ("The first image " + "is much larger and " * 12 + "darker.", "too_long"),
-    ("A large red glorp on grass.", "prompt_echo"), ("Second image: Two small blue mibs on sand.", "prompt_echo"),
+    ("A large red glorp on grass.", "prompt_echo"),
+    ("Second image: Two small blue mibs on sand.", "prompt_echo"),
     ("The stock market closed higher today", None),  # comparative word: kept (a judge may reject it)
     ("I like to eat pizza on Fridays.", "unrelated"),
     ("The first image has a larger glorp.", None), ("Image one shows a person.", None),
@@ -183,7 +194,8 @@ def test_prompt_echo_and_whole_output_rejections():
 
 def test_rewrite_filter_requires_overlap_with_the_caption():
     assert statement_problem("The scene contains a large red glorp.", CAPS[:1], task="rewrite") is None
-    assert statement_problem("The first image is darker than the second.", CAPS[:1], task="rewrite") == "unrelated"
+    assert statement_problem("The first image is darker than the second.", CAPS[:1],
+                             task="rewrite") == "unrelated"
 
 
 # ---------------------------------------------------------------- records, counts, triples, other tasks
@@ -205,11 +217,14 @@ def test_oracle_records_counts_and_triples(tmp_path):
 
 def test_rewrites_and_category_differences(tmp_path):
     rw = rewrite_captions(CORPUS.head(5), oracle(), tmp_path / "rw.jsonl", progress=False)
-    assert [r["statements"][0]["text"] for r in rw][:2] == ["The scene contains a glorp.", "The scene contains a mib."]
+    assert [r["statements"][0]["text"] for r in rw][:2] == ["The scene contains a glorp.",
+                                                            "The scene contains a mib."]
     assert all(r["task"] == "rewrite" for r in rw)
     assert rewritten_captions(rw).values.tolist()[:1] == [[100, "The scene contains a glorp."]]
-    cd = write_category_differences([("glorp", "mib"), ("mib", "glorp")], oracle(), tmp_path / "cat.jsonl", progress=False)
-    assert cd == {("glorp", "mib"): ["A glorp is larger than a mib."], ("mib", "glorp"): ["A mib is larger than a glorp."]}
+    cd = write_category_differences([("glorp", "mib"), ("mib", "glorp")], oracle(), tmp_path / "cat.jsonl",
+                                    progress=False)
+    assert cd == {("glorp", "mib"): ["A glorp is larger than a mib."],
+                  ("mib", "glorp"): ["A mib is larger than a glorp."]}
 
 
 def test_make_backend_and_paths(runs_dir):
@@ -237,8 +252,8 @@ WORKER = textwrap.dedent("""
 
     backend = T.oracle(noise=0.3); backend.differences_fn = slow
     timeout = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
-    generate_differences(sample_pairs(T.CORPUS, 120, seed=5), backend, sys.argv[1], batch_size=3, progress=False,
-                         lock_timeout=timeout)
+    generate_differences(sample_pairs(T.CORPUS, 120, seed=5), backend, sys.argv[1], batch_size=3,
+                         progress=False, lock_timeout=timeout)
 """)
 
 
@@ -258,7 +273,8 @@ def test_killed_generation_resumes_with_every_pair_exactly_once(tmp_path):
     pairs = sample_pairs(CORPUS, 120, seed=5)
     assert sorted(keys) == sorted(f"oracle-noise0.3|{k}" for k in pairs.key), "every pair exactly once"
     # per-item seeding: the interrupted run wrote exactly what an uninterrupted run writes
-    ref = generate_differences(pairs, oracle(noise=0.3), tmp_path / "ref.jsonl", batch_size=50, progress=False)
+    ref = generate_differences(pairs, oracle(noise=0.3), tmp_path / "ref.jsonl", batch_size=50,
+                               progress=False)
     resumed = generate_differences(pairs, oracle(noise=0.3), path, progress=False)
     assert resumed == ref
 
@@ -270,59 +286,71 @@ def test_world_oracle_statements_pass_the_filter(runs_dir):
     corpus = corpus_from_world(world, "train")
     assert len(corpus) == 300 and corpus.caption.tolist() == [world.captions[i] for i in corpus.image_id]
     pairs = sample_pairs(corpus, 200, seed=0, held_out=world.heldout_pairs)
-    clean = generate_differences(pairs, make_backend(cfg, world, noise=0.0), runs_dir / "c.jsonl", progress=False)
+    clean = generate_differences(pairs, make_backend(cfg, world, noise=0.0), runs_dir / "c.jsonl",
+                                 progress=False)
     s = filter_summary(clean)
     assert s["accepted_rate"] > 0.97, s  # the filter does not throw away the world's true statements
     assert s["true_rate"] == 1.0
-    noisy = generate_differences(pairs, make_backend(cfg, world, noise=0.3), runs_dir / "n.jsonl", progress=False)
+    noisy = generate_differences(pairs, make_backend(cfg, world, noise=0.3), runs_dir / "n.jsonl",
+                                 progress=False)
     assert 0.6 < filter_summary(noisy)["true_rate"] < 0.85
     rw = rewrite_captions(corpus.head(50), make_backend(cfg, world), runs_dir / "r.jsonl", progress=False)
     assert filter_summary(rw)["accepted_rate"] > 0.95
 
 
 # ---------------------------------------------------------------- the experiment notebook
+@pytest.mark.slow
 def test_experiment_notebook_runs_and_resumes(runs_dir):
     import papermill as pm
     from pc_clip.core.runtime import read_results
-    repo = Path(__file__).resolve().parents[1]
     params = dict(n_pairs=200, overrides={"judge": "oracle", "world_n_train": 400, "world_n_test": 50})
     for _ in range(2):  # the second run resumes: nothing is generated twice, the rows are replaced
-        pm.execute_notebook(str(repo / "nbs/experiments/02_differences.ipynb"), str(runs_dir.parent / "out.ipynb"),
-                            parameters=params, cwd=str(repo), kernel_name="python3", progress_bar=False)
-    cfg = get_config("tiny", n_pairs=200, **params["overrides"])  # the run's own settings: its own results table
-    for path in (differences_path(cfg, 0.0), differences_path(cfg, 0.3), judged_path(differences_path(cfg, 0.0), "oracle", cfg)):
+        pm.execute_notebook(str(REPO / "nbs/experiments/02_differences.ipynb"),
+                            str(runs_dir.parent / "out.ipynb"),
+                            parameters=params, cwd=str(REPO), kernel_name="python3", progress_bar=False)
+    # the run's own settings: its own results table
+    cfg = get_config("tiny", n_pairs=200, **params["overrides"])
+    for path in (differences_path(cfg, 0.0), differences_path(cfg, 0.3),
+                 judged_path(differences_path(cfg, 0.0), "oracle", cfg)):
         keys = [json.loads(line)["key"] for line in path.read_text().splitlines()]
         assert len(keys) == len(set(keys)) == 200, path.name
     t = read_results(cfg).set_index(["model", "metric"])["value"]
     assert t[("oracle-noise0", "n_records")] == 200 and t[("oracle-noise0", "true_rate")] == 1.0
-    assert 0.55 < t[("oracle-noise0.3", "consistent_rate")] < 0.85 and t[("oracle-noise0.3", "judge_agreement")] == 1.0
+    assert 0.55 < t[("oracle-noise0.3", "consistent_rate")] < 0.85 and t[("oracle-noise0.3",
+                                                                          "judge_agreement")] == 1.0
     assert t[("oracle-noise0/rewrites", "n_records")] == 400
     assert not t.index.duplicated().any()
 
 
+@pytest.mark.slow
 def test_runs_on_other_worlds_get_records_of_their_own_world(runs_dir):
-    "Issue 30: after a run, `-p seed=1` and `-p world_n_train=...` runs of experiment 02 write and train on records of their own world."
+    """Issue 30: after a run, `-p seed=1` and `-p world_n_train=...` runs of experiment 02 write and train on
+    records of their own world."""
     import papermill as pm
     from pc_clip.differences.pairs import load_corpus
     from pc_clip.training.plan import _training_data
-    repo = Path(__file__).resolve().parents[1]
     small = {"world_n_train": 400, "world_n_test": 50}
     runs = [small, {**small, "seed": 1}, {**small, "world_n_train": 500}]
     data = []
     for overrides in runs:
         seed = overrides.get("seed", 0)  # -p seed=1 is the notebook's own parameter
-        pm.execute_notebook(str(repo / "nbs/experiments/02_differences.ipynb"), str(runs_dir.parent / "out.ipynb"),
-                            parameters=dict(n_pairs=100, seed=seed, overrides={k: v for k, v in overrides.items() if k != "seed"}),
-                            cwd=str(repo), kernel_name="python3", progress_bar=False)
+        pm.execute_notebook(str(REPO / "nbs/experiments/02_differences.ipynb"),
+                            str(runs_dir.parent / "out.ipynb"),
+                            parameters=dict(n_pairs=100, seed=seed,
+                                            overrides={k: v for k, v in overrides.items() if k != "seed"}),
+                            cwd=str(REPO), kernel_name="python3", progress_bar=False)
         cfg = get_config("tiny", n_pairs=100, **overrides)
         corpus, held_out, world = load_corpus(cfg, "train")
-        for r in read_records(rewrites_path(cfg)):  # every stored rewrite was written from this world's caption
+        # every stored rewrite was written from this world's caption
+        for r in read_records(rewrites_path(cfg)):
             assert r["item"]["caption"] == world.captions[r["item"]["i"]], r["key"]
         for r in read_records(differences_path(cfg)):
             it = r["item"]
-            assert (it["caption_a"], it["caption_b"]) == (world.captions[it["i"]], world.captions[it["j"]]), r["key"]
+            assert (it["caption_a"], it["caption_b"]) == (world.captions[it["i"]],
+                                                          world.captions[it["j"]]), r["key"]
         d, _, files = _training_data(cfg, corpus, held_out)  # what experiment 03 trains on
-        fresh = rewrite_captions(corpus, make_backend(cfg, world), runs_dir / f"fresh-{len(data)}.jsonl", progress=False)
+        fresh = rewrite_captions(corpus, make_backend(cfg, world), runs_dir / f"fresh-{len(data)}.jsonl",
+                                 progress=False)
         assert d["rewritten"].equals(rewritten_captions(fresh))  # equal to a run on an empty folder
         data.append((files["differences"], d["rewritten"]))
     assert len({str(f) for f, _ in data}) == 3  # three worlds, three stores
@@ -330,16 +358,20 @@ def test_runs_on_other_worlds_get_records_of_their_own_world(runs_dir):
 
 
 def test_a_stored_record_for_another_item_is_made_again(tmp_path, caplog):
-    "A record under the key asked for, but written for another image or caption (e.g. a store copied from another world), is regenerated."
+    """A record under the key asked for, but written for another image or caption (e.g. a store copied from
+    another world), is regenerated."""
     pairs = sample_pairs(CORPUS, 12, seed=2)
     path = tmp_path / "d.jsonl"
     generate_differences(pairs, oracle(), path, progress=False)
-    moved = pairs.assign(caption_a=pairs.caption_b.to_numpy(), caption_b=pairs.caption_a.to_numpy())  # the same keys
-    moved.loc[:5, ["caption_a", "caption_b"]] = pairs.loc[:5, ["caption_a", "caption_b"]].to_numpy()  # 6 still match
+    # the same keys
+    moved = pairs.assign(caption_a=pairs.caption_b.to_numpy(), caption_b=pairs.caption_a.to_numpy())
+    # 6 still match
+    moved.loc[:5, ["caption_a", "caption_b"]] = pairs.loc[:5, ["caption_a", "caption_b"]].to_numpy()
     caplog.clear()
     recs = generate_differences(moved, oracle(), path, progress=False)
     assert "6 stored differences record(s) did not match the item asked for" in caplog.text
-    assert [(r["item"]["caption_a"], r["item"]["caption_b"]) for r in recs] == list(zip(moved.caption_a, moved.caption_b))
+    assert ([(r["item"]["caption_a"], r["item"]["caption_b"]) for r in recs]
+            == list(zip(moved.caption_a, moved.caption_b)))
     assert recs == generate_differences(moved, oracle(), tmp_path / "fresh.jsonl", progress=False)
     assert len(JsonlStore(path)) == 12
     rw = rewrite_captions(CORPUS.head(4), oracle(), tmp_path / "rw.jsonl", progress=False)
@@ -359,7 +391,8 @@ class CountingJudge:
 
 
 def test_a_judge_of_another_identity_judges_again(tmp_path, monkeypatch):
-    "Issue 30: another folder of the same last name, the model served, new weights or an edited prompt is another judge."
+    """Issue 30: another folder of the same last name, the model served, new weights or an edited prompt is
+    another judge."""
     import pc_clip.differences.judge as J
     for d in ("a", "b"):
         (tmp_path / d / "llama").mkdir(parents=True)
@@ -373,8 +406,10 @@ def test_a_judge_of_another_identity_judges_again(tmp_path, monkeypatch):
     monkeypatch.setattr(J, "JUDGE_PROMPT", J.JUDGE_PROMPT.replace("consistent if", "consistent only if"))
     keys["edited prompt"] = judge_key(a)
     assert len(set(keys.values())) == 5, keys
-    assert len({judged_path(path, spec) for spec in (a, b, "openai:" + a)}) == 3  # each its own file of verdicts
-    # each identity judges every record, into its own file; a judged file holding another judge's verdicts is judged again
+    # each its own file of verdicts
+    assert len({judged_path(path, spec) for spec in (a, b, "openai:" + a)}) == 3
+    # each identity judges every record, into its own file; a judged file holding another judge's
+    # verdicts is judged again
     store = tmp_path / "shared.judged.jsonl"
     first = CountingJudge("llama", J.judge_identity(a))
     judge_records(recs, first, store, progress=False)
@@ -405,16 +440,19 @@ def test_a_second_run_that_may_not_wait_names_the_holder(tmp_path):
 
 
 def test_regenerated_llm_record_equals_the_uninterrupted_one(tiny_llama, tmp_path):
-    "Sampling is seeded per record key: a record made after an interruption, in another batch, is the same record."
+    """Sampling is seeded per record key: a record made after an interruption, in another batch, is the same
+    record."""
     model, tok = load_causal_lm(str(tiny_llama), load_in_4bit=True, device="cpu")
     backend = HFBackend(model, tok, name="tiny", max_new_tokens=12, temperature=0.9, top_p=0.95, seed=3)
     pairs = sample_pairs(CORPUS, 6, seed=2)
     whole = generate_differences(pairs, backend, tmp_path / "whole.jsonl", batch_size=4, progress=False)
-    generate_differences(pairs.head(2), backend, tmp_path / "resumed.jsonl", batch_size=2, progress=False)  # interrupted
+    # interrupted
+    generate_differences(pairs.head(2), backend, tmp_path / "resumed.jsonl", batch_size=2, progress=False)
     resumed = generate_differences(pairs, backend, tmp_path / "resumed.jsonl", batch_size=3, progress=False)
     assert resumed == whole
     assert len({r["raw"] for r in whole}) > 1  # sampling, not one fixed text
-    assert summary_rows("tiny", resumed, "toy", 0) == summary_rows("tiny", whole, "toy", 0)  # the counts survive the resume
+    # the counts survive the resume
+    assert summary_rows("tiny", resumed, "toy", 0) == summary_rows("tiny", whole, "toy", 0)
     other = HFBackend(model, tok, name="tiny", max_new_tokens=12, temperature=0.9, top_p=0.95, seed=4)
     assert [o["raw"] for o in other.generate(pairs.to_dict("records"))] != [r["raw"] for r in whole]
 
@@ -424,11 +462,13 @@ class Soup:
     name, config, batch_size = "soup", {}, 8
 
     def generate(self, items, task="differences"):
-        return [{"raw": "The first image\x00 is larger \ufffd\ufffd than the second.\n```", "prompt": "p"} for _ in items]
+        return [{"raw": "The first image\x00 is larger \ufffd\ufffd than the second.\n```",
+                 "prompt": "p"} for _ in items]
 
 
 def test_no_usable_differences_is_a_clear_error_with_counts(tmp_path, caplog):
-    recs = generate_differences(sample_pairs(CORPUS, 10, seed=0), Soup(), tmp_path / "s.jsonl", progress=False)
+    recs = generate_differences(sample_pairs(CORPUS, 10, seed=0), Soup(), tmp_path / "s.jsonl",
+                                progress=False)
     assert "100% of 10 generations kept no statement" in caplog.text and "control_chars 10" in caplog.text
     assert filter_counts(recs) == {"accepted": 0, "control_chars": 10, "code": 10}
     with pytest.raises(ValueError, match=r"no usable differences: 10 records, 0 statements accepted; "
@@ -458,7 +498,8 @@ def test_training_triples_follow_the_judge(runs_dir):
 
 
 def test_a_generation_cut_at_max_new_tokens_loses_its_last_statement(tiny_llama, tmp_path):
-    "A random tiny Llama never ends by itself: at max_new_tokens every answer is cut, and its last piece is rejected as such."
+    """A random tiny Llama never ends by itself: at max_new_tokens every answer is cut, and its last piece is
+    rejected as such."""
     model, tok = load_causal_lm(str(tiny_llama), load_in_4bit=False, device="cpu")
     backend = HFBackend(model, tok, name="tiny", max_new_tokens=10, temperature=0.9, seed=0)
     pairs = sample_pairs(CORPUS, 4, seed=0)
@@ -485,12 +526,14 @@ class EndingWriter:
 
     def generate(self, items, task="differences"):
         self.asked += len(items)
-        return [{"raw": "The first image is brighter than the second image.", "prompt": "p", "truncated": False}
+        return [{"raw": "The first image is brighter than the second image.", "prompt": "p",
+                 "truncated": False}
                 for _ in items]
 
 
 def test_a_changed_generator_regenerates(runs_dir, tmp_path):
-    "New weights at the same path, or new sampling settings, get a new store: the old generations are not reused."
+    """New weights at the same path, or new sampling settings, get a new store: the old generations are not
+    reused."""
     lm = make_tiny_llama(tmp_path / "my-lm", seed=0)
     cfg = get_config("tiny", corpus="coco", generator=str(lm))
     pairs = sample_pairs(CORPUS, 5, seed=0)
@@ -509,7 +552,8 @@ def test_a_changed_generator_regenerates(runs_dir, tmp_path):
 
 
 def test_4bit_cpu_shape_error_is_explained(tmp_path):
-    "bitsandbytes' CPU 4-bit kernels fail on hidden sizes that are not multiples of 64; the error says so and what to do."
+    """bitsandbytes' CPU 4-bit kernels fail on hidden sizes that are not multiples of 64; the error says so
+    and what to do."""
     folder = make_tiny_llama(tmp_path / "odd-lm", hidden=96)
     model, tok = load_causal_lm(str(folder), load_in_4bit=True, device="cpu")
     backend = HFBackend(model, tok, name="odd-lm", max_new_tokens=4)
@@ -523,21 +567,24 @@ def test_4bit_cpu_shape_error_is_explained(tmp_path):
         generate_differences(sample_pairs(CORPUS, 2, seed=0), backend, tmp_path / "d.jsonl", progress=False)
 
 
-# ---- The judge: verdict parsing, the oracle judge, and an OpenAI-compatible endpoint on 127.0.0.1 (key hygiene).
+# ---- The judge: verdict parsing, the oracle judge, and an OpenAI-compatible endpoint on 127.0.0.1 (key
+# hygiene).
 
 KEY = "sk-secret-4f9a-never-log-me"
 
 
 def records(n=4):
     return [{"key": f"g|{k}", "task": "differences",
-             "item": {"key": str(k), "i": k, "j": k + 10, "caption_a": "A large red glorp.", "caption_b": "Two small mibs."},
+             "item": {"key": str(k), "i": k, "j": k + 10, "caption_a": "A large red glorp.",
+                      "caption_b": "Two small mibs."},
              "statements": [{"text": "The first image has a larger object.", "true": True},
                             {"text": "The first image has more objects.", "true": False}],
              "rejected": []} for k in range(n)]
 
 
 class Server:
-    "A stand-in chat-completions server; `replies` is a list of (status, body) consumed in order (last repeats)."
+    """A stand-in chat-completions server; `replies` is a list of (status, body) consumed in order (last
+    repeats)."""
 
     def __init__(self, replies):
         self.replies, self.requests = list(replies), []
@@ -583,7 +630,9 @@ def test_openai_judge_sends_key_only_in_the_header(openai_env, tmp_path, caplog)
         out = judge_records(records(), judge, tmp_path / "judged.jsonl", batch_size=3, progress=False)
     assert len(srv.requests) == 4
     req = srv.requests[0]
-    assert req["path"] == "/v1/chat/completions" and {k.lower(): v for k, v in req["headers"].items()}["authorization"] == f"Bearer {KEY}"  # names are case-free
+    # names are case-free
+    headers = {k.lower(): v for k, v in req["headers"].items()}
+    assert req["path"] == "/v1/chat/completions" and headers["authorization"] == f"Bearer {KEY}"
     assert req["body"]["model"] == "gpt-4o-mini" and req["body"]["temperature"] == 0
     assert "A large red glorp." in req["body"]["messages"][-1]["content"]
     assert KEY not in json.dumps(req["body"])
@@ -650,7 +699,8 @@ def test_oracle_judge_resumes_and_filters_triples(tmp_path):
     assert "The first image has more objects." in judge_prompt(recs[0])
 
 
-# ---- Generation through a real OpenAI-compatible server on 127.0.0.1 (`transformers serve` with the tiny Llama):
+# ---- Generation through a real OpenAI-compatible server on 127.0.0.1 (`transformers serve` with the tiny
+# Llama):
 
 
 
@@ -660,7 +710,9 @@ SERVED_KEY = "sk-served-test-not-a-real-key"
 CORPUS_CODE = """
 import pandas as pd
 SERVED_CORPUS = pd.DataFrame({"image_id": list(range(40)),
-                       "caption": [f"A {s} {c} glorp number {k}." for k, (s, c) in enumerate(zip(["small", "large"] * 20, ["red", "blue", "green", "teal"] * 10))],
+                       "caption": [f"A {s} {c} glorp number {k}." for k, (s, c)
+                                   in enumerate(zip(["small", "large"] * 20,
+                                                    ["red", "blue", "green", "teal"] * 10))],
                        "category": ["a", "b", "c", "d"] * 10})
 """
 
@@ -672,7 +724,8 @@ CLIENT = textwrap.dedent("""
     from pc_clip.differences.llm import OpenAIBackend
 """) + CORPUS_CODE + textwrap.dedent("""
     backend = OpenAIBackend(sys.argv[2], max_new_tokens=16, batch_size=2, concurrency=2)
-    generate_differences(sample_pairs(SERVED_CORPUS, int(sys.argv[3]), seed=1), backend, sys.argv[1], progress=False)
+    generate_differences(sample_pairs(SERVED_CORPUS, int(sys.argv[3]), seed=1), backend, sys.argv[1],
+                         progress=False)
 """)
 
 
@@ -706,14 +759,18 @@ def test_served_generator_uses_the_same_prompts_parser_and_store(served_env, tmp
     recs = generate_differences(pairs, backend, tmp_path / "d.jsonl", progress=False)
     assert [r["key"] for r in recs] == [f"openai:{served_env}|{k}" for k in pairs.key]
     for r, row in zip(recs, pairs.itertuples()):
-        assert r["prompt"] == build_prompt("differences", {"caption_a": row.caption_a, "caption_b": row.caption_b})
+        assert r["prompt"] == build_prompt("differences",
+                                           {"caption_a": row.caption_a, "caption_b": row.caption_b})
         assert isinstance(r["raw"], str) and 0 < r["n_tokens"] <= 16
         assert len(r["statements"]) + len(r["rejected"]) >= 1  # every piece parsed and accounted for
-    assert generate_differences(pairs, backend, tmp_path / "d.jsonl", progress=False) == recs  # resumes, no requests
-    assert SERVED_KEY not in (tmp_path / "d.jsonl").read_text() and SERVED_KEY not in json.dumps(recs) and SERVED_KEY not in caplog.text
+    # resumes, no requests
+    assert generate_differences(pairs, backend, tmp_path / "d.jsonl", progress=False) == recs
+    assert SERVED_KEY not in (tmp_path / "d.jsonl").read_text() and SERVED_KEY not in json.dumps(recs)
+    assert SERVED_KEY not in caplog.text
     assert SERVED_KEY not in repr(backend) and SERVED_KEY not in json.dumps(backend.config)
 
 
+@pytest.mark.slow
 def test_killed_client_resumes_without_loss_or_duplicates(served_env, tmp_path):
     path, n = tmp_path / "d.jsonl", 16
     script = tmp_path / "client.py"; script.write_text(CLIENT)
@@ -726,11 +783,13 @@ def test_killed_client_resumes_without_loss_or_duplicates(served_env, tmp_path):
     p.send_signal(signal.SIGKILL); p.wait()
     n_before = len(JsonlStore(path))
     assert 3 <= n_before < n, n_before
-    subprocess.run([sys.executable, str(script), str(path), served_env, str(n)], env=env, check=True, timeout=400)
+    subprocess.run([sys.executable, str(script), str(path), served_env, str(n)], env=env, check=True,
+                   timeout=400)
     keys = [json.loads(line)["key"] for line in path.read_text().splitlines()]
     pairs = sample_pairs(SERVED_CORPUS, n, seed=1)
     assert sorted(keys) == sorted(f"openai:{served_env}|{k}" for k in pairs.key), "every pair exactly once"
-    # the server decodes greedily here (the tiny model's generation config), so a resumed run equals a fresh one
+    # the server decodes greedily here (the tiny model's generation config), so a resumed run equals a
+    # fresh one
     fresh = generate_differences(pairs.head(6), OpenAIBackend(served_env, max_new_tokens=16, batch_size=3),
                                  tmp_path / "fresh.jsonl", progress=False)
     resumed = {r["key"]: r for r in JsonlStore(path).records()}
@@ -739,7 +798,8 @@ def test_killed_client_resumes_without_loss_or_duplicates(served_env, tmp_path):
 
 
 def test_a_refused_request_names_the_url_and_never_the_key(served_env, tmp_path):
-    "The openai SDK's errors become ours: the URL and HTTP status named, no retry on a client error, the key never shown."
+    """The openai SDK's errors become ours: the URL and HTTP status named, no retry on a client error, the
+    key never shown."""
     from pc_clip.differences.llm import OpenAIClient
     client = OpenAIClient(str(tmp_path / "no-such-model"), retries=2, backoff=0.01)
     t0 = time.monotonic()

@@ -1,4 +1,5 @@
-"""Tests of `pc_clip.evaluation`: pure metrics, task builders, the runner, comparative prompting and geometry."""
+"""Tests of `pc_clip.evaluation`: pure metrics, task builders, the runner, comparative prompting and
+geometry."""
 import itertools
 import numpy as np
 import pandas as pd
@@ -6,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pc_clip.evaluation.comparative import (class_differences, comparative_class_embeddings, comparative_prompting,
-    known_pairs, top_confused_pairs)
+from pc_clip.evaluation.comparative import (class_differences, comparative_class_embeddings,
+    comparative_prompting, known_pairs, top_confused_pairs)
 from pc_clip.core.config import get_config
-from pc_clip.core.runtime import read_results, write_results
+from pc_clip.core.runtime import read_results
 from pc_clip.evaluation.runner import (build_difference_tasks, evaluation_rows, read_items, write_evaluation,
     zero_shot_classifier)
 from pc_clip.evaluation.metrics import (classification_metrics, difference_classification, difference_cosines,
@@ -18,7 +19,8 @@ from pc_clip.models.clip import create_clip, encode_texts
 from pc_clip.world.oracle import difference_direction, ATTRIBUTE_KINDS
 from pc_clip.world.shapes import heldout_category_pairs, sample_attributes, build_world
 from pc_clip.world.species import category_groups, typical_attrs
-from pc_clip.evaluation.tasks import DifferenceTask, cifar100_size_task, cub_comparative_task, world_difference_tasks
+from pc_clip.evaluation.tasks import (DifferenceTask, cifar100_size_task, cub_comparative_task,
+    world_difference_tasks)
 from pc_clip.smoke.fixtures import accept_fixture_checksums, make_fixture
 from pc_clip.evaluation import metrics as M, runner as E, geometry as G
 
@@ -65,8 +67,10 @@ def accuracies(res):
 
 def test_right_text_scores_one_reversed_zero():
     emb, level = attribute_world()
-    right = difference_classification(emb, level, lambda a, b: "more" if a > b else "less", ENC, seeds=(0, 1, 2))
-    wrong = difference_classification(emb, level, lambda a, b: "less" if a > b else "more", ENC, seeds=(0, 1, 2))
+    right = difference_classification(emb, level, lambda a, b: "more" if a > b else "less", ENC,
+                                      seeds=(0, 1, 2))
+    wrong = difference_classification(emb, level, lambda a, b: "less" if a > b else "more", ENC,
+                                      seeds=(0, 1, 2))
     assert accuracies(right) == [1.0, 1.0, 1.0]
     assert accuracies(wrong) == [0.0, 0.0, 0.0]
 
@@ -79,7 +83,8 @@ def test_unrelated_texts_sit_near_chance():
 
 
 def test_shortcut_equals_the_literal_protocol():
-    "Counting by sign of text·(g1 - g2) equals counting cos(text, normalise(g1 - g2)) > 0 over all cross-class pairs."
+    """Counting by sign of text·(g1 - g2) equals counting cos(text, normalise(g1 - g2)) > 0 over all
+    cross-class pairs."""
     g = torch.Generator().manual_seed(3)
     emb = F.normalize(torch.randn(120, D, generator=g), dim=-1)
     labels = np.random.default_rng(1).integers(0, 4, 120)
@@ -108,7 +113,8 @@ def test_samples_are_seeded_and_rows_follow_the_contract():
                         "difference_classification", "d", {"wording": "train"})
     b = evaluation_rows(difference_classification(emb, level, fn, ENC, n_images=30, seeds=(0, 1)), "m",
                         "difference_classification", "d", {"wording": "train"})
-    assert [{k: v for k, v in r.items() if k != "items"} for r in a] == [{k: v for k, v in r.items() if k != "items"} for r in b]
+    without_items = lambda rows: [{k: v for k, v in r.items() if k != "items"} for r in rows]
+    assert without_items(a) == without_items(b)
     assert [r["seed"] for r in a] == [0, 1]
     assert {(r["model"], r["task"], r["dataset"], r["condition"], r["metric"]) for r in a} == {
         ("m", "difference_classification", "d", "wording=train", "accuracy")}
@@ -122,7 +128,8 @@ def test_each_distinct_text_is_encoded_once():
     def enc(texts):
         calls.append(list(texts))
         return ENC(texts)
-    difference_classification(emb, level, lambda a, b: ["more", "more"] if a > b else "less", enc, seeds=(0, 1, 2))
+    difference_classification(emb, level, lambda a, b: ["more", "more"] if a > b else "less", enc,
+                              seeds=(0, 1, 2))
     assert len(calls) == 1 and sorted(calls[0]) == ["less", "more"]
 
 
@@ -130,7 +137,8 @@ def test_task_on_a_subset_uses_its_indices():
     emb, level = attribute_world()
     keep = np.flatnonzero(level != 1)
     task = DifferenceTask("extremes", keep, level[keep], lambda a, b: "more" if a > b else "less")
-    res = difference_classification(emb[torch.as_tensor(task.indices)], task.labels, task.text_fn, ENC, 50, (0,))
+    res = difference_classification(emb[torch.as_tensor(task.indices)], task.labels, task.text_fn, ENC, 50,
+                                    (0,))
     assert res[0]["accuracy"] == 1.0
     with pytest.raises(ValueError, match="condition"):
         DifferenceTask("extremes@heldout", keep, level[keep], task.text_fn)
@@ -159,7 +167,8 @@ def test_zero_shot_equals_an_independent_computation(tiny):
     assert got["accuracy"] == pytest.approx(acc)
     assert got["worst_class_accuracy"] == pytest.approx(min(per_class))
     assert 0 < acc < 1
-    np.testing.assert_array_equal(conf, pd.crosstab(labels, pred).reindex(index=range(5), columns=range(5), fill_value=0).to_numpy())
+    np.testing.assert_array_equal(conf, pd.crosstab(labels, pred).reindex(index=range(5), columns=range(5),
+                                                                          fill_value=0).to_numpy())
 
 
 def test_worst_class_ignores_absent_classes():
@@ -184,10 +193,12 @@ def test_alpha_one_equals_zero_shot():
     labels = np.random.default_rng(0).integers(0, 6, 200)
     img = F.normalize(class_emb[labels] + 0.3 * torch.randn(200, D, generator=g), dim=-1)
     zs = zero_shot(img, labels, class_emb)
-    diffs = {p: F.normalize(torch.randn(D, generator=g), dim=0) for p in known_pairs(top_confused_pairs(zs["confusion"], 3))}
+    diffs = {p: F.normalize(torch.randn(D, generator=g),
+                            dim=0) for p in known_pairs(top_confused_pairs(zs["confusion"], 3))}
     assert diffs
     at_one = comparative_prompting(img, labels, class_emb, diffs, 1.0)
-    assert at_one["accuracy"] == zs["accuracy"] and at_one["worst_class_accuracy"] == zs["worst_class_accuracy"]
+    assert at_one["accuracy"] == zs["accuracy"]
+    assert at_one["worst_class_accuracy"] == zs["worst_class_accuracy"]
     moved = comparative_prompting(img, labels, class_emb, diffs, 0.5)
     assert len(moved["outcomes"]["confused_class_accuracy"]) == np.isin(labels, [b for _, b in diffs]).sum()
 
@@ -203,23 +214,27 @@ def test_rows_fit_the_results_table_and_the_report(tmp_path, monkeypatch):
     from pc_clip.report.summary import Claim, claim_verdicts, direction_sentences
     cfg = get_config("tiny")
     emb, level = attribute_world()
-    dc = lambda fn, model: evaluation_rows(difference_classification(emb, level, fn, ENC, seeds=(0, 1)), model,
-                                           "difference_classification", "world/level", {"wording": "heldout"})
+    dc = lambda fn, model: evaluation_rows(difference_classification(emb, level, fn, ENC, seeds=(0, 1)),
+                                           model, "difference_classification", "world/level",
+                                           {"wording": "heldout"})
     rows = dc(lambda a, b: "more" if a > b else "less", "pc-clip") + dc(lambda a, b: f"x{a}{b}", "clip")
     class_emb = F.normalize(torch.randn(3, D), dim=-1)
     for alpha in (1.0, 0.9):
-        rows += evaluation_rows({0: comparative_prompting(emb, level, class_emb, {(0, 1): AXIS}, alpha)}, "pc-clip",
-                                "comparative_prompting", "world", {"alpha": alpha, "split": "val"})
+        rows += evaluation_rows({0: comparative_prompting(emb, level, class_emb, {(0, 1): AXIS}, alpha)},
+                                "pc-clip", "comparative_prompting", "world", {"alpha": alpha, "split": "val"})
     write_evaluation(rows, cfg, "test")
     table, items = read_results(cfg), read_items(cfg)
     assert len(table) == len(rows) and not table["dataset"].str.contains("[@=]").any()
     assert set(table.condition) == {"wording=heldout", "alpha=1;split=val", "alpha=0.9;split=val"}
     assert table[["ci_low", "ci_high"]].notna().all().all()
     sentence = direction_sentences(table, "difference_classification")[0]
-    assert sentence.startswith("pc-clip vs clip on world/level [wording=heldout] (accuracy): 1.000 vs") and sentence.endswith("(better)")
-    claim = Claim("held", "held-out wordings", "difference_classification", "pc-clip", "clip", conditions=(("wording", "heldout"),))
+    assert sentence.startswith("pc-clip vs clip on world/level [wording=heldout] (accuracy): 1.000 vs")
+    assert sentence.endswith("(better)")
+    claim = Claim("held", "held-out wordings", "difference_classification", "pc-clip", "clip",
+                  conditions=(("wording", "heldout"),))
     v = claim_verdicts(table, items, [claim]).iloc[0]
-    assert v.agrees == "yes" and v.ci_low > 0 and v.n_items == len(items[(items.model == "clip") & (items.task == "difference_classification")])
+    clip_items = items[(items.model == "clip") & (items.task == "difference_classification")]
+    assert v.agrees == "yes" and v.ci_low > 0 and v.n_items == len(clip_items)
 
 
 def test_world_tasks_report_heldout_wordings():
@@ -232,21 +247,25 @@ def test_world_tasks_report_heldout_wordings():
     assert all("@" not in t.dataset and "=" not in t.dataset for t in tasks)
     for t in base:
         h = held[key(t)]
-        pairs = [(a, b) for a in sorted(set(t.labels.tolist())) for b in sorted(set(t.labels.tolist())) if a != b]
+        labels = sorted(set(t.labels.tolist()))
+        pairs = [(a, b) for a in labels for b in labels if a != b]
         as_list = lambda x: [x] if isinstance(x, str) else list(x or [])
         texts = lambda task: {s for p in pairs for s in as_list(task.text_fn(*p))}
         assert texts(t) and texts(h) and not texts(t) & texts(h), key(t)
 
 
 def test_world_class_level_texts_are_true_of_the_images():
-    "Size and brightness texts are class-level; they must hold for (almost) every image pair they are attached to."
+    """Size and brightness texts are class-level; they must hold for (almost) every image pair they are
+    attached to."""
     attrs = sample_attributes(0, 0, 800)
     g = category_groups()
-    for attr, col, hi, lo, min_rate in (("size", "radius", "large", "small", 0.97), ("brightness", "brightness", "bright", "dark", 1.0)):
+    for attr, col, hi, lo, min_rate in (("size", "radius", "large", "small", 0.97),
+                                        ("brightness", "brightness", "bright", "dark", 1.0)):
         a = attrs.loc[attrs.category.isin(g[hi]), col].to_numpy()
         b = attrs.loc[attrs.category.isin(g[lo]), col].to_numpy()
         assert (a[:, None] > b[None, :]).mean() >= min_rate, attr
-    task = {t.dataset: t for t in world_difference_tasks(attrs, [], wordings=("train",), n_texts=3)}["world/size"]
+    task = {t.dataset: t for t in world_difference_tasks(attrs, [], wordings=("train",),
+                                                         n_texts=3)}["world/size"]
     big, small = g["large"][0], g["small"][0]
     proto = lambda c: {**typical_attrs(c), "count": 1}
     assert difference_direction(proto(big), proto(small), "size")[0] == "larger"
@@ -271,7 +290,8 @@ class FakeBirdBackend:
 
     def generate(self, items, task):
         assert task == "category"
-        return [{"raw": f"The {it['category_a']} has a longer bill than the {it['category_b']}.", "prompt": None}
+        return [{"raw": f"The {it['category_a']} has a longer bill than the {it['category_b']}.",
+                 "prompt": None}
                 for it in items]
 
 
@@ -287,7 +307,8 @@ def test_cub_comparatives_from_a_backend(tmp_path, monkeypatch):
     (text,) = task.text_fn(a, b)
     assert ds.classnames[a] in text and ds.classnames[b] in text and "longer bill" in text
     emb = F.normalize(torch.randn(len(ds), D), dim=-1)
-    res = difference_classification(emb[torch.as_tensor(task.indices)], task.labels, task.text_fn, ENC, seeds=(0,))
+    res = difference_classification(emb[torch.as_tensor(task.indices)], task.labels, task.text_fn, ENC,
+                                    seeds=(0,))
     assert task.dataset == "cub/comparatives" and 0 <= res[0]["accuracy"] <= 1
 
 
@@ -297,16 +318,19 @@ def test_paper_task_builders_on_fixtures(tmp_path):
     with accept_fixture_checksums():
         awa = load_dataset("awa2", make_fixture("awa2", tmp_path, n_per_class=2), "all")
     (task,) = build_difference_tasks(awa, awa.labels, cfg)
-    texts = [task.text_fn(a, b) for a in range(len(awa.classnames)) for b in range(len(awa.classnames)) if a != b]
+    n = len(awa.classnames)
+    texts = [task.text_fn(a, b) for a in range(n) for b in range(n) if a != b]
     assert task.dataset == "awa2/attributes" and any(texts)
     assert all(t.startswith("The first image") for t in texts if t)
     with pytest.raises(ValueError, match="no difference task"):
         with accept_fixture_checksums():
-            build_difference_tasks(load_dataset("eurosat", make_fixture("eurosat", tmp_path), "test"), [0], cfg)
+            build_difference_tasks(load_dataset("eurosat", make_fixture("eurosat", tmp_path), "test"), [0],
+                                   cfg)
 
 
 def test_the_evaluated_models_come_from_the_registry_and_must_exist(runs_dir):
-    "An evaluation never writes a table with the finetuned models silently missing: it names them and the fix."
+    """An evaluation never writes a table with the finetuned models silently missing: it names them and the
+    fix."""
     from pc_clip.evaluation.runner import MODELS, evaluated_models
     from pc_clip.models.clip import model_dir, save_checkpoint
     from pc_clip.core.registry import model_names
@@ -329,7 +353,7 @@ def _unit(n, d, seed):
     return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
-# --- intervals -----------------------------------------------------------------------------------------------------
+# --- intervals ----------------------------------------------------------------------------------------------
 def test_bootstrap_interval_covers_the_truth_about_95_percent_of_the_time():
     rng = np.random.default_rng(0)
     covered = 0
@@ -359,13 +383,14 @@ def test_paired_bootstrap_is_deterministic_and_detects_a_real_difference():
     assert unpaired_lo < 0  # ... which unpaired intervals would not show
 
 
-# --- retrieval ---------------------------------------------------------------------------------------------------
+# --- retrieval ----------------------------------------------------------------------------------------------
 def test_perfect_retrieval_with_several_captions_per_image():
     img = _unit(40, 32, 0)
     owner = np.repeat(np.arange(40), 5)  # five captions per image, as on COCO
     txt = F.normalize(img[owner] + 0.05 * _unit(200, 32, 1), dim=-1)
     rec = M.retrieval(img, txt, owner)
-    assert {k: v for k, v in rec.items() if k != "outcomes"} == {f"recall@{k}_{d}": 1.0 for k in (1, 5, 10) for d in ("i2t", "t2i")}
+    recalls = {f"recall@{k}_{d}": 1.0 for k in (1, 5, 10) for d in ("i2t", "t2i")}
+    assert {k: v for k, v in rec.items() if k != "outcomes"} == recalls
 
 
 def test_retrieval_counts_any_caption_and_is_chunk_invariant():
@@ -379,7 +404,8 @@ def test_retrieval_counts_any_caption_and_is_chunk_invariant():
     big_img, big_txt = _unit(50, 16, 2), _unit(120, 16, 3)
     big_owner = np.arange(120) % 50
     drop = lambda r: {k: v for k, v in r.items() if k != "outcomes"}
-    assert drop(M.retrieval(big_img, big_txt, big_owner, chunk=7)) == drop(M.retrieval(big_img, big_txt, big_owner))
+    chunked = M.retrieval(big_img, big_txt, big_owner, chunk=7)
+    assert drop(chunked) == drop(M.retrieval(big_img, big_txt, big_owner))
 
 
 def test_random_retrieval_is_near_chance_and_outcomes_make_the_recalls():
@@ -397,14 +423,15 @@ def test_retrieval_rejects_captions_without_images():
         M.retrieval(torch.eye(3), torch.eye(3)[:2], [0, 1])
 
 
-# --- geometry ----------------------------------------------------------------------------------------------------
+# --- geometry -----------------------------------------------------------------------------------------------
 def test_exact_offsets_solve_every_analogy_and_identical_directions_are_consistent():
     base = torch.randn(12, 24, generator=torch.Generator().manual_seed(0))
     offset = 2.0 * _unit(1, 24, 1)
     emb = torch.cat([base, base + offset])
     quads = M.analogy_quadruples(np.arange(12), np.arange(12) + 12)
     assert M.analogy_hits(emb, quads).mean() == 1.0
-    assert M.directional_consistency(M.difference_vectors(emb, np.arange(12) + 12, np.arange(12))) == pytest.approx(1.0, abs=1e-5)
+    assert M.directional_consistency(M.difference_vectors(emb, np.arange(12) + 12,
+                                                          np.arange(12))) == pytest.approx(1.0, abs=1e-5)
     assert M.text_direction_cosines(offset, emb[12:] - emb[:12])[0] == pytest.approx(1.0, abs=1e-5)
     assert M.text_direction_cosines(-offset, emb[12:] - emb[:12])[0] == pytest.approx(-1.0, abs=1e-5)
 
@@ -423,21 +450,23 @@ def test_random_directions_are_not_consistent():
         M.directional_consistency(torch.randn(1, 4))
 
 
-# --- linear probes -----------------------------------------------------------------------------------------------
+# --- linear probes ------------------------------------------------------------------------------------------
 def test_probe_chooses_C_on_validation_and_scores_test_once():
     rng = np.random.default_rng(0)
     y_tr, y_va, y_te = rng.integers(0, 4, 400), rng.integers(0, 4, 100), rng.integers(0, 4, 100)
     centres = 6 * rng.normal(size=(4, 16))
     feat = lambda y: centres[y] + rng.normal(size=(len(y), 16)) * 0.2
     r = M.linear_probe(feat(y_tr), y_tr, feat(y_va), y_va, feat(y_te), y_te, Cs=(1.0, 0.01))
-    assert r["accuracy"] == 1.0 and set(r["validation"]) == {0.01, 1.0} and r["C"] == M.best_on_validation(r["validation"])
+    assert r["accuracy"] == 1.0 and set(r["validation"]) == {0.01, 1.0}
+    assert r["C"] == M.best_on_validation(r["validation"])
     assert len(r["outcomes"]["accuracy"]) == 100
     # validation labels that are noise: the choice follows them, the test score does not see them
-    noisy = M.linear_probe(feat(y_tr), y_tr, feat(y_va), rng.integers(0, 4, 100), feat(y_te), y_te, Cs=(0.01, 1.0))
+    noisy = M.linear_probe(feat(y_tr), y_tr, feat(y_va), rng.integers(0, 4, 100), feat(y_te), y_te,
+                           Cs=(0.01, 1.0))
     assert noisy["validation"][0.01] < 0.6 and noisy["accuracy"] > 0.9
 
 
-# ---- Retrieval, geometry and linear probes: known answers on synthetic embeddings, controlled world pairs, and the
+# ---- Retrieval, geometry and linear probes: known answers on synthetic embeddings and controlled world pairs
 
 
 
@@ -451,9 +480,11 @@ def test_controlled_pairs_differ_in_exactly_the_edited_attribute(world):
     recs = cp.records()
     assert cp.pairs["edit"].value_counts().to_dict() == {e: 10 for e in G.EDITS}
     for p in cp.pairs.itertuples():
-        changed = [k for k in ATTRIBUTE_KINDS if difference_direction(recs[p.edited], recs[p.base], k) is not None]
+        changed = [k for k in ATTRIBUTE_KINDS
+                   if difference_direction(recs[p.edited], recs[p.base], k) is not None]
         assert changed == [G.EDITS[p.edit].attribute], (p.edit, changed)
-    # a background edit leaves the object's pixels alone: pixels that stay put are most of the image for large objects
+    # a background edit leaves the object's pixels alone: pixels that stay put are most of the image for
+    # large objects
     snow = cp.pairs[cp.pairs.edit == "snowier"].iloc[0]
     same = (cp.images[snow.edited] == cp.images[snow.base]).all(-1)
     assert 0 < same.mean() < 1
@@ -469,13 +500,14 @@ def test_geometry_rows_on_pixels(world):
     assert set(res) == {"all"} | set(G.EDITS)
     for edit, r in res.items():
         assert 0 <= r["analogy_accuracy"] <= 1 and -1 <= r["directional_consistency"] <= 1
-        if edit != "all":  # the reported value is the mean of its per-pair items, so it lies inside their interval
+        # the reported value is the mean of its per-pair items, so it lies inside their interval
+        if edit != "all":
             items = r["outcomes"]["directional_consistency"]
             assert r["directional_consistency"] == pytest.approx(items.value.mean(), abs=1e-6), edit
     assert len(G.edit_statements(cp)) == len(cp.pairs)
 
 
-# --- the runners, end to end on stand-in models ---------------------------------------------------------------------
+# --- the runners, end to end on stand-in models -------------------------------------------------------------
 def test_runners_end_to_end_on_stand_in_models(runs_dir, capsys):
     from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
     cfg = get_config("tiny", world_n_train=200, world_n_val=80, world_n_test=120)
@@ -484,7 +516,8 @@ def test_runners_end_to_end_on_stand_in_models(runs_dir, capsys):
     save_checkpoint(a, model_dir(cfg, "clip"), "pc-clip-tiny")
     save_checkpoint(a, model_dir(cfg, "pc-clip"), "pc-clip-tiny")
     with torch.no_grad():  # a text-only change: image numbers must stay identical, text numbers must move
-        a.transformer.resblocks[-1].mlp.c_proj.weight.add_(0.5 * torch.randn_like(a.transformer.resblocks[-1].mlp.c_proj.weight))
+        weight = a.transformer.resblocks[-1].mlp.c_proj.weight
+        weight.add_(0.5 * torch.randn_like(weight))
     save_checkpoint(a, model_dir(cfg, "pc-clip/mse"), "pc-clip-tiny")
     save_checkpoint(b, model_dir(cfg, "pc-clip/both-towers"), "pc-clip-tiny")
     names = ["clip", "pc-clip", "pc-clip/mse", "pc-clip/both-towers", "clip-ft-captions"]
@@ -494,7 +527,8 @@ def test_runners_end_to_end_on_stand_in_models(runs_dir, capsys):
     assert "skipping model clip-ft-captions" in capsys.readouterr().out
     for df in (rr, gr, pr):
         assert set(df.model) == set(names[:4])
-    val = lambda df, m, metric, ds="world": df[(df.model == m) & (df.metric == metric) & (df.dataset == ds)].value.item()
+    val = lambda df, m, metric, ds="world": df[(df.model == m) & (df.metric == metric)
+                                               & (df.dataset == ds)].value.item()
     assert (pr[pr.model == "pc-clip/mse"].value.to_numpy() == pr[pr.model == "clip"].value.to_numpy()).all()
     assert set(pr.condition) >= {"", "C=0.1;split=val", "C=1;split=val"}
     assert val(gr, "pc-clip/mse", "analogy_accuracy") == val(gr, "clip", "analogy_accuracy")
@@ -502,7 +536,8 @@ def test_runners_end_to_end_on_stand_in_models(runs_dir, capsys):
     assert val(gr, "pc-clip", "text_direction_cosine") == val(gr, "clip", "text_direction_cosine")
     assert rr[rr.model == "clip"].n.max() == 180  # 60 images x 3 captions
     assert (rr[rr.model == "pc-clip"].value.to_numpy() == rr[rr.model == "clip"].value.to_numpy()).all()
-    assert rr[["ci_low", "ci_high"]].notna().all().all() and (rr.ci_low <= rr.value).all() and (rr.value <= rr.ci_high).all()
+    assert rr[["ci_low", "ci_high"]].notna().all().all()
+    assert (rr.ci_low <= rr.value).all() and (rr.value <= rr.ci_high).all()
 
 
 def test_retrieval_runner_reads_coco_on_paper_style_configs(runs_dir, tmp_path, monkeypatch):
@@ -519,7 +554,8 @@ def test_retrieval_runner_reads_coco_on_paper_style_configs(runs_dir, tmp_path, 
     n_captions = sum(len(c) for c in coco.captions)
     assert {r["dataset"] for r in rows} == {"coco"} and len(rows) == 6
     assert {r["n"] for r in rows} == {len(coco), n_captions}
-    assert all(r["value"] == 1.0 for r in rows if r["metric"].startswith("recall@10"))  # fewer candidates than k
+    # fewer candidates than k
+    assert all(r["value"] == 1.0 for r in rows if r["metric"].startswith("recall@10"))
 
 
 def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monkeypatch):
@@ -538,7 +574,8 @@ def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monke
     class Writer:  # a stand-in generator: one statement per pair, naming the pair (so each text differs)
         name, batch_size, config = "tiny-chat", 16, {}
         def generate(self, items, task="differences"):
-            return [{"raw": f"The first image is brighter than the second image number {it['i'] % 97}."} for it in items]
+            return [{"raw": f"The first image is brighter than the second image number {it['i'] % 97}."}
+                    for it in items]
 
     recs = P.write_heldout_differences(cfg, Writer(), progress=False)
     intact = load_coco(tmp_path / "data", "val")
@@ -555,7 +592,8 @@ def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monke
     st = st[keep].reset_index(drop=True)
     assert 0 < len(st) < len(keep)
     from pc_clip.models.embed import embed_texts
-    want = P.pair_alignment(emb_intact, st, embed_texts(model, tok, list(st.text), cfg))["text_direction_cosine"]
+    want = P.pair_alignment(emb_intact, st,
+                            embed_texts(model, tok, list(st.text), cfg))["text_direction_cosine"]
     assert cos.value.item() == pytest.approx(want, abs=1e-5)
     assert cos.n.item() == len(st)
 
@@ -566,7 +604,8 @@ def test_write_evaluation_writes_items_before_rows(tmp_path, monkeypatch):
     from pc_clip.core.runtime import result_row
     cfg = get_config("tiny")
     row = lambda v: dict(result_row("clip", "zero_shot", "world", "accuracy", v, 0, 2),
-                         items=pd.DataFrame({"item": ["a", "b"], "value": [v * 2, 0.0], "weight": 1.0, "group": "x"}))
+                         items=pd.DataFrame({"item": ["a", "b"], "value": [v * 2, 0.0], "weight": 1.0,
+                                             "group": "x"}))
     write_evaluation([row(0.5)], cfg, "toy")
     seen = {}
 
@@ -578,5 +617,6 @@ def test_write_evaluation_writes_items_before_rows(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_evaluation([row(0.25)], cfg, "toy")
     assert seen["items"] == [0.5, 0.0]  # the new items were on disk before the rows were written
-    assert read_items(cfg, ["toy"])["value"].tolist() == [1.0, 0.0]  # an interrupted write puts the old items back
+    # an interrupted write puts the old items back
+    assert read_items(cfg, ["toy"])["value"].tolist() == [1.0, 0.0]
     assert read_results(cfg)["value"].tolist() == [0.5]

@@ -1,15 +1,14 @@
-"The package layout the README's module map promises: stages in order, no circles, no shims, stand-ins as a leaf."
+"""The package layout the README's module map promises: stages in order, no circles, no shims, stand-ins as a
+leaf."""
 import ast
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
+from conftest import REPO
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(REPO / "tools"))
 import check_layout  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_library_keeps_its_layout():
@@ -22,9 +21,11 @@ def test_the_checker_finds_a_circle_an_upward_import_and_a_shim(tmp_path):
         (pkg / stage).mkdir(parents=True)
         (pkg / stage / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
-    (pkg / "core" / "a.py").write_text("def f():\n    from pc_clip.core.b import g  # inside a function: still an arrow\n")
+    (pkg / "core" / "a.py").write_text("def f():\n    from pc_clip.core.b import g  # inside a function: "
+                                       "still an arrow\n")
     (pkg / "core" / "b.py").write_text("from .a import f\n")
-    (pkg / "world" / "w.py").write_text("from ..training.t import x\n\ndef __getattr__(name):\n    raise AttributeError(name)\n")
+    (pkg / "world" / "w.py").write_text("from ..training.t import x\n\ndef __getattr__(name):\n    raise "
+                                        "AttributeError(name)\n")
     (pkg / "training" / "t.py").write_text("x = 1\n")
     problems = check_layout.check(pkg)
     assert any(p.startswith("import circle: pc_clip.core.a <-> pc_clip.core.b") for p in problems), problems
@@ -41,11 +42,11 @@ def test_the_evaluation_runner_does_not_load_the_stand_ins():
         import pc_clip.evaluation.runner, pc_clip.training.plan, pc_clip.report.summary
         print(sorted(m for m in sys.modules if m.startswith("pc_clip.smoke")))
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_no_module_defines_a_module_getattr():
-    for p in (ROOT / "pc_clip").rglob("*.py"):
+    for p in (REPO / "pc_clip").rglob("*.py"):
         tree = ast.parse(p.read_text())
         assert not any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body), p

@@ -14,7 +14,8 @@ from pc_clip.training.finetune import finetune
 from pc_clip.models.clip import CheckpointError, create_clip, load_clip, model_dir, save_checkpoint
 
 
-# ---- Checkpoints that prove themselves and runs that cannot replace good models: a truncated model is named and
+# ---- Checkpoints that prove themselves and runs that cannot replace good models: a truncated model is
+# named and
 
 N = 10
 
@@ -23,7 +24,8 @@ N = 10
 def tiny():
     model, preprocess, tok = create_clip("pc-clip-tiny", seed=0)
     rng = np.random.default_rng(0)
-    emb = F.normalize(torch.tensor(rng.normal(size=(N, model.text_projection.shape[1])), dtype=torch.float32), dim=-1)
+    emb = F.normalize(torch.tensor(rng.normal(size=(N, model.text_projection.shape[1])), dtype=torch.float32),
+                      dim=-1)
     words = ["larger", "smaller", "redder", "bluer"]
     triples = pd.DataFrame([dict(i=i, j=j, text=f"the first object is {words[(i + 2 * j) % 4]}")
                             for i in range(N) for j in range(N) if i != j]).iloc[:48]
@@ -31,12 +33,14 @@ def tiny():
 
 
 def cfg(**kw):
-    return get_config("tiny", **{"ft_epochs": 1, "ft_batch_size": 16, "ft_lr": 1e-3, "ft_max_pairs": None, **kw})
+    return get_config("tiny",
+                      **{"ft_epochs": 1, "ft_batch_size": 16, "ft_lr": 1e-3, "ft_max_pairs": None, **kw})
 
 
 def train(tiny, c, **kw):
     model, _, tok, emb, triples = tiny
-    return finetune(model, tok, triples, c, model_dir(c, "pc-clip"), image_embeddings=emb, progress=False, **kw)
+    return finetune(model, tok, triples, c, model_dir(c, "pc-clip"), image_embeddings=emb, progress=False,
+                    **kw)
 
 
 def test_truncated_finetuned_model_is_named_and_rebuilt(tiny, runs_dir):
@@ -51,7 +55,8 @@ def test_truncated_finetuned_model_is_named_and_rebuilt(tiny, runs_dir):
     rebuilt = train(tiny, c)  # the finetuning stage rebuilds it instead of dying
     assert not rebuilt.reused
     loaded = load_clip(c, "pc-clip", "cpu")[0]
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), good.model.state_dict().values()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(loaded.state_dict().values(), good.model.state_dict().values()))
 
 
 def test_diverging_run_keeps_the_good_model_and_fails(tiny, runs_dir):
@@ -101,8 +106,8 @@ def test_cached_embeddings_keep_the_skip_count(tiny, runs_dir, tmp_path):
 
 
 def test_checkpoints_of_the_configured_epochs_are_kept(tiny, runs_dir):
-    """The paper keeps its models after epochs 10 and 20 (`ft_keep_epochs`); here epoch 2 of 4 stays beside the
-    newest, the others are deleted, and the kept one holds the weights a 2-epoch run ends with."""
+    """The paper keeps its models after epochs 10 and 20 (`ft_keep_epochs`); here epoch 2 of 4 stays beside
+    the newest, the others are deleted, and the kept one holds the weights a 2-epoch run ends with."""
     from safetensors.torch import load_file
     from pc_clip.training.state import epoch_checkpoints
     assert get_config("paper").ft_keep_epochs == (10, 20) and get_config("tiny").ft_keep_epochs == ()

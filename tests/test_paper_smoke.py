@@ -1,19 +1,17 @@
 """The `paper` code path end to end: `pc-clip reproduce --profile paper-smoke`, exactly as a user types it.
 
-The command builds its own stand-ins (a random small CLIP under `weights/<arch>/<tag>/`, a chat LM trained on the
-CPU and loaded in 4-bit, a tiny SDXL pipeline, fixtures of the seven data sets in their official layouts) into
-`data/paper-smoke/` (git-ignored, kept between runs, so the chat LM is trained once per checkout) and runs every
-experiment notebook on them. The test checks that every notebook ran and that the results table has rows for
-each paper data set in each task of the paper, for the base and the finetuned model.
+The command builds its own stand-ins (a random small CLIP under `weights/<arch>/<tag>/`, a chat LM trained
+on the CPU and loaded in 4-bit, a tiny SDXL pipeline, fixtures of the seven data sets in their official
+layouts) into `data/paper-smoke/` (git-ignored, kept between runs, so the chat LM is trained once per
+checkout) and runs every experiment notebook on them. The test checks that every notebook ran and that the
+results table has rows for each paper data set in each task of the paper, for the base and the finetuned
+model.
 """
-import os
-import subprocess
-import sys
 import time
 import pandas as pd
-from pathlib import Path
+import pytest
 
-from conftest import REPO
+from conftest import REPO, SMALL_PAPER_SMOKE, p_args, pc_clip
 from pc_clip.core.runtime import read_results, notebooks_dir, results_path
 from pc_clip.evaluation.runner import read_items
 from pc_clip.models.clip import load_clip, load_weights, model_dir
@@ -30,24 +28,21 @@ EXPECTED = {
     "geometry": {"coco", "awa2", "cifar100", "flowers102", "cub"},
 }
 PAPER_DATASETS = {"coco", "cifar100", "cub", "eurosat", "flowers102", "sun397", "awa2"}
-# the same code path, smaller: fewer generated pairs keep the 4-bit chat LM's share of the run short
-SMALL = ["n_pairs=64"]
 
 
+@pytest.mark.slow
 def test_paper_smoke_reproduction(tmp_path, monkeypatch):
-    env = {k: v for k, v in os.environ.items() if k != "PC_CLIP_DATA"}  # the command picks the stand-ins' data root
-    env["PC_CLIP_RUNS"] = str(tmp_path)
-    args = [str(Path(sys.executable).parent / "pc-clip"), "reproduce", "--profile", "paper-smoke"]
-    for p in SMALL:
-        args += ["-p", p]
     start = time.perf_counter()
-    r = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=2400)
+    # the command picks the stand-ins' data root: no PC_CLIP_DATA
+    r = pc_clip("reproduce", "--profile", "paper-smoke", *p_args(SMALL_PAPER_SMOKE),
+                env={"PC_CLIP_RUNS": str(tmp_path)}, unset=("PC_CLIP_DATA",), timeout=2400)
     print(f"paper-smoke reproduction: {time.perf_counter() - start:.0f} s\n{r.stdout[-2500:]}")
     assert r.returncode == 0, f"paper-smoke failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert "time per notebook" in r.stdout
 
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
-    cfg = get_config("paper-smoke", **parse_overrides(SMALL)[0])  # its own settings: its own results and notebooks
+    # its own settings: its own results and notebooks
+    cfg = get_config("paper-smoke", **parse_overrides(SMALL_PAPER_SMOKE)[0])
     experiments = sorted(p.name for p in (REPO / "nbs" / "experiments").glob("*.ipynb"))
     executed = {p.name for p in notebooks_dir(cfg).glob("*.ipynb")}
     assert set(experiments) <= executed, sorted(set(experiments) - executed)
@@ -57,8 +52,10 @@ def test_paper_smoke_reproduction(tmp_path, monkeypatch):
     for task, datasets in EXPECTED.items():
         rows = results[results.task == task]
         for model in ("clip", "pc-clip"):
-            found = {d.split("/")[0] for d in rows[rows.model == model].dataset}  # awa2/attributes is an awa2 task
-            assert datasets <= found, f"{task} / {model}: no rows for {sorted(datasets - found)} (has {sorted(found)})"
+            # awa2/attributes is an awa2 task
+            found = {d.split("/")[0] for d in rows[rows.model == model].dataset}
+            assert datasets <= found, \
+                f"{task} / {model}: no rows for {sorted(datasets - found)} (has {sorted(found)})"
     t2i = results[results.task.str.startswith("t2i")]
     assert len(t2i) and {"clip", "pc-clip"} <= set(t2i.model), sorted(set(t2i.model))
     named = {d.split("/")[0] for d in results.dataset}
@@ -70,13 +67,18 @@ def test_paper_smoke_reproduction(tmp_path, monkeypatch):
     # the finetune moved the weights: pc-clip's checkpoint and its text-side numbers differ from clip's
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
     monkeypatch.delenv("PC_CLIP_DATA", raising=False)
-    cfg = get_config("paper-smoke", n_pairs=64, data_root=str(REPO / "data" / "paper-smoke"))  # as the command ran it
-    base, tuned = load_clip(cfg, "clip", device="cpu")[0].state_dict(), load_weights(model_dir(cfg, "pc-clip"))
-    assert base.keys() == tuned.keys() and any(not (base[k] == tuned[k]).all() for k in base), "pc-clip == clip"
+    # as the command ran it
+    cfg = get_config("paper-smoke", n_pairs=64, data_root=str(REPO / "data" / "paper-smoke"))
+    base = load_clip(cfg, "clip", device="cpu")[0].state_dict()
+    tuned = load_weights(model_dir(cfg, "pc-clip"))
+    assert base.keys() == tuned.keys()
+    assert any(not (base[k] == tuned[k]).all() for k in base), "pc-clip == clip"
     results = read_results(cfg)  # numbers as numbers
-    diff = results[results.task == "difference_classification"].pivot_table(index=["dataset", "condition", "metric"],
-                                                                               columns="model", values="value")
-    assert (diff["pc-clip"] != diff["clip"]).any(), "every pc-clip difference-classification number equals clip's"
+    classification = results[results.task == "difference_classification"]
+    diff = classification.pivot_table(index=["dataset", "condition", "metric"], columns="model",
+                                      values="value")
+    assert (diff["pc-clip"] != diff["clip"]).any(), \
+        "every pc-clip difference-classification number equals clip's"
 
     # the claims: paper data only, and decided wherever this profile measures them
     items = read_items(cfg)

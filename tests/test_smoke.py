@@ -6,11 +6,12 @@ import torch
 
 from pc_clip.core.runtime import data_root
 from pc_clip.core.config import get_config
-from pc_clip.smoke.standins import (BUILD_ORDER, CHAT_LM, DATASET_PATHS, MANIFEST, build_paper_smoke, read_manifest,
-    scene, scene_caption, standin_checksums)
+from pc_clip.smoke.standins import (BUILD_ORDER, CHAT_LM, DATASET_PATHS, MANIFEST, build_paper_smoke,
+    read_manifest, scene, scene_caption, standin_checksums)
 
 
-# ---- The `paper-smoke` stand-ins, built once into a temporary data root, as the `paper` code path reads them.
+# ---- The `paper-smoke` stand-ins, built once into a temporary data root, as the `paper` code path reads
+# them.
 
 SPLITS = {"coco": "train", "flowers102": "train"}  # the rest: "test"
 
@@ -56,25 +57,31 @@ def test_clip_loads_through_the_paper_path_and_encodes(cfg):
 
 
 def test_chat_lm_in_4bit_writes_parseable_differences_and_verdicts(cfg):
-    "The profile's generator and judge, loaded as the paper path loads them (NF4), on 20 unseen caption pairs."
+    """The profile's generator and judge, loaded as the paper path loads them (NF4), on 20 unseen caption
+    pairs."""
     from pc_clip.differences.records import build_record, make_backend
     from pc_clip.differences.judge import judge_records, make_judge, verdict_counts
     assert cfg.generator == cfg.judge == CHAT_LM and cfg.load_in_4bit
     backend = make_backend(cfg)
     assert backend.config["load_in_4bit"]
     rng = np.random.default_rng([7, 7])
-    items = [{"key": str(k), "caption_a": scene_caption(scene(rng), k), "caption_b": scene_caption(scene(rng), k + 2)}
+    items = [{"key": str(k), "caption_a": scene_caption(scene(rng), k),
+              "caption_b": scene_caption(scene(rng), k + 2)}
              for k in range(20)]
-    records = [build_record(it, out, backend, "differences") for it, out in zip(items, backend.generate(items))]
+    records = [build_record(it, out, backend, "differences")
+               for it, out in zip(items, backend.generate(items))]
     accepted = sum(len(r["statements"]) for r in records)
     rejected = sum(len(r["rejected"]) for r in records)
     assert accepted > rejected and accepted >= 30, [r["raw"] for r in records[:3]]
     rewrites = [{"key": f"r{k}", "caption": it["caption_a"]} for k, it in enumerate(items)]
-    kept = [build_record(it, out, backend, "rewrite") for it, out in zip(rewrites, backend.generate(rewrites, "rewrite"))]
+    kept = [build_record(it, out, backend, "rewrite")
+            for it, out in zip(rewrites, backend.generate(rewrites, "rewrite"))]
     assert sum(bool(r["statements"]) for r in kept) > len(kept) / 2
     classes = [{"key": "c", "category_a": "killer whale", "category_b": "maple tree"}]
-    assert build_record(classes[0], backend.generate(classes, "category")[0], backend, "category")["statements"]
-    judged = judge_records([r for r in records if r["statements"]], make_judge(cfg.judge, cfg), progress=False)
+    assert build_record(classes[0], backend.generate(classes, "category")[0], backend,
+                        "category")["statements"]
+    judged = judge_records([r for r in records if r["statements"]], make_judge(cfg.judge, cfg),
+                           progress=False)
     counts = verdict_counts(judged)
     assert counts["unparsed"] < (counts["consistent"] + counts["inconsistent"]) / 10, counts
 
@@ -102,7 +109,8 @@ def test_every_data_set_loads_with_the_stand_in_checksums(cfg, name):
 
 
 def test_paper_path_reads_cifar_and_flowers_fixtures_without_help(cfg):
-    "pc_clip.data.datasets must wrap its torchvision loaders in standin_checksums (the papermill kernels import nothing else)."
+    """pc_clip.data.datasets must wrap its torchvision loaders in standin_checksums (the papermill kernels
+    import nothing else)."""
     from pc_clip.data.datasets import load_dataset
     assert (data_root(cfg) / MANIFEST).exists()
     for name in ("cifar100", "flowers102"):

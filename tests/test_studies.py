@@ -1,16 +1,16 @@
-"""Tests of `pc_clip.studies`: the noise curve, the difference loss during pretraining, the base-capacity study."""
-import os
-
+"""Tests of `pc_clip.studies`: the noise curve, the difference loss during pretraining, the base-capacity
+study."""
 import numpy as np
 import open_clip
 import pandas as pd
 import pytest
 import torch
 
+from conftest import SMALL_CAPACITY, p_args, pc_clip
 from pc_clip.studies.noise_curve import (FallibleJudge, false_fraction, judged_triples, noise_model_name,
     noise_training_sets, noisy_differences, paired_gain, pooled_mean, row_items)
-from pc_clip.studies.pretrain_difference import (batch_difference_pairs, choose_weight, joint_loss, joint_model_name,
-    pretrain_joint)
+from pc_clip.studies.pretrain_difference import (batch_difference_pairs, choose_weight, joint_loss,
+    joint_model_name, pretrain_joint)
 from pc_clip.core.config import get_config
 from pc_clip.core.runtime import result_row
 from pc_clip.evaluation.metrics import outcomes
@@ -92,7 +92,8 @@ def test_each_noise_rate_and_filter_trains_into_its_own_folder_from_one_base(wor
 
 
 def _rows(model, hits_by_cell, task="difference_classification", wording="heldout"):
-    return [dict(result_row(model, task, cell, "accuracy", float(np.mean(h)), seed, len(h), {"wording": wording}),
+    return [dict(result_row(model, task, cell, "accuracy", float(np.mean(h)), seed, len(h),
+                            {"wording": wording}),
                  items=outcomes(np.arange(len(h)), h))
             for cell, h in hits_by_cell.items() for seed in (0, 1)]
 
@@ -116,17 +117,18 @@ def test_weight_is_chosen_on_validation_rows_ties_to_the_smaller():
         choose_weight(val, [0.0])
 
 
-# ---- The base-capacity study (issue 29): one base measured end to end on small settings, cached, and the rule.
+# ---- The base-capacity study (issue 29): one base measured end to end on small settings, cached, and the
+# rule.
 
 def _small_capacity_config(runs):
-    return get_config("tiny", runs_root=str(runs), world_n_train=256, world_n_test=32, world_n_val=96, n_pairs=200,
-                      ft_batch_size=32, ft_epochs=1, eval_n_images=24, eval_seeds=(0,),
+    return get_config("tiny", runs_root=str(runs), world_n_train=256, world_n_test=32, world_n_val=96,
+                      n_pairs=200, ft_batch_size=32, ft_epochs=1, eval_n_images=24, eval_seeds=(0,),
                       ft_lr_grid=(1e-3,), wavg_alpha_grid=(0.5, 1.0))
 
 
 def test_capacity_study_measures_a_base_end_to_end_caches_it_and_tidies_it(tmp_path, monkeypatch):
-    from pc_clip.studies.capacity import (Base, capacity_rows, capacity_summary, measure_base, measurement_path,
-        run_capacity_study)
+    from pc_clip.studies.capacity import (Base, capacity_rows, capacity_summary, measure_base,
+        measurement_path, run_capacity_study)
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
     cfg = _small_capacity_config(tmp_path)
     base = Base("tiny", "pc-clip-tiny", 32)  # the first tiny base, at the small config's 4 pretraining steps
@@ -137,7 +139,8 @@ def test_capacity_study_measures_a_base_end_to_end_caches_it_and_tidies_it(tmp_p
     assert "world/size|wording=train" in cells and "world/count|wording=heldout" in cells
     front = pd.DataFrame(m["front"])
     assert {"training wordings", "held-out wordings"} <= set(front["cell"])
-    assert (front["ci_low"] <= front["gain"] + 1e-9).all() and (front["gain"] <= front["ci_high"] + 1e-9).all()
+    assert (front["ci_low"] <= front["gain"] + 1e-9).all()
+    assert (front["gain"] <= front["ci_high"] + 1e-9).all()
     assert m["pretrain_gflop"] == pytest.approx(m["step_gflop"] * 4)
     assert m["steps"] == 4  # the small study's reference budget
     # a second call reads the cache: the same numbers, no training
@@ -148,25 +151,18 @@ def test_capacity_study_measures_a_base_end_to_end_caches_it_and_tidies_it(tmp_p
     tidy = run_capacity_study(cfg, [base], seeds=(0,), threads=1, progress=False, reference_steps=4)
     assert set(tidy["kind"]) >= {"cost", "base", "probe", "ceiling", "unconstrained"}
     s = capacity_summary(tidy)
-    assert s.loc["tiny", "estimated_run_s"] == pytest.approx(386.0)  # the first tiny base: the last measured run
+    # the first tiny base: the last measured run
+    assert s.loc["tiny", "estimated_run_s"] == pytest.approx(386.0)
     rows = capacity_rows(tidy)
     assert all(r["task"] == "capacity" and "split=val" in r["condition"] for r in rows)
 
 
+@pytest.mark.slow
 def test_capacity_study_notebook_runs_through_the_cli_on_small_settings(tmp_path):
-    "Experiment 15c, the study's one command, on two small bases: its rows, its figure and the rule's outcome."
-    import subprocess, sys
-    from pathlib import Path
-    from conftest import REPO
-    env = {**os.environ, "PC_CLIP_RUNS": str(tmp_path)}
-    small = ["world_n_train=256", "world_n_test=32", "world_n_val=96", "n_pairs=200", "reference_steps=4", "more_seeds={}",
-             "ft_batch_size=32", "ft_epochs=1", "eval_n_images=24", "eval_seeds=[0]", "ft_lr_grid=[0.001]",
-             "wavg_alpha_grid=[0.5,1.0]", 'bases=["tiny","48px"]']
-    args = [str(Path(sys.executable).parent / "pc-clip"), "reproduce", "--profile", "tiny", "--experiments",
-            "nbs/experiments/beyond", "--only", "15c", "--quiet"]
-    for p in small:
-        args += ["-p", p]
-    r = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    """Experiment 15c, the study's one command, on two small bases: its rows, its figure and the rule's
+    outcome."""
+    r = pc_clip("reproduce", "--profile", "tiny", "--experiments", "nbs/experiments/beyond", "--only", "15c",
+                "--quiet", *p_args(SMALL_CAPACITY), env={"PC_CLIP_RUNS": str(tmp_path)}, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = pd.concat([pd.read_csv(p) for p in tmp_path.rglob("results.csv")])
     study = results[results["task"] == "capacity"]

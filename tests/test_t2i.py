@@ -10,11 +10,11 @@ from pc_clip.core.config import get_config
 from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
 from pc_clip.smoke.fixtures import temp_workdir, tiny_sdxl_pipeline
 from pc_clip.world.species import CATEGORIES, CATEGORY_NAMES, typical_attrs
-from pc_clip.world.render import COLOURS, render_images
+from pc_clip.world.render import render_images
 from pc_clip.world.shapes import World
 from pc_clip.world.edits import WORLD_EDITS, edit_success, measure_generated
-from pc_clip.t2i.world_diffusion import (GeneratorSettings, _schedulers, arithmetic_conditioning, denoising_loss,
-    text_conditioning, to_patches, train_generator, train_or_load_generator)
+from pc_clip.t2i.world_diffusion import (GeneratorSettings, _schedulers, arithmetic_conditioning,
+    denoising_loss, text_conditioning, to_patches, train_generator, train_or_load_generator)
 
 
 # ---- Text-to-image with embedding arithmetic: the open_clip -> Hugging Face text-tower conversion, a tiny
@@ -32,7 +32,8 @@ def pipe():
 def test_clip_tokenizer_matches_open_clip(tiny_clip):
     _, _, oc_tok = tiny_clip
     tok = T.clip_tokenizer(32)
-    for text in ["a photo of a glorp", "The second photo has a brighter glorp than the first photo.", "two mibs, in water!"]:
+    for text in ["a photo of a glorp", "The second photo has a brighter glorp than the first photo.",
+                 "two mibs, in water!"]:
         ids = tok(text).input_ids
         assert ids == oc_tok([text])[0, :len(ids)].tolist()
 
@@ -48,17 +49,18 @@ def test_text_tower_conversion_is_exact(tiny_clip):
 
 def test_quick_gelu_towers_convert_with_their_activation():
     import open_clip
-    from pc_clip.models.clip import TINY_MODEL
     model = open_clip.create_model("pc-clip-tiny", force_quick_gelu=True)
     assert T.hf_text_config(model).hidden_act == "quick_gelu"
     ids = open_clip.get_tokenizer("pc-clip-tiny")(["a dark vantile"])
     with torch.no_grad():
-        torch.testing.assert_close(T.open_clip_text_to_hf(model)(ids).text_embeds, model.encode_text(ids), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(T.open_clip_text_to_hf(model)(ids).text_embeds, model.encode_text(ids),
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_arithmetic_conditioning_reaches_the_unet(pipe, tiny_clip):
     T.swap_text_encoder(pipe, tiny_clip[0])
-    classes, diffs = ["a photo of a glorp", "a photo of a mib"], ["The first one is larger.", "The first image is snowier."]
+    classes = ["a photo of a glorp", "a photo of a mib"]
+    diffs = ["The first one is larger.", "The first image is snowier."]
     e, p = T.arithmetic_conditioning(pipe, classes, diffs, weight=0.7)
     e_c, p_c = T.encode_sdxl_prompts(pipe, classes)
     e_d, p_d = T.encode_sdxl_prompts(pipe, diffs)
@@ -67,16 +69,19 @@ def test_arithmetic_conditioning_reaches_the_unet(pipe, tiny_clip):
     torch.testing.assert_close(p, p_c + 0.7 * (p_d - p_0))
     seen = []
     hook = pipe.unet.register_forward_pre_hook(
-        lambda m, a, kw: seen.append((kw["encoder_hidden_states"].clone(), kw["added_cond_kwargs"]["text_embeds"].clone())) and None,
+        lambda m, a, kw: seen.append((kw["encoder_hidden_states"].clone(),
+                                      kw["added_cond_kwargs"]["text_embeds"].clone())) and None,
         with_kwargs=True)
     try:
-        images = T.generate_images(pipe, e, p, steps=2, size=64, guidance_scale=1.0, batch_size=2, progress=False)
+        images = T.generate_images(pipe, e, p, steps=2, size=64, guidance_scale=1.0, batch_size=2,
+                                   progress=False)
         assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
         assert len(seen) == 2  # one UNet call per step
         assert all(torch.equal(h, e) and torch.equal(t, p) for h, t in seen)
         seen.clear()
         T.generate_images(pipe, e, p, steps=2, size=64, guidance_scale=5.0, batch_size=2, progress=False)
-        assert torch.equal(seen[0][0][2:], e) and torch.equal(seen[0][1][2:], p)  # [unconditional, conditional]
+        # [unconditional, conditional]
+        assert torch.equal(seen[0][0][2:], e) and torch.equal(seen[0][1][2:], p)
     finally:
         hook.remove()
     one = T.generate_images(pipe, e[1:], p[1:], steps=2, size=64, seed=1, progress=False)
@@ -99,11 +104,13 @@ def test_swapped_tower_is_the_finetuned_one(tiny_clip):
 
 
 def test_a_tower_of_another_origin_is_refused(tiny_clip):
-    "SDXL's first encoder is OpenAI's (QuickGELU); a same-width GELU tower (e.g. datacomp_xl) is refused, not warned about."
+    """SDXL's first encoder is OpenAI's (QuickGELU); a same-width GELU tower (e.g. datacomp_xl) is refused,
+    not warned about."""
     import open_clip
     openai_like = tiny_sdxl_pipeline(quick_gelu=True, seed=0)
     before = openai_like.text_encoder
-    with pytest.raises(ValueError, match="hidden_act: tower 'gelu' vs encoder 'quick_gelu'.*ViT-L-14 \\(pretrained='openai'\\)"):
+    with pytest.raises(ValueError, match="hidden_act: tower 'gelu' vs encoder 'quick_gelu'.*ViT-L-14 "
+                                         "\\(pretrained='openai'\\)"):
         T.swap_text_encoder(openai_like, tiny_clip[0])
     assert openai_like.text_encoder is before  # nothing was swapped
     T.swap_text_encoder(openai_like, open_clip.create_model("pc-clip-tiny", force_quick_gelu=True))
@@ -133,7 +140,8 @@ def test_sdxl_missing_weights_is_a_clear_error():
 
 def test_t2i_study_base_and_paper_h14_not_applicable():
     assert S.t2i_base(get_config("paper")) == ("ViT-L-14", "openai")
-    assert S.t2i_not_applicable(get_config("paper")) is None and S.t2i_not_applicable(get_config("tiny")) is None
+    assert S.t2i_not_applicable(get_config("paper")) is None
+    assert S.t2i_not_applicable(get_config("tiny")) is None
     h14 = get_config("paper-h14")
     if S.t2i_base(h14) is None:  # the default (Config.t2i_clip_model may set otherwise)
         msg = S.t2i_not_applicable(h14)
@@ -143,7 +151,8 @@ def test_t2i_study_base_and_paper_h14_not_applicable():
 
 
 def test_sdxl_study_on_a_saved_stand_in(tiny_clip):
-    "The paper path end to end: SDXL from <data root>/weights/<t2i_model>/, the study's two arms, rows with their base."
+    """The paper path end to end: SDXL from <data root>/weights/<t2i_model>/, the study's two arms, rows with
+    their base."""
     with temp_workdir(data=True) as d:
         cfg = get_config("tiny", corpus="coco", t2i_steps=1, t2i_image_size=64)
         tiny_sdxl_pipeline().save_pretrained(d / "data" / "weights" / cfg.t2i_model)
@@ -197,15 +206,19 @@ def test_gallery_arithmetic_known_answer():
     img += 0.01 * torch.randn(img.shape, generator=torch.Generator().manual_seed(0))
     rows = S.gallery_arithmetic_rows(img, gal, encode, "toy", n_texts=1, sweep=(0.0,),
                                      statements=lambda c, e, n, rng, w: [f"{e.name}|{c}"] * n,
-                                     eval_image_emb=torch.nn.functional.normalize(img, dim=-1), eval_encode_text=encode)
+                                     eval_image_emb=torch.nn.functional.normalize(img, dim=-1),
+                                     eval_encode_text=encode)
     assert {r["dataset"] for r in rows} == {"world-gallery"}  # settings go to `condition`, not into the name
     v = {(r["condition"], r["metric"]): r["value"] for r in rows}
     assert v[("", "success_rate")] == 1.0 == v[("", "species_accuracy")]
     assert v[("", "success_rate_whole_gallery")] == 1.0
     assert v[("", "success_rate_class_only")] == v[("w=0", "success_rate")] < 0.5
-    # the species is the generator's part: a query whose species axis is wrong still only looks at that species
-    wrong = S.gallery_arithmetic_rows(img, gal, lambda t: encode([x if "|" in x else "a photo of a skiv" for x in t]),
-                                      "toy", n_texts=1, statements=lambda c, e, n, rng, w: [f"{e.name}|{c}"] * n)
+    # the species is the generator's part: a query whose species axis is wrong still only looks at that
+    # species
+    wrong = S.gallery_arithmetic_rows(img, gal,
+                                      lambda t: encode([x if "|" in x else "a photo of a skiv" for x in t]),
+                                      "toy", n_texts=1, statements=lambda c, e, n, rng,
+                                      w: [f"{e.name}|{c}"] * n)
     w = {(r["condition"], r["metric"]): r["value"] for r in wrong}
     assert w[("", "success_rate")] == 1.0 and w[("", "species_accuracy")] == pytest.approx(1 / 3)
     assert all(v[(f"edit={e.name}", "success_rate")] == 1.0 for e in S.GALLERY_EDITS)
@@ -218,8 +231,8 @@ def test_run_t2i_arithmetic_on_stand_in_models(runs_dir, tiny_clip, capsys):
     cfg = get_config("tiny", world_n_train=100, world_n_test=50)
     for name in ("clip", "pc-clip"):
         save_checkpoint(tiny_clip[0], model_dir(cfg, name), "pc-clip-tiny")
-    rows, shown = S.run_t2i_arithmetic(cfg, ["clip", "pc-clip", "pc-clip/mse"], n_texts=1, categories=["glorp", "mib", "skiv"],
-                                       progress=False)
+    rows, shown = S.run_t2i_arithmetic(cfg, ["clip", "pc-clip", "pc-clip/mse"], n_texts=1,
+                                       categories=["glorp", "mib", "skiv"], progress=False)
     assert "skipping model pc-clip/mse" in capsys.readouterr().out
     df = pd.DataFrame(rows)
     main = df[df.condition == ""].pivot_table(index="model", columns="metric", values="value")
@@ -230,7 +243,8 @@ def test_run_t2i_arithmetic_on_stand_in_models(runs_dir, tiny_clip, capsys):
 
 
 def test_finetuned_quick_gelu_tower_reloads_as_quick_gelu_and_swaps_into_sdxl(tmp_path):
-    "An OpenAI-tag tower (QuickGELU) finetuned, saved and reloaded is still QuickGELU, so it fits SDXL's first encoder."
+    """An OpenAI-tag tower (QuickGELU) finetuned, saved and reloaded is still QuickGELU, so it fits SDXL's
+    first encoder."""
     import open_clip
     from pc_clip.training.finetune import finetune
     from pc_clip.models.clip import load_checkpoint
@@ -258,11 +272,13 @@ def test_finetuned_quick_gelu_tower_reloads_as_quick_gelu_and_swaps_into_sdxl(tm
     assert openai_like.text_encoder.config.hidden_act == "quick_gelu"
     with torch.no_grad():
         pooled = openai_like.text_encoder(ids).pooler_output  # the end-of-text state, before the projection
-        torch.testing.assert_close(pooled @ reloaded.text_projection, reloaded.encode_text(ids), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(pooled @ reloaded.text_projection, reloaded.encode_text(ids), atol=1e-4,
+                                   rtol=1e-4)
 
 
 def test_sdxl_study_decides_the_t2i_claim_from_per_prompt_items(tiny_clip, runs_dir):
-    "The SDXL arm's CLIP scores come with one item per prompt and generation seed, so the paper's T2I claim is decided."
+    """The SDXL arm's CLIP scores come with one item per prompt and generation seed, so the paper's T2I claim
+    is decided."""
     from pc_clip.evaluation.runner import read_items, write_evaluation
     from pc_clip.report.summary import PAPER_CLAIMS, claim_verdicts
     with temp_workdir(data=True) as d:
@@ -302,8 +318,10 @@ def _rows(n, seed=0):
         c = CATEGORY_NAMES[i % len(CATEGORY_NAMES)]
         r = float(rng.uniform(4, 10))
         cx = float(rng.uniform(r + 1, 31 - r))
-        rows.append(dict(typical_attrs(c), shape=CATEGORIES["shape"][c], radius=r, brightness=float(rng.uniform(0.45, 1.0)),
-                         hue=float(rng.uniform(0, 360)), saturation=0.85, background="stone", x=cx / 32, cx0=cx,
+        rows.append(dict(typical_attrs(c), shape=CATEGORIES["shape"][c], radius=r,
+                         brightness=float(rng.uniform(0.45, 1.0)),
+                         hue=float(rng.uniform(0, 360)), saturation=0.85, background="stone", x=cx / 32,
+                         cx0=cx,
                          cy0=16.0, cx1=np.nan, cy1=np.nan, cx2=np.nan, cy2=np.nan, count=1, n_distractors=0,
                          split="train"))
     return pd.DataFrame(rows)
@@ -314,7 +332,8 @@ def test_measurer_recovers_rendered_attributes():
     m = measure_generated(render_images(attrs, 32, seed=0))
     assert m["area"].min() > 0
     by_shape = attrs.assign(area=m["area"]).groupby("shape")
-    assert all(np.corrcoef(g["radius"], g["area"])[0, 1] > 0.9 for _, g in by_shape)  # larger radius -> larger area
+    # larger radius -> larger area
+    assert all(np.corrcoef(g["radius"], g["area"])[0, 1] > 0.9 for _, g in by_shape)
     assert np.corrcoef(attrs["brightness"], m["value"])[0, 1] > 0.95  # brighter -> higher HSV value
     assert np.abs(m["x"] - attrs["x"]).max() < 0.08  # centroid -> position
     hue_err = np.abs((m["hue"] - attrs["hue"] + 180) % 360 - 180)
@@ -332,7 +351,8 @@ def test_edit_success_needs_the_stated_direction():
 
 def test_arithmetic_conditioning_is_class_plus_weighted_difference(clip):
     model, tok = clip
-    c, d, e = (text_conditioning(model, tok, [t]) for t in ("a photo of a mib", "The first mib is brighter.", ""))
+    c, d, e = (text_conditioning(model, tok, [t])
+               for t in ("a photo of a mib", "The first mib is brighter.", ""))
     for w in (0.0, 1.0, 3.0):
         s, p = arithmetic_conditioning(c, d, e, w)
         torch.testing.assert_close(s, c[0] + w * (d[0] - e[0]))

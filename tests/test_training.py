@@ -20,19 +20,20 @@ import copy
 import open_clip
 from safetensors.torch import load_file, save_file
 
+from conftest import REPO
 from pc_clip.core.config import get_config
 from pc_clip.models.embed import embed_images
 from pc_clip.training.finetune import finetune, _batches, _Objective, _prepare, _step_loss
 from pc_clip.training.plan import caption_table, finetune_captions
-from pc_clip.training.losses import (difference_contrastive_loss, difference_mse_loss, trainable_parameter_names,
-    make_clip_loss, set_trainable)
+from pc_clip.training.losses import (difference_contrastive_loss, difference_mse_loss,
+    trainable_parameter_names, make_clip_loss, set_trainable)
 from pc_clip.models.clip import (create_clip, is_checkpoint, load_checkpoint, model_dir, checkpoint_metadata,
     load_clip, find_models)
-from pc_clip.training.pretrain import (PRETRAIN_THREADS, pretrain_clip, pretrain_fingerprint, pretrain_or_load,
-    warmup_cosine)
+from pc_clip.training.pretrain import (PRETRAIN_THREADS, pretrain_clip, pretrain_fingerprint,
+    pretrain_or_load, warmup_cosine)
 from pc_clip.world.shapes import build_world, make_world
 from pc_clip.core.runtime import result_row
-from pc_clip.training.selection import (SELECTION_TASK, VAL_METRICS, candidate_table, choose_setting, save_chosen,
+from pc_clip.training.selection import (VAL_METRICS, candidate_table, choose_setting, save_chosen,
     target_check, candidate_folders, read_candidates, write_candidates)
 from pc_clip.core.registry import sweep_grid
 from pc_clip.smoke.fixtures import temp_workdir
@@ -81,7 +82,8 @@ def test_losses_match_direct_computation():
         # symmetric InfoNCE written out: -log softmax of the diagonal, both directions
         rows = -(logits.diag() - logits.logsumexp(dim=1)).mean()
         cols = -(logits.diag() - logits.logsumexp(dim=0)).mean()
-        assert math.isclose(difference_contrastive_loss(t, a, b, tau).item(), ((rows + cols) / 2).item(), rel_tol=1e-5)
+        assert math.isclose(difference_contrastive_loss(t, a, b, tau).item(), ((rows + cols) / 2).item(),
+                            rel_tol=1e-5)
     mse = ((unit(t) - (unit(a) - unit(b))) ** 2).sum() / t.numel()
     assert math.isclose(difference_mse_loss(t, a, b).item(), mse.item(), rel_tol=1e-6)
 
@@ -91,8 +93,8 @@ def test_only_trainable_parameters_change(base, data, mode, tmp_path):
     model, tok = base
     images, emb, triples = data
     before = state(model)
-    run = finetune(model, tok, triples, cfg(ft_epochs=1), tmp_path / mode, image_embeddings=emb, images=images,
-                   trainable=mode, progress=False)
+    run = finetune(model, tok, triples, cfg(ft_epochs=1), tmp_path / mode, image_embeddings=emb,
+                   images=images, trainable=mode, progress=False)
     trained = set(trainable_parameter_names(model, mode))
     assert trained and len(run.steps) == math.ceil(len(triples) / 16)
     for name, p in run.model.named_parameters():
@@ -103,9 +105,11 @@ def test_only_trainable_parameters_change(base, data, mode, tmp_path):
         assert any(n.startswith("visual.") for n in trained)
 
 
-@pytest.mark.parametrize("fast", [{}, dict(ft_fused_attention=True, ft_length_buckets=2)], ids=["plain", "fast-paths"])
+@pytest.mark.parametrize("fast", [{}, dict(ft_fused_attention=True, ft_length_buckets=2)],
+                         ids=["plain", "fast-paths"])
 def test_resume_reproduces_uninterrupted_run(base, data, tmp_path, fast):
-    "Also with fused attention and length buckets: the bucketed batches of an epoch are the same after a resume."
+    """Also with fused attention and length buckets: the bucketed batches of an epoch are the same after a
+    resume."""
     model, tok = base
     _, emb, triples = data
     c = cfg(ft_epochs=3, ft_grad_accum=2, ft_batch_size=8, **fast)
@@ -116,7 +120,8 @@ def test_resume_reproduces_uninterrupted_run(base, data, tmp_path, fast):
             raise KeyboardInterrupt("simulated interruption after epoch 1")
 
     with pytest.raises(KeyboardInterrupt):
-        finetune(model, tok, triples, c, tmp_path / "cut", image_embeddings=emb, progress=False, on_epoch_end=crash)
+        finetune(model, tok, triples, c, tmp_path / "cut", image_embeddings=emb, progress=False,
+                 on_epoch_end=crash)
     assert not is_checkpoint(tmp_path / "cut") and (tmp_path / "cut" / "epochs" / "epoch-001").is_dir()
     resumed = finetune(model, tok, triples, c, tmp_path / "cut", image_embeddings=emb, progress=False)
     assert not resumed.reused
@@ -126,7 +131,8 @@ def test_resume_reproduces_uninterrupted_run(base, data, tmp_path, fast):
     assert resumed.epochs.loss.tolist() == full.epochs.loss.tolist()
     # the saved model is the trained model, loadable as an ordinary checkpoint
     loaded, _, _ = load_checkpoint(tmp_path / "cut")
-    assert torch.equal(loaded.transformer.resblocks[2].mlp.c_proj.weight, full.model.transformer.resblocks[2].mlp.c_proj.weight)
+    assert torch.equal(loaded.transformer.resblocks[2].mlp.c_proj.weight,
+                       full.model.transformer.resblocks[2].mlp.c_proj.weight)
 
 
 def test_finished_run_is_reused_and_changed_inputs_retrain(base, data, tmp_path, monkeypatch):
@@ -147,22 +153,9 @@ def test_finished_run_is_reused_and_changed_inputs_retrain(base, data, tmp_path,
     other = triples.assign(text=triples.text.str.replace("first", "second"))
     changed = finetune(model, tok, other, cfg(), tmp_path / "r", image_embeddings=emb, progress=False)
     assert not changed.reused and changed.run_key != first.run_key
-    longer = finetune(model, tok, triples, cfg(ft_epochs=3), tmp_path / "r2", image_embeddings=emb, progress=False)
+    longer = finetune(model, tok, triples, cfg(ft_epochs=3), tmp_path / "r2", image_embeddings=emb,
+                      progress=False)
     assert not longer.reused and len(longer.epochs) == 3
-
-
-def test_nan_steps_are_skipped_counted_and_limited(base, data, tmp_path):
-    model, tok = base
-    _, emb, triples = data
-    bad = torch.cat([emb, torch.full((1, emb.shape[1]), float("nan"))])
-    poisoned = pd.concat([triples, pd.DataFrame([dict(i=N_IMAGES, j=0, text="the first object is larger")])],
-                         ignore_index=True)
-    run = finetune(model, tok, poisoned, cfg(), tmp_path / "a", image_embeddings=bad, max_bad_fraction=0.3,
-                   progress=False)
-    assert len(run.steps) == 8 and run.bad_steps == 2 and run.steps.skipped.sum() == 2  # one poisoned step per epoch
-    assert all(torch.isfinite(p).all() for p in run.model.parameters())
-    with pytest.raises(FloatingPointError, match="2 of 8 training steps .* more than max_bad_fraction=0.2"):
-        finetune(model, tok, poisoned, cfg(), tmp_path / "b", image_embeddings=bad, max_bad_fraction=0.2, progress=False)
 
 
 def test_caption_baseline_and_embedding_cache(base, data, tmp_path, runs_dir):
@@ -171,7 +164,8 @@ def test_caption_baseline_and_embedding_cache(base, data, tmp_path, runs_dir):
     c = cfg()
     emb = embed_images(model, images, c, progress=False)
     caps = caption_table([f"a photo of object {k % 3}" for k in range(N_IMAGES)])
-    run = finetune_captions(model, tok, caps, c, tmp_path / "cap", images=images, batch_size=4, progress=False)
+    run = finetune_captions(model, tok, caps, c, tmp_path / "cap", images=images, batch_size=4,
+                            progress=False)
     assert run.hparams["loss"] == "clip" and len(run.epochs) == c.caption_ft_epochs
     assert torch.equal(embed_images(model, images, c, progress=False), emb)
     with pytest.raises(ValueError, match="needs columns"):
@@ -190,7 +184,8 @@ def test_both_towers_recomputes_the_cached_embeddings(base, data, runs_dir):
     assert torch.allclose(live, cached[idx], atol=1e-5)
 
 
-# ---- Pretraining the tiny base model: a fixed number of steps, nothing read from the clock, bit-identical weights.
+# ---- Pretraining the tiny base model: a fixed number of steps, nothing read from the clock, bit-identical
+# weights.
 
 @pytest.fixture(scope="module")
 def small_world():
@@ -213,10 +208,12 @@ def test_slowed_run_gives_bit_identical_weights(small_world):
     slept = []
     slow_step = lambda step, loss: (time.sleep(0.25), slept.append(step))
     m_fast, _, h_fast = pretrain_clip(small_world, cfg, device="cpu", progress=False, threads=2)
-    m_slow, _, h_slow = pretrain_clip(small_world, cfg, device="cpu", progress=False, threads=2, on_step=slow_step)
+    m_slow, _, h_slow = pretrain_clip(small_world, cfg, device="cpu", progress=False, threads=2,
+                                      on_step=slow_step)
     assert slept == [0, 1, 2, 3] and h_slow["seconds"] >= 1.0  # really slowed down, after every step ...
     assert h_fast["steps"] == h_slow["steps"] == 4 and h_slow["loss"] == h_fast["loss"]
-    assert h_slow["lr"] == h_fast["lr"] and h_fast["lr"][-1] == pytest.approx(cfg.pretrain_lr * warmup_cosine(3, 4))
+    assert h_slow["lr"] == h_fast["lr"]
+    assert h_fast["lr"][-1] == pytest.approx(cfg.pretrain_lr * warmup_cosine(3, 4))
     assert _same_weights(m_fast, m_slow)  # ... and still bit-identical
     assert torch.get_num_threads() == before  # the caller's thread count is restored
 
@@ -240,10 +237,11 @@ def test_caller_thread_setting_does_not_change_weights(small_world):
 def test_fingerprint_covers_the_settings_that_change_weights(small_world):
     cfg = _cfg()
     fp = pretrain_fingerprint(cfg, small_world)
-    changed = [cfg.replace(pretrain_steps=7), cfg.replace(pretrain_lr=2e-3), cfg.replace(pretrain_batch_size=16),
-               cfg.replace(seed=1)]
+    changed = [cfg.replace(pretrain_steps=7), cfg.replace(pretrain_lr=2e-3),
+               cfg.replace(pretrain_batch_size=16), cfg.replace(seed=1)]
     fps = {fp} | {pretrain_fingerprint(c, small_world) for c in changed}
-    fps |= {pretrain_fingerprint(cfg, small_world, threads=1), pretrain_fingerprint(cfg, small_world, warmup=0.2),
+    fps |= {pretrain_fingerprint(cfg, small_world, threads=1),
+            pretrain_fingerprint(cfg, small_world, warmup=0.2),
             pretrain_fingerprint(cfg, small_world, weight_decay=0.0)}
     assert len(fps) == 8
 
@@ -258,20 +256,25 @@ def test_pretrain_then_reuse_checkpoint(runs_dir):
     folder = model_dir(cfg, "clip")
     assert is_checkpoint(folder) and folder.is_relative_to(runs_dir)
     assert _same_weights(m1, m2)
-    _, _, h3, reused3 = pretrain_or_load(world, cfg.replace(pretrain_steps=3), device="cpu", progress=False, threads=1)
+    _, _, h3, reused3 = pretrain_or_load(world, cfg.replace(pretrain_steps=3), device="cpu", progress=False,
+                                         threads=1)
     assert not reused3 and h3["steps"] == 3
 
 
-# ---- The finetuning-strength selection: the rule decides on validation records only, and `pc-clip` is the chosen candidate.
+# ---- The finetuning-strength selection: the rule decides on validation records only, and `pc-clip` is the
+# chosen candidate.
 
 BASE = dict(zip(VAL_METRICS, (0.55, 0.50, 0.78, 0.50, 0.30)))
 
 
 def _rows(cands: dict, base: bool = True) -> list[dict]:
-    "Validation records of clip and of candidates `{(lr, alpha): (diff, held, zs, worst, retrieval) changes}`."
-    rows = [dict(model="clip", lr=np.nan, alpha=np.nan, metric=m, value=v) for m, v in BASE.items()] if base else []
+    """Validation records of clip and of candidates `{(lr, alpha): (diff, held, zs, worst, retrieval)
+    changes}`."""
+    rows = [dict(model="clip", lr=np.nan, alpha=np.nan, metric=m, value=v)
+            for m, v in BASE.items()] if base else []
     for (lr, a), ch in cands.items():
-        rows += [dict(model="pc-clip", lr=lr, alpha=a, metric=m, value=BASE[m] + c) for m, c in zip(VAL_METRICS, ch)]
+        rows += [dict(model="pc-clip", lr=lr, alpha=a, metric=m, value=BASE[m] + c)
+                 for m, c in zip(VAL_METRICS, ch)]
     return rows
 
 
@@ -289,10 +292,12 @@ def test_rule_picks_best_feasible_gain_from_validation_rows():
 
 
 def test_lr_and_alpha_are_values_never_parsed_from_condition_labels():
-    "selection.py reads no setting back out of a `condition` string: no float(...) of condition_dict anywhere in it."
+    """selection.py reads no setting back out of a `condition` string: no float(...) of condition_dict
+    anywhere in it."""
     tree = ast.parse(inspect.getsource(pc_clip.training.selection))
     parsed = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "float"
-              and any(isinstance(a, ast.Call) and getattr(a.func, "id", "") == "condition_dict" for a in ast.walk(n))]
+              and any(isinstance(a, ast.Call) and getattr(a.func, "id", "") == "condition_dict"
+                      for a in ast.walk(n))]
     assert not parsed, [ast.unparse(n) for n in parsed]
     # a record whose label says something else: the numbers decide
     recs = pd.DataFrame(_rows(CANDS)).assign(condition="alpha=9;lr=9")
@@ -314,7 +319,8 @@ def test_no_import_circle_between_selection_and_finetune_plan():
 
 
 def test_nothing_feasible_takes_smallest_shortfall_and_says_so():
-    table, chosen = choose_setting(candidate_table(pd.DataFrame(_rows({k: CANDS[k] for k in [(1e-3, 1.0), (2e-3, 1.0)]}))))
+    two = {k: CANDS[k] for k in [(1e-3, 1.0), (2e-3, 1.0)]}
+    table, chosen = choose_setting(candidate_table(pd.DataFrame(_rows(two))))
     assert (chosen.lr, chosen.alpha, bool(chosen.feasible)) == (1e-3, 1.0, False)
 
 
@@ -328,11 +334,13 @@ def test_grid_and_candidate_folders():
     cfg = get_config("tiny", ft_lr_grid=(1e-3, 2e-3), wavg_alpha_grid=(0.5, 1.0))
     assert sweep_grid(cfg) == [(1e-3, 0.5), (1e-3, 1.0), (2e-3, 0.5), (2e-3, 1.0)]
     folders = set(candidate_folders(cfg).values())
-    assert len(folders) == 4 and model_dir(cfg, "pc-clip") not in folders  # the chosen copy never overwrites a candidate
+    # the chosen copy never overwrites a candidate
+    assert len(folders) == 4 and model_dir(cfg, "pc-clip") not in folders
     # a run with one learning rate finds the sweep's finetune at that rate
     assert model_dir(get_config("tiny", ft_lr=2e-3), "pc-clip") == candidate_folders(cfg)[(2e-3, 1.0)]
     paper = get_config("paper")
-    assert sweep_grid(paper) == [(paper.ft_lr, 1.0)] and list(candidate_folders(paper).values()) == [model_dir(paper, "pc-clip")]
+    assert sweep_grid(paper) == [(paper.ft_lr, 1.0)]
+    assert list(candidate_folders(paper).values()) == [model_dir(paper, "pc-clip")]
 
 
 def test_saved_choice_is_what_later_experiments_load_as_pc_clip():
@@ -347,7 +355,8 @@ def test_saved_choice_is_what_later_experiments_load_as_pc_clip():
         meta = checkpoint_metadata(model_dir(cfg, "pc-clip"))["selection"]
         assert (meta["lr"], meta["alpha"]) == (2e-3, 0.25)
         assert meta["finetuned"] == model_dir(cfg, "pc-clip", lr=2e-3).name
-        (manifest,) = find_models(cfg, "pc-clip", role="pc-clip")  # which folder is pc-clip: its manifest says
+        # which folder is pc-clip: its manifest says
+        (manifest,) = find_models(cfg, "pc-clip", role="pc-clip")
         assert manifest["path"] == str(model_dir(cfg, "pc-clip")) and manifest["selection"]["alpha"] == 0.25
         # a one-point grid at alpha 1: the finetune already is pc-clip, nothing is written
         one = cfg.replace(ft_lr=1e-3, ft_lr_grid=(), wavg_alpha_grid=())
@@ -358,7 +367,8 @@ def test_saved_choice_is_what_later_experiments_load_as_pc_clip():
 def _outcome_items(model, task, metric, hits, cond="", seed=0, groups=None, statistic="mean"):
     "One cell's per-item outcomes as the experiments store them (item ids 0..n-1)."
     n = len(hits)
-    return pd.DataFrame(dict(model=model, task=task, dataset="world", condition=cond, metric=metric, seed=seed,
+    return pd.DataFrame(dict(model=model, task=task, dataset="world", condition=cond, metric=metric,
+                             seed=seed,
                              item=np.arange(n).astype(str), value=np.asarray(hits, float), weight=1.0,
                              group=np.zeros(n, int) if groups is None else groups, statistic=statistic))
 
@@ -373,67 +383,81 @@ def test_targets_on_test_ignore_validation_rows():
                        _outcome_items("clip", "zero_shot", "accuracy", hits(0), "split=val"),
                        _outcome_items("pc-clip", "zero_shot", "accuracy", hits(100), "split=val")])
     t = target_check(pd.DataFrame(rows), items=items).set_index("target")
-    assert t.loc["zero-shot accuracy", "items"] == 100 and abs(t.loc["zero-shot accuracy", "change"] + 0.02) < 1e-9
+    assert t.loc["zero-shot accuracy", "items"] == 100
+    assert abs(t.loc["zero-shot accuracy", "change"] + 0.02) < 1e-9
     # the two lost items give an interval from -0.05 or so to 0: it straddles the -0.01 threshold
     assert t.loc["zero-shot accuracy", "ci_low"] < -0.01 < t.loc["zero-shot accuracy", "ci_high"] <= 0
     assert t.loc["zero-shot accuracy", "met"] == "inconclusive"
     # without per-item outcomes: the point change of the test rows (the validation row ignored), no verdict
     bare = target_check(pd.DataFrame(rows)).set_index("target")
-    assert bare.loc["zero-shot accuracy", "met"] == "not measured" and abs(bare.loc["zero-shot accuracy", "change"] + 0.02) < 1e-9
+    assert bare.loc["zero-shot accuracy", "met"] == "not measured"
+    assert abs(bare.loc["zero-shot accuracy", "change"] + 0.02) < 1e-9
     assert np.isnan(bare.loc["zero-shot accuracy", "ci_low"]) and bare.loc["zero-shot accuracy", "items"] == 0
 
 
 def test_target_verdicts_follow_the_interval_on_constructed_outcomes():
-    "Outcome tables whose intervals are known by construction: each target's verdict is the interval's side of its threshold."
+    """Outcome tables whose intervals are known by construction: each target's verdict is the interval's side
+    of its threshold."""
     n, rng = 1000, np.random.default_rng(1)
     base = (rng.random(n) < 0.5).astype(float)
-    gained = np.maximum(base, (rng.random(n) < 0.4).astype(float))  # right wherever clip is, and on ~20 % more: never worse
+    # right wherever clip is, and on ~20 % more: never worse
+    gained = np.maximum(base, (rng.random(n) < 0.4).astype(float))
     lost = base * (rng.random(n) < 0.9)  # wrong on ~10 % of clip's hits: never better
     classes = np.arange(n) % 4
     parts = []
     for seed in (0, 1):  # two seeds: paired item by item within each
         parts += [_outcome_items("clip", "difference_classification", "accuracy", base, f"wording={w}", seed)
                   for w in ("train", "heldout")]
-        parts += [_outcome_items("pc-clip", "difference_classification", "accuracy", gained, "wording=train", seed),
-                  _outcome_items("pc-clip", "difference_classification", "accuracy", base, "wording=heldout", seed)]
+        parts += [_outcome_items("pc-clip", "difference_classification", "accuracy", gained, "wording=train",
+                                 seed),
+                  _outcome_items("pc-clip", "difference_classification", "accuracy", base, "wording=heldout",
+                                 seed)]
     for m in ("clip", "pc-clip"):  # zero-shot: the same outcomes (a zero interval); worst class: the same too
         parts += [_outcome_items(m, "zero_shot", "accuracy", base),
-                  _outcome_items(m, "zero_shot", "worst_class_accuracy", base, groups=classes, statistic="worst_group")]
-    parts += [_outcome_items("clip", "retrieval", "recall@5_i2t", base), _outcome_items("pc-clip", "retrieval", "recall@5_i2t", lost)]
+                  _outcome_items(m, "zero_shot", "worst_class_accuracy", base, groups=classes,
+                                 statistic="worst_group")]
+    parts += [_outcome_items("clip", "retrieval", "recall@5_i2t", base),
+              _outcome_items("pc-clip", "retrieval", "recall@5_i2t", lost)]
     t = target_check(pd.DataFrame(columns=["model", "task", "condition", "metric", "dataset", "value"]),
                      items=pd.concat(parts, ignore_index=True)).set_index("target")
     gain = (gained - base).mean()
-    trained = t.loc["difference classification, training wordings"]  # the held-out wordings are their own target
+    # the held-out wordings are their own target
+    trained = t.loc["difference classification, training wordings"]
     assert abs(trained["change"] - gain) < 1e-12 and trained["cells"] == 1 and trained["items"] == 2 * n
     assert 0 <= trained["ci_low"] < gain < trained["ci_high"] and trained["ci_low"] > 0.05
     held = t.loc["difference classification, held-out wordings"]
     assert (held["ci_low"], held["ci_high"], held["met"]) == (0.0, 0.0, "no")  # no change at all: below +0.03
-    assert t.loc["zero-shot accuracy", "met"] == "yes" and t.loc["zero-shot accuracy", "ci_low"] == 0.0  # 0 > -0.01
+    # 0 > -0.01
+    assert t.loc["zero-shot accuracy", "met"] == "yes" and t.loc["zero-shot accuracy", "ci_low"] == 0.0
     worst = t.loc["worst-class zero-shot accuracy"]
-    assert worst["met"] == "yes" and abs(worst["clip"] - min(base[classes == k].mean() for k in range(4))) < 1e-12
+    assert worst["met"] == "yes"
+    assert abs(worst["clip"] - min(base[classes == k].mean() for k in range(4))) < 1e-12
     ret = t.loc["mean retrieval recall"]
     assert ret["ci_high"] < -0.02 and ret["met"] == "no" and ret["ci_high"] <= 0
     assert t.loc["difference classification, training wordings", "met"] == "yes"
 
 
 def test_validation_retrieval_is_experiment_07s_protocol_on_the_val_images(runs_dir):
-    "The sweep's validation retrieval is experiment 07's test protocol (images x captions, seeds) on the val images."
-    from pathlib import Path
+    """The sweep's validation retrieval is experiment 07's test protocol (images x captions, seeds) on the
+    val images."""
     from pc_clip.core.runtime import cache_dir
     from pc_clip.evaluation.runner import RETRIEVAL_CAPTIONS, RETRIEVAL_IMAGES, run_retrieval
     from pc_clip.models.clip import save_checkpoint
     from pc_clip.training.selection import validation_outcomes
     from pc_clip.world.shapes import world_key
     # the defaults agree: experiment 07's n_images, the runner's captions per image, the sweep's
-    nb = json.loads((Path(__file__).resolve().parents[1] / "nbs/experiments/07_retrieval.ipynb").read_text())
+    nb = json.loads((REPO / "nbs/experiments/07_retrieval.ipynb").read_text())
     params = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
     assigned = {n.target.id if isinstance(n, ast.AnnAssign) else n.targets[0].id: n.value
-                for n in ast.parse("".join(params["source"])).body if isinstance(n, (ast.Assign, ast.AnnAssign))}
+                for n in ast.parse("".join(params["source"])).body
+                if isinstance(n, (ast.Assign, ast.AnnAssign))}
     assert ast.literal_eval(assigned["n_images"]) == RETRIEVAL_IMAGES
     sig = inspect.signature(validation_outcomes).parameters
-    assert sig["retrieval_images"].default == RETRIEVAL_IMAGES and sig["n_captions"].default == RETRIEVAL_CAPTIONS
+    assert sig["retrieval_images"].default == RETRIEVAL_IMAGES
+    assert sig["n_captions"].default == RETRIEVAL_CAPTIONS
     assert inspect.signature(run_retrieval).parameters["n_captions"].default == RETRIEVAL_CAPTIONS
-    # and the protocol is one: on a world whose val and test splits are swapped, experiment 07's runner scores the
+    # and the protocol is one: on a world whose val and test splits are swapped, experiment 07's runner
+    # scores the
     # very retrieval outcomes the sweep scored on validation (same images, captions and seed), item for item
     cfg = get_config("tiny", world_n_train=40, world_n_val=60, world_n_test=50)
     world = make_world(cfg)
@@ -447,11 +471,13 @@ def test_validation_retrieval_is_experiment_07s_protocol_on_the_val_images(runs_
     assert len(test) == 6
     for row in test:
         mine = val[val["item"].str.startswith(row["metric"] + "|")]
-        assert len(mine) == len(row["items"]) == (40 if row["metric"].endswith("i2t") else 40 * RETRIEVAL_CAPTIONS)
+        n_items = 40 if row["metric"].endswith("i2t") else 40 * RETRIEVAL_CAPTIONS
+        assert len(mine) == len(row["items"]) == n_items
         assert (mine["value"].to_numpy() == row["items"]["value"].to_numpy()).all(), row["metric"]
 
 
-# ---- Data-parallel finetuning under torchrun: 2 CPU processes (gloo) equal one process on the same global batch,
+# ---- Data-parallel finetuning under torchrun: 2 CPU processes (gloo) equal one process on the same global
+# batch,
 
 SETTINGS = {"ft_batch_size": 16, "ft_lr": 1e-3, "ft_max_pairs": None}
 
@@ -504,7 +530,8 @@ def _torchrun(d, epochs, crash_after):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    "A 2-process run killed after epoch 1 (one step: the global batch is the whole data), then resumed to 2 epochs."
+    """A 2-process run killed after epoch 1 (one step: the global batch is the whole data), then resumed to 2
+    epochs."""
     d = tmp_path_factory.mktemp("ddp")
     emb, triples = _data()
     save_file({"emb": emb}, str(d / "emb.safetensors"))
@@ -528,12 +555,14 @@ def _single(tmp_path, emb, triples, epochs, monkeypatch):
                     image_embeddings=emb, epochs=epochs, progress=False)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_step_on_the_global_batch(runs, tmp_path, monkeypatch):
     _, emb, triples, (weights, state), _ = runs
     one = _single(tmp_path, emb, triples, 1, monkeypatch)
     assert len(state["steps"]) == 1 and state["steps"][0]["epoch"] == 1  # one step on all 16 pairs
     assert abs(state["steps"][0]["loss"] - one.steps.loss.iloc[0]) < 1e-5
-    ref, base, lr = one.model.state_dict(), create_clip("pc-clip-tiny", seed=0)[0].state_dict(), SETTINGS["ft_lr"]
+    ref, base, lr = one.model.state_dict(), create_clip("pc-clip-tiny",
+                                                        seed=0)[0].state_dict(), SETTINGS["ft_lr"]
     assert weights.keys() == ref.keys()
     n_full = n_moved = 0
     for k in ref:
@@ -543,14 +572,17 @@ def test_two_processes_equal_one_process_step_on_the_global_batch(runs, tmp_path
             continue
         # Adam's first step is lr * g / (|g| + eps): a full step of lr wherever the gradient dominates eps.
         # There both runs must agree within 1e-5. Where |g| is below eps (e.g. the attention key bias, whose
-        # gradient is zero in exact arithmetic), float rounding of a near-zero g decides the step; bound it by lr.
+        # gradient is zero in exact arithmetic), float rounding of a near-zero g decides the step;
+        # bound it by lr.
         full = step >= 0.9 * lr
         assert diff[full].max() <= 1e-5, (k, float(diff[full].max()))
         assert diff.max() <= lr, (k, float(diff.max()))
         n_full, n_moved = n_full + int(full.sum()), n_moved + step.numel()
-    assert n_moved and n_full / n_moved > 0.99, n_full / n_moved  # almost every trained weight took a full step
+    # almost every trained weight took a full step
+    assert n_moved and n_full / n_moved > 0.99, n_full / n_moved
 
 
+@pytest.mark.slow
 def test_resumed_two_process_run_continues_from_the_saved_step(runs, tmp_path, monkeypatch):
     d, emb, triples, (_, state), ranks = runs
     assert [r["world"] for r in ranks] == [2, 2]
@@ -562,16 +594,21 @@ def test_resumed_two_process_run_continues_from_the_saved_step(runs, tmp_path, m
     assert json.loads((d / "out" / "finetune.json").read_text())["n_epochs"] == 2  # rank 0 finished the run
 
 
-# ---- The fast finetuning paths compute what the plain path computes: fused attention (outputs and gradients),
+# ---- The fast finetuning paths compute what the plain path computes: fused attention (outputs and
+# gradients),
 
 EOT = 999  # the largest id in these token rows: open_clip's argmax pooling finds it
 
 
-def small_clip(width: int = 32, heads: int = 2, layers: int = 1, context: int = 16, seed: int = 0) -> open_clip.CLIP:
-    "A CLIP with a small causal text tower (random weights): compiling it on a CPU takes seconds, not minutes."
+def small_clip(width: int = 32, heads: int = 2, layers: int = 1, context: int = 16,
+               seed: int = 0) -> open_clip.CLIP:
+    """A CLIP with a small causal text tower (random weights): compiling it on a CPU takes seconds, not
+    minutes."""
     torch.manual_seed(seed)
-    model = open_clip.CLIP(embed_dim=16, vision_cfg=dict(image_size=8, patch_size=4, width=16, layers=1, head_width=8),
-                           text_cfg=dict(context_length=context, vocab_size=EOT + 1, width=width, heads=heads, layers=layers))
+    model = open_clip.CLIP(embed_dim=16,
+                           vision_cfg=dict(image_size=8, patch_size=4, width=16, layers=1, head_width=8),
+                           text_cfg=dict(context_length=context, vocab_size=EOT + 1, width=width, heads=heads,
+                                         layers=layers))
     return model.train()
 
 
@@ -625,8 +662,8 @@ def test_fused_attention_falls_back_where_it_does_not_apply():
 
 def _mixed_run_data(model, n: int = 64):
     import open_clip as oc
-    texts = [("the first image has a larger glorp" + (", while the second image shows a bluer vantile in the background"
-                                                      if k % 4 == 0 else "")) for k in range(n)]
+    long_tail = ", while the second image shows a bluer vantile in the background"
+    texts = [("the first image has a larger glorp" + (long_tail if k % 4 == 0 else "")) for k in range(n)]
     g = torch.Generator().manual_seed(1)
     triples = pd.DataFrame(dict(i=torch.randint(0, 32, (n,), generator=g).tolist(),
                                 j=torch.randint(0, 32, (n,), generator=g).tolist(), text=texts))
@@ -635,7 +672,8 @@ def _mixed_run_data(model, n: int = 64):
 
 
 def test_bucketed_and_unbucketed_loss_of_a_fixed_batch_are_equal():
-    "A batch padded to its own length (bucketed) and the same batch padded to the full context: the same loss."
+    """A batch padded to its own length (bucketed) and the same batch padded to the full context: the same
+    loss."""
     model, _, tok = create_clip("pc-clip-tiny", seed=0)
     triples, emb, _ = _mixed_run_data(model)
     cfg = get_config("tiny")
@@ -643,12 +681,14 @@ def test_bucketed_and_unbucketed_loss_of_a_fixed_batch_are_equal():
     s = FinetuneSettings(batch_size=16, length_buckets=4)
     batches = _batches(data.n, s, 0, 1, data.pool_pos)
     short = min(batches, key=lambda b: int(data.pool_pos[b].max()))  # a bucket of short texts
-    assert int(data.pool_pos[short].max()) < int(data.pool_pos.max())  # it really pads less than the longest text
+    # it really pads less than the longest text
+    assert int(data.pool_pos[short].max()) < int(data.pool_pos.max())
     args = (data, s, make_clip_loss(), torch.device("cpu"), torch.float32)
     for batch in (short, torch.arange(16)):
         with torch.no_grad():
             own = _step_loss(model, batch, *args)
-            full = difference_contrastive_loss(model.encode_text(data.ids[batch]), emb[data.i[batch]], emb[data.j[batch]])
+            full = difference_contrastive_loss(model.encode_text(data.ids[batch]), emb[data.i[batch]],
+                                               emb[data.j[batch]])
         torch.testing.assert_close(own, full, rtol=1e-6, atol=1e-6)
     # the same pairs each epoch, once each, and the same batches on every call
     for epoch in (0, 1):
@@ -658,20 +698,24 @@ def test_bucketed_and_unbucketed_loss_of_a_fixed_batch_are_equal():
 
 
 def test_compiled_and_eager_steps_agree():
-    "torch.compile of the (fused) text tower: the loss and every gradient of a step match eager, on two lengths."
+    """torch.compile of the (fused) text tower: the loss and every gradient of a step match eager, on two
+    lengths."""
     torch._dynamo.reset()
     model = small_clip(width=32, heads=2, layers=1)
     t0 = time.perf_counter()
-    for lengths in ([3, 16, 9, 5], [4, 6, 2, 7]):  # a second length: the step recompiles (dynamic) and still agrees
+    # a second length: the step recompiles (dynamic) and still agrees
+    for lengths in ([3, 16, 9, 5], [4, 6, 2, 7]):
         ids = token_rows(lengths, seed=len(lengths) + lengths[0])
-        (fe, ge), (fc, gc) = features_and_grads(model, ids, True), features_and_grads(model, ids, True, "default")
+        (fe, ge), (fc, gc) = (features_and_grads(model, ids, True),
+                              features_and_grads(model, ids, True, "default"))
         torch.testing.assert_close(fc, fe, rtol=1e-5, atol=1e-5)
         assert_grads_close(gc, ge, rtol=1e-4, atol=1e-5)
     print(f"compiled and checked in {time.perf_counter() - t0:.1f} s")
 
 
 def test_fast_paths_switch_and_runs_repeat(tmp_path):
-    "Off, the step is the plain one (no fused tower); tiny has them on (issue 22); a run with them on repeats itself exactly."
+    """Off, the step is the plain one (no fused tower); tiny has them on (issue 22); a run with them on
+    repeats itself exactly."""
     model, _, tok = create_clip("pc-clip-tiny", seed=0)
     triples, emb, _ = _mixed_run_data(model)
     tiny = get_config("tiny")
@@ -681,22 +725,25 @@ def test_fast_paths_switch_and_runs_repeat(tmp_path):
     data = _prepare(model, tok, triples, s, cfg, emb, None, False, 1)
     assert _Objective(model, data, s, make_clip_loss(), torch.device("cpu"), torch.float32)._run[-1] is None
     fast = cfg.replace(ft_fused_attention=True, ft_length_buckets=2)
-    runs = [finetune(model, tok, triples, fast, tmp_path / k, image_embeddings=emb, epochs=2, progress=False) for k in "ab"]
+    runs = [finetune(model, tok, triples, fast, tmp_path / k, image_embeddings=emb, epochs=2,
+                     progress=False) for k in "ab"]
     assert runs[0].steps.loss.tolist() == runs[1].steps.loss.tolist()
     assert all(torch.equal(p, q) for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()))
 
 
 def test_every_compared_model_gets_the_same_search():
-    "Issue 22: the caption baselines and every ablation are tuned on validation like pc-clip, each in its own folders."
+    """Issue 22: the caption baselines and every ablation are tuned on validation like pc-clip, each in its
+    own folders."""
     from pc_clip.core.registry import sweep_grid
     from pc_clip.training.plan import candidate_lr
     from pc_clip.training.selection import swept_models
     cfg = get_config("tiny")
-    assert set(swept_models(cfg)) == {"pc-clip", "clip-ft-captions", "clip-ft-rewritten", "pc-clip/mse", "pc-clip/noise-0.3",
-                                      "pc-clip/both-towers", "pc-clip/plain-captions"}
+    assert set(swept_models(cfg)) == {"pc-clip", "clip-ft-captions", "clip-ft-rewritten", "pc-clip/mse",
+                                      "pc-clip/noise-0.3", "pc-clip/both-towers", "pc-clip/plain-captions"}
     grid = sweep_grid(cfg)
     folders = {model_dir(cfg, n, lr=lr, alpha=a) for n in swept_models(cfg) for lr, a in grid}
     assert len(folders) == len(grid) * len(swept_models(cfg))  # no two candidates share a folder
     paper = get_config("paper")  # no grid: each trains at its own configured rate
-    assert candidate_lr(paper, "clip-ft-captions") == paper.caption_ft_lr and candidate_lr(paper, "pc-clip") == paper.ft_lr
+    assert candidate_lr(paper, "clip-ft-captions") == paper.caption_ft_lr
+    assert candidate_lr(paper, "pc-clip") == paper.ft_lr
     assert "pc-clip/plain-captions" not in swept_models(paper)  # an ablation of the world's captions

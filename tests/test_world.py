@@ -4,12 +4,13 @@ import pandas as pd
 import pytest
 
 from pc_clip.core.config import get_config
-from pc_clip.world.oracle import (ATTRIBUTE_KINDS, category_differences, difference_direction, oracle_differences,
+from pc_clip.world.oracle import (ATTRIBUTE_KINDS, category_differences, oracle_differences,
     statement_is_true, wording_templates)
 from pc_clip.world.render import measured_object_stats, nearest_colour, render_images
-from pc_clip.world.species import CATEGORIES, NON_VISUAL, attribute_info, category_groups, class_attribute_table
-from pc_clip.world.shapes import (build_world, caption_contradictions, heldout_category_pairs, heldout_combinations,
-    make_caption, make_world, oracle_rewrite_caption, sample_attributes)
+from pc_clip.world.species import (CATEGORIES, NON_VISUAL, attribute_info, category_groups,
+    class_attribute_table)
+from pc_clip.world.shapes import (build_world, caption_contradictions, heldout_category_pairs,
+    heldout_combinations, make_caption, make_world, oracle_rewrite_caption, sample_attributes)
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +51,12 @@ def test_pixels_agree_with_attributes(attrs):
     images, coverage = render_images(attrs, return_coverage=True)
     m = measured_object_stats(images, coverage)
     assert [nearest_colour(h) for h in m["hue"]] == list(attrs["colour"])  # the named hue is what was drawn
-    assert np.corrcoef(m["value"], attrs["brightness"])[0, 1] > 0.99       # brighter attribute, brighter pixels
+    # brighter attribute, brighter pixels
+    assert np.corrcoef(m["value"], attrs["brightness"])[0, 1] > 0.99
     single = attrs[attrs["count"] == 1]
     for shape, grp in single.groupby("shape"):                              # larger radius, larger area
-        rho = pd.Series(m["area"][grp.index].to_numpy()).corr(grp["radius"].reset_index(drop=True), method="spearman")
+        area = pd.Series(m["area"][grp.index].to_numpy())
+        rho = area.corr(grp["radius"].reset_index(drop=True), method="spearman")
         assert rho > 0.97, (shape, rho)
     # objects sit where the attributes say: the covered mass is left of centre for 'left' images
     cx = (coverage * np.arange(32)[None, None, :]).sum((1, 2)) / coverage.sum((1, 2)) / 32
@@ -104,13 +107,15 @@ def test_wordings_vary_and_heldout_is_disjoint(pairs):
         assert not set(train[kind]) & set(held[kind]) and len(held[kind]) >= 1
     rng = np.random.default_rng(0)
     texts = [s for a, b in pairs[:500] for s in oracle_differences(a, b, rng)]
-    assert len({s["wording"] for s in texts}) == sum(len(v) for v in train.values())  # every train wording is used
+    # every train wording is used
+    assert len({s["wording"] for s in texts}) == sum(len(v) for v in train.values())
     heldout_ids = {f"{k}:{len(train[k]) + i}" for k in held for i in range(len(held[k]))}
     assert not heldout_ids & {s["wording"] for s in texts}                             # held-out ones never
     ho = [s for a, b in pairs[:300] for s in oracle_differences(a, b, rng, wordings="heldout")]
     assert {s["wording"] for s in ho} <= heldout_ids
     # two-clause and short forms both occur, in both clause orders
-    assert any(" while " in s["text"] for s in texts) and any(s["text"].startswith("The second one") for s in texts)
+    assert any(" while " in s["text"] for s in texts)
+    assert any(s["text"].startswith("The second one") for s in texts)
 
 
 def test_class_table_orderings_and_pairs():
@@ -146,7 +151,8 @@ def test_heldout_combinations_only_outside_train(attrs):
 
 
 def test_comparative_captions_teach_the_words_of_differences():
-    "Pretraining captions of the default style cover every word of the training wordings; the plain ablation's do not."
+    """Pretraining captions of the default style cover every word of the training wordings; the plain
+    ablation's do not."""
     from pc_clip.world.oracle import vocabulary_coverage
     from pc_clip.world.shapes import species_norm_departures
     from pc_clip.world.species import typical_attrs
@@ -156,14 +162,16 @@ def test_comparative_captions_teach_the_words_of_differences():
     plain = vocabulary_coverage(world, epochs=3, seed=0, n_pairs=800).set_index("wording")
     assert comp.loc["train", "coverage"] == 1.0 and comp.loc["train", "unseen"] == ""
     assert comp.loc["heldout", "coverage"] > 0.97  # the held-out wordings' own words: rare but present
-    assert plain.loc["train", "coverage"] < 0.7 and {"larger", "than", "first", "whereas"} <= set(plain.loc["train", "unseen"].split())
+    assert plain.loc["train", "coverage"] < 0.7 and {"larger", "than", "first",
+                                                     "whereas"} <= set(plain.loc["train", "unseen"].split())
     # a comparison in a caption is true of that image against its species' norm
     rng = np.random.default_rng(3)
     for r in world.records()[:1500]:
         text = make_caption(r, rng)
         norms = species_norm_departures(r)
         for word, kind, value in (("larger than", "size", "larger"), ("smaller than", "size", "smaller"),
-                                  ("darker than", "brightness", "darker"), ("brighter than", "brightness", "brighter"),
+                                  ("darker than", "brightness", "darker"),
+                                  ("brighter than", "brightness", "brighter"),
                                   ("more numerous", "count", "more"), ("fewer in number", "count", "fewer")):
             if word in text:
                 assert norms.get(kind) == value, (text, norms)

@@ -12,8 +12,8 @@ import ast
 import sys
 from pathlib import Path
 
-STAGES = ["core", "world", "data", "models", "differences", "evaluation", "training", "t2i", "report", "studies",
-          "smoke"]
+STAGES = ["core", "world", "data", "models", "differences", "evaluation", "training", "t2i", "report",
+          "studies", "smoke"]
 TOP = {"cli": len(STAGES), "compare": len(STAGES)}  # entry points: may import any stage
 MAX_MODULES = 10
 PKG = Path(__file__).resolve().parents[1] / "pc_clip"
@@ -101,16 +101,19 @@ def check(pkg: Path = PKG) -> list[str]:
         for d in sorted(deps):
             rd = stage_rank(d)
             if rd is not None and rd > r:
-                problems.append(f"{n} imports {d}: a stage may import only the stages below it ({' < '.join(STAGES)})")
+                problems.append(f"{n} imports {d}: a stage may import only the stages below it "
+                                f"({' < '.join(STAGES)})")
     for n, p in names.items():
         tree = ast.parse(p.read_text())
         if any(isinstance(x, ast.FunctionDef) and x.name == "__getattr__" for x in tree.body):
-            problems.append(f"{n} defines a module __getattr__ (a re-export shim): import names from where they live")
+            problems.append(f"{n} defines a module __getattr__ (a re-export shim): import names from where "
+                            f"they live")
     for stage in STAGES:
         mods = [p for p in (pkg / stage).glob("*.py") if p.name != "__init__.py"]
         if len(mods) > MAX_MODULES:
             problems.append(f"pc_clip/{stage}/ holds {len(mods)} modules (at most {MAX_MODULES})")
-    stray = [p.name for p in pkg.glob("*.py") if p.stem not in TOP and p.name not in ("__init__.py", "_modidx.py")]
+    stray = [p.name for p in pkg.glob("*.py")
+             if p.stem not in TOP and p.name not in ("__init__.py", "_modidx.py")]
     if stray:
         problems.append(f"modules outside any stage folder: {stray}")
     return problems

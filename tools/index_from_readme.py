@@ -1,4 +1,5 @@
-"""Write nbs/index.ipynb (the README's source for `nbdev_readme`) from README.md, one markdown cell per section.
+"""Write nbs/index.ipynb (the README's source for `nbdev_readme`) from README.md, one markdown cell per
+section.
 
 Used once to create the notebook; from then on the notebook is edited and README.md regenerated from it
 (`nbdev_readme`, which needs Quarto). `tests/test_workbench.py` checks that the two say the same.
@@ -18,7 +19,8 @@ def sections(readme: str) -> list[str]:
 
 def readme_from_index(nb: dict) -> str:
     "The README text that the markdown cells of `nb` make, one blank line between cells."
-    return "\n\n".join("".join(c["source"]).strip("\n") for c in nb["cells"] if c["cell_type"] == "markdown") + "\n"
+    markdown = ["".join(c["source"]).strip("\n") for c in nb["cells"] if c["cell_type"] == "markdown"]
+    return "\n\n".join(markdown) + "\n"
 
 
 def main() -> int:
@@ -31,7 +33,8 @@ def main() -> int:
     from set_kernelspec import KERNELSPEC  # the project's kernel, as every notebook names it
     nb = {"cells": cells, "metadata": {"kernelspec": dict(KERNELSPEC)}, "nbformat": 4, "nbformat_minor": 5}
     assert readme_from_index(nb) == text, "the sections do not give the README back"
-    (REPO / "nbs" / "index.ipynb").write_text(json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False) + "\n")
+    (REPO / "nbs" / "index.ipynb").write_text(json.dumps(nb, sort_keys=True, indent=1,
+                                                         ensure_ascii=False) + "\n")
     print(f"nbs/index.ipynb: {len(cells)} markdown cells")
     return 0
 

@@ -10,7 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-KERNELSPEC = {"display_name": "pc-clip", "language": "python", "name": "pc-clip"}  # nbdev_clean sets display_name = name
+# nbdev_clean sets display_name = name
+KERNELSPEC = {"display_name": "pc-clip", "language": "python", "name": "pc-clip"}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -31,7 +32,8 @@ def set_kernelspec(path: Path, write: bool = True) -> bool:
 
 
 def user_kernel_owner(python: str = sys.executable) -> str | None:
-    "A line naming the checkout whose venv the --user `pc-clip` kernel runs, when it is not `python`'s; else None."
+    """A line naming the checkout whose venv the --user `pc-clip` kernel runs, when it is not `python`'s;
+    else None."""
     from jupyter_core.paths import jupyter_data_dir
     spec = Path(jupyter_data_dir()) / "kernels" / "pc-clip" / "kernel.json"
     if not spec.exists():
@@ -40,7 +42,8 @@ def user_kernel_owner(python: str = sys.executable) -> str | None:
     other = info.get("argv", [""])[0]
     if Path(other).resolve() == Path(python).resolve():
         return None
-    return (f"note: your --user `pc-clip` kernel ran {other} ({info.get('display_name')}); make install now points it at "
+    return (f"note: your --user `pc-clip` kernel ran {other} ({info.get('display_name')}); make install now "
+            f"points it at "
             f"this checkout ({Path(python).parent.parent.parent})")
 
 
