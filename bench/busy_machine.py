@@ -155,7 +155,7 @@ def reproduce(env: dict, a) -> float:
 
 
 def timed_case(name: str, root: Path, env: dict, a) -> float:
-    "One whole run into `root/name` (its own PC_CLIP_RUNS), or its earlier seconds when `root/name` holds one."
+    "One whole run into `root/name` (its own PC_CLIP_RUNS), or its earlier seconds if `root/name` holds one."
     done = root / name / "seconds.json"
     if done.exists():
         seconds = json.loads(done.read_text())["seconds"]
@@ -174,7 +174,8 @@ def timed_case(name: str, root: Path, env: dict, a) -> float:
 
 def whole_run_mode(a) -> None:
     with tempfile.TemporaryDirectory(prefix="pc-clip-busy-whole-") as d:
-        root = Path(a.keep) if a.keep else Path(d)  # --keep: the runs stay, and a finished case is not run again
+        # --keep: the runs stay, and a finished case is not run again
+        root = Path(a.keep) if a.keep else Path(d)
         env = {**os.environ,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         cases = a.cases.split(",")
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-p", "--param", action="append", default=[],
                    help="whole-run mode: passed to pc-clip reproduce")
     p.add_argument("--variant", action="append", default=[],
-                   help="stage mode: NAME=VAR=VALUE[,VAR=VALUE], another kernel environment to time (repeatable)")
+                   help="stage mode: NAME=VAR=VALUE[,VAR=VALUE], another kernel environment (repeatable)")
     p.add_argument("--keep", default=None,
                    help="whole-run mode: keep the runs in this folder (a finished case is reused)")
     p.add_argument("--cases", default="quiet,busy", help="whole-run mode: which cases to run, of quiet,busy")

@@ -131,7 +131,7 @@ def test_executed_notebook_is_clean(run00):
     # each log line once, not again from the root logger
     assert logged and len(logged) == len(set(logged)), lines
     config = next(_text(o) for o in outs if "Config(profile=" in _text(o))
-    # the folders are named from $PC_CLIP_RUNS, not as this machine's absolute paths (outputs travel with the notebook)
+    # folders named from $PC_CLIP_RUNS, not as this machine's absolute paths (outputs travel with it)
     assert len(config.splitlines()) <= 12 and "runs    $PC_CLIP_RUNS/runs/tiny" in config, config
     assert str(runs) not in json.dumps(outs), "an output carries the machine's absolute runs path"
 
