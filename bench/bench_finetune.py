@@ -155,7 +155,7 @@ def _timed_finetune(model, tokenizer, triples, cfg, emb, dev, **fast) -> tuple[f
     "`(pairs/s of the last epoch, wall seconds)` of one `finetune` run into a scratch folder (checkpoints included)."
     with tempfile.TemporaryDirectory(dir=_scratch_dir() if dev.type == "cuda" else None) as tmp:
         t0 = time.perf_counter()
-        run = finetune(model, tokenizer, triples, cfg, Path(tmp) / "run", image_embeddings=emb, progress=False, **fast)
+        run = finetune(model, tokenizer, triples, FinetuneSettings.from_config(cfg, **fast), Path(tmp) / "run", image_embeddings=emb, progress=False)
         wall = time.perf_counter() - t0
     rate = float(run.epochs["pairs_per_s"].iloc[-1])
     del run

@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from pc_clip.core.config import get_config
+from pc_clip.core.config import embedding_options, get_config
 from pc_clip.differences.pairs import corpus_from_world, sample_pairs
 from pc_clip.differences.records import OracleBackend
 from pc_clip.models.clip import create_clip, images_to_tensor
@@ -275,9 +275,9 @@ def embedding_stages(model, tokenizer, world, cfg, n_images: int, n_texts: int, 
                                gflops_per_cpu_s=per_item * len(world.images) / cpu / 1e9)
     texts = world.captions[:n_texts]
     t0, c0 = time.perf_counter(), time.process_time()
-    embed_texts(model, tokenizer, texts, cfg)
+    embed_texts(model, tokenizer, texts, **embedding_options(cfg))
     sec, cpu = time.perf_counter() - t0, time.process_time() - c0
-    flops, _ = count_flops(lambda: embed_texts(model, tokenizer, texts, cfg))
+    flops, _ = count_flops(lambda: embed_texts(model, tokenizer, texts, **embedding_options(cfg)))
     out["embed_texts"] = dict(batch=cfg.eval_batch_size, items=len(texts), seconds=sec, cpu_seconds=cpu,
                               items_per_s=len(texts) / sec, flops_per_item=flops / len(texts), gflops=flops / sec / 1e9,
                               gflops_per_cpu_s=flops / cpu / 1e9)

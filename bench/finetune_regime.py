@@ -16,6 +16,7 @@ import time
 
 from pc_clip.core.config import get_config
 from pc_clip.training.finetune import finetune
+from pc_clip.training.state import FinetuneSettings
 from pc_clip.training.plan import finetuning_inputs, weight_average_model
 from pc_clip.training.selection import validation_outcomes
 
@@ -44,8 +45,8 @@ def main() -> None:
     for key in a.regimes:
         what, kw = REGIMES[key]
         t = time.perf_counter()
-        run = finetune(inputs.base, inputs.tokenizer, inputs.data["differences"], cfg, os.path.join(out, key),
-                       image_embeddings=inputs.image_emb, images=inputs.images, progress=False, **kw)
+        run = finetune(inputs.base, inputs.tokenizer, inputs.data["differences"], FinetuneSettings.from_config(cfg, **kw),
+                       os.path.join(out, key), image_embeddings=inputs.image_emb, images=inputs.images, progress=False)
         seconds = time.perf_counter() - t
         for alpha in (0.5, 1.0):
             m = run.model if alpha == 1 else weight_average_model(inputs.base, run.model, alpha)

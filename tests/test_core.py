@@ -18,13 +18,13 @@ from pathlib import Path
 from pc_clip.core.config import PROFILES, Config, ConfigError, get_config, given, validate_config, parse_overrides
 from pc_clip.core.runtime import ArtifactBusy, read_results, result_row, write_results, notebooks_dir, results_path
 from pc_clip.core.store import JsonlStore, parse_line
-from pc_clip.models.clip import (TINY_MODEL, create_clip, load_checkpoint, save_checkpoint, WEIGHTS_FILE,
-    find_models, is_checkpoint, load_clip, model_dir)
+from pc_clip.models.clip import (TINY_MODEL, create_clip, load_checkpoint, save_checkpoint, WEIGHTS_FILE, find_models, is_checkpoint, load_clip)
 from conftest import REPO, make_notebook
 from pc_clip.core import registry
 from pc_clip.evaluation.runner import (evaluated_models, items_path, read_items, run_zero_shot, eval_datasets,
     write_evaluation)
 from pc_clip.core.registry import ModelSpec, model_names
+from pc_clip.core.registry import clip_source, model_dir, models_dir
 
 
 # ---- The config is checked as a whole before anything runs: types, ranges, known forms, and None as a value.
@@ -505,7 +505,7 @@ def test_one_registry_entry_is_trained_evaluated_and_reported(runs_dir, one_more
     models, runs = finetune_chosen(inputs, cfg, progress=False)  # one lr (ft_lr=1e-3): each model at its own rate
     assert "pc-clip/tau-0.5" in runs and runs["pc-clip/tau-0.5"].settings.temperature == 0.5  # trained ...
     assert is_checkpoint(model_dir(cfg, "pc-clip/tau-0.5")) and model_dir(cfg, "pc-clip/tau-0.5") != model_dir(cfg, "pc-clip")
-    assert find_models(cfg, "pc-clip/tau-0.5")[0]["role"] == "ablation"
+    assert find_models(models_dir(cfg), "pc-clip/tau-0.5")[0]["role"] == "ablation"
     assert "pc-clip/tau-0.5" in evaluated_models(cfg)  # ... evaluated ...
     rows, _ = run_zero_shot(cfg, evaluated_models(cfg), eval_datasets(cfg, "zero_shot"))
     results = write_evaluation(rows, cfg, "05_zero_shot")
@@ -523,5 +523,5 @@ def test_a_damaged_base_checkpoint_is_rebuilt(runs_dir):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a truncated copy
     again, _, _, reused = pretrain_or_load(world, cfg, "cpu", progress=False)
     assert not reused
-    loaded = load_clip(cfg, "clip", "cpu")[0]  # intact again, and the same weights (pretraining is seeded)
+    loaded = load_clip(**clip_source(cfg, "clip", "cpu"))[0]  # intact again, and the same weights (pretraining is seeded)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

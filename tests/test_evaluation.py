@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pc_clip.evaluation.comparative import (class_differences, comparative_class_embeddings, comparative_prompting,
     known_pairs, top_confused_pairs)
-from pc_clip.core.config import get_config
+from pc_clip.core.config import embedding_options, get_config
 from pc_clip.core.runtime import read_results, write_results
 from pc_clip.evaluation.runner import (build_difference_tasks, evaluation_rows, read_items, write_evaluation,
     zero_shot_classifier)
@@ -21,6 +21,7 @@ from pc_clip.world.species import category_groups, typical_attrs
 from pc_clip.evaluation.tasks import DifferenceTask, cifar100_size_task, cub_comparative_task, world_difference_tasks
 from pc_clip.smoke.fixtures import accept_fixture_checksums, make_fixture
 from pc_clip.evaluation import metrics as M, runner as E, geometry as G
+from pc_clip.core.registry import model_dir
 
 
 # ---- Difference-based classification, zero-shot and comparative prompting: behaviour a user relies on.
@@ -308,7 +309,7 @@ def test_paper_task_builders_on_fixtures(tmp_path):
 def test_the_evaluated_models_come_from_the_registry_and_must_exist(runs_dir):
     "An evaluation never writes a table with the finetuned models silently missing: it names them and the fix."
     from pc_clip.evaluation.runner import MODELS, evaluated_models
-    from pc_clip.models.clip import model_dir, save_checkpoint
+    from pc_clip.models.clip import save_checkpoint
     from pc_clip.core.registry import model_names
     cfg = get_config("tiny", wavg_alpha=0.25)
     names = model_names(cfg)
@@ -477,7 +478,7 @@ def test_geometry_rows_on_pixels(world):
 
 # --- the runners, end to end on stand-in models ---------------------------------------------------------------------
 def test_runners_end_to_end_on_stand_in_models(runs_dir, capsys):
-    from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
+    from pc_clip.models.clip import create_clip, save_checkpoint
     cfg = get_config("tiny", world_n_train=200, world_n_val=80, world_n_test=120)
     a, _, _ = create_clip("pc-clip-tiny", seed=0)
     b, _, _ = create_clip("pc-clip-tiny", seed=1)
@@ -508,7 +509,7 @@ def test_runners_end_to_end_on_stand_in_models(runs_dir, capsys):
 def test_retrieval_runner_reads_coco_on_paper_style_configs(runs_dir, tmp_path, monkeypatch):
     "With corpus='coco' the runner reads COCO val from the data root (a fixture here) with its own captions."
     from pc_clip.data.datasets import load_coco
-    from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
+    from pc_clip.models.clip import create_clip, save_checkpoint
     make_fixture("coco", tmp_path / "data")
     monkeypatch.setenv("PC_CLIP_DATA", str(tmp_path / "data"))
     cfg = get_config("tiny", corpus="coco")
@@ -527,7 +528,7 @@ def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monke
     from pc_clip.evaluation import paper_geometry as P
     from pc_clip.data.datasets import load_coco
     from pc_clip.models.embed import embed_images
-    from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
+    from pc_clip.models.clip import create_clip, save_checkpoint
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("PC_CLIP_DATA", str(tmp_path / "data"))
     make_fixture("coco", tmp_path / "data", n_images=8)
@@ -542,7 +543,7 @@ def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monke
 
     recs = P.write_heldout_differences(cfg, Writer(), progress=False)
     intact = load_coco(tmp_path / "data", "val")
-    emb_intact = embed_images(model, intact, cfg, preprocess=pre, cache=False, progress=False)
+    emb_intact = embed_images(model, intact, None, **embedding_options(cfg), preprocess=pre, progress=False)
     ids = intact.image_info.image_id.tolist()
     broken = ids[1]  # the second image: before the fix, every later pair shifted by one row
     (tmp_path / "data" / "coco" / "val2017" / f"{broken:012d}.jpg").write_bytes(b"not a jpeg")
@@ -555,7 +556,7 @@ def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monke
     st = st[keep].reset_index(drop=True)
     assert 0 < len(st) < len(keep)
     from pc_clip.models.embed import embed_texts
-    want = P.pair_alignment(emb_intact, st, embed_texts(model, tok, list(st.text), cfg))["text_direction_cosine"]
+    want = P.pair_alignment(emb_intact, st, embed_texts(model, tok, list(st.text), **embedding_options(cfg)))["text_direction_cosine"]
     assert cos.value.item() == pytest.approx(want, abs=1e-5)
     assert cos.n.item() == len(st)
 

@@ -35,6 +35,42 @@ def test_the_checker_finds_a_circle_an_upward_import_and_a_shim(tmp_path):
     assert check_layout.check(pkg) == []
 
 
+def test_the_checker_finds_a_config_below_the_orchestrating_modules(tmp_path):
+    "A module outside the orchestrating ones with a top-level function taking a Config is named, with the function."
+    pkg = tmp_path / "pc_clip"
+    for stage in ("core", "models", "evaluation"):
+        (pkg / stage).mkdir(parents=True)
+        (pkg / stage / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "core" / "config.py").write_text("class Config:\n    pass\n\ndef validate_config(cfg: Config):\n    return []\n")
+    (pkg / "models" / "embed.py").write_text(textwrap.dedent("""
+        from ..core.config import Config
+
+        def embed_texts(model, texts, cfg):  # by name
+            return cfg.precision
+
+        def load(folder, settings: "Config | None" = None):  # by annotation, as a string
+            return folder
+
+        def encode(model, texts, precision: str = "auto"):  # explicit values: fine
+            def inner(cfg):  # not top level: fine
+                return cfg
+            return inner
+    """))
+    (pkg / "evaluation" / "runner.py").write_text("def run_zero_shot(cfg, models):\n    return []\n")  # allowed
+    problems = check_layout.check(pkg)
+    named = sorted(p.split(" takes a Config")[0] for p in problems if " takes a Config" in p)
+    assert named == ["pc_clip.models.embed.embed_texts", "pc_clip.models.embed.load"], problems
+    assert check_layout.may_take_config("pc_clip.studies.noise_curve") and not check_layout.may_take_config("pc_clip.models.clip")
+    (pkg / "models" / "embed.py").write_text("def embed_texts(model, texts, precision='auto'):\n    return precision\n")
+    assert check_layout.check(pkg) == []
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "check_layout.py"), str(pkg)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+    (pkg / "models" / "clip.py").write_text("def load_clip(cfg_or_root, name):\n    return name\n")
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "check_layout.py"), str(pkg)], capture_output=True, text=True)
+    assert out.returncode == 1 and "pc_clip.models.clip.load_clip takes a Config" in out.stdout, out.stdout
+
+
 def test_the_evaluation_runner_does_not_load_the_stand_ins():
     code = textwrap.dedent("""
         import sys

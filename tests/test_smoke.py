@@ -7,6 +7,7 @@ import torch
 from pc_clip.core.runtime import data_root
 from pc_clip.core.config import get_config
 from pc_clip.smoke.standins import (BUILD_ORDER, CHAT_LM, DATASET_PATHS, MANIFEST, build_paper_smoke, read_manifest,
+from pc_clip.core.registry import clip_source
     scene, scene_caption, standin_checksums)
 
 
@@ -44,7 +45,7 @@ def test_second_build_skips_everything_and_a_changed_file_is_rebuilt(smoke_root)
 def test_clip_loads_through_the_paper_path_and_encodes(cfg):
     from pc_clip.models.clip import load_clip
     assert data_root(cfg) / "weights" / cfg.model_name / cfg.pretrained
-    model, preprocess, tokenizer = load_clip(cfg, "clip", device="cpu")
+    model, preprocess, tokenizer = load_clip(**clip_source(cfg, "clip", device="cpu"))
     from PIL import Image
     image = preprocess(Image.new("RGB", (8, 8), (200, 30, 30)))[None]
     assert image.shape == (1, 3, 64, 64)

@@ -14,9 +14,10 @@ from pc_clip.studies.pretrain_difference import (batch_difference_pairs, choose_
 from pc_clip.core.config import get_config
 from pc_clip.core.runtime import result_row
 from pc_clip.evaluation.metrics import outcomes
-from pc_clip.models.clip import model_dir
+
 from pc_clip.training.pretrain import pretrain_clip
 from pc_clip.world.shapes import build_world, is_heldout_pair
+from pc_clip.core.registry import model_dir
 
 
 # ---- Studies beyond the paper: joint pretraining with the difference loss, and the noise curve with judges.

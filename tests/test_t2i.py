@@ -7,13 +7,14 @@ import torch
 
 from pc_clip.t2i import sdxl as T, study as S
 from pc_clip.core.config import get_config
-from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
+from pc_clip.models.clip import create_clip, save_checkpoint
 from pc_clip.smoke.fixtures import temp_workdir, tiny_sdxl_pipeline
 from pc_clip.world.species import CATEGORIES, CATEGORY_NAMES, typical_attrs
 from pc_clip.world.render import COLOURS, render_images
 from pc_clip.world.shapes import World
 from pc_clip.world.edits import WORLD_EDITS, edit_success, measure_generated
 from pc_clip.t2i.world_diffusion import (GeneratorSettings, _schedulers, arithmetic_conditioning, denoising_loss,
+from pc_clip.core.registry import model_dir
     text_conditioning, to_patches, train_generator, train_or_load_generator)
 
 
@@ -233,6 +234,7 @@ def test_finetuned_quick_gelu_tower_reloads_as_quick_gelu_and_swaps_into_sdxl(tm
     "An OpenAI-tag tower (QuickGELU) finetuned, saved and reloaded is still QuickGELU, so it fits SDXL's first encoder."
     import open_clip
     from pc_clip.training.finetune import finetune
+    from pc_clip.training.state import FinetuneSettings
     from pc_clip.models.clip import load_checkpoint
     torch.manual_seed(0)
     model = open_clip.create_model("pc-clip-tiny", force_quick_gelu=True)  # what loading an `openai` tag does
@@ -244,8 +246,8 @@ def test_finetuned_quick_gelu_tower_reloads_as_quick_gelu_and_swaps_into_sdxl(tm
     triples = pd.DataFrame([dict(i=i, j=j, text=f"the first object is {words[(i + j) % 4]}")
                             for i in range(8) for j in range(8) if i != j])
     cfg = get_config("tiny", ft_epochs=1, ft_batch_size=16, ft_lr=1e-3)
-    run = finetune(model, tok, triples, cfg, tmp_path / "ft", image_embeddings=emb, model_name="pc-clip-tiny",
-                   progress=False)
+    run = finetune(model, tok, triples, FinetuneSettings.from_config(cfg, model_name="pc-clip-tiny"), tmp_path / "ft",
+                   image_embeddings=emb, progress=False)
     reloaded, _, _ = load_checkpoint(tmp_path / "ft")
     assert any(isinstance(m, open_clip.transformer.QuickGELU) for m in reloaded.modules())
     assert not any(isinstance(m, torch.nn.GELU) for m in reloaded.modules())

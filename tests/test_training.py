@@ -20,24 +20,24 @@ import copy
 import open_clip
 from safetensors.torch import load_file, save_file
 
-from pc_clip.core.config import get_config
+from pc_clip.core.config import embedding_options, get_config
 from pc_clip.models.embed import embed_images
 from pc_clip.training.finetune import finetune, _batches, _Objective, _prepare, _step_loss
 from pc_clip.training.plan import caption_table, finetune_captions
 from pc_clip.training.losses import (difference_contrastive_loss, difference_mse_loss, trainable_parameter_names,
     make_clip_loss, set_trainable)
-from pc_clip.models.clip import (create_clip, is_checkpoint, load_checkpoint, model_dir, checkpoint_metadata,
-    load_clip, find_models)
+from pc_clip.models.clip import (create_clip, is_checkpoint, load_checkpoint, checkpoint_metadata, load_clip, find_models)
 from pc_clip.training.pretrain import (PRETRAIN_THREADS, pretrain_clip, pretrain_fingerprint, pretrain_or_load,
     warmup_cosine)
 from pc_clip.world.shapes import build_world, make_world
-from pc_clip.core.runtime import result_row
+from pc_clip.core.runtime import cache_dir, result_row
 from pc_clip.training.selection import (SELECTION_TASK, VAL_METRICS, candidate_table, choose_setting, save_chosen,
     target_check, candidate_folders, read_candidates, write_candidates)
 from pc_clip.core.registry import sweep_grid
 from pc_clip.smoke.fixtures import temp_workdir
 from pc_clip.models.text import can_fuse, encode_text_trimmed, text_tower
 from pc_clip.training.state import FinetuneSettings
+from pc_clip.core.registry import clip_source, model_dir, models_dir
 
 
 # ---- PC-CLIP finetuning: losses, trainable sets, exact resume, the non-finite guard, reuse of finished runs.
@@ -91,8 +91,7 @@ def test_only_trainable_parameters_change(base, data, mode, tmp_path):
     model, tok = base
     images, emb, triples = data
     before = state(model)
-    run = finetune(model, tok, triples, cfg(ft_epochs=1), tmp_path / mode, image_embeddings=emb, images=images,
-                   trainable=mode, progress=False)
+    run = finetune(model, tok, triples, FinetuneSettings.from_config(cfg(ft_epochs=1), trainable=mode), tmp_path / mode, image_embeddings=emb, images=images, progress=False)
     trained = set(trainable_parameter_names(model, mode))
     assert trained and len(run.steps) == math.ceil(len(triples) / 16)
     for name, p in run.model.named_parameters():
@@ -109,16 +108,16 @@ def test_resume_reproduces_uninterrupted_run(base, data, tmp_path, fast):
     model, tok = base
     _, emb, triples = data
     c = cfg(ft_epochs=3, ft_grad_accum=2, ft_batch_size=8, **fast)
-    full = finetune(model, tok, triples, c, tmp_path / "full", image_embeddings=emb, progress=False)
+    full = finetune(model, tok, triples, FinetuneSettings.from_config(c), tmp_path / "full", image_embeddings=emb, progress=False)
 
     def crash(epoch, logs):
         if epoch == 1:
             raise KeyboardInterrupt("simulated interruption after epoch 1")
 
     with pytest.raises(KeyboardInterrupt):
-        finetune(model, tok, triples, c, tmp_path / "cut", image_embeddings=emb, progress=False, on_epoch_end=crash)
+        finetune(model, tok, triples, FinetuneSettings.from_config(c), tmp_path / "cut", image_embeddings=emb, progress=False, on_epoch_end=crash)
     assert not is_checkpoint(tmp_path / "cut") and (tmp_path / "cut" / "epochs" / "epoch-001").is_dir()
-    resumed = finetune(model, tok, triples, c, tmp_path / "cut", image_embeddings=emb, progress=False)
+    resumed = finetune(model, tok, triples, FinetuneSettings.from_config(c), tmp_path / "cut", image_embeddings=emb, progress=False)
     assert not resumed.reused
     for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), k
@@ -132,22 +131,22 @@ def test_resume_reproduces_uninterrupted_run(base, data, tmp_path, fast):
 def test_finished_run_is_reused_and_changed_inputs_retrain(base, data, tmp_path, monkeypatch):
     model, tok = base
     _, emb, triples = data
-    first = finetune(model, tok, triples, cfg(), tmp_path / "r", image_embeddings=emb, progress=False)
+    first = finetune(model, tok, triples, FinetuneSettings.from_config(cfg()), tmp_path / "r", image_embeddings=emb, progress=False)
     import pc_clip.training.finetune as ft
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run must not train again")
 
     monkeypatch.setattr(ft, "_step_loss", no_training)
-    again = finetune(model, tok, triples, cfg(), tmp_path / "r", image_embeddings=emb, progress=False)
+    again = finetune(model, tok, triples, FinetuneSettings.from_config(cfg()), tmp_path / "r", image_embeddings=emb, progress=False)
     assert again.reused and again.final_loss == first.final_loss
     assert torch.equal(again.model.transformer.resblocks[0].attn.in_proj_weight,
                        first.model.transformer.resblocks[0].attn.in_proj_weight)
     monkeypatch.undo()
     other = triples.assign(text=triples.text.str.replace("first", "second"))
-    changed = finetune(model, tok, other, cfg(), tmp_path / "r", image_embeddings=emb, progress=False)
+    changed = finetune(model, tok, other, FinetuneSettings.from_config(cfg()), tmp_path / "r", image_embeddings=emb, progress=False)
     assert not changed.reused and changed.run_key != first.run_key
-    longer = finetune(model, tok, triples, cfg(ft_epochs=3), tmp_path / "r2", image_embeddings=emb, progress=False)
+    longer = finetune(model, tok, triples, FinetuneSettings.from_config(cfg(ft_epochs=3)), tmp_path / "r2", image_embeddings=emb, progress=False)
     assert not longer.reused and len(longer.epochs) == 3
 
 
@@ -157,25 +156,24 @@ def test_nan_steps_are_skipped_counted_and_limited(base, data, tmp_path):
     bad = torch.cat([emb, torch.full((1, emb.shape[1]), float("nan"))])
     poisoned = pd.concat([triples, pd.DataFrame([dict(i=N_IMAGES, j=0, text="the first object is larger")])],
                          ignore_index=True)
-    run = finetune(model, tok, poisoned, cfg(), tmp_path / "a", image_embeddings=bad, max_bad_fraction=0.3,
-                   progress=False)
+    run = finetune(model, tok, poisoned, FinetuneSettings.from_config(cfg(), max_bad_fraction=0.3), tmp_path / "a", image_embeddings=bad, progress=False)
     assert len(run.steps) == 8 and run.bad_steps == 2 and run.steps.skipped.sum() == 2  # one poisoned step per epoch
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
     with pytest.raises(FloatingPointError, match="2 of 8 training steps .* more than max_bad_fraction=0.2"):
-        finetune(model, tok, poisoned, cfg(), tmp_path / "b", image_embeddings=bad, max_bad_fraction=0.2, progress=False)
+        finetune(model, tok, poisoned, FinetuneSettings.from_config(cfg(), max_bad_fraction=0.2), tmp_path / "b", image_embeddings=bad, progress=False)
 
 
 def test_caption_baseline_and_embedding_cache(base, data, tmp_path, runs_dir):
     model, tok = base
     images, _, _ = data
     c = cfg()
-    emb = embed_images(model, images, c, progress=False)
+    emb = embed_images(model, images, cache_dir(c), **embedding_options(c), progress=False)
     caps = caption_table([f"a photo of object {k % 3}" for k in range(N_IMAGES)])
     run = finetune_captions(model, tok, caps, c, tmp_path / "cap", images=images, batch_size=4, progress=False)
     assert run.hparams["loss"] == "clip" and len(run.epochs) == c.caption_ft_epochs
-    assert torch.equal(embed_images(model, images, c, progress=False), emb)
+    assert torch.equal(embed_images(model, images, cache_dir(c), **embedding_options(c), progress=False), emb)
     with pytest.raises(ValueError, match="needs columns"):
-        finetune(model, tok, caps, c, tmp_path / "bad", image_embeddings=emb, progress=False)
+        finetune(model, tok, caps, FinetuneSettings.from_config(c), tmp_path / "bad", image_embeddings=emb, progress=False)
 
 
 def test_both_towers_recomputes_the_cached_embeddings(base, data, runs_dir):
@@ -183,7 +181,7 @@ def test_both_towers_recomputes_the_cached_embeddings(base, data, runs_dir):
     from pc_clip.training.finetune import _image_features
     model, _ = base
     images, _, _ = data
-    cached = embed_images(model, images, cfg(), progress=False)
+    cached = embed_images(model, images, cache_dir(cfg()), **embedding_options(cfg()), progress=False)
     idx = torch.tensor([3, 1, 3, 0])
     with torch.no_grad():
         live = _image_features(model, idx, None, images, torch.device("cpu"), torch.float32)
@@ -340,14 +338,14 @@ def test_saved_choice_is_what_later_experiments_load_as_pc_clip():
     with temp_workdir():
         cfg = get_config("tiny", ft_lr_grid=(1e-3, 2e-3), wavg_alpha_grid=(0.25, 1.0))
         save_chosen(base, finetuned, cfg, "pc-clip", 2e-3, 0.25)
-        loaded = load_clip(cfg, "pc-clip", "cpu")[0].state_dict()
+        loaded = load_clip(**clip_source(cfg, "pc-clip", "cpu"))[0].state_dict()
         key = "transformer.resblocks.0.mlp.c_fc.weight"
         want = torch.lerp(base.state_dict()[key], finetuned.state_dict()[key], 0.25)
         assert torch.allclose(loaded[key], want)
         meta = checkpoint_metadata(model_dir(cfg, "pc-clip"))["selection"]
         assert (meta["lr"], meta["alpha"]) == (2e-3, 0.25)
         assert meta["finetuned"] == model_dir(cfg, "pc-clip", lr=2e-3).name
-        (manifest,) = find_models(cfg, "pc-clip", role="pc-clip")  # which folder is pc-clip: its manifest says
+        (manifest,) = find_models(models_dir(cfg), "pc-clip", role="pc-clip")  # which folder is pc-clip: its manifest says
         assert manifest["path"] == str(model_dir(cfg, "pc-clip")) and manifest["selection"]["alpha"] == 0.25
         # a one-point grid at alpha 1: the finetune already is pc-clip, nothing is written
         one = cfg.replace(ft_lr=1e-3, ft_lr_grid=(), wavg_alpha_grid=())
@@ -438,7 +436,7 @@ def test_validation_retrieval_is_experiment_07s_protocol_on_the_val_images(runs_
     cfg = get_config("tiny", world_n_train=40, world_n_val=60, world_n_test=50)
     world = make_world(cfg)
     save_checkpoint(create_clip("pc-clip-tiny", seed=0)[0], model_dir(cfg, "clip"), "pc-clip-tiny")
-    model, _, tokenizer = load_clip(cfg, "clip", "cpu")
+    model, _, tokenizer = load_clip(**clip_source(cfg, "clip", "cpu"))
     val = validation_outcomes(model, tokenizer, cfg, world, retrieval_images=40)["retrieval_mean_recall"][1]
     swapped = world.attrs.assign(split=world.attrs["split"].replace({"val": "test", "test": "val"}))
     swapped.to_csv(cache_dir(cfg) / "world" / f"{world_key(cfg)}.attrs.csv", index=False)
@@ -463,7 +461,7 @@ WORKER = textwrap.dedent("""
     from safetensors.torch import load_file
     from pc_clip.core.config import get_config
     from pc_clip.training.finetune import finetune
-    from pc_clip.training.state import init_distributed
+    from pc_clip.training.state import FinetuneSettings, init_distributed
     from pc_clip.models.clip import create_clip
 
     rank, world = init_distributed()
@@ -477,8 +475,8 @@ WORKER = textwrap.dedent("""
             raise SystemExit(3)  # a kill right after the checkpoint of this epoch
 
     cfg = get_config("tiny", **json.loads(sys.argv[4]))
-    run = finetune(model, tok, triples, cfg, d / "out", image_embeddings=emb, epochs=epochs, progress=False,
-                   on_epoch_end=stop)
+    run = finetune(model, tok, triples, FinetuneSettings.from_config(cfg, epochs=epochs), d / "out", image_embeddings=emb,
+                   progress=False, on_epoch_end=stop)
     (d / f"rank{rank}.json").write_text(json.dumps(
         {"world": world, "start_epoch": run.start_epoch, "loss": run.steps.loss.tolist(),
          "weight": run.model.transformer.resblocks[1].mlp.c_fc.weight.flatten()[:50].tolist()}))
@@ -524,8 +522,7 @@ def runs(tmp_path_factory):
 def _single(tmp_path, emb, triples, epochs, monkeypatch):
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path / "runs"))
     model, _, tok = create_clip("pc-clip-tiny", seed=0)
-    return finetune(model, tok, triples, get_config("tiny", **SETTINGS), tmp_path / f"single{epochs}",
-                    image_embeddings=emb, epochs=epochs, progress=False)
+    return finetune(model, tok, triples, FinetuneSettings.from_config(get_config("tiny", **SETTINGS), epochs=epochs), tmp_path / f"single{epochs}", image_embeddings=emb, progress=False)
 
 
 def test_two_processes_equal_one_process_step_on_the_global_batch(runs, tmp_path, monkeypatch):
@@ -681,7 +678,7 @@ def test_fast_paths_switch_and_runs_repeat(tmp_path):
     data = _prepare(model, tok, triples, s, cfg, emb, None, False, 1)
     assert _Objective(model, data, s, make_clip_loss(), torch.device("cpu"), torch.float32)._run[-1] is None
     fast = cfg.replace(ft_fused_attention=True, ft_length_buckets=2)
-    runs = [finetune(model, tok, triples, fast, tmp_path / k, image_embeddings=emb, epochs=2, progress=False) for k in "ab"]
+    runs = [finetune(model, tok, triples, FinetuneSettings.from_config(fast, epochs=2), tmp_path / k, image_embeddings=emb, progress=False) for k in "ab"]
     assert runs[0].steps.loss.tolist() == runs[1].steps.loss.tolist()
     assert all(torch.equal(p, q) for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()))
 

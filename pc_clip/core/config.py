@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['PROFILES', 'STANDIN_PROFILES', 'FT_TRAINABLE', 'FT_LOSSES', 'FT_COMPILE', 'CHOICES', 'Config', 'ConfigError',
-           'validate_config', 'did_you_mean', 'one_learning_rate', 'get_config', 'given', 'parse_overrides',
-           'field_help']
+__all__ = ['PAPER_SETTING', 'PAPER_FACTS', 'PROFILES', 'STANDIN_PROFILES', 'FT_TRAINABLE', 'FT_LOSSES', 'FT_COMPILE', 'CHOICES',
+           'FINETUNE_FIELDS', 'Config', 'ConfigError', 'validate_config', 'did_you_mean', 'one_learning_rate',
+           'get_config', 'config_problems', 'embedding_options', 'given', 'parse_overrides', 'field_help']
 
 # %% ../../nbs/core/00_config.ipynb #22c4a6fc
 @dataclass(frozen=True)
@@ -123,17 +123,22 @@ class Config:
         return "\n".join(lines)
 
 
+# the paper's reference setting, from its text: the Config fields it states (the `paper` profile takes them as they are)
+PAPER_SETTING = dict(model_name="ViT-L-14", pretrained="datacomp_xl_s13b_b90k", corpus="coco", eval_n_images=100,
+                     ft_lr=1e-8, ft_lr_decay=0.9, ft_epochs=20, ft_batch_size=512,
+                     caption_ft_lr=1e-6, caption_ft_batch_size=128, caption_ft_epochs=50)
+# what else its text states, in words no Config field takes (the report compares a run with them)
+PAPER_FACTS = dict(n_images=1000, generator="Llama-2-13b-chat (4-bit)", judge="openai:gpt-4o-mini", eval_seeds=5)
+
 _PAPER = dict(
-    model_name="ViT-L-14", pretrained="datacomp_xl_s13b_b90k", corpus="coco",
-    n_pairs=200_000, pair_sampling="random",
+    **PAPER_SETTING, n_pairs=200_000, pair_sampling="random",
     generator="meta-llama/Llama-2-13b-chat-hf", load_in_4bit=True, gen_batch_size=32,
     gen_batch_from_memory=True,  # 32 where GPU memory cannot be read; more where it is free (an A100-40GB still fits)
     judge="meta-llama/Llama-2-13b-chat-hf",  # the generator's local LLM (offline); "openai:gpt-4o-mini" is an option
-    ft_lr=1e-8, ft_lr_decay=0.9, ft_epochs=20, ft_batch_size=512, ft_max_pairs=None, eval_batch_size=256,
+    ft_max_pairs=None, eval_batch_size=256,
     ft_keep_epochs=(10, 20),  # the paper's checkpoints after epochs 10 and 20
     ft_fused_attention=True, ft_length_buckets=16, ft_compile="default",  # a GPU: see bench/RESULTS.md
     ft_lr_grid=(), wavg_alpha_grid=(),  # the paper's one setting (lr 1e-8, no averaging): nothing to choose
-    caption_ft_lr=1e-6, caption_ft_batch_size=128, caption_ft_epochs=50,
     comparative_alphas=(1.0, 0.9, 0.85, 0.8),
 )
 
@@ -173,6 +178,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pair_sampling": ("random", "different_category"), "ft_trainable": FT_TRAINABLE, "ft_loss": FT_LOSSES,
     "ft_compile": FT_COMPILE,
 }
+# the settings of one finetuning run (`pc_clip.training.state.FinetuneSettings`) -> the Config fields they are:
+# their defaults and the rules that check them are the config's
+FINETUNE_FIELDS = dict(
+    trainable="ft_trainable", loss="ft_loss", temperature="ft_temperature", lr="ft_lr", lr_decay="ft_lr_decay",
+    epochs="ft_epochs", batch_size="ft_batch_size", grad_accum="ft_grad_accum", weight_decay="ft_weight_decay",
+    max_bad_fraction="ft_max_bad_fraction", max_pairs="ft_max_pairs", seed="seed", precision="precision",
+    model_name="model_name", keep_epochs="ft_keep_epochs", fused_attention="ft_fused_attention",
+    length_buckets="ft_length_buckets", compile="ft_compile")
 _UNION = (types.UnionType, typing.Union)
 
 
@@ -369,7 +382,18 @@ def get_config(profile: str = "tiny", **overrides) -> Config:
     _check_keys(overrides)
     return _validated(Config(**{**PROFILES[profile], "profile": profile, **_coerce(one_learning_rate(overrides))}))
 
+
+def config_problems(**values) -> list[str]:
+    "The messages of `validate_config` for `values` (Config fields), every other field at its default."
+    _check_keys(values)
+    return validate_config(dataclasses.replace(Config(), **_coerce(values)))
+
 # %% ../../nbs/core/00_config.ipynb #4bdac749
+def embedding_options(cfg: Config) -> dict:
+    "The keywords of `embed_texts` and `embed_images` (pc_clip.models.embed) that a run's config decides."
+    return dict(precision=cfg.precision, batch_size=cfg.eval_batch_size)
+
+
 def given(**params) -> dict:
     "The notebook parameters that were set: `None` means 'the profile's value', so those are left out."
     return {k: v for k, v in params.items() if v is not None}

@@ -8,16 +8,20 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 from .config import Config
+from .runtime import content_hash, data_root, pick_device, run_dir, run_id, run_name
 
 # %% auto #0
 __all__ = ['BASE_SETTINGS', 'PAIR_SETTINGS', 'LLM_SETTINGS', 'GENERATION_SETTINGS', 'FAST_PATH_SETTINGS', 'FINETUNE_SETTINGS',
            'CAPTION_FINETUNE_SETTINGS', 'SELECTION_SETTINGS', 'T2I_BASE_SETTINGS', 'NOT_WEIGHT_SETTINGS', 'NOISE_LEVEL',
-           'BOTH_TOWERS_MAX_PAIRS', 'ROLES', 'CAPTION_DATA', 'REGISTRY', 'MODEL_COLOURS', 'UNKNOWN_MODEL_COLOUR',
-           'PALETTE', 'ModelSpec', 'applies', 'model_specs', 'model_spec', 'model_names', 'ablation_models',
-           'ModelPalette', 'sweep_grid', 'model_settings']
+           'BOTH_TOWERS_MAX_PAIRS', 'ROLES', 'CAPTION_DATA', 'REGISTRY', 'ABLATION_ROLES', 'MODEL_COLOURS',
+           'UNKNOWN_MODEL_COLOUR', 'PALETTE', 'CEILING_TASK', 'TASKS', 'TASK_TITLES', 'MAIN_METRICS',
+           'PAPER_EVAL_DATASETS', 'ModelSpec', 'applies', 'model_specs', 'model_spec', 'model_names', 'ablation_models',
+           'ModelPalette', 'sweep_grid', 'model_settings', 'models_dir', 'model_dir', 'clip_source', 'model_manifest',
+           'TaskSpec', 'task_spec']
 
 # %% ../../nbs/core/03_registry.ipynb #e4b77711
 BASE_SETTINGS = ("seed", "precision", "model_name", "pretrained", "corpus", "world_image_size", "world_n_train",
@@ -165,14 +169,23 @@ def model_spec(cfg: Config, name: str) -> ModelSpec:
                    f"known: {[s.resolved(cfg).name for s in REGISTRY]}")
 
 
-def model_names(cfg: Config) -> list[str]:
-    "The models the evaluation experiments (04-09, 11) run on `cfg`: every evaluated entry that exists there."
-    return [s.name for s in model_specs(cfg) if s.evaluated]
+def _specs(cfg: Config | None) -> list[ModelSpec]:
+    "The entries that exist on `cfg`; without a config every entry, its name at the default settings."
+    return model_specs(cfg) if cfg is not None else [s.resolved(Config()) for s in REGISTRY]
 
 
-def ablation_models(cfg: Config) -> list[str]:
-    "The models of the report's table of baselines and ablations."
-    return [s.name for s in model_specs(cfg) if s.ablation]
+def model_names(cfg: Config | None = None) -> list[str]:
+    "The models the evaluation experiments (04-09, 11) run on `cfg`: every evaluated entry that exists there (no `cfg`: every evaluated entry)."
+    return [s.name for s in _specs(cfg) if s.evaluated]
+
+
+ABLATION_ROLES = ("base", "baseline", "pc-clip", "ablation", "weight-average")  # the order of the report's ablation table
+
+
+def ablation_models(cfg: Config | None = None) -> list[str]:
+    "The models of the report's table of baselines and ablations, in the order of `ABLATION_ROLES` (no `cfg`: every such entry)."
+    specs = _specs(cfg)
+    return [s.name for r in ABLATION_ROLES for s in specs if s.ablation and s.role == r]
 
 # %% ../../nbs/core/03_registry.ipynb #c8acb19d
 MODEL_COLOURS = {  # registry entry name -> colour (hex); far apart, no two greens
@@ -243,3 +256,77 @@ def model_settings(cfg: Config, name: str, lr: float | None = None, alpha: float
     if alpha is not None and float(alpha) != 1.0:
         out["candidate_alpha"] = float(alpha)
     return out
+
+# %% ../../nbs/core/03_registry.ipynb #ca3751bc
+def models_dir(cfg: Config) -> Path:
+    "The folder holding every model folder of `cfg`'s run."
+    return run_dir(cfg) / "models"
+
+
+def model_dir(cfg: Config, name: str, lr: float | None = None, alpha: float | None = None) -> Path:
+    "Folder of the model called `name` (results-table name) trained with the settings of `cfg` (candidate `lr`, `alpha`)."
+    key = content_hash(model_settings(cfg, name, lr, alpha), n=10)
+    return models_dir(cfg) / f"{name.replace('/', '__')}-{key}"
+
+
+def clip_source(cfg: Config, name: str = "clip", device=None) -> dict:
+    "The keywords of `pc_clip.models.clip.load_clip` for model `name` of `cfg` (the base may fall back to `cfg.pretrained`)."
+    pretrained = (cfg.model_name, cfg.pretrained) if name == "clip" and cfg.pretrained else None
+    return dict(folder=model_dir(cfg, name), name=name, pretrained=pretrained, root=data_root(cfg),
+                device=device or pick_device(cfg.device))
+
+
+def model_manifest(cfg: Config, name: str, folder: str | Path | None = None, lr: float | None = None,
+                   alpha: float | None = None) -> dict:
+    "What the manifest of model `name` (candidate `lr`, `alpha`) records from `cfg`: its entry, settings, key and run."
+    spec, settings = model_spec(cfg, name), model_settings(cfg, name, lr, alpha)
+    folder = Path(folder) if folder is not None else model_dir(cfg, name, lr, alpha)
+    candidate = lr is not None or alpha is not None
+    m = dict(name=name, role="candidate" if candidate else spec.role, profile=cfg.profile, run=run_name(cfg),
+             run_id=run_id(cfg), folder=folder.name, key=content_hash(settings, n=10), settings=settings, data=spec.data,
+             trainable=spec.trainable or (cfg.ft_trainable if spec.data else None),
+             loss=spec.loss or (cfg.ft_loss if spec.data else None))
+    if candidate:
+        m["candidate"] = {"lr": float(cfg.ft_lr if lr is None else lr), "alpha": 1.0 if alpha is None else float(alpha)}
+    return m
+
+# %% ../../nbs/core/03_registry.ipynb #62249685
+@dataclass(frozen=True)
+class TaskSpec:
+    "One task of the results table: its name there, the title of its report section, its main metric, the paper's data sets."
+    name: str
+    title: str
+    metric: str | None = None  # the metric the report's ablation table shows (None: not in that table)
+    paper_datasets: tuple[str, ...] = ()  # the data sets of a paper profile (a world profile: the world)
+    reported: bool = True  # the report gives it a section of its own
+
+
+CEILING_TASK = "cell_ceiling"  # experiment 09's rows of what bounds each cell (pc_clip.evaluation.runner.run_cell_ceiling)
+TASKS: list[TaskSpec] = [
+    TaskSpec("difference_classification", "Difference-based classification / attribute ranking (accuracy; chance 0.5)",
+             "accuracy", ("awa2", "cifar100", "flowers102", "cub")),
+    TaskSpec("zero_shot", "Zero-shot classification", "accuracy", ("cifar100", "cub", "eurosat", "flowers102", "sun397")),
+    TaskSpec("comparative_prompting", "Comparative prompting"),
+    TaskSpec("retrieval", "Retrieval (recall@k)", "recall@5_i2t"),
+    TaskSpec("geometry", "Geometry of the embedding space"),
+    TaskSpec("linear_probe", "Linear probes on frozen image features", "accuracy"),
+    TaskSpec("t2i_arithmetic", "Text-to-image with embedding arithmetic", "success_rate"),
+    TaskSpec("pretrain", "Pretraining of the base model"),
+    TaskSpec("finetune", "Finetuning runs"),
+    TaskSpec("differences", "Difference data"),
+    TaskSpec("throughput", "Throughput"),
+    TaskSpec("vocabulary", "Vocabulary: share of the words of difference statements that the base model's pretraining "
+             "captions contained"),
+    TaskSpec(CEILING_TASK, "What bounds each cell: the image side's ceiling and the probes", reported=False),
+]
+TASK_TITLES = {t.name: t.title for t in TASKS if t.reported}  # the report's sections, in order
+MAIN_METRICS = {t.name: t.metric for t in TASKS if t.metric}  # the columns of the report's ablation table
+PAPER_EVAL_DATASETS = {t.name: t.paper_datasets for t in TASKS if t.paper_datasets}
+
+
+def task_spec(name: str) -> TaskSpec:
+    "The entry of task `name` (a `KeyError` naming the known tasks if there is none)."
+    for t in TASKS:
+        if t.name == name:
+            return t
+    raise KeyError(f"no task {name!r} in pc_clip.core.registry.TASKS; known: {[t.name for t in TASKS]}")

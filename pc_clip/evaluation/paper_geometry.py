@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..core.config import Config
+from ..core.config import Config, embedding_options
 from .metrics import geometry, outcomes
 from .comparative import LazyBackend, class_differences
 from ..data.datasets import load_dataset
@@ -21,6 +21,7 @@ from ..differences.records import differences_dir, generate_differences, generat
 from ..differences.pairs import load_corpus, sample_pairs
 from ..models.embed import embed_images, embed_texts, kept_indices
 from .runner import eval_datasets, evaluation_rows, for_each_model
+from ..core.runtime import cache_dir
 
 # %% auto #0
 __all__ = ['class_pair_frame', 'class_pair_names', 'class_pair_texts', 'pair_alignment', 'heldout_pair_count',
@@ -140,18 +141,18 @@ def run_paper_geometry(cfg: Config, model_names: Sequence[str], n_classes: int =
 
     def one(m) -> list[dict]:
         rows = []
-        emb = embed_images(m.model, val, cfg, preprocess=m.preprocess, progress=progress)
+        emb = embed_images(m.model, val, cache_dir(cfg), **embedding_options(cfg), preprocess=m.preprocess, progress=progress)
         st = to_embedding_rows(val, statements)  # after embedding: an unreadable image drops its own pairs only
         if st.key.nunique() >= 2:
-            txt = embed_texts(m.model, m.tokenizer, list(st.text), cfg)
+            txt = embed_texts(m.model, m.tokenizer, list(st.text), **embedding_options(cfg))
             rows += evaluation_rows({cfg.seed: pair_alignment(emb, st, txt)}, m.name, "geometry", cfg.corpus,
                                     {"pairs": "heldout"})
         else:
             print(f"geometry on {cfg.corpus}: not measured ({st.key.nunique()} held-out pairs with statements)")
         for ds, frame in class_sets:
-            emb = embed_images(m.model, ds, cfg, preprocess=m.preprocess, progress=progress)
+            emb = embed_images(m.model, ds, cache_dir(cfg), **embedding_options(cfg), preprocess=m.preprocess, progress=progress)
             frame = to_embedding_rows(ds, frame, ("edited", "base"))
-            txt = embed_texts(m.model, m.tokenizer, list(frame.text), cfg)
+            txt = embed_texts(m.model, m.tokenizer, list(frame.text), **embedding_options(cfg))
             res = geometry(emb, frame, txt, None, n_quads, cfg.seed)["all"]
             rows += evaluation_rows({cfg.seed: res}, m.name, "geometry", ds.name, {"pairs": "classes"})
         return rows

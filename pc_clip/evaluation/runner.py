@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .comparative import class_differences, comparative_prompting, confused_pair_differences
-from ..core.config import Config
-from ..core.runtime import artifact_lock, atomic_write, content_hash, result_row, results_path, write_results
+from ..core.config import Config, embedding_options
+from ..core.runtime import artifact_lock, atomic_write, cache_dir, content_hash, result_row, results_path, write_results
 from ..data.datasets import load_dataset
 from ..models.embed import embed_images, embed_texts, embedded_labels
 from .geometry import (controlled_pairs, edit_statements, flatten_captions, probe_indices,
@@ -98,7 +98,7 @@ def text_encoder(model, tokenizer, batch_size: int = 256, device: str | torch.de
 # %% ../../nbs/evaluation/04_runner.ipynb #29ee1248
 def _embedded(m: LoadedModel, ds, cfg: Config, progress: bool = False) -> tuple[torch.Tensor, np.ndarray]:
     "`(embeddings [N, D], labels [N])` of the readable images of `ds` by loaded model `m`."
-    return embed_images(m.model, ds, cfg, preprocess=m.preprocess, progress=progress), embedded_labels(ds)
+    return embed_images(m.model, ds, cache_dir(cfg), **embedding_options(cfg), preprocess=m.preprocess, progress=progress), embedded_labels(ds)
 
 # %% ../../nbs/evaluation/04_runner.ipynb #cefa4e97
 PAPER_EVAL_DATASETS = {"difference_classification": ("awa2", "cifar100", "flowers102", "cub"),
@@ -309,13 +309,13 @@ def run_retrieval(cfg: Config, model_names: Sequence[str], n_images: int | None 
 
     def one(m: LoadedModel) -> list[dict]:
         if dataset == "world":
-            img = embed_images(m.model, corpus[0], cfg, progress=progress)[torch.as_tensor(corpus[1])]
+            img = embed_images(m.model, corpus[0], cache_dir(cfg), **embedding_options(cfg), progress=progress)[torch.as_tensor(corpus[1])]
         else:
             img, _ = _embedded(m, corpus, cfg, progress)
             if len(img) != len(corpus):
                 raise ValueError(f"{len(corpus) - len(img)} COCO images could not be read ({corpus.n_skipped} skipped); "
                                  "repair or remove them (their captions would lose their image)")
-        res = retrieval(img, embed_texts(m.model, m.tokenizer, texts, cfg, progress=progress), owner)
+        res = retrieval(img, embed_texts(m.model, m.tokenizer, texts, **embedding_options(cfg), progress=progress), owner)
         return evaluation_rows({cfg.seed: res}, m.name, "retrieval", dataset)
     return for_each_model(cfg, model_names, one)
 
@@ -335,8 +335,8 @@ def run_geometry(cfg: Config, model_names: Sequence[str], n_per_edit: int = 48, 
         if size not in pairs:
             pairs[size] = controlled_pairs(world, n_per_edit=n_per_edit, seed=cfg.seed, image_size=size)
         cp = pairs[size]
-        img = embed_images(m.model, cp.images, cfg, progress=progress)
-        txt, txt_train = (embed_texts(m.model, m.tokenizer, edit_statements(cp, cfg.seed, w), cfg) for w in ("heldout", "train"))
+        img = embed_images(m.model, cp.images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
+        txt, txt_train = (embed_texts(m.model, m.tokenizer, edit_statements(cp, cfg.seed, w), **embedding_options(cfg)) for w in ("heldout", "train"))
         res = geometry(img, cp.pairs, txt, txt_train, n_quads, cfg.seed)
         return [r for k, v in res.items() for r in evaluation_rows({cfg.seed: v}, m.name, "geometry",
                                                                    "world" if k == "all" else f"world/{k}")]
@@ -351,7 +351,7 @@ def _probe_features(cfg: Config, model_names: Sequence[str], datasets, max_train
         idx = probe_indices(world, max_train, cfg.seed)
         labels["world"] = world_probe_labels(world, idx)
         for m in iter_models(cfg, model_names):
-            emb = embed_images(m.model, world.images, cfg, progress=progress).numpy()
+            emb = embed_images(m.model, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress).numpy()
             features.setdefault("world", {})[m.name] = tuple(emb[i] for i in idx)
         return features, labels
     splits = {}
@@ -416,7 +416,7 @@ def run_cell_ceiling(cfg: Config, max_train: int | None = 4000, progress: bool =
         return []
     world = make_world(cfg)
     (m,) = list(iter_models(cfg, ["clip"]))
-    emb = embed_images(m.model, world.images, cfg, progress=progress)
+    emb = embed_images(m.model, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
     tr, va, te = probe_indices(world, max_train, cfg.seed)
     x = emb.numpy()
     rows = []

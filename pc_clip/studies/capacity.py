@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from tqdm.auto import tqdm
 
-from ..core.config import Config
+from ..core.config import Config, embedding_options
 from ..core.runtime import atomic_write_json, cache_dir, content_hash, get_logger, result_row
 from ..data.datasets import world_dataset
 from ..differences.pairs import corpus_from_world, sample_pairs
@@ -153,7 +153,7 @@ def oracle_inputs(cfg: Config, world, model, tokenizer, progress: bool = True) -
     pairs = sample_pairs(corpus_from_world(world, "train"), cfg.n_pairs, cfg.seed, cfg.pair_sampling, world.heldout_pairs)
     path = cache_dir(cfg) / "capacity" / f"oracle-{world.key or content_hash(world.images)}-{content_hash(pairs['key'].tolist())}.jsonl"
     records = generate_differences(pairs, make_backend(cfg, world), path, progress=progress)
-    emb = embed_images(model, world.images, cfg, progress=progress)
+    emb = embed_images(model, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
     return FinetuneInputs(model, tokenizer, emb, world.images, {"differences": difference_triples(records)}, world,
                           {"differences": f"oracle statements of {len(pairs)} pairs"}, {"differences": path})
 

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.config import Config
+from ..core.config import Config, embedding_options
 from ..core.registry import PALETTE
-from ..core.runtime import get_logger, pick_device
+from ..core.runtime import cache_dir, get_logger, pick_device
 from ..data.datasets import load_dataset, world_dataset
 from ..data.imagedata import ImageDataset
 from ..evaluation.runner import text_encoder
@@ -154,7 +154,7 @@ def load_explorer(cfg: Config, models: Sequence[str] = ("clip", "pc-clip"), data
     for name in models:
         model, preprocess, tokenizer = load_clip(cfg, name, device)
         model.eval()
-        emb = embed_images(model, ds, cfg, device=device, preprocess=preprocess, progress=False)
+        emb = embed_images(model, ds, cache_dir(cfg), **embedding_options(cfg), device=device, preprocess=preprocess, progress=False)
         keep = kept_indices(ds)
         if len(keep) != len(ds):  # unreadable files: keep the readable ones, in the same order for every model
             ds = ds.subset(keep)

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.config import Config
-from ..core.runtime import condition_dict, result_row
+from ..core.config import Config, embedding_options
+from ..core.runtime import cache_dir, condition_dict, result_row
 from pc_clip.differences.records import (difference_triples, differences_path, generate_differences, item_rng,
     judged_path, make_backend)
 from ..differences.pairs import sample_pairs
@@ -25,6 +25,7 @@ from ..training.finetune import finetune
 from ..models.clip import load_clip, model_dir
 from ..differences.pairs import corpus_from_world
 from ..world.shapes import make_world
+from ..training.state import FinetuneSettings
 
 # %% auto #0
 __all__ = ['ITEM_KEYS', 'CURVE_TASK', 'row_items', 'pooled_mean', 'paired_gain', 'study_row', 'noisy_differences',
@@ -195,7 +196,7 @@ def run_noise_curve(cfg: Config, noises: Sequence[float] = (0.0, 0.1, 0.3, 0.5),
     "`(rows, info)`: PC-CLIP finetuned at each noise rate, unfiltered and filtered by each judge, measured against `clip`."
     world = make_world(cfg)
     base, _, tokenizer = load_clip(cfg, "clip")
-    emb = embed_images(base, world.images, cfg, progress=progress)
+    emb = embed_images(base, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
     pairs = sample_pairs(corpus_from_world(world, "train"), cfg.n_pairs, cfg.seed, cfg.pair_sampling, world.heldout_pairs)
     test = eval_datasets(cfg, "difference_classification", split="test")
     evaluate = lambda c, names: (run_difference_classification(c, names, test, progress=False)
@@ -206,8 +207,7 @@ def run_noise_curve(cfg: Config, noises: Sequence[float] = (0.0, 0.1, 0.3, 0.5),
         cn = cfg.replace(oracle_noise=float(noise))
         for filt, (triples, tinfo) in noise_training_sets(cn, world, judges, pairs, progress).items():
             name, cond = noise_model_name(filt), {"noise": float(noise), "filter": filt}
-            run = finetune(base, tokenizer, triples, cn, model_dir(cn, name), image_embeddings=emb, images=world.images,
-                           progress=progress)
+            run = finetune(base, tokenizer, triples, FinetuneSettings.from_config(cn), model_dir(cn, name), image_embeddings=emb, images=world.images, progress=progress)
             rows += curve_rows(evaluate(cn, [name]), clip_rows, "pc-clip", cond, cfg.seed)
             rows += training_rows("pc-clip", triples, tinfo, cond, cfg.seed)
             info[(float(noise), filt)] = {**tinfo, "triples": len(triples), "seconds": run.seconds, "reused": run.reused,

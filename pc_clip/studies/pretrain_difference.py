@@ -15,8 +15,8 @@ import open_clip
 import pandas as pd
 import torch
 
-from ..core.config import Config
-from pc_clip.core.runtime import (artifact_lock, atomic_write_json, condition_dict, content_hash, pick_device,
+from ..core.config import Config, embedding_options
+from pc_clip.core.runtime import (artifact_lock, atomic_write_json, cache_dir, condition_dict, content_hash, pick_device,
     result_row)
 from ..training.losses import difference_contrastive_loss, make_clip_loss
 from ..models.clip import checkpoint_metadata, is_checkpoint, load_checkpoint, model_dir, save_checkpoint
@@ -31,6 +31,7 @@ from ..models.embed import embed_images
 from ..evaluation.runner import run_difference_classification, run_retrieval, run_zero_shot
 from ..training.finetune import finetune
 from ..differences.pairs import corpus_from_world, sample_pairs
+from ..training.state import FinetuneSettings
 
 # %% auto #0
 __all__ = ['JOINT_VERSION', 'STUDY_TASK', 'batch_difference_pairs', 'joint_loss', 'joint_step_loss', 'pretrain_joint',
@@ -141,9 +142,7 @@ def pretrain_then_finetune(world: World, cfg: Config, finetune_steps: int, devic
     base, tokenizer, hist, reused = pretrain_joint_or_load(world, base_cfg, 0.0, device, progress)
     n = finetune_steps * cfg.ft_batch_size
     triples = oracle_triples(world, n, cfg.seed)  # about two statements per pair: more than n triples
-    run = finetune(base, tokenizer, triples, cfg, model_dir(cfg, "pretrain-then-finetune"),
-                   embed_images(base, world.images, cfg, progress=progress), world.images, max_pairs=n, epochs=1,
-                   progress=progress)
+    run = finetune(base, tokenizer, triples, FinetuneSettings.from_config(cfg, max_pairs=n, epochs=1), model_dir(cfg, "pretrain-then-finetune"), embed_images(base, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress), world.images, progress=progress)
     return {"model": run.model, "pretrain_steps": hist["steps"], "pretrain_seconds": hist["seconds"],
             "pretrain_reused": reused, "finetune_steps": len(run.steps), "finetune_seconds": run.seconds,
             "finetune_reused": run.reused}

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.config import Config
-from ..core.runtime import data_root, pick_device, result_row
+from ..core.config import Config, embedding_options
+from ..core.runtime import cache_dir, data_root, pick_device, result_row
 from ..evaluation.metrics import bootstrap_ci
 from .sdxl import embedding_arithmetic, load_sdxl, swap_text_encoder, t2i_clip_score_rows
 from ..data.datasets import load_dataset
@@ -28,6 +28,7 @@ from ..world.oracle import difference_statement
 from ..world.shapes import position_word, size_word
 from ..differences.pairs import load_corpus, sample_pairs
 from ..core.registry import REGISTRY
+from ..training.state import FinetuneSettings
 
 # %% auto #0
 __all__ = ['GALLERY_LEVELS', 'GALLERY_EDITS', 'T2I_BASE', 'SDXL_TEXT_WIDTHS', 'T2I_ARMS', 'T2I_PC_CLIP', 'attribute_gallery',
@@ -222,14 +223,13 @@ def train_t2i_pc_clip(cfg: Config, progress: bool = True):
     study_cfg = cfg.replace(model_name=base[0], pretrained=base[1])
     model, preprocess, tokenizer = create_clip(*base, device=pick_device(cfg.device), root=data_root(cfg))
     ds = load_dataset(cfg.corpus, cfg, "train")
-    emb = embed_images(model, ds, study_cfg, preprocess=preprocess, progress=progress)
+    emb = embed_images(model, ds, cache_dir(study_cfg), **embedding_options(study_cfg), preprocess=preprocess, progress=progress)
     # this config's training data, as experiment 03 reads it for `pc-clip`: with a judge, its consistent statements only
     corpus, held_out, _ = load_corpus(cfg, "train")
     keys = pd.DataFrame({"key": sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling, held_out)["key"]})
     triples = training_triples(cfg, noise=0.0 if cfg.generator == "oracle" else None, pairs=keys)
     triples = embedding_rows(ds, triples)  # corpus rows -> rows of `emb` (pairs with an unreadable image dropped)
-    run = finetune(model, tokenizer, triples, study_cfg, model_dir(cfg, T2I_PC_CLIP), image_embeddings=emb,
-                   model_name=base[0], progress=progress)
+    run = finetune(model, tokenizer, triples, FinetuneSettings.from_config(study_cfg, model_name=base[0]), model_dir(cfg, T2I_PC_CLIP), image_embeddings=emb, progress=progress)
     noise = 0.0 if cfg.generator == "oracle" else None  # its manifest, like every model's: base, data file, rows
     write_manifest(cfg, T2I_PC_CLIP, run.out_dir, data_file=differences_path(cfg, noise),
                    extra={"base": {"model_name": base[0], "pretrained": base[1]},
@@ -255,10 +255,10 @@ def _gallery_study(cfg: Config, model_names: Sequence[str], weight: float, sweep
                    categories: Sequence[str] | None, progress: bool) -> tuple[list[dict], dict]:
     ev_model, _, ev_tok = load_clip(cfg, "clip")
     images, gallery = attribute_gallery(cfg.world_image_size, cfg.seed, categories)
-    ev_img, ev_txt = embed_images(ev_model, images, cfg, progress=progress), text_encoder(ev_model, ev_tok, cfg.eval_batch_size)
+    ev_img, ev_txt = embed_images(ev_model, images, cache_dir(cfg), **embedding_options(cfg), progress=progress), text_encoder(ev_model, ev_tok, cfg.eval_batch_size)
     rows = []
     for name, model, _, tokenizer in iter_models(cfg, model_names):
-        emb = embed_images(model, images, cfg, progress=progress)
+        emb = embed_images(model, images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
         rows += gallery_arithmetic_rows(emb, gallery, text_encoder(model, tokenizer, cfg.eval_batch_size), name,
                                         n_texts=n_texts, weight=weight, sweep=sweep, seed=cfg.seed,
                                         eval_image_emb=ev_img, eval_encode_text=ev_txt)

@@ -15,13 +15,13 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from ..core.config import Config, get_config
-from ..core.runtime import artifact_lock, atomic_write, get_logger, pick_device, results_path
+from ..core.config import Config, embedding_options, get_config
+from ..core.runtime import artifact_lock, atomic_write, cache_dir, get_logger, pick_device, results_path
 from ..models.embed import embed_images, embedding_rows, model_fingerprint
 from .finetune import FinetuneRun, finetune
 from ..models.clip import (average_weights, checkpoint_metadata, is_checkpoint, load_clip, model_dir,
     save_checkpoint, write_manifest)
-from .state import init_distributed, rank_world
+from .state import FinetuneSettings, init_distributed, rank_world
 from ..data.datasets import load_dataset
 from ..differences.records import (difference_triples, differences_path, read_records, rewrites_path,
     rewritten_captions, training_triples)
@@ -30,10 +30,10 @@ from ..core.registry import sweep_grid, CAPTION_DATA, NOISE_LEVEL, REGISTRY, mod
 from ..world.oracle import oracle_differences
 
 # %% auto #0
-__all__ = ['FINETUNE_PLAN', 'caption_table', 'finetune_captions', 'weight_average_model', 'save_weight_average', 'save_derived',
-           'world_check_triples', 'select_records', 'finetune_plan', 'FinetuneInputs', 'finetuning_inputs',
-           'training_data_path', 'training_data_table', 'write_training_data', 'base_inputs', 'candidate_lr',
-           'finetune_models', 'main']
+__all__ = ['FINETUNE_PLAN', 'caption_table', 'caption_settings', 'finetune_captions', 'weight_average_model',
+           'save_weight_average', 'save_derived', 'world_check_triples', 'select_records', 'finetune_plan',
+           'FinetuneInputs', 'finetuning_inputs', 'training_data_path', 'training_data_table', 'write_training_data',
+           'base_inputs', 'candidate_lr', 'finetune_models', 'main']
 
 # %% ../../nbs/training/05_plan.ipynb #efdf88ab
 def caption_table(captions: list[str], indices=None) -> pd.DataFrame:
@@ -42,11 +42,18 @@ def caption_table(captions: list[str], indices=None) -> pd.DataFrame:
     return pd.DataFrame({"i": idx.astype(np.int64), "text": [captions[k] for k in idx]})
 
 
-def finetune_captions(model, tokenizer, captions: pd.DataFrame, cfg: Config, out_dir: str | Path,
-                      image_embeddings: torch.Tensor | None = None, images=None, **overrides) -> FinetuneRun:
-    "Finetune on (image, caption) rows with the CLIP loss and the `caption_ft_*` settings."
+def caption_settings(cfg: Config, **overrides) -> FinetuneSettings:
+    "The settings of a caption baseline: the CLIP loss and the `caption_ft_*` fields of `cfg`, then `overrides`."
     kw = dict(loss="clip", lr=cfg.caption_ft_lr, batch_size=cfg.caption_ft_batch_size, epochs=cfg.caption_ft_epochs)
-    return finetune(model, tokenizer, captions, cfg, out_dir, image_embeddings, images, **{**kw, **overrides})
+    return FinetuneSettings.from_config(cfg, **{**kw, **overrides})
+
+
+def finetune_captions(model, tokenizer, captions: pd.DataFrame, cfg: Config, out_dir: str | Path,
+                      image_embeddings: torch.Tensor | None = None, images=None, progress: bool = True,
+                      **overrides) -> FinetuneRun:
+    "Finetune on (image, caption) rows with the CLIP loss and the `caption_ft_*` settings."
+    s = caption_settings(cfg, **overrides)
+    return finetune(model, tokenizer, captions, s, out_dir, image_embeddings, images, progress=progress)
 
 # %% ../../nbs/training/05_plan.ipynb #7d8b7d47
 def weight_average_model(base: torch.nn.Module, finetuned: torch.nn.Module, alpha: float = 0.5) -> torch.nn.Module:
@@ -159,10 +166,10 @@ def finetuning_inputs(cfg: Config, device: str | torch.device | None = None, pro
     corpus, held_out, world = load_corpus(cfg, "train")
     data, sources, files = _training_data(cfg, corpus, held_out)
     if world is not None:
-        return FinetuneInputs(base, tokenizer, embed_images(base, world.images, cfg, progress=progress), world.images,
+        return FinetuneInputs(base, tokenizer, embed_images(base, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress), world.images,
                               data, world, sources, files)
     ds = load_dataset(cfg.corpus, cfg, split="train")
-    emb = embed_images(base, ds, cfg, preprocess=preprocess, progress=progress)
+    emb = embed_images(base, ds, cache_dir(cfg), **embedding_options(cfg), preprocess=preprocess, progress=progress)
     data = {k: embedding_rows(ds, df) for k, df in data.items()}  # unreadable images have no row: their pairs go
     return FinetuneInputs(base, tokenizer, emb, None, data, sources=sources, files=files)
 
@@ -200,7 +207,7 @@ def base_inputs(inputs: FinetuneInputs, cfg: Config, name: str | None, progress:
         if inputs.world is None:
             raise ValueError(f"base model {name!r} is an ablation of the Shapes world; corpus {cfg.corpus!r} has none")
         base, _, _ = load_clip(cfg, name, inputs.image_emb.device)
-        emb = embed_images(base, inputs.world.images, cfg, progress=progress)
+        emb = embed_images(base, inputs.world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
         inputs.bases[name] = FinetuneInputs(base, inputs.tokenizer, emb, inputs.images, inputs.data, inputs.world,
                                             inputs.sources, inputs.files)
     return inputs.bases[name]
@@ -229,11 +236,10 @@ def finetune_models(inputs: FinetuneInputs, cfg: Config, names: Sequence[str] | 
         if spec.chosen:  # trained at a candidate learning rate (the one setting, unless given)
             at = float(lr) if lr is not None else candidate_lr(cfg, name)
             kw = {**kw, "lr": at}
-        fn = finetune_captions if key in CAPTION_DATA else finetune
+        s = caption_settings(cfg, **kw) if key in CAPTION_DATA else FinetuneSettings.from_config(cfg, **kw)
         out = model_dir(cfg, name, lr=at)
         src = base_inputs(inputs, cfg, spec.parent, progress)
-        runs[name] = fn(src.base, src.tokenizer, src.data[key], cfg, out,
-                        image_embeddings=src.image_emb, images=src.images, progress=progress, **kw)
+        runs[name] = finetune(src.base, src.tokenizer, src.data[key], s, out, src.image_emb, src.images, progress=progress)
         if rank_world()[0] == 0:
             write_manifest(cfg, name, out, lr=at, data_file=inputs.files.get(key), parent=model_dir(cfg, spec.parent or "clip"),
                            extra={"training": {"rows": int(runs[name].epochs.pairs.iloc[0]) if len(runs[name].epochs) else None,
