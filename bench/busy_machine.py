@@ -42,12 +42,13 @@ WORKER = r"""
 import hashlib, json, sys, time
 import torch
 from pc_clip.core.config import get_config
-from pc_clip.training.pretrain import PRETRAIN_THREADS, pretrain_clip
+from pc_clip.training.pretrain import PRETRAIN_THREADS, PretrainSettings, pretrain_clip
 from pc_clip.world.shapes import make_world
+from pc_clip.core.registry import world_options
 cfg = get_config("tiny", **json.loads(sys.argv[1]))
-world = make_world(cfg)
+world = make_world(**world_options(cfg))
 t0 = time.perf_counter()
-model, _, history = pretrain_clip(world, cfg, device="cpu", progress=False)
+model, _, history = pretrain_clip(world, PretrainSettings.from_config(cfg), device="cpu", progress=False)
 seconds = time.perf_counter() - t0
 h = hashlib.sha256()
 for k, v in sorted(model.state_dict().items()):

@@ -24,11 +24,11 @@ import torch
 
 from pc_clip.core.config import get_config
 from pc_clip.core.runtime import pick_device
-from pc_clip.training.plan import finetuning_inputs
-from pc_clip.training.pretrain import pretrain_or_load
+from pc_clip.training.plan import finetuning_inputs, pretrain_or_load
 from pc_clip.training.selection import run_sweep
 from pc_clip.world.oracle import vocabulary_coverage
 from pc_clip.world.shapes import make_world
+from pc_clip.core.registry import world_options
 
 
 def config_of(rate: float):
@@ -40,7 +40,7 @@ def config_of(rate: float):
 def study(rate: float) -> dict:
     cfg = config_of(rate)
     t0 = time.perf_counter()
-    world = make_world(cfg)
+    world = make_world(**world_options(cfg))
     _, _, history, reused = pretrain_or_load(world, cfg, device=pick_device(cfg.device))
     cov = vocabulary_coverage(world, epochs=math.ceil(history["epochs"]), seed=cfg.seed).set_index("wording")
     sweep = run_sweep(finetuning_inputs(cfg, progress=False), cfg, progress=False)

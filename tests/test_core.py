@@ -23,7 +23,7 @@ from conftest import REPO, make_notebook
 from pc_clip.core import registry
 from pc_clip.evaluation.runner import (evaluated_models, items_path, read_items, run_zero_shot, eval_datasets,
     write_evaluation)
-from pc_clip.core.registry import ModelSpec, model_names
+from pc_clip.core.registry import ModelSpec, model_names, world_options
 from pc_clip.core.registry import clip_source, model_dir, models_dir
 
 
@@ -514,10 +514,10 @@ def test_one_registry_entry_is_trained_evaluated_and_reported(runs_dir, one_more
 
 
 def test_a_damaged_base_checkpoint_is_rebuilt(runs_dir):
-    from pc_clip.training.pretrain import pretrain_or_load
+    from pc_clip.training.plan import pretrain_or_load
     from pc_clip.world.shapes import make_world
     cfg = get_config("tiny", world_n_train=64, world_n_test=16, world_n_val=16, pretrain_steps=2, pretrain_batch_size=16)
-    world = make_world(cfg)
+    world = make_world(**world_options(cfg))
     model, _, _, reused = pretrain_or_load(world, cfg, "cpu", progress=False)
     weights = model_dir(cfg, "clip") / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a truncated copy

@@ -29,6 +29,7 @@ from pc_clip.differences.record_stats import filter_counts, filter_summary
 from pc_clip.differences.parse import parse_output, split_statements, statement_problem
 from pc_clip.smoke.fixtures import make_tiny_llama
 from pc_clip.differences.judge import (OpenAIJudge, OracleJudge, judge_agreement, judge_key, judge_prompt,
+from pc_clip.core.registry import world_options
     judge_records, make_judge, parse_verdicts, verdict_counts)
 
 
@@ -266,7 +267,7 @@ def test_killed_generation_resumes_with_every_pair_exactly_once(tmp_path):
 # ---------------------------------------------------------------- the real world oracle
 def test_world_oracle_statements_pass_the_filter(runs_dir):
     cfg = get_config("tiny", world_n_train=300, world_n_test=50)
-    world = make_world(cfg)
+    world = make_world(**world_options(cfg))
     corpus = corpus_from_world(world, "train")
     assert len(corpus) == 300 and corpus.caption.tolist() == [world.captions[i] for i in corpus.image_id]
     pairs = sample_pairs(corpus, 200, seed=0, held_out=world.heldout_pairs)

@@ -15,7 +15,7 @@ from pc_clip.core.config import get_config
 from pc_clip.core.runtime import result_row
 from pc_clip.evaluation.metrics import outcomes
 
-from pc_clip.training.pretrain import pretrain_clip
+from pc_clip.training.pretrain import PretrainSettings, pretrain_clip
 from pc_clip.world.shapes import build_world, is_heldout_pair
 from pc_clip.core.registry import model_dir
 
@@ -45,7 +45,7 @@ def test_joint_loss_is_the_clip_loss_at_weight_zero_and_adds_the_weighted_differ
 
 def test_joint_pretraining_at_weight_zero_trains_exactly_the_clip_model(world):
     cfg = get_config("tiny", pretrain_steps=3, pretrain_batch_size=16)
-    ref, _, _ = pretrain_clip(world, cfg, progress=False)
+    ref, _, _ = pretrain_clip(world, PretrainSettings.from_config(cfg), progress=False)
     m0, _, hist = pretrain_joint(world, cfg, 0.0, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), m0.state_dict().values()))
     m1, _, hist1 = pretrain_joint(world, cfg, 1.0, progress=False)

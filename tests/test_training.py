@@ -20,20 +20,19 @@ import copy
 import open_clip
 from safetensors.torch import load_file, save_file
 
-from pc_clip.core.config import embedding_options, get_config
+from pc_clip.core.config import embedding_options, get_config, world_settings
 from pc_clip.models.embed import embed_images
 from pc_clip.training.finetune import finetune, _batches, _Objective, _prepare, _step_loss
-from pc_clip.training.plan import caption_table, finetune_captions
+from pc_clip.training.plan import caption_table, finetune_captions, pretrain_or_load
 from pc_clip.training.losses import (difference_contrastive_loss, difference_mse_loss, trainable_parameter_names,
     make_clip_loss, set_trainable)
 from pc_clip.models.clip import (create_clip, is_checkpoint, load_checkpoint, checkpoint_metadata, load_clip, find_models)
-from pc_clip.training.pretrain import (PRETRAIN_THREADS, pretrain_clip, pretrain_fingerprint, pretrain_or_load,
-    warmup_cosine)
+from pc_clip.training.pretrain import PRETRAIN_THREADS, PretrainSettings, pretrain_clip, pretrain_fingerprint, warmup_cosine
 from pc_clip.world.shapes import build_world, make_world
 from pc_clip.core.runtime import cache_dir, result_row
 from pc_clip.training.selection import (SELECTION_TASK, VAL_METRICS, candidate_table, choose_setting, save_chosen,
     target_check, candidate_folders, read_candidates, write_candidates)
-from pc_clip.core.registry import sweep_grid
+from pc_clip.core.registry import sweep_grid, world_options
 from pc_clip.smoke.fixtures import temp_workdir
 from pc_clip.models.text import can_fuse, encode_text_trimmed, text_tower
 from pc_clip.training.state import FinetuneSettings
@@ -210,8 +209,8 @@ def test_slowed_run_gives_bit_identical_weights(small_world):
     before = torch.get_num_threads()
     slept = []
     slow_step = lambda step, loss: (time.sleep(0.25), slept.append(step))
-    m_fast, _, h_fast = pretrain_clip(small_world, cfg, device="cpu", progress=False, threads=2)
-    m_slow, _, h_slow = pretrain_clip(small_world, cfg, device="cpu", progress=False, threads=2, on_step=slow_step)
+    m_fast, _, h_fast = pretrain_clip(small_world, PretrainSettings.from_config(cfg), device="cpu", progress=False, threads=2)
+    m_slow, _, h_slow = pretrain_clip(small_world, PretrainSettings.from_config(cfg), device="cpu", progress=False, threads=2, on_step=slow_step)
     assert slept == [0, 1, 2, 3] and h_slow["seconds"] >= 1.0  # really slowed down, after every step ...
     assert h_fast["steps"] == h_slow["steps"] == 4 and h_slow["loss"] == h_fast["loss"]
     assert h_slow["lr"] == h_fast["lr"] and h_fast["lr"][-1] == pytest.approx(cfg.pretrain_lr * warmup_cosine(3, 4))
@@ -225,9 +224,9 @@ def test_caller_thread_setting_does_not_change_weights(small_world):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        m1, _, _ = pretrain_clip(small_world, cfg, device="cpu", progress=False, threads=1)
+        m1, _, _ = pretrain_clip(small_world, PretrainSettings.from_config(cfg), device="cpu", progress=False, threads=1)
         torch.set_num_threads(1)
-        m2, _, h2 = pretrain_clip(small_world, cfg, device="cpu", progress=False, threads=1)
+        m2, _, h2 = pretrain_clip(small_world, PretrainSettings.from_config(cfg), device="cpu", progress=False, threads=1)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
@@ -237,19 +236,20 @@ def test_caller_thread_setting_does_not_change_weights(small_world):
 
 def test_fingerprint_covers_the_settings_that_change_weights(small_world):
     cfg = _cfg()
-    fp = pretrain_fingerprint(cfg, small_world)
+    s = PretrainSettings.from_config(cfg)
+    fp = pretrain_fingerprint(s, small_world)
     changed = [cfg.replace(pretrain_steps=7), cfg.replace(pretrain_lr=2e-3), cfg.replace(pretrain_batch_size=16),
-               cfg.replace(seed=1)]
-    fps = {fp} | {pretrain_fingerprint(c, small_world) for c in changed}
-    fps |= {pretrain_fingerprint(cfg, small_world, threads=1), pretrain_fingerprint(cfg, small_world, warmup=0.2),
-            pretrain_fingerprint(cfg, small_world, weight_decay=0.0)}
-    assert len(fps) == 8
+               cfg.replace(seed=1), cfg.replace(pretrain_warmup=0.2), cfg.replace(pretrain_weight_decay=0.0),
+               cfg.replace(pretrain_betas=(0.9, 0.95)), cfg.replace(pretrain_eps=1e-8)]
+    fps = {fp} | {pretrain_fingerprint(PretrainSettings.from_config(c), small_world) for c in changed}
+    fps |= {pretrain_fingerprint(s, small_world, threads=1)}
+    assert len(fps) == 10
 
 
 def test_pretrain_then_reuse_checkpoint(runs_dir):
     "The base model is trained once, saved, and reloaded bit-identically; other steps train another model."
     cfg = _cfg(world_n_train=256, world_n_test=32, world_n_val=32)
-    world = make_world(cfg)
+    world = make_world(**world_options(cfg))
     m1, _, h1, reused1 = pretrain_or_load(world, cfg, device="cpu", progress=False, threads=1)
     m2, _, h2, reused2 = pretrain_or_load(world, cfg, device="cpu", progress=False, threads=1)
     assert (reused1, reused2) == (False, True) and h1["steps"] == 6 and h2["loss"] == h1["loss"]
@@ -434,13 +434,13 @@ def test_validation_retrieval_is_experiment_07s_protocol_on_the_val_images(runs_
     # and the protocol is one: on a world whose val and test splits are swapped, experiment 07's runner scores the
     # very retrieval outcomes the sweep scored on validation (same images, captions and seed), item for item
     cfg = get_config("tiny", world_n_train=40, world_n_val=60, world_n_test=50)
-    world = make_world(cfg)
+    world = make_world(**world_options(cfg))
     save_checkpoint(create_clip("pc-clip-tiny", seed=0)[0], model_dir(cfg, "clip"), "pc-clip-tiny")
     model, _, tokenizer = load_clip(**clip_source(cfg, "clip", "cpu"))
     val = validation_outcomes(model, tokenizer, cfg, world, retrieval_images=40)["retrieval_mean_recall"][1]
     swapped = world.attrs.assign(split=world.attrs["split"].replace({"val": "test", "test": "val"}))
-    swapped.to_csv(cache_dir(cfg) / "world" / f"{world_key(cfg)}.attrs.csv", index=False)
-    assert (make_world(cfg).indices("test") == world.indices("val")).all()
+    swapped.to_csv(cache_dir(cfg) / "world" / f"{world_key(**world_settings(cfg))}.attrs.csv", index=False)
+    assert (make_world(**world_options(cfg)).indices("test") == world.indices("val")).all()
     test = run_retrieval(cfg, ["clip"], n_images=40, progress=False)
     assert len(test) == 6
     for row in test:

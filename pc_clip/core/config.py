@@ -22,8 +22,9 @@ from typing import Any
 
 # %% auto #0
 __all__ = ['PAPER_SETTING', 'PAPER_FACTS', 'PROFILES', 'STANDIN_PROFILES', 'FT_TRAINABLE', 'FT_LOSSES', 'FT_COMPILE', 'CHOICES',
-           'FINETUNE_FIELDS', 'Config', 'ConfigError', 'validate_config', 'did_you_mean', 'one_learning_rate',
-           'get_config', 'config_problems', 'embedding_options', 'given', 'parse_overrides', 'field_help']
+           'FINETUNE_FIELDS', 'WORLD_FIELDS', 'PRETRAIN_FIELDS', 'Config', 'ConfigError', 'validate_config',
+           'did_you_mean', 'one_learning_rate', 'get_config', 'config_problems', 'embedding_options', 'world_settings',
+           'given', 'parse_overrides', 'field_help']
 
 # %% ../../nbs/core/00_config.ipynb #22c4a6fc
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class Config:
     # pretraining from scratch (tiny profile only; paper profiles start from pretrained weights)
     pretrain_batch_size: int = 64  # image-caption pairs per pretraining step
     pretrain_lr: float = 2e-3  # peak learning rate of pretraining (warm-up, then cosine)
+    pretrain_weight_decay: float = 0.1  # AdamW weight decay of pretraining (not on gains, biases, embeddings or the logit scale)
+    pretrain_warmup: float = 0.05  # share of the pretraining steps over which the learning rate rises linearly (then cosine)
+    pretrain_betas: tuple[float, ...] = (0.9, 0.98)  # AdamW's (beta1, beta2) in pretraining
+    pretrain_eps: float = 1e-6  # AdamW's eps in pretraining
     pretrain_steps: int = 420  # chosen on validation (bench/pretrain_steps.py), kept by the capacity study (experiment 15c); a fixed step budget with a step-based schedule: nothing that changes the weights reads the clock
     # difference data
     n_pairs: int = 12000  # image pairs whose differences are written (the finetuning data)
@@ -186,6 +191,13 @@ FINETUNE_FIELDS = dict(
     max_bad_fraction="ft_max_bad_fraction", max_pairs="ft_max_pairs", seed="seed", precision="precision",
     model_name="model_name", keep_epochs="ft_keep_epochs", fused_attention="ft_fused_attention",
     length_buckets="ft_length_buckets", compile="ft_compile")
+# the settings of a Shapes world (`pc_clip.world.shapes.make_world`'s keywords) -> the Config fields they are
+WORLD_FIELDS = dict(seed="seed", image_size="world_image_size", n_train="world_n_train", n_test="world_n_test",
+                    n_val="world_n_val", captions="world_captions", caption_rate="world_caption_rate")
+# the settings of pretraining (`pc_clip.training.pretrain.PretrainSettings`) -> the Config fields they are
+PRETRAIN_FIELDS = dict(
+    model_name="model_name", seed="seed", steps="pretrain_steps", batch_size="pretrain_batch_size", lr="pretrain_lr",
+    weight_decay="pretrain_weight_decay", warmup="pretrain_warmup", betas="pretrain_betas", eps="pretrain_eps")
 _UNION = (types.UnionType, typing.Union)
 
 
@@ -251,12 +263,12 @@ def _type_problems(cfg: Config) -> dict[str, str]:
 _AT_LEAST = {  # field: smallest allowed value
     "seed": 0, "world_image_size": 8, "world_n_train": 1, "world_n_test": 1, "world_n_val": 1,
     "pretrain_batch_size": 2, "pretrain_steps": 1, "n_pairs": 1, "gen_batch_size": 1, "max_new_tokens": 1,
-    "temperature": 0, "ft_epochs": 1, "ft_grad_accum": 1, "ft_weight_decay": 0, "ft_max_bad_fraction": 0,
+    "temperature": 0, "pretrain_weight_decay": 0, "ft_epochs": 1, "ft_grad_accum": 1, "ft_weight_decay": 0, "ft_max_bad_fraction": 0,
     "ft_max_pairs": 1, "ft_length_buckets": 0, "caption_ft_batch_size": 2, "caption_ft_epochs": 1, "eval_n_images": 1, "eval_batch_size": 1,
     "comparative_topk": 1, "t2i_steps": 1, "t2i_image_size": 8,
 }
-_POSITIVE = ("pretrain_lr", "ft_lr", "caption_ft_lr", "ft_temperature")  # finite and > 0
-_FRACTIONS = {"oracle_noise": "[0, 1]", "world_caption_rate": "[0, 1]", "wavg_alpha": "[0, 1]", "top_p": "(0, 1]", "ft_lr_decay": "(0, 1]"}
+_POSITIVE = ("pretrain_lr", "pretrain_eps", "ft_lr", "caption_ft_lr", "ft_temperature")  # finite and > 0
+_FRACTIONS = {"pretrain_warmup": "[0, 1]", "oracle_noise": "[0, 1]", "world_caption_rate": "[0, 1]", "wavg_alpha": "[0, 1]", "top_p": "(0, 1]", "ft_lr_decay": "(0, 1]"}
 
 
 def _range_problems(cfg: Config) -> list[tuple[str, str]]:
@@ -281,6 +293,7 @@ def _range_problems(cfg: Config) -> list[tuple[str, str]]:
     check("ft_lr_grid", lambda v: all(math.isfinite(x) and x > 0 for x in v), "a tuple of finite learning rates > 0 (or () for ft_lr alone)")
     check("wavg_alpha_grid", lambda v: all(0 <= a <= 1 for a in v), "a tuple of weight-averaging mixes in [0, 1] (or () for alpha 1 alone)")
     check("ft_keep_epochs", lambda v: all(e >= 1 for e in v), "a tuple of epoch numbers >= 1")
+    check("pretrain_betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two AdamW betas in [0, 1)")
     check("t2i_image_size", lambda v: v % 8 == 0, "a multiple of 8 (SDXL works on an 8x smaller latent grid)")
     return out
 
@@ -392,6 +405,11 @@ def config_problems(**values) -> list[str]:
 def embedding_options(cfg: Config) -> dict:
     "The keywords of `embed_texts` and `embed_images` (pc_clip.models.embed) that a run's config decides."
     return dict(precision=cfg.precision, batch_size=cfg.eval_batch_size)
+
+
+def world_settings(cfg: Config) -> dict:
+    "The settings of `cfg`'s Shapes world, as keywords of `pc_clip.world.shapes.world_key` and `make_world`."
+    return {k: getattr(cfg, f) for k, f in WORLD_FIELDS.items()}
 
 
 def given(**params) -> dict:

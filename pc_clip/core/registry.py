@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .config import Config
-from .runtime import content_hash, data_root, pick_device, run_dir, run_id, run_name
+from .config import Config, world_settings
+from .runtime import cache_dir, content_hash, data_root, pick_device, run_dir, run_id, run_name
 
 # %% auto #0
 __all__ = ['BASE_SETTINGS', 'PAIR_SETTINGS', 'LLM_SETTINGS', 'GENERATION_SETTINGS', 'FAST_PATH_SETTINGS', 'FINETUNE_SETTINGS',
@@ -20,13 +20,14 @@ __all__ = ['BASE_SETTINGS', 'PAIR_SETTINGS', 'LLM_SETTINGS', 'GENERATION_SETTING
            'BOTH_TOWERS_MAX_PAIRS', 'ROLES', 'CAPTION_DATA', 'REGISTRY', 'ABLATION_ROLES', 'MODEL_COLOURS',
            'UNKNOWN_MODEL_COLOUR', 'PALETTE', 'CEILING_TASK', 'TASKS', 'TASK_TITLES', 'MAIN_METRICS',
            'PAPER_EVAL_DATASETS', 'ModelSpec', 'applies', 'model_specs', 'model_spec', 'model_names', 'ablation_models',
-           'ModelPalette', 'sweep_grid', 'model_settings', 'models_dir', 'model_dir', 'clip_source', 'model_manifest',
-           'TaskSpec', 'task_spec']
+           'ModelPalette', 'sweep_grid', 'model_settings', 'models_dir', 'model_dir', 'world_options', 'clip_source',
+           'model_manifest', 'TaskSpec', 'task_spec']
 
 # %% ../../nbs/core/03_registry.ipynb #e4b77711
 BASE_SETTINGS = ("seed", "precision", "model_name", "pretrained", "corpus", "world_image_size", "world_n_train",
                  "world_n_test", "world_n_val", "world_captions", "world_caption_rate",
-                 "pretrain_batch_size", "pretrain_lr", "pretrain_steps")
+                 "pretrain_batch_size", "pretrain_lr", "pretrain_steps", "pretrain_weight_decay", "pretrain_warmup",
+                 "pretrain_betas", "pretrain_eps")
 PAIR_SETTINGS = ("n_pairs", "pair_sampling")
 LLM_SETTINGS = ("generator", "load_in_4bit", "max_new_tokens", "temperature", "top_p")
 GENERATION_SETTINGS = LLM_SETTINGS + ("oracle_noise",)
@@ -267,6 +268,11 @@ def model_dir(cfg: Config, name: str, lr: float | None = None, alpha: float | No
     "Folder of the model called `name` (results-table name) trained with the settings of `cfg` (candidate `lr`, `alpha`)."
     key = content_hash(model_settings(cfg, name, lr, alpha), n=10)
     return models_dir(cfg) / f"{name.replace('/', '__')}-{key}"
+
+
+def world_options(cfg: Config) -> dict:
+    "The keywords of `pc_clip.world.shapes.make_world` for `cfg`'s world: its cache folder and `world_settings(cfg)`."
+    return dict(cache=cache_dir(cfg), **world_settings(cfg))
 
 
 def clip_source(cfg: Config, name: str = "clip", device=None) -> dict:

@@ -23,6 +23,7 @@ from .imagedata import (DATASET_INFO, DatasetNotFoundError, ImageDataset, _check
 log = get_logger("pc_clip.data.datasets")
 from ..world.shapes import make_world
 from ..world.species import CATEGORY_NAMES, class_attribute_table
+from ..core.registry import world_options
 
 # %% auto #0
 __all__ = ['log', 'EUROSAT_FOLDERS', 'SUN397_PARTITION_FILES', 'WORLD_SPLITS', 'LOADERS', 'DATASETS', 'load_coco',
@@ -260,7 +261,7 @@ def world_dataset(world: Any, split: str = "test", class_table: pd.DataFrame | N
 # %% ../../nbs/data/01_datasets.ipynb #bf681bcc
 def load_world(cfg: Config, split: str = "test") -> ImageDataset:
     "The embedded Shapes world of `cfg` (built or read from cache by `pc_clip.world.shapes.make_world`)."
-    return world_dataset(make_world(cfg), split, class_attribute_table(), CATEGORY_NAMES)
+    return world_dataset(make_world(**world_options(cfg)), split, class_attribute_table(), CATEGORY_NAMES)
 
 # %% ../../nbs/data/01_datasets.ipynb #a5503a98
 LOADERS: dict[str, Callable[..., ImageDataset]] = {

@@ -12,11 +12,12 @@ import pandas as pd
 
 from pathlib import Path
 
-from ..core.config import Config
+from ..core.config import Config, world_settings
 from ..core.runtime import data_root
 from ..data.datasets import canonical_name, load_dataset
 from ..models.clip import file_sha256
 from ..world.shapes import make_world, world_key
+from ..core.registry import world_options
 
 # %% auto #0
 __all__ = ['PAIR_SAMPLING', 'CORPUS_FILES', 'pair_key', 'sample_pairs', 'corpus_from_world', 'corpus_from_dataset', 'load_corpus',
@@ -113,7 +114,7 @@ def corpus_from_dataset(ds, seed: int) -> pd.DataFrame:
 def load_corpus(cfg: Config, split: str = "train") -> tuple[pd.DataFrame, list, Any]:
     "`(corpus, held-out category pairs, world or None)` for `cfg.corpus` ('world', or a captioned data set like 'coco')."
     if cfg.corpus == "world":
-        world = make_world(cfg)
+        world = make_world(**world_options(cfg))
         return corpus_from_world(world, split), list(world.heldout_pairs), world
     return corpus_from_dataset(load_dataset(cfg.corpus, cfg, split=split), cfg.seed), [], None
 
@@ -135,7 +136,7 @@ def _file_identity(path: Path) -> str:
 def corpus_identity(cfg: Config) -> dict:
     "What decides the images and captions behind a corpus's item keys: the world's key, or the annotation files and seed."
     if cfg.corpus == "world":
-        return {"world": world_key(cfg)}
+        return {"world": world_key(**world_settings(cfg))}
     name = canonical_name(cfg.corpus)
     files = {f: _file_identity(data_root(cfg) / f) for f in CORPUS_FILES.get(name, ())}
     return {"corpus": name, "seed": cfg.seed, "files": files}

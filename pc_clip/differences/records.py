@@ -27,6 +27,7 @@ from ..world.oracle import category_differences, oracle_differences
 from ..world.shapes import oracle_rewrite_caption
 from .llm import CATEGORY_PROMPT, DIFFERENCE_PROMPT, REWRITE_PROMPT, SYSTEM_PROMPT
 from .judge import judge_key, judged_matches
+from ..core.registry import world_options
 
 # %% auto #0
 __all__ = ['RECORD_FIELDS', 'item_rng', 'OracleBackend', 'generator_identity', 'generator_key', 'make_backend', 'record_key',
@@ -105,7 +106,7 @@ def make_backend(cfg: Config, world=None, noise: float | None = None):
     "The backend named by `cfg.generator`: the world's oracle (needs `world`), a served model, or a causal LM."
     if cfg.generator == "oracle":
         if world is None:
-            hint = "pass world=make_world(cfg)" if cfg.corpus == "world" else \
+            hint = "pass world=make_world(**world_options(cfg))" if cfg.corpus == "world" else \
                 f"the oracle needs corpus=world (this config has corpus={cfg.corpus!r}); use an LLM generator for {cfg.corpus}"
             raise ValueError(f"generator='oracle' writes differences from the Shapes world's attributes: {hint}")
         return OracleBackend(world.attrs, noise=cfg.oracle_noise if noise is None else noise, seed=cfg.seed)

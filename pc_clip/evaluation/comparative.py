@@ -17,6 +17,7 @@ from ..core.config import Config
 from ..differences.records import category_differences_path, make_backend, write_category_differences
 from .metrics import classification_metrics, outcomes
 from ..world.shapes import make_world
+from ..core.registry import world_options
 
 # %% auto #0
 __all__ = ['top_confused_pairs', 'known_pairs', 'difference_embeddings', 'comparative_class_embeddings', 'comparative_prompting',
@@ -110,7 +111,7 @@ def class_differences(pairs: Sequence[tuple[str, str]], cfg: Config, world=None,
                       progress: bool = False) -> dict[tuple[str, str], list[str]]:
     "`{(a, b): [how class a differs from class b]}` for ordered pairs of class names, from `cfg.generator`'s backend."
     if backend is None and cfg.generator == "oracle" and world is None:
-        world = make_world(cfg)
+        world = make_world(**world_options(cfg))
     if backend is None:
         backend = make_backend(cfg, world) if cfg.generator == "oracle" else LazyBackend(cfg)
     return write_category_differences(list(dict.fromkeys(pairs)), backend, category_differences_path(cfg),

@@ -25,11 +25,12 @@ from .geometry import (controlled_pairs, edit_statements, flatten_captions, prob
 from ..models.text import encode_text_trimmed
 from .metrics import (TaskUnavailable, bootstrap_ci, best_on_validation, difference_classification,
     geometry, linear_probe, retrieval, zero_shot)
-from ..models.clip import load_clip, is_checkpoint, model_dir
+from ..models.clip import load_clip, is_checkpoint
 from .tasks import (DifferenceTask, awa2_attribute_task, cifar100_size_task, cub_comparative_task,
     flowers_colour_task, world_difference_tasks)
 from ..world.shapes import heldout_category_pairs, make_world
-from ..core.registry import REGISTRY, model_names
+from ..core.registry import REGISTRY, clip_source, model_names, world_options
+from ..core.registry import model_dir
 
 # %% auto #0
 __all__ = ['MODELS', 'LoadedModel', 'PAPER_EVAL_DATASETS', 'N_BOOT', 'ITEM_COLUMNS', 'ZERO_SHOT_TEMPLATES', 'RETRIEVAL_IMAGES',
@@ -48,7 +49,7 @@ def iter_models(cfg: Config, names: Sequence[str] = MODELS, device: str | torch.
     "`(name, model, preprocess, tokenizer)` for each model of the run that exists; prints a note for missing ones."
     for name in names:
         try:
-            model, preprocess, tokenizer = load_clip(cfg, name, device)
+            model, preprocess, tokenizer = load_clip(**clip_source(cfg, name, device))
         except FileNotFoundError as e:
             print(f"skipping model {name}: {str(e).splitlines()[0]}")
             continue
@@ -294,7 +295,7 @@ def world_retrieval_corpus(world, split: str, seed: int, n_images: int | None = 
 def _retrieval_corpus(cfg: Config, n_images: int | None, n_captions: int) -> tuple:
     "`(dataset name, images or ImageDataset, texts, text_image)` of the retrieval corpus of a profile."
     if cfg.corpus == "world":
-        world = make_world(cfg)
+        world = make_world(**world_options(cfg))
         rows, texts, owner = world_retrieval_corpus(world, "test", cfg.seed, n_images, n_captions)
         return "world", (world.images, rows), texts, owner
     ds = load_dataset("coco", cfg, "test")
@@ -328,7 +329,7 @@ def _image_size(model) -> int:
 def run_geometry(cfg: Config, model_names: Sequence[str], n_per_edit: int = 48, n_quads: int = 2000,
                  progress: bool = True) -> list[dict]:
     "Geometry rows of every existing model on controlled world edits rendered at the model's input size."
-    world, pairs = make_world(cfg), {}
+    world, pairs = make_world(**world_options(cfg)), {}
 
     def one(m: LoadedModel) -> list[dict]:
         size = _image_size(m.model)
@@ -347,7 +348,7 @@ def _probe_features(cfg: Config, model_names: Sequence[str], datasets, max_train
     "`{group: {model: (train, val, test) features}}` and `{group: {dataset: (train, val, test) labels}}`."
     features, labels = {}, {}
     if cfg.corpus == "world":
-        world = make_world(cfg)
+        world = make_world(**world_options(cfg))
         idx = probe_indices(world, max_train, cfg.seed)
         labels["world"] = world_probe_labels(world, idx)
         for m in iter_models(cfg, model_names):
@@ -414,7 +415,7 @@ def run_cell_ceiling(cfg: Config, max_train: int | None = 4000, progress: bool =
     "Per world difference cell, on test images: the probe of its attribute (and the majority rate), the image-side ceiling of `clip`'s image tower, and the unconstrained finetune."
     if cfg.corpus != "world":
         return []
-    world = make_world(cfg)
+    world = make_world(**world_options(cfg))
     (m,) = list(iter_models(cfg, ["clip"]))
     emb = embed_images(m.model, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
     tr, va, te = probe_indices(world, max_train, cfg.seed)

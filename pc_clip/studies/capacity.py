@@ -28,11 +28,12 @@ from ..evaluation.metrics import paired_bootstrap
 from ..evaluation.runner import build_difference_tasks
 from ..models.clip import images_to_tensor
 from ..models.embed import embed_images
-from ..training.plan import FinetuneInputs
-from ..training.pretrain import PRETRAIN_THREADS, clip_step_loss, pretrain_or_load
+from ..training.plan import FinetuneInputs, pretrain_or_load
+from ..training.pretrain import PRETRAIN_THREADS, clip_step_loss
 from ..training.selection import cell_key, is_heldout_wording, run_sweep
 from ..world.shapes import epoch_captions, make_world
 from ..world.species import CATEGORY_NAMES
+from ..core.registry import world_options
 
 # %% auto #0
 __all__ = ['BASES', 'PROBED', 'STUDY_VERSION', 'GAIN_TARGET', 'PROBE_MARGIN', 'RUN_BUDGET_S', 'LAST_RUN_S', 'LAST_PRETRAIN_S',
@@ -215,7 +216,7 @@ def measure_base(cfg: Config, base: Base, threads: int = PRETRAIN_THREADS, progr
     torch.set_num_threads(threads)
     try:
         t0 = time.perf_counter()
-        world = make_world(bcfg)
+        world = make_world(**world_options(bcfg))
         model, tokenizer, history, _ = pretrain_or_load(world, bcfg, threads=threads, progress=progress)
         gflop = pretrain_step_gflop(model, tokenizer, world, bcfg.pretrain_batch_size, bcfg.seed)
         inputs = oracle_inputs(bcfg, world, model, tokenizer, progress)

@@ -22,10 +22,11 @@ from ..evaluation.metrics import paired_bootstrap
 from ..models.embed import embed_images
 from ..evaluation.runner import eval_datasets, run_difference_classification, run_zero_shot
 from ..training.finetune import finetune
-from ..models.clip import load_clip, model_dir
+from ..models.clip import load_clip
 from ..differences.pairs import corpus_from_world
 from ..world.shapes import make_world
 from ..training.state import FinetuneSettings
+from ..core.registry import clip_source, model_dir, world_options
 
 # %% auto #0
 __all__ = ['ITEM_KEYS', 'CURVE_TASK', 'row_items', 'pooled_mean', 'paired_gain', 'study_row', 'noisy_differences',
@@ -194,8 +195,8 @@ def _base_rows(clip_rows: Sequence[dict], seed, wordings: Sequence[str]) -> list
 def run_noise_curve(cfg: Config, noises: Sequence[float] = (0.0, 0.1, 0.3, 0.5), judges: Sequence = (),
                     progress: bool = True) -> tuple[list[dict], dict]:
     "`(rows, info)`: PC-CLIP finetuned at each noise rate, unfiltered and filtered by each judge, measured against `clip`."
-    world = make_world(cfg)
-    base, _, tokenizer = load_clip(cfg, "clip")
+    world = make_world(**world_options(cfg))
+    base, _, tokenizer = load_clip(**clip_source(cfg, "clip"))
     emb = embed_images(base, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
     pairs = sample_pairs(corpus_from_world(world, "train"), cfg.n_pairs, cfg.seed, cfg.pair_sampling, world.heldout_pairs)
     test = eval_datasets(cfg, "difference_classification", split="test")

@@ -21,14 +21,15 @@ from ..differences.records import differences_path, training_triples
 from ..models.embed import embed_images, embedding_rows
 from ..evaluation.runner import iter_models, text_encoder
 from ..training.finetune import finetune
-from ..models.clip import create_clip, is_checkpoint, load_checkpoint, load_clip, model_dir, write_manifest
+from ..models.clip import create_clip, is_checkpoint, load_checkpoint, load_clip, write_manifest
 from ..world.render import BACKGROUNDS, COLOURS, render_images
 from ..world.species import CATEGORIES, typical_attrs
 from ..world.oracle import difference_statement
 from ..world.shapes import position_word, size_word
 from ..differences.pairs import load_corpus, sample_pairs
-from ..core.registry import REGISTRY
+from ..core.registry import REGISTRY, clip_source, model_manifest
 from ..training.state import FinetuneSettings
+from ..core.registry import model_dir
 
 # %% auto #0
 __all__ = ['GALLERY_LEVELS', 'GALLERY_EDITS', 'T2I_BASE', 'SDXL_TEXT_WIDTHS', 'T2I_ARMS', 'T2I_PC_CLIP', 'attribute_gallery',
@@ -231,7 +232,7 @@ def train_t2i_pc_clip(cfg: Config, progress: bool = True):
     triples = embedding_rows(ds, triples)  # corpus rows -> rows of `emb` (pairs with an unreadable image dropped)
     run = finetune(model, tokenizer, triples, FinetuneSettings.from_config(study_cfg, model_name=base[0]), model_dir(cfg, T2I_PC_CLIP), image_embeddings=emb, progress=progress)
     noise = 0.0 if cfg.generator == "oracle" else None  # its manifest, like every model's: base, data file, rows
-    write_manifest(cfg, T2I_PC_CLIP, run.out_dir, data_file=differences_path(cfg, noise),
+    write_manifest(run.out_dir, model_manifest(cfg, T2I_PC_CLIP, run.out_dir), data_file=differences_path(cfg, noise),
                    extra={"base": {"model_name": base[0], "pretrained": base[1]},
                           "training": {"rows": len(triples), "judge": cfg.judge}})
     return run
@@ -253,7 +254,7 @@ def t2i_study_models(cfg: Config, names: Sequence[str] = tuple(T2I_ARMS), device
 # %% ../../nbs/t2i/01_study.ipynb #bb7ba65c
 def _gallery_study(cfg: Config, model_names: Sequence[str], weight: float, sweep: Sequence[float], n_texts: int,
                    categories: Sequence[str] | None, progress: bool) -> tuple[list[dict], dict]:
-    ev_model, _, ev_tok = load_clip(cfg, "clip")
+    ev_model, _, ev_tok = load_clip(**clip_source(cfg, "clip"))
     images, gallery = attribute_gallery(cfg.world_image_size, cfg.seed, categories)
     ev_img, ev_txt = embed_images(ev_model, images, cache_dir(cfg), **embedding_options(cfg), progress=progress), text_encoder(ev_model, ev_tok, cfg.eval_batch_size)
     rows = []
@@ -268,7 +269,7 @@ def _gallery_study(cfg: Config, model_names: Sequence[str], weight: float, sweep
 def _sdxl_study(cfg: Config, model_names: Sequence[str], weight: float, n_seeds: int, progress: bool,
                 base: tuple[str, str | None] | None = None) -> tuple[list[dict], dict]:
     pipe = load_sdxl(cfg)
-    ev_model, ev_pre, ev_tok = load_clip(cfg, "clip", device=pipe.device)
+    ev_model, ev_pre, ev_tok = load_clip(**clip_source(cfg, "clip", device=pipe.device))
     base = base or t2i_base(cfg)
     rows, shown = [], {}
     for name, model in t2i_study_models(cfg, [n for n in model_names if n in T2I_ARMS], pipe.device, base):

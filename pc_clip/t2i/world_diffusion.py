@@ -25,6 +25,7 @@ from pc_clip.world.edits import (WORLD_EDITS, WorldEdit, edit_statement, edit_su
     measure_generated)
 from ..models.clip import load_clip, save_safetensors
 from ..evaluation.metrics import bootstrap_ci
+from ..core.registry import clip_source, world_options
 
 # %% auto #0
 __all__ = ['GENERATOR_VERSION', 'CLASS_TEMPLATE', 'CHANCE_SEED_OFFSET', 'text_conditioning', 'arithmetic_conditioning',
@@ -301,8 +302,8 @@ def run_world_t2i(cfg: Config, model_names: Sequence[str], settings: GeneratorSe
                   categories: Sequence[str] | None = None, progress: bool = True,
                   device: str | torch.device = "cpu") -> tuple[list[dict], dict]:
     "Train (or load) the generator, pick `w` per model on validation queries, score test queries; `(rows, shown)`."
-    world = make_world(cfg)
-    base, _, tokenizer = load_clip(cfg, "clip", device)
+    world = make_world(**world_options(cfg))
+    base, _, tokenizer = load_clip(**clip_source(cfg, "clip", device))
     settings = replace(settings, seed=cfg.seed)
     unet, info = train_or_load_generator(cfg, world, base, tokenizer, settings, progress, device=device)
     cats = list(categories or CATEGORY_NAMES)
@@ -311,7 +312,7 @@ def run_world_t2i(cfg: Config, model_names: Sequence[str], settings: GeneratorSe
     rows, shown = [], dict(generator=info, chosen_w={}, images={}, test_queries=test_q)
     for name in model_names:
         try:
-            model, _, tok = (base, None, tokenizer) if name == "clip" else load_clip(cfg, name, device)
+            model, _, tok = (base, None, tokenizer) if name == "clip" else load_clip(**clip_source(cfg, name, device))
         except FileNotFoundError as e:
             print(f"skipping model {name}: {str(e).splitlines()[0]}")
             continue

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 from pathlib import Path
@@ -16,24 +18,29 @@ import torch
 import torch.distributed as dist
 
 from ..core.config import Config, embedding_options, get_config
-from ..core.runtime import artifact_lock, atomic_write, cache_dir, get_logger, pick_device, results_path
+from pc_clip.core.runtime import (artifact_lock, atomic_write, atomic_write_json, cache_dir, get_logger, pick_device,
+    results_path)
+from pc_clip.core.registry import (CAPTION_DATA, NOISE_LEVEL, REGISTRY, clip_source, model_dir, model_manifest, model_spec,
+    sweep_grid)
 from ..models.embed import embed_images, embedding_rows, model_fingerprint
-from .finetune import FinetuneRun, finetune
-from ..models.clip import (average_weights, checkpoint_metadata, is_checkpoint, load_clip, model_dir,
-    save_checkpoint, write_manifest)
-from .state import FinetuneSettings, init_distributed, rank_world
+from ..models.clip import (CheckpointError, average_weights, checkpoint_metadata, is_checkpoint, load_checkpoint,
+    load_clip, save_checkpoint, write_manifest)
+from ..world.shapes import World
+from ..world.oracle import oracle_differences
 from ..data.datasets import load_dataset
 from ..differences.records import (difference_triples, differences_path, read_records, rewrites_path,
     rewritten_captions, training_triples)
 from ..differences.pairs import load_corpus, sample_pairs
-from ..core.registry import sweep_grid, CAPTION_DATA, NOISE_LEVEL, REGISTRY, model_spec
-from ..world.oracle import oracle_differences
+from .state import FinetuneSettings, init_distributed, rank_world
+from .finetune import FinetuneRun, finetune
+from .pretrain import (PRETRAIN_THREADS, PretrainSettings, pretrain_clip, pretrain_fingerprint,
+    resume_folder, saved_fingerprint)
 
 # %% auto #0
 __all__ = ['FINETUNE_PLAN', 'caption_table', 'caption_settings', 'finetune_captions', 'weight_average_model',
-           'save_weight_average', 'save_derived', 'world_check_triples', 'select_records', 'finetune_plan',
-           'FinetuneInputs', 'finetuning_inputs', 'training_data_path', 'training_data_table', 'write_training_data',
-           'base_inputs', 'candidate_lr', 'finetune_models', 'main']
+           'save_weight_average', 'save_derived', 'world_check_triples', 'select_records', 'pretrain_or_load',
+           'finetune_plan', 'FinetuneInputs', 'finetuning_inputs', 'training_data_path', 'training_data_table',
+           'write_training_data', 'base_inputs', 'candidate_lr', 'finetune_models', 'main']
 
 # %% ../../nbs/training/05_plan.ipynb #efdf88ab
 def caption_table(captions: list[str], indices=None) -> pd.DataFrame:
@@ -106,6 +113,38 @@ def select_records(records: Sequence[dict], keys: Sequence[str], what: str = "di
                        "settings (pc-clip reproduce --only 02 and the same -p) first")
     return [by_key[str(k)] for k in dict.fromkeys(keys)]
 
+# %% ../../nbs/training/05_plan.ipynb #fd237341
+def _base_manifest(cfg: Config, name: str, folder: Path, world: World, history: dict) -> None:
+    "A base model's manifest, like a finetuned one's: its settings, the run, and its data (the world's caption table)."
+    data = cache_dir(cfg) / "world" / f"{world.key}.attrs.csv"
+    write_manifest(folder, model_manifest(cfg, name, folder), data_file=data if world.key else None,
+                   extra={"pretraining": {"world_key": world.key, **{k: history.get(k) for k in ("steps", "epochs", "final_loss")}}})
+
+
+def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | None = None, retrain: bool = False,
+                     progress: bool = True, threads: int = PRETRAIN_THREADS, name: str = "clip"):
+    "`(model, tokenizer, history, reused)`: the saved base model `name` of `cfg` if its fingerprint matches, else a new one."
+    folder, s = model_dir(cfg, name), PretrainSettings.from_config(cfg)
+    fp = pretrain_fingerprint(s, world, threads=threads)
+    with artifact_lock(folder):  # a second run writing the same model stops here with a clear message
+        if not retrain and is_checkpoint(folder) and saved_fingerprint(folder) == fp:
+            try:
+                model, _, tokenizer = load_checkpoint(folder, device=device or pick_device(cfg.device))
+                history = json.loads((folder / "history.json").read_text())
+                _base_manifest(cfg, name, folder, world, history)
+                return model, tokenizer, history, True
+            except (CheckpointError, OSError, ValueError) as e:  # damaged: rebuilt, as a finetuned model is
+                get_logger("pc_clip.training.pretrain").warning(f"{e}. Rebuilding it.")
+        model, tokenizer, history = pretrain_clip(world, s, device=device or cfg.device, progress=progress, threads=threads,
+                                                  resume_dir=resume_folder(folder), key=fp, desc=f"pretrain {name}")
+        keep = ("seconds", "cpu_seconds", "final_loss", "steps", "epochs", "threads")
+        save_checkpoint(model, folder, s.model_name, extra=dict(fingerprint=fp, world_key=world.key, seed=s.seed,
+                                                                 **{k: history[k] for k in keep}))
+        atomic_write_json(folder / "history.json", history)
+        shutil.rmtree(resume_folder(folder), ignore_errors=True)  # the finished model replaces its training state
+        _base_manifest(cfg, name, folder, world, history)
+    return model, tokenizer, history, False
+
 # %% ../../nbs/training/05_plan.ipynb #d6b59300
 def finetune_plan() -> dict[str, tuple[str, dict]]:
     "`{name: (training data, finetune overrides)}` of every model trained on data (the registry's, when called)."
@@ -162,7 +201,7 @@ def _training_data(cfg: Config, corpus: pd.DataFrame, held_out) -> tuple[dict[st
 
 def finetuning_inputs(cfg: Config, device: str | torch.device | None = None, progress: bool = True) -> FinetuneInputs:
     "The base model, the training corpus's image table and the training data of every planned model, for `cfg`."
-    base, preprocess, tokenizer = load_clip(cfg, "clip", device)
+    base, preprocess, tokenizer = load_clip(**clip_source(cfg, "clip", device))
     corpus, held_out, world = load_corpus(cfg, "train")
     data, sources, files = _training_data(cfg, corpus, held_out)
     if world is not None:
@@ -206,7 +245,7 @@ def base_inputs(inputs: FinetuneInputs, cfg: Config, name: str | None, progress:
     if name not in inputs.bases:
         if inputs.world is None:
             raise ValueError(f"base model {name!r} is an ablation of the Shapes world; corpus {cfg.corpus!r} has none")
-        base, _, _ = load_clip(cfg, name, inputs.image_emb.device)
+        base, _, _ = load_clip(**clip_source(cfg, name, inputs.image_emb.device))
         emb = embed_images(base, inputs.world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
         inputs.bases[name] = FinetuneInputs(base, inputs.tokenizer, emb, inputs.images, inputs.data, inputs.world,
                                             inputs.sources, inputs.files)
@@ -241,7 +280,7 @@ def finetune_models(inputs: FinetuneInputs, cfg: Config, names: Sequence[str] | 
         src = base_inputs(inputs, cfg, spec.parent, progress)
         runs[name] = finetune(src.base, src.tokenizer, src.data[key], s, out, src.image_emb, src.images, progress=progress)
         if rank_world()[0] == 0:
-            write_manifest(cfg, name, out, lr=at, data_file=inputs.files.get(key), parent=model_dir(cfg, spec.parent or "clip"),
+            write_manifest(out, model_manifest(cfg, name, out, lr=at), data_file=inputs.files.get(key), parent=model_dir(cfg, spec.parent or "clip"),
                            extra={"training": {"rows": int(runs[name].epochs.pairs.iloc[0]) if len(runs[name].epochs) else None,
                                                "source": inputs.sources.get(key, "?")}})
     return runs
@@ -269,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if s.parent in runs:
             save_weight_average(inputs.base, runs[s.parent].model, model_dir(cfg, s.name), cfg.model_name, cfg.wavg_alpha)
             if rank == 0:
-                write_manifest(cfg, s.name, parent=runs[s.parent].out_dir, extra={"weight_average": {"alpha": cfg.wavg_alpha}})
+                write_manifest(model_dir(cfg, s.name), model_manifest(cfg, s.name), parent=runs[s.parent].out_dir, extra={"weight_average": {"alpha": cfg.wavg_alpha}})
     if world > 1:
         dist.destroy_process_group()
     return 0
