@@ -29,8 +29,8 @@ from pc_clip.differences.record_stats import filter_counts, filter_summary
 from pc_clip.differences.parse import parse_output, split_statements, statement_problem
 from pc_clip.smoke.fixtures import make_tiny_llama
 from pc_clip.differences.judge import (OpenAIJudge, OracleJudge, judge_agreement, judge_key, judge_prompt,
-from pc_clip.core.registry import world_options
     judge_records, make_judge, parse_verdicts, verdict_counts)
+from pc_clip.core.registry import world_options
 
 
 # ---- Difference data: pair sampling, the real 4-bit HF path on a tiny Llama, parsing/filtering, kill-and-resume.

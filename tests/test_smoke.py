@@ -7,8 +7,8 @@ import torch
 from pc_clip.core.runtime import data_root
 from pc_clip.core.config import get_config
 from pc_clip.smoke.standins import (BUILD_ORDER, CHAT_LM, DATASET_PATHS, MANIFEST, build_paper_smoke, read_manifest,
-from pc_clip.core.registry import clip_source
     scene, scene_caption, standin_checksums)
+from pc_clip.core.registry import clip_source, dataset_options
 
 
 # ---- The `paper-smoke` stand-ins, built once into a temporary data root, as the `paper` code path reads them.
@@ -93,7 +93,7 @@ def test_sdxl_stand_in_loads_and_its_first_encoder_is_the_clips_text_tower(cfg):
 def test_every_data_set_loads_with_the_stand_in_checksums(cfg, name):
     from pc_clip.data.datasets import load_dataset
     with standin_checksums(data_root(cfg)):
-        ds = load_dataset(name, cfg, SPLITS.get(name, "test"))
+        ds = load_dataset(name, **dataset_options(cfg), split=SPLITS.get(name, "test"))
     assert len(ds) > 0
     if name == "coco":
         assert len(ds) == 40 and all(len(c) == 5 for c in ds.captions)
@@ -107,4 +107,4 @@ def test_paper_path_reads_cifar_and_flowers_fixtures_without_help(cfg):
     from pc_clip.data.datasets import load_dataset
     assert (data_root(cfg) / MANIFEST).exists()
     for name in ("cifar100", "flowers102"):
-        assert len(load_dataset(name, cfg, SPLITS.get(name, "test"))) > 0
+        assert len(load_dataset(name, **dataset_options(cfg), split=SPLITS.get(name, "test"))) > 0

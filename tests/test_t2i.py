@@ -14,8 +14,8 @@ from pc_clip.world.render import COLOURS, render_images
 from pc_clip.world.shapes import World
 from pc_clip.world.edits import WORLD_EDITS, edit_success, measure_generated
 from pc_clip.t2i.world_diffusion import (GeneratorSettings, _schedulers, arithmetic_conditioning, denoising_loss,
-from pc_clip.core.registry import model_dir
     text_conditioning, to_patches, train_generator, train_or_load_generator)
+from pc_clip.core.registry import model_dir
 
 
 # ---- Text-to-image with embedding arithmetic: the open_clip -> Hugging Face text-tower conversion, a tiny

@@ -9,8 +9,8 @@ from pc_clip.world.oracle import (ATTRIBUTE_KINDS, category_differences, differe
 from pc_clip.world.render import measured_object_stats, nearest_colour, render_images
 from pc_clip.world.species import CATEGORIES, NON_VISUAL, attribute_info, category_groups, class_attribute_table
 from pc_clip.world.shapes import (build_world, caption_contradictions, heldout_category_pairs, heldout_combinations,
-from pc_clip.core.registry import world_options
     make_caption, make_world, oracle_rewrite_caption, sample_attributes)
+from pc_clip.core.registry import world_options
 
 
 @pytest.fixture(scope="module")

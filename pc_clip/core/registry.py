@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .config import Config, world_settings
+from .config import Config, STANDIN_PROFILES, world_settings
 from .runtime import cache_dir, content_hash, data_root, pick_device, run_dir, run_id, run_name
 
 # %% auto #0
@@ -20,8 +20,8 @@ __all__ = ['BASE_SETTINGS', 'PAIR_SETTINGS', 'LLM_SETTINGS', 'GENERATION_SETTING
            'BOTH_TOWERS_MAX_PAIRS', 'ROLES', 'CAPTION_DATA', 'REGISTRY', 'ABLATION_ROLES', 'MODEL_COLOURS',
            'UNKNOWN_MODEL_COLOUR', 'PALETTE', 'CEILING_TASK', 'TASKS', 'TASK_TITLES', 'MAIN_METRICS',
            'PAPER_EVAL_DATASETS', 'ModelSpec', 'applies', 'model_specs', 'model_spec', 'model_names', 'ablation_models',
-           'ModelPalette', 'sweep_grid', 'model_settings', 'models_dir', 'model_dir', 'world_options', 'clip_source',
-           'model_manifest', 'TaskSpec', 'task_spec']
+           'ModelPalette', 'sweep_grid', 'model_settings', 'models_dir', 'model_dir', 'world_options',
+           'dataset_options', 'clip_source', 'model_manifest', 'TaskSpec', 'task_spec']
 
 # %% ../../nbs/core/03_registry.ipynb #e4b77711
 BASE_SETTINGS = ("seed", "precision", "model_name", "pretrained", "corpus", "world_image_size", "world_n_train",
@@ -273,6 +273,11 @@ def model_dir(cfg: Config, name: str, lr: float | None = None, alpha: float | No
 def world_options(cfg: Config) -> dict:
     "The keywords of `pc_clip.world.shapes.make_world` for `cfg`'s world: its cache folder and `world_settings(cfg)`."
     return dict(cache=cache_dir(cfg), **world_settings(cfg))
+
+
+def dataset_options(cfg: Config) -> dict:
+    "The keywords of `pc_clip.data.datasets.load_dataset` for `cfg`: its data root, its world, whether it runs on stand-ins."
+    return dict(root=data_root(cfg), world=world_options(cfg), standins=cfg.profile in STANDIN_PROFILES)
 
 
 def clip_source(cfg: Config, name: str = "clip", device=None) -> dict:

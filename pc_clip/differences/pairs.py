@@ -17,7 +17,7 @@ from ..core.runtime import data_root
 from ..data.datasets import canonical_name, load_dataset
 from ..models.clip import file_sha256
 from ..world.shapes import make_world, world_key
-from ..core.registry import world_options
+from ..core.registry import dataset_options, world_options
 
 # %% auto #0
 __all__ = ['PAIR_SAMPLING', 'CORPUS_FILES', 'pair_key', 'sample_pairs', 'corpus_from_world', 'corpus_from_dataset', 'load_corpus',
@@ -116,7 +116,7 @@ def load_corpus(cfg: Config, split: str = "train") -> tuple[pd.DataFrame, list, 
     if cfg.corpus == "world":
         world = make_world(**world_options(cfg))
         return corpus_from_world(world, split), list(world.heldout_pairs), world
-    return corpus_from_dataset(load_dataset(cfg.corpus, cfg, split=split), cfg.seed), [], None
+    return corpus_from_dataset(load_dataset(cfg.corpus, **dataset_options(cfg), split=split), cfg.seed), [], None
 
 # %% ../../nbs/differences/00_pairs.ipynb #dec146a3
 CORPUS_FILES = {"coco": ("coco/annotations/captions_train2017.json", "coco/annotations/captions_val2017.json")}

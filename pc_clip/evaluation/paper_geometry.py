@@ -22,6 +22,7 @@ from ..differences.pairs import load_corpus, sample_pairs
 from ..models.embed import embed_images, embed_texts, kept_indices
 from .runner import eval_datasets, evaluation_rows, for_each_model
 from ..core.runtime import cache_dir
+from ..core.registry import dataset_options
 
 # %% auto #0
 __all__ = ['class_pair_frame', 'class_pair_names', 'class_pair_texts', 'pair_alignment', 'heldout_pair_count',
@@ -135,7 +136,7 @@ def _class_sets(cfg: Config, n_classes: int, n_per_pair: int) -> list:
 def run_paper_geometry(cfg: Config, model_names: Sequence[str], n_classes: int = 8, n_per_pair: int = 8,
                        n_quads: int = 2000, progress: bool = True) -> list[dict]:
     "Geometry rows of every existing model on held-out corpus pairs and on class pairs of the paper's data sets."
-    val = load_dataset(cfg.corpus, cfg, "val")
+    val = load_dataset(cfg.corpus, **dataset_options(cfg), split="val")
     statements = heldout_statements(write_heldout_differences(cfg, progress=progress), val)
     class_sets = _class_sets(cfg, n_classes, n_per_pair)
 

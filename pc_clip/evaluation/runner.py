@@ -29,7 +29,7 @@ from ..models.clip import load_clip, is_checkpoint
 from .tasks import (DifferenceTask, awa2_attribute_task, cifar100_size_task, cub_comparative_task,
     flowers_colour_task, world_difference_tasks)
 from ..world.shapes import heldout_category_pairs, make_world
-from ..core.registry import REGISTRY, clip_source, model_names, world_options
+from ..core.registry import REGISTRY, clip_source, dataset_options, model_names, world_options
 from ..core.registry import model_dir
 
 # %% auto #0
@@ -112,7 +112,7 @@ def eval_datasets(cfg: Config, task: str, names: Sequence[str] | None = None, sp
     out = []
     for name in names:
         try:
-            out.append(load_dataset(name, cfg, split))
+            out.append(load_dataset(name, **dataset_options(cfg), split=split))
         except FileNotFoundError as e:
             print(f"skipping data set {name}: {str(e).splitlines()[0]}")
     return out
@@ -128,8 +128,8 @@ def split_off_validation(ds, fraction: float = 0.2, seed: int = 0) -> tuple:
 def validation_dataset(cfg: Config, name: str, fraction: float = 0.2) -> tuple:
     "`(train, validation)` data sets of `name`: the world's own splits, or a seeded split of a paper train set."
     if name == "world":
-        return load_dataset(name, cfg, "train"), load_dataset(name, cfg, "val")
-    return split_off_validation(load_dataset(name, cfg, "train"), fraction, cfg.seed)
+        return load_dataset(name, **dataset_options(cfg), split="train"), load_dataset(name, **dataset_options(cfg), split="val")
+    return split_off_validation(load_dataset(name, **dataset_options(cfg), split="train"), fraction, cfg.seed)
 
 # %% ../../nbs/evaluation/04_runner.ipynb #69d9abb6
 N_BOOT = 1000  # bootstrap draws per interval (seeded: the same interval on every run)
@@ -298,7 +298,7 @@ def _retrieval_corpus(cfg: Config, n_images: int | None, n_captions: int) -> tup
         world = make_world(**world_options(cfg))
         rows, texts, owner = world_retrieval_corpus(world, "test", cfg.seed, n_images, n_captions)
         return "world", (world.images, rows), texts, owner
-    ds = load_dataset("coco", cfg, "test")
+    ds = load_dataset("coco", **dataset_options(cfg), split="test")
     ds = ds.sample(n_images, cfg.seed) if n_images else ds
     return ("coco", ds) + flatten_captions(ds.captions)
 
@@ -358,7 +358,7 @@ def _probe_features(cfg: Config, model_names: Sequence[str], datasets, max_train
     splits = {}
     for n in datasets or PAPER_EVAL_DATASETS["zero_shot"]:
         try:
-            splits[n] = (*validation_dataset(cfg, n), load_dataset(n, cfg, "test"))
+            splits[n] = (*validation_dataset(cfg, n), load_dataset(n, **dataset_options(cfg), split="test"))
         except FileNotFoundError as e:
             print(f"skipping data set {n}: {str(e).splitlines()[0]}")
     for m in iter_models(cfg, model_names):
@@ -400,7 +400,7 @@ CEILING_TASK = "cell_ceiling"
 
 def _cell_tasks(cfg: Config, world, split: str) -> dict:
     "`{(dataset, condition string): task}` of the world's difference tasks on one split."
-    ds = load_dataset("world", cfg, split)
+    ds = load_dataset("world", **dataset_options(cfg), split=split)
     return {(t.dataset, ";".join(f"{k}={v}" for k, v in sorted(t.condition.items()))): t
             for t in build_difference_tasks(ds, ds.labels, cfg)}
 

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from ..core.config import Config, embedding_options
-from ..core.registry import PALETTE, clip_source, world_options
+from ..core.registry import PALETTE, clip_source, dataset_options, world_options
 from ..core.runtime import cache_dir, get_logger, pick_device
 from ..data.datasets import load_dataset, world_dataset
 from ..data.imagedata import ImageDataset
@@ -148,7 +148,7 @@ def load_explorer(cfg: Config, models: Sequence[str] = ("clip", "pc-clip"), data
         world = make_world(**world_options(cfg))
         full = world_dataset(world, split)
     else:
-        full = load_dataset(dataset, cfg, split)
+        full = load_dataset(dataset, **dataset_options(cfg), split=split)
     ds = full.sample(min(n_images, len(full)), seed=cfg.seed) if n_images else full
     image_emb, encoders = {}, {}
     for name in models:

@@ -32,7 +32,7 @@ from ..evaluation.runner import run_difference_classification, run_retrieval, ru
 from ..training.finetune import finetune
 from ..differences.pairs import corpus_from_world, sample_pairs
 from ..training.state import FinetuneSettings
-from ..core.registry import model_dir, world_options
+from ..core.registry import dataset_options, model_dir, world_options
 
 # %% auto #0
 __all__ = ['JOINT_VERSION', 'STUDY_TASK', 'batch_difference_pairs', 'joint_loss', 'joint_step_loss', 'pretrain_joint',
@@ -194,7 +194,7 @@ def _evaluate_arms(cfg: Config, names: Sequence[str], retrieval_images: int | No
     "The runner's rows of every arm: test (difference tasks, zero-shot, retrieval) and val (difference tasks, zero-shot)."
     out = {}
     for split in ("test", "val"):
-        ds = [load_dataset("world", cfg, split)]
+        ds = [load_dataset("world", **dataset_options(cfg), split=split)]
         out[split] = run_difference_classification(cfg, names, ds, progress=False) + run_zero_shot(cfg, names, ds)[0]
     out["test"] += run_retrieval(cfg, names, n_images=retrieval_images, progress=False)
     return out

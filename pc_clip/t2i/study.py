@@ -27,7 +27,7 @@ from ..world.species import CATEGORIES, typical_attrs
 from ..world.oracle import difference_statement
 from ..world.shapes import position_word, size_word
 from ..differences.pairs import load_corpus, sample_pairs
-from ..core.registry import REGISTRY, clip_source, model_manifest
+from ..core.registry import REGISTRY, clip_source, dataset_options, model_manifest
 from ..training.state import FinetuneSettings
 from ..core.registry import model_dir
 
@@ -223,7 +223,7 @@ def train_t2i_pc_clip(cfg: Config, progress: bool = True):
         raise ValueError(t2i_not_applicable(cfg) or "on a world profile the T2I study uses the run's own models")
     study_cfg = cfg.replace(model_name=base[0], pretrained=base[1])
     model, preprocess, tokenizer = create_clip(*base, device=pick_device(cfg.device), root=data_root(cfg))
-    ds = load_dataset(cfg.corpus, cfg, "train")
+    ds = load_dataset(cfg.corpus, **dataset_options(cfg), split="train")
     emb = embed_images(model, ds, cache_dir(study_cfg), **embedding_options(study_cfg), preprocess=preprocess, progress=progress)
     # this config's training data, as experiment 03 reads it for `pc-clip`: with a judge, its consistent statements only
     corpus, held_out, _ = load_corpus(cfg, "train")

@@ -35,6 +35,7 @@ from .state import FinetuneSettings, init_distributed, rank_world
 from .finetune import FinetuneRun, finetune
 from .pretrain import (PRETRAIN_THREADS, PretrainSettings, pretrain_clip, pretrain_fingerprint,
     resume_folder, saved_fingerprint)
+from ..core.registry import dataset_options
 
 # %% auto #0
 __all__ = ['FINETUNE_PLAN', 'caption_table', 'caption_settings', 'finetune_captions', 'weight_average_model',
@@ -207,7 +208,7 @@ def finetuning_inputs(cfg: Config, device: str | torch.device | None = None, pro
     if world is not None:
         return FinetuneInputs(base, tokenizer, embed_images(base, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress), world.images,
                               data, world, sources, files)
-    ds = load_dataset(cfg.corpus, cfg, split="train")
+    ds = load_dataset(cfg.corpus, **dataset_options(cfg), split="train")
     emb = embed_images(base, ds, cache_dir(cfg), **embedding_options(cfg), preprocess=preprocess, progress=progress)
     data = {k: embedding_rows(ds, df) for k, df in data.items()}  # unreadable images have no row: their pairs go
     return FinetuneInputs(base, tokenizer, emb, None, data, sources=sources, files=files)
