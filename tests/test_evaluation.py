@@ -308,13 +308,13 @@ def test_paper_task_builders_on_fixtures(tmp_path):
 
 def test_the_evaluated_models_come_from_the_registry_and_must_exist(runs_dir):
     "An evaluation never writes a table with the finetuned models silently missing: it names them and the fix."
-    from pc_clip.evaluation.runner import MODELS, evaluated_models
+    from pc_clip.evaluation.runner import evaluated_models
     from pc_clip.models.clip import save_checkpoint
     from pc_clip.core.registry import model_names
     cfg = get_config("tiny", wavg_alpha=0.25)
     names = model_names(cfg)
     assert "pc-clip/wavg-0.25" in names and "pc-clip/wavg-0.5" not in names  # the name follows the setting
-    assert "pc-clip/unfiltered" not in names and "pc-clip/unfiltered" in MODELS  # exists with a judge only
+    assert "pc-clip/unfiltered" not in names and "pc-clip/unfiltered" in model_names()  # exists with a judge only
     tiny = create_clip("pc-clip-tiny", seed=0)[0]
     for n in names[:-1]:
         save_checkpoint(tiny, model_dir(cfg, n), "pc-clip-tiny")

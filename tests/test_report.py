@@ -5,8 +5,10 @@ import pandas as pd
 import pytest
 
 from pc_clip.core.runtime import condition_string
-from pc_clip.evaluation.runner import MODELS
+from pc_clip.core.registry import model_names
 from pc_clip.report.summary import RECALLS, bar_figure
+
+MODELS = model_names()  # every evaluated registry entry
 
 
 # ---- Every figure of a result is drawn from a results table and shows the 95 % interval of its rows: each figure the
