@@ -29,25 +29,23 @@ from ..models.clip import load_clip, is_checkpoint
 from .tasks import (DifferenceTask, awa2_attribute_task, cifar100_size_task, cub_comparative_task,
     flowers_colour_task, world_difference_tasks)
 from ..world.shapes import heldout_category_pairs, make_world
-from ..core.registry import REGISTRY, clip_source, dataset_options, model_names, world_options
-from ..core.registry import model_dir
+from ..core.registry import PAPER_EVAL_DATASETS, clip_source, dataset_options, model_dir, model_names, world_options
 
 # %% auto #0
-__all__ = ['MODELS', 'LoadedModel', 'PAPER_EVAL_DATASETS', 'N_BOOT', 'ITEM_COLUMNS', 'ZERO_SHOT_TEMPLATES', 'RETRIEVAL_IMAGES',
-           'RETRIEVAL_CAPTIONS', 'CEILING_TASK', 'iter_models', 'for_each_model', 'evaluated_models', 'text_encoder',
-           'eval_datasets', 'split_off_validation', 'validation_dataset', 'evaluation_rows', 'items_path',
-           'write_evaluation', 'read_items', 'zero_shot_classifier', 'build_difference_tasks',
-           'run_difference_classification', 'run_zero_shot', 'run_comparative_prompting', 'world_retrieval_corpus',
-           'run_retrieval', 'run_geometry', 'run_linear_probe', 'unconstrained_folder', 'run_cell_ceiling']
+__all__ = ['LoadedModel', 'N_BOOT', 'ITEM_COLUMNS', 'ZERO_SHOT_TEMPLATES', 'RETRIEVAL_IMAGES', 'RETRIEVAL_CAPTIONS',
+           'iter_models', 'for_each_model', 'evaluated_models', 'text_encoder', 'eval_datasets', 'split_off_validation',
+           'validation_dataset', 'evaluation_rows', 'items_path', 'write_evaluation', 'read_items',
+           'zero_shot_classifier', 'build_difference_tasks', 'run_difference_classification', 'run_zero_shot',
+           'run_comparative_prompting', 'world_retrieval_corpus', 'run_retrieval', 'run_geometry', 'run_linear_probe',
+           'unconstrained_folder', 'run_cell_ceiling']
 
 # %% ../../nbs/evaluation/04_runner.ipynb #e59fc116
-MODELS = tuple(s.resolved(Config()).name for s in REGISTRY if s.evaluated)  # every evaluated model of the registry (default wavg_alpha)
 LoadedModel = namedtuple("LoadedModel", "name model preprocess tokenizer")
 
 
-def iter_models(cfg: Config, names: Sequence[str] = MODELS, device: str | torch.device | None = None):
-    "`(name, model, preprocess, tokenizer)` for each model of the run that exists; prints a note for missing ones."
-    for name in names:
+def iter_models(cfg: Config, names: Sequence[str] | None = None, device: str | torch.device | None = None):
+    "`(name, model, preprocess, tokenizer)` for each model `names` (default: every evaluated registry entry) that exists; prints a note for missing ones."
+    for name in names if names is not None else model_names():
         try:
             model, preprocess, tokenizer = load_clip(**clip_source(cfg, name, device))
         except FileNotFoundError as e:
@@ -102,10 +100,6 @@ def _embedded(m: LoadedModel, ds, cfg: Config, progress: bool = False) -> tuple[
     return embed_images(m.model, ds, cache_dir(cfg), **embedding_options(cfg), preprocess=m.preprocess, progress=progress), embedded_labels(ds)
 
 # %% ../../nbs/evaluation/04_runner.ipynb #cefa4e97
-PAPER_EVAL_DATASETS = {"difference_classification": ("awa2", "cifar100", "flowers102", "cub"),
-                       "zero_shot": ("cifar100", "cub", "eurosat", "flowers102", "sun397")}
-
-
 def eval_datasets(cfg: Config, task: str, names: Sequence[str] | None = None, split: str = "test") -> list:
     "The `ImageDataset`s `task` runs on: the world on a world profile, else the paper's; missing ones are skipped."
     names = names or (("world",) if cfg.corpus == "world" else PAPER_EVAL_DATASETS[task])
@@ -393,9 +387,7 @@ def run_linear_probe(cfg: Config, model_names: Sequence[str], datasets: Sequence
 # %% ../../nbs/evaluation/04_runner.ipynb #40baac7c
 from .ceiling import CELL_ATTRIBUTES, attribute_labels, attribute_probe, image_side_ceiling
 from ..models.clip import load_checkpoint
-from ..core.registry import sweep_grid
-
-CEILING_TASK = "cell_ceiling"
+from ..core.registry import CEILING_TASK, sweep_grid
 
 
 def _cell_tasks(cfg: Config, world, split: str) -> dict:

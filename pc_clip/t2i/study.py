@@ -183,7 +183,7 @@ def gallery_chance(gallery: pd.DataFrame, edits: Sequence[GalleryEdit] = GALLERY
     return float(np.mean([(gallery[e.column] == e.target).mean() for e in edits]))
 
 # %% ../../nbs/t2i/01_study.ipynb #aedd353b
-T2I_BASE = ("ViT-L-14", "openai")
+T2I_BASE = (Config.t2i_clip_model, Config.t2i_clip_pretrained)  # SDXL's first text encoder (the config's default)
 SDXL_TEXT_WIDTHS = {768: "text_encoder", 1280: "text_encoder_2"}
 # the study's arms, from the registry: its base `clip`, and each study model under the name it is reported as
 T2I_ARMS = {"clip": None, **{s.reported_as: s.name for s in REGISTRY if s.role == "study" and s.when == "t2i"}}
@@ -199,10 +199,7 @@ def _text_width(model_name: str) -> int | None:
 
 def t2i_base(cfg: Config) -> tuple[str, str | None] | None:
     "`(architecture, pretrained tag)` the T2I study finetunes its own PC-CLIP from; None where it does not apply."
-    if hasattr(cfg, "t2i_clip_model"):
-        arch = cfg.t2i_clip_model
-        return (arch, getattr(cfg, "t2i_clip_pretrained", T2I_BASE[1])) if arch else None
-    return T2I_BASE if _text_width(cfg.model_name) in SDXL_TEXT_WIDTHS else None
+    return (cfg.t2i_clip_model, cfg.t2i_clip_pretrained) if cfg.t2i_clip_model else None
 
 
 def t2i_not_applicable(cfg: Config) -> str | None:
