@@ -23,7 +23,7 @@ from conftest import REPO, make_notebook
 from pc_clip.core import registry
 from pc_clip.evaluation.runner import (evaluated_models, items_path, read_items, run_zero_shot, eval_datasets,
     write_evaluation)
-from pc_clip.core.registry import ModelSpec, model_names, world_options
+from pc_clip.core.registry import ModelSpec, backend_options, corpus_options, model_names, store_options, world_options
 from pc_clip.core.registry import clip_source, model_dir, models_dir
 
 
@@ -474,11 +474,11 @@ def _toy_world_run(cfg):
     from pc_clip.differences.pairs import load_corpus, sample_pairs
     save_checkpoint(create_clip("pc-clip-tiny", seed=0)[0], model_dir(cfg, "clip"), "pc-clip-tiny")
     save_checkpoint(create_clip("pc-clip-tiny", seed=1)[0], model_dir(cfg, "clip/plain-captions"), "pc-clip-tiny")
-    corpus, held_out, world = load_corpus(cfg, "train")
+    corpus, held_out, world = load_corpus(**corpus_options(cfg), split="train")
     pairs = sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling, held_out)
     for noise in (0.0, registry.NOISE_LEVEL):
-        generate_differences(pairs, make_backend(cfg, world, noise=noise), differences_path(cfg, noise=noise), progress=False)
-    rewrite_captions(corpus, make_backend(cfg, world), rewrites_path(cfg), progress=False)
+        generate_differences(pairs, make_backend(world=world, **backend_options(cfg, noise=noise)), differences_path(store_options(cfg), noise), progress=False)
+    rewrite_captions(corpus, make_backend(world=world, **backend_options(cfg)), rewrites_path(store_options(cfg)), progress=False)
 
 
 @pytest.fixture

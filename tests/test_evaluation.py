@@ -21,7 +21,7 @@ from pc_clip.world.species import category_groups, typical_attrs
 from pc_clip.evaluation.tasks import DifferenceTask, cifar100_size_task, cub_comparative_task, world_difference_tasks
 from pc_clip.smoke.fixtures import accept_fixture_checksums, make_fixture
 from pc_clip.evaluation import metrics as M, runner as E, geometry as G
-from pc_clip.core.registry import model_dir
+from pc_clip.core.registry import model_dir, store_options
 
 
 # ---- Difference-based classification, zero-shot and comparative prompting: behaviour a user relies on.
@@ -281,7 +281,7 @@ def test_cub_comparatives_from_a_backend(tmp_path, monkeypatch):
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path / "runs"))
     with accept_fixture_checksums():
         ds = load_dataset("cub", make_fixture("cub", tmp_path / "data", n_per_class=2), "test")
-    write = lambda pairs: class_differences(pairs, get_config("tiny"), backend=FakeBirdBackend())
+    write = lambda pairs: class_differences(pairs, store_options(get_config("tiny")), FakeBirdBackend())
     task = cub_comparative_task(ds, ds.labels, write, seed=0, n_classes=2)
     assert len(set(task.labels.tolist())) == 2
     a, b = sorted(set(task.labels.tolist()))
@@ -541,13 +541,13 @@ def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monke
         def generate(self, items, task="differences"):
             return [{"raw": f"The first image is brighter than the second image number {it['i'] % 97}."} for it in items]
 
-    recs = P.write_heldout_differences(cfg, Writer(), progress=False)
+    recs = P.write_heldout_differences(store_options(cfg), Writer(), cfg.n_pairs, progress=False)
     intact = load_coco(tmp_path / "data", "val")
     emb_intact = embed_images(model, intact, None, **embedding_options(cfg), preprocess=pre, progress=False)
     ids = intact.image_info.image_id.tolist()
     broken = ids[1]  # the second image: before the fix, every later pair shifted by one row
     (tmp_path / "data" / "coco" / "val2017" / f"{broken:012d}.jpg").write_bytes(b"not a jpeg")
-    rows = pd.DataFrame(P.run_paper_geometry(cfg, ["clip"], progress=False))
+    rows = pd.DataFrame(E.run_paper_geometry(cfg, ["clip"], progress=False))
     cos = rows[(rows.metric == "text_direction_cosine") & (rows.condition == "pairs=heldout")]
     assert len(cos) == 1
     # the expected value, from the intact embeddings of the pairs without the broken image

@@ -8,7 +8,7 @@ from pc_clip.core.runtime import data_root
 from pc_clip.core.config import get_config
 from pc_clip.smoke.standins import (BUILD_ORDER, CHAT_LM, DATASET_PATHS, MANIFEST, build_paper_smoke, read_manifest,
     scene, scene_caption, standin_checksums)
-from pc_clip.core.registry import clip_source, dataset_options
+from pc_clip.core.registry import backend_options, clip_source, dataset_options, judge_options
 
 
 # ---- The `paper-smoke` stand-ins, built once into a temporary data root, as the `paper` code path reads them.
@@ -61,7 +61,7 @@ def test_chat_lm_in_4bit_writes_parseable_differences_and_verdicts(cfg):
     from pc_clip.differences.records import build_record, make_backend
     from pc_clip.differences.judge import judge_records, make_judge, verdict_counts
     assert cfg.generator == cfg.judge == CHAT_LM and cfg.load_in_4bit
-    backend = make_backend(cfg)
+    backend = make_backend(**backend_options(cfg))
     assert backend.config["load_in_4bit"]
     rng = np.random.default_rng([7, 7])
     items = [{"key": str(k), "caption_a": scene_caption(scene(rng), k), "caption_b": scene_caption(scene(rng), k + 2)}
@@ -75,7 +75,7 @@ def test_chat_lm_in_4bit_writes_parseable_differences_and_verdicts(cfg):
     assert sum(bool(r["statements"]) for r in kept) > len(kept) / 2
     classes = [{"key": "c", "category_a": "killer whale", "category_b": "maple tree"}]
     assert build_record(classes[0], backend.generate(classes, "category")[0], backend, "category")["statements"]
-    judged = judge_records([r for r in records if r["statements"]], make_judge(cfg.judge, cfg), progress=False)
+    judged = judge_records([r for r in records if r["statements"]], make_judge(cfg.judge, **judge_options(cfg)), progress=False)
     counts = verdict_counts(judged)
     assert counts["unparsed"] < (counts["consistent"] + counts["inconsistent"]) / 10, counts
 

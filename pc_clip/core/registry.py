@@ -21,7 +21,8 @@ __all__ = ['BASE_SETTINGS', 'PAIR_SETTINGS', 'LLM_SETTINGS', 'GENERATION_SETTING
            'UNKNOWN_MODEL_COLOUR', 'PALETTE', 'CEILING_TASK', 'TASKS', 'TASK_TITLES', 'MAIN_METRICS',
            'PAPER_EVAL_DATASETS', 'ModelSpec', 'applies', 'model_specs', 'model_spec', 'model_names', 'ablation_models',
            'ModelPalette', 'sweep_grid', 'model_settings', 'models_dir', 'model_dir', 'world_options',
-           'dataset_options', 'clip_source', 'model_manifest', 'TaskSpec', 'task_spec']
+           'dataset_options', 'clip_source', 'model_manifest', 'differences_dir', 'corpus_options', 'generator_options',
+           'backend_options', 'judge_identity_options', 'judge_options', 'store_options', 'TaskSpec', 'task_spec']
 
 # %% ../../nbs/core/03_registry.ipynb #e4b77711
 BASE_SETTINGS = ("seed", "precision", "model_name", "pretrained", "corpus", "world_image_size", "world_n_train",
@@ -300,6 +301,45 @@ def model_manifest(cfg: Config, name: str, folder: str | Path | None = None, lr:
     if candidate:
         m["candidate"] = {"lr": float(cfg.ft_lr if lr is None else lr), "alpha": 1.0 if alpha is None else float(alpha)}
     return m
+
+# %% ../../nbs/core/03_registry.ipynb #71b95e10
+def differences_dir(cfg: Config) -> Path:
+    "The folder of a profile's difference sets: `runs/<profile>/differences`."
+    return run_dir(cfg) / "differences"
+
+
+def corpus_options(cfg: Config) -> dict:
+    "The keywords of `pc_clip.differences.pairs.load_corpus` and `corpus_identity`: the corpus, its world, root and seed."
+    return dict(corpus=cfg.corpus, world=world_options(cfg), root=data_root(cfg), seed=cfg.seed,
+                standins=cfg.profile in STANDIN_PROFILES)
+
+
+def generator_options(cfg: Config, generator: str | None = None) -> dict:
+    "The keywords of `pc_clip.differences.records.generator_identity`: the generator (default `cfg.generator`) and its settings."
+    return dict(generator=generator or cfg.generator, root=data_root(cfg), max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, load_in_4bit=cfg.load_in_4bit)
+
+
+def backend_options(cfg: Config, noise: float | None = None) -> dict:
+    "The keywords of `pc_clip.differences.records.make_backend` for `cfg`'s generator (`noise`: the oracle's; default cfg's)."
+    return dict(generator_options(cfg), noise=cfg.oracle_noise if noise is None else noise, batch_size=cfg.gen_batch_size,
+                device=cfg.device, batch_from_memory=cfg.gen_batch_from_memory, corpus=cfg.corpus)
+
+
+def judge_identity_options(cfg: Config) -> dict:
+    "The keywords of `pc_clip.differences.judge.judge_key` and `judge_identity`: where a judge's weights live, whether 4-bit."
+    return dict(root=data_root(cfg), load_in_4bit=cfg.load_in_4bit)
+
+
+def judge_options(cfg: Config) -> dict:
+    "The keywords of `pc_clip.differences.judge.make_judge`: `judge_identity_options(cfg)`, the device and batch size."
+    return dict(judge_identity_options(cfg), device=cfg.device, batch_size=cfg.gen_batch_size)
+
+
+def store_options(cfg: Config, generator: str | None = None) -> dict:
+    "A run's difference stores as values (`pc_clip.differences.records`' paths take it): folder, corpus, generator, noise, judge."
+    return dict(folder=differences_dir(cfg), corpus=corpus_options(cfg), generator=generator_options(cfg, generator),
+                noise=cfg.oracle_noise, judge=cfg.judge, judge_identity=judge_identity_options(cfg))
 
 # %% ../../nbs/core/03_registry.ipynb #62249685
 @dataclass(frozen=True)

@@ -15,7 +15,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .comparative import class_differences, comparative_prompting, confused_pair_differences
+from .comparative import LazyBackend, class_differences, comparative_prompting, confused_pair_differences
+from .paper_geometry import (class_pair_frame, class_pair_names, class_pair_texts, heldout_statements,
+    pair_alignment, to_embedding_rows, write_heldout_differences)
+from ..differences.records import make_backend
 from ..core.config import Config, embedding_options
 from ..core.runtime import artifact_lock, atomic_write, cache_dir, content_hash, result_row, results_path, write_results
 from ..data.datasets import load_dataset
@@ -29,15 +32,16 @@ from ..models.clip import load_clip, is_checkpoint
 from .tasks import (DifferenceTask, awa2_attribute_task, cifar100_size_task, cub_comparative_task,
     flowers_colour_task, world_difference_tasks)
 from ..world.shapes import heldout_category_pairs, make_world
-from ..core.registry import PAPER_EVAL_DATASETS, clip_source, dataset_options, model_dir, model_names, world_options
+from ..core.registry import (PAPER_EVAL_DATASETS, backend_options, clip_source, dataset_options, model_dir, model_names,
+    store_options, world_options)
 
 # %% auto #0
 __all__ = ['LoadedModel', 'N_BOOT', 'ITEM_COLUMNS', 'ZERO_SHOT_TEMPLATES', 'RETRIEVAL_IMAGES', 'RETRIEVAL_CAPTIONS',
            'iter_models', 'for_each_model', 'evaluated_models', 'text_encoder', 'eval_datasets', 'split_off_validation',
            'validation_dataset', 'evaluation_rows', 'items_path', 'write_evaluation', 'read_items',
-           'zero_shot_classifier', 'build_difference_tasks', 'run_difference_classification', 'run_zero_shot',
-           'run_comparative_prompting', 'world_retrieval_corpus', 'run_retrieval', 'run_geometry', 'run_linear_probe',
-           'unconstrained_folder', 'run_cell_ceiling']
+           'difference_backend', 'zero_shot_classifier', 'build_difference_tasks', 'run_difference_classification',
+           'run_zero_shot', 'run_comparative_prompting', 'world_retrieval_corpus', 'run_retrieval', 'run_geometry',
+           'run_linear_probe', 'unconstrained_folder', 'run_cell_ceiling', 'run_paper_geometry']
 
 # %% ../../nbs/evaluation/04_runner.ipynb #e59fc116
 LoadedModel = namedtuple("LoadedModel", "name model preprocess tokenizer")
@@ -185,6 +189,13 @@ def read_items(cfg: Config, experiments: Sequence[str] | None = None) -> pd.Data
                          dtype={"condition": str, "item": str, "group": str}) for p in paths if p.exists()]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=ITEM_COLUMNS)
 
+# %% ../../nbs/evaluation/04_runner.ipynb #96266fd3
+def difference_backend(cfg: Config, world=None):
+    "The writer of `cfg`'s class and held-out differences: the oracle of `world` (default the config's), or the language model, loaded on first use."
+    if cfg.generator != "oracle":
+        return LazyBackend(backend_options(cfg))
+    return make_backend(world=world if world is not None else make_world(**world_options(cfg)), **backend_options(cfg))
+
 # %% ../../nbs/evaluation/04_runner.ipynb #4506976c
 ZERO_SHOT_TEMPLATES = (lambda c: f"This is a photo of a {c}",)
 
@@ -203,7 +214,8 @@ def build_difference_tasks(ds, labels: Sequence[int], cfg: Config, n_texts: int 
         return world_difference_tasks(ds.image_info, heldout_category_pairs(cfg.seed), n_texts=n_texts, seed=cfg.seed)
     builders = {"awa2": lambda: awa2_attribute_task(ds, labels), "cifar100": lambda: cifar100_size_task(ds.classnames, labels),
                 "flowers102": lambda: flowers_colour_task(ds.classnames, labels),
-                "cub": lambda: cub_comparative_task(ds, labels, lambda pairs: class_differences(pairs, cfg), cfg.seed)}
+                "cub": lambda: cub_comparative_task(ds, labels, lambda pairs: class_differences(
+                    pairs, store_options(cfg), difference_backend(cfg), cfg.gen_batch_size), cfg.seed)}
     if ds.name not in builders:
         raise ValueError(f"no difference task for data set {ds.name!r}; known: world, {', '.join(builders)}")
     return [builders[ds.name]()]
@@ -259,7 +271,8 @@ def run_comparative_prompting(cfg: Config, model_names: Sequence[str], select_ds
         emb = {k: _embedded(m, d, cfg)
                for k, d in (("select", select_ds), ("val", val_ds), ("test", test_ds))}
         demb, info = confused_pair_differences(zero_shot(*emb["select"], class_emb)["confusion"], test_ds.classnames,
-                                               cfg.comparative_topk, lambda p: class_differences(p, cfg, world),
+                                               cfg.comparative_topk, lambda p: class_differences(
+                                                   p, store_options(cfg), difference_backend(cfg, world), cfg.gen_batch_size),
                                                text_encoder(m.model, m.tokenizer, cfg.eval_batch_size))
         val = {a: comparative_prompting(*emb["val"], class_emb, demb, a) for a in cfg.comparative_alphas}
         chosen = best_on_validation({a: r["accuracy"] for a, r in val.items()})
@@ -439,3 +452,46 @@ def run_cell_ceiling(cfg: Config, max_train: int | None = 4000, progress: bool =
     else:
         print(f"skipping the unconstrained finetune: no checkpoint at {folder.name} (experiment 03 trains it)")
     return rows
+
+# %% ../../nbs/evaluation/04_runner.ipynb #1507571c
+def _class_sets(cfg: Config, n_classes: int, n_per_pair: int) -> list:
+    out = []
+    for ds in eval_datasets(cfg, "difference_classification"):
+        frame = class_pair_frame(np.asarray(ds.labels), n_classes, n_per_pair, cfg.seed)  # positions in `ds`
+        texts = class_differences(class_pair_names(frame, ds.classnames), store_options(cfg), difference_backend(cfg),
+                                  cfg.gen_batch_size)
+        frame = class_pair_texts(frame, ds.classnames, texts)
+        if frame.edit.nunique() < 1 or frame.groupby("edit").size().min() < 2:
+            print(f"geometry on {ds.name}: not measured (no class pair with usable class differences)")
+            continue
+        out.append((ds, frame))
+    return out
+
+
+def run_paper_geometry(cfg: Config, model_names: Sequence[str], n_classes: int = 8, n_per_pair: int = 8,
+                       n_quads: int = 2000, progress: bool = True) -> list[dict]:
+    "Geometry rows of every existing model on held-out corpus pairs and on class pairs of the paper's data sets."
+    val = load_dataset(cfg.corpus, **dataset_options(cfg), split="val")
+    written = write_heldout_differences(store_options(cfg), LazyBackend(backend_options(cfg)), cfg.n_pairs, cfg.gen_batch_size,
+                                        progress=progress)
+    statements = heldout_statements(written, val)
+    class_sets = _class_sets(cfg, n_classes, n_per_pair)
+
+    def one(m) -> list[dict]:
+        rows = []
+        emb = embed_images(m.model, val, cache_dir(cfg), **embedding_options(cfg), preprocess=m.preprocess, progress=progress)
+        st = to_embedding_rows(val, statements)  # after embedding: an unreadable image drops its own pairs only
+        if st.key.nunique() >= 2:
+            txt = embed_texts(m.model, m.tokenizer, list(st.text), **embedding_options(cfg))
+            rows += evaluation_rows({cfg.seed: pair_alignment(emb, st, txt)}, m.name, "geometry", cfg.corpus,
+                                    {"pairs": "heldout"})
+        else:
+            print(f"geometry on {cfg.corpus}: not measured ({st.key.nunique()} held-out pairs with statements)")
+        for ds, frame in class_sets:
+            emb = embed_images(m.model, ds, cache_dir(cfg), **embedding_options(cfg), preprocess=m.preprocess, progress=progress)
+            frame = to_embedding_rows(ds, frame, ("edited", "base"))
+            txt = embed_texts(m.model, m.tokenizer, list(frame.text), **embedding_options(cfg))
+            res = geometry(emb, frame, txt, None, n_quads, cfg.seed)["all"]
+            rows += evaluation_rows({cfg.seed: res}, m.name, "geometry", ds.name, {"pairs": "classes"})
+        return rows
+    return for_each_model(cfg, model_names, one)

@@ -33,7 +33,7 @@ from ..training.pretrain import PRETRAIN_THREADS, clip_step_loss
 from ..training.selection import cell_key, is_heldout_wording, run_sweep
 from ..world.shapes import epoch_captions, make_world
 from ..world.species import CATEGORY_NAMES
-from ..core.registry import world_options
+from ..core.registry import backend_options, world_options
 
 # %% auto #0
 __all__ = ['BASES', 'PROBED', 'STUDY_VERSION', 'GAIN_TARGET', 'PROBE_MARGIN', 'RUN_BUDGET_S', 'LAST_RUN_S', 'LAST_PRETRAIN_S',
@@ -153,7 +153,7 @@ def oracle_inputs(cfg: Config, world, model, tokenizer, progress: bool = True) -
     "PC-CLIP's training inputs over `model`: the oracle's statements for `cfg`'s pairs of `world`, in a store keyed by the world."
     pairs = sample_pairs(corpus_from_world(world, "train"), cfg.n_pairs, cfg.seed, cfg.pair_sampling, world.heldout_pairs)
     path = cache_dir(cfg) / "capacity" / f"oracle-{world.key or content_hash(world.images)}-{content_hash(pairs['key'].tolist())}.jsonl"
-    records = generate_differences(pairs, make_backend(cfg, world), path, progress=progress)
+    records = generate_differences(pairs, make_backend(world=world, **backend_options(cfg)), path, progress=progress)
     emb = embed_images(model, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
     return FinetuneInputs(model, tokenizer, emb, world.images, {"differences": difference_triples(records)}, world,
                           {"differences": f"oracle statements of {len(pairs)} pairs"}, {"differences": path})

@@ -26,7 +26,7 @@ from ..models.clip import load_clip
 from ..differences.pairs import corpus_from_world
 from ..world.shapes import make_world
 from ..training.state import FinetuneSettings
-from ..core.registry import clip_source, model_dir, world_options
+from ..core.registry import backend_options, clip_source, model_dir, store_options, world_options
 
 # %% auto #0
 __all__ = ['ITEM_KEYS', 'CURVE_TASK', 'row_items', 'pooled_mean', 'paired_gain', 'study_row', 'noisy_differences',
@@ -88,7 +88,7 @@ def noisy_differences(cfg: Config, world, pairs: pd.DataFrame | None = None, pro
     if pairs is None:
         pairs = sample_pairs(corpus_from_world(world, "train"), cfg.n_pairs, cfg.seed, cfg.pair_sampling,
                              world.heldout_pairs)
-    return generate_differences(pairs, make_backend(cfg, world), differences_path(cfg), progress=progress)
+    return generate_differences(pairs, make_backend(world=world, **backend_options(cfg)), differences_path(store_options(cfg)), progress=progress)
 
 
 def false_fraction(records: Sequence[dict]) -> float:
@@ -146,7 +146,7 @@ def noise_training_sets(cfg: Config, world, judges: Sequence = (), pairs: pd.Dat
                                                 "false_fraction": false_fraction(recs)})}
     if cfg.oracle_noise > 0:
         for j in judges:
-            sets[j.name] = judged_triples(recs, j, differences_path(cfg), progress)
+            sets[j.name] = judged_triples(recs, j, differences_path(store_options(cfg)), progress)
     return sets
 
 # %% ../../nbs/studies/00_noise_curve.ipynb #38cbd2f4

@@ -27,7 +27,7 @@ from ..world.species import CATEGORIES, typical_attrs
 from ..world.oracle import difference_statement
 from ..world.shapes import position_word, size_word
 from ..differences.pairs import load_corpus, sample_pairs
-from ..core.registry import REGISTRY, clip_source, dataset_options, model_manifest
+from ..core.registry import REGISTRY, clip_source, corpus_options, dataset_options, model_manifest, store_options
 from ..training.state import FinetuneSettings
 from ..core.registry import model_dir
 
@@ -223,13 +223,13 @@ def train_t2i_pc_clip(cfg: Config, progress: bool = True):
     ds = load_dataset(cfg.corpus, **dataset_options(cfg), split="train")
     emb = embed_images(model, ds, cache_dir(study_cfg), **embedding_options(study_cfg), preprocess=preprocess, progress=progress)
     # this config's training data, as experiment 03 reads it for `pc-clip`: with a judge, its consistent statements only
-    corpus, held_out, _ = load_corpus(cfg, "train")
+    corpus, held_out, _ = load_corpus(**corpus_options(cfg), split="train")
     keys = pd.DataFrame({"key": sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling, held_out)["key"]})
-    triples = training_triples(cfg, noise=0.0 if cfg.generator == "oracle" else None, pairs=keys)
+    triples = training_triples(store_options(cfg), noise=0.0 if cfg.generator == "oracle" else None, pairs=keys)
     triples = embedding_rows(ds, triples)  # corpus rows -> rows of `emb` (pairs with an unreadable image dropped)
     run = finetune(model, tokenizer, triples, FinetuneSettings.from_config(study_cfg, model_name=base[0]), model_dir(cfg, T2I_PC_CLIP), image_embeddings=emb, progress=progress)
     noise = 0.0 if cfg.generator == "oracle" else None  # its manifest, like every model's: base, data file, rows
-    write_manifest(run.out_dir, model_manifest(cfg, T2I_PC_CLIP, run.out_dir), data_file=differences_path(cfg, noise),
+    write_manifest(run.out_dir, model_manifest(cfg, T2I_PC_CLIP, run.out_dir), data_file=differences_path(store_options(cfg), noise),
                    extra={"base": {"model_name": base[0], "pretrained": base[1]},
                           "training": {"rows": len(triples), "judge": cfg.judge}})
     return run

@@ -35,7 +35,7 @@ from .state import FinetuneSettings, init_distributed, rank_world
 from .finetune import FinetuneRun, finetune
 from .pretrain import (PRETRAIN_THREADS, PretrainSettings, pretrain_clip, pretrain_fingerprint,
     resume_folder, saved_fingerprint)
-from ..core.registry import dataset_options
+from ..core.registry import corpus_options, dataset_options, store_options
 
 # %% auto #0
 __all__ = ['FINETUNE_PLAN', 'caption_table', 'caption_settings', 'finetune_captions', 'weight_average_model',
@@ -181,29 +181,29 @@ def _training_data(cfg: Config, corpus: pd.DataFrame, held_out) -> tuple[dict[st
     keys = list(sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling, held_out)["key"])
     oracle = cfg.generator == "oracle"
     pick = lambda path: difference_triples(select_records(read_records(path), keys))
-    clean, noisy = differences_path(cfg, noise=0.0 if oracle else None), differences_path(cfg, noise=NOISE_LEVEL)
+    clean, noisy = differences_path(store_options(cfg), 0.0 if oracle else None), differences_path(store_options(cfg), NOISE_LEVEL)
     what = f"`{clean.name}` ({_generator_of(clean)}, {len(keys)} pairs)"
     data, sources = {"differences": pick(clean)}, {"differences": f"{what}: every accepted statement"}
     if cfg.judge:  # the judge's verdicts decide what pc-clip trains on; all accepted statements train the ablation
         data["unfiltered"], sources["unfiltered"] = data["differences"], sources["differences"] + " (judge ignored)"
-        data["differences"] = training_triples(cfg, 0.0 if oracle else None, filtered=True, pairs=pd.DataFrame({"key": keys}))
+        data["differences"] = training_triples(store_options(cfg), 0.0 if oracle else None, filtered=True, pairs=pd.DataFrame({"key": keys}))
         sources["differences"] = f"{what}: the statements judge `{cfg.judge}` found consistent"
     if oracle:
         data["noisy"] = pick(noisy)
         sources["noisy"] = f"`{noisy.name}` ({_generator_of(noisy)}, {len(keys)} pairs): every accepted statement"
     data["captions"] = corpus.rename(columns={"image_id": "i", "caption": "text"})[["i", "text"]]
     sources["captions"] = f"the {cfg.corpus} training captions ({len(corpus)} images)"
-    rewrites = select_records(read_records(rewrites_path(cfg)), [str(i) for i in corpus["image_id"]], "rewrites")
+    rewrites = select_records(read_records(rewrites_path(store_options(cfg))), [str(i) for i in corpus["image_id"]], "rewrites")
     data["rewritten"] = rewritten_captions(rewrites)
-    sources["rewritten"] = f"`{rewrites_path(cfg).name}` ({_generator_of(rewrites_path(cfg))}): rewritten captions"
-    files = {"differences": clean, "unfiltered": clean, "noisy": noisy, "rewritten": rewrites_path(cfg)}
+    sources["rewritten"] = f"`{rewrites_path(store_options(cfg)).name}` ({_generator_of(rewrites_path(store_options(cfg)))}): rewritten captions"
+    files = {"differences": clean, "unfiltered": clean, "noisy": noisy, "rewritten": rewrites_path(store_options(cfg))}
     return data, sources, {k: v for k, v in files.items() if k in data}
 
 
 def finetuning_inputs(cfg: Config, device: str | torch.device | None = None, progress: bool = True) -> FinetuneInputs:
     "The base model, the training corpus's image table and the training data of every planned model, for `cfg`."
     base, preprocess, tokenizer = load_clip(**clip_source(cfg, "clip", device))
-    corpus, held_out, world = load_corpus(cfg, "train")
+    corpus, held_out, world = load_corpus(**corpus_options(cfg), split="train")
     data, sources, files = _training_data(cfg, corpus, held_out)
     if world is not None:
         return FinetuneInputs(base, tokenizer, embed_images(base, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress), world.images,
