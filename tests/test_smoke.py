@@ -83,7 +83,7 @@ def test_chat_lm_in_4bit_writes_parseable_differences_and_verdicts(cfg):
 def test_sdxl_stand_in_loads_and_its_first_encoder_is_the_clips_text_tower(cfg):
     from pc_clip.models.clip import load_checkpoint
     from pc_clip.t2i.sdxl import load_sdxl, matching_slot, tower_mismatches
-    pipe = load_sdxl(cfg, device="cpu")
+    pipe = load_sdxl(cfg.t2i_model, data_root(cfg), device="cpu")
     clip = load_checkpoint(data_root(cfg) / "weights" / cfg.t2i_clip_model / cfg.t2i_clip_pretrained)[0]
     assert tower_mismatches(pipe.text_encoder, clip) == {} and matching_slot(pipe, clip) == "text_encoder"
     assert torch.equal(pipe.text_encoder.embeddings.token_embedding.weight, clip.token_embedding.weight)

@@ -16,6 +16,7 @@ from pc_clip.world.edits import WORLD_EDITS, edit_success, measure_generated
 from pc_clip.t2i.world_diffusion import (GeneratorSettings, _schedulers, arithmetic_conditioning, denoising_loss,
     text_conditioning, to_patches, train_generator, train_or_load_generator)
 from pc_clip.core.registry import model_dir
+from pc_clip.core.runtime import cache_dir, data_root
 
 
 # ---- Text-to-image with embedding arithmetic: the open_clip -> Hugging Face text-tower conversion, a tiny
@@ -129,7 +130,7 @@ def test_clip_score_uses_the_evaluator_pairwise(tiny_clip):
 def test_sdxl_missing_weights_is_a_clear_error():
     with temp_workdir(data=True), pytest.raises(FileNotFoundError,
                                                 match="hf download stabilityai/stable-diffusion-xl-base-1.0"):
-        T.load_sdxl(get_config("paper"), "cpu")
+        T.load_sdxl(get_config("paper").t2i_model, data_root(get_config("paper")), "cpu")
 
 
 def test_t2i_study_base_and_paper_h14_not_applicable():
@@ -370,12 +371,12 @@ def test_generator_cache_is_reused(clip):
     settings = GeneratorSettings(steps=2, batch_size=2)
     with temp_workdir():
         cfg = get_config("tiny")
-        first, info1 = train_or_load_generator(cfg, world, model, tok, settings, progress=False)
-        second, info2 = train_or_load_generator(cfg, world, model, tok, settings, progress=False)
+        first, info1 = train_or_load_generator(cache_dir(cfg), world, model, tok, settings, progress=False)
+        second, info2 = train_or_load_generator(cache_dir(cfg), world, model, tok, settings, progress=False)
         assert (info1["reused"], info2["reused"]) == (False, True)
         assert info1["key"] == info2["key"]
         for (k, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
             torch.testing.assert_close(a, b, msg=k)
-        _, info3 = train_or_load_generator(cfg, world, model, tok, GeneratorSettings(steps=3, batch_size=2),
+        _, info3 = train_or_load_generator(cache_dir(cfg), world, model, tok, GeneratorSettings(steps=3, batch_size=2),
                                            progress=False)
         assert info3["reused"] is False and info3["key"] != info1["key"]

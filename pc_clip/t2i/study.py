@@ -5,7 +5,7 @@
 # %% ../../nbs/t2i/01_study.ipynb #84d8a58e
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -30,11 +30,18 @@ from ..differences.pairs import load_corpus, sample_pairs
 from ..core.registry import REGISTRY, clip_source, corpus_options, dataset_options, model_manifest, store_options
 from ..training.state import FinetuneSettings
 from ..core.registry import model_dir
+from pc_clip.t2i.world_diffusion import (GeneratorSettings, choose_weight, edit_queries, score_edits, success_rows,
+    train_or_load_generator)
+from ..world.edits import WORLD_EDITS
+from ..world.species import CATEGORY_NAMES
+from ..world.shapes import make_world
+from ..core.registry import world_options
 
 # %% auto #0
 __all__ = ['GALLERY_LEVELS', 'GALLERY_EDITS', 'T2I_BASE', 'SDXL_TEXT_WIDTHS', 'T2I_ARMS', 'T2I_PC_CLIP', 'attribute_gallery',
            'GalleryEdit', 'gallery_edit_statements', 'arithmetic_queries', 'gallery_arithmetic_rows', 'gallery_chance',
-           't2i_base', 't2i_not_applicable', 'train_t2i_pc_clip', 't2i_study_models', 'run_t2i_arithmetic']
+           't2i_base', 't2i_not_applicable', 'train_t2i_pc_clip', 't2i_study_models', 'run_t2i_arithmetic',
+           'run_world_t2i']
 
 # %% ../../nbs/t2i/01_study.ipynb #b94922a1
 GALLERY_LEVELS = {"size": (0.7, 1.0, 1.4), "brightness": (0.5, 0.72, 0.94), "position": (0.28, 0.5, 0.72)}
@@ -265,7 +272,7 @@ def _gallery_study(cfg: Config, model_names: Sequence[str], weight: float, sweep
 
 def _sdxl_study(cfg: Config, model_names: Sequence[str], weight: float, n_seeds: int, progress: bool,
                 base: tuple[str, str | None] | None = None) -> tuple[list[dict], dict]:
-    pipe = load_sdxl(cfg)
+    pipe = load_sdxl(cfg.t2i_model, data_root(cfg), cfg.device)
     ev_model, ev_pre, ev_tok = load_clip(**clip_source(cfg, "clip", device=pipe.device))
     base = base or t2i_base(cfg)
     rows, shown = [], {}
@@ -288,3 +295,30 @@ def run_t2i_arithmetic(cfg: Config, model_names: Sequence[str], weight: float = 
     if reason:
         raise ValueError(reason)
     return _sdxl_study(cfg, model_names, weight, n_seeds, progress)
+
+# %% ../../nbs/t2i/01_study.ipynb #575d14c6
+def run_world_t2i(cfg: Config, model_names: Sequence[str], settings: GeneratorSettings = GeneratorSettings(),
+                  weights: Sequence[float] = (1.0, 2.0, 4.0), n_val_seeds: int = 1, n_test_seeds: int = 2,
+                  categories: Sequence[str] | None = None, progress: bool = True,
+                  device: str | torch.device = "cpu") -> tuple[list[dict], dict]:
+    "Train (or load) the generator, pick `w` per model on validation queries, score test queries; `(rows, shown)`."
+    world = make_world(**world_options(cfg))
+    base, _, tokenizer = load_clip(**clip_source(cfg, "clip", device))
+    settings = replace(settings, seed=cfg.seed)
+    unet, info = train_or_load_generator(cache_dir(cfg), world, base, tokenizer, settings, progress, device=device)
+    cats = list(categories or CATEGORY_NAMES)
+    val_q = edit_queries(cats, WORLD_EDITS, 10_000 + np.arange(n_val_seeds), np.random.default_rng([cfg.seed, 163]))
+    test_q = edit_queries(cats, WORLD_EDITS, 20_000 + np.arange(n_test_seeds), np.random.default_rng([cfg.seed, 167]))
+    rows, shown = [], dict(generator=info, chosen_w={}, images={}, test_queries=test_q)
+    for name in model_names:
+        try:
+            model, _, tok = (base, None, tokenizer) if name == "clip" else load_clip(**clip_source(cfg, name, device))
+        except FileNotFoundError as e:
+            print(f"skipping model {name}: {str(e).splitlines()[0]}")
+            continue
+        val, _ = score_edits(unet, settings, model, tok, val_q, weights, progress=progress)
+        w = choose_weight(val)
+        test, images = score_edits(unet, settings, model, tok, test_q, [w], chance=True, progress=progress)
+        rows += success_rows(val, name, cfg.seed, "val_success_rate") + success_rows(test, name, cfg.seed)
+        shown["chosen_w"][name], shown["images"][name] = w, {"reference": images["reference"], "edited": images[w]}
+    return rows, shown
