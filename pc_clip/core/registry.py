@@ -369,6 +369,8 @@ TASKS: list[TaskSpec] = [
     TaskSpec("vocabulary", "Vocabulary: share of the words of difference statements that the base model's pretraining "
              "captions contained"),
     TaskSpec(CEILING_TASK, "What bounds each cell: the image side's ceiling and the probes", reported=False),
+    TaskSpec("t2i_world", "Text-to-image on the Shapes world's own generator (beyond the paper)", reported=False),
+    TaskSpec("capacity", "The capacity study: base models of the world by size (beyond the paper)", reported=False),
 ]
 TASK_TITLES = {t.name: t.title for t in TASKS if t.reported}  # the report's sections, in order
 MAIN_METRICS = {t.name: t.metric for t in TASKS if t.metric}  # the columns of the report's ablation table
