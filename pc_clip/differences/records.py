@@ -231,7 +231,7 @@ def generate_records(items, backend, store_path: str | Path, task: str = "differ
     items = _items(items)
     store = JsonlStore(store_path)
     with store.writing(lock_timeout):
-        _fill(store, items, backend, task, batch_size or getattr(backend, "batch_size", 16), max_words, progress)
+        _fill(store, items, backend, task, batch_size or getattr(backend, "batch_size", Config.gen_batch_size), max_words, progress)
     keys = [record_key(backend.name, str(it["key"])) for it in items]
     wanted = set(keys)
     by_key = {r["key"]: r for r in store.records() if r["key"] in wanted}
