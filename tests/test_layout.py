@@ -62,6 +62,7 @@ def test_the_checker_finds_a_config_below_the_orchestrating_modules(tmp_path):
     named = sorted(p.split(" takes a Config")[0] for p in problems if " takes a Config" in p)
     assert named == ["pc_clip.models.embed.embed_texts", "pc_clip.models.embed.load"], problems
     assert check_layout.may_take_config("pc_clip.studies.noise_curve") and not check_layout.may_take_config("pc_clip.models.clip")
+    assert check_layout.may_take_config("pc_clip.reproduce")  # a top-level entry module
     (pkg / "models" / "embed.py").write_text("def embed_texts(model, texts, precision='auto'):\n    return precision\n")
     assert check_layout.check(pkg) == []
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "check_layout.py"), str(pkg)], capture_output=True, text=True)

@@ -19,7 +19,8 @@ STAGES = ["core", "world", "data", "models", "differences", "evaluation", "train
           "smoke"]
 TOP = {"cli": len(STAGES), "compare": len(STAGES)}  # entry points: may import any stage
 MAX_MODULES = 10
-# the modules that orchestrate a stage and so may read the run's Config (a name ending in ".*": the whole package)
+# the modules that orchestrate a stage and so may read the run's Config (a name ending in ".*": the whole package);
+# every top-level entry module (pc_clip/<name>.py: cli, compare, ...) may too
 CONFIG_MODULES = ("cli", "compare", "core.config", "core.run", "core.registry", "evaluation.runner", "training.plan",
                   "training.sweep", "t2i.study", "report.build", "studies.*", "smoke.*")
 CONFIG_NAMES = {"cfg", "cfg_or_root", "cfg_or_path"}
@@ -93,9 +94,10 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def may_take_config(mod: str, allowed=CONFIG_MODULES) -> bool:
-    "Whether module `mod` (pc_clip.x.y) is one of the orchestrating ones that may take a Config."
+    "Whether module `mod` (pc_clip.x.y) orchestrates and so may take a Config: one of `allowed`, or an entry module (pc_clip.x)."
     rel = mod.split(".", 1)[1] if "." in mod else mod
-    return any(rel == a or (a.endswith(".*") and rel.startswith(a[:-1])) for a in allowed)
+    entry = "." not in rel and rel not in STAGES  # a top-level entry module: cli, compare, ...
+    return entry or any(rel == a or (a.endswith(".*") and rel.startswith(a[:-1])) for a in allowed)
 
 
 def _is_config(arg: ast.arg) -> bool:
