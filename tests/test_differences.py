@@ -283,7 +283,7 @@ def test_world_oracle_statements_pass_the_filter(runs_dir):
 # ---------------------------------------------------------------- the experiment notebook
 def test_experiment_notebook_runs_and_resumes(runs_dir):
     import papermill as pm
-    from pc_clip.core.runtime import read_results
+    from pc_clip.core.results import read_results
     repo = Path(__file__).resolve().parents[1]
     params = dict(n_pairs=200, overrides={"judge": "oracle", "world_n_train": 400, "world_n_test": 50})
     for _ in range(2):  # the second run resumes: nothing is generated twice, the rows are replaced

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pc_clip.evaluation.comparative import (class_differences, comparative_class_embeddings, comparative_prompting,
     known_pairs, top_confused_pairs)
 from pc_clip.core.config import get_config
-from pc_clip.core.runtime import read_results, write_results
+from pc_clip.core.results import read_results, write_results
 from pc_clip.evaluation.runner import (build_difference_tasks, evaluation_rows, read_items, write_evaluation,
     zero_shot_classifier)
 from pc_clip.evaluation.metrics import (classification_metrics, difference_classification, difference_cosines,
@@ -200,7 +200,8 @@ def test_top_confused_pairs_order():
 
 def test_rows_fit_the_results_table_and_the_report(tmp_path, monkeypatch):
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
-    from pc_clip.report.summary import Claim, claim_verdicts, direction_sentences
+    from pc_clip.report.claims import Claim, claim_verdicts
+    from pc_clip.report.tables import direction_sentences
     cfg = get_config("tiny")
     emb, level = attribute_world()
     dc = lambda fn, model: evaluation_rows(difference_classification(emb, level, fn, ENC, seeds=(0, 1)), model,
@@ -563,7 +564,7 @@ def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monke
 def test_write_evaluation_writes_items_before_rows(tmp_path, monkeypatch):
     "Issue 30: the rows commit an experiment; when they are written, its items are already the new ones."
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
-    from pc_clip.core.runtime import result_row
+    from pc_clip.core.results import result_row
     cfg = get_config("tiny")
     row = lambda v: dict(result_row("clip", "zero_shot", "world", "accuracy", v, 0, 2),
                          items=pd.DataFrame({"item": ["a", "b"], "value": [v * 2, 0.0], "weight": 1.0, "group": "x"}))

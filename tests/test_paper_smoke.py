@@ -14,10 +14,11 @@ import pandas as pd
 from pathlib import Path
 
 from conftest import REPO
-from pc_clip.core.runtime import read_results, notebooks_dir, results_path
+from pc_clip.core.results import read_results
+from pc_clip.core.run import notebooks_dir, results_path
 from pc_clip.evaluation.runner import read_items
 from pc_clip.models.clip import load_clip, load_weights, model_dir
-from pc_clip.report.summary import PAPER_CLAIMS, claim_verdicts, is_world_dataset
+from pc_clip.report.claims import PAPER_CLAIMS, claim_verdicts, is_world_dataset
 from pc_clip.core.config import parse_overrides, get_config
 
 # which data sets each task of the paper is measured on (the paper's Tables 1-4 and Figures 3-6)

@@ -15,7 +15,7 @@ from pathlib import Path
 from conftest import REPO
 from pc_clip.core.config import parse_overrides, get_config
 from pc_clip.models.clip import model_dir
-from pc_clip.core.runtime import figures_dir, notebooks_dir, results_path
+from pc_clip.core.run import figures_dir, notebooks_dir, results_path
 
 # the experiment notebooks that make a figure, and the figure each one saves (the REPORT shows them all)
 FIGURE_NOTEBOOKS = {"01": "pretrain_loss.png", "03": "finetune_loss.png", "04": "difference_classification.png",

@@ -264,7 +264,7 @@ def test_finetuned_quick_gelu_tower_reloads_as_quick_gelu_and_swaps_into_sdxl(tm
 def test_sdxl_study_decides_the_t2i_claim_from_per_prompt_items(tiny_clip, runs_dir):
     "The SDXL arm's CLIP scores come with one item per prompt and generation seed, so the paper's T2I claim is decided."
     from pc_clip.evaluation.runner import read_items, write_evaluation
-    from pc_clip.report.summary import PAPER_CLAIMS, claim_verdicts
+    from pc_clip.report.claims import PAPER_CLAIMS, claim_verdicts
     with temp_workdir(data=True) as d:
         cfg = get_config("tiny", corpus="coco", t2i_steps=1, t2i_image_size=64)
         tiny_sdxl_pipeline().save_pretrained(d / "data" / "weights" / cfg.t2i_model)

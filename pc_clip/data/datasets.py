@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from ..core.config import Config, get_config, STANDIN_PROFILES
-from ..core.runtime import data_root, get_logger
+from ..core.run import data_root
+from ..core.log import get_logger
 from .imagedata import (DATASET_INFO, DatasetNotFoundError, ImageDataset, _check_split, _require,
     clean_classname, dataset_layout_error, hashed_split, accept_recorded, recorded_checksums, torchvision_integrity)
 

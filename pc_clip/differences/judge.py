@@ -17,7 +17,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..core.config import Config
-from ..core.runtime import content_hash, data_root, get_logger, result_row
+from ..core.artifacts import content_hash
+from ..core.run import data_root
+from ..core.log import get_logger
+from ..core.results import result_row
 from ..core.store import JsonlStore
 from .llm import OpenAIClient, generator_slug, generate_texts, lm_identity, load_causal_lm
 

@@ -13,7 +13,7 @@ import pandas as pd
 from pathlib import Path
 
 from ..core.config import Config
-from ..core.runtime import data_root
+from ..core.run import data_root
 from ..data.datasets import canonical_name, load_dataset
 from ..models.clip import file_sha256
 from ..world.shapes import make_world, world_key

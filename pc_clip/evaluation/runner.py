@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 
 from .comparative import class_differences, comparative_prompting, confused_pair_differences
 from ..core.config import Config
-from ..core.runtime import artifact_lock, atomic_write, content_hash, result_row, results_path, write_results
+from ..core.artifacts import artifact_lock, atomic_write, content_hash
+from ..core.results import result_row, write_results
+from ..core.run import results_path
 from ..data.datasets import load_dataset
 from ..models.embed import embed_images, embed_texts, embedded_labels
 from .geometry import (controlled_pairs, edit_statements, flatten_captions, probe_indices,

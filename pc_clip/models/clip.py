@@ -23,7 +23,9 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from ..core.config import Config
-from ..core.runtime import atomic_write, atomic_write_json, content_hash, data_root, pick_device, run_dir, run_id, run_name
+from ..core.artifacts import atomic_write, atomic_write_json, content_hash
+from ..core.run import data_root, run_dir, run_id, run_name
+from ..core.devices import pick_device
 from ..core.registry import model_settings, model_spec
 
 # %% auto #0

@@ -15,7 +15,8 @@ import torch
 
 from ..core.config import Config
 from ..core.registry import PALETTE
-from ..core.runtime import get_logger, pick_device
+from ..core.log import get_logger
+from ..core.devices import pick_device
 from ..data.datasets import load_dataset, world_dataset
 from ..data.imagedata import ImageDataset
 from ..evaluation.runner import text_encoder

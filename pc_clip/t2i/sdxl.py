@@ -16,7 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.config import Config
-from ..core.runtime import data_root, pick_device, result_row
+from ..core.run import data_root
+from ..core.devices import pick_device
+from ..core.results import result_row
 from ..models.embed import compute_image_embeddings
 from ..models.clip import encode_texts, images_to_tensor
 from ..evaluation.metrics import bootstrap_ci

@@ -17,7 +17,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.config import Config
-from ..core.runtime import artifact_lock, atomic_write_json, cache_dir, content_hash, result_row, timer
+from ..core.artifacts import artifact_lock, atomic_write_json, content_hash
+from ..core.run import cache_dir
+from ..core.results import result_row
+from ..core.log import timer
 from ..world.species import CATEGORY_NAMES
 from ..world.render import COLOURS
 from ..world.shapes import make_caption, make_world

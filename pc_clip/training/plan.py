@@ -16,7 +16,10 @@ import torch
 import torch.distributed as dist
 
 from ..core.config import Config, get_config
-from ..core.runtime import artifact_lock, atomic_write, get_logger, pick_device, results_path
+from ..core.artifacts import artifact_lock, atomic_write
+from ..core.log import get_logger
+from ..core.devices import pick_device
+from ..core.run import results_path
 from ..models.embed import embed_images, embedding_rows, model_fingerprint
 from .finetune import FinetuneRun, finetune
 from ..models.clip import (average_weights, checkpoint_metadata, is_checkpoint, load_clip, model_dir,

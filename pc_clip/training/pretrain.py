@@ -18,7 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.config import Config
-from ..core.runtime import artifact_lock, atomic_write_json, cache_dir, content_hash, get_logger, pick_device
+from ..core.artifacts import artifact_lock, atomic_write_json, content_hash
+from ..core.run import cache_dir
+from ..core.log import get_logger
+from ..core.devices import pick_device
 from ..models.embed import compute_image_embeddings
 from ..models.text import encode_text_trimmed
 from ..models.clip import (CheckpointError, checkpoint_metadata, create_clip, images_to_tensor, input_size, is_checkpoint,

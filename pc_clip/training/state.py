@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..core.config import Config
-from ..core.runtime import atomic_write_json, replace_folder
+from ..core.artifacts import atomic_write_json, replace_folder
 from .losses import LOSSES, TRAINABLE_MODES
 from ..models.text import COMPILE_MODES
 from ..models.clip import CheckpointError, file_sha256, load_weights, save_checkpoint, save_safetensors
