@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from hardware import peak_bf16
-from pc_clip.core.runtime import autocast, pick_device, pick_dtype
+from pc_clip.core.devices import autocast, pick_device, pick_dtype
 from pc_clip.core.config import get_config
 from pc_clip.training.finetune import _batches, _prepare, _train_step, _trainer, finetune
 from pc_clip.models.text import encode_text_trimmed

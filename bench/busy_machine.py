@@ -2,7 +2,7 @@
 
 On a shared machine, torch's OpenMP threads used to spin-wait at the end of every parallel region: when another job
 holds one of the cores, the thread that finished first burns the core its partner needs, and a 2-thread pretraining
-step ran many times slower than the load alone explains. `pc_clip.cli.KERNEL_ENV` (`OMP_WAIT_POLICY=PASSIVE`: a
+step ran many times slower than the load alone explains. `pc_clip.kernels.KERNEL_ENV` (`OMP_WAIT_POLICY=PASSIVE`: a
 thread that waits sleeps instead of spinning) is what the CLI sets for every notebook kernel it starts; it changes
 no number (the same threads split the same work; the weights' hash is printed and compared).
 
@@ -61,7 +61,7 @@ print(json.dumps(dict(seconds=seconds, cpu_seconds=history["cpu_seconds"], threa
 def kernel_env() -> dict[str, str]:
     "The variables `pc-clip` adds to a notebook kernel's environment (read from the CLI, not restated here)."
     sys.path.insert(0, str(REPO))
-    from pc_clip.cli import KERNEL_ENV
+    from pc_clip.kernels import KERNEL_ENV
     return dict(KERNEL_ENV)
 
 

@@ -6,7 +6,7 @@
 Rate 0 is the plain world (`world_captions="plain"`, the ablation); a rate r > 0 scales the comparative style's rates
 (norm comparisons, gallery frames, generic nouns; `pc_clip.world.shapes`). For each rate the script pretrains the
 tiny base model (the profile's steps, seed and schedule), measures the vocabulary coverage of its pretraining
-captions, and runs `pc-clip`'s validation search (`pc_clip.training.selection.run_sweep`, the profile's grid and
+captions, and runs `pc-clip`'s validation search (`pc_clip.training.sweep.run_sweep`, the profile's grid and
 rule). Test images are never touched. The rule, fixed before any number was looked at: among the rates whose
 pretraining captions cover every word of the training wordings (coverage 1.0), the one whose chosen `pc-clip` has
 the largest validation difference-classification gain over its own base; ties go to the higher base zero-shot
@@ -23,9 +23,9 @@ import pandas as pd
 import torch
 
 from pc_clip.core.config import get_config
-from pc_clip.core.runtime import pick_device
+from pc_clip.core.devices import pick_device
 from pc_clip.training.plan import finetuning_inputs, pretrain_or_load
-from pc_clip.training.selection import run_sweep
+from pc_clip.training.sweep import run_sweep
 from pc_clip.world.oracle import vocabulary_coverage
 from pc_clip.world.shapes import make_world
 from pc_clip.core.registry import world_options

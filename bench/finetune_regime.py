@@ -5,7 +5,7 @@
 
 Each regime finetunes `pc-clip` from the run's base model on the run's difference statements; each finetune, at
 full strength and averaged with the base at alpha 0.5, is scored on the world's **validation** images with the
-metrics the selection rule uses (`pc_clip.training.selection.validation_outcomes`), as changes against the base.
+metrics the selection rule uses (`pc_clip.training.sweep.validation_outcomes`), as changes against the base.
 Test images are never touched. Wall time is printed for the budget and never used.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pc_clip.core.config import get_config
 from pc_clip.training.finetune import finetune
 from pc_clip.training.state import FinetuneSettings
 from pc_clip.training.plan import finetuning_inputs, weight_average_model
-from pc_clip.training.selection import validation_outcomes
+from pc_clip.training.sweep import validation_outcomes
 
 FAST = dict(fused_attention=True, length_buckets=16)
 REGIMES = {  # letter: (what, finetune overrides)

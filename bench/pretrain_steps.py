@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from pc_clip.core.config import get_config
-from pc_clip.core.runtime import pick_device
+from pc_clip.core.devices import pick_device
 from pc_clip.training.plan import pretrain_or_load
 from pc_clip.training.pretrain import zero_shot_accuracy
 from pc_clip.world.shapes import make_world

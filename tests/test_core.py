@@ -16,7 +16,9 @@ import pandas as pd
 from pathlib import Path
 
 from pc_clip.core.config import PROFILES, Config, ConfigError, get_config, given, validate_config, parse_overrides
-from pc_clip.core.runtime import ArtifactBusy, read_results, result_row, write_results, notebooks_dir, results_path
+from pc_clip.core.artifacts import ArtifactBusy
+from pc_clip.core.results import read_results, result_row, write_results
+from pc_clip.core.run import notebooks_dir, results_options, results_path
 from pc_clip.core.store import JsonlStore, parse_line
 from pc_clip.models.clip import (TINY_MODEL, create_clip, load_checkpoint, save_checkpoint, WEIGHTS_FILE, find_models, is_checkpoint, load_clip)
 from conftest import REPO, make_notebook
@@ -221,7 +223,7 @@ def test_a_locked_store_is_not_rewritten_by_a_reader(tmp_path):
     path.write_bytes(path.read_bytes() + b'{"key": 9, "x\n')
     with JsonlStore(tmp_path / "other.jsonl").writing():  # unrelated lock: no effect
         pass
-    from pc_clip.core.runtime import artifact_lock
+    from pc_clip.core.artifacts import artifact_lock
     with artifact_lock(path):  # a writer holds it: readers see a clean view, the file is left to the writer
         s = JsonlStore(path)
         assert (len(s), s.n_corrupt) == (5, 1) and path.read_bytes().count(b"\n") == 6
@@ -258,7 +260,7 @@ def test_a_second_writer_stops_naming_the_holder(tmp_path):
 COUNTER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from pc_clip.core.runtime import artifact_lock
+    from pc_clip.core.artifacts import artifact_lock
     target, n = Path(sys.argv[1]), int(sys.argv[2])
     for _ in range(n):
         with artifact_lock(target, timeout=60):  # read, add one, write: lost updates if two held it at once
@@ -280,7 +282,7 @@ def test_lock_files_removed_on_release_still_exclude(tmp_path):
 def test_a_lock_file_removed_while_being_taken_is_not_held(tmp_path, monkeypatch):
     "A taker opened the lock file, then its holder removed it and let go, then the taker locked it: the taker must not count that as holding the lock (a third process would lock a new file of the same name), and takes the file at the path instead."
     import fcntl
-    from pc_clip.core import runtime
+    from pc_clip.core import artifacts
     lock = tmp_path / "model.lock"
     holder = os.open(lock, os.O_RDWR | os.O_CREAT)
     fcntl.flock(holder, fcntl.LOCK_EX)
@@ -292,7 +294,7 @@ def test_a_lock_file_removed_while_being_taken_is_not_held(tmp_path, monkeypatch
         locked.append(fd)
         return real(fd, op)
     monkeypatch.setattr(fcntl, "flock", flock)
-    with runtime.artifact_lock(tmp_path / "model"):
+    with artifacts.artifact_lock(tmp_path / "model"):
         assert len(locked) == 2 and lock.exists()  # it went on to lock the file now at the path
         other = os.open(lock, os.O_RDWR)
         with pytest.raises(BlockingIOError):  # which excludes a third process
@@ -313,9 +315,9 @@ def test_parse_line_recovers_the_record_after_a_fragment():
 def test_results_table_is_idempotent_per_experiment(runs_dir):
     cfg = get_config("tiny")
     rows = [result_row("clip", "zero_shot", "world", "accuracy", 0.5, 0, 10)]
-    write_results(rows, cfg, "e1"); write_results(rows, cfg, "e1")
-    write_results([result_row("pc-clip", "zero_shot", "world", "accuracy", 0.6, 0, 10)], cfg, "e2")
-    t = read_results(cfg)
+    write_results(rows, "e1", **results_options(cfg)); write_results(rows, "e1", **results_options(cfg))
+    write_results([result_row("pc-clip", "zero_shot", "world", "accuracy", 0.6, 0, 10)], "e2", **results_options(cfg))
+    t = read_results(results_path(cfg))
     assert len(t) == 2 and set(t.experiment) == {"e1", "e2"}
 
 
@@ -358,7 +360,7 @@ def test_one_learning_rate_trains_and_evaluates_the_same_folders(tmp_path, monke
 
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
     cfg = get_config("tiny", ft_lr=1e-3, **parse_overrides(SMALL)[0])
-    rows = read_results(cfg)
+    rows = read_results(results_path(cfg))
     evaluated = set(rows[rows.experiment == "04_difference_classification"].model)
     assert evaluated == set(model_names(cfg)), sorted(set(model_names(cfg)) - evaluated)  # every finetuned model
     assert len(evaluated) == 10  # with the vocabulary ablation (clip/plain-captions, pc-clip/plain-captions)
@@ -376,8 +378,8 @@ def test_one_learning_rate_trains_and_evaluates_the_same_folders(tmp_path, monke
     assert r.returncode == 0 and str(model_dir(cfg, "pc-clip")) in r.stdout and "lr=0.001" in r.stdout, r.stdout + r.stderr
 
     # issue 30: every model is listed, bases too, with the run that wrote it and its data file; -p names the folders
-    from pc_clip.core.runtime import run_name
-    from pc_clip.report.summary import run_warnings
+    from pc_clip.core.run import run_name
+    from pc_clip.report.build import run_warnings
     small = get_config("tiny", **parse_overrides(SMALL)[0])
     r = _pc_clip(env, "models", timeout=300)
     assert r.returncode == 0, r.stderr
@@ -407,7 +409,7 @@ def test_one_learning_rate_trains_and_evaluates_the_same_folders(tmp_path, monke
 
 
 NOTEBOOK_WRITER = ("from pc_clip.core.config import get_config\n"
-                   "from pc_clip.core.runtime import result_row, write_results\n"
+                   "from pc_clip.core.results import result_row, write_results\n"
           "cfg = get_config(profile, seed=seed, **overrides)\n"
           "rows = [result_row('pc-clip', 'zero_shot', 'world', 'accuracy', 0.5 + 0.1 * len(cfg.eval_seeds), s, 10)\n"
           "        for s in cfg.eval_seeds]\n"
@@ -440,7 +442,7 @@ def test_other_settings_leave_the_default_rows_and_notebooks_byte_identical(tmp_
 
 
 def other_id(cfg):
-    from pc_clip.core.runtime import run_id
+    from pc_clip.core.run import run_id
     return run_id(cfg)
 
 
@@ -496,8 +498,9 @@ def one_more_entry():
 
 def test_one_registry_entry_is_trained_evaluated_and_reported(runs_dir, one_more_entry):
     from pc_clip.training.plan import finetuning_inputs
-    from pc_clip.report.summary import ablation_models, ablation_table
-    from pc_clip.training.selection import finetune_chosen
+    from pc_clip.core.registry import ablation_models
+    from pc_clip.report.tables import ablation_table
+    from pc_clip.training.sweep import finetune_chosen
     cfg = get_config("tiny", world_n_train=60, world_n_test=40, world_n_val=20, n_pairs=40, ft_batch_size=16,
                      caption_ft_batch_size=16, ft_lr=1e-3, eval_n_images=20, eval_seeds=(0,))
     _toy_world_run(cfg)

@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from pc_clip.core.config import get_config
-from pc_clip.core.runtime import project_root
+from pc_clip.core.run import project_root
 from pc_clip.data.imagedata import (DATASET_INFO, DatasetNotFoundError, ImageDataset, iter_images,
     visual_attribute_mask)
 from pc_clip.data.datasets import DATASETS, canonical_name, load_dataset

@@ -31,6 +31,7 @@ from pc_clip.smoke.fixtures import make_tiny_llama
 from pc_clip.differences.judge import (OpenAIJudge, OracleJudge, judge_agreement, judge_key, judge_prompt,
     judge_records, make_judge, parse_verdicts, verdict_counts)
 from pc_clip.core.registry import backend_options, corpus_options, judge_identity_options, store_options, world_options
+from pc_clip.core.run import results_path
 
 
 # ---- Difference data: pair sampling, the real 4-bit HF path on a tiny Llama, parsing/filtering, kill-and-resume.
@@ -284,7 +285,7 @@ def test_world_oracle_statements_pass_the_filter(runs_dir):
 # ---------------------------------------------------------------- the experiment notebook
 def test_experiment_notebook_runs_and_resumes(runs_dir):
     import papermill as pm
-    from pc_clip.core.runtime import read_results
+    from pc_clip.core.results import read_results
     repo = Path(__file__).resolve().parents[1]
     params = dict(n_pairs=200, overrides={"judge": "oracle", "world_n_train": 400, "world_n_test": 50})
     for _ in range(2):  # the second run resumes: nothing is generated twice, the rows are replaced
@@ -294,7 +295,7 @@ def test_experiment_notebook_runs_and_resumes(runs_dir):
     for path in (differences_path(store_options(cfg), 0.0), differences_path(store_options(cfg), 0.3), judged_path(differences_path(store_options(cfg), 0.0), "oracle", **judge_identity_options(cfg))):
         keys = [json.loads(line)["key"] for line in path.read_text().splitlines()]
         assert len(keys) == len(set(keys)) == 200, path.name
-    t = read_results(cfg).set_index(["model", "metric"])["value"]
+    t = read_results(results_path(cfg)).set_index(["model", "metric"])["value"]
     assert t[("oracle-noise0", "n_records")] == 200 and t[("oracle-noise0", "true_rate")] == 1.0
     assert 0.55 < t[("oracle-noise0.3", "consistent_rate")] < 0.85 and t[("oracle-noise0.3", "judge_agreement")] == 1.0
     assert t[("oracle-noise0/rewrites", "n_records")] == 400

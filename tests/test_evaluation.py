@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pc_clip.evaluation.comparative import (class_differences, comparative_class_embeddings, comparative_prompting,
     known_pairs, top_confused_pairs)
 from pc_clip.core.config import embedding_options, get_config
-from pc_clip.core.runtime import read_results, write_results
+from pc_clip.core.results import read_results, write_results
 from pc_clip.evaluation.runner import (build_difference_tasks, evaluation_rows, read_items, write_evaluation,
     zero_shot_classifier)
 from pc_clip.evaluation.metrics import (classification_metrics, difference_classification, difference_cosines,
@@ -22,6 +22,7 @@ from pc_clip.evaluation.tasks import DifferenceTask, cifar100_size_task, cub_com
 from pc_clip.smoke.fixtures import accept_fixture_checksums, make_fixture
 from pc_clip.evaluation import metrics as M, runner as E, geometry as G
 from pc_clip.core.registry import model_dir, store_options
+from pc_clip.core.run import results_path
 
 
 # ---- Difference-based classification, zero-shot and comparative prompting: behaviour a user relies on.
@@ -201,7 +202,8 @@ def test_top_confused_pairs_order():
 
 def test_rows_fit_the_results_table_and_the_report(tmp_path, monkeypatch):
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
-    from pc_clip.report.summary import Claim, claim_verdicts, direction_sentences
+    from pc_clip.report.claims import Claim, claim_verdicts
+    from pc_clip.report.tables import direction_sentences
     cfg = get_config("tiny")
     emb, level = attribute_world()
     dc = lambda fn, model: evaluation_rows(difference_classification(emb, level, fn, ENC, seeds=(0, 1)), model,
@@ -212,7 +214,7 @@ def test_rows_fit_the_results_table_and_the_report(tmp_path, monkeypatch):
         rows += evaluation_rows({0: comparative_prompting(emb, level, class_emb, {(0, 1): AXIS}, alpha)}, "pc-clip",
                                 "comparative_prompting", "world", {"alpha": alpha, "split": "val"})
     write_evaluation(rows, cfg, "test")
-    table, items = read_results(cfg), read_items(cfg)
+    table, items = read_results(results_path(cfg)), read_items(cfg)
     assert len(table) == len(rows) and not table["dataset"].str.contains("[@=]").any()
     assert set(table.condition) == {"wording=heldout", "alpha=1;split=val", "alpha=0.9;split=val"}
     assert table[["ci_low", "ci_high"]].notna().all().all()
@@ -564,7 +566,7 @@ def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monke
 def test_write_evaluation_writes_items_before_rows(tmp_path, monkeypatch):
     "Issue 30: the rows commit an experiment; when they are written, its items are already the new ones."
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
-    from pc_clip.core.runtime import result_row
+    from pc_clip.core.results import result_row
     cfg = get_config("tiny")
     row = lambda v: dict(result_row("clip", "zero_shot", "world", "accuracy", v, 0, 2),
                          items=pd.DataFrame({"item": ["a", "b"], "value": [v * 2, 0.0], "weight": 1.0, "group": "x"}))
@@ -580,4 +582,4 @@ def test_write_evaluation_writes_items_before_rows(tmp_path, monkeypatch):
         write_evaluation([row(0.25)], cfg, "toy")
     assert seen["items"] == [0.5, 0.0]  # the new items were on disk before the rows were written
     assert read_items(cfg, ["toy"])["value"].tolist() == [1.0, 0.0]  # an interrupted write puts the old items back
-    assert read_results(cfg)["value"].tolist() == [0.5]
+    assert read_results(results_path(cfg))["value"].tolist() == [0.5]

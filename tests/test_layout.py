@@ -75,7 +75,7 @@ def test_the_checker_finds_a_config_below_the_orchestrating_modules(tmp_path):
 def test_the_evaluation_runner_does_not_load_the_stand_ins():
     code = textwrap.dedent("""
         import sys
-        import pc_clip.evaluation.runner, pc_clip.training.plan, pc_clip.report.summary
+        import pc_clip.evaluation.runner, pc_clip.training.plan, pc_clip.training.sweep, pc_clip.report.build
         print(sorted(m for m in sys.modules if m.startswith("pc_clip.smoke")))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
@@ -86,3 +86,22 @@ def test_no_module_defines_a_module_getattr():
     for p in (ROOT / "pc_clip").rglob("*.py"):
         tree = ast.parse(p.read_text())
         assert not any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body), p
+
+
+MAX_NOTEBOOK_CODE_LINES = 600
+
+
+def notebook_code_lines(path: Path) -> int:
+    "Lines in the code cells of a notebook (markdown prose not counted)."
+    import json
+    cells = json.loads(path.read_text())["cells"]
+    return sum(len("".join(c["source"]).splitlines()) for c in cells if c["cell_type"] == "code")
+
+
+def test_no_library_notebook_is_over_600_code_lines():
+    "A library notebook (every notebook under nbs/ but the experiments) reads as one story: split it past 600 code lines."
+    notebooks = [p for p in (ROOT / "nbs").rglob("*.ipynb") if "experiments" not in p.relative_to(ROOT / "nbs").parts
+                 and ".ipynb_checkpoints" not in p.parts]
+    assert len(notebooks) > 40
+    over = {str(p.relative_to(ROOT)): n for p in notebooks if (n := notebook_code_lines(p)) > MAX_NOTEBOOK_CODE_LINES}
+    assert not over, over

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pc_clip.core.config import embedding_options, get_config
-from pc_clip.core.runtime import cache_dir
+from pc_clip.core.run import cache_dir
 from pc_clip.data.imagedata import ImageDataset
 from pc_clip.models.embed import embed_images, kept_indices
 from pc_clip.training.finetune import finetune

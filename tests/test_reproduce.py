@@ -15,7 +15,7 @@ from pathlib import Path
 from conftest import REPO
 from pc_clip.core.config import parse_overrides, get_config
 
-from pc_clip.core.runtime import figures_dir, notebooks_dir, results_path
+from pc_clip.core.run import figures_dir, notebooks_dir, results_path
 from pc_clip.core.registry import model_dir
 
 # the experiment notebooks that make a figure, and the figure each one saves (the REPORT shows them all)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pc_clip.core.runtime import data_root
+from pc_clip.core.run import data_root
 from pc_clip.core.config import get_config
 from pc_clip.smoke.standins import (BUILD_ORDER, CHAT_LM, DATASET_PATHS, MANIFEST, build_paper_smoke, read_manifest,
     scene, scene_caption, standin_checksums)

@@ -12,7 +12,7 @@ from pc_clip.studies.noise_curve import (FallibleJudge, false_fraction, judged_t
 from pc_clip.studies.pretrain_difference import (batch_difference_pairs, choose_weight, joint_loss, joint_model_name,
     pretrain_joint)
 from pc_clip.core.config import get_config
-from pc_clip.core.runtime import result_row
+from pc_clip.core.results import result_row
 from pc_clip.evaluation.metrics import outcomes
 
 from pc_clip.training.pretrain import PretrainSettings, pretrain_clip

@@ -16,7 +16,7 @@ from pc_clip.world.edits import WORLD_EDITS, edit_success, measure_generated
 from pc_clip.t2i.world_diffusion import (GeneratorSettings, _schedulers, arithmetic_conditioning, denoising_loss,
     text_conditioning, to_patches, train_generator, train_or_load_generator)
 from pc_clip.core.registry import model_dir
-from pc_clip.core.runtime import cache_dir, data_root
+from pc_clip.core.run import cache_dir, data_root
 
 
 # ---- Text-to-image with embedding arithmetic: the open_clip -> Hugging Face text-tower conversion, a tiny
@@ -267,7 +267,7 @@ def test_finetuned_quick_gelu_tower_reloads_as_quick_gelu_and_swaps_into_sdxl(tm
 def test_sdxl_study_decides_the_t2i_claim_from_per_prompt_items(tiny_clip, runs_dir):
     "The SDXL arm's CLIP scores come with one item per prompt and generation seed, so the paper's T2I claim is decided."
     from pc_clip.evaluation.runner import read_items, write_evaluation
-    from pc_clip.report.summary import PAPER_CLAIMS, claim_verdicts
+    from pc_clip.report.claims import PAPER_CLAIMS, claim_verdicts
     with temp_workdir(data=True) as d:
         cfg = get_config("tiny", corpus="coco", t2i_steps=1, t2i_image_size=64)
         tiny_sdxl_pipeline().save_pretrained(d / "data" / "weights" / cfg.t2i_model)

@@ -11,6 +11,7 @@ import ast
 import inspect
 import pc_clip.training.plan
 import pc_clip.training.selection
+import pc_clip.training.sweep
 import json
 import os
 import subprocess
@@ -29,9 +30,10 @@ from pc_clip.training.losses import (difference_contrastive_loss, difference_mse
 from pc_clip.models.clip import (create_clip, is_checkpoint, load_checkpoint, checkpoint_metadata, load_clip, find_models)
 from pc_clip.training.pretrain import PRETRAIN_THREADS, PretrainSettings, pretrain_clip, pretrain_fingerprint, warmup_cosine
 from pc_clip.world.shapes import build_world, make_world
-from pc_clip.core.runtime import cache_dir, result_row
-from pc_clip.training.selection import (SELECTION_TASK, VAL_METRICS, candidate_table, choose_setting, save_chosen,
-    target_check, candidate_folders, read_candidates, write_candidates)
+from pc_clip.core.run import cache_dir
+from pc_clip.core.results import result_row
+from pc_clip.training.selection import SELECTION_TASK, VAL_METRICS, candidate_table, choose_setting, target_check
+from pc_clip.training.sweep import save_chosen, candidate_folders, read_candidates, write_candidates
 from pc_clip.core.registry import sweep_grid, world_options
 from pc_clip.smoke.fixtures import temp_workdir
 from pc_clip.models.text import can_fuse, encode_text_trimmed, text_tower
@@ -287,11 +289,12 @@ def test_rule_picks_best_feasible_gain_from_validation_rows():
 
 
 def test_lr_and_alpha_are_values_never_parsed_from_condition_labels():
-    "selection.py reads no setting back out of a `condition` string: no float(...) of condition_dict anywhere in it."
-    tree = ast.parse(inspect.getsource(pc_clip.training.selection))
-    parsed = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "float"
-              and any(isinstance(a, ast.Call) and getattr(a.func, "id", "") == "condition_dict" for a in ast.walk(n))]
-    assert not parsed, [ast.unparse(n) for n in parsed]
+    "selection.py and sweep.py read no setting back out of a `condition` string: no float(...) of condition_dict in them."
+    for module in (pc_clip.training.selection, pc_clip.training.sweep):
+        tree = ast.parse(inspect.getsource(module))
+        parsed = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "float"
+                  and any(isinstance(a, ast.Call) and getattr(a.func, "id", "") == "condition_dict" for a in ast.walk(n))]
+        assert not parsed, [ast.unparse(n) for n in parsed]
     # a record whose label says something else: the numbers decide
     recs = pd.DataFrame(_rows(CANDS)).assign(condition="alpha=9;lr=9")
     assert sorted(candidate_table(recs)["lr"].unique()) == [1e-3, 2e-3]
@@ -305,10 +308,11 @@ def test_written_candidates_come_back_as_numbers(runs_dir):
     assert back.loc[back.chosen, ["lr", "alpha"]].values.tolist() == [[2e-3, 0.25]]
 
 
-def test_no_import_circle_between_selection_and_finetune_plan():
-    "finetune_plan (below) never imports selection (above), not even inside a function."
+def test_no_import_circle_between_the_sweep_and_finetune_plan():
+    "finetune_plan (below) never imports the sweep or the selection rule (above), not even inside a function."
     src = inspect.getsource(pc_clip.training.plan)
-    assert "pc_clip.training.selection" not in src and ".selection import" not in src
+    for module in ("selection", "sweep"):
+        assert f"pc_clip.training.{module}" not in src and f".{module} import" not in src
 
 
 def test_nothing_feasible_takes_smallest_shortfall_and_says_so():
@@ -417,10 +421,10 @@ def test_target_verdicts_follow_the_interval_on_constructed_outcomes():
 def test_validation_retrieval_is_experiment_07s_protocol_on_the_val_images(runs_dir):
     "The sweep's validation retrieval is experiment 07's test protocol (images x captions, seeds) on the val images."
     from pathlib import Path
-    from pc_clip.core.runtime import cache_dir
+    from pc_clip.core.run import cache_dir
     from pc_clip.evaluation.runner import RETRIEVAL_CAPTIONS, RETRIEVAL_IMAGES, run_retrieval
     from pc_clip.models.clip import save_checkpoint
-    from pc_clip.training.selection import validation_outcomes
+    from pc_clip.training.sweep import validation_outcomes
     from pc_clip.world.shapes import world_key
     # the defaults agree: experiment 07's n_images, the runner's captions per image, the sweep's
     nb = json.loads((Path(__file__).resolve().parents[1] / "nbs/experiments/07_retrieval.ipynb").read_text())
@@ -687,7 +691,7 @@ def test_every_compared_model_gets_the_same_search():
     "Issue 22: the caption baselines and every ablation are tuned on validation like pc-clip, each in its own folders."
     from pc_clip.core.registry import sweep_grid
     from pc_clip.training.plan import candidate_lr
-    from pc_clip.training.selection import swept_models
+    from pc_clip.training.sweep import swept_models
     cfg = get_config("tiny")
     assert set(swept_models(cfg)) == {"pc-clip", "clip-ft-captions", "clip-ft-rewritten", "pc-clip/mse", "pc-clip/noise-0.3",
                                       "pc-clip/both-towers", "pc-clip/plain-captions"}

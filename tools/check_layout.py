@@ -2,7 +2,8 @@
 """Check the package layout that README's module map promises; exit 1 on any breach.
 
 - no import circle between pc_clip modules, counting imports inside functions;
-- a stage imports only itself and the stages below it (STAGES, lowest first); `cli` and `compare` sit on top;
+- a stage imports only itself and the stages below it (STAGES, lowest first); the entry-level modules (TOP:
+  `preflight`, `kernels`, `reproduce`, `cli`, `compare`) sit on top, in that order;
 - no module defines a module-level `__getattr__` (no re-export shims);
 - no stage folder holds more than MAX_MODULES modules;
 - only the orchestrating modules (CONFIG_MODULES) define top-level functions that take a `Config` (a parameter
@@ -17,7 +18,10 @@ from pathlib import Path
 
 STAGES = ["core", "world", "data", "models", "differences", "evaluation", "training", "t2i", "report", "studies",
           "smoke"]
-TOP = {"cli": len(STAGES), "compare": len(STAGES)}  # entry points: may import any stage
+# entry-level modules above every stage, lowest first: the preflight and the kernels, the notebook runner on them,
+# then the entry points (`pc-clip` and `python -m pc_clip.compare`); each may import any stage and the ones below it
+TOP = {"preflight": len(STAGES), "kernels": len(STAGES), "reproduce": len(STAGES) + 1, "cli": len(STAGES) + 2,
+       "compare": len(STAGES) + 2}
 MAX_MODULES = 10
 # the modules that orchestrate a stage and so may read the run's Config (a name ending in ".*": the whole package);
 # every top-level entry module (pc_clip/<name>.py: cli, compare, ...) may too

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from ..core.runtime import get_logger
+from ..core.log import get_logger
 from .imagedata import (DATASET_INFO, DatasetNotFoundError, ImageDataset, _check_split, _require,
     clean_classname, dataset_layout_error, hashed_split, accept_recorded, recorded_checksums, torchvision_integrity)
 

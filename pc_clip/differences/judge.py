@@ -16,7 +16,9 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..core.runtime import content_hash, get_logger, result_row
+from ..core.artifacts import content_hash
+from ..core.log import get_logger
+from ..core.results import result_row
 from ..core.store import JsonlStore
 from .llm import OpenAIClient, generator_slug, generate_texts, lm_identity, load_causal_lm
 

@@ -25,7 +25,10 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..core.config import Config
-from ..core.runtime import content_hash, data_root, pick_device, get_logger
+from ..core.artifacts import content_hash
+from ..core.run import data_root
+from ..core.devices import pick_device
+from ..core.log import get_logger
 from ..models.clip import weights_dir
 
 # %% auto #0

@@ -17,7 +17,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..core.config import Config
-from ..core.runtime import content_hash, get_logger, result_row
+from ..core.artifacts import content_hash
+from ..core.log import get_logger
+from ..core.results import result_row
 from ..core.store import JsonlStore
 from .llm import N_STATEMENTS, HFBackend, OpenAIBackend, generator_slug, lm_identity, load_causal_lm
 from .parse import normalize_statement, parse_output

@@ -20,7 +20,9 @@ from .paper_geometry import (class_pair_frame, class_pair_names, class_pair_text
     pair_alignment, to_embedding_rows, write_heldout_differences)
 from ..differences.records import make_backend
 from ..core.config import Config, embedding_options
-from ..core.runtime import artifact_lock, atomic_write, cache_dir, content_hash, result_row, results_path, write_results
+from ..core.artifacts import artifact_lock, atomic_write, content_hash
+from ..core.run import cache_dir, results_options, results_path
+from ..core.results import result_row, write_results
 from ..data.datasets import load_dataset
 from ..models.embed import embed_images, embed_texts, embedded_labels
 from .geometry import (controlled_pairs, edit_statements, flatten_captions, probe_indices,
@@ -172,7 +174,7 @@ def write_evaluation(rows: Sequence[dict], cfg: Config, experiment: str) -> pd.D
         old = path.read_bytes() if path.exists() else None
         atomic_write(path, buf.getvalue())
         try:
-            return write_results([{k: v for k, v in r.items() if k != "items"} for r in rows], cfg, experiment)
+            return write_results([{k: v for k, v in r.items() if k != "items"} for r in rows], experiment, **results_options(cfg))
         except BaseException:
             if old is None:
                 path.unlink(missing_ok=True)

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..core.runtime import content_hash
+from ..core.artifacts import content_hash
 from pc_clip.data.imagedata import (CIFAR100_SIZE_CLASSES, FLOWERS102_COLOURS, readable_attribute,
     visual_attribute_mask)
 from .metrics import TaskUnavailable, TextFn

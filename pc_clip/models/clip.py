@@ -22,7 +22,8 @@ import safetensors.torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from ..core.runtime import atomic_write, atomic_write_json, data_root
+from ..core.artifacts import atomic_write, atomic_write_json
+from ..core.run import data_root
 
 # %% auto #0
 __all__ = ['MODEL_CONFIG_DIR', 'TINY_MODEL', 'WEIGHT_FILES', 'WEIGHTS_FILE', 'CONFIG_FILE', 'MANIFEST_FILE', 'weights_dir',

@@ -16,7 +16,10 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..core.config import Config
-from ..core.runtime import autocast, content_hash, display_path, get_logger, pick_dtype
+from ..core.devices import autocast, pick_dtype
+from ..core.artifacts import content_hash
+from ..core.run import display_path
+from ..core.log import get_logger
 from ..data.imagedata import ImageDataset, iter_images
 from .text import encode_text_trimmed
 from .clip import encode_texts, images_to_tensor, input_size, save_safetensors

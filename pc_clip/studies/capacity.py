@@ -19,7 +19,10 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from tqdm.auto import tqdm
 
 from ..core.config import Config, embedding_options
-from ..core.runtime import atomic_write_json, cache_dir, content_hash, get_logger, result_row
+from ..core.artifacts import atomic_write_json, content_hash
+from ..core.run import cache_dir
+from ..core.log import get_logger
+from ..core.results import result_row
 from ..data.datasets import world_dataset
 from ..differences.pairs import corpus_from_world, sample_pairs
 from ..differences.records import difference_triples, generate_differences, make_backend
@@ -30,7 +33,8 @@ from ..models.clip import images_to_tensor
 from ..models.embed import embed_images
 from ..training.plan import FinetuneInputs, pretrain_or_load
 from ..training.pretrain import PRETRAIN_THREADS, clip_step_loss
-from ..training.selection import cell_key, is_heldout_wording, run_sweep
+from ..training.selection import cell_key, is_heldout_wording
+from ..training.sweep import run_sweep
 from ..world.shapes import epoch_captions, make_world
 from ..world.species import CATEGORY_NAMES
 from ..core.registry import backend_options, world_options

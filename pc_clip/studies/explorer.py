@@ -15,7 +15,9 @@ import torch
 
 from ..core.config import Config, embedding_options
 from ..core.registry import PALETTE, clip_source, dataset_options, world_options
-from ..core.runtime import cache_dir, get_logger, pick_device
+from ..core.run import cache_dir
+from ..core.log import get_logger
+from ..core.devices import pick_device
 from ..data.datasets import load_dataset, world_dataset
 from ..data.imagedata import ImageDataset
 from ..evaluation.runner import text_encoder

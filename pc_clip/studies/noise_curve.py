@@ -13,7 +13,8 @@ import pandas as pd
 import torch
 
 from ..core.config import Config, embedding_options
-from ..core.runtime import cache_dir, condition_dict, result_row
+from ..core.run import cache_dir
+from ..core.results import condition_dict, result_row
 from pc_clip.differences.records import (difference_triples, differences_path, generate_differences, item_rng,
     judged_path, make_backend)
 from ..differences.pairs import sample_pairs
@@ -219,7 +220,7 @@ def run_noise_curve(cfg: Config, noises: Sequence[float] = (0.0, 0.1, 0.3, 0.5),
 def plot_noise_curve(results: pd.DataFrame):
     "A seaborn-styled figure of the noise study's gains over `clip` against the noise rate, one line per filter."
     import seaborn as sns
-    from pc_clip.report.summary import new_figure
+    from pc_clip.report.figures import new_figure
     t = results[(results["task"] == CURVE_TASK) & (results["model"] != "clip")].copy()
     conds = t["condition"].map(condition_dict)
     t = t.assign(noise=conds.map(lambda d: float(d.get("noise", "nan"))), filter=conds.map(lambda d: d.get("filter")),

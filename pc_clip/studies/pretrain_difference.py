@@ -16,8 +16,10 @@ import pandas as pd
 import torch
 
 from ..core.config import Config, embedding_options
-from pc_clip.core.runtime import (artifact_lock, atomic_write_json, cache_dir, condition_dict, content_hash, pick_device,
-    result_row)
+from ..core.artifacts import artifact_lock, atomic_write_json, content_hash
+from ..core.run import cache_dir
+from ..core.results import condition_dict, result_row
+from ..core.devices import pick_device
 from ..training.losses import difference_contrastive_loss, make_clip_loss
 from ..models.clip import checkpoint_metadata, is_checkpoint, load_checkpoint, save_checkpoint
 from ..world.oracle import oracle_differences
@@ -228,7 +230,7 @@ def run_pretrain_study(cfg: Config, weights: Sequence[float] = (0.0, 0.25, 0.5, 
 def plot_pretrain_study(results: pd.DataFrame):
     "A seaborn-styled figure of the pretraining study's test rows against the weight of the difference term."
     from pc_clip.core.registry import PALETTE
-    from pc_clip.report.summary import new_figure
+    from pc_clip.report.figures import new_figure
     t = results[(results["task"] == STUDY_TASK) & ~results["condition"].astype(str).str.contains("split=val")].copy()
     conds = t["condition"].map(condition_dict)
     t = t.assign(arm=conds.map(lambda d: d.get("arm")), w=conds.map(lambda d: float(d.get("w", "nan"))),

@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..core.runtime import pick_device, result_row
+from ..core.devices import pick_device
+from ..core.results import result_row
 from ..models.embed import compute_image_embeddings
 from ..models.clip import encode_texts, images_to_tensor
 from ..evaluation.metrics import bootstrap_ci

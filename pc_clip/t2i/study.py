@@ -13,7 +13,9 @@ import pandas as pd
 import torch
 
 from ..core.config import Config, embedding_options
-from ..core.runtime import cache_dir, data_root, pick_device, result_row
+from ..core.run import cache_dir, data_root
+from ..core.devices import pick_device
+from ..core.results import result_row
 from ..evaluation.metrics import bootstrap_ci
 from .sdxl import embedding_arithmetic, load_sdxl, swap_text_encoder, t2i_clip_score_rows
 from ..data.datasets import load_dataset

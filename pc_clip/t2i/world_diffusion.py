@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..core.runtime import artifact_lock, atomic_write_json, content_hash, result_row, timer
+from ..core.artifacts import artifact_lock, atomic_write_json, content_hash
+from ..core.results import result_row
+from ..core.log import timer
 from ..world.render import COLOURS
 from ..world.shapes import make_caption
 from pc_clip.world.edits import (WORLD_EDITS, WorldEdit, edit_statement, edit_success, edit_target_colour,

@@ -23,7 +23,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..core.runtime import artifact_lock, atomic_write_json, autocast, content_hash, display_path, get_logger, pick_dtype
+from ..core.artifacts import artifact_lock, atomic_write_json, content_hash
+from ..core.devices import autocast, pick_dtype
+from ..core.run import display_path
+from ..core.log import get_logger
 from ..models.embed import embed_images, image_normalization, model_fingerprint
 from .losses import (caption_contrastive_loss, difference_contrastive_loss, difference_mse_loss,
     image_differences, make_clip_loss, set_trainable)

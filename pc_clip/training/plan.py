@@ -18,8 +18,10 @@ import torch
 import torch.distributed as dist
 
 from ..core.config import Config, embedding_options, get_config
-from pc_clip.core.runtime import (artifact_lock, atomic_write, atomic_write_json, cache_dir, get_logger, pick_device,
-    results_path)
+from ..core.artifacts import artifact_lock, atomic_write, atomic_write_json
+from ..core.run import cache_dir, results_path
+from ..core.log import get_logger
+from ..core.devices import pick_device
 from pc_clip.core.registry import (CAPTION_DATA, NOISE_LEVEL, REGISTRY, clip_source, model_dir, model_manifest, model_spec,
     sweep_grid)
 from ..models.embed import embed_images, embedding_rows, model_fingerprint

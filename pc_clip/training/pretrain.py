@@ -18,7 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.config import PRETRAIN_FIELDS, Config, config_problems
-from ..core.runtime import content_hash, get_logger, pick_device
+from ..core.artifacts import content_hash
+from ..core.log import get_logger
+from ..core.devices import pick_device
 from ..models.embed import compute_image_embeddings
 from ..models.text import encode_text_trimmed
 from ..models.clip import checkpoint_metadata, create_clip, images_to_tensor, input_size

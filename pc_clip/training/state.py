@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..core.config import FINETUNE_FIELDS, Config, config_problems
-from ..core.runtime import atomic_write_json, replace_folder
+from ..core.artifacts import atomic_write_json, replace_folder
 from ..models.clip import CheckpointError, file_sha256, load_weights, save_checkpoint, save_safetensors
 
 # %% auto #0

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core.runtime import atomic_write, content_hash, display_path, get_logger, timer
+from ..core.artifacts import atomic_write, content_hash
+from ..core.run import display_path
+from ..core.log import get_logger, timer
 from .render import BACKGROUNDS, COLOURS, render_images
 from pc_clip.world.species import (_BRIGHTNESS_RANGES, CATEGORIES, CATEGORY_NAMES, COLOUR_NEIGHBOURS, SHAPE_ADJECTIVES,
     typical_attrs)
