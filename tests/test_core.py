@@ -410,10 +410,11 @@ def test_one_learning_rate_trains_and_evaluates_the_same_folders(tmp_path, monke
 
 NOTEBOOK_WRITER = ("from pc_clip.core.config import get_config\n"
                    "from pc_clip.core.results import result_row, write_results\n"
+                   "from pc_clip.core.run import results_options\n"
           "cfg = get_config(profile, seed=seed, **overrides)\n"
           "rows = [result_row('pc-clip', 'zero_shot', 'world', 'accuracy', 0.5 + 0.1 * len(cfg.eval_seeds), s, 10)\n"
           "        for s in cfg.eval_seeds]\n"
-          "{fail}write_results(rows, cfg, '05_zero_shot')\n"
+          "{fail}write_results(rows, '05_zero_shot', **results_options(cfg))\n"
           "print(cfg.eval_seeds)")
 
 
