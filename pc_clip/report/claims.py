@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.results import condition_dict
-from ..core.registry import NOISE_LEVEL
+from ..core.registry import CEILING_TASK, NOISE_LEVEL
 from ..evaluation.ceiling import CELL_ATTRIBUTES
 from ..evaluation.metrics import best_on_validation, paired_bootstrap, statistic_value
 from ..training.selection import paired_change
