@@ -46,14 +46,14 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from pc_clip.core.config import get_config
+from pc_clip.core.config import embedding_options, get_config
 from pc_clip.differences.pairs import corpus_from_world, sample_pairs
 from pc_clip.differences.records import OracleBackend
 from pc_clip.models.clip import create_clip
 from pc_clip.models.embed import compute_image_embeddings, embed_texts
 from pc_clip.models.text import pooled_positions
 from pc_clip.training.finetune import _batches, _prepare, _train_step, _trainer
-from pc_clip.training.pretrain import PRETRAIN_THREADS, _param_groups, clip_step_loss, pretrain_clip
+from pc_clip.training.pretrain import PRETRAIN_THREADS, PretrainSettings, _param_groups, clip_step_loss, pretrain_clip
 from pc_clip.training.state import FinetuneSettings
 from pc_clip.world.shapes import build_world
 
@@ -167,7 +167,7 @@ def pretrain_stage(world, cfg, steps: int, warmup: int, threads: int, reps: int,
     on_step = lambda step, loss: stamps.append((time.perf_counter(), time.process_time()))
     total = warmup + steps
     t0 = time.perf_counter()
-    trained, tok, hist = pretrain_clip(world, cfg.replace(pretrain_steps=total), device="cpu", progress=False,
+    trained, tok, hist = pretrain_clip(world, PretrainSettings.from_config(cfg, steps=total), device="cpu", progress=False,
                                        threads=threads, on_step=on_step, step_loss=step_loss)
     log(f"  {total} steps of pretrain_clip in {time.perf_counter() - t0:.1f} s (model built, world "
         f"tokenised, "
@@ -299,9 +299,9 @@ def embedding_stages(model, tokenizer, world, cfg, n_images: int, n_texts: int,
                                gflops_per_cpu_s=per_item * len(world.images) / cpu / 1e9)
     texts = world.captions[:n_texts]
     t0, c0 = time.perf_counter(), time.process_time()
-    embed_texts(model, tokenizer, texts, cfg)
+    embed_texts(model, tokenizer, texts, **embedding_options(cfg))
     sec, cpu = time.perf_counter() - t0, time.process_time() - c0
-    flops, _ = count_flops(lambda: embed_texts(model, tokenizer, texts, cfg))
+    flops, _ = count_flops(lambda: embed_texts(model, tokenizer, texts, **embedding_options(cfg)))
     out["embed_texts"] = dict(batch=cfg.eval_batch_size, items=len(texts), seconds=sec, cpu_seconds=cpu,
                               items_per_s=len(texts) / sec, flops_per_item=flops / len(texts),
                               gflops=flops / sec / 1e9, gflops_per_cpu_s=flops / cpu / 1e9)

@@ -1,12 +1,11 @@
 """What one CPU hog beside a run costs, with and without the kernel environment `pc-clip` starts its kernels
 with.
 
-On a shared machine, torch's OpenMP threads used to spin-wait at the end of every parallel region: when
-another job holds one of the cores, the thread that finished first burns the core its partner needs, and a
-2-thread pretraining step ran many times slower than the load alone explains. `pc_clip.cli.KERNEL_ENV`
-(`OMP_WAIT_POLICY=PASSIVE`: a thread that waits sleeps instead of spinning) is what the CLI sets for every
-notebook kernel it starts; it changes no number (the same threads split the same work; the weights' hash is
-printed and compared).
+On a shared machine, torch's OpenMP threads used to spin-wait at the end of every parallel region: when another job
+holds one of the cores, the thread that finished first burns the core its partner needs, and a 2-thread pretraining
+step ran many times slower than the load alone explains. `pc_clip.kernels.KERNEL_ENV` (`OMP_WAIT_POLICY=PASSIVE`: a
+thread that waits sleeps instead of spinning) is what the CLI sets for every notebook kernel it starts; it changes
+no number (the same threads split the same work; the weights' hash is printed and compared).
 
 Stage mode (the default) times `--steps` pretraining steps of the tiny model (the `tiny` profile's batch and
 `PRETRAIN_THREADS`, on a small world cached in a private folder), each in a fresh process so the environment
@@ -47,12 +46,13 @@ WORKER = r"""
 import hashlib, json, sys, time
 import torch
 from pc_clip.core.config import get_config
-from pc_clip.training.pretrain import PRETRAIN_THREADS, pretrain_clip
+from pc_clip.training.pretrain import PRETRAIN_THREADS, PretrainSettings, pretrain_clip
 from pc_clip.world.shapes import make_world
+from pc_clip.core.registry import world_options
 cfg = get_config("tiny", **json.loads(sys.argv[1]))
-world = make_world(cfg)
+world = make_world(**world_options(cfg))
 t0 = time.perf_counter()
-model, _, history = pretrain_clip(world, cfg, device="cpu", progress=False)
+model, _, history = pretrain_clip(world, PretrainSettings.from_config(cfg), device="cpu", progress=False)
 seconds = time.perf_counter() - t0
 h = hashlib.sha256()
 for k, v in sorted(model.state_dict().items()):
@@ -65,7 +65,7 @@ print(json.dumps(dict(seconds=seconds, cpu_seconds=history["cpu_seconds"], threa
 def kernel_env() -> dict[str, str]:
     "The variables `pc-clip` adds to a notebook kernel's environment (read from the CLI, not restated here)."
     sys.path.insert(0, str(REPO))
-    from pc_clip.cli import KERNEL_ENV
+    from pc_clip.kernels import KERNEL_ENV
     return dict(KERNEL_ENV)
 
 

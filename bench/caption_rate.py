@@ -4,15 +4,14 @@
     PC_CLIP_RUNS=/tmp/cr pc-clip reproduce --profile tiny --only 02   # the oracle differences (shared by
     every rate) PC_CLIP_RUNS=/tmp/cr python bench/caption_rate.py --rates 0 0.25 0.5 1
 
-Rate 0 is the plain world (`world_captions="plain"`, the ablation); a rate r > 0 scales the comparative
-style's rates (norm comparisons, gallery frames, generic nouns; `pc_clip.world.shapes`). For each rate the
-script pretrains the tiny base model (the profile's steps, seed and schedule), measures the vocabulary
-coverage of its pretraining captions, and runs `pc-clip`'s validation search
-(`pc_clip.training.selection.run_sweep`, the profile's grid and rule). Test images are never touched. The
-rule, fixed before any number was looked at: among the rates whose pretraining captions cover every word of
-the training wordings (coverage 1.0), the one whose chosen `pc-clip` has the largest validation
-difference-classification gain over its own base; ties go to the higher base zero-shot accuracy. Wall time is
-printed for the budget and never used.
+Rate 0 is the plain world (`world_captions="plain"`, the ablation); a rate r > 0 scales the comparative style's rates
+(norm comparisons, gallery frames, generic nouns; `pc_clip.world.shapes`). For each rate the script pretrains the
+tiny base model (the profile's steps, seed and schedule), measures the vocabulary coverage of its pretraining
+captions, and runs `pc-clip`'s validation search (`pc_clip.training.sweep.run_sweep`, the profile's grid and
+rule). Test images are never touched. The rule, fixed before any number was looked at: among the rates whose
+pretraining captions cover every word of the training wordings (coverage 1.0), the one whose chosen `pc-clip` has
+the largest validation difference-classification gain over its own base; ties go to the higher base zero-shot
+accuracy. Wall time is printed for the budget and never used.
 """
 from __future__ import annotations
 
@@ -25,12 +24,12 @@ import pandas as pd
 import torch
 
 from pc_clip.core.config import get_config
-from pc_clip.core.runtime import pick_device
-from pc_clip.training.plan import finetuning_inputs
-from pc_clip.training.pretrain import pretrain_or_load
-from pc_clip.training.selection import run_sweep
+from pc_clip.core.devices import pick_device
+from pc_clip.training.plan import finetuning_inputs, pretrain_or_load
+from pc_clip.training.sweep import run_sweep
 from pc_clip.world.oracle import vocabulary_coverage
 from pc_clip.world.shapes import make_world
+from pc_clip.core.registry import world_options
 
 
 def config_of(rate: float):
@@ -43,7 +42,7 @@ def config_of(rate: float):
 def study(rate: float) -> dict:
     cfg = config_of(rate)
     t0 = time.perf_counter()
-    world = make_world(cfg)
+    world = make_world(**world_options(cfg))
     _, _, history, reused = pretrain_or_load(world, cfg, device=pick_device(cfg.device))
     cov = vocabulary_coverage(world, epochs=math.ceil(history["epochs"]), seed=cfg.seed).set_index("wording")
     sweep = run_sweep(finetuning_inputs(cfg, progress=False), cfg, progress=False)

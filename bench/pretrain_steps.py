@@ -19,9 +19,11 @@ import pandas as pd
 import torch
 
 from pc_clip.core.config import get_config
-from pc_clip.core.runtime import pick_device
-from pc_clip.training.pretrain import pretrain_or_load, zero_shot_accuracy
+from pc_clip.core.devices import pick_device
+from pc_clip.training.plan import pretrain_or_load
+from pc_clip.training.pretrain import zero_shot_accuracy
 from pc_clip.world.shapes import make_world
+from pc_clip.core.registry import world_options
 
 
 def main() -> None:
@@ -32,7 +34,7 @@ def main() -> None:
     p.add_argument("--worst-class-tol", type=float, default=0.05)
     a = p.parse_args()
     base = get_config("tiny")
-    world, device = make_world(base), pick_device(base.device)
+    world, device = make_world(**world_options(base)), pick_device(base.device)
     ix = world.indices("val")
     labels = world.attrs["category"].iloc[ix].tolist()
     rows = []

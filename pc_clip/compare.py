@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core.runtime import read_results
+from .core.results import read_results
 
 # %% auto #0
 __all__ = ['KEY_COLUMNS', 'COMPARED_COLUMNS', 'is_timing_metric', 'compare_results', 'run_of', 'main']

@@ -13,18 +13,18 @@ import hashlib
 import pandas as pd
 from pathlib import Path
 
-from pc_clip.core.config import (PROFILES, Config, ConfigError, get_config, given, validate_config,
-    parse_overrides)
-from pc_clip.core.runtime import (ArtifactBusy, read_results, result_row, write_results, notebooks_dir,
-    results_path)
+from pc_clip.core.config import PROFILES, Config, ConfigError, get_config, given, validate_config, parse_overrides
+from pc_clip.core.artifacts import ArtifactBusy
+from pc_clip.core.results import read_results, result_row, write_results
+from pc_clip.core.run import notebooks_dir, results_options, results_path
 from pc_clip.core.store import JsonlStore, parse_line
-from pc_clip.models.clip import (TINY_MODEL, create_clip, load_checkpoint, save_checkpoint, WEIGHTS_FILE,
-    find_models, is_checkpoint, load_clip, model_dir)
+from pc_clip.models.clip import (TINY_MODEL, create_clip, load_checkpoint, save_checkpoint, WEIGHTS_FILE, find_models, is_checkpoint, load_clip)
 from conftest import SMALL_TINY, make_notebook, p_args, pc_clip
 from pc_clip.core import registry
 from pc_clip.evaluation.runner import (evaluated_models, items_path, run_zero_shot, eval_datasets,
     write_evaluation)
-from pc_clip.core.registry import ModelSpec, model_names
+from pc_clip.core.registry import ModelSpec, backend_options, corpus_options, model_names, store_options, world_options
+from pc_clip.core.registry import clip_source, model_dir, models_dir
 
 
 # ---- The config is checked as a whole before anything runs: types, ranges, known forms, and None as a value.
@@ -231,7 +231,7 @@ def test_a_locked_store_is_not_rewritten_by_a_reader(tmp_path):
     path.write_bytes(path.read_bytes() + b'{"key": 9, "x\n')
     with JsonlStore(tmp_path / "other.jsonl").writing():  # unrelated lock: no effect
         pass
-    from pc_clip.core.runtime import artifact_lock
+    from pc_clip.core.artifacts import artifact_lock
     with artifact_lock(path):  # a writer holds it: readers see a clean view, the file is left to the writer
         s = JsonlStore(path)
         assert (len(s), s.n_corrupt) == (5, 1) and path.read_bytes().count(b"\n") == 6
@@ -268,7 +268,7 @@ def test_a_second_writer_stops_naming_the_holder(tmp_path):
 COUNTER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from pc_clip.core.runtime import artifact_lock
+    from pc_clip.core.artifacts import artifact_lock
     target, n = Path(sys.argv[1]), int(sys.argv[2])
     for _ in range(n):
         with artifact_lock(target, timeout=60):  # read, add one, write: lost updates if two held it at once
@@ -293,7 +293,7 @@ def test_a_lock_file_removed_while_being_taken_is_not_held(tmp_path, monkeypatch
     taker must not count that as holding the lock (a third process would lock a new file of the same name),
     and takes the file at the path instead."""
     import fcntl
-    from pc_clip.core import runtime
+    from pc_clip.core import artifacts
     lock = tmp_path / "model.lock"
     holder = os.open(lock, os.O_RDWR | os.O_CREAT)
     fcntl.flock(holder, fcntl.LOCK_EX)
@@ -305,7 +305,7 @@ def test_a_lock_file_removed_while_being_taken_is_not_held(tmp_path, monkeypatch
         locked.append(fd)
         return real(fd, op)
     monkeypatch.setattr(fcntl, "flock", flock)
-    with runtime.artifact_lock(tmp_path / "model"):
+    with artifacts.artifact_lock(tmp_path / "model"):
         assert len(locked) == 2 and lock.exists()  # it went on to lock the file now at the path
         other = os.open(lock, os.O_RDWR)
         with pytest.raises(BlockingIOError):  # which excludes a third process
@@ -326,9 +326,9 @@ def test_parse_line_recovers_the_record_after_a_fragment():
 def test_results_table_is_idempotent_per_experiment(runs_dir):
     cfg = get_config("tiny")
     rows = [result_row("clip", "zero_shot", "world", "accuracy", 0.5, 0, 10)]
-    write_results(rows, cfg, "e1"); write_results(rows, cfg, "e1")
-    write_results([result_row("pc-clip", "zero_shot", "world", "accuracy", 0.6, 0, 10)], cfg, "e2")
-    t = read_results(cfg)
+    write_results(rows, "e1", **results_options(cfg)); write_results(rows, "e1", **results_options(cfg))
+    write_results([result_row("pc-clip", "zero_shot", "world", "accuracy", 0.6, 0, 10)], "e2", **results_options(cfg))
+    t = read_results(results_path(cfg))
     assert len(t) == 2 and set(t.experiment) == {"e1", "e2"}
 
 
@@ -360,7 +360,7 @@ def test_one_learning_rate_trains_and_evaluates_the_same_folders(tmp_path, monke
 
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
     cfg = get_config("tiny", ft_lr=1e-3, **parse_overrides(SMALL_TINY)[0])
-    rows = read_results(cfg)
+    rows = read_results(results_path(cfg))
     evaluated = set(rows[rows.experiment == "04_difference_classification"].model)
     # every finetuned model
     assert evaluated == set(model_names(cfg)), sorted(set(model_names(cfg)) - evaluated)
@@ -382,10 +382,9 @@ def test_one_learning_rate_trains_and_evaluates_the_same_folders(tmp_path, monke
     assert r.returncode == 0 and str(model_dir(cfg, "pc-clip")) in r.stdout and "lr=0.001" in r.stdout, \
         r.stdout + r.stderr
 
-    # issue 30: every model is listed, bases too, with the run that wrote it and its data file; -p names
-    # the folders
-    from pc_clip.core.runtime import run_name
-    from pc_clip.report.summary import run_warnings
+    # issue 30: every model is listed, bases too, with the run that wrote it and its data file; -p names the folders
+    from pc_clip.core.run import run_name
+    from pc_clip.report.build import run_warnings
     small = get_config("tiny", **parse_overrides(SMALL_TINY)[0])
     r = pc_clip("models", env=env, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -419,12 +418,13 @@ def test_one_learning_rate_trains_and_evaluates_the_same_folders(tmp_path, monke
 
 
 NOTEBOOK_WRITER = ("from pc_clip.core.config import get_config\n"
-                   "from pc_clip.core.runtime import result_row, write_results\n"
+                   "from pc_clip.core.results import result_row, write_results\n"
+                   "from pc_clip.core.run import results_options\n"
           "cfg = get_config(profile, seed=seed, **overrides)\n"
           "rows = [result_row('pc-clip', 'zero_shot', 'world', 'accuracy', 0.5 + 0.1 * len(cfg.eval_seeds), "
           "s, 10)\n"
           "        for s in cfg.eval_seeds]\n"
-          "{fail}write_results(rows, cfg, '05_zero_shot')\n"
+          "{fail}write_results(rows, '05_zero_shot', **results_options(cfg))\n"
           "print(cfg.eval_seeds)")
 
 
@@ -457,7 +457,7 @@ def test_other_settings_leave_the_default_rows_and_notebooks_byte_identical(tmp_
 
 
 def other_id(cfg):
-    from pc_clip.core.runtime import run_id
+    from pc_clip.core.run import run_id
     return run_id(cfg)
 
 
@@ -493,14 +493,12 @@ def _toy_world_run(cfg):
         rewrite_captions, rewrites_path)
     from pc_clip.differences.pairs import load_corpus, sample_pairs
     save_checkpoint(create_clip("pc-clip-tiny", seed=0)[0], model_dir(cfg, "clip"), "pc-clip-tiny")
-    save_checkpoint(create_clip("pc-clip-tiny", seed=1)[0], model_dir(cfg, "clip/plain-captions"),
-                    "pc-clip-tiny")
-    corpus, held_out, world = load_corpus(cfg, "train")
+    save_checkpoint(create_clip("pc-clip-tiny", seed=1)[0], model_dir(cfg, "clip/plain-captions"), "pc-clip-tiny")
+    corpus, held_out, world = load_corpus(**corpus_options(cfg), split="train")
     pairs = sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling, held_out)
     for noise in (0.0, registry.NOISE_LEVEL):
-        generate_differences(pairs, make_backend(cfg, world, noise=noise), differences_path(cfg, noise=noise),
-                             progress=False)
-    rewrite_captions(corpus, make_backend(cfg, world), rewrites_path(cfg), progress=False)
+        generate_differences(pairs, make_backend(world=world, **backend_options(cfg, noise=noise)), differences_path(store_options(cfg), noise), progress=False)
+    rewrite_captions(corpus, make_backend(world=world, **backend_options(cfg)), rewrites_path(store_options(cfg)), progress=False)
 
 
 @pytest.fixture
@@ -518,8 +516,9 @@ def one_more_entry():
 
 def test_one_registry_entry_is_trained_evaluated_and_reported(runs_dir, one_more_entry):
     from pc_clip.training.plan import finetuning_inputs
-    from pc_clip.report.summary import ablation_models, ablation_table
-    from pc_clip.training.selection import finetune_chosen
+    from pc_clip.core.registry import ablation_models
+    from pc_clip.report.tables import ablation_table
+    from pc_clip.training.sweep import finetune_chosen
     cfg = get_config("tiny", world_n_train=60, world_n_test=40, world_n_val=20, n_pairs=40, ft_batch_size=16,
                      caption_ft_batch_size=16, ft_lr=1e-3, eval_n_images=20, eval_seeds=(0,))
     _toy_world_run(cfg)
@@ -527,9 +526,8 @@ def test_one_registry_entry_is_trained_evaluated_and_reported(runs_dir, one_more
     # one lr (ft_lr=1e-3): each model at its own rate
     models, runs = finetune_chosen(inputs, cfg, progress=False)
     assert "pc-clip/tau-0.5" in runs and runs["pc-clip/tau-0.5"].settings.temperature == 0.5  # trained ...
-    assert is_checkpoint(model_dir(cfg, "pc-clip/tau-0.5"))
-    assert model_dir(cfg, "pc-clip/tau-0.5") != model_dir(cfg, "pc-clip")
-    assert find_models(cfg, "pc-clip/tau-0.5")[0]["role"] == "ablation"
+    assert is_checkpoint(model_dir(cfg, "pc-clip/tau-0.5")) and model_dir(cfg, "pc-clip/tau-0.5") != model_dir(cfg, "pc-clip")
+    assert find_models(models_dir(cfg), "pc-clip/tau-0.5")[0]["role"] == "ablation"
     assert "pc-clip/tau-0.5" in evaluated_models(cfg)  # ... evaluated ...
     rows, _ = run_zero_shot(cfg, evaluated_models(cfg), eval_datasets(cfg, "zero_shot"))
     results = write_evaluation(rows, cfg, "05_zero_shot")
@@ -538,15 +536,14 @@ def test_one_registry_entry_is_trained_evaluated_and_reported(runs_dir, one_more
 
 
 def test_a_damaged_base_checkpoint_is_rebuilt(runs_dir):
-    from pc_clip.training.pretrain import pretrain_or_load
+    from pc_clip.training.plan import pretrain_or_load
     from pc_clip.world.shapes import make_world
-    cfg = get_config("tiny", world_n_train=64, world_n_test=16, world_n_val=16, pretrain_steps=2,
-                     pretrain_batch_size=16)
-    world = make_world(cfg)
+    cfg = get_config("tiny", world_n_train=64, world_n_test=16, world_n_val=16, pretrain_steps=2, pretrain_batch_size=16)
+    world = make_world(**world_options(cfg))
     model, _, _, reused = pretrain_or_load(world, cfg, "cpu", progress=False)
     weights = model_dir(cfg, "clip") / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a truncated copy
     again, _, _, reused = pretrain_or_load(world, cfg, "cpu", progress=False)
     assert not reused
-    loaded = load_clip(cfg, "clip", "cpu")[0]  # intact again, and the same weights (pretraining is seeded)
+    loaded = load_clip(**clip_source(cfg, "clip", "cpu"))[0]  # intact again, and the same weights (pretraining is seeded)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

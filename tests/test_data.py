@@ -15,12 +15,13 @@ from pathlib import Path
 from PIL import Image
 
 from pc_clip.core.config import get_config
-from pc_clip.core.runtime import project_root
+from pc_clip.core.run import project_root
 from pc_clip.data.imagedata import (DATASET_INFO, DatasetNotFoundError, ImageDataset, iter_images,
     visual_attribute_mask)
 from pc_clip.data.datasets import DATASETS, canonical_name, load_dataset
-from pc_clip.smoke.fixtures import (FLOWERS102_FIXTURE_CLASSES as FLOWERS_FIXTURE_CLASSES,
-    accept_fixture_checksums, fixture_colour, make_fixture, temp_workdir)
+from pc_clip.smoke.fixtures import (FLOWERS102_FIXTURE_CLASSES as FLOWERS_FIXTURE_CLASSES, accept_fixture_checksums,
+    fixture_colour, make_fixture, temp_workdir)
+from pc_clip.core.registry import dataset_options
 
 REAL = [d for d in DATASETS if d != "world"]
 
@@ -65,10 +66,10 @@ def test_fixture_loads_with_aligned_labels(name, tmp_path):
 def test_config_data_root_and_env(tmp_path):
     with temp_workdir(data=True) as d:
         make_fixture("cub", d / "data")
-        assert len(load_dataset("CUB-200", get_config("tiny"), "all")) == 6
+        assert len(load_dataset("CUB-200", **dataset_options(get_config("tiny")), split="all")) == 6
     make_fixture("cub", tmp_path / "mydata")
     cfg = get_config("tiny", data_root=str(tmp_path / "mydata"))
-    assert len(load_dataset("cub", cfg, "test")) == 3
+    assert len(load_dataset("cub", **dataset_options(cfg), split="test")) == 3
 
 
 def test_names_and_unknown_split(tmp_path):
@@ -346,7 +347,7 @@ def fake_world(monkeypatch):
                           "size": [7.0, 4.0, 7.5, 3.0]})
     world = types.SimpleNamespace(images=np.zeros((4, 32, 32, 3), np.uint8), attrs=attrs,
                                   captions=["a big glorp", "a mib", "a glorp", "a small mib"])
-    monkeypatch.setattr(datasets_module, "make_world", lambda cfg: world)
+    monkeypatch.setattr(datasets_module, "make_world", lambda **settings: world)
     monkeypatch.setattr(datasets_module, "CATEGORY_NAMES", ["mib", "glorp"])
     monkeypatch.setattr(datasets_module, "class_attribute_table",
                         lambda: pd.DataFrame({"large": [0, 1], "red": [1, 0]}, index=["mib", "glorp"]))
@@ -354,7 +355,7 @@ def fake_world(monkeypatch):
 
 def test_world_through_registry(monkeypatch):
     fake_world(monkeypatch)
-    ds = load_dataset("world", get_config("tiny"), "test")
+    ds = load_dataset("world", **dataset_options(get_config("tiny")), split="test")
     assert ds.classnames == ["mib", "glorp"] and ds.labels.tolist() == [1, 0]
     assert ds.captions == [["a big glorp"], ["a mib"]] and ds.arrays.shape == (2, 32, 32, 3)
     assert ds.attribute_names == ["large", "red"] and ds.class_attributes.tolist() == [[0, 1], [1, 0]]
@@ -364,17 +365,16 @@ def test_world_through_registry(monkeypatch):
 def test_world_val_split(monkeypatch):
     "The world's validation split loads by name, disjoint from train and test."
     fake_world(monkeypatch)
-    val = load_dataset("world", get_config("tiny"), "val")
+    val = load_dataset("world", **dataset_options(get_config("tiny")), split="val")
     assert val.split == "val" and val.captions == [["a small mib"]] and val.labels.tolist() == [0]
-    sizes = {s: set(load_dataset("world", get_config("tiny"), s).image_info["size"])
-             for s in ("train", "val", "test")}
+    sizes = {s: set(load_dataset("world", **dataset_options(get_config("tiny")), split=s).image_info["size"]) for s in ("train", "val", "test")}
     assert not (sizes["val"] & sizes["train"]) and not (sizes["val"] & sizes["test"])
 
 
 def test_real_world_if_present():
     cfg = get_config("tiny", world_n_train=40, world_n_test=20)
     with temp_workdir():
-        ds = load_dataset("world", cfg, "test")
+        ds = load_dataset("world", **dataset_options(cfg), split="test")
     assert len(ds) == 20 and ds.arrays.dtype == np.uint8 and ds.arrays.shape[1:] == (32, 32, 3)
     assert set(ds.classnames) >= set(ds.image_info["category"]) and ds.class_attributes is not None
     x, y, idx = next(iter_images(ds, batch_size=8, progress=False))
@@ -394,17 +394,15 @@ def test_a_stand_in_manifest_in_a_real_data_root_does_not_bypass_md5(name, tmp_p
     monkeypatch.setenv("PC_CLIP_DATA", str(root))
     split = EXPECTED[name][0]
     with pytest.raises(RuntimeError, match="torchvision refused .*official"):
-        load_dataset(name, get_config("paper"), split)
+        load_dataset(name, **dataset_options(get_config("paper")), split=split)
     with pytest.raises(RuntimeError, match="torchvision refused"):
         load_dataset(name, root, split)  # a folder alone: official sums too
-    # the stand-in profile
-    assert len(load_dataset(name, get_config("paper-smoke"), split)) == EXPECTED[name][2]
-    victim = next(f for f in sorted(root.rglob("*")) if f.is_file() and f.suffix in (".mat",
-                                                                                     "") and f.name != "meta"
+    assert len(load_dataset(name, **dataset_options(get_config("paper-smoke")), split=split)) == EXPECTED[name][2]  # the stand-in profile
+    victim = next(f for f in sorted(root.rglob("*")) if f.is_file() and f.suffix in (".mat", "") and f.name != "meta"
                   and f.parent.name == ("cifar-100-python" if name == "cifar100" else "flowers-102"))
     victim.write_bytes(victim.read_bytes() + b"x")  # a changed file no longer matches its recorded sha256
     with pytest.raises(RuntimeError, match="torchvision refused"):
-        load_dataset(name, get_config("paper-smoke"), split)
+        load_dataset(name, **dataset_options(get_config("paper-smoke")), split=split)
 
 
 def test_data_does_not_import_the_stand_ins():

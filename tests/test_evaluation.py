@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pc_clip.evaluation.comparative import (class_differences, comparative_class_embeddings,
-    comparative_prompting, known_pairs, top_confused_pairs)
-from pc_clip.core.config import get_config
-from pc_clip.core.runtime import read_results
+from pc_clip.evaluation.comparative import (class_differences, comparative_class_embeddings, comparative_prompting,
+    known_pairs, top_confused_pairs)
+from pc_clip.core.config import embedding_options, get_config
+from pc_clip.core.results import read_results
 from pc_clip.evaluation.runner import (build_difference_tasks, evaluation_rows, read_items, write_evaluation,
     zero_shot_classifier)
 from pc_clip.evaluation.metrics import (classification_metrics, difference_classification, difference_cosines,
@@ -23,6 +23,8 @@ from pc_clip.evaluation.tasks import (DifferenceTask, cifar100_size_task, cub_co
     world_difference_tasks)
 from pc_clip.smoke.fixtures import accept_fixture_checksums, make_fixture
 from pc_clip.evaluation import metrics as M, runner as E, geometry as G
+from pc_clip.core.registry import model_dir, store_options
+from pc_clip.core.run import results_path
 
 
 # ---- Difference-based classification, zero-shot and comparative prompting: behaviour a user relies on.
@@ -211,7 +213,8 @@ def test_top_confused_pairs_order():
 
 def test_rows_fit_the_results_table_and_the_report(tmp_path, monkeypatch):
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
-    from pc_clip.report.summary import Claim, claim_verdicts, direction_sentences
+    from pc_clip.report.claims import Claim, claim_verdicts
+    from pc_clip.report.tables import direction_sentences
     cfg = get_config("tiny")
     emb, level = attribute_world()
     dc = lambda fn, model: evaluation_rows(difference_classification(emb, level, fn, ENC, seeds=(0, 1)),
@@ -223,7 +226,7 @@ def test_rows_fit_the_results_table_and_the_report(tmp_path, monkeypatch):
         rows += evaluation_rows({0: comparative_prompting(emb, level, class_emb, {(0, 1): AXIS}, alpha)},
                                 "pc-clip", "comparative_prompting", "world", {"alpha": alpha, "split": "val"})
     write_evaluation(rows, cfg, "test")
-    table, items = read_results(cfg), read_items(cfg)
+    table, items = read_results(results_path(cfg)), read_items(cfg)
     assert len(table) == len(rows) and not table["dataset"].str.contains("[@=]").any()
     assert set(table.condition) == {"wording=heldout", "alpha=1;split=val", "alpha=0.9;split=val"}
     assert table[["ci_low", "ci_high"]].notna().all().all()
@@ -300,7 +303,7 @@ def test_cub_comparatives_from_a_backend(tmp_path, monkeypatch):
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path / "runs"))
     with accept_fixture_checksums():
         ds = load_dataset("cub", make_fixture("cub", tmp_path / "data", n_per_class=2), "test")
-    write = lambda pairs: class_differences(pairs, get_config("tiny"), backend=FakeBirdBackend())
+    write = lambda pairs: class_differences(pairs, store_options(get_config("tiny")), FakeBirdBackend())
     task = cub_comparative_task(ds, ds.labels, write, seed=0, n_classes=2)
     assert len(set(task.labels.tolist())) == 2
     a, b = sorted(set(task.labels.tolist()))
@@ -329,15 +332,14 @@ def test_paper_task_builders_on_fixtures(tmp_path):
 
 
 def test_the_evaluated_models_come_from_the_registry_and_must_exist(runs_dir):
-    """An evaluation never writes a table with the finetuned models silently missing: it names them and the
-    fix."""
-    from pc_clip.evaluation.runner import MODELS, evaluated_models
-    from pc_clip.models.clip import model_dir, save_checkpoint
+    "An evaluation never writes a table with the finetuned models silently missing: it names them and the fix."
+    from pc_clip.evaluation.runner import evaluated_models
+    from pc_clip.models.clip import save_checkpoint
     from pc_clip.core.registry import model_names
     cfg = get_config("tiny", wavg_alpha=0.25)
     names = model_names(cfg)
     assert "pc-clip/wavg-0.25" in names and "pc-clip/wavg-0.5" not in names  # the name follows the setting
-    assert "pc-clip/unfiltered" not in names and "pc-clip/unfiltered" in MODELS  # exists with a judge only
+    assert "pc-clip/unfiltered" not in names and "pc-clip/unfiltered" in model_names()  # exists with a judge only
     tiny = create_clip("pc-clip-tiny", seed=0)[0]
     for n in names[:-1]:
         save_checkpoint(tiny, model_dir(cfg, n), "pc-clip-tiny")
@@ -509,7 +511,7 @@ def test_geometry_rows_on_pixels(world):
 
 # --- the runners, end to end on stand-in models -------------------------------------------------------------
 def test_runners_end_to_end_on_stand_in_models(runs_dir, capsys):
-    from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
+    from pc_clip.models.clip import create_clip, save_checkpoint
     cfg = get_config("tiny", world_n_train=200, world_n_val=80, world_n_test=120)
     a, _, _ = create_clip("pc-clip-tiny", seed=0)
     b, _, _ = create_clip("pc-clip-tiny", seed=1)
@@ -543,7 +545,7 @@ def test_runners_end_to_end_on_stand_in_models(runs_dir, capsys):
 def test_retrieval_runner_reads_coco_on_paper_style_configs(runs_dir, tmp_path, monkeypatch):
     "With corpus='coco' the runner reads COCO val from the data root (a fixture here) with its own captions."
     from pc_clip.data.datasets import load_coco
-    from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
+    from pc_clip.models.clip import create_clip, save_checkpoint
     make_fixture("coco", tmp_path / "data")
     monkeypatch.setenv("PC_CLIP_DATA", str(tmp_path / "data"))
     cfg = get_config("tiny", corpus="coco")
@@ -563,7 +565,7 @@ def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monke
     from pc_clip.evaluation import paper_geometry as P
     from pc_clip.data.datasets import load_coco
     from pc_clip.models.embed import embed_images
-    from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
+    from pc_clip.models.clip import create_clip, save_checkpoint
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("PC_CLIP_DATA", str(tmp_path / "data"))
     make_fixture("coco", tmp_path / "data", n_images=8)
@@ -577,13 +579,13 @@ def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monke
             return [{"raw": f"The first image is brighter than the second image number {it['i'] % 97}."}
                     for it in items]
 
-    recs = P.write_heldout_differences(cfg, Writer(), progress=False)
+    recs = P.write_heldout_differences(store_options(cfg), Writer(), cfg.n_pairs, progress=False)
     intact = load_coco(tmp_path / "data", "val")
-    emb_intact = embed_images(model, intact, cfg, preprocess=pre, cache=False, progress=False)
+    emb_intact = embed_images(model, intact, None, **embedding_options(cfg), preprocess=pre, progress=False)
     ids = intact.image_info.image_id.tolist()
     broken = ids[1]  # the second image: before the fix, every later pair shifted by one row
     (tmp_path / "data" / "coco" / "val2017" / f"{broken:012d}.jpg").write_bytes(b"not a jpeg")
-    rows = pd.DataFrame(P.run_paper_geometry(cfg, ["clip"], progress=False))
+    rows = pd.DataFrame(E.run_paper_geometry(cfg, ["clip"], progress=False))
     cos = rows[(rows.metric == "text_direction_cosine") & (rows.condition == "pairs=heldout")]
     assert len(cos) == 1
     # the expected value, from the intact embeddings of the pairs without the broken image
@@ -592,8 +594,7 @@ def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monke
     st = st[keep].reset_index(drop=True)
     assert 0 < len(st) < len(keep)
     from pc_clip.models.embed import embed_texts
-    want = P.pair_alignment(emb_intact, st,
-                            embed_texts(model, tok, list(st.text), cfg))["text_direction_cosine"]
+    want = P.pair_alignment(emb_intact, st, embed_texts(model, tok, list(st.text), **embedding_options(cfg)))["text_direction_cosine"]
     assert cos.value.item() == pytest.approx(want, abs=1e-5)
     assert cos.n.item() == len(st)
 
@@ -601,7 +602,7 @@ def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monke
 def test_write_evaluation_writes_items_before_rows(tmp_path, monkeypatch):
     "Issue 30: the rows commit an experiment; when they are written, its items are already the new ones."
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
-    from pc_clip.core.runtime import result_row
+    from pc_clip.core.results import result_row
     cfg = get_config("tiny")
     row = lambda v: dict(result_row("clip", "zero_shot", "world", "accuracy", v, 0, 2),
                          items=pd.DataFrame({"item": ["a", "b"], "value": [v * 2, 0.0], "weight": 1.0,
@@ -617,6 +618,5 @@ def test_write_evaluation_writes_items_before_rows(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_evaluation([row(0.25)], cfg, "toy")
     assert seen["items"] == [0.5, 0.0]  # the new items were on disk before the rows were written
-    # an interrupted write puts the old items back
-    assert read_items(cfg, ["toy"])["value"].tolist() == [1.0, 0.0]
-    assert read_results(cfg)["value"].tolist() == [0.5]
+    assert read_items(cfg, ["toy"])["value"].tolist() == [1.0, 0.0]  # an interrupted write puts the old items back
+    assert read_results(results_path(cfg))["value"].tolist() == [0.5]

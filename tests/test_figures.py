@@ -1,8 +1,8 @@
 """Figures a reader can read: one colour per model in every figure, and every figure within a notebook column.
 
-Every figure function of the workbook is drawn here on a table shaped like the default run's (14 difference
-cells, every evaluated model, the alpha sweep, fifteen claims, three loss panels, the finetuning sweep) and
-saved as the experiments save it (`pc_clip.core.runtime.save_figure`).
+Every figure function of the workbook is drawn here on a table shaped like the default run's (14 difference cells,
+every evaluated model, the alpha sweep, fifteen claims, three loss panels, the finetuning sweep) and saved as the
+experiments save it (`pc_clip.core.artifacts.save_figure`).
 """
 import numpy as np
 import pandas as pd
@@ -12,9 +12,10 @@ from PIL import Image
 
 from pc_clip.core.config import get_config
 from pc_clip.core.registry import MODEL_COLOURS, PALETTE, REGISTRY, model_names
-from pc_clip.core.runtime import MAX_FIGURE_PX, save_figure
-from pc_clip.report.summary import (ABLATION_MODELS, MAIN_MODELS, PAPER_CLAIMS, RECALLS, ablation_figure,
-    alpha_figure, bar_figure, claims_figure, loss_figure)
+from pc_clip.core.artifacts import MAX_FIGURE_PX, save_figure
+from pc_clip.report.tables import ABLATION_MODELS
+from pc_clip.report.figures import MAIN_MODELS, ablation_figure, alpha_figure, bar_figure, claims_figure, loss_figure
+from pc_clip.report.claims import PAPER_CLAIMS, RECALLS
 
 MODELS = model_names(get_config("tiny"))
 RNG = np.random.default_rng(0)
@@ -65,7 +66,7 @@ def _losses() -> dict:
 
 
 def _pareto():
-    from pc_clip.training.selection import pareto_figure
+    from pc_clip.report.figures import pareto_figure
     t = pd.DataFrame([dict(model="pc-clip", lr=lr, alpha=a, diff_gain=0.1 * a * k, diff_gain_heldout=0.05 * a,
                            zero_shot_change=-0.02 * a * k, worst_class_change=-0.03 * a,
                            retrieval_change=-0.01 * a * k, chosen=(k, a) == (1, 0.5))

@@ -7,11 +7,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pc_clip.core.config import get_config
+from pc_clip.core.config import embedding_options, get_config
+from pc_clip.core.run import cache_dir
 from pc_clip.data.imagedata import ImageDataset
 from pc_clip.models.embed import embed_images, kept_indices
 from pc_clip.training.finetune import finetune
-from pc_clip.models.clip import CheckpointError, create_clip, load_clip, model_dir, save_checkpoint
+from pc_clip.training.state import FinetuneSettings
+from pc_clip.models.clip import CheckpointError, create_clip, load_clip, save_checkpoint
+from pc_clip.core.registry import clip_source, model_dir
 
 
 # ---- Checkpoints that prove themselves and runs that cannot replace good models: a truncated model is
@@ -39,8 +42,7 @@ def cfg(**kw):
 
 def train(tiny, c, **kw):
     model, _, tok, emb, triples = tiny
-    return finetune(model, tok, triples, c, model_dir(c, "pc-clip"), image_embeddings=emb, progress=False,
-                    **kw)
+    return finetune(model, tok, triples, FinetuneSettings.from_config(c, **kw), model_dir(c, "pc-clip"), image_embeddings=emb, progress=False)
 
 
 def test_truncated_finetuned_model_is_named_and_rebuilt(tiny, runs_dir):
@@ -50,13 +52,12 @@ def test_truncated_finetuned_model_is_named_and_rebuilt(tiny, runs_dir):
     weights = model_dir(c, "pc-clip") / "open_clip_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(CheckpointError) as e:
-        load_clip(c, "pc-clip", "cpu")
+        load_clip(**clip_source(c, "pc-clip", "cpu"))
     assert str(weights) in str(e.value) and "delete" in str(e.value) and "03_finetune" in str(e.value)
     rebuilt = train(tiny, c)  # the finetuning stage rebuilds it instead of dying
     assert not rebuilt.reused
-    loaded = load_clip(c, "pc-clip", "cpu")[0]
-    assert all(torch.equal(a, b)
-               for a, b in zip(loaded.state_dict().values(), good.model.state_dict().values()))
+    loaded = load_clip(**clip_source(c, "pc-clip", "cpu"))[0]
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), good.model.state_dict().values()))
 
 
 def test_diverging_run_keeps_the_good_model_and_fails(tiny, runs_dir):
@@ -99,8 +100,8 @@ def test_cached_embeddings_keep_the_skip_count(tiny, runs_dir, tmp_path):
     make = lambda: ImageDataset("files", "test", ["x"], np.zeros(8), paths=paths, root=tmp_path)
     first_ds, again_ds = make(), make()
     with pytest.warns(RuntimeWarning, match="skipped 3 unreadable"):
-        first = embed_images(model, first_ds, cfg(), preprocess=preprocess, progress=False)
-    again = embed_images(model, again_ds, cfg(), preprocess=preprocess, progress=False)
+        first = embed_images(model, first_ds, cache_dir(cfg()), **embedding_options(cfg()), preprocess=preprocess, progress=False)
+    again = embed_images(model, again_ds, cache_dir(cfg()), **embedding_options(cfg()), preprocess=preprocess, progress=False)
     assert first_ds.n_skipped == again_ds.n_skipped == 3
     assert torch.equal(first, again) and kept_indices(again_ds).tolist() == [0, 2, 3, 5, 6]
 

@@ -12,11 +12,13 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, SMALL_PAPER_SMOKE, p_args, pc_clip
-from pc_clip.core.runtime import read_results, notebooks_dir, results_path
+from pc_clip.core.results import read_results
+from pc_clip.core.run import notebooks_dir, results_path
 from pc_clip.evaluation.runner import read_items
-from pc_clip.models.clip import load_clip, load_weights, model_dir
-from pc_clip.report.summary import PAPER_CLAIMS, claim_verdicts, is_world_dataset
+from pc_clip.models.clip import load_clip, load_weights
+from pc_clip.report.claims import PAPER_CLAIMS, claim_verdicts, is_world_dataset
 from pc_clip.core.config import parse_overrides, get_config
+from pc_clip.core.registry import clip_source, model_dir
 
 # which data sets each task of the paper is measured on (the paper's Tables 1-4 and Figures 3-6)
 EXPECTED = {
@@ -67,18 +69,13 @@ def test_paper_smoke_reproduction(tmp_path, monkeypatch):
     # the finetune moved the weights: pc-clip's checkpoint and its text-side numbers differ from clip's
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
     monkeypatch.delenv("PC_CLIP_DATA", raising=False)
-    # as the command ran it
-    cfg = get_config("paper-smoke", n_pairs=64, data_root=str(REPO / "data" / "paper-smoke"))
-    base = load_clip(cfg, "clip", device="cpu")[0].state_dict()
-    tuned = load_weights(model_dir(cfg, "pc-clip"))
-    assert base.keys() == tuned.keys()
-    assert any(not (base[k] == tuned[k]).all() for k in base), "pc-clip == clip"
-    results = read_results(cfg)  # numbers as numbers
-    classification = results[results.task == "difference_classification"]
-    diff = classification.pivot_table(index=["dataset", "condition", "metric"], columns="model",
-                                      values="value")
-    assert (diff["pc-clip"] != diff["clip"]).any(), \
-        "every pc-clip difference-classification number equals clip's"
+    cfg = get_config("paper-smoke", n_pairs=64, data_root=str(REPO / "data" / "paper-smoke"))  # as the command ran it
+    base, tuned = load_clip(**clip_source(cfg, "clip", device="cpu"))[0].state_dict(), load_weights(model_dir(cfg, "pc-clip"))
+    assert base.keys() == tuned.keys() and any(not (base[k] == tuned[k]).all() for k in base), "pc-clip == clip"
+    results = read_results(results_path(cfg))  # numbers as numbers
+    diff = results[results.task == "difference_classification"].pivot_table(index=["dataset", "condition", "metric"],
+                                                                               columns="model", values="value")
+    assert (diff["pc-clip"] != diff["clip"]).any(), "every pc-clip difference-classification number equals clip's"
 
     # the claims: paper data only, and decided wherever this profile measures them
     items = read_items(cfg)

@@ -4,9 +4,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pc_clip.core.runtime import condition_string
-from pc_clip.evaluation.runner import MODELS
-from pc_clip.report.summary import RECALLS, bar_figure
+from pc_clip.core.results import condition_string
+from pc_clip.core.registry import model_names
+from pc_clip.report.claims import RECALLS
+from pc_clip.report.figures import bar_figure
+
+MODELS = model_names()  # every evaluated registry entry
 
 
 # ---- Every figure of a result is drawn from a results table and shows the 95 % interval of its rows: each
@@ -151,7 +154,7 @@ def _random_items(rng, models=("clip", "pc-clip"), n=300):
 
 
 def test_targets_use_the_claims_interval_and_rule():
-    from pc_clip.report.summary import PAPER_CLAIMS, claim_verdicts
+    from pc_clip.report.claims import PAPER_CLAIMS, claim_verdicts
     from pc_clip.training.selection import target_check
     items = _random_items(np.random.default_rng(3))
     results = pd.DataFrame(columns=["model", "task", "dataset", "condition", "metric", "value", "seed"])
@@ -177,7 +180,8 @@ def test_report_counts_every_measured_claim(runs_dir):
     """Six claims have test items of both sides (one of them a validated alpha = 1: a 'no'); the count says 5
     of 6."""
     from pc_clip.core.config import get_config
-    from pc_clip.report.summary import PAPER_CLAIMS, write_report
+    from pc_clip.report.claims import PAPER_CLAIMS
+    from pc_clip.report.build import write_report
     rng = np.random.default_rng(4)
     n = 400
     clip_hits = rng.random(n) < 0.5

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from conftest import REPO, SMALL_REPRODUCTION, p_args, pc_clip
 from pc_clip.core.config import parse_overrides, get_config
-from pc_clip.models.clip import model_dir
-from pc_clip.core.runtime import figures_dir, notebooks_dir, results_path
+
+from pc_clip.core.run import figures_dir, notebooks_dir, results_path
+from pc_clip.core.registry import model_dir
 
 # the experiment notebooks that make a figure, and the figure each one saves (the REPORT shows them all)
 FIGURE_NOTEBOOKS = {"01": "pretrain_loss.png", "03": "finetune_loss.png",

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from pc_clip.core.runtime import data_root
+from pc_clip.core.run import data_root
 from pc_clip.core.config import get_config
-from pc_clip.smoke.standins import (BUILD_ORDER, CHAT_LM, DATASET_PATHS, MANIFEST, build_paper_smoke,
-    read_manifest, scene, scene_caption, standin_checksums)
+from pc_clip.smoke.standins import (BUILD_ORDER, CHAT_LM, DATASET_PATHS, MANIFEST, build_paper_smoke, read_manifest,
+    scene, scene_caption, standin_checksums)
+from pc_clip.core.registry import backend_options, clip_source, dataset_options, judge_options
 
 
 # ---- The `paper-smoke` stand-ins, built once into a temporary data root, as the `paper` code path reads
@@ -45,7 +46,7 @@ def test_second_build_skips_everything_and_a_changed_file_is_rebuilt(smoke_root)
 def test_clip_loads_through_the_paper_path_and_encodes(cfg):
     from pc_clip.models.clip import load_clip
     assert data_root(cfg) / "weights" / cfg.model_name / cfg.pretrained
-    model, preprocess, tokenizer = load_clip(cfg, "clip", device="cpu")
+    model, preprocess, tokenizer = load_clip(**clip_source(cfg, "clip", device="cpu"))
     from PIL import Image
     image = preprocess(Image.new("RGB", (8, 8), (200, 30, 30)))[None]
     assert image.shape == (1, 3, 64, 64)
@@ -62,7 +63,7 @@ def test_chat_lm_in_4bit_writes_parseable_differences_and_verdicts(cfg):
     from pc_clip.differences.records import build_record, make_backend
     from pc_clip.differences.judge import judge_records, make_judge, verdict_counts
     assert cfg.generator == cfg.judge == CHAT_LM and cfg.load_in_4bit
-    backend = make_backend(cfg)
+    backend = make_backend(**backend_options(cfg))
     assert backend.config["load_in_4bit"]
     rng = np.random.default_rng([7, 7])
     items = [{"key": str(k), "caption_a": scene_caption(scene(rng), k),
@@ -78,10 +79,8 @@ def test_chat_lm_in_4bit_writes_parseable_differences_and_verdicts(cfg):
             for it, out in zip(rewrites, backend.generate(rewrites, "rewrite"))]
     assert sum(bool(r["statements"]) for r in kept) > len(kept) / 2
     classes = [{"key": "c", "category_a": "killer whale", "category_b": "maple tree"}]
-    assert build_record(classes[0], backend.generate(classes, "category")[0], backend,
-                        "category")["statements"]
-    judged = judge_records([r for r in records if r["statements"]], make_judge(cfg.judge, cfg),
-                           progress=False)
+    assert build_record(classes[0], backend.generate(classes, "category")[0], backend, "category")["statements"]
+    judged = judge_records([r for r in records if r["statements"]], make_judge(cfg.judge, **judge_options(cfg)), progress=False)
     counts = verdict_counts(judged)
     assert counts["unparsed"] < (counts["consistent"] + counts["inconsistent"]) / 10, counts
 
@@ -89,7 +88,7 @@ def test_chat_lm_in_4bit_writes_parseable_differences_and_verdicts(cfg):
 def test_sdxl_stand_in_loads_and_its_first_encoder_is_the_clips_text_tower(cfg):
     from pc_clip.models.clip import load_checkpoint
     from pc_clip.t2i.sdxl import load_sdxl, matching_slot, tower_mismatches
-    pipe = load_sdxl(cfg, device="cpu")
+    pipe = load_sdxl(cfg.t2i_model, data_root(cfg), device="cpu")
     clip = load_checkpoint(data_root(cfg) / "weights" / cfg.t2i_clip_model / cfg.t2i_clip_pretrained)[0]
     assert tower_mismatches(pipe.text_encoder, clip) == {} and matching_slot(pipe, clip) == "text_encoder"
     assert torch.equal(pipe.text_encoder.embeddings.token_embedding.weight, clip.token_embedding.weight)
@@ -99,7 +98,7 @@ def test_sdxl_stand_in_loads_and_its_first_encoder_is_the_clips_text_tower(cfg):
 def test_every_data_set_loads_with_the_stand_in_checksums(cfg, name):
     from pc_clip.data.datasets import load_dataset
     with standin_checksums(data_root(cfg)):
-        ds = load_dataset(name, cfg, SPLITS.get(name, "test"))
+        ds = load_dataset(name, **dataset_options(cfg), split=SPLITS.get(name, "test"))
     assert len(ds) > 0
     if name == "coco":
         assert len(ds) == 40 and all(len(c) == 5 for c in ds.captions)
@@ -114,4 +113,4 @@ def test_paper_path_reads_cifar_and_flowers_fixtures_without_help(cfg):
     from pc_clip.data.datasets import load_dataset
     assert (data_root(cfg) / MANIFEST).exists()
     for name in ("cifar100", "flowers102"):
-        assert len(load_dataset(name, cfg, SPLITS.get(name, "test"))) > 0
+        assert len(load_dataset(name, **dataset_options(cfg), split=SPLITS.get(name, "test"))) > 0

@@ -12,11 +12,12 @@ from pc_clip.studies.noise_curve import (FallibleJudge, false_fraction, judged_t
 from pc_clip.studies.pretrain_difference import (batch_difference_pairs, choose_weight, joint_loss,
     joint_model_name, pretrain_joint)
 from pc_clip.core.config import get_config
-from pc_clip.core.runtime import result_row
+from pc_clip.core.results import result_row
 from pc_clip.evaluation.metrics import outcomes
-from pc_clip.models.clip import model_dir
-from pc_clip.training.pretrain import pretrain_clip
+
+from pc_clip.training.pretrain import PretrainSettings, pretrain_clip
 from pc_clip.world.shapes import build_world, is_heldout_pair
+from pc_clip.core.registry import model_dir
 
 
 # ---- Studies beyond the paper: joint pretraining with the difference loss, and the noise curve with judges.
@@ -44,7 +45,7 @@ def test_joint_loss_is_the_clip_loss_at_weight_zero_and_adds_the_weighted_differ
 
 def test_joint_pretraining_at_weight_zero_trains_exactly_the_clip_model(world):
     cfg = get_config("tiny", pretrain_steps=3, pretrain_batch_size=16)
-    ref, _, _ = pretrain_clip(world, cfg, progress=False)
+    ref, _, _ = pretrain_clip(world, PretrainSettings.from_config(cfg), progress=False)
     m0, _, hist = pretrain_joint(world, cfg, 0.0, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), m0.state_dict().values()))
     m1, _, hist1 = pretrain_joint(world, cfg, 1.0, progress=False)

@@ -7,14 +7,16 @@ import torch
 
 from pc_clip.t2i import sdxl as T, study as S
 from pc_clip.core.config import get_config
-from pc_clip.models.clip import create_clip, model_dir, save_checkpoint
+from pc_clip.models.clip import create_clip, save_checkpoint
 from pc_clip.smoke.fixtures import temp_workdir, tiny_sdxl_pipeline
 from pc_clip.world.species import CATEGORIES, CATEGORY_NAMES, typical_attrs
 from pc_clip.world.render import render_images
 from pc_clip.world.shapes import World
 from pc_clip.world.edits import WORLD_EDITS, edit_success, measure_generated
-from pc_clip.t2i.world_diffusion import (GeneratorSettings, _schedulers, arithmetic_conditioning,
-    denoising_loss, text_conditioning, to_patches, train_generator, train_or_load_generator)
+from pc_clip.t2i.world_diffusion import (GeneratorSettings, _schedulers, arithmetic_conditioning, denoising_loss,
+    text_conditioning, to_patches, train_generator, train_or_load_generator)
+from pc_clip.core.registry import model_dir
+from pc_clip.core.run import cache_dir, data_root
 
 
 # ---- Text-to-image with embedding arithmetic: the open_clip -> Hugging Face text-tower conversion, a tiny
@@ -135,7 +137,7 @@ def test_clip_score_uses_the_evaluator_pairwise(tiny_clip):
 def test_sdxl_missing_weights_is_a_clear_error():
     with temp_workdir(data=True), pytest.raises(FileNotFoundError,
                                                 match="hf download stabilityai/stable-diffusion-xl-base-1.0"):
-        T.load_sdxl(get_config("paper"), "cpu")
+        T.load_sdxl(get_config("paper").t2i_model, data_root(get_config("paper")), "cpu")
 
 
 def test_t2i_study_base_and_paper_h14_not_applicable():
@@ -247,6 +249,7 @@ def test_finetuned_quick_gelu_tower_reloads_as_quick_gelu_and_swaps_into_sdxl(tm
     first encoder."""
     import open_clip
     from pc_clip.training.finetune import finetune
+    from pc_clip.training.state import FinetuneSettings
     from pc_clip.models.clip import load_checkpoint
     torch.manual_seed(0)
     model = open_clip.create_model("pc-clip-tiny", force_quick_gelu=True)  # what loading an `openai` tag does
@@ -258,8 +261,8 @@ def test_finetuned_quick_gelu_tower_reloads_as_quick_gelu_and_swaps_into_sdxl(tm
     triples = pd.DataFrame([dict(i=i, j=j, text=f"the first object is {words[(i + j) % 4]}")
                             for i in range(8) for j in range(8) if i != j])
     cfg = get_config("tiny", ft_epochs=1, ft_batch_size=16, ft_lr=1e-3)
-    run = finetune(model, tok, triples, cfg, tmp_path / "ft", image_embeddings=emb, model_name="pc-clip-tiny",
-                   progress=False)
+    run = finetune(model, tok, triples, FinetuneSettings.from_config(cfg, model_name="pc-clip-tiny"), tmp_path / "ft",
+                   image_embeddings=emb, progress=False)
     reloaded, _, _ = load_checkpoint(tmp_path / "ft")
     assert any(isinstance(m, open_clip.transformer.QuickGELU) for m in reloaded.modules())
     assert not any(isinstance(m, torch.nn.GELU) for m in reloaded.modules())
@@ -280,7 +283,7 @@ def test_sdxl_study_decides_the_t2i_claim_from_per_prompt_items(tiny_clip, runs_
     """The SDXL arm's CLIP scores come with one item per prompt and generation seed, so the paper's T2I claim
     is decided."""
     from pc_clip.evaluation.runner import read_items, write_evaluation
-    from pc_clip.report.summary import PAPER_CLAIMS, claim_verdicts
+    from pc_clip.report.claims import PAPER_CLAIMS, claim_verdicts
     with temp_workdir(data=True) as d:
         cfg = get_config("tiny", corpus="coco", t2i_steps=1, t2i_image_size=64)
         tiny_sdxl_pipeline().save_pretrained(d / "data" / "weights" / cfg.t2i_model)
@@ -388,12 +391,12 @@ def test_generator_cache_is_reused(clip):
     settings = GeneratorSettings(steps=2, batch_size=2)
     with temp_workdir():
         cfg = get_config("tiny")
-        first, info1 = train_or_load_generator(cfg, world, model, tok, settings, progress=False)
-        second, info2 = train_or_load_generator(cfg, world, model, tok, settings, progress=False)
+        first, info1 = train_or_load_generator(cache_dir(cfg), world, model, tok, settings, progress=False)
+        second, info2 = train_or_load_generator(cache_dir(cfg), world, model, tok, settings, progress=False)
         assert (info1["reused"], info2["reused"]) == (False, True)
         assert info1["key"] == info2["key"]
         for (k, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
             torch.testing.assert_close(a, b, msg=k)
-        _, info3 = train_or_load_generator(cfg, world, model, tok, GeneratorSettings(steps=3, batch_size=2),
+        _, info3 = train_or_load_generator(cache_dir(cfg), world, model, tok, GeneratorSettings(steps=3, batch_size=2),
                                            progress=False)
         assert info3["reused"] is False and info3["key"] != info1["key"]

@@ -52,7 +52,7 @@ def test_the_venvs_jupyter_lists_the_pc_clip_kernel():
 
 
 def test_nbdev_clean_keeps_the_kernelspec(tmp_path):
-    nb = REPO / "nbs" / "core/01_runtime.ipynb"
+    nb = REPO / "nbs" / "core/01_run.ipynb"
     copy = tmp_path / "nb.ipynb"
     copy.write_text(nb.read_text())
     set_kernelspec.set_kernelspec(copy)
@@ -146,7 +146,7 @@ def test_experiment_00_checks_its_parameters(tmp_path):
 # --- paths, help, list --------------------------------------------------------------------------------------
 def test_folders_resolve_against_the_checkout_from_any_working_directory(tmp_path):
     code = ("from pc_clip.core.config import get_config\n"
-            "from pc_clip.core.runtime import results_path, cache_dir\n"
+            "from pc_clip.core.run import cache_dir, results_path\n"
             "cfg = get_config()\nprint(results_path(cfg)); print(cache_dir(cfg))")
     env = {k: v for k, v in os.environ.items() if k not in ("PC_CLIP_RUNS", "PC_CLIP_DATA")}
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
@@ -211,7 +211,7 @@ def test_jupyterlab_serves_repo_notebook(tmp_path):
          f"--ServerApp.root_dir={REPO}", f"--IdentityProvider.token={token}",
          "--ServerApp.open_browser=False", "--allow-root"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    url = f"http://127.0.0.1:{port}/api/contents/nbs/core/01_runtime.ipynb?content=1"
+    url = f"http://127.0.0.1:{port}/api/contents/nbs/core/01_run.ipynb?content=1"
     try:
         body, deadline = None, time.time() + 90
         while time.time() < deadline and body is None and proc.poll() is None:
@@ -223,12 +223,10 @@ def test_jupyterlab_serves_repo_notebook(tmp_path):
         if body is None:
             proc.terminate()
             err = proc.communicate(timeout=20)[1].decode(errors="replace")[-3000:]
-            raise AssertionError(f"JupyterLab did not answer (exit code {proc.returncode}); its log ends "
-                                 f"with:\n{err}")
-        assert body["type"] == "notebook" and body["name"] == "01_runtime.ipynb"
-        assert any("default_exp core.runtime" in "".join(c["source"]) for c in body["content"]["cells"])
-        # the notebook asks for the project's kernel
-        assert body["content"]["metadata"]["kernelspec"]["name"] == "pc-clip"
+            raise AssertionError(f"JupyterLab did not answer (exit code {proc.returncode}); its log ends with:\n{err}")
+        assert body["type"] == "notebook" and body["name"] == "01_run.ipynb"
+        assert any("default_exp core.run" in "".join(c["source"]) for c in body["content"]["cells"])
+        assert body["content"]["metadata"]["kernelspec"]["name"] == "pc-clip"  # the notebook asks for the project's kernel
         specs = json.loads(urllib.request.urlopen(urllib.request.Request(
             f"http://127.0.0.1:{port}/api/kernelspecs", headers={"Authorization": f"token {token}"}),
             timeout=10).read())

@@ -9,7 +9,7 @@ to its first figure (`--figure N`: another) and takes the screenshot with the fi
 whether the notebook's tab was marked modified on opening (it should not be).
 
 Starts JupyterLab on 127.0.0.1 (a free port, a fresh token, its own runtime and workspace folders), lays out a
-workspace with `nbs/core/01_runtime.ipynb` beside `nbs/experiments/00_environment.ipynb`, opens it in headless
+workspace with `nbs/core/01_run.ipynb` beside `nbs/experiments/00_environment.ipynb`, opens it in headless
 Chromium driven through chromedriver's W3C HTTP interface (Debian's `chromium` and `chromium-driver`:
 `apt-get install -y chromium chromium-driver`), waits until both notebooks show the `pc-clip` kernel as idle,
 and saves a PNG. It exits non-zero, saying why, if a notebook opens on another kernel. Not part of
@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-NOTEBOOKS = ("nbs/core/01_runtime.ipynb", "nbs/experiments/00_environment.ipynb")
+NOTEBOOKS = ("nbs/core/01_run.ipynb", "nbs/experiments/00_environment.ipynb")
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1800,1000"]
 

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['PROFILES', 'STANDIN_PROFILES', 'FT_TRAINABLE', 'FT_LOSSES', 'FT_COMPILE', 'CHOICES', 'Config', 'ConfigError',
-           'validate_config', 'did_you_mean', 'one_learning_rate', 'get_config', 'given', 'parse_overrides',
-           'field_help']
+__all__ = ['PAPER_SETTING', 'PAPER_FACTS', 'PROFILES', 'STANDIN_PROFILES', 'FT_TRAINABLE', 'FT_LOSSES', 'FT_COMPILE', 'CHOICES',
+           'FINETUNE_FIELDS', 'WORLD_FIELDS', 'PRETRAIN_FIELDS', 'Config', 'ConfigError', 'validate_config',
+           'did_you_mean', 'one_learning_rate', 'get_config', 'config_problems', 'embedding_options', 'world_settings',
+           'given', 'parse_overrides', 'field_help']
 
 # %% ../../nbs/core/00_config.ipynb #22c4a6fc
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class Config:
     # pretraining from scratch (tiny profile only; paper profiles start from pretrained weights)
     pretrain_batch_size: int = 64  # image-caption pairs per pretraining step
     pretrain_lr: float = 2e-3  # peak learning rate of pretraining (warm-up, then cosine)
+    pretrain_weight_decay: float = 0.1  # AdamW weight decay of pretraining (not on gains, biases, embeddings or the logit scale)
+    pretrain_warmup: float = 0.05  # share of the pretraining steps over which the learning rate rises linearly (then cosine)
+    pretrain_betas: tuple[float, ...] = (0.9, 0.98)  # AdamW's (beta1, beta2) in pretraining
+    pretrain_eps: float = 1e-6  # AdamW's eps in pretraining
     pretrain_steps: int = 420  # chosen on validation (bench/pretrain_steps.py), kept by the capacity study (experiment 15c); a fixed step budget with a step-based schedule: nothing that changes the weights reads the clock
     # difference data
     n_pairs: int = 12000  # image pairs whose differences are written (the finetuning data)
@@ -123,17 +128,22 @@ class Config:
         return "\n".join(lines)
 
 
+# the paper's reference setting, from its text: the Config fields it states (the `paper` profile takes them as they are)
+PAPER_SETTING = dict(model_name="ViT-L-14", pretrained="datacomp_xl_s13b_b90k", corpus="coco", eval_n_images=100,
+                     ft_lr=1e-8, ft_lr_decay=0.9, ft_epochs=20, ft_batch_size=512,
+                     caption_ft_lr=1e-6, caption_ft_batch_size=128, caption_ft_epochs=50)
+# what else its text states, in words no Config field takes (the report compares a run with them)
+PAPER_FACTS = dict(n_images=1000, generator="Llama-2-13b-chat (4-bit)", judge="openai:gpt-4o-mini", eval_seeds=5)
+
 _PAPER = dict(
-    model_name="ViT-L-14", pretrained="datacomp_xl_s13b_b90k", corpus="coco",
-    n_pairs=200_000, pair_sampling="random",
+    **PAPER_SETTING, n_pairs=200_000, pair_sampling="random",
     generator="meta-llama/Llama-2-13b-chat-hf", load_in_4bit=True, gen_batch_size=32,
     gen_batch_from_memory=True,  # 32 where GPU memory cannot be read; more where it is free (an A100-40GB still fits)
     judge="meta-llama/Llama-2-13b-chat-hf",  # the generator's local LLM (offline); "openai:gpt-4o-mini" is an option
-    ft_lr=1e-8, ft_lr_decay=0.9, ft_epochs=20, ft_batch_size=512, ft_max_pairs=None, eval_batch_size=256,
+    ft_max_pairs=None, eval_batch_size=256,
     ft_keep_epochs=(10, 20),  # the paper's checkpoints after epochs 10 and 20
     ft_fused_attention=True, ft_length_buckets=16, ft_compile="default",  # a GPU: see bench/RESULTS.md
     ft_lr_grid=(), wavg_alpha_grid=(),  # the paper's one setting (lr 1e-8, no averaging): nothing to choose
-    caption_ft_lr=1e-6, caption_ft_batch_size=128, caption_ft_epochs=50,
     comparative_alphas=(1.0, 0.9, 0.85, 0.8),
 )
 
@@ -173,6 +183,21 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pair_sampling": ("random", "different_category"), "ft_trainable": FT_TRAINABLE, "ft_loss": FT_LOSSES,
     "ft_compile": FT_COMPILE,
 }
+# the settings of one finetuning run (`pc_clip.training.state.FinetuneSettings`) -> the Config fields they are:
+# their defaults and the rules that check them are the config's
+FINETUNE_FIELDS = dict(
+    trainable="ft_trainable", loss="ft_loss", temperature="ft_temperature", lr="ft_lr", lr_decay="ft_lr_decay",
+    epochs="ft_epochs", batch_size="ft_batch_size", grad_accum="ft_grad_accum", weight_decay="ft_weight_decay",
+    max_bad_fraction="ft_max_bad_fraction", max_pairs="ft_max_pairs", seed="seed", precision="precision",
+    model_name="model_name", keep_epochs="ft_keep_epochs", fused_attention="ft_fused_attention",
+    length_buckets="ft_length_buckets", compile="ft_compile")
+# the settings of a Shapes world (`pc_clip.world.shapes.make_world`'s keywords) -> the Config fields they are
+WORLD_FIELDS = dict(seed="seed", image_size="world_image_size", n_train="world_n_train", n_test="world_n_test",
+                    n_val="world_n_val", captions="world_captions", caption_rate="world_caption_rate")
+# the settings of pretraining (`pc_clip.training.pretrain.PretrainSettings`) -> the Config fields they are
+PRETRAIN_FIELDS = dict(
+    model_name="model_name", seed="seed", steps="pretrain_steps", batch_size="pretrain_batch_size", lr="pretrain_lr",
+    weight_decay="pretrain_weight_decay", warmup="pretrain_warmup", betas="pretrain_betas", eps="pretrain_eps")
 _UNION = (types.UnionType, typing.Union)
 
 
@@ -238,12 +263,12 @@ def _type_problems(cfg: Config) -> dict[str, str]:
 _AT_LEAST = {  # field: smallest allowed value
     "seed": 0, "world_image_size": 8, "world_n_train": 1, "world_n_test": 1, "world_n_val": 1,
     "pretrain_batch_size": 2, "pretrain_steps": 1, "n_pairs": 1, "gen_batch_size": 1, "max_new_tokens": 1,
-    "temperature": 0, "ft_epochs": 1, "ft_grad_accum": 1, "ft_weight_decay": 0, "ft_max_bad_fraction": 0,
+    "temperature": 0, "pretrain_weight_decay": 0, "ft_epochs": 1, "ft_grad_accum": 1, "ft_weight_decay": 0, "ft_max_bad_fraction": 0,
     "ft_max_pairs": 1, "ft_length_buckets": 0, "caption_ft_batch_size": 2, "caption_ft_epochs": 1, "eval_n_images": 1, "eval_batch_size": 1,
     "comparative_topk": 1, "t2i_steps": 1, "t2i_image_size": 8,
 }
-_POSITIVE = ("pretrain_lr", "ft_lr", "caption_ft_lr", "ft_temperature")  # finite and > 0
-_FRACTIONS = {"oracle_noise": "[0, 1]", "world_caption_rate": "[0, 1]", "wavg_alpha": "[0, 1]", "top_p": "(0, 1]", "ft_lr_decay": "(0, 1]"}
+_POSITIVE = ("pretrain_lr", "pretrain_eps", "ft_lr", "caption_ft_lr", "ft_temperature")  # finite and > 0
+_FRACTIONS = {"pretrain_warmup": "[0, 1]", "oracle_noise": "[0, 1]", "world_caption_rate": "[0, 1]", "wavg_alpha": "[0, 1]", "top_p": "(0, 1]", "ft_lr_decay": "(0, 1]"}
 
 
 def _range_problems(cfg: Config) -> list[tuple[str, str]]:
@@ -268,6 +293,7 @@ def _range_problems(cfg: Config) -> list[tuple[str, str]]:
     check("ft_lr_grid", lambda v: all(math.isfinite(x) and x > 0 for x in v), "a tuple of finite learning rates > 0 (or () for ft_lr alone)")
     check("wavg_alpha_grid", lambda v: all(0 <= a <= 1 for a in v), "a tuple of weight-averaging mixes in [0, 1] (or () for alpha 1 alone)")
     check("ft_keep_epochs", lambda v: all(e >= 1 for e in v), "a tuple of epoch numbers >= 1")
+    check("pretrain_betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two AdamW betas in [0, 1)")
     check("t2i_image_size", lambda v: v % 8 == 0, "a multiple of 8 (SDXL works on an 8x smaller latent grid)")
     return out
 
@@ -369,7 +395,23 @@ def get_config(profile: str = "tiny", **overrides) -> Config:
     _check_keys(overrides)
     return _validated(Config(**{**PROFILES[profile], "profile": profile, **_coerce(one_learning_rate(overrides))}))
 
+
+def config_problems(**values) -> list[str]:
+    "The messages of `validate_config` for `values` (Config fields), every other field at its default."
+    _check_keys(values)
+    return validate_config(dataclasses.replace(Config(), **_coerce(values)))
+
 # %% ../../nbs/core/00_config.ipynb #4bdac749
+def embedding_options(cfg: Config) -> dict:
+    "The keywords of `embed_texts` and `embed_images` (pc_clip.models.embed) that a run's config decides."
+    return dict(precision=cfg.precision, batch_size=cfg.eval_batch_size)
+
+
+def world_settings(cfg: Config) -> dict:
+    "The settings of `cfg`'s Shapes world, as keywords of `pc_clip.world.shapes.world_key` and `make_world`."
+    return {k: getattr(cfg, f) for k, f in WORLD_FIELDS.items()}
+
+
 def given(**params) -> dict:
     "The notebook parameters that were set: `None` means 'the profile's value', so those are left out."
     return {k: v for k, v in params.items() if v is not None}

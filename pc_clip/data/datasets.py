@@ -15,8 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from ..core.config import Config, get_config, STANDIN_PROFILES
-from ..core.runtime import data_root, get_logger
+from ..core.log import get_logger
 from .imagedata import (DATASET_INFO, DatasetNotFoundError, ImageDataset, _check_split, _require,
     clean_classname, dataset_layout_error, hashed_split, accept_recorded, recorded_checksums, torchvision_integrity)
 
@@ -258,9 +257,9 @@ def world_dataset(world: Any, split: str = "test", class_table: pd.DataFrame | N
                         image_info=attrs.iloc[idx].reset_index(drop=True))
 
 # %% ../../nbs/data/01_datasets.ipynb #bf681bcc
-def load_world(cfg: Config, split: str = "test") -> ImageDataset:
-    "The embedded Shapes world of `cfg` (built or read from cache by `pc_clip.world.shapes.make_world`)."
-    return world_dataset(make_world(cfg), split, class_attribute_table(), CATEGORY_NAMES)
+def load_world(split: str = "test", **world) -> ImageDataset:
+    "One split of the Shapes world of settings `world` (`pc_clip.world.shapes.make_world`'s keywords), built or read from cache."
+    return world_dataset(make_world(**world), split, class_attribute_table(), CATEGORY_NAMES)
 
 # %% ../../nbs/data/01_datasets.ipynb #a5503a98
 LOADERS: dict[str, Callable[..., ImageDataset]] = {
@@ -281,22 +280,26 @@ def canonical_name(name: str) -> str:
     return key
 
 # %% ../../nbs/data/01_datasets.ipynb #aaf5cd04
-def _integrity_checks(cfg_or_root, root: Path):
+def _integrity_checks(root: Path, standins: bool):
     "Official MD5 sums, except on a stand-in profile (`paper-smoke`), where a stand-in also passes by its recorded sha256."
-    if isinstance(cfg_or_root, Config) and cfg_or_root.profile in STANDIN_PROFILES:
+    if standins:
         return torchvision_integrity(accept_recorded(recorded_checksums(root)))
     return contextlib.nullcontext()  # `paper` and any folder: a manifest in the data root changes nothing
 
 
-def load_dataset(name: str, cfg_or_root: Config | str | Path, split: str = "test",
-                 download: bool = False) -> ImageDataset:
-    "Load data set `name` from the data root of a config (or from a folder) in its standard layout."
+def load_dataset(name: str, root: str | Path | None = None, split: str = "test", download: bool = False,
+                 world: dict | None = None, standins: bool = False) -> ImageDataset:
+    "Data set `name` in its standard layout under the folder `root`; `world`: the Shapes world of these settings."
     name = canonical_name(name)
     if name == "world":
-        cfg = cfg_or_root if isinstance(cfg_or_root, Config) else get_config()
-        return load_world(cfg, split)
-    root = data_root(cfg_or_root) if isinstance(cfg_or_root, Config) else Path(cfg_or_root).expanduser()
-    with _integrity_checks(cfg_or_root, root):
+        if world is None:
+            raise ValueError("the Shapes world is made from its settings, not read from a folder: pass "
+                             "world=world_options(cfg) (or load_dataset('world', **dataset_options(cfg)))")
+        return load_world(split, **world)
+    if root is None:
+        raise ValueError(f"{name}: pass the data root it lives under (root=data_root(cfg), or **dataset_options(cfg))")
+    root = Path(root).expanduser()
+    with _integrity_checks(root, standins):
         ds = LOADERS[name](root, split, download)
     log.info(f"loaded {ds}")
     return ds

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..core.runtime import content_hash, get_logger
+from ..core.artifacts import content_hash
+from ..core.log import get_logger
 
 log = get_logger("pc_clip.data.datasets")
 

@@ -16,8 +16,9 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..core.config import Config
-from ..core.runtime import content_hash, data_root, get_logger, result_row
+from ..core.artifacts import content_hash
+from ..core.log import get_logger
+from ..core.results import result_row
 from ..core.store import JsonlStore
 from .llm import OpenAIClient, generator_slug, generate_texts, lm_identity, load_causal_lm
 
@@ -151,32 +152,30 @@ class OpenAIJudge:
         return f"OpenAIJudge(model={self.model!r}, base_url={self.client.base_url!r})"
 
 # %% ../../nbs/differences/05_judge.ipynb #1d1ba4ef
-def make_judge(spec: str, cfg: Config | None = None):
-    "A judge from its name: 'oracle', 'openai:<model>', or a Hugging Face causal LM id / folder."
+def make_judge(spec: str, root: str | Path | None = None, load_in_4bit: bool = True, device: str = "auto",
+               batch_size: int = 8):
+    "A judge from its name: 'oracle', 'openai:<model>', or a Hugging Face causal LM id / folder (under `root`'s weights)."
     if spec == "oracle":
         return OracleJudge()
     if spec.startswith("openai:"):
         return OpenAIJudge(model=spec.split(":", 1)[1] or "gpt-4o-mini")
-    kw = dict(load_in_4bit=cfg.load_in_4bit, device=cfg.device, root=data_root(cfg)) if cfg is not None else {}
-    model, tok = load_causal_lm(spec, **kw)
-    return HFJudge(model, tok, name=spec, batch_size=cfg.gen_batch_size if cfg is not None else 8,
-                   weights=lm_identity(spec, data_root(cfg) if cfg is not None else None),
-                   load_in_4bit=cfg.load_in_4bit if cfg is not None else True)
+    model, tok = load_causal_lm(spec, load_in_4bit=load_in_4bit, device=device, root=root)
+    return HFJudge(model, tok, name=spec, batch_size=batch_size, weights=lm_identity(spec, root),
+                   load_in_4bit=load_in_4bit)
 
 # %% ../../nbs/differences/05_judge.ipynb #212e34bc
 def _judge_spec(spec: str) -> str:
     return "openai:gpt-4o-mini" if spec == "openai:" else spec
 
 
-def judge_identity(spec: str, cfg: Config | None = None) -> dict:
-    "The identity of the judge `make_judge(spec, cfg)` makes, without loading it."
+def judge_identity(spec: str, root: str | Path | None = None, load_in_4bit: bool = True) -> dict:
+    "The identity of the judge `make_judge(spec, root, load_in_4bit)` makes, without loading it."
     spec = _judge_spec(spec)
     if spec == "oracle":
         return OracleJudge().identity
     if spec.startswith("openai:"):
         return OpenAIJudge(model=spec.split(":", 1)[1]).identity
-    who = lm_identity(spec, data_root(cfg) if cfg is not None else None)
-    return _lm_judge_identity(who, JUDGE_MAX_NEW_TOKENS, cfg.load_in_4bit if cfg is not None else True)
+    return _lm_judge_identity(lm_identity(spec, root), JUDGE_MAX_NEW_TOKENS, load_in_4bit)
 
 
 def _identity_of(judge) -> dict:
@@ -189,10 +188,10 @@ def _identity_of(judge) -> dict:
             **{k: v for k, v in fields.items() if isinstance(v, (str, int, float, bool, type(None)))}}
 
 
-def judge_key(judge, cfg: Config | None = None) -> str:
-    "The file-name key of a judge's verdicts (a judge, or a judge spec with `cfg`): its slug and a hash of its identity."
+def judge_key(judge, root: str | Path | None = None, load_in_4bit: bool = True) -> str:
+    "The file-name key of a judge's verdicts (a judge, or a judge spec loaded as `judge_identity` says): its slug and a hash of its identity."
     if isinstance(judge, str):
-        name, ident = _judge_spec(judge), judge_identity(judge, cfg)
+        name, ident = _judge_spec(judge), judge_identity(judge, root, load_in_4bit)
     else:
         name, ident = judge.name, _identity_of(judge)
     return f"{generator_slug(name)}-{content_hash(ident, n=8)}"

@@ -24,7 +24,11 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..core.runtime import content_hash, data_root, pick_device, get_logger
+from ..core.config import Config
+from ..core.artifacts import content_hash
+from ..core.run import data_root
+from ..core.devices import pick_device
+from ..core.log import get_logger
 from ..models.clip import weights_dir
 
 # %% auto #0
@@ -219,7 +223,7 @@ def item_seed(seed: int, *parts: Any) -> int:
 class SeededSampler:
     "Logits processor: sample each batch row with its own seeded generator (temperature, top-p)."
 
-    def __init__(self, seeds: Sequence[int], temperature: float = 0.7, top_p: float = 0.9):
+    def __init__(self, seeds: Sequence[int], temperature: float = Config.temperature, top_p: float = Config.top_p):
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.temperature, self.top_p = temperature, top_p
 
@@ -240,8 +244,8 @@ def _token_count(row: list[int], eos: int | None, pad: int | None) -> int:
     return row.index(eos) + 1 if eos in row else sum(t != pad for t in row)
 
 
-def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128, temperature: float = 0.7,
-                   top_p: float = 0.9, batch_size: int = 16, seed: int = 0, system: str | None = SYSTEM_PROMPT,
+def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = Config.max_new_tokens, temperature: float = Config.temperature,
+                   top_p: float = Config.top_p, batch_size: int = Config.gen_batch_size, seed: int = 0, system: str | None = SYSTEM_PROMPT,
                    seeds: Sequence[int] | None = None, return_finished: bool = False,
                    **generate_kwargs) -> tuple[list[str], list[int]]:
     "Completions of `prompts` (user messages) and their token counts (and, if asked, whether each ended), in left-padded batches."
@@ -272,7 +276,7 @@ def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
 
 
-def fit_generation_batch(config, free_bytes: float, prompt_tokens: int = 512, max_new_tokens: int = 128,
+def fit_generation_batch(config, free_bytes: float, prompt_tokens: int = 512, max_new_tokens: int = Config.max_new_tokens,
                          cap: int = 256, headroom: float = 0.8, overhead: float = 1.25) -> int:
     "The largest generation batch whose cache and prefill activations fit `headroom` of `free_bytes` (1..`cap`)."
     mlp = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
@@ -281,7 +285,7 @@ def fit_generation_batch(config, free_bytes: float, prompt_tokens: int = 512, ma
     return max(1, min(cap, n - n % 8 if n > 8 else n))
 
 
-def generation_batch_size(model, requested: int, from_memory: bool, max_new_tokens: int = 128,
+def generation_batch_size(model, requested: int, from_memory: bool, max_new_tokens: int = Config.max_new_tokens,
                           prompt_tokens: int = 512) -> int:
     "`requested`, or with `from_memory` on a CUDA device the batch its free memory holds (`fit_generation_batch`)."
     device = next(model.parameters()).device
@@ -301,10 +305,10 @@ class HFBackend:
     model: Any
     tokenizer: Any
     name: str
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 0.9
-    batch_size: int = 16
+    max_new_tokens: int = Config.max_new_tokens
+    temperature: float = Config.temperature
+    top_p: float = Config.top_p
+    batch_size: int = Config.gen_batch_size
     seed: int = 0
     n_statements: int = N_STATEMENTS
     system: str | None = SYSTEM_PROMPT
@@ -480,10 +484,10 @@ def serve_local(model: str | Path, port: int | None = None, device: str = "cpu",
 class OpenAIBackend:
     "An OpenAI-compatible chat endpoint behind the backend interface (generator 'openai:<model>')."
     model: str
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 0.9
-    batch_size: int = 16
+    max_new_tokens: int = Config.max_new_tokens
+    temperature: float = Config.temperature
+    top_p: float = Config.top_p
+    batch_size: int = Config.gen_batch_size
     concurrency: int | None = None  # requests in flight; default: batch_size
     seed: int = 0
     n_statements: int = N_STATEMENTS

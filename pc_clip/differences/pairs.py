@@ -12,8 +12,6 @@ import pandas as pd
 
 from pathlib import Path
 
-from ..core.config import Config
-from ..core.runtime import data_root
 from ..data.datasets import canonical_name, load_dataset
 from ..models.clip import file_sha256
 from ..world.shapes import make_world, world_key
@@ -110,12 +108,13 @@ def corpus_from_dataset(ds, seed: int) -> pd.DataFrame:
     return out
 
 # %% ../../nbs/differences/00_pairs.ipynb #b40870a3
-def load_corpus(cfg: Config, split: str = "train") -> tuple[pd.DataFrame, list, Any]:
-    "`(corpus, held-out category pairs, world or None)` for `cfg.corpus` ('world', or a captioned data set like 'coco')."
-    if cfg.corpus == "world":
-        world = make_world(cfg)
-        return corpus_from_world(world, split), list(world.heldout_pairs), world
-    return corpus_from_dataset(load_dataset(cfg.corpus, cfg, split=split), cfg.seed), [], None
+def load_corpus(corpus: str, world: dict, root: str | Path, seed: int, standins: bool = False,
+                split: str = "train") -> tuple[pd.DataFrame, list, Any]:
+    "`(corpus, held-out category pairs, world or None)` of `corpus` ('world' with settings `world`, or a captioned data set like 'coco' under `root`)."
+    if corpus == "world":
+        w = make_world(**world)
+        return corpus_from_world(w, split), list(w.heldout_pairs), w
+    return corpus_from_dataset(load_dataset(corpus, root, split, world=world, standins=standins), seed), [], None
 
 # %% ../../nbs/differences/00_pairs.ipynb #dec146a3
 CORPUS_FILES = {"coco": ("coco/annotations/captions_train2017.json", "coco/annotations/captions_val2017.json")}
@@ -132,10 +131,10 @@ def _file_identity(path: Path) -> str:
     return _FILE_HASHES[key]
 
 
-def corpus_identity(cfg: Config) -> dict:
+def corpus_identity(corpus: str, world: dict, root: str | Path, seed: int, standins: bool = False) -> dict:
     "What decides the images and captions behind a corpus's item keys: the world's key, or the annotation files and seed."
-    if cfg.corpus == "world":
-        return {"world": world_key(cfg)}
-    name = canonical_name(cfg.corpus)
-    files = {f: _file_identity(data_root(cfg) / f) for f in CORPUS_FILES.get(name, ())}
-    return {"corpus": name, "seed": cfg.seed, "files": files}
+    if corpus == "world":
+        return {"world": world_key(**{k: v for k, v in world.items() if k != "cache"})}
+    name = canonical_name(corpus)
+    files = {f: _file_identity(Path(root) / f) for f in CORPUS_FILES.get(name, ())}
+    return {"corpus": name, "seed": seed, "files": files}

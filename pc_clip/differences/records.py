@@ -17,7 +17,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..core.config import Config
-from ..core.runtime import content_hash, data_root, get_logger, result_row, run_dir
+from ..core.artifacts import content_hash
+from ..core.log import get_logger
+from ..core.results import result_row
 from ..core.store import JsonlStore
 from .llm import N_STATEMENTS, HFBackend, OpenAIBackend, generator_slug, lm_identity, load_causal_lm
 from .parse import normalize_statement, parse_output
@@ -32,8 +34,8 @@ from .judge import judge_key, judged_matches
 __all__ = ['RECORD_FIELDS', 'item_rng', 'OracleBackend', 'generator_identity', 'generator_key', 'make_backend', 'record_key',
            'item_identity', 'record_matches', 'build_record', 'generate_records', 'generate_differences',
            'rewrite_captions', 'write_category_differences', 'difference_triples', 'rewritten_captions',
-           'examples_table', 'summary_rows', 'differences_dir', 'differences_path', 'rewrites_path',
-           'category_differences_path', 'judged_path', 'read_records', 'training_triples']
+           'examples_table', 'summary_rows', 'differences_path', 'rewrites_path', 'category_differences_path',
+           'judged_path', 'read_records', 'training_triples']
 
 # %% ../../nbs/differences/04_records.ipynb #a2bb3ee1
 def item_rng(seed: int, *parts: str) -> np.random.Generator:
@@ -84,37 +86,40 @@ class OracleBackend:
         return [self._one(it, task) for it in items]
 
 # %% ../../nbs/differences/04_records.ipynb #fe3344e0
-def generator_identity(cfg: Config, generator: str | None = None) -> dict:
-    "What decides the records `generator` (default `cfg.generator`) writes: the model, its settings and prompts."
-    name = generator or cfg.generator
-    if name == "oracle":
+def generator_identity(generator: str, root: str | Path | None = None, max_new_tokens: int = Config.max_new_tokens,
+                       temperature: float = Config.temperature, top_p: float = Config.top_p, seed: int = 0,
+                       load_in_4bit: bool = False) -> dict:
+    "What decides the records `generator` writes: the model (its weights under `root`), its settings and prompts."
+    if generator == "oracle":
         return {"kind": "oracle", "n_statements": N_STATEMENTS}
-    who = lm_identity(name, data_root(cfg))
-    settings = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-                    n_statements=N_STATEMENTS, **({"load_in_4bit": cfg.load_in_4bit} if who["kind"] == "in-process" else {}))
+    who = lm_identity(generator, root)
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                    n_statements=N_STATEMENTS, **({"load_in_4bit": load_in_4bit} if who["kind"] == "in-process" else {}))
     return {**who, "settings": settings, "prompts": [DIFFERENCE_PROMPT, CATEGORY_PROMPT, REWRITE_PROMPT, SYSTEM_PROMPT]}
 
 
-def generator_key(cfg: Config, generator: str | None = None) -> str:
-    "The file-name key of `generator`'s stores on `cfg`'s corpus: its slug and a hash of the inputs' and its identity."
-    name = generator or cfg.generator
-    return f"{generator_slug(name)}-{content_hash(corpus_identity(cfg), generator_identity(cfg, name), n=8)}"
+def generator_key(store: dict) -> str:
+    "The file-name key of a store's generator on its corpus (`store_options(cfg)`): its slug and a hash of the inputs' and its identity."
+    gen = store["generator"]
+    return f"{generator_slug(gen['generator'])}-{content_hash(corpus_identity(**store['corpus']), generator_identity(**gen), n=8)}"
 
 # %% ../../nbs/differences/04_records.ipynb #c12309d5
-def make_backend(cfg: Config, world=None, noise: float | None = None):
-    "The backend named by `cfg.generator`: the world's oracle (needs `world`), a served model, or a causal LM."
-    if cfg.generator == "oracle":
+def make_backend(generator: str, world=None, noise: float = 0.0, seed: int = 0, max_new_tokens: int = Config.max_new_tokens,
+                 temperature: float = Config.temperature, top_p: float = Config.top_p,
+                 batch_size: int = Config.gen_batch_size, load_in_4bit: bool = False, device: str = "auto",
+                 root: str | Path | None = None, batch_from_memory: bool = False, corpus: str = "world"):
+    "The backend named `generator`: the world's oracle (needs `world`), a served model, or a causal LM (`**backend_options(cfg)`)."
+    if generator == "oracle":
         if world is None:
-            hint = "pass world=make_world(cfg)" if cfg.corpus == "world" else \
-                f"the oracle needs corpus=world (this config has corpus={cfg.corpus!r}); use an LLM generator for {cfg.corpus}"
+            hint = "pass world=make_world(**world_options(cfg))" if corpus == "world" else \
+                f"the oracle needs corpus=world (this config has corpus={corpus!r}); use an LLM generator for {corpus}"
             raise ValueError(f"generator='oracle' writes differences from the Shapes world's attributes: {hint}")
-        return OracleBackend(world.attrs, noise=cfg.oracle_noise if noise is None else noise, seed=cfg.seed)
-    gen = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-               batch_size=cfg.gen_batch_size, seed=cfg.seed)
-    if cfg.generator.startswith("openai:"):
-        return OpenAIBackend(cfg.generator.split(":", 1)[1], **gen)
-    model, tok = load_causal_lm(cfg.generator, load_in_4bit=cfg.load_in_4bit, device=cfg.device, root=data_root(cfg))
-    return HFBackend(model, tok, name=cfg.generator, batch_from_memory=cfg.gen_batch_from_memory, **gen)
+        return OracleBackend(world.attrs, noise=noise, seed=seed)
+    gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
+    if generator.startswith("openai:"):
+        return OpenAIBackend(generator.split(":", 1)[1], **gen)
+    model, tok = load_causal_lm(generator, load_in_4bit=load_in_4bit, device=device, root=root)
+    return HFBackend(model, tok, name=generator, batch_from_memory=batch_from_memory, **gen)
 
 # %% ../../nbs/differences/04_records.ipynb #d5726d49
 RECORD_FIELDS = ("key", "task", "item", "generator", "gen_config", "prompt", "raw", "n_tokens", "statements", "rejected")
@@ -228,7 +233,7 @@ def generate_records(items, backend, store_path: str | Path, task: str = "differ
     items = _items(items)
     store = JsonlStore(store_path)
     with store.writing(lock_timeout):
-        _fill(store, items, backend, task, batch_size or getattr(backend, "batch_size", 16), max_words, progress)
+        _fill(store, items, backend, task, batch_size or getattr(backend, "batch_size", Config.gen_batch_size), max_words, progress)
     keys = [record_key(backend.name, str(it["key"])) for it in items]
     wanted = set(keys)
     by_key = {r["key"]: r for r in store.records() if r["key"] in wanted}
@@ -324,31 +329,26 @@ def summary_rows(model: str, records: Sequence[dict], dataset: str, seed: int | 
     return rows
 
 # %% ../../nbs/differences/04_records.ipynb #1ea725e3
-def differences_dir(cfg: Config) -> Path:
-    "The folder of a profile's difference sets: `runs/<profile>/differences`."
-    return run_dir(cfg) / "differences"
+def differences_path(store: dict, noise: float | None = None) -> Path:
+    "The JSONL file of the difference set of a store's generator (`store_options(cfg)`) at `noise` (default the store's)."
+    noise = store["noise"] if noise is None else noise
+    return Path(store["folder"]) / f"{generator_key(store)}-noise{noise:g}.jsonl"
 
 
-def differences_path(cfg: Config, noise: float | None = None, generator: str | None = None) -> Path:
-    "The JSONL file of the difference set of `generator` (default `cfg.generator`) at `noise` (default cfg's)."
-    noise = cfg.oracle_noise if noise is None else noise
-    return differences_dir(cfg) / f"{generator_key(cfg, generator)}-noise{noise:g}.jsonl"
+def rewrites_path(store: dict) -> Path:
+    "The JSONL file of the rewritten captions of a store's generator."
+    return Path(store["folder"]) / f"{generator_key(store)}-rewrites.jsonl"
 
 
-def rewrites_path(cfg: Config, generator: str | None = None) -> Path:
-    "The JSONL file of the rewritten captions of `generator` (default `cfg.generator`)."
-    return differences_dir(cfg) / f"{generator_key(cfg, generator)}-rewrites.jsonl"
+def category_differences_path(store: dict) -> Path:
+    "The JSONL file of the class-level differences of a store's generator."
+    return Path(store["folder"]) / f"{generator_key(store)}-categories.jsonl"
 
 
-def category_differences_path(cfg: Config, generator: str | None = None) -> Path:
-    "The JSONL file of the class-level differences of `generator` (default `cfg.generator`)."
-    return differences_dir(cfg) / f"{generator_key(cfg, generator)}-categories.jsonl"
-
-
-def judged_path(path: str | Path, judge, cfg: Config | None = None) -> Path:
+def judged_path(path: str | Path, judge, root: str | Path | None = None, load_in_4bit: bool = True) -> Path:
     "Where `judge`'s verdicts on the record file `path` go: `<stem>.judged-<judge key>.jsonl` beside it."
     path = Path(path)
-    return path.with_name(f"{path.stem}.judged-{judge_key(judge, cfg)}.jsonl")
+    return path.with_name(f"{path.stem}.judged-{judge_key(judge, root, load_in_4bit)}.jsonl")
 
 # %% ../../nbs/differences/04_records.ipynb #1e3473d7
 def read_records(path: str | Path) -> list[dict]:
@@ -359,18 +359,18 @@ def read_records(path: str | Path) -> list[dict]:
     return JsonlStore(path).records()
 
 # %% ../../nbs/differences/04_records.ipynb #aa56cce8
-def training_triples(cfg: Config, noise: float | None = None, filtered: bool = True, pairs=None) -> pd.DataFrame:
-    "Finetuning triples (i, j, text): consistent statements when `cfg.judge` is set and `filtered`, else all accepted."
-    path = differences_path(cfg, noise)
+def training_triples(store: dict, noise: float | None = None, filtered: bool = True, pairs=None) -> pd.DataFrame:
+    "Finetuning triples (i, j, text) of a store (`store_options(cfg)`): consistent statements when it has a judge and `filtered`, else all accepted."
+    path, judge = differences_path(store, noise), store["judge"]
     records = read_records(path)
-    judged = bool(filtered and cfg.judge)
+    judged = bool(filtered and judge)
     if judged:
-        jpath = judged_path(path, cfg.judge, cfg)
+        jpath = judged_path(path, judge, **store["judge_identity"])
         if not jpath.exists():
-            raise FileNotFoundError(f"cfg.judge={cfg.judge!r} but {jpath} does not exist: run experiment 02 with this "
+            raise FileNotFoundError(f"cfg.judge={judge!r} but {jpath} does not exist: run experiment 02 with this "
                                     "judge, or train on unfiltered differences (filtered=False, or judge=None)")
         by_key = {r["key"]: r for r in read_records(jpath)}
-        key = judge_key(cfg.judge, cfg)
+        key = judge_key(judge, **store["judge_identity"])
         missing = [r["key"] for r in records if r["key"] not in by_key or not judged_matches(by_key[r["key"]], r, key)]
         if missing:
             raise ValueError(f"{jpath} judges {len(records) - len(missing)} of {len(records)} records of {path.name} as "

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from ..core.config import Config
 from ..differences.records import category_differences_path, make_backend, write_category_differences
 from .metrics import classification_metrics, outcomes
-from ..world.shapes import make_world
 
 # %% auto #0
 __all__ = ['top_confused_pairs', 'known_pairs', 'difference_embeddings', 'comparative_class_embeddings', 'comparative_prompting',
@@ -83,38 +82,35 @@ def comparative_prompting(image_emb: torch.Tensor, labels: Sequence[int], class_
 
 # %% ../../nbs/evaluation/02_comparative.ipynb #bc81acd8
 @functools.lru_cache(maxsize=1)
-def cached_backend(cfg: Config):
-    "`make_backend(cfg)` for a language-model generator, built once per process for the same config."
-    return make_backend(cfg)
+def cached_backend(**options):
+    "`make_backend(**options)` for a language-model generator, built once per process for the same options."
+    return make_backend(**options)
 
 
 class LazyBackend:
-    "The backend of `cfg.generator` (a language model), built by `cached_backend` on its first use; named at once."
-    def __init__(self, cfg: Config):
-        if cfg.generator == "oracle":
+    "The language-model backend of `options` (`make_backend`'s keywords), built by `cached_backend` on its first use; named at once."
+    def __init__(self, options: dict):
+        if options["generator"] == "oracle":
             raise ValueError("LazyBackend stands for a language model; the oracle is cheap to build (make_backend)")
-        self.cfg, self.name, self.batch_size = cfg, cfg.generator, cfg.gen_batch_size  # a model's records carry its name
+        self.options, self.name = dict(options), options["generator"]  # a model's records carry its name
+        self.batch_size = options.get("batch_size", Config.gen_batch_size)
         # stored records are checked without building the model: the store's name carries the generator's identity
         # (weights' content, settings, prompts: pc_clip.differences.records.generator_key), which decides `config`
         self.lazy = True
 
     def generate(self, items, task: str = "differences"):
-        return cached_backend(self.cfg).generate(items, task)
+        return cached_backend(**self.options).generate(items, task)
 
     @property
     def config(self) -> dict:
-        return cached_backend(self.cfg).config
+        return cached_backend(**self.options).config
 
 
-def class_differences(pairs: Sequence[tuple[str, str]], cfg: Config, world=None, backend=None,
+def class_differences(pairs: Sequence[tuple[str, str]], store: dict, backend, batch_size: int = Config.gen_batch_size,
                       progress: bool = False) -> dict[tuple[str, str], list[str]]:
-    "`{(a, b): [how class a differs from class b]}` for ordered pairs of class names, from `cfg.generator`'s backend."
-    if backend is None and cfg.generator == "oracle" and world is None:
-        world = make_world(cfg)
-    if backend is None:
-        backend = make_backend(cfg, world) if cfg.generator == "oracle" else LazyBackend(cfg)
-    return write_category_differences(list(dict.fromkeys(pairs)), backend, category_differences_path(cfg),
-                                      cfg.gen_batch_size, progress=progress)
+    "`{(a, b): [how class a differs from class b]}` for ordered pairs of class names, written by `backend` into `store`."
+    return write_category_differences(list(dict.fromkeys(pairs)), backend, category_differences_path(store), batch_size,
+                                      progress=progress)
 
 
 def confused_pair_differences(confusion: np.ndarray, classnames: Sequence[str], topk: int,

@@ -14,18 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import Config
-from .metrics import geometry, outcomes
-from .comparative import LazyBackend, class_differences
-from ..data.datasets import load_dataset
-from ..differences.records import differences_dir, generate_differences, generator_key
+from .metrics import outcomes
+from ..differences.records import generate_differences, generator_key
 from ..differences.pairs import load_corpus, sample_pairs
-from ..models.embed import embed_images, embed_texts, kept_indices
-from .runner import eval_datasets, evaluation_rows, for_each_model
+from ..models.embed import kept_indices
 
 # %% auto #0
 __all__ = ['class_pair_frame', 'class_pair_names', 'class_pair_texts', 'pair_alignment', 'heldout_pair_count',
-           'heldout_differences_path', 'write_heldout_differences', 'heldout_statements', 'to_embedding_rows',
-           'run_paper_geometry']
+           'heldout_differences_path', 'write_heldout_differences', 'heldout_statements', 'to_embedding_rows']
 
 # %% ../../nbs/evaluation/05_paper_geometry.ipynb #2a76405e
 def class_pair_frame(labels: Sequence[int], n_classes: int = 8, n_per_pair: int = 8, seed: int = 0) -> pd.DataFrame:
@@ -81,22 +77,23 @@ def pair_alignment(image_emb: torch.Tensor, statements: pd.DataFrame, text_emb: 
                          "difference_retrieval_accuracy": outcomes(item, hit, group=group)}}
 
 # %% ../../nbs/evaluation/05_paper_geometry.ipynb #fcc8a8d1
-def heldout_pair_count(cfg: Config) -> int:
-    "How many held-out corpus pairs the geometry measures: a tenth of the training pairs, between 20 and 1000."
-    return int(max(20, min(1000, cfg.n_pairs // 10)))
+def heldout_pair_count(n_pairs: int) -> int:
+    "How many held-out corpus pairs the geometry measures: a tenth of the `n_pairs` training pairs, between 20 and 1000."
+    return int(max(20, min(1000, n_pairs // 10)))
 
 
-def heldout_differences_path(cfg: Config, split: str = "val") -> Path:
-    "The JSONL file of the generator's differences for held-out pairs of the corpus's `split`."
-    return differences_dir(cfg) / f"{generator_key(cfg)}-heldout-{split}.jsonl"
+def heldout_differences_path(store: dict, split: str = "val") -> Path:
+    "The JSONL file of a store's generator's differences (`store_options(cfg)`) for held-out pairs of the corpus's `split`."
+    return Path(store["folder"]) / f"{generator_key(store)}-heldout-{split}.jsonl"
 
 
-def write_heldout_differences(cfg: Config, backend=None, split: str = "val", progress: bool = True) -> list[dict]:
-    "Sample the held-out pairs of the corpus's `split` and write (or resume) their differences with `backend`."
-    corpus, _, _ = load_corpus(cfg, split)
-    pairs = sample_pairs(corpus, min(heldout_pair_count(cfg), len(corpus) * (len(corpus) - 1)), cfg.seed, "random")
-    return generate_differences(pairs, backend or LazyBackend(cfg), heldout_differences_path(cfg, split),
-                                cfg.gen_batch_size, progress=progress)
+def write_heldout_differences(store: dict, backend, n_pairs: int, batch_size: int = Config.gen_batch_size,
+                              split: str = "val", progress: bool = True) -> list[dict]:
+    "Sample the held-out pairs of the store's corpus's `split` and write (or resume) their differences with `backend`."
+    corpus, _, _ = load_corpus(**store["corpus"], split=split)
+    pairs = sample_pairs(corpus, min(heldout_pair_count(n_pairs), len(corpus) * (len(corpus) - 1)),
+                         store["corpus"]["seed"], "random")
+    return generate_differences(pairs, backend, heldout_differences_path(store, split), batch_size, progress=progress)
 
 
 def heldout_statements(records: Sequence[dict], ds) -> pd.DataFrame:
@@ -117,42 +114,3 @@ def to_embedding_rows(ds, frame: pd.DataFrame, columns: Sequence[str] = ("i", "j
     row[kept] = np.arange(len(kept))
     out = frame.assign(**{c: row[frame[c].to_numpy(dtype=np.int64)] for c in columns})
     return out[(out[list(columns)] >= 0).all(axis=1)].reset_index(drop=True)
-
-# %% ../../nbs/evaluation/05_paper_geometry.ipynb #1507571c
-def _class_sets(cfg: Config, n_classes: int, n_per_pair: int) -> list:
-    out = []
-    for ds in eval_datasets(cfg, "difference_classification"):
-        frame = class_pair_frame(np.asarray(ds.labels), n_classes, n_per_pair, cfg.seed)  # positions in `ds`
-        frame = class_pair_texts(frame, ds.classnames, class_differences(class_pair_names(frame, ds.classnames), cfg))
-        if frame.edit.nunique() < 1 or frame.groupby("edit").size().min() < 2:
-            print(f"geometry on {ds.name}: not measured (no class pair with usable class differences)")
-            continue
-        out.append((ds, frame))
-    return out
-
-
-def run_paper_geometry(cfg: Config, model_names: Sequence[str], n_classes: int = 8, n_per_pair: int = 8,
-                       n_quads: int = 2000, progress: bool = True) -> list[dict]:
-    "Geometry rows of every existing model on held-out corpus pairs and on class pairs of the paper's data sets."
-    val = load_dataset(cfg.corpus, cfg, "val")
-    statements = heldout_statements(write_heldout_differences(cfg, progress=progress), val)
-    class_sets = _class_sets(cfg, n_classes, n_per_pair)
-
-    def one(m) -> list[dict]:
-        rows = []
-        emb = embed_images(m.model, val, cfg, preprocess=m.preprocess, progress=progress)
-        st = to_embedding_rows(val, statements)  # after embedding: an unreadable image drops its own pairs only
-        if st.key.nunique() >= 2:
-            txt = embed_texts(m.model, m.tokenizer, list(st.text), cfg)
-            rows += evaluation_rows({cfg.seed: pair_alignment(emb, st, txt)}, m.name, "geometry", cfg.corpus,
-                                    {"pairs": "heldout"})
-        else:
-            print(f"geometry on {cfg.corpus}: not measured ({st.key.nunique()} held-out pairs with statements)")
-        for ds, frame in class_sets:
-            emb = embed_images(m.model, ds, cfg, preprocess=m.preprocess, progress=progress)
-            frame = to_embedding_rows(ds, frame, ("edited", "base"))
-            txt = embed_texts(m.model, m.tokenizer, list(frame.text), cfg)
-            res = geometry(emb, frame, txt, None, n_quads, cfg.seed)["all"]
-            rows += evaluation_rows({cfg.seed: res}, m.name, "geometry", ds.name, {"pairs": "classes"})
-        return rows
-    return for_each_model(cfg, model_names, one)

@@ -15,9 +15,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .comparative import class_differences, comparative_prompting, confused_pair_differences
-from ..core.config import Config
-from ..core.runtime import artifact_lock, atomic_write, content_hash, result_row, results_path, write_results
+from .comparative import LazyBackend, class_differences, comparative_prompting, confused_pair_differences
+from .paper_geometry import (class_pair_frame, class_pair_names, class_pair_texts, heldout_statements,
+    pair_alignment, to_embedding_rows, write_heldout_differences)
+from ..differences.records import make_backend
+from ..core.config import Config, embedding_options
+from ..core.artifacts import artifact_lock, atomic_write, content_hash
+from ..core.run import cache_dir, results_options, results_path
+from ..core.results import result_row, write_results
 from ..data.datasets import load_dataset
 from ..models.embed import embed_images, embed_texts, embedded_labels
 from .geometry import (controlled_pairs, edit_statements, flatten_captions, probe_indices,
@@ -25,30 +30,30 @@ from .geometry import (controlled_pairs, edit_statements, flatten_captions, prob
 from ..models.text import encode_text_trimmed
 from .metrics import (TaskUnavailable, bootstrap_ci, best_on_validation, difference_classification,
     geometry, linear_probe, retrieval, zero_shot)
-from ..models.clip import load_clip, is_checkpoint, model_dir
+from ..models.clip import load_clip, is_checkpoint
 from .tasks import (DifferenceTask, awa2_attribute_task, cifar100_size_task, cub_comparative_task,
     flowers_colour_task, world_difference_tasks)
 from ..world.shapes import heldout_category_pairs, make_world
-from ..core.registry import REGISTRY, model_names
+from ..core.registry import (PAPER_EVAL_DATASETS, backend_options, clip_source, dataset_options, model_dir, model_names,
+    store_options, world_options)
 
 # %% auto #0
-__all__ = ['MODELS', 'LoadedModel', 'PAPER_EVAL_DATASETS', 'N_BOOT', 'ITEM_COLUMNS', 'ZERO_SHOT_TEMPLATES', 'RETRIEVAL_IMAGES',
-           'RETRIEVAL_CAPTIONS', 'CEILING_TASK', 'iter_models', 'for_each_model', 'evaluated_models', 'text_encoder',
-           'eval_datasets', 'split_off_validation', 'validation_dataset', 'evaluation_rows', 'items_path',
-           'write_evaluation', 'read_items', 'zero_shot_classifier', 'build_difference_tasks',
-           'run_difference_classification', 'run_zero_shot', 'run_comparative_prompting', 'world_retrieval_corpus',
-           'run_retrieval', 'run_geometry', 'run_linear_probe', 'unconstrained_folder', 'run_cell_ceiling']
+__all__ = ['LoadedModel', 'N_BOOT', 'ITEM_COLUMNS', 'ZERO_SHOT_TEMPLATES', 'RETRIEVAL_IMAGES', 'RETRIEVAL_CAPTIONS',
+           'iter_models', 'for_each_model', 'evaluated_models', 'text_encoder', 'eval_datasets', 'split_off_validation',
+           'validation_dataset', 'evaluation_rows', 'items_path', 'write_evaluation', 'read_items',
+           'difference_backend', 'zero_shot_classifier', 'build_difference_tasks', 'run_difference_classification',
+           'run_zero_shot', 'run_comparative_prompting', 'world_retrieval_corpus', 'run_retrieval', 'run_geometry',
+           'run_linear_probe', 'unconstrained_folder', 'run_cell_ceiling', 'run_paper_geometry']
 
 # %% ../../nbs/evaluation/04_runner.ipynb #e59fc116
-MODELS = tuple(s.resolved(Config()).name for s in REGISTRY if s.evaluated)  # every evaluated model of the registry (default wavg_alpha)
 LoadedModel = namedtuple("LoadedModel", "name model preprocess tokenizer")
 
 
-def iter_models(cfg: Config, names: Sequence[str] = MODELS, device: str | torch.device | None = None):
-    "`(name, model, preprocess, tokenizer)` for each model of the run that exists; prints a note for missing ones."
-    for name in names:
+def iter_models(cfg: Config, names: Sequence[str] | None = None, device: str | torch.device | None = None):
+    "`(name, model, preprocess, tokenizer)` for each model `names` (default: every evaluated registry entry) that exists; prints a note for missing ones."
+    for name in names if names is not None else model_names():
         try:
-            model, preprocess, tokenizer = load_clip(cfg, name, device)
+            model, preprocess, tokenizer = load_clip(**clip_source(cfg, name, device))
         except FileNotFoundError as e:
             print(f"skipping model {name}: {str(e).splitlines()[0]}")
             continue
@@ -98,20 +103,16 @@ def text_encoder(model, tokenizer, batch_size: int = 256, device: str | torch.de
 # %% ../../nbs/evaluation/04_runner.ipynb #29ee1248
 def _embedded(m: LoadedModel, ds, cfg: Config, progress: bool = False) -> tuple[torch.Tensor, np.ndarray]:
     "`(embeddings [N, D], labels [N])` of the readable images of `ds` by loaded model `m`."
-    return embed_images(m.model, ds, cfg, preprocess=m.preprocess, progress=progress), embedded_labels(ds)
+    return embed_images(m.model, ds, cache_dir(cfg), **embedding_options(cfg), preprocess=m.preprocess, progress=progress), embedded_labels(ds)
 
 # %% ../../nbs/evaluation/04_runner.ipynb #cefa4e97
-PAPER_EVAL_DATASETS = {"difference_classification": ("awa2", "cifar100", "flowers102", "cub"),
-                       "zero_shot": ("cifar100", "cub", "eurosat", "flowers102", "sun397")}
-
-
 def eval_datasets(cfg: Config, task: str, names: Sequence[str] | None = None, split: str = "test") -> list:
     "The `ImageDataset`s `task` runs on: the world on a world profile, else the paper's; missing ones are skipped."
     names = names or (("world",) if cfg.corpus == "world" else PAPER_EVAL_DATASETS[task])
     out = []
     for name in names:
         try:
-            out.append(load_dataset(name, cfg, split))
+            out.append(load_dataset(name, **dataset_options(cfg), split=split))
         except FileNotFoundError as e:
             print(f"skipping data set {name}: {str(e).splitlines()[0]}")
     return out
@@ -127,8 +128,8 @@ def split_off_validation(ds, fraction: float = 0.2, seed: int = 0) -> tuple:
 def validation_dataset(cfg: Config, name: str, fraction: float = 0.2) -> tuple:
     "`(train, validation)` data sets of `name`: the world's own splits, or a seeded split of a paper train set."
     if name == "world":
-        return load_dataset(name, cfg, "train"), load_dataset(name, cfg, "val")
-    return split_off_validation(load_dataset(name, cfg, "train"), fraction, cfg.seed)
+        return load_dataset(name, **dataset_options(cfg), split="train"), load_dataset(name, **dataset_options(cfg), split="val")
+    return split_off_validation(load_dataset(name, **dataset_options(cfg), split="train"), fraction, cfg.seed)
 
 # %% ../../nbs/evaluation/04_runner.ipynb #69d9abb6
 N_BOOT = 1000  # bootstrap draws per interval (seeded: the same interval on every run)
@@ -173,7 +174,7 @@ def write_evaluation(rows: Sequence[dict], cfg: Config, experiment: str) -> pd.D
         old = path.read_bytes() if path.exists() else None
         atomic_write(path, buf.getvalue())
         try:
-            return write_results([{k: v for k, v in r.items() if k != "items"} for r in rows], cfg, experiment)
+            return write_results([{k: v for k, v in r.items() if k != "items"} for r in rows], experiment, **results_options(cfg))
         except BaseException:
             if old is None:
                 path.unlink(missing_ok=True)
@@ -189,6 +190,13 @@ def read_items(cfg: Config, experiments: Sequence[str] | None = None) -> pd.Data
     parts = [pd.read_csv(p, keep_default_na=False, na_values={"value": [""], "weight": [""], "seed": [""]},
                          dtype={"condition": str, "item": str, "group": str}) for p in paths if p.exists()]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=ITEM_COLUMNS)
+
+# %% ../../nbs/evaluation/04_runner.ipynb #96266fd3
+def difference_backend(cfg: Config, world=None):
+    "The writer of `cfg`'s class and held-out differences: the oracle of `world` (default the config's), or the language model, loaded on first use."
+    if cfg.generator != "oracle":
+        return LazyBackend(backend_options(cfg))
+    return make_backend(world=world if world is not None else make_world(**world_options(cfg)), **backend_options(cfg))
 
 # %% ../../nbs/evaluation/04_runner.ipynb #4506976c
 ZERO_SHOT_TEMPLATES = (lambda c: f"This is a photo of a {c}",)
@@ -208,7 +216,8 @@ def build_difference_tasks(ds, labels: Sequence[int], cfg: Config, n_texts: int 
         return world_difference_tasks(ds.image_info, heldout_category_pairs(cfg.seed), n_texts=n_texts, seed=cfg.seed)
     builders = {"awa2": lambda: awa2_attribute_task(ds, labels), "cifar100": lambda: cifar100_size_task(ds.classnames, labels),
                 "flowers102": lambda: flowers_colour_task(ds.classnames, labels),
-                "cub": lambda: cub_comparative_task(ds, labels, lambda pairs: class_differences(pairs, cfg), cfg.seed)}
+                "cub": lambda: cub_comparative_task(ds, labels, lambda pairs: class_differences(
+                    pairs, store_options(cfg), difference_backend(cfg), cfg.gen_batch_size), cfg.seed)}
     if ds.name not in builders:
         raise ValueError(f"no difference task for data set {ds.name!r}; known: world, {', '.join(builders)}")
     return [builders[ds.name]()]
@@ -264,7 +273,8 @@ def run_comparative_prompting(cfg: Config, model_names: Sequence[str], select_ds
         emb = {k: _embedded(m, d, cfg)
                for k, d in (("select", select_ds), ("val", val_ds), ("test", test_ds))}
         demb, info = confused_pair_differences(zero_shot(*emb["select"], class_emb)["confusion"], test_ds.classnames,
-                                               cfg.comparative_topk, lambda p: class_differences(p, cfg, world),
+                                               cfg.comparative_topk, lambda p: class_differences(
+                                                   p, store_options(cfg), difference_backend(cfg, world), cfg.gen_batch_size),
                                                text_encoder(m.model, m.tokenizer, cfg.eval_batch_size))
         val = {a: comparative_prompting(*emb["val"], class_emb, demb, a) for a in cfg.comparative_alphas}
         chosen = best_on_validation({a: r["accuracy"] for a, r in val.items()})
@@ -294,10 +304,10 @@ def world_retrieval_corpus(world, split: str, seed: int, n_images: int | None = 
 def _retrieval_corpus(cfg: Config, n_images: int | None, n_captions: int) -> tuple:
     "`(dataset name, images or ImageDataset, texts, text_image)` of the retrieval corpus of a profile."
     if cfg.corpus == "world":
-        world = make_world(cfg)
+        world = make_world(**world_options(cfg))
         rows, texts, owner = world_retrieval_corpus(world, "test", cfg.seed, n_images, n_captions)
         return "world", (world.images, rows), texts, owner
-    ds = load_dataset("coco", cfg, "test")
+    ds = load_dataset("coco", **dataset_options(cfg), split="test")
     ds = ds.sample(n_images, cfg.seed) if n_images else ds
     return ("coco", ds) + flatten_captions(ds.captions)
 
@@ -309,13 +319,13 @@ def run_retrieval(cfg: Config, model_names: Sequence[str], n_images: int | None 
 
     def one(m: LoadedModel) -> list[dict]:
         if dataset == "world":
-            img = embed_images(m.model, corpus[0], cfg, progress=progress)[torch.as_tensor(corpus[1])]
+            img = embed_images(m.model, corpus[0], cache_dir(cfg), **embedding_options(cfg), progress=progress)[torch.as_tensor(corpus[1])]
         else:
             img, _ = _embedded(m, corpus, cfg, progress)
             if len(img) != len(corpus):
                 raise ValueError(f"{len(corpus) - len(img)} COCO images could not be read ({corpus.n_skipped} skipped); "
                                  "repair or remove them (their captions would lose their image)")
-        res = retrieval(img, embed_texts(m.model, m.tokenizer, texts, cfg, progress=progress), owner)
+        res = retrieval(img, embed_texts(m.model, m.tokenizer, texts, **embedding_options(cfg), progress=progress), owner)
         return evaluation_rows({cfg.seed: res}, m.name, "retrieval", dataset)
     return for_each_model(cfg, model_names, one)
 
@@ -328,15 +338,15 @@ def _image_size(model) -> int:
 def run_geometry(cfg: Config, model_names: Sequence[str], n_per_edit: int = 48, n_quads: int = 2000,
                  progress: bool = True) -> list[dict]:
     "Geometry rows of every existing model on controlled world edits rendered at the model's input size."
-    world, pairs = make_world(cfg), {}
+    world, pairs = make_world(**world_options(cfg)), {}
 
     def one(m: LoadedModel) -> list[dict]:
         size = _image_size(m.model)
         if size not in pairs:
             pairs[size] = controlled_pairs(world, n_per_edit=n_per_edit, seed=cfg.seed, image_size=size)
         cp = pairs[size]
-        img = embed_images(m.model, cp.images, cfg, progress=progress)
-        txt, txt_train = (embed_texts(m.model, m.tokenizer, edit_statements(cp, cfg.seed, w), cfg) for w in ("heldout", "train"))
+        img = embed_images(m.model, cp.images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
+        txt, txt_train = (embed_texts(m.model, m.tokenizer, edit_statements(cp, cfg.seed, w), **embedding_options(cfg)) for w in ("heldout", "train"))
         res = geometry(img, cp.pairs, txt, txt_train, n_quads, cfg.seed)
         return [r for k, v in res.items() for r in evaluation_rows({cfg.seed: v}, m.name, "geometry",
                                                                    "world" if k == "all" else f"world/{k}")]
@@ -347,17 +357,17 @@ def _probe_features(cfg: Config, model_names: Sequence[str], datasets, max_train
     "`{group: {model: (train, val, test) features}}` and `{group: {dataset: (train, val, test) labels}}`."
     features, labels = {}, {}
     if cfg.corpus == "world":
-        world = make_world(cfg)
+        world = make_world(**world_options(cfg))
         idx = probe_indices(world, max_train, cfg.seed)
         labels["world"] = world_probe_labels(world, idx)
         for m in iter_models(cfg, model_names):
-            emb = embed_images(m.model, world.images, cfg, progress=progress).numpy()
+            emb = embed_images(m.model, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress).numpy()
             features.setdefault("world", {})[m.name] = tuple(emb[i] for i in idx)
         return features, labels
     splits = {}
     for n in datasets or PAPER_EVAL_DATASETS["zero_shot"]:
         try:
-            splits[n] = (*validation_dataset(cfg, n), load_dataset(n, cfg, "test"))
+            splits[n] = (*validation_dataset(cfg, n), load_dataset(n, **dataset_options(cfg), split="test"))
         except FileNotFoundError as e:
             print(f"skipping data set {n}: {str(e).splitlines()[0]}")
     for m in iter_models(cfg, model_names):
@@ -392,14 +402,12 @@ def run_linear_probe(cfg: Config, model_names: Sequence[str], datasets: Sequence
 # %% ../../nbs/evaluation/04_runner.ipynb #40baac7c
 from .ceiling import CELL_ATTRIBUTES, attribute_labels, attribute_probe, image_side_ceiling
 from ..models.clip import load_checkpoint
-from ..core.registry import sweep_grid
-
-CEILING_TASK = "cell_ceiling"
+from ..core.registry import CEILING_TASK, sweep_grid
 
 
 def _cell_tasks(cfg: Config, world, split: str) -> dict:
     "`{(dataset, condition string): task}` of the world's difference tasks on one split."
-    ds = load_dataset("world", cfg, split)
+    ds = load_dataset("world", **dataset_options(cfg), split=split)
     return {(t.dataset, ";".join(f"{k}={v}" for k, v in sorted(t.condition.items()))): t
             for t in build_difference_tasks(ds, ds.labels, cfg)}
 
@@ -414,9 +422,9 @@ def run_cell_ceiling(cfg: Config, max_train: int | None = 4000, progress: bool =
     "Per world difference cell, on test images: the probe of its attribute (and the majority rate), the image-side ceiling of `clip`'s image tower, and the unconstrained finetune."
     if cfg.corpus != "world":
         return []
-    world = make_world(cfg)
+    world = make_world(**world_options(cfg))
     (m,) = list(iter_models(cfg, ["clip"]))
-    emb = embed_images(m.model, world.images, cfg, progress=progress)
+    emb = embed_images(m.model, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
     tr, va, te = probe_indices(world, max_train, cfg.seed)
     x = emb.numpy()
     rows = []
@@ -446,3 +454,46 @@ def run_cell_ceiling(cfg: Config, max_train: int | None = 4000, progress: bool =
     else:
         print(f"skipping the unconstrained finetune: no checkpoint at {folder.name} (experiment 03 trains it)")
     return rows
+
+# %% ../../nbs/evaluation/04_runner.ipynb #1507571c
+def _class_sets(cfg: Config, n_classes: int, n_per_pair: int) -> list:
+    out = []
+    for ds in eval_datasets(cfg, "difference_classification"):
+        frame = class_pair_frame(np.asarray(ds.labels), n_classes, n_per_pair, cfg.seed)  # positions in `ds`
+        texts = class_differences(class_pair_names(frame, ds.classnames), store_options(cfg), difference_backend(cfg),
+                                  cfg.gen_batch_size)
+        frame = class_pair_texts(frame, ds.classnames, texts)
+        if frame.edit.nunique() < 1 or frame.groupby("edit").size().min() < 2:
+            print(f"geometry on {ds.name}: not measured (no class pair with usable class differences)")
+            continue
+        out.append((ds, frame))
+    return out
+
+
+def run_paper_geometry(cfg: Config, model_names: Sequence[str], n_classes: int = 8, n_per_pair: int = 8,
+                       n_quads: int = 2000, progress: bool = True) -> list[dict]:
+    "Geometry rows of every existing model on held-out corpus pairs and on class pairs of the paper's data sets."
+    val = load_dataset(cfg.corpus, **dataset_options(cfg), split="val")
+    written = write_heldout_differences(store_options(cfg), LazyBackend(backend_options(cfg)), cfg.n_pairs, cfg.gen_batch_size,
+                                        progress=progress)
+    statements = heldout_statements(written, val)
+    class_sets = _class_sets(cfg, n_classes, n_per_pair)
+
+    def one(m) -> list[dict]:
+        rows = []
+        emb = embed_images(m.model, val, cache_dir(cfg), **embedding_options(cfg), preprocess=m.preprocess, progress=progress)
+        st = to_embedding_rows(val, statements)  # after embedding: an unreadable image drops its own pairs only
+        if st.key.nunique() >= 2:
+            txt = embed_texts(m.model, m.tokenizer, list(st.text), **embedding_options(cfg))
+            rows += evaluation_rows({cfg.seed: pair_alignment(emb, st, txt)}, m.name, "geometry", cfg.corpus,
+                                    {"pairs": "heldout"})
+        else:
+            print(f"geometry on {cfg.corpus}: not measured ({st.key.nunique()} held-out pairs with statements)")
+        for ds, frame in class_sets:
+            emb = embed_images(m.model, ds, cache_dir(cfg), **embedding_options(cfg), preprocess=m.preprocess, progress=progress)
+            frame = to_embedding_rows(ds, frame, ("edited", "base"))
+            txt = embed_texts(m.model, m.tokenizer, list(frame.text), **embedding_options(cfg))
+            res = geometry(emb, frame, txt, None, n_quads, cfg.seed)["all"]
+            rows += evaluation_rows({cfg.seed: res}, m.name, "geometry", ds.name, {"pairs": "classes"})
+        return rows
+    return for_each_model(cfg, model_names, one)

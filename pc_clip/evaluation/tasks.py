@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..core.runtime import content_hash
+from ..core.artifacts import content_hash
 from pc_clip.data.imagedata import (CIFAR100_SIZE_CLASSES, FLOWERS102_COLOURS, readable_attribute,
     visual_attribute_mask)
 from .metrics import TaskUnavailable, TextFn
@@ -79,7 +79,7 @@ def awa2_attribute_task(ds, labels: Sequence[int] | None = None, wording=AWA2_WO
                         max_attributes: int = 3) -> DifferenceTask:
     "The paper's AwA2 task on an `ImageDataset` with a class-attribute table (labels of the embedded images)."
     if ds.class_attributes is None:
-        raise ValueError(f"{ds.name} has no class-attribute table; load AwA2 with pc_clip.data.datasets.load_dataset('awa2', cfg)")
+        raise ValueError(f"{ds.name} has no class-attribute table; load AwA2 with pc_clip.data.datasets.load_dataset('awa2', **dataset_options(cfg))")
     labels = ds.labels if labels is None else np.asarray(labels)
     names = [readable_attribute(n) for n in ds.attribute_names]
     fn = attribute_difference_text_fn(ds.class_attributes, names, visual_attribute_mask(ds), max_attributes, wording)

@@ -22,16 +22,15 @@ import safetensors.torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from ..core.config import Config
-from ..core.runtime import atomic_write, atomic_write_json, content_hash, data_root, pick_device, run_dir, run_id, run_name
-from ..core.registry import model_settings, model_spec
+from ..core.artifacts import atomic_write, atomic_write_json
+from ..core.run import data_root
 
 # %% auto #0
 __all__ = ['MODEL_CONFIG_DIR', 'TINY_MODEL', 'WEIGHT_FILES', 'WEIGHTS_FILE', 'CONFIG_FILE', 'MANIFEST_FILE', 'weights_dir',
            'find_pretrained_weights', 'is_weights_path', 'create_clip', 'save_safetensors', 'file_sha256',
            'CheckpointError', 'architecture_config', 'save_checkpoint', 'checkpoint_metadata', 'is_checkpoint',
-           'verify_checkpoint', 'load_weights', 'load_checkpoint', 'weights_settings', 'model_dir', 'load_clip',
-           'write_manifest', 'find_models', 'images_to_tensor', 'input_size', 'encode_texts', 'average_weights']
+           'verify_checkpoint', 'load_weights', 'load_checkpoint', 'load_clip', 'write_manifest', 'find_models',
+           'images_to_tensor', 'input_size', 'encode_texts', 'average_weights']
 
 # %% ../../nbs/models/00_clip.ipynb #fafcff24
 MODEL_CONFIG_DIR = Path(str(importlib.resources.files("pc_clip"))) / "model_configs"
@@ -251,27 +250,16 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", fix:
     return model, preprocess, open_clip.get_tokenizer(f"local-dir:{folder}")
 
 # %% ../../nbs/models/00_clip.ipynb #32af51b5
-def weights_settings(cfg: Config, name: str, lr: float | None = None, alpha: float | None = None) -> dict:
-    "The config fields the weights of model `name` depend on: exactly its registry entry's (`registry.model_settings`)."
-    return model_settings(cfg, name, lr, alpha)
-
-
-def model_dir(cfg: Config, name: str, lr: float | None = None, alpha: float | None = None) -> Path:
-    "Folder of the model called `name` (results-table name) trained with the settings of `cfg` (candidate `lr`, `alpha`)."
-    key = content_hash(weights_settings(cfg, name, lr, alpha), n=10)
-    return run_dir(cfg) / "models" / f"{name.replace('/', '__')}-{key}"
-
-
-def load_clip(cfg: Config, name: str = "clip", device: str | torch.device | None = None):
-    "`(model, preprocess, tokenizer)` of model `name` of a run; the base `clip` falls back to the profile's pretrained tag."
-    device = device or pick_device(cfg.device)
-    folder = model_dir(cfg, name)
+def load_clip(folder: str | Path, name: str = "clip", pretrained: tuple[str, str] | None = None,
+              root: str | Path | None = None, device: str | torch.device = "cpu"):
+    "`(model, preprocess, tokenizer)` of model `name` saved in `folder`; without one, `pretrained` (architecture, tag) under `root`."
+    folder = Path(folder)
     writer = ("nbs/experiments/01_world_and_pretrain.ipynb" if name == "clip" else
               "nbs/experiments/03_finetune.ipynb (pc-clip reproduce --only 03 with the same -p settings)")
     if is_checkpoint(folder):
         return load_checkpoint(folder, device=device, fix=f"delete {folder} and re-run {writer}")
-    if name == "clip" and cfg.pretrained:
-        return create_clip(cfg.model_name, cfg.pretrained, device=device, root=data_root(cfg))
+    if pretrained is not None:
+        return create_clip(*pretrained, device=device, root=root)
     raise FileNotFoundError(f"Model {name!r} for these settings not found at {folder}; run {writer} first"
                             + ("" if name != "clip" else ", or set `pretrained` in the config"))
 
@@ -279,21 +267,12 @@ def load_clip(cfg: Config, name: str = "clip", device: str | torch.device | None
 MANIFEST_FILE = "manifest.json"
 
 
-def write_manifest(cfg: Config, name: str, folder: str | Path | None = None, lr: float | None = None,
-                   alpha: float | None = None, data_file: str | Path | None = None, parent: str | Path | None = None,
-                   extra: dict | None = None) -> Path:
-    "Write `manifest.json` of model `name` (candidate `lr`, `alpha`) into its folder; returns the file."
-    spec, settings = model_spec(cfg, name), weights_settings(cfg, name, lr, alpha)
-    folder = Path(folder) if folder is not None else model_dir(cfg, name, lr, alpha)
-    candidate = lr is not None or alpha is not None
-    m = dict(name=name, role="candidate" if candidate else spec.role, profile=cfg.profile, run=run_name(cfg), run_id=run_id(cfg),
-             folder=folder.name,
-             key=content_hash(settings, n=10), settings=settings, data=spec.data,
-             trainable=spec.trainable or (cfg.ft_trainable if spec.data else None),
-             loss=spec.loss or (cfg.ft_loss if spec.data else None), parent=None if parent is None else Path(parent).name,
+def write_manifest(folder: str | Path, manifest: dict, data_file: str | Path | None = None,
+                   parent: str | Path | None = None, extra: dict | None = None) -> Path:
+    "Write `manifest.json` into model folder `folder`: `manifest` (`pc_clip.core.registry.model_manifest`), the checksums, `extra`."
+    folder = Path(folder)
+    m = dict(manifest, parent=None if parent is None else Path(parent).name,
              weights_sha256=checkpoint_metadata(folder).get("sha256") if is_checkpoint(folder) else None)
-    if candidate:
-        m["candidate"] = {"lr": float(cfg.ft_lr if lr is None else lr), "alpha": 1.0 if alpha is None else float(alpha)}
     if data_file is not None and Path(data_file).exists():
         m.update(data_file=str(data_file), data_sha256=file_sha256(data_file))
     # what the training data was is inherited: from the folder's earlier manifest (the same weights) or from the parent
@@ -315,10 +294,10 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def find_models(cfg: Config, name: str | None = None, role: str | None = None) -> list[dict]:
-    "The manifests under `runs/<profile>/models/` (of model `name`, of `role`), each with its `path`."
+def find_models(models: str | Path, name: str | None = None, role: str | None = None) -> list[dict]:
+    "The manifests of the model folders under `models` (`models_dir(cfg)`; of model `name`, of `role`), each with its `path`."
     out = []
-    for f in sorted((run_dir(cfg) / "models").glob(f"*/{MANIFEST_FILE}")):
+    for f in sorted(Path(models).glob(f"*/{MANIFEST_FILE}")):
         try:
             m = json.loads(f.read_text())
         except (OSError, ValueError):

@@ -16,7 +16,10 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..core.config import Config
-from ..core.runtime import autocast, cache_dir, content_hash, display_path, get_logger, pick_dtype
+from ..core.devices import autocast, pick_dtype
+from ..core.artifacts import content_hash
+from ..core.run import display_path
+from ..core.log import get_logger
 from ..data.imagedata import ImageDataset, iter_images
 from .text import encode_text_trimmed
 from .clip import encode_texts, images_to_tensor, input_size, save_safetensors
@@ -100,8 +103,8 @@ def compute_image_embeddings(model, images, batch_size: int = 256, device: str |
     return torch.nn.functional.normalize(torch.cat(out), dim=-1).cpu()
 
 # %% ../../nbs/models/01_embed.ipynb #a2564e32
-def embedding_cache_path(model, images, cfg: Config, dtype: torch.dtype, preprocess: Callable | None = None) -> Path:
-    "Where the embeddings of `images` (array, tensor or `ImageDataset`) by `model`'s image tower are cached."
+def embedding_cache_path(model, images, cache: str | Path, dtype: torch.dtype, preprocess: Callable | None = None) -> Path:
+    "Where under the cache folder `cache` the embeddings of `images` (array, tensor or `ImageDataset`) by `model`'s image tower are kept."
     if isinstance(images, ImageDataset):
         what, stem = (images.fingerprint(), repr(preprocess)), f"dataset-{images.name}-{images.split}"
     elif isinstance(images, (np.ndarray, torch.Tensor)):
@@ -110,7 +113,7 @@ def embedding_cache_path(model, images, cfg: Config, dtype: torch.dtype, preproc
         raise TypeError(f"images must be a uint8 numpy array [N, H, W, 3], a float tensor [N, 3, H, W] or an "
                         f"ImageDataset; got {type(images)}")
     key = content_hash(model_fingerprint(model, "visual"), *what, str(dtype), image_normalization(model))
-    return cache_dir(cfg) / "embeddings" / f"{stem}-{key}.safetensors"
+    return Path(cache) / "embeddings" / f"{stem}-{key}.safetensors"
 
 
 def kept_indices(ds: ImageDataset) -> np.ndarray:
@@ -173,17 +176,18 @@ def _said_once(message: str) -> None:
     _SAID.add(message)
 
 
-def embed_images(model, images, cfg: Config, batch_size: int | None = None, device: str | torch.device | None = None,
-                 cache: bool = True, progress: bool = True, preprocess: Callable | None = None) -> torch.Tensor:
-    "Cached, L2-normalised float32 CPU embeddings `[N, D]` of an image array or of the readable images of an `ImageDataset`."
+def embed_images(model, images, cache: str | Path | None = None, precision: str = Config.precision,
+                 batch_size: int = Config.eval_batch_size, device: str | torch.device | None = None,
+                 progress: bool = True, preprocess: Callable | None = None) -> torch.Tensor:
+    "L2-normalised float32 CPU embeddings `[N, D]` of an image array or of the readable images of an `ImageDataset`, kept under the folder `cache` (None: not kept)."
     device = torch.device(device) if device is not None else _model_device(model)
-    dtype, batch_size = pick_dtype(cfg.precision, device), batch_size or cfg.eval_batch_size
+    dtype = pick_dtype(precision, device)
     is_ds = isinstance(images, ImageDataset)
     if is_ds and images.arrays is not None and (preprocess is None or at_native_size(model, images.arrays)):
         images = images.arrays  # in-memory pixels already at the model's input size: the array path
         is_ds = False
-    path = embedding_cache_path(model, images, cfg, dtype, preprocess)
-    saved = _read_cache(path, len(images)) if cache else None
+    path = embedding_cache_path(model, images, cache, dtype, preprocess) if cache is not None else None
+    saved = _read_cache(path, len(images)) if path is not None else None
     if saved is not None:
         _said_once(f"reusing {tuple(saved['embeddings'].shape)} image embeddings from {display_path(path)}")
         if is_ds:
@@ -194,24 +198,25 @@ def embed_images(model, images, cfg: Config, batch_size: int | None = None, devi
         emb = _embed_dataset(model, images, preprocess, batch_size, device, dtype, progress)
     else:
         emb = compute_image_embeddings(model, images, batch_size, device, dtype, progress)
-    if cache:
+    if path is not None:
         skipped = torch.tensor(sorted(images.skipped) if is_ds else [], dtype=torch.int64)
         save_safetensors({"embeddings": emb, "skipped": skipped}, path, {"n_skipped": str(len(skipped)), "dtype": str(dtype)})
     return emb
 
 # %% ../../nbs/models/01_embed.ipynb #cccc6457
-def embed_texts(model, tokenizer, texts: Sequence[str], cfg: Config, batch_size: int | None = None,
-                device: str | torch.device | None = None, progress: bool = False) -> torch.Tensor:
-    "L2-normalised float32 CPU embeddings of `texts`."
+def embed_texts(model, tokenizer, texts: Sequence[str], precision: str = Config.precision,
+                batch_size: int = Config.eval_batch_size, device: str | torch.device | None = None,
+                progress: bool = False) -> torch.Tensor:
+    "L2-normalised float32 CPU embeddings of `texts` (a run passes `**embedding_options(cfg)`)."
     device = torch.device(device) if device is not None else _model_device(model)
-    texts, bs = list(texts), batch_size or cfg.eval_batch_size
+    texts, bs = list(texts), batch_size
     if not texts:
         return encode_texts(model, tokenizer, [], bs, device)
     order = sorted(range(len(texts)), key=lambda k: len(texts[k]))  # similar lengths share a batch
     chunks, was_training = [], model.training
     model.eval()
     try:
-        with torch.no_grad(), autocast(device, pick_dtype(cfg.precision, device)):
+        with torch.no_grad(), autocast(device, pick_dtype(precision, device)):
             for s in tqdm(range(0, len(order), bs), desc="encode texts", disable=not progress):
                 ids = tokenizer([texts[k] for k in order[s:s + bs]]).to(device)
                 chunks.append(encode_text_trimmed(model, ids).float().cpu())

@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, text_global_pool
 
+from ..core.config import FT_COMPILE
+
 # %% auto #0
-__all__ = ['COMPILE_MODES', 'pooled_positions', 'encode_text_trimmed', 'can_fuse', 'fused_causal_attention', 'fused_text_blocks',
-           'text_tower', 'memo_tokenizer']
+__all__ = ['pooled_positions', 'encode_text_trimmed', 'can_fuse', 'fused_causal_attention', 'fused_text_blocks', 'text_tower',
+           'memo_tokenizer']
 
 # %% ../../nbs/models/02_text.ipynb #474d1867
 def _can_trim(model) -> bool:
@@ -73,9 +75,6 @@ def fused_text_blocks(transformer, x: torch.Tensor) -> torch.Tensor:
     return x
 
 # %% ../../nbs/models/02_text.ipynb #a1ef3ff0
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
-
-
 class _TextTower(torch.nn.Module):
     "Token ids cut to their batch's length -> unnormalised text features (the module `torch.compile` wraps)."
     def __init__(self, model, fused: bool):
@@ -88,8 +87,8 @@ class _TextTower(torch.nn.Module):
 
 def text_tower(model, fused: bool = False, compile: str = "off") -> torch.nn.Module:
     "A callable `ids -> features` over the weights of `model`: today's path, fused attention, optionally compiled."
-    if compile not in COMPILE_MODES:
-        raise ValueError(f"compile must be one of {COMPILE_MODES}; got {compile!r}")
+    if compile not in FT_COMPILE:
+        raise ValueError(f"compile must be one of {FT_COMPILE}; got {compile!r}")
     tower = _TextTower(model, fused)
     return tower if compile == "off" else torch.compile(tower, mode=None if compile == "default" else compile)
 

@@ -19,8 +19,8 @@ from PIL import Image
 from ..data.imagedata import torchvision_integrity
 
 # %% auto #0
-__all__ = ['FLOWERS102_FIXTURE_CLASSES', 'FIXTURES', 'temp_workdir', 'fixture_colour', 'accept_fixture_checksums', 'make_fixture',
-           'make_tiny_llama', 'tiny_sdxl_pipeline']
+__all__ = ['FLOWERS102_FIXTURE_CLASSES', 'FIXTURES', 'temp_workdir', 'toy_results', 'fixture_colour', 'accept_fixture_checksums',
+           'make_fixture', 'make_tiny_llama', 'tiny_sdxl_pipeline']
 
 # %% ../../nbs/smoke/00_fixtures.ipynb #cbb06fad
 @contextmanager
@@ -41,6 +41,27 @@ def temp_workdir(data: bool = False) -> Iterator[Path]:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+# %% ../../nbs/smoke/00_fixtures.ipynb #d5bf161c
+def toy_results() -> tuple[pd.DataFrame, pd.DataFrame]:
+    "A hand-made results table and its per-item outcomes (the report's examples): pc-clip right on more of the same 200 items than clip."
+    import pandas as pd
+    rng = np.random.default_rng(0)
+    hard = rng.random(200)
+    skill = {"clip": 0.5, "pc-clip": 0.7, "pc-clip/mse": 0.69, "clip-ft-captions": 0.52}
+    rows, items = [], []
+    for model, p in skill.items():
+        for cond in ("wording=train", "wording=heldout"):
+            hit = (hard < p).astype(float)
+            rows.append(dict(experiment="04", profile="tiny", model=model, task="difference_classification",
+                             dataset="world/size", condition=cond, metric="accuracy", value=hit.mean(), seed=0, n=200))
+            items.append(pd.DataFrame(dict(experiment="04", profile="tiny", model=model, task="difference_classification",
+                                           dataset="world/size", condition=cond, metric="accuracy", seed=0,
+                                           item=np.arange(200).astype(str), value=hit, weight=1.0, group="0", statistic="mean")))
+    for model in ("clip", "pc-clip"):
+        rows.append(dict(experiment="05", profile="tiny", model=model, task="zero_shot", dataset="world", condition="",
+                         metric="accuracy", value=0.8, seed=0, n=500))
+    return pd.DataFrame(rows), pd.concat(items, ignore_index=True)
 
 # %% ../../nbs/smoke/00_fixtures.ipynb #b322adc5
 def fixture_colour(k: int) -> tuple[int, int, int]:

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..core.runtime import artifact_lock, atomic_write_json, content_hash
+from ..core.artifacts import artifact_lock, atomic_write_json, content_hash
 from .fixtures import make_fixture, tiny_sdxl_pipeline
 from pc_clip.differences.llm import (HFBackend, LLAMA2_CHAT_TEMPLATE, SYSTEM_PROMPT, build_prompt, load_causal_lm,
     render_chat)

@@ -18,8 +18,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from tqdm.auto import tqdm
 
-from ..core.config import Config
-from ..core.runtime import atomic_write_json, cache_dir, content_hash, get_logger, result_row
+from ..core.config import Config, embedding_options
+from ..core.artifacts import atomic_write_json, content_hash
+from ..core.run import cache_dir
+from ..core.log import get_logger
+from ..core.results import result_row
 from ..data.datasets import world_dataset
 from ..differences.pairs import corpus_from_world, sample_pairs
 from ..differences.records import difference_triples, generate_differences, make_backend
@@ -28,11 +31,13 @@ from ..evaluation.metrics import paired_bootstrap
 from ..evaluation.runner import build_difference_tasks
 from ..models.clip import images_to_tensor
 from ..models.embed import embed_images
-from ..training.plan import FinetuneInputs
-from ..training.pretrain import PRETRAIN_THREADS, clip_step_loss, pretrain_or_load
-from ..training.selection import cell_key, is_heldout_wording, run_sweep
+from ..training.plan import FinetuneInputs, pretrain_or_load
+from ..training.pretrain import PRETRAIN_THREADS, clip_step_loss
+from ..training.selection import cell_key, is_heldout_wording
+from ..training.sweep import run_sweep
 from ..world.shapes import epoch_captions, make_world
 from ..world.species import CATEGORY_NAMES
+from ..core.registry import backend_options, world_options
 
 # %% auto #0
 __all__ = ['BASES', 'PROBED', 'STUDY_VERSION', 'GAIN_TARGET', 'PROBE_MARGIN', 'RUN_BUDGET_S', 'LAST_RUN_S', 'LAST_PRETRAIN_S',
@@ -152,8 +157,8 @@ def oracle_inputs(cfg: Config, world, model, tokenizer, progress: bool = True) -
     "PC-CLIP's training inputs over `model`: the oracle's statements for `cfg`'s pairs of `world`, in a store keyed by the world."
     pairs = sample_pairs(corpus_from_world(world, "train"), cfg.n_pairs, cfg.seed, cfg.pair_sampling, world.heldout_pairs)
     path = cache_dir(cfg) / "capacity" / f"oracle-{world.key or content_hash(world.images)}-{content_hash(pairs['key'].tolist())}.jsonl"
-    records = generate_differences(pairs, make_backend(cfg, world), path, progress=progress)
-    emb = embed_images(model, world.images, cfg, progress=progress)
+    records = generate_differences(pairs, make_backend(world=world, **backend_options(cfg)), path, progress=progress)
+    emb = embed_images(model, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
     return FinetuneInputs(model, tokenizer, emb, world.images, {"differences": difference_triples(records)}, world,
                           {"differences": f"oracle statements of {len(pairs)} pairs"}, {"differences": path})
 
@@ -215,7 +220,7 @@ def measure_base(cfg: Config, base: Base, threads: int = PRETRAIN_THREADS, progr
     torch.set_num_threads(threads)
     try:
         t0 = time.perf_counter()
-        world = make_world(bcfg)
+        world = make_world(**world_options(bcfg))
         model, tokenizer, history, _ = pretrain_or_load(world, bcfg, threads=threads, progress=progress)
         gflop = pretrain_step_gflop(model, tokenizer, world, bcfg.pretrain_batch_size, bcfg.seed)
         inputs = oracle_inputs(bcfg, world, model, tokenizer, progress)

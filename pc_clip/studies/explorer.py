@@ -13,9 +13,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.config import Config
-from ..core.registry import PALETTE
-from ..core.runtime import get_logger, pick_device
+from ..core.config import Config, embedding_options
+from ..core.registry import PALETTE, clip_source, dataset_options, world_options
+from ..core.run import cache_dir
+from ..core.log import get_logger
+from ..core.devices import pick_device
 from ..data.datasets import load_dataset, world_dataset
 from ..data.imagedata import ImageDataset
 from ..evaluation.runner import text_encoder
@@ -145,16 +147,16 @@ def load_explorer(cfg: Config, models: Sequence[str] = ("clip", "pc-clip"), data
     "An `Explorer` of `models` of the run `cfg` over `n_images` images of `dataset`'s `split` (the world: with its oracle)."
     device = device or pick_device(cfg.device)
     if dataset == "world":
-        world = make_world(cfg)
+        world = make_world(**world_options(cfg))
         full = world_dataset(world, split)
     else:
-        full = load_dataset(dataset, cfg, split)
+        full = load_dataset(dataset, **dataset_options(cfg), split=split)
     ds = full.sample(min(n_images, len(full)), seed=cfg.seed) if n_images else full
     image_emb, encoders = {}, {}
     for name in models:
-        model, preprocess, tokenizer = load_clip(cfg, name, device)
+        model, preprocess, tokenizer = load_clip(**clip_source(cfg, name, device))
         model.eval()
-        emb = embed_images(model, ds, cfg, device=device, preprocess=preprocess, progress=False)
+        emb = embed_images(model, ds, cache_dir(cfg), **embedding_options(cfg), device=device, preprocess=preprocess, progress=False)
         keep = kept_indices(ds)
         if len(keep) != len(ds):  # unreadable files: keep the readable ones, in the same order for every model
             ds = ds.subset(keep)

@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.config import Config
-from ..core.runtime import condition_dict, result_row
+from ..core.config import Config, embedding_options
+from ..core.run import cache_dir
+from ..core.results import condition_dict, result_row
 from pc_clip.differences.records import (difference_triples, differences_path, generate_differences, item_rng,
     judged_path, make_backend)
 from ..differences.pairs import sample_pairs
@@ -22,9 +23,11 @@ from ..evaluation.metrics import paired_bootstrap
 from ..models.embed import embed_images
 from ..evaluation.runner import eval_datasets, run_difference_classification, run_zero_shot
 from ..training.finetune import finetune
-from ..models.clip import load_clip, model_dir
+from ..models.clip import load_clip
 from ..differences.pairs import corpus_from_world
 from ..world.shapes import make_world
+from ..training.state import FinetuneSettings
+from ..core.registry import backend_options, clip_source, model_dir, store_options, world_options
 
 # %% auto #0
 __all__ = ['ITEM_KEYS', 'CURVE_TASK', 'row_items', 'pooled_mean', 'paired_gain', 'study_row', 'noisy_differences',
@@ -86,7 +89,7 @@ def noisy_differences(cfg: Config, world, pairs: pd.DataFrame | None = None, pro
     if pairs is None:
         pairs = sample_pairs(corpus_from_world(world, "train"), cfg.n_pairs, cfg.seed, cfg.pair_sampling,
                              world.heldout_pairs)
-    return generate_differences(pairs, make_backend(cfg, world), differences_path(cfg), progress=progress)
+    return generate_differences(pairs, make_backend(world=world, **backend_options(cfg)), differences_path(store_options(cfg)), progress=progress)
 
 
 def false_fraction(records: Sequence[dict]) -> float:
@@ -144,7 +147,7 @@ def noise_training_sets(cfg: Config, world, judges: Sequence = (), pairs: pd.Dat
                                                 "false_fraction": false_fraction(recs)})}
     if cfg.oracle_noise > 0:
         for j in judges:
-            sets[j.name] = judged_triples(recs, j, differences_path(cfg), progress)
+            sets[j.name] = judged_triples(recs, j, differences_path(store_options(cfg)), progress)
     return sets
 
 # %% ../../nbs/studies/00_noise_curve.ipynb #38cbd2f4
@@ -193,9 +196,9 @@ def _base_rows(clip_rows: Sequence[dict], seed, wordings: Sequence[str]) -> list
 def run_noise_curve(cfg: Config, noises: Sequence[float] = (0.0, 0.1, 0.3, 0.5), judges: Sequence = (),
                     progress: bool = True) -> tuple[list[dict], dict]:
     "`(rows, info)`: PC-CLIP finetuned at each noise rate, unfiltered and filtered by each judge, measured against `clip`."
-    world = make_world(cfg)
-    base, _, tokenizer = load_clip(cfg, "clip")
-    emb = embed_images(base, world.images, cfg, progress=progress)
+    world = make_world(**world_options(cfg))
+    base, _, tokenizer = load_clip(**clip_source(cfg, "clip"))
+    emb = embed_images(base, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
     pairs = sample_pairs(corpus_from_world(world, "train"), cfg.n_pairs, cfg.seed, cfg.pair_sampling, world.heldout_pairs)
     test = eval_datasets(cfg, "difference_classification", split="test")
     evaluate = lambda c, names: (run_difference_classification(c, names, test, progress=False)
@@ -206,8 +209,7 @@ def run_noise_curve(cfg: Config, noises: Sequence[float] = (0.0, 0.1, 0.3, 0.5),
         cn = cfg.replace(oracle_noise=float(noise))
         for filt, (triples, tinfo) in noise_training_sets(cn, world, judges, pairs, progress).items():
             name, cond = noise_model_name(filt), {"noise": float(noise), "filter": filt}
-            run = finetune(base, tokenizer, triples, cn, model_dir(cn, name), image_embeddings=emb, images=world.images,
-                           progress=progress)
+            run = finetune(base, tokenizer, triples, FinetuneSettings.from_config(cn), model_dir(cn, name), image_embeddings=emb, images=world.images, progress=progress)
             rows += curve_rows(evaluate(cn, [name]), clip_rows, "pc-clip", cond, cfg.seed)
             rows += training_rows("pc-clip", triples, tinfo, cond, cfg.seed)
             info[(float(noise), filt)] = {**tinfo, "triples": len(triples), "seconds": run.seconds, "reused": run.reused,
@@ -218,7 +220,7 @@ def run_noise_curve(cfg: Config, noises: Sequence[float] = (0.0, 0.1, 0.3, 0.5),
 def plot_noise_curve(results: pd.DataFrame):
     "A seaborn-styled figure of the noise study's gains over `clip` against the noise rate, one line per filter."
     import seaborn as sns
-    from pc_clip.report.summary import new_figure
+    from pc_clip.report.figures import new_figure
     t = results[(results["task"] == CURVE_TASK) & (results["model"] != "clip")].copy()
     conds = t["condition"].map(condition_dict)
     t = t.assign(noise=conds.map(lambda d: float(d.get("noise", "nan"))), filter=conds.map(lambda d: d.get("filter")),

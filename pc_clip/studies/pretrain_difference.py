@@ -15,13 +15,15 @@ import open_clip
 import pandas as pd
 import torch
 
-from ..core.config import Config
-from pc_clip.core.runtime import (artifact_lock, atomic_write_json, condition_dict, content_hash, pick_device,
-    result_row)
+from ..core.config import Config, embedding_options
+from ..core.artifacts import artifact_lock, atomic_write_json, content_hash
+from ..core.run import cache_dir
+from ..core.results import condition_dict, result_row
+from ..core.devices import pick_device
 from ..training.losses import difference_contrastive_loss, make_clip_loss
-from ..models.clip import checkpoint_metadata, is_checkpoint, load_checkpoint, model_dir, save_checkpoint
+from ..models.clip import checkpoint_metadata, is_checkpoint, load_checkpoint, save_checkpoint
 from ..world.oracle import oracle_differences
-from pc_clip.training.pretrain import (PRETRAIN_THREADS, encode_captions, pretrain_clip, pretrain_fingerprint,
+from pc_clip.training.pretrain import (PRETRAIN_THREADS, PretrainSettings, encode_captions, pretrain_clip, pretrain_fingerprint,
     resume_folder)
 from ..world.shapes import World, make_world
 from .noise_curve import paired_gain, pooled_mean, row_items, study_row
@@ -31,6 +33,8 @@ from ..models.embed import embed_images
 from ..evaluation.runner import run_difference_classification, run_retrieval, run_zero_shot
 from ..training.finetune import finetune
 from ..differences.pairs import corpus_from_world, sample_pairs
+from ..training.state import FinetuneSettings
+from ..core.registry import dataset_options, model_dir, world_options
 
 # %% auto #0
 __all__ = ['JOINT_VERSION', 'STUDY_TASK', 'batch_difference_pairs', 'joint_loss', 'joint_step_loss', 'pretrain_joint',
@@ -86,12 +90,12 @@ def joint_step_loss(heldout: Sequence[tuple[str, str]], weight: float, seed: int
 
 # %% ../../nbs/studies/01_pretrain_difference.ipynb #bf8c3881
 def pretrain_joint(world: World, cfg: Config, weight: float, device: str | torch.device | None = None,
-                   weight_decay: float = 0.1, warmup: float = 0.05, progress: bool = True,
-                   threads: int = PRETRAIN_THREADS, resume_dir: str | Path | None = None, key: str = ""):
+                   progress: bool = True, threads: int = PRETRAIN_THREADS, resume_dir: str | Path | None = None,
+                   key: str = ""):
     "Train `cfg.model_name` from scratch for `cfg.pretrain_steps` steps of CLIP + `weight` x difference loss; `(model, tokenizer, history)`."
     if weight < 0:
         raise ValueError(f"the weight of the difference loss must be >= 0; got {weight}")
-    model, tokenizer, hist = pretrain_clip(world, cfg, device, weight_decay, warmup, progress, threads,
+    model, tokenizer, hist = pretrain_clip(world, PretrainSettings.from_config(cfg), device or cfg.device, progress, threads,
                                            step_loss=joint_step_loss(world.heldout_pairs, weight, cfg.seed),
                                            resume_dir=resume_dir, key=key, desc=f"joint pretraining (w={weight:g})")
     hist["weight"] = weight
@@ -110,7 +114,7 @@ def pretrain_joint_or_load(world: World, cfg: Config, weight: float, device: str
                            progress: bool = True):
     "`(model, tokenizer, history, reused)`: the saved joint model of `cfg` and `weight` if its fingerprint matches, else a new one."
     folder = model_dir(cfg, joint_model_name(weight))
-    fp = content_hash(pretrain_fingerprint(cfg, world), weight, JOINT_VERSION)
+    fp = content_hash(pretrain_fingerprint(PretrainSettings.from_config(cfg), world), weight, JOINT_VERSION)
     with artifact_lock(folder):
         if is_checkpoint(folder) and checkpoint_metadata(folder).get("fingerprint") == fp:
             model, _, tokenizer = load_checkpoint(folder, device=device or pick_device(cfg.device))
@@ -141,9 +145,7 @@ def pretrain_then_finetune(world: World, cfg: Config, finetune_steps: int, devic
     base, tokenizer, hist, reused = pretrain_joint_or_load(world, base_cfg, 0.0, device, progress)
     n = finetune_steps * cfg.ft_batch_size
     triples = oracle_triples(world, n, cfg.seed)  # about two statements per pair: more than n triples
-    run = finetune(base, tokenizer, triples, cfg, model_dir(cfg, "pretrain-then-finetune"),
-                   embed_images(base, world.images, cfg, progress=progress), world.images, max_pairs=n, epochs=1,
-                   progress=progress)
+    run = finetune(base, tokenizer, triples, FinetuneSettings.from_config(cfg, max_pairs=n, epochs=1), model_dir(cfg, "pretrain-then-finetune"), embed_images(base, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress), world.images, progress=progress)
     return {"model": run.model, "pretrain_steps": hist["steps"], "pretrain_seconds": hist["seconds"],
             "pretrain_reused": reused, "finetune_steps": len(run.steps), "finetune_seconds": run.seconds,
             "finetune_reused": run.reused}
@@ -194,7 +196,7 @@ def _evaluate_arms(cfg: Config, names: Sequence[str], retrieval_images: int | No
     "The runner's rows of every arm: test (difference tasks, zero-shot, retrieval) and val (difference tasks, zero-shot)."
     out = {}
     for split in ("test", "val"):
-        ds = [load_dataset("world", cfg, split)]
+        ds = [load_dataset("world", **dataset_options(cfg), split=split)]
         out[split] = run_difference_classification(cfg, names, ds, progress=False) + run_zero_shot(cfg, names, ds)[0]
     out["test"] += run_retrieval(cfg, names, n_images=retrieval_images, progress=False)
     return out
@@ -203,7 +205,7 @@ def _evaluate_arms(cfg: Config, names: Sequence[str], retrieval_images: int | No
 def run_pretrain_study(cfg: Config, weights: Sequence[float] = (0.0, 0.25, 0.5, 1.0), finetune_steps: int | None = None,
                        retrieval_images: int | None = 500, progress: bool = True) -> tuple[list[dict], dict]:
     "`(rows, info)`: joint pretraining at each weight vs pretrain-then-finetune at `cfg.pretrain_steps` steps each."
-    world, steps = make_world(cfg), cfg.pretrain_steps
+    world, steps = make_world(**world_options(cfg)), cfg.pretrain_steps
     finetune_steps = finetune_steps or max(1, steps // 5)
     arms = {}
     for w in weights:
@@ -228,7 +230,7 @@ def run_pretrain_study(cfg: Config, weights: Sequence[float] = (0.0, 0.25, 0.5, 
 def plot_pretrain_study(results: pd.DataFrame):
     "A seaborn-styled figure of the pretraining study's test rows against the weight of the difference term."
     from pc_clip.core.registry import PALETTE
-    from pc_clip.report.summary import new_figure
+    from pc_clip.report.figures import new_figure
     t = results[(results["task"] == STUDY_TASK) & ~results["condition"].astype(str).str.contains("split=val")].copy()
     conds = t["condition"].map(condition_dict)
     t = t.assign(arm=conds.map(lambda d: d.get("arm")), w=conds.map(lambda d: float(d.get("w", "nan"))),

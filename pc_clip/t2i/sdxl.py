@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..core.config import Config
-from ..core.runtime import data_root, pick_device, result_row
+from ..core.devices import pick_device
+from ..core.results import result_row
 from ..models.embed import compute_image_embeddings
 from ..models.clip import encode_texts, images_to_tensor
 from ..evaluation.metrics import bootstrap_ci
@@ -243,23 +243,21 @@ T2I_EDITS = [
 ]
 
 
-def load_sdxl(cfg: Config, device: str | torch.device | None = None):
-    "The SDXL pipeline of `cfg.t2i_model` from local files (fp16 on a GPU); a clear error if it is not on disk."
+def load_sdxl(t2i_model: str, root: str | Path, device: str | torch.device = "auto"):
+    "The SDXL pipeline `t2i_model` from local files under the data root `root` (fp16 on a GPU); a clear error if it is not on disk."
     from diffusers import StableDiffusionXLPipeline
-    device = pick_device(cfg.device) if device is None else torch.device(device)
+    device = pick_device(device) if isinstance(device, str) else torch.device(device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    local = data_root(cfg) / "weights" / cfg.t2i_model
+    local, hf = Path(root) / "weights" / t2i_model, Path(root) / "weights" / "hf"
     try:
         if local.is_dir():
             pipe = StableDiffusionXLPipeline.from_pretrained(str(local), dtype=dtype)
         else:
-            pipe = StableDiffusionXLPipeline.from_pretrained(cfg.t2i_model, dtype=dtype, local_files_only=True,
-                                                             cache_dir=str(data_root(cfg) / "weights" / "hf"))
+            pipe = StableDiffusionXLPipeline.from_pretrained(t2i_model, dtype=dtype, local_files_only=True, cache_dir=str(hf))
     except (OSError, ValueError) as e:
         raise FileNotFoundError(
-            f"SDXL weights {cfg.t2i_model!r} are not on this machine (looked in {local} and in the Hugging Face cache "
-            f"{data_root(cfg) / 'weights' / 'hf'}). On a machine with internet run "
-            f"`hf download {cfg.t2i_model} --cache-dir {data_root(cfg) / 'weights' / 'hf'}`, or put a "
+            f"SDXL weights {t2i_model!r} are not on this machine (looked in {local} and in the Hugging Face cache "
+            f"{hf}). On a machine with internet run `hf download {t2i_model} --cache-dir {hf}`, or put a "
             f"diffusers folder at {local}. ({type(e).__name__}: {e})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -5,15 +5,17 @@
 # %% ../../nbs/t2i/01_study.ipynb #84d8a58e
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..core.config import Config
-from ..core.runtime import data_root, pick_device, result_row
+from ..core.config import Config, embedding_options
+from ..core.run import cache_dir, data_root
+from ..core.devices import pick_device
+from ..core.results import result_row
 from ..evaluation.metrics import bootstrap_ci
 from .sdxl import embedding_arithmetic, load_sdxl, swap_text_encoder, t2i_clip_score_rows
 from ..data.datasets import load_dataset
@@ -21,18 +23,27 @@ from ..differences.records import differences_path, training_triples
 from ..models.embed import embed_images, embedding_rows
 from ..evaluation.runner import iter_models, text_encoder
 from ..training.finetune import finetune
-from ..models.clip import create_clip, is_checkpoint, load_checkpoint, load_clip, model_dir, write_manifest
+from ..models.clip import create_clip, is_checkpoint, load_checkpoint, load_clip, write_manifest
 from ..world.render import BACKGROUNDS, COLOURS, render_images
 from ..world.species import CATEGORIES, typical_attrs
 from ..world.oracle import difference_statement
 from ..world.shapes import position_word, size_word
 from ..differences.pairs import load_corpus, sample_pairs
-from ..core.registry import REGISTRY
+from ..core.registry import REGISTRY, clip_source, corpus_options, dataset_options, model_manifest, store_options
+from ..training.state import FinetuneSettings
+from ..core.registry import model_dir
+from pc_clip.t2i.world_diffusion import (GeneratorSettings, choose_weight, edit_queries, score_edits, success_rows,
+    train_or_load_generator)
+from ..world.edits import WORLD_EDITS
+from ..world.species import CATEGORY_NAMES
+from ..world.shapes import make_world
+from ..core.registry import world_options
 
 # %% auto #0
 __all__ = ['GALLERY_LEVELS', 'GALLERY_EDITS', 'T2I_BASE', 'SDXL_TEXT_WIDTHS', 'T2I_ARMS', 'T2I_PC_CLIP', 'attribute_gallery',
            'GalleryEdit', 'gallery_edit_statements', 'arithmetic_queries', 'gallery_arithmetic_rows', 'gallery_chance',
-           't2i_base', 't2i_not_applicable', 'train_t2i_pc_clip', 't2i_study_models', 'run_t2i_arithmetic']
+           't2i_base', 't2i_not_applicable', 'train_t2i_pc_clip', 't2i_study_models', 'run_t2i_arithmetic',
+           'run_world_t2i']
 
 # %% ../../nbs/t2i/01_study.ipynb #b94922a1
 GALLERY_LEVELS = {"size": (0.7, 1.0, 1.4), "brightness": (0.5, 0.72, 0.94), "position": (0.28, 0.5, 0.72)}
@@ -181,7 +192,7 @@ def gallery_chance(gallery: pd.DataFrame, edits: Sequence[GalleryEdit] = GALLERY
     return float(np.mean([(gallery[e.column] == e.target).mean() for e in edits]))
 
 # %% ../../nbs/t2i/01_study.ipynb #aedd353b
-T2I_BASE = ("ViT-L-14", "openai")
+T2I_BASE = (Config.t2i_clip_model, Config.t2i_clip_pretrained)  # SDXL's first text encoder (the config's default)
 SDXL_TEXT_WIDTHS = {768: "text_encoder", 1280: "text_encoder_2"}
 # the study's arms, from the registry: its base `clip`, and each study model under the name it is reported as
 T2I_ARMS = {"clip": None, **{s.reported_as: s.name for s in REGISTRY if s.role == "study" and s.when == "t2i"}}
@@ -197,10 +208,7 @@ def _text_width(model_name: str) -> int | None:
 
 def t2i_base(cfg: Config) -> tuple[str, str | None] | None:
     "`(architecture, pretrained tag)` the T2I study finetunes its own PC-CLIP from; None where it does not apply."
-    if hasattr(cfg, "t2i_clip_model"):
-        arch = cfg.t2i_clip_model
-        return (arch, getattr(cfg, "t2i_clip_pretrained", T2I_BASE[1])) if arch else None
-    return T2I_BASE if _text_width(cfg.model_name) in SDXL_TEXT_WIDTHS else None
+    return (cfg.t2i_clip_model, cfg.t2i_clip_pretrained) if cfg.t2i_clip_model else None
 
 
 def t2i_not_applicable(cfg: Config) -> str | None:
@@ -221,17 +229,16 @@ def train_t2i_pc_clip(cfg: Config, progress: bool = True):
         raise ValueError(t2i_not_applicable(cfg) or "on a world profile the T2I study uses the run's own models")
     study_cfg = cfg.replace(model_name=base[0], pretrained=base[1])
     model, preprocess, tokenizer = create_clip(*base, device=pick_device(cfg.device), root=data_root(cfg))
-    ds = load_dataset(cfg.corpus, cfg, "train")
-    emb = embed_images(model, ds, study_cfg, preprocess=preprocess, progress=progress)
+    ds = load_dataset(cfg.corpus, **dataset_options(cfg), split="train")
+    emb = embed_images(model, ds, cache_dir(study_cfg), **embedding_options(study_cfg), preprocess=preprocess, progress=progress)
     # this config's training data, as experiment 03 reads it for `pc-clip`: with a judge, its consistent statements only
-    corpus, held_out, _ = load_corpus(cfg, "train")
+    corpus, held_out, _ = load_corpus(**corpus_options(cfg), split="train")
     keys = pd.DataFrame({"key": sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling, held_out)["key"]})
-    triples = training_triples(cfg, noise=0.0 if cfg.generator == "oracle" else None, pairs=keys)
+    triples = training_triples(store_options(cfg), noise=0.0 if cfg.generator == "oracle" else None, pairs=keys)
     triples = embedding_rows(ds, triples)  # corpus rows -> rows of `emb` (pairs with an unreadable image dropped)
-    run = finetune(model, tokenizer, triples, study_cfg, model_dir(cfg, T2I_PC_CLIP), image_embeddings=emb,
-                   model_name=base[0], progress=progress)
+    run = finetune(model, tokenizer, triples, FinetuneSettings.from_config(study_cfg, model_name=base[0]), model_dir(cfg, T2I_PC_CLIP), image_embeddings=emb, progress=progress)
     noise = 0.0 if cfg.generator == "oracle" else None  # its manifest, like every model's: base, data file, rows
-    write_manifest(cfg, T2I_PC_CLIP, run.out_dir, data_file=differences_path(cfg, noise),
+    write_manifest(run.out_dir, model_manifest(cfg, T2I_PC_CLIP, run.out_dir), data_file=differences_path(store_options(cfg), noise),
                    extra={"base": {"model_name": base[0], "pretrained": base[1]},
                           "training": {"rows": len(triples), "judge": cfg.judge}})
     return run
@@ -253,12 +260,12 @@ def t2i_study_models(cfg: Config, names: Sequence[str] = tuple(T2I_ARMS), device
 # %% ../../nbs/t2i/01_study.ipynb #bb7ba65c
 def _gallery_study(cfg: Config, model_names: Sequence[str], weight: float, sweep: Sequence[float], n_texts: int,
                    categories: Sequence[str] | None, progress: bool) -> tuple[list[dict], dict]:
-    ev_model, _, ev_tok = load_clip(cfg, "clip")
+    ev_model, _, ev_tok = load_clip(**clip_source(cfg, "clip"))
     images, gallery = attribute_gallery(cfg.world_image_size, cfg.seed, categories)
-    ev_img, ev_txt = embed_images(ev_model, images, cfg, progress=progress), text_encoder(ev_model, ev_tok, cfg.eval_batch_size)
+    ev_img, ev_txt = embed_images(ev_model, images, cache_dir(cfg), **embedding_options(cfg), progress=progress), text_encoder(ev_model, ev_tok, cfg.eval_batch_size)
     rows = []
     for name, model, _, tokenizer in iter_models(cfg, model_names):
-        emb = embed_images(model, images, cfg, progress=progress)
+        emb = embed_images(model, images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
         rows += gallery_arithmetic_rows(emb, gallery, text_encoder(model, tokenizer, cfg.eval_batch_size), name,
                                         n_texts=n_texts, weight=weight, sweep=sweep, seed=cfg.seed,
                                         eval_image_emb=ev_img, eval_encode_text=ev_txt)
@@ -267,8 +274,8 @@ def _gallery_study(cfg: Config, model_names: Sequence[str], weight: float, sweep
 
 def _sdxl_study(cfg: Config, model_names: Sequence[str], weight: float, n_seeds: int, progress: bool,
                 base: tuple[str, str | None] | None = None) -> tuple[list[dict], dict]:
-    pipe = load_sdxl(cfg)
-    ev_model, ev_pre, ev_tok = load_clip(cfg, "clip", device=pipe.device)
+    pipe = load_sdxl(cfg.t2i_model, data_root(cfg), cfg.device)
+    ev_model, ev_pre, ev_tok = load_clip(**clip_source(cfg, "clip", device=pipe.device))
     base = base or t2i_base(cfg)
     rows, shown = [], {}
     for name, model in t2i_study_models(cfg, [n for n in model_names if n in T2I_ARMS], pipe.device, base):
@@ -290,3 +297,30 @@ def run_t2i_arithmetic(cfg: Config, model_names: Sequence[str], weight: float = 
     if reason:
         raise ValueError(reason)
     return _sdxl_study(cfg, model_names, weight, n_seeds, progress)
+
+# %% ../../nbs/t2i/01_study.ipynb #575d14c6
+def run_world_t2i(cfg: Config, model_names: Sequence[str], settings: GeneratorSettings = GeneratorSettings(),
+                  weights: Sequence[float] = (1.0, 2.0, 4.0), n_val_seeds: int = 1, n_test_seeds: int = 2,
+                  categories: Sequence[str] | None = None, progress: bool = True,
+                  device: str | torch.device = "cpu") -> tuple[list[dict], dict]:
+    "Train (or load) the generator, pick `w` per model on validation queries, score test queries; `(rows, shown)`."
+    world = make_world(**world_options(cfg))
+    base, _, tokenizer = load_clip(**clip_source(cfg, "clip", device))
+    settings = replace(settings, seed=cfg.seed)
+    unet, info = train_or_load_generator(cache_dir(cfg), world, base, tokenizer, settings, progress, device=device)
+    cats = list(categories or CATEGORY_NAMES)
+    val_q = edit_queries(cats, WORLD_EDITS, 10_000 + np.arange(n_val_seeds), np.random.default_rng([cfg.seed, 163]))
+    test_q = edit_queries(cats, WORLD_EDITS, 20_000 + np.arange(n_test_seeds), np.random.default_rng([cfg.seed, 167]))
+    rows, shown = [], dict(generator=info, chosen_w={}, images={}, test_queries=test_q)
+    for name in model_names:
+        try:
+            model, _, tok = (base, None, tokenizer) if name == "clip" else load_clip(**clip_source(cfg, name, device))
+        except FileNotFoundError as e:
+            print(f"skipping model {name}: {str(e).splitlines()[0]}")
+            continue
+        val, _ = score_edits(unet, settings, model, tok, val_q, weights, progress=progress)
+        w = choose_weight(val)
+        test, images = score_edits(unet, settings, model, tok, test_q, [w], chance=True, progress=progress)
+        rows += success_rows(val, name, cfg.seed, "val_success_rate") + success_rows(test, name, cfg.seed)
+        shown["chosen_w"][name], shown["images"][name] = w, {"reference": images["reference"], "edited": images[w]}
+    return rows, shown

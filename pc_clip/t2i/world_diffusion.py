@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -16,21 +17,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..core.config import Config
-from ..core.runtime import artifact_lock, atomic_write_json, cache_dir, content_hash, result_row, timer
-from ..world.species import CATEGORY_NAMES
+from ..core.artifacts import artifact_lock, atomic_write_json, content_hash
+from ..core.results import result_row
+from ..core.log import timer
 from ..world.render import COLOURS
-from ..world.shapes import make_caption, make_world
+from ..world.shapes import make_caption
 from pc_clip.world.edits import (WORLD_EDITS, WorldEdit, edit_statement, edit_success, edit_target_colour,
     measure_generated)
-from ..models.clip import load_clip, save_safetensors
+from ..models.clip import save_safetensors
 from ..evaluation.metrics import bootstrap_ci
 
 # %% auto #0
 __all__ = ['GENERATOR_VERSION', 'CLASS_TEMPLATE', 'CHANCE_SEED_OFFSET', 'text_conditioning', 'arithmetic_conditioning',
            'GeneratorSettings', 'make_unet', 'to_patches', 'from_patches', 'denoising_loss', 'train_generator',
            'sample_images', 'generator_key', 'world_caption_conditioning', 'train_or_load_generator', 'edit_queries',
-           'score_edits', 'choose_weight', 'success_rows', 'run_world_t2i', 'plot_t2i_gallery']
+           'score_edits', 'choose_weight', 'success_rows', 'plot_t2i_gallery']
 
 # %% ../../nbs/t2i/02_world_diffusion.ipynb #40d2a432
 GENERATOR_VERSION = 1  # bump when training or sampling changes: it is part of the cache key
@@ -203,14 +204,14 @@ def world_caption_conditioning(world, model, tokenizer, idx_pool: np.ndarray):
     return condition
 
 # %% ../../nbs/t2i/02_world_diffusion.ipynb #8726c828
-def train_or_load_generator(cfg: Config, world, model, tokenizer, settings: GeneratorSettings = GeneratorSettings(),
+def train_or_load_generator(cache: str | Path, world, model, tokenizer, settings: GeneratorSettings = GeneratorSettings(),
                             progress: bool = True, retrain: bool = False, device: str | torch.device = "cpu"):
-    "`(unet, info)`: the generator of `settings` trained on the world's train split with `model`'s text states; cached."
+    "`(unet, info)`: the generator of `settings` trained on the world's train split with `model`'s text states; kept under the cache folder `cache`."
     from safetensors.torch import load_file
     idx = world.indices("train")
     key = generator_key(world.key or content_hash(world.images), _clip_fingerprint(model), settings,
                         world.images.shape[1])
-    path = cache_dir(cfg) / "world_diffusion" / f"{key}.safetensors"
+    path = Path(cache) / "world_diffusion" / f"{key}.safetensors"
     empty = text_conditioning(model, tokenizer, [""])
     if path.exists() and not retrain:
         unet = make_unet(settings, world.images.shape[1], empty[0].shape[-1], empty[1].shape[-1])
@@ -294,33 +295,6 @@ def success_rows(scored: pd.DataFrame, model: str, seed: int, metric: str = "suc
             rows.append(result_row(model, "t2i_world", "world", metric, float(x.mean()), seed, len(x),
                                    condition={"edit": edit, "w": float(w)}, ci=bootstrap_ci(x, seed=seed) if len(x) else None))
     return rows
-
-# %% ../../nbs/t2i/02_world_diffusion.ipynb #575d14c6
-def run_world_t2i(cfg: Config, model_names: Sequence[str], settings: GeneratorSettings = GeneratorSettings(),
-                  weights: Sequence[float] = (1.0, 2.0, 4.0), n_val_seeds: int = 1, n_test_seeds: int = 2,
-                  categories: Sequence[str] | None = None, progress: bool = True,
-                  device: str | torch.device = "cpu") -> tuple[list[dict], dict]:
-    "Train (or load) the generator, pick `w` per model on validation queries, score test queries; `(rows, shown)`."
-    world = make_world(cfg)
-    base, _, tokenizer = load_clip(cfg, "clip", device)
-    settings = replace(settings, seed=cfg.seed)
-    unet, info = train_or_load_generator(cfg, world, base, tokenizer, settings, progress, device=device)
-    cats = list(categories or CATEGORY_NAMES)
-    val_q = edit_queries(cats, WORLD_EDITS, 10_000 + np.arange(n_val_seeds), np.random.default_rng([cfg.seed, 163]))
-    test_q = edit_queries(cats, WORLD_EDITS, 20_000 + np.arange(n_test_seeds), np.random.default_rng([cfg.seed, 167]))
-    rows, shown = [], dict(generator=info, chosen_w={}, images={}, test_queries=test_q)
-    for name in model_names:
-        try:
-            model, _, tok = (base, None, tokenizer) if name == "clip" else load_clip(cfg, name, device)
-        except FileNotFoundError as e:
-            print(f"skipping model {name}: {str(e).splitlines()[0]}")
-            continue
-        val, _ = score_edits(unet, settings, model, tok, val_q, weights, progress=progress)
-        w = choose_weight(val)
-        test, images = score_edits(unet, settings, model, tok, test_q, [w], chance=True, progress=progress)
-        rows += success_rows(val, name, cfg.seed, "val_success_rate") + success_rows(test, name, cfg.seed)
-        shown["chosen_w"][name], shown["images"][name] = w, {"reference": images["reference"], "edited": images[w]}
-    return rows, shown
 
 # %% ../../nbs/t2i/02_world_diffusion.ipynb #f255cffe
 def plot_t2i_gallery(shown: dict, categories: Sequence[str] = ("glorp", "mib", "wemble"), seed_index: int = 0):

@@ -23,8 +23,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..core.config import Config
-from ..core.runtime import artifact_lock, atomic_write_json, autocast, content_hash, display_path, get_logger, pick_dtype
+from ..core.artifacts import artifact_lock, atomic_write_json, content_hash
+from ..core.devices import autocast, pick_dtype
+from ..core.run import display_path
+from ..core.log import get_logger
 from ..models.embed import embed_images, image_normalization, model_fingerprint
 from .losses import (caption_contrastive_loss, difference_contrastive_loss, difference_mse_loss,
     image_differences, make_clip_loss, set_trainable)
@@ -77,7 +79,7 @@ def _subset(triples: pd.DataFrame, s: FinetuneSettings) -> pd.DataFrame:
     return triples.iloc[keep].reset_index(drop=True)
 
 # %% ../../nbs/training/03_finetune.ipynb #6a507800
-def _prepare(model, tokenizer, triples: pd.DataFrame, s: FinetuneSettings, cfg: Config, image_embeddings, images,
+def _prepare(model, tokenizer, triples: pd.DataFrame, s: FinetuneSettings, image_embeddings, images,
              progress: bool, world: int) -> _RunData:
     both = s.trainable == "both_towers"
     if both and images is None:
@@ -85,7 +87,7 @@ def _prepare(model, tokenizer, triples: pd.DataFrame, s: FinetuneSettings, cfg: 
     if not both and image_embeddings is None:
         if images is None:
             raise ValueError("pass image_embeddings= (pc_clip.models.embed.embed_images) or images=")
-        image_embeddings = embed_images(model, images, cfg, progress=progress)
+        image_embeddings = embed_images(model, images, precision=s.precision, progress=progress)
     _check_data(triples, s.loss, len(images) if both else len(image_embeddings))
     triples = _subset(triples, s)
     texts = [str(t) for t in triples["text"]]
@@ -368,14 +370,12 @@ def _finish(tr: _Trainer, out_dir: Path, s: FinetuneSettings, data: _RunData, hi
                        hist.bad, False, data.run_key, s, hist.start_epoch)
 
 # %% ../../nbs/training/03_finetune.ipynb #1bea5a03
-def finetune(model, tokenizer, triples: pd.DataFrame, cfg: Config, out_dir: str | Path,
-             image_embeddings: torch.Tensor | None = None, images=None, *, settings: FinetuneSettings | None = None,
-             keep_last: int = 1, progress: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None,
-             **overrides) -> FinetuneRun:
-    "Finetune a copy of `model` on `triples` (columns i, j, text); checkpointed per epoch, resumable, reused when done."
-    s = settings or FinetuneSettings.from_config(cfg, **overrides)
+def finetune(model, tokenizer, triples: pd.DataFrame, s: FinetuneSettings, out_dir: str | Path,
+             image_embeddings: torch.Tensor | None = None, images=None, *, keep_last: int = 1, progress: bool = True,
+             on_epoch_end: Callable[[int, dict], None] | None = None) -> FinetuneRun:
+    "Finetune a copy of `model` on `triples` (columns i, j, text) with settings `s`; checkpointed per epoch, resumable, reused when done."
     out_dir, (rank, world) = Path(out_dir), rank_world()
-    data = _prepare(model, tokenizer, triples, s, cfg, image_embeddings, images, progress, world)
+    data = _prepare(model, tokenizer, triples, s, image_embeddings, images, progress, world)
     with artifact_lock(out_dir) if rank == 0 else contextlib.nullcontext():
         missing = missing_kept_epochs(out_dir, data.run_key, s)  # asked-for epoch checkpoints a finished run lacks
         done = None if missing else _reuse_finished(model, out_dir, data.run_key, s)

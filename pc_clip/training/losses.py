@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
+from ..core.config import FT_TRAINABLE
+
 # %% auto #0
-__all__ = ['TRAINABLE_MODES', 'LOSSES', 'make_clip_loss', 'image_differences', 'difference_contrastive_loss',
-           'difference_mse_loss', 'caption_contrastive_loss', 'trainable_parameter_names', 'set_trainable']
+__all__ = ['make_clip_loss', 'image_differences', 'difference_contrastive_loss', 'difference_mse_loss',
+           'caption_contrastive_loss', 'trainable_parameter_names', 'set_trainable']
 
 # %% ../../nbs/training/00_losses.ipynb #9311e309
 def make_clip_loss(rank: int = 0, world_size: int = 1) -> ClipLoss:
@@ -46,14 +48,10 @@ def caption_contrastive_loss(text_features: torch.Tensor, image_features: torch.
                                            F.normalize(text_features.float(), dim=-1), logit_scale)
 
 # %% ../../nbs/training/00_losses.ipynb #a3378b29
-TRAINABLE_MODES = ("text_blocks", "text_tower", "both_towers")
-LOSSES = ("contrastive", "mse", "clip")
-
-
 def trainable_parameter_names(model: torch.nn.Module, mode: str) -> list[str]:
     "Names of the parameters that mode `text_blocks`, `text_tower` or `both_towers` trains."
-    if mode not in TRAINABLE_MODES:
-        raise ValueError(f"trainable must be one of {TRAINABLE_MODES}; got {mode!r}")
+    if mode not in FT_TRAINABLE:
+        raise ValueError(f"trainable must be one of {FT_TRAINABLE}; got {mode!r}")
     names = [n for n, _ in model.named_parameters()]
     text = [n for n in names if not n.startswith("visual.") and n not in ("logit_scale", "logit_bias")]
     if mode == "text_blocks":

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 from pathlib import Path
@@ -15,25 +17,33 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from ..core.config import Config, get_config
-from ..core.runtime import artifact_lock, atomic_write, get_logger, pick_device, results_path
+from ..core.config import Config, embedding_options, get_config
+from ..core.artifacts import artifact_lock, atomic_write, atomic_write_json
+from ..core.run import cache_dir, results_path
+from ..core.log import get_logger
+from ..core.devices import pick_device
+from pc_clip.core.registry import (CAPTION_DATA, NOISE_LEVEL, REGISTRY, clip_source, model_dir, model_manifest, model_spec,
+    sweep_grid)
 from ..models.embed import embed_images, embedding_rows, model_fingerprint
-from .finetune import FinetuneRun, finetune
-from ..models.clip import (average_weights, checkpoint_metadata, is_checkpoint, load_clip, model_dir,
-    save_checkpoint, write_manifest)
-from .state import init_distributed, rank_world
+from ..models.clip import (CheckpointError, average_weights, checkpoint_metadata, is_checkpoint, load_checkpoint,
+    load_clip, save_checkpoint, write_manifest)
+from ..world.shapes import World
+from ..world.oracle import oracle_differences
 from ..data.datasets import load_dataset
 from ..differences.records import (difference_triples, differences_path, read_records, rewrites_path,
     rewritten_captions, training_triples)
 from ..differences.pairs import load_corpus, sample_pairs
-from ..core.registry import sweep_grid, CAPTION_DATA, NOISE_LEVEL, REGISTRY, model_spec
-from ..world.oracle import oracle_differences
+from .state import FinetuneSettings, init_distributed, rank_world
+from .finetune import FinetuneRun, finetune
+from .pretrain import (PRETRAIN_THREADS, PretrainSettings, pretrain_clip, pretrain_fingerprint,
+    resume_folder, saved_fingerprint)
+from ..core.registry import corpus_options, dataset_options, store_options
 
 # %% auto #0
-__all__ = ['FINETUNE_PLAN', 'caption_table', 'finetune_captions', 'weight_average_model', 'save_weight_average', 'save_derived',
-           'world_check_triples', 'select_records', 'finetune_plan', 'FinetuneInputs', 'finetuning_inputs',
-           'training_data_path', 'training_data_table', 'write_training_data', 'base_inputs', 'candidate_lr',
-           'finetune_models', 'main']
+__all__ = ['FINETUNE_PLAN', 'caption_table', 'caption_settings', 'finetune_captions', 'weight_average_model',
+           'save_weight_average', 'save_derived', 'world_check_triples', 'select_records', 'pretrain_or_load',
+           'finetune_plan', 'FinetuneInputs', 'finetuning_inputs', 'training_data_path', 'training_data_table',
+           'write_training_data', 'base_inputs', 'candidate_lr', 'finetune_models', 'main']
 
 # %% ../../nbs/training/05_plan.ipynb #efdf88ab
 def caption_table(captions: list[str], indices=None) -> pd.DataFrame:
@@ -42,11 +52,18 @@ def caption_table(captions: list[str], indices=None) -> pd.DataFrame:
     return pd.DataFrame({"i": idx.astype(np.int64), "text": [captions[k] for k in idx]})
 
 
-def finetune_captions(model, tokenizer, captions: pd.DataFrame, cfg: Config, out_dir: str | Path,
-                      image_embeddings: torch.Tensor | None = None, images=None, **overrides) -> FinetuneRun:
-    "Finetune on (image, caption) rows with the CLIP loss and the `caption_ft_*` settings."
+def caption_settings(cfg: Config, **overrides) -> FinetuneSettings:
+    "The settings of a caption baseline: the CLIP loss and the `caption_ft_*` fields of `cfg`, then `overrides`."
     kw = dict(loss="clip", lr=cfg.caption_ft_lr, batch_size=cfg.caption_ft_batch_size, epochs=cfg.caption_ft_epochs)
-    return finetune(model, tokenizer, captions, cfg, out_dir, image_embeddings, images, **{**kw, **overrides})
+    return FinetuneSettings.from_config(cfg, **{**kw, **overrides})
+
+
+def finetune_captions(model, tokenizer, captions: pd.DataFrame, cfg: Config, out_dir: str | Path,
+                      image_embeddings: torch.Tensor | None = None, images=None, progress: bool = True,
+                      **overrides) -> FinetuneRun:
+    "Finetune on (image, caption) rows with the CLIP loss and the `caption_ft_*` settings."
+    s = caption_settings(cfg, **overrides)
+    return finetune(model, tokenizer, captions, s, out_dir, image_embeddings, images, progress=progress)
 
 # %% ../../nbs/training/05_plan.ipynb #7d8b7d47
 def weight_average_model(base: torch.nn.Module, finetuned: torch.nn.Module, alpha: float = 0.5) -> torch.nn.Module:
@@ -99,6 +116,38 @@ def select_records(records: Sequence[dict], keys: Sequence[str], what: str = "di
                        "settings (pc-clip reproduce --only 02 and the same -p) first")
     return [by_key[str(k)] for k in dict.fromkeys(keys)]
 
+# %% ../../nbs/training/05_plan.ipynb #fd237341
+def _base_manifest(cfg: Config, name: str, folder: Path, world: World, history: dict) -> None:
+    "A base model's manifest, like a finetuned one's: its settings, the run, and its data (the world's caption table)."
+    data = cache_dir(cfg) / "world" / f"{world.key}.attrs.csv"
+    write_manifest(folder, model_manifest(cfg, name, folder), data_file=data if world.key else None,
+                   extra={"pretraining": {"world_key": world.key, **{k: history.get(k) for k in ("steps", "epochs", "final_loss")}}})
+
+
+def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | None = None, retrain: bool = False,
+                     progress: bool = True, threads: int = PRETRAIN_THREADS, name: str = "clip"):
+    "`(model, tokenizer, history, reused)`: the saved base model `name` of `cfg` if its fingerprint matches, else a new one."
+    folder, s = model_dir(cfg, name), PretrainSettings.from_config(cfg)
+    fp = pretrain_fingerprint(s, world, threads=threads)
+    with artifact_lock(folder):  # a second run writing the same model stops here with a clear message
+        if not retrain and is_checkpoint(folder) and saved_fingerprint(folder) == fp:
+            try:
+                model, _, tokenizer = load_checkpoint(folder, device=device or pick_device(cfg.device))
+                history = json.loads((folder / "history.json").read_text())
+                _base_manifest(cfg, name, folder, world, history)
+                return model, tokenizer, history, True
+            except (CheckpointError, OSError, ValueError) as e:  # damaged: rebuilt, as a finetuned model is
+                get_logger("pc_clip.training.pretrain").warning(f"{e}. Rebuilding it.")
+        model, tokenizer, history = pretrain_clip(world, s, device=device or cfg.device, progress=progress, threads=threads,
+                                                  resume_dir=resume_folder(folder), key=fp, desc=f"pretrain {name}")
+        keep = ("seconds", "cpu_seconds", "final_loss", "steps", "epochs", "threads")
+        save_checkpoint(model, folder, s.model_name, extra=dict(fingerprint=fp, world_key=world.key, seed=s.seed,
+                                                                 **{k: history[k] for k in keep}))
+        atomic_write_json(folder / "history.json", history)
+        shutil.rmtree(resume_folder(folder), ignore_errors=True)  # the finished model replaces its training state
+        _base_manifest(cfg, name, folder, world, history)
+    return model, tokenizer, history, False
+
 # %% ../../nbs/training/05_plan.ipynb #d6b59300
 def finetune_plan() -> dict[str, tuple[str, dict]]:
     "`{name: (training data, finetune overrides)}` of every model trained on data (the registry's, when called)."
@@ -134,35 +183,35 @@ def _training_data(cfg: Config, corpus: pd.DataFrame, held_out) -> tuple[dict[st
     keys = list(sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling, held_out)["key"])
     oracle = cfg.generator == "oracle"
     pick = lambda path: difference_triples(select_records(read_records(path), keys))
-    clean, noisy = differences_path(cfg, noise=0.0 if oracle else None), differences_path(cfg, noise=NOISE_LEVEL)
+    clean, noisy = differences_path(store_options(cfg), 0.0 if oracle else None), differences_path(store_options(cfg), NOISE_LEVEL)
     what = f"`{clean.name}` ({_generator_of(clean)}, {len(keys)} pairs)"
     data, sources = {"differences": pick(clean)}, {"differences": f"{what}: every accepted statement"}
     if cfg.judge:  # the judge's verdicts decide what pc-clip trains on; all accepted statements train the ablation
         data["unfiltered"], sources["unfiltered"] = data["differences"], sources["differences"] + " (judge ignored)"
-        data["differences"] = training_triples(cfg, 0.0 if oracle else None, filtered=True, pairs=pd.DataFrame({"key": keys}))
+        data["differences"] = training_triples(store_options(cfg), 0.0 if oracle else None, filtered=True, pairs=pd.DataFrame({"key": keys}))
         sources["differences"] = f"{what}: the statements judge `{cfg.judge}` found consistent"
     if oracle:
         data["noisy"] = pick(noisy)
         sources["noisy"] = f"`{noisy.name}` ({_generator_of(noisy)}, {len(keys)} pairs): every accepted statement"
     data["captions"] = corpus.rename(columns={"image_id": "i", "caption": "text"})[["i", "text"]]
     sources["captions"] = f"the {cfg.corpus} training captions ({len(corpus)} images)"
-    rewrites = select_records(read_records(rewrites_path(cfg)), [str(i) for i in corpus["image_id"]], "rewrites")
+    rewrites = select_records(read_records(rewrites_path(store_options(cfg))), [str(i) for i in corpus["image_id"]], "rewrites")
     data["rewritten"] = rewritten_captions(rewrites)
-    sources["rewritten"] = f"`{rewrites_path(cfg).name}` ({_generator_of(rewrites_path(cfg))}): rewritten captions"
-    files = {"differences": clean, "unfiltered": clean, "noisy": noisy, "rewritten": rewrites_path(cfg)}
+    sources["rewritten"] = f"`{rewrites_path(store_options(cfg)).name}` ({_generator_of(rewrites_path(store_options(cfg)))}): rewritten captions"
+    files = {"differences": clean, "unfiltered": clean, "noisy": noisy, "rewritten": rewrites_path(store_options(cfg))}
     return data, sources, {k: v for k, v in files.items() if k in data}
 
 
 def finetuning_inputs(cfg: Config, device: str | torch.device | None = None, progress: bool = True) -> FinetuneInputs:
     "The base model, the training corpus's image table and the training data of every planned model, for `cfg`."
-    base, preprocess, tokenizer = load_clip(cfg, "clip", device)
-    corpus, held_out, world = load_corpus(cfg, "train")
+    base, preprocess, tokenizer = load_clip(**clip_source(cfg, "clip", device))
+    corpus, held_out, world = load_corpus(**corpus_options(cfg), split="train")
     data, sources, files = _training_data(cfg, corpus, held_out)
     if world is not None:
-        return FinetuneInputs(base, tokenizer, embed_images(base, world.images, cfg, progress=progress), world.images,
+        return FinetuneInputs(base, tokenizer, embed_images(base, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress), world.images,
                               data, world, sources, files)
-    ds = load_dataset(cfg.corpus, cfg, split="train")
-    emb = embed_images(base, ds, cfg, preprocess=preprocess, progress=progress)
+    ds = load_dataset(cfg.corpus, **dataset_options(cfg), split="train")
+    emb = embed_images(base, ds, cache_dir(cfg), **embedding_options(cfg), preprocess=preprocess, progress=progress)
     data = {k: embedding_rows(ds, df) for k, df in data.items()}  # unreadable images have no row: their pairs go
     return FinetuneInputs(base, tokenizer, emb, None, data, sources=sources, files=files)
 
@@ -199,8 +248,8 @@ def base_inputs(inputs: FinetuneInputs, cfg: Config, name: str | None, progress:
     if name not in inputs.bases:
         if inputs.world is None:
             raise ValueError(f"base model {name!r} is an ablation of the Shapes world; corpus {cfg.corpus!r} has none")
-        base, _, _ = load_clip(cfg, name, inputs.image_emb.device)
-        emb = embed_images(base, inputs.world.images, cfg, progress=progress)
+        base, _, _ = load_clip(**clip_source(cfg, name, inputs.image_emb.device))
+        emb = embed_images(base, inputs.world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
         inputs.bases[name] = FinetuneInputs(base, inputs.tokenizer, emb, inputs.images, inputs.data, inputs.world,
                                             inputs.sources, inputs.files)
     return inputs.bases[name]
@@ -229,13 +278,12 @@ def finetune_models(inputs: FinetuneInputs, cfg: Config, names: Sequence[str] | 
         if spec.chosen:  # trained at a candidate learning rate (the one setting, unless given)
             at = float(lr) if lr is not None else candidate_lr(cfg, name)
             kw = {**kw, "lr": at}
-        fn = finetune_captions if key in CAPTION_DATA else finetune
+        s = caption_settings(cfg, **kw) if key in CAPTION_DATA else FinetuneSettings.from_config(cfg, **kw)
         out = model_dir(cfg, name, lr=at)
         src = base_inputs(inputs, cfg, spec.parent, progress)
-        runs[name] = fn(src.base, src.tokenizer, src.data[key], cfg, out,
-                        image_embeddings=src.image_emb, images=src.images, progress=progress, **kw)
+        runs[name] = finetune(src.base, src.tokenizer, src.data[key], s, out, src.image_emb, src.images, progress=progress)
         if rank_world()[0] == 0:
-            write_manifest(cfg, name, out, lr=at, data_file=inputs.files.get(key), parent=model_dir(cfg, spec.parent or "clip"),
+            write_manifest(out, model_manifest(cfg, name, out, lr=at), data_file=inputs.files.get(key), parent=model_dir(cfg, spec.parent or "clip"),
                            extra={"training": {"rows": int(runs[name].epochs.pairs.iloc[0]) if len(runs[name].epochs) else None,
                                                "source": inputs.sources.get(key, "?")}})
     return runs
@@ -263,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if s.parent in runs:
             save_weight_average(inputs.base, runs[s.parent].model, model_dir(cfg, s.name), cfg.model_name, cfg.wavg_alpha)
             if rank == 0:
-                write_manifest(cfg, s.name, parent=runs[s.parent].out_dir, extra={"weight_average": {"alpha": cfg.wavg_alpha}})
+                write_manifest(model_dir(cfg, s.name), model_manifest(cfg, s.name), parent=runs[s.parent].out_dir, extra={"weight_average": {"alpha": cfg.wavg_alpha}})
     if world > 1:
         dist.destroy_process_group()
     return 0

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,20 +17,21 @@ import open_clip
 import torch
 from tqdm.auto import tqdm
 
-from ..core.config import Config
-from ..core.runtime import artifact_lock, atomic_write_json, cache_dir, content_hash, get_logger, pick_device
+from ..core.config import PRETRAIN_FIELDS, Config, config_problems
+from ..core.artifacts import content_hash
+from ..core.log import get_logger
+from ..core.devices import pick_device
 from ..models.embed import compute_image_embeddings
 from ..models.text import encode_text_trimmed
-from ..models.clip import (CheckpointError, checkpoint_metadata, create_clip, images_to_tensor, input_size, is_checkpoint,
-    load_checkpoint, model_dir, save_checkpoint, write_manifest)
+from ..models.clip import checkpoint_metadata, create_clip, images_to_tensor, input_size
 from ..world.species import CATEGORY_NAMES
 from ..world.shapes import World, epoch_captions
 from .state import load_train_state, save_train_state
 
 # %% auto #0
 __all__ = ['ZERO_SHOT_TEMPLATE', 'PRETRAIN_THREADS', 'PRETRAIN_STEP', 'warmup_cosine', 'zero_shot_accuracy', 'encode_captions',
-           'clip_step_loss', 'train_steps', 'pretrain_clip', 'pretrain_fingerprint', 'resume_folder',
-           'pretrain_or_load']
+           'clip_step_loss', 'PretrainSettings', 'train_steps', 'pretrain_clip', 'pretrain_fingerprint',
+           'resume_folder', 'saved_fingerprint']
 
 # %% ../../nbs/training/02_pretrain.ipynb #464b8a7a
 def warmup_cosine(step: int, total: int, warmup: float = 0.05) -> float:
@@ -109,17 +110,41 @@ def _resume(resume_dir, key, model, opt, gen, names) -> tuple[int, torch.Tensor 
     return meta["step"], meta["extra"]["order"], meta["history"]
 
 # %% ../../nbs/training/02_pretrain.ipynb #747af3dd
-def train_steps(model, tokenizer, world: World, cfg: Config, device, weight_decay: float = 0.1, warmup: float = 0.05,
-                progress: bool = True, on_step: Callable[[int, float], None] | None = None,
+@dataclass(frozen=True)
+class PretrainSettings:
+    "Every setting of a pretraining run: the `Config` fields of `PRETRAIN_FIELDS`, with their defaults and rules."
+    model_name: str = Config.model_name
+    seed: int = Config.seed
+    steps: int = Config.pretrain_steps
+    batch_size: int = Config.pretrain_batch_size
+    lr: float = Config.pretrain_lr
+    weight_decay: float = Config.pretrain_weight_decay
+    warmup: float = Config.pretrain_warmup
+    betas: tuple[float, ...] = Config.pretrain_betas
+    eps: float = Config.pretrain_eps
+
+    def __post_init__(self):
+        problems = config_problems(**{field: getattr(self, k) for k, field in PRETRAIN_FIELDS.items()})
+        if problems:
+            raise ValueError("invalid pretraining settings (PretrainSettings.x is Config.pretrain_x):\n  " + "\n  ".join(problems))
+
+    @classmethod
+    def from_config(cls, cfg: Config, **overrides) -> PretrainSettings:
+        "The pretraining settings of `cfg`, with `overrides` (fields of this class)."
+        return cls(**{**{k: getattr(cfg, field) for k, field in PRETRAIN_FIELDS.items()}, **overrides})
+
+
+def train_steps(model, tokenizer, world: World, s: PretrainSettings, device, progress: bool = True,
+                on_step: Callable[[int, float], None] | None = None,
                 step_loss: Callable[[torch.nn.Module, dict], dict] | None = None, resume_dir: str | Path | None = None,
                 key: str = "", save_every: int = 50, desc: str = "pretrain CLIP") -> dict:
-    "`cfg.pretrain_steps` steps of `step_loss` (default: CLIP loss), a new order and new captions every epoch; the history."
+    "`s.steps` steps of `step_loss` (default: CLIP loss), a new order and new captions every epoch; the history."
     idx = world.indices("train")
-    bs, total = cfg.pretrain_batch_size, cfg.pretrain_steps
+    bs, total = s.batch_size, s.steps
     images, records = images_to_tensor(world.images[idx], size=input_size(model)), world.records(idx)
     steps_per_epoch = len(idx) // bs
-    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=cfg.pretrain_lr, betas=(0.9, 0.98), eps=1e-6)
-    loss_fn, gen = open_clip.ClipLoss(), torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.lr, betas=tuple(s.betas), eps=s.eps)
+    loss_fn, gen = open_clip.ClipLoss(), torch.Generator().manual_seed(s.seed)
     step_loss = step_loss or (lambda m, batch: clip_step_loss(m, batch, loss_fn))
     names = [n for n, _ in model.named_parameters()]
     start, perm, history = _resume(resume_dir, key, model, opt, gen, names)
@@ -131,7 +156,7 @@ def train_steps(model, tokenizer, world: World, cfg: Config, device, weight_deca
     for step in bar:
         epoch, b = divmod(step, steps_per_epoch)
         if b == 0 or step == start:
-            tokens = tokenizer(epoch_captions(records, cfg.seed, epoch, world.caption_style, world.caption_rate))  # fresh captions every epoch
+            tokens = tokenizer(epoch_captions(records, s.seed, epoch, world.caption_style, world.caption_rate))  # fresh captions every epoch
         if b == 0:
             perm = torch.randperm(len(idx), generator=gen)
         j = perm[b * bs:(b + 1) * bs]
@@ -139,7 +164,7 @@ def train_steps(model, tokenizer, world: World, cfg: Config, device, weight_deca
                                       records=records, step=step, tokenizer=tokenizer))
         opt.zero_grad(set_to_none=True)
         parts["total"].backward()
-        lr = cfg.pretrain_lr * warmup_cosine(step, total, warmup)
+        lr = s.lr * warmup_cosine(step, total, s.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.step()
@@ -152,7 +177,7 @@ def train_steps(model, tokenizer, world: World, cfg: Config, device, weight_deca
         if resume_dir is not None and (step + 1) % save_every == 0 and step + 1 < total:
             history.update(seconds_before=before["seconds"] + time.perf_counter() - t0,
                            cpu_seconds_before=before["cpu_seconds"] + time.process_time() - c0)
-            save_train_state(resume_dir, model, cfg.model_name, opt, None, None,
+            save_train_state(resume_dir, model, s.model_name, opt, None, None,
                              dict(epoch=epoch, step=step + 1, run_key=key, history=history), names,
                              extra=dict(generator=gen.get_state(), order=perm))
         if on_step is not None:
@@ -164,30 +189,27 @@ def train_steps(model, tokenizer, world: World, cfg: Config, device, weight_deca
     return history
 
 # %% ../../nbs/training/02_pretrain.ipynb #638c606b
-def pretrain_clip(world: World, cfg: Config, device: str | torch.device | None = None, weight_decay: float = 0.1,
-                  warmup: float = 0.05, progress: bool = True, threads: int = PRETRAIN_THREADS,
-                  on_step: Callable[[int, float], None] | None = None, step_loss=None,
+def pretrain_clip(world: World, s: PretrainSettings, device: str | torch.device = "auto", progress: bool = True,
+                  threads: int = PRETRAIN_THREADS, on_step: Callable[[int, float], None] | None = None, step_loss=None,
                   resume_dir: str | Path | None = None, key: str = "", save_every: int = 50, desc: str = "pretrain CLIP"):
-    "Train `cfg.model_name` from scratch for `cfg.pretrain_steps` steps on the world's train split; `(model, tokenizer, history)`."
-    device = torch.device(device) if device is not None else pick_device(cfg.device)
+    "Train `s.model_name` from scratch for `s.steps` steps on the world's train split; `(model, tokenizer, history)`."
+    device = pick_device(device) if isinstance(device, str) else torch.device(device)
     n_train = len(world.indices("train"))
-    if n_train < cfg.pretrain_batch_size:
-        raise ValueError(f"the world has {n_train} train images, fewer than one batch ({cfg.pretrain_batch_size}); "
+    if n_train < s.batch_size:
+        raise ValueError(f"the world has {n_train} train images, fewer than one batch ({s.batch_size}); "
                          "raise world_n_train or lower pretrain_batch_size")
-    size = (open_clip.get_model_config(cfg.model_name) or {}).get("vision_cfg", {}).get("image_size")
+    size = (open_clip.get_model_config(s.model_name) or {}).get("vision_cfg", {}).get("image_size")
     if size is not None and size != world.images.shape[1]:  # allowed (images are resized), but rarely meant
         get_logger("pc_clip.training.pretrain").warning(
-            f"{cfg.model_name} reads {size}-pixel images but the world is drawn at {world.images.shape[1]} pixels: "
+            f"{s.model_name} reads {size}-pixel images but the world is drawn at {world.images.shape[1]} pixels: "
             f"its images are resized; set world_image_size={size} to draw them at the model's size")
-    if cfg.pretrain_steps < 1:
-        raise ValueError(f"pretrain_steps must be at least 1; got {cfg.pretrain_steps}")
     caller_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         t0, c0 = time.perf_counter(), time.process_time()
-        model, _, tokenizer = create_clip(cfg.model_name, None, device=device, seed=cfg.seed)
-        history = train_steps(model, tokenizer, world, cfg, device, weight_decay, warmup, progress, on_step,
-                              step_loss, resume_dir, key, save_every, desc)
+        model, _, tokenizer = create_clip(s.model_name, None, device=device, seed=s.seed)
+        history = train_steps(model, tokenizer, world, s, device, progress, on_step, step_loss, resume_dir, key,
+                              save_every, desc)
     finally:
         torch.set_num_threads(caller_threads)
     # reported, never used; a resumed run counts the parts before it (up to their last saved state) too
@@ -201,13 +223,12 @@ def pretrain_clip(world: World, cfg: Config, device: str | torch.device | None =
 PRETRAIN_STEP = 2  # the version of the step's computation: 2 = the text tower trimmed and fused (issue 22)
 
 
-def pretrain_fingerprint(cfg: Config, world: World, weight_decay: float = 0.1, warmup: float = 0.05,
-                         threads: int = PRETRAIN_THREADS) -> str:
-    "Hash of everything that determines the pretrained weights (world, architecture, seed, steps and optimiser settings)."
-    return content_hash(dict(world=world.key or content_hash(world.images), captions=(world.caption_style, world.caption_rate), model=cfg.model_name,
-                             architecture=open_clip.get_model_config(cfg.model_name), seed=cfg.seed,
-                             step=PRETRAIN_STEP, steps=cfg.pretrain_steps, batch=cfg.pretrain_batch_size, lr=cfg.pretrain_lr,
-                             weight_decay=weight_decay, warmup=warmup, threads=threads))
+def pretrain_fingerprint(s: PretrainSettings, world: World, threads: int = PRETRAIN_THREADS) -> str:
+    "Hash of everything that determines the pretrained weights (world, architecture, every setting of `s`, threads)."
+    return content_hash(dict(world=world.key or content_hash(world.images), captions=(world.caption_style, world.caption_rate),
+                             model=s.model_name, architecture=open_clip.get_model_config(s.model_name), seed=s.seed,
+                             step=PRETRAIN_STEP, steps=s.steps, batch=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
+                             warmup=s.warmup, betas=list(s.betas), eps=s.eps, threads=threads))
 
 # %% ../../nbs/training/02_pretrain.ipynb #5b3def2c
 def resume_folder(folder: str | Path) -> Path:
@@ -216,7 +237,7 @@ def resume_folder(folder: str | Path) -> Path:
     return folder.with_name(f".{folder.name}.resume")
 
 
-def _fingerprint(folder: Path) -> str | None:
+def saved_fingerprint(folder: Path) -> str | None:
     "The fingerprint recorded with a checkpoint (None when its config file cannot be read: rebuilt)."
     try:
         return checkpoint_metadata(folder).get("fingerprint")
@@ -224,34 +245,3 @@ def _fingerprint(folder: Path) -> str | None:
         return None
 
 
-def _base_manifest(cfg: Config, name: str, folder: Path, world: World, history: dict) -> None:
-    "A base model's manifest, like a finetuned one's: its settings, the run, and its data (the world's caption table)."
-    data = cache_dir(cfg) / "world" / f"{world.key}.attrs.csv"
-    write_manifest(cfg, name, folder, data_file=data if world.key else None,
-                   extra={"pretraining": {"world_key": world.key, **{k: history.get(k) for k in ("steps", "epochs", "final_loss")}}})
-
-
-def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | None = None, retrain: bool = False,
-                     progress: bool = True, threads: int = PRETRAIN_THREADS, name: str = "clip"):
-    "`(model, tokenizer, history, reused)`: the saved base model `name` of `cfg` if its fingerprint matches, else a new one."
-    folder = model_dir(cfg, name)
-    fp = pretrain_fingerprint(cfg, world, threads=threads)
-    with artifact_lock(folder):  # a second run writing the same model stops here with a clear message
-        if not retrain and is_checkpoint(folder) and _fingerprint(folder) == fp:
-            try:
-                model, _, tokenizer = load_checkpoint(folder, device=device or pick_device(cfg.device))
-                history = json.loads((folder / "history.json").read_text())
-                _base_manifest(cfg, name, folder, world, history)
-                return model, tokenizer, history, True
-            except (CheckpointError, OSError, ValueError) as e:  # damaged: rebuilt, as a finetuned model is
-                get_logger("pc_clip.training.pretrain").warning(f"{e}. Rebuilding it.")
-        model, tokenizer, history = pretrain_clip(world, cfg, device=device, progress=progress, threads=threads,
-                                                  resume_dir=resume_folder(folder), key=fp,
-                                                  desc=f"pretrain {name}")
-        keep = ("seconds", "cpu_seconds", "final_loss", "steps", "epochs", "threads")
-        save_checkpoint(model, folder, cfg.model_name, extra=dict(fingerprint=fp, world_key=world.key, seed=cfg.seed,
-                                                                   **{k: history[k] for k in keep}))
-        atomic_write_json(folder / "history.json", history)
-        shutil.rmtree(resume_folder(folder), ignore_errors=True)  # the finished model replaces its training state
-        _base_manifest(cfg, name, folder, world, history)
-    return model, tokenizer, history, False

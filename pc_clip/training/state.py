@@ -17,10 +17,8 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..core.config import Config
-from ..core.runtime import atomic_write_json, replace_folder
-from .losses import LOSSES, TRAINABLE_MODES
-from ..models.text import COMPILE_MODES
+from ..core.config import FINETUNE_FIELDS, Config, config_problems
+from ..core.artifacts import atomic_write_json, replace_folder
 from ..models.clip import CheckpointError, file_sha256, load_weights, save_checkpoint, save_safetensors
 
 # %% auto #0
@@ -30,42 +28,30 @@ __all__ = ['FinetuneSettings', 'save_train_state', 'load_train_state', 'epoch_ch
 # %% ../../nbs/training/01_state.ipynb #d5c3c809
 @dataclass(frozen=True)
 class FinetuneSettings:
-    "Every knob of one finetuning run; `from_config(cfg, **overrides)` reads them from a `Config`."
-    trainable: str = "text_blocks"
-    loss: str = "contrastive"
-    temperature: float = 1.0
-    lr: float = 2e-3
-    lr_decay: float = 0.9
-    epochs: int = 1
-    batch_size: int = 128
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    max_bad_fraction: float = 0.1
-    max_pairs: int | None = None
-    seed: int = 0
-    precision: str = "auto"
-    model_name: str = "pc-clip-tiny"
-    keep_epochs: tuple[int, ...] = ()
-    fused_attention: bool = False
-    length_buckets: int = 0
-    compile: str = "off"
+    "Every knob of one finetuning run: the `Config` fields of `FINETUNE_FIELDS`, with their defaults and rules."
+    trainable: str = Config.ft_trainable
+    loss: str = Config.ft_loss
+    temperature: float = Config.ft_temperature
+    lr: float = Config.ft_lr
+    lr_decay: float = Config.ft_lr_decay
+    epochs: int = Config.ft_epochs
+    batch_size: int = Config.ft_batch_size
+    grad_accum: int = Config.ft_grad_accum
+    weight_decay: float = Config.ft_weight_decay
+    max_bad_fraction: float = Config.ft_max_bad_fraction
+    max_pairs: int | None = Config.ft_max_pairs
+    seed: int = Config.seed
+    precision: str = Config.precision
+    model_name: str = Config.model_name
+    keep_epochs: tuple[int, ...] = Config.ft_keep_epochs
+    fused_attention: bool = Config.ft_fused_attention
+    length_buckets: int = Config.ft_length_buckets
+    compile: str = Config.ft_compile
 
     def __post_init__(self):
-        if self.trainable not in TRAINABLE_MODES:
-            raise ValueError(f"trainable must be one of {TRAINABLE_MODES}; got {self.trainable!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}; got {self.loss!r}")
-        if self.batch_size < 2 and self.loss != "mse":
-            raise ValueError("a contrastive loss needs batch_size >= 2 (the other pairs of a batch are its negatives)")
-        for k in ("epochs", "batch_size", "grad_accum"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1; got {getattr(self, k)}")
-        if not 0 <= self.max_bad_fraction < 1:
-            raise ValueError(f"max_bad_fraction must be in [0, 1); got {self.max_bad_fraction}")
-        if self.length_buckets < 0:
-            raise ValueError(f"length_buckets is a number of batches (0: off); got {self.length_buckets}")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be one of {COMPILE_MODES}; got {self.compile!r}")
+        problems = config_problems(**{field: getattr(self, k) for k, field in FINETUNE_FIELDS.items()})
+        if problems:  # the config's own messages, which name the `ft_*` field of each setting
+            raise ValueError("invalid finetuning settings (FinetuneSettings.x is Config.ft_x):\n  " + "\n  ".join(problems))
 
     @classmethod
     def from_config(cls, cfg: Config, **overrides) -> FinetuneSettings:
@@ -73,14 +59,7 @@ class FinetuneSettings:
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise TypeError(f"unknown finetuning setting(s) {unknown}; valid: {[f.name for f in dataclasses.fields(cls)]}")
-        base = dict(trainable=cfg.ft_trainable, loss=cfg.ft_loss, temperature=cfg.ft_temperature, lr=cfg.ft_lr,
-                    lr_decay=cfg.ft_lr_decay, epochs=cfg.ft_epochs, batch_size=cfg.ft_batch_size,
-                    grad_accum=cfg.ft_grad_accum, weight_decay=cfg.ft_weight_decay,
-                    max_bad_fraction=getattr(cfg, "ft_max_bad_fraction", 0.1), max_pairs=cfg.ft_max_pairs,
-                    seed=cfg.seed, precision=cfg.precision, model_name=cfg.model_name,
-                    keep_epochs=tuple(getattr(cfg, "ft_keep_epochs", ())),
-                    fused_attention=getattr(cfg, "ft_fused_attention", False),
-                    length_buckets=getattr(cfg, "ft_length_buckets", 0), compile=getattr(cfg, "ft_compile", "off"))
+        base = {k: getattr(cfg, field) for k, field in FINETUNE_FIELDS.items()}
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     def weight_settings(self) -> dict:

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core.config import Config
-from ..core.runtime import atomic_write, cache_dir, content_hash, display_path, get_logger, timer
+from ..core.artifacts import atomic_write, content_hash
+from ..core.run import display_path
+from ..core.log import get_logger, timer
 from .render import BACKGROUNDS, COLOURS, render_images
 from pc_clip.world.species import (_BRIGHTNESS_RANGES, CATEGORIES, CATEGORY_NAMES, COLOUR_NEIGHBOURS, SHAPE_ADJECTIVES,
     typical_attrs)
@@ -396,26 +397,25 @@ def build_world(seed: int, n_train: int, n_test: int, image_size: int = 32, n_va
     return World(images, attrs, list(attrs["caption"]), seed, caption_style=caption_style, caption_rate=caption_rate)
 
 # %% ../../nbs/world/02_shapes.ipynb #b191158a
-def world_key(cfg: Config) -> str:
-    "The cache key of the world a config describes."
-    return content_hash(dict(version=WORLD_VERSION, seed=cfg.seed, size=cfg.world_image_size, n_train=cfg.world_n_train,
-                             n_test=cfg.world_n_test, n_val=cfg.world_n_val, captions=cfg.world_captions,
-                             rate=cfg.world_caption_rate if cfg.world_captions == "comparative" else None))
+def world_key(seed: int, image_size: int, n_train: int, n_test: int, n_val: int, captions: str = "comparative",
+              caption_rate: float = 1.0) -> str:
+    "The cache key of the world these settings describe (`world_settings(cfg)` names a run's)."
+    return content_hash(dict(version=WORLD_VERSION, seed=seed, size=image_size, n_train=n_train, n_test=n_test,
+                             n_val=n_val, captions=captions, rate=caption_rate if captions == "comparative" else None))
 
 # %% ../../nbs/world/02_shapes.ipynb #5d5109b0
-def make_world(cfg: Config, rebuild: bool = False) -> World:
-    "The Shapes world of `cfg`, loaded from the cache or built (and cached) if absent."
-    key = world_key(cfg)
-    folder = cache_dir(cfg) / "world"
+def make_world(cache: str | Path, seed: int, image_size: int, n_train: int, n_test: int, n_val: int,
+               captions: str = "comparative", caption_rate: float = 1.0, rebuild: bool = False) -> World:
+    "The Shapes world of these settings, loaded from the cache folder `cache` or built (and cached there) if absent."
+    key = world_key(seed, image_size, n_train, n_test, n_val, captions, caption_rate)
+    folder = Path(cache) / "world"
     npy, csv = folder / f"{key}.images.npy", folder / f"{key}.attrs.csv"
     if npy.exists() and csv.exists() and not rebuild:
         attrs = pd.read_csv(csv, keep_default_na=False, na_values=[""])
         images = np.load(npy)
-        return World(images, attrs, list(attrs["caption"]), cfg.seed, key, cfg.world_captions,
-                     cfg.world_caption_rate)
+        return World(images, attrs, list(attrs["caption"]), seed, key, captions, caption_rate)
     with timer() as t:
-        world = build_world(cfg.seed, cfg.world_n_train, cfg.world_n_test, cfg.world_image_size, cfg.world_n_val,
-                            cfg.world_captions, cfg.world_caption_rate)
+        world = build_world(seed, n_train, n_test, image_size, n_val, captions, caption_rate)
     buf = io.BytesIO(); np.save(buf, world.images)
     atomic_write(npy, buf.getvalue())
     atomic_write(csv, world.attrs.to_csv(index=False))
