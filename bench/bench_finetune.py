@@ -164,8 +164,8 @@ def _timed_finetune(model, tokenizer, triples, cfg, emb, dev, **fast) -> tuple[f
     included)."""
     with tempfile.TemporaryDirectory(dir=_scratch_dir() if dev.type == "cuda" else None) as tmp:
         t0 = time.perf_counter()
-        run = finetune(model, tokenizer, triples, FinetuneSettings.from_config(cfg, **fast), Path(tmp) / "run",
-                       image_embeddings=emb, progress=False)
+        run = finetune(model, tokenizer, triples, FinetuneSettings.from_config(cfg, **fast),
+                       Path(tmp) / "run", image_embeddings=emb, progress=False)
         wall = time.perf_counter() - t0
     rate = float(run.epochs["pairs_per_s"].iloc[-1])
     del run
@@ -247,7 +247,8 @@ def measure_finetune(model_name: str = "pc-clip-tiny", pairs: int = 4096, ref_pa
 def _mean_padded(ids: torch.Tensor, triples: pd.DataFrame, batch_size: int, epochs: int, seed: int,
                  fast: dict | None) -> float:
     "Mean padded length of a batch in the last epoch, with or without the fast paths' length buckets."
-    s = FinetuneSettings(batch_size=batch_size, seed=seed, length_buckets=(fast or {}).get("length_buckets", 0))
+    s = FinetuneSettings(batch_size=batch_size, seed=seed,
+                         length_buckets=(fast or {}).get("length_buckets", 0))
     eot = ids.argmax(dim=-1)
     return float(np.mean([int(eot[b].max()) + 1 for b in _batches(len(triples), s, epochs - 1, 1, eot)]))
 

@@ -53,7 +53,8 @@ from pc_clip.models.clip import create_clip
 from pc_clip.models.embed import compute_image_embeddings, embed_texts
 from pc_clip.models.text import pooled_positions
 from pc_clip.training.finetune import _batches, _prepare, _train_step, _trainer
-from pc_clip.training.pretrain import PRETRAIN_THREADS, PretrainSettings, _param_groups, clip_step_loss, pretrain_clip
+from pc_clip.training.pretrain import (PRETRAIN_THREADS, PretrainSettings, _param_groups, clip_step_loss,
+                                       pretrain_clip)
 from pc_clip.training.state import FinetuneSettings
 from pc_clip.world.shapes import build_world
 
@@ -167,8 +168,8 @@ def pretrain_stage(world, cfg, steps: int, warmup: int, threads: int, reps: int,
     on_step = lambda step, loss: stamps.append((time.perf_counter(), time.process_time()))
     total = warmup + steps
     t0 = time.perf_counter()
-    trained, tok, hist = pretrain_clip(world, PretrainSettings.from_config(cfg, steps=total), device="cpu", progress=False,
-                                       threads=threads, on_step=on_step, step_loss=step_loss)
+    trained, tok, hist = pretrain_clip(world, PretrainSettings.from_config(cfg, steps=total), device="cpu",
+                                       progress=False, threads=threads, on_step=on_step, step_loss=step_loss)
     log(f"  {total} steps of pretrain_clip in {time.perf_counter() - t0:.1f} s (model built, world "
         f"tokenised, "
         f"{warmup} warm-up steps included)")

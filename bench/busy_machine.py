@@ -1,11 +1,12 @@
 """What one CPU hog beside a run costs, with and without the kernel environment `pc-clip` starts its kernels
 with.
 
-On a shared machine, torch's OpenMP threads used to spin-wait at the end of every parallel region: when another job
-holds one of the cores, the thread that finished first burns the core its partner needs, and a 2-thread pretraining
-step ran many times slower than the load alone explains. `pc_clip.kernels.KERNEL_ENV` (`OMP_WAIT_POLICY=PASSIVE`: a
-thread that waits sleeps instead of spinning) is what the CLI sets for every notebook kernel it starts; it changes
-no number (the same threads split the same work; the weights' hash is printed and compared).
+On a shared machine, torch's OpenMP threads used to spin-wait at the end of every parallel region: when
+another job holds one of the cores, the thread that finished first burns the core its partner needs, and a
+2-thread pretraining step ran many times slower than the load alone explains.
+`pc_clip.kernels.KERNEL_ENV` (`OMP_WAIT_POLICY=PASSIVE`: a thread that waits sleeps instead of spinning) is
+what the CLI sets for every notebook kernel it starts; it changes no number (the same threads split the
+same work; the weights' hash is printed and compared).
 
 Stage mode (the default) times `--steps` pretraining steps of the tiny model (the `tiny` profile's batch and
 `PRETRAIN_THREADS`, on a small world cached in a private folder), each in a fresh process so the environment

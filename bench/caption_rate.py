@@ -4,14 +4,15 @@
     PC_CLIP_RUNS=/tmp/cr pc-clip reproduce --profile tiny --only 02   # the oracle differences (shared by
     every rate) PC_CLIP_RUNS=/tmp/cr python bench/caption_rate.py --rates 0 0.25 0.5 1
 
-Rate 0 is the plain world (`world_captions="plain"`, the ablation); a rate r > 0 scales the comparative style's rates
-(norm comparisons, gallery frames, generic nouns; `pc_clip.world.shapes`). For each rate the script pretrains the
-tiny base model (the profile's steps, seed and schedule), measures the vocabulary coverage of its pretraining
-captions, and runs `pc-clip`'s validation search (`pc_clip.training.sweep.run_sweep`, the profile's grid and
-rule). Test images are never touched. The rule, fixed before any number was looked at: among the rates whose
-pretraining captions cover every word of the training wordings (coverage 1.0), the one whose chosen `pc-clip` has
-the largest validation difference-classification gain over its own base; ties go to the higher base zero-shot
-accuracy. Wall time is printed for the budget and never used.
+Rate 0 is the plain world (`world_captions="plain"`, the ablation); a rate r > 0 scales the comparative
+style's rates (norm comparisons, gallery frames, generic nouns; `pc_clip.world.shapes`). For each rate the
+script pretrains the tiny base model (the profile's steps, seed and schedule), measures the vocabulary
+coverage of its pretraining captions, and runs `pc-clip`'s validation search
+(`pc_clip.training.sweep.run_sweep`, the profile's grid and rule). Test images are never touched. The rule,
+fixed before any number was looked at: among the rates whose pretraining captions cover every word of the
+training wordings (coverage 1.0), the one whose chosen `pc-clip` has the largest validation
+difference-classification gain over its own base; ties go to the higher base zero-shot accuracy. Wall time
+is printed for the budget and never used.
 """
 from __future__ import annotations
 

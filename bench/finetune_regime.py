@@ -3,10 +3,10 @@
     PC_CLIP_RUNS=/tmp/fr pc-clip reproduce --profile tiny --only 01,02   # base model and differences
     PC_CLIP_RUNS=/tmp/fr python bench/finetune_regime.py [A B ...]
 
-Each regime finetunes `pc-clip` from the run's base model on the run's difference statements; each finetune, at
-full strength and averaged with the base at alpha 0.5, is scored on the world's **validation** images with the
-metrics the selection rule uses (`pc_clip.training.sweep.validation_outcomes`), as changes against the base.
-Test images are never touched. Wall time is printed for the budget and never used.
+Each regime finetunes `pc-clip` from the run's base model on the run's difference statements; each
+finetune, at full strength and averaged with the base at alpha 0.5, is scored on the world's **validation**
+images with the metrics the selection rule uses (`pc_clip.training.sweep.validation_outcomes`), as changes
+against the base. Test images are never touched. Wall time is printed for the budget and never used.
 """
 from __future__ import annotations
 
@@ -53,8 +53,9 @@ def main() -> None:
     for key in a.regimes:
         what, kw = REGIMES[key]
         t = time.perf_counter()
-        run = finetune(inputs.base, inputs.tokenizer, inputs.data["differences"], FinetuneSettings.from_config(cfg, **kw),
-                       os.path.join(out, key), image_embeddings=inputs.image_emb, images=inputs.images, progress=False)
+        run = finetune(inputs.base, inputs.tokenizer, inputs.data["differences"],
+                       FinetuneSettings.from_config(cfg, **kw), os.path.join(out, key),
+                       image_embeddings=inputs.image_emb, images=inputs.images, progress=False)
         seconds = time.perf_counter() - t
         for alpha in (0.5, 1.0):
             m = run.model if alpha == 1 else weight_average_model(inputs.base, run.model, alpha)

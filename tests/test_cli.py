@@ -43,7 +43,8 @@ def test_reproduce_runs_in_order_and_injects_overrides(tmp_path, runs_dir):
     assert marker.read_text().split("\n")[:2] == ["first 7 hi", "second 7 hi"]
     assert "time per notebook" in r.stdout and "results table" in r.stdout
     from pc_clip.core.run import notebooks_dir
-    executed = notebooks_dir(get_config("tiny", ft_epochs=7)) / "01_first.ipynb"  # this run's settings: its own folder
+    # this run's settings: its own folder
+    executed = notebooks_dir(get_config("tiny", ft_epochs=7)) / "01_first.ipynb"
     assert executed.exists() and executed.parent == runs_dir / "runs" / "tiny" / executed.parent.name
     assert not (runs_dir / "runs" / "tiny" / "notebooks").exists()  # the default run's folder is not touched
     r = pc_clip("reproduce", "--experiments", str(exp), "--only", "second", "-p", "note=1")
@@ -164,8 +165,10 @@ def test_paper_smoke_builds_its_stand_ins_before_the_preflight(tmp_path, runs_di
     found) first."""
     exp = tmp_path / "exp"; exp.mkdir()
     seen = tmp_path / "data_root.txt"
-    make_notebook(exp / "02_differences.ipynb", "from pathlib import Path\nfrom pc_clip.core.config import get_config\nfrom pc_clip.core.run import data_root\n"
-              f"Path({str(seen)!r}).write_text(str(data_root(get_config(profile, **overrides))))")
+    make_notebook(exp / "02_differences.ipynb",
+                  "from pathlib import Path\nfrom pc_clip.core.config import get_config\n"
+                  "from pc_clip.core.run import data_root\n"
+                  f"Path({str(seen)!r}).write_text(str(data_root(get_config(profile, **overrides))))")
     r = pc_clip("reproduce", "--profile", "paper-smoke", "--experiments", exp, unset=("PC_CLIP_DATA",),
                 timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]

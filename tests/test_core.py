@@ -13,17 +13,20 @@ import hashlib
 import pandas as pd
 from pathlib import Path
 
-from pc_clip.core.config import PROFILES, Config, ConfigError, get_config, given, validate_config, parse_overrides
+from pc_clip.core.config import (PROFILES, Config, ConfigError, get_config, given, validate_config,
+    parse_overrides)
 from pc_clip.core.artifacts import ArtifactBusy
 from pc_clip.core.results import read_results, result_row, write_results
 from pc_clip.core.run import notebooks_dir, results_options, results_path
 from pc_clip.core.store import JsonlStore, parse_line
-from pc_clip.models.clip import (TINY_MODEL, create_clip, load_checkpoint, save_checkpoint, WEIGHTS_FILE, find_models, is_checkpoint, load_clip)
+from pc_clip.models.clip import (TINY_MODEL, create_clip, load_checkpoint, save_checkpoint, WEIGHTS_FILE,
+    find_models, is_checkpoint, load_clip)
 from conftest import SMALL_TINY, make_notebook, p_args, pc_clip
 from pc_clip.core import registry
 from pc_clip.evaluation.runner import (evaluated_models, items_path, run_zero_shot, eval_datasets,
     write_evaluation)
-from pc_clip.core.registry import ModelSpec, backend_options, corpus_options, model_names, store_options, world_options
+from pc_clip.core.registry import (ModelSpec, backend_options, corpus_options, model_names, store_options,
+    world_options)
 from pc_clip.core.registry import clip_source, model_dir, models_dir
 
 
@@ -327,7 +330,8 @@ def test_results_table_is_idempotent_per_experiment(runs_dir):
     cfg = get_config("tiny")
     rows = [result_row("clip", "zero_shot", "world", "accuracy", 0.5, 0, 10)]
     write_results(rows, "e1", **results_options(cfg)); write_results(rows, "e1", **results_options(cfg))
-    write_results([result_row("pc-clip", "zero_shot", "world", "accuracy", 0.6, 0, 10)], "e2", **results_options(cfg))
+    write_results([result_row("pc-clip", "zero_shot", "world", "accuracy", 0.6, 0, 10)], "e2",
+                  **results_options(cfg))
     t = read_results(results_path(cfg))
     assert len(t) == 2 and set(t.experiment) == {"e1", "e2"}
 
@@ -382,7 +386,8 @@ def test_one_learning_rate_trains_and_evaluates_the_same_folders(tmp_path, monke
     assert r.returncode == 0 and str(model_dir(cfg, "pc-clip")) in r.stdout and "lr=0.001" in r.stdout, \
         r.stdout + r.stderr
 
-    # issue 30: every model is listed, bases too, with the run that wrote it and its data file; -p names the folders
+    # issue 30: every model is listed, bases too, with the run that wrote it and its data file;
+    # -p names the folders
     from pc_clip.core.run import run_name
     from pc_clip.report.build import run_warnings
     small = get_config("tiny", **parse_overrides(SMALL_TINY)[0])
@@ -493,12 +498,15 @@ def _toy_world_run(cfg):
         rewrite_captions, rewrites_path)
     from pc_clip.differences.pairs import load_corpus, sample_pairs
     save_checkpoint(create_clip("pc-clip-tiny", seed=0)[0], model_dir(cfg, "clip"), "pc-clip-tiny")
-    save_checkpoint(create_clip("pc-clip-tiny", seed=1)[0], model_dir(cfg, "clip/plain-captions"), "pc-clip-tiny")
+    save_checkpoint(create_clip("pc-clip-tiny", seed=1)[0], model_dir(cfg, "clip/plain-captions"),
+                    "pc-clip-tiny")
     corpus, held_out, world = load_corpus(**corpus_options(cfg), split="train")
     pairs = sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling, held_out)
     for noise in (0.0, registry.NOISE_LEVEL):
-        generate_differences(pairs, make_backend(world=world, **backend_options(cfg, noise=noise)), differences_path(store_options(cfg), noise), progress=False)
-    rewrite_captions(corpus, make_backend(world=world, **backend_options(cfg)), rewrites_path(store_options(cfg)), progress=False)
+        generate_differences(pairs, make_backend(world=world, **backend_options(cfg, noise=noise)),
+                             differences_path(store_options(cfg), noise), progress=False)
+    rewrite_captions(corpus, make_backend(world=world, **backend_options(cfg)),
+                     rewrites_path(store_options(cfg)), progress=False)
 
 
 @pytest.fixture
@@ -526,7 +534,8 @@ def test_one_registry_entry_is_trained_evaluated_and_reported(runs_dir, one_more
     # one lr (ft_lr=1e-3): each model at its own rate
     models, runs = finetune_chosen(inputs, cfg, progress=False)
     assert "pc-clip/tau-0.5" in runs and runs["pc-clip/tau-0.5"].settings.temperature == 0.5  # trained ...
-    assert is_checkpoint(model_dir(cfg, "pc-clip/tau-0.5")) and model_dir(cfg, "pc-clip/tau-0.5") != model_dir(cfg, "pc-clip")
+    assert is_checkpoint(model_dir(cfg, "pc-clip/tau-0.5"))
+    assert model_dir(cfg, "pc-clip/tau-0.5") != model_dir(cfg, "pc-clip")
     assert find_models(models_dir(cfg), "pc-clip/tau-0.5")[0]["role"] == "ablation"
     assert "pc-clip/tau-0.5" in evaluated_models(cfg)  # ... evaluated ...
     rows, _ = run_zero_shot(cfg, evaluated_models(cfg), eval_datasets(cfg, "zero_shot"))
@@ -538,12 +547,14 @@ def test_one_registry_entry_is_trained_evaluated_and_reported(runs_dir, one_more
 def test_a_damaged_base_checkpoint_is_rebuilt(runs_dir):
     from pc_clip.training.plan import pretrain_or_load
     from pc_clip.world.shapes import make_world
-    cfg = get_config("tiny", world_n_train=64, world_n_test=16, world_n_val=16, pretrain_steps=2, pretrain_batch_size=16)
+    cfg = get_config("tiny", world_n_train=64, world_n_test=16, world_n_val=16, pretrain_steps=2,
+                     pretrain_batch_size=16)
     world = make_world(**world_options(cfg))
     model, _, _, reused = pretrain_or_load(world, cfg, "cpu", progress=False)
     weights = model_dir(cfg, "clip") / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a truncated copy
     again, _, _, reused = pretrain_or_load(world, cfg, "cpu", progress=False)
     assert not reused
-    loaded = load_clip(**clip_source(cfg, "clip", "cpu"))[0]  # intact again, and the same weights (pretraining is seeded)
+    # intact again, and the same weights (pretraining is seeded)
+    loaded = load_clip(**clip_source(cfg, "clip", "cpu"))[0]
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

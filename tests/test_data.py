@@ -19,8 +19,8 @@ from pc_clip.core.run import project_root
 from pc_clip.data.imagedata import (DATASET_INFO, DatasetNotFoundError, ImageDataset, iter_images,
     visual_attribute_mask)
 from pc_clip.data.datasets import DATASETS, canonical_name, load_dataset
-from pc_clip.smoke.fixtures import (FLOWERS102_FIXTURE_CLASSES as FLOWERS_FIXTURE_CLASSES, accept_fixture_checksums,
-    fixture_colour, make_fixture, temp_workdir)
+from pc_clip.smoke.fixtures import (FLOWERS102_FIXTURE_CLASSES as FLOWERS_FIXTURE_CLASSES,
+    accept_fixture_checksums, fixture_colour, make_fixture, temp_workdir)
 from pc_clip.core.registry import dataset_options
 
 REAL = [d for d in DATASETS if d != "world"]
@@ -367,7 +367,8 @@ def test_world_val_split(monkeypatch):
     fake_world(monkeypatch)
     val = load_dataset("world", **dataset_options(get_config("tiny")), split="val")
     assert val.split == "val" and val.captions == [["a small mib"]] and val.labels.tolist() == [0]
-    sizes = {s: set(load_dataset("world", **dataset_options(get_config("tiny")), split=s).image_info["size"]) for s in ("train", "val", "test")}
+    sizes = {s: set(load_dataset("world", **dataset_options(get_config("tiny")), split=s).image_info["size"])
+             for s in ("train", "val", "test")}
     assert not (sizes["val"] & sizes["train"]) and not (sizes["val"] & sizes["test"])
 
 
@@ -397,8 +398,11 @@ def test_a_stand_in_manifest_in_a_real_data_root_does_not_bypass_md5(name, tmp_p
         load_dataset(name, **dataset_options(get_config("paper")), split=split)
     with pytest.raises(RuntimeError, match="torchvision refused"):
         load_dataset(name, root, split)  # a folder alone: official sums too
-    assert len(load_dataset(name, **dataset_options(get_config("paper-smoke")), split=split)) == EXPECTED[name][2]  # the stand-in profile
-    victim = next(f for f in sorted(root.rglob("*")) if f.is_file() and f.suffix in (".mat", "") and f.name != "meta"
+    # the stand-in profile
+    assert (len(load_dataset(name, **dataset_options(get_config("paper-smoke")), split=split))
+            == EXPECTED[name][2])
+    victim = next(f for f in sorted(root.rglob("*"))
+                  if f.is_file() and f.suffix in (".mat", "") and f.name != "meta"
                   and f.parent.name == ("cifar-100-python" if name == "cifar100" else "flowers-102"))
     victim.write_bytes(victim.read_bytes() + b"x")  # a changed file no longer matches its recorded sha256
     with pytest.raises(RuntimeError, match="torchvision refused"):

@@ -31,7 +31,8 @@ from pc_clip.differences.parse import parse_output, split_statements, statement_
 from pc_clip.smoke.fixtures import make_tiny_llama
 from pc_clip.differences.judge import (OpenAIJudge, OracleJudge, judge_agreement, judge_key, judge_prompt,
     judge_records, make_judge, parse_verdicts, verdict_counts)
-from pc_clip.core.registry import backend_options, corpus_options, judge_identity_options, store_options, world_options
+from pc_clip.core.registry import (backend_options, corpus_options, judge_identity_options, store_options,
+    world_options)
 from pc_clip.core.run import results_path
 
 
@@ -110,8 +111,10 @@ def test_tiny_llama_loads_in_4bit_nf4_and_generates_end_to_end(tiny_llama, tmp_p
     assert isinstance(lin, bnb.nn.Linear4bit)
     assert lin.weight.quant_type == "nf4" and lin.weight.dtype == torch.uint8
     assert lin.compute_dtype == torch.bfloat16 and tok.padding_side == "left" and tok.pad_token is not None
-    cfg = get_config("tiny", generator=str(tiny_llama), load_in_4bit=True, device="cpu", max_new_tokens=12, gen_batch_size=2)
-    backend = make_backend(**backend_options(cfg))  # the config's path: same loader, 4-bit, generation settings from the config
+    cfg = get_config("tiny", generator=str(tiny_llama), load_in_4bit=True, device="cpu", max_new_tokens=12,
+                     gen_batch_size=2)
+    # the config's path: same loader, 4-bit, generation settings from the config
+    backend = make_backend(**backend_options(cfg))
     assert isinstance(backend, HFBackend) and backend.batch_size == 2 and backend.max_new_tokens == 12
     pairs = sample_pairs(CORPUS, 3, seed=0)
     recs = generate_differences(pairs, backend, tmp_path / "d.jsonl", progress=False)
@@ -235,7 +238,8 @@ def test_make_backend_and_paths(runs_dir):
     with pytest.raises(ValueError, match="the oracle needs corpus=world"):
         make_backend(**backend_options(get_config("tiny", corpus="coco")))
     path = differences_path(store_options(cfg), 0.3)
-    assert path == runs_dir / "runs" / "tiny" / "differences" / f"{generator_key(store_options(cfg))}-noise0.3.jsonl"
+    assert path == (runs_dir / "runs" / "tiny" / "differences"
+                    / f"{generator_key(store_options(cfg))}-noise0.3.jsonl")
     assert path.name.startswith("oracle-") and path.name.endswith("-noise0.3.jsonl")
 
 
@@ -287,13 +291,16 @@ def test_world_oracle_statements_pass_the_filter(runs_dir):
     corpus = corpus_from_world(world, "train")
     assert len(corpus) == 300 and corpus.caption.tolist() == [world.captions[i] for i in corpus.image_id]
     pairs = sample_pairs(corpus, 200, seed=0, held_out=world.heldout_pairs)
-    clean = generate_differences(pairs, make_backend(world=world, **backend_options(cfg, noise=0.0)), runs_dir / "c.jsonl", progress=False)
+    clean = generate_differences(pairs, make_backend(world=world, **backend_options(cfg, noise=0.0)),
+                                 runs_dir / "c.jsonl", progress=False)
     s = filter_summary(clean)
     assert s["accepted_rate"] > 0.97, s  # the filter does not throw away the world's true statements
     assert s["true_rate"] == 1.0
-    noisy = generate_differences(pairs, make_backend(world=world, **backend_options(cfg, noise=0.3)), runs_dir / "n.jsonl", progress=False)
+    noisy = generate_differences(pairs, make_backend(world=world, **backend_options(cfg, noise=0.3)),
+                                 runs_dir / "n.jsonl", progress=False)
     assert 0.6 < filter_summary(noisy)["true_rate"] < 0.85
-    rw = rewrite_captions(corpus.head(50), make_backend(world=world, **backend_options(cfg)), runs_dir / "r.jsonl", progress=False)
+    rw = rewrite_captions(corpus.head(50), make_backend(world=world, **backend_options(cfg)),
+                          runs_dir / "r.jsonl", progress=False)
     assert filter_summary(rw)["accepted_rate"] > 0.95
 
 
@@ -305,10 +312,15 @@ def test_experiment_notebook_runs_and_resumes(runs_dir):
     repo = Path(__file__).resolve().parents[1]
     params = dict(n_pairs=200, overrides={"judge": "oracle", "world_n_train": 400, "world_n_test": 50})
     for _ in range(2):  # the second run resumes: nothing is generated twice, the rows are replaced
-        pm.execute_notebook(str(repo / "nbs/experiments/02_differences.ipynb"), str(runs_dir.parent / "out.ipynb"),
-                            parameters=params, cwd=str(repo), kernel_name="python3", progress_bar=False)
-    cfg = get_config("tiny", n_pairs=200, **params["overrides"])  # the run's own settings: its own results table
-    for path in (differences_path(store_options(cfg), 0.0), differences_path(store_options(cfg), 0.3), judged_path(differences_path(store_options(cfg), 0.0), "oracle", **judge_identity_options(cfg))):
+        pm.execute_notebook(str(repo / "nbs/experiments/02_differences.ipynb"),
+                            str(runs_dir.parent / "out.ipynb"), parameters=params, cwd=str(repo),
+                            kernel_name="python3", progress_bar=False)
+    # the run's own settings: its own results table
+    cfg = get_config("tiny", n_pairs=200, **params["overrides"])
+    for path in (differences_path(store_options(cfg), 0.0),
+                 differences_path(store_options(cfg), 0.3),
+                 judged_path(differences_path(store_options(cfg), 0.0), "oracle",
+                             **judge_identity_options(cfg))):
         keys = [json.loads(line)["key"] for line in path.read_text().splitlines()]
         assert len(keys) == len(set(keys)) == 200, path.name
     t = read_results(results_path(cfg)).set_index(["model", "metric"])["value"]
@@ -338,14 +350,16 @@ def test_runs_on_other_worlds_get_records_of_their_own_world(runs_dir):
                             cwd=str(REPO), kernel_name="python3", progress_bar=False)
         cfg = get_config("tiny", n_pairs=100, **overrides)
         corpus, held_out, world = load_corpus(**corpus_options(cfg), split="train")
-        for r in read_records(rewrites_path(store_options(cfg))):  # every stored rewrite was written from this world's caption
+        # every stored rewrite was written from this world's caption
+        for r in read_records(rewrites_path(store_options(cfg))):
             assert r["item"]["caption"] == world.captions[r["item"]["i"]], r["key"]
         for r in read_records(differences_path(store_options(cfg))):
             it = r["item"]
             assert (it["caption_a"], it["caption_b"]) == (world.captions[it["i"]],
                                                           world.captions[it["j"]]), r["key"]
         d, _, files = _training_data(cfg, corpus, held_out)  # what experiment 03 trains on
-        fresh = rewrite_captions(corpus, make_backend(world=world, **backend_options(cfg)), runs_dir / f"fresh-{len(data)}.jsonl", progress=False)
+        fresh = rewrite_captions(corpus, make_backend(world=world, **backend_options(cfg)),
+                                 runs_dir / f"fresh-{len(data)}.jsonl", progress=False)
         assert d["rewritten"].equals(rewritten_captions(fresh))  # equal to a run on an empty folder
         data.append((files["differences"], d["rewritten"]))
     assert len({str(f) for f, _ in data}) == 3  # three worlds, three stores
@@ -474,17 +488,20 @@ def test_no_usable_differences_is_a_clear_error_with_counts(tmp_path, caplog):
 def test_training_triples_follow_the_judge(runs_dir):
     cfg = get_config("tiny", oracle_noise=0.5)
     pairs = sample_pairs(CORPUS, 40, seed=1)
-    recs = generate_differences(pairs, oracle(noise=0.5), differences_path(store_options(cfg)), progress=False)
+    recs = generate_differences(pairs, oracle(noise=0.5), differences_path(store_options(cfg)),
+                                progress=False)
     n_all = sum(len(r["statements"]) for r in recs)
     n_true = sum(s["true"] for r in recs for s in r["statements"])
     assert len(training_triples(store_options(cfg))) == n_all  # no judge configured
     jcfg = cfg.replace(judge="oracle")
     with pytest.raises(FileNotFoundError, match="run experiment 02 with this judge"):
         training_triples(store_options(jcfg))
-    judge_records(recs[:30], OracleJudge(), judged_path(differences_path(store_options(cfg)), "oracle"), progress=False)
+    judge_records(recs[:30], OracleJudge(), judged_path(differences_path(store_options(cfg)), "oracle"),
+                  progress=False)
     with pytest.raises(ValueError, match="judges 30 of 40 records"):
         training_triples(store_options(jcfg))
-    judge_records(recs, OracleJudge(), judged_path(differences_path(store_options(cfg)), "oracle"), progress=False)
+    judge_records(recs, OracleJudge(), judged_path(differences_path(store_options(cfg)), "oracle"),
+                  progress=False)
     t = training_triples(store_options(jcfg))  # pc-clip: consistent statements only
     assert len(t) == n_true < n_all
     assert len(training_triples(store_options(jcfg), filtered=False)) == n_all  # pc-clip/unfiltered

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pc_clip.evaluation.comparative import (class_differences, comparative_class_embeddings, comparative_prompting,
-    known_pairs, top_confused_pairs)
+from pc_clip.evaluation.comparative import (class_differences, comparative_class_embeddings,
+    comparative_prompting, known_pairs, top_confused_pairs)
 from pc_clip.core.config import embedding_options, get_config
 from pc_clip.core.results import read_results
 from pc_clip.evaluation.runner import (build_difference_tasks, evaluation_rows, read_items, write_evaluation,
@@ -332,14 +332,16 @@ def test_paper_task_builders_on_fixtures(tmp_path):
 
 
 def test_the_evaluated_models_come_from_the_registry_and_must_exist(runs_dir):
-    "An evaluation never writes a table with the finetuned models silently missing: it names them and the fix."
+    """An evaluation never writes a table with the finetuned models silently missing: it names them and
+    the fix."""
     from pc_clip.evaluation.runner import evaluated_models
     from pc_clip.models.clip import save_checkpoint
     from pc_clip.core.registry import model_names
     cfg = get_config("tiny", wavg_alpha=0.25)
     names = model_names(cfg)
     assert "pc-clip/wavg-0.25" in names and "pc-clip/wavg-0.5" not in names  # the name follows the setting
-    assert "pc-clip/unfiltered" not in names and "pc-clip/unfiltered" in model_names()  # exists with a judge only
+    # exists with a judge only
+    assert "pc-clip/unfiltered" not in names and "pc-clip/unfiltered" in model_names()
     tiny = create_clip("pc-clip-tiny", seed=0)[0]
     for n in names[:-1]:
         save_checkpoint(tiny, model_dir(cfg, n), "pc-clip-tiny")
@@ -594,7 +596,8 @@ def test_an_unreadable_image_keeps_heldout_geometry_rows_aligned(tmp_path, monke
     st = st[keep].reset_index(drop=True)
     assert 0 < len(st) < len(keep)
     from pc_clip.models.embed import embed_texts
-    want = P.pair_alignment(emb_intact, st, embed_texts(model, tok, list(st.text), **embedding_options(cfg)))["text_direction_cosine"]
+    text_emb = embed_texts(model, tok, list(st.text), **embedding_options(cfg))
+    want = P.pair_alignment(emb_intact, st, text_emb)["text_direction_cosine"]
     assert cos.value.item() == pytest.approx(want, abs=1e-5)
     assert cos.n.item() == len(st)
 
@@ -618,5 +621,6 @@ def test_write_evaluation_writes_items_before_rows(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_evaluation([row(0.25)], cfg, "toy")
     assert seen["items"] == [0.5, 0.0]  # the new items were on disk before the rows were written
-    assert read_items(cfg, ["toy"])["value"].tolist() == [1.0, 0.0]  # an interrupted write puts the old items back
+    # an interrupted write puts the old items back
+    assert read_items(cfg, ["toy"])["value"].tolist() == [1.0, 0.0]
     assert read_results(results_path(cfg))["value"].tolist() == [0.5]

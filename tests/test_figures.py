@@ -1,8 +1,8 @@
 """Figures a reader can read: one colour per model in every figure, and every figure within a notebook column.
 
-Every figure function of the workbook is drawn here on a table shaped like the default run's (14 difference cells,
-every evaluated model, the alpha sweep, fifteen claims, three loss panels, the finetuning sweep) and saved as the
-experiments save it (`pc_clip.core.artifacts.save_figure`).
+Every figure function of the workbook is drawn here on a table shaped like the default run's (14 difference
+cells, every evaluated model, the alpha sweep, fifteen claims, three loss panels, the finetuning sweep) and
+saved as the experiments save it (`pc_clip.core.artifacts.save_figure`).
 """
 import numpy as np
 import pandas as pd
@@ -14,7 +14,8 @@ from pc_clip.core.config import get_config
 from pc_clip.core.registry import MODEL_COLOURS, PALETTE, REGISTRY, model_names
 from pc_clip.core.artifacts import MAX_FIGURE_PX, save_figure
 from pc_clip.report.tables import ABLATION_MODELS
-from pc_clip.report.figures import MAIN_MODELS, ablation_figure, alpha_figure, bar_figure, claims_figure, loss_figure
+from pc_clip.report.figures import (MAIN_MODELS, ablation_figure, alpha_figure, bar_figure, claims_figure,
+    loss_figure)
 from pc_clip.report.claims import PAPER_CLAIMS, RECALLS
 
 MODELS = model_names(get_config("tiny"))

@@ -42,7 +42,8 @@ def cfg(**kw):
 
 def train(tiny, c, **kw):
     model, _, tok, emb, triples = tiny
-    return finetune(model, tok, triples, FinetuneSettings.from_config(c, **kw), model_dir(c, "pc-clip"), image_embeddings=emb, progress=False)
+    return finetune(model, tok, triples, FinetuneSettings.from_config(c, **kw), model_dir(c, "pc-clip"),
+                    image_embeddings=emb, progress=False)
 
 
 def test_truncated_finetuned_model_is_named_and_rebuilt(tiny, runs_dir):
@@ -57,7 +58,8 @@ def test_truncated_finetuned_model_is_named_and_rebuilt(tiny, runs_dir):
     rebuilt = train(tiny, c)  # the finetuning stage rebuilds it instead of dying
     assert not rebuilt.reused
     loaded = load_clip(**clip_source(c, "pc-clip", "cpu"))[0]
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), good.model.state_dict().values()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(loaded.state_dict().values(), good.model.state_dict().values()))
 
 
 def test_diverging_run_keeps_the_good_model_and_fails(tiny, runs_dir):
@@ -100,8 +102,10 @@ def test_cached_embeddings_keep_the_skip_count(tiny, runs_dir, tmp_path):
     make = lambda: ImageDataset("files", "test", ["x"], np.zeros(8), paths=paths, root=tmp_path)
     first_ds, again_ds = make(), make()
     with pytest.warns(RuntimeWarning, match="skipped 3 unreadable"):
-        first = embed_images(model, first_ds, cache_dir(cfg()), **embedding_options(cfg()), preprocess=preprocess, progress=False)
-    again = embed_images(model, again_ds, cache_dir(cfg()), **embedding_options(cfg()), preprocess=preprocess, progress=False)
+        first = embed_images(model, first_ds, cache_dir(cfg()), **embedding_options(cfg()),
+                             preprocess=preprocess, progress=False)
+    again = embed_images(model, again_ds, cache_dir(cfg()), **embedding_options(cfg()),
+                         preprocess=preprocess, progress=False)
     assert first_ds.n_skipped == again_ds.n_skipped == 3
     assert torch.equal(first, again) and kept_indices(again_ds).tolist() == [0, 2, 3, 5, 6]
 

@@ -69,13 +69,17 @@ def test_paper_smoke_reproduction(tmp_path, monkeypatch):
     # the finetune moved the weights: pc-clip's checkpoint and its text-side numbers differ from clip's
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path))
     monkeypatch.delenv("PC_CLIP_DATA", raising=False)
-    cfg = get_config("paper-smoke", n_pairs=64, data_root=str(REPO / "data" / "paper-smoke"))  # as the command ran it
-    base, tuned = load_clip(**clip_source(cfg, "clip", device="cpu"))[0].state_dict(), load_weights(model_dir(cfg, "pc-clip"))
-    assert base.keys() == tuned.keys() and any(not (base[k] == tuned[k]).all() for k in base), "pc-clip == clip"
+    # as the command ran it
+    cfg = get_config("paper-smoke", n_pairs=64, data_root=str(REPO / "data" / "paper-smoke"))
+    base, tuned = (load_clip(**clip_source(cfg, "clip", device="cpu"))[0].state_dict(),
+                   load_weights(model_dir(cfg, "pc-clip")))
+    assert base.keys() == tuned.keys(), "pc-clip == clip"
+    assert any(not (base[k] == tuned[k]).all() for k in base), "pc-clip == clip"
     results = read_results(results_path(cfg))  # numbers as numbers
-    diff = results[results.task == "difference_classification"].pivot_table(index=["dataset", "condition", "metric"],
-                                                                               columns="model", values="value")
-    assert (diff["pc-clip"] != diff["clip"]).any(), "every pc-clip difference-classification number equals clip's"
+    diff = results[results.task == "difference_classification"].pivot_table(
+        index=["dataset", "condition", "metric"], columns="model", values="value")
+    assert (diff["pc-clip"] != diff["clip"]).any(), (
+        "every pc-clip difference-classification number equals clip's")
 
     # the claims: paper data only, and decided wherever this profile measures them
     items = read_items(cfg)

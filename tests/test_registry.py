@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from pc_clip.core.config import PROFILES, get_config
-from pc_clip.core.registry import (ABLATION_ROLES, MAIN_METRICS, MODEL_COLOURS, PAPER_EVAL_DATASETS, REGISTRY, TASK_TITLES,
-                                   TASKS, ablation_models, applies, model_names, model_specs)
+from pc_clip.core.registry import (ABLATION_ROLES, MAIN_METRICS, MODEL_COLOURS, PAPER_EVAL_DATASETS, REGISTRY,
+                                   TASK_TITLES, TASKS, ablation_models, applies, model_names, model_specs)
 
 PKG = Path(__file__).resolve().parents[1] / "pc_clip"
 TASK_WRITERS = {"result_row": 1, "evaluation_rows": 2, "success_rows": None}  # position of the task argument
@@ -26,7 +26,8 @@ def test_the_evaluated_and_ablation_models_are_the_registry_entries_of_the_profi
     ablations = ablation_models(cfg)
     assert sorted(ablations) == sorted(s.name for s in specs if s.ablation)
     roles = [next(s.role for s in specs if s.name == m) for m in ablations]
-    assert roles == sorted(roles, key=ABLATION_ROLES.index)  # the report's order: bases, baselines, pc-clip, ...
+    # the report's order: bases, baselines, pc-clip, ...
+    assert roles == sorted(roles, key=ABLATION_ROLES.index)
     assert all(applies(s, cfg) for s in REGISTRY if s.resolved(cfg).name in model_names(cfg))
 
 
@@ -54,7 +55,8 @@ def _literal_tasks() -> set[str]:
     found = set()
     for path in PKG.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in TASK_WRITERS:
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in TASK_WRITERS):
                 pos = TASK_WRITERS[node.func.id]
                 if pos is not None and len(node.args) > pos and isinstance(node.args[pos], ast.Constant):
                     found.add(node.args[pos].value)

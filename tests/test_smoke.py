@@ -6,8 +6,8 @@ import torch
 
 from pc_clip.core.run import data_root
 from pc_clip.core.config import get_config
-from pc_clip.smoke.standins import (BUILD_ORDER, CHAT_LM, DATASET_PATHS, MANIFEST, build_paper_smoke, read_manifest,
-    scene, scene_caption, standin_checksums)
+from pc_clip.smoke.standins import (BUILD_ORDER, CHAT_LM, DATASET_PATHS, MANIFEST, build_paper_smoke,
+    read_manifest, scene, scene_caption, standin_checksums)
 from pc_clip.core.registry import backend_options, clip_source, dataset_options, judge_options
 
 
@@ -79,8 +79,10 @@ def test_chat_lm_in_4bit_writes_parseable_differences_and_verdicts(cfg):
             for it, out in zip(rewrites, backend.generate(rewrites, "rewrite"))]
     assert sum(bool(r["statements"]) for r in kept) > len(kept) / 2
     classes = [{"key": "c", "category_a": "killer whale", "category_b": "maple tree"}]
-    assert build_record(classes[0], backend.generate(classes, "category")[0], backend, "category")["statements"]
-    judged = judge_records([r for r in records if r["statements"]], make_judge(cfg.judge, **judge_options(cfg)), progress=False)
+    assert build_record(classes[0], backend.generate(classes, "category")[0],
+                        backend, "category")["statements"]
+    judged = judge_records([r for r in records if r["statements"]],
+                           make_judge(cfg.judge, **judge_options(cfg)), progress=False)
     counts = verdict_counts(judged)
     assert counts["unparsed"] < (counts["consistent"] + counts["inconsistent"]) / 10, counts
 

@@ -13,8 +13,8 @@ from pc_clip.world.species import CATEGORIES, CATEGORY_NAMES, typical_attrs
 from pc_clip.world.render import render_images
 from pc_clip.world.shapes import World
 from pc_clip.world.edits import WORLD_EDITS, edit_success, measure_generated
-from pc_clip.t2i.world_diffusion import (GeneratorSettings, _schedulers, arithmetic_conditioning, denoising_loss,
-    text_conditioning, to_patches, train_generator, train_or_load_generator)
+from pc_clip.t2i.world_diffusion import (GeneratorSettings, _schedulers, arithmetic_conditioning,
+    denoising_loss, text_conditioning, to_patches, train_generator, train_or_load_generator)
 from pc_clip.core.registry import model_dir
 from pc_clip.core.run import cache_dir, data_root
 
@@ -261,8 +261,8 @@ def test_finetuned_quick_gelu_tower_reloads_as_quick_gelu_and_swaps_into_sdxl(tm
     triples = pd.DataFrame([dict(i=i, j=j, text=f"the first object is {words[(i + j) % 4]}")
                             for i in range(8) for j in range(8) if i != j])
     cfg = get_config("tiny", ft_epochs=1, ft_batch_size=16, ft_lr=1e-3)
-    run = finetune(model, tok, triples, FinetuneSettings.from_config(cfg, model_name="pc-clip-tiny"), tmp_path / "ft",
-                   image_embeddings=emb, progress=False)
+    run = finetune(model, tok, triples, FinetuneSettings.from_config(cfg, model_name="pc-clip-tiny"),
+                   tmp_path / "ft", image_embeddings=emb, progress=False)
     reloaded, _, _ = load_checkpoint(tmp_path / "ft")
     assert any(isinstance(m, open_clip.transformer.QuickGELU) for m in reloaded.modules())
     assert not any(isinstance(m, torch.nn.GELU) for m in reloaded.modules())
@@ -397,6 +397,6 @@ def test_generator_cache_is_reused(clip):
         assert info1["key"] == info2["key"]
         for (k, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
             torch.testing.assert_close(a, b, msg=k)
-        _, info3 = train_or_load_generator(cache_dir(cfg), world, model, tok, GeneratorSettings(steps=3, batch_size=2),
-                                           progress=False)
+        _, info3 = train_or_load_generator(cache_dir(cfg), world, model, tok,
+                                           GeneratorSettings(steps=3, batch_size=2), progress=False)
         assert info3["reused"] is False and info3["key"] != info1["key"]

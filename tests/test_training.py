@@ -26,10 +26,12 @@ from pc_clip.core.config import embedding_options, get_config, world_settings
 from pc_clip.models.embed import embed_images
 from pc_clip.training.finetune import finetune, _batches, _Objective, _prepare, _step_loss
 from pc_clip.training.plan import caption_table, finetune_captions, pretrain_or_load
-from pc_clip.training.losses import (difference_contrastive_loss, difference_mse_loss, trainable_parameter_names,
-    make_clip_loss, set_trainable)
-from pc_clip.models.clip import (create_clip, is_checkpoint, load_checkpoint, checkpoint_metadata, load_clip, find_models)
-from pc_clip.training.pretrain import PRETRAIN_THREADS, PretrainSettings, pretrain_clip, pretrain_fingerprint, warmup_cosine
+from pc_clip.training.losses import (difference_contrastive_loss, difference_mse_loss,
+    trainable_parameter_names, make_clip_loss, set_trainable)
+from pc_clip.models.clip import (create_clip, is_checkpoint, load_checkpoint, checkpoint_metadata, load_clip,
+    find_models)
+from pc_clip.training.pretrain import (PRETRAIN_THREADS, PretrainSettings, pretrain_clip,
+    pretrain_fingerprint, warmup_cosine)
 from pc_clip.world.shapes import build_world, make_world
 from pc_clip.core.run import cache_dir
 from pc_clip.core.results import result_row
@@ -94,7 +96,8 @@ def test_only_trainable_parameters_change(base, data, mode, tmp_path):
     model, tok = base
     images, emb, triples = data
     before = state(model)
-    run = finetune(model, tok, triples, FinetuneSettings.from_config(cfg(ft_epochs=1), trainable=mode), tmp_path / mode, image_embeddings=emb, images=images, progress=False)
+    run = finetune(model, tok, triples, FinetuneSettings.from_config(cfg(ft_epochs=1), trainable=mode),
+                   tmp_path / mode, image_embeddings=emb, images=images, progress=False)
     trained = set(trainable_parameter_names(model, mode))
     assert trained and len(run.steps) == math.ceil(len(triples) / 16)
     for name, p in run.model.named_parameters():
@@ -113,16 +116,19 @@ def test_resume_reproduces_uninterrupted_run(base, data, tmp_path, fast):
     model, tok = base
     _, emb, triples = data
     c = cfg(ft_epochs=3, ft_grad_accum=2, ft_batch_size=8, **fast)
-    full = finetune(model, tok, triples, FinetuneSettings.from_config(c), tmp_path / "full", image_embeddings=emb, progress=False)
+    full = finetune(model, tok, triples, FinetuneSettings.from_config(c), tmp_path / "full",
+                    image_embeddings=emb, progress=False)
 
     def crash(epoch, logs):
         if epoch == 1:
             raise KeyboardInterrupt("simulated interruption after epoch 1")
 
     with pytest.raises(KeyboardInterrupt):
-        finetune(model, tok, triples, FinetuneSettings.from_config(c), tmp_path / "cut", image_embeddings=emb, progress=False, on_epoch_end=crash)
+        finetune(model, tok, triples, FinetuneSettings.from_config(c), tmp_path / "cut",
+                 image_embeddings=emb, progress=False, on_epoch_end=crash)
     assert not is_checkpoint(tmp_path / "cut") and (tmp_path / "cut" / "epochs" / "epoch-001").is_dir()
-    resumed = finetune(model, tok, triples, FinetuneSettings.from_config(c), tmp_path / "cut", image_embeddings=emb, progress=False)
+    resumed = finetune(model, tok, triples, FinetuneSettings.from_config(c), tmp_path / "cut",
+                       image_embeddings=emb, progress=False)
     assert not resumed.reused
     for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), k
@@ -137,22 +143,26 @@ def test_resume_reproduces_uninterrupted_run(base, data, tmp_path, fast):
 def test_finished_run_is_reused_and_changed_inputs_retrain(base, data, tmp_path, monkeypatch):
     model, tok = base
     _, emb, triples = data
-    first = finetune(model, tok, triples, FinetuneSettings.from_config(cfg()), tmp_path / "r", image_embeddings=emb, progress=False)
+    first = finetune(model, tok, triples, FinetuneSettings.from_config(cfg()), tmp_path / "r",
+                     image_embeddings=emb, progress=False)
     import pc_clip.training.finetune as ft
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run must not train again")
 
     monkeypatch.setattr(ft, "_step_loss", no_training)
-    again = finetune(model, tok, triples, FinetuneSettings.from_config(cfg()), tmp_path / "r", image_embeddings=emb, progress=False)
+    again = finetune(model, tok, triples, FinetuneSettings.from_config(cfg()), tmp_path / "r",
+                     image_embeddings=emb, progress=False)
     assert again.reused and again.final_loss == first.final_loss
     assert torch.equal(again.model.transformer.resblocks[0].attn.in_proj_weight,
                        first.model.transformer.resblocks[0].attn.in_proj_weight)
     monkeypatch.undo()
     other = triples.assign(text=triples.text.str.replace("first", "second"))
-    changed = finetune(model, tok, other, FinetuneSettings.from_config(cfg()), tmp_path / "r", image_embeddings=emb, progress=False)
+    changed = finetune(model, tok, other, FinetuneSettings.from_config(cfg()), tmp_path / "r",
+                       image_embeddings=emb, progress=False)
     assert not changed.reused and changed.run_key != first.run_key
-    longer = finetune(model, tok, triples, FinetuneSettings.from_config(cfg(ft_epochs=3)), tmp_path / "r2", image_embeddings=emb, progress=False)
+    longer = finetune(model, tok, triples, FinetuneSettings.from_config(cfg(ft_epochs=3)), tmp_path / "r2",
+                      image_embeddings=emb, progress=False)
     assert not longer.reused and len(longer.epochs) == 3
 
 
@@ -162,11 +172,14 @@ def test_nan_steps_are_skipped_counted_and_limited(base, data, tmp_path):
     bad = torch.cat([emb, torch.full((1, emb.shape[1]), float("nan"))])
     poisoned = pd.concat([triples, pd.DataFrame([dict(i=N_IMAGES, j=0, text="the first object is larger")])],
                          ignore_index=True)
-    run = finetune(model, tok, poisoned, FinetuneSettings.from_config(cfg(), max_bad_fraction=0.3), tmp_path / "a", image_embeddings=bad, progress=False)
-    assert len(run.steps) == 8 and run.bad_steps == 2 and run.steps.skipped.sum() == 2  # one poisoned step per epoch
+    run = finetune(model, tok, poisoned, FinetuneSettings.from_config(cfg(), max_bad_fraction=0.3),
+                   tmp_path / "a", image_embeddings=bad, progress=False)
+    # one poisoned step per epoch
+    assert len(run.steps) == 8 and run.bad_steps == 2 and run.steps.skipped.sum() == 2
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
     with pytest.raises(FloatingPointError, match="2 of 8 training steps .* more than max_bad_fraction=0.2"):
-        finetune(model, tok, poisoned, FinetuneSettings.from_config(cfg(), max_bad_fraction=0.2), tmp_path / "b", image_embeddings=bad, progress=False)
+        finetune(model, tok, poisoned, FinetuneSettings.from_config(cfg(), max_bad_fraction=0.2),
+                 tmp_path / "b", image_embeddings=bad, progress=False)
 
 
 def test_caption_baseline_and_embedding_cache(base, data, tmp_path, runs_dir):
@@ -180,7 +193,8 @@ def test_caption_baseline_and_embedding_cache(base, data, tmp_path, runs_dir):
     assert run.hparams["loss"] == "clip" and len(run.epochs) == c.caption_ft_epochs
     assert torch.equal(embed_images(model, images, cache_dir(c), **embedding_options(c), progress=False), emb)
     with pytest.raises(ValueError, match="needs columns"):
-        finetune(model, tok, caps, FinetuneSettings.from_config(c), tmp_path / "bad", image_embeddings=emb, progress=False)
+        finetune(model, tok, caps, FinetuneSettings.from_config(c), tmp_path / "bad",
+                 image_embeddings=emb, progress=False)
 
 
 def test_both_towers_recomputes_the_cached_embeddings(base, data, runs_dir):
@@ -218,8 +232,10 @@ def test_slowed_run_gives_bit_identical_weights(small_world):
     before = torch.get_num_threads()
     slept = []
     slow_step = lambda step, loss: (time.sleep(0.25), slept.append(step))
-    m_fast, _, h_fast = pretrain_clip(small_world, PretrainSettings.from_config(cfg), device="cpu", progress=False, threads=2)
-    m_slow, _, h_slow = pretrain_clip(small_world, PretrainSettings.from_config(cfg), device="cpu", progress=False, threads=2, on_step=slow_step)
+    m_fast, _, h_fast = pretrain_clip(small_world, PretrainSettings.from_config(cfg), device="cpu",
+                                      progress=False, threads=2)
+    m_slow, _, h_slow = pretrain_clip(small_world, PretrainSettings.from_config(cfg), device="cpu",
+                                      progress=False, threads=2, on_step=slow_step)
     assert slept == [0, 1, 2, 3] and h_slow["seconds"] >= 1.0  # really slowed down, after every step ...
     assert h_fast["steps"] == h_slow["steps"] == 4 and h_slow["loss"] == h_fast["loss"]
     assert h_slow["lr"] == h_fast["lr"]
@@ -234,9 +250,11 @@ def test_caller_thread_setting_does_not_change_weights(small_world):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        m1, _, _ = pretrain_clip(small_world, PretrainSettings.from_config(cfg), device="cpu", progress=False, threads=1)
+        m1, _, _ = pretrain_clip(small_world, PretrainSettings.from_config(cfg), device="cpu",
+                                 progress=False, threads=1)
         torch.set_num_threads(1)
-        m2, _, h2 = pretrain_clip(small_world, PretrainSettings.from_config(cfg), device="cpu", progress=False, threads=1)
+        m2, _, h2 = pretrain_clip(small_world, PretrainSettings.from_config(cfg), device="cpu",
+                                  progress=False, threads=1)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
@@ -248,9 +266,10 @@ def test_fingerprint_covers_the_settings_that_change_weights(small_world):
     cfg = _cfg()
     s = PretrainSettings.from_config(cfg)
     fp = pretrain_fingerprint(s, small_world)
-    changed = [cfg.replace(pretrain_steps=7), cfg.replace(pretrain_lr=2e-3), cfg.replace(pretrain_batch_size=16),
-               cfg.replace(seed=1), cfg.replace(pretrain_warmup=0.2), cfg.replace(pretrain_weight_decay=0.0),
-               cfg.replace(pretrain_betas=(0.9, 0.95)), cfg.replace(pretrain_eps=1e-8)]
+    changed = [cfg.replace(pretrain_steps=7), cfg.replace(pretrain_lr=2e-3),
+               cfg.replace(pretrain_batch_size=16), cfg.replace(seed=1), cfg.replace(pretrain_warmup=0.2),
+               cfg.replace(pretrain_weight_decay=0.0), cfg.replace(pretrain_betas=(0.9, 0.95)),
+               cfg.replace(pretrain_eps=1e-8)]
     fps = {fp} | {pretrain_fingerprint(PretrainSettings.from_config(c), small_world) for c in changed}
     fps |= {pretrain_fingerprint(s, small_world, threads=1)}
     assert len(fps) == 10
@@ -302,11 +321,14 @@ def test_rule_picks_best_feasible_gain_from_validation_rows():
 
 
 def test_lr_and_alpha_are_values_never_parsed_from_condition_labels():
-    "selection.py and sweep.py read no setting back out of a `condition` string: no float(...) of condition_dict in them."
+    """selection.py and sweep.py read no setting back out of a `condition` string: no float(...) of
+    condition_dict in them."""
     for module in (pc_clip.training.selection, pc_clip.training.sweep):
         tree = ast.parse(inspect.getsource(module))
-        parsed = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "float"
-                  and any(isinstance(a, ast.Call) and getattr(a.func, "id", "") == "condition_dict" for a in ast.walk(n))]
+        parsed = [n for n in ast.walk(tree)
+                  if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "float"
+                  and any(isinstance(a, ast.Call) and getattr(a.func, "id", "") == "condition_dict"
+                          for a in ast.walk(n))]
         assert not parsed, [ast.unparse(n) for n in parsed]
     # a record whose label says something else: the numbers decide
     recs = pd.DataFrame(_rows(CANDS)).assign(condition="alpha=9;lr=9")
@@ -365,7 +387,8 @@ def test_saved_choice_is_what_later_experiments_load_as_pc_clip():
         meta = checkpoint_metadata(model_dir(cfg, "pc-clip"))["selection"]
         assert (meta["lr"], meta["alpha"]) == (2e-3, 0.25)
         assert meta["finetuned"] == model_dir(cfg, "pc-clip", lr=2e-3).name
-        (manifest,) = find_models(models_dir(cfg), "pc-clip", role="pc-clip")  # which folder is pc-clip: its manifest says
+        # which folder is pc-clip: its manifest says
+        (manifest,) = find_models(models_dir(cfg), "pc-clip", role="pc-clip")
         assert manifest["path"] == str(model_dir(cfg, "pc-clip")) and manifest["selection"]["alpha"] == 0.25
         # a one-point grid at alpha 1: the finetune already is pc-clip, nothing is written
         one = cfg.replace(ft_lr=1e-3, ft_lr_grid=(), wavg_alpha_grid=())
@@ -447,7 +470,8 @@ def test_target_verdicts_follow_the_interval_on_constructed_outcomes():
 
 
 def test_validation_retrieval_is_experiment_07s_protocol_on_the_val_images(runs_dir):
-    "The sweep's validation retrieval is experiment 07's test protocol (images x captions, seeds) on the val images."
+    """The sweep's validation retrieval is experiment 07's test protocol (images x captions, seeds) on the
+    val images."""
     from pc_clip.core.run import cache_dir
     from pc_clip.evaluation.runner import RETRIEVAL_CAPTIONS, RETRIEVAL_IMAGES, run_retrieval
     from pc_clip.models.clip import save_checkpoint
@@ -511,8 +535,8 @@ WORKER = textwrap.dedent("""
             raise SystemExit(3)  # a kill right after the checkpoint of this epoch
 
     cfg = get_config("tiny", **json.loads(sys.argv[4]))
-    run = finetune(model, tok, triples, FinetuneSettings.from_config(cfg, epochs=epochs), d / "out", image_embeddings=emb,
-                   progress=False, on_epoch_end=stop)
+    run = finetune(model, tok, triples, FinetuneSettings.from_config(cfg, epochs=epochs), d / "out",
+                   image_embeddings=emb, progress=False, on_epoch_end=stop)
     (d / f"rank{rank}.json").write_text(json.dumps(
         {"world": world, "start_epoch": run.start_epoch, "loss": run.steps.loss.tolist(),
          "weight": run.model.transformer.resblocks[1].mlp.c_fc.weight.flatten()[:50].tolist()}))
@@ -559,7 +583,9 @@ def runs(tmp_path_factory):
 def _single(tmp_path, emb, triples, epochs, monkeypatch):
     monkeypatch.setenv("PC_CLIP_RUNS", str(tmp_path / "runs"))
     model, _, tok = create_clip("pc-clip-tiny", seed=0)
-    return finetune(model, tok, triples, FinetuneSettings.from_config(get_config("tiny", **SETTINGS), epochs=epochs), tmp_path / f"single{epochs}", image_embeddings=emb, progress=False)
+    return finetune(model, tok, triples,
+                    FinetuneSettings.from_config(get_config("tiny", **SETTINGS), epochs=epochs),
+                    tmp_path / f"single{epochs}", image_embeddings=emb, progress=False)
 
 
 @pytest.mark.slow
@@ -732,7 +758,9 @@ def test_fast_paths_switch_and_runs_repeat(tmp_path):
     data = _prepare(model, tok, triples, s, cfg, emb, None, False, 1)
     assert _Objective(model, data, s, make_clip_loss(), torch.device("cpu"), torch.float32)._run[-1] is None
     fast = cfg.replace(ft_fused_attention=True, ft_length_buckets=2)
-    runs = [finetune(model, tok, triples, FinetuneSettings.from_config(fast, epochs=2), tmp_path / k, image_embeddings=emb, progress=False) for k in "ab"]
+    runs = [finetune(model, tok, triples, FinetuneSettings.from_config(fast, epochs=2), tmp_path / k,
+                     image_embeddings=emb, progress=False)
+            for k in "ab"]
     assert runs[0].steps.loss.tolist() == runs[1].steps.loss.tolist()
     assert all(torch.equal(p, q) for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()))
 

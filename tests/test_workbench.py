@@ -223,10 +223,12 @@ def test_jupyterlab_serves_repo_notebook(tmp_path):
         if body is None:
             proc.terminate()
             err = proc.communicate(timeout=20)[1].decode(errors="replace")[-3000:]
-            raise AssertionError(f"JupyterLab did not answer (exit code {proc.returncode}); its log ends with:\n{err}")
+            raise AssertionError(f"JupyterLab did not answer (exit code {proc.returncode}); "
+                                 f"its log ends with:\n{err}")
         assert body["type"] == "notebook" and body["name"] == "01_run.ipynb"
         assert any("default_exp core.run" in "".join(c["source"]) for c in body["content"]["cells"])
-        assert body["content"]["metadata"]["kernelspec"]["name"] == "pc-clip"  # the notebook asks for the project's kernel
+        # the notebook asks for the project's kernel
+        assert body["content"]["metadata"]["kernelspec"]["name"] == "pc-clip"
         specs = json.loads(urllib.request.urlopen(urllib.request.Request(
             f"http://127.0.0.1:{port}/api/kernelspecs", headers={"Authorization": f"token {token}"}),
             timeout=10).read())

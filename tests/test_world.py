@@ -7,9 +7,10 @@ from pc_clip.core.config import get_config
 from pc_clip.world.oracle import (ATTRIBUTE_KINDS, category_differences, oracle_differences,
     statement_is_true, wording_templates)
 from pc_clip.world.render import measured_object_stats, nearest_colour, render_images
-from pc_clip.world.species import CATEGORIES, NON_VISUAL, attribute_info, category_groups, class_attribute_table
-from pc_clip.world.shapes import (build_world, caption_contradictions, heldout_category_pairs, heldout_combinations,
-    make_caption, make_world, oracle_rewrite_caption, sample_attributes)
+from pc_clip.world.species import (CATEGORIES, NON_VISUAL, attribute_info, category_groups,
+    class_attribute_table)
+from pc_clip.world.shapes import (build_world, caption_contradictions, heldout_category_pairs,
+    heldout_combinations, make_caption, make_world, oracle_rewrite_caption, sample_attributes)
 from pc_clip.core.registry import world_options
 
 
@@ -140,7 +141,8 @@ def test_make_world_caches(runs_dir):
     w2 = make_world(**world_options(cfg))
     assert np.array_equal(w.images, w2.images) and w.captions == w2.captions and w2.key == w.key
     assert make_world(**world_options(cfg.replace(world_n_test=101))).key != w.key
-    assert make_world(**world_options(cfg.replace(world_n_val=61))).key != w.key and len(w.indices("val")) == 60
+    assert make_world(**world_options(cfg.replace(world_n_val=61))).key != w.key
+    assert len(w.indices("val")) == 60
 
 
 def test_heldout_combinations_only_outside_train(attrs):

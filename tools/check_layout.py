@@ -16,17 +16,18 @@ import re
 import sys
 from pathlib import Path
 
-STAGES = ["core", "world", "data", "models", "differences", "evaluation", "training", "t2i", "report", "studies",
-          "smoke"]
-# entry-level modules above every stage, lowest first: the preflight and the kernels, the notebook runner on them,
-# then the entry points (`pc-clip` and `python -m pc_clip.compare`); each may import any stage and the ones below it
+STAGES = ["core", "world", "data", "models", "differences", "evaluation", "training", "t2i", "report",
+          "studies", "smoke"]
+# entry-level modules above every stage, lowest first: the preflight and the kernels, the notebook runner
+# on them, then the entry points (`pc-clip` and `python -m pc_clip.compare`); each may import any stage
+# and the ones below it
 TOP = {"preflight": len(STAGES), "kernels": len(STAGES), "reproduce": len(STAGES) + 1, "cli": len(STAGES) + 2,
        "compare": len(STAGES) + 2}
 MAX_MODULES = 10
-# the modules that orchestrate a stage and so may read the run's Config (a name ending in ".*": the whole package);
-# every top-level entry module (pc_clip/<name>.py: cli, compare, ...) may too
-CONFIG_MODULES = ("cli", "compare", "core.config", "core.run", "core.registry", "evaluation.runner", "training.plan",
-                  "training.sweep", "t2i.study", "report.build", "studies.*", "smoke.*")
+# the modules that orchestrate a stage and so may read the run's Config (a name ending in ".*": the whole
+# package); every top-level entry module (pc_clip/<name>.py: cli, compare, ...) may too
+CONFIG_MODULES = ("cli", "compare", "core.config", "core.run", "core.registry", "evaluation.runner",
+                  "training.plan", "training.sweep", "t2i.study", "report.build", "studies.*", "smoke.*")
 CONFIG_NAMES = {"cfg", "cfg_or_root", "cfg_or_path"}
 PKG = Path(__file__).resolve().parents[1] / "pc_clip"
 
@@ -98,7 +99,8 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def may_take_config(mod: str, allowed=CONFIG_MODULES) -> bool:
-    "Whether module `mod` (pc_clip.x.y) orchestrates and so may take a Config: one of `allowed`, or an entry module (pc_clip.x)."
+    """Whether module `mod` (pc_clip.x.y) orchestrates and so may take a Config: one of `allowed`, or an
+    entry module (pc_clip.x)."""
     rel = mod.split(".", 1)[1] if "." in mod else mod
     entry = "." not in rel and rel not in STAGES  # a top-level entry module: cli, compare, ...
     return entry or any(rel == a or (a.endswith(".*") and rel.startswith(a[:-1])) for a in allowed)
@@ -147,13 +149,14 @@ def check(pkg: Path = PKG) -> list[str]:
     for n, p in names.items():
         tree = ast.parse(p.read_text())
         if any(isinstance(x, ast.FunctionDef) and x.name == "__getattr__" for x in tree.body):
-            problems.append(f"{n} defines a module __getattr__ (a re-export shim): import names from where they live")
+            problems.append(f"{n} defines a module __getattr__ (a re-export shim): "
+                            "import names from where they live")
     for n, p in sorted(names.items()):
         if not may_take_config(n):
             for f in config_functions(p):
-                problems.append(f"{n}.{f} takes a Config: only the orchestrating modules ({', '.join(CONFIG_MODULES)}) "
-                                "may; pass it explicit values (an adapter such as core.config.embedding_options keeps "
-                                "the call one line)")
+                problems.append(f"{n}.{f} takes a Config: only the orchestrating modules "
+                                f"({', '.join(CONFIG_MODULES)}) may; pass it explicit values (an adapter "
+                                "such as core.config.embedding_options keeps the call one line)")
     for stage in STAGES:
         mods = [p for p in (pkg / stage).glob("*.py") if p.name != "__init__.py"]
         if len(mods) > MAX_MODULES:
@@ -167,5 +170,6 @@ def check(pkg: Path = PKG) -> list[str]:
 
 if __name__ == "__main__":
     problems = check(Path(sys.argv[1]) if len(sys.argv) > 1 else PKG)
-    print("\n".join(problems) if problems else "layout ok: stages in order, no import circles, no shims, Config read at the edges")
+    print("\n".join(problems) if problems
+          else "layout ok: stages in order, no import circles, no shims, Config read at the edges")
     sys.exit(1 if problems else 0)
