@@ -1,8 +1,9 @@
 """How much comparison language should the world's captions carry? A validation study, run once to set
 `world_caption_rate`.
 
-    PC_CLIP_RUNS=/tmp/cr pc-clip reproduce --profile tiny --only 02   # the oracle differences (shared by
-    every rate) PC_CLIP_RUNS=/tmp/cr python bench/caption_rate.py --rates 0 0.25 0.5 1
+    # the oracle differences (shared by every rate), then the study
+    PC_CLIP_RUNS=/tmp/cr pc-clip reproduce --profile tiny --only 02
+    PC_CLIP_RUNS=/tmp/cr python bench/caption_rate.py --rates 0 0.25 0.5 1
 
 Rate 0 is the plain world (`world_captions="plain"`, the ablation); a rate r > 0 scales the comparative
 style's rates (norm comparisons, gallery frames, generic nouns; `pc_clip.world.shapes`). For each rate the
