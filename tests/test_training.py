@@ -639,8 +639,7 @@ def test_bucketed_and_unbucketed_loss_of_a_fixed_batch_are_equal():
     "A batch padded to its own length (bucketed) and the same batch padded to the full context: the same loss."
     model, _, tok = create_clip("pc-clip-tiny", seed=0)
     triples, emb, _ = _mixed_run_data(model)
-    cfg = get_config("tiny")
-    data = _prepare(model, tok, triples, FinetuneSettings(), cfg, emb, None, False, 1)
+    data = _prepare(model, tok, triples, FinetuneSettings(), emb, None, False, 1)
     s = FinetuneSettings(batch_size=16, length_buckets=4)
     batches = _batches(data.n, s, 0, 1, data.pool_pos)
     short = min(batches, key=lambda b: int(data.pool_pos[b].max()))  # a bucket of short texts
