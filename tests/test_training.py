@@ -678,10 +678,11 @@ def test_fast_paths_switch_and_runs_repeat(tmp_path):
     assert tiny.ft_fused_attention and tiny.ft_length_buckets == 16 and tiny.ft_compile == "off"
     cfg = get_config("tiny", ft_batch_size=16, ft_fused_attention=False, ft_length_buckets=0)
     s = FinetuneSettings.from_config(cfg)
-    data = _prepare(model, tok, triples, s, cfg, emb, None, False, 1)
+    data = _prepare(model, tok, triples, s, emb, None, False, 1)
     assert _Objective(model, data, s, make_clip_loss(), torch.device("cpu"), torch.float32)._run[-1] is None
     fast = cfg.replace(ft_fused_attention=True, ft_length_buckets=2)
-    runs = [finetune(model, tok, triples, FinetuneSettings.from_config(fast, epochs=2), tmp_path / k, image_embeddings=emb, progress=False) for k in "ab"]
+    runs = [finetune(model, tok, triples, FinetuneSettings.from_config(fast, epochs=2), tmp_path / k, image_embeddings=emb,
+                     progress=False) for k in "ab"]
     assert runs[0].steps.loss.tolist() == runs[1].steps.loss.tolist()
     assert all(torch.equal(p, q) for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()))
 
