@@ -613,7 +613,7 @@ def test_write_evaluation_writes_items_before_rows(tmp_path, monkeypatch):
     write_evaluation([row(0.5)], cfg, "toy")
     seen = {}
 
-    def rows_after_items(rows, cfg, experiment):
+    def rows_after_items(rows, experiment, **results):
         seen["items"] = read_items(cfg, [experiment])["value"].tolist()  # what a kill here would leave
         raise KeyboardInterrupt  # stopped between the two writes
 

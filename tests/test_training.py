@@ -709,8 +709,7 @@ def test_bucketed_and_unbucketed_loss_of_a_fixed_batch_are_equal():
     loss."""
     model, _, tok = create_clip("pc-clip-tiny", seed=0)
     triples, emb, _ = _mixed_run_data(model)
-    cfg = get_config("tiny")
-    data = _prepare(model, tok, triples, FinetuneSettings(), cfg, emb, None, False, 1)
+    data = _prepare(model, tok, triples, FinetuneSettings(), emb, None, False, 1)
     s = FinetuneSettings(batch_size=16, length_buckets=4)
     batches = _batches(data.n, s, 0, 1, data.pool_pos)
     short = min(batches, key=lambda b: int(data.pool_pos[b].max()))  # a bucket of short texts
@@ -755,7 +754,7 @@ def test_fast_paths_switch_and_runs_repeat(tmp_path):
     assert tiny.ft_fused_attention and tiny.ft_length_buckets == 16 and tiny.ft_compile == "off"
     cfg = get_config("tiny", ft_batch_size=16, ft_fused_attention=False, ft_length_buckets=0)
     s = FinetuneSettings.from_config(cfg)
-    data = _prepare(model, tok, triples, s, cfg, emb, None, False, 1)
+    data = _prepare(model, tok, triples, s, emb, None, False, 1)
     assert _Objective(model, data, s, make_clip_loss(), torch.device("cpu"), torch.float32)._run[-1] is None
     fast = cfg.replace(ft_fused_attention=True, ft_length_buckets=2)
     runs = [finetune(model, tok, triples, FinetuneSettings.from_config(fast, epochs=2), tmp_path / k,
