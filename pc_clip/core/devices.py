@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import random
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # for annotations only: torch is imported where it is used (the CLI starts without it)
+    import torch
 
 # %% auto #0
 __all__ = ['seed_everything', 'pick_device', 'pick_dtype', 'autocast']

@@ -6,7 +6,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:  # for annotations only: pandas is imported where it is used (the CLI starts without it)
+    import pandas as pd
 
 from .artifacts import artifact_lock, atomic_write, atomic_write_json
 

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .metrics import _texts, difference_classification, linear_probe, outcomes
+from .metrics import _texts, difference_classification, linear_probe
 from ..world.shapes import brightness_word
 
 # %% auto #0

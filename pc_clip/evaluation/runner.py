@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from collections import namedtuple
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np

@@ -5,7 +5,6 @@
 # %% ../../nbs/models/00_clip.ipynb #b55b574d
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.resources
 import json

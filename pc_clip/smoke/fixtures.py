@@ -11,12 +11,15 @@ import pickle
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
 from ..data.imagedata import torchvision_integrity
+
+if TYPE_CHECKING:  # for annotations only
+    import pandas as pd
 
 # %% auto #0
 __all__ = ['FLOWERS102_FIXTURE_CLASSES', 'FIXTURES', 'temp_workdir', 'toy_results', 'fixture_colour', 'accept_fixture_checksums',

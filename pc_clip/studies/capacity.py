@@ -6,9 +6,8 @@
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -16,7 +15,6 @@ import open_clip
 import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-from tqdm.auto import tqdm
 
 from ..core.config import Config, embedding_options
 from ..core.artifacts import atomic_write_json, content_hash

@@ -10,7 +10,6 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..core.config import Config, embedding_options
 from ..core.run import cache_dir
