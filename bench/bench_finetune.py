@@ -272,7 +272,7 @@ def measure_fast_paths(model_name: str = "pc-clip-tiny", pairs: int = 4096, imag
     runs = {}
     for name, s in (("old", FinetuneSettings.from_config(cfg)),
                     ("new", FinetuneSettings.from_config(cfg, **fast))):
-        data = _prepare(model, tokenizer, triples, s, cfg, emb, None, False, 1)
+        data = _prepare(model, tokenizer, triples, s, emb, None, False, 1)
         tr = _trainer(model, data, s, 0, 1)
         tr.model.train()
         runs[name] = (tr, data, s)

@@ -221,7 +221,7 @@ def finetune_stages(model, tokenizer, triples, emb, cfg, steps: int, warmup: int
     runs = {}
     for name, c in (("finetune", cfg.replace(**PLAIN)), ("finetune_fast", cfg.replace(**FAST))):
         s = FinetuneSettings.from_config(c)
-        data = _prepare(model, tokenizer, triples, s, c, emb, None, False, 1)
+        data = _prepare(model, tokenizer, triples, s, emb, None, False, 1)
         tr = _trainer(model, data, s, 0, 1)
         tr.model.train()
         order, epoch = [], 0
