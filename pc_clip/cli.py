@@ -16,8 +16,8 @@ from .core.config import Config, ConfigError, field_help, get_config, parse_over
 from .core.artifacts import ArtifactBusy
 from .core.run import figures_dir, results_path, run_dir
 from .kernels import kernels_stop_with_me
-from .reproduce import (DiskFull, ExperimentFailed, KERNEL_START_TIMEOUT, KernelStartFailed, UnwritableFolder,
-    _disk_full, list_experiments, run_experiments, smoke_overrides)
+from .reproduce import (DiskFull, ExperimentFailed, KERNEL_START_TIMEOUT, KernelStartFailed,
+    UnwritableFolder, _disk_full, list_experiments, run_experiments, smoke_overrides)
 
 # %% auto #0
 __all__ = ['list_models', 'main', 'config_table']
@@ -28,19 +28,22 @@ def _plain_json(x):
 
 
 def _manifest_line(m: dict, base: Config) -> str:
-    "One model folder as `pc-clip models` prints it: what it is, which run wrote it, lr/alpha, data file, differing settings."
+    """One model folder as `pc-clip models` prints it: what it is, which run wrote it, lr/alpha, data file,
+    differing settings."""
     from pc_clip.core.registry import model_settings
     what = m.get("selection") or m.get("candidate") or m.get("weight_average") or {}
     at = " ".join(f"{k}={what[k]:g}" for k in ("lr", "alpha") if isinstance(what.get(k), (int, float)))
     data = Path(m["data_file"]).name if m.get("data_file") else "-"
-    line = f"{m['name']:<24s} {m.get('role', '?'):<14s} run {m.get('run', '?'):<15s} {at or '-':<22s} data {data:<36s} {m['path']}"
+    line = (f"{m['name']:<24s} {m.get('role', '?'):<14s} run {m.get('run', '?'):<15s} {at or '-':<22s} "
+            f"data {data:<36s} {m['path']}")
     try:
         cand = m.get("candidate") or {}
         ref = _plain_json(model_settings(base, m["name"], cand.get("lr"), cand.get("alpha")))
     except (KeyError, ValueError):
         return line
     mine = m.get("settings") or {}
-    diff = [f"{k}={v!r}" for k, v in sorted(mine.items()) if k not in ref or ref[k] != v]  # its own settings that differ
+    # its own settings that differ
+    diff = [f"{k}={v!r}" for k, v in sorted(mine.items()) if k not in ref or ref[k] != v]
     return line + (f"\n{'':24s} differs from profile {base.profile!r}: {', '.join(diff)}" if diff else "")
 
 
@@ -53,20 +56,24 @@ def _resolved_models(cfg: Config, name: str | None) -> list[tuple[str, Path | No
         if s.family or (name is not None and s.name != name):
             continue
         if s.role == "base" and cfg.pretrained and not s.config:
-            out.append((s.name, None, f"the pretrained weights {cfg.model_name} / {cfg.pretrained} (no folder)"))
+            out.append((s.name, None,
+                        f"the pretrained weights {cfg.model_name} / {cfg.pretrained} (no folder)"))
             continue
         folder = model_dir(cfg, s.name)
         m = json.loads((folder / MANIFEST_FILE).read_text()) if (folder / MANIFEST_FILE).exists() else {}
-        state = (f"written by run {m.get('run', '?')}" if m else "present, no manifest") if is_checkpoint(folder) else "not trained yet"
+        state = ((f"written by run {m.get('run', '?')}" if m else "present, no manifest")
+                 if is_checkpoint(folder) else "not trained yet")
         out.append((s.name, folder, state))
     return out
 
 
 def list_models(profile: str = "tiny", name: str | None = None, overrides: dict | None = None) -> int:
-    "Print the model folders of `profile` (of model `name`) from their manifests, or, given `overrides`, the folders of that run."
+    """Print the model folders of `profile` (of model `name`) from their manifests, or, given `overrides`, the
+    folders of that run."""
     from pc_clip.core.run import run_id, run_name
     folder = run_dir(get_config(profile)) / "models"
-    if not overrides and (not folder.is_dir() or not any(folder.iterdir())):  # nothing to list: said without importing torch
+    # nothing to list: said without importing torch
+    if not overrides and (not folder.is_dir() or not any(folder.iterdir())):
         print(f"no model folders{' of ' + name if name else ''} in {folder}")
         return 0
     from pc_clip.core.registry import models_dir
@@ -98,7 +105,8 @@ def _summary(cfg: Config, timings: list[tuple[str, float]]) -> str:
 
 
 _ENVIRONMENT = """environment:
-  PC_CLIP_DATA  data root: data sets and downloaded weights (default: data/ in the repository, or -p data_root=...)
+  PC_CLIP_DATA  data root: data sets and downloaded weights (default: data/ in the repository, \
+or -p data_root=...)
   PC_CLIP_RUNS  one folder for runs/, results/, figures/ and cache/ (default: those folders in the repository)
   OPENAI_API_KEY, OPENAI_BASE_URL  an OpenAI-compatible server for generator/judge "openai:<model>"
   PC_CLIP_KERNEL_TIMEOUT  seconds a notebook's kernel may take to start (default 300; --kernel-timeout)
@@ -112,19 +120,28 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"pc-clip {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     rp = sub.add_parser("reproduce", help="run the experiment notebooks with papermill")
-    rp.add_argument("--profile", default="tiny", help="tiny (embedded world, CPU), paper, paper-h14 or paper-smoke")
-    rp.add_argument("--only", default=None, help="comma-separated parts of notebook names, e.g. 01,03 or finetune")
+    rp.add_argument("--profile", default="tiny",
+                    help="tiny (embedded world, CPU), paper, paper-h14 or paper-smoke")
+    rp.add_argument("--only", default=None,
+                    help="comma-separated parts of notebook names, e.g. 01,03 or finetune")
     rp.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config field (or pass a notebook parameter); repeatable; values are Python literals")
-    rp.add_argument("--experiments", default=None, help="folder of experiment notebooks (default nbs/experiments)")
+                    help="override a config field (or pass a notebook parameter); repeatable; "
+                         "values are Python literals")
+    rp.add_argument("--experiments", default=None,
+                    help="folder of experiment notebooks (default nbs/experiments)")
     rp.add_argument("--log-output", action="store_true", help="stream all notebook output to the terminal")
-    rp.add_argument("-q", "--quiet", action="store_true", help="no progress lines (errors and the summary only)")
-    rp.add_argument("--skip-preflight", action="store_true", help="start even if weights or data sets seem missing")
+    rp.add_argument("-q", "--quiet", action="store_true",
+                    help="no progress lines (errors and the summary only)")
+    rp.add_argument("--skip-preflight", action="store_true",
+                    help="start even if weights or data sets seem missing")
     rp.add_argument("--kernel-timeout", type=float, default=None, metavar="SECONDS",
-                    help=f"how long a notebook's kernel may take to start (default $PC_CLIP_KERNEL_TIMEOUT or {KERNEL_START_TIMEOUT:g})")
-    cp = sub.add_parser("config", help="list every config key with its type, the profile's value and what it is for")
+                    help=f"how long a notebook's kernel may take to start "
+                         f"(default $PC_CLIP_KERNEL_TIMEOUT or {KERNEL_START_TIMEOUT:g})")
+    cp = sub.add_parser("config",
+                        help="list every config key with its type, the profile's value and what it is for")
     cp.add_argument("--profile", default="tiny")
-    lp = sub.add_parser("list", help="list the experiment notebooks in run order, folder by folder, with titles and last times")
+    lp = sub.add_parser("list", help="list the experiment notebooks in run order, folder by folder, "
+                                     "with titles and last times")
     lp.add_argument("--profile", default="tiny", help="whose last run's times to show")
     mp = sub.add_parser("models", help="list the model folders of a profile and what their manifests say")
     mp.add_argument("--profile", default="tiny")
@@ -135,18 +152,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `pc-clip` console script: a mistake of the user or the machine is one line and exit status 2."
+    """Entry point of the `pc-clip` console script: a mistake of the user or the machine is one line and exit
+    status 2."""
     args = _parser().parse_args(argv)
     try:
         return _command(args)
     except ConfigError as e:
-        print(f"[pc-clip] invalid config (profile {getattr(args, 'profile', '?')}); nothing was run:", file=sys.stderr)
+        print(f"[pc-clip] invalid config (profile {getattr(args, 'profile', '?')}); nothing was run:",
+              file=sys.stderr)
         print("\n".join(f"  {p}" for p in e.problems), file=sys.stderr)
         return 2
     except ExperimentFailed as e:
         print(f"[pc-clip] FAILED: {e}", file=sys.stderr)
         return 1
-    except (KeyError, ValueError, FileNotFoundError, UnwritableFolder, ArtifactBusy, KernelStartFailed, DiskFull) as e:
+    except (KeyError, ValueError, FileNotFoundError, UnwritableFolder, ArtifactBusy, KernelStartFailed,
+            DiskFull) as e:
         print(f"[pc-clip] error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -169,18 +189,19 @@ def _command(args: argparse.Namespace) -> int:
     overrides = smoke_overrides(args.profile, overrides)
     cfg = get_config(args.profile, **overrides)
     with kernels_stop_with_me():
-        timings = run_experiments(args.profile, args.only, overrides, params, args.experiments, args.log_output,
-                                  check_inputs=not args.skip_preflight, quiet=args.quiet,
+        timings = run_experiments(args.profile, args.only, overrides, params, args.experiments,
+                                  args.log_output, check_inputs=not args.skip_preflight, quiet=args.quiet,
                                   kernel_timeout_s=args.kernel_timeout)
     print(_summary(cfg, timings))
     return 0
 
 # %% ../nbs/90_cli.ipynb #efc94be5
 def config_table(profile: str = "tiny") -> str:
-    "Every config key of `profile`, group by group: its type, the profile's value (the default where it differs) and what it is for."
+    """Every config key of `profile`, group by group: its type, the profile's value (the default where it
+    differs) and what it is for."""
     cfg, helps, group = get_config(profile), field_help(), None
-    lines = [f"config keys of profile {profile} ({len(helps)}): set one with -p KEY=VALUE (a Python literal), "
-             f"the profile with --profile"]
+    lines = [f"config keys of profile {profile} ({len(helps)}): set one with -p KEY=VALUE "
+             f"(a Python literal), the profile with --profile"]
     for f in dataclasses.fields(Config):
         text, head = helps[f.name]
         if head != group:

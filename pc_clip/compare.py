@@ -35,8 +35,10 @@ def _same(a: pd.Series, b: pd.Series, atol: float) -> pd.Series:
     return both_nan | (np.abs(x - y) <= atol)
 
 
-def compare_results(a: pd.DataFrame | str | Path, b: pd.DataFrame | str | Path, atol: float = 0.0) -> pd.DataFrame:
-    "Rows whose non-timing values differ between results tables `a` and `b` (or exist in one only); empty when equal."
+def compare_results(a: pd.DataFrame | str | Path, b: pd.DataFrame | str | Path,
+                    atol: float = 0.0) -> pd.DataFrame:
+    """Rows whose non-timing values differ between results tables `a` and `b` (or exist in one only); empty
+    when equal."""
     a = a if isinstance(a, pd.DataFrame) else read_results(a)
     b = b if isinstance(b, pd.DataFrame) else read_results(b)
     a, b = (t[~t["metric"].map(is_timing_metric)].copy() for t in (a, b))
@@ -48,12 +50,15 @@ def compare_results(a: pd.DataFrame | str | Path, b: pd.DataFrame | str | Path, 
     for col in COMPARED_COLUMNS:
         same &= _same(m[f"{col}_a"], m[f"{col}_b"], atol)
     out = m[~same].rename(columns={"_merge": "where"})
-    out["where"] = out["where"].astype(str).replace({"left_only": "a only", "right_only": "b only", "both": "differs"})
-    return out[KEY_COLUMNS + [f"{c}_{s}" for c in COMPARED_COLUMNS for s in "ab"] + ["where"]].reset_index(drop=True)
+    out["where"] = out["where"].astype(str).replace({"left_only": "a only", "right_only": "b only",
+                                                     "both": "differs"})
+    return out[KEY_COLUMNS + [f"{c}_{s}" for c in COMPARED_COLUMNS for s in "ab"]
+               + ["where"]].reset_index(drop=True)
 
 # %% ../nbs/91_compare.ipynb #6c20e2b7
 def run_of(path: str | Path) -> str:
-    "Which run a results table holds, from the `run.json` beside it: `run tiny-1a2b3c4d (changed: eval_seeds=[0])`."
+    """Which run a results table holds, from the `run.json` beside it:
+    `run tiny-1a2b3c4d (changed: eval_seeds=[0])`."""
     info = Path(path).parent / "run.json"
     try:
         r = json.loads(info.read_text())

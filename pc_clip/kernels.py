@@ -22,11 +22,13 @@ __all__ = ['KERNEL_NAME', 'KERNEL_ENV', 'TerminalProgress', 'remove_kernel_folde
 
 # %% ../nbs/88_kernels.ipynb #6286151a
 _BAR = re.compile(r"(\d+)/(\d+) \[")  # a tqdm bar's "n/total [elapsed<remaining, rate]"
-_LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR|CRITICAL) ")  # the format of pc_clip.core.log.get_logger
+# the format of pc_clip.core.log.get_logger
+_LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR|CRITICAL) ")
 
 
 class TerminalProgress:
-    "Terminal lines for running notebooks: notebook, cells done, log lines and tqdm bars (each at most once per `every` s)."
+    """Terminal lines for running notebooks: notebook, cells done, log lines and tqdm bars (each at most
+    once per `every` s)."""
     def __init__(self, n_notebooks: int, every: float = 15.0, out=None, clock=time.monotonic):
         self.n, self.every, self.out, self.clock = n_notebooks, every, out, clock
         self.k, self.left, self.last, self.finished = 0, "", {}, set()
@@ -34,17 +36,21 @@ class TerminalProgress:
     def say(self, text: str) -> None:
         print(text, file=self.out or sys.stdout, flush=True)
 
-    def start(self, name: str, n_cells: int, last_seconds: float | None = None, out: Path | None = None) -> None:
+    def start(self, name: str, n_cells: int, last_seconds: float | None = None,
+              out: Path | None = None) -> None:
         self.k, self.name, self.n_cells, self.done, self.t0 = self.k + 1, name, n_cells, 0, self.clock()
         before = f", last run {last_seconds:.0f} s" if last_seconds else ""
-        self.say(f"[pc-clip] [{self.k}/{self.n}] running {name}{f' -> {out}' if out else ''} ({n_cells} code cells{before})")
+        self.say(f"[pc-clip] [{self.k}/{self.n}] running {name}{f' -> {out}' if out else ''} "
+                 f"({n_cells} code cells{before})")
 
     def cell_done(self) -> None:
         self.done += 1
-        self.say(f"  {self.name} cell {self.done}/{self.n_cells} done, {self.clock() - self.t0:.0f} s in this notebook")
+        self.say(f"  {self.name} cell {self.done}/{self.n_cells} done, "
+                 f"{self.clock() - self.t0:.0f} s in this notebook")
 
     def text(self, chunk: str) -> None:
-        "A stream chunk from the kernel: log lines are shown, tqdm bars throttled, the rest left to the notebook."
+        """A stream chunk from the kernel: log lines are shown, tqdm bars throttled, the rest left to the
+        notebook."""
         for piece in re.split(r"[\r\n]", chunk):
             if _LOG_LINE.match(piece.strip()):
                 self.say(f"  {piece.strip()}")
@@ -52,11 +58,13 @@ class TerminalProgress:
                 self.bar(piece.strip())
 
     def widget(self, state: dict) -> None:
-        "A widget update from the kernel: a tqdm.notebook bar is its left text (description, %) then its right text."
+        """A widget update from the kernel: a tqdm.notebook bar is its left text (description, %) then its
+        right text."""
         value = state.get("value")
         if not isinstance(value, str):
             return
-        value = re.sub(r"[\u2007\xa0]", " ", html.unescape(value)).strip()  # tqdm.notebook pads with figure spaces
+        # tqdm.notebook pads with figure spaces
+        value = re.sub(r"[\u2007\xa0]", " ", html.unescape(value)).strip()
         if _BAR.search(value):
             self.bar(f"{self.left} {value}".strip())
         elif value.endswith("%"):
@@ -87,7 +95,8 @@ def _kernel_name(say=print) -> str:
 
 
 def _progress_engine():
-    "papermill's nbclient engine, whose client reports cells, streams and widget updates to `progress` (if given)."
+    """papermill's nbclient engine, whose client reports cells, streams and widget updates to `progress`
+    (if given)."""
     from papermill.clientwrap import PapermillNotebookClient
     from papermill.engines import NBClientEngine, papermill_engines
     from papermill.utils import merge_kwargs, remove_args
@@ -105,10 +114,12 @@ def _progress_engine():
 
     class _Engine(NBClientEngine):
         @classmethod
-        def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None, stderr_file=None,
-                                     start_timeout=60, execution_timeout=None, progress=None, **kwargs):
+        def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None,
+                                     stderr_file=None, start_timeout=60, execution_timeout=None,
+                                     progress=None, **kwargs):
             kwargs = remove_args(["input_path", "timeout", "startup_timeout"], **kwargs)
-            client = _Client(nb_man, **merge_kwargs(kwargs, timeout=execution_timeout, startup_timeout=start_timeout,
+            client = _Client(nb_man, **merge_kwargs(kwargs, timeout=execution_timeout,
+                                                    startup_timeout=start_timeout,
                                                     kernel_name=kernel_name, log_output=log_output,
                                                     stdout_file=stdout_file, stderr_file=stderr_file,
                                                     kernel_manager_class=_ipc_kernel_manager()))
@@ -121,17 +132,20 @@ def _progress_engine():
     return "pc-clip"
 
 # %% ../nbs/88_kernels.ipynb #7b5100d8
-KERNEL_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # OpenMP threads that wait sleep: a busy machine costs time, not 40x
+# OpenMP threads that wait sleep: a busy machine costs time, not 40x
+KERNEL_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 _KERNEL_FOLDER = "pc-clip-kernel-"  # + the pid of the process that started the kernel + a random part
 
 
 def _kernel_root() -> Path:
-    "Where kernels' private folders go: Jupyter's runtime folder (the temp folder if it cannot be written or its path is too long for a socket)."
+    """Where kernels' private folders go: Jupyter's runtime folder (the temp folder if it cannot be
+    written or its path is too long for a socket)."""
     from jupyter_core.paths import jupyter_runtime_dir
     root = Path(jupyter_runtime_dir())
     try:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if os.access(root, os.W_OK) and len(str(root)) <= 60:  # a socket path (root + ~45 bytes) holds at most 107
+        # a socket path (root + ~45 bytes) holds at most 107
+        if os.access(root, os.W_OK) and len(str(root)) <= 60:
             return root
     except OSError:
         pass
@@ -149,7 +163,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_kernel_folders(root: Path | None = None, pid: int | None = None) -> list[Path]:
-    "Remove the kernel folders under `root` of process `pid` (default: of every process that is gone); returns them."
+    """Remove the kernel folders under `root` of process `pid` (default: of every process that is gone);
+    returns them."""
     gone = []
     for folder in Path(root or _kernel_root()).glob(f"{_KERNEL_FOLDER}*"):
         owner = folder.name[len(_KERNEL_FOLDER):].split("-")[0]
@@ -160,7 +175,8 @@ def remove_kernel_folders(root: Path | None = None, pid: int | None = None) -> l
 
 # %% ../nbs/88_kernels.ipynb #ecf99f7c
 def _ipc_kernel_manager():
-    "A kernel manager whose kernel listens on IPC sockets in a private folder under Jupyter's runtime folder, started with `KERNEL_ENV`."
+    """A kernel manager whose kernel listens on IPC sockets in a private folder under Jupyter's runtime
+    folder, started with `KERNEL_ENV`."""
     from jupyter_client.manager import AsyncKernelManager
 
     class _IPCKernelManager(AsyncKernelManager):
@@ -170,7 +186,8 @@ def _ipc_kernel_manager():
                 root = _kernel_root()
                 remove_kernel_folders(root)  # those of runs killed before they could clean up
                 folder = Path(tempfile.mkdtemp(prefix=f"{_KERNEL_FOLDER}{os.getpid()}-", dir=root))
-                kw = {"transport": "ipc", "ip": str(folder / "ipc"), "connection_file": str(folder / "kernel.json"), **kw}
+                kw = {"transport": "ipc", "ip": str(folder / "ipc"),
+                      "connection_file": str(folder / "kernel.json"), **kw}
             super().__init__(**kw)
             self.private_folder = folder
 
@@ -179,8 +196,10 @@ def _ipc_kernel_manager():
             return await super()._async_pre_start_kernel(**kw)
 
         async def _async_interrupt_kernel(self) -> None:
-            if self.shutting_down:  # stopping it: the shutdown request (or a kill) does that without a KeyboardInterrupt
-                return              # traceback from a kernel that is still starting
+            # stopping it: the shutdown request (or a kill) does that without a KeyboardInterrupt
+            # traceback from a kernel that is still starting
+            if self.shutting_down:
+                return
             await super()._async_interrupt_kernel()
 
         async def _async_cleanup_resources(self, restart: bool = False) -> None:
@@ -202,13 +221,15 @@ def _descendants(pid: int) -> list[int]:
 def _gone(pid: int) -> bool:
     import psutil
     try:
-        return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)  # a zombie runs no code
+        # a zombie runs no code
+        return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
     except psutil.NoSuchProcess:
         return True
 
 
 def kill_descendants(pid: int | None = None, timeout: float = 10.0) -> list[int]:
-    "SIGKILL every process below `pid` (default: this one) and wait up to `timeout` s until none runs; returns their ids."
+    """SIGKILL every process below `pid` (default: this one) and wait up to `timeout` s until none runs;
+    returns their ids."""
     pids = _descendants(os.getpid() if pid is None else pid)
     for p in pids:
         try:
@@ -223,11 +244,13 @@ def kill_descendants(pid: int | None = None, timeout: float = 10.0) -> list[int]
 # %% ../nbs/88_kernels.ipynb #9b29f9db
 @contextmanager
 def kernels_stop_with_me(signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
-    "Inside the block, a stop signal kills this process's descendants (the notebook kernel) before this process exits."
+    """Inside the block, a stop signal kills this process's descendants (the notebook kernel) before this
+    process exits."""
     def stop(signum, frame):
         kill_descendants()
         remove_kernel_folders(pid=os.getpid())
-        print(f"\n[pc-clip] stopped by {signal.Signals(signum).name}; the notebook's kernel was stopped with it",
+        print(f"\n[pc-clip] stopped by {signal.Signals(signum).name}; "
+              "the notebook's kernel was stopped with it",
               file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(128 + signum)  # at once: unwinding through papermill would wait for the dead kernel

@@ -17,22 +17,26 @@ from .core.run import data_root
 __all__ = ['EXPERIMENT_NEEDS', 'notebook_needs', 'preflight']
 
 # %% ../nbs/87_preflight.ipynb #8f7bda50
-_ZERO_SHOT = PAPER_EVAL_DATASETS["zero_shot"]  # the paper's data sets of each task (pc_clip.core.registry.TASKS)
+# the paper's data sets of each task (pc_clip.core.registry.TASKS)
+_ZERO_SHOT = PAPER_EVAL_DATASETS["zero_shot"]
 _DIFFERENCE = PAPER_EVAL_DATASETS["difference_classification"]
 EXPERIMENT_NEEDS: dict[str, tuple[str, ...]] = {
-    "00": ("clip",), "01": ("clip",), "02": ("generator", "judge", "corpus/train"), "03": ("clip", "corpus/train"),
+    "00": ("clip",), "01": ("clip",), "02": ("generator", "judge", "corpus/train"),
+    "03": ("clip", "corpus/train"),
     "04": ("clip", "class-differences", *(f"{d}/test" for d in _DIFFERENCE)),
     "05": ("clip", *(f"{d}/test" for d in _ZERO_SHOT)),
     "06": ("clip", "class-differences", "cifar100/train", "cifar100/test"),
     "07": ("clip", "corpus/val"),
-    "08": ("clip", "generator", "corpus/val", *(f"{d}/test" for d in _DIFFERENCE)),  # held-out pairs, class pairs
+    # held-out pairs, class pairs
+    "08": ("clip", "generator", "corpus/val", *(f"{d}/test" for d in _DIFFERENCE)),
     "09": ("clip", *(f"{d}/{s}" for d in _ZERO_SHOT for s in ("train", "test"))),
     "10": ("clip", "corpus/val"), "11": ("clip", "sdxl"), "12": (),
 }
 
 
 def notebook_needs(notebooks: list[Path], cfg: Config) -> dict[str, list[str]]:
-    "`{item: [notebook numbers]}` of what `notebooks` need on `cfg`'s profile (data sets and SDXL only off the world)."
+    """`{item: [notebook numbers]}` of what `notebooks` need on `cfg`'s profile (data sets and SDXL only off
+    the world)."""
     out: dict[str, list[str]] = {}
     for nb in notebooks:
         number = nb.name.split("_", 1)[0]
@@ -48,7 +52,8 @@ _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
 def _weights_gap(folder: Path) -> str | None:
-    "None if `folder` holds weights a loader reads (every shard one of its weight indexes lists, or a weights file), else what is missing."
+    """None if `folder` holds weights a loader reads (every shard one of its weight indexes lists, or a
+    weights file), else what is missing."""
     gaps = []
     for index in sorted(folder.glob("*.index.json"), key=lambda p: "safetensors" not in p.name):
         try:
@@ -59,7 +64,8 @@ def _weights_gap(folder: Path) -> str | None:
         gone = [s for s in shards if not (folder / s).is_file()]
         if not gone:
             return None
-        gaps.append(f"{len(gone)} of the {len(shards)} weight shards {index.name} lists ({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''})")
+        gaps.append(f"{len(gone)} of the {len(shards)} weight shards {index.name} lists "
+                    f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''})")
     if gaps:
         return gaps[0]
     if any(p.is_file() for pattern in _WEIGHT_FILES for p in folder.glob(pattern)):
@@ -68,7 +74,8 @@ def _weights_gap(folder: Path) -> str | None:
 
 
 def _snapshot_gaps(folder: Path, marker: str) -> list[str]:
-    "What loading needs from model folder `folder` and is not there: an LLM's or CLIP's weights, a diffusers pipeline's components."
+    """What loading needs from model folder `folder` and is not there: an LLM's or CLIP's weights, a diffusers
+    pipeline's components."""
     if marker != "model_index.json":
         gap = _weights_gap(folder)
         return [] if gap is None else [gap]
@@ -78,18 +85,20 @@ def _snapshot_gaps(folder: Path, marker: str) -> list[str]:
         return [f"a readable {marker}"]
     gaps = []
     for name, spec in components.items() if isinstance(components, dict) else ():
-        if name.startswith("_") or not (isinstance(spec, list) and spec and spec[0]):  # metadata, or an empty slot [null, null]
+        # metadata, or an empty slot [null, null]
+        if name.startswith("_") or not (isinstance(spec, list) and spec and spec[0]):
             continue
         sub = folder / name
         if not sub.is_dir() or not any(sub.iterdir()):
             gaps.append(f"{name}/")
-        elif (sub / "config.json").exists() and (gap := _weights_gap(sub)) is not None:  # a model component: its weights
-            gaps.append(f"{name}/: {gap}")
+        elif (sub / "config.json").exists() and (gap := _weights_gap(sub)) is not None:
+            gaps.append(f"{name}/: {gap}")  # a model component: its weights
     return gaps
 
 # %% ../nbs/87_preflight.ipynb #ca765cc5
 def _in_hf_cache(repo_id: str, filename: str, root: Path) -> Path | None:
-    "The cached `filename` of Hugging Face repository `repo_id` (the data root's `weights/hf`, then the user's cache), or None."
+    """The cached `filename` of Hugging Face repository `repo_id` (the data root's `weights/hf`, then the
+    user's cache), or None."""
     from huggingface_hub import try_to_load_from_cache
     for cache in (root / "weights" / "hf", None):
         try:
@@ -102,7 +111,8 @@ def _in_hf_cache(repo_id: str, filename: str, root: Path) -> Path | None:
 
 
 def _folder_model_missing(what: str, name: str, marker: str, root: Path) -> str | None:
-    "None if model `name` (a folder holding `marker` and what loading reads, or a hub id) is on disk, else what to do."
+    """None if model `name` (a folder holding `marker` and what loading reads, or a hub id) is on disk, else
+    what to do."""
     found = [f for f in (Path(name).expanduser(), root / "weights" / name) if (f / marker).exists()]
     cached = _in_hf_cache(name, marker, root)
     found += [cached.parent] if cached is not None else []
@@ -121,9 +131,11 @@ def _folder_model_missing(what: str, name: str, marker: str, root: Path) -> str 
 def _clip_missing(cfg: Config, root: Path) -> str | None:
     "None if the profile's CLIP weights are on disk (or it starts from random weights), else where they go."
     if cfg.model_name.startswith("hf-hub:"):
-        return _folder_model_missing("CLIP model", cfg.model_name[len("hf-hub:"):], "open_clip_config.json", root)
+        return _folder_model_missing("CLIP model", cfg.model_name[len("hf-hub:"):], "open_clip_config.json",
+                                     root)
     from pc_clip.models.clip import find_pretrained_weights, is_weights_path
-    if cfg.pretrained is None or (is_weights_path(cfg.pretrained) and Path(cfg.pretrained).expanduser().exists()):
+    if cfg.pretrained is None or (is_weights_path(cfg.pretrained)
+                                  and Path(cfg.pretrained).expanduser().exists()):
         return None
     folder = root / "weights" / cfg.model_name / cfg.pretrained
     try:
@@ -136,11 +148,13 @@ def _clip_missing(cfg: Config, root: Path) -> str | None:
         if _weights_gap(folder) is None:
             return None
         source = ""
-    return f"CLIP weights {cfg.model_name} / {cfg.pretrained}: put open_clip_model.safetensors{source} in {folder}/"
+    return (f"CLIP weights {cfg.model_name} / {cfg.pretrained}: "
+            f"put open_clip_model.safetensors{source} in {folder}/")
 
 # %% ../nbs/87_preflight.ipynb #1a81bfc4
 def _model_missing(item: str, cfg: Config, root: Path) -> str | None:
-    "None if model `item` (clip, sdxl, generator, judge, class-differences) is available for `cfg`, else where it goes."
+    """None if model `item` (clip, sdxl, generator, judge, class-differences) is available for `cfg`, else
+    where it goes."""
     if item == "clip":
         return _clip_missing(cfg, root)
     if item == "sdxl":
@@ -154,13 +168,16 @@ def _model_missing(item: str, cfg: Config, root: Path) -> str | None:
     if item == "class-differences":
         from pc_clip.core.registry import store_options
         from pc_clip.differences.records import category_differences_path
-        if category_differences_path(store_options(cfg)).exists():  # the class differences were written before: no LLM needed
+        # the class differences were written before: no LLM needed
+        if category_differences_path(store_options(cfg)).exists():
             return None
-    return _folder_model_missing("judge LLM" if item == "judge" else "generator LLM", name, "config.json", root)
+    return _folder_model_missing("judge LLM" if item == "judge" else "generator LLM", name, "config.json",
+                                 root)
 
 
 def _dataset_missing(name: str, split: str, root: Path, cfg: Config | None = None) -> str | None:
-    "None if split `split` of data set `name` loads from `root` (with `cfg`'s integrity rule), else what is missing and where."
+    """None if split `split` of data set `name` loads from `root` (with `cfg`'s integrity rule), else what is
+    missing and where."""
     from pc_clip.core.registry import dataset_options
     from pc_clip.data.datasets import load_dataset
     try:
@@ -177,7 +194,8 @@ def _dataset_missing(name: str, split: str, root: Path, cfg: Config | None = Non
 
 
 def _t2i_base_missing(cfg: Config, root: Path) -> str | None:
-    "None if the T2I study's base CLIP (`t2i_base(cfg)`, e.g. ViT-L-14 / openai) is on disk or not needed, else where it goes."
+    """None if the T2I study's base CLIP (`t2i_base(cfg)`, e.g. ViT-L-14 / openai) is on disk or not needed,
+    else where it goes."""
     from pc_clip.t2i.study import t2i_base
     base = None if cfg.corpus == "world" else t2i_base(cfg)
     if base is None:
@@ -205,5 +223,6 @@ def preflight(cfg: Config, notebooks: list[Path]) -> list[str]:
     out = []
     for key, (msg, numbers, splits) in found.items():
         head = f"data set {key} ({', '.join(splits)}): " if splits else ""
-        out.append(f"{head}{msg}\n    (needed by experiment{'s' if len(numbers) > 1 else ''} {', '.join(sorted(numbers))})")
+        out.append(f"{head}{msg}\n    (needed by experiment{'s' if len(numbers) > 1 else ''} "
+                   f"{', '.join(sorted(numbers))})")
     return out

@@ -30,10 +30,12 @@ __all__ = ['SMOKE_PROFILE', 'SMOKE_DATA_ROOT', 'KERNEL_START_TIMEOUT', 'MIN_FREE
 
 # %% ../nbs/89_reproduce.ipynb #0f968ecc
 def experiment_notebooks(folder: str | Path | None = None, only: str | None = None) -> list[Path]:
-    "Experiment notebooks in run order; `only` keeps those whose name contains one of its comma-separated parts."
+    """Experiment notebooks in run order; `only` keeps those whose name contains one of its comma-separated
+    parts."""
     folder = Path(folder) if folder else project_root() / "nbs" / "experiments"
     if not folder.is_dir():
-        raise FileNotFoundError(f"No experiment folder at {folder}; run pc-clip from the repository (or pass --experiments)")
+        raise FileNotFoundError(f"No experiment folder at {folder}; "
+                                "run pc-clip from the repository (or pass --experiments)")
     nbs = sorted(p for p in folder.glob("*.ipynb") if not p.name.startswith(("_", ".")))
     if not nbs:
         raise FileNotFoundError(f"No experiment notebooks (*.ipynb) in {folder}")
@@ -48,7 +50,8 @@ def experiment_notebooks(folder: str | Path | None = None, only: str | None = No
 def experiment_folders(root: str | Path | None = None) -> list[Path]:
     "`nbs/experiments/` and each folder below it that holds experiment notebooks, the main one first."
     base = Path(root or project_root()) / "nbs" / "experiments"
-    subs = sorted(p for p in base.glob("*/") if p.is_dir() and not p.name.startswith((".", "_")) and any(p.glob("*.ipynb")))
+    subs = sorted(p for p in base.glob("*/")
+                  if p.is_dir() and not p.name.startswith((".", "_")) and any(p.glob("*.ipynb")))
     return [base, *subs]
 
 # %% ../nbs/89_reproduce.ipynb #3637cf7c
@@ -63,7 +66,8 @@ def notebook_title(path: str | Path) -> str:
 
 
 def list_experiments(profile: str = "tiny", root: str | Path | None = None, say=print) -> int:
-    "Print each experiment folder and its notebooks in run order: title, and the time and date of the last run of `profile`."
+    """Print each experiment folder and its notebooks in run order: title, and the time and date of the last
+    run of `profile`."""
     done = notebooks_dir(get_config(profile))
     timings_file = done / "timings.json"
     last = json.loads(timings_file.read_text()) if timings_file.exists() else {}
@@ -72,7 +76,8 @@ def list_experiments(profile: str = "tiny", root: str | Path | None = None, say=
         say(f"{where}/" + ("" if i == 0 else f"  (run with: pc-clip reproduce --experiments {where})"))
         for nb in experiment_notebooks(folder):
             ran = done / nb.name
-            when = (f"last run {last[nb.name]:.0f} s, {time.strftime('%Y-%m-%d %H:%M', time.localtime(ran.stat().st_mtime))}"
+            when = (f"last run {last[nb.name]:.0f} s, "
+                    f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(ran.stat().st_mtime))}"
                     if nb.name in last and ran.exists() else "not run yet")
             say(f"  {nb.name:<32s} {notebook_title(nb)[:60]:<60s} {when}")
     return 0
@@ -83,7 +88,8 @@ SMOKE_PROFILE, SMOKE_DATA_ROOT = "paper-smoke", "data/paper-smoke"
 
 
 def smoke_overrides(profile: str, overrides: dict) -> dict:
-    "`overrides`, plus the stand-ins' own data root on `paper-smoke` unless `PC_CLIP_DATA` or a `data_root` is given."
+    """`overrides`, plus the stand-ins' own data root on `paper-smoke` unless `PC_CLIP_DATA` or a `data_root`
+    is given."""
     if profile != SMOKE_PROFILE or "data_root" in overrides or os.environ.get("PC_CLIP_DATA"):
         return dict(overrides)
     if get_config(profile).data_root != Config.data_root:  # the profile names a data root of its own: keep it
@@ -92,7 +98,8 @@ def smoke_overrides(profile: str, overrides: dict) -> dict:
 
 
 def prepare_standins(cfg: Config, progress: bool = True) -> list[str]:
-    "On `paper-smoke`, build the stand-ins missing under `data_root(cfg)`; returns the names built (none elsewhere)."
+    """On `paper-smoke`, build the stand-ins missing under `data_root(cfg)`; returns the names built (none
+    elsewhere)."""
     if cfg.profile != SMOKE_PROFILE:
         return []
     from pc_clip.smoke.standins import build_paper_smoke
@@ -100,7 +107,8 @@ def prepare_standins(cfg: Config, progress: bool = True) -> list[str]:
     print(f"[pc-clip] paper-smoke stand-ins in {root}", flush=True)
     info = build_paper_smoke(root, seed=0, progress=progress)
     if info["built"]:
-        print(f"[pc-clip] built stand-ins {info['built']} in {sum(info['seconds'].values()):.0f} s", flush=True)
+        print(f"[pc-clip] built stand-ins {info['built']} in {sum(info['seconds'].values()):.0f} s",
+              flush=True)
     return info["built"]
 
 # %% ../nbs/89_reproduce.ipynb #e497a855
@@ -116,11 +124,13 @@ class DiskFull(RuntimeError):
     "No space was left on the disk of a folder the run writes; the message names the folder and what to do."
 
 
-KERNEL_START_TIMEOUT = 300.0  # seconds a kernel may take to start before the run stops (PC_CLIP_KERNEL_TIMEOUT, --kernel-timeout)
+# seconds a kernel may take to start before the run stops (PC_CLIP_KERNEL_TIMEOUT, --kernel-timeout)
+KERNEL_START_TIMEOUT = 300.0
 
 
 def kernel_timeout(seconds: float | None = None) -> float:
-    "`seconds`, else `$PC_CLIP_KERNEL_TIMEOUT`, else `KERNEL_START_TIMEOUT`: how long a notebook's kernel may take to start."
+    """`seconds`, else `$PC_CLIP_KERNEL_TIMEOUT`, else `KERNEL_START_TIMEOUT`: how long a notebook's kernel
+    may take to start."""
     raw = seconds if seconds is not None else os.environ.get("PC_CLIP_KERNEL_TIMEOUT", KERNEL_START_TIMEOUT)
     try:
         value = float(raw)
@@ -137,12 +147,14 @@ def _disk_full(where: str | None, during: str) -> DiskFull:
     folder = Path(where) if where else None
     if folder is not None and not folder.is_dir():
         folder = folder.parent
-    return DiskFull(f"no space left on the disk of {folder or 'a folder of the run'} ({during}); free space there, or "
-                    "point PC_CLIP_RUNS (data sets: PC_CLIP_DATA) at a disk with room, and run again: finished work is reused")
+    return DiskFull(f"no space left on the disk of {folder or 'a folder of the run'} ({during}); "
+                    "free space there, or point PC_CLIP_RUNS (data sets: PC_CLIP_DATA) at a disk with room, "
+                    "and run again: finished work is reused")
 
 
 def _no_space_path(text: str) -> tuple[bool, str | None]:
-    "`(is it a full disk, the path it names)` of an error's text, e.g. \"[Errno 28] No space left on device: '/runs/x'\"."
+    """`(is it a full disk, the path it names)` of an error's text, e.g.
+    "[Errno 28] No space left on device: '/runs/x'"."""
     if "[Errno 28]" not in text and "No space left on device" not in text:
         return False, None
     m = re.search(r"'(/[^']+)'", text)
@@ -155,12 +167,14 @@ class MissingInputs(FileNotFoundError):
         self.missing = list(missing)
         super().__init__(f"missing before any notebook runs (data root {root}):\n" +
                          "\n".join(f"  - {m}" for m in self.missing) +
-                         "\nPut them in place (or point PC_CLIP_DATA at a data root that has them) and run again; "
-                         "--skip-preflight runs anyway.")
+                         "\nPut them in place (or point PC_CLIP_DATA at a data root that has them) "
+                         "and run again; --skip-preflight runs anyway.")
 
 
-def _notebook_parameters(nb: Path, declared: set, profile: str, cfg: Config, overrides: dict, params: dict) -> dict:
-    "Papermill parameters: config fields the notebook declares are set directly (unless None), the rest go in `overrides`."
+def _notebook_parameters(nb: Path, declared: set, profile: str, cfg: Config, overrides: dict,
+                         params: dict) -> dict:
+    """Papermill parameters: config fields the notebook declares are set directly (unless None), the rest
+    go in `overrides`."""
     own = {k: v for k, v in overrides.items() if k in declared and v is not None}
     rest = {k: v for k, v in overrides.items() if k not in own}  # a None goes here: `given` would drop it
     return _as_lists({"profile": profile, "seed": cfg.seed, "overrides": rest, **own, **params})
@@ -176,32 +190,37 @@ def _as_lists(value):
 
 
 def declared_parameters(nb: Path) -> set[str]:
-    "The names a notebook's `parameters` cell assigns (read with `ast`: no papermill import, so a typo is caught at once)."
+    """The names a notebook's `parameters` cell assigns (read with `ast`: no papermill import, so a typo is
+    caught at once)."""
     for cell in json.loads(nb.read_text())["cells"]:
         if cell.get("cell_type") == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
             source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
             tree = ast.parse(source)
             return {t.id for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AnnAssign))
-                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                    if isinstance(t, ast.Name)}
     return set()
 
 
 def _code_cells(nb: Path) -> int:
-    return sum(c.get("cell_type") == "code" for c in json.loads(nb.read_text())["cells"]) + 1  # + papermill's injected cell
+    # + papermill's injected cell
+    return sum(c.get("cell_type") == "code" for c in json.loads(nb.read_text())["cells"]) + 1
 
 
 def run_experiments(profile: str = "tiny", only: str | None = None, overrides: dict | None = None,
                     params: dict | None = None, experiments: str | Path | None = None,
                     log_output: bool = False, check_inputs: bool = True, quiet: bool = False,
                     kernel_timeout_s: float | None = None) -> list[tuple[str, float]]:
-    "Execute experiment notebooks with papermill into `runs/<profile>/notebooks/` (progress on the terminal unless `quiet`); returns (name, seconds) pairs."
+    """Execute experiment notebooks with papermill into `runs/<profile>/notebooks/` (progress on the
+    terminal unless `quiet`); returns (name, seconds) pairs."""
     overrides = smoke_overrides(profile, overrides or {})
     cfg = get_config(profile, **overrides)  # fail early on an unknown profile, key or a bad value
     start_timeout = kernel_timeout(kernel_timeout_s)
     check_writable(cfg)  # a read-only or full runs folder stops here, naming the folder
-    with artifact_lock(notebooks_dir(cfg)):  # before anything slow: a second run of these settings stops here at once
-        return _run_notebooks(cfg, profile, only, overrides, params or {}, experiments, log_output, check_inputs,
-                              quiet, start_timeout)
+    # before anything slow: a second run of these settings stops here at once
+    with artifact_lock(notebooks_dir(cfg)):
+        return _run_notebooks(cfg, profile, only, overrides, params or {}, experiments, log_output,
+                              check_inputs, quiet, start_timeout)
 
 
 def _run_notebooks(cfg: Config, profile: str, only: str | None, overrides: dict, params: dict,
@@ -214,8 +233,9 @@ def _run_notebooks(cfg: Config, profile: str, only: str | None, overrides: dict,
     unknown = sorted(set(params) - known)
     if unknown:
         keys = known | {f.name for f in dataclasses.fields(Config)}
-        raise KeyError(", ".join(f"{k!r}{did_you_mean(k, keys)}" for k in unknown) + ": neither config keys nor "
-                       "parameters of the selected notebooks (`pc-clip config` lists the config keys)")
+        raise KeyError(", ".join(f"{k!r}{did_you_mean(k, keys)}" for k in unknown)
+                       + ": neither config keys nor parameters of the selected notebooks "
+                       "(`pc-clip config` lists the config keys)")
     import papermill as pm
     from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
@@ -229,7 +249,8 @@ def _run_notebooks(cfg: Config, profile: str, only: str | None, overrides: dict,
     say = (lambda *a, **k: None) if quiet else print
     progress = None if quiet or log_output else TerminalProgress(len(notebooks))
     engine, kernel = _progress_engine(), _kernel_name(say)
-    before_path = out_dir / "timings.json"  # seconds per notebook of the last run here: a guide for the next one
+    # seconds per notebook of the last run here: a guide for the next one
+    before_path = out_dir / "timings.json"
     before = json.loads(before_path.read_text()) if before_path.exists() else {}
     timings = []
     for nb in notebooks:
@@ -240,9 +261,10 @@ def _run_notebooks(cfg: Config, profile: str, only: str | None, overrides: dict,
             say(f"[pc-clip] running {nb.name} -> {out}", flush=True)
         t0 = time.perf_counter()
         try:
-            pm.execute_notebook(str(nb), str(out), kernel_name=kernel, cwd=str(project_root()), engine_name=engine,
-                                parameters=_notebook_parameters(nb, declared[nb], profile, cfg, overrides, params),
-                                progress_bar=False, log_output=log_output, progress=progress, start_timeout=start_timeout)
+            pm.execute_notebook(
+                str(nb), str(out), kernel_name=kernel, cwd=str(project_root()), engine_name=engine,
+                parameters=_notebook_parameters(nb, declared[nb], profile, cfg, overrides, params),
+                progress_bar=False, log_output=log_output, progress=progress, start_timeout=start_timeout)
         except PapermillExecutionError as e:
             full, where = _no_space_path(f"{e.ename}: {e.evalue}")
             if full:
@@ -251,13 +273,15 @@ def _run_notebooks(cfg: Config, profile: str, only: str | None, overrides: dict,
                 f"experiment {nb.name} failed in cell {e.exec_count} ({e.ename}: {e.evalue}).\n"
                 f"The executed notebook with the full traceback is {out}") from None
         except DeadKernelError:
-            raise ExperimentFailed(f"the kernel running {nb.name} died (out of memory, or killed by a signal); "
-                                   f"the executed notebook so far is {out}") from None
-        except RuntimeError as e:  # jupyter_client: "Kernel didn't respond in N seconds", "Kernel died before replying"
+            raise ExperimentFailed(f"the kernel running {nb.name} died (out of memory, or killed by "
+                                   f"a signal); the executed notebook so far is {out}") from None
+        # jupyter_client: "Kernel didn't respond in N seconds", "Kernel died before replying"
+        except RuntimeError as e:
             if not str(e).startswith(("Kernel didn't respond", "Kernel died before")):
                 raise
-            raise KernelStartFailed(f"the {kernel!r} kernel for {nb.name} did not start ({e}); nothing of it ran. On a "
-                                    f"busy machine give it longer: --kernel-timeout SECONDS (or PC_CLIP_KERNEL_TIMEOUT; "
+            raise KernelStartFailed(f"the {kernel!r} kernel for {nb.name} did not start ({e}); "
+                                    "nothing of it ran. On a busy machine give it longer: "
+                                    "--kernel-timeout SECONDS (or PC_CLIP_KERNEL_TIMEOUT; "
                                     f"it was {start_timeout:g} s), then run again") from None
         except OSError as e:
             if e.errno != errno.ENOSPC:
@@ -292,9 +316,12 @@ def _folder_problem(folder: Path, min_free: int) -> str | None:
 
 
 def check_writable(cfg: Config, min_free: int = MIN_FREE_BYTES) -> None:
-    "Raise `UnwritableFolder` naming the first folder of the run that cannot be written or has under `min_free` bytes free."
-    for folder in (run_dir(cfg), notebooks_dir(cfg), results_path(cfg).parent, figures_dir(cfg), cache_dir(cfg)):
+    """Raise `UnwritableFolder` naming the first folder of the run that cannot be written or has under
+    `min_free` bytes free."""
+    for folder in (run_dir(cfg), notebooks_dir(cfg), results_path(cfg).parent, figures_dir(cfg),
+                   cache_dir(cfg)):
         problem = _folder_problem(folder, min_free)
         if problem:
-            raise UnwritableFolder(f"{problem}; nothing was run. Free space or make it writable, or point PC_CLIP_RUNS "
-                                   "(or runs_root / results_root / figures_root / cache_root) at a folder that is")
+            raise UnwritableFolder(f"{problem}; nothing was run. Free space or make it writable, "
+                                   "or point PC_CLIP_RUNS (or runs_root / results_root / figures_root / "
+                                   "cache_root) at a folder that is")

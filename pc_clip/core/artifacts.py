@@ -80,7 +80,8 @@ MAX_FIGURE_PX = (1800, 1600)  # width, height of a saved figure at most
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110, max_px: tuple[int, int] = MAX_FIGURE_PX) -> Path:
-    "Write matplotlib figure `fig` as a PNG at `dpi`, lowered where needed to stay within `max_px`; returns the path."
+    """Write matplotlib figure `fig` as a PNG at `dpi`, lowered where needed to stay within `max_px`;
+    returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     width, height = fig.get_size_inches()
@@ -124,7 +125,8 @@ def _holder(lock_path: Path) -> str:
 
 
 def _take(lock_path: Path) -> int | None:
-    "A descriptor holding the exclusive lock on the file now at `lock_path`, or None while another process holds it."
+    """A descriptor holding the exclusive lock on the file now at `lock_path`, or None while another process
+    holds it."""
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -143,7 +145,8 @@ def _take(lock_path: Path) -> int | None:
 
 @contextmanager
 def artifact_lock(path: str | Path, timeout: float = 0.0) -> Iterator[Path]:
-    "Hold `<path>.lock` while writing `path`; wait up to `timeout` s, then raise `ArtifactBusy` naming the holder."
+    """Hold `<path>.lock` while writing `path`; wait up to `timeout` s, then raise `ArtifactBusy` naming the
+    holder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
@@ -154,8 +157,8 @@ def artifact_lock(path: str | Path, timeout: float = 0.0) -> Iterator[Path]:
     deadline = time.monotonic() + timeout
     while (fd := _take(lock_path)) is None:
         if time.monotonic() >= deadline:
-            raise ArtifactBusy(f"{path} is being written by {_holder(lock_path)}; wait for that run to finish "
-                               f"(or stop it), then run again")
+            raise ArtifactBusy(f"{path} is being written by {_holder(lock_path)}; "
+                               f"wait for that run to finish (or stop it), then run again")
         time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
     try:
         os.ftruncate(fd, 0)

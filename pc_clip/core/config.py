@@ -120,26 +120,32 @@ class Config:
 
     def __str__(self) -> str:
         "A short summary: the settings that differ from the profile's (`config_summary` adds the folders)."
-        base = Config(**{**dataclasses.asdict(Config()), **PROFILES.get(self.profile, {}), "profile": self.profile})
-        changed = [(k, v, getattr(base, k)) for k, v in self.to_dict().items() if k != "seed" and getattr(base, k) != v]
+        base = Config(**{**dataclasses.asdict(Config()), **PROFILES.get(self.profile, {}),
+                         "profile": self.profile})
+        changed = [(k, v, getattr(base, k)) for k, v in self.to_dict().items()
+                   if k != "seed" and getattr(base, k) != v]
         lines = [f"Config(profile={self.profile!r}, seed={self.seed}): the profile's settings"
                  + (", except" if changed else " (all fields: cfg.to_dict())")]
         lines += [f"  {k} = {v!r}  (profile: {b!r})" for k, v, b in changed]
         return "\n".join(lines)
 
 
-# the paper's reference setting, from its text: the Config fields it states (the `paper` profile takes them as they are)
-PAPER_SETTING = dict(model_name="ViT-L-14", pretrained="datacomp_xl_s13b_b90k", corpus="coco", eval_n_images=100,
-                     ft_lr=1e-8, ft_lr_decay=0.9, ft_epochs=20, ft_batch_size=512,
+# the paper's reference setting, from its text: the Config fields it states (the `paper` profile takes them
+# as they are)
+PAPER_SETTING = dict(model_name="ViT-L-14", pretrained="datacomp_xl_s13b_b90k", corpus="coco",
+                     eval_n_images=100, ft_lr=1e-8, ft_lr_decay=0.9, ft_epochs=20, ft_batch_size=512,
                      caption_ft_lr=1e-6, caption_ft_batch_size=128, caption_ft_epochs=50)
 # what else its text states, in words no Config field takes (the report compares a run with them)
-PAPER_FACTS = dict(n_images=1000, generator="Llama-2-13b-chat (4-bit)", judge="openai:gpt-4o-mini", eval_seeds=5)
+PAPER_FACTS = dict(n_images=1000, generator="Llama-2-13b-chat (4-bit)", judge="openai:gpt-4o-mini",
+                   eval_seeds=5)
 
 _PAPER = dict(
     **PAPER_SETTING, n_pairs=200_000, pair_sampling="random",
     generator="meta-llama/Llama-2-13b-chat-hf", load_in_4bit=True, gen_batch_size=32,
-    gen_batch_from_memory=True,  # 32 where GPU memory cannot be read; more where it is free (an A100-40GB still fits)
-    judge="meta-llama/Llama-2-13b-chat-hf",  # the generator's local LLM (offline); "openai:gpt-4o-mini" is an option
+    # 32 where GPU memory cannot be read; more where it is free (an A100-40GB still fits)
+    gen_batch_from_memory=True,
+    # the generator's local LLM (offline); "openai:gpt-4o-mini" is an option
+    judge="meta-llama/Llama-2-13b-chat-hf",
     ft_max_pairs=None, eval_batch_size=256,
     ft_keep_epochs=(10, 20),  # the paper's checkpoints after epochs 10 and 20
     ft_fused_attention=True, ft_length_buckets=16, ft_compile="default",  # a GPU: see bench/RESULTS.md
@@ -152,12 +158,13 @@ _PAPER_SMOKE = dict(
     model_name="pc-clip-smoke", pretrained="smoke",  # <data root>/weights/pc-clip-smoke/smoke/ (64-px images)
     generator="tiny-chat", judge="tiny-chat",  # <data root>/weights/tiny-chat/
     t2i_model="tiny-sdxl", t2i_steps=2, t2i_image_size=64,  # <data root>/weights/tiny-sdxl/
-    t2i_clip_model="pc-clip-smoke", t2i_clip_pretrained="smoke",  # the stand-in SDXL's first text encoder is its text tower
+    # the stand-in SDXL's first text encoder is its text tower
+    t2i_clip_model="pc-clip-smoke", t2i_clip_pretrained="smoke",
     world_n_train=200, world_n_test=100, world_n_val=100, pretrain_steps=10,
     n_pairs=64, gen_batch_size=16, max_new_tokens=64,
     ft_epochs=2, ft_batch_size=16, caption_ft_epochs=1, caption_ft_batch_size=16,
-    # a learning rate that moves the stand-in's weights in two epochs (at the paper's 1e-8 every pc-clip - clip
-    # delta is exactly 0, so a finetune that did nothing would pass unnoticed)
+    # a learning rate that moves the stand-in's weights in two epochs (at the paper's 1e-8 every
+    # pc-clip - clip delta is exactly 0, so a finetune that did nothing would pass unnoticed)
     ft_lr=1e-4, caption_ft_lr=1e-4,
     eval_n_images=20, eval_seeds=(0,), eval_batch_size=32,
     ft_compile="off",  # compiling costs tens of seconds per run on a CPU, more than the smoke run's training
@@ -167,37 +174,44 @@ PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {},
     "paper": _PAPER,
     "paper-h14": {**_PAPER, "model_name": "ViT-H-14", "pretrained": "laion2b_s32b_b79k", "ft_batch_size": 256,
-                  # a 1024-wide ViT-H/14 text tower fits no SDXL slot (768, 1280): the T2I study does not apply
+                  # a 1024-wide ViT-H/14 text tower fits no SDXL slot (768, 1280): the T2I study does not
+                  # apply
                   "t2i_clip_model": None, "t2i_clip_pretrained": None},
     "paper-smoke": {**_PAPER, **_PAPER_SMOKE},
 }
-# profiles that run on the stand-ins the project builds: only they may accept a stand-in by its recorded checksum
+# profiles that run on the stand-ins the project builds: only they may accept a stand-in by its recorded
+# checksum
 STANDIN_PROFILES = ("paper-smoke",)
 
 # %% ../../nbs/core/00_config.ipynb #65e60e6d
 FT_TRAINABLE = ("text_blocks", "text_tower", "both_towers")  # which weights finetuning trains
-FT_LOSSES = ("contrastive", "mse", "clip")  # every loss but "mse" contrasts a pair with the others in its batch
+# every loss but "mse" contrasts a pair with the others in its batch
+FT_LOSSES = ("contrastive", "mse", "clip")
 FT_COMPILE = ("off", "default", "reduce-overhead", "max-autotune")  # torch.compile modes of the text tower
 CHOICES: dict[str, tuple[str, ...]] = {
-    "precision": ("auto", "fp32", "bf16", "fp16"), "corpus": ("world", "coco"), "world_captions": ("comparative", "plain"),
+    "precision": ("auto", "fp32", "bf16", "fp16"), "corpus": ("world", "coco"),
+    "world_captions": ("comparative", "plain"),
     "pair_sampling": ("random", "different_category"), "ft_trainable": FT_TRAINABLE, "ft_loss": FT_LOSSES,
     "ft_compile": FT_COMPILE,
 }
-# the settings of one finetuning run (`pc_clip.training.state.FinetuneSettings`) -> the Config fields they are:
-# their defaults and the rules that check them are the config's
+# the settings of one finetuning run (`pc_clip.training.state.FinetuneSettings`) -> the Config fields they
+# are: their defaults and the rules that check them are the config's
 FINETUNE_FIELDS = dict(
-    trainable="ft_trainable", loss="ft_loss", temperature="ft_temperature", lr="ft_lr", lr_decay="ft_lr_decay",
-    epochs="ft_epochs", batch_size="ft_batch_size", grad_accum="ft_grad_accum", weight_decay="ft_weight_decay",
+    trainable="ft_trainable", loss="ft_loss", temperature="ft_temperature", lr="ft_lr",
+    lr_decay="ft_lr_decay", epochs="ft_epochs", batch_size="ft_batch_size", grad_accum="ft_grad_accum",
+    weight_decay="ft_weight_decay",
     max_bad_fraction="ft_max_bad_fraction", max_pairs="ft_max_pairs", seed="seed", precision="precision",
     model_name="model_name", keep_epochs="ft_keep_epochs", fused_attention="ft_fused_attention",
     length_buckets="ft_length_buckets", compile="ft_compile")
 # the settings of a Shapes world (`pc_clip.world.shapes.make_world`'s keywords) -> the Config fields they are
-WORLD_FIELDS = dict(seed="seed", image_size="world_image_size", n_train="world_n_train", n_test="world_n_test",
-                    n_val="world_n_val", captions="world_captions", caption_rate="world_caption_rate")
+WORLD_FIELDS = dict(seed="seed", image_size="world_image_size", n_train="world_n_train",
+                    n_test="world_n_test", n_val="world_n_val", captions="world_captions",
+                    caption_rate="world_caption_rate")
 # the settings of pretraining (`pc_clip.training.pretrain.PretrainSettings`) -> the Config fields they are
 PRETRAIN_FIELDS = dict(
-    model_name="model_name", seed="seed", steps="pretrain_steps", batch_size="pretrain_batch_size", lr="pretrain_lr",
-    weight_decay="pretrain_weight_decay", warmup="pretrain_warmup", betas="pretrain_betas", eps="pretrain_eps")
+    model_name="model_name", seed="seed", steps="pretrain_steps", batch_size="pretrain_batch_size",
+    lr="pretrain_lr", weight_decay="pretrain_weight_decay", warmup="pretrain_warmup", betas="pretrain_betas",
+    eps="pretrain_eps")
 _UNION = (types.UnionType, typing.Union)
 
 
@@ -223,7 +237,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in args)
     if origin is tuple:
         return f"a tuple of {_describe(args[0]).split(' ', 1)[-1]}s"  # "a tuple of ints"
-    return {int: "an int", float: "a float", str: "a string", bool: "True or False", type(None): "None"}.get(hint, str(hint))
+    return {int: "an int", float: "a float", str: "a string", bool: "True or False",
+            type(None): "None"}.get(hint, str(hint))
 
 
 def _coerce_value(value: Any, hint: Any) -> Any:
@@ -254,7 +269,8 @@ def _type_problems(cfg: Config) -> dict[str, str]:
             continue
         if value is None:
             keep = PROFILES.get(cfg.profile, {}).get(name, getattr(Config, name))
-            out[name] = f"{name}: None is not allowed (expected {_describe(hint)}); leave it out to keep the profile's value {keep!r}"
+            out[name] = (f"{name}: None is not allowed (expected {_describe(hint)}); "
+                         f"leave it out to keep the profile's value {keep!r}")
         else:
             out[name] = f"{name}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})"
     return out
@@ -263,12 +279,14 @@ def _type_problems(cfg: Config) -> dict[str, str]:
 _AT_LEAST = {  # field: smallest allowed value
     "seed": 0, "world_image_size": 8, "world_n_train": 1, "world_n_test": 1, "world_n_val": 1,
     "pretrain_batch_size": 2, "pretrain_steps": 1, "n_pairs": 1, "gen_batch_size": 1, "max_new_tokens": 1,
-    "temperature": 0, "pretrain_weight_decay": 0, "ft_epochs": 1, "ft_grad_accum": 1, "ft_weight_decay": 0, "ft_max_bad_fraction": 0,
-    "ft_max_pairs": 1, "ft_length_buckets": 0, "caption_ft_batch_size": 2, "caption_ft_epochs": 1, "eval_n_images": 1, "eval_batch_size": 1,
+    "temperature": 0, "pretrain_weight_decay": 0, "ft_epochs": 1, "ft_grad_accum": 1, "ft_weight_decay": 0,
+    "ft_max_bad_fraction": 0, "ft_max_pairs": 1, "ft_length_buckets": 0, "caption_ft_batch_size": 2,
+    "caption_ft_epochs": 1, "eval_n_images": 1, "eval_batch_size": 1,
     "comparative_topk": 1, "t2i_steps": 1, "t2i_image_size": 8,
 }
 _POSITIVE = ("pretrain_lr", "pretrain_eps", "ft_lr", "caption_ft_lr", "ft_temperature")  # finite and > 0
-_FRACTIONS = {"pretrain_warmup": "[0, 1]", "oracle_noise": "[0, 1]", "world_caption_rate": "[0, 1]", "wavg_alpha": "[0, 1]", "top_p": "(0, 1]", "ft_lr_decay": "(0, 1]"}
+_FRACTIONS = {"pretrain_warmup": "[0, 1]", "oracle_noise": "[0, 1]", "world_caption_rate": "[0, 1]",
+              "wavg_alpha": "[0, 1]", "top_p": "(0, 1]", "ft_lr_decay": "(0, 1]"}
 
 
 def _range_problems(cfg: Config) -> list[tuple[str, str]]:
@@ -286,12 +304,16 @@ def _range_problems(cfg: Config) -> list[tuple[str, str]]:
     for name, rng in _FRACTIONS.items():
         check(name, lambda v, rng=rng: (0 <= v if rng[0] == "[" else 0 < v) and v <= 1, f"in {rng}")
     if cfg.ft_loss != "mse":
-        check("ft_batch_size", lambda v: v >= 2, f">= 2 for ft_loss={cfg.ft_loss!r} (a contrastive loss needs other pairs in the batch)")
+        check("ft_batch_size", lambda v: v >= 2,
+              f">= 2 for ft_loss={cfg.ft_loss!r} (a contrastive loss needs other pairs in the batch)")
     check("ft_batch_size", lambda v: v >= 1, ">= 1")
     check("eval_seeds", lambda v: len(v) >= 1 and min(v) >= 0, "a non-empty tuple of seeds >= 0")
-    check("comparative_alphas", lambda v: len(v) >= 1 and all(0 <= a <= 1 for a in v), "a non-empty tuple of weights in [0, 1]")
-    check("ft_lr_grid", lambda v: all(math.isfinite(x) and x > 0 for x in v), "a tuple of finite learning rates > 0 (or () for ft_lr alone)")
-    check("wavg_alpha_grid", lambda v: all(0 <= a <= 1 for a in v), "a tuple of weight-averaging mixes in [0, 1] (or () for alpha 1 alone)")
+    check("comparative_alphas", lambda v: len(v) >= 1 and all(0 <= a <= 1 for a in v),
+          "a non-empty tuple of weights in [0, 1]")
+    check("ft_lr_grid", lambda v: all(math.isfinite(x) and x > 0 for x in v),
+          "a tuple of finite learning rates > 0 (or () for ft_lr alone)")
+    check("wavg_alpha_grid", lambda v: all(0 <= a <= 1 for a in v),
+          "a tuple of weight-averaging mixes in [0, 1] (or () for alpha 1 alone)")
     check("ft_keep_epochs", lambda v: all(e >= 1 for e in v), "a tuple of epoch numbers >= 1")
     check("pretrain_betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two AdamW betas in [0, 1)")
     check("t2i_image_size", lambda v: v % 8 == 0, "a multiple of 8 (SDXL works on an 8x smaller latent grid)")
@@ -322,8 +344,10 @@ def _form_problems(cfg: Config) -> list[tuple[str, str]]:
     if cfg.profile not in PROFILES:
         out.append(("profile", f"profile: expected one of {sorted(PROFILES)}, got {cfg.profile!r}"))
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
-        out.append(("device", f"device: expected 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps', got {cfg.device!r}"))
-    for k in ("data_root", "runs_root", "results_root", "figures_root", "cache_root", "model_name", "t2i_model"):
+        out.append(("device",
+                    f"device: expected 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps', got {cfg.device!r}"))
+    for k in ("data_root", "runs_root", "results_root", "figures_root", "cache_root", "model_name",
+              "t2i_model"):
         if not getattr(cfg, k).strip():
             out.append((k, f"{k}: must not be empty"))
     if cfg.pretrained is not None and not cfg.pretrained.strip():
@@ -343,7 +367,8 @@ class ConfigError(ValueError):
 
 
 def validate_config(cfg: Config) -> list[str]:
-    "One message per invalid field of `cfg` (types from the annotations, ranges, known forms); empty if it is valid."
+    """One message per invalid field of `cfg` (types from the annotations, ranges, known forms); empty if it
+    is valid."""
     typed = _type_problems(cfg)
     # ranges and forms are checked on the well-typed fields only (a badly typed one stands in at its default)
     ok = dataclasses.replace(cfg, **{k: getattr(Config(), k) for k in typed})
@@ -363,7 +388,8 @@ def _validated(cfg: Config) -> Config:
 
 # %% ../../nbs/core/00_config.ipynb #c2fd64ac
 def did_you_mean(word: str, choices) -> str:
-    "` (did you mean 'x'?)` for the choice closest to a mistyped `word`, or an empty string when none is close."
+    """` (did you mean 'x'?)` for the choice closest to a mistyped `word`, or an empty string when none is
+    close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.75)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -378,22 +404,27 @@ def _check_keys(overrides: dict) -> None:
 
 
 def one_learning_rate(overrides: dict) -> dict:
-    "`overrides` with `ft_lr` given alone read as one learning rate, no sweep: both grids `()` unless given too."
+    """`overrides` with `ft_lr` given alone read as one learning rate, no sweep: both grids `()` unless
+    given too."""
     if overrides.get("ft_lr") is None:
         return dict(overrides)
     grid = overrides.get("ft_lr_grid", ())
     if isinstance(grid, (tuple, list)) and len(grid):
-        raise ConfigError([f"ft_lr: given together with ft_lr_grid={tuple(grid)!r}; ft_lr trains one learning rate "
-                           "(no sweep), ft_lr_grid sweeps several: give one of them"])
+        raise ConfigError([f"ft_lr: given together with ft_lr_grid={tuple(grid)!r}; "
+                           "ft_lr trains one learning rate (no sweep), ft_lr_grid sweeps several: "
+                           "give one of them"])
     return {"ft_lr_grid": (), "wavg_alpha_grid": (), **overrides}
 
 
 def get_config(profile: str = "tiny", **overrides) -> Config:
-    "The validated config of a named profile with `overrides` applied (`ft_lr` alone: see `one_learning_rate`)."
+    """The validated config of a named profile with `overrides` applied (`ft_lr` alone: see
+    `one_learning_rate`)."""
     if profile not in PROFILES:
-        raise KeyError(f"Unknown profile {profile!r}{did_you_mean(profile, PROFILES)}; choose one of {', '.join(PROFILES)}")
+        raise KeyError(f"Unknown profile {profile!r}{did_you_mean(profile, PROFILES)}; "
+                       f"choose one of {', '.join(PROFILES)}")
     _check_keys(overrides)
-    return _validated(Config(**{**PROFILES[profile], "profile": profile, **_coerce(one_learning_rate(overrides))}))
+    return _validated(Config(**{**PROFILES[profile], "profile": profile,
+                                **_coerce(one_learning_rate(overrides))}))
 
 
 def config_problems(**values) -> list[str]:
@@ -418,7 +449,8 @@ def given(**params) -> dict:
 
 # %% ../../nbs/core/00_config.ipynb #1364ee38
 def parse_overrides(pairs: list[str]) -> tuple[dict, dict]:
-    "Split `key=value` strings into (config overrides, other notebook parameters); values are Python literals."
+    """Split `key=value` strings into (config overrides, other notebook parameters); values are Python
+    literals."""
     cfg_keys = {f.name for f in dataclasses.fields(Config)}
     cfg_over, params = {}, {}
     for pair in pairs or []:
@@ -426,7 +458,8 @@ def parse_overrides(pairs: list[str]) -> tuple[dict, dict]:
             raise ValueError(f"-p expects key=value, got {pair!r}")
         key, raw = pair.split("=", 1)
         if key.strip() == "profile":
-            raise ValueError(f"-p {pair}: the profile is not an override; choose it with --profile {raw.strip()}")
+            raise ValueError(f"-p {pair}: the profile is not an override; "
+                             f"choose it with --profile {raw.strip()}")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -437,8 +470,10 @@ def parse_overrides(pairs: list[str]) -> tuple[dict, dict]:
 # %% ../../nbs/core/00_config.ipynb #a2fed4a2
 @functools.cache
 def field_help() -> dict[str, tuple[str, str]]:
-    "`{field: (help, group)}`: the comment beside each `Config` field and the comment heading its group, from the source."
-    source = Path(importlib.util.find_spec(__package__ + ".config" if __package__ else "pc_clip.core.config").origin).read_text()
+    """`{field: (help, group)}`: the comment beside each `Config` field and the comment heading its group,
+    from the source."""
+    source = Path(importlib.util.find_spec(__package__ + ".config" if __package__
+                                           else "pc_clip.core.config").origin).read_text()
     comments = {t.start[0]: (t.string.lstrip("#").strip(), t.line.strip().startswith("#"))
                 for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
     heads = [(line, text) for line, (text, own_line) in sorted(comments.items()) if own_line]

@@ -35,7 +35,8 @@ def pick_device(preference: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(preference)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={preference!r} was asked for but no CUDA GPU is visible; use device='cpu' or 'auto'")
+        raise RuntimeError(f"device={preference!r} was asked for but no CUDA GPU is visible; "
+                           "use device='cpu' or 'auto'")
     return dev
 
 

@@ -23,7 +23,8 @@ def get_logger(name: str = "pc_clip") -> logging.Logger:
         root = logging.getLogger("pc_clip")
         root.addHandler(h)
         root.setLevel(logging.INFO)
-        root.propagate = False  # a root handler (a kernel's, a library's basicConfig) would print every line twice
+        # a root handler (a kernel's, a library's basicConfig) would print every line twice
+        root.propagate = False
     return log
 
 

@@ -20,11 +20,13 @@ __all__ = ['RESULT_COLUMNS', 'FRACTION_METRICS', 'condition_string', 'condition_
 # %% ../../nbs/core/05_results.ipynb #94dfdc13
 RESULT_COLUMNS = ["experiment", "profile", "model", "task", "dataset", "condition", "metric", "value",
                   "ci_low", "ci_high", "seed", "n"]
-FRACTION_METRICS = ("accuracy", "recall", "rate", "agreement")  # directional consistency is a mean cosine, in [-1, 1]
+# directional consistency is a mean cosine, in [-1, 1]
+FRACTION_METRICS = ("accuracy", "recall", "rate", "agreement")
 
 
 def condition_string(**settings) -> str:
-    "`condition_string(wording='heldout', alpha=0.85)` -> `'alpha=0.85;wording=heldout'` (sorted; `None` values left out)."
+    """`condition_string(wording='heldout', alpha=0.85)` -> `'alpha=0.85;wording=heldout'` (sorted; `None`
+    values left out)."""
     return ";".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in sorted(settings.items()) if v is not None)
 
@@ -37,32 +39,38 @@ def condition_dict(condition) -> dict[str, str]:
 
 
 def result_row(model: str, task: str, dataset: str, metric: str, value: float, seed: int | None = None,
-               n: int | None = None, condition: str | dict = "", ci: tuple[float, float] | None = None) -> dict:
+               n: int | None = None, condition: str | dict = "",
+               ci: tuple[float, float] | None = None) -> dict:
     "One row of the results table (without experiment/profile, which `write_results` adds)."
     if isinstance(condition, dict):
         condition = condition_string(**condition)
     lo, hi = ci if ci is not None else (None, None)
-    return dict(model=model, task=task, dataset=dataset, condition=condition, metric=metric, value=float(value),
-                ci_low=None if lo is None else float(lo), ci_high=None if hi is None else float(hi), seed=seed, n=n)
+    return dict(model=model, task=task, dataset=dataset, condition=condition, metric=metric,
+                value=float(value), ci_low=None if lo is None else float(lo),
+                ci_high=None if hi is None else float(hi), seed=seed, n=n)
 
 
 def read_results(path: str | Path) -> pd.DataFrame:
-    "The results table at `path` (a run's: `results_path(cfg)`; empty, with the right columns, if nothing was written yet)."
+    """The results table at `path` (a run's: `results_path(cfg)`; empty, with the right columns, if nothing
+    was written yet)."""
     import pandas as pd
     path = Path(path)
     if not path.exists():
         return pd.DataFrame(columns=RESULT_COLUMNS)
-    table = pd.read_csv(path, keep_default_na=False, na_values={c: [""] for c in RESULT_COLUMNS if c != "condition"})
+    table = pd.read_csv(path, keep_default_na=False,
+                        na_values={c: [""] for c in RESULT_COLUMNS if c != "condition"})
     return table.reindex(columns=RESULT_COLUMNS).astype({"condition": str})
 
 
 def write_results(rows: Iterable[dict], experiment: str, path: str | Path, profile: str,
                   run: dict | None = None) -> pd.DataFrame:
-    "Replace `experiment`'s rows of `profile` in the results table at `path` by `rows` (a run passes `**results_options(cfg)`); the new table."
+    """Replace `experiment`'s rows of `profile` in the results table at `path` by `rows` (a run passes
+    `**results_options(cfg)`); the new table."""
     import pandas as pd
     new = pd.DataFrame(list(rows))
     new["experiment"], new["profile"] = experiment, profile
-    missing = [c for c in RESULT_COLUMNS if c not in new.columns and c not in ("condition", "ci_low", "ci_high")]
+    missing = [c for c in RESULT_COLUMNS
+               if c not in new.columns and c not in ("condition", "ci_low", "ci_high")]
     if len(new) and missing:
         raise ValueError(f"result rows lack columns {missing}; build them with result_row(...)")
     new = new.reindex(columns=RESULT_COLUMNS)

@@ -20,10 +20,12 @@ __all__ = ['PLACE_SETTINGS', 'project_root', 'resolve_path', 'data_root', 'run_d
 
 # %% ../../nbs/core/01_run.ipynb #f853336c
 def project_root(start: str | Path | None = None) -> Path:
-    "The nearest folder at or above `start` (default: cwd, then this package's checkout) that holds `settings.ini`, else `start`."
+    """The nearest folder at or above `start` (default: cwd, then this package's checkout) that holds
+    `settings.ini`, else `start`."""
     given = start is not None
     start = Path(start or os.getcwd()).resolve()
-    spec = importlib.util.find_spec("pc_clip")  # a source checkout (pip install -e .): where the package lives
+    # a source checkout (pip install -e .): where the package lives
+    spec = importlib.util.find_spec("pc_clip")
     here = Path(spec.origin).resolve().parent.parent if spec and spec.origin else start
     for p in [start, *start.parents, *([] if given else [here])]:
         if (p / "settings.ini").exists() and (p / "pc_clip").is_dir():
@@ -42,9 +44,11 @@ def _under_runs_env(default: str, sub: str) -> Path:
 
 
 def data_root(cfg: Config | None = None) -> Path:
-    "Where datasets and downloaded weights are looked for: `$PC_CLIP_DATA`, else `cfg.data_root` (default `data/`)."
+    """Where datasets and downloaded weights are looked for: `$PC_CLIP_DATA`, else `cfg.data_root` (default
+    `data/`)."""
     env = os.environ.get("PC_CLIP_DATA")
-    return Path(env).expanduser() if env else resolve_path(cfg.data_root if cfg is not None else Config.data_root)
+    return (Path(env).expanduser() if env
+            else resolve_path(cfg.data_root if cfg is not None else Config.data_root))
 
 
 def run_dir(cfg: Config) -> Path:
@@ -61,13 +65,15 @@ PLACE_SETTINGS = ("data_root", "runs_root", "results_root", "figures_root", "cac
 
 
 def run_id(cfg: Config) -> str:
-    "The identity of a run's results: a hash of every setting but where files live and the device (8 hex digits)."
+    """The identity of a run's results: a hash of every setting but where files live and the device (8 hex
+    digits)."""
     what = {k: v for k, v in cfg.to_dict().items() if k not in PLACE_SETTINGS}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def is_default_run(cfg: Config) -> bool:
-    "Whether `cfg` is its profile's own settings (where files live aside): the run that keeps `results/<profile>/`."
+    """Whether `cfg` is its profile's own settings (where files live aside): the run that keeps
+    `results/<profile>/`."""
     return run_id(cfg) == run_id(Config(**{**PROFILES.get(cfg.profile, {}), "profile": cfg.profile}))
 
 
@@ -77,7 +83,8 @@ def run_name(cfg: Config) -> str:
 
 
 def results_path(cfg: Config) -> Path:
-    "The long-format results table of a run: `results/<profile>/results.csv` (other settings: `results/<profile>-<id>/`)."
+    """The long-format results table of a run: `results/<profile>/results.csv` (other settings:
+    `results/<profile>-<id>/`)."""
     return _under_runs_env(cfg.results_root, "results") / run_name(cfg) / "results.csv"
 
 
@@ -92,7 +99,8 @@ def notebooks_dir(cfg: Config) -> Path:
 
 # %% ../../nbs/core/01_run.ipynb #79483274
 def display_path(path: str | Path) -> str:
-    "`path` as a reader should see it: relative to the checkout, else under `$PC_CLIP_RUNS`, `$PC_CLIP_DATA` or `~`."
+    """`path` as a reader should see it: relative to the checkout, else under `$PC_CLIP_RUNS`, `$PC_CLIP_DATA`
+    or `~`."""
     p = Path(path).expanduser().resolve()
     places = [("", project_root())] + [(f"${v}/", Path(os.environ[v]).expanduser().resolve())
                                        for v in ("PC_CLIP_RUNS", "PC_CLIP_DATA") if os.environ.get(v)]
@@ -105,18 +113,22 @@ def display_path(path: str | Path) -> str:
 # %% ../../nbs/core/01_run.ipynb #115be1f0
 def config_summary(cfg: Config) -> str:
     "The settings of `cfg` that differ from its profile's, then the folders the run really uses."
-    places = [("data", data_root(cfg)), ("runs", run_dir(cfg)), ("results", results_path(cfg)), ("figures", figures_dir(cfg)),
-              ("cache", cache_dir(cfg))]  # as a reader should see them: relative to the checkout or to $PC_CLIP_RUNS
+    # as a reader should see them: relative to the checkout or to $PC_CLIP_RUNS
+    places = [("data", data_root(cfg)), ("runs", run_dir(cfg)), ("results", results_path(cfg)),
+              ("figures", figures_dir(cfg)), ("cache", cache_dir(cfg))]
     return "\n".join([str(cfg), "folders:"] + [f"  {name:<7s} {display_path(p)}" for name, p in places])
 
 # %% ../../nbs/core/01_run.ipynb #99001ab2
 def describe_run(cfg: Config) -> dict:
-    "What `run.json` says about the run a results folder belongs to: its name, id and the settings it changed."
+    """What `run.json` says about the run a results folder belongs to: its name, id and the settings it
+    changed."""
     base = Config(**{**PROFILES.get(cfg.profile, {}), "profile": cfg.profile})
     return {"run": run_name(cfg), "run_id": run_id(cfg), "profile": cfg.profile,
-            "changed": {k: v for k, v in cfg.to_dict().items() if k not in PLACE_SETTINGS and getattr(base, k) != v}}
+            "changed": {k: v for k, v in cfg.to_dict().items()
+                        if k not in PLACE_SETTINGS and getattr(base, k) != v}}
 
 
 def results_options(cfg: Config) -> dict:
-    "The keywords of `pc_clip.core.results.write_results` for `cfg`'s run: its table's path, its profile and `run.json`."
+    """The keywords of `pc_clip.core.results.write_results` for `cfg`'s run: its table's path, its profile and
+    `run.json`."""
     return dict(path=results_path(cfg), profile=cfg.profile, run=describe_run(cfg))

@@ -45,7 +45,8 @@ def parse_line(line: str, key: str = "key") -> tuple[dict | None, bool]:
 
 # %% ../../nbs/core/06_store.ipynb #9e131bd9
 class JsonlStore:
-    "Keyed JSONL file that resumes: one record per key, one writer at a time, torn lines cost only themselves."
+    """Keyed JSONL file that resumes: one record per key, one writer at a time, torn lines cost only
+    themselves."""
 
     def __init__(self, path: str | Path, key: str = "key"):
         self.path, self.key = Path(path), key
@@ -74,8 +75,9 @@ class JsonlStore:
                 seen.add(k)
 
     def _load(self) -> None:
-        # the size is that of the bytes parsed, not a later stat: a writer that appends while we read makes the
-        # next `extend` see a different size and read the file again, so its records are never missed
+        # the size is that of the bytes parsed, not a later stat: a writer that appends while we read
+        # makes the next `extend` see a different size and read the file again, so its records are
+        # never missed
         data = self.path.read_bytes() if self.path.exists() else b""
         self.keys: set[str] = set()
         self.n_corrupt = self.n_duplicate = 0
@@ -94,13 +96,16 @@ class JsonlStore:
         lines = [_dump(rec) for rec, _, dup in self._scan() if rec is not None and not dup]
         atomic_write(self.path, "".join(lines))
         get_logger("pc_clip.core.store").warning(
-            f"{self.path}: dropped {self.n_corrupt} unparsable line(s) and {self.n_duplicate} duplicate record(s), "
-            f"kept {len(lines)} records, rewrote the file clean; dropped records are produced again on resume")
+            f"{self.path}: dropped {self.n_corrupt} unparsable line(s) "
+            f"and {self.n_duplicate} duplicate record(s), "
+            f"kept {len(lines)} records, rewrote the file clean; "
+            "dropped records are produced again on resume")
         self._size = self.path.stat().st_size
 
     @contextmanager
     def writing(self, timeout: float = 0.0) -> Iterator["JsonlStore"]:
-        "Hold the store's lock while a run writes (wait up to `timeout` s, else `ArtifactBusy` names the holder)."
+        """Hold the store's lock while a run writes (wait up to `timeout` s, else `ArtifactBusy` names
+        the holder)."""
         with artifact_lock(self.path, timeout=timeout):
             self._locked = True
             try:
@@ -142,10 +147,11 @@ class JsonlStore:
         return len(new)
 
     def drop(self, keys: Iterable) -> int:
-        "Remove the records of `keys` with one atomic rewrite (inside `writing()`); returns how many were removed."
+        """Remove the records of `keys` with one atomic rewrite (inside `writing()`); returns how many
+        were removed."""
         if not self._locked:
-            raise RuntimeError(f"{self.path}: drop() rewrites the file, so it needs the store's lock: call it inside "
-                               "`with store.writing():`")
+            raise RuntimeError(f"{self.path}: drop() rewrites the file, so it needs the store's lock: "
+                               "call it inside `with store.writing():`")
         keys, kept, n = {str(k) for k in keys}, [], 0
         for rec, _, dup in self._scan():
             if rec is None or dup:

@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 
 from ..core.log import get_logger
-from .imagedata import (DATASET_INFO, DatasetNotFoundError, ImageDataset, _check_split, _require,
-    clean_classname, dataset_layout_error, hashed_split, accept_recorded, recorded_checksums, torchvision_integrity)
+from pc_clip.data.imagedata import (DATASET_INFO, DatasetNotFoundError, ImageDataset, _check_split, _require,
+    clean_classname, dataset_layout_error, hashed_split, accept_recorded, recorded_checksums,
+    torchvision_integrity)
 
 log = get_logger("pc_clip.data.datasets")
 from ..world.shapes import make_world
@@ -41,7 +42,8 @@ def load_coco(root: Path, split: str = "val", download: bool = False) -> ImageDa
     for a in sorted(data["annotations"], key=lambda a: a["id"]):
         caps.setdefault(a["image_id"], []).append(" ".join(a["caption"].split()))
     images = sorted((im for im in data["images"] if caps[im["id"]]), key=lambda im: im["id"])
-    return ImageDataset("coco", split, [], np.full(len(images), -1), paths=[img_dir / im["file_name"] for im in images],
+    return ImageDataset("coco", split, [], np.full(len(images), -1),
+                        paths=[img_dir / im["file_name"] for im in images],
                         captions=[caps[im["id"]] for im in images], root=base,
                         image_info=pd.DataFrame({"image_id": [im["id"] for im in images]}))
 
@@ -51,14 +53,16 @@ def _torchvision_download(name: str, make: Callable[[], Any]) -> None:
         make()
     except Exception as e:  # no network, a moved URL, a checksum mismatch: all need the same advice
         info = DATASET_INFO[name]
-        raise RuntimeError(f"torchvision could not download {info.title} ({type(e).__name__}: {e}). This host may be "
-                           f"offline: get {info.url} by hand and unpack it under the data root as\n{info.layout}") from e
+        raise RuntimeError(f"torchvision could not download {info.title} ({type(e).__name__}: {e}). "
+                           f"This host may be offline: get {info.url} by hand "
+                           f"and unpack it under the data root as\n{info.layout}") from e
 
 
 def _torchvision_refused(name: str, base: Path, e: Exception) -> RuntimeError:
     info = DATASET_INFO[name]
-    return RuntimeError(f"torchvision refused {base} ({e}): its files are not those of the official {info.title} "
-                        f"release (torchvision checks their MD5 sums). Replace them with the archive from {info.url}.")
+    return RuntimeError(f"torchvision refused {base} ({e}): its files are not those of the official "
+                        f"{info.title} release (torchvision checks their MD5 sums). "
+                        f"Replace them with the archive from {info.url}.")
 
 
 def load_cifar100(root: Path, split: str = "test", download: bool = False) -> ImageDataset:
@@ -67,14 +71,15 @@ def load_cifar100(root: Path, split: str = "test", download: bool = False) -> Im
     _check_split("cifar100", split, ("train", "test"))
     root, base = Path(root), Path(root) / "cifar-100-python"
     if download:
-        _torchvision_download("cifar100", lambda: torchvision.datasets.CIFAR100(root, train=split == "train", download=True))
+        _torchvision_download(
+            "cifar100", lambda: torchvision.datasets.CIFAR100(root, train=split == "train", download=True))
     _require("cifar100", root, [base / split, base / "meta"], download)
     try:
         tv = torchvision.datasets.CIFAR100(root, train=split == "train", download=False)  # MD5-checked
     except RuntimeError as e:
         raise _torchvision_refused("cifar100", base, e) from e
-    return ImageDataset("cifar100", split, [clean_classname(c) for c in tv.classes], tv.targets, arrays=tv.data,
-                        raw_classnames=list(tv.classes), root=base)
+    return ImageDataset("cifar100", split, [clean_classname(c) for c in tv.classes], tv.targets,
+                        arrays=tv.data, raw_classnames=list(tv.classes), root=base)
 
 # %% ../../nbs/data/01_datasets.ipynb #78dfd5db
 def _id_table(path: Path) -> dict[int, str]:
@@ -111,7 +116,8 @@ def load_cub(root: Path, split: str = "test", download: bool = False) -> ImageDa
     keep = [i for i in images if split == "all" or (is_train[i] == "1") == (split == "train")]
     raw = [classes[c] for c in class_ids]
     attrs, names = _cub_attributes(base, len(raw))
-    return ImageDataset("cub", split, [clean_classname(c) for c in raw], [index[int(label_of[i])] for i in keep],
+    return ImageDataset("cub", split, [clean_classname(c) for c in raw],
+                        [index[int(label_of[i])] for i in keep],
                         paths=[base / "images" / images[i] for i in keep], class_attributes=attrs,
                         attribute_names=names, raw_classnames=raw, root=base)
 
@@ -147,7 +153,8 @@ def load_eurosat(root: Path, split: str = "test", download: bool = False) -> Ima
     paths = [Path(p) for p, _ in tv.samples]
     keep = hashed_split([os.path.relpath(p, base) for p in paths], split)
     return ImageDataset("eurosat", split, [clean_classname(c, "eurosat") for c in tv.classes],
-                        np.array([t for _, t in tv.samples])[keep], paths=[p for p, k in zip(paths, keep) if k],
+                        np.array([t for _, t in tv.samples])[keep],
+                        paths=[p for p, k in zip(paths, keep) if k],
                         raw_classnames=list(tv.classes), root=base)
 
 # %% ../../nbs/data/01_datasets.ipynb #f7f9284f
@@ -157,7 +164,8 @@ def load_flowers102(root: Path, split: str = "test", download: bool = False) -> 
     _check_split("flowers102", split, ("train", "val", "test"))
     root, base = Path(root), Path(root) / "flowers-102"
     if download:
-        _torchvision_download("flowers102", lambda: torchvision.datasets.Flowers102(root, split, download=True))
+        _torchvision_download(
+            "flowers102", lambda: torchvision.datasets.Flowers102(root, split, download=True))
     _require("flowers102", root, [base / "jpg", base / "imagelabels.mat", base / "setid.mat"], download)
     try:
         tv = torchvision.datasets.Flowers102(root, split)  # MD5-checked
@@ -197,12 +205,14 @@ def load_sun397(root: Path, split: str = "test", download: bool = False) -> Imag
         keep = np.array([r in wanted for r in rel])
     else:
         if split != "all":
-            log.warning(f"no SUN397 Partitions/{SUN397_PARTITION_FILES[split]} under {root}: using a stable 80/20 hash split, "
-                        "not the paper's partition 01 (put the official Partitions/ folder there)")
+            log.warning(f"no SUN397 Partitions/{SUN397_PARTITION_FILES[split]} under {root}: "
+                        "using a stable 80/20 hash split, not the paper's partition 01 "
+                        "(put the official Partitions/ folder there)")
         keep = hashed_split(rel, split)
     order = order[keep[order]]
-    return ImageDataset("sun397", split, [clean_classname(c) for c in tv.classes], np.asarray(tv._labels)[order],
-                        paths=[Path(tv._image_files[i]) for i in order], raw_classnames=list(tv.classes), root=base)
+    return ImageDataset("sun397", split, [clean_classname(c) for c in tv.classes],
+                        np.asarray(tv._labels)[order], paths=[Path(tv._image_files[i]) for i in order],
+                        raw_classnames=list(tv.classes), root=base)
 
 # %% ../../nbs/data/01_datasets.ipynb #74269e1e
 def load_awa2(root: Path, split: str = "test", download: bool = False) -> ImageDataset:
@@ -216,9 +226,10 @@ def load_awa2(root: Path, split: str = "test", download: bool = False) -> ImageD
     preds = list(_id_table(base / "predicates.txt").values())
     matrix = np.loadtxt(base / "predicate-matrix-binary.txt", ndmin=2)
     if matrix.shape != (len(raw), len(preds)):
-        raise ValueError(f"predicate-matrix-binary.txt has shape {matrix.shape}; expected ({len(raw)} classes, "
-                         f"{len(preds)} predicates)")
-    wanted = set(raw) if split == "all" else {l.strip() for l in (base / f"{split}classes.txt").read_text().split()}
+        raise ValueError(f"predicate-matrix-binary.txt has shape {matrix.shape}; "
+                         f"expected ({len(raw)} classes, {len(preds)} predicates)")
+    wanted = (set(raw) if split == "all"
+              else {l.strip() for l in (base / f"{split}classes.txt").read_text().split()})
     paths, labels = [], []
     for k, c in enumerate(raw):
         if c in wanted:
@@ -258,7 +269,8 @@ def world_dataset(world: Any, split: str = "test", class_table: pd.DataFrame | N
 
 # %% ../../nbs/data/01_datasets.ipynb #bf681bcc
 def load_world(split: str = "test", **world) -> ImageDataset:
-    "One split of the Shapes world of settings `world` (`pc_clip.world.shapes.make_world`'s keywords), built or read from cache."
+    """One split of the Shapes world of settings `world` (`pc_clip.world.shapes.make_world`'s keywords),
+    built or read from cache."""
     return world_dataset(make_world(**world), split, class_attribute_table(), CATEGORY_NAMES)
 
 # %% ../../nbs/data/01_datasets.ipynb #a5503a98
@@ -281,7 +293,8 @@ def canonical_name(name: str) -> str:
 
 # %% ../../nbs/data/01_datasets.ipynb #aaf5cd04
 def _integrity_checks(root: Path, standins: bool):
-    "Official MD5 sums, except on a stand-in profile (`paper-smoke`), where a stand-in also passes by its recorded sha256."
+    """Official MD5 sums, except on a stand-in profile (`paper-smoke`), where a stand-in also passes by its
+    recorded sha256."""
     if standins:
         return torchvision_integrity(accept_recorded(recorded_checksums(root)))
     return contextlib.nullcontext()  # `paper` and any folder: a manifest in the data root changes nothing
@@ -289,7 +302,8 @@ def _integrity_checks(root: Path, standins: bool):
 
 def load_dataset(name: str, root: str | Path | None = None, split: str = "test", download: bool = False,
                  world: dict | None = None, standins: bool = False) -> ImageDataset:
-    "Data set `name` in its standard layout under the folder `root`; `world`: the Shapes world of these settings."
+    """Data set `name` in its standard layout under the folder `root`; `world`: the Shapes world of these
+    settings."""
     name = canonical_name(name)
     if name == "world":
         if world is None:
@@ -297,7 +311,8 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "test",
                              "world=world_options(cfg) (or load_dataset('world', **dataset_options(cfg)))")
         return load_world(split, **world)
     if root is None:
-        raise ValueError(f"{name}: pass the data root it lives under (root=data_root(cfg), or **dataset_options(cfg))")
+        raise ValueError(f"{name}: pass the data root it lives under "
+                         "(root=data_root(cfg), or **dataset_options(cfg))")
     root = Path(root).expanduser()
     with _integrity_checks(root, standins):
         ds = LOADERS[name](root, split, download)

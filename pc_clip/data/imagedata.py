@@ -62,8 +62,9 @@ class ImageDataset:
                 raise ValueError(f"{self.name}: {len(seq)} {what} for {n} labels")
         if self.class_attributes is not None and self.class_attributes.shape != (
                 len(self.classnames), len(self.attribute_names or [])):
-            raise ValueError(f"{self.name}: class_attributes has shape {self.class_attributes.shape}, expected "
-                             f"({len(self.classnames)} classes, {len(self.attribute_names or [])} attributes)")
+            raise ValueError(f"{self.name}: class_attributes has shape {self.class_attributes.shape}, "
+                             f"expected ({len(self.classnames)} classes, "
+                             f"{len(self.attribute_names or [])} attributes)")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -119,8 +120,8 @@ class DatasetInfo:
 
 
 DATASET_INFO: dict[str, DatasetInfo] = {
-    "coco": DatasetInfo("COCO 2017 captions", "https://cocodataset.org/#download (train2017.zip, val2017.zip, "
-                        "annotations_trainval2017.zip)", """\
+    "coco": DatasetInfo("COCO 2017 captions", "https://cocodataset.org/#download (train2017.zip, "
+                        "val2017.zip, annotations_trainval2017.zip)", """\
 coco/
 ├── annotations/captions_train2017.json
 ├── annotations/captions_val2017.json
@@ -131,29 +132,34 @@ cifar-100-python/
 ├── meta      (pickle with 'fine_label_names')
 ├── train     (pickle with 'data' [N, 3072] uint8 and 'fine_labels')
 └── test""", True),
-    "cub": DatasetInfo("CUB-200-2011", "https://www.vision.caltech.edu/datasets/cub_200_2011/ (CUB_200_2011.tgz)",
-                       """\
+    "cub": DatasetInfo("CUB-200-2011",
+                       "https://www.vision.caltech.edu/datasets/cub_200_2011/ (CUB_200_2011.tgz)", """\
 CUB_200_2011/
 ├── images.txt, classes.txt, image_class_labels.txt, train_test_split.txt
 ├── images/001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg ...
-├── ../attributes.txt                 (optional; next to CUB_200_2011/ as the archive has it, or inside it)
+├── ../attributes.txt                 (optional; next to CUB_200_2011/ as the archive has it, \
+or inside it)
 └── attributes/class_attribute_labels_continuous.txt   (optional)"""),
-    "eurosat": DatasetInfo("EuroSAT (RGB)", "https://github.com/phelber/eurosat (EuroSAT_RGB.zip, or EuroSAT.zip)", """\
+    "eurosat": DatasetInfo("EuroSAT (RGB)",
+                           "https://github.com/phelber/eurosat (EuroSAT_RGB.zip, or EuroSAT.zip)", """\
 EuroSAT_RGB/AnnualCrop/AnnualCrop_1.jpg ...   (EuroSAT_RGB.zip, the current release; one folder per class)
 or eurosat/2750/AnnualCrop/AnnualCrop_1.jpg ... (EuroSAT.zip, as torchvision's download unpacks it)""", True),
-    "flowers102": DatasetInfo("Flowers102", "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ (102flowers.tgz, "
-                              "imagelabels.mat, setid.mat)", """\
+    "flowers102": DatasetInfo("Flowers102", "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ "
+                              "(102flowers.tgz, imagelabels.mat, setid.mat)", """\
 flowers-102/
 ├── jpg/image_00001.jpg ...
 ├── imagelabels.mat
 └── setid.mat""", True),
-    "sun397": DatasetInfo("SUN397", "https://vision.princeton.edu/projects/2010/SUN/ (SUN397.tar.gz, Partitions.zip)",
+    "sun397": DatasetInfo("SUN397",
+                          "https://vision.princeton.edu/projects/2010/SUN/ (SUN397.tar.gz, Partitions.zip)",
                           """\
 SUN397/
 ├── ClassName.txt                       (/a/abbey, /a/airplane_cabin, ...)
 ├── a/abbey/sun_aaalbzqrimafwbiv.jpg ...
-└── Partitions/Training_01.txt, Testing_01.txt   (Partitions.zip; optional: the official split 01 when present,
-                                                  also at <data root>/Partitions/; else a stable 80/20 hash split)""", True),
+└── Partitions/Training_01.txt, Testing_01.txt   (Partitions.zip; optional: the official split 01 \
+when present,
+                                                  also at <data root>/Partitions/; else a stable 80/20 \
+hash split)""", True),
     "awa2": DatasetInfo("Animals with Attributes 2", "https://cvml.ista.ac.at/AwA2/ (AwA2-data.zip)", """\
 Animals_with_Attributes2/
 ├── classes.txt, predicates.txt, predicate-matrix-binary.txt
@@ -166,8 +172,10 @@ class DatasetNotFoundError(FileNotFoundError):
     "A data set folder is missing or incomplete; the message draws the expected layout."
 
 
-def dataset_layout_error(name: str, root: Path, missing: Sequence[Path], download: bool = False) -> DatasetNotFoundError:
-    "The error for missing `paths` of data set `name` under `root`: what is missing, the tree, where to get it."
+def dataset_layout_error(name: str, root: Path, missing: Sequence[Path],
+                         download: bool = False) -> DatasetNotFoundError:
+    """The error for missing `paths` of data set `name` under `root`: what is missing, the tree, where to get
+    it."""
     info = DATASET_INFO[name]
     rel = ", ".join(os.path.relpath(p, root) for p in missing)
     why = ""
@@ -177,7 +185,8 @@ def dataset_layout_error(name: str, root: Path, missing: Sequence[Path], downloa
         f"{info.title} not found under the data root {root}: missing {rel}.\n{why}"
         f"Expected layout under the data root:\n{info.layout}\n"
         f"Get it from {info.url} and unpack it there, or set PC_CLIP_DATA to the folder that holds it."
-        + (" Or pass download=True to let torchvision fetch it." if info.torchvision_download and not download else ""))
+        + (" Or pass download=True to let torchvision fetch it." if info.torchvision_download and not download
+           else ""))
 
 
 def _require(name: str, root: Path, paths: Sequence[Path], download: bool = False) -> None:
@@ -328,7 +337,8 @@ _CHECKSUMMED = ("torchvision.datasets.cifar", "torchvision.datasets.flowers102")
 
 @contextmanager
 def torchvision_integrity(check: Callable[[str, str | None, Callable], bool]) -> Iterator[None]:
-    "Inside the block, torchvision's CIFAR-100 and Flowers102 call `check(fpath, md5, official_check)` for their MD5 check."
+    """Inside the block, torchvision's CIFAR-100 and Flowers102 call `check(fpath, md5, official_check)` for
+    their MD5 check."""
     import importlib
     mods = [importlib.import_module(m) for m in _CHECKSUMMED]
     saved = [m.check_integrity for m in mods]
@@ -355,12 +365,15 @@ def recorded_checksums(root: str | Path) -> dict[str, str]:
     if not p.exists():
         return {}
     items = json.loads(p.read_text()).get("items", {})
-    return {os.path.realpath(Path(root) / rel): sha for entry in items.values() for rel, sha in entry["files"].items()}
+    return {os.path.realpath(Path(root) / rel): sha
+            for entry in items.values() for rel, sha in entry["files"].items()}
 
 
 def accept_recorded(recorded: dict[str, str]) -> Callable[[str, str | None, Callable], bool]:
-    "The integrity check that passes a file with the official MD5, or one whose sha256 is the one `recorded` for it."
+    """The integrity check that passes a file with the official MD5, or one whose sha256 is the one `recorded`
+    for it."""
     def check(fpath, md5, official) -> bool:
         real = os.path.realpath(fpath)
-        return official(fpath, md5) or (real in recorded and os.path.isfile(real) and _file_sha256(real) == recorded[real])
+        return official(fpath, md5) or (real in recorded and os.path.isfile(real)
+                                        and _file_sha256(real) == recorded[real])
     return check

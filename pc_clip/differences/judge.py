@@ -28,17 +28,21 @@ __all__ = ['JUDGE_SYSTEM_PROMPT', 'JUDGE_PROMPT', 'VERDICTS', 'JUDGE_MAX_NEW_TOK
            'judge_records', 'verdict_counts', 'judge_agreement', 'judge_rows']
 
 # %% ../../nbs/differences/05_judge.ipynb #f4250abd
-JUDGE_SYSTEM_PROMPT = "You check statements against image captions. You answer exactly in the requested format."
+JUDGE_SYSTEM_PROMPT = ("You check statements against image captions. "
+                       "You answer exactly in the requested format.")
 
 JUDGE_PROMPT = """Here are captions of two images.
 First image: {caption_a}
 Second image: {caption_b}
 
-Each statement below claims how the first image differs from the second image. A statement is consistent if it could be true of two images with these captions; it is inconsistent if it contradicts a caption or describes something that neither caption supports.
+Each statement below claims how the first image differs from the second image. \
+A statement is consistent if it could be true of two images with these captions; \
+it is inconsistent if it contradicts a caption or describes something that neither caption supports.
 
 {statements}
 
-For each statement, answer on its own line with its number, a colon and one word: consistent or inconsistent."""
+For each statement, answer on its own line with its number, a colon and one word: \
+consistent or inconsistent."""
 
 VERDICTS = ("consistent", "inconsistent")
 
@@ -71,7 +75,8 @@ JUDGE_MAX_NEW_TOKENS = 64
 
 
 def _lm_judge_identity(who: dict, max_new_tokens: int | None, load_in_4bit: bool | None = None) -> dict:
-    "A language-model judge's identity: the model (`lm_identity`), its decoding settings and its prompts, read now."
+    """A language-model judge's identity: the model (`lm_identity`), its decoding settings and its prompts,
+    read now."""
     settings = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
     if who.get("kind") == "in-process":
         settings["load_in_4bit"] = load_in_4bit
@@ -88,7 +93,8 @@ class OracleJudge:
         return {"kind": "oracle"}
 
     def judge(self, records: Sequence[dict]) -> list[tuple[list[str | None], str | None]]:
-        return [([None if "true" not in s else VERDICTS[0] if s["true"] else VERDICTS[1] for s in r["statements"]], None)
+        return [([None if "true" not in s else VERDICTS[0] if s["true"] else VERDICTS[1]
+                  for s in r["statements"]], None)
                 for r in records]
 
 
@@ -154,7 +160,8 @@ class OpenAIJudge:
 # %% ../../nbs/differences/05_judge.ipynb #1d1ba4ef
 def make_judge(spec: str, root: str | Path | None = None, load_in_4bit: bool = True, device: str = "auto",
                batch_size: int = 8):
-    "A judge from its name: 'oracle', 'openai:<model>', or a Hugging Face causal LM id / folder (under `root`'s weights)."
+    """A judge from its name: 'oracle', 'openai:<model>', or a Hugging Face causal LM id / folder (under
+    `root`'s weights)."""
     if spec == "oracle":
         return OracleJudge()
     if spec.startswith("openai:"):
@@ -189,7 +196,8 @@ def _identity_of(judge) -> dict:
 
 
 def judge_key(judge, root: str | Path | None = None, load_in_4bit: bool = True) -> str:
-    "The file-name key of a judge's verdicts (a judge, or a judge spec loaded as `judge_identity` says): its slug and a hash of its identity."
+    """The file-name key of a judge's verdicts (a judge, or a judge spec loaded as `judge_identity` says): its
+    slug and a hash of its identity."""
     if isinstance(judge, str):
         name, ident = _judge_spec(judge), judge_identity(judge, root, load_in_4bit)
     else:
@@ -202,7 +210,8 @@ def _plain(x):
 
 
 def judged_matches(judged: dict, record: dict, key: str) -> bool:
-    "Whether a stored judged copy holds judge `key`'s verdicts on `record` as it is now (the same item and statements)."
+    """Whether a stored judged copy holds judge `key`'s verdicts on `record` as it is now (the same item and
+    statements)."""
     texts = lambda r: [s.get("text") for s in r.get("statements") or []]
     return (judged.get("judge_key") == key and _plain(judged.get("item")) == _plain(record.get("item"))
             and texts(judged) == texts(record))
@@ -220,19 +229,20 @@ def _judge_chunk(chunk: Sequence[dict], judge) -> list[dict]:
     return judged
 
 
-def _judge_all(records: Sequence[dict], judge, store: JsonlStore | None, batch_size: int, progress: bool) -> dict:
+def _judge_all(records: Sequence[dict], judge, store: JsonlStore | None, batch_size: int,
+               progress: bool) -> dict:
     done = {r["key"]: r for r in store.records()} if store is not None else {}
     key, asked = judge_key(judge), {r["key"]: r for r in records}
     stale = [k for k, j in done.items() if k in asked and not judged_matches(j, asked[k], key)]
     if stale:  # judged by another judge, or the record was made again since: judge it again
         store.drop(stale)
         get_logger("pc_clip.differences.judge").warning(
-            f"{store.path.name}: {len(stale)} stored verdict(s) were of another judge or of another version of the "
-            f"record (e.g. {stale[0]!r}); they are judged again by {judge.name}")
+            f"{store.path.name}: {len(stale)} stored verdict(s) were of another judge or of another version "
+            f"of the record (e.g. {stale[0]!r}); they are judged again by {judge.name}")
         done = {k: j for k, j in done.items() if k not in set(stale)}
     todo = [r for r in records if r["key"] not in done]
-    with tqdm(total=len(records), initial=len(records) - len(todo), unit="record", desc=f"judge [{judge.name}]",
-              disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(total=len(records), initial=len(records) - len(todo), unit="record",
+              desc=f"judge [{judge.name}]", disable=not progress, dynamic_ncols=True) as bar:
         for b in range(0, len(todo), batch_size):
             judged = _judge_chunk(todo[b:b + batch_size], judge)
             if store is not None:
@@ -261,7 +271,8 @@ def verdict_counts(records: Sequence[dict]) -> Counter:
 
 def judge_agreement(records: Sequence[dict]) -> float:
     "Fraction of statements with ground truth whose verdict matches it (an unparsed verdict counts as wrong)."
-    pairs = [(s.get("verdict") == "consistent", s["true"]) for r in records for s in r["statements"] if "true" in s]
+    pairs = [(s.get("verdict") == "consistent", s["true"])
+             for r in records for s in r["statements"] if "true" in s]
     return float(np.mean([v == t for v, t in pairs])) if pairs else float("nan")
 
 # %% ../../nbs/differences/05_judge.ipynb #d07f21c5
@@ -269,7 +280,8 @@ def judge_rows(model: str, records: Sequence[dict], dataset: str, seed: int | No
     "Results-table rows of judged records: the consistent rate, and agreement with the ground truth if known."
     v = verdict_counts(records)
     n = sum(v.values())
-    rows = [result_row(model, "differences", dataset, "consistent_rate", v["consistent"] / n if n else 0.0, seed, n)]
+    rows = [result_row(model, "differences", dataset, "consistent_rate", v["consistent"] / n if n else 0.0,
+                       seed, n)]
     agree = judge_agreement(records)
     if not np.isnan(agree):
         rows.append(result_row(model, "differences", dataset, "judge_agreement", agree, seed, n))

@@ -46,16 +46,22 @@ DIFFERENCE_PROMPT = """Here are captions of two images.
 First image: {caption_a}
 Second image: {caption_b}
 
-Write {n} short statements, each saying how the first image differs from the second image, for example in size, colour, brightness, number of objects, position or background. Each statement must compare the two images and start with "The first image". Put one statement on each line, without numbers, bullets or any other text."""
+Write {n} short statements, each saying how the first image differs from the second image, \
+for example in size, colour, brightness, number of objects, position or background. \
+Each statement must compare the two images and start with "The first image". \
+Put one statement on each line, without numbers, bullets or any other text."""
 
 REWRITE_PROMPT = """Here is the caption of an image.
 Caption: {caption}
 
-Rewrite this caption in different words, keeping exactly the same meaning. Do not compare it to anything. Answer with the new caption on a single line and nothing else."""
+Rewrite this caption in different words, keeping exactly the same meaning. \
+Do not compare it to anything. Answer with the new caption on a single line and nothing else."""
 
 CATEGORY_PROMPT = """Compare two kinds of objects: "{category_a}" and "{category_b}".
 
-Write {n} short statements, each saying how a typical {category_a} looks different from a typical {category_b}, for example in size, shape, colour or texture. Each statement must compare the two. Put one statement on each line, without numbers, bullets or any other text."""
+Write {n} short statements, each saying how a typical {category_a} looks different from a typical \
+{category_b}, for example in size, shape, colour or texture. Each statement must compare the two. \
+Put one statement on each line, without numbers, bullets or any other text."""
 
 N_STATEMENTS = 3
 TASKS = ("differences", "rewrite", "category")
@@ -74,10 +80,12 @@ def build_prompt(task: str, item: dict, n: int = N_STATEMENTS) -> str:
 # %% ../../nbs/differences/01_llm.ipynb #5aeb5937
 LLAMA2_CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' -%}"
-    "{%- set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' -%}{%- set msgs = messages[1:] -%}"
+    "{%- set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' -%}"
+    "{%- set msgs = messages[1:] -%}"
     "{%- else -%}{%- set sys = '' -%}{%- set msgs = messages -%}{%- endif -%}"
     "{%- for m in msgs -%}"
-    "{%- if m['role'] == 'user' -%}{{ bos_token + '[INST] ' + (sys if loop.first else '') + m['content'] + ' [/INST]' }}"
+    "{%- if m['role'] == 'user' -%}"
+    "{{ bos_token + '[INST] ' + (sys if loop.first else '') + m['content'] + ' [/INST]' }}"
     "{%- else -%}{{ ' ' + m['content'] + ' ' + eos_token }}{%- endif -%}"
     "{%- endfor -%}")
 
@@ -101,10 +109,12 @@ def render_chat(tokenizer, user: str, system: str | None = SYSTEM_PROMPT) -> str
 # %% ../../nbs/differences/01_llm.ipynb #c4e54d53
 def _missing_lm_message(name: str, root: Path) -> str:
     return (f"Causal LM {name!r} is not on this machine and no model hub is used (offline).\n"
-            f"Either pass a folder holding config.json, the tokenizer files and *.safetensors as the generator, "
-            f"or copy that folder to {weights_dir(root) / name}, or put the Hugging Face cache in {weights_dir(root) / 'hf'} "
+            f"Either pass a folder holding config.json, the tokenizer files and *.safetensors "
+            f"as the generator, or copy that folder to {weights_dir(root) / name}, "
+            f"or put the Hugging Face cache in {weights_dir(root) / 'hf'} "
             f"(on a machine with internet: hf download {name} --cache-dir {weights_dir(root) / 'hf'}). "
-            "Set PC_CLIP_DATA to use another data root, or serve the model and use generator='openai:<model>'.")
+            "Set PC_CLIP_DATA to use another data root, "
+            "or serve the model and use generator='openai:<model>'.")
 
 
 def _lm_candidates(name: str, root: Path) -> list[tuple[str, dict]]:
@@ -114,12 +124,15 @@ def _lm_candidates(name: str, root: Path) -> list[tuple[str, dict]]:
     return out + [(name, {"cache_dir": str(weights_dir(root) / "hf")}), (name, {})]
 
 # %% ../../nbs/differences/01_llm.ipynb #4bed91bc
-def load_causal_lm(name: str, load_in_4bit: bool = True, device: str = "auto", root: str | Path | None = None):
-    "`(model, tokenizer)` for a causal LM folder or hub id, found offline, optionally 4-bit NF4, left padding."
+def load_causal_lm(name: str, load_in_4bit: bool = True, device: str = "auto",
+                   root: str | Path | None = None):
+    """`(model, tokenizer)` for a causal LM folder or hub id, found offline, optionally 4-bit NF4, left
+    padding."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     root = Path(root) if root is not None else data_root()
     dev = pick_device(device)
-    kw: dict[str, Any] = dict(local_files_only=True, device_map="auto" if dev.type == "cuda" else {"": str(dev)})
+    kw: dict[str, Any] = dict(local_files_only=True,
+                              device_map="auto" if dev.type == "cuda" else {"": str(dev)})
     if load_in_4bit:
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_compute_dtype=torch.bfloat16)
@@ -148,23 +161,28 @@ def generator_slug(name: str) -> str:
     prefix = ""
     if name.startswith("openai:"):
         prefix, name = "openai-", name.split(":", 1)[1]
-    return prefix + (re.sub(r"[^a-z0-9.]+", "-", Path(name.rstrip("/")).name.lower()).strip("-") or "generator")
+    return prefix + (re.sub(r"[^a-z0-9.]+", "-", Path(name.rstrip("/")).name.lower()).strip("-")
+                     or "generator")
 
 # %% ../../nbs/differences/01_llm.ipynb #2d44afec
 _FINGERPRINTS: dict = {}
 
 
 def folder_fingerprint(folder: str | Path, full_limit: int = 1 << 30, edge: int = 1 << 23) -> str:
-    "A sha256 of a model folder's files: whole up to `full_limit` bytes, else each file's name, size, first and last `edge` bytes."
+    """A sha256 of a model folder's files: whole up to `full_limit` bytes, else each file's name, size, first
+    and last `edge` bytes."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts))
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts))
     stats = tuple((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-    if (folder, stats) in _FINGERPRINTS:  # the file list, sizes and times only decide whether to hash again in this process
+    # the file list, sizes and times only decide whether to hash again in this process
+    if (folder, stats) in _FINGERPRINTS:
         return _FINGERPRINTS[folder, stats]
     full, h = sum(s for _, s, _ in stats) <= full_limit, hashlib.sha256()
     for p, (rel, size, _) in zip(files, stats):
         h.update(f"{rel}\0{size}\0".encode())
-        with open(p, "rb") as f:  # a Hugging Face snapshot's files are links into blobs/: open() reads the blob
+        # a Hugging Face snapshot's files are links into blobs/: open() reads the blob
+        with open(p, "rb") as f:
             if full or size <= 2 * edge:
                 while block := f.read(1 << 24):
                     h.update(block)
@@ -184,7 +202,8 @@ def _where(path: Path, root: Path) -> str:
 
 
 def hf_snapshot(name: str, root: str | Path | None = None) -> Path | None:
-    "The Hugging Face snapshot folder `load_causal_lm` loads repository `name` from (the data root's cache first), or None."
+    """The Hugging Face snapshot folder `load_causal_lm` loads repository `name` from (the data root's cache
+    first), or None."""
     from huggingface_hub import try_to_load_from_cache
     root = Path(root) if root is not None else data_root()
     for cache in (str(weights_dir(root) / "hf"), None):
@@ -198,7 +217,8 @@ def hf_snapshot(name: str, root: str | Path | None = None) -> Path | None:
 
 
 def lm_identity(name: str, root: str | Path | None = None) -> dict:
-    "What model `name` stands for: how it runs, the folder or snapshot it loads from and a hash of its weights."
+    """What model `name` stands for: how it runs, the folder or snapshot it loads from and a hash of its
+    weights."""
     if name == "oracle":
         return {"kind": "oracle"}
     if name.startswith("openai:"):
@@ -222,7 +242,8 @@ def item_seed(seed: int, *parts: Any) -> int:
 class SeededSampler:
     "Logits processor: sample each batch row with its own seeded generator (temperature, top-p)."
 
-    def __init__(self, seeds: Sequence[int], temperature: float = Config.temperature, top_p: float = Config.top_p):
+    def __init__(self, seeds: Sequence[int], temperature: float = Config.temperature,
+                 top_p: float = Config.top_p):
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.temperature, self.top_p = temperature, top_p
 
@@ -243,11 +264,13 @@ def _token_count(row: list[int], eos: int | None, pad: int | None) -> int:
     return row.index(eos) + 1 if eos in row else sum(t != pad for t in row)
 
 
-def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = Config.max_new_tokens, temperature: float = Config.temperature,
-                   top_p: float = Config.top_p, batch_size: int = Config.gen_batch_size, seed: int = 0, system: str | None = SYSTEM_PROMPT,
+def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = Config.max_new_tokens,
+                   temperature: float = Config.temperature, top_p: float = Config.top_p,
+                   batch_size: int = Config.gen_batch_size, seed: int = 0, system: str | None = SYSTEM_PROMPT,
                    seeds: Sequence[int] | None = None, return_finished: bool = False,
                    **generate_kwargs) -> tuple[list[str], list[int]]:
-    "Completions of `prompts` (user messages) and their token counts (and, if asked, whether each ended), in left-padded batches."
+    """Completions of `prompts` (user messages) and their token counts (and, if asked, whether each ended), in
+    left-padded batches."""
     from transformers import LogitsProcessorList
     seeds = list(seeds) if seeds is not None else [item_seed(seed, p) for p in prompts]
     texts, counts, finished = [], [], []
@@ -256,45 +279,53 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
         chunk = [render_chat(tokenizer, p, system) for p in prompts[b:b + batch_size]]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=plain).to(device)
         if temperature > 0:
-            generate_kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(seeds[b:b + batch_size], temperature, top_p)])
+            generate_kwargs["logits_processor"] = LogitsProcessorList(
+                [SeededSampler(seeds[b:b + batch_size], temperature, top_p)])
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  do_sample=False, **generate_kwargs)
         new = out[:, enc["input_ids"].shape[1]:].cpu()
         counts += [_token_count(row, tokenizer.eos_token_id, tokenizer.pad_token_id) for row in new.tolist()]
-        finished += [tokenizer.eos_token_id in row for row in new.tolist()]  # no end token: cut at max_new_tokens
+        # no end token: cut at max_new_tokens
+        finished += [tokenizer.eos_token_id in row for row in new.tolist()]
         texts += tokenizer.batch_decode(new, skip_special_tokens=True)
     return (texts, counts, finished) if return_finished else (texts, counts)
 
 # %% ../../nbs/differences/01_llm.ipynb #09419e90
 def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
-    "Bytes of key/value cache one position takes in a decoder with this `config` (all layers, bf16 by default)."
+    """Bytes of key/value cache one position takes in a decoder with this `config` (all layers, bf16 by
+    default)."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
 
 
-def fit_generation_batch(config, free_bytes: float, prompt_tokens: int = 512, max_new_tokens: int = Config.max_new_tokens,
-                         cap: int = 256, headroom: float = 0.8, overhead: float = 1.25) -> int:
-    "The largest generation batch whose cache and prefill activations fit `headroom` of `free_bytes` (1..`cap`)."
+def fit_generation_batch(config, free_bytes: float, prompt_tokens: int = 512,
+                         max_new_tokens: int = Config.max_new_tokens, cap: int = 256, headroom: float = 0.8,
+                         overhead: float = 1.25) -> int:
+    """The largest generation batch whose cache and prefill activations fit `headroom` of `free_bytes`
+    (1..`cap`)."""
     mlp = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
-    per_sequence = overhead * (kv_bytes_per_token(config) * (prompt_tokens + max_new_tokens) + 2 * prompt_tokens * mlp * 2)
+    per_sequence = overhead * (kv_bytes_per_token(config) * (prompt_tokens + max_new_tokens)
+                               + 2 * prompt_tokens * mlp * 2)
     n = int(headroom * free_bytes // per_sequence)
     return max(1, min(cap, n - n % 8 if n > 8 else n))
 
 
-def generation_batch_size(model, requested: int, from_memory: bool, max_new_tokens: int = Config.max_new_tokens,
-                          prompt_tokens: int = 512) -> int:
-    "`requested`, or with `from_memory` on a CUDA device the batch its free memory holds (`fit_generation_batch`)."
+def generation_batch_size(model, requested: int, from_memory: bool,
+                          max_new_tokens: int = Config.max_new_tokens, prompt_tokens: int = 512) -> int:
+    """`requested`, or with `from_memory` on a CUDA device the batch its free memory holds
+    (`fit_generation_batch`)."""
     device = next(model.parameters()).device
     if not from_memory or device.type != "cuda":
         return requested
     free, _ = torch.cuda.mem_get_info(device)
     n = fit_generation_batch(model.config, free, prompt_tokens, max_new_tokens)
     get_logger("pc_clip.differences.llm").info(
-        f"generation batch {n}, fitted to {free / 2**30:.1f} GiB free on {torch.cuda.get_device_name(device)} "
-        f"(gen_batch_size={requested} where memory cannot be read; -p gen_batch_from_memory=False fixes the batch)")
+        f"generation batch {n}, fitted to {free / 2**30:.1f} GiB free on "
+        f"{torch.cuda.get_device_name(device)} (gen_batch_size={requested} where memory cannot be read; "
+        f"-p gen_batch_from_memory=False fixes the batch)")
     return n
 
 # %% ../../nbs/differences/01_llm.ipynb #75adf8e7
@@ -318,7 +349,8 @@ class HFBackend:
     _shown: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        self.batch_size = generation_batch_size(self.model, self.batch_size, self.batch_from_memory, self.max_new_tokens)
+        self.batch_size = generation_batch_size(self.model, self.batch_size, self.batch_from_memory,
+                                                self.max_new_tokens)
 
     @property
     def config(self) -> dict:
@@ -336,16 +368,17 @@ class HFBackend:
         now = time.monotonic()  # when to print only: nothing generated depends on the clock
         if self._shown is None or now - self._shown >= self.report_every_s:
             self._shown = now
-            get_logger("pc_clip.differences.llm").info(f"{self.name}: {tokens / max(seconds, 1e-9):.1f} tokens/s in the last batch of "
-                                           f"{self.batch_size}, {self.tokens_per_s:.1f} tokens/s over {self.tokens} tokens")
+            get_logger("pc_clip.differences.llm").info(
+                f"{self.name}: {tokens / max(seconds, 1e-9):.1f} tokens/s in the last batch of "
+                f"{self.batch_size}, {self.tokens_per_s:.1f} tokens/s over {self.tokens} tokens")
 
     def generate(self, items: Sequence[dict], task: str = "differences") -> list[dict]:
         prompts = [build_prompt(task, it, self.n_statements) for it in items]
         seeds = [item_seed(self.seed, task, it["key"]) for it in items]
         t0 = time.perf_counter()
-        texts, counts, ended = generate_texts(self.model, self.tokenizer, prompts, self.max_new_tokens, self.temperature,
-                                              self.top_p, self.batch_size, self.seed, self.system, seeds=seeds,
-                                              return_finished=True)
+        texts, counts, ended = generate_texts(self.model, self.tokenizer, prompts, self.max_new_tokens,
+                                              self.temperature, self.top_p, self.batch_size, self.seed,
+                                              self.system, seeds=seeds, return_finished=True)
         self._count(sum(counts), time.perf_counter() - t0)
         return [{"raw": t, "prompt": p, "n_tokens": n, "truncated": not e}
                 for t, p, n, e in zip(texts, prompts, counts, ended)]
@@ -361,7 +394,8 @@ def redact(text: str, secret: str | None) -> str:
 
 
 def retry_pause(attempt: int, backoff: float, retry_after: str | None = None) -> float:
-    "Seconds to wait before retry `attempt` (0-based): `backoff * 2**attempt`, or the server's Retry-After if longer."
+    """Seconds to wait before retry `attempt` (0-based): `backoff * 2**attempt`, or the server's Retry-After
+    if longer."""
     pause = backoff * 2 ** attempt
     try:
         return max(pause, min(float(retry_after), 300.0)) if retry_after else pause
@@ -384,7 +418,8 @@ class OpenAIClient:
     def _key(self) -> str:
         key = os.environ.get("OPENAI_API_KEY")
         if not key and self.base_url == DEFAULT_OPENAI_BASE_URL:
-            raise RuntimeError("the OpenAI-compatible endpoint needs an API key in the environment variable OPENAI_API_KEY "
+            raise RuntimeError("the OpenAI-compatible endpoint needs an API key "
+                               "in the environment variable OPENAI_API_KEY "
                                f"(and OPENAI_BASE_URL for a server other than {DEFAULT_OPENAI_BASE_URL}); "
                                "for a local server without keys, set OPENAI_API_KEY to any placeholder")
         return key or "EMPTY"
@@ -393,15 +428,16 @@ class OpenAIClient:
         try:
             import openai
         except ImportError:
-            raise RuntimeError("the OpenAI-compatible backend needs the openai package: pip install -e \".[openai]\" "
-                               "(or pip install openai)") from None
+            raise RuntimeError("the OpenAI-compatible backend needs the openai package: "
+                               "pip install -e \".[openai]\" (or pip install openai)") from None
         return openai, openai.OpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout, max_retries=0)
 
     def chat(self, user: str, system: str | None = None, **params) -> dict:
         "`{'text', 'n_tokens'}` of the assistant's reply to one user message; `params` go into the request."
         key, url = self._key(), f"{self.base_url}/chat/completions"
         openai, client = self._sdk(key)
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        msgs = (([{"role": "system", "content": system}] if system else [])
+                + [{"role": "user", "content": user}])
         for attempt in range(self.retries + 1):
             retry_after = None
             try:
@@ -417,9 +453,11 @@ class OpenAIClient:
                 if e.status_code not in RETRY_STATUSES:
                     raise RuntimeError(err) from None
             except openai.APIConnectionError as e:  # refused, reset or timed out
-                err = f"request to {url} failed: {redact(str(e.__cause__ or e), key)}; is the server up? check OPENAI_BASE_URL"
+                err = (f"request to {url} failed: {redact(str(e.__cause__ or e), key)}; "
+                       "is the server up? check OPENAI_BASE_URL")
             except (AttributeError, IndexError, TypeError, ValueError) as e:
-                raise RuntimeError(f"reply from {url} is not an OpenAI chat completion ({type(e).__name__})") from None
+                raise RuntimeError(f"reply from {url} is not an OpenAI chat completion "
+                                   f"({type(e).__name__})") from None
             if attempt == self.retries:
                 raise RuntimeError(f"{err} (after {self.retries + 1} tries)") from None
             time.sleep(retry_pause(attempt, self.backoff, retry_after))
@@ -437,18 +475,20 @@ def free_port() -> int:
 
 def _serve_command(model: str | Path, port: int, device: str) -> list[str]:
     exe = Path(sys.executable).with_name("transformers")
-    head = [str(exe)] if exe.exists() else [sys.executable, "-c", "from transformers.cli.transformers import main; main()"]
+    head = ([str(exe)] if exe.exists()
+            else [sys.executable, "-c", "from transformers.cli.transformers import main; main()"])
     return head + ["serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--device", device]
 
 # %% ../../nbs/differences/01_llm.ipynb #c5769ea8
 @contextmanager
-def serve_local(model: str | Path, port: int | None = None, device: str = "cpu", startup_timeout: float = 180.0,
-                log: str | Path | None = None) -> Iterator[str]:
+def serve_local(model: str | Path, port: int | None = None, device: str = "cpu",
+                startup_timeout: float = 180.0, log: str | Path | None = None) -> Iterator[str]:
     "Run `transformers serve` for a local model folder on 127.0.0.1 inside the block; yields the base URL."
     import importlib.util
     missing = [m for m in ("fastapi", "uvicorn", "openai") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ImportError(f"transformers serve needs {', '.join(missing)}: pip install 'transformers[serving]'")
+        raise ImportError(f"transformers serve needs {', '.join(missing)}: "
+                          "pip install 'transformers[serving]'")
     port = port or free_port()
     if log is None:
         fd, log = tempfile.mkstemp(prefix="pc-clip-serve-", suffix=".log")
@@ -456,7 +496,8 @@ def serve_local(model: str | Path, port: int | None = None, device: str = "cpu",
     log_path = Path(log)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen(_serve_command(model, port, device), stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(_serve_command(model, port, device), stdout=out, stderr=subprocess.STDOUT,
+                                env=env)
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
@@ -507,9 +548,10 @@ class OpenAIBackend:
         client = OpenAIClient(self.model, timeout=self.timeout, retries=self.retries)
         prompts = [build_prompt(task, it, self.n_statements) for it in items]
         seeds = [item_seed(self.seed, task, it["key"]) % 2**31 for it in items]
-        ask = lambda ps: client.chat(ps[0], self.system, max_tokens=self.max_new_tokens, temperature=self.temperature,
-                                     top_p=self.top_p, seed=ps[1])
+        ask = lambda ps: client.chat(ps[0], self.system, max_tokens=self.max_new_tokens,
+                                     temperature=self.temperature, top_p=self.top_p, seed=ps[1])
         with ThreadPoolExecutor(max(1, min(self.concurrency or self.batch_size, len(items) or 1))) as pool:
             replies = list(pool.map(ask, zip(prompts, seeds)))
-        return [{"raw": r["text"], "prompt": p, "n_tokens": r["n_tokens"], "truncated": bool(r.get("truncated"))}
+        return [{"raw": r["text"], "prompt": p, "n_tokens": r["n_tokens"],
+                 "truncated": bool(r.get("truncated"))}
                 for r, p in zip(replies, prompts)]

@@ -40,13 +40,15 @@ def _norm_held_out(held_out: Iterable | None) -> set[frozenset]:
 
 
 def sample_pairs(corpus: pd.DataFrame, n: int, seed: int, mode: str = "different_category",
-                 held_out: Iterable | None = None, chunk: int = 4096, max_draws: int | None = None) -> pd.DataFrame:
+                 held_out: Iterable | None = None, chunk: int = 4096,
+                 max_draws: int | None = None) -> pd.DataFrame:
     "`n` distinct ordered pairs of rows of `corpus` as a table: key, i, j, caption_a/b, category_a/b."
     if mode not in PAIR_SAMPLING:
         raise ValueError(f"pair sampling must be one of {PAIR_SAMPLING}; got {mode!r}")
     for col in ("image_id", "caption"):
         if col not in corpus.columns:
-            raise KeyError(f"the corpus needs columns image_id and caption (and optionally category); it has {list(corpus.columns)}")
+            raise KeyError(f"the corpus needs columns image_id and caption (and optionally category); "
+                           f"it has {list(corpus.columns)}")
     has_cat = "category" in corpus.columns
     if (mode == "different_category" or held_out) and not has_cat:
         raise KeyError(f"pair sampling {mode!r} / held-out pairs need a 'category' column in the corpus")
@@ -89,13 +91,15 @@ def corpus_from_world(world, split: str = "train") -> pd.DataFrame:
     attrs = world.attrs
     idx = np.flatnonzero(attrs["split"].to_numpy() == split)
     if not len(idx):
-        raise ValueError(f"the world has no images in split {split!r}; splits are {sorted(attrs['split'].unique())}")
+        raise ValueError(f"the world has no images in split {split!r}; "
+                         f"splits are {sorted(attrs['split'].unique())}")
     return pd.DataFrame({"image_id": idx, "caption": [world.captions[k] for k in idx],
                          "category": attrs["category"].to_numpy()[idx]})
 
 # %% ../../nbs/differences/00_pairs.ipynb #cd82ac59
 def corpus_from_dataset(ds, seed: int) -> pd.DataFrame:
-    "A captioned `pc_clip.data.imagedata.ImageDataset` (e.g. COCO) as a corpus: its image ids, one seeded caption per image."
+    """A captioned `pc_clip.data.imagedata.ImageDataset` (e.g. COCO) as a corpus: its image ids, one seeded
+    caption per image."""
     if ds.captions is None:
         raise ValueError(f"data set {ds.name!r} has no captions; pairs need a captioned corpus such as COCO")
     rng = np.random.default_rng([seed, 7])
@@ -110,14 +114,17 @@ def corpus_from_dataset(ds, seed: int) -> pd.DataFrame:
 # %% ../../nbs/differences/00_pairs.ipynb #b40870a3
 def load_corpus(corpus: str, world: dict, root: str | Path, seed: int, standins: bool = False,
                 split: str = "train") -> tuple[pd.DataFrame, list, Any]:
-    "`(corpus, held-out category pairs, world or None)` of `corpus` ('world' with settings `world`, or a captioned data set like 'coco' under `root`)."
+    """`(corpus, held-out category pairs, world or None)` of `corpus` ('world' with settings `world`, or a
+    captioned data set like 'coco' under `root`)."""
     if corpus == "world":
         w = make_world(**world)
         return corpus_from_world(w, split), list(w.heldout_pairs), w
-    return corpus_from_dataset(load_dataset(corpus, root, split, world=world, standins=standins), seed), [], None
+    return (corpus_from_dataset(load_dataset(corpus, root, split, world=world, standins=standins), seed),
+            [], None)
 
 # %% ../../nbs/differences/00_pairs.ipynb #dec146a3
-CORPUS_FILES = {"coco": ("coco/annotations/captions_train2017.json", "coco/annotations/captions_val2017.json")}
+CORPUS_FILES = {"coco": ("coco/annotations/captions_train2017.json",
+                         "coco/annotations/captions_val2017.json")}
 _FILE_HASHES: dict = {}
 
 
@@ -132,7 +139,8 @@ def _file_identity(path: Path) -> str:
 
 
 def corpus_identity(corpus: str, world: dict, root: str | Path, seed: int, standins: bool = False) -> dict:
-    "What decides the images and captions behind a corpus's item keys: the world's key, or the annotation files and seed."
+    """What decides the images and captions behind a corpus's item keys: the world's key, or the annotation
+    files and seed."""
     if corpus == "world":
         return {"world": world_key(**{k: v for k, v in world.items() if k != "cache"})}
     name = canonical_name(corpus)

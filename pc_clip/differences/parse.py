@@ -16,30 +16,36 @@ __all__ = ['REASONS', 'STOPWORDS', 'COMPARATIVES', 'normalize_statement', 'is_co
            'has_control_chars', 'statement_problem', 'parse_output']
 
 # %% ../../nbs/differences/02_parse.ipynb #8f991fec
-REASONS = ("control_chars", "code", "empty", "garbled", "repeated", "preamble", "too_short", "too_long", "truncated",
-           "prompt_echo", "unrelated", "duplicate", "empty_output")
+REASONS = ("control_chars", "code", "empty", "garbled", "repeated", "preamble", "too_short", "too_long",
+           "truncated", "prompt_echo", "unrelated", "duplicate", "empty_output")
 
 _BULLET = re.compile(r"^\s*(?:[-*\u2022\u00b7>]+|\(?\d{1,2}\s*[.):\]]|\(?[a-hA-H][.)]\s)\s*")
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
-_CODE = re.compile(r"```|[{}]|;\s*$|^\s*(?:def|class|return|for|if|while)\b.*[:(]\s*$|^\s*import\s+[\w.]+\s*$|"
-                   r"^\s*from\s+[\w.]+\s+import\b|\bprint\(|</?[a-z]+[^>]*>|==|=>|\w+\(\)")
-_PREAMBLE = re.compile(r"^(?:sure|certainly|of course|okay|ok|i hope|i apologi[sz]e|as an ai|note|please note|i can|"
-                       r"i cannot|i can't|i'm sorry|based on the captions|in summary)\b|^here(?: is|'s| are)\b.*\b(?:"
-                       r"difference|statement|caption|rewrit|comparison|version|answer|sentence)", re.I)
-_IMAGE_REF = re.compile(r"\b(?:(?:first|second|1st|2nd) (?:image|picture|photo|one)|image (?:one|two|1|2))\b", re.I)
+_CODE = re.compile(r"```|[{}]|;\s*$|^\s*(?:def|class|return|for|if|while)\b.*[:(]\s*$|"
+                   r"^\s*import\s+[\w.]+\s*$|^\s*from\s+[\w.]+\s+import\b|"
+                   r"\bprint\(|</?[a-z]+[^>]*>|==|=>|\w+\(\)")
+_PREAMBLE = re.compile(r"^(?:sure|certainly|of course|okay|ok|i hope|i apologi[sz]e|as an ai|note|"
+                       r"please note|i can|i cannot|i can't|i'm sorry|based on the captions|in summary)\b|"
+                       r"^here(?: is|'s| are)\b.*\b(?:difference|statement|caption|rewrit|comparison|"
+                       r"version|answer|sentence)", re.I)
+_IMAGE_REF = re.compile(r"\b(?:(?:first|second|1st|2nd) (?:image|picture|photo|one)|"
+                        r"image (?:one|two|1|2))\b", re.I)
 _WORD = re.compile(r"[a-z0-9']+")
 _ODD_CHAR = re.compile(r"[^\w\s.,;:!?'\"()/&%-]")
 _LETTER = re.compile(r"[^\W\d_]")
 STOPWORDS = frozenset(
-    "a an the and or but of in on at to with without from by for is are was were be been being this that these those "
-    "it its there their they them he she his her image images picture photo first second one two has have had "
-    "while whereas as than not no does do did also very some any each both".split())
+    "a an the and or but of in on at to with without from by for is are was were be been being this "
+    "that these those it its there their they them he she his her image images picture photo first "
+    "second one two has have had while whereas as than not no does do did also very some any each "
+    "both".split())
 COMPARATIVES = frozenset(
-    "more less fewer larger smaller bigger tinier brighter darker lighter higher lower taller shorter wider narrower "
-    "closer further farther older younger newer greater lesser heavier thicker thinner longer redder bluer greener "
-    "than unlike whereas while but rather instead compared differ differs different difference contrast versus vs".split())
-_NOT_COMPARATIVE_ER = frozenset("other another water after never over under number corner flower paper tower "
-                                "either neither together rather whether however center centre butter ever".split())
+    "more less fewer larger smaller bigger tinier brighter darker lighter higher lower taller shorter "
+    "wider narrower closer further farther older younger newer greater lesser heavier thicker thinner "
+    "longer redder bluer greener than unlike whereas while but rather instead compared differ differs "
+    "different difference contrast versus vs".split())
+_NOT_COMPARATIVE_ER = frozenset(
+    "other another water after never over under number corner flower paper tower either neither together "
+    "rather whether however center centre butter ever".split())
 
 
 def _words(text: str) -> list[str]:
@@ -68,7 +74,8 @@ def normalize_statement(text: str) -> str:
 def is_comparative(text: str) -> bool:
     "Whether `text` contains a comparative word (larger, more, than, whereas, ... or an -er adjective)."
     ws = _words(text)
-    return any(w in COMPARATIVES or (len(w) > 4 and w.endswith("er") and w not in _NOT_COMPARATIVE_ER) for w in ws)
+    return any(w in COMPARATIVES or (len(w) > 4 and w.endswith("er") and w not in _NOT_COMPARATIVE_ER)
+               for w in ws)
 
 # %% ../../nbs/differences/02_parse.ipynb #430854bb
 def split_statements(raw: str) -> list[str]:
@@ -83,7 +90,8 @@ def split_statements(raw: str) -> list[str]:
 
 # %% ../../nbs/differences/02_parse.ipynb #ff766c53
 def has_control_chars(text: str) -> bool:
-    "Whether `text` holds a control character (Unicode Cc other than tab) or the replacement character U+FFFD."
+    """Whether `text` holds a control character (Unicode Cc other than tab) or the replacement character
+    U+FFFD."""
     return any(c == "\ufffd" or (c != "\t" and unicodedata.category(c) == "Cc") for c in text)
 
 # %% ../../nbs/differences/02_parse.ipynb #86c6a480
@@ -97,7 +105,8 @@ def statement_problem(text: str, context: Sequence[str], prompt: str | None = No
         return "code"
     if not words:
         return "empty"
-    if len(_ODD_CHAR.findall(text)) > 0.1 * len(text) or len(_LETTER.findall(text)) < 0.5 * len(text.replace(" ", "")):
+    if (len(_ODD_CHAR.findall(text)) > 0.1 * len(text)
+            or len(_LETTER.findall(text)) < 0.5 * len(text.replace(" ", ""))):
         return "garbled"
     if re.search(r"(.)\1{4,}", text) or re.search(r"\b(\w+)(?:\W+\1\b){2,}", text.lower()) or (
             len(words) >= 6 and Counter(words).most_common(1)[0][1] > len(words) / 2):
@@ -110,7 +119,8 @@ def statement_problem(text: str, context: Sequence[str], prompt: str | None = No
         return "too_long"
     norm = _norm(text)
     if any(norm == _norm(c) for c in context) or (prompt and len(words) >= 4 and norm in _norm(prompt)) or \
-            re.match(r"^(first|second) image\s*:", text.strip(), re.I) or text.strip().lower().startswith("caption:"):
+            re.match(r"^(first|second) image\s*:", text.strip(), re.I) or \
+            text.strip().lower().startswith("caption:"):
         return "prompt_echo"
     overlap = any(_content(text) & _content(c) for c in context)
     if not overlap and (task == "rewrite" or not (is_comparative(text) or _IMAGE_REF.search(text))):
@@ -120,13 +130,15 @@ def statement_problem(text: str, context: Sequence[str], prompt: str | None = No
 # %% ../../nbs/differences/02_parse.ipynb #52d6a7cb
 def parse_output(raw: str, context: Sequence[str], prompt: str | None = None, max_words: int = 40,
                  task: str = "differences", truncated: bool = False) -> tuple[list[str], list[dict]]:
-    "`(accepted statements, rejected [{'text', 'reason'}])` of one answer; the last piece of a `truncated` answer is cut off."
+    """`(accepted statements, rejected [{'text', 'reason'}])` of one answer; the last piece of a
+    `truncated` answer is cut off."""
     pieces = split_statements(raw)
     if not pieces:
         return [], [{"text": str(raw), "reason": "empty_output"}]
     accepted, rejected, seen = [], [], set()
     for k, s in enumerate(pieces):
-        why = "truncated" if truncated and k == len(pieces) - 1 else statement_problem(s, context, prompt, max_words, task)
+        why = ("truncated" if truncated and k == len(pieces) - 1
+               else statement_problem(s, context, prompt, max_words, task))
         if why is None and _norm(s) in seen:
             why = "duplicate"
         if why is None:

@@ -51,8 +51,9 @@ def rejection_warning(records: Sequence[dict], what: str = "generation") -> str 
 
 
 def no_usable_message(records: Sequence[dict], what: str = "differences") -> str:
-    "The error text for a record set with nothing usable: counts of records, statements and each rejection reason."
+    """The error text for a record set with nothing usable: counts of records, statements and each rejection
+    reason."""
     s = filter_summary(records)
     return (f"no usable {what}: {s['n_records']} records, {s['n_statements']} statements accepted; "
-            f"rejected per reason: {_reasons_text(s['reasons'])}. Check the generator (examples_table(records, "
-            "rejected=True)) and run experiment 02 again")
+            f"rejected per reason: {_reasons_text(s['reasons'])}. "
+            "Check the generator (examples_table(records, rejected=True)) and run experiment 02 again")

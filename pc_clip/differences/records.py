@@ -21,7 +21,8 @@ from ..core.artifacts import content_hash
 from ..core.log import get_logger
 from ..core.results import result_row
 from ..core.store import JsonlStore
-from .llm import N_STATEMENTS, HFBackend, OpenAIBackend, generator_slug, lm_identity, load_causal_lm
+from pc_clip.differences.llm import (N_STATEMENTS, HFBackend, OpenAIBackend, generator_slug, lm_identity,
+    load_causal_lm)
 from .parse import normalize_statement, parse_output
 from .pairs import corpus_identity, pair_key
 from .record_stats import filter_summary, no_usable_message, rejection_warning
@@ -73,56 +74,71 @@ class OracleBackend:
         rng = item_rng(self.seed, task, str(it["key"]))
         if task == "differences":
             fn = self.differences_fn or oracle_differences
-            st = fn(self._attrs(it["i"]), self._attrs(it["j"]), rng, noise=self.noise, max_statements=self.n_statements)
+            st = fn(self._attrs(it["i"]), self._attrs(it["j"]), rng, noise=self.noise,
+                    max_statements=self.n_statements)
             return {"raw": "\n".join(s["text"] for s in st), "prompt": None, "oracle": st}
         if task == "rewrite":
-            return {"raw": (self.rewrite_fn or oracle_rewrite_caption)(self._attrs(it["i"]), rng), "prompt": None}
+            return {"raw": (self.rewrite_fn or oracle_rewrite_caption)(self._attrs(it["i"]), rng),
+                    "prompt": None}
         if task == "category":
             fn = self.category_fn or category_differences
-            return {"raw": "\n".join(fn(it["category_a"], it["category_b"], rng, n=self.n_statements)), "prompt": None}
+            return {"raw": "\n".join(fn(it["category_a"], it["category_b"], rng, n=self.n_statements)),
+                    "prompt": None}
         raise ValueError(f"task must be 'differences', 'rewrite' or 'category'; got {task!r}")
 
     def generate(self, items: Sequence[dict], task: str = "differences") -> list[dict]:
         return [self._one(it, task) for it in items]
 
 # %% ../../nbs/differences/04_records.ipynb #fe3344e0
-def generator_identity(generator: str, root: str | Path | None = None, max_new_tokens: int = Config.max_new_tokens,
-                       temperature: float = Config.temperature, top_p: float = Config.top_p, seed: int = 0,
+def generator_identity(generator: str, root: str | Path | None = None,
+                       max_new_tokens: int = Config.max_new_tokens, temperature: float = Config.temperature,
+                       top_p: float = Config.top_p, seed: int = 0,
                        load_in_4bit: bool = False) -> dict:
-    "What decides the records `generator` writes: the model (its weights under `root`), its settings and prompts."
+    """What decides the records `generator` writes: the model (its weights under `root`), its settings and
+    prompts."""
     if generator == "oracle":
         return {"kind": "oracle", "n_statements": N_STATEMENTS}
     who = lm_identity(generator, root)
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                    n_statements=N_STATEMENTS, **({"load_in_4bit": load_in_4bit} if who["kind"] == "in-process" else {}))
-    return {**who, "settings": settings, "prompts": [DIFFERENCE_PROMPT, CATEGORY_PROMPT, REWRITE_PROMPT, SYSTEM_PROMPT]}
+                    n_statements=N_STATEMENTS,
+                    **({"load_in_4bit": load_in_4bit} if who["kind"] == "in-process" else {}))
+    return {**who, "settings": settings,
+            "prompts": [DIFFERENCE_PROMPT, CATEGORY_PROMPT, REWRITE_PROMPT, SYSTEM_PROMPT]}
 
 
 def generator_key(store: dict) -> str:
-    "The file-name key of a store's generator on its corpus (`store_options(cfg)`): its slug and a hash of the inputs' and its identity."
+    """The file-name key of a store's generator on its corpus (`store_options(cfg)`): its slug and a hash of
+    the inputs' and its identity."""
     gen = store["generator"]
-    return f"{generator_slug(gen['generator'])}-{content_hash(corpus_identity(**store['corpus']), generator_identity(**gen), n=8)}"
+    return (f"{generator_slug(gen['generator'])}-"
+            f"{content_hash(corpus_identity(**store['corpus']), generator_identity(**gen), n=8)}")
 
 # %% ../../nbs/differences/04_records.ipynb #c12309d5
-def make_backend(generator: str, world=None, noise: float = 0.0, seed: int = 0, max_new_tokens: int = Config.max_new_tokens,
-                 temperature: float = Config.temperature, top_p: float = Config.top_p,
+def make_backend(generator: str, world=None, noise: float = 0.0, seed: int = 0,
+                 max_new_tokens: int = Config.max_new_tokens, temperature: float = Config.temperature,
+                 top_p: float = Config.top_p,
                  batch_size: int = Config.gen_batch_size, load_in_4bit: bool = False, device: str = "auto",
                  root: str | Path | None = None, batch_from_memory: bool = False, corpus: str = "world"):
-    "The backend named `generator`: the world's oracle (needs `world`), a served model, or a causal LM (`**backend_options(cfg)`)."
+    """The backend named `generator`: the world's oracle (needs `world`), a served model, or a causal LM
+    (`**backend_options(cfg)`)."""
     if generator == "oracle":
         if world is None:
-            hint = "pass world=make_world(**world_options(cfg))" if corpus == "world" else \
-                f"the oracle needs corpus=world (this config has corpus={corpus!r}); use an LLM generator for {corpus}"
-            raise ValueError(f"generator='oracle' writes differences from the Shapes world's attributes: {hint}")
+            hint = ("pass world=make_world(**world_options(cfg))" if corpus == "world" else
+                    f"the oracle needs corpus=world (this config has corpus={corpus!r}); "
+                    f"use an LLM generator for {corpus}")
+            raise ValueError(f"generator='oracle' writes differences from the Shapes world's attributes: "
+                             f"{hint}")
         return OracleBackend(world.attrs, noise=noise, seed=seed)
-    gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
+    gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size,
+               seed=seed)
     if generator.startswith("openai:"):
         return OpenAIBackend(generator.split(":", 1)[1], **gen)
     model, tok = load_causal_lm(generator, load_in_4bit=load_in_4bit, device=device, root=root)
     return HFBackend(model, tok, name=generator, batch_from_memory=batch_from_memory, **gen)
 
 # %% ../../nbs/differences/04_records.ipynb #d5726d49
-RECORD_FIELDS = ("key", "task", "item", "generator", "gen_config", "prompt", "raw", "n_tokens", "statements", "rejected")
+RECORD_FIELDS = ("key", "task", "item", "generator", "gen_config", "prompt", "raw", "n_tokens", "statements",
+                 "rejected")
 
 
 def record_key(generator: str, item_key: str) -> str:
@@ -139,7 +155,8 @@ def _context(task: str, item: dict) -> list[str]:
 
 # %% ../../nbs/differences/04_records.ipynb #3882cfa0
 def _plain(x):
-    return json.loads(json.dumps(x, default=str))  # the record as the store holds it (tuples as lists, numpy as numbers)
+    # the record as the store holds it (tuples as lists, numpy as numbers)
+    return json.loads(json.dumps(x, default=str))
 
 
 def item_identity(task: str, item: dict) -> tuple:
@@ -149,20 +166,23 @@ def item_identity(task: str, item: dict) -> tuple:
 
 
 def record_matches(record: dict, item: dict, backend, task: str) -> bool:
-    "Whether a stored `record` answers `item` for `backend` and `task`: the same item, generator and settings."
+    """Whether a stored `record` answers `item` for `backend` and `task`: the same item, generator and
+    settings."""
     try:
         same_item = item_identity(task, record.get("item") or {}) == item_identity(task, item)
     except KeyError:  # a record of another task or shape
         return False
     return (same_item and record.get("task") == task and record.get("generator") == backend.name
-            and (getattr(backend, "lazy", False)  # a backend not built yet: its store's name already carries its identity
+            # a backend not built yet: its store's name already carries its identity
+            and (getattr(backend, "lazy", False)
                  or _plain(record.get("gen_config")) == _plain(backend.config)))
 
 # %% ../../nbs/differences/04_records.ipynb #8133a3c0
 def build_record(item: dict, output: dict, backend, task: str, max_words: int = 40) -> dict:
     "The stored record of one item: identity, raw output, accepted statements and rejected pieces."
-    accepted, rejected = parse_output(output["raw"], _context(task, item), output.get("prompt"), max_words, task,
-                                      truncated=bool(output.get("truncated")))  # hit max_new_tokens: the last line is cut
+    # hit max_new_tokens: the last line is cut
+    accepted, rejected = parse_output(output["raw"], _context(task, item), output.get("prompt"), max_words,
+                                      task, truncated=bool(output.get("truncated")))
     truth = {normalize_statement(s["text"]): s for s in output.get("oracle") or []}
     statements = []
     for s in accepted:
@@ -171,8 +191,9 @@ def build_record(item: dict, output: dict, backend, task: str, max_words: int = 
             st.update(attribute=t.get("attribute"), true=bool(t.get("true")))
         statements.append(st)
     item = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in item.items()}
-    return {"key": record_key(backend.name, str(item["key"])), "task": task, "item": item, "generator": backend.name,
-            "gen_config": backend.config, "prompt": output.get("prompt"), "raw": output["raw"],
+    return {"key": record_key(backend.name, str(item["key"])), "task": task, "item": item,
+            "generator": backend.name, "gen_config": backend.config, "prompt": output.get("prompt"),
+            "raw": output["raw"],
             "n_tokens": output.get("n_tokens"), "statements": statements, "rejected": rejected}
 
 # %% ../../nbs/differences/04_records.ipynb #30c746f8
@@ -194,25 +215,28 @@ def _generate(backend, chunk: list[dict], task: str) -> list[dict]:
     except RuntimeError as e:  # bitsandbytes' 4-bit CPU kernels reshape by 64-wide blocks
         four_bit = getattr(getattr(backend, "model", None), "is_loaded_in_4bit", False)
         if four_bit and re.search(r"shape '\[\d+, 1\]' is invalid", str(e)):
-            raise RuntimeError(f"{backend.name}: the 4-bit (bitsandbytes NF4) kernels on the CPU need every hidden size "
-                               f"to be a multiple of 64, which this model's are not ({e}). Load it unquantised "
-                               "(-p load_in_4bit=False) or run on a GPU.") from e
+            raise RuntimeError(f"{backend.name}: the 4-bit (bitsandbytes NF4) kernels on the CPU need every "
+                               f"hidden size to be a multiple of 64, which this model's are not ({e}). "
+                               "Load it unquantised (-p load_in_4bit=False) or run on a GPU.") from e
         raise
 
 
 def _drop_mismatched(store: JsonlStore, items: list[dict], backend, task: str) -> int:
     "Remove stored records of `items` that do not answer them (see `record_matches`); returns how many."
     want = {record_key(backend.name, str(it["key"])): it for it in items}
-    bad = [r["key"] for r in store.records() if r["key"] in want and not record_matches(r, want[r["key"]], backend, task)]
+    bad = [r["key"] for r in store.records()
+           if r["key"] in want and not record_matches(r, want[r["key"]], backend, task)]
     if bad:
         store.drop(bad)
         get_logger("pc_clip.differences.records").warning(
-            f"{store.path.name}: {len(bad)} stored {task} record(s) did not match the item asked for (another image, "
-            f"caption or generator setting under the same key, e.g. {bad[0]!r}); they are generated again")
+            f"{store.path.name}: {len(bad)} stored {task} record(s) did not match the item asked for "
+            f"(another image, caption or generator setting under the same key, e.g. {bad[0]!r}); "
+            f"they are generated again")
     return len(bad)
 
 
-def _fill(store: JsonlStore, items: list[dict], backend, task: str, batch_size: int, max_words: int, progress: bool) -> None:
+def _fill(store: JsonlStore, items: list[dict], backend, task: str, batch_size: int, max_words: int,
+          progress: bool) -> None:
     _drop_mismatched(store, items, backend, task)
     todo = [it for it in items if record_key(backend.name, str(it["key"])) not in store]
     unit = {"differences": "pair", "rewrite": "caption", "category": "class pair"}.get(task, "item")
@@ -222,24 +246,29 @@ def _fill(store: JsonlStore, items: list[dict], backend, task: str, batch_size: 
             chunk = todo[b:b + batch_size]
             outs = _generate(backend, chunk, task)
             if len(outs) != len(chunk):
-                raise RuntimeError(f"backend {backend.name} returned {len(outs)} outputs for {len(chunk)} items")
+                raise RuntimeError(f"backend {backend.name} returned {len(outs)} outputs "
+                                   f"for {len(chunk)} items")
             store.extend([build_record(it, o, backend, task, max_words) for it, o in zip(chunk, outs)])
             bar.update(len(chunk))
 
 # %% ../../nbs/differences/04_records.ipynb #a9110fbf
-def generate_records(items, backend, store_path: str | Path, task: str = "differences", batch_size: int | None = None,
-                     max_words: int = 40, progress: bool = True, lock_timeout: float = 0.0) -> list[dict]:
-    "Run `backend` on every item not yet in the store at `store_path` (holding its lock); all items' records, in order."
+def generate_records(items, backend, store_path: str | Path, task: str = "differences",
+                     batch_size: int | None = None, max_words: int = 40, progress: bool = True,
+                     lock_timeout: float = 0.0) -> list[dict]:
+    """Run `backend` on every item not yet in the store at `store_path` (holding its lock); all items'
+    records, in order."""
     items = _items(items)
     store = JsonlStore(store_path)
     with store.writing(lock_timeout):
-        _fill(store, items, backend, task, batch_size or getattr(backend, "batch_size", Config.gen_batch_size), max_words, progress)
+        _fill(store, items, backend, task,
+              batch_size or getattr(backend, "batch_size", Config.gen_batch_size), max_words, progress)
     keys = [record_key(backend.name, str(it["key"])) for it in items]
     wanted = set(keys)
     by_key = {r["key"]: r for r in store.records() if r["key"] in wanted}
     missing = [k for k in keys if k not in by_key]
     if missing:
-        raise RuntimeError(f"{len(missing)} records missing from {store.path} after generation (e.g. {missing[0]})")
+        raise RuntimeError(f"{len(missing)} records missing from {store.path} after generation "
+                           f"(e.g. {missing[0]})")
     records = [by_key[k] for k in keys]
     if (msg := rejection_warning(records, f"{task} [{backend.name}]")):
         get_logger("pc_clip.differences.records").warning(msg)
@@ -249,14 +278,16 @@ def generate_records(items, backend, store_path: str | Path, task: str = "differ
 def generate_differences(pairs, backend, store_path: str | Path, batch_size: int | None = None,
                          progress: bool = True, lock_timeout: float = 0.0) -> list[dict]:
     "Difference records for `pairs` (a `sample_pairs` table), resuming from `store_path`."
-    return generate_records(pairs, backend, store_path, "differences", batch_size, progress=progress, lock_timeout=lock_timeout)
+    return generate_records(pairs, backend, store_path, "differences", batch_size, progress=progress,
+                            lock_timeout=lock_timeout)
 
 # %% ../../nbs/differences/04_records.ipynb #a63e1a61
 def rewrite_captions(corpus: pd.DataFrame, backend, store_path: str | Path, batch_size: int | None = None,
                      progress: bool = True, lock_timeout: float = 0.0) -> list[dict]:
     "Rewritten-caption records (one per image of `corpus`); the rewrite is `record['statements'][0]['text']`."
     items = [{"key": str(r.image_id), "i": r.image_id, "caption": r.caption} for r in corpus.itertuples()]
-    return generate_records(items, backend, store_path, "rewrite", batch_size, progress=progress, lock_timeout=lock_timeout)
+    return generate_records(items, backend, store_path, "rewrite", batch_size, progress=progress,
+                            lock_timeout=lock_timeout)
 
 # %% ../../nbs/differences/04_records.ipynb #bb13a14e
 def write_category_differences(category_pairs: Iterable[tuple[str, str]], backend, store_path: str | Path,
@@ -264,12 +295,15 @@ def write_category_differences(category_pairs: Iterable[tuple[str, str]], backen
                                lock_timeout: float = 0.0) -> dict[tuple[str, str], list[str]]:
     "How category a differs from category b, for each `(a, b)`: `{(a, b): [accepted statements]}`."
     items = [{"key": pair_key(a, b), "category_a": a, "category_b": b} for a, b in category_pairs]
-    recs = generate_records(items, backend, store_path, "category", batch_size, progress=progress, lock_timeout=lock_timeout)
-    out = {(r["item"]["category_a"], r["item"]["category_b"]): [s["text"] for s in r["statements"]] for r in recs}
+    recs = generate_records(items, backend, store_path, "category", batch_size, progress=progress,
+                            lock_timeout=lock_timeout)
+    out = {(r["item"]["category_a"], r["item"]["category_b"]): [s["text"] for s in r["statements"]]
+           for r in recs}
     if (empty := [k for k, v in out.items() if not v]):
         get_logger("pc_clip.differences.records").warning(
-            f"{len(empty)} of {len(out)} class pairs have no usable class difference from {backend.name} (e.g. "
-            f"{empty[0][0]!r} vs {empty[0][1]!r}); tasks that need them skip those pairs. See {Path(store_path).name}.")
+            f"{len(empty)} of {len(out)} class pairs have no usable class difference from {backend.name} "
+            f"(e.g. {empty[0][0]!r} vs {empty[0][1]!r}); tasks that need them skip those pairs. "
+            f"See {Path(store_path).name}.")
     return out
 
 # %% ../../nbs/differences/04_records.ipynb #3ddae625
@@ -285,8 +319,9 @@ def difference_triples(records: Iterable[dict], consistent_only: bool = False) -
                 continue
             rows.append((r["item"]["i"], r["item"]["j"], s["text"]))
     if consistent_only and verdicts and set(verdicts) == {"not judged"}:
-        raise ValueError("consistent_only=True but no record carries judge verdicts; run pc_clip.differences.judge.judge_records "
-                         "first (or read the judged copy, see training_triples)")
+        raise ValueError("consistent_only=True but no record carries judge verdicts; "
+                         "run pc_clip.differences.judge.judge_records first "
+                         "(or read the judged copy, see training_triples)")
     if not rows:
         extra = f"; judge verdicts: {dict(verdicts)}" if consistent_only else ""
         raise ValueError(no_usable_message(records) + extra)
@@ -296,13 +331,15 @@ def difference_triples(records: Iterable[dict], consistent_only: bool = False) -
 def rewritten_captions(records: Iterable[dict]) -> pd.DataFrame:
     "Training pairs (i, text) of the rewritten-caption baseline: the first accepted rewrite of each image."
     records = list(records)
-    rows = [(r["item"]["i"], r["statements"][0]["text"]) for r in records if r["task"] == "rewrite" and r["statements"]]
+    rows = [(r["item"]["i"], r["statements"][0]["text"]) for r in records
+            if r["task"] == "rewrite" and r["statements"]]
     if not rows:
         raise ValueError(no_usable_message(records, "rewritten captions"))
     return pd.DataFrame(rows, columns=["i", "text"])
 
 # %% ../../nbs/differences/04_records.ipynb #f28032c7
-def examples_table(records: Sequence[dict], n: int = 5, seed: int = 0, rejected: bool = False) -> pd.DataFrame:
+def examples_table(records: Sequence[dict], n: int = 5, seed: int = 0,
+                   rejected: bool = False) -> pd.DataFrame:
     "A few random records as a table to read: the captions and each accepted (or rejected) statement."
     rng = np.random.default_rng(seed)
     pool = [r for r in records if (r["rejected"] if rejected else r["statements"])]
@@ -312,7 +349,8 @@ def examples_table(records: Sequence[dict], n: int = 5, seed: int = 0, rejected:
         ctx = " | ".join(_context(r["task"], r["item"]))
         for s in (r["rejected"] if rejected else r["statements"]):
             rows.append({"captions (first | second)": ctx, "statement": s["text"],
-                         **({"reason": s["reason"]} if rejected else {k2: s[k2] for k2 in ("true", "verdict") if k2 in s})})
+                         **({"reason": s["reason"]} if rejected
+                            else {k2: s[k2] for k2 in ("true", "verdict") if k2 in s})})
     return pd.DataFrame(rows)
 
 # %% ../../nbs/differences/04_records.ipynb #647c4eb5
@@ -321,8 +359,8 @@ def summary_rows(model: str, records: Sequence[dict], dataset: str, seed: int | 
     s = filter_summary(records)
     n = s["n_records"]
     row = lambda metric, value, k=n: result_row(model, "differences", dataset, metric, value, seed, k)
-    rows = [row("n_records", n), row("n_statements", s["n_statements"]), row("accepted_rate", s["accepted_rate"]),
-            row("empty_record_rate", s["empty_record_rate"])]
+    rows = [row("n_records", n), row("n_statements", s["n_statements"]),
+            row("accepted_rate", s["accepted_rate"]), row("empty_record_rate", s["empty_record_rate"])]
     rows += [row(f"n_rejected_{reason}", c) for reason, c in s["reasons"].items()]
     if not np.isnan(s["true_rate"]):
         rows.append(row("true_rate", s["true_rate"], s["n_statements"]))
@@ -330,7 +368,8 @@ def summary_rows(model: str, records: Sequence[dict], dataset: str, seed: int | 
 
 # %% ../../nbs/differences/04_records.ipynb #1ea725e3
 def differences_path(store: dict, noise: float | None = None) -> Path:
-    "The JSONL file of the difference set of a store's generator (`store_options(cfg)`) at `noise` (default the store's)."
+    """The JSONL file of the difference set of a store's generator (`store_options(cfg)`) at `noise` (default
+    the store's)."""
     noise = store["noise"] if noise is None else noise
     return Path(store["folder"]) / f"{generator_key(store)}-noise{noise:g}.jsonl"
 
@@ -345,7 +384,8 @@ def category_differences_path(store: dict) -> Path:
     return Path(store["folder"]) / f"{generator_key(store)}-categories.jsonl"
 
 
-def judged_path(path: str | Path, judge, root: str | Path | None = None, load_in_4bit: bool = True) -> Path:
+def judged_path(path: str | Path, judge, root: str | Path | None = None,
+                load_in_4bit: bool = True) -> Path:
     "Where `judge`'s verdicts on the record file `path` go: `<stem>.judged-<judge key>.jsonl` beside it."
     path = Path(path)
     return path.with_name(f"{path.stem}.judged-{judge_key(judge, root, load_in_4bit)}.jsonl")
@@ -355,27 +395,33 @@ def read_records(path: str | Path) -> list[dict]:
     "The records of a stored difference (or rewrite, or judged) set, one per key."
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no records at {path}; run nbs/experiments/02_differences.ipynb (or generate_differences) first")
+        raise FileNotFoundError(f"no records at {path}; run nbs/experiments/02_differences.ipynb "
+                                f"(or generate_differences) first")
     return JsonlStore(path).records()
 
 # %% ../../nbs/differences/04_records.ipynb #aa56cce8
-def training_triples(store: dict, noise: float | None = None, filtered: bool = True, pairs=None) -> pd.DataFrame:
-    "Finetuning triples (i, j, text) of a store (`store_options(cfg)`): consistent statements when it has a judge and `filtered`, else all accepted."
+def training_triples(store: dict, noise: float | None = None, filtered: bool = True,
+                     pairs=None) -> pd.DataFrame:
+    """Finetuning triples (i, j, text) of a store (`store_options(cfg)`): consistent statements when it has a
+    judge and `filtered`, else all accepted."""
     path, judge = differences_path(store, noise), store["judge"]
     records = read_records(path)
     judged = bool(filtered and judge)
     if judged:
         jpath = judged_path(path, judge, **store["judge_identity"])
         if not jpath.exists():
-            raise FileNotFoundError(f"cfg.judge={judge!r} but {jpath} does not exist: run experiment 02 with this "
-                                    "judge, or train on unfiltered differences (filtered=False, or judge=None)")
+            raise FileNotFoundError(f"cfg.judge={judge!r} but {jpath} does not exist: "
+                                    "run experiment 02 with this judge, or train on unfiltered differences "
+                                    "(filtered=False, or judge=None)")
         by_key = {r["key"]: r for r in read_records(jpath)}
         key = judge_key(judge, **store["judge_identity"])
-        missing = [r["key"] for r in records if r["key"] not in by_key or not judged_matches(by_key[r["key"]], r, key)]
+        missing = [r["key"] for r in records
+                   if r["key"] not in by_key or not judged_matches(by_key[r["key"]], r, key)]
         if missing:
-            raise ValueError(f"{jpath} judges {len(records) - len(missing)} of {len(records)} records of {path.name} as "
-                             f"they are now (e.g. {missing[0]} is not judged, or was judged as another record or by "
-                             "another judge): run experiment 02 again to finish judging")
+            raise ValueError(f"{jpath} judges {len(records) - len(missing)} of {len(records)} records of "
+                             f"{path.name} as they are now (e.g. {missing[0]} is not judged, "
+                             "or was judged as another record or by another judge): "
+                             "run experiment 02 again to finish judging")
         records = [by_key[r["key"]] for r in records]
     if pairs is not None:
         keys = set(pd.DataFrame(pairs)["key"].astype(str))

@@ -57,8 +57,10 @@ def _class_means_and_precision(emb: torch.Tensor, labels: np.ndarray, shrinkage:
     return means, torch.linalg.inv(cov)
 
 
-def statement_vectors(emb, labels: Sequence, text_fn: Callable, shrinkage: float = 0.1) -> dict[str, torch.Tensor]:
-    "`{statement: unit vector}`: for every statement `text_fn(a, b)` gives, the mean Fisher direction of its class pairs."
+def statement_vectors(emb, labels: Sequence, text_fn: Callable,
+                      shrinkage: float = 0.1) -> dict[str, torch.Tensor]:
+    """`{statement: unit vector}`: for every statement `text_fn(a, b)` gives, the mean Fisher direction of its
+    class pairs."""
     labels = np.asarray(labels)
     emb = F.normalize(torch.as_tensor(emb).double(), dim=-1)
     means, prec = _class_means_and_precision(emb, labels, shrinkage)
@@ -78,15 +80,16 @@ def vector_encoder(vectors: dict[str, torch.Tensor]) -> Callable[[list[str]], to
     def encode(texts: list[str]) -> torch.Tensor:
         missing = [t for t in texts if t not in vectors]
         if missing:
-            raise KeyError(f"{len(missing)} statement(s) have no fitted vector, e.g. {missing[0]!r}: fit the vectors on "
-                           "training images of every class the evaluated images hold")
+            raise KeyError(f"{len(missing)} statement(s) have no fitted vector, e.g. {missing[0]!r}: "
+                           "fit the vectors on training images of every class the evaluated images hold")
         return torch.stack([vectors[t] for t in texts])
     return encode
 
 
 def image_side_ceiling(train_emb, train_labels: Sequence, eval_emb, eval_labels: Sequence, text_fn: Callable,
                        n_images: int = 100, seeds: Sequence[int] = (0, 1, 2), shrinkage: float = 0.1) -> dict:
-    "`difference_classification`'s `{seed: result}` on `eval_emb` with each statement's free vector fit on `train_emb`."
+    """`difference_classification`'s `{seed: result}` on `eval_emb` with each statement's free vector fit on
+    `train_emb`."""
     vectors = statement_vectors(train_emb, train_labels, text_fn, shrinkage)
-    return difference_classification(torch.as_tensor(eval_emb).float(), eval_labels, text_fn, vector_encoder(vectors),
-                                     n_images, seeds)
+    return difference_classification(torch.as_tensor(eval_emb).float(), eval_labels, text_fn,
+                                     vector_encoder(vectors), n_images, seeds)

@@ -23,7 +23,8 @@ __all__ = ['top_confused_pairs', 'known_pairs', 'difference_embeddings', 'compar
 
 # %% ../../nbs/evaluation/02_comparative.ipynb #0f010045
 def top_confused_pairs(confusion: np.ndarray, k: int) -> list[tuple[int, int]]:
-    "The `k` class pairs `(i, j)`, `i < j`, most often confused either way (`confusion[i, j] + confusion[j, i]`)."
+    """The `k` class pairs `(i, j)`, `i < j`, most often confused either way
+    (`confusion[i, j] + confusion[j, i]`)."""
     c = np.asarray(confusion)
     if c.ndim != 2 or c.shape[0] != c.shape[1]:
         raise ValueError(f"a confusion matrix is square (true x predicted classes); got shape {c.shape}")
@@ -39,8 +40,10 @@ def known_pairs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 # %% ../../nbs/evaluation/02_comparative.ipynb #c17f0ba4
 def difference_embeddings(differences: dict[tuple[int, int], Sequence[str]],
-                          encode_text: Callable[[list[str]], torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
-    "`{(A, B): f(d(A, B))}`: the mean normalised embedding of each pair's texts (pairs without texts are dropped)."
+                          encode_text: Callable[[list[str]], torch.Tensor]
+                          ) -> dict[tuple[int, int], torch.Tensor]:
+    """`{(A, B): f(d(A, B))}`: the mean normalised embedding of each pair's texts (pairs without texts are
+    dropped)."""
     pairs = [(p, list(ts)) for p, ts in differences.items() if ts]
     texts = list(dict.fromkeys(t for _, ts in pairs for t in ts))
     if not texts:
@@ -51,7 +54,8 @@ def difference_embeddings(differences: dict[tuple[int, int], Sequence[str]],
 
 def comparative_class_embeddings(class_emb: torch.Tensor, difference_emb: dict[tuple[int, int], torch.Tensor],
                                  alpha: float) -> torch.Tensor:
-    "`f_B <- normalise(alpha f_B + (1 - alpha) mean_A (f_A - f(d(A, B))))` for every B with a known pair `(A, B)`."
+    """`f_B <- normalise(alpha f_B + (1 - alpha) mean_A (f_A - f(d(A, B))))` for every B with a known pair
+    `(A, B)`."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha is a mixing weight in [0, 1] (1 = plain zero-shot); got {alpha}")
     f = torch.as_tensor(class_emb).float()
@@ -66,7 +70,8 @@ def comparative_class_embeddings(class_emb: torch.Tensor, difference_emb: dict[t
 # %% ../../nbs/evaluation/02_comparative.ipynb #14063914
 def comparative_prompting(image_emb: torch.Tensor, labels: Sequence[int], class_emb: torch.Tensor,
                           difference_emb: dict[tuple[int, int], torch.Tensor], alpha: float) -> dict:
-    "Accuracy, worst-class and confused-class accuracy (and their outcomes) of zero-shot with comparative prompts."
+    """Accuracy, worst-class and confused-class accuracy (and their outcomes) of zero-shot with comparative
+    prompts."""
     labels = np.asarray(labels)
     emb = comparative_class_embeddings(class_emb, difference_emb, alpha)
     pred = (torch.as_tensor(image_emb).float() @ emb.T).argmax(-1).numpy()
@@ -88,14 +93,17 @@ def cached_backend(**options):
 
 
 class LazyBackend:
-    "The language-model backend of `options` (`make_backend`'s keywords), built by `cached_backend` on its first use; named at once."
+    """The language-model backend of `options` (`make_backend`'s keywords), built by `cached_backend` on its
+    first use; named at once."""
     def __init__(self, options: dict):
         if options["generator"] == "oracle":
-            raise ValueError("LazyBackend stands for a language model; the oracle is cheap to build (make_backend)")
+            raise ValueError("LazyBackend stands for a language model; "
+                             "the oracle is cheap to build (make_backend)")
         self.options, self.name = dict(options), options["generator"]  # a model's records carry its name
         self.batch_size = options.get("batch_size", Config.gen_batch_size)
-        # stored records are checked without building the model: the store's name carries the generator's identity
-        # (weights' content, settings, prompts: pc_clip.differences.records.generator_key), which decides `config`
+        # stored records are checked without building the model: the store's name carries the generator's
+        # identity (weights' content, settings, prompts: pc_clip.differences.records.generator_key), which
+        # decides `config`
         self.lazy = True
 
     def generate(self, items, task: str = "differences"):
@@ -106,17 +114,20 @@ class LazyBackend:
         return cached_backend(**self.options).config
 
 
-def class_differences(pairs: Sequence[tuple[str, str]], store: dict, backend, batch_size: int = Config.gen_batch_size,
+def class_differences(pairs: Sequence[tuple[str, str]], store: dict, backend,
+                      batch_size: int = Config.gen_batch_size,
                       progress: bool = False) -> dict[tuple[str, str], list[str]]:
-    "`{(a, b): [how class a differs from class b]}` for ordered pairs of class names, written by `backend` into `store`."
-    return write_category_differences(list(dict.fromkeys(pairs)), backend, category_differences_path(store), batch_size,
-                                      progress=progress)
+    """`{(a, b): [how class a differs from class b]}` for ordered pairs of class names, written by `backend`
+    into `store`."""
+    return write_category_differences(list(dict.fromkeys(pairs)), backend, category_differences_path(store),
+                                      batch_size, progress=progress)
 
 
 def confused_pair_differences(confusion: np.ndarray, classnames: Sequence[str], topk: int,
                               write_differences: Callable[[list[tuple[str, str]]], dict],
                               encode_text: Callable) -> tuple[dict, dict]:
-    "The top-k confused pairs of `confusion`, their texts (`write_differences`) and embeddings: `(difference_emb, info)`."
+    """The top-k confused pairs of `confusion`, their texts (`write_differences`) and embeddings:
+    `(difference_emb, info)`."""
     pairs = known_pairs(top_confused_pairs(confusion, topk))
     texts = write_differences([(classnames[a], classnames[b]) for a, b in pairs])
     diffs = {(a, b): texts.get((classnames[a], classnames[b]), []) for a, b in pairs}

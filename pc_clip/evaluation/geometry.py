@@ -37,7 +37,9 @@ def world_captions(world, indices: Sequence[int], n_captions: int = 5, seed: int
     out = []
     for i in indices:
         rec = world.attrs.iloc[int(i)].to_dict()
-        out.append([world.captions[int(i)]] + [make_caption(rec, rng, world.caption_style, world.caption_rate) for _ in range(n_captions - 1)])
+        out.append([world.captions[int(i)]]
+                   + [make_caption(rec, rng, world.caption_style, world.caption_rate)
+                      for _ in range(n_captions - 1)])
     return out
 
 # %% ../../nbs/evaluation/03_geometry.ipynb #d4db08bc
@@ -109,7 +111,8 @@ EDITS: dict[str, Edit] = {e.name: e for e in [
 # %% ../../nbs/evaluation/03_geometry.ipynb #52c1feb4
 @dataclass
 class ControlledPairs:
-    "Rendered (edited, base) image pairs: `images[pairs.edited]` differs from `images[pairs.base]` by `pairs.edit`."
+    """Rendered (edited, base) image pairs: `images[pairs.edited]` differs from `images[pairs.base]` by
+    `pairs.edit`."""
     images: np.ndarray
     attrs: pd.DataFrame
     pairs: pd.DataFrame
@@ -120,7 +123,8 @@ class ControlledPairs:
 
 def controlled_pairs(world, edits: Sequence[str] = tuple(EDITS), n_per_edit: int = 48, seed: int = 0,
                      split: str = "test", image_size: int | None = None) -> ControlledPairs:
-    "Pairs of world images that differ in exactly one attribute, `n_per_edit` per edit, rendered without other change."
+    """Pairs of world images that differ in exactly one attribute, `n_per_edit` per edit, rendered without
+    other change."""
     size = image_size or world.images.shape[1]
     rng = np.random.default_rng([seed, 41])
     pool = world.attrs.iloc[world.indices(split)].reset_index(drop=True)
@@ -133,13 +137,15 @@ def controlled_pairs(world, edits: Sequence[str] = tuple(EDITS), n_per_edit: int
         e = EDITS[name]
         ok = np.flatnonzero(e.applicable(pool, size))
         if len(ok) < 2:
-            raise ValueError(f"edit {name!r} applies to {len(ok)} {split} images; need at least 2 (a larger world?)")
+            raise ValueError(f"edit {name!r} applies to {len(ok)} {split} images; "
+                             "need at least 2 (a larger world?)")
         pick = pool.iloc[rng.choice(ok, min(n_per_edit, len(ok)), replace=False)].reset_index(drop=True)
         bases.append(pick); edited.append(e.apply(pick, size)); names += [name] * len(pick)
     base_df = pd.concat(bases, ignore_index=True)
     edit_df = pd.concat(edited, ignore_index=True)
     render_seed = int(rng.integers(2**31))
-    images = np.concatenate([render_images(base_df, size, seed=render_seed), render_images(edit_df, size, seed=render_seed)])
+    images = np.concatenate([render_images(base_df, size, seed=render_seed),
+                             render_images(edit_df, size, seed=render_seed)])
     n = len(base_df)
     attrs = pd.concat([base_df.assign(role="base"), edit_df.assign(role="edited")], ignore_index=True)
     pairs = pd.DataFrame(dict(edit=names, edited=np.arange(n) + n, base=np.arange(n)))
@@ -162,8 +168,10 @@ def edit_statements(cp: ControlledPairs, seed: int = 0, wordings: str = "heldout
 PROBE_ATTRIBUTES = ("category", "size", "colour", "background", "count")
 
 
-def probe_indices(world, max_train: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    "Train, validation and test rows of the world for probes; at most `max_train` training rows (a seeded subsample)."
+def probe_indices(world, max_train: int | None = None,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train, validation and test rows of the world for probes; at most `max_train` training rows (a seeded
+    subsample)."""
     tr, va, te = world.indices("train"), world.indices("val"), world.indices("test")
     if max_train is not None and max_train < len(tr):
         tr = np.sort(np.random.default_rng([seed, 67]).choice(tr, max_train, replace=False))
@@ -172,7 +180,8 @@ def probe_indices(world, max_train: int | None = None, seed: int = 0) -> tuple[n
 
 def world_probe_labels(world, indices: tuple[np.ndarray, ...], attributes: Sequence[str] = PROBE_ATTRIBUTES,
                        dataset: str = "world") -> dict:
-    "`{dataset name: labels of each row set in indices}` for probing world attributes (`category` is plain `world`)."
+    """`{dataset name: labels of each row set in indices}` for probing world attributes (`category` is plain
+    `world`)."""
     out = {}
     for a in attributes:
         col = world.attrs[a].astype(str).to_numpy()

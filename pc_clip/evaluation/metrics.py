@@ -49,8 +49,10 @@ def _group_sums(vw: np.ndarray, w: np.ndarray, codes: np.ndarray, n_groups: int,
             np.bincount(flat, w[idx].ravel(), size).reshape(len(idx), n_groups))
 
 
-def statistic_value(values, weights=None, groups=None, statistic: str = "mean", idx: np.ndarray | None = None) -> np.ndarray | float:
-    "A metric from its outcomes: the weighted `mean`, the `worst_group` mean or the `group_mean`; [B] values for index rows `idx`."
+def statistic_value(values, weights=None, groups=None, statistic: str = "mean",
+                    idx: np.ndarray | None = None) -> np.ndarray | float:
+    """A metric from its outcomes: the weighted `mean`, the `worst_group` mean or the `group_mean`; [B] values
+    for index rows `idx`."""
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}; got {statistic!r}")
     v = np.asarray(values, dtype=np.float64)
@@ -81,7 +83,8 @@ def bootstrap_ci(values, weights=None, groups=None, statistic: str = "mean", n_b
     v = np.asarray(values, dtype=np.float64)
     if len(v) == 0:
         raise ValueError("no outcomes to bootstrap; the metric needs at least one evaluated item")
-    stats = np.concatenate([statistic_value(v, weights, groups, statistic, idx) for idx in _resamples(len(v), n_boot, seed)])
+    stats = np.concatenate([statistic_value(v, weights, groups, statistic, idx)
+                            for idx in _resamples(len(v), n_boot, seed)])
     a = (1 - level) / 2
     lo, hi = np.nanquantile(stats, [a, 1 - a])
     return float(lo), float(hi)
@@ -89,7 +92,8 @@ def bootstrap_ci(values, weights=None, groups=None, statistic: str = "mean", n_b
 # %% ../../nbs/evaluation/00_metrics.ipynb #bdc92966
 def paired_bootstrap(a, b, weights_a=None, weights_b=None, groups=None, strata=None, statistic: str = "mean",
                      n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
-    "`{'delta', 'ci_low', 'ci_high', 'n'}`: A - B on the same items, with a paired percentile bootstrap interval."
+    """`{'delta', 'ci_low', 'ci_high', 'n'}`: A - B on the same items, with a paired percentile bootstrap
+    interval."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if len(a) != len(b) or len(a) == 0:
         raise ValueError(f"paired outcomes must be aligned item by item; got {len(a)} and {len(b)} items")
@@ -110,9 +114,11 @@ def paired_bootstrap(a, b, weights_a=None, weights_b=None, groups=None, strata=N
 
 # %% ../../nbs/evaluation/00_metrics.ipynb #88e9166c
 def best_on_validation(scores: dict) -> Any:
-    "The key of the highest score in `scores` (insertion order breaks ties: list the conservative setting first)."
+    """The key of the highest score in `scores` (insertion order breaks ties: list the conservative setting
+    first)."""
     if not scores:
-        raise ValueError("no validation scores to choose from; evaluate at least one setting on validation data")
+        raise ValueError("no validation scores to choose from; "
+                         "evaluate at least one setting on validation data")
     best = max(scores.values())
     return next(k for k, v in scores.items() if v == best)
 
@@ -131,7 +137,8 @@ TextFn = Callable[[Any, Any], "str | Sequence[str] | None"]
 
 
 class TaskUnavailable(ValueError):
-    "A task that cannot be scored on this data (no texts, no pairs of classes): a runner skips it and says why."
+    """A task that cannot be scored on this data (no texts, no pairs of classes): a runner skips it and says
+    why."""
 
 
 def _texts(t) -> list[str]:
@@ -168,26 +175,30 @@ def _seed_outcomes(sims: torch.Tensor, row_of: dict, idx: np.ndarray, lab: np.nd
 def difference_classification(image_emb: torch.Tensor, labels: Sequence, text_fn: TextFn,
                               encode_text: Callable[[list[str]], torch.Tensor], n_images: int = 100,
                               seeds: Sequence[int] = (0, 1, 2)) -> dict:
-    "`{seed: {'accuracy', 'outcomes', 'n'}}`: `cos(f(text), normalise(g(I1) - g(I2))) > 0` over cross-class pairs."
+    """`{seed: {'accuracy', 'outcomes', 'n'}}`: `cos(f(text), normalise(g(I1) - g(I2))) > 0` over cross-class
+    pairs."""
     labels = np.asarray(labels)
     if len(labels) != len(image_emb):
-        raise ValueError(f"{len(image_emb)} image embeddings but {len(labels)} labels; pass one label per image")
+        raise ValueError(f"{len(image_emb)} image embeddings but {len(labels)} labels; "
+                         "pass one label per image")
     samples = {s: sample_eval_indices(len(labels), n_images, s) for s in seeds}
     pair_texts = _pair_texts(labels, samples, text_fn)
     distinct = sorted({t for ts in pair_texts.values() for t in ts})
     if not distinct:
-        raise TaskUnavailable("text_fn gave no text for any class pair of the sample; it must return a string (or list "
-                         "of strings) for classes that differ, None for those that do not")
+        raise TaskUnavailable("text_fn gave no text for any class pair of the sample; "
+                              "it must return a string (or list of strings) for classes that differ, "
+                              "None for those that do not")
     text_emb = F.normalize(encode_text(distinct).float().cpu(), dim=-1)
     used = np.unique(np.concatenate(list(samples.values())))
     row_of = {int(i): r for r, i in enumerate(used)}
     sims = torch.as_tensor(image_emb)[torch.as_tensor(used)].float().cpu() @ text_emb.T  # [U, K]: f(t)·g(I)
     out = {}
     for seed, idx in samples.items():
-        correct, total = _seed_outcomes(sims, row_of, idx, labels[idx], pair_texts, {t: k for k, t in enumerate(distinct)})
+        correct, total = _seed_outcomes(sims, row_of, idx, labels[idx], pair_texts,
+                                        {t: k for k, t in enumerate(distinct)})
         if total.sum() == 0:
-            raise TaskUnavailable(f"seed {seed}'s sample of {len(idx)} images holds no pair of classes with a difference "
-                             "text; use more images (eval_n_images) or check the labels")
+            raise TaskUnavailable(f"seed {seed}'s sample of {len(idx)} images holds no pair of classes with "
+                                  "a difference text; use more images (eval_n_images) or check the labels")
         keep = total > 0
         out[seed] = {"accuracy": float(correct.sum() / total.sum()), "n": {"accuracy": int(total.sum())},
                      "outcomes": {"accuracy": outcomes(idx[keep], correct[keep] / total[keep], total[keep],
@@ -196,16 +207,18 @@ def difference_classification(image_emb: torch.Tensor, labels: Sequence, text_fn
 
 # %% ../../nbs/evaluation/00_metrics.ipynb #6233b977
 def classification_metrics(predictions: Sequence[int], labels: Sequence[int], n_classes: int) -> dict:
-    "Accuracy, worst-class accuracy, per-class accuracy (NaN for absent classes), confusion matrix and outcomes."
+    """Accuracy, worst-class accuracy, per-class accuracy (NaN for absent classes), confusion matrix and
+    outcomes."""
     pred, labels = np.asarray(predictions), np.asarray(labels)
     present = np.unique(labels)
     per_class = np.full(n_classes, np.nan)
     per_class[present] = recall_score(labels, pred, labels=present, average=None, zero_division=0)
     correct = (pred == labels).astype(np.float64)
     o = outcomes(np.arange(len(labels)), correct, group=labels)
-    return dict(accuracy=float(correct.mean()), worst_class_accuracy=float(np.nanmin(per_class)), per_class=per_class,
-                confusion=confusion_matrix(labels, pred, labels=np.arange(n_classes)),
-                outcomes={"accuracy": o, "worst_class_accuracy": o}, statistic={"worst_class_accuracy": "worst_group"})
+    return dict(accuracy=float(correct.mean()), worst_class_accuracy=float(np.nanmin(per_class)),
+                per_class=per_class, confusion=confusion_matrix(labels, pred, labels=np.arange(n_classes)),
+                outcomes={"accuracy": o, "worst_class_accuracy": o},
+                statistic={"worst_class_accuracy": "worst_group"})
 
 
 def zero_shot(image_emb: torch.Tensor, labels: Sequence[int], class_emb: torch.Tensor) -> dict:
@@ -233,13 +246,16 @@ def _ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, owner: torch.Tensor,
 # %% ../../nbs/evaluation/00_metrics.ipynb #548b8490
 def retrieval(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: Sequence[int],
               ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict:
-    "`{'recall@k_i2t': ..., 'recall@k_t2i': ..., 'outcomes'}` for normalised embeddings; caption j shows image `text_image[j]`."
+    """`{'recall@k_i2t': ..., 'recall@k_t2i': ..., 'outcomes'}` for normalised embeddings; caption j shows
+    image `text_image[j]`."""
     owner = torch.as_tensor(np.asarray(text_image), dtype=torch.long)
     n_img, n_txt = len(image_emb), len(text_emb)
     if len(owner) != n_txt:
-        raise ValueError(f"text_image has {len(owner)} entries for {n_txt} text embeddings; one image index per caption")
+        raise ValueError(f"text_image has {len(owner)} entries for {n_txt} text embeddings; "
+                         "one image index per caption")
     if n_txt and (owner.min() < 0 or owner.max() >= n_img):
-        raise ValueError(f"text_image must index the {n_img} images; got values in [{owner.min()}, {owner.max()}]")
+        raise ValueError(f"text_image must index the {n_img} images; "
+                         f"got values in [{owner.min()}, {owner.max()}]")
     if n_img and torch.bincount(owner, minlength=n_img).min() == 0:
         raise ValueError("every image needs at least one caption for image-to-text recall")
     i2t, t2i = _ranks(image_emb, text_emb, owner, chunk)
@@ -254,7 +270,8 @@ def retrieval(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: Seque
 # %% ../../nbs/evaluation/00_metrics.ipynb #6cc64701
 def difference_vectors(emb: torch.Tensor, first: Sequence[int], second: Sequence[int]) -> torch.Tensor:
     "`emb[first] - emb[second]` (unnormalised), one row per pair."
-    first, second = torch.tensor(np.array(first, dtype=np.int64)), torch.tensor(np.array(second, dtype=np.int64))
+    first, second = (torch.tensor(np.array(first, dtype=np.int64)),
+                     torch.tensor(np.array(second, dtype=np.int64)))
     return emb[first] - emb[second]
 
 
@@ -267,7 +284,8 @@ def pair_consistency(diffs: torch.Tensor) -> np.ndarray:
 
 
 def directional_consistency(diffs: torch.Tensor) -> float:
-    "Mean pairwise cosine of the difference vectors (pairs i < j); about 0 (or below) when they share no direction."
+    """Mean pairwise cosine of the difference vectors (pairs i < j); about 0 (or below) when they share no
+    direction."""
     if len(diffs) < 2:
         raise ValueError(f"directional consistency needs at least 2 difference vectors; got {len(diffs)}")
     u = F.normalize(diffs.float(), dim=-1)
@@ -276,8 +294,10 @@ def directional_consistency(diffs: torch.Tensor) -> float:
     return float(total / (m * (m - 1)))
 
 # %% ../../nbs/evaluation/00_metrics.ipynb #89c7892e
-def analogy_quadruples(base: Sequence[int], edited: Sequence[int], n: int | None = None, seed: int = 0) -> np.ndarray:
-    "`[Q, 4]` rows `(a, b, c, d) = (edited_i, base_i, base_j, edited_j)` over ordered pairs i != j (at most `n`, seeded)."
+def analogy_quadruples(base: Sequence[int], edited: Sequence[int], n: int | None = None,
+                       seed: int = 0) -> np.ndarray:
+    """`[Q, 4]` rows `(a, b, c, d) = (edited_i, base_i, base_j, edited_j)` over ordered pairs i != j (at most
+    `n`, seeded)."""
     base, edited = np.asarray(base), np.asarray(edited)
     i, j = np.nonzero(~np.eye(len(base), dtype=bool))
     quads = np.stack([edited[i], base[i], base[j], edited[j]], 1)
@@ -288,9 +308,11 @@ def analogy_quadruples(base: Sequence[int], edited: Sequence[int], n: int | None
 
 @torch.no_grad()
 def analogy_hits(emb: torch.Tensor, quads: np.ndarray, candidates: Sequence[int] | None = None) -> np.ndarray:
-    "1 for each `(a, b, c, d)` whose `normalise(g(a) - g(b) + g(c))` is nearest to `g(d)` among `candidates` minus a, b, c."
+    """1 for each `(a, b, c, d)` whose `normalise(g(a) - g(b) + g(c))` is nearest to `g(d)` among `candidates`
+    minus a, b, c."""
     quads = torch.as_tensor(np.asarray(quads), dtype=torch.long)
-    cand = torch.arange(len(emb)) if candidates is None else torch.as_tensor(np.asarray(candidates), dtype=torch.long)
+    cand = (torch.arange(len(emb)) if candidates is None
+            else torch.as_tensor(np.asarray(candidates), dtype=torch.long))
     if not torch.isin(quads[:, 3], cand).all():
         raise ValueError("every answer d must be among the candidates")
     q = F.normalize((emb[quads[:, 0]] - emb[quads[:, 1]] + emb[quads[:, 2]]).float(), dim=-1)
@@ -321,12 +343,15 @@ def _edit_metrics(image_emb, grp: pd.DataFrame, n_quads: int, seed: int, texts: 
 # %% ../../nbs/evaluation/00_metrics.ipynb #779dab9d
 def geometry(image_emb: torch.Tensor, pairs: pd.DataFrame, text_emb: torch.Tensor | None = None,
              text_emb_train: torch.Tensor | None = None, n_quads: int = 2000, seed: int = 0) -> dict:
-    "`{edit: metrics, 'all': mean over edits}` of analogy accuracy, directional consistency and text alignment."
+    """`{edit: metrics, 'all': mean over edits}` of analogy accuracy, directional consistency and text
+    alignment."""
     texts = {"text_direction_cosine": text_emb, "text_direction_cosine_train_wording": text_emb_train}
-    per = {name: _edit_metrics(image_emb, grp, n_quads, seed, texts) for name, grp in pairs.groupby("edit", sort=False)}
+    per = {name: _edit_metrics(image_emb, grp, n_quads, seed, texts)
+           for name, grp in pairs.groupby("edit", sort=False)}
     first = next(iter(per.values()))
     metrics = [m for m in first if m != "outcomes"]
-    both = lambda m: pd.concat([r["outcomes"][m].assign(item=[f"{e}:{i}" for i in r["outcomes"][m].item], group=e)
+    both = lambda m: pd.concat([r["outcomes"][m].assign(item=[f"{e}:{i}" for i in r["outcomes"][m].item],
+                                                        group=e)
                                 for e, r in per.items()], ignore_index=True)
     all_ = {m: float(np.mean([r[m] for r in per.values()])) for m in metrics}
     all_["outcomes"] = {m: both(m) for m in metrics}
@@ -340,7 +365,8 @@ def _probe(C: float, max_iter: int, tol: float):
 
 def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, Cs: Sequence[float] = (0.1, 1.0),
                  max_iter: int = 300, tol: float = 1e-3, blas_threads: int | None = 1) -> dict:
-    "`{'accuracy', 'C', 'validation': {C: accuracy}, 'converged', 'outcomes'}` of a probe with `C` chosen on validation."
+    """`{'accuracy', 'C', 'validation': {C: accuracy}, 'converged', 'outcomes'}` of a probe with `C` chosen on
+    validation."""
     train_y, val_y, test_y = np.asarray(train_y), np.asarray(val_y), np.asarray(test_y)
     if len(np.unique(train_y)) < 2:
         raise ValueError(f"a probe needs at least 2 classes in the train labels; got {np.unique(train_y)}")
@@ -354,7 +380,9 @@ def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, Cs: Sequence[fl
         scores = dict(zip(Cs, search.cv_results_["mean_test_score"].tolist()))
         best = best_on_validation(scores)
         n_before = len(caught)
-        pred = _probe(best, max_iter, tol).fit(np.asarray(train_x, np.float64), train_y).predict(np.asarray(test_x, np.float64))
+        pred = (_probe(best, max_iter, tol).fit(np.asarray(train_x, np.float64), train_y)
+                .predict(np.asarray(test_x, np.float64)))
     hit = (pred == test_y).astype(np.float64)
-    return {"accuracy": float(hit.mean()), "C": best, "validation": scores, "converged": len(caught) == n_before,
+    return {"accuracy": float(hit.mean()), "C": best, "validation": scores,
+            "converged": len(caught) == n_before,
             "outcomes": {"accuracy": outcomes(np.arange(len(hit)), hit, group=test_y)}}

@@ -24,13 +24,16 @@ __all__ = ['class_pair_frame', 'class_pair_names', 'class_pair_texts', 'pair_ali
            'heldout_differences_path', 'write_heldout_differences', 'heldout_statements', 'to_embedding_rows']
 
 # %% ../../nbs/evaluation/05_paper_geometry.ipynb #2a76405e
-def class_pair_frame(labels: Sequence[int], n_classes: int = 8, n_per_pair: int = 8, seed: int = 0) -> pd.DataFrame:
-    "Image pairs (`edited` of class `class_a`, `base` of class `class_b`), `n_per_pair` per ordered class pair; `edit` names the pair."
+def class_pair_frame(labels: Sequence[int], n_classes: int = 8, n_per_pair: int = 8,
+                     seed: int = 0) -> pd.DataFrame:
+    """Image pairs (`edited` of class `class_a`, `base` of class `class_b`), `n_per_pair` per ordered
+    class pair; `edit` names the pair."""
     labels = np.asarray(labels)
     classes, counts = np.unique(labels[labels >= 0], return_counts=True)
     classes = classes[counts >= 2]
     if len(classes) < 2:
-        raise ValueError(f"class-pair geometry needs at least 2 classes with 2 or more images; got {len(classes)}")
+        raise ValueError("class-pair geometry needs at least 2 classes with 2 or more images; "
+                         f"got {len(classes)}")
     rng = np.random.default_rng([seed, 83])
     if len(classes) > n_classes:
         classes = np.sort(rng.choice(classes, n_classes, replace=False))
@@ -50,7 +53,8 @@ def class_pair_names(frame: pd.DataFrame, classnames: Sequence[str]) -> list[tup
 
 
 def class_pair_texts(frame: pd.DataFrame, classnames: Sequence[str], differences: dict) -> pd.DataFrame:
-    "`frame` with a `text` column (the class pair's statements in turn); class pairs without statements dropped."
+    """`frame` with a `text` column (the class pair's statements in turn); class pairs without
+    statements dropped."""
     texts = []
     for k, (a, b) in zip(frame.groupby("edit", sort=False).cumcount(), zip(frame.class_a, frame.class_b)):
         ts = differences.get((classnames[a], classnames[b])) or []
@@ -61,12 +65,14 @@ def class_pair_texts(frame: pd.DataFrame, classnames: Sequence[str], differences
 # %% ../../nbs/evaluation/05_paper_geometry.ipynb #02bcafe4
 @torch.no_grad()
 def pair_alignment(image_emb: torch.Tensor, statements: pd.DataFrame, text_emb: torch.Tensor) -> dict:
-    "Cosine of each statement with its pair's image difference, and whether that difference is its nearest among all pairs."
+    """Cosine of each statement with its pair's image difference, and whether that difference is its
+    nearest among all pairs."""
     keys = pd.Index(pd.unique(statements.key))
     if len(keys) < 2:
         raise ValueError(f"pair alignment needs statements of at least 2 pairs; got {len(keys)}")
     first = statements.drop_duplicates("key").set_index("key").loc[keys]
-    diffs = F.normalize((image_emb[torch.as_tensor(first.i.to_numpy())] - image_emb[torch.as_tensor(first.j.to_numpy())]).float(), dim=-1)
+    diffs = F.normalize((image_emb[torch.as_tensor(first.i.to_numpy())]
+                         - image_emb[torch.as_tensor(first.j.to_numpy())]).float(), dim=-1)
     own = torch.as_tensor(keys.get_indexer(statements.key))
     sims = F.normalize(text_emb.float(), dim=-1) @ diffs.T  # [statements, pairs]
     cos = sims[torch.arange(len(own)), own].double().numpy()
@@ -78,39 +84,47 @@ def pair_alignment(image_emb: torch.Tensor, statements: pd.DataFrame, text_emb: 
 
 # %% ../../nbs/evaluation/05_paper_geometry.ipynb #fcc8a8d1
 def heldout_pair_count(n_pairs: int) -> int:
-    "How many held-out corpus pairs the geometry measures: a tenth of the `n_pairs` training pairs, between 20 and 1000."
+    """How many held-out corpus pairs the geometry measures: a tenth of the `n_pairs` training pairs,
+    between 20 and 1000."""
     return int(max(20, min(1000, n_pairs // 10)))
 
 
 def heldout_differences_path(store: dict, split: str = "val") -> Path:
-    "The JSONL file of a store's generator's differences (`store_options(cfg)`) for held-out pairs of the corpus's `split`."
+    """The JSONL file of a store's generator's differences (`store_options(cfg)`) for held-out pairs of
+    the corpus's `split`."""
     return Path(store["folder"]) / f"{generator_key(store)}-heldout-{split}.jsonl"
 
 
 def write_heldout_differences(store: dict, backend, n_pairs: int, batch_size: int = Config.gen_batch_size,
                               split: str = "val", progress: bool = True) -> list[dict]:
-    "Sample the held-out pairs of the store's corpus's `split` and write (or resume) their differences with `backend`."
+    """Sample the held-out pairs of the store's corpus's `split` and write (or resume) their differences
+    with `backend`."""
     corpus, _, _ = load_corpus(**store["corpus"], split=split)
     pairs = sample_pairs(corpus, min(heldout_pair_count(n_pairs), len(corpus) * (len(corpus) - 1)),
                          store["corpus"]["seed"], "random")
-    return generate_differences(pairs, backend, heldout_differences_path(store, split), batch_size, progress=progress)
+    return generate_differences(pairs, backend, heldout_differences_path(store, split), batch_size,
+                                progress=progress)
 
 
 def heldout_statements(records: Sequence[dict], ds) -> pd.DataFrame:
-    "One row per accepted statement of `records` (`key`, `i`, `j`, `text`), `i`/`j` the positions in `ds` of the pair's image ids."
+    """One row per accepted statement of `records` (`key`, `i`, `j`, `text`), `i`/`j` the positions in
+    `ds` of the pair's image ids."""
     info = getattr(ds, "image_info", None)
     ids = info["image_id"].tolist() if info is not None and "image_id" in info else list(range(len(ds)))
     position = {str(v): k for k, v in enumerate(ids)}
-    rows = [(r["key"], position.get(str(r["item"]["i"]), -1), position.get(str(r["item"]["j"]), -1), s["text"])
+    rows = [(r["key"], position.get(str(r["item"]["i"]), -1), position.get(str(r["item"]["j"]), -1),
+             s["text"])
             for r in records for s in r["statements"]]
     out = pd.DataFrame(rows, columns=["key", "i", "j", "text"])
     return out[(out.i >= 0) & (out.j >= 0)].reset_index(drop=True)
 
 
 def to_embedding_rows(ds, frame: pd.DataFrame, columns: Sequence[str] = ("i", "j")) -> pd.DataFrame:
-    "`frame` with its `columns` (positions in `ds`) turned into rows of `ds`'s embedding table; call it after embedding."
+    """`frame` with its `columns` (positions in `ds`) turned into rows of `ds`'s embedding table; call it
+    after embedding."""
     row = np.full(len(ds), -1)
-    kept = kept_indices(ds)  # known only once the images were read: unreadable ones have no row, nor do their pairs
+    # known only once the images were read: unreadable ones have no row, nor do their pairs
+    kept = kept_indices(ds)
     row[kept] = np.arange(len(kept))
     out = frame.assign(**{c: row[frame[c].to_numpy(dtype=np.int64)] for c in columns})
     return out[(out[list(columns)] >= 0).all(axis=1)].reset_index(drop=True)

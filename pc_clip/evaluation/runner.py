@@ -16,9 +16,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .comparative import LazyBackend, class_differences, comparative_prompting, confused_pair_differences
-from .paper_geometry import (class_pair_frame, class_pair_names, class_pair_texts, heldout_statements,
-    pair_alignment, to_embedding_rows, write_heldout_differences)
+from pc_clip.evaluation.comparative import (LazyBackend, class_differences, comparative_prompting,
+    confused_pair_differences)
+from .paper_geometry import (class_pair_frame, class_pair_names, class_pair_texts,
+    heldout_statements, pair_alignment, to_embedding_rows, write_heldout_differences)
 from ..differences.records import make_backend
 from ..core.config import Config, embedding_options
 from ..core.artifacts import artifact_lock, atomic_write, content_hash
@@ -29,14 +30,14 @@ from ..models.embed import embed_images, embed_texts, embedded_labels
 from .geometry import (controlled_pairs, edit_statements, flatten_captions, probe_indices,
     world_captions, world_probe_labels)
 from ..models.text import encode_text_trimmed
-from .metrics import (TaskUnavailable, bootstrap_ci, best_on_validation, difference_classification,
-    geometry, linear_probe, retrieval, zero_shot)
+from .metrics import (TaskUnavailable, bootstrap_ci, best_on_validation,
+    difference_classification, geometry, linear_probe, retrieval, zero_shot)
 from ..models.clip import load_clip, is_checkpoint
-from .tasks import (DifferenceTask, awa2_attribute_task, cifar100_size_task, cub_comparative_task,
-    flowers_colour_task, world_difference_tasks)
+from .tasks import (DifferenceTask, awa2_attribute_task, cifar100_size_task,
+    cub_comparative_task, flowers_colour_task, world_difference_tasks)
 from ..world.shapes import heldout_category_pairs, make_world
-from ..core.registry import (PAPER_EVAL_DATASETS, backend_options, clip_source, dataset_options, model_dir, model_names,
-    store_options, world_options)
+from ..core.registry import (PAPER_EVAL_DATASETS, backend_options, clip_source, dataset_options,
+    model_dir, model_names, store_options, world_options)
 
 # %% auto #0
 __all__ = ['LoadedModel', 'N_BOOT', 'ITEM_COLUMNS', 'ZERO_SHOT_TEMPLATES', 'RETRIEVAL_IMAGES', 'RETRIEVAL_CAPTIONS',
@@ -51,7 +52,8 @@ LoadedModel = namedtuple("LoadedModel", "name model preprocess tokenizer")
 
 
 def iter_models(cfg: Config, names: Sequence[str] | None = None, device: str | torch.device | None = None):
-    "`(name, model, preprocess, tokenizer)` for each model `names` (default: every evaluated registry entry) that exists; prints a note for missing ones."
+    """`(name, model, preprocess, tokenizer)` for each model `names` (default: every evaluated registry
+    entry) that exists; prints a note for missing ones."""
     for name in names if names is not None else model_names():
         try:
             model, preprocess, tokenizer = load_clip(**clip_source(cfg, name, device))
@@ -68,35 +70,44 @@ def for_each_model(cfg: Config, names: Sequence[str], evaluate: Callable[[Loaded
 
 
 def evaluated_models(cfg: Config) -> list[str]:
-    "The models the registry says `cfg` trains and the experiments evaluate; an error naming any that is not on disk."
+    """The models the registry says `cfg` trains and the experiments evaluate; an error naming any that is
+    not on disk."""
     names = model_names(cfg)
-    missing = [n for n in names if not is_checkpoint(model_dir(cfg, n)) and not (n == "clip" and cfg.pretrained)]
+    missing = [n for n in names
+               if not is_checkpoint(model_dir(cfg, n)) and not (n == "clip" and cfg.pretrained)]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} of the {len(names)} models this run evaluates are not on disk for these settings: "
+            f"{len(missing)} of the {len(names)} models this run evaluates are not on disk "
+            "for these settings: "
             + ", ".join(f"{n} ({model_dir(cfg, n)})" for n in missing)
-            + "; run experiments 01 and 03 with the same -p settings first (pc-clip reproduce --only 01,03 -p ...)")
+            + "; run experiments 01 and 03 with the same -p settings first "
+              "(pc-clip reproduce --only 01,03 -p ...)")
     return names
 
 # %% ../../nbs/evaluation/04_runner.ipynb #bb40299f
-def text_encoder(model, tokenizer, batch_size: int = 256, device: str | torch.device | None = None) -> Callable[[list[str]], torch.Tensor]:
-    "`encode(texts) -> normalised [len(texts), D]` for `model` (fused attention where it applies), remembering every text it has encoded."
+def text_encoder(model, tokenizer, batch_size: int = 256,
+                 device: str | torch.device | None = None) -> Callable[[list[str]], torch.Tensor]:
+    """`encode(texts) -> normalised [len(texts), D]` for `model` (fused attention where it applies),
+    remembering every text it has encoded."""
     device = device or next(model.parameters()).device
     memory: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def encode(texts: list[str]) -> torch.Tensor:
-        new = sorted(dict.fromkeys(t for t in texts if t not in memory), key=len)  # similar lengths share a batch
+        # similar lengths share a batch
+        new = sorted(dict.fromkeys(t for t in texts if t not in memory), key=len)
         was = model.training
         model.eval()
         try:
             for s in range(0, len(new), batch_size):
                 part = new[s:s + batch_size]
-                emb = encode_text_trimmed(model, tokenizer(part).to(device), fused=True).float()  # fused: SDPA blocks where they apply
+                # fused: SDPA blocks where they apply
+                emb = encode_text_trimmed(model, tokenizer(part).to(device), fused=True).float()
                 memory.update(zip(part, torch.nn.functional.normalize(emb, dim=-1).cpu()))
         finally:
             model.train(was)
-        return torch.stack([memory[t] for t in texts]) if texts else torch.zeros(0, model.text_projection.shape[-1])
+        return (torch.stack([memory[t] for t in texts]) if texts
+                else torch.zeros(0, model.text_projection.shape[-1]))
 
     encode.memory = memory
     return encode
@@ -104,11 +115,14 @@ def text_encoder(model, tokenizer, batch_size: int = 256, device: str | torch.de
 # %% ../../nbs/evaluation/04_runner.ipynb #29ee1248
 def _embedded(m: LoadedModel, ds, cfg: Config, progress: bool = False) -> tuple[torch.Tensor, np.ndarray]:
     "`(embeddings [N, D], labels [N])` of the readable images of `ds` by loaded model `m`."
-    return embed_images(m.model, ds, cache_dir(cfg), **embedding_options(cfg), preprocess=m.preprocess, progress=progress), embedded_labels(ds)
+    return (embed_images(m.model, ds, cache_dir(cfg), **embedding_options(cfg), preprocess=m.preprocess,
+                         progress=progress),
+            embedded_labels(ds))
 
 # %% ../../nbs/evaluation/04_runner.ipynb #cefa4e97
 def eval_datasets(cfg: Config, task: str, names: Sequence[str] | None = None, split: str = "test") -> list:
-    "The `ImageDataset`s `task` runs on: the world on a world profile, else the paper's; missing ones are skipped."
+    """The `ImageDataset`s `task` runs on: the world on a world profile, else the paper's; missing ones are
+    skipped."""
     names = names or (("world",) if cfg.corpus == "world" else PAPER_EVAL_DATASETS[task])
     out = []
     for name in names:
@@ -127,20 +141,23 @@ def split_off_validation(ds, fraction: float = 0.2, seed: int = 0) -> tuple:
 
 
 def validation_dataset(cfg: Config, name: str, fraction: float = 0.2) -> tuple:
-    "`(train, validation)` data sets of `name`: the world's own splits, or a seeded split of a paper train set."
+    """`(train, validation)` data sets of `name`: the world's own splits, or a seeded split of a paper train
+    set."""
     if name == "world":
-        return load_dataset(name, **dataset_options(cfg), split="train"), load_dataset(name, **dataset_options(cfg), split="val")
+        return (load_dataset(name, **dataset_options(cfg), split="train"),
+                load_dataset(name, **dataset_options(cfg), split="val"))
     return split_off_validation(load_dataset(name, **dataset_options(cfg), split="train"), fraction, cfg.seed)
 
 # %% ../../nbs/evaluation/04_runner.ipynb #69d9abb6
 N_BOOT = 1000  # bootstrap draws per interval (seeded: the same interval on every run)
-ITEM_COLUMNS = ["experiment", "profile", "model", "task", "dataset", "condition", "metric", "seed", "item", "value",
-                "weight", "group", "statistic"]
+ITEM_COLUMNS = ["experiment", "profile", "model", "task", "dataset", "condition", "metric", "seed", "item",
+                "value", "weight", "group", "statistic"]
 
 
 def evaluation_rows(per_seed: dict, model: str, task: str, dataset: str, condition: dict | str = "",
                     n_boot: int = N_BOOT) -> list[dict]:
-    "Rows of metric dicts `{seed: dict}`: one per metric and seed, a pooled-seed bootstrap interval, items attached."
+    """Rows of metric dicts `{seed: dict}`: one per metric and seed, a pooled-seed bootstrap interval, items
+    attached."""
     first = next(iter(per_seed.values()))
     rows = []
     for metric in first["outcomes"]:
@@ -149,7 +166,8 @@ def evaluation_rows(per_seed: dict, model: str, task: str, dataset: str, conditi
         ci = bootstrap_ci(pooled.value, pooled.weight, pooled.group, stat, n_boot)
         for seed, r in per_seed.items():
             o = r["outcomes"][metric]
-            row = result_row(model, task, dataset, metric, r[metric], seed, r.get("n", {}).get(metric, len(o)), condition, ci)
+            row = result_row(model, task, dataset, metric, r[metric], seed,
+                             r.get("n", {}).get(metric, len(o)), condition, ci)
             rows.append({**row, "items": o.assign(statistic=stat)})
     return rows
 
@@ -162,20 +180,22 @@ def items_path(cfg: Config, experiment: str) -> Path:
 def write_evaluation(rows: Sequence[dict], cfg: Config, experiment: str) -> pd.DataFrame:
     "Write `rows` to the results table and their items to `items_path`; returns the new results table."
     keys = ["model", "task", "dataset", "condition", "metric", "seed"]
-    items = [r["items"].assign(**{k: r[k] for k in keys}) for r in rows if isinstance(r.get("items"), pd.DataFrame)]
+    items = [r["items"].assign(**{k: r[k] for k in keys}) for r in rows
+             if isinstance(r.get("items"), pd.DataFrame)]
     table = (pd.concat(items, ignore_index=True) if items else pd.DataFrame(columns=ITEM_COLUMNS))
     table = table.assign(experiment=experiment, profile=cfg.profile).reindex(columns=ITEM_COLUMNS)
     path = items_path(cfg, experiment)
     buf = io.BytesIO()
     table.to_csv(buf, index=False, float_format="%.10g", compression={"method": "gzip", "mtime": 0})
-    # the items first, the rows last: the rows commit the experiment, so a run killed between the two leaves the old
-    # rows (read as not done, and rerun) and never new rows paired with old items; a row the table refuses puts the
-    # old items back, so neither file of this experiment changes
+    # the items first, the rows last: the rows commit the experiment, so a run killed between the two leaves
+    # the old rows (read as not done, and rerun) and never new rows paired with old items; a row the table
+    # refuses puts the old items back, so neither file of this experiment changes
     with artifact_lock(path, timeout=60):
         old = path.read_bytes() if path.exists() else None
         atomic_write(path, buf.getvalue())
         try:
-            return write_results([{k: v for k, v in r.items() if k != "items"} for r in rows], experiment, **results_options(cfg))
+            return write_results([{k: v for k, v in r.items() if k != "items"} for r in rows], experiment,
+                                 **results_options(cfg))
         except BaseException:
             if old is None:
                 path.unlink(missing_ok=True)
@@ -187,35 +207,43 @@ def write_evaluation(rows: Sequence[dict], cfg: Config, experiment: str) -> pd.D
 def read_items(cfg: Config, experiments: Sequence[str] | None = None) -> pd.DataFrame:
     "The per-item outcomes of `experiments` (default: all stored for the profile), one table."
     folder = results_path(cfg).parent / "items"
-    paths = sorted(folder.glob("*.csv.gz")) if experiments is None else [items_path(cfg, e) for e in experiments]
+    paths = (sorted(folder.glob("*.csv.gz")) if experiments is None
+             else [items_path(cfg, e) for e in experiments])
     parts = [pd.read_csv(p, keep_default_na=False, na_values={"value": [""], "weight": [""], "seed": [""]},
                          dtype={"condition": str, "item": str, "group": str}) for p in paths if p.exists()]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=ITEM_COLUMNS)
 
 # %% ../../nbs/evaluation/04_runner.ipynb #96266fd3
 def difference_backend(cfg: Config, world=None):
-    "The writer of `cfg`'s class and held-out differences: the oracle of `world` (default the config's), or the language model, loaded on first use."
+    """The writer of `cfg`'s class and held-out differences: the oracle of `world` (default the config's), or
+    the language model, loaded on first use."""
     if cfg.generator != "oracle":
         return LazyBackend(backend_options(cfg))
-    return make_backend(world=world if world is not None else make_world(**world_options(cfg)), **backend_options(cfg))
+    return make_backend(world=world if world is not None else make_world(**world_options(cfg)),
+                        **backend_options(cfg))
 
 # %% ../../nbs/evaluation/04_runner.ipynb #4506976c
 ZERO_SHOT_TEMPLATES = (lambda c: f"This is a photo of a {c}",)
 
 
-def zero_shot_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequence = ZERO_SHOT_TEMPLATES,
+def zero_shot_classifier(model, tokenizer, classnames: Sequence[str],
+                         templates: Sequence = ZERO_SHOT_TEMPLATES,
                          device: str | torch.device | None = None) -> torch.Tensor:
     "Normalised class embeddings `[C, D]` (open_clip's zero-shot classifier, transposed)."
     device = device or next(model.parameters()).device
-    w = open_clip.build_zero_shot_classifier(model, tokenizer, list(classnames), list(templates), device=device)
+    w = open_clip.build_zero_shot_classifier(model, tokenizer, list(classnames), list(templates),
+                                             device=device)
     return w.T.float().cpu().contiguous()
 
 # %% ../../nbs/evaluation/04_runner.ipynb #8042d13b
 def build_difference_tasks(ds, labels: Sequence[int], cfg: Config, n_texts: int = 2) -> list[DifferenceTask]:
-    "The difference tasks of a data set (`world`, `awa2`, `cifar100`, `flowers102` or `cub`) on the embedded images."
+    """The difference tasks of a data set (`world`, `awa2`, `cifar100`, `flowers102` or `cub`) on the
+    embedded images."""
     if ds.name == "world":
-        return world_difference_tasks(ds.image_info, heldout_category_pairs(cfg.seed), n_texts=n_texts, seed=cfg.seed)
-    builders = {"awa2": lambda: awa2_attribute_task(ds, labels), "cifar100": lambda: cifar100_size_task(ds.classnames, labels),
+        return world_difference_tasks(ds.image_info, heldout_category_pairs(cfg.seed), n_texts=n_texts,
+                                      seed=cfg.seed)
+    builders = {"awa2": lambda: awa2_attribute_task(ds, labels),
+                "cifar100": lambda: cifar100_size_task(ds.classnames, labels),
                 "flowers102": lambda: flowers_colour_task(ds.classnames, labels),
                 "cub": lambda: cub_comparative_task(ds, labels, lambda pairs: class_differences(
                     pairs, store_options(cfg), difference_backend(cfg), cfg.gen_batch_size), cfg.seed)}
@@ -224,21 +252,24 @@ def build_difference_tasks(ds, labels: Sequence[int], cfg: Config, n_texts: int 
     return [builders[ds.name]()]
 
 
-def run_difference_classification(cfg: Config, model_names: Sequence[str], datasets: Sequence, n_texts: int = 2,
-                                  progress: bool = True, tasks_fn: Callable = build_difference_tasks) -> list[dict]:
-    "Difference-classification rows of every existing model on every data set (one row per task, condition and seed)."
+def run_difference_classification(cfg: Config, model_names: Sequence[str], datasets: Sequence,
+                                  n_texts: int = 2, progress: bool = True,
+                                  tasks_fn: Callable = build_difference_tasks) -> list[dict]:
+    """Difference-classification rows of every existing model on every data set (one row per task,
+    condition and seed)."""
     def one(m: LoadedModel) -> list[dict]:
         encode, rows = text_encoder(m.model, m.tokenizer, cfg.eval_batch_size), []
         for ds in datasets:
             emb, labels = _embedded(m, ds, cfg)
             try:
                 tasks = tasks_fn(ds, labels, cfg, n_texts)
-            except TaskUnavailable as e:  # e.g. an LLM that wrote no usable CUB comparative: the other data sets run
+            # e.g. an LLM that wrote no usable CUB comparative: the other data sets run
+            except TaskUnavailable as e:
                 print(f"skipping the difference task of {ds.name} ({m.name}): {e}"); continue
             for t in tqdm(tasks, desc=f"difference tasks ({m.name})", disable=not progress):
                 try:
-                    res = difference_classification(emb[torch.as_tensor(t.indices)], t.labels, t.text_fn, encode,
-                                                     cfg.eval_n_images, cfg.eval_seeds)
+                    res = difference_classification(emb[torch.as_tensor(t.indices)], t.labels, t.text_fn,
+                                                    encode, cfg.eval_n_images, cfg.eval_seeds)
                 except TaskUnavailable as e:
                     print(f"skipping task {t.dataset} {t.condition or ''} ({m.name}): {e}"); continue
                 rows += evaluation_rows(res, m.name, "difference_classification", t.dataset, t.condition)
@@ -266,36 +297,43 @@ def run_comparative_prompting(cfg: Config, model_names: Sequence[str], select_ds
                               templates: Sequence = ZERO_SHOT_TEMPLATES) -> tuple[list[dict], dict]:
     "Comparative-prompting rows (validation sweep, test at the chosen alpha and at 1) and per-model choices."
     if not (list(select_ds.classnames) == list(val_ds.classnames) == list(test_ds.classnames)):
-        raise ValueError("the selection, validation and test data sets must share their class names (one data set, three splits)")
+        raise ValueError("the selection, validation and test data sets must share their class names "
+                         "(one data set, three splits)")
     infos = {}
 
     def one(m: LoadedModel) -> list[dict]:
         class_emb = zero_shot_classifier(m.model, m.tokenizer, test_ds.classnames, templates)
         emb = {k: _embedded(m, d, cfg)
                for k, d in (("select", select_ds), ("val", val_ds), ("test", test_ds))}
-        demb, info = confused_pair_differences(zero_shot(*emb["select"], class_emb)["confusion"], test_ds.classnames,
-                                               cfg.comparative_topk, lambda p: class_differences(
-                                                   p, store_options(cfg), difference_backend(cfg, world), cfg.gen_batch_size),
+        demb, info = confused_pair_differences(zero_shot(*emb["select"], class_emb)["confusion"],
+                                               test_ds.classnames, cfg.comparative_topk,
+                                               lambda p: class_differences(p, store_options(cfg),
+                                                                           difference_backend(cfg, world),
+                                                                           cfg.gen_batch_size),
                                                text_encoder(m.model, m.tokenizer, cfg.eval_batch_size))
         val = {a: comparative_prompting(*emb["val"], class_emb, demb, a) for a in cfg.comparative_alphas}
         chosen = best_on_validation({a: r["accuracy"] for a, r in val.items()})
         infos[m.name] = {**info, "alpha": chosen, "validation": {a: r["accuracy"] for a, r in val.items()}}
         rows = [r for a, res in val.items()
-                for r in evaluation_rows({cfg.seed: res}, m.name, "comparative_prompting", val_ds.name, {"alpha": a, "split": "val"})]
+                for r in evaluation_rows({cfg.seed: res}, m.name, "comparative_prompting", val_ds.name,
+                                        {"alpha": a, "split": "val"})]
         for a in dict.fromkeys([1.0, chosen]):
             res = comparative_prompting(*emb["test"], class_emb, demb, a)
-            rows += evaluation_rows({cfg.seed: res}, m.name, "comparative_prompting", test_ds.name, {"alpha": a})
+            rows += evaluation_rows({cfg.seed: res}, m.name, "comparative_prompting", test_ds.name,
+                                    {"alpha": a})
         return rows
     return for_each_model(cfg, model_names, one), infos
 
 # %% ../../nbs/evaluation/04_runner.ipynb #e8f2aba0
-RETRIEVAL_IMAGES = 500  # world images retrieved among (experiment 07's `n_images`; the validation sweep uses the same)
+# world images retrieved among (experiment 07's `n_images`; the validation sweep uses the same)
+RETRIEVAL_IMAGES = 500
 RETRIEVAL_CAPTIONS = 5  # seeded captions per world image (COCO has five human captions per image)
 
 
 def world_retrieval_corpus(world, split: str, seed: int, n_images: int | None = RETRIEVAL_IMAGES,
                            n_captions: int = RETRIEVAL_CAPTIONS) -> tuple[np.ndarray, list[str], np.ndarray]:
-    "`(image rows, texts, text_image)` of the world's retrieval protocol on `split`: `n_images` seeded images (all if fewer or None), `n_captions` captions each."
+    """`(image rows, texts, text_image)` of the world's retrieval protocol on `split`: `n_images` seeded
+    images (all if fewer or None), `n_captions` captions each."""
     rows = world.indices(split)
     if n_images is not None and n_images < len(rows):
         rows = np.sort(np.random.default_rng([seed, 59]).choice(rows, n_images, replace=False))
@@ -313,20 +351,24 @@ def _retrieval_corpus(cfg: Config, n_images: int | None, n_captions: int) -> tup
     return ("coco", ds) + flatten_captions(ds.captions)
 
 
-def run_retrieval(cfg: Config, model_names: Sequence[str], n_images: int | None = None, n_captions: int = RETRIEVAL_CAPTIONS,
-                  progress: bool = True) -> list[dict]:
-    "Retrieval rows of every existing model: the world's test images (world corpus) or COCO val (paper profiles)."
+def run_retrieval(cfg: Config, model_names: Sequence[str], n_images: int | None = None,
+                  n_captions: int = RETRIEVAL_CAPTIONS, progress: bool = True) -> list[dict]:
+    """Retrieval rows of every existing model: the world's test images (world corpus) or COCO val (paper
+    profiles)."""
     dataset, corpus, texts, owner = _retrieval_corpus(cfg, n_images, n_captions)
 
     def one(m: LoadedModel) -> list[dict]:
         if dataset == "world":
-            img = embed_images(m.model, corpus[0], cache_dir(cfg), **embedding_options(cfg), progress=progress)[torch.as_tensor(corpus[1])]
+            img = embed_images(m.model, corpus[0], cache_dir(cfg), **embedding_options(cfg),
+                               progress=progress)[torch.as_tensor(corpus[1])]
         else:
             img, _ = _embedded(m, corpus, cfg, progress)
             if len(img) != len(corpus):
-                raise ValueError(f"{len(corpus) - len(img)} COCO images could not be read ({corpus.n_skipped} skipped); "
+                raise ValueError(f"{len(corpus) - len(img)} COCO images could not be read "
+                                 f"({corpus.n_skipped} skipped); "
                                  "repair or remove them (their captions would lose their image)")
-        res = retrieval(img, embed_texts(m.model, m.tokenizer, texts, **embedding_options(cfg), progress=progress), owner)
+        res = retrieval(img, embed_texts(m.model, m.tokenizer, texts, **embedding_options(cfg),
+                                         progress=progress), owner)
         return evaluation_rows({cfg.seed: res}, m.name, "retrieval", dataset)
     return for_each_model(cfg, model_names, one)
 
@@ -347,14 +389,17 @@ def run_geometry(cfg: Config, model_names: Sequence[str], n_per_edit: int = 48, 
             pairs[size] = controlled_pairs(world, n_per_edit=n_per_edit, seed=cfg.seed, image_size=size)
         cp = pairs[size]
         img = embed_images(m.model, cp.images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
-        txt, txt_train = (embed_texts(m.model, m.tokenizer, edit_statements(cp, cfg.seed, w), **embedding_options(cfg)) for w in ("heldout", "train"))
+        txt, txt_train = (embed_texts(m.model, m.tokenizer, edit_statements(cp, cfg.seed, w),
+                                      **embedding_options(cfg))
+                          for w in ("heldout", "train"))
         res = geometry(img, cp.pairs, txt, txt_train, n_quads, cfg.seed)
         return [r for k, v in res.items() for r in evaluation_rows({cfg.seed: v}, m.name, "geometry",
                                                                    "world" if k == "all" else f"world/{k}")]
     return for_each_model(cfg, model_names, one)
 
 # %% ../../nbs/evaluation/04_runner.ipynb #0c4da831
-def _probe_features(cfg: Config, model_names: Sequence[str], datasets, max_train, progress) -> tuple[dict, dict]:
+def _probe_features(cfg: Config, model_names: Sequence[str], datasets, max_train,
+                    progress) -> tuple[dict, dict]:
     "`{group: {model: (train, val, test) features}}` and `{group: {dataset: (train, val, test) labels}}`."
     features, labels = {}, {}
     if cfg.corpus == "world":
@@ -362,7 +407,8 @@ def _probe_features(cfg: Config, model_names: Sequence[str], datasets, max_train
         idx = probe_indices(world, max_train, cfg.seed)
         labels["world"] = world_probe_labels(world, idx)
         for m in iter_models(cfg, model_names):
-            emb = embed_images(m.model, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress).numpy()
+            emb = embed_images(m.model, world.images, cache_dir(cfg), **embedding_options(cfg),
+                               progress=progress).numpy()
             features.setdefault("world", {})[m.name] = tuple(emb[i] for i in idx)
         return features, labels
     splits = {}
@@ -414,13 +460,16 @@ def _cell_tasks(cfg: Config, world, split: str) -> dict:
 
 
 def unconstrained_folder(cfg: Config):
-    "The folder of `pc-clip`'s strongest candidate: the grid's largest learning rate, no weight averaging (alpha 1)."
+    """The folder of `pc-clip`'s strongest candidate: the grid's largest learning rate, no weight averaging
+    (alpha 1)."""
     grid = sweep_grid(cfg)
-    return model_dir(cfg, "pc-clip", lr=max(lr for lr, _ in grid), alpha=1.0) if grid else model_dir(cfg, "pc-clip")
+    return (model_dir(cfg, "pc-clip", lr=max(lr for lr, _ in grid), alpha=1.0) if grid
+            else model_dir(cfg, "pc-clip"))
 
 
 def run_cell_ceiling(cfg: Config, max_train: int | None = 4000, progress: bool = True) -> list[dict]:
-    "Per world difference cell, on test images: the probe of its attribute (and the majority rate), the image-side ceiling of `clip`'s image tower, and the unconstrained finetune."
+    """Per world difference cell, on test images: the probe of its attribute (and the majority rate), the
+    image-side ceiling of `clip`'s image tower, and the unconstrained finetune."""
     if cfg.corpus != "world":
         return []
     world = make_world(**world_options(cfg))
@@ -432,16 +481,19 @@ def run_cell_ceiling(cfg: Config, max_train: int | None = 4000, progress: bool =
     for attr in dict.fromkeys(CELL_ATTRIBUTES.values()):
         y = attribute_labels(world.attrs, attr)
         r = attribute_probe(x[tr], y[tr], x[va], y[va], x[te], y[te])
-        rows += evaluation_rows({cfg.seed: r}, "clip", CEILING_TASK, "world", {"attribute": attr, "measure": "probe"})
+        rows += evaluation_rows({cfg.seed: r}, "clip", CEILING_TASK, "world",
+                                {"attribute": attr, "measure": "probe"})
         rows.append(result_row("clip", CEILING_TASK, "world", "majority", r["majority"], cfg.seed, len(te),
                                {"attribute": attr, "measure": "probe"}))
     train_tasks, test_tasks = _cell_tasks(cfg, world, "train"), _cell_tasks(cfg, world, "test")
     tr_emb, te_emb = emb[torch.as_tensor(world.indices("train"))], emb[torch.as_tensor(world.indices("test"))]
     for key, t in tqdm(test_tasks.items(), desc="image-side ceiling per cell", disable=not progress):
         fit = train_tasks[key]
-        res = image_side_ceiling(tr_emb[torch.as_tensor(fit.indices)], fit.labels, te_emb[torch.as_tensor(t.indices)],
-                                 t.labels, t.text_fn, cfg.eval_n_images, cfg.eval_seeds)
-        rows += evaluation_rows(res, "clip", CEILING_TASK, t.dataset, {**t.condition, "measure": "image_side_ceiling"})
+        res = image_side_ceiling(tr_emb[torch.as_tensor(fit.indices)], fit.labels,
+                                 te_emb[torch.as_tensor(t.indices)], t.labels, t.text_fn,
+                                 cfg.eval_n_images, cfg.eval_seeds)
+        rows += evaluation_rows(res, "clip", CEILING_TASK, t.dataset,
+                                {**t.condition, "measure": "image_side_ceiling"})
     folder = unconstrained_folder(cfg)
     if is_checkpoint(folder):
         model, _, tok = load_checkpoint(folder)
@@ -453,7 +505,8 @@ def run_cell_ceiling(cfg: Config, max_train: int | None = 4000, progress: bool =
             rows += evaluation_rows(res, "pc-clip", CEILING_TASK, t.dataset,
                                     {**t.condition, "measure": "unconstrained", "lr": f"{lr:g}"})
     else:
-        print(f"skipping the unconstrained finetune: no checkpoint at {folder.name} (experiment 03 trains it)")
+        print(f"skipping the unconstrained finetune: no checkpoint at {folder.name} "
+              "(experiment 03 trains it)")
     return rows
 
 # %% ../../nbs/evaluation/04_runner.ipynb #1507571c
@@ -461,8 +514,8 @@ def _class_sets(cfg: Config, n_classes: int, n_per_pair: int) -> list:
     out = []
     for ds in eval_datasets(cfg, "difference_classification"):
         frame = class_pair_frame(np.asarray(ds.labels), n_classes, n_per_pair, cfg.seed)  # positions in `ds`
-        texts = class_differences(class_pair_names(frame, ds.classnames), store_options(cfg), difference_backend(cfg),
-                                  cfg.gen_batch_size)
+        texts = class_differences(class_pair_names(frame, ds.classnames), store_options(cfg),
+                                  difference_backend(cfg), cfg.gen_batch_size)
         frame = class_pair_texts(frame, ds.classnames, texts)
         if frame.edit.nunique() < 1 or frame.groupby("edit").size().min() < 2:
             print(f"geometry on {ds.name}: not measured (no class pair with usable class differences)")
@@ -473,25 +526,30 @@ def _class_sets(cfg: Config, n_classes: int, n_per_pair: int) -> list:
 
 def run_paper_geometry(cfg: Config, model_names: Sequence[str], n_classes: int = 8, n_per_pair: int = 8,
                        n_quads: int = 2000, progress: bool = True) -> list[dict]:
-    "Geometry rows of every existing model on held-out corpus pairs and on class pairs of the paper's data sets."
+    """Geometry rows of every existing model on held-out corpus pairs and on class pairs of the paper's data
+    sets."""
     val = load_dataset(cfg.corpus, **dataset_options(cfg), split="val")
-    written = write_heldout_differences(store_options(cfg), LazyBackend(backend_options(cfg)), cfg.n_pairs, cfg.gen_batch_size,
-                                        progress=progress)
+    written = write_heldout_differences(store_options(cfg), LazyBackend(backend_options(cfg)), cfg.n_pairs,
+                                        cfg.gen_batch_size, progress=progress)
     statements = heldout_statements(written, val)
     class_sets = _class_sets(cfg, n_classes, n_per_pair)
 
     def one(m) -> list[dict]:
         rows = []
-        emb = embed_images(m.model, val, cache_dir(cfg), **embedding_options(cfg), preprocess=m.preprocess, progress=progress)
-        st = to_embedding_rows(val, statements)  # after embedding: an unreadable image drops its own pairs only
+        emb = embed_images(m.model, val, cache_dir(cfg), **embedding_options(cfg), preprocess=m.preprocess,
+                           progress=progress)
+        # after embedding: an unreadable image drops its own pairs only
+        st = to_embedding_rows(val, statements)
         if st.key.nunique() >= 2:
             txt = embed_texts(m.model, m.tokenizer, list(st.text), **embedding_options(cfg))
             rows += evaluation_rows({cfg.seed: pair_alignment(emb, st, txt)}, m.name, "geometry", cfg.corpus,
                                     {"pairs": "heldout"})
         else:
-            print(f"geometry on {cfg.corpus}: not measured ({st.key.nunique()} held-out pairs with statements)")
+            print(f"geometry on {cfg.corpus}: not measured "
+                  f"({st.key.nunique()} held-out pairs with statements)")
         for ds, frame in class_sets:
-            emb = embed_images(m.model, ds, cache_dir(cfg), **embedding_options(cfg), preprocess=m.preprocess, progress=progress)
+            emb = embed_images(m.model, ds, cache_dir(cfg), **embedding_options(cfg), preprocess=m.preprocess,
+                               progress=progress)
             frame = to_embedding_rows(ds, frame, ("edited", "base"))
             txt = embed_texts(m.model, m.tokenizer, list(frame.text), **embedding_options(cfg))
             res = geometry(emb, frame, txt, None, n_quads, cfg.seed)["all"]

@@ -36,15 +36,18 @@ class DifferenceTask:
     def __post_init__(self):
         self.indices, self.labels = np.asarray(self.indices), np.asarray(self.labels)
         if len(self.indices) != len(self.labels):
-            raise ValueError(f"task {self.dataset}: {len(self.indices)} indices but {len(self.labels)} labels")
+            raise ValueError(f"task {self.dataset}: {len(self.indices)} indices "
+                             f"but {len(self.labels)} labels")
         if any(c in self.dataset for c in "@="):
-            raise ValueError(f"task {self.dataset!r}: settings go in condition={{...}}, not in the data-set name")
+            raise ValueError(f"task {self.dataset!r}: settings go in condition={{...}}, "
+                             "not in the data-set name")
 
 # %% ../../nbs/evaluation/01_tasks.ipynb #6041d40f
 AWA2_WORDING = ("The first image has attributes of {a}, while the second image has attributes of {b}",
                 "The first image has attributes of {a}, while the second image does not",
                 "The first image does not have attributes of {b}, while the second image does")
-REVERSED_AWA2_WORDING = ("The second image has attributes of {b}, whereas the first image has attributes of {a}",
+REVERSED_AWA2_WORDING = ("The second image has attributes of {b}, "
+                         "whereas the first image has attributes of {a}",
                          "The second image lacks attributes of {a}, which the first image has",
                          "The second image has attributes of {b}, which the first image lacks")
 
@@ -57,10 +60,12 @@ def _join(words: Sequence[str]) -> str:
 def attribute_difference_text_fn(class_attributes: np.ndarray, attribute_names: Sequence[str],
                                  visual: Sequence[bool] | None = None, max_attributes: int = 3,
                                  wording: tuple[str, str, str] = AWA2_WORDING) -> TextFn:
-    "Text for class labels (a, b): visual attributes of a and not b, and of b and not a (None if none differ)."
+    """Text for class labels (a, b): visual attributes of a and not b, and of b and not a (None if none
+    differ)."""
     A = np.asarray(class_attributes) > 0.5
     if A.ndim != 2 or A.shape[1] != len(attribute_names):
-        raise ValueError(f"class-attribute matrix has shape {A.shape}; expected (classes, {len(attribute_names)} attributes)")
+        raise ValueError(f"class-attribute matrix has shape {A.shape}; "
+                         f"expected (classes, {len(attribute_names)} attributes)")
     visual = np.ones(A.shape[1], bool) if visual is None else np.asarray(visual, bool)
     names = list(attribute_names)
 
@@ -75,19 +80,23 @@ def attribute_difference_text_fn(class_attributes: np.ndarray, attribute_names: 
     return text
 
 
-def awa2_attribute_task(ds, labels: Sequence[int] | None = None, wording=AWA2_WORDING, dataset: str = "awa2/attributes",
-                        max_attributes: int = 3) -> DifferenceTask:
+def awa2_attribute_task(ds, labels: Sequence[int] | None = None, wording=AWA2_WORDING,
+                        dataset: str = "awa2/attributes", max_attributes: int = 3) -> DifferenceTask:
     "The paper's AwA2 task on an `ImageDataset` with a class-attribute table (labels of the embedded images)."
     if ds.class_attributes is None:
-        raise ValueError(f"{ds.name} has no class-attribute table; load AwA2 with pc_clip.data.datasets.load_dataset('awa2', **dataset_options(cfg))")
+        raise ValueError(f"{ds.name} has no class-attribute table; load AwA2 with "
+                         "pc_clip.data.datasets.load_dataset('awa2', **dataset_options(cfg))")
     labels = ds.labels if labels is None else np.asarray(labels)
     names = [readable_attribute(n) for n in ds.attribute_names]
-    fn = attribute_difference_text_fn(ds.class_attributes, names, visual_attribute_mask(ds), max_attributes, wording)
+    fn = attribute_difference_text_fn(ds.class_attributes, names, visual_attribute_mask(ds), max_attributes,
+                                      wording)
     return DifferenceTask(dataset, np.arange(len(labels)), labels, fn)
 
 # %% ../../nbs/evaluation/01_tasks.ipynb #4d9ef165
-SIZE_WORDING = {("large", "small"): "The first image has the larger animal, while the second image has the smaller animal",
-                ("small", "large"): "The first image has the smaller animal, while the second image has the larger animal"}
+SIZE_WORDING = {("large", "small"): "The first image has the larger animal, "
+                                    "while the second image has the smaller animal",
+                ("small", "large"): "The first image has the smaller animal, "
+                                    "while the second image has the larger animal"}
 
 
 def colour_wording(a: str, b: str) -> str:
@@ -100,13 +109,15 @@ def _invert(groups: dict[str, Sequence[str]]) -> dict[str, str]:
 
 def group_task(dataset: str, classnames: Sequence[str], labels: Sequence[int], group_of_class: dict[str, str],
                wording: dict | Callable[[str, str], str]) -> DifferenceTask:
-    "A task over the images whose class is in `group_of_class`, with texts `wording[(group_a, group_b)]` (or a function)."
+    """A task over the images whose class is in `group_of_class`, with texts `wording[(group_a, group_b)]`
+    (or a function)."""
     norm = lambda s: str(s).strip().lower().replace("_", " ")
     groups = {norm(c): g for c, g in group_of_class.items()}
     group_of = {i: groups[norm(c)] for i, c in enumerate(classnames) if norm(c) in groups}
     if len(set(group_of.values())) < 2:
-        raise TaskUnavailable(f"{dataset}: the class names hold fewer than two of the groups {sorted(set(groups.values()))}; "
-                         f"expected class names like {sorted(groups)[:4]}")
+        raise TaskUnavailable(f"{dataset}: the class names hold fewer than two of the groups "
+                              f"{sorted(set(groups.values()))}; "
+                              f"expected class names like {sorted(groups)[:4]}")
     labels = np.asarray(labels)
     idx = np.flatnonzero(np.isin(labels, list(group_of)))
     word = wording if callable(wording) else (lambda ga, gb: wording.get((ga, gb)))
@@ -125,18 +136,22 @@ def flowers_colour_task(classnames: Sequence[str], labels: Sequence[int]) -> Dif
 
 # %% ../../nbs/evaluation/01_tasks.ipynb #b4755199
 def comparative_task(dataset: str, classnames: Sequence[str], labels: Sequence[int],
-                     differences: dict[tuple[str, str], Sequence[str]], indices: Sequence[int] | None = None) -> DifferenceTask:
+                     differences: dict[tuple[str, str], Sequence[str]],
+                     indices: Sequence[int] | None = None) -> DifferenceTask:
     "A task whose texts for class labels (a, b) are `differences[(classnames[a], classnames[b])]`."
     if not differences:
-        raise TaskUnavailable(f"{dataset}: no class differences given; write them with pc_clip.evaluation.comparative.class_differences")
+        raise TaskUnavailable(f"{dataset}: no class differences given; "
+                              "write them with pc_clip.evaluation.comparative.class_differences")
     labels = np.asarray(labels)
     return DifferenceTask(dataset, np.arange(len(labels)) if indices is None else indices, labels,
                           lambda a, b: differences.get((classnames[a], classnames[b])) or None)
 
 
-def cub_comparative_task(ds, labels: Sequence[int], write_differences: Callable[[list[tuple[str, str]]], dict],
+def cub_comparative_task(ds, labels: Sequence[int],
+                         write_differences: Callable[[list[tuple[str, str]]], dict],
                          seed: int = 0, n_classes: int = 20) -> DifferenceTask:
-    "CUB comparatives between a seeded subset of `n_classes` bird classes; `write_differences(pairs)` writes the texts."
+    """CUB comparatives between a seeded subset of `n_classes` bird classes; `write_differences(pairs)` writes
+    the texts."""
     labels = np.asarray(labels)
     classes = np.sort(np.random.default_rng(seed).permutation(len(ds.classnames))[:n_classes])
     names = [ds.classnames[k] for k in classes]
@@ -145,14 +160,17 @@ def cub_comparative_task(ds, labels: Sequence[int], write_differences: Callable[
     return comparative_task("cub/comparatives", ds.classnames, labels[idx], texts, idx)
 
 # %% ../../nbs/evaluation/01_tasks.ipynb #e5ea3683
-def world_statements(a: dict, b: dict, attribute: str, wordings: str, n: int, seed: int, key: str) -> list[str]:
-    "Up to `n` distinct oracle statements of how prototype `a` differs from `b` in `attribute`, seeded by `key`."
+def world_statements(a: dict, b: dict, attribute: str, wordings: str, n: int, seed: int,
+                     key: str) -> list[str]:
+    """Up to `n` distinct oracle statements of how prototype `a` differs from `b` in `attribute`, seeded by
+    `key`."""
     rng = np.random.default_rng([seed, int(content_hash(key, attribute, wordings), 16) % 2**63])
     out = [difference_statement(a, b, attribute, rng, wordings) for _ in range(n)]
     return list(dict.fromkeys(s["text"] for s in out if s is not None))
 
 
-def world_difference_tasks(attrs, heldout_pairs: Sequence[tuple[str, str]], wordings: Sequence[str] = ("train", "heldout"),
+def world_difference_tasks(attrs, heldout_pairs: Sequence[tuple[str, str]],
+                           wordings: Sequence[str] = ("train", "heldout"),
                            n_texts: int = 3, seed: int = 0) -> list[DifferenceTask]:
     "The Shapes-world difference tasks over the images described by `attrs` (one row per image)."
     attrs = attrs.reset_index(drop=True)
@@ -170,29 +188,34 @@ def world_difference_tasks(attrs, heldout_pairs: Sequence[tuple[str, str]], word
 
     def between(g1: str, g2: str, attribute: str, wording: str) -> TextFn:
         side = {**{c: g1 for c in groups[g1]}, **{c: g2 for c in groups[g2]}}
-        return lambda a, b: (world_statements(proto(a), proto(b), attribute, wording, n_texts, seed, f"{a}|{b}")
+        return lambda a, b: (world_statements(proto(a), proto(b), attribute, wording, n_texts, seed,
+                                              f"{a}|{b}")
                              if a in side and b in side and side[a] != side[b] else None)
 
     def per_image(attribute: str, wording: str) -> TextFn:
-        return lambda a, b: world_statements(plain(**{attribute: a}), plain(**{attribute: b}), attribute, wording,
-                                             n_texts, seed, f"{a}|{b}")
+        return lambda a, b: world_statements(plain(**{attribute: a}), plain(**{attribute: b}), attribute,
+                                             wording, n_texts, seed, f"{a}|{b}")
 
     def species_pairs(pairs: set, wording: str) -> TextFn:
-        return lambda a, b: (world_statements(proto(a), proto(b), "category", wording, n_texts, seed, f"{a}|{b}")
+        return lambda a, b: (world_statements(proto(a), proto(b), "category", wording, n_texts, seed,
+                                              f"{a}|{b}")
                              if tuple(sorted((a, b))) in pairs else None)
 
     tasks = []
     for wording in wordings:
         cond = {"wording": wording}
         in_groups = lambda *gs: np.flatnonzero(np.isin(species, sum((groups[g] for g in gs), [])))
-        awa = attribute_difference_text_fn(table.to_numpy(), list(table.columns),
-                                           wording=AWA2_WORDING if wording == "train" else REVERSED_AWA2_WORDING)
+        awa = attribute_difference_text_fn(
+            table.to_numpy(), list(table.columns),
+            wording=AWA2_WORDING if wording == "train" else REVERSED_AWA2_WORDING)
         tasks.append(DifferenceTask("world/attributes", every, [row_of[c] for c in species], awa, cond))
         for name, (g1, g2) in {"size": ("large", "small"), "brightness": ("bright", "dark")}.items():
             idx = in_groups(g1, g2)
-            tasks.append(DifferenceTask(f"world/{name}", idx, species[idx], between(g1, g2, name, wording), cond))
+            tasks.append(DifferenceTask(f"world/{name}", idx, species[idx],
+                                        between(g1, g2, name, wording), cond))
         for name in ("colour", "count"):
-            tasks.append(DifferenceTask(f"world/{name}", every, attrs[name].to_numpy(), per_image(name, wording), cond))
+            tasks.append(DifferenceTask(f"world/{name}", every, attrs[name].to_numpy(),
+                                        per_image(name, wording), cond))
         for name, pairs in (("heldout", heldout), ("seen", seen)):
             idx = np.flatnonzero(np.isin(species, sorted({c for p in pairs for c in p})))
             tasks.append(DifferenceTask("world/species", idx, species[idx], species_pairs(pairs, wording),

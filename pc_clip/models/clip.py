@@ -64,8 +64,8 @@ def find_pretrained_weights(model_name: str, tag: str, root: str | Path) -> Path
             return files[0]
     if (model_name, tag) not in open_clip.list_pretrained():
         valid = sorted(t for m, t in open_clip.list_pretrained() if m == model_name)
-        raise ValueError(f"{model_name!r} has no pretrained tag {tag!r}; valid tags: {valid or 'none (unknown model)'}; "
-                         f"or put the weights in {manual}/")
+        raise ValueError(f"{model_name!r} has no pretrained tag {tag!r}; "
+                         f"valid tags: {valid or 'none (unknown model)'}; or put the weights in {manual}/")
     hub = open_clip.get_pretrained_cfg(model_name, tag).get("hf_hub", "")
     if hub:
         repo_id, fname = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
@@ -76,30 +76,36 @@ def find_pretrained_weights(model_name: str, tag: str, root: str | Path) -> Path
 def _missing_weights_message(model_name: str, tag: str, root: Path) -> str:
     pcfg = open_clip.get_pretrained_cfg(model_name, tag)
     where = pcfg.get("hf_hub") or pcfg.get("url")
-    return (f"Pretrained weights for {model_name} / {tag} are not on this machine and no model hub is reachable.\n"
+    return (f"Pretrained weights for {model_name} / {tag} are not on this machine "
+            f"and no model hub is reachable.\n"
             f"Download open_clip_model.safetensors (or open_clip_pytorch_model.bin) from {where}\n"
-            f"and place it at {weights_dir(root) / model_name / tag}/, or set PC_CLIP_DATA to a data root that has it.\n"
-            f"On a machine with internet, create_clip(..., allow_download=True) fetches it into {weights_dir(root) / 'hf'}.")
+            f"and place it at {weights_dir(root) / model_name / tag}/, "
+            f"or set PC_CLIP_DATA to a data root that has it.\n"
+            f"On a machine with internet, create_clip(..., allow_download=True) fetches it into "
+            f"{weights_dir(root) / 'hf'}.")
 
 # %% ../../nbs/models/00_clip.ipynb #7cae2944
 def _hf_snapshot(repo: str, root: Path) -> Path:
-    "The local snapshot folder of an open_clip repository in the data root's Hugging Face cache (never the network)."
+    """The local snapshot folder of an open_clip repository in the data root's Hugging Face cache (never the
+    network)."""
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(repo, cache_dir=str(weights_dir(root) / "hf"), local_files_only=True))
     except Exception:
         raise FileNotFoundError(
-            f"hf-hub:{repo} is not in the local Hugging Face cache {weights_dir(root) / 'hf'} and no hub is reachable. "
+            f"hf-hub:{repo} is not in the local Hugging Face cache {weights_dir(root) / 'hf'} "
+            "and no hub is reachable. "
             f"Copy the repository's files there (hf download {repo} --cache-dir {weights_dir(root) / 'hf'}) "
             "on a machine with internet, or pass allow_download=True.") from None
 
 
 def is_weights_path(pretrained: str | None) -> bool:
-    "Whether `pretrained` names a file or folder (it has a path separator, `~` or a weights suffix) rather than a tag."
+    """Whether `pretrained` names a file or folder (it has a path separator, `~` or a weights suffix) rather
+    than a tag."""
     if not pretrained:
         return False
-    return "/" in pretrained or os.sep in pretrained or pretrained.startswith("~") or Path(pretrained).suffix in (
-        ".safetensors", ".bin", ".pt", ".pth")
+    return ("/" in pretrained or os.sep in pretrained or pretrained.startswith("~")
+            or Path(pretrained).suffix in (".safetensors", ".bin", ".pt", ".pth"))
 class _DropRandomInitWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "Model initialized randomly" not in record.getMessage()
@@ -117,8 +123,9 @@ def _no_random_init_warning(active: bool = True):
         root.removeFilter(f)
 
 
-def create_clip(model_name: str = TINY_MODEL, pretrained: str | None = None, device: str | torch.device = "cpu",
-                root: str | Path | None = None, allow_download: bool = False, seed: int | None = 0):
+def create_clip(model_name: str = TINY_MODEL, pretrained: str | None = None,
+                device: str | torch.device = "cpu", root: str | Path | None = None,
+                allow_download: bool = False, seed: int | None = 0):
     "`(model, preprocess, tokenizer)` for an open_clip architecture, tag, hf-hub id or checkpoint folder."
     root = Path(root) if root is not None else data_root()
     if is_weights_path(pretrained) and Path(pretrained).expanduser().is_dir():
@@ -128,7 +135,8 @@ def create_clip(model_name: str = TINY_MODEL, pretrained: str | None = None, dev
     if model_name.startswith("hf-hub:") and not allow_download:  # read the cached snapshot as a local folder
         model_name = f"local-dir:{_hf_snapshot(model_name[len('hf-hub:'):], root)}"
     kw: dict[str, Any] = dict(device=device, cache_dir=str(weights_dir(root) / "hf"))
-    if pretrained and not is_weights_path(pretrained):  # a pretrained tag: a local file unless downloads are allowed
+    # a pretrained tag: a local file unless downloads are allowed
+    if pretrained and not is_weights_path(pretrained):
         local = find_pretrained_weights(model_name, pretrained, root)
         if local is None and not allow_download:
             raise FileNotFoundError(_missing_weights_message(model_name, pretrained, root))
@@ -137,16 +145,19 @@ def create_clip(model_name: str = TINY_MODEL, pretrained: str | None = None, dev
             kw.update(force_quick_gelu=bool(pcfg.get("quick_gelu", False)), image_mean=pcfg.get("mean"),
                       image_std=pcfg.get("std"))
             pretrained = str(local)
-    with _no_random_init_warning(pretrained is None):  # random weights asked for: open_clip's warning says nothing new
+    # random weights asked for: open_clip's warning says nothing new
+    with _no_random_init_warning(pretrained is None):
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kw)
     model.eval()
     model.pc_clip_model_name = model_name  # the architecture it was built as: what its checkpoints record
     return model, preprocess, open_clip.get_tokenizer(model_name, cache_dir=kw["cache_dir"])
 
 # %% ../../nbs/models/00_clip.ipynb #82eed2d3
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> str:
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                     metadata: dict[str, str] | None = None) -> str:
     "Write `tensors` to `path` atomically as safetensors; return the sha256 of the file."
-    data = safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    data = safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                                  metadata=metadata)
     atomic_write(path, data)
     return hashlib.sha256(data).hexdigest()
 
@@ -168,29 +179,35 @@ class CheckpointError(RuntimeError):
 
 
 def architecture_config(model: torch.nn.Module, model_name: str) -> dict:
-    "The open_clip config that rebuilds `model` exactly: `model_name`'s registered config plus what loading changed (QuickGELU)."
+    """The open_clip config that rebuilds `model` exactly: `model_name`'s registered config plus what loading
+    changed (QuickGELU)."""
     model_cfg = open_clip.get_model_config(model_name)  # a copy: safe to edit
     if model_cfg is None:
         raise ValueError(f"No open_clip config for {model_name!r}; cannot describe the checkpoint")
     quick = any(isinstance(m, open_clip.transformer.QuickGELU) for m in model.modules())
     gelu = any(isinstance(m, torch.nn.GELU) for m in model.modules())
     if quick and gelu:
-        raise ValueError(f"{model_name}: the model mixes QuickGELU and GELU layers; an open_clip config cannot describe it")
+        raise ValueError(f"{model_name}: the model mixes QuickGELU and GELU layers; "
+                         "an open_clip config cannot describe it")
     model_cfg.pop("quick_gelu", None)
     if quick:  # set by an OpenAI tag (force_quick_gelu), not by the registered config
         model_cfg["quick_gelu"] = True
     return model_cfg
 
 
-def save_checkpoint(model: torch.nn.Module, folder: str | Path, model_name: str, extra: dict | None = None) -> Path:
-    "Save `model` as safetensors + `open_clip_config.json` (its full architecture: `architecture_config`, the weights' sha256, `extra`)."
+def save_checkpoint(model: torch.nn.Module, folder: str | Path, model_name: str,
+                    extra: dict | None = None) -> Path:
+    """Save `model` as safetensors + `open_clip_config.json` (its full architecture: `architecture_config`,
+    the weights' sha256, `extra`)."""
     folder = Path(folder)
-    model_name = getattr(model, "pc_clip_model_name", None) or model_name  # a model knows its own architecture
+    # a model knows its own architecture
+    model_name = getattr(model, "pc_clip_model_name", None) or model_name
     model_cfg = architecture_config(model, model_name)
     pp = getattr(model.visual, "preprocess_cfg", {}) or {}
     sha = save_safetensors(model.state_dict(), folder / WEIGHTS_FILE)
-    atomic_write_json(folder / CONFIG_FILE, {"model_cfg": model_cfg, "preprocess_cfg": {k: v for k, v in pp.items()},
-                                             "pc_clip": {"model_name": model_name, **(extra or {}), "sha256": sha}})
+    atomic_write_json(folder / CONFIG_FILE, {
+        "model_cfg": model_cfg, "preprocess_cfg": {k: v for k, v in pp.items()},
+        "pc_clip": {"model_name": model_name, **(extra or {}), "sha256": sha}})
     return folder
 
 
@@ -200,7 +217,8 @@ def checkpoint_metadata(folder: str | Path) -> dict:
 
 
 def is_checkpoint(folder: str | Path) -> bool:
-    "Whether `folder` holds both files of a checkpoint (not whether they are intact: see `verify_checkpoint`)."
+    """Whether `folder` holds both files of a checkpoint (not whether they are intact: see
+    `verify_checkpoint`)."""
     folder = Path(folder)
     return (folder / CONFIG_FILE).exists() and (folder / WEIGHTS_FILE).exists()
 
@@ -223,17 +241,20 @@ def verify_checkpoint(folder: str | Path, fix: str | None = None) -> None:
         except (SafetensorError, OSError) as e:
             raise _damaged(folder, str(e), fix) from None
     elif file_sha256(folder / WEIGHTS_FILE) != want:
-        raise _damaged(folder, f"sha256 differs from the one recorded when it was written ({want[:12]}...)", fix)
+        raise _damaged(folder, f"sha256 differs from the one recorded when it was written ({want[:12]}...)",
+                       fix)
 
 
-def load_weights(folder: str | Path, device: str | torch.device = "cpu", fix: str | None = None) -> dict[str, torch.Tensor]:
+def load_weights(folder: str | Path, device: str | torch.device = "cpu",
+                 fix: str | None = None) -> dict[str, torch.Tensor]:
     "The verified state dict of a checkpoint folder."
     verify_checkpoint(folder, fix)
     return safetensors.torch.load_file(str(Path(folder) / WEIGHTS_FILE), device=str(device))
 
 
 def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", fix: str | None = None):
-    "`(model, preprocess, tokenizer)` from a folder written by `save_checkpoint`, verified against its checksum."
+    """`(model, preprocess, tokenizer)` from a folder written by `save_checkpoint`, verified against its
+    checksum."""
     folder = Path(folder)
     if not is_checkpoint(folder):
         raise FileNotFoundError(f"No checkpoint at {folder}: expected {CONFIG_FILE} and {WEIGHTS_FILE} "
@@ -251,7 +272,8 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", fix:
 # %% ../../nbs/models/00_clip.ipynb #32af51b5
 def load_clip(folder: str | Path, name: str = "clip", pretrained: tuple[str, str] | None = None,
               root: str | Path | None = None, device: str | torch.device = "cpu"):
-    "`(model, preprocess, tokenizer)` of model `name` saved in `folder`; without one, `pretrained` (architecture, tag) under `root`."
+    """`(model, preprocess, tokenizer)` of model `name` saved in `folder`; without one, `pretrained`
+    (architecture, tag) under `root`."""
     folder = Path(folder)
     writer = ("nbs/experiments/01_world_and_pretrain.ipynb" if name == "clip" else
               "nbs/experiments/03_finetune.ipynb (pc-clip reproduce --only 03 with the same -p settings)")
@@ -268,13 +290,15 @@ MANIFEST_FILE = "manifest.json"
 
 def write_manifest(folder: str | Path, manifest: dict, data_file: str | Path | None = None,
                    parent: str | Path | None = None, extra: dict | None = None) -> Path:
-    "Write `manifest.json` into model folder `folder`: `manifest` (`pc_clip.core.registry.model_manifest`), the checksums, `extra`."
+    """Write `manifest.json` into model folder `folder`: `manifest` (`pc_clip.core.registry.model_manifest`),
+    the checksums, `extra`."""
     folder = Path(folder)
     m = dict(manifest, parent=None if parent is None else Path(parent).name,
              weights_sha256=checkpoint_metadata(folder).get("sha256") if is_checkpoint(folder) else None)
     if data_file is not None and Path(data_file).exists():
         m.update(data_file=str(data_file), data_sha256=file_sha256(data_file))
-    # what the training data was is inherited: from the folder's earlier manifest (the same weights) or from the parent
+    # what the training data was is inherited: from the folder's earlier manifest (the same weights) or from
+    # the parent
     for src in (folder / MANIFEST_FILE, None if parent is None else Path(parent) / MANIFEST_FILE):
         old = _read_json(src) if src is not None else {}
         if src == folder / MANIFEST_FILE and old.get("weights_sha256") != m["weights_sha256"]:
@@ -294,7 +318,8 @@ def _read_json(path: Path) -> dict:
 
 
 def find_models(models: str | Path, name: str | None = None, role: str | None = None) -> list[dict]:
-    "The manifests of the model folders under `models` (`models_dir(cfg)`; of model `name`, of `role`), each with its `path`."
+    """The manifests of the model folders under `models` (`models_dir(cfg)`; of model `name`, of `role`), each
+    with its `path`."""
     out = []
     for f in sorted(Path(models).glob(f"*/{MANIFEST_FILE}")):
         try:
@@ -307,11 +332,15 @@ def find_models(models: str | Path, name: str | None = None, role: str | None = 
 
 # %% ../../nbs/models/00_clip.ipynb #7a67c5fd
 def images_to_tensor(images: np.ndarray, mean: Sequence[float] = open_clip.OPENAI_DATASET_MEAN,
-                     std: Sequence[float] = open_clip.OPENAI_DATASET_STD, size: int | None = None) -> torch.Tensor:
-    "`uint8 [N, H, W, 3]` images -> normalised `float32 [N, 3, H, W]`, resized (bilinear, antialiased) to `size` if given and different."
+                     std: Sequence[float] = open_clip.OPENAI_DATASET_STD,
+                     size: int | None = None) -> torch.Tensor:
+    """`uint8 [N, H, W, 3]` images -> normalised `float32 [N, 3, H, W]`, resized (bilinear, antialiased) to
+    `size` if given and different."""
     x = torch.as_tensor(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
-    if size is not None and tuple(x.shape[-2:]) != (size, size):  # e.g. a 32-px model on a world drawn at 48 px
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    # e.g. a 32-px model on a world drawn at 48 px
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False)
     m = torch.tensor(mean).view(1, 3, 1, 1); s = torch.tensor(std).view(1, 3, 1, 1)
     return (x - m) / s
 
@@ -323,8 +352,9 @@ def input_size(model) -> int | None:
 
 
 @torch.no_grad()
-def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256, device: str | torch.device = "cpu",
-                 normalize: bool = True, progress: bool = False) -> torch.Tensor:
+def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256,
+                 device: str | torch.device = "cpu", normalize: bool = True,
+                 progress: bool = False) -> torch.Tensor:
     "Text embeddings of a list of strings, L2-normalised by default."
     out = []
     for i in tqdm(range(0, len(texts), batch_size), desc="encode texts", disable=not progress):

@@ -65,7 +65,8 @@ def image_normalization(model) -> tuple[tuple, tuple]:
     "The mean/std the model was trained with (open_clip keeps them in `visual.preprocess_cfg`)."
     import open_clip
     pp = getattr(model.visual, "preprocess_cfg", None) or {}
-    return (tuple(pp.get("mean") or open_clip.OPENAI_DATASET_MEAN), tuple(pp.get("std") or open_clip.OPENAI_DATASET_STD))
+    return (tuple(pp.get("mean") or open_clip.OPENAI_DATASET_MEAN),
+            tuple(pp.get("std") or open_clip.OPENAI_DATASET_STD))
 
 
 def _batch_to_tensor(images, sl: slice, mean, std, size: int | None = None) -> torch.Tensor:
@@ -76,7 +77,8 @@ def _batch_to_tensor(images, sl: slice, mean, std, size: int | None = None) -> t
         return images_to_tensor(chunk, mean, std, size)
     chunk = torch.as_tensor(chunk)
     if not chunk.is_floating_point() or chunk.ndim != 4 or chunk.shape[1] != 3:
-        raise ValueError(f"a preprocessed image tensor must be float [N, 3, H, W]; got {chunk.dtype} {tuple(chunk.shape)}")
+        raise ValueError(f"a preprocessed image tensor must be float [N, 3, H, W]; "
+                         f"got {chunk.dtype} {tuple(chunk.shape)}")
     return chunk.float()
 
 
@@ -103,8 +105,10 @@ def compute_image_embeddings(model, images, batch_size: int = 256, device: str |
     return torch.nn.functional.normalize(torch.cat(out), dim=-1).cpu()
 
 # %% ../../nbs/models/01_embed.ipynb #a2564e32
-def embedding_cache_path(model, images, cache: str | Path, dtype: torch.dtype, preprocess: Callable | None = None) -> Path:
-    "Where under the cache folder `cache` the embeddings of `images` (array, tensor or `ImageDataset`) by `model`'s image tower are kept."
+def embedding_cache_path(model, images, cache: str | Path, dtype: torch.dtype,
+                         preprocess: Callable | None = None) -> Path:
+    """Where under the cache folder `cache` the embeddings of `images` (array, tensor or `ImageDataset`) by
+    `model`'s image tower are kept."""
     if isinstance(images, ImageDataset):
         what, stem = (images.fingerprint(), repr(preprocess)), f"dataset-{images.name}-{images.split}"
     elif isinstance(images, (np.ndarray, torch.Tensor)):
@@ -126,13 +130,16 @@ def embedded_labels(ds: ImageDataset) -> np.ndarray:
     return np.asarray(ds.labels)[kept_indices(ds)]
 
 
-def embedding_rows(ds: ImageDataset, pairs: pd.DataFrame, columns: Sequence[str] = ("i", "j")) -> pd.DataFrame:
-    "`pairs` whose `columns` index `ds` re-indexed to rows of its embedding table; pairs with an unreadable image dropped."
+def embedding_rows(ds: ImageDataset, pairs: pd.DataFrame,
+                   columns: Sequence[str] = ("i", "j")) -> pd.DataFrame:
+    """`pairs` whose `columns` index `ds` re-indexed to rows of its embedding table; pairs with an unreadable
+    image dropped."""
     row = np.full(len(ds) + 1, -1)  # the extra last entry stands for an image that is not in `ds`
     row[kept_indices(ds)] = np.arange(len(ds) - ds.n_skipped)
     cols = [c for c in columns if c in pairs.columns]
     info = ds.image_info
-    if ds.name != "world" and info is not None and "image_id" in info:  # corpus pairs name images by id (COCO)
+    # corpus pairs name images by id (COCO)
+    if ds.name != "world" and info is not None and "image_id" in info:
         position = pd.Series(np.arange(len(ds)), index=info["image_id"].to_numpy())
         pos = lambda v: position.reindex(v).fillna(len(ds)).astype(int).to_numpy()
     else:  # world pairs name images by their row
@@ -142,7 +149,8 @@ def embedding_rows(ds: ImageDataset, pairs: pd.DataFrame, columns: Sequence[str]
 
 
 def at_native_size(model, images: np.ndarray) -> bool:
-    "Whether `images` `[N, H, W, 3]` already have the model's input size (so preprocessing would not resize them)."
+    """Whether `images` `[N, H, W, 3]` already have the model's input size (so preprocessing would not resize
+    them)."""
     return tuple(images.shape[1:3]) == tuple(np.atleast_1d(getattr(model.visual, "image_size", ())).tolist())
 
 
@@ -152,13 +160,15 @@ def _read_cache(path: Path, n: int) -> dict | None:
     try:
         saved = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        get_logger("pc_clip.models.embed").warning(f"embedding cache {path} is unreadable ({e}); deleting and rebuilding it")
+        get_logger("pc_clip.models.embed").warning(f"embedding cache {path} is unreadable ({e}); "
+                                                   f"deleting and rebuilding it")
         path.unlink(missing_ok=True)
         return None
     return saved if len(saved["embeddings"]) + len(saved.get("skipped", ())) == n else None
 
 
-def _embed_dataset(model, ds: ImageDataset, preprocess, batch_size: int, device, dtype, progress: bool) -> torch.Tensor:
+def _embed_dataset(model, ds: ImageDataset, preprocess, batch_size: int, device, dtype,
+                   progress: bool) -> torch.Tensor:
     embs = [compute_image_embeddings(model, x, len(x), device, dtype, progress=False)
             for x, _, _ in iter_images(ds, batch_size, preprocess, progress=progress)]
     if not embs:
@@ -179,7 +189,8 @@ def _said_once(message: str) -> None:
 def embed_images(model, images, cache: str | Path | None = None, precision: str = Config.precision,
                  batch_size: int = Config.eval_batch_size, device: str | torch.device | None = None,
                  progress: bool = True, preprocess: Callable | None = None) -> torch.Tensor:
-    "L2-normalised float32 CPU embeddings `[N, D]` of an image array or of the readable images of an `ImageDataset`, kept under the folder `cache` (None: not kept)."
+    """L2-normalised float32 CPU embeddings `[N, D]` of an image array or of the readable images of an
+    `ImageDataset`, kept under the folder `cache` (None: not kept)."""
     device = torch.device(device) if device is not None else _model_device(model)
     dtype = pick_dtype(precision, device)
     is_ds = isinstance(images, ImageDataset)
@@ -200,7 +211,8 @@ def embed_images(model, images, cache: str | Path | None = None, precision: str 
         emb = compute_image_embeddings(model, images, batch_size, device, dtype, progress)
     if path is not None:
         skipped = torch.tensor(sorted(images.skipped) if is_ds else [], dtype=torch.int64)
-        save_safetensors({"embeddings": emb, "skipped": skipped}, path, {"n_skipped": str(len(skipped)), "dtype": str(dtype)})
+        save_safetensors({"embeddings": emb, "skipped": skipped}, path,
+                         {"n_skipped": str(len(skipped)), "dtype": str(dtype)})
     return emb
 
 # %% ../../nbs/models/01_embed.ipynb #cccc6457

@@ -29,8 +29,10 @@ def pooled_positions(model, ids: torch.Tensor) -> torch.Tensor:
     return ids.argmax(dim=-1)
 
 
-def encode_text_trimmed(model, ids: torch.Tensor, length: int | None = None, fused: bool = False) -> torch.Tensor:
-    "Unnormalised text features on the first `length` tokens (default: to the last end-of-text); `fused`: SDPA blocks."
+def encode_text_trimmed(model, ids: torch.Tensor, length: int | None = None,
+                        fused: bool = False) -> torch.Tensor:
+    """Unnormalised text features on the first `length` tokens (default: to the last end-of-text);
+    `fused`: SDPA blocks."""
     if not _can_trim(model):
         return model.encode_text(ids)
     length = length or int(pooled_positions(model, ids).max()) + 1
@@ -44,13 +46,16 @@ def encode_text_trimmed(model, ids: torch.Tensor, length: int | None = None, fus
     x = text_global_pool(x, ids, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
     if model.text_projection is None:
         return x
-    return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return (model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear)
+            else x @ model.text_projection)
 
 # %% ../../nbs/models/02_text.ipynb #edb73388
 def can_fuse(model) -> bool:
-    "Whether the text tower of `model` is a causal stack of plain open_clip blocks that `fused_text_blocks` can run."
+    """Whether the text tower of `model` is a causal stack of plain open_clip blocks that
+    `fused_text_blocks` can run."""
     t = getattr(model, "transformer", None)
-    if not _can_trim(model) or t is None or not getattr(t, "batch_first", False) or getattr(t, "grad_checkpointing", False):
+    if (not _can_trim(model) or t is None or not getattr(t, "batch_first", False)
+            or getattr(t, "grad_checkpointing", False)):
         return False
     return all(type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv") and b.attn._qkv_same_embed_dim
                and b.attn.in_proj_bias is not None and b.attn.bias_k is None and not b.attn.add_zero_attn
@@ -63,12 +68,14 @@ def fused_causal_attention(attn: torch.nn.MultiheadAttention, x: torch.Tensor) -
     heads = attn.num_heads
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(n, length, 3, heads, width // heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [batch, heads, tokens, head width]
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if attn.training else 0.0, is_causal=True)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if attn.training else 0.0,
+                                         is_causal=True)
     return attn.out_proj(out.transpose(1, 2).reshape(n, length, width))
 
 
 def fused_text_blocks(transformer, x: torch.Tensor) -> torch.Tensor:
-    "The residual blocks of an open_clip text `Transformer` on `[batch, tokens, width]`, attention fused and causal."
+    """The residual blocks of an open_clip text `Transformer` on `[batch, tokens, width]`, attention fused and
+    causal."""
     for b in transformer.resblocks:
         x = x + b.ls_1(fused_causal_attention(b.attn, b.ln_1(x)))
         x = x + b.ls_2(b.mlp(b.ln_2(x)))
@@ -86,7 +93,8 @@ class _TextTower(torch.nn.Module):
 
 
 def text_tower(model, fused: bool = False, compile: str = "off") -> torch.nn.Module:
-    "A callable `ids -> features` over the weights of `model`: today's path, fused attention, optionally compiled."
+    """A callable `ids -> features` over the weights of `model`: today's path, fused attention, optionally
+    compiled."""
     if compile not in FT_COMPILE:
         raise ValueError(f"compile must be one of {FT_COMPILE}; got {compile!r}")
     tower = _TextTower(model, fused)
@@ -94,13 +102,15 @@ def text_tower(model, fused: bool = False, compile: str = "off") -> torch.nn.Mod
 
 # %% ../../nbs/models/02_text.ipynb #dc696d0a
 def memo_tokenizer(tokenizer):
-    "`tokenizer` remembering the ids of every text it has tokenised (the same tensor rows); a wrapped one is returned as is."
+    """`tokenizer` remembering the ids of every text it has tokenised (the same tensor rows); a wrapped one is
+    returned as is."""
     if getattr(tokenizer, "memory", None) is not None:
         return tokenizer
     memory: dict[str, torch.Tensor] = {}
 
     def tokenize(texts, *args, **kwargs):
-        if args or kwargs or isinstance(texts, str):  # another context length, one string: the tokenizer itself
+        # another context length, one string: the tokenizer itself
+        if args or kwargs or isinstance(texts, str):
             return tokenizer(texts, *args, **kwargs)
         new = [t for t in dict.fromkeys(texts) if t not in memory]
         if new:

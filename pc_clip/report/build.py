@@ -20,11 +20,12 @@ from ..core.registry import ablation_models, model_specs, sweep_grid
 from ..models.clip import is_checkpoint
 from ..evaluation.runner import read_items
 from ..training.plan import training_data_path
-from ..training.selection import Targets, choices_markdown, choose_setting, selection_markdown, target_check
+from pc_clip.training.selection import (Targets, choices_markdown, choose_setting, selection_markdown,
+    target_check)
 from ..training.sweep import read_candidates, tuning_statement
 from .tables import ablation_table, markdown_table, pivot_table, test_rows
-from .claims import (PAPER_CLAIMS, cells_markdown, claim_verdicts, claims_markdown, difference_cells,
-    is_world_dataset, selection_table, vocabulary_section)
+from .claims import (PAPER_CLAIMS, cells_markdown, claim_verdicts, claims_markdown,
+    difference_cells, is_world_dataset, selection_table, vocabulary_section)
 from .figures import claims_figure
 from ..core.registry import model_dir
 
@@ -39,57 +40,69 @@ from ..core.registry import TASK_TITLES
 # %% ../../nbs/report/03_build.ipynb #511d8680
 import importlib.resources
 
-RECORDED_STUDY = Path(str(importlib.resources.files("pc_clip") / "studies" / "capacity_study.csv"))  # package data
+# package data
+RECORDED_STUDY = Path(str(importlib.resources.files("pc_clip") / "studies" / "capacity_study.csv"))
 
 
 def recorded_capacity_study(path: Path | None = None) -> pd.DataFrame:
-    "The capacity study's summary the shipped default was chosen from (`pc_clip/studies/capacity_study.csv`; empty if absent)."
+    """The capacity study's summary the shipped default was chosen from (`pc_clip/studies/capacity_study.csv`;
+    empty if absent)."""
     path = path or RECORDED_STUDY
     return pd.read_csv(path, index_col="base") if path is not None and Path(path).exists() else pd.DataFrame()
 
 
 def _capacity_table(r: pd.DataFrame) -> pd.DataFrame:
-    "Per base, from the run's `capacity` rows: compute, the weakest probe margin and the gains (means over seeds)."
+    """Per base, from the run's `capacity` rows: compute, the weakest probe margin and the gains (means over
+    seeds)."""
     d = r["condition"].map(condition_dict)
-    r = r.assign(base=d.map(lambda c: c.get("base")), kind=d.map(lambda c: c.get("kind")), cell=d.map(lambda c: c.get("cell", "")))
-    pick = lambda kind, cell, metric: r[(r.kind == kind) & (r.cell == cell) & (r.metric == metric)].groupby("base", sort=False)["value"].mean()
+    r = r.assign(base=d.map(lambda c: c.get("base")), kind=d.map(lambda c: c.get("kind")),
+                 cell=d.map(lambda c: c.get("cell", "")))
+    pick = lambda kind, cell, metric: r[(r.kind == kind) & (r.cell == cell)
+                                        & (r.metric == metric)].groupby("base", sort=False)["value"].mean()
     return pd.DataFrame({"pretrain_gflop": pick("cost", "", "pretrain_gflop"),
-                         "weakest_probe_margin": r[(r.kind == "probe") & (r.metric == "margin")].groupby(["base", "cell"])["value"].mean().groupby("base").min(),
+                         "weakest_probe_margin": r[(r.kind == "probe") & (r.metric == "margin")].groupby(
+                             ["base", "cell"])["value"].mean().groupby("base").min(),
                          "constrained_gain": pick("constrained", "training wordings", "gain"),
                          "unconstrained_gain": pick("unconstrained", "training wordings", "gain"),
-                         "constrained_gain_heldout": pick("constrained", "held-out wordings", "gain")}).sort_values("pretrain_gflop")
+                         "constrained_gain_heldout": pick("constrained", "held-out wordings", "gain")}
+                        ).sort_values("pretrain_gflop")
 
 
 def capacity_section(results: pd.DataFrame, model_name: str, recorded: pd.DataFrame | None = None,
                      figure: str = "figures/capacity_study.png", gain: float = 0.08) -> list[str]:
-    "REPORT lines on the base model: the capacity study it was chosen by, its table (this run's rows, else the recorded study) and the outcome."
+    """REPORT lines on the base model: the capacity study it was chosen by, its table (this run's rows, else
+    the recorded study) and the outcome."""
     r = results[results["task"] == "capacity"]
     t = _capacity_table(r) if len(r) else (recorded_capacity_study() if recorded is None else recorded)
     lines = ["\n## The base model and the capacity study\n",
              f"The base architecture `{model_name}` was chosen by the base-capacity study (experiment 15c, "
-             "`pc-clip reproduce --experiments nbs/experiments/beyond --only 15c`) by a rule written before its numbers, "
-             "on validation images only (`pc_clip.studies.capacity`). "
-             + ("The table below is this run's." if len(r) else "The table below is the recorded study's (`bench/RESULTS.md`).") + "\n"]
+             "`pc-clip reproduce --experiments nbs/experiments/beyond --only 15c`) by a rule written "
+             "before its numbers, on validation images only (`pc_clip.studies.capacity`). "
+             + ("The table below is this run's." if len(r)
+                else "The table below is the recorded study's (`bench/RESULTS.md`).") + "\n"]
     if t.empty:
         return lines + ["No capacity-study numbers are available here.\n"]
-    cols = [c for c in ("pretrain_gflop", "estimated_run_s", "weakest_probe", "weakest_probe_margin", "constrained_gain",
-                        "constrained_ci_low", "constrained_ci_high", "unconstrained_gain", "constrained_gain_heldout") if c in t]
+    cols = [c for c in ("pretrain_gflop", "estimated_run_s", "weakest_probe", "weakest_probe_margin",
+                        "constrained_gain", "constrained_ci_low", "constrained_ci_high", "unconstrained_gain",
+                        "constrained_gain_heldout") if c in t]
     best = t["constrained_gain"].idxmax()
     reach = t[t["constrained_gain"] >= gain]
-    lines.append(f"Validation gains over the training wordings' cells (means over seeds): the largest constrained gain is "
-                 f"{t.loc[best, 'constrained_gain']:+.3f} (`{best}`); the largest gain with the constraints ignored "
-                 f"{t['unconstrained_gain'].max():+.3f} (`{t['unconstrained_gain'].idxmax()}`). "
-                 + (f"Bases reaching +{gain:g} within the constraints: {', '.join(f'`{b}`' for b in reach.index)}.\n" if len(reach)
-                    else f"**No base of the study reaches +{gain:g} while keeping zero-shot and retrieval**: the curve "
-                         "below shows the gain against the base's compute.\n"))
+    lines.append(f"Validation gains over the training wordings' cells (means over seeds): the largest "
+                 f"constrained gain is {t.loc[best, 'constrained_gain']:+.3f} (`{best}`); the largest gain "
+                 f"with the constraints ignored {t['unconstrained_gain'].max():+.3f} "
+                 f"(`{t['unconstrained_gain'].idxmax()}`). "
+                 + (f"Bases reaching +{gain:g} within the constraints: "
+                    f"{', '.join(f'`{b}`' for b in reach.index)}.\n" if len(reach)
+                    else f"**No base of the study reaches +{gain:g} while keeping zero-shot and retrieval**: "
+                         "the curve below shows the gain against the base's compute.\n"))
     return lines + ["\n" + markdown_table(t[cols]), f"\n![capacity study]({figure})\n"]
 
 # %% ../../nbs/report/03_build.ipynb #d80c3987
 def _selections(results: pd.DataFrame) -> list[str]:
     parts = ["\n## Settings chosen on validation data\n",
-             "Rule (fixed before any number, `pc_clip.evaluation.metrics.best_on_validation`): the highest validation accuracy; "
-             "ties go to the setting listed first (alpha = 1, the smallest C). Test numbers are reported at the chosen "
-             "values only.\n"]
+             "Rule (fixed before any number, `pc_clip.evaluation.metrics.best_on_validation`): the highest "
+             "validation accuracy; ties go to the setting listed first (alpha = 1, the smallest C). "
+             "Test numbers are reported at the chosen values only.\n"]
     for task, key in (("comparative_prompting", "alpha"), ("linear_probe", "C")):
         t = selection_table(results, task, key)
         parts.append(f"\n**{task}: {key}** (validation accuracy)\n\n" + markdown_table(t))
@@ -97,43 +110,55 @@ def _selections(results: pd.DataFrame) -> list[str]:
 
 
 def _targets_markdown(check: pd.DataFrame, model: str = "pc-clip", base: str = "clip") -> str:
-    "The targets-on-test table of REPORT.md: each side, the change with its 95 % interval, the threshold and the verdict."
+    """The targets-on-test table of REPORT.md: each side, the change with its 95 % interval, the threshold and
+    the verdict."""
     num = lambda v: "-" if pd.isna(v) else f"{v:.3f}"
-    lines = [f"| target | {model} | {base} | change [95% CI] | threshold | items | met |", "|---|---:|---:|---|---:|---:|---|"]
+    lines = [f"| target | {model} | {base} | change [95% CI] | threshold | items | met |",
+             "|---|---:|---:|---|---:|---:|---|"]
     for _, r in check.iterrows():
         change = ("-" if pd.isna(r["change"]) else f"{r['change']:+.3f}" + (
-            f" [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" if not pd.isna(r["ci_low"]) else " (no interval: no per-item outcomes)"))
-        lines.append(f"| {r['target']} | {num(r[model])} | {num(r[base])} | {change} | {r['threshold']:+g} | {int(r['items'])} "
-                     f"| {r['met']} |")
+            f" [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" if not pd.isna(r["ci_low"])
+            else " (no interval: no per-item outcomes)"))
+        lines.append(f"| {r['target']} | {num(r[model])} | {num(r[base])} | {change} | {r['threshold']:+g} "
+                     f"| {int(r['items'])} | {r['met']} |")
     return "\n".join(lines) + "\n"
 
 
-def _finetune_selection(results: pd.DataFrame, figure: Path | None, report_dir: Path, targets: Targets = Targets(),
-                        cands: pd.DataFrame | None = None, items: pd.DataFrame | None = None) -> list[str]:
-    "The REPORT section on the finetuning strength: the validation choice, its evidence and figure, the targets on test."
+def _finetune_selection(results: pd.DataFrame, figure: Path | None, report_dir: Path,
+                        targets: Targets = Targets(), cands: pd.DataFrame | None = None,
+                        items: pd.DataFrame | None = None) -> list[str]:
+    """The REPORT section on the finetuning strength: the validation choice, its evidence and figure, the
+    targets on test."""
     if cands is None or cands.empty:
         return []
-    table, chosen = choose_setting(cands[[c for c in cands.columns if c not in ("shortfall", "feasible", "chosen",
-                                                                               "meets_gain_targets")]], targets)
+    table, chosen = choose_setting(cands[[c for c in cands.columns
+                                          if c not in ("shortfall", "feasible", "chosen",
+                                                       "meets_gain_targets")]], targets)
     parts = ["\n## Finetuning strength of `pc-clip` (chosen on validation data)\n",
-             "Rule (fixed before any number, `pc_clip.training.selection.choose_setting`): among the (lr, weight-averaging alpha) "
-             "candidates that keep validation zero-shot >= clip - 0.01, worst-class >= clip - 0.05 and mean retrieval "
-             "recall >= clip - 0.02, the largest validation difference-classification gain; if none does, the smallest "
-             "total shortfall. Changes are candidate minus clip on the same validation images.\n",
+             "Rule (fixed before any number, `pc_clip.training.selection.choose_setting`): among the "
+             "(lr, weight-averaging alpha) candidates that keep validation zero-shot >= clip - 0.01, "
+             "worst-class >= clip - 0.05 and mean retrieval recall >= clip - 0.02, the largest validation "
+             "difference-classification gain; if none does, the smallest total shortfall. "
+             "Changes are candidate minus clip on the same validation images.\n",
              selection_markdown(table, targets)]
     if figure is not None and Path(figure).exists():
-        parts.append(f"\n![finetune selection]({os.path.relpath(Path(figure).resolve(), report_dir.resolve())})\n")
+        parts.append(f"\n![finetune selection]"
+                     f"({os.path.relpath(Path(figure).resolve(), report_dir.resolve())})\n")
     check = target_check(results, targets, items=items)
-    parts.append(f"\n**Targets on test** (`pc-clip` = lr {chosen['lr']:g}, alpha {chosen['alpha']:g}, against `clip`)\n\n"
-                 "Decided as the claims are (`pc_clip.training.selection.target_check`): the paired bootstrap 95 % interval "
-                 "of pc-clip - clip over the test items both models have (`pc_clip.evaluation.metrics.paired_bootstrap`, "
-                 "each side's statistic within a cell averaged over the cells). Met = yes when the whole interval lies above "
-                 "the threshold (lower end > threshold, the claims' rule for not worse and better), no when it lies below "
-                 "(upper end < threshold), inconclusive when it straddles the threshold; not measured where the two models "
-                 "share no per-item outcomes (a point change from the results table is then shown without an interval or "
-                 "a verdict). The zero-shot, worst-class and retrieval thresholds are the claims' tolerances.\n\n"
+    parts.append(f"\n**Targets on test** (`pc-clip` = lr {chosen['lr']:g}, alpha {chosen['alpha']:g}, "
+                 f"against `clip`)\n\n"
+                 "Decided as the claims are (`pc_clip.training.selection.target_check`): the paired "
+                 "bootstrap 95 % interval of pc-clip - clip over the test items both models have "
+                 "(`pc_clip.evaluation.metrics.paired_bootstrap`, each side's statistic within a cell "
+                 "averaged over the cells). Met = yes when the whole interval lies above the threshold "
+                 "(lower end > threshold, the claims' rule for not worse and better), no when it lies below "
+                 "(upper end < threshold), inconclusive when it straddles the threshold; not measured where "
+                 "the two models share no per-item outcomes (a point change from the results table is then "
+                 "shown without an interval or a verdict). The zero-shot, worst-class and retrieval "
+                 "thresholds are the claims' tolerances.\n\n"
                  + _targets_markdown(check))
-    by = lambda verdict: ", ".join(f"*{t}*" for t in check[check["met"] == verdict]["target"])  # names hold commas
+    # names hold commas
+    by = lambda verdict: ", ".join(f"*{t}*" for t in check[check["met"] == verdict]["target"])
     if (check["met"] == "yes").all():
         parts.append("\nAll targets are met on test.\n")
     else:
@@ -146,17 +171,23 @@ def _training_data(cfg: Config) -> tuple[str, list[str]]:
     "The provenance sentence and section: what experiment 03 recorded that each model was trained on."
     path = training_data_path(cfg)
     if not path.exists():
-        return (f"differences from `{cfg.generator}` by this config (experiment 03 recorded no `{path.name}`, so the "
-                "data the models were trained on is not known here)", [])
+        return (f"differences from `{cfg.generator}` by this config "
+                f"(experiment 03 recorded no `{path.name}`, so the data the models were trained on "
+                "is not known here)", [])
     t = pd.read_csv(path)
-    t = t[t["model"].isin({s.name for s in model_specs(cfg)})]  # the world's ablations are no model of a paper run
+    # the world's ablations are no model of a paper run
+    t = t[t["model"].isin({s.name for s in model_specs(cfg)})]
     t["used"] = t["used"] if "used" in t else t["rows"]
-    trained = t["model"].map(lambda m: is_checkpoint(model_dir(cfg, m)))  # a skipped variant was planned, not trained
+    # a skipped variant was planned, not trained
+    trained = t["model"].map(lambda m: is_checkpoint(model_dir(cfg, m)))
     t["used"] = t["used"].where(trained, 0)
-    t["source"] = t["source"].where(trained, "**not trained** (skipped by experiment 03; see the warnings below)")
+    t["source"] = t["source"].where(trained,
+                                    "**not trained** (skipped by experiment 03; see the warnings below)")
     main = t[(t["model"] == "pc-clip") & trained]
-    subset = lambda r: (f"{int(r.used)} (a seeded subset) of {int(r.rows)}" if r.used < r.rows else f"{int(r.rows)}")
-    line = (f"`pc-clip` was trained on {subset(next(main.itertuples()))} statements from {main['source'].iloc[0]}"
+    subset = lambda r: (f"{int(r.used)} (a seeded subset) of {int(r.rows)}" if r.used < r.rows
+                        else f"{int(r.rows)}")
+    line = (f"`pc-clip` was trained on {subset(next(main.itertuples()))} statements from "
+            f"{main['source'].iloc[0]}"
             if len(main) else f"the finetuned models' data is listed under 'Training data' (`{path.name}`)")
     table = "| model | data | rows | trained on | source |\n|---|---|---:|---:|---|\n" + "".join(
         f"| `{r.model}` | {r.data} | {int(r.rows)} | {int(r.used)} | {r.source} |\n" for r in t.itertuples())
@@ -164,15 +195,18 @@ def _training_data(cfg: Config) -> tuple[str, list[str]]:
 
 
 def departures(cfg: Config) -> list[str]:
-    "How `cfg` departs from the paper's reference setting (`PAPER_SETTING` and `PAPER_FACTS`, `pc_clip.core.config`), one sentence each."
+    """How `cfg` departs from the paper's reference setting (`PAPER_SETTING` and `PAPER_FACTS`,
+    `pc_clip.core.config`), one sentence each."""
     p, out = {**PAPER_SETTING, **PAPER_FACTS}, []
     if (cfg.model_name, cfg.pretrained) != (p["model_name"], p["pretrained"]):
-        out.append(f"base CLIP `{cfg.model_name}` / `{cfg.pretrained or 'random init'}` (paper: {p['model_name']} / {p['pretrained']})")
+        out.append(f"base CLIP `{cfg.model_name}` / `{cfg.pretrained or 'random init'}` "
+                   f"(paper: {p['model_name']} / {p['pretrained']})")
     if cfg.corpus != p["corpus"]:
-        out.append(f"corpus `{cfg.corpus}`: the embedded Shapes world, not COCO; every evaluation runs on the world")
+        out.append(f"corpus `{cfg.corpus}`: the embedded Shapes world, not COCO; "
+                   f"every evaluation runs on the world")
     else:
-        out.append(f"pair pool: {cfg.n_pairs} pairs (`{cfg.pair_sampling}`) sampled from every COCO train image "
-                   f"(paper: pairs formed from {p['n_images']:,} randomly sampled images)")
+        out.append(f"pair pool: {cfg.n_pairs} pairs (`{cfg.pair_sampling}`) sampled from every COCO train "
+                   f"image (paper: pairs formed from {p['n_images']:,} randomly sampled images)")
     if cfg.generator != "oracle" and "llama-2-13b-chat" not in cfg.generator.lower():
         out.append(f"generator `{cfg.generator}` (paper: {p['generator']})")
     elif cfg.generator == "oracle":
@@ -186,41 +220,52 @@ def departures(cfg: Config) -> list[str]:
     elif cfg.judge not in (p["judge"], "openai:"):
         out.append(f"judge `{cfg.judge}` (paper: {p['judge']})")
     if len(cfg.eval_seeds) != p["eval_seeds"]:
-        out.append(f"{len(cfg.eval_seeds)} evaluation seed{'s' * (len(cfg.eval_seeds) > 1)} {tuple(cfg.eval_seeds)} "
-                   f"(paper: {p['eval_seeds']})")
+        out.append(f"{len(cfg.eval_seeds)} evaluation seed{'s' * (len(cfg.eval_seeds) > 1)} "
+                   f"{tuple(cfg.eval_seeds)} (paper: {p['eval_seeds']})")
     if cfg.eval_n_images != p["eval_n_images"]:
-        out.append(f"{cfg.eval_n_images} test images per seed for difference classification (paper: {p['eval_n_images']})")
-    ft = [f"{k}={getattr(cfg, k)!r} (paper {p[k]!r})" for k in ("ft_lr", "ft_lr_decay", "ft_epochs", "ft_batch_size",
-          "caption_ft_lr", "caption_ft_batch_size", "caption_ft_epochs") if getattr(cfg, k) != p[k]]
+        out.append(f"{cfg.eval_n_images} test images per seed for difference classification "
+                   f"(paper: {p['eval_n_images']})")
+    ft = [f"{k}={getattr(cfg, k)!r} (paper {p[k]!r})"
+          for k in ("ft_lr", "ft_lr_decay", "ft_epochs", "ft_batch_size", "caption_ft_lr",
+                    "caption_ft_batch_size", "caption_ft_epochs") if getattr(cfg, k) != p[k]]
     if ft:
         out.append("finetuning: " + ", ".join(ft))
     if cfg.corpus != "world":
-        out.append("text-to-image is scored by the CLIP score of the run's base `clip` only (the paper also asked an LLM judge)")
+        out.append("text-to-image is scored by the CLIP score of the run's base `clip` only "
+                   "(the paper also asked an LLM judge)")
     return out + _profile_departures(cfg)
 
 
-_NOT_RESULTS = set(PLACE_SETTINGS) | {"profile", "gen_batch_size", "eval_batch_size", "gen_batch_from_memory", "ft_keep_epochs"}
-_SAID = {"model_name", "pretrained", "corpus", "generator", "load_in_4bit", "judge", "eval_seeds", "eval_n_images",
-         "ft_lr", "ft_lr_decay", "ft_epochs", "ft_batch_size", "caption_ft_lr", "caption_ft_batch_size", "caption_ft_epochs"}
+_NOT_RESULTS = set(PLACE_SETTINGS) | {"profile", "gen_batch_size", "eval_batch_size", "gen_batch_from_memory",
+                                      "ft_keep_epochs"}
+_SAID = {"model_name", "pretrained", "corpus", "generator", "load_in_4bit", "judge", "eval_seeds",
+         "eval_n_images", "ft_lr", "ft_lr_decay", "ft_epochs", "ft_batch_size", "caption_ft_lr",
+         "caption_ft_batch_size", "caption_ft_epochs"}
 
 
 def _profile_departures(cfg: Config) -> list[str]:
-    "Every other setting that decides a result and differs from the `paper` profile's, T2I and generation first."
+    """Every other setting that decides a result and differs from the `paper` profile's, T2I and generation
+    first."""
     paper = Config(**{**PROFILES["paper"], "profile": "paper"})
     differs = lambda k: getattr(cfg, k) != getattr(paper, k)
     said, out = set(_SAID) | ({"n_pairs", "pair_sampling"} if cfg.corpus == paper.corpus else set()), []
-    if cfg.corpus != "world":  # the T2I study of a paper-data run: its own base, SDXL and budget
-        base, ref = (cfg.t2i_clip_model, cfg.t2i_clip_pretrained), (paper.t2i_clip_model, paper.t2i_clip_pretrained)
+    # the T2I study of a paper-data run: its own base, SDXL and budget
+    if cfg.corpus != "world":
+        base, ref = ((cfg.t2i_clip_model, cfg.t2i_clip_pretrained),
+                     (paper.t2i_clip_model, paper.t2i_clip_pretrained))
         if base != ref:
-            out.append(f"the T2I study finetunes its own PC-CLIP from `{base[0]}` / `{base[1]}` (paper: {ref[0]} / {ref[1]}, "
-                       "SDXL's first text encoder)" if base[0] else "no T2I study: the base's text tower fits no SDXL slot")
-        t2i = [f"{k}={getattr(cfg, k)!r} (paper profile {getattr(paper, k)!r})" for k in ("t2i_model", "t2i_steps", "t2i_image_size")
+            out.append(f"the T2I study finetunes its own PC-CLIP from `{base[0]}` / `{base[1]}` "
+                       f"(paper: {ref[0]} / {ref[1]}, SDXL's first text encoder)" if base[0]
+                       else "no T2I study: the base's text tower fits no SDXL slot")
+        t2i = [f"{k}={getattr(cfg, k)!r} (paper profile {getattr(paper, k)!r})"
+               for k in ("t2i_model", "t2i_steps", "t2i_image_size")
                if differs(k)]
         if t2i:
             out.append("text-to-image: " + ", ".join(t2i))
     said |= {"t2i_clip_model", "t2i_clip_pretrained", "t2i_model", "t2i_steps", "t2i_image_size"}
     if cfg.generator != "oracle" and differs("max_new_tokens"):
-        out.append(f"each generation is cut at max_new_tokens={cfg.max_new_tokens} (paper profile: {paper.max_new_tokens}); "
+        out.append(f"each generation is cut at max_new_tokens={cfg.max_new_tokens} "
+                   f"(paper profile: {paper.max_new_tokens}); "
                    "a statement cut there is rejected (see the warnings)")
     said.add("max_new_tokens")
     rest = [f"{k}={getattr(cfg, k)!r} (paper profile {getattr(paper, k)!r})" for k in cfg.to_dict()
@@ -231,33 +276,38 @@ def _profile_departures(cfg: Config) -> list[str]:
 
 
 def truncation_warnings(results: pd.DataFrame, cfg: Config) -> list[str]:
-    "A warning per record set of experiment 02 whose generations stopped at `max_new_tokens` and so lost a statement."
+    """A warning per record set of experiment 02 whose generations stopped at `max_new_tokens` and so lost a
+    statement."""
     d = results[results["task"] == "differences"]
     out = []
-    for (model, dataset), r in d[d["metric"] == "n_rejected_truncated"].groupby(["model", "dataset"], sort=False):
+    for (model, dataset), r in d[d["metric"] == "n_rejected_truncated"].groupby(["model", "dataset"],
+                                                                                 sort=False):
         cut = int(r["value"].sum())
         n = d[(d["model"] == model) & (d["dataset"] == dataset) & (d["metric"] == "n_records")]["value"]
         if cut > 0:
-            out.append(f"02: {cut}{f' of {int(n.iloc[0])}' if len(n) else ''} generations of `{model}` ({dataset}) stopped at "
-                       f"max_new_tokens={cfg.max_new_tokens} and lost their last statement (rejected as truncated); "
+            out.append(f"02: {cut}{f' of {int(n.iloc[0])}' if len(n) else ''} generations of `{model}` "
+                       f"({dataset}) stopped at max_new_tokens={cfg.max_new_tokens} and lost their last "
+                       f"statement (rejected as truncated); "
                        "raise it (-p max_new_tokens=...) to keep them")
     return out
 
 
 def t2i_pair(cfg: Config) -> str | None:
-    "What `pc-clip` and `clip` are in the T2I rows of a paper-data run: the study's own pair, named by its base."
+    """What `pc-clip` and `clip` are in the T2I rows of a paper-data run: the study's own pair, named by its
+    base."""
     if cfg.corpus == "world" or not cfg.t2i_clip_model:
         return None  # the world's gallery uses the run's own models
     base = f"`{cfg.t2i_clip_model}` / `{cfg.t2i_clip_pretrained}`"
-    return (f"the T2I study's own pair: `t2i/pc-clip` (finetuned from {base}, SDXL's first text encoder) vs {base} itself, "
-            f"not the run's `{cfg.model_name}` models")
+    return (f"the T2I study's own pair: `t2i/pc-clip` (finetuned from {base}, SDXL's first text encoder) "
+            f"vs {base} itself, not the run's `{cfg.model_name}` models")
 
 
 _WARNING_LINE = re.compile(r"\bWARNING pc_clip\b|^skipping |: not measured|Warning: .*pc_clip")
 
 
 def run_warnings(cfg: Config, limit: int = 40) -> list[str]:
-    "The warnings and skips printed by this run's executed experiment notebooks (`notebooks_dir(cfg)`), once each."
+    """The warnings and skips printed by this run's executed experiment notebooks (`notebooks_dir(cfg)`), once
+    each."""
     out: dict[str, None] = {}
     for nb in sorted(notebooks_dir(cfg).glob("*.ipynb")):
         try:
@@ -269,7 +319,8 @@ def run_warnings(cfg: Config, limit: int = 40) -> list[str]:
                 text = "".join(o.get("text", [])) if o.get("output_type") == "stream" else ""
                 for line in text.splitlines():
                     if _WARNING_LINE.search(line.strip()):
-                        msg = re.sub(r"^\d\d:\d\d:\d\d ", "", line.strip())  # the log's clock time is not the message
+                        # the log's clock time is not the message
+                        msg = re.sub(r"^\d\d:\d\d:\d\d ", "", line.strip())
                         out.setdefault(f"{nb.stem.split('_')[0]}: {msg}", None)
     lines = list(out)
     return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
@@ -284,43 +335,55 @@ def write_report(cfg: Config, results: pd.DataFrame | None = None, figures: dict
     v = claim_verdicts(results, items, PAPER_CLAIMS)
     if (pair := t2i_pair(cfg)) is not None:
         v.loc[v["claim"] == "t2i_arithmetic", "comparison"] = pair
-    counted = v[~v["control"] & (v["agrees"] != "n/a")]  # every measured claim; a "no gain" (alpha = 1) counts as "no"
+    # every measured claim; a "no gain" (alpha = 1) counts as "no"
+    counted = v[~v["control"] & (v["agrees"] != "n/a")]
     unmeasured = v[~v["control"] & (v["agrees"] == "n/a")]["claim"].tolist()
     trained_on, data_section = _training_data(cfg)
     parts = [f"# PC-CLIP reproduction report: profile `{cfg.profile}`\n",
-             f"Base model `{cfg.model_name}`" + (f" / `{cfg.pretrained}`" if cfg.pretrained else " (trained from scratch on the Shapes world)")
+             f"Base model `{cfg.model_name}`"
+             + (f" / `{cfg.pretrained}`" if cfg.pretrained else " (trained from scratch on the Shapes world)")
              + f"; {trained_on}. Every number below is read from `{results_path(cfg).name}` "
-             f"({len(results)} rows) and its per-item outcomes; fractions, not percentages. Means over seeds.\n",
+             f"({len(results)} rows) and its per-item outcomes; fractions, not percentages. "
+             f"Means over seeds.\n",
              "## The paper's claims\n",
-             "Each claim is decided by a paired bootstrap of A - B over the items both models were evaluated on "
-             "(95 %): better = interval above 0; not worse = lower end above -tol; same = inside +/-tol.\n\n",
+             "Each claim is decided by a paired bootstrap of A - B over the items both models were evaluated "
+             "on (95 %): better = interval above 0; not worse = lower end above -tol; "
+             "same = inside +/-tol.\n\n",
              claims_markdown(v[~v["control"]]),
-             f"\n{int((counted.agrees == 'yes').sum())} of {len(counted)} measured claims agree with the paper"
-             + (f"; {len(unmeasured)} not measured, not counted: {', '.join(unmeasured)}" if unmeasured else "") + ".\n",
-             "\n**Controls** (hold by construction for a text-only finetune; not counted)\n\n", claims_markdown(v[v["control"]])]
+             f"\n{int((counted.agrees == 'yes').sum())} of {len(counted)} measured claims agree with the "
+             f"paper"
+             + (f"; {len(unmeasured)} not measured, not counted: {', '.join(unmeasured)}" if unmeasured
+                else "")
+             + ".\n",
+             "\n**Controls** (hold by construction for a text-only finetune; not counted)\n\n",
+             claims_markdown(v[v["control"]])]
     figures = {**report_figures(cfg), **(figures or {})}
     shown = _figure_markdown(cfg, v, figures, path.parent)
     parts += shown.pop("claims", [])
-    parts += ["\n## Difference classification, cell by cell (the paper's form)\n", cells_markdown(difference_cells(results, items))]
+    parts += ["\n## Difference classification, cell by cell (the paper's form)\n",
+              cells_markdown(difference_cells(results, items))]
     parts += vocabulary_section(results, items)
     study_figure = os.path.relpath(project_root() / "figures" / "capacity_study.png", path.parent.resolve())
-    parts += capacity_section(results, cfg.model_name, figure=study_figure) if cfg.corpus == "world" and not cfg.pretrained else []
+    parts += (capacity_section(results, cfg.model_name, figure=study_figure)
+              if cfg.corpus == "world" and not cfg.pretrained else [])
     if not items.empty and not items["dataset"].map(is_world_dataset).all():
-        parts.append("\nThe Shapes world's rows (data set `world...`) are shown in their own, labelled rows and figures; "
-                     "they never enter a claim of this paper-data run.\n")
+        parts.append("\nThe Shapes world's rows (data set `world...`) are shown in their own, labelled rows "
+                     "and figures; they never enter a claim of this paper-data run.\n")
     parts += ["\n## Departures from the paper\n", "".join(f"- {d}\n" for d in departures(cfg)) or "none\n"]
     warned = truncation_warnings(results, cfg) + run_warnings(cfg)
     parts += ["\n## Warnings of this run\n", "".join(f"- {w}\n" for w in warned) if warned else "none\n"]
     parts += data_section + _selections(results)
-    parts += _finetune_selection(results, (figures or {}).get("finetune_selection"), path.parent, cands=read_candidates(cfg),
-                                 items=items)
+    parts += _finetune_selection(results, (figures or {}).get("finetune_selection"), path.parent,
+                                 cands=read_candidates(cfg), items=items)
     every = read_candidates(cfg, None)
     searched = list(every["model"].unique()) if len(sweep_grid(cfg)) > 1 else []
     tuning = tuning_statement(cfg, searched)
     if every["model"].nunique() > 1 and tuning.startswith("Every compared model"):
-        parts += ["\n**The comparisons are tuned alike:** every finetuned model of the comparison (ablations and caption "
-                  "baselines too) had the same search over the same grid on the same validation images, by the same rule, "
-                  "against its own base; the (lr, alpha) each one chose:\n\n" + choices_markdown(every)]
+        parts += ["\n**The comparisons are tuned alike:** every finetuned model of the comparison "
+                  "(ablations and caption baselines too) had the same search over the same grid on the same "
+                  "validation images, by the same rule, against its own base; "
+                  "the (lr, alpha) each one chose:\n\n"
+                  + choices_markdown(every)]
     else:
         parts += [f"\n**How the compared models were tuned:** {tuning}\n"]
     parts += ["\n## Baselines and ablations (mean over cells and seeds)\n",
@@ -344,12 +407,14 @@ FIGURE_FILES = {  # the file names the experiments save, by the REPORT section t
     "comparative_prompting": ("comparative_alpha.png",), "retrieval": ("retrieval.png",),
     "geometry": ("geometry.png", "geometry_world.png"), "linear_probe": ("linear_probe.png",),
     "t2i_arithmetic": ("t2i_arithmetic.png", "t2i_gallery.png"),
-    "pretrain": ("world_samples.png", "world_pairs.png", "pretrain_loss.png"), "finetune": ("finetune_loss.png",),
+    "pretrain": ("world_samples.png", "world_pairs.png", "pretrain_loss.png"),
+    "finetune": ("finetune_loss.png",),
     "finetune_selection": ("finetune_selection_pareto.png",)}
 
 
 def report_figures(cfg: Config) -> dict[str, Path]:
-    "The figures of a run's folder the REPORT places under a section: `{section: path}` (the first of its files found)."
+    """The figures of a run's folder the REPORT places under a section: `{section: path}` (the first of its
+    files found)."""
     found = {}
     for section, names in FIGURE_FILES.items():
         paths = [figures_dir(cfg) / n for n in names if (figures_dir(cfg) / n).exists()]
@@ -358,23 +423,29 @@ def report_figures(cfg: Config) -> dict[str, Path]:
     return found
 
 
-def _figure_markdown(cfg: Config, verdicts: pd.DataFrame, figures: dict[str, Path], report_dir: Path) -> dict[str, list[str]]:
-    "Markdown image lines per REPORT section: the claims' forest plot, each task's figures, and every other figure of the run."
+def _figure_markdown(cfg: Config, verdicts: pd.DataFrame, figures: dict[str, Path],
+                     report_dir: Path) -> dict[str, list[str]]:
+    """Markdown image lines per REPORT section: the claims' forest plot, each task's figures, and every other
+    figure of the run."""
     link = lambda p, name: f"\n![{name}]({os.path.relpath(Path(p).resolve(), report_dir.resolve())})\n"
     out, used = {}, set()
     claims = claims_figure(verdicts[~verdicts["control"].astype(bool)])
     if claims is not None:
         path = save_figure(claims, figures_dir(cfg) / "claims.png")
-        out["claims"], used = [link(path, "the paper's claims: ours with 95 % intervals beside the paper's numbers")], {path.name}
+        out["claims"], used = ([link(path, "the paper's claims: ours with 95 % intervals "
+                                           "beside the paper's numbers")],
+                               {path.name})
     for section, names in FIGURE_FILES.items():
         given = Path(figures[section]) if figures.get(section) is not None else None
         paths = list(dict.fromkeys(([given] if given is not None and given.exists() else [])
-                                   + [figures_dir(cfg) / n for n in names if (figures_dir(cfg) / n).exists()]))
+                                   + [figures_dir(cfg) / n for n in names
+                                      if (figures_dir(cfg) / n).exists()]))
         used |= {p.name for p in paths}
         if section != "finetune_selection":  # shown by the finetuning-strength section itself
             out[section] = [link(p, p.stem.replace("_", " ")) for p in paths]
     rest = sorted(p for p in figures_dir(cfg).glob("*.png") if p.name not in used)
     if rest:
-        out["other"] = ["\n## Other figures of this run\n"] + [link(p, p.stem.replace("_", " ")) for p in rest]
+        out["other"] = (["\n## Other figures of this run\n"]
+                        + [link(p, p.stem.replace("_", " ")) for p in rest])
     return out
 

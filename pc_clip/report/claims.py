@@ -35,22 +35,27 @@ class Claim:
     expect: str = "better"  # "better" | "not_worse" | "same"
     metrics: tuple = ("accuracy",)
     conditions: tuple = ()  # required (key, value) settings of the condition column
-    exclude: tuple = ()  # (key, value) settings whose cells are left out (e.g. the held-out wordings, their own claim)
+    # (key, value) settings whose cells are left out (e.g. the held-out wordings, their own claim)
+    exclude: tuple = ()
     datasets: tuple = ()  # exact data-set names; empty: all
     top_level: bool = False  # only data sets without a '/' part (e.g. a mean over edits, not each edit)
     tol: float = 0.01
     paper: str = ""  # the paper's number, where the paper gives one
     control: bool = False  # holds by construction for the model under test: shown, not counted
     setting: str = ""  # compare A at the setting chosen on validation with A at 1 (e.g. "alpha")
-    chance: float | None = None  # the score of guessing (0.5 for a difference task): each side is checked against it
+    # the score of guessing (0.5 for a difference task): each side is checked against it
+    chance: float | None = None
 
 # %% ../../nbs/report/01_claims.ipynb #3f57d6eb
 def chosen_setting(results: pd.DataFrame, task: str, model: str, key: str, metric: str = "accuracy",
                    dataset: str | None = None):
-    "The value of setting `key` chosen on the validation rows of `task` and `model` (by `metrics.best_on_validation`)."
-    v = results[(results["task"] == task) & (results["model"] == model) & (results["metric"] == metric) & is_validation(results)]
+    """The value of setting `key` chosen on the validation rows of `task` and `model` (by
+    `metrics.best_on_validation`)."""
+    v = results[(results["task"] == task) & (results["model"] == model) & (results["metric"] == metric)
+                & is_validation(results)]
     v = v if dataset is None else v[v["dataset"] == dataset]
-    scores = v.assign(s=v["condition"].map(lambda c: condition_dict(c).get(key))).groupby("s", sort=False)["value"].mean()
+    scores = (v.assign(s=v["condition"].map(lambda c: condition_dict(c).get(key)))
+              .groupby("s", sort=False)["value"].mean())
     return best_on_validation(scores.to_dict()) if len(scores) else None
 
 
@@ -70,7 +75,8 @@ def _side(items: pd.DataFrame, c: Claim, model: str, extra: dict) -> pd.DataFram
 
 # %% ../../nbs/report/01_claims.ipynb #9961f626
 def _observed(lo: float, hi: float, tol: float, agrees: bool = False) -> str:
-    "The direction the interval shows; a 'worse' that the claim's tolerance allows says so ('worse, within tolerance')."
+    """The direction the interval shows; a 'worse' that the claim's tolerance allows says so
+    ('worse, within tolerance')."""
     if lo > 0:
         return "better"
     if hi < 0:
@@ -86,14 +92,18 @@ def is_world_dataset(dataset) -> bool:
 
 
 def _strata_mean(values, weights, groups, strata, statistic: str) -> float:
-    "One side's score as the claim's A - B counts it: the statistic within each cell, averaged over the cells."
+    """One side's score as the claim's A - B counts it: the statistic within each cell, averaged over the
+    cells."""
     values, weights, groups, strata = (np.asarray(x) for x in (values, weights, groups, strata))
-    return float(np.mean([statistic_value(values[strata == k], weights[strata == k], groups[strata == k], statistic)
+    return float(np.mean([statistic_value(values[strata == k], weights[strata == k], groups[strata == k],
+                                          statistic)
                           for k in pd.unique(strata)]))
 
 
-def claim_verdict(results: pd.DataFrame, items: pd.DataFrame, c: Claim, n_boot: int = 1000, world: bool = True) -> dict:
-    "A - B of one claim with its paired-bootstrap interval, the observed direction and whether it agrees (world items only if `world`)."
+def claim_verdict(results: pd.DataFrame, items: pd.DataFrame, c: Claim, n_boot: int = 1000,
+                  world: bool = True) -> dict:
+    """A - B of one claim with its paired-bootstrap interval, the observed direction and whether it agrees
+    (world items only if `world`)."""
     if not world:
         items = items[~items["dataset"].map(is_world_dataset).astype(bool)]
     extra_a, extra_b = {}, {}
@@ -106,24 +116,28 @@ def claim_verdict(results: pd.DataFrame, items: pd.DataFrame, c: Claim, n_boot: 
     a, b = _side(items, c, c.model_a, extra_a), _side(items, c, c.model_b, extra_b)
     both = a.merge(b, on=keys, suffixes=("_a", "_b"))
     out = dict(claim=c.name, statement=c.statement, comparison=f"{c.model_a} vs {c.model_b}" + (
-        f" ({c.setting}={extra_a[c.setting]} vs {c.setting}=1)" if c.setting else ""), paper=c.paper, expected=c.expect,
-        tol=c.tol, control=c.control, delta=np.nan, ci_low=np.nan, ci_high=np.nan, n_items=len(both), cells=0,
-        value_a=np.nan, value_b=np.nan, chance=c.chance, below_chance="")
+        f" ({c.setting}={extra_a[c.setting]} vs {c.setting}=1)" if c.setting else ""), paper=c.paper,
+        expected=c.expect, tol=c.tol, control=c.control, delta=np.nan, ci_low=np.nan, ci_high=np.nan,
+        n_items=len(both), cells=0, value_a=np.nan, value_b=np.nan, chance=c.chance, below_chance="")
     if both.empty:  # say why: a model this run does not train, or a task it did not run
-        why = (f"no validation rows of `{c.model_a}` chose {c.setting}" if unchosen else f"no test items of `{c.model_a}`"
-               if a.empty else f"no test items of `{c.model_b}`" if b.empty else "no items both models share")
-        return {**out, "observed": f"not measured ({why} on {c.task}{' outside the world' if not world else ''})",
+        why = (f"no validation rows of `{c.model_a}` chose {c.setting}" if unchosen
+               else f"no test items of `{c.model_a}`" if a.empty
+               else f"no test items of `{c.model_b}`" if b.empty else "no items both models share")
+        return {**out, "observed": f"not measured ({why} on {c.task}"
+                                   f"{' outside the world' if not world else ''})",
                 "agrees": "n/a"}
     strata = both["dataset"].astype(str) + "|" + both["cond_key"] + "|" + both["metric"]
     stat = both.statistic_a.iloc[0]
     mean_a = _strata_mean(both.value_a, both.weight_a, both.group_a.astype(str), strata, stat)
     mean_b = _strata_mean(both.value_b, both.weight_b, both.group_b.astype(str), strata, stat)
-    below = [m for m, v in ((c.model_a, mean_a), (c.model_b, mean_b)) if c.chance is not None and v < c.chance]
+    below = [m for m, v in ((c.model_a, mean_a), (c.model_b, mean_b))
+             if c.chance is not None and v < c.chance]
     out.update(value_a=mean_a, value_b=mean_b, below_chance=", ".join(dict.fromkeys(below)))
-    if c.setting and extra_a == extra_b:  # validation found no value better than the reference: the claim fails here
+    # validation found no value better than the reference: the claim fails here
+    if c.setting and extra_a == extra_b:
         return {**out, "delta": 0.0, "observed": f"no gain (validation chose {c.setting}=1)", "agrees": "no"}
-    r = paired_bootstrap(both.value_a, both.value_b, both.weight_a, both.weight_b, both.group_a.astype(str), strata,
-                         stat, n_boot)
+    r = paired_bootstrap(both.value_a, both.value_b, both.weight_a, both.weight_b, both.group_a.astype(str),
+                         strata, stat, n_boot)
     lo, hi = r["ci_low"], r["ci_high"]
     ok = {"better": lo > 0, "not_worse": lo > -c.tol, "same": lo > -c.tol and hi < c.tol}[c.expect]
     return {**out, "delta": r["delta"], "ci_low": lo, "ci_high": hi, "cells": int(strata.nunique()),
@@ -133,57 +147,73 @@ def claim_verdict(results: pd.DataFrame, items: pd.DataFrame, c: Claim, n_boot: 
 def claim_verdicts(results: pd.DataFrame, items: pd.DataFrame, claims: Sequence[Claim],
                    world: bool | None = None) -> pd.DataFrame:
     "One row per claim: A - B, its 95 % paired-bootstrap interval, the observed direction and the verdict."
-    if world is None:  # the Shapes world decides claims only on a world-only run: never pooled with the paper's data
+    # the Shapes world decides claims only on a world-only run: never pooled with the paper's data
+    if world is None:
         world = bool(items["dataset"].map(is_world_dataset).all()) if len(items) else True
     return pd.DataFrame([claim_verdict(results, items, c, world=world) for c in claims])
 
 # %% ../../nbs/report/01_claims.ipynb #4c96936b
 _DIFF = "difference_classification"
 RECALLS = tuple(f"recall@{k}_{d}" for k in (1, 5, 10) for d in ("i2t", "t2i"))
-_TRAINED = (("wording", "heldout"),)  # the paper's form: a difference claim is over the wordings finetuning used, per cell;
-# the held-out wordings are a claim of their own, never pooled into it (issue 29)
+# the paper's form: a difference claim is over the wordings finetuning used, per cell; the held-out
+# wordings are a claim of their own, never pooled into it (issue 29)
+_TRAINED = (("wording", "heldout"),)
 PAPER_CLAIMS = [
-    Claim("difference_classification", "PC-CLIP beats CLIP on difference-based classification / attribute ranking",
-          _DIFF, "pc-clip", "clip", "better", paper="up to +14 points over CLIP", chance=0.5, exclude=_TRAINED),
-    Claim("difference_heldout_wording", "... also with difference wordings never seen in finetuning", _DIFF, "pc-clip",
-          "clip", "better", conditions=(("wording", "heldout"),), chance=0.5),
-    Claim("zero_shot", "PC-CLIP keeps or improves zero-shot accuracy", "zero_shot", "pc-clip", "clip", "not_worse"),
-    Claim("zero_shot_worst_class", "PC-CLIP keeps or improves worst-class zero-shot accuracy", "zero_shot", "pc-clip",
-          "clip", "not_worse", metrics=("worst_class_accuracy",), tol=0.05),
-    Claim("comparative_prompting", "Comparative prompting (alpha chosen on validation) improves PC-CLIP's zero-shot accuracy",
-          "comparative_prompting", "pc-clip", "pc-clip", "better", setting="alpha", paper="alpha 0.8-0.9 helps"),
-    Claim("retrieval", "PC-CLIP keeps or improves retrieval (recall@1/5/10, both directions)", "retrieval", "pc-clip",
-          "clip", "not_worse", metrics=RECALLS, tol=0.02),
-    Claim("geometry", "Difference texts point along the image-difference directions (held-out wordings)", "geometry",
-          "pc-clip", "clip", "better", metrics=("text_direction_cosine",), top_level=True),
-    Claim("t2i_arithmetic", "PC-CLIP's text embeddings make better text-to-image arithmetic", "t2i_arithmetic",
-          "pc-clip", "clip", "better", metrics=("success_rate", "clip_score"), top_level=True),  # gallery / SDXL
-    Claim("baseline_captions", "Finetuning on captions does not explain the gain", _DIFF, "pc-clip", "clip-ft-captions", chance=0.5, exclude=_TRAINED),
-    Claim("baseline_rewritten", "Finetuning on LLM-rewritten captions does not explain the gain", _DIFF, "pc-clip",
-          "clip-ft-rewritten", chance=0.5, exclude=_TRAINED),
-    Claim("mse_ablation", "The MSE objective works about as well as the contrastive one", _DIFF, "pc-clip/mse",
-          "pc-clip", "same", tol=0.03, chance=0.5, exclude=_TRAINED),
+    Claim("difference_classification",
+          "PC-CLIP beats CLIP on difference-based classification / attribute ranking",
+          _DIFF, "pc-clip", "clip", "better", paper="up to +14 points over CLIP", chance=0.5,
+          exclude=_TRAINED),
+    Claim("difference_heldout_wording", "... also with difference wordings never seen in finetuning", _DIFF,
+          "pc-clip", "clip", "better", conditions=(("wording", "heldout"),), chance=0.5),
+    Claim("zero_shot", "PC-CLIP keeps or improves zero-shot accuracy", "zero_shot", "pc-clip", "clip",
+          "not_worse"),
+    Claim("zero_shot_worst_class", "PC-CLIP keeps or improves worst-class zero-shot accuracy", "zero_shot",
+          "pc-clip", "clip", "not_worse", metrics=("worst_class_accuracy",), tol=0.05),
+    Claim("comparative_prompting",
+          "Comparative prompting (alpha chosen on validation) improves PC-CLIP's zero-shot accuracy",
+          "comparative_prompting", "pc-clip", "pc-clip", "better", setting="alpha",
+          paper="alpha 0.8-0.9 helps"),
+    Claim("retrieval", "PC-CLIP keeps or improves retrieval (recall@1/5/10, both directions)", "retrieval",
+          "pc-clip", "clip", "not_worse", metrics=RECALLS, tol=0.02),
+    Claim("geometry", "Difference texts point along the image-difference directions (held-out wordings)",
+          "geometry", "pc-clip", "clip", "better", metrics=("text_direction_cosine",), top_level=True),
+    # gallery / SDXL
+    Claim("t2i_arithmetic", "PC-CLIP's text embeddings make better text-to-image arithmetic",
+          "t2i_arithmetic", "pc-clip", "clip", "better", metrics=("success_rate", "clip_score"),
+          top_level=True),
+    Claim("baseline_captions", "Finetuning on captions does not explain the gain", _DIFF, "pc-clip",
+          "clip-ft-captions", chance=0.5, exclude=_TRAINED),
+    Claim("baseline_rewritten", "Finetuning on LLM-rewritten captions does not explain the gain", _DIFF,
+          "pc-clip", "clip-ft-rewritten", chance=0.5, exclude=_TRAINED),
+    Claim("mse_ablation", "The MSE objective works about as well as the contrastive one", _DIFF,
+          "pc-clip/mse", "pc-clip", "same", tol=0.03, chance=0.5, exclude=_TRAINED),
     Claim("unfiltered_data", "Finetuning on unfiltered (noisy) differences still beats CLIP", _DIFF,
-          f"pc-clip/noise-{NOISE_LEVEL:g}", "clip", paper="better than CLIP on 4 of 5 tasks", chance=0.5, exclude=_TRAINED),
-    Claim("unfiltered_llm_data", "Finetuning on the LLM's differences without the judge's filter still beats CLIP", _DIFF,
-          "pc-clip/unfiltered", "clip", paper="better than CLIP on 4 of 5 tasks", chance=0.5, exclude=_TRAINED),
-    Claim("linear_probe", "Text-only finetuning leaves linear-probe accuracy unchanged", "linear_probe", "pc-clip",
-          "clip", "same", control=True),
-    Claim("geometry_image_only", "Text-only finetuning leaves image-difference geometry unchanged", "geometry",
-          "pc-clip", "clip", "same", metrics=("analogy_accuracy", "directional_consistency"), top_level=True, control=True),
+          f"pc-clip/noise-{NOISE_LEVEL:g}", "clip", paper="better than CLIP on 4 of 5 tasks", chance=0.5,
+          exclude=_TRAINED),
+    Claim("unfiltered_llm_data",
+          "Finetuning on the LLM's differences without the judge's filter still beats CLIP", _DIFF,
+          "pc-clip/unfiltered", "clip", paper="better than CLIP on 4 of 5 tasks", chance=0.5,
+          exclude=_TRAINED),
+    Claim("linear_probe", "Text-only finetuning leaves linear-probe accuracy unchanged", "linear_probe",
+          "pc-clip", "clip", "same", control=True),
+    Claim("geometry_image_only", "Text-only finetuning leaves image-difference geometry unchanged",
+          "geometry", "pc-clip", "clip", "same", metrics=("analogy_accuracy", "directional_consistency"),
+          top_level=True, control=True),
 ]
 _PLAIN, _PLAIN_BASE = "pc-clip/plain-captions", "clip/plain-captions"
-# the vocabulary ablation (issue 22): PC-CLIP on a base model whose pretraining captions never used the words of
-# comparison; shown in a section of its own, beside the paper's claims, never counted among them
+# the vocabulary ablation (issue 22): PC-CLIP on a base model whose pretraining captions never used the
+# words of comparison; shown in a section of its own, beside the paper's claims, never counted among them
 VOCABULARY_CLAIMS = [
-    Claim("plain_difference", "On a base that never saw the words of comparison, PC-CLIP beats its base", _DIFF, _PLAIN,
-          _PLAIN_BASE, "better", chance=0.5, exclude=_TRAINED),
+    Claim("plain_difference", "On a base that never saw the words of comparison, PC-CLIP beats its base",
+          _DIFF, _PLAIN, _PLAIN_BASE, "better", chance=0.5, exclude=_TRAINED),
     Claim("plain_heldout", "... also with held-out wordings", _DIFF, _PLAIN, _PLAIN_BASE, "better",
           conditions=(("wording", "heldout"),), chance=0.5),
-    Claim("plain_zero_shot", "... and keeps its base's zero-shot accuracy", "zero_shot", _PLAIN, _PLAIN_BASE, "not_worse"),
-    Claim("plain_retrieval", "... and keeps its base's retrieval", "retrieval", _PLAIN, _PLAIN_BASE, "not_worse",
-          metrics=RECALLS, tol=0.02),
-    Claim("vocabulary_base", "A base that knows the words of comparison: PC-CLIP beats PC-CLIP on the plain-caption base",
+    Claim("plain_zero_shot", "... and keeps its base's zero-shot accuracy", "zero_shot", _PLAIN, _PLAIN_BASE,
+          "not_worse"),
+    Claim("plain_retrieval", "... and keeps its base's retrieval", "retrieval", _PLAIN, _PLAIN_BASE,
+          "not_worse", metrics=RECALLS, tol=0.02),
+    Claim("vocabulary_base",
+          "A base that knows the words of comparison: PC-CLIP beats PC-CLIP on the plain-caption base",
           _DIFF, "pc-clip", _PLAIN, "better", chance=0.5, exclude=_TRAINED),
     Claim("vocabulary_base_heldout", "... also with held-out wordings", _DIFF, "pc-clip", _PLAIN, "better",
           conditions=(("wording", "heldout"),), chance=0.5),
@@ -196,7 +226,8 @@ def selection_table(results: pd.DataFrame, task: str, key: str, metric: str = "a
     if v.empty:
         return pd.DataFrame()
     v = v.assign(setting=v["condition"].map(lambda c: f"{key}={condition_dict(c).get(key)}"))
-    t = v.pivot_table(index=["model", "dataset"], columns="setting", values="value", aggfunc="mean", sort=False)
+    t = v.pivot_table(index=["model", "dataset"], columns="setting", values="value", aggfunc="mean",
+                      sort=False)
     t["chosen"] = [f"{key}={chosen_setting(results, task, m, key, metric, d)}" for m, d in t.index]
     t.index = [f"{m} / {d}" for m, d in t.index]
     t.columns.name = None
@@ -204,7 +235,8 @@ def selection_table(results: pd.DataFrame, task: str, key: str, metric: str = "a
 
 # %% ../../nbs/report/01_claims.ipynb #22a667c0
 def vocabulary_section(results: pd.DataFrame, items: pd.DataFrame) -> list[str]:
-    "The REPORT section of the vocabulary ablation: coverage of each base model and the ablation's claims (not counted)."
+    """The REPORT section of the vocabulary ablation: coverage of each base model and the ablation's claims
+    (not counted)."""
     cov = results[(results["task"] == "vocabulary") & (results["metric"] == "coverage")]
     if cov.empty:
         return []
@@ -213,12 +245,13 @@ def vocabulary_section(results: pd.DataFrame, items: pd.DataFrame) -> list[str]:
     t.columns = [f"coverage, {c} wordings" for c in t.columns]
     t.columns.name = None
     parts = ["\n## Ablation: a base model that never saw the words of comparison\n",
-             "`clip` was pretrained on world captions that use the language of comparison as web alt-text does "
-             "(`world_captions=\"comparative\"`); `clip/plain-captions` on the same images with the plain captions "
-             "of the world before issue 22, which never say `larger`, `than`, `whereas`, `first` ... The table gives the "
-             "share of the word occurrences of oracle difference statements that each one's pretraining captions "
-             "contained (1.0: every word was seen). `pc-clip/plain-captions` is PC-CLIP finetuned from "
-             "`clip/plain-captions` with its own validation search. Decided like the claims above; not counted.\n\n",
+             "`clip` was pretrained on world captions that use the language of comparison as web "
+             "alt-text does (`world_captions=\"comparative\"`); `clip/plain-captions` on the same images "
+             "with the plain captions of the world before issue 22, which never say `larger`, `than`, "
+             "`whereas`, `first` ... The table gives the share of the word occurrences of oracle difference "
+             "statements that each one's pretraining captions contained (1.0: every word was seen). "
+             "`pc-clip/plain-captions` is PC-CLIP finetuned from `clip/plain-captions` with its own "
+             "validation search. Decided like the claims above; not counted.\n\n",
              markdown_table(t), "\n"]
     verdicts = claim_verdicts(results, items, VOCABULARY_CLAIMS)
     return parts + [claims_markdown(verdicts)]
@@ -226,7 +259,8 @@ def vocabulary_section(results: pd.DataFrame, items: pd.DataFrame) -> list[str]:
 
 def claims_markdown(verdicts: pd.DataFrame) -> str:
     "The claim table of REPORT.md: A - B with its 95 % interval next to each verdict."
-    lines = ["| claim | paper | expected (tol) | A / B (chance) | A - B [95% CI] | items | observed | agrees |",
+    lines = ["| claim | paper | expected (tol) | A / B (chance) | A - B [95% CI] "
+             "| items | observed | agrees |",
              "|---|---|---|---|---|---:|---|---|"]
     for _, r in verdicts.iterrows():
         ours = (r.observed if str(r.observed).startswith("not measured") or pd.isna(r.ci_low)
@@ -236,13 +270,14 @@ def claims_markdown(verdicts: pd.DataFrame) -> str:
             f" ({chance:g})" if chance is not None and not pd.isna(chance) else "")
         if r.get("below_chance"):
             ab += f" **below chance: {r.below_chance}**"
-        lines.append(f"| {r.statement} ({r.comparison}) | {r.paper or '-'} | {r.expected} ({r.tol:g}) | {ab} | {ours} "
-                     f"| {r.n_items} | {r.observed} | {r.agrees} |")
+        lines.append(f"| {r.statement} ({r.comparison}) | {r.paper or '-'} | {r.expected} ({r.tol:g}) "
+                     f"| {ab} | {ours} | {r.n_items} | {r.observed} | {r.agrees} |")
     return "\n".join(lines) + "\n"
 
 # %% ../../nbs/report/01_claims.ipynb #caf7166a
 def _ceiling_values(results: pd.DataFrame, measure: str, model: str = "clip") -> pd.DataFrame:
-    "Mean over seeds of `run_cell_ceiling`'s rows of one measure: `dataset, condition (without measure), metric, value`."
+    """Mean over seeds of `run_cell_ceiling`'s rows of one measure: `dataset, condition (without measure),
+    metric, value`."""
     r = results[(results["task"] == CEILING_TASK) & (results["model"] == model)]
     conds = r["condition"].fillna("").astype(str).map(condition_dict)
     r = r[conds.map(lambda d: d.get("measure") == measure).astype(bool)]
@@ -251,25 +286,31 @@ def _ceiling_values(results: pd.DataFrame, measure: str, model: str = "clip") ->
     return r.assign(cond=key).groupby(["dataset", "cond", "metric"])["value"].mean().reset_index()
 
 
-def difference_cells(results: pd.DataFrame, items: pd.DataFrame, model: str = "pc-clip", base: str = "clip",
-                     n_boot: int = 1000) -> pd.DataFrame:
-    "Every test cell of difference classification: both models, the change with its paired 95 % interval, and what bounds it (probe, ceiling, unconstrained finetune)."
-    it = items[(items["task"] == "difference_classification") & (items["metric"] == "accuracy")] if len(items) else items
+def difference_cells(results: pd.DataFrame, items: pd.DataFrame, model: str = "pc-clip",
+                     base: str = "clip", n_boot: int = 1000) -> pd.DataFrame:
+    """Every test cell of difference classification: both models, the change with its paired 95 %
+    interval, and what bounds it (probe, ceiling, unconstrained finetune)."""
+    it = (items[(items["task"] == "difference_classification") & (items["metric"] == "accuracy")]
+          if len(items) else items)
     probe, ceiling = _ceiling_values(results, "probe"), _ceiling_values(results, "image_side_ceiling")
     free = _ceiling_values(results, "unconstrained", model)
-    look = lambda t, d, c, m="accuracy": t[(t.dataset == d) & (t.cond == c) & (t.metric == m)]["value"].mean() if len(t) else np.nan
+    look = lambda t, d, c, m="accuracy": (
+        t[(t.dataset == d) & (t.cond == c) & (t.metric == m)]["value"].mean() if len(t) else np.nan)
     rows = []
     for dataset in (pd.unique(it["dataset"]) if len(it) else []):
         sub = it[it["dataset"] == dataset]
         conds = sub["condition"].fillna("").astype(str)
-        for cond in sorted(pd.unique(conds[~conds.map(lambda c: condition_dict(c).get("split") == "val").astype(bool)])):
+        for cond in sorted(pd.unique(
+                conds[~conds.map(lambda c: condition_dict(c).get("split") == "val").astype(bool)])):
             want = condition_dict(cond)
-            r = paired_change(sub[conds == cond], model, base, "difference_classification", "accuracy", None, n_boot)
+            r = paired_change(sub[conds == cond], model, base, "difference_classification", "accuracy",
+                              None, n_boot)
             if not r["items"]:
                 continue
             attr = CELL_ATTRIBUTES.get(str(dataset))
-            rows.append(dict(dataset=dataset, condition=cond, wording=want.get("wording", "train"), **{base: r["value_b"]},
-                             **{model: r["value_a"]}, change=r["change"], ci_low=r["ci_low"], ci_high=r["ci_high"],
+            rows.append(dict(dataset=dataset, condition=cond, wording=want.get("wording", "train"),
+                             **{base: r["value_b"]}, **{model: r["value_a"]}, change=r["change"],
+                             ci_low=r["ci_low"], ci_high=r["ci_high"],
                              attribute=attr or "", probe=look(probe, "world", f"attribute={attr}"),
                              majority=look(probe, "world", f"attribute={attr}", "majority"),
                              ceiling=look(ceiling, dataset, cond), unconstrained=look(free, dataset, cond)))
@@ -277,7 +318,8 @@ def difference_cells(results: pd.DataFrame, items: pd.DataFrame, model: str = "p
 
 
 def cells_markdown(cells: pd.DataFrame, model: str = "pc-clip", base: str = "clip") -> str:
-    "The per-cell table of the main difference claim (training wordings, then held-out wordings) and its 'up to' sentence."
+    """The per-cell table of the main difference claim (training wordings, then held-out wordings) and its
+    'up to' sentence."""
     if cells.empty:
         return "no difference-classification cell with test items of both models\n"
     trained = cells[cells["wording"] != "heldout"]
@@ -287,14 +329,17 @@ def cells_markdown(cells: pd.DataFrame, model: str = "pc-clip", base: str = "cli
     if best is not None:
         lines.append(f"Over the {len(trained)} cells of the training wordings, `{model}` gains **up to "
                      f"{best['change']:+.3f} [{best['ci_low']:+.3f}, {best['ci_high']:+.3f}]** over `{base}` "
-                     f"({cell_name(best['dataset'], best['condition'])}); the interval lies above 0 in {above} of them. "
-                     "Where a cell's attribute probe sits near its majority rate, the frozen image tower does not carry the "
-                     "attribute and no text-only finetune can gain there (the ceiling column).\n")
+                     f"({cell_name(best['dataset'], best['condition'])}); "
+                     f"the interval lies above 0 in {above} of them. "
+                     "Where a cell's attribute probe sits near its majority rate, the frozen image tower "
+                     "does not carry the attribute and no text-only finetune can gain there "
+                     "(the ceiling column).\n")
     fmt = lambda v: "" if v != v else f"{v:.3f}"
-    head = (f"| cell | {base} | {model} | change [95 % CI] | probe of (accuracy / majority) | image-side ceiling | "
-            "unconstrained finetune |\n|---|---:|---:|---:|---|---:|---:|")
+    head = (f"| cell | {base} | {model} | change [95 % CI] | probe of (accuracy / majority) "
+            "| image-side ceiling | unconstrained finetune |\n|---|---:|---:|---:|---|---:|---:|")
     body = [f"| {cell_name(r.dataset, r.condition)} | {r[base]:.3f} | {r[model]:.3f} | {r.change:+.3f} "
-            f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}] | " + (f"{r.attribute} ({fmt(r.probe)} / {fmt(r.majority)})" if r.attribute else "")
+            f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}] | "
+            + (f"{r.attribute} ({fmt(r.probe)} / {fmt(r.majority)})" if r.attribute else "")
             + f" | {fmt(r.ceiling)} | {fmt(r.unconstrained)} |"
             for _, r in pd.concat([trained, cells[cells["wording"] == "heldout"]]).iterrows()]
     return "\n".join(lines + [head] + body) + "\n"

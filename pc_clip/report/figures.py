@@ -27,17 +27,20 @@ __all__ = ['MAIN_MODELS', 'reader_label', 'cell_label', 'interval_table', 'new_f
 # %% ../../nbs/report/02_figures.ipynb #868498b9
 _LABELS = {"accuracy": "accuracy", "worst_class_accuracy": "worst-class accuracy",
            "confused_class_accuracy": "accuracy on the confused classes",
-           "analogy_accuracy": "analogy accuracy", "directional_consistency": "directional consistency (mean cosine)",
+           "analogy_accuracy": "analogy accuracy",
+           "directional_consistency": "directional consistency (mean cosine)",
            "text_direction_cosine": "text-direction cosine, held-out wordings",
            "text_direction_cosine_train_wording": "text-direction cosine, training wordings",
            "difference_retrieval_accuracy": "difference retrieval accuracy",
-           "success_rate": "success rate, held-out wordings", "success_rate_train_wording": "success rate, training wordings",
+           "success_rate": "success rate, held-out wordings",
+           "success_rate_train_wording": "success rate, training wordings",
            "success_rate_class_only": "success rate, class prompt alone",
-           "success_rate_whole_gallery": "success rate, whole gallery", "species_accuracy": "species accuracy",
+           "success_rate_whole_gallery": "success rate, whole gallery",
+           "species_accuracy": "species accuracy",
            "clip_score": "CLIP score", "clip_score_class_only": "CLIP score, class prompt alone"}
 _CONDITION_WORDS = {("wording", "heldout"): "held-out wording", ("wording", "train"): "training wording",
-                    ("pairs", "heldout"): "held-out pairs", ("pairs", "seen"): "seen pairs", ("split", "val"): "validation",
-                    ("pairs", "classes"): "class pairs"}
+                    ("pairs", "heldout"): "held-out pairs", ("pairs", "seen"): "seen pairs",
+                    ("split", "val"): "validation", ("pairs", "classes"): "class pairs"}
 
 
 def reader_label(name: str) -> str:
@@ -60,15 +63,20 @@ def cell_label(dataset: str, condition: str = "") -> str:
 
 def interval_table(results: pd.DataFrame, task: str, metrics: Sequence[str], x: str = "dataset",
                    dataset: str | None = None) -> pd.DataFrame:
-    "Per model, cell (the `x` column) and metric of one task's test rows: the mean over seeds and the mean 95 % interval."
+    """Per model, cell (the `x` column) and metric of one task's test rows: the mean over seeds and the mean
+    95 % interval."""
     sub = test_rows(results[results["task"] == task])
     sub = sub if dataset is None else sub[sub["dataset"] == dataset]
     sub = sub[sub["metric"].isin(metrics)]
-    sub = sub.reindex(columns=list(sub.columns) + [c for c in ("condition", "ci_low", "ci_high") if c not in sub])
-    cells = [cell_name(a, b) for a, b in zip(sub["dataset"], sub["condition"].fillna(""))] if x == "dataset" else sub[x]
-    sub = sub.assign(cell=list(cells), ci_low=sub["ci_low"].astype(float), ci_high=sub["ci_high"].astype(float))
+    sub = sub.reindex(columns=list(sub.columns)
+                      + [c for c in ("condition", "ci_low", "ci_high") if c not in sub])
+    cells = ([cell_name(a, b) for a, b in zip(sub["dataset"], sub["condition"].fillna(""))]
+             if x == "dataset" else sub[x])
+    sub = sub.assign(cell=list(cells), ci_low=sub["ci_low"].astype(float),
+                     ci_high=sub["ci_high"].astype(float))
     return sub.groupby(["model", "cell", "metric"], sort=False).agg(
-        mean=("value", "mean"), ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean"), seeds=("value", "count")).reset_index()
+        mean=("value", "mean"), ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean"),
+        seeds=("value", "count")).reset_index()
 
 
 def _metric_kind(metric: str) -> str:
@@ -78,16 +86,18 @@ def _metric_kind(metric: str) -> str:
 
 
 def _panels(metrics: Sequence[str], x: str) -> list[list[str]]:
-    "Metrics per axis: with the metrics on the y axis, those of one kind share an axis; else one axis per metric."
+    """Metrics per axis: with the metrics on the y axis, those of one kind share an axis; else one axis per
+    metric."""
     if x != "metric":
         return [[m] for m in metrics]
     kinds = list(dict.fromkeys(_metric_kind(m) for m in metrics))
     return [[m for m in metrics if _metric_kind(m) == k] for k in kinds]
 
 
-def new_figure(n_panels: int = 1, panel_size: tuple[float, float] = (5.0, 3.0), columns: int = 2, legend: float = 2.0,
-               sharex: bool = False):
-    "A seaborn-styled figure of `n_panels` axes (at most `columns` a row, `legend` inches kept for a legend at the right)."
+def new_figure(n_panels: int = 1, panel_size: tuple[float, float] = (5.0, 3.0), columns: int = 2,
+               legend: float = 2.0, sharex: bool = False):
+    """A seaborn-styled figure of `n_panels` axes (at most `columns` a row, `legend` inches kept for a legend
+    at the right)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
     cols = min(columns, n_panels)
@@ -95,7 +105,8 @@ def new_figure(n_panels: int = 1, panel_size: tuple[float, float] = (5.0, 3.0), 
     with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.1):
         fig, axes = plt.subplots(rows, cols, squeeze=False, layout="constrained", sharex=sharex,
                                  figsize=(panel_size[0] * cols + legend, panel_size[1] * rows + 0.9))
-    plt.close(fig)  # detached from pyplot: a notebook shows it once, where it is displayed, and the backend is untouched
+    # detached from pyplot: a notebook shows it once, where it is displayed, and the backend is untouched
+    plt.close(fig)
     for ax in axes.flat[n_panels:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n_panels])
@@ -105,35 +116,40 @@ def _finish(fig, title: str, caption: str, handles: dict | None = None) -> None:
     "Title on top, the legend outside the axes at the right (never over a title), the caption underneath."
     fig.suptitle(textwrap.fill(title, 80), fontsize=12)
     if handles:
-        fig.legend(list(handles.values()), list(handles.keys()), loc="outside right upper", fontsize=9, frameon=False)
+        fig.legend(list(handles.values()), list(handles.keys()), loc="outside right upper", fontsize=9,
+                   frameon=False)
     width = fig.get_size_inches()[0]
     fig.supxlabel(textwrap.fill(caption, int(width * 15)), fontsize=8, ha="center")
 
 
 def _interval_caption(t: pd.DataFrame) -> str:
     several = int(t["seeds"].max()) > 1 if len(t) else False
-    caption = (("Bars: mean over seeds" if several else "Bars: value") + "; black lines: 95 % interval (ci_low to ci_high "
-               "in results.csv" + (", mean over seeds)" if several else ")"))
+    caption = (("Bars: mean over seeds" if several else "Bars: value")
+               + "; black lines: 95 % interval (ci_low to ci_high in results.csv"
+               + (", mean over seeds)" if several else ")"))
     if t["ci_low"].isna().any():
         caption += "; bars without a line have no interval in the table"
     return caption
 
 
 def _draw_bars(ax, t: pd.DataFrame, order: Sequence[str], chance_of) -> None:
-    "Horizontal bars (seaborn) of one panel: cells on the y axis, one bar per model in its colour, intervals in black."
+    """Horizontal bars (seaborn) of one panel: cells on the y axis, one bar per model in its colour, intervals
+    in black."""
     import seaborn as sns
     cells = list(dict.fromkeys(t["cell"]))
     full = pd.MultiIndex.from_product([order, cells], names=["model", "cell"])
     q = t.drop_duplicates(["model", "cell"]).set_index(["model", "cell"]).reindex(full).reset_index()
     q["label"] = q["cell"].map(lambda c: textwrap.fill(c, 28))
-    sns.barplot(data=q, y="label", x="mean", hue="model", order=[textwrap.fill(c, 28) for c in cells], hue_order=order,
-                palette=PALETTE.colours(order), errorbar=None, orient="h", width=0.8, saturation=1.0, legend=False, ax=ax)
+    sns.barplot(data=q, y="label", x="mean", hue="model", order=[textwrap.fill(c, 28) for c in cells],
+                hue_order=order, palette=PALETTE.colours(order), errorbar=None, orient="h", width=0.8,
+                saturation=1.0, legend=False, ax=ax)
     h = 0.8 / len(order)
     for j, m in enumerate(order):
         r = q[q["model"] == m]
         ys = np.arange(len(cells)) + (j - (len(order) - 1) / 2) * h
         ok = (r["ci_low"].notna() & r["ci_high"].notna() & r["mean"].notna()).to_numpy()
-        ax.errorbar(r["mean"][ok], ys[ok], xerr=[(r["mean"] - r["ci_low"])[ok], (r["ci_high"] - r["mean"])[ok]],
+        ax.errorbar(r["mean"][ok], ys[ok],
+                    xerr=[(r["mean"] - r["ci_low"])[ok], (r["ci_high"] - r["mean"])[ok]],
                     fmt="none", ecolor="black", elinewidth=1, capsize=2)
     for i, cell in enumerate(cells):
         c = chance_of(t.loc[t["cell"] == cell, "metric"].iloc[0])
@@ -149,19 +165,22 @@ def _model_handles(order: Sequence[str], chance: bool = False) -> dict:
     return {**out, "chance": Line2D([], [], color="grey", ls="--")} if chance else out
 
 
-def bar_figure(results: pd.DataFrame, task: str, metric: str | Sequence[str] | None = None, x: str = "dataset",
-               dataset: str | None = None, models: Sequence[str] | None = None, title: str | None = None,
-               chance: float | dict[str, float] | None = None):
-    "Bars of one task's test rows (cells on the y axis, one colour per model, 95 % intervals from the table): a `Figure`, or None."
+def bar_figure(results: pd.DataFrame, task: str, metric: str | Sequence[str] | None = None,
+               x: str = "dataset", dataset: str | None = None, models: Sequence[str] | None = None,
+               title: str | None = None, chance: float | dict[str, float] | None = None):
+    """Bars of one task's test rows (cells on the y axis, one colour per model, 95 % intervals from the
+    table): a `Figure`, or None."""
     sub = results[results["task"] == task]
-    metrics = [metric] if isinstance(metric, str) else list(metric or ([sub["metric"].iloc[0]] if len(sub) else []))
+    metrics = ([metric] if isinstance(metric, str)
+               else list(metric or ([sub["metric"].iloc[0]] if len(sub) else [])))
     t = interval_table(results, task, metrics, x, dataset)
     if t.empty:
         return None
     if x == "dataset":
         names = dict(zip(sub["dataset"].astype(str) + "|" + sub["condition"].fillna("").astype(str),
                          [cell_label(a, b) for a, b in zip(sub["dataset"], sub["condition"].fillna(""))]))
-        t["cell"] = [names.get(c.split(" [")[0] + "|" + (c.split(" [", 1)[1][:-1] if " [" in c else ""), c) for c in t["cell"]]
+        t["cell"] = [names.get(c.split(" [")[0] + "|" + (c.split(" [", 1)[1][:-1] if " [" in c else ""), c)
+                     for c in t["cell"]]
     else:
         t["cell"] = t["cell"].map(reader_label)
     order = [m for m in (models or t["model"].unique()) if m in set(t["model"])]
@@ -172,43 +191,54 @@ def bar_figure(results: pd.DataFrame, task: str, metric: str | Sequence[str] | N
     for ax, group in zip(axes, panels):
         _draw_bars(ax, t[t["metric"].isin(group)], order, chance_of)
         kind = _metric_kind(group[0])
-        ax.set_xlabel(reader_label(group[0]) if len(group) == 1 else {"fraction": "fraction", "cosine": "mean cosine"}.get(kind, kind))
+        ax.set_xlabel(reader_label(group[0]) if len(group) == 1
+                      else {"fraction": "fraction", "cosine": "mean cosine"}.get(kind, kind))
         if kind == "fraction":
             ax.set_xlim(0, 1.0)
     drawn_chance = any(chance_of(m) is not None for m in metrics)
-    _finish(fig, title or reader_label(task).capitalize(), _interval_caption(t), _model_handles(order, drawn_chance))
+    _finish(fig, title or reader_label(task).capitalize(), _interval_caption(t),
+            _model_handles(order, drawn_chance))
     return fig
 
 # %% ../../nbs/report/02_figures.ipynb #31e075ab
-# the models of the paper's main comparison: the base, pc-clip and the caption baselines (the ablations get their own figure)
-MAIN_MODELS = tuple(s.name for s in REGISTRY if s.role in ("pc-clip", "baseline") or (s.role == "base" and not s.config))
+# the models of the paper's main comparison: the base, pc-clip and the caption baselines (the ablations get
+# their own figure)
+MAIN_MODELS = tuple(s.name for s in REGISTRY
+                    if s.role in ("pc-clip", "baseline") or (s.role == "base" and not s.config))
 _SHORT_TASKS = {"difference_classification": "difference classification", "zero_shot": "zero-shot",
                 "retrieval": "retrieval", "linear_probe": "linear probe", "t2i_arithmetic": "T2I arithmetic"}
 
 
 def _model_bars(ax, t: pd.DataFrame, order: Sequence[str]) -> None:
-    "Horizontal bars of one value per model (y axis: the models), in the palette's colours, with their intervals."
+    """Horizontal bars of one value per model (y axis: the models), in the palette's colours, with their
+    intervals."""
     import seaborn as sns
     t = t.set_index("model").reindex(order).reset_index()
-    sns.barplot(data=t, y="model", x="mean", hue="model", order=order, hue_order=order, palette=PALETTE.colours(order),
-                errorbar=None, orient="h", saturation=1.0, legend=False, ax=ax)
+    sns.barplot(data=t, y="model", x="mean", hue="model", order=order, hue_order=order,
+                palette=PALETTE.colours(order), errorbar=None, orient="h", saturation=1.0, legend=False,
+                ax=ax)
     ok = (t["ci_low"].notna() & t["ci_high"].notna() & t["mean"].notna()).to_numpy()
-    ax.errorbar(t["mean"][ok], np.arange(len(order))[ok], xerr=[(t["mean"] - t["ci_low"])[ok], (t["ci_high"] - t["mean"])[ok]],
+    ax.errorbar(t["mean"][ok], np.arange(len(order))[ok],
+                xerr=[(t["mean"] - t["ci_low"])[ok], (t["ci_high"] - t["mean"])[ok]],
                 fmt="none", ecolor="black", elinewidth=1, capsize=2)
     ax.set_ylabel("")
 
 
-def ablation_figure(results: pd.DataFrame, models: Sequence[str] = ABLATION_MODELS, metrics: dict[str, str] = MAIN_METRICS,
+def ablation_figure(results: pd.DataFrame, models: Sequence[str] = ABLATION_MODELS,
+                    metrics: dict[str, str] = MAIN_METRICS,
                     title: str = "Baselines and ablations: each task's main metric, mean over its cells"):
-    "One axis per task (difference classification per wording), one bar per model: mean over cells with the mean interval."
+    """One axis per task (difference classification per wording), one bar per model: mean over cells with the
+    mean interval."""
     res = test_rows(results)
-    res = res.reindex(columns=list(res.columns) + [c for c in ("condition", "ci_low", "ci_high") if c not in res])
+    res = res.reindex(columns=list(res.columns)
+                      + [c for c in ("condition", "ci_low", "ci_high") if c not in res])
     panels = []
     for task, metric in metrics.items():
         sub = res[(res["task"] == task) & (res["metric"] == metric) & res["model"].isin(models)]
-        sub = sub.assign(condition=sub["condition"].fillna("").astype(str), ci_low=sub["ci_low"].astype(float),
-                         ci_high=sub["ci_high"].astype(float))
-        split = sub["condition"].map(lambda c: condition_dict(c).get("wording")) if task == _DIFF else pd.Series("", sub.index)
+        sub = sub.assign(condition=sub["condition"].fillna("").astype(str),
+                         ci_low=sub["ci_low"].astype(float), ci_high=sub["ci_high"].astype(float))
+        split = (sub["condition"].map(lambda c: condition_dict(c).get("wording")) if task == _DIFF
+                 else pd.Series("", sub.index))
         for wording, g in sub.groupby(split.fillna(""), sort=False):
             cells = g.groupby(["model", "dataset", "condition"])[["value", "ci_low", "ci_high"]].mean()
             t = cells.groupby("model").mean().rename(columns={"value": "mean"}).reset_index()
@@ -224,14 +254,16 @@ def ablation_figure(results: pd.DataFrame, models: Sequence[str] = ABLATION_MODE
         ax.set_xlabel(metric)
         if _metric_kind(metric) == "fraction":
             ax.set_xlim(0, 1.0)
-    _finish(fig, title, "Bars: the mean over the task's cells (and seeds); black lines: the mean of the cells' 95 % "
-                        "intervals (ci_low to ci_high in results.csv), a guide, not an interval of the mean")
+    _finish(fig, title,
+            "Bars: the mean over the task's cells (and seeds); black lines: the mean of the cells' 95 % "
+            "intervals (ci_low to ci_high in results.csv), a guide, not an interval of the mean")
     return fig
 
 
 def alpha_figure(results: pd.DataFrame, models: Sequence[str] | None = None, metric: str = "accuracy",
                  title: str = "Comparative prompting: accuracy over the alpha sweep"):
-    "Validation accuracy over every alpha (with intervals) and test accuracy at alpha = 1 and the chosen alpha, per model."
+    """Validation accuracy over every alpha (with intervals) and test accuracy at alpha = 1 and the chosen
+    alpha, per model."""
     import seaborn as sns
     from matplotlib.lines import Line2D
     r = results[(results["task"] == "comparative_prompting") & (results["metric"] == metric)]
@@ -251,25 +283,27 @@ def alpha_figure(results: pd.DataFrame, models: Sequence[str] | None = None, met
             ax.set_visible(False)
             continue
         if part is val:  # the sweep: a line per model, its interval as a band
-            sns.lineplot(data=g, x="alpha", y="value", hue="model", hue_order=order, palette=PALETTE.colours(order),
-                         marker="o", errorbar=None, legend=False, ax=ax)
+            sns.lineplot(data=g, x="alpha", y="value", hue="model", hue_order=order,
+                         palette=PALETTE.colours(order), marker="o", errorbar=None, legend=False, ax=ax)
             for m, q in g.groupby("model"):
                 if q["ci_low"].notna().all():
                     ax.fill_between(q["alpha"], q["ci_low"], q["ci_high"], color=PALETTE[m], alpha=0.1, lw=0)
         else:  # two settings per model: points with their intervals, side by side
             step = 0.3 * (g["alpha"].max() - g["alpha"].min() or 0.1) / max(len(order), 1)
-            g = g.assign(x=g["alpha"] + g["model"].map({m: (j - (len(order) - 1) / 2) * step for j, m in enumerate(order)}))
-            sns.scatterplot(data=g, x="x", y="value", hue="model", hue_order=order, palette=PALETTE.colours(order),
-                            legend=False, ax=ax, zorder=3)
+            g = g.assign(x=g["alpha"] + g["model"].map({m: (j - (len(order) - 1) / 2) * step
+                                                        for j, m in enumerate(order)}))
+            sns.scatterplot(data=g, x="x", y="value", hue="model", hue_order=order,
+                            palette=PALETTE.colours(order), legend=False, ax=ax, zorder=3)
             ok = g["ci_low"].notna().to_numpy()
-            ax.errorbar(g["x"][ok], g["value"][ok], yerr=[(g["value"] - g["ci_low"])[ok], (g["ci_high"] - g["value"])[ok]],
+            ax.errorbar(g["x"][ok], g["value"][ok],
+                        yerr=[(g["value"] - g["ci_low"])[ok], (g["ci_high"] - g["value"])[ok]],
                         fmt="none", ecolor="black", elinewidth=1, capsize=2)
             ax.set_xticks(sorted(g["alpha"].unique()))
         ax.set(title=name, xlabel="alpha (1 = plain zero-shot prompts)", ylabel=reader_label(metric))
         ax.title.set_fontsize(10)
     handles = {m: Line2D([], [], color=PALETTE[m], marker="o") for m in order}
-    _finish(fig, title, "Points: accuracy at each alpha; bands (validation) and black lines (test): 95 % interval (ci_low to ci_high in "
-                        "results.csv)", handles)
+    _finish(fig, title, "Points: accuracy at each alpha; bands (validation) and black lines (test): "
+                        "95 % interval (ci_low to ci_high in results.csv)", handles)
     return fig
 
 
@@ -279,8 +313,10 @@ def _paper_points(text: str) -> float | None:
     return float(m[1].replace(" ", "")) / 100 if m else None
 
 
-def claims_figure(verdicts: pd.DataFrame, title: str = "The paper's claims: ours (A - B, 95 % interval) and the paper's number"):
-    "Forest plot of a claim table (`claim_verdicts`): one row per claim, A - B with its interval, the tolerance, the paper."
+def claims_figure(verdicts: pd.DataFrame,
+                  title: str = "The paper's claims: ours (A - B, 95 % interval) and the paper's number"):
+    """Forest plot of a claim table (`claim_verdicts`): one row per claim, A - B with its interval, the
+    tolerance, the paper."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     v = verdicts.reset_index(drop=True)
@@ -292,7 +328,8 @@ def claims_figure(verdicts: pd.DataFrame, title: str = "The paper's claims: ours
         if r["expected"] in ("not_worse", "same"):
             ax.fill_betweenx([i - 0.35, i + 0.35], -r["tol"], r["tol"], color="grey", alpha=0.18, lw=0)
         if np.isfinite(r["delta"]) and np.isfinite(r["ci_low"]):
-            ax.errorbar([r["delta"]], [i], xerr=[[r["delta"] - r["ci_low"]], [r["ci_high"] - r["delta"]]], fmt="o",
+            ax.errorbar([r["delta"]], [i],
+                        xerr=[[r["delta"] - r["ci_low"]], [r["ci_high"] - r["delta"]]], fmt="o",
                         color=PALETTE[model_a], ecolor=PALETTE[model_a], elinewidth=2, capsize=3, ms=6)
         elif np.isfinite(r["delta"]):
             ax.plot([r["delta"]], [i], "o", color=PALETTE[model_a], mfc="white")
@@ -300,27 +337,33 @@ def claims_figure(verdicts: pd.DataFrame, title: str = "The paper's claims: ours
         if p is not None:
             ax.plot([p], [i], "D", color="black", mfc="white", ms=6)
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(range(len(v)), [textwrap.fill(f"{s} ({c})", 46) for s, c in zip(v["statement"], v["comparison"])],
+    ax.set_yticks(range(len(v)),
+                  [textwrap.fill(f"{s} ({c})", 46) for s, c in zip(v["statement"], v["comparison"])],
                   fontsize=8)
     ax.set_ylim(len(v) - 0.5, -0.5)
     ax.set_xlabel("A - B on the same items\n(95 % paired-bootstrap interval)")
     right = ax.twinx()
     right.set_ylim(ax.get_ylim())
     right.grid(False)
-    said = lambda r: (f"ours: {r['observed']}" + ("" if r["agrees"] == "n/a" else f" · agrees: {r['agrees']}"))
-    right.set_yticks(range(len(v)), [textwrap.fill(f"paper: {r['paper'] or '-'}", 34) + "\n" + textwrap.fill(said(r), 34)
+    said = lambda r: (f"ours: {r['observed']}"
+                      + ("" if r["agrees"] == "n/a" else f" · agrees: {r['agrees']}"))
+    right.set_yticks(range(len(v)), [textwrap.fill(f"paper: {r['paper'] or '-'}", 34) + "\n"
+                                     + textwrap.fill(said(r), 34)
                                      for _, r in v.iterrows()], fontsize=8)
     handles = {"ours (95 % interval), in model A's colour": Line2D([], [], color="grey", marker="o", lw=2),
-               "the paper's number (where given in points)": Line2D([], [], color="black", marker="D", mfc="white", ls=""),
+               "the paper's number (where given in points)": Line2D([], [], color="black", marker="D",
+                                                                    mfc="white", ls=""),
                "tolerance of a 'not worse' / 'same' claim": Patch(color="grey", alpha=0.3)}
     fig.suptitle(textwrap.fill(title, 70), fontsize=12)
-    fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center", ncols=2, fontsize=8,
+               frameon=False)
     return fig
 
 
 def loss_figure(panels: dict[str, dict[str, pd.Series]], xlabel: str = "step", ylabel: str = "loss",
                 title: str = "Training loss"):
-    "Loss curves, one axis per panel (`{title: {model: series indexed by step or epoch}}`), each model in its colour."
+    """Loss curves, one axis per panel (`{title: {model: series indexed by step or epoch}}`), each model in
+    its colour."""
     import seaborn as sns
     from matplotlib.lines import Line2D
     panels = {k: c for k, c in panels.items() if c}
@@ -330,7 +373,8 @@ def loss_figure(panels: dict[str, dict[str, pd.Series]], xlabel: str = "step", y
     names = []
     for ax, (name, curves) in zip(axes, panels.items()):
         for model, s in curves.items():
-            sns.lineplot(x=np.asarray(s.index, float), y=np.asarray(s, float), color=PALETTE[model], ax=ax, lw=1.2)
+            sns.lineplot(x=np.asarray(s.index, float), y=np.asarray(s, float), color=PALETTE[model], ax=ax,
+                         lw=1.2)
             names.append(model)
         ax.set(title=name, xlabel=xlabel, ylabel=ylabel)
         ax.title.set_fontsize(10)
@@ -343,34 +387,39 @@ _CONSTRAINT_LABELS = {"zero_shot": "zero-shot accuracy change", "worst_class": "
 
 
 def pareto_figure(table: pd.DataFrame, path: str | Path | None = None, targets: Targets = Targets()):
-    "Validation difference gain against each constraint's change (one panel each), misses crossed, front joined, choice circled."
+    """Validation difference gain against each constraint's change (one panel each), misses crossed, front
+    joined, choice circled."""
     import matplotlib.pyplot as plt
     import seaborn as sns
     with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
-        fig, axes = plt.subplots(1, len(CONSTRAINTS), figsize=(3.9 * len(CONSTRAINTS) + 1.8, 3.8), sharey=True,
-                                 layout="constrained")
+        fig, axes = plt.subplots(1, len(CONSTRAINTS), figsize=(3.9 * len(CONSTRAINTS) + 1.8, 3.8),
+                                 sharey=True, layout="constrained")
     plt.close(fig)  # detached from pyplot: the notebook shows it where it is displayed
     lrs = table.assign(learning_rate=table["lr"].map(lambda v: f"lr {v:g}"))
     model = str(table["model"].iloc[0]) if "model" in table and len(table) else "pc-clip"
     for k, (ax, (name, col)) in enumerate(zip(axes, CONSTRAINTS.items())):
-        sns.scatterplot(data=lrs, x=col, y="diff_gain", style="learning_rate", color=PALETTE[model], s=45, ax=ax)
+        sns.scatterplot(data=lrs, x=col, y="diff_gain", style="learning_rate", color=PALETTE[model], s=45,
+                        ax=ax)
         ax.set_ylabel("")
         for _, grp in table.groupby("lr"):
             for _, r in grp.iterrows():
-                ax.annotate(f"α={r['alpha']:g}", (r[col], r["diff_gain"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(f"α={r['alpha']:g}", (r[col], r["diff_gain"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
         ax.get_legend().remove()
         miss = table[table[col] < getattr(targets, name)]
-        ax.scatter(miss[col], miss["diff_gain"], marker="x", s=90, color="red", lw=1.2, label="misses this constraint")
+        ax.scatter(miss[col], miss["diff_gain"], marker="x", s=90, color="red", lw=1.2,
+                   label="misses this constraint")
         if k == 0:
             front = table[pareto_front(table, x=col)].sort_values(col)
             ax.plot(front[col], front["diff_gain"], color="grey", lw=1, zorder=0, label="Pareto front")
         ch = table[table["chosen"]]
-        ax.scatter(ch[col], ch["diff_gain"], s=220, facecolors="none", edgecolors="red", lw=1.5, label="chosen")
+        ax.scatter(ch[col], ch["diff_gain"], s=220, facecolors="none", edgecolors="red", lw=1.5,
+                   label="chosen")
         ax.axvline(getattr(targets, name), color="red", ls=":", lw=1, label="constraint (keep right of it)")
         ax.axhline(0, color="black", lw=0.5)
         ax.xaxis.set_major_locator(plt.MaxNLocator(5))
-        ax.set(xlabel=f"{_CONSTRAINT_LABELS[name]} vs clip (validation)", title=f"{name.replace('_', '-')} constraint "
-               f"(>= {getattr(targets, name):+g})")
+        ax.set(xlabel=f"{_CONSTRAINT_LABELS[name]} vs clip (validation)",
+               title=f"{name.replace('_', '-')} constraint (>= {getattr(targets, name):+g})")
     axes[0].set_ylabel("difference-classification gain (validation)")
     handles = dict(zip(*reversed(axes[0].get_legend_handles_labels())))
     fig.legend(list(handles.values()), list(handles.keys()), fontsize=7, loc="outside right upper")

@@ -34,23 +34,29 @@ def cell_name(dataset: str, condition: str) -> str:
 
 # %% ../../nbs/report/00_tables.ipynb #6ae4c48c
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    "Mean, standard deviation, number of seeds and interval of each (model, task, dataset, condition, metric)."
+    """Mean, standard deviation, number of seeds and interval of each (model, task, dataset, condition,
+    metric)."""
     keys = ["model", "task", "dataset", "condition", "metric"]
-    r = results.reindex(columns=list(results.columns) + [c for c in ("condition", "ci_low", "ci_high") if c not in results])
+    r = results.reindex(columns=list(results.columns)
+                        + [c for c in ("condition", "ci_low", "ci_high") if c not in results])
     r = r.assign(condition=r["condition"].fillna("").astype(str))
-    out = r.groupby(keys, sort=False).agg(mean=("value", "mean"), std=("value", "std"), seeds=("value", "count"),
-                                          ci_low=("ci_low", "first"), ci_high=("ci_high", "first")).reset_index()
+    out = r.groupby(keys, sort=False).agg(mean=("value", "mean"), std=("value", "std"),
+                                          seeds=("value", "count"), ci_low=("ci_low", "first"),
+                                          ci_high=("ci_high", "first")).reset_index()
     out["std"] = out["std"].fillna(0.0)
     return out
 
 
-def pivot_table(results: pd.DataFrame, task: str, metric: str | None = None, models: list[str] | None = None) -> pd.DataFrame:
-    "Models x cells (data set and condition) of one task's test rows (mean over seeds); `metric` defaults to the first."
+def pivot_table(results: pd.DataFrame, task: str, metric: str | None = None,
+                models: list[str] | None = None) -> pd.DataFrame:
+    """Models x cells (data set and condition) of one task's test rows (mean over seeds); `metric` defaults
+    to the first."""
     s = summarise(test_rows(results[results["task"] == task]))
     if s.empty:
         return pd.DataFrame()
     metric = metric or s["metric"].iloc[0]
-    s = s[s["metric"] == metric].assign(cell=lambda d: [cell_name(a, b) for a, b in zip(d.dataset, d.condition)])
+    s = s[s["metric"] == metric].assign(cell=lambda d: [cell_name(a, b)
+                                                        for a, b in zip(d.dataset, d.condition)])
     t = s.pivot_table(index="model", columns="cell", values="mean", sort=False)
     t.columns.name = None
     return t.reindex([m for m in models if m in t.index]) if models else t
@@ -61,13 +67,16 @@ def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
     if df.empty:
         return "_no rows_\n"
     cols = [df.index.name or ""] + [str(c) for c in df.columns]
-    fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, (float, np.floating)) and np.isfinite(v) else ("" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+    fmt = lambda v: (f"{v:.{digits}f}" if isinstance(v, (float, np.floating)) and np.isfinite(v)
+                     else ("" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)))
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * len(df.columns)) + "|"]
-    lines += ["| " + " | ".join([str(i)] + [fmt(v) for v in row]) + " |" for i, row in zip(df.index, df.values)]
+    lines += ["| " + " | ".join([str(i)] + [fmt(v) for v in row]) + " |"
+              for i, row in zip(df.index, df.values)]
     return "\n".join(lines) + "\n"
 
 # %% ../../nbs/report/00_tables.ipynb #945c072a
-ABLATION_MODELS = ablation_models()  # the registry's (`pc_clip.core.registry.ablation_models`; default wavg_alpha)
+# the registry's (`pc_clip.core.registry.ablation_models`; default wavg_alpha)
+ABLATION_MODELS = ablation_models()
 
 
 def ablation_table(results: pd.DataFrame, models: list[str] = ABLATION_MODELS,
@@ -77,7 +86,8 @@ def ablation_table(results: pd.DataFrame, models: list[str] = ABLATION_MODELS,
     for task, metric in metrics.items():
         sub = results[(results["task"] == task) & (results["metric"] == metric)]
         if len(sub):
-            cols[f"{task} ({metric})"] = sub.groupby(["model", "dataset", "condition"])["value"].mean().groupby("model").mean()
+            cols[f"{task} ({metric})"] = (sub.groupby(["model", "dataset", "condition"])["value"].mean()
+                                          .groupby("model").mean())
     t = pd.DataFrame(cols)
     t.index.name = "model"
     return t.reindex([m for m in models if m in t.index])
@@ -97,5 +107,6 @@ def direction_sentences(results: pd.DataFrame, task: str, model: str = "pc-clip"
         if (ds, cond, met) in m[model].index:
             a = m[model][(ds, cond, met)]
             word = "better" if a - b > tol else "worse" if a - b < -tol else "same"
-            out.append(f"{model} vs {baseline} on {cell_name(ds, cond)} ({met}): {a:.3f} vs {b:.3f}, {a - b:+.3f} ({word})")
+            out.append(f"{model} vs {baseline} on {cell_name(ds, cond)} ({met}): "
+                       f"{a:.3f} vs {b:.3f}, {a - b:+.3f} ({word})")
     return out

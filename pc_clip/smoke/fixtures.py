@@ -47,7 +47,8 @@ def temp_workdir(data: bool = False) -> Iterator[Path]:
 
 # %% ../../nbs/smoke/00_fixtures.ipynb #d5bf161c
 def toy_results() -> tuple[pd.DataFrame, pd.DataFrame]:
-    "A hand-made results table and its per-item outcomes (the report's examples): pc-clip right on more of the same 200 items than clip."
+    """A hand-made results table and its per-item outcomes (the report's examples): pc-clip right on more of
+    the same 200 items than clip."""
     import pandas as pd
     rng = np.random.default_rng(0)
     hard = rng.random(200)
@@ -57,13 +58,16 @@ def toy_results() -> tuple[pd.DataFrame, pd.DataFrame]:
         for cond in ("wording=train", "wording=heldout"):
             hit = (hard < p).astype(float)
             rows.append(dict(experiment="04", profile="tiny", model=model, task="difference_classification",
-                             dataset="world/size", condition=cond, metric="accuracy", value=hit.mean(), seed=0, n=200))
-            items.append(pd.DataFrame(dict(experiment="04", profile="tiny", model=model, task="difference_classification",
+                             dataset="world/size", condition=cond, metric="accuracy", value=hit.mean(),
+                             seed=0, n=200))
+            items.append(pd.DataFrame(dict(experiment="04", profile="tiny", model=model,
+                                           task="difference_classification",
                                            dataset="world/size", condition=cond, metric="accuracy", seed=0,
-                                           item=np.arange(200).astype(str), value=hit, weight=1.0, group="0", statistic="mean")))
+                                           item=np.arange(200).astype(str), value=hit, weight=1.0, group="0",
+                                           statistic="mean")))
     for model in ("clip", "pc-clip"):
-        rows.append(dict(experiment="05", profile="tiny", model=model, task="zero_shot", dataset="world", condition="",
-                         metric="accuracy", value=0.8, seed=0, n=500))
+        rows.append(dict(experiment="05", profile="tiny", model=model, task="zero_shot", dataset="world",
+                         condition="", metric="accuracy", value=0.8, seed=0, n=500))
     return pd.DataFrame(rows), pd.concat(items, ignore_index=True)
 
 # %% ../../nbs/smoke/00_fixtures.ipynb #b322adc5
@@ -84,7 +88,8 @@ def _write_text(path: Path, lines: Sequence[str]) -> None:
 # %% ../../nbs/smoke/00_fixtures.ipynb #b8fb1693
 @contextmanager
 def accept_fixture_checksums() -> Iterator[None]:
-    "Inside the block, torchvision's CIFAR-100 and Flowers102 accept files whose MD5 differs from the release."
+    """Inside the block, torchvision's CIFAR-100 and Flowers102 accept files whose MD5 differs from the
+    release."""
     with torchvision_integrity(lambda fpath, md5, official: os.path.isfile(fpath)):
         yield
 
@@ -94,16 +99,21 @@ def _fixture_cifar100(root: Path, n: int) -> None:
     base.mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
         labels = [k for k in range(len(names)) for _ in range(n)]
-        data = np.stack([np.broadcast_to(np.array(fixture_colour(k), np.uint8)[:, None], (3, 1024)).reshape(-1)
+        data = np.stack([np.broadcast_to(np.array(fixture_colour(k), np.uint8)[:, None],
+                                         (3, 1024)).reshape(-1)
                          for k in labels])
-        entry = {"filenames": [f"fixture_{i}.png" for i in range(len(labels))], "batch_label": f"{split}ing batch 1 of 1",
+        entry = {"filenames": [f"fixture_{i}.png" for i in range(len(labels))],
+                 "batch_label": f"{split}ing batch 1 of 1",
                  "fine_labels": labels, "coarse_labels": [0] * len(labels), "data": data}
         (base / split).write_bytes(pickle.dumps(entry, protocol=2))
-    (base / "meta").write_bytes(pickle.dumps({"fine_label_names": names, "coarse_label_names": ["fixture"]}, protocol=2))
+    (base / "meta").write_bytes(pickle.dumps({"fine_label_names": names, "coarse_label_names": ["fixture"]},
+                                             protocol=2))
 
 # %% ../../nbs/smoke/00_fixtures.ipynb #93d37a85
-def _fixture_coco(root: Path, n: int, n_images: int = 3, caption: Callable[[int, int], str] | None = None) -> None:
-    "`n_images` images per split with `n` captions each; `caption(image_id, j)` writes caption `j` of an image."
+def _fixture_coco(root: Path, n: int, n_images: int = 3,
+                  caption: Callable[[int, int], str] | None = None) -> None:
+    """`n_images` images per split with `n` captions each; `caption(image_id, j)` writes caption `j` of an
+    image."""
     caption = caption or (lambda i, j: f"A photo number {i}, caption {j}. ")
     for split, first in (("train", 1), ("val", max(100, 10 ** len(str(n_images))))):
         ids = list(range(first, first + n_images))
@@ -127,7 +137,9 @@ def _fixture_cub(root: Path, n: int) -> None:
             i += 1
             rel = f"{c}/{c[4:]}_{j:04d}_{i}.jpg"
             _write_jpg(base / "images" / rel, k)
-            images.append(f"{i} {rel}"); labels.append(f"{i} {k + 1}"); is_train.append(f"{i} {int(j % 2 == 0)}")
+            images.append(f"{i} {rel}")
+            labels.append(f"{i} {k + 1}")
+            is_train.append(f"{i} {int(j % 2 == 0)}")
     _write_text(base / "classes.txt", [f"{k + 1} {c}" for k, c in enumerate(classes)])
     _write_text(base / "images.txt", images)
     _write_text(base / "image_class_labels.txt", labels)
@@ -135,7 +147,8 @@ def _fixture_cub(root: Path, n: int) -> None:
     attrs = ["has_bill_shape::curved_(up_or_down)", "has_wing_color::blue", "has_size::small_(5_-_9_in)"]
     _write_text(root / "attributes.txt", [f"{a + 1} {name}" for a, name in enumerate(attrs)])
     _write_text(base / "attributes" / "class_attribute_labels_continuous.txt",
-                [" ".join(f"{(10 * k + 30 * a) % 100:.6f}" for a in range(len(attrs))) for k in range(len(classes))])
+                [" ".join(f"{(10 * k + 30 * a) % 100:.6f}" for a in range(len(attrs)))
+                 for k in range(len(classes))])
 
 # %% ../../nbs/smoke/00_fixtures.ipynb #756f67f3
 def _fixture_eurosat(root: Path, n: int, layout: str = "2750") -> None:
@@ -178,31 +191,37 @@ def _fixture_sun397(root: Path, n: int) -> None:
 # %% ../../nbs/smoke/00_fixtures.ipynb #104905be
 def _fixture_awa2(root: Path, n: int) -> None:
     base = root / "Animals_with_Attributes2"
-    classes, preds = ["antelope", "grizzly+bear", "killer+whale"], ["black", "white", "big", "fast", "stripes", "smelly"]
+    classes, preds = (["antelope", "grizzly+bear", "killer+whale"],
+                      ["black", "white", "big", "fast", "stripes", "smelly"])
     _write_text(base / "classes.txt", [f"{k + 1}\t{c}" for k, c in enumerate(classes)])
     _write_text(base / "predicates.txt", [f"{k + 1}\t{p}" for k, p in enumerate(preds)])
     matrix = [[1, 0, 1, 1, 0, 0], [0, 0, 1, 0, 0, 1], [1, 1, 1, 1, 0, 0]]
     _write_text(base / "predicate-matrix-binary.txt", [" ".join(map(str, row)) for row in matrix])
-    _write_text(base / "predicate-matrix-continuous.txt", [" ".join(f"{60.0 * v:.2f}" for v in row) for row in matrix])
+    _write_text(base / "predicate-matrix-continuous.txt",
+                [" ".join(f"{60.0 * v:.2f}" for v in row) for row in matrix])
     _write_text(base / "trainclasses.txt", ["antelope"])
-    _write_text(base / "testclasses.txt", ["grizzly+bear", "killer+whale"])  # two: test images of different classes
+    # two: test images of different classes
+    _write_text(base / "testclasses.txt", ["grizzly+bear", "killer+whale"])
     for k, c in enumerate(classes):
         for j in range(n):
             _write_jpg(base / "JPEGImages" / c / f"{c}_{10001 + j}.jpg", k)
 
 # %% ../../nbs/smoke/00_fixtures.ipynb #93e5cc9b
-FIXTURES = {"coco": _fixture_coco, "cifar100": _fixture_cifar100, "cub": _fixture_cub, "eurosat": _fixture_eurosat,
-            "flowers102": _fixture_flowers102, "sun397": _fixture_sun397, "awa2": _fixture_awa2}
+FIXTURES = {"coco": _fixture_coco, "cifar100": _fixture_cifar100, "cub": _fixture_cub,
+            "eurosat": _fixture_eurosat, "flowers102": _fixture_flowers102, "sun397": _fixture_sun397,
+            "awa2": _fixture_awa2}
 
 
-def make_fixture(name: str, root: str | Path, n_per_class: int = 2, layout: str | None = None, **options) -> Path:
+def make_fixture(name: str, root: str | Path, n_per_class: int = 2, layout: str | None = None,
+                 **options) -> Path:
     "Write a tiny copy of data set `name` in its official on-disk layout under `root`; returns `root`."
     if name not in FIXTURES:
         raise KeyError(f"no fixture for {name!r}; fixtures exist for {sorted(FIXTURES)}")
     if layout is not None and name != "eurosat":
         raise ValueError(f"{name} ships in one layout; `layout` applies to eurosat only")
     if options and name != "coco":
-        raise ValueError(f"{name} takes no options {sorted(options)}; `n_images` and `caption` apply to coco only")
+        raise ValueError(f"{name} takes no options {sorted(options)}; "
+                         f"`n_images` and `caption` apply to coco only")
     root = Path(root)
     FIXTURES[name](root, n_per_class, **({"layout": layout} if layout else {}), **options)
     return root
@@ -229,12 +248,14 @@ def make_tiny_llama(folder: str | Path, seed: int = 0, hidden: int = 64, layers:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(_TINY_SENTENCES * 4, trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     if chat_template:
         tok.chat_template = chat_template
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=1024,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).save_pretrained(folder)
@@ -242,29 +263,34 @@ def make_tiny_llama(folder: str | Path, seed: int = 0, hidden: int = 64, layers:
     return folder
 
 # %% ../../nbs/smoke/00_fixtures.ipynb #c2f6a432
-def tiny_sdxl_pipeline(text_model: str = "pc-clip-tiny", quick_gelu: bool = False, width_2: int = 32, seed: int = 0):
-    "A random `StableDiffusionXLPipeline` of SDXL's structure whose `text_encoder` has `text_model`'s text architecture."
+def tiny_sdxl_pipeline(text_model: str = "pc-clip-tiny", quick_gelu: bool = False, width_2: int = 32,
+                       seed: int = 0):
+    """A random `StableDiffusionXLPipeline` of SDXL's structure whose `text_encoder` has `text_model`'s text
+    architecture."""
     import open_clip, torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     import pc_clip.models.clip  # noqa: F401  (registers the tiny world CLIP's config)
     from pc_clip.t2i.sdxl import clip_tokenizer, hf_text_config
     torch.manual_seed(seed)
     cfg_1 = hf_text_config(open_clip.create_model(text_model, force_quick_gelu=quick_gelu))
-    cfg_2 = CLIPTextConfig(vocab_size=49408, hidden_size=width_2, intermediate_size=4 * width_2, num_hidden_layers=2,
+    cfg_2 = CLIPTextConfig(vocab_size=49408, hidden_size=width_2, intermediate_size=4 * width_2,
+                           num_hidden_layers=2,
                            num_attention_heads=next(h for h in (4, 2, 1) if width_2 % h == 0),
                            max_position_embeddings=cfg_1.max_position_embeddings, hidden_act="gelu",
                            projection_dim=width_2, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
     time_dim = 8
     unet = UNet2DConditionModel(
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 1),
         cross_attention_dim=cfg_1.hidden_size + width_2, addition_embed_type="text_time",
         addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=6 * time_dim + width_2)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        sample_size=64)
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=64)
     tok = clip_tokenizer(cfg_1.max_position_embeddings)
     pipe = StableDiffusionXLPipeline(vae=vae, unet=unet, scheduler=EulerDiscreteScheduler(), tokenizer=tok,
                                      tokenizer_2=tok, text_encoder=CLIPTextModel(cfg_1).eval(),

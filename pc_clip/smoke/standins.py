@@ -16,10 +16,11 @@ import numpy as np
 
 from ..core.artifacts import artifact_lock, atomic_write_json, content_hash
 from .fixtures import make_fixture, tiny_sdxl_pipeline
-from pc_clip.differences.llm import (HFBackend, LLAMA2_CHAT_TEMPLATE, SYSTEM_PROMPT, build_prompt, load_causal_lm,
-    render_chat)
+from ..differences.llm import (HFBackend, LLAMA2_CHAT_TEMPLATE, SYSTEM_PROMPT, build_prompt,
+    load_causal_lm, render_chat)
 from ..models.clip import create_clip, load_checkpoint, save_checkpoint
-from ..data.imagedata import STANDIN_MANIFEST, accept_recorded, recorded_checksums, torchvision_integrity
+from pc_clip.data.imagedata import (STANDIN_MANIFEST, accept_recorded, recorded_checksums,
+    torchvision_integrity)
 
 # %% auto #0
 __all__ = ['COLOURS', 'NOUNS', 'PLACES', 'CAPTION_TEMPLATES', 'CHAT_TASKS', 'SMOKE_MODEL', 'SMOKE_TAG', 'CHAT_LM', 'SDXL',
@@ -32,8 +33,8 @@ __all__ = ['COLOURS', 'NOUNS', 'PLACES', 'CAPTION_TEMPLATES', 'CHAT_TASKS', 'SMO
 # %% ../../nbs/smoke/01_standins.ipynb #23a8f9df
 COLOURS = ("red", "blue", "green", "yellow", "white", "black", "brown", "orange")
 NOUNS = {"dog": "dogs", "cat": "cats", "horse": "horses", "bird": "birds", "man": "men", "woman": "women",
-         "child": "children", "bus": "buses", "car": "cars", "boat": "boats", "train": "trains", "bicycle": "bicycles",
-         "pizza": "pizzas", "cake": "cakes", "umbrella": "umbrellas", "kite": "kites"}
+         "child": "children", "bus": "buses", "car": "cars", "boat": "boats", "train": "trains",
+         "bicycle": "bicycles", "pizza": "pizzas", "cake": "cakes", "umbrella": "umbrellas", "kite": "kites"}
 PLACES = ("beach", "street", "field", "kitchen", "park", "river", "table", "road", "garden", "room")
 CAPTION_TEMPLATES = ("{Count} {colour} {nouns} in the {place}.", "{Count} {colour} {nouns} near the {place}.",
                      "A photo of {count} {colour} {nouns} by the {place}.",
@@ -43,14 +44,15 @@ CAPTION_TEMPLATES = ("{Count} {colour} {nouns} in the {place}.", "{Count} {colou
 
 def scene(rng: np.random.Generator) -> dict:
     "A random scene: `{'colour', 'noun', 'place', 'count'}` (count 1 to 3)."
-    return {"colour": str(rng.choice(COLOURS)), "noun": str(rng.choice(list(NOUNS))), "place": str(rng.choice(PLACES)),
-            "count": int(rng.integers(1, 4))}
+    return {"colour": str(rng.choice(COLOURS)), "noun": str(rng.choice(list(NOUNS))),
+            "place": str(rng.choice(PLACES)), "count": int(rng.integers(1, 4))}
 
 
 def _slots(s: dict) -> dict:
     count = ("a", "two", "three")[s["count"] - 1]
     return dict(count=count, Count=count.capitalize(), colour=s["colour"], place=s["place"],
-                nouns=s["noun"] if s["count"] == 1 else NOUNS[s["noun"]], be="is" if s["count"] == 1 else "are")
+                nouns=s["noun"] if s["count"] == 1 else NOUNS[s["noun"]],
+                be="is" if s["count"] == 1 else "are")
 
 
 def scene_caption(s: dict, j: int) -> str:
@@ -65,8 +67,8 @@ def difference_statements(a: dict, b: dict) -> list[str]:
     return [f"The first image has {sa['count']} {a['colour']} {sa['nouns']}, while the second image has "
             f"{sb['count']} {b['colour']} {sb['nouns']}.",
             f"The first image shows the {a['place']}, whereas the second image shows the {b['place']}.",
-            f"The first image has {more} {NOUNS[a['noun']]} than the second image has {NOUNS[b['noun']]}." if more
-            else "The first image has a different colour than the second image."]
+            f"The first image has {more} {NOUNS[a['noun']]} than the second image has {NOUNS[b['noun']]}."
+            if more else "The first image has a different colour than the second image."]
 
 
 def rewrite_statement(s: dict) -> str:
@@ -78,7 +80,8 @@ def rewrite_statement(s: dict) -> str:
 def category_statements(a: str, b: str, rng: np.random.Generator) -> list[str]:
     "Three statements of how a typical `a` looks different from a typical `b`."
     size = "larger" if rng.random() < 0.5 else "smaller"
-    return [f"A typical {a} is {size} than a typical {b}.", f"A typical {a} has a different shape than a typical {b}.",
+    return [f"A typical {a} is {size} than a typical {b}.",
+            f"A typical {a} has a different shape than a typical {b}.",
             f"A typical {a} has a different colour than a typical {b}."]
 
 # %% ../../nbs/smoke/01_standins.ipynb #29bdf5c0
@@ -99,11 +102,13 @@ def _judge_example(a: dict, b: dict, ca: str, cb: str, rng: np.random.Generator)
     return prompt, "\n".join(f"{i}: {v}" for i, v in enumerate(verdicts, 1))
 
 # %% ../../nbs/smoke/01_standins.ipynb #9eae62ce
-CHAT_TASKS = ("differences", "rewrite", "rewrite", "category", "judge")  # rewrites need the most copying: twice
+# rewrites need the most copying: twice
+CHAT_TASKS = ("differences", "rewrite", "rewrite", "category", "judge")
 
 
 def chat_examples(n: int, classnames: Sequence[str], seed: int = 0) -> list[tuple[str, str, str]]:
-    "`n` `(system, user, target)` chat examples of the paper path's LLM tasks, built with the project's prompts."
+    """`n` `(system, user, target)` chat examples of the paper path's LLM tasks, built with the project's
+    prompts."""
     from pc_clip.differences.judge import JUDGE_SYSTEM_PROMPT
     rng, out = np.random.default_rng([seed, 11]), []
     for k in range(n):
@@ -140,7 +145,8 @@ def chat_tokenizer(texts: Sequence[str], vocab_size: int = 3000):
 
 # %% ../../nbs/smoke/01_standins.ipynb #2e6d42ca
 def _encode(tok, examples: Sequence[tuple[str, str, str]]) -> list[tuple[list[int], list[int]]]:
-    "`(prompt ids, answer ids + eos)` of each example, the prompt rendered exactly as `generate_texts` renders it."
+    """`(prompt ids, answer ids + eos)` of each example, the prompt rendered exactly as `generate_texts`
+    renders it."""
     prompts = tok([render_chat(tok, u, s) for s, u, _ in examples], add_special_tokens=False)["input_ids"]
     answers = tok([" " + t for _, _, t in examples], add_special_tokens=False)["input_ids"]
     return [(p, a + [tok.eos_token_id]) for p, a in zip(prompts, answers)]
@@ -167,9 +173,10 @@ def train_chat_lm(folder: str | Path, examples: Sequence[tuple[str, str, str]], 
     from transformers import LlamaConfig, LlamaForCausalLM
     tok = chat_tokenizer([f"{s}\n{u}\n{t}" for s, u, t in examples])
     rows = _encode(tok, examples)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=1024, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.unk_token_id)
     threads, rng = torch.get_num_threads(), np.random.default_rng([seed, 12])
     torch.set_num_threads(1)  # one thread: the same sums in the same order on every machine
@@ -177,10 +184,12 @@ def train_chat_lm(folder: str | Path, examples: Sequence[tuple[str, str, str]], 
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt,
+                                                  lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
         model.train()
         for _ in (bar := tqdm(range(steps), desc="train the tiny chat LM", disable=not progress)):
-            ids, mask, labels = _batch([rows[i] for i in rng.choice(len(rows), batch_size, replace=False)], tok.unk_token_id)
+            ids, mask, labels = _batch([rows[i] for i in rng.choice(len(rows), batch_size, replace=False)],
+                                       tok.unk_token_id)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             opt.zero_grad()
             loss.backward()
@@ -200,19 +209,24 @@ def _accepted_fraction(records: Sequence[dict]) -> float:
 
 
 def chat_lm_report(folder: str | Path, n: int = 20, seed: int = 1, load_in_4bit: bool = True,
-                   classnames: Sequence[str] = ("apple", "maple tree", "sea or lake", "killer whale")) -> dict:
+                   classnames: Sequence[str] = ("apple", "maple tree", "sea or lake",
+                                                "killer whale")) -> dict:
     "Accepted-statement fractions per task and parsed-verdict fraction of the LM in `folder` on unseen items."
     from pc_clip.differences.records import build_record
     from pc_clip.differences.judge import HFJudge
     model, tok = load_causal_lm(str(folder), load_in_4bit=load_in_4bit, device="cpu")
-    backend, rng = HFBackend(model, tok, name="stand-in", max_new_tokens=64, seed=seed), np.random.default_rng([seed, 13])
+    backend, rng = (HFBackend(model, tok, name="stand-in", max_new_tokens=64, seed=seed),
+                    np.random.default_rng([seed, 13]))
     scenes = [(scene(rng), scene(rng)) for _ in range(n)]
-    items = {"differences": [{"key": f"d{k}", "caption_a": scene_caption(a, k), "caption_b": scene_caption(b, k + 1)}
+    items = {"differences": [{"key": f"d{k}", "caption_a": scene_caption(a, k),
+                              "caption_b": scene_caption(b, k + 1)}
                              for k, (a, b) in enumerate(scenes)],
-             "rewrite": [{"key": f"r{k}", "caption": scene_caption(a, k + 2)} for k, (a, _) in enumerate(scenes)],
+             "rewrite": [{"key": f"r{k}", "caption": scene_caption(a, k + 2)}
+                         for k, (a, _) in enumerate(scenes)],
              "category": [{"key": f"c{k}", "category_a": x, "category_b": y}
                           for k, (x, y) in enumerate(zip(classnames, classnames[1:] + classnames[:1]))]}
-    records = {task: [build_record(it, out, backend, task) for it, out in zip(its, backend.generate(its, task))]
+    records = {task: [build_record(it, out, backend, task)
+                      for it, out in zip(its, backend.generate(its, task))]
                for task, its in items.items()}
     out = {task: _accepted_fraction(recs) for task, recs in records.items()}
     judged = [r for r in records["differences"] if r["statements"]]
@@ -233,7 +247,8 @@ def build_smoke_clip(folder: str | Path, seed: int = 0) -> Path:
 
 
 def build_tiny_sdxl(folder: str | Path, clip_folder: str | Path, seed: int = 0) -> Path:
-    "Save a tiny SDXL pipeline whose first text encoder is the text tower of the CLIP checkpoint in `clip_folder`."
+    """Save a tiny SDXL pipeline whose first text encoder is the text tower of the CLIP checkpoint in
+    `clip_folder`."""
     from pc_clip.t2i.sdxl import open_clip_text_to_hf
     clip = load_checkpoint(clip_folder)[0]
     pipe = tiny_sdxl_pipeline(text_model=SMOKE_MODEL, seed=seed)
@@ -244,11 +259,12 @@ def build_tiny_sdxl(folder: str | Path, clip_folder: str | Path, seed: int = 0) 
 # %% ../../nbs/smoke/01_standins.ipynb #91adb9a0
 STANDIN_VERSION = 4  # 4: AwA2 has two test classes, Flowers102 two of one clear colour each
 MANIFEST = STANDIN_MANIFEST  # read as plain data by pc_clip.data (paper-smoke only)
-DATASET_PATHS = {"coco": ["coco"], "cifar100": ["cifar-100-python"], "cub": ["CUB_200_2011", "attributes.txt"],
-                 "eurosat": ["eurosat"], "flowers102": ["flowers-102"], "sun397": ["SUN397"],
+DATASET_PATHS = {"coco": ["coco"], "cifar100": ["cifar-100-python"],
+                 "cub": ["CUB_200_2011", "attributes.txt"], "eurosat": ["eurosat"],
+                 "flowers102": ["flowers-102"], "sun397": ["SUN397"],
                  "awa2": ["Animals_with_Attributes2"]}
-STANDIN_PATHS = {**DATASET_PATHS, "clip": [f"weights/{SMOKE_MODEL}/{SMOKE_TAG}"], "chat": [f"weights/{CHAT_LM}"],
-                 "sdxl": [f"weights/{SDXL}"]}
+STANDIN_PATHS = {**DATASET_PATHS, "clip": [f"weights/{SMOKE_MODEL}/{SMOKE_TAG}"],
+                 "chat": [f"weights/{CHAT_LM}"], "sdxl": [f"weights/{SDXL}"]}
 
 
 def _sha256(path: Path) -> str:
@@ -264,7 +280,8 @@ def owned_files(root: str | Path, name: str) -> dict[str, str]:
     root, out = Path(root), {}
     for rel in STANDIN_PATHS[name]:
         p = root / rel
-        for f in ([p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else []):
+        for f in ([p] if p.is_file()
+                  else sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else []):
             out[f.relative_to(root).as_posix()] = _sha256(f)
     return out
 
@@ -278,12 +295,14 @@ def read_manifest(root: str | Path) -> dict:
 def is_complete(root: str | Path, name: str, key: str, manifest: dict | None = None) -> bool:
     "Whether stand-in `name` under `root` was built with `key` and its files are unchanged."
     entry = (manifest or read_manifest(root))["items"].get(name)
-    return bool(entry) and entry["key"] == key and bool(entry["files"]) and owned_files(root, name) == entry["files"]
+    return (bool(entry) and entry["key"] == key and bool(entry["files"])
+            and owned_files(root, name) == entry["files"])
 
 # %% ../../nbs/smoke/01_standins.ipynb #f72a28c5
 @contextmanager
 def standin_checksums(root: str | Path) -> Iterator[None]:
-    "Inside the block, torchvision accepts the CIFAR-100 and Flowers102 files recorded in `root`'s stand-in manifest."
+    """Inside the block, torchvision accepts the CIFAR-100 and Flowers102 files recorded in `root`'s stand-in
+    manifest."""
     with torchvision_integrity(accept_recorded(recorded_checksums(root))):
         yield
 
@@ -298,13 +317,15 @@ def coco_caption(seed: int = 0) -> Callable[[int, int], str]:
 
 
 def standin_classnames(root: str | Path) -> list[str]:
-    "The class names of the classification stand-ins under `root` (what comparative prompting asks the LLM about)."
+    """The class names of the classification stand-ins under `root` (what comparative prompting asks the LLM
+    about)."""
     from pc_clip.data.datasets import load_dataset
     names: list[str] = []
     with standin_checksums(root):
         for name in DATASET_PATHS:
             if name != "coco":
-                names += [c for c in load_dataset(name, root, "train" if name == "flowers102" else "test").classnames
+                names += [c for c in load_dataset(name, root,
+                                                  "train" if name == "flowers102" else "test").classnames
                           if c not in names]
     return names
 
@@ -321,7 +342,8 @@ def _build_one(name: str, stage: Path, root: Path, seed: int, progress: bool) ->
         build_tiny_sdxl(stage / STANDIN_PATHS["sdxl"][0], root / STANDIN_PATHS["clip"][0], seed)
     elif name == "chat":
         examples = chat_examples(CHAT_EXAMPLES, standin_classnames(root), seed + 1)  # scenes unlike COCO's
-        train_chat_lm(stage / STANDIN_PATHS["chat"][0], examples, steps=CHAT_STEPS, seed=seed, progress=progress)
+        train_chat_lm(stage / STANDIN_PATHS["chat"][0], examples, steps=CHAT_STEPS, seed=seed,
+                      progress=progress)
     else:
         raise KeyError(f"no stand-in called {name!r}; stand-ins: {sorted(STANDIN_PATHS)}")
 
@@ -331,27 +353,33 @@ DEPENDS = {"sdxl": ("clip",), "chat": tuple(DATASET_PATHS)}
 
 
 def standin_key(name: str, seed: int, manifest: dict) -> str:
-    "What stand-in `name` is built from: this module's version, the seed and the files of the stand-ins it uses."
-    return content_hash(STANDIN_VERSION, seed, name, *[manifest["items"][d]["files"] for d in DEPENDS.get(name, ())])
+    """What stand-in `name` is built from: this module's version, the seed and the files of the stand-ins it
+    uses."""
+    return content_hash(STANDIN_VERSION, seed, name,
+                        *[manifest["items"][d]["files"] for d in DEPENDS.get(name, ())])
 
 
 def _install(name: str, stage: Path, root: Path, manifest: dict) -> None:
-    "Move stand-in `name`'s paths from `stage` into `root`, replacing only an earlier copy of the same stand-in."
+    """Move stand-in `name`'s paths from `stage` into `root`, replacing only an earlier copy of the same
+    stand-in."""
     for rel in STANDIN_PATHS[name]:
         src, dst = stage / rel, root / rel
         if not src.exists():
-            raise RuntimeError(f"building stand-in {name!r} wrote no {rel}; the fixture layout and STANDIN_PATHS disagree")
+            raise RuntimeError(f"building stand-in {name!r} wrote no {rel}; "
+                               f"the fixture layout and STANDIN_PATHS disagree")
         if dst.exists() or dst.is_symlink():
             if name not in manifest["items"]:
-                raise FileExistsError(f"{dst} exists and is not a stand-in recorded in {root / MANIFEST}; build the "
-                                      "stand-ins in a data root of their own (it may hold a real data set or weights)")
+                raise FileExistsError(f"{dst} exists and is not a stand-in recorded in {root / MANIFEST}; "
+                                      "build the stand-ins in a data root of their own "
+                                      "(it may hold a real data set or weights)")
             shutil.rmtree(dst) if dst.is_dir() and not dst.is_symlink() else dst.unlink()
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(src), str(dst))
 
 # %% ../../nbs/smoke/01_standins.ipynb #bcdc728a
 def build_paper_smoke(data_root: str | Path, seed: int = 0, progress: bool = True) -> dict:
-    "Write every stand-in `--profile paper-smoke` reads under `data_root`; skip those complete; return the manifest."
+    """Write every stand-in `--profile paper-smoke` reads under `data_root`; skip those complete; return the
+    manifest."""
     import tempfile, time
     from tqdm.auto import tqdm
     root = Path(data_root).expanduser().resolve()
@@ -374,5 +402,6 @@ def build_paper_smoke(data_root: str | Path, seed: int = 0, progress: bool = Tru
             manifest["version"] = STANDIN_VERSION
             atomic_write_json(root / MANIFEST, manifest)
             built.append(name)
-            seconds[name] = round(time.perf_counter() - start, 1)  # reported only: nothing built depends on it
+            # reported only: nothing built depends on it
+            seconds[name] = round(time.perf_counter() - start, 1)
     return {**manifest, "root": str(root), "built": built, "seconds": seconds}

@@ -50,7 +50,8 @@ class Base:
     name: str
     model_name: str
     image_size: int
-    budget: float = 1.0  # pretraining steps as a multiple of the study's reference budget (420: the first tiny base's)
+    # pretraining steps as a multiple of the study's reference budget (420: the first tiny base's)
+    budget: float = 1.0
     axis: str = ""  # what it changes from the first tiny base
 
     def config_of(self, cfg: Config, reference_steps: int = 420) -> Config:
@@ -59,9 +60,9 @@ class Base:
                            pretrain_steps=max(1, round(self.budget * reference_steps)))
 
 
-# the combinations of vision capacity with a larger budget (vision 128 x 4 at x2, 48 px with vision 128 x 4 at x2)
-# were planned and left out after the single axes: vision capacity alone moved no constrained gain (bench/RESULTS.md)
-# and each would cost 4-7 first-tiny pretrainings on a shared 2-core machine
+# the combinations of vision capacity with a larger budget (vision 128 x 4 at x2, 48 px with vision 128 x 4
+# at x2) were planned and left out after the single axes: vision capacity alone moved no constrained gain
+# (bench/RESULTS.md) and each would cost 4-7 first-tiny pretrainings on a shared 2-core machine
 BASES = (
     Base("tiny", "pc-clip-tiny", 32, 1, "the first tiny base"),
     Base("tiny-840", "pc-clip-tiny", 32, 2, "pretraining budget x2"),
@@ -91,7 +92,8 @@ def _sdpa_cpu_backward(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> in
 
 
 def pretrain_step_gflop(model, tokenizer, world, batch_size: int = 64, seed: int = 0) -> float:
-    "GFLOP of one pretraining step (forward + backward of `clip_step_loss`) on the first batch of `world`'s training split."
+    """GFLOP of one pretraining step (forward + backward of `clip_step_loss`) on the first batch of `world`'s
+    training split."""
     aten = torch.ops.aten
     mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
                aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward}
@@ -118,7 +120,8 @@ def validation_halves(world, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def probe_table(emb: torch.Tensor, world, seed: int = 0, max_train: int | None = 4000,
                 attributes: Sequence[str] = PROBED) -> pd.DataFrame:
-    "Per attribute: the probe's accuracy on validation images, the majority-class rate and the margin between them."
+    """Per attribute: the probe's accuracy on validation images, the majority-class rate and the margin
+    between them."""
     emb = torch.as_tensor(emb).numpy()
     train = world.indices("train")
     if max_train is not None and len(train) > max_train:
@@ -128,8 +131,8 @@ def probe_table(emb: torch.Tensor, world, seed: int = 0, max_train: int | None =
     for a in attributes:
         y = attribute_labels(world.attrs, a)
         r = attribute_probe(emb[train], y[train], emb[choose], y[choose], emb[score], y[score])
-        rows.append(dict(attribute=a, accuracy=r["accuracy"], majority=r["majority"], margin=r["margin"], C=r["C"],
-                         n=len(score)))
+        rows.append(dict(attribute=a, accuracy=r["accuracy"], majority=r["majority"], margin=r["margin"],
+                         C=r["C"], n=len(score)))
     return pd.DataFrame(rows)
 
 # %% ../../nbs/studies/02_capacity.ipynb #b5702b91
@@ -139,38 +142,46 @@ def _split_tasks(world, split: str, cfg: Config) -> dict:
 
 
 def ceiling_table(emb: torch.Tensor, world, cfg: Config) -> pd.DataFrame:
-    "Per difference cell: the accuracy of free statement vectors fit on training images, on validation images."
+    """Per difference cell: the accuracy of free statement vectors fit on training images, on validation
+    images."""
     emb = torch.as_tensor(emb)
     tr, va = emb[torch.as_tensor(world.indices("train"))], emb[torch.as_tensor(world.indices("val"))]
     train_tasks, rows = _split_tasks(world, "train", cfg), []
     for key, t in _split_tasks(world, "val", cfg).items():
         fit = train_tasks[key]
-        res = image_side_ceiling(tr[torch.as_tensor(fit.indices)], fit.labels, va[torch.as_tensor(t.indices)], t.labels,
-                                 t.text_fn, cfg.eval_n_images, cfg.eval_seeds)
+        res = image_side_ceiling(tr[torch.as_tensor(fit.indices)], fit.labels, va[torch.as_tensor(t.indices)],
+                                 t.labels, t.text_fn, cfg.eval_n_images, cfg.eval_seeds)
         rows.append(dict(cell=key, ceiling=float(np.mean([r["accuracy"] for r in res.values()]))))
     return pd.DataFrame(rows)
 
 # %% ../../nbs/studies/02_capacity.ipynb #31682b51
 def oracle_inputs(cfg: Config, world, model, tokenizer, progress: bool = True) -> FinetuneInputs:
-    "PC-CLIP's training inputs over `model`: the oracle's statements for `cfg`'s pairs of `world`, in a store keyed by the world."
-    pairs = sample_pairs(corpus_from_world(world, "train"), cfg.n_pairs, cfg.seed, cfg.pair_sampling, world.heldout_pairs)
-    path = cache_dir(cfg) / "capacity" / f"oracle-{world.key or content_hash(world.images)}-{content_hash(pairs['key'].tolist())}.jsonl"
-    records = generate_differences(pairs, make_backend(world=world, **backend_options(cfg)), path, progress=progress)
+    """PC-CLIP's training inputs over `model`: the oracle's statements for `cfg`'s pairs of `world`, in a
+    store keyed by the world."""
+    pairs = sample_pairs(corpus_from_world(world, "train"), cfg.n_pairs, cfg.seed, cfg.pair_sampling,
+                         world.heldout_pairs)
+    path = cache_dir(cfg) / "capacity" / (f"oracle-{world.key or content_hash(world.images)}-"
+                                          f"{content_hash(pairs['key'].tolist())}.jsonl")
+    records = generate_differences(pairs, make_backend(world=world, **backend_options(cfg)), path,
+                                   progress=progress)
     emb = embed_images(model, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
-    return FinetuneInputs(model, tokenizer, emb, world.images, {"differences": difference_triples(records)}, world,
-                          {"differences": f"oracle statements of {len(pairs)} pairs"}, {"differences": path})
+    return FinetuneInputs(model, tokenizer, emb, world.images, {"differences": difference_triples(records)},
+                          world, {"differences": f"oracle statements of {len(pairs)} pairs"},
+                          {"differences": path})
 
 
 def _gain(a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 1000) -> dict:
     "A - B on the items both outcome tables have (`item` keys carry the cell), cells weighted equally."
     both = a.merge(b, on="item", suffixes=("_a", "_b"))
     strata = both["item"].str.split("|").str[:2].str.join("|").to_numpy()
-    r = paired_bootstrap(both["value_a"], both["value_b"], both["weight_a"], both["weight_b"], None, strata, n_boot=n_boot)
+    r = paired_bootstrap(both["value_a"], both["value_b"], both["weight_a"], both["weight_b"], None, strata,
+                         n_boot=n_boot)
     return dict(gain=r["delta"], ci_low=r["ci_low"], ci_high=r["ci_high"], n=r["n"])
 
 
 def front_table(sweep, n_boot: int = 1000) -> pd.DataFrame:
-    "Per cell and pooled: base accuracy, and each front point's (constrained, unconstrained) accuracy and gain with its interval."
+    """Per cell and pooled: base accuracy, and each front point's (constrained, unconstrained) accuracy and
+    gain with its interval."""
     t = sweep.table
     points = {"unconstrained": t.loc[t["diff_gain"].idxmax()]}
     if bool(sweep.chosen["feasible"]):
@@ -187,7 +198,8 @@ def front_table(sweep, n_boot: int = 1000) -> pd.DataFrame:
             g = _gain(a, b, n_boot)
             rows.append(dict(point=point, cell=name, lr=float(r["lr"]), alpha=float(r["alpha"]),
                              accuracy=g["gain"] + _cell_mean(b), base=_cell_mean(b), **g,
-                             zero_shot_change=float(r["zero_shot_change"]), retrieval_change=float(r["retrieval_change"])))
+                             zero_shot_change=float(r["zero_shot_change"]),
+                             retrieval_change=float(r["retrieval_change"])))
     return pd.DataFrame(rows)
 
 
@@ -203,8 +215,10 @@ _NOT_RESULTS = ("profile", "data_root", "runs_root", "results_root", "figures_ro
 
 def measurement_path(cfg: Config, base: Base, threads: int, reference_steps: int = 420):
     "Where `measure_base` caches one base's measurement under `cfg` (its seed included)."
-    settings = {k: v for k, v in base.config_of(cfg, reference_steps).to_dict().items() if k not in _NOT_RESULTS}
-    return cache_dir(cfg) / "capacity" / f"{base.name}-seed{cfg.seed}-{content_hash(settings, threads, STUDY_VERSION)}.json"
+    settings = {k: v for k, v in base.config_of(cfg, reference_steps).to_dict().items()
+                if k not in _NOT_RESULTS}
+    return cache_dir(cfg) / "capacity" / (f"{base.name}-seed{cfg.seed}-"
+                                          f"{content_hash(settings, threads, STUDY_VERSION)}.json")
 
 
 def measure_base(cfg: Config, base: Base, threads: int = PRETRAIN_THREADS, progress: bool = True,
@@ -222,14 +236,16 @@ def measure_base(cfg: Config, base: Base, threads: int = PRETRAIN_THREADS, progr
         model, tokenizer, history, _ = pretrain_or_load(world, bcfg, threads=threads, progress=progress)
         gflop = pretrain_step_gflop(model, tokenizer, world, bcfg.pretrain_batch_size, bcfg.seed)
         inputs = oracle_inputs(bcfg, world, model, tokenizer, progress)
-        probes, ceiling = probe_table(inputs.image_emb, world, bcfg.seed), ceiling_table(inputs.image_emb, world, bcfg)
+        probes, ceiling = (probe_table(inputs.image_emb, world, bcfg.seed),
+                           ceiling_table(inputs.image_emb, world, bcfg))
         sweep = run_sweep(inputs, bcfg, progress=progress)
         front = front_table(sweep)
     finally:
         torch.set_num_threads(caller)
     base_scores = {r["metric"]: r["value"] for r in sweep.records if r["model"] == "clip"}
-    out = dict(base=base.name, axis=base.axis, model_name=base.model_name, image_size=base.image_size, seed=bcfg.seed,
-               steps=bcfg.pretrain_steps, threads=threads, step_gflop=gflop, pretrain_gflop=gflop * bcfg.pretrain_steps,
+    out = dict(base=base.name, axis=base.axis, model_name=base.model_name, image_size=base.image_size,
+               seed=bcfg.seed, steps=bcfg.pretrain_steps, threads=threads, step_gflop=gflop,
+               pretrain_gflop=gflop * bcfg.pretrain_steps,
                pretrain_seconds=history["seconds"], pretrain_cpu_seconds=history.get("cpu_seconds"),
                study_seconds=time.perf_counter() - t0, params=sum(p.numel() for p in model.parameters()),
                zero_shot=base_scores["zero_shot_accuracy"], retrieval=base_scores["retrieval_mean_recall"],
@@ -245,13 +261,16 @@ def tidy_measurement(m: dict) -> pd.DataFrame:
     "One measurement as tidy rows: `base, seed, kind, cell, metric, value, ci_low, ci_high`."
     keep = ("base", "seed")
     rows = [dict(kind="cost", cell="", metric=k, value=float(m[k])) for k in
-            ("step_gflop", "pretrain_gflop", "pretrain_seconds", "study_seconds", "params") if m.get(k) is not None]
+            ("step_gflop", "pretrain_gflop", "pretrain_seconds", "study_seconds", "params")
+            if m.get(k) is not None]
     rows += [dict(kind="base", cell="", metric=k, value=float(m[k])) for k in ("zero_shot", "retrieval")]
     rows += [dict(kind="probe", cell=p["attribute"], metric=k, value=float(p[k])) for p in m["probes"]
              for k in ("accuracy", "majority", "margin")]
-    rows += [dict(kind="ceiling", cell=c["cell"], metric="accuracy", value=float(c["ceiling"])) for c in m["ceiling"]]
+    rows += [dict(kind="ceiling", cell=c["cell"], metric="accuracy", value=float(c["ceiling"]))
+             for c in m["ceiling"]]
     for f in m["front"]:
-        rows.append(dict(kind=f["point"], cell=f["cell"], metric="gain", value=f["gain"], ci_low=f["ci_low"], ci_high=f["ci_high"]))
+        rows.append(dict(kind=f["point"], cell=f["cell"], metric="gain", value=f["gain"], ci_low=f["ci_low"],
+                         ci_high=f["ci_high"]))
         rows += [dict(kind=f["point"], cell=f["cell"], metric=k, value=float(f[k]))
                  for k in ("accuracy", "base", "lr", "alpha", "zero_shot_change", "retrieval_change")]
     t = pd.DataFrame(rows)
@@ -263,7 +282,8 @@ def tidy_measurement(m: dict) -> pd.DataFrame:
 def run_capacity_study(cfg: Config, bases: Sequence[Base] = BASES, seeds: Sequence[int] = (0,),
                        threads: int = PRETRAIN_THREADS, progress: bool = True, reference_steps: int = 420,
                        more_seeds: dict[str, Sequence[int]] | None = None) -> pd.DataFrame:
-    "Measure every base for every seed (and the bases of `more_seeds` for those too; cached per base and seed); the tidy table."
+    """Measure every base for every seed (and the bases of `more_seeds` for those too; cached per base and
+    seed); the tidy table."""
     jobs = [(b, s) for s in seeds for b in bases]
     jobs += [(b, s) for b in bases for s in (more_seeds or {}).get(b.name, ()) if s not in seeds]
     cost = {b.name: b.budget * _relative_cost(b) for b in bases}
@@ -276,12 +296,14 @@ def run_capacity_study(cfg: Config, bases: Sequence[Base] = BASES, seeds: Sequen
         spent = time.perf_counter() - t0
         if progress:
             print(f"[{k + 1}/{len(jobs)}] base {b.name} seed {s}: {spent:.0f} s so far"
-                  + (f", about {spent / done_cost * left:.0f} s left" if left and spent > 5 else ""), flush=True)
+                  + (f", about {spent / done_cost * left:.0f} s left" if left and spent > 5 else ""),
+                  flush=True)
     return pd.concat(parts, ignore_index=True)
 
 
 def _relative_cost(b: Base) -> float:
-    "A rough per-step cost of a base relative to the first tiny one (patch count x vision width^2 x depth), for the ETA only."
+    """A rough per-step cost of a base relative to the first tiny one (patch count x vision width^2 x depth),
+    for the ETA only."""
     c = open_clip.get_model_config(b.model_name)["vision_cfg"]
     return (c["image_size"] // c["patch_size"]) ** 2 / 64 * (c["width"] / 96) ** 2 * c["layers"] / 3
 
@@ -291,12 +313,17 @@ LAST_RUN_S, LAST_PRETRAIN_S = 386.0, 115.0  # the default run measured on 2026-1
 
 
 def capacity_summary(tidy: pd.DataFrame, first: str = "tiny") -> pd.DataFrame:
-    "One row per base (means over seeds): cost, base numbers, the weakest probe margin, pooled gains, the run estimate."
-    t = tidy.groupby(["base", "kind", "cell", "metric"], sort=False)[["value", "ci_low", "ci_high"]].mean().reset_index()
-    pick = lambda kind, cell, metric: t[(t.kind == kind) & (t.cell == cell) & (t.metric == metric)].set_index("base")["value"]
-    out = pd.DataFrame({"pretrain_gflop": pick("cost", "", "pretrain_gflop"), "zero_shot": pick("base", "", "zero_shot"),
+    """One row per base (means over seeds): cost, base numbers, the weakest probe margin, pooled gains, the
+    run estimate."""
+    t = (tidy.groupby(["base", "kind", "cell", "metric"], sort=False)[["value", "ci_low", "ci_high"]].mean()
+         .reset_index())
+    pick = lambda kind, cell, metric: t[(t.kind == kind) & (t.cell == cell)
+                                        & (t.metric == metric)].set_index("base")["value"]
+    out = pd.DataFrame({"pretrain_gflop": pick("cost", "", "pretrain_gflop"),
+                        "zero_shot": pick("base", "", "zero_shot"),
                         "retrieval": pick("base", "", "retrieval")})
-    margins = t[(t.kind == "probe") & (t.metric == "margin")].pivot(index="base", columns="cell", values="value")
+    margins = t[(t.kind == "probe") & (t.metric == "margin")].pivot(index="base", columns="cell",
+                                                                     values="value")
     out["weakest_probe"] = margins.idxmin(axis=1)
     out["weakest_probe_margin"] = margins.min(axis=1)
     for point in ("constrained", "unconstrained"):
@@ -312,43 +339,52 @@ def capacity_summary(tidy: pd.DataFrame, first: str = "tiny") -> pd.DataFrame:
 
 
 def choose_base(summary: pd.DataFrame, gain: float = GAIN_TARGET, margin: float = PROBE_MARGIN,
-                budget_s: float = RUN_BUDGET_S, measured_run_s: dict[str, float] | None = None) -> tuple[str, str]:
-    "`(base, why)`: the rule above applied to `capacity_summary`'s table (a measured run time, where given, overrides the estimate)."
+                budget_s: float = RUN_BUDGET_S,
+                measured_run_s: dict[str, float] | None = None) -> tuple[str, str]:
+    """`(base, why)`: the rule above applied to `capacity_summary`'s table (a measured run time, where given,
+    overrides the estimate)."""
     run_s = summary["estimated_run_s"].copy()
     for b, s in (measured_run_s or {}).items():
         if b in run_s.index:
             run_s[b] = s
     within = summary[run_s <= budget_s]
     if within.empty:
-        raise ValueError(f"no base is estimated to run within {budget_s:g} s; add a cheaper base to the study")
-    ok = within[(within["constrained_gain"].fillna(-np.inf) >= gain) & (within["weakest_probe_margin"] >= margin)]
+        raise ValueError(f"no base is estimated to run within {budget_s:g} s; "
+                         "add a cheaper base to the study")
+    ok = within[(within["constrained_gain"].fillna(-np.inf) >= gain)
+                & (within["weakest_probe_margin"] >= margin)]
     if len(ok):
         b = ok.sort_values("pretrain_gflop").index[0]
-        return b, (f"the cheapest base within {budget_s:g} s whose constrained gain is >= +{gain:g} and whose every "
-                   f"probe beats its majority rate by >= {margin:g}")
+        return b, (f"the cheapest base within {budget_s:g} s whose constrained gain is >= +{gain:g} "
+                   f"and whose every probe beats its majority rate by >= {margin:g}")
     b = within["constrained_gain"].fillna(-np.inf).idxmax()
-    return b, (f"no base within {budget_s:g} s reaches a constrained gain of +{gain:g} with every probe >= {margin:g} "
-               "above its majority rate; the largest constrained gain within the budget")
+    return b, (f"no base within {budget_s:g} s reaches a constrained gain of +{gain:g} "
+               f"with every probe >= {margin:g} above its majority rate; "
+               "the largest constrained gain within the budget")
 
 # %% ../../nbs/studies/02_capacity.ipynb #f095c600
 def capacity_figure(summary: pd.DataFrame, gain: float = GAIN_TARGET, chosen: str | None = None):
-    "Constrained (filled, 95 % interval) and unconstrained (hollow) gain against pretraining GFLOP (log), one point per base."
+    """Constrained (filled, 95 % interval) and unconstrained (hollow) gain against pretraining GFLOP (log),
+    one point per base."""
     import matplotlib.pyplot as plt
     import seaborn as sns
     s = summary.reset_index(names="base")
     fig, ax = plt.subplots(figsize=(7.0, 4.2), layout="constrained")
     plt.close(fig)  # detached from pyplot: the notebook shows it where it is displayed
-    sns.scatterplot(data=s, x="pretrain_gflop", y="unconstrained_gain", ax=ax, marker="o", s=60, facecolor="none",
-                    edgecolor="grey", label="best candidate, constraints ignored")
+    sns.scatterplot(data=s, x="pretrain_gflop", y="unconstrained_gain", ax=ax, marker="o", s=60,
+                    facecolor="none", edgecolor="grey", label="best candidate, constraints ignored")
     ok = s.dropna(subset=["constrained_gain"])
     sns.scatterplot(data=ok, x="pretrain_gflop", y="constrained_gain", ax=ax, s=60, color="tab:blue",
                     label="chosen candidate (keeps zero-shot and retrieval)")
-    ax.errorbar(ok["pretrain_gflop"], ok["constrained_gain"], yerr=[ok["constrained_gain"] - ok["constrained_ci_low"],
-                ok["constrained_ci_high"] - ok["constrained_gain"]], fmt="none", ecolor="tab:blue", capsize=3, lw=1)
+    ax.errorbar(ok["pretrain_gflop"], ok["constrained_gain"],
+                yerr=[ok["constrained_gain"] - ok["constrained_ci_low"],
+                      ok["constrained_ci_high"] - ok["constrained_gain"]],
+                fmt="none", ecolor="tab:blue", capsize=3, lw=1)
     for _, r in s.iterrows():
-        y = r["constrained_gain"] if r["constrained_gain"] == r["constrained_gain"] else r["unconstrained_gain"]
-        ax.annotate(r["base"] + (" (default)" if r["base"] == chosen else ""), (r["pretrain_gflop"], y), fontsize=7,
-                    xytext=(4, -10), textcoords="offset points")
+        y = (r["constrained_gain"] if r["constrained_gain"] == r["constrained_gain"]
+             else r["unconstrained_gain"])
+        ax.annotate(r["base"] + (" (default)" if r["base"] == chosen else ""), (r["pretrain_gflop"], y),
+                    fontsize=7, xytext=(4, -10), textcoords="offset points")
     ax.axhline(gain, color="black", ls="--", lw=0.8, label=f"target +{gain:g}")
     ax.axhline(0, color="black", lw=0.5)
     ax.set(xscale="log", xlabel="pretraining compute (GFLOP, log scale)",
@@ -359,11 +395,12 @@ def capacity_figure(summary: pd.DataFrame, gain: float = GAIN_TARGET, chosen: st
 
 # %% ../../nbs/studies/02_capacity.ipynb #8e8e1bd4
 def capacity_rows(tidy: pd.DataFrame) -> list[dict]:
-    "Results-table rows of the study's tidy table (task `capacity`; base, kind, cell and `split=val` in the condition)."
+    """Results-table rows of the study's tidy table (task `capacity`; base, kind, cell and `split=val` in the
+    condition)."""
     rows = []
     for r in tidy.itertuples():
         cond = {"base": r.base, "kind": r.kind, "split": "val", **({"cell": r.cell} if r.cell else {})}
         ci = (r.ci_low, r.ci_high) if r.ci_low == r.ci_low else None
-        rows.append(result_row("pc-clip" if r.kind in ("constrained", "unconstrained") else "clip", "capacity", "world",
-                               r.metric, r.value, int(r.seed), None, cond, ci))
+        rows.append(result_row("pc-clip" if r.kind in ("constrained", "unconstrained") else "clip",
+                               "capacity", "world", r.metric, r.value, int(r.seed), None, cond, ci))
     return rows

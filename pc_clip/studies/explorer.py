@@ -37,15 +37,19 @@ def pair_direction(image_emb: torch.Tensor, i: int, j: int) -> torch.Tensor:
     return torch.nn.functional.normalize(image_emb[i] - image_emb[j], dim=-1)
 
 
-def rank_statements(text_emb: torch.Tensor, image_emb: torch.Tensor, i: int, j: int, k: int = 3) -> pd.DataFrame:
-    "The `k` statements (rows of `text_emb`) whose embedding is closest to the difference of images `i` and `j`."
+def rank_statements(text_emb: torch.Tensor, image_emb: torch.Tensor, i: int, j: int,
+                    k: int = 3) -> pd.DataFrame:
+    """The `k` statements (rows of `text_emb`) whose embedding is closest to the difference of images `i` and
+    `j`."""
     cos = text_emb.float() @ pair_direction(image_emb.float(), i, j)
     top = torch.argsort(cos, descending=True)[:k]
     return pd.DataFrame({"statement": top.numpy(), "cosine": cos[top].numpy()})
 
 # %% ../../nbs/studies/03_explorer.ipynb #83b3ec49
-def rank_pairs(text_vec: torch.Tensor, image_emb: torch.Tensor, k: int = 5, candidates: Sequence[int] | None = None) -> pd.DataFrame:
-    "The `k` ordered pairs `(i, j)` of distinct images whose unit difference is closest to `text_vec`, with the cosine."
+def rank_pairs(text_vec: torch.Tensor, image_emb: torch.Tensor, k: int = 5,
+               candidates: Sequence[int] | None = None) -> pd.DataFrame:
+    """The `k` ordered pairs `(i, j)` of distinct images whose unit difference is closest to `text_vec`, with
+    the cosine."""
     idx = torch.as_tensor(np.arange(len(image_emb)) if candidates is None else np.asarray(candidates))
     e = image_emb[idx].float()
     d = torch.nn.functional.normalize(e[:, None, :] - e[None, :, :], dim=-1)
@@ -56,7 +60,8 @@ def rank_pairs(text_vec: torch.Tensor, image_emb: torch.Tensor, k: int = 5, cand
     return pd.DataFrame({"i": idx[a].numpy(), "j": idx[b].numpy(), "cosine": cos[a, b].numpy()})
 
 
-def nearest_images(image_emb: torch.Tensor, i: int, text_vec: torch.Tensor, weight: float = 1.0, k: int = 5) -> pd.DataFrame:
+def nearest_images(image_emb: torch.Tensor, i: int, text_vec: torch.Tensor, weight: float = 1.0,
+                   k: int = 5) -> pd.DataFrame:
     "The `k` images nearest to `normalise(g(I_i) + weight * f(text))` (image `i` left out), with the cosine."
     q = torch.nn.functional.normalize(image_emb[i].float() + weight * text_vec.float(), dim=-1)
     cos = image_emb.float() @ q
@@ -67,27 +72,32 @@ def nearest_images(image_emb: torch.Tensor, i: int, text_vec: torch.Tensor, weig
 # %% ../../nbs/studies/03_explorer.ipynb #3d6f9826
 GENERIC_STATEMENTS = ["The first image is brighter than the second.", "The second image is brighter.",
                       "The first image shows a larger object.", "The object in the second image is larger.",
-                      "The first image shows more objects than the second.", "The second image has more objects.",
-                      "The first image is more colourful.", "The first image is an outdoor scene, the second indoors."]
+                      "The first image shows more objects than the second.",
+                      "The second image has more objects.", "The first image is more colourful.",
+                      "The first image is an outdoor scene, the second indoors."]
 
 
 @dataclass
 class Explorer:
-    "Images, each model's image embeddings and text encoder, a statement pool, and (on the world) the oracle's truth."
+    """Images, each model's image embeddings and text encoder, a statement pool, and (on the world) the
+    oracle's truth."""
     dataset: ImageDataset
     image_emb: dict[str, torch.Tensor]
     encoders: dict[str, Callable[[list[str]], torch.Tensor]]
     statements: list[str]
-    pair_statements: Callable[[int, int], list[dict]] | None = None  # the oracle's statements of a pair (world only)
+    # the oracle's statements of a pair (world only)
+    pair_statements: Callable[[int, int], list[dict]] | None = None
     records: list[dict] | None = None  # the attributes of each image (world only)
-    pool: list[dict] = field(default_factory=list)  # the oracle's statements the pool was made of (world only)
+    # the oracle's statements the pool was made of (world only)
+    pool: list[dict] = field(default_factory=list)
 
     @property
     def models(self) -> list[str]:
         return list(self.image_emb)
 
     def truth(self, i: int, j: int, text: str) -> bool | None:
-        "Whether the oracle holds `text` true of the pair `(i, j)` (None off the world or for a text it did not write)."
+        """Whether the oracle holds `text` true of the pair `(i, j)` (None off the world or for a text it did
+        not write)."""
         if self.pair_statements is None:
             return None
         known = {s["text"]: s for a, b in ((i, j), (j, i)) for s in self.pair_statements(a, b)}
@@ -100,9 +110,11 @@ class Explorer:
 
 
 def statement_table(ex: Explorer, i: int, j: int, k: int = 3, extra: Sequence[str] = ()) -> pd.DataFrame:
-    "The `k` statements each model ranks first for 'how image i differs from image j', with the cosine and the truth."
+    """The `k` statements each model ranks first for 'how image i differs from image j', with the cosine and
+    the truth."""
     pool = list(dict.fromkeys(list(ex.statements) + list(extra)
-                              + ([s["text"] for s in ex.pair_statements(i, j)] if ex.pair_statements else [])))
+                              + ([s["text"] for s in ex.pair_statements(i, j)]
+                                 if ex.pair_statements else [])))
     rows = []
     for m in ex.models:
         r = rank_statements(ex.encoders[m](pool), ex.image_emb[m], i, j, k)
@@ -116,7 +128,8 @@ def pair_table(ex: Explorer, text: str, k: int = 5, candidates: Sequence[int] | 
     rows = []
     for m in ex.models:
         r = rank_pairs(ex.encoders[m]([text])[0], ex.image_emb[m], k, candidates)
-        rows += [dict(model=m, rank=n + 1, i=int(a), j=int(b), cosine=float(c), true=ex.truth(int(a), int(b), text))
+        rows += [dict(model=m, rank=n + 1, i=int(a), j=int(b), cosine=float(c),
+                      true=ex.truth(int(a), int(b), text))
                  for n, (a, b, c) in enumerate(zip(r["i"], r["j"], r["cosine"]))]
     return pd.DataFrame(rows)
 
@@ -126,7 +139,8 @@ def added_table(ex: Explorer, i: int, text: str, weight: float = 1.0, k: int = 5
     rows = []
     for m in ex.models:
         r = nearest_images(ex.image_emb[m], i, ex.encoders[m]([text])[0], weight, k)
-        rows += [dict(model=m, rank=n + 1, image=int(a), cosine=float(c)) for n, (a, c) in enumerate(zip(r["image"], r["cosine"]))]
+        rows += [dict(model=m, rank=n + 1, image=int(a), cosine=float(c))
+                 for n, (a, c) in enumerate(zip(r["image"], r["cosine"]))]
     return pd.DataFrame(rows)
 
 # %% ../../nbs/studies/03_explorer.ipynb #e30e49f6
@@ -142,9 +156,11 @@ def _world_statements(records: list[dict], n_pairs: int, seed: int) -> list[dict
     return out
 
 
-def load_explorer(cfg: Config, models: Sequence[str] = ("clip", "pc-clip"), dataset: str = "world", split: str = "test",
-                  n_images: int = 300, n_pairs: int = 200, device: str | torch.device | None = None) -> Explorer:
-    "An `Explorer` of `models` of the run `cfg` over `n_images` images of `dataset`'s `split` (the world: with its oracle)."
+def load_explorer(cfg: Config, models: Sequence[str] = ("clip", "pc-clip"), dataset: str = "world",
+                  split: str = "test", n_images: int = 300, n_pairs: int = 200,
+                  device: str | torch.device | None = None) -> Explorer:
+    """An `Explorer` of `models` of the run `cfg` over `n_images` images of `dataset`'s `split` (the world:
+    with its oracle)."""
     device = device or pick_device(cfg.device)
     if dataset == "world":
         world = make_world(**world_options(cfg))
@@ -156,19 +172,24 @@ def load_explorer(cfg: Config, models: Sequence[str] = ("clip", "pc-clip"), data
     for name in models:
         model, preprocess, tokenizer = load_clip(**clip_source(cfg, name, device))
         model.eval()
-        emb = embed_images(model, ds, cache_dir(cfg), **embedding_options(cfg), device=device, preprocess=preprocess, progress=False)
+        emb = embed_images(model, ds, cache_dir(cfg), **embedding_options(cfg), device=device,
+                           preprocess=preprocess, progress=False)
         keep = kept_indices(ds)
-        if len(keep) != len(ds):  # unreadable files: keep the readable ones, in the same order for every model
+        # unreadable files: keep the readable ones, in the same order for every model
+        if len(keep) != len(ds):
             ds = ds.subset(keep)
         image_emb[name], encoders[name] = emb, text_encoder(model, tokenizer, device=device)
     if dataset != "world":
         return Explorer(ds, image_emb, encoders, list(GENERIC_STATEMENTS))
     records = ds.image_info.to_dict("records")
     pool = _world_statements(records, n_pairs, cfg.seed)
-    pair_rng = lambda i, j: np.random.default_rng([cfg.seed, 17, int(i), int(j)])  # a pair's statements: the same every time
-    said = lambda i, j: [s for w in ("train", "heldout") for s in oracle_differences(records[i], records[j], pair_rng(i, j), wordings=w)]
+    # a pair's statements: the same every time
+    pair_rng = lambda i, j: np.random.default_rng([cfg.seed, 17, int(i), int(j)])
+    said = lambda i, j: [s for w in ("train", "heldout")
+                         for s in oracle_differences(records[i], records[j], pair_rng(i, j), wordings=w)]
     ex = Explorer(ds, image_emb, encoders, list(dict.fromkeys(s["text"] for s in pool)), said, records, pool)
-    get_logger("pc_clip.studies.explorer").info(f"explorer: {len(models)} models, {len(ds)} {dataset} {split} images, "
+    get_logger("pc_clip.studies.explorer").info(f"explorer: {len(models)} models, "
+                                                f"{len(ds)} {dataset} {split} images, "
                                                 f"{len(ex.statements)} statements")
     return ex
 
@@ -190,7 +211,8 @@ def _mark(true) -> str:
 
 def pairs_figure(ex: Explorer, pairs: Sequence[tuple[int, int]], k: int = 2, extra: Sequence[str] = (),
                  title: str = "How image 1 differs from image 2: the statements each model ranks first"):
-    "One row per pair: the two images and each model's top-`k` statements (in its colour; ✓/✗: the oracle's verdict)."
+    """One row per pair: the two images and each model's top-`k` statements (in its colour; ✓/✗: the oracle's
+    verdict)."""
     import matplotlib.pyplot as plt
     rows = len(pairs)
     fig, axes = plt.subplots(rows, 3, figsize=(10.5, 1.9 * rows + 0.6), squeeze=False, layout="constrained",
@@ -216,10 +238,12 @@ def pairs_figure(ex: Explorer, pairs: Sequence[tuple[int, int]], k: int = 2, ext
 
 
 def images_figure(ex: Explorer, rows: dict[str, list], caption: str = ""):
-    "A strip per model (`{model: [image or (i, j), ...]}`): single images or pairs side by side, the model in its colour."
+    """A strip per model (`{model: [image or (i, j), ...]}`): single images or pairs side by side, the model
+    in its colour."""
     import matplotlib.pyplot as plt
     cols = max(len(v) for v in rows.values())
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols + 1.2, 2.0 * len(rows)), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols + 1.2, 2.0 * len(rows)), squeeze=False,
+                             layout="constrained")
     plt.close(fig)
     for r, (m, items) in enumerate(rows.items()):
         for c in range(cols):
@@ -227,7 +251,8 @@ def images_figure(ex: Explorer, rows: dict[str, list], caption: str = ""):
             ax.axis("off")
             if c < len(items):
                 it = items[c]
-                img = np.concatenate([ex.image(it[0]), ex.image(it[1])], axis=1) if isinstance(it, tuple) else ex.image(it)
+                img = (np.concatenate([ex.image(it[0]), ex.image(it[1])], axis=1) if isinstance(it, tuple)
+                       else ex.image(it))
                 ax.imshow(img)
                 ax.set_title(f"{m} #{c + 1}", color=PALETTE[m], fontsize=8)
     if caption:
@@ -240,11 +265,13 @@ def explorer_widget(ex: Explorer, i: int = 0, j: int = 1, text: str | None = Non
     import ipywidgets as w
     from IPython.display import display
     n = len(ex.dataset) - 1
-    first, second = w.BoundedIntText(i, min=0, max=n, description="image 1"), w.BoundedIntText(j, min=0, max=n, description="image 2")
+    first, second = (w.BoundedIntText(i, min=0, max=n, description="image 1"),
+                     w.BoundedIntText(j, min=0, max=n, description="image 2"))
     top = w.IntSlider(k, min=1, max=8, description="top k")
     statement = w.Text(text or (ex.statements[0] if ex.statements else ""), description="statement",
                        layout=w.Layout(width="90%"))
-    anchor, weight = w.BoundedIntText(i, min=0, max=n, description="image"), w.FloatSlider(1.0, min=0.0, max=3.0, step=0.25, description="weight")
+    anchor, weight = (w.BoundedIntText(i, min=0, max=n, description="image"),
+                      w.FloatSlider(1.0, min=0.0, max=3.0, step=0.25, description="weight"))
 
     def pairs(a, b, kk):
         display(pairs_figure(ex, [(a, b)], kk))
@@ -252,19 +279,24 @@ def explorer_widget(ex: Explorer, i: int = 0, j: int = 1, text: str | None = Non
 
     def points(s, kk):
         t = pair_table(ex, s, kk)
-        display(images_figure(ex, {m: [(r.i, r.j) for r in g.itertuples()] for m, g in t.groupby("model", sort=False)},
+        display(images_figure(ex, {m: [(r.i, r.j) for r in g.itertuples()]
+                                   for m, g in t.groupby("model", sort=False)},
                               f"the pairs (image 1 | image 2) '{s}' points at"))
         display(t)
 
     def added(a, s, wt, kk):
         t = added_table(ex, a, s, wt, kk)
-        display(images_figure(ex, {"query": [a], **{m: list(g["image"]) for m, g in t.groupby("model", sort=False)}},
+        display(images_figure(ex, {"query": [a],
+                                   **{m: list(g["image"]) for m, g in t.groupby("model", sort=False)}},
                               f"image #{a} + {wt:g} x '{s}': the nearest images"))
         display(t)
 
-    tabs = w.Tab([w.VBox([w.HBox([first, second, top]), w.interactive_output(pairs, dict(a=first, b=second, kk=top))]),
+    tabs = w.Tab([w.VBox([w.HBox([first, second, top]),
+                          w.interactive_output(pairs, dict(a=first, b=second, kk=top))]),
                   w.VBox([statement, w.interactive_output(points, dict(s=statement, kk=top))]),
-                  w.VBox([w.HBox([anchor, weight]), w.interactive_output(added, dict(a=anchor, s=statement, wt=weight, kk=top))])])
-    for n_, name in enumerate(("how image 1 differs from image 2", "which pairs a statement points at", "image + statement")):
+                  w.VBox([w.HBox([anchor, weight]),
+                          w.interactive_output(added, dict(a=anchor, s=statement, wt=weight, kk=top))])])
+    for n_, name in enumerate(("how image 1 differs from image 2", "which pairs a statement points at",
+                               "image + statement")):
         tabs.set_title(n_, name)
     return tabs

@@ -38,7 +38,8 @@ ITEM_KEYS = ["dataset", "condition", "seed", "item"]
 
 
 def row_items(rows: Sequence[dict], task: str, metric: str, **need: str) -> pd.DataFrame:
-    "The per-item outcomes of `rows` of `task` and `metric` whose condition has the settings `need` (e.g. wording='heldout')."
+    """The per-item outcomes of `rows` of `task` and `metric` whose condition has the settings `need`
+    (e.g. wording='heldout')."""
     parts = []
     for r in rows:
         cond = condition_dict(r["condition"])
@@ -53,24 +54,27 @@ def row_items(rows: Sequence[dict], task: str, metric: str, **need: str) -> pd.D
 
 # %% ../../nbs/studies/00_noise_curve.ipynb #d11e86ef
 def _strata(items: pd.DataFrame) -> np.ndarray:
-    return (items["dataset"].astype(str) + "|" + items["condition"].astype(str) + "|" + items["seed"].astype(str)).to_numpy()
+    return (items["dataset"].astype(str) + "|" + items["condition"].astype(str) + "|"
+            + items["seed"].astype(str)).to_numpy()
 
 
 def pooled_mean(items: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
-    "`{'value', 'ci_low', 'ci_high', 'n'}`: the mean over cells and seeds of `items`, with a stratified bootstrap interval."
+    """`{'value', 'ci_low', 'ci_high', 'n'}`: the mean over cells and seeds of `items`, with a stratified
+    bootstrap interval."""
     r = paired_bootstrap(items["value"], np.zeros(len(items)), items["weight"], None, None, _strata(items),
                          n_boot=n_boot, seed=seed)
     return {"value": r["delta"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "n": r["n"]}
 
 
 def paired_gain(items_a: pd.DataFrame, items_b: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
-    "`{'value', 'ci_low', 'ci_high', 'n'}`: mean over cells of A - B on the items both have, with a paired bootstrap interval."
+    """`{'value', 'ci_low', 'ci_high', 'n'}`: mean over cells of A - B on the items both have, with a
+    paired bootstrap interval."""
     both = items_a.merge(items_b, on=ITEM_KEYS, suffixes=("_a", "_b"))
     if both.empty:
-        raise ValueError("the two item sets share no (dataset, condition, seed, item): evaluate both models on the same "
-                         "cells with the same seeds")
-    r = paired_bootstrap(both["value_a"], both["value_b"], both["weight_a"], both["weight_b"], None, _strata(both),
-                         n_boot=n_boot, seed=seed)
+        raise ValueError("the two item sets share no (dataset, condition, seed, item): "
+                         "evaluate both models on the same cells with the same seeds")
+    r = paired_bootstrap(both["value_a"], both["value_b"], both["weight_a"], both["weight_b"], None,
+                         _strata(both), n_boot=n_boot, seed=seed)
     return {"value": r["delta"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "n": r["n"]}
 
 # %% ../../nbs/studies/00_noise_curve.ipynb #4f984134
@@ -81,14 +85,18 @@ def study_row(model: str, task: str, dataset: str, metric: str, summary: dict, s
                       (summary["ci_low"], summary["ci_high"]))
 
 # %% ../../nbs/studies/00_noise_curve.ipynb #3ab75492
-def noisy_differences(cfg: Config, world, pairs: pd.DataFrame | None = None, progress: bool = True) -> list[dict]:
-    "The difference records of `cfg`'s pairs at `cfg.oracle_noise`, written to (or resumed from) `differences_path(cfg)`."
+def noisy_differences(cfg: Config, world, pairs: pd.DataFrame | None = None,
+                      progress: bool = True) -> list[dict]:
+    """The difference records of `cfg`'s pairs at `cfg.oracle_noise`, written to (or resumed from)
+    `differences_path(cfg)`."""
     if cfg.generator != "oracle":
-        raise ValueError(f"the noise study needs the world's oracle (generator='oracle'); got {cfg.generator!r}")
+        raise ValueError("the noise study needs the world's oracle (generator='oracle'); "
+                         f"got {cfg.generator!r}")
     if pairs is None:
         pairs = sample_pairs(corpus_from_world(world, "train"), cfg.n_pairs, cfg.seed, cfg.pair_sampling,
                              world.heldout_pairs)
-    return generate_differences(pairs, make_backend(world=world, **backend_options(cfg)), differences_path(store_options(cfg)), progress=progress)
+    return generate_differences(pairs, make_backend(world=world, **backend_options(cfg)),
+                                differences_path(store_options(cfg)), progress=progress)
 
 
 def false_fraction(records: Sequence[dict]) -> float:
@@ -122,27 +130,33 @@ class FallibleJudge:
         return out
 
 # %% ../../nbs/studies/00_noise_curve.ipynb #433e25a0
-def judged_triples(records: Sequence[dict], judge, records_path=None, progress: bool = True) -> tuple[pd.DataFrame, dict]:
-    "`(triples, info)`: the statements `judge` rates consistent, and its agreement with the truth and kept fraction."
+def judged_triples(records: Sequence[dict], judge, records_path=None,
+                   progress: bool = True) -> tuple[pd.DataFrame, dict]:
+    """`(triples, info)`: the statements `judge` rates consistent, and its agreement with the truth and kept
+    fraction."""
     store = judged_path(records_path, judge) if records_path is not None else None
     judged = judge_records(records, judge, store, batch_size=512, progress=progress)
     kept = difference_triples(judged, consistent_only=True)
     n_all = sum(len(r["statements"]) for r in records)
-    kept_recs = [{**r, "statements": [s for s in r["statements"] if s.get("verdict") == "consistent"]} for r in judged]
-    return kept, {"judge": judge.name, "agreement": judge_agreement(judged), "kept_fraction": len(kept) / max(n_all, 1),
-                  "false_fraction": false_fraction(kept_recs)}
+    kept_recs = [{**r, "statements": [s for s in r["statements"] if s.get("verdict") == "consistent"]}
+                 for r in judged]
+    return kept, {"judge": judge.name, "agreement": judge_agreement(judged),
+                  "kept_fraction": len(kept) / max(n_all, 1), "false_fraction": false_fraction(kept_recs)}
 
 # %% ../../nbs/studies/00_noise_curve.ipynb #a742c143
 def noise_model_name(filter_name: str) -> str:
-    "The model name of the noise study's PC-CLIP trained on differences filtered by `filter_name` ('none': unfiltered)."
+    """The model name of the noise study's PC-CLIP trained on differences filtered by `filter_name`
+    ('none': unfiltered)."""
     return "pc-clip/noise-curve" if filter_name == "none" else f"pc-clip/noise-curve-{filter_name}"
 
 
 def noise_training_sets(cfg: Config, world, judges: Sequence = (), pairs: pd.DataFrame | None = None,
                         progress: bool = True) -> dict[str, tuple[pd.DataFrame, dict]]:
-    "`{filter: (triples, info)}` at `cfg.oracle_noise`: all accepted statements ('none') and what each judge keeps."
+    """`{filter: (triples, info)}` at `cfg.oracle_noise`: all accepted statements ('none') and what each
+    judge keeps."""
     recs = noisy_differences(cfg, world, pairs, progress)
-    sets = {"none": (difference_triples(recs), {"judge": "none", "agreement": float("nan"), "kept_fraction": 1.0,
+    sets = {"none": (difference_triples(recs), {"judge": "none", "agreement": float("nan"),
+                                                "kept_fraction": 1.0,
                                                 "false_fraction": false_fraction(recs)})}
     if cfg.oracle_noise > 0:
         for j in judges:
@@ -157,48 +171,58 @@ def _zero_shot_rows(rows: Sequence[dict]) -> dict:
     return {r["metric"]: r for r in rows if r["task"] == "zero_shot"}
 
 
-def curve_rows(rows: Sequence[dict], clip_rows: Sequence[dict], model: str, condition: dict, seed: int | None = None,
-               wordings: Sequence[str] = ("train", "heldout")) -> list[dict]:
-    "Study rows of one model against `clip`: difference accuracy and gain per wording, zero-shot accuracy and change."
+def curve_rows(rows: Sequence[dict], clip_rows: Sequence[dict], model: str, condition: dict,
+               seed: int | None = None, wordings: Sequence[str] = ("train", "heldout")) -> list[dict]:
+    """Study rows of one model against `clip`: difference accuracy and gain per wording, zero-shot accuracy
+    and change."""
     out, task = [], "difference_classification"
     for w in wordings:
-        mine, base = row_items(rows, task, "accuracy", wording=w), row_items(clip_rows, task, "accuracy", wording=w)
+        mine, base = (row_items(rows, task, "accuracy", wording=w),
+                      row_items(clip_rows, task, "accuracy", wording=w))
         cond = {**condition, "wording": w}
-        out.append(study_row(model, CURVE_TASK, "world", "difference_accuracy", pooled_mean(mine), seed, cond))
-        out.append(study_row(model, CURVE_TASK, "world", "difference_gain_vs_clip", paired_gain(mine, base), seed, cond))
+        out.append(study_row(model, CURVE_TASK, "world", "difference_accuracy", pooled_mean(mine), seed,
+                             cond))
+        out.append(study_row(model, CURVE_TASK, "world", "difference_gain_vs_clip", paired_gain(mine, base),
+                             seed, cond))
     zs = _zero_shot_rows(rows)["accuracy"]
-    out.append(result_row(model, CURVE_TASK, "world", "zero_shot_accuracy", zs["value"], seed, zs["n"], condition,
-                          (zs["ci_low"], zs["ci_high"])))
-    change = paired_gain(row_items(rows, "zero_shot", "accuracy"), row_items(clip_rows, "zero_shot", "accuracy"))
+    out.append(result_row(model, CURVE_TASK, "world", "zero_shot_accuracy", zs["value"], seed, zs["n"],
+                          condition, (zs["ci_low"], zs["ci_high"])))
+    change = paired_gain(row_items(rows, "zero_shot", "accuracy"),
+                         row_items(clip_rows, "zero_shot", "accuracy"))
     out.append(study_row(model, CURVE_TASK, "world", "zero_shot_change_vs_clip", change, seed, condition))
     return out
 
 
-def training_rows(model: str, triples: pd.DataFrame, info: dict, condition: dict, seed: int | None = None) -> list[dict]:
+def training_rows(model: str, triples: pd.DataFrame, info: dict, condition: dict,
+                  seed: int | None = None) -> list[dict]:
     "Rows of what one model trained on: number of triples, their false fraction and the judge's agreement."
     rows = [result_row(model, CURVE_TASK, "world", "n_triples", len(triples), seed, len(triples), condition),
-            result_row(model, CURVE_TASK, "world", "train_false_rate", info["false_fraction"], seed, len(triples), condition)]
+            result_row(model, CURVE_TASK, "world", "train_false_rate", info["false_fraction"], seed,
+                       len(triples), condition)]
     if not np.isnan(info["agreement"]):
-        rows.append(result_row(model, CURVE_TASK, "world", "judge_agreement", info["agreement"], seed, None, condition))
+        rows.append(result_row(model, CURVE_TASK, "world", "judge_agreement", info["agreement"], seed, None,
+                               condition))
     return rows
 
 # %% ../../nbs/studies/00_noise_curve.ipynb #25c6753d
 def _base_rows(clip_rows: Sequence[dict], seed, wordings: Sequence[str]) -> list[dict]:
     out = [study_row("clip", CURVE_TASK, "world", "difference_accuracy",
-                     pooled_mean(row_items(clip_rows, "difference_classification", "accuracy", wording=w)), seed,
-                     {"wording": w}) for w in wordings]
+                     pooled_mean(row_items(clip_rows, "difference_classification", "accuracy", wording=w)),
+                     seed, {"wording": w}) for w in wordings]
     zs = _zero_shot_rows(clip_rows)["accuracy"]
-    return out + [result_row("clip", CURVE_TASK, "world", "zero_shot_accuracy", zs["value"], seed, zs["n"], "",
-                             (zs["ci_low"], zs["ci_high"]))]
+    return out + [result_row("clip", CURVE_TASK, "world", "zero_shot_accuracy", zs["value"], seed, zs["n"],
+                             "", (zs["ci_low"], zs["ci_high"]))]
 
 
 def run_noise_curve(cfg: Config, noises: Sequence[float] = (0.0, 0.1, 0.3, 0.5), judges: Sequence = (),
                     progress: bool = True) -> tuple[list[dict], dict]:
-    "`(rows, info)`: PC-CLIP finetuned at each noise rate, unfiltered and filtered by each judge, measured against `clip`."
+    """`(rows, info)`: PC-CLIP finetuned at each noise rate, unfiltered and filtered by each judge,
+    measured against `clip`."""
     world = make_world(**world_options(cfg))
     base, _, tokenizer = load_clip(**clip_source(cfg, "clip"))
     emb = embed_images(base, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
-    pairs = sample_pairs(corpus_from_world(world, "train"), cfg.n_pairs, cfg.seed, cfg.pair_sampling, world.heldout_pairs)
+    pairs = sample_pairs(corpus_from_world(world, "train"), cfg.n_pairs, cfg.seed, cfg.pair_sampling,
+                         world.heldout_pairs)
     test = eval_datasets(cfg, "difference_classification", split="test")
     evaluate = lambda c, names: (run_difference_classification(c, names, test, progress=False)
                                  + run_zero_shot(c, names, test)[0])
@@ -208,21 +232,24 @@ def run_noise_curve(cfg: Config, noises: Sequence[float] = (0.0, 0.1, 0.3, 0.5),
         cn = cfg.replace(oracle_noise=float(noise))
         for filt, (triples, tinfo) in noise_training_sets(cn, world, judges, pairs, progress).items():
             name, cond = noise_model_name(filt), {"noise": float(noise), "filter": filt}
-            run = finetune(base, tokenizer, triples, FinetuneSettings.from_config(cn), model_dir(cn, name), image_embeddings=emb, images=world.images, progress=progress)
+            run = finetune(base, tokenizer, triples, FinetuneSettings.from_config(cn), model_dir(cn, name),
+                           image_embeddings=emb, images=world.images, progress=progress)
             rows += curve_rows(evaluate(cn, [name]), clip_rows, "pc-clip", cond, cfg.seed)
             rows += training_rows("pc-clip", triples, tinfo, cond, cfg.seed)
-            info[(float(noise), filt)] = {**tinfo, "triples": len(triples), "seconds": run.seconds, "reused": run.reused,
-                                          "folder": str(model_dir(cn, name))}
+            info[(float(noise), filt)] = {**tinfo, "triples": len(triples), "seconds": run.seconds,
+                                          "reused": run.reused, "folder": str(model_dir(cn, name))}
     return rows, info
 
 # %% ../../nbs/studies/00_noise_curve.ipynb #874d6189
 def plot_noise_curve(results: pd.DataFrame):
-    "A seaborn-styled figure of the noise study's gains over `clip` against the noise rate, one line per filter."
+    """A seaborn-styled figure of the noise study's gains over `clip` against the noise rate, one line per
+    filter."""
     import seaborn as sns
     from pc_clip.report.figures import new_figure
     t = results[(results["task"] == CURVE_TASK) & (results["model"] != "clip")].copy()
     conds = t["condition"].map(condition_dict)
-    t = t.assign(noise=conds.map(lambda d: float(d.get("noise", "nan"))), filter=conds.map(lambda d: d.get("filter")),
+    t = t.assign(noise=conds.map(lambda d: float(d.get("noise", "nan"))),
+                 filter=conds.map(lambda d: d.get("filter")),
                  wording=conds.map(lambda d: d.get("wording")))
     fig, axes = new_figure(2, (4.6, 3.2), legend=0.0)
     colours = sns.color_palette("colorblind")
@@ -236,8 +263,10 @@ def plot_noise_curve(results: pd.DataFrame):
                 if s.empty:
                     continue
                 s = s.sort_values("noise")
-                ax.errorbar(s["noise"] + 0.004 * k, s["value"], yerr=[s["value"] - s["ci_low"], s["ci_high"] - s["value"]],
-                            fmt="o" + style, color=colours[k % len(colours)], capsize=3, label=f"{filt}" + (f" ({wording} wordings)" if wording else ""))
+                ax.errorbar(s["noise"] + 0.004 * k, s["value"],
+                            yerr=[s["value"] - s["ci_low"], s["ci_high"] - s["value"]],
+                            fmt="o" + style, color=colours[k % len(colours)], capsize=3,
+                            label=f"{filt}" + (f" ({wording} wordings)" if wording else ""))
         ax.axhline(0, color="grey", lw=1)
         ax.set(title=title, xlabel="oracle noise rate (fraction of false statements)", ylabel="A - clip")
         ax.legend(fontsize=7)

@@ -23,8 +23,8 @@ from ..core.devices import pick_device
 from ..training.losses import difference_contrastive_loss, make_clip_loss
 from ..models.clip import checkpoint_metadata, is_checkpoint, load_checkpoint, save_checkpoint
 from ..world.oracle import oracle_differences
-from pc_clip.training.pretrain import (PRETRAIN_THREADS, PretrainSettings, encode_captions, pretrain_clip, pretrain_fingerprint,
-    resume_folder)
+from ..training.pretrain import (PRETRAIN_THREADS, PretrainSettings, encode_captions, pretrain_clip,
+    pretrain_fingerprint, resume_folder)
 from ..world.shapes import World, make_world
 from .noise_curve import paired_gain, pooled_mean, row_items, study_row
 from ..data.datasets import load_dataset
@@ -42,7 +42,8 @@ __all__ = ['JOINT_VERSION', 'STUDY_TASK', 'batch_difference_pairs', 'joint_loss'
            'choose_weight', 'comparison_rows', 'run_pretrain_study', 'plot_pretrain_study']
 
 # %% ../../nbs/studies/01_pretrain_difference.ipynb #78dafc1e
-def batch_difference_pairs(records: Sequence[dict], heldout: Sequence[tuple[str, str]], rng: np.random.Generator,
+def batch_difference_pairs(records: Sequence[dict], heldout: Sequence[tuple[str, str]],
+                           rng: np.random.Generator,
                            wordings: str = "train") -> tuple[np.ndarray, np.ndarray, list[str]]:
     "`(first, second, texts)`: batch positions of the pairs (k, k+1) and one true oracle statement for each."
     banned = {frozenset(p) for p in heldout}
@@ -59,15 +60,18 @@ def batch_difference_pairs(records: Sequence[dict], heldout: Sequence[tuple[str,
 
 # %% ../../nbs/studies/01_pretrain_difference.ipynb #ab974385
 def joint_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-               difference_features: torch.Tensor | None = None, first: Sequence[int] = (), second: Sequence[int] = (),
-               weight: float = 0.0, clip_loss=None, temperature: float = 1.0) -> dict:
-    "`{'total', 'clip', 'difference'}`: CLIP loss + `weight` x difference loss of the batch's pairs (None when unused)."
+               difference_features: torch.Tensor | None = None, first: Sequence[int] = (),
+               second: Sequence[int] = (), weight: float = 0.0, clip_loss=None,
+               temperature: float = 1.0) -> dict:
+    """`{'total', 'clip', 'difference'}`: CLIP loss + `weight` x difference loss of the batch's pairs (None
+    when unused)."""
     loss_fn = clip_loss or make_clip_loss()
     clip = loss_fn(image_features, text_features, logit_scale)
     if weight == 0 or difference_features is None or len(first) < 2:
         return {"total": clip, "clip": clip, "difference": None}
     a, b = torch.as_tensor(np.asarray(first)), torch.as_tensor(np.asarray(second))
-    diff = difference_contrastive_loss(difference_features, image_features[a], image_features[b], temperature, loss_fn)
+    diff = difference_contrastive_loss(difference_features, image_features[a], image_features[b], temperature,
+                                       loss_fn)
     return {"total": clip + weight * diff, "clip": clip, "difference": diff}
 
 # %% ../../nbs/studies/01_pretrain_difference.ipynb #4b99ea5b
@@ -81,7 +85,8 @@ def joint_step_loss(heldout: Sequence[tuple[str, str]], weight: float, seed: int
         diff, first, second = None, (), ()
         if weight > 0:
             records = [batch["records"][k] for k in batch["positions"].tolist()]
-            first, second, texts = batch_difference_pairs(records, heldout, np.random.default_rng([seed, 13, batch["step"]]))
+            first, second, texts = batch_difference_pairs(records, heldout,
+                                                          np.random.default_rng([seed, 13, batch["step"]]))
             if len(texts) >= 2:
                 diff = encode_captions(model, batch["tokenizer"](texts).to(f_txt.device))
         out = joint_loss(f_img, f_txt, model.logit_scale.exp(), diff, first, second, weight, loss_fn)
@@ -90,14 +95,17 @@ def joint_step_loss(heldout: Sequence[tuple[str, str]], weight: float, seed: int
 
 # %% ../../nbs/studies/01_pretrain_difference.ipynb #bf8c3881
 def pretrain_joint(world: World, cfg: Config, weight: float, device: str | torch.device | None = None,
-                   progress: bool = True, threads: int = PRETRAIN_THREADS, resume_dir: str | Path | None = None,
-                   key: str = ""):
-    "Train `cfg.model_name` from scratch for `cfg.pretrain_steps` steps of CLIP + `weight` x difference loss; `(model, tokenizer, history)`."
+                   progress: bool = True, threads: int = PRETRAIN_THREADS,
+                   resume_dir: str | Path | None = None, key: str = ""):
+    """Train `cfg.model_name` from scratch for `cfg.pretrain_steps` steps of CLIP + `weight` x difference
+    loss; `(model, tokenizer, history)`."""
     if weight < 0:
         raise ValueError(f"the weight of the difference loss must be >= 0; got {weight}")
-    model, tokenizer, hist = pretrain_clip(world, PretrainSettings.from_config(cfg), device or cfg.device, progress, threads,
+    model, tokenizer, hist = pretrain_clip(world, PretrainSettings.from_config(cfg), device or cfg.device,
+                                           progress, threads,
                                            step_loss=joint_step_loss(world.heldout_pairs, weight, cfg.seed),
-                                           resume_dir=resume_dir, key=key, desc=f"joint pretraining (w={weight:g})")
+                                           resume_dir=resume_dir, key=key,
+                                           desc=f"joint pretraining (w={weight:g})")
     hist["weight"] = weight
     return model, tokenizer, hist
 
@@ -112,7 +120,8 @@ def joint_model_name(weight: float) -> str:
 
 def pretrain_joint_or_load(world: World, cfg: Config, weight: float, device: str | torch.device | None = None,
                            progress: bool = True):
-    "`(model, tokenizer, history, reused)`: the saved joint model of `cfg` and `weight` if its fingerprint matches, else a new one."
+    """`(model, tokenizer, history, reused)`: the saved joint model of `cfg` and `weight` if its fingerprint
+    matches, else a new one."""
     folder = model_dir(cfg, joint_model_name(weight))
     fp = content_hash(pretrain_fingerprint(PretrainSettings.from_config(cfg), world), weight, JOINT_VERSION)
     with artifact_lock(folder):
@@ -121,31 +130,41 @@ def pretrain_joint_or_load(world: World, cfg: Config, weight: float, device: str
             return model, tokenizer, json.loads((folder / "history.json").read_text()), True
         model, tokenizer, hist = pretrain_joint(world, cfg, weight, device, progress=progress,
                                                 resume_dir=resume_folder(folder), key=fp)
-        save_checkpoint(model, folder, cfg.model_name, extra=dict(fingerprint=fp, weight=weight, steps=hist["steps"],
-                                                                   seconds=hist["seconds"]))
+        save_checkpoint(model, folder, cfg.model_name,
+                        extra=dict(fingerprint=fp, weight=weight, steps=hist["steps"],
+                                   seconds=hist["seconds"]))
         atomic_write_json(folder / "history.json", hist)
         shutil.rmtree(resume_folder(folder), ignore_errors=True)
     return model, tokenizer, hist, False
 
 # %% ../../nbs/studies/01_pretrain_difference.ipynb #ef60355f
 def oracle_triples(world: World, n_pairs: int, seed: int, noise: float = 0.0) -> pd.DataFrame:
-    "Finetuning triples (i, j, text) of `n_pairs` different-species train pairs, written by the oracle at `noise`."
-    pairs = sample_pairs(corpus_from_world(world, "train"), n_pairs, seed, "different_category", world.heldout_pairs)
+    """Finetuning triples (i, j, text) of `n_pairs` different-species train pairs, written by the oracle at
+    `noise`."""
+    pairs = sample_pairs(corpus_from_world(world, "train"), n_pairs, seed, "different_category",
+                         world.heldout_pairs)
     items = pairs.to_dict("records")
     backend = OracleBackend(world.attrs, noise=noise, seed=seed)
-    return difference_triples([build_record(it, o, backend, "differences") for it, o in zip(items, backend.generate(items))])
+    return difference_triples([build_record(it, o, backend, "differences")
+                               for it, o in zip(items, backend.generate(items))])
 
 
-def pretrain_then_finetune(world: World, cfg: Config, finetune_steps: int, device: str | torch.device | None = None,
-                           progress: bool = True) -> dict:
-    "CLIP pretraining for `pretrain_steps - finetune_steps` steps, then `finetune_steps` PC-CLIP steps; a dict of both runs."
+def pretrain_then_finetune(world: World, cfg: Config, finetune_steps: int,
+                           device: str | torch.device | None = None, progress: bool = True) -> dict:
+    """CLIP pretraining for `pretrain_steps - finetune_steps` steps, then `finetune_steps` PC-CLIP steps; a
+    dict of both runs."""
     if not 0 < finetune_steps < cfg.pretrain_steps:
-        raise ValueError(f"finetune_steps must be between 1 and pretrain_steps - 1 ({cfg.pretrain_steps - 1}); got {finetune_steps}")
+        raise ValueError(f"finetune_steps must be between 1 and pretrain_steps - 1 "
+                         f"({cfg.pretrain_steps - 1}); got {finetune_steps}")
     base_cfg = cfg.replace(pretrain_steps=cfg.pretrain_steps - finetune_steps)
     base, tokenizer, hist, reused = pretrain_joint_or_load(world, base_cfg, 0.0, device, progress)
     n = finetune_steps * cfg.ft_batch_size
     triples = oracle_triples(world, n, cfg.seed)  # about two statements per pair: more than n triples
-    run = finetune(base, tokenizer, triples, FinetuneSettings.from_config(cfg, max_pairs=n, epochs=1), model_dir(cfg, "pretrain-then-finetune"), embed_images(base, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress), world.images, progress=progress)
+    run = finetune(base, tokenizer, triples, FinetuneSettings.from_config(cfg, max_pairs=n, epochs=1),
+                   model_dir(cfg, "pretrain-then-finetune"),
+                   embed_images(base, world.images, cache_dir(cfg), **embedding_options(cfg),
+                                progress=progress),
+                   world.images, progress=progress)
     return {"model": run.model, "pretrain_steps": hist["steps"], "pretrain_seconds": hist["seconds"],
             "pretrain_reused": reused, "finetune_steps": len(run.steps), "finetune_seconds": run.seconds,
             "finetune_reused": run.reused}
@@ -156,27 +175,32 @@ STUDY_TASK = "pretrain_difference"
 
 def arm_rows(rows: Sequence[dict], model: str, condition: dict, seed: int | None = None,
              wordings: Sequence[str] = ("train", "heldout")) -> list[dict]:
-    "Study rows of one arm from the runner's rows: difference accuracy per wording, zero-shot and retrieval metrics."
+    """Study rows of one arm from the runner's rows: difference accuracy per wording, zero-shot and retrieval
+    metrics."""
     out = [study_row(model, STUDY_TASK, "world", "difference_accuracy",
                      pooled_mean(row_items(rows, "difference_classification", "accuracy", wording=w)), seed,
                      {**condition, "wording": w}) for w in wordings]
     for r in rows:
         if r["task"] in ("zero_shot", "retrieval"):
-            out.append(result_row(model, STUDY_TASK, "world", f"{r['task']}_{r['metric']}", r["value"], seed, r["n"],
-                                  condition, (r["ci_low"], r["ci_high"])))
+            out.append(result_row(model, STUDY_TASK, "world", f"{r['task']}_{r['metric']}", r["value"], seed,
+                                  r["n"], condition, (r["ci_low"], r["ci_high"])))
     return out
 
 # %% ../../nbs/studies/01_pretrain_difference.ipynb #541d1d74
-def choose_weight(val_rows: Sequence[dict], weights: Sequence[float], wordings: Sequence[str] = ("train", "heldout")) -> float:
-    "The weight above 0 with the highest validation difference accuracy (mean over `wordings`); ties to the smaller."
+def choose_weight(val_rows: Sequence[dict], weights: Sequence[float],
+                  wordings: Sequence[str] = ("train", "heldout")) -> float:
+    """The weight above 0 with the highest validation difference accuracy (mean over `wordings`); ties to the
+    smaller."""
     candidates = sorted(w for w in weights if w > 0)
     if not candidates:
         raise ValueError(f"no weight above 0 among {list(weights)}: nothing to choose for the joint arm")
-    score = lambda w: np.mean([pooled_mean(row_items([r for r in val_rows if r["model"] == joint_model_name(w)],
-                                                     "difference_classification", "accuracy", wording=x), n_boot=1)["value"]
-                               for x in wordings])
+    score = lambda w: np.mean([
+        pooled_mean(row_items([r for r in val_rows if r["model"] == joint_model_name(w)],
+                              "difference_classification", "accuracy", wording=x), n_boot=1)["value"]
+        for x in wordings])
     scores = {w: score(w) for w in candidates}
-    return next(w for w in candidates if scores[w] == max(scores.values()))  # the first best: ties to the smaller
+    # the first best: ties to the smaller
+    return next(w for w in candidates if scores[w] == max(scores.values()))
 
 
 def comparison_rows(test_rows: Sequence[dict], weight: float, condition: dict, seed: int | None = None,
@@ -188,23 +212,27 @@ def comparison_rows(test_rows: Sequence[dict], weight: float, condition: dict, s
     pairs += [("zero_shot", "zero_shot", "accuracy", {}), ("r5_i2t", "retrieval", "recall@5_i2t", {}),
               ("r5_t2i", "retrieval", "recall@5_t2i", {})]
     return [study_row("joint", STUDY_TASK, "world", f"joint_minus_ptf_{name}",
-                      paired_gain(row_items(a, task, metric, **need), row_items(b, task, metric, **need)), seed,
-                      {**condition, **need}) for name, task, metric, need in pairs]
+                      paired_gain(row_items(a, task, metric, **need), row_items(b, task, metric, **need)),
+                      seed, {**condition, **need}) for name, task, metric, need in pairs]
 
 # %% ../../nbs/studies/01_pretrain_difference.ipynb #e07b50ac
 def _evaluate_arms(cfg: Config, names: Sequence[str], retrieval_images: int | None) -> dict[str, list[dict]]:
-    "The runner's rows of every arm: test (difference tasks, zero-shot, retrieval) and val (difference tasks, zero-shot)."
+    """The runner's rows of every arm: test (difference tasks, zero-shot, retrieval) and val (difference
+    tasks, zero-shot)."""
     out = {}
     for split in ("test", "val"):
         ds = [load_dataset("world", **dataset_options(cfg), split=split)]
-        out[split] = run_difference_classification(cfg, names, ds, progress=False) + run_zero_shot(cfg, names, ds)[0]
+        out[split] = (run_difference_classification(cfg, names, ds, progress=False)
+                      + run_zero_shot(cfg, names, ds)[0])
     out["test"] += run_retrieval(cfg, names, n_images=retrieval_images, progress=False)
     return out
 
 
-def run_pretrain_study(cfg: Config, weights: Sequence[float] = (0.0, 0.25, 0.5, 1.0), finetune_steps: int | None = None,
-                       retrieval_images: int | None = 500, progress: bool = True) -> tuple[list[dict], dict]:
-    "`(rows, info)`: joint pretraining at each weight vs pretrain-then-finetune at `cfg.pretrain_steps` steps each."
+def run_pretrain_study(cfg: Config, weights: Sequence[float] = (0.0, 0.25, 0.5, 1.0),
+                       finetune_steps: int | None = None, retrieval_images: int | None = 500,
+                       progress: bool = True) -> tuple[list[dict], dict]:
+    """`(rows, info)`: joint pretraining at each weight vs pretrain-then-finetune at `cfg.pretrain_steps`
+    steps each."""
     world, steps = make_world(**world_options(cfg)), cfg.pretrain_steps
     finetune_steps = finetune_steps or max(1, steps // 5)
     arms = {}
@@ -214,7 +242,8 @@ def run_pretrain_study(cfg: Config, weights: Sequence[float] = (0.0, 0.25, 0.5, 
                                      {"seconds": hist["seconds"], "reused": reused})
     ptf = pretrain_then_finetune(world, cfg, finetune_steps, progress=progress)
     arms["pretrain-then-finetune"] = ("pretrain-then-finetune",
-                                      {"arm": "pretrain-then-finetune", "steps": steps, "finetune_steps": finetune_steps},
+                                      {"arm": "pretrain-then-finetune", "steps": steps,
+                                       "finetune_steps": finetune_steps},
                                       {k: v for k, v in ptf.items() if k != "model"})
     ev = _evaluate_arms(cfg, list(arms), retrieval_images)
     rows = []
@@ -224,33 +253,39 @@ def run_pretrain_study(cfg: Config, weights: Sequence[float] = (0.0, 0.25, 0.5, 
             rows += arm_rows(mine, model, {**cond, **({"split": "val"} if split == "val" else {})}, cfg.seed)
     chosen = choose_weight(ev["val"], weights)
     rows += comparison_rows(ev["test"], chosen, {"arm": "joint", "w": chosen, "steps": steps}, cfg.seed)
-    return rows, {"arms": {k: v[2] for k, v in arms.items()}, "chosen_w": chosen, "finetune_steps": finetune_steps}
+    return rows, {"arms": {k: v[2] for k, v in arms.items()}, "chosen_w": chosen,
+                  "finetune_steps": finetune_steps}
 
 # %% ../../nbs/studies/01_pretrain_difference.ipynb #68a4af5a
 def plot_pretrain_study(results: pd.DataFrame):
     "A seaborn-styled figure of the pretraining study's test rows against the weight of the difference term."
     from pc_clip.core.registry import PALETTE
     from pc_clip.report.figures import new_figure
-    t = results[(results["task"] == STUDY_TASK) & ~results["condition"].astype(str).str.contains("split=val")].copy()
+    t = results[(results["task"] == STUDY_TASK)
+                & ~results["condition"].astype(str).str.contains("split=val")].copy()
     conds = t["condition"].map(condition_dict)
     t = t.assign(arm=conds.map(lambda d: d.get("arm")), w=conds.map(lambda d: float(d.get("w", "nan"))),
                  wording=conds.map(lambda d: d.get("wording")))
     panels = (("difference_accuracy", "difference classification (chance 0.5)"),
-              ("zero_shot_accuracy", "zero-shot accuracy"), ("retrieval_recall@5_i2t", "retrieval recall@5 (image to text)"))
+              ("zero_shot_accuracy", "zero-shot accuracy"),
+              ("retrieval_recall@5_i2t", "retrieval recall@5 (image to text)"))
     fig, axes = new_figure(3, (4.2, 3.2), columns=3, legend=0.0)
     for ax, (metric, title) in zip(axes, panels):
         sub = t[t["metric"] == metric]
         for k, wording in enumerate(sorted(sub["wording"].dropna().unique(), reverse=True) or [None]):
             s = sub if wording is None else sub[sub["wording"] == wording]
-            style, label = ("--" if wording == "train" else "-"), (f" ({wording} wordings)" if wording else "")
+            style, label = (("--" if wording == "train" else "-"),
+                            (f" ({wording} wordings)" if wording else ""))
             j = s[s["arm"] == "joint"].sort_values("w")
-            ax.errorbar(j["w"], j["value"], yerr=[j["value"] - j["ci_low"], j["ci_high"] - j["value"]], fmt="o" + style,
-                        color=PALETTE["joint"], capsize=3, label="joint" + label)
+            ax.errorbar(j["w"], j["value"], yerr=[j["value"] - j["ci_low"], j["ci_high"] - j["value"]],
+                        fmt="o" + style, color=PALETTE["joint"], capsize=3, label="joint" + label)
             for _, p in s[s["arm"] == "pretrain-then-finetune"].iterrows():
-                ax.axhline(p["value"], color=PALETTE["pretrain-then-finetune"], ls=style, label="pretrain-then-finetune" + label)
+                ax.axhline(p["value"], color=PALETTE["pretrain-then-finetune"], ls=style,
+                           label="pretrain-then-finetune" + label)
                 ax.axhspan(p["ci_low"], p["ci_high"], color=PALETTE["pretrain-then-finetune"], alpha=0.12)
         ax.set(title=title, xlabel="weight w of the difference loss", ylabel=metric.replace("_", " "))
         ax.legend(fontsize=7)
     fig.suptitle("Joint pretraining with the difference loss against pretrain-then-finetune")
-    fig.supxlabel("error bars and bands: 95 % interval of each row (ci_low to ci_high in results.csv)", fontsize=8)
+    fig.supxlabel("error bars and bands: 95 % interval of each row (ci_low to ci_high in results.csv)",
+                  fontsize=8)
     return fig

@@ -27,8 +27,10 @@ __all__ = ['SDXL_SLOTS', 'T2I_EDITS', 'clip_tokenizer', 'hf_text_config', 'open_
            'arithmetic_conditioning', 'generate_images', 'clip_scores', 'load_sdxl', 't2i_clip_score_rows']
 
 # %% ../../nbs/t2i/00_sdxl.ipynb #22bf69e6
-def clip_tokenizer(model_max_length: int = 77, folder: str | Path | None = None, pad_token: str = "<|endoftext|>"):
-    "A `transformers.CLIPTokenizer` built from open_clip's bundled BPE files (no download); `folder` keeps the files."
+def clip_tokenizer(model_max_length: int = 77, folder: str | Path | None = None,
+                   pad_token: str = "<|endoftext|>"):
+    """A `transformers.CLIPTokenizer` built from open_clip's bundled BPE files (no download); `folder`
+    keeps the files."""
     from open_clip.tokenizer import SimpleTokenizer
     from transformers import CLIPTokenizer
     if folder is None:  # the tokenizer reads both files when it is built, so a temporary folder suffices
@@ -42,8 +44,8 @@ def clip_tokenizer(model_max_length: int = 77, folder: str | Path | None = None,
     merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length,
-                         pad_token=pad_token)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                         model_max_length=model_max_length, pad_token=pad_token)
 
 # %% ../../nbs/t2i/00_sdxl.ipynb #deea7848
 def _text_tower(model):
@@ -51,8 +53,9 @@ def _text_tower(model):
     tower = getattr(model, "text", None)
     tower = tower if tower is not None and hasattr(tower, "transformer") else model
     if not hasattr(tower, "token_embedding") or not hasattr(tower, "transformer"):
-        raise TypeError(f"{type(model).__name__} has no open_clip text transformer (expected token_embedding, "
-                        "transformer.resblocks, ln_final, text_projection); only open_clip CLIP text towers convert")
+        raise TypeError(f"{type(model).__name__} has no open_clip text transformer "
+                        "(expected token_embedding, transformer.resblocks, ln_final, text_projection); "
+                        "only open_clip CLIP text towers convert")
     return tower
 
 
@@ -71,7 +74,8 @@ def hf_text_config(model):
     act = type(b0.mlp.gelu).__name__
     if act not in ("QuickGELU", "GELU") or not isinstance(b0.ls_1, torch.nn.Identity):
         raise ValueError(f"text blocks with activation {act} / layer scale {type(b0.ls_1).__name__} have no "
-                         "CLIPTextModel equivalent; only plain CLIP text transformers (GELU or QuickGELU) convert")
+                         "CLIPTextModel equivalent; only plain CLIP text transformers "
+                         "(GELU or QuickGELU) convert")
     if getattr(tower, "text_pool_type", "argmax") != "argmax" or getattr(tower, "attn_mask", None) is None:
         raise ValueError("only causal text towers pooled at the end-of-text token (open_clip text_pool_type "
                          "'argmax') match CLIPTextModel")
@@ -81,7 +85,8 @@ def hf_text_config(model):
         intermediate_size=b0.mlp.c_fc.out_features, num_hidden_layers=len(blocks),
         num_attention_heads=b0.attn.num_heads, max_position_embeddings=tower.positional_embedding.shape[0],
         hidden_act="quick_gelu" if act == "QuickGELU" else "gelu", layer_norm_eps=tower.ln_final.eps,
-        projection_dim=_projection_weight(tower).shape[0], bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+        projection_dim=_projection_weight(tower).shape[0], bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407)
 
 
 def open_clip_text_state_dict(model) -> dict[str, torch.Tensor]:
@@ -95,9 +100,12 @@ def open_clip_text_state_dict(model) -> dict[str, torch.Tensor]:
         p = f"encoder.layers.{i}."
         q, k, v = blk.attn.in_proj_weight.chunk(3)
         qb, kb, vb = blk.attn.in_proj_bias.chunk(3)
-        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
-                   p + "self_attn.q_proj.bias": qb, p + "self_attn.k_proj.bias": kb, p + "self_attn.v_proj.bias": vb,
-                   p + "self_attn.out_proj.weight": blk.attn.out_proj.weight, p + "self_attn.out_proj.bias": blk.attn.out_proj.bias,
+        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                   p + "self_attn.v_proj.weight": v,
+                   p + "self_attn.q_proj.bias": qb, p + "self_attn.k_proj.bias": kb,
+                   p + "self_attn.v_proj.bias": vb,
+                   p + "self_attn.out_proj.weight": blk.attn.out_proj.weight,
+                   p + "self_attn.out_proj.bias": blk.attn.out_proj.bias,
                    p + "layer_norm1.weight": blk.ln_1.weight, p + "layer_norm1.bias": blk.ln_1.bias,
                    p + "layer_norm2.weight": blk.ln_2.weight, p + "layer_norm2.bias": blk.ln_2.bias,
                    p + "mlp.fc1.weight": blk.mlp.c_fc.weight, p + "mlp.fc1.bias": blk.mlp.c_fc.bias,
@@ -112,7 +120,8 @@ def _load_hf(hf_model, sd: dict[str, torch.Tensor]):
     for k in target:
         src = k[len("text_model."):] if k.startswith("text_model.") else k
         if src not in sd:
-            raise KeyError(f"{type(hf_model).__name__} expects {k!r}, which the open_clip tower does not provide")
+            raise KeyError(f"{type(hf_model).__name__} expects {k!r}, "
+                           "which the open_clip tower does not provide")
         out[k] = sd[src]
     hf_model.load_state_dict(out, strict=True)
     return hf_model
@@ -136,8 +145,9 @@ def matching_slot(pipe, model) -> str:
         if getattr(pipe, slot).config.hidden_size == width:
             return slot
     have = {s: getattr(pipe, s).config.hidden_size for s in SDXL_SLOTS}
-    raise ValueError(f"a text tower of width {width} fits no SDXL text encoder (widths {have}); SDXL takes a "
-                     "ViT-L/14 tower (768, slot text_encoder) or a ViT-bigG/14 tower (1280, slot text_encoder_2)")
+    raise ValueError(f"a text tower of width {width} fits no SDXL text encoder (widths {have}); "
+                     "SDXL takes a ViT-L/14 tower (768, slot text_encoder) "
+                     "or a ViT-bigG/14 tower (1280, slot text_encoder_2)")
 
 # %% ../../nbs/t2i/00_sdxl.ipynb #d4a066f6
 _ARCHITECTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -145,14 +155,17 @@ _ARCHITECTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "int
 
 
 def tower_mismatches(encoder, model) -> dict[str, tuple]:
-    "`{field: (tower's, encoder's)}` for every architecture field in which `model`'s text tower differs from `encoder`."
+    """`{field: (tower's, encoder's)}` for every architecture field in which `model`'s text tower differs
+    from `encoder`."""
     new, old = hf_text_config(model), encoder.config
-    fields = _ARCHITECTURE + (("projection_dim",) if type(encoder).__name__ == "CLIPTextModelWithProjection" else ())
+    fields = _ARCHITECTURE + (("projection_dim",)
+                              if type(encoder).__name__ == "CLIPTextModelWithProjection" else ())
     return {f: (getattr(new, f), getattr(old, f)) for f in fields if getattr(new, f) != getattr(old, f)}
 
 # %% ../../nbs/t2i/00_sdxl.ipynb #f8dce0f0
 def swap_text_encoder(pipe, model, slot: str = "auto"):
-    "Replace the pipeline's text encoder in `slot` by `model`'s open_clip text tower (same architecture only)."
+    """Replace the pipeline's text encoder in `slot` by `model`'s open_clip text tower (same architecture
+    only)."""
     slot = matching_slot(pipe, model) if slot == "auto" else slot
     if slot not in SDXL_SLOTS:
         raise ValueError(f"slot must be 'auto' or one of {SDXL_SLOTS}; got {slot!r}")
@@ -160,10 +173,12 @@ def swap_text_encoder(pipe, model, slot: str = "auto"):
     bad = tower_mismatches(old, model)
     if bad:
         what = ", ".join(f"{k}: tower {a!r} vs encoder {b!r}" for k, (a, b) in bad.items())
-        base = "OpenAI's ViT-L-14 (pretrained='openai')" if slot == "text_encoder" else "OpenCLIP's ViT-bigG-14"
-        raise ValueError(f"refusing to put this text tower into SDXL's {slot}: its architecture differs from the "
-                         f"encoder the UNet was trained with ({what}). Finetune the tower from {base}, the weights "
-                         "of that slot (the T2I study's t2i_clip_model / t2i_clip_pretrained settings).")
+        base = ("OpenAI's ViT-L-14 (pretrained='openai')" if slot == "text_encoder"
+                else "OpenCLIP's ViT-bigG-14")
+        raise ValueError(f"refusing to put this text tower into SDXL's {slot}: its architecture differs "
+                         f"from the encoder the UNet was trained with ({what}). "
+                         f"Finetune the tower from {base}, the weights of that slot "
+                         "(the T2I study's t2i_clip_model / t2i_clip_pretrained settings).")
     new = open_clip_text_to_hf(model, with_projection=type(old).__name__ == "CLIPTextModelWithProjection")
     setattr(pipe, slot, new.to(device=old.device, dtype=old.dtype))
     return pipe
@@ -184,11 +199,13 @@ def embedding_arithmetic(base: torch.Tensor, difference: torch.Tensor, weight: f
     return base + weight * delta
 
 
-def arithmetic_conditioning(pipe, class_prompts: Sequence[str], difference_texts: Sequence[str], weight: float = 1.0,
-                            center: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    "SDXL `(prompt_embeds, pooled_prompt_embeds)` for class prompt + `weight` x difference, centred on the empty prompt."
+def arithmetic_conditioning(pipe, class_prompts: Sequence[str], difference_texts: Sequence[str],
+                            weight: float = 1.0, center: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL `(prompt_embeds, pooled_prompt_embeds)` for class prompt + `weight` x difference, centred on
+    the empty prompt."""
     if len(class_prompts) != len(difference_texts):
-        raise ValueError(f"{len(class_prompts)} class prompts but {len(difference_texts)} difference texts; pass one each")
+        raise ValueError(f"{len(class_prompts)} class prompts but {len(difference_texts)} difference texts; "
+                         "pass one each")
     e_c, p_c = encode_sdxl_prompts(pipe, class_prompts)
     e_d, p_d = encode_sdxl_prompts(pipe, difference_texts)
     e_0, p_0 = encode_sdxl_prompts(pipe, [""]) if center else (None, None)
@@ -199,7 +216,8 @@ def arithmetic_conditioning(pipe, class_prompts: Sequence[str], difference_texts
 def generate_images(pipe, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, steps: int = 30,
                     size: int = 1024, guidance_scale: float = 5.0, seed: int = 0, batch_size: int = 4,
                     progress: bool = True) -> np.ndarray:
-    "uint8 images `[N, size, size, 3]` generated from precomputed SDXL conditioning, image `i` seeded `seed + i`."
+    """uint8 images `[N, size, size, 3]` generated from precomputed SDXL conditioning, image `i` seeded
+    `seed + i`."""
     out = []
     dev = pipe.device
     for s in tqdm(range(0, len(prompt_embeds), batch_size), desc="generate", disable=not progress):
@@ -214,9 +232,10 @@ def generate_images(pipe, prompt_embeds: torch.Tensor, pooled_prompt_embeds: tor
 
 # %% ../../nbs/t2i/00_sdxl.ipynb #37ab8dc0
 @torch.no_grad()
-def clip_scores(model, tokenizer, images: np.ndarray, texts: Sequence[str], preprocess=None, batch_size: int = 64,
-                device: str | torch.device = "cpu") -> torch.Tensor:
-    "Per-pair cosine between the evaluating CLIP's embedding of `images[i]` (uint8 [N,H,W,3]) and of `texts[i]`."
+def clip_scores(model, tokenizer, images: np.ndarray, texts: Sequence[str], preprocess=None,
+                batch_size: int = 64, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Per-pair cosine between the evaluating CLIP's embedding of `images[i]` (uint8 [N,H,W,3]) and of
+    `texts[i]`."""
     if len(images) != len(texts):
         raise ValueError(f"{len(images)} images but {len(texts)} texts; clip_scores compares them pairwise")
     if preprocess is None:
@@ -230,13 +249,15 @@ def clip_scores(model, tokenizer, images: np.ndarray, texts: Sequence[str], prep
 
 # %% ../../nbs/t2i/00_sdxl.ipynb #63db5452
 T2I_EDITS = [
-    ("a photo of a house", "The first image is snowier than the second.", "a photo of a house covered in snow"),
+    ("a photo of a house", "The first image is snowier than the second.",
+     "a photo of a house covered in snow"),
     ("a photo of a dog", "The first dog is much larger than the second.", "a photo of a very large dog"),
     ("a photo of a street", "The first image was taken at night, while the second was taken during the day.",
      "a photo of a street at night"),
     ("a photo of a forest", "The first image shows autumn leaves, while the second shows green leaves.",
      "a photo of a forest in autumn"),
-    ("a photo of a car", "The first car is older and rustier than the second.", "a photo of an old rusty car"),
+    ("a photo of a car", "The first car is older and rustier than the second.",
+     "a photo of an old rusty car"),
     ("a photo of a beach", "The first beach is more crowded than the second.", "a photo of a crowded beach"),
     ("a photo of a cat", "The first cat is fluffier than the second.", "a photo of a fluffy cat"),
     ("a photo of a lake", "The first lake is frozen, while the second is not.", "a photo of a frozen lake"),
@@ -244,7 +265,8 @@ T2I_EDITS = [
 
 
 def load_sdxl(t2i_model: str, root: str | Path, device: str | torch.device = "auto"):
-    "The SDXL pipeline `t2i_model` from local files under the data root `root` (fp16 on a GPU); a clear error if it is not on disk."
+    """The SDXL pipeline `t2i_model` from local files under the data root `root` (fp16 on a GPU); a clear
+    error if it is not on disk."""
     from diffusers import StableDiffusionXLPipeline
     device = pick_device(device) if isinstance(device, str) else torch.device(device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -253,12 +275,13 @@ def load_sdxl(t2i_model: str, root: str | Path, device: str | torch.device = "au
         if local.is_dir():
             pipe = StableDiffusionXLPipeline.from_pretrained(str(local), dtype=dtype)
         else:
-            pipe = StableDiffusionXLPipeline.from_pretrained(t2i_model, dtype=dtype, local_files_only=True, cache_dir=str(hf))
+            pipe = StableDiffusionXLPipeline.from_pretrained(t2i_model, dtype=dtype, local_files_only=True,
+                                                             cache_dir=str(hf))
     except (OSError, ValueError) as e:
         raise FileNotFoundError(
-            f"SDXL weights {t2i_model!r} are not on this machine (looked in {local} and in the Hugging Face cache "
-            f"{hf}). On a machine with internet run `hf download {t2i_model} --cache-dir {hf}`, or put a "
-            f"diffusers folder at {local}. ({type(e).__name__}: {e})") from None
+            f"SDXL weights {t2i_model!r} are not on this machine (looked in {local} and in the Hugging Face "
+            f"cache {hf}). On a machine with internet run `hf download {t2i_model} --cache-dir {hf}`, "
+            f"or put a diffusers folder at {local}. ({type(e).__name__}: {e})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -266,8 +289,10 @@ def load_sdxl(t2i_model: str, root: str | Path, device: str | torch.device = "au
 def t2i_clip_score_rows(pipe, evaluator, model: str, edits: Sequence[tuple[str, str, str]] = T2I_EDITS,
                         weight: float = 1.0, n_seeds: int = 4, steps: int = 30, size: int = 1024,
                         guidance_scale: float = 5.0, seed: int = 0, dataset: str = "sdxl-edits",
-                        batch_size: int = 4, condition: str | dict = "", progress: bool = True) -> tuple[list[dict], np.ndarray]:
-    "Rows (task `t2i_arithmetic`) of mean CLIP score with and without the arithmetic (per-prompt items, bootstrap interval), and the arithmetic's images."
+                        batch_size: int = 4, condition: str | dict = "",
+                        progress: bool = True) -> tuple[list[dict], np.ndarray]:
+    """Rows (task `t2i_arithmetic`) of mean CLIP score with and without the arithmetic (per-prompt items,
+    bootstrap interval), and the arithmetic's images."""
     ev_model, ev_tok, ev_pre = evaluator
     cls = [c for c, _, _ in edits for _ in range(n_seeds)]
     diff = [d for _, d, _ in edits for _ in range(n_seeds)]
@@ -279,11 +304,11 @@ def t2i_clip_score_rows(pipe, evaluator, model: str, edits: Sequence[tuple[str, 
         images = generate_images(pipe, e, p, steps, size, guidance_scale, seed, batch_size, progress)
         s = clip_scores(ev_model, ev_tok, images, intended, ev_pre, device=dev).double().numpy()
         groups = np.repeat(np.arange(len(edits)), n_seeds)  # an edit's seeds are one cluster of the bootstrap
-        row = result_row(model, "t2i_arithmetic", dataset, metric, float(s.mean()), seed, len(images), condition,
-                         bootstrap_ci(s, groups=groups))
+        row = result_row(model, "t2i_arithmetic", dataset, metric, float(s.mean()), seed, len(images),
+                         condition, bootstrap_ci(s, groups=groups))
         # item k is the same prompt and generation seed for every model: the claim pairs models on it
-        row["items"] = pd.DataFrame({"item": np.arange(len(s)), "value": s, "weight": 1.0, "group": groups.astype(str),
-                                     "statistic": "mean"})
+        row["items"] = pd.DataFrame({"item": np.arange(len(s)), "value": s, "weight": 1.0,
+                                     "group": groups.astype(str), "statistic": "mean"})
         rows.append(row)
         shown = images if shown is None else shown
     return rows, shown

@@ -29,11 +29,12 @@ from ..world.species import CATEGORIES, typical_attrs
 from ..world.oracle import difference_statement
 from ..world.shapes import position_word, size_word
 from ..differences.pairs import load_corpus, sample_pairs
-from ..core.registry import REGISTRY, clip_source, corpus_options, dataset_options, model_manifest, store_options
+from pc_clip.core.registry import (REGISTRY, clip_source, corpus_options, dataset_options, model_manifest,
+    store_options)
 from ..training.state import FinetuneSettings
 from ..core.registry import model_dir
-from pc_clip.t2i.world_diffusion import (GeneratorSettings, choose_weight, edit_queries, score_edits, success_rows,
-    train_or_load_generator)
+from .world_diffusion import (GeneratorSettings, choose_weight, edit_queries, score_edits,
+    success_rows, train_or_load_generator)
 from ..world.edits import WORLD_EDITS
 from ..world.species import CATEGORY_NAMES
 from ..world.shapes import make_world
@@ -60,9 +61,10 @@ def attribute_gallery(image_size: int = 32, seed: int = 0, categories: Sequence[
                 for pi, x in enumerate(GALLERY_LEVELS["position"]):
                     for bg in BACKGROUNDS:
                         r = float(np.clip(info.radius * sf, 3.0, 11.0))
-                        rows.append(dict(category=c, shape=info.shape, colour=info.colour, hue=COLOURS[info.colour],
-                                         saturation=0.85, radius=r, brightness=v, count=1, x=x, y=0.5,
-                                         background=bg, n_distractors=0, cx0=x * image_size, cy0=image_size / 2,
+                        rows.append(dict(category=c, shape=info.shape, colour=info.colour,
+                                         hue=COLOURS[info.colour], saturation=0.85, radius=r, brightness=v,
+                                         count=1, x=x, y=0.5, background=bg, n_distractors=0,
+                                         cx0=x * image_size, cy0=image_size / 2,
                                          cx1=np.nan, cy1=np.nan, cx2=np.nan, cy2=np.nan, size_level=si,
                                          brightness_level=bi, position_level=pi))
     attrs = pd.DataFrame(rows)
@@ -73,7 +75,8 @@ def attribute_gallery(image_size: int = 32, seed: int = 0, categories: Sequence[
 # %% ../../nbs/t2i/01_study.ipynb #e00315db
 @dataclass(frozen=True)
 class GalleryEdit:
-    "An edit for the gallery task: success means `attrs[column] == target`; statements compare target with source."
+    """An edit for the gallery task: success means `attrs[column] == target`; statements compare target
+    with source."""
     name: str
     attribute: str
     column: str
@@ -99,8 +102,8 @@ def _edit_attrs(category: str, edit: GalleryEdit, value) -> dict:
     a = typical_attrs(category)
     a["count"] = 1
     if edit.column == "background":
-        a["background"] = value if value is not None else (CATEGORIES.loc[category].habitat
-                                                           if CATEGORIES.loc[category].habitat != edit.target else "grass")
+        a["background"] = value if value is not None else (
+            CATEGORIES.loc[category].habitat if CATEGORIES.loc[category].habitat != edit.target else "grass")
     elif edit.attribute == "size":
         a["radius"] = float(np.clip(a["radius"] * GALLERY_LEVELS["size"][value], 3.0, 11.0))
     elif edit.attribute == "brightness":
@@ -127,15 +130,18 @@ def arithmetic_queries(encode_text, class_prompts: Sequence[str], difference_tex
                        weight: float = 1.0) -> torch.Tensor:
     "Normalised `f(class) + weight * f(difference)` for normalised text embeddings `f`."
     return torch.nn.functional.normalize(
-        embedding_arithmetic(encode_text(list(class_prompts)), encode_text(list(difference_texts)), weight), dim=-1)
+        embedding_arithmetic(encode_text(list(class_prompts)), encode_text(list(difference_texts)),
+                             weight), dim=-1)
 
 # %% ../../nbs/t2i/01_study.ipynb #c4ce1caa
 def gallery_arithmetic_rows(image_emb: torch.Tensor, gallery: pd.DataFrame, encode_text, model: str,
-                            edits: Sequence[GalleryEdit] = GALLERY_EDITS, n_texts: int = 4, weight: float = 1.0,
-                            sweep: Sequence[float] = (), seed: int = 0, eval_image_emb: torch.Tensor | None = None,
+                            edits: Sequence[GalleryEdit] = GALLERY_EDITS, n_texts: int = 4,
+                            weight: float = 1.0, sweep: Sequence[float] = (), seed: int = 0,
+                            eval_image_emb: torch.Tensor | None = None,
                             eval_encode_text=None, dataset: str = "world-gallery",
                             class_template: str = "a photo of a {c}", statements=None) -> list[dict]:
-    "Rows (task `t2i_arithmetic`): success rates (held-out / train wordings / class prompt only / whole gallery), species accuracy, CLIP score."
+    """Rows (task `t2i_arithmetic`): success rates (held-out / train wordings / class prompt only / whole
+    gallery), species accuracy, CLIP score."""
     if len(image_emb) != len(gallery):
         raise ValueError(f"{len(image_emb)} embeddings for a gallery of {len(gallery)} images")
     rng = np.random.default_rng([seed, 61])
@@ -150,7 +156,8 @@ def gallery_arithmetic_rows(image_emb: torch.Tensor, gallery: pd.DataFrame, enco
     species = gallery["category"].to_numpy()
 
     def retrieve(qs, w, within_species=True):
-        q = arithmetic_queries(encode_text, [class_template.format(c=c) for c, _, _ in qs], [t for *_, t in qs], w)
+        q = arithmetic_queries(encode_text, [class_template.format(c=c) for c, _, _ in qs],
+                               [t for *_, t in qs], w)
         sims = q @ image_emb.float().T
         if within_species:  # the generator's part: an image of the prompted species
             other = torch.as_tensor(species[None, :] != np.array([c for c, _, _ in qs])[:, None])
@@ -158,11 +165,13 @@ def gallery_arithmetic_rows(image_emb: torch.Tensor, gallery: pd.DataFrame, enco
         return sims.argmax(1).numpy()
 
     def success(qs, hit):  # one 0/1 outcome per query
-        return [float((species[h] == c) and (gallery[e.column].iat[h] == e.target)) for (c, e, _), h in zip(qs, hit)]
+        return [float((species[h] == c) and (gallery[e.column].iat[h] == e.target))
+                for (c, e, _), h in zip(qs, hit)]
 
-    def rate(metric, ok, condition="", items=False):  # a rate with its bootstrap interval (and its outcomes, once)
-        row = result_row(model, "t2i_arithmetic", dataset, metric, float(np.mean(ok)), seed, len(ok), condition,
-                         bootstrap_ci(ok))
+    # a rate with its bootstrap interval (and its outcomes, once)
+    def rate(metric, ok, condition="", items=False):
+        row = result_row(model, "t2i_arithmetic", dataset, metric, float(np.mean(ok)), seed, len(ok),
+                         condition, bootstrap_ci(ok))
         if items:
             row["items"] = pd.DataFrame({"item": np.arange(len(ok)), "value": ok, "weight": 1.0, "group": "",
                                          "statistic": "mean"})
@@ -180,7 +189,8 @@ def gallery_arithmetic_rows(image_emb: torch.Tensor, gallery: pd.DataFrame, enco
     if eval_image_emb is not None and eval_encode_text is not None:
         intended = eval_encode_text([e.intended.format(c=c) for c, e, _ in held])
         score = (eval_image_emb[torch.as_tensor(hit)].float() * intended).sum(-1)
-        rows.append(result_row(model, "t2i_arithmetic", dataset, "clip_score", float(score.mean()), seed, len(held)))
+        rows.append(result_row(model, "t2i_arithmetic", dataset, "clip_score", float(score.mean()), seed,
+                               len(held)))
     for e in edits:  # per edit, held-out wordings
         sel = [i for i, (_, ee, _) in enumerate(held) if ee.name == e.name]
         rows.append(rate("success_rate", success([held[i] for i in sel], hit[sel]), {"edit": e.name}))
@@ -192,10 +202,12 @@ def gallery_chance(gallery: pd.DataFrame, edits: Sequence[GalleryEdit] = GALLERY
     return float(np.mean([(gallery[e.column] == e.target).mean() for e in edits]))
 
 # %% ../../nbs/t2i/01_study.ipynb #aedd353b
-T2I_BASE = (Config.t2i_clip_model, Config.t2i_clip_pretrained)  # SDXL's first text encoder (the config's default)
+# SDXL's first text encoder (the config's default)
+T2I_BASE = (Config.t2i_clip_model, Config.t2i_clip_pretrained)
 SDXL_TEXT_WIDTHS = {768: "text_encoder", 1280: "text_encoder_2"}
 # the study's arms, from the registry: its base `clip`, and each study model under the name it is reported as
-T2I_ARMS = {"clip": None, **{s.reported_as: s.name for s in REGISTRY if s.role == "study" and s.when == "t2i"}}
+T2I_ARMS = {"clip": None,
+            **{s.reported_as: s.name for s in REGISTRY if s.role == "study" and s.when == "t2i"}}
 T2I_PC_CLIP = T2I_ARMS["pc-clip"]
 
 
@@ -207,7 +219,8 @@ def _text_width(model_name: str) -> int | None:
 
 
 def t2i_base(cfg: Config) -> tuple[str, str | None] | None:
-    "`(architecture, pretrained tag)` the T2I study finetunes its own PC-CLIP from; None where it does not apply."
+    """`(architecture, pretrained tag)` the T2I study finetunes its own PC-CLIP from; None where it does not
+    apply."""
     return (cfg.t2i_clip_model, cfg.t2i_clip_pretrained) if cfg.t2i_clip_model else None
 
 
@@ -216,29 +229,39 @@ def t2i_not_applicable(cfg: Config) -> str | None:
     if cfg.corpus == "world" or t2i_base(cfg) is not None:
         return None
     width = _text_width(cfg.model_name)
-    return (f"The text-to-image study is not applicable to profile {cfg.profile!r}: its {cfg.model_name} text tower "
-            f"({width or 'unknown'} wide) fits neither SDXL text-encoder slot (768: OpenAI ViT-L/14; 1280: OpenCLIP "
-            "ViT-bigG/14), and a PC-CLIP finetuned from another base would not be this profile's model. The `paper` "
-            "profile runs the study (its own PC-CLIP finetuned from ViT-L-14/openai).")
+    return (f"The text-to-image study is not applicable to profile {cfg.profile!r}: "
+            f"its {cfg.model_name} text tower ({width or 'unknown'} wide) fits neither SDXL text-encoder "
+            "slot (768: OpenAI ViT-L/14; 1280: OpenCLIP ViT-bigG/14), "
+            "and a PC-CLIP finetuned from another base would not be this profile's model. "
+            "The `paper` profile runs the study (its own PC-CLIP finetuned from ViT-L-14/openai).")
 
 # %% ../../nbs/t2i/01_study.ipynb #eec53557
 def train_t2i_pc_clip(cfg: Config, progress: bool = True):
     "Finetune (or reuse) the T2I study's PC-CLIP from `t2i_base(cfg)`; returns the `FinetuneRun`."
     base = t2i_base(cfg)
     if cfg.corpus == "world" or base is None:
-        raise ValueError(t2i_not_applicable(cfg) or "on a world profile the T2I study uses the run's own models")
+        raise ValueError(t2i_not_applicable(cfg)
+                         or "on a world profile the T2I study uses the run's own models")
     study_cfg = cfg.replace(model_name=base[0], pretrained=base[1])
     model, preprocess, tokenizer = create_clip(*base, device=pick_device(cfg.device), root=data_root(cfg))
     ds = load_dataset(cfg.corpus, **dataset_options(cfg), split="train")
-    emb = embed_images(model, ds, cache_dir(study_cfg), **embedding_options(study_cfg), preprocess=preprocess, progress=progress)
-    # this config's training data, as experiment 03 reads it for `pc-clip`: with a judge, its consistent statements only
+    emb = embed_images(model, ds, cache_dir(study_cfg), **embedding_options(study_cfg),
+                       preprocess=preprocess, progress=progress)
+    # this config's training data, as experiment 03 reads it for `pc-clip`: with a judge, its consistent
+    # statements only
     corpus, held_out, _ = load_corpus(**corpus_options(cfg), split="train")
-    keys = pd.DataFrame({"key": sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling, held_out)["key"]})
-    triples = training_triples(store_options(cfg), noise=0.0 if cfg.generator == "oracle" else None, pairs=keys)
-    triples = embedding_rows(ds, triples)  # corpus rows -> rows of `emb` (pairs with an unreadable image dropped)
-    run = finetune(model, tokenizer, triples, FinetuneSettings.from_config(study_cfg, model_name=base[0]), model_dir(cfg, T2I_PC_CLIP), image_embeddings=emb, progress=progress)
-    noise = 0.0 if cfg.generator == "oracle" else None  # its manifest, like every model's: base, data file, rows
-    write_manifest(run.out_dir, model_manifest(cfg, T2I_PC_CLIP, run.out_dir), data_file=differences_path(store_options(cfg), noise),
+    keys = pd.DataFrame({"key": sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling,
+                                             held_out)["key"]})
+    triples = training_triples(store_options(cfg), noise=0.0 if cfg.generator == "oracle" else None,
+                               pairs=keys)
+    # corpus rows -> rows of `emb` (pairs with an unreadable image dropped)
+    triples = embedding_rows(ds, triples)
+    run = finetune(model, tokenizer, triples, FinetuneSettings.from_config(study_cfg, model_name=base[0]),
+                   model_dir(cfg, T2I_PC_CLIP), image_embeddings=emb, progress=progress)
+    # its manifest, like every model's: base, data file, rows
+    noise = 0.0 if cfg.generator == "oracle" else None
+    write_manifest(run.out_dir, model_manifest(cfg, T2I_PC_CLIP, run.out_dir),
+                   data_file=differences_path(store_options(cfg), noise),
                    extra={"base": {"model_name": base[0], "pretrained": base[1]},
                           "training": {"rows": len(triples), "judge": cfg.judge}})
     return run
@@ -246,7 +269,8 @@ def train_t2i_pc_clip(cfg: Config, progress: bool = True):
 # %% ../../nbs/t2i/01_study.ipynb #63d51b79
 def t2i_study_models(cfg: Config, names: Sequence[str] = tuple(T2I_ARMS), device=None,
                      base: tuple[str, str | None] | None = None):
-    "`(name, model)` for the T2I study's arms that exist: `clip` (its base) and `pc-clip` (finetuned from it)."
+    """`(name, model)` for the T2I study's arms that exist: `clip` (its base) and `pc-clip` (finetuned from
+    it)."""
     base, device = base or t2i_base(cfg), device or pick_device(cfg.device)
     for name in names:
         if name == "clip":
@@ -254,20 +278,22 @@ def t2i_study_models(cfg: Config, names: Sequence[str] = tuple(T2I_ARMS), device
         elif name == "pc-clip" and is_checkpoint(model_dir(cfg, T2I_PC_CLIP)):
             yield name, load_checkpoint(model_dir(cfg, T2I_PC_CLIP), device=device)[0]
         elif name == "pc-clip":
-            print(f"skipping model pc-clip: the T2I study's own PC-CLIP is not at {model_dir(cfg, T2I_PC_CLIP)}; "
-                  "run train_t2i_pc_clip(cfg) (experiment 11 does) first")
+            print("skipping model pc-clip: the T2I study's own PC-CLIP is not at "
+                  f"{model_dir(cfg, T2I_PC_CLIP)}; run train_t2i_pc_clip(cfg) (experiment 11 does) first")
 
 # %% ../../nbs/t2i/01_study.ipynb #bb7ba65c
-def _gallery_study(cfg: Config, model_names: Sequence[str], weight: float, sweep: Sequence[float], n_texts: int,
-                   categories: Sequence[str] | None, progress: bool) -> tuple[list[dict], dict]:
+def _gallery_study(cfg: Config, model_names: Sequence[str], weight: float, sweep: Sequence[float],
+                   n_texts: int, categories: Sequence[str] | None, progress: bool) -> tuple[list[dict], dict]:
     ev_model, _, ev_tok = load_clip(**clip_source(cfg, "clip"))
     images, gallery = attribute_gallery(cfg.world_image_size, cfg.seed, categories)
-    ev_img, ev_txt = embed_images(ev_model, images, cache_dir(cfg), **embedding_options(cfg), progress=progress), text_encoder(ev_model, ev_tok, cfg.eval_batch_size)
+    ev_img, ev_txt = (embed_images(ev_model, images, cache_dir(cfg), **embedding_options(cfg),
+                                   progress=progress),
+                      text_encoder(ev_model, ev_tok, cfg.eval_batch_size))
     rows = []
     for name, model, _, tokenizer in iter_models(cfg, model_names):
         emb = embed_images(model, images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
-        rows += gallery_arithmetic_rows(emb, gallery, text_encoder(model, tokenizer, cfg.eval_batch_size), name,
-                                        n_texts=n_texts, weight=weight, sweep=sweep, seed=cfg.seed,
+        rows += gallery_arithmetic_rows(emb, gallery, text_encoder(model, tokenizer, cfg.eval_batch_size),
+                                        name, n_texts=n_texts, weight=weight, sweep=sweep, seed=cfg.seed,
                                         eval_image_emb=ev_img, eval_encode_text=ev_txt)
     return rows, {"gallery": images, "chance": gallery_chance(gallery)}
 
@@ -280,17 +306,21 @@ def _sdxl_study(cfg: Config, model_names: Sequence[str], weight: float, n_seeds:
     rows, shown = [], {}
     for name, model in t2i_study_models(cfg, [n for n in model_names if n in T2I_ARMS], pipe.device, base):
         swap_text_encoder(pipe, model)  # refuses a tower of another architecture
-        r, shown[name] = t2i_clip_score_rows(pipe, (ev_model, ev_tok, ev_pre), name, weight=weight, n_seeds=n_seeds,
-                                             steps=cfg.t2i_steps, size=cfg.t2i_image_size, seed=cfg.seed,
-                                             condition={"base": "/".join(b for b in base if b)}, progress=progress)
+        r, shown[name] = t2i_clip_score_rows(pipe, (ev_model, ev_tok, ev_pre), name, weight=weight,
+                                             n_seeds=n_seeds, steps=cfg.t2i_steps,
+                                             size=cfg.t2i_image_size, seed=cfg.seed,
+                                             condition={"base": "/".join(b for b in base if b)},
+                                             progress=progress)
         rows += r
     return rows, shown
 
 
-def run_t2i_arithmetic(cfg: Config, model_names: Sequence[str], weight: float = 1.0, sweep: Sequence[float] = (),
-                       n_texts: int = 3, n_seeds: int = 2, categories: Sequence[str] | None = None,
+def run_t2i_arithmetic(cfg: Config, model_names: Sequence[str], weight: float = 1.0,
+                       sweep: Sequence[float] = (), n_texts: int = 3, n_seeds: int = 2,
+                       categories: Sequence[str] | None = None,
                        progress: bool = True) -> tuple[list[dict], dict]:
-    "Rows (task `t2i_arithmetic`) for every existing model, and things to look at (images; on the world, `chance`)."
+    """Rows (task `t2i_arithmetic`) for every existing model, and things to look at (images; on the world,
+    `chance`)."""
     if cfg.corpus == "world":
         return _gallery_study(cfg, model_names, weight, sweep, n_texts, categories, progress)
     reason = t2i_not_applicable(cfg)
@@ -303,18 +333,23 @@ def run_world_t2i(cfg: Config, model_names: Sequence[str], settings: GeneratorSe
                   weights: Sequence[float] = (1.0, 2.0, 4.0), n_val_seeds: int = 1, n_test_seeds: int = 2,
                   categories: Sequence[str] | None = None, progress: bool = True,
                   device: str | torch.device = "cpu") -> tuple[list[dict], dict]:
-    "Train (or load) the generator, pick `w` per model on validation queries, score test queries; `(rows, shown)`."
+    """Train (or load) the generator, pick `w` per model on validation queries, score test queries;
+    `(rows, shown)`."""
     world = make_world(**world_options(cfg))
     base, _, tokenizer = load_clip(**clip_source(cfg, "clip", device))
     settings = replace(settings, seed=cfg.seed)
-    unet, info = train_or_load_generator(cache_dir(cfg), world, base, tokenizer, settings, progress, device=device)
+    unet, info = train_or_load_generator(cache_dir(cfg), world, base, tokenizer, settings, progress,
+                                         device=device)
     cats = list(categories or CATEGORY_NAMES)
-    val_q = edit_queries(cats, WORLD_EDITS, 10_000 + np.arange(n_val_seeds), np.random.default_rng([cfg.seed, 163]))
-    test_q = edit_queries(cats, WORLD_EDITS, 20_000 + np.arange(n_test_seeds), np.random.default_rng([cfg.seed, 167]))
+    val_q = edit_queries(cats, WORLD_EDITS, 10_000 + np.arange(n_val_seeds),
+                         np.random.default_rng([cfg.seed, 163]))
+    test_q = edit_queries(cats, WORLD_EDITS, 20_000 + np.arange(n_test_seeds),
+                          np.random.default_rng([cfg.seed, 167]))
     rows, shown = [], dict(generator=info, chosen_w={}, images={}, test_queries=test_q)
     for name in model_names:
         try:
-            model, _, tok = (base, None, tokenizer) if name == "clip" else load_clip(**clip_source(cfg, name, device))
+            model, _, tok = ((base, None, tokenizer) if name == "clip"
+                             else load_clip(**clip_source(cfg, name, device)))
         except FileNotFoundError as e:
             print(f"skipping model {name}: {str(e).splitlines()[0]}")
             continue
@@ -322,5 +357,6 @@ def run_world_t2i(cfg: Config, model_names: Sequence[str], settings: GeneratorSe
         w = choose_weight(val)
         test, images = score_edits(unet, settings, model, tok, test_q, [w], chance=True, progress=progress)
         rows += success_rows(val, name, cfg.seed, "val_success_rate") + success_rows(test, name, cfg.seed)
-        shown["chosen_w"][name], shown["images"][name] = w, {"reference": images["reference"], "edited": images[w]}
+        shown["chosen_w"][name], shown["images"][name] = w, {"reference": images["reference"],
+                                                             "edited": images[w]}
     return rows, shown

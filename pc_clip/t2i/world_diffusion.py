@@ -41,15 +41,18 @@ def _text_parts(model):
     "The open_clip text transformer pieces of `model` (a CLIP, or the `.text` tower of a CustomTextCLIP)."
     tower = getattr(model, "text", None)
     tower = tower if tower is not None and hasattr(tower, "transformer") else model
-    if not all(hasattr(tower, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
+    if not all(hasattr(tower, a)
+               for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
         raise TypeError(f"{type(model).__name__} has no open_clip text transformer (token_embedding, "
                         "positional_embedding, transformer, ln_final)")
     return tower
 
 
 @torch.no_grad()
-def text_conditioning(model, tokenizer, texts: Sequence[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    "`(token states [B, L, width] after ln_final, pooled text embedding [B, D])` of `texts` from a frozen CLIP."
+def text_conditioning(model, tokenizer, texts: Sequence[str],
+                      batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(token states [B, L, width] after ln_final, pooled text embedding [B, D])` of `texts` from a frozen
+    CLIP."""
     tower = _text_parts(model)
     dev = tower.token_embedding.weight.device
     states, pooled = [], []
@@ -66,7 +69,8 @@ def text_conditioning(model, tokenizer, texts: Sequence[str], batch_size: int = 
 
 # %% ../../nbs/t2i/02_world_diffusion.ipynb #ee4e5e05
 def arithmetic_conditioning(base, difference, empty, weight: float):
-    "`base + weight * (difference - empty)` for each tensor of the (states, pooled) pairs; `empty` broadcasts."
+    """`base + weight * (difference - empty)` for each tensor of the (states, pooled) pairs; `empty`
+    broadcasts."""
     return tuple(b + weight * (d - e) for b, d, e in zip(base, difference, empty))
 
 # %% ../../nbs/t2i/02_world_diffusion.ipynb #5b529b82
@@ -89,14 +93,16 @@ class GeneratorSettings:
 
 # %% ../../nbs/t2i/02_world_diffusion.ipynb #1654471d
 def make_unet(settings: GeneratorSettings, image_size: int, width: int, pooled_dim: int):
-    "A tiny `UNet2DConditionModel`: cross-attention on token states, the pooled embedding added to the time embedding."
+    """A tiny `UNet2DConditionModel`: cross-attention on token states, the pooled embedding added to the time
+    embedding."""
     from diffusers import UNet2DConditionModel
     c = 3 * settings.patch ** 2
     n = len(settings.channels)
     torch.manual_seed(settings.seed)
     return UNet2DConditionModel(
         sample_size=image_size // settings.patch, in_channels=c, out_channels=c, layers_per_block=1,
-        block_out_channels=settings.channels, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        block_out_channels=settings.channels,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",), cross_attention_dim=width,
         attention_head_dim=settings.attention_head_dim, norm_num_groups=8, class_embed_type="projection",
         projection_class_embeddings_input_dim=pooled_dim)
@@ -131,7 +137,8 @@ def denoising_loss(unet, scheduler, x0, states, pooled, generator: torch.Generat
 # %% ../../nbs/t2i/02_world_diffusion.ipynb #6579ad80
 def train_generator(images: np.ndarray, condition, settings: GeneratorSettings, empty, progress: bool = True,
                     device: str | torch.device = "cpu"):
-    "Train a tiny text-conditioned DDPM on `images` (uint8); `condition(idx, rng) -> (states, pooled)`. `(unet, losses)`."
+    """Train a tiny text-conditioned DDPM on `images` (uint8); `condition(idx, rng) -> (states, pooled)`.
+    `(unet, losses)`."""
     from diffusers.training_utils import EMAModel
     x_all = to_patches(images, settings.patch)
     s0, p0 = (t.to(device) for t in empty)
@@ -164,7 +171,8 @@ def train_generator(images: np.ndarray, condition, settings: GeneratorSettings, 
 @torch.no_grad()
 def sample_images(unet, cond, empty, settings: GeneratorSettings, seeds: Sequence[int], batch_size: int = 128,
                   guidance: float | None = None, progress: bool = False) -> np.ndarray:
-    "uint8 images from conditioning `(states, pooled)` by DDIM with classifier-free guidance; image i from noise of `seeds[i]`."
+    """uint8 images from conditioning `(states, pooled)` by DDIM with classifier-free guidance; image i from
+    noise of `seeds[i]`."""
     _, ddim = _schedulers(settings)
     ddim.set_timesteps(settings.sample_steps)
     g = settings.guidance if guidance is None else guidance
@@ -176,10 +184,12 @@ def sample_images(unet, cond, empty, settings: GeneratorSettings, seeds: Sequenc
     for i in tqdm(range(0, len(states), batch_size), desc="sample", disable=not progress):
         s, p = states[i:i + batch_size].to(dev), pooled[i:i + batch_size].to(dev)
         n = len(s)
-        x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(k))) for k in seeds[i:i + n]]).to(dev)
+        x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(k)))
+                         for k in seeds[i:i + n]]).to(dev)
         s_in = torch.cat([s0.expand(n, -1, -1), s]); p_in = torch.cat([p0.expand(n, -1), p])
         for t in ddim.timesteps:
-            eps_u, eps_c = unet(torch.cat([x, x]), t, encoder_hidden_states=s_in, class_labels=p_in).sample.chunk(2)
+            eps_u, eps_c = unet(torch.cat([x, x]), t, encoder_hidden_states=s_in,
+                                class_labels=p_in).sample.chunk(2)
             x = ddim.step(eps_u + g * (eps_c - eps_u), t, x).prev_sample
         out.append(from_patches(x.cpu(), settings.patch))
     return np.concatenate(out) if out else np.zeros((0,) + (shape[1] * settings.patch,) * 2 + (3,), np.uint8)
@@ -200,13 +210,17 @@ def world_caption_conditioning(world, model, tokenizer, idx_pool: np.ndarray):
     records = world.records(idx_pool)
 
     def condition(idx, rng):
-        return text_conditioning(model, tokenizer, [make_caption(records[i], rng, world.caption_style, world.caption_rate) for i in idx])
+        return text_conditioning(model, tokenizer,
+                                 [make_caption(records[i], rng, world.caption_style, world.caption_rate)
+                                  for i in idx])
     return condition
 
 # %% ../../nbs/t2i/02_world_diffusion.ipynb #8726c828
-def train_or_load_generator(cache: str | Path, world, model, tokenizer, settings: GeneratorSettings = GeneratorSettings(),
-                            progress: bool = True, retrain: bool = False, device: str | torch.device = "cpu"):
-    "`(unet, info)`: the generator of `settings` trained on the world's train split with `model`'s text states; kept under the cache folder `cache`."
+def train_or_load_generator(cache: str | Path, world, model, tokenizer,
+                            settings: GeneratorSettings = GeneratorSettings(), progress: bool = True,
+                            retrain: bool = False, device: str | torch.device = "cpu"):
+    """`(unet, info)`: the generator of `settings` trained on the world's train split with `model`'s text
+    states; kept under the cache folder `cache`."""
     from safetensors.torch import load_file
     idx = world.indices("train")
     key = generator_key(world.key or content_hash(world.images), _clip_fingerprint(model), settings,
@@ -221,10 +235,12 @@ def train_or_load_generator(cache: str | Path, world, model, tokenizer, settings
         return unet.eval(), {**info, "reused": True}
     c0 = time.process_time()
     with artifact_lock(path, timeout=600), timer() as t:
-        unet, losses = train_generator(world.images[idx], world_caption_conditioning(world, model, tokenizer, idx),
+        unet, losses = train_generator(world.images[idx],
+                                       world_caption_conditioning(world, model, tokenizer, idx),
                                        settings, empty, progress, device)
     save_safetensors(unet.state_dict(), path)  # written whole (fsync, then rename) or not at all
-    info = dict(key=key, settings=asdict(settings), seconds=t["seconds"], cpu_seconds=time.process_time() - c0, steps=settings.steps,
+    info = dict(key=key, settings=asdict(settings), seconds=t["seconds"],
+                cpu_seconds=time.process_time() - c0, steps=settings.steps,
                 first_loss=float(np.mean(losses[:50])), final_loss=float(np.mean(losses[-50:])))
     atomic_write_json(path.with_suffix(".json"), info)
     return unet, {**info, "reused": False}
@@ -242,10 +258,11 @@ def edit_queries(categories: Sequence[str], edits: Sequence[WorldEdit], noise_se
     return pd.DataFrame(rows)
 
 # %% ../../nbs/t2i/02_world_diffusion.ipynb #7751b811
-def score_edits(unet, settings: GeneratorSettings, model, tokenizer, queries: pd.DataFrame, weights: Sequence[float],
-                edits: Sequence[WorldEdit] = WORLD_EDITS, chance: bool = False, batch_size: int = 128,
-                progress: bool = False) -> tuple[pd.DataFrame, dict]:
-    "Per query and weight `w`: success of the arithmetic edit against the class-prompt image of the same noise."
+def score_edits(unet, settings: GeneratorSettings, model, tokenizer, queries: pd.DataFrame,
+                weights: Sequence[float], edits: Sequence[WorldEdit] = WORLD_EDITS, chance: bool = False,
+                batch_size: int = 128, progress: bool = False) -> tuple[pd.DataFrame, dict]:
+    """Per query and weight `w`: success of the arithmetic edit against the class-prompt image of the same
+    noise."""
     by_name = {e.name: e for e in edits}
     empty = text_conditioning(model, tokenizer, [""])
     refs = queries[["category", "noise_seed"]].drop_duplicates().reset_index(drop=True)
@@ -280,31 +297,36 @@ def score_edits(unet, settings: GeneratorSettings, model, tokenizer, queries: pd
 
 # %% ../../nbs/t2i/02_world_diffusion.ipynb #05a90d6c
 def choose_weight(val: pd.DataFrame) -> float:
-    "The rule, fixed before any number was seen: the `w` with the highest validation success over all edits; ties -> the smaller `w`."
+    """The rule, fixed before any number was seen: the `w` with the highest validation success over all edits;
+    ties -> the smaller `w`."""
     means = val[val.w > 0].groupby("w")["success"].mean()
     return float(means.index[means.to_numpy() >= means.max() - 1e-12].min())
 
 
 def success_rows(scored: pd.DataFrame, model: str, seed: int, metric: str = "success_rate") -> list[dict]:
-    "Rows (task `t2i_world`) of the success rate per edit and over all edits, each weight, with bootstrap intervals."
+    """Rows (task `t2i_world`) of the success rate per edit and over all edits, each weight, with bootstrap
+    intervals."""
     rows = []
     for w, at_w in scored.groupby("w"):
         groups = [(e, g) for e, g in at_w.groupby("edit", sort=False)] + [("all", at_w)]
         for edit, g in groups:
             x = g["success"].to_numpy(float)
             rows.append(result_row(model, "t2i_world", "world", metric, float(x.mean()), seed, len(x),
-                                   condition={"edit": edit, "w": float(w)}, ci=bootstrap_ci(x, seed=seed) if len(x) else None))
+                                   condition={"edit": edit, "w": float(w)},
+                                   ci=bootstrap_ci(x, seed=seed) if len(x) else None))
     return rows
 
 # %% ../../nbs/t2i/02_world_diffusion.ipynb #f255cffe
-def plot_t2i_gallery(shown: dict, categories: Sequence[str] = ("glorp", "mib", "wemble"), seed_index: int = 0):
+def plot_t2i_gallery(shown: dict, categories: Sequence[str] = ("glorp", "mib", "wemble"),
+                     seed_index: int = 0):
     "Rows (model, species): the class-prompt image, then each edit at the model's chosen `w`."
     import matplotlib.pyplot as plt
     q = shown["test_queries"]
     seed = sorted(q.noise_seed.unique())[seed_index]
     edits = list(dict.fromkeys(q.edit))
     panels = [(m, c) for m in shown["images"] for c in categories]
-    fig, axes = plt.subplots(len(panels), len(edits) + 1, figsize=(1.3 * (len(edits) + 1), 1.4 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), len(edits) + 1, figsize=(1.3 * (len(edits) + 1), 1.4 * len(panels)),
+                             squeeze=False)
     plt.close(fig)  # detached from pyplot: the notebook shows it where it is displayed
     for row, (m, c) in zip(axes, panels):
         sel = np.flatnonzero((q.category == c).to_numpy() & (q.noise_seed == seed).to_numpy())

@@ -28,10 +28,11 @@ from ..core.devices import autocast, pick_dtype
 from ..core.run import display_path
 from ..core.log import get_logger
 from ..models.embed import embed_images, image_normalization, model_fingerprint
-from .losses import (caption_contrastive_loss, difference_contrastive_loss, difference_mse_loss,
-    image_differences, make_clip_loss, set_trainable)
+from .losses import (caption_contrastive_loss, difference_contrastive_loss,
+    difference_mse_loss, image_differences, make_clip_loss, set_trainable)
 from ..models.text import encode_text_trimmed, pooled_positions
-from ..models.clip import CheckpointError, images_to_tensor, input_size, is_checkpoint, load_weights, save_checkpoint
+from pc_clip.models.clip import (CheckpointError, images_to_tensor, input_size, is_checkpoint, load_weights,
+    save_checkpoint)
 from .state import (FinetuneSettings, barrier, epoch_checkpoints, load_train_state,
     prune_epoch_checkpoints, rank_shard, rank_world, save_train_state)
 from ..models.text import text_tower
@@ -60,8 +61,9 @@ def _check_data(triples: pd.DataFrame, loss: str, n_images: int) -> None:
     need = ["i", "text"] if loss == "clip" else ["i", "j", "text"]
     missing = [c for c in need if c not in triples.columns]
     if missing:
-        raise ValueError(f"training data needs columns {need}; {missing} missing (have {list(triples.columns)}). "
-                         "Difference triples come from pc_clip.differences.records.difference_triples(records).")
+        raise ValueError(f"training data needs columns {need}; {missing} missing "
+                         f"(have {list(triples.columns)}). Difference triples come from "
+                         "pc_clip.differences.records.difference_triples(records).")
     if not len(triples):
         raise ValueError("no training data: the triples table is empty")
     for c in need[:-1]:
@@ -97,12 +99,13 @@ def _prepare(model, tokenizer, triples: pd.DataFrame, s: FinetuneSettings, image
     run_key = content_hash(model_fingerprint(model, "all"), i_idx, j_idx if j_idx is not None else "-", texts,
                            table_key, s.weight_settings(), *(["world_size", world] if world > 1 else []))
     device, ids = next(model.parameters()).device, tokenizer(texts)
-    return _RunData(texts, ids.to(device), pooled_positions(model, ids), i_idx, j_idx, images=images, run_key=run_key,
-                    table=None if both else image_embeddings.float().to(device))
+    return _RunData(texts, ids.to(device), pooled_positions(model, ids), i_idx, j_idx, images=images,
+                    run_key=run_key, table=None if both else image_embeddings.float().to(device))
 
 
 def _length_sorted(order: torch.Tensor, lengths: torch.Tensor, pool: int) -> torch.Tensor:
-    "`order` with each run of `pool` rows sorted by `lengths` (stable: equal lengths keep their seeded order)."
+    """`order` with each run of `pool` rows sorted by `lengths` (stable: equal lengths keep their seeded
+    order)."""
     return torch.cat([chunk[torch.sort(lengths[chunk], stable=True).indices] for chunk in order.split(pool)])
 
 
@@ -111,13 +114,15 @@ def _batches(n: int, s: FinetuneSettings, epoch: int, world: int = 1,
     "The global batches of one epoch: a seeded order, cut into `batch_size`; each a multiple of `world`."
     order = torch.randperm(n, generator=torch.Generator().manual_seed(s.seed * 1_000_003 + epoch))
     bucketed = s.length_buckets > 0 and lengths is not None
-    if bucketed:  # pools of `length_buckets` batches, each sorted by text length, so a batch holds similar lengths
+    # pools of `length_buckets` batches, each sorted by text length, so a batch holds similar lengths
+    if bucketed:
         order = _length_sorted(order, lengths, s.batch_size * s.length_buckets)
     min_size = max(1 if s.loss == "mse" else 2, world)
     cut = [b[: len(b) - len(b) % world] for b in order.split(s.batch_size)]
     out = [b for b in cut if len(b) >= min_size]
     if bucketed:  # short and long batches take turns in a seeded order, not in order of length
-        turns = torch.randperm(len(out), generator=torch.Generator().manual_seed(s.seed * 1_000_003 + epoch + 2**40))
+        turns = torch.randperm(len(out),
+                               generator=torch.Generator().manual_seed(s.seed * 1_000_003 + epoch + 2**40))
         out = [out[k] for k in turns.tolist()]
     return out
 
@@ -127,7 +132,8 @@ def _image_features(model, idx: torch.Tensor, table, images, device, dtype) -> t
         return table[idx.to(table.device)]
     uniq, inv = torch.unique(idx, return_inverse=True)
     chunk = images[uniq.numpy()]
-    x = images_to_tensor(chunk, *image_normalization(model), input_size(model)) if isinstance(chunk, np.ndarray) else torch.as_tensor(chunk).float()
+    x = (images_to_tensor(chunk, *image_normalization(model), input_size(model))
+         if isinstance(chunk, np.ndarray) else torch.as_tensor(chunk).float())
     with autocast(device, dtype):
         feats = model.encode_image(x.to(device, non_blocking=True))
     return F.normalize(feats.float(), dim=-1)[inv.to(device)]
@@ -142,7 +148,8 @@ def _step_loss(model, batch: torch.Tensor, data: _RunData, s: FinetuneSettings, 
     if s.loss == "clip":
         img = _image_features(model, data.i[batch], data.table, data.images, device, dtype)
         return caption_contrastive_loss(text, img, model.logit_scale.detach().exp().float(), clip_loss)
-    both = _image_features(model, torch.cat([data.i[batch], data.j[batch]]), data.table, data.images, device, dtype)
+    both = _image_features(model, torch.cat([data.i[batch], data.j[batch]]), data.table, data.images, device,
+                           dtype)
     a, b = both.split(len(batch))
     if s.loss == "mse":
         return difference_mse_loss(text, a, b)
@@ -154,7 +161,8 @@ class _Objective(torch.nn.Module):
     def __init__(self, model, data: _RunData, s: FinetuneSettings, clip_loss, device, dtype):
         super().__init__()
         fast = s.fused_attention or s.compile != "off"
-        encode = text_tower(model, s.fused_attention, s.compile) if fast else None  # kept out of the submodules
+        # kept out of the submodules
+        encode = text_tower(model, s.fused_attention, s.compile) if fast else None
         self.model, self._run = model, (data, s, clip_loss, device, dtype, encode)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
@@ -239,7 +247,8 @@ def _reuse_finished(model, out_dir: Path, run_key: str, s: FinetuneSettings) -> 
         return None
     m = copy.deepcopy(model)
     m.load_state_dict(weights)
-    get_logger("pc_clip.training.finetune").info(f"reusing the finished run in {display_path(out_dir)} ({s.epochs} epochs, key {run_key})")
+    get_logger("pc_clip.training.finetune").info(f"reusing the finished run in {display_path(out_dir)} "
+                                                 f"({s.epochs} epochs, key {run_key})")
     return FinetuneRun(m.eval(), out_dir, pd.DataFrame(done["steps"]), pd.DataFrame(done["epochs_history"]),
                        done["seconds"], done["bad_steps"], True, run_key, s, s.epochs)
 
@@ -257,8 +266,10 @@ def missing_kept_epochs(out_dir: str | Path, run_key: str, s: FinetuneSettings) 
     return sorted(e for e in set(s.keep_epochs) if e <= s.epochs and e not in have)
 
 
-def _resume(tr: _Trainer, out_dir: Path, run_key: str, s: FinetuneSettings, until: int | None = None) -> _History:
-    "Restore the newest checkpoint of this run at an epoch <= `until` (default `s.epochs`); remove the others that cannot serve."
+def _resume(tr: _Trainer, out_dir: Path, run_key: str, s: FinetuneSettings,
+            until: int | None = None) -> _History:
+    """Restore the newest checkpoint of this run at an epoch <= `until` (default `s.epochs`); remove the
+    others that cannot serve."""
     log, hist, stale = get_logger("pc_clip.training.finetune"), _History(), []
     until = s.epochs if until is None else until
     for ck in reversed(epoch_checkpoints(out_dir)):
@@ -277,8 +288,8 @@ def _resume(tr: _Trainer, out_dir: Path, run_key: str, s: FinetuneSettings, unti
             stale.append(ck)
     barrier(tr.world)
     for ck in stale if tr.rank == 0 else []:
-        log.info(f"removing {ck}: another run's checkpoint (other data, weights or settings), damaged, or past epoch {until} "
-                 "(it is written again)")
+        log.info(f"removing {ck}: another run's checkpoint (other data, weights or settings), damaged, "
+                 f"or past epoch {until} (it is written again)")
         shutil.rmtree(ck)
     return hist
 
@@ -313,12 +324,13 @@ def _train_step(tr: _Trainer, group: list[torch.Tensor]) -> tuple[float, bool]:
 def _diverged(bad: int, total: int, s: FinetuneSettings, where: str) -> FloatingPointError:
     return FloatingPointError(
         f"{bad} of {total} training steps had a non-finite loss or gradient, more than max_bad_fraction="
-        f"{s.max_bad_fraction:g} of the run (last: {where}); the run has diverged and nothing was saved as finished. "
-        f"Check the inputs for NaN/inf (image embeddings, empty texts), lower the learning rate (lr={s.lr:g}), "
-        "or train in fp32 (cfg.precision='fp32').")
+        f"{s.max_bad_fraction:g} of the run (last: {where}); the run has diverged and nothing was saved as "
+        f"finished. Check the inputs for NaN/inf (image embeddings, empty texts), "
+        f"lower the learning rate (lr={s.lr:g}), or train in fp32 (cfg.precision='fp32').")
 
 # %% ../../nbs/training/03_finetune.ipynb #83949e56
-def _train_epoch(tr: _Trainer, data: _RunData, s: FinetuneSettings, epoch: int, hist: _History, total: int, bar) -> None:
+def _train_epoch(tr: _Trainer, data: _RunData, s: FinetuneSettings, epoch: int, hist: _History, total: int,
+                 bar) -> None:
     batches = _batches(data.n, s, epoch, tr.world, data.pool_pos)
     t0, losses, n_pairs = time.perf_counter(), [], 0
     for k in range(0, len(batches), s.grad_accum):
@@ -341,14 +353,17 @@ def _train_epoch(tr: _Trainer, data: _RunData, s: FinetuneSettings, epoch: int, 
     tr.sched.step()
     ep_s = time.perf_counter() - t0
     hist.seconds += ep_s
-    hist.epochs.append(dict(epoch=epoch + 1, loss=float(np.mean(losses)) if losses else float("nan"), seconds=ep_s,
-                            pairs=n_pairs, pairs_per_s=n_pairs / max(ep_s, 1e-9), lr=tr.opt.param_groups[0]["lr"]))
+    hist.epochs.append(dict(epoch=epoch + 1, loss=float(np.mean(losses)) if losses else float("nan"),
+                            seconds=ep_s, pairs=n_pairs, pairs_per_s=n_pairs / max(ep_s, 1e-9),
+                            lr=tr.opt.param_groups[0]["lr"]))
 
 # %% ../../nbs/training/03_finetune.ipynb #dce9e36b
-def _save_epoch(tr: _Trainer, out_dir: Path, s: FinetuneSettings, run_key: str, hist: _History, keep_last: int) -> None:
+def _save_epoch(tr: _Trainer, out_dir: Path, s: FinetuneSettings, run_key: str, hist: _History,
+                keep_last: int) -> None:
     if tr.rank == 0:
         state = dict(run_key=run_key, epoch=len(hist.epochs), step=len(hist.steps), bad_steps=hist.bad,
-                     seconds=hist.seconds, steps=hist.steps, epochs=hist.epochs, settings=dataclasses.asdict(s))
+                     seconds=hist.seconds, steps=hist.steps, epochs=hist.epochs,
+                     settings=dataclasses.asdict(s))
         save_train_state(out_dir / "epochs" / f"epoch-{len(hist.epochs):03d}", tr.model, s.model_name, tr.opt,
                          tr.sched, tr.scaler, state, tr.names)
         prune_epoch_checkpoints(out_dir, keep_last, s.keep_epochs)
@@ -360,8 +375,8 @@ def _finish(tr: _Trainer, out_dir: Path, s: FinetuneSettings, data: _RunData, hi
     for p in tr.model.parameters():
         p.requires_grad_(True)
     if tr.rank == 0:
-        save_checkpoint(tr.model, out_dir, s.model_name, {"finetuned": dataclasses.asdict(s), "run_key": data.run_key,
-                                                          "n_train": data.n})
+        save_checkpoint(tr.model, out_dir, s.model_name,
+                        {"finetuned": dataclasses.asdict(s), "run_key": data.run_key, "n_train": data.n})
         atomic_write_json(out_dir / "finetune.json", dict(
             run_key=data.run_key, n_epochs=s.epochs, settings=dataclasses.asdict(s), seconds=hist.seconds,
             bad_steps=hist.bad, steps=hist.steps, epochs_history=hist.epochs))
@@ -371,20 +386,23 @@ def _finish(tr: _Trainer, out_dir: Path, s: FinetuneSettings, data: _RunData, hi
 
 # %% ../../nbs/training/03_finetune.ipynb #1bea5a03
 def finetune(model, tokenizer, triples: pd.DataFrame, s: FinetuneSettings, out_dir: str | Path,
-             image_embeddings: torch.Tensor | None = None, images=None, *, keep_last: int = 1, progress: bool = True,
-             on_epoch_end: Callable[[int, dict], None] | None = None) -> FinetuneRun:
-    "Finetune a copy of `model` on `triples` (columns i, j, text) with settings `s`; checkpointed per epoch, resumable, reused when done."
+             image_embeddings: torch.Tensor | None = None, images=None, *, keep_last: int = 1,
+             progress: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None) -> FinetuneRun:
+    """Finetune a copy of `model` on `triples` (columns i, j, text) with settings `s`; checkpointed per epoch,
+    resumable, reused when done."""
     out_dir, (rank, world) = Path(out_dir), rank_world()
     data = _prepare(model, tokenizer, triples, s, image_embeddings, images, progress, world)
     with artifact_lock(out_dir) if rank == 0 else contextlib.nullcontext():
-        missing = missing_kept_epochs(out_dir, data.run_key, s)  # asked-for epoch checkpoints a finished run lacks
+        # asked-for epoch checkpoints a finished run lacks
+        missing = missing_kept_epochs(out_dir, data.run_key, s)
         done = None if missing else _reuse_finished(model, out_dir, data.run_key, s)
         if done is not None:
             return done
         if missing:
             get_logger("pc_clip.training.finetune").info(
-                f"{out_dir.name}: keep_epochs asks for the checkpoints of epochs {missing}, which this folder lacks: "
-                f"training again from the newest checkpoint before epoch {missing[0]}")
+                f"{out_dir.name}: keep_epochs asks for the checkpoints of epochs {missing}, "
+                f"which this folder lacks: training again from the newest checkpoint "
+                f"before epoch {missing[0]}")
         tr = _trainer(model, data, s, rank, world)
         hist = _resume(tr, out_dir, data.run_key, s, until=missing[0] - 1 if missing else None)
         per_epoch = math.ceil(len(_batches(data.n, s, 0, world, data.pool_pos)) / s.grad_accum)
@@ -409,7 +427,8 @@ def difference_agreement(model, tokenizer, triples: pd.DataFrame, image_embeddin
     cos = []
     for s in range(0, len(triples), batch_size):
         part = triples.iloc[s:s + batch_size]
-        t = F.normalize(encode_text_trimmed(model, tokenizer(list(part["text"])).to(dev)).float(), dim=-1).cpu()
+        t = F.normalize(encode_text_trimmed(model, tokenizer(list(part["text"])).to(dev)).float(),
+                        dim=-1).cpu()
         d = image_differences(image_embeddings[torch.tensor(part["i"].to_numpy())],
                               image_embeddings[torch.tensor(part["j"].to_numpy())])
         cos.append((t * d).sum(-1))

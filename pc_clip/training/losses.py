@@ -17,7 +17,8 @@ __all__ = ['make_clip_loss', 'image_differences', 'difference_contrastive_loss',
 
 # %% ../../nbs/training/00_losses.ipynb #9311e309
 def make_clip_loss(rank: int = 0, world_size: int = 1) -> ClipLoss:
-    "open_clip's `ClipLoss` for this process: gathers features (with gradients) across `world_size` processes."
+    """open_clip's `ClipLoss` for this process: gathers features (with gradients) across `world_size`
+    processes."""
     if world_size > 1:
         return ClipLoss(rank=rank, world_size=world_size, gather_with_grad=True)
     return ClipLoss()
@@ -36,13 +37,16 @@ def difference_contrastive_loss(text_features: torch.Tensor, image_a: torch.Tens
     return (clip_loss or make_clip_loss())(image_differences(image_a, image_b), t, 1.0 / temperature)
 
 # %% ../../nbs/training/00_losses.ipynb #5114e8a7
-def difference_mse_loss(text_features: torch.Tensor, image_a: torch.Tensor, image_b: torch.Tensor) -> torch.Tensor:
+def difference_mse_loss(text_features: torch.Tensor, image_a: torch.Tensor,
+                        image_b: torch.Tensor) -> torch.Tensor:
     "Mean squared error between the normalised text embedding and the raw difference of normalised images."
-    return F.mse_loss(F.normalize(text_features.float(), dim=-1), image_differences(image_a, image_b, normalize=False))
+    return F.mse_loss(F.normalize(text_features.float(), dim=-1),
+                      image_differences(image_a, image_b, normalize=False))
 
 # %% ../../nbs/training/00_losses.ipynb #76bcdcae
 def caption_contrastive_loss(text_features: torch.Tensor, image_features: torch.Tensor,
-                             logit_scale: torch.Tensor | float, clip_loss: ClipLoss | None = None) -> torch.Tensor:
+                             logit_scale: torch.Tensor | float,
+                             clip_loss: ClipLoss | None = None) -> torch.Tensor:
     "The ordinary CLIP loss between captions and their images (the caption-finetuning baselines)."
     return (clip_loss or make_clip_loss())(F.normalize(image_features.float(), dim=-1),
                                            F.normalize(text_features.float(), dim=-1), logit_scale)
@@ -57,7 +61,8 @@ def trainable_parameter_names(model: torch.nn.Module, mode: str) -> list[str]:
     if mode == "text_blocks":
         out = [n for n in text if ".resblocks." in f".{n}"]
         if not out:
-            raise ValueError("this model has no text transformer blocks named '*resblocks*'; use trainable='text_tower'")
+            raise ValueError("this model has no text transformer blocks named '*resblocks*'; "
+                             "use trainable='text_tower'")
         return out
     return text if mode == "text_tower" else text + [n for n in names if n.startswith("visual.")]
 

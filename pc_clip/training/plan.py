@@ -22,11 +22,11 @@ from ..core.artifacts import artifact_lock, atomic_write, atomic_write_json
 from ..core.run import cache_dir, results_path
 from ..core.log import get_logger
 from ..core.devices import pick_device
-from pc_clip.core.registry import (CAPTION_DATA, NOISE_LEVEL, REGISTRY, clip_source, model_dir, model_manifest, model_spec,
-    sweep_grid)
+from ..core.registry import (CAPTION_DATA, NOISE_LEVEL, REGISTRY, clip_source, model_dir,
+    model_manifest, model_spec, sweep_grid)
 from ..models.embed import embed_images, embedding_rows, model_fingerprint
-from ..models.clip import (CheckpointError, average_weights, checkpoint_metadata, is_checkpoint, load_checkpoint,
-    load_clip, save_checkpoint, write_manifest)
+from ..models.clip import (CheckpointError, average_weights, checkpoint_metadata, is_checkpoint,
+    load_checkpoint, load_clip, save_checkpoint, write_manifest)
 from ..world.shapes import World
 from ..world.oracle import oracle_differences
 from ..data.datasets import load_dataset
@@ -35,8 +35,8 @@ from ..differences.records import (difference_triples, differences_path, read_re
 from ..differences.pairs import load_corpus, sample_pairs
 from .state import FinetuneSettings, init_distributed, rank_world
 from .finetune import FinetuneRun, finetune
-from .pretrain import (PRETRAIN_THREADS, PretrainSettings, pretrain_clip, pretrain_fingerprint,
-    resume_folder, saved_fingerprint)
+from .pretrain import (PRETRAIN_THREADS, PretrainSettings, pretrain_clip,
+    pretrain_fingerprint, resume_folder, saved_fingerprint)
 from ..core.registry import corpus_options, dataset_options, store_options
 
 # %% auto #0
@@ -53,8 +53,10 @@ def caption_table(captions: list[str], indices=None) -> pd.DataFrame:
 
 
 def caption_settings(cfg: Config, **overrides) -> FinetuneSettings:
-    "The settings of a caption baseline: the CLIP loss and the `caption_ft_*` fields of `cfg`, then `overrides`."
-    kw = dict(loss="clip", lr=cfg.caption_ft_lr, batch_size=cfg.caption_ft_batch_size, epochs=cfg.caption_ft_epochs)
+    """The settings of a caption baseline: the CLIP loss and the `caption_ft_*` fields of `cfg`, then
+    `overrides`."""
+    kw = dict(loss="clip", lr=cfg.caption_ft_lr, batch_size=cfg.caption_ft_batch_size,
+              epochs=cfg.caption_ft_epochs)
     return FinetuneSettings.from_config(cfg, **{**kw, **overrides})
 
 
@@ -66,15 +68,16 @@ def finetune_captions(model, tokenizer, captions: pd.DataFrame, cfg: Config, out
     return finetune(model, tokenizer, captions, s, out_dir, image_embeddings, images, progress=progress)
 
 # %% ../../nbs/training/05_plan.ipynb #7d8b7d47
-def weight_average_model(base: torch.nn.Module, finetuned: torch.nn.Module, alpha: float = 0.5) -> torch.nn.Module:
+def weight_average_model(base: torch.nn.Module, finetuned: torch.nn.Module,
+                         alpha: float = 0.5) -> torch.nn.Module:
     "A copy of `base` holding `(1 - alpha) * base + alpha * finetuned` weights."
     out = copy.deepcopy(base)
     out.load_state_dict(average_weights(base.state_dict(), finetuned.state_dict(), alpha))
     return out.eval()
 
 
-def save_weight_average(base: torch.nn.Module, finetuned: torch.nn.Module, out_dir: str | Path, model_name: str,
-                        alpha: float = 0.5) -> torch.nn.Module:
+def save_weight_average(base: torch.nn.Module, finetuned: torch.nn.Module, out_dir: str | Path,
+                        model_name: str, alpha: float = 0.5) -> torch.nn.Module:
     "Average `base` and `finetuned`, save the result to `out_dir` (unless already there) and return it."
     m = weight_average_model(base, finetuned, alpha)
     if rank_world()[0] == 0:
@@ -83,7 +86,8 @@ def save_weight_average(base: torch.nn.Module, finetuned: torch.nn.Module, out_d
 
 
 def save_derived(model: torch.nn.Module, out_dir: str | Path, model_name: str, extra: dict) -> bool:
-    "Save a model derived from others (an average) to `out_dir` unless it already holds these weights; True if written."
+    """Save a model derived from others (an average) to `out_dir` unless it already holds these weights; True
+    if written."""
     extra = {**extra, "weights": model_fingerprint(model, "all")}
     with artifact_lock(out_dir):
         if is_checkpoint(out_dir) and all(checkpoint_metadata(out_dir).get(k) == v for k, v in extra.items()):
@@ -94,7 +98,8 @@ def save_derived(model: torch.nn.Module, out_dir: str | Path, model_name: str, e
 # %% ../../nbs/training/05_plan.ipynb #d56b260e
 def world_check_triples(world, n_pairs: int = 1000, seed: int = 0, wordings: str = "heldout",
                         split: str = "test") -> pd.DataFrame:
-    "True oracle statements (in `wordings`) for `n_pairs` random different-species pairs of `split` images: columns i, j, text."
+    """True oracle statements (in `wordings`) for `n_pairs` random different-species pairs of `split` images:
+    columns i, j, text."""
     idx, cats = world.indices(split), world.attrs["category"].to_numpy()
     rng = np.random.default_rng([seed, 11])
     a, b = rng.choice(idx, 3 * n_pairs), rng.choice(idx, 3 * n_pairs)
@@ -111,22 +116,27 @@ def select_records(records: Sequence[dict], keys: Sequence[str], what: str = "di
     by_key = {str(r["item"]["key"]): r for r in records}
     missing = [k for k in keys if str(k) not in by_key]
     if missing:
-        raise KeyError(f"the {what} store holds {len(keys) - len(missing)} of the {len(keys)} items this config names "
-                       f"(e.g. {missing[0]!r} is missing); run nbs/experiments/02_differences.ipynb with the same "
+        raise KeyError(f"the {what} store holds {len(keys) - len(missing)} of the {len(keys)} items "
+                       f"this config names (e.g. {missing[0]!r} is missing); "
+                       "run nbs/experiments/02_differences.ipynb with the same "
                        "settings (pc-clip reproduce --only 02 and the same -p) first")
     return [by_key[str(k)] for k in dict.fromkeys(keys)]
 
 # %% ../../nbs/training/05_plan.ipynb #fd237341
 def _base_manifest(cfg: Config, name: str, folder: Path, world: World, history: dict) -> None:
-    "A base model's manifest, like a finetuned one's: its settings, the run, and its data (the world's caption table)."
+    """A base model's manifest, like a finetuned one's: its settings, the run, and its data (the world's
+    caption table)."""
     data = cache_dir(cfg) / "world" / f"{world.key}.attrs.csv"
     write_manifest(folder, model_manifest(cfg, name, folder), data_file=data if world.key else None,
-                   extra={"pretraining": {"world_key": world.key, **{k: history.get(k) for k in ("steps", "epochs", "final_loss")}}})
+                   extra={"pretraining": {"world_key": world.key,
+                                          **{k: history.get(k) for k in ("steps", "epochs", "final_loss")}}})
 
 
-def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | None = None, retrain: bool = False,
-                     progress: bool = True, threads: int = PRETRAIN_THREADS, name: str = "clip"):
-    "`(model, tokenizer, history, reused)`: the saved base model `name` of `cfg` if its fingerprint matches, else a new one."
+def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | None = None,
+                     retrain: bool = False, progress: bool = True, threads: int = PRETRAIN_THREADS,
+                     name: str = "clip"):
+    """`(model, tokenizer, history, reused)`: the saved base model `name` of `cfg` if its fingerprint matches,
+    else a new one."""
     folder, s = model_dir(cfg, name), PretrainSettings.from_config(cfg)
     fp = pretrain_fingerprint(s, world, threads=threads)
     with artifact_lock(folder):  # a second run writing the same model stops here with a clear message
@@ -138,21 +148,26 @@ def pretrain_or_load(world: World, cfg: Config, device: str | torch.device | Non
                 return model, tokenizer, history, True
             except (CheckpointError, OSError, ValueError) as e:  # damaged: rebuilt, as a finetuned model is
                 get_logger("pc_clip.training.pretrain").warning(f"{e}. Rebuilding it.")
-        model, tokenizer, history = pretrain_clip(world, s, device=device or cfg.device, progress=progress, threads=threads,
-                                                  resume_dir=resume_folder(folder), key=fp, desc=f"pretrain {name}")
+        model, tokenizer, history = pretrain_clip(world, s, device=device or cfg.device, progress=progress,
+                                                  threads=threads, resume_dir=resume_folder(folder), key=fp,
+                                                  desc=f"pretrain {name}")
         keep = ("seconds", "cpu_seconds", "final_loss", "steps", "epochs", "threads")
-        save_checkpoint(model, folder, s.model_name, extra=dict(fingerprint=fp, world_key=world.key, seed=s.seed,
-                                                                 **{k: history[k] for k in keep}))
+        save_checkpoint(model, folder, s.model_name,
+                        extra=dict(fingerprint=fp, world_key=world.key, seed=s.seed,
+                                   **{k: history[k] for k in keep}))
         atomic_write_json(folder / "history.json", history)
-        shutil.rmtree(resume_folder(folder), ignore_errors=True)  # the finished model replaces its training state
+        # the finished model replaces its training state
+        shutil.rmtree(resume_folder(folder), ignore_errors=True)
         _base_manifest(cfg, name, folder, world, history)
     return model, tokenizer, history, False
 
 # %% ../../nbs/training/05_plan.ipynb #d6b59300
 def finetune_plan() -> dict[str, tuple[str, dict]]:
-    "`{name: (training data, finetune overrides)}` of every model trained on data (the registry's, when called)."
+    """`{name: (training data, finetune overrides)}` of every model trained on data (the registry's, when
+    called)."""
     trained = [s for s in REGISTRY if s.data is not None and s.role not in ("base", "study")]
-    # the pc-clip family first (it trains at the chosen setting), then the baselines: the order experiment 03 trains in
+    # the pc-clip family first (it trains at the chosen setting), then the baselines: the order experiment 03
+    # trains in
     return {s.name: (s.data, s.training_kwargs()) for s in sorted(trained, key=lambda s: not s.chosen)}
 
 
@@ -168,51 +183,70 @@ class FinetuneInputs:
     images: np.ndarray | None
     data: dict[str, pd.DataFrame]
     world: object = None
-    sources: dict[str, str] = field(default_factory=dict)  # data name -> where it came from (file, generator, judge)
-    files: dict[str, Path] = field(default_factory=dict)  # data name -> the file it was read from (for the manifests)
-    bases: dict = field(default_factory=dict)  # other base models (name -> FinetuneInputs), loaded by `base_inputs`
+    # data name -> where it came from (file, generator, judge)
+    sources: dict[str, str] = field(default_factory=dict)
+    # data name -> the file it was read from (for the manifests)
+    files: dict[str, Path] = field(default_factory=dict)
+    # other base models (name -> FinetuneInputs), loaded by `base_inputs`
+    bases: dict = field(default_factory=dict)
 
 # %% ../../nbs/training/05_plan.ipynb #c50571ba
 def _generator_of(path: Path) -> str:
-    "The `generator` named by the first record of a store (the data's own provenance, not the current config's)."
+    """The `generator` named by the first record of a store (the data's own provenance, not the current
+    config's)."""
     first = next(iter(read_records(path)), None)
     return str(first.get("generator", "?")) if first else "?"
 
 
-def _training_data(cfg: Config, corpus: pd.DataFrame, held_out) -> tuple[dict[str, pd.DataFrame], dict[str, str], dict[str, Path]]:
+def _training_data(cfg: Config, corpus: pd.DataFrame,
+                   held_out) -> tuple[dict[str, pd.DataFrame], dict[str, str], dict[str, Path]]:
     keys = list(sample_pairs(corpus, cfg.n_pairs, cfg.seed, cfg.pair_sampling, held_out)["key"])
     oracle = cfg.generator == "oracle"
     pick = lambda path: difference_triples(select_records(read_records(path), keys))
-    clean, noisy = differences_path(store_options(cfg), 0.0 if oracle else None), differences_path(store_options(cfg), NOISE_LEVEL)
+    clean, noisy = (differences_path(store_options(cfg), 0.0 if oracle else None),
+                    differences_path(store_options(cfg), NOISE_LEVEL))
     what = f"`{clean.name}` ({_generator_of(clean)}, {len(keys)} pairs)"
     data, sources = {"differences": pick(clean)}, {"differences": f"{what}: every accepted statement"}
-    if cfg.judge:  # the judge's verdicts decide what pc-clip trains on; all accepted statements train the ablation
-        data["unfiltered"], sources["unfiltered"] = data["differences"], sources["differences"] + " (judge ignored)"
-        data["differences"] = training_triples(store_options(cfg), 0.0 if oracle else None, filtered=True, pairs=pd.DataFrame({"key": keys}))
+    # the judge's verdicts decide what pc-clip trains on; all accepted statements train the ablation
+    if cfg.judge:
+        data["unfiltered"], sources["unfiltered"] = (data["differences"],
+                                                     sources["differences"] + " (judge ignored)")
+        data["differences"] = training_triples(store_options(cfg), 0.0 if oracle else None, filtered=True,
+                                               pairs=pd.DataFrame({"key": keys}))
         sources["differences"] = f"{what}: the statements judge `{cfg.judge}` found consistent"
     if oracle:
         data["noisy"] = pick(noisy)
-        sources["noisy"] = f"`{noisy.name}` ({_generator_of(noisy)}, {len(keys)} pairs): every accepted statement"
+        sources["noisy"] = (f"`{noisy.name}` ({_generator_of(noisy)}, {len(keys)} pairs): "
+                            "every accepted statement")
     data["captions"] = corpus.rename(columns={"image_id": "i", "caption": "text"})[["i", "text"]]
     sources["captions"] = f"the {cfg.corpus} training captions ({len(corpus)} images)"
-    rewrites = select_records(read_records(rewrites_path(store_options(cfg))), [str(i) for i in corpus["image_id"]], "rewrites")
+    rewrites = select_records(read_records(rewrites_path(store_options(cfg))),
+                              [str(i) for i in corpus["image_id"]], "rewrites")
     data["rewritten"] = rewritten_captions(rewrites)
-    sources["rewritten"] = f"`{rewrites_path(store_options(cfg)).name}` ({_generator_of(rewrites_path(store_options(cfg)))}): rewritten captions"
-    files = {"differences": clean, "unfiltered": clean, "noisy": noisy, "rewritten": rewrites_path(store_options(cfg))}
+    sources["rewritten"] = (f"`{rewrites_path(store_options(cfg)).name}` "
+                            f"({_generator_of(rewrites_path(store_options(cfg)))}): rewritten captions")
+    files = {"differences": clean, "unfiltered": clean, "noisy": noisy,
+             "rewritten": rewrites_path(store_options(cfg))}
     return data, sources, {k: v for k, v in files.items() if k in data}
 
 
-def finetuning_inputs(cfg: Config, device: str | torch.device | None = None, progress: bool = True) -> FinetuneInputs:
-    "The base model, the training corpus's image table and the training data of every planned model, for `cfg`."
+def finetuning_inputs(cfg: Config, device: str | torch.device | None = None,
+                      progress: bool = True) -> FinetuneInputs:
+    """The base model, the training corpus's image table and the training data of every planned model, for
+    `cfg`."""
     base, preprocess, tokenizer = load_clip(**clip_source(cfg, "clip", device))
     corpus, held_out, world = load_corpus(**corpus_options(cfg), split="train")
     data, sources, files = _training_data(cfg, corpus, held_out)
     if world is not None:
-        return FinetuneInputs(base, tokenizer, embed_images(base, world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress), world.images,
-                              data, world, sources, files)
+        return FinetuneInputs(base, tokenizer,
+                              embed_images(base, world.images, cache_dir(cfg), **embedding_options(cfg),
+                                           progress=progress),
+                              world.images, data, world, sources, files)
     ds = load_dataset(cfg.corpus, **dataset_options(cfg), split="train")
-    emb = embed_images(base, ds, cache_dir(cfg), **embedding_options(cfg), preprocess=preprocess, progress=progress)
-    data = {k: embedding_rows(ds, df) for k, df in data.items()}  # unreadable images have no row: their pairs go
+    emb = embed_images(base, ds, cache_dir(cfg), **embedding_options(cfg), preprocess=preprocess,
+                       progress=progress)
+    # unreadable images have no row: their pairs go
+    data = {k: embedding_rows(ds, df) for k, df in data.items()}
     return FinetuneInputs(base, tokenizer, emb, None, data, sources=sources, files=files)
 
 
@@ -221,8 +255,10 @@ def training_data_path(cfg: Config) -> Path:
     return results_path(cfg).parent / "training_data.csv"
 
 
-def training_data_table(inputs: FinetuneInputs, cfg: Config, names: Sequence[str] | None = None) -> pd.DataFrame:
-    "One row per planned model that has data: `model, data, rows, used, source` (`used`: rows after `max_pairs`)."
+def training_data_table(inputs: FinetuneInputs, cfg: Config,
+                        names: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per planned model that has data: `model, data, rows, used, source` (`used`: rows after
+    `max_pairs`)."""
     out, plan = [], finetune_plan()
     for n in names or plan:
         key, kw = plan[n]
@@ -241,29 +277,36 @@ def write_training_data(inputs: FinetuneInputs, cfg: Config, names: Sequence[str
     return path
 
 # %% ../../nbs/training/05_plan.ipynb #7b87e00a
-def base_inputs(inputs: FinetuneInputs, cfg: Config, name: str | None, progress: bool = True) -> FinetuneInputs:
-    "`inputs` with base model `name` (a base of the registry, e.g. an ablation's) and its image embeddings in place of `clip`'s."
+def base_inputs(inputs: FinetuneInputs, cfg: Config, name: str | None,
+                progress: bool = True) -> FinetuneInputs:
+    """`inputs` with base model `name` (a base of the registry, e.g. an ablation's) and its image embeddings
+    in place of `clip`'s."""
     if name in (None, "clip"):
         return inputs
     if name not in inputs.bases:
         if inputs.world is None:
-            raise ValueError(f"base model {name!r} is an ablation of the Shapes world; corpus {cfg.corpus!r} has none")
+            raise ValueError(f"base model {name!r} is an ablation of the Shapes world; "
+                             f"corpus {cfg.corpus!r} has none")
         base, _, _ = load_clip(**clip_source(cfg, name, inputs.image_emb.device))
-        emb = embed_images(base, inputs.world.images, cache_dir(cfg), **embedding_options(cfg), progress=progress)
-        inputs.bases[name] = FinetuneInputs(base, inputs.tokenizer, emb, inputs.images, inputs.data, inputs.world,
-                                            inputs.sources, inputs.files)
+        emb = embed_images(base, inputs.world.images, cache_dir(cfg), **embedding_options(cfg),
+                           progress=progress)
+        inputs.bases[name] = FinetuneInputs(base, inputs.tokenizer, emb, inputs.images, inputs.data,
+                                            inputs.world, inputs.sources, inputs.files)
     return inputs.bases[name]
 
 
 def candidate_lr(cfg: Config, name: str) -> float:
-    "The learning rate model `name` trains at when nothing is chosen: the grid's one rate, else its entry's `lr_setting`."
+    """The learning rate model `name` trains at when nothing is chosen: the grid's one rate, else its entry's
+    `lr_setting`."""
     spec, grid = model_spec(cfg, name), sweep_grid(cfg)
-    return float(grid[0][0]) if cfg.ft_lr_grid and len({g[0] for g in grid}) == 1 else float(getattr(cfg, spec.lr_setting))
+    return (float(grid[0][0]) if cfg.ft_lr_grid and len({g[0] for g in grid}) == 1
+            else float(getattr(cfg, spec.lr_setting)))
 
 
 def finetune_models(inputs: FinetuneInputs, cfg: Config, names: Sequence[str] | None = None,
                     progress: bool = True, lr: float | None = None) -> dict[str, FinetuneRun]:
-    "Train (or reuse) the planned models `names` (default: all) into their folders, from their base; chosen ones at `lr`."
+    """Train (or reuse) the planned models `names` (default: all) into their folders, from their base; chosen
+    ones at `lr`."""
     plan = finetune_plan()
     unknown = sorted(set(names or ()) - set(plan))
     if unknown:
@@ -272,7 +315,8 @@ def finetune_models(inputs: FinetuneInputs, cfg: Config, names: Sequence[str] | 
     for name in names or plan:
         key, kw = plan[name]
         if key not in inputs.data or (kw.get("trainable") == "both_towers" and inputs.images is None):
-            get_logger("pc_clip.training.finetune").warning(f"skipping {name}: no {key} data or in-memory images for this profile")
+            get_logger("pc_clip.training.finetune").warning(
+                f"skipping {name}: no {key} data or in-memory images for this profile")
             continue
         at, spec = None, model_spec(cfg, name)
         if spec.chosen:  # trained at a candidate learning rate (the one setting, unless given)
@@ -281,10 +325,13 @@ def finetune_models(inputs: FinetuneInputs, cfg: Config, names: Sequence[str] | 
         s = caption_settings(cfg, **kw) if key in CAPTION_DATA else FinetuneSettings.from_config(cfg, **kw)
         out = model_dir(cfg, name, lr=at)
         src = base_inputs(inputs, cfg, spec.parent, progress)
-        runs[name] = finetune(src.base, src.tokenizer, src.data[key], s, out, src.image_emb, src.images, progress=progress)
+        runs[name] = finetune(src.base, src.tokenizer, src.data[key], s, out, src.image_emb, src.images,
+                              progress=progress)
         if rank_world()[0] == 0:
-            write_manifest(out, model_manifest(cfg, name, out, lr=at), data_file=inputs.files.get(key), parent=model_dir(cfg, spec.parent or "clip"),
-                           extra={"training": {"rows": int(runs[name].epochs.pairs.iloc[0]) if len(runs[name].epochs) else None,
+            write_manifest(out, model_manifest(cfg, name, out, lr=at), data_file=inputs.files.get(key),
+                           parent=model_dir(cfg, spec.parent or "clip"),
+                           extra={"training": {"rows": (int(runs[name].epochs.pairs.iloc[0])
+                                                        if len(runs[name].epochs) else None),
                                                "source": inputs.sources.get(key, "?")}})
     return runs
 
@@ -295,23 +342,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pc_clip.core.config import parse_overrides
     p = argparse.ArgumentParser(prog="python -m pc_clip.training.plan", description=main.__doc__)
     p.add_argument("--profile", default="tiny")
-    p.add_argument("-p", "--param", action="append", default=[], help="config override key=value (repeatable)")
+    p.add_argument("-p", "--param", action="append", default=[],
+                   help="config override key=value (repeatable)")
     p.add_argument("--only", default=None, help="comma-separated model names of FINETUNE_PLAN")
     args = p.parse_args(argv)
     rank, world = init_distributed()
     cfg = get_config(args.profile, **parse_overrides(args.param)[0])
-    if len(sweep_grid(cfg)) > 1:  # the sweep evaluates every candidate on validation: that is experiment 03's job
-        p.error(f"profile {args.profile!r} sweeps the finetuning strength on validation ({len(sweep_grid(cfg))} settings of "
+    # the sweep evaluates every candidate on validation: that is experiment 03's job
+    if len(sweep_grid(cfg)) > 1:
+        p.error(f"profile {args.profile!r} sweeps the finetuning strength on validation "
+                f"({len(sweep_grid(cfg))} settings of "
                 "ft_lr_grid x wavg_alpha_grid), which experiment 03 runs; to train one setting here pass "
                 "-p ft_lr=<rate> (one learning rate, no sweep)")
-    device = torch.device("cuda", torch.cuda.current_device()) if world > 1 and torch.cuda.is_available() else pick_device(cfg.device)
+    device = (torch.device("cuda", torch.cuda.current_device()) if world > 1 and torch.cuda.is_available()
+              else pick_device(cfg.device))
     inputs = finetuning_inputs(cfg, device, progress=rank == 0)
     runs = finetune_models(inputs, cfg, args.only.split(",") if args.only else None, progress=rank == 0)
     for s in [s.resolved(cfg) for s in REGISTRY if s.role == "weight-average"]:
         if s.parent in runs:
-            save_weight_average(inputs.base, runs[s.parent].model, model_dir(cfg, s.name), cfg.model_name, cfg.wavg_alpha)
+            save_weight_average(inputs.base, runs[s.parent].model, model_dir(cfg, s.name), cfg.model_name,
+                                cfg.wavg_alpha)
             if rank == 0:
-                write_manifest(model_dir(cfg, s.name), model_manifest(cfg, s.name), parent=runs[s.parent].out_dir, extra={"weight_average": {"alpha": cfg.wavg_alpha}})
+                write_manifest(model_dir(cfg, s.name), model_manifest(cfg, s.name),
+                               parent=runs[s.parent].out_dir,
+                               extra={"weight_average": {"alpha": cfg.wavg_alpha}})
     if world > 1:
         dist.destroy_process_group()
     return 0

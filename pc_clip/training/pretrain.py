@@ -35,7 +35,8 @@ __all__ = ['ZERO_SHOT_TEMPLATE', 'PRETRAIN_THREADS', 'PRETRAIN_STEP', 'warmup_co
 
 # %% ../../nbs/training/02_pretrain.ipynb #464b8a7a
 def warmup_cosine(step: int, total: int, warmup: float = 0.05) -> float:
-    "Learning-rate multiplier at `step` of `total`: linear warm-up over `warmup * total` steps, then cosine to 0."
+    """Learning-rate multiplier at `step` of `total`: linear warm-up over `warmup * total` steps, then cosine
+    to 0."""
     n_warm = max(1, int(round(warmup * total)))
     if step < n_warm:
         return (step + 1) / n_warm
@@ -48,9 +49,11 @@ ZERO_SHOT_TEMPLATE = "This is a photo of a {}"
 
 @torch.no_grad()
 def zero_shot_accuracy(model, tokenizer, images: np.ndarray | torch.Tensor, labels: Sequence[str],
-                       classnames: Sequence[str] = CATEGORY_NAMES, templates: Sequence[str] = (ZERO_SHOT_TEMPLATE,),
+                       classnames: Sequence[str] = CATEGORY_NAMES,
+                       templates: Sequence[str] = (ZERO_SHOT_TEMPLATE,),
                        batch_size: int = 256, device: str | torch.device = "cpu") -> dict:
-    "Zero-shot classification of `images` (uint8 or preprocessed) into `classnames`: accuracy, worst-class, per-class."
+    """Zero-shot classification of `images` (uint8 or preprocessed) into `classnames`: accuracy, worst-class,
+    per-class."""
     classnames = list(classnames)
     unknown = sorted(set(labels) - set(classnames))
     if unknown:
@@ -69,7 +72,8 @@ def zero_shot_accuracy(model, tokenizer, images: np.ndarray | torch.Tensor, labe
                 per_class=per_class, predictions=[classnames[i] for i in pred], n=len(y))
 
 # %% ../../nbs/training/02_pretrain.ipynb #42e770f4
-PRETRAIN_THREADS = 2  # CPU threads while pretraining: fixed, so the weights do not depend on the caller's setting
+# CPU threads while pretraining: fixed, so the weights do not depend on the caller's setting
+PRETRAIN_THREADS = 2
 
 
 def _param_groups(model, weight_decay: float):
@@ -78,19 +82,22 @@ def _param_groups(model, weight_decay: float):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and "positional" not in name and "token_embedding" not in name else no_decay).append(p)
+        (decay if p.ndim >= 2 and "positional" not in name and "token_embedding" not in name
+         else no_decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 # %% ../../nbs/training/02_pretrain.ipynb #6ecb247e
 def encode_captions(model, tokens: torch.Tensor) -> torch.Tensor:
-    "Normalised text features of a pretraining batch: the text tower on the batch's own length, attention fused."
+    """Normalised text features of a pretraining batch: the text tower on the batch's own length, attention
+    fused."""
     return torch.nn.functional.normalize(encode_text_trimmed(model, tokens, fused=True), dim=-1)
 
 
 def clip_step_loss(model, batch: dict, loss_fn) -> dict:
     "The CLIP loss of a batch's images and captions: `{'total': loss}` (the default hook of `train_steps`)."
     f_img = model.encode_image(batch["images"], normalize=True)
-    f_txt = encode_captions(model, batch["tokens"])  # captions fill about half the context: the rest is not computed
+    # captions fill about half the context: the rest is not computed
+    f_txt = encode_captions(model, batch["tokens"])
     return {"total": loss_fn(f_img, f_txt, model.logit_scale.exp())}
 
 
@@ -100,7 +107,8 @@ def _logged(v):
 
 
 def _resume(resume_dir, key, model, opt, gen, names) -> tuple[int, torch.Tensor | None, dict | None]:
-    "`(step, epoch order, history)` of a saved state of the same run in `resume_dir`; `(0, None, None)` when none."
+    """`(step, epoch order, history)` of a saved state of the same run in `resume_dir`; `(0, None, None)` when
+    none."""
     if resume_dir is None or not (Path(resume_dir) / "train_state.json").exists():
         return 0, None, None
     if json.loads((Path(resume_dir) / "train_state.json").read_text()).get("run_key") != key:
@@ -112,7 +120,8 @@ def _resume(resume_dir, key, model, opt, gen, names) -> tuple[int, torch.Tensor 
 # %% ../../nbs/training/02_pretrain.ipynb #747af3dd
 @dataclass(frozen=True)
 class PretrainSettings:
-    "Every setting of a pretraining run: the `Config` fields of `PRETRAIN_FIELDS`, with their defaults and rules."
+    """Every setting of a pretraining run: the `Config` fields of `PRETRAIN_FIELDS`, with their defaults and
+    rules."""
     model_name: str = Config.model_name
     seed: int = Config.seed
     steps: int = Config.pretrain_steps
@@ -126,7 +135,8 @@ class PretrainSettings:
     def __post_init__(self):
         problems = config_problems(**{field: getattr(self, k) for k, field in PRETRAIN_FIELDS.items()})
         if problems:
-            raise ValueError("invalid pretraining settings (PretrainSettings.x is Config.pretrain_x):\n  " + "\n  ".join(problems))
+            raise ValueError("invalid pretraining settings (PretrainSettings.x is Config.pretrain_x):\n  "
+                             + "\n  ".join(problems))
 
     @classmethod
     def from_config(cls, cfg: Config, **overrides) -> PretrainSettings:
@@ -136,9 +146,11 @@ class PretrainSettings:
 
 def train_steps(model, tokenizer, world: World, s: PretrainSettings, device, progress: bool = True,
                 on_step: Callable[[int, float], None] | None = None,
-                step_loss: Callable[[torch.nn.Module, dict], dict] | None = None, resume_dir: str | Path | None = None,
+                step_loss: Callable[[torch.nn.Module, dict], dict] | None = None,
+                resume_dir: str | Path | None = None,
                 key: str = "", save_every: int = 50, desc: str = "pretrain CLIP") -> dict:
-    "`s.steps` steps of `step_loss` (default: CLIP loss), a new order and new captions every epoch; the history."
+    """`s.steps` steps of `step_loss` (default: CLIP loss), a new order and new captions every epoch; the
+    history."""
     idx = world.indices("train")
     bs, total = s.batch_size, s.steps
     images, records = images_to_tensor(world.images[idx], size=input_size(model)), world.records(idx)
@@ -149,14 +161,18 @@ def train_steps(model, tokenizer, world: World, s: PretrainSettings, device, pro
     names = [n for n, _ in model.named_parameters()]
     start, perm, history = _resume(resume_dir, key, model, opt, gen, names)
     history = history or dict(loss=[], lr=[], steps=0, steps_per_epoch=steps_per_epoch)
-    before = {k: float(history.get(f"{k}_before", 0.0)) for k in ("seconds", "cpu_seconds")}  # of the earlier parts
+    # of the earlier parts
+    before = {k: float(history.get(f"{k}_before", 0.0)) for k in ("seconds", "cpu_seconds")}
     t0, c0 = time.perf_counter(), time.process_time()  # reported, never used
     model.train()
-    bar = tqdm(range(start, total), desc=desc, disable=not progress, mininterval=2.0, initial=start, total=total)
+    bar = tqdm(range(start, total), desc=desc, disable=not progress, mininterval=2.0, initial=start,
+               total=total)
     for step in bar:
         epoch, b = divmod(step, steps_per_epoch)
         if b == 0 or step == start:
-            tokens = tokenizer(epoch_captions(records, s.seed, epoch, world.caption_style, world.caption_rate))  # fresh captions every epoch
+            # fresh captions every epoch
+            tokens = tokenizer(epoch_captions(records, s.seed, epoch, world.caption_style,
+                                              world.caption_rate))
         if b == 0:
             perm = torch.randperm(len(idx), generator=gen)
         j = perm[b * bs:(b + 1) * bs]
@@ -189,10 +205,13 @@ def train_steps(model, tokenizer, world: World, s: PretrainSettings, device, pro
     return history
 
 # %% ../../nbs/training/02_pretrain.ipynb #638c606b
-def pretrain_clip(world: World, s: PretrainSettings, device: str | torch.device = "auto", progress: bool = True,
-                  threads: int = PRETRAIN_THREADS, on_step: Callable[[int, float], None] | None = None, step_loss=None,
-                  resume_dir: str | Path | None = None, key: str = "", save_every: int = 50, desc: str = "pretrain CLIP"):
-    "Train `s.model_name` from scratch for `s.steps` steps on the world's train split; `(model, tokenizer, history)`."
+def pretrain_clip(world: World, s: PretrainSettings, device: str | torch.device = "auto",
+                  progress: bool = True, threads: int = PRETRAIN_THREADS,
+                  on_step: Callable[[int, float], None] | None = None, step_loss=None,
+                  resume_dir: str | Path | None = None, key: str = "", save_every: int = 50,
+                  desc: str = "pretrain CLIP"):
+    """Train `s.model_name` from scratch for `s.steps` steps on the world's train split; `(model, tokenizer,
+    history)`."""
     device = pick_device(device) if isinstance(device, str) else torch.device(device)
     n_train = len(world.indices("train"))
     if n_train < s.batch_size:
@@ -201,20 +220,21 @@ def pretrain_clip(world: World, s: PretrainSettings, device: str | torch.device 
     size = (open_clip.get_model_config(s.model_name) or {}).get("vision_cfg", {}).get("image_size")
     if size is not None and size != world.images.shape[1]:  # allowed (images are resized), but rarely meant
         get_logger("pc_clip.training.pretrain").warning(
-            f"{s.model_name} reads {size}-pixel images but the world is drawn at {world.images.shape[1]} pixels: "
-            f"its images are resized; set world_image_size={size} to draw them at the model's size")
+            f"{s.model_name} reads {size}-pixel images but the world is drawn at {world.images.shape[1]} "
+            f"pixels: its images are resized; set world_image_size={size} to draw them at the model's size")
     caller_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         t0, c0 = time.perf_counter(), time.process_time()
         model, _, tokenizer = create_clip(s.model_name, None, device=device, seed=s.seed)
-        history = train_steps(model, tokenizer, world, s, device, progress, on_step, step_loss, resume_dir, key,
-                              save_every, desc)
+        history = train_steps(model, tokenizer, world, s, device, progress, on_step, step_loss, resume_dir,
+                              key, save_every, desc)
     finally:
         torch.set_num_threads(caller_threads)
     # reported, never used; a resumed run counts the parts before it (up to their last saved state) too
     history["seconds"] = history.get("seconds_before", 0.0) + time.perf_counter() - t0
-    history["cpu_seconds"] = history.get("cpu_seconds_before", 0.0) + time.process_time() - c0  # wall time is inflated under load
+    # wall time is inflated under load
+    history["cpu_seconds"] = history.get("cpu_seconds_before", 0.0) + time.process_time() - c0
     history["steps_per_second"] = history["steps"] / max(history["seconds"], 1e-9)
     history["threads"] = threads
     return model, tokenizer, history
@@ -224,11 +244,14 @@ PRETRAIN_STEP = 2  # the version of the step's computation: 2 = the text tower t
 
 
 def pretrain_fingerprint(s: PretrainSettings, world: World, threads: int = PRETRAIN_THREADS) -> str:
-    "Hash of everything that determines the pretrained weights (world, architecture, every setting of `s`, threads)."
-    return content_hash(dict(world=world.key or content_hash(world.images), captions=(world.caption_style, world.caption_rate),
-                             model=s.model_name, architecture=open_clip.get_model_config(s.model_name), seed=s.seed,
-                             step=PRETRAIN_STEP, steps=s.steps, batch=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
-                             warmup=s.warmup, betas=list(s.betas), eps=s.eps, threads=threads))
+    """Hash of everything that determines the pretrained weights (world, architecture, every setting of `s`,
+    threads)."""
+    return content_hash(dict(world=world.key or content_hash(world.images),
+                             captions=(world.caption_style, world.caption_rate),
+                             model=s.model_name, architecture=open_clip.get_model_config(s.model_name),
+                             seed=s.seed, step=PRETRAIN_STEP, steps=s.steps, batch=s.batch_size, lr=s.lr,
+                             weight_decay=s.weight_decay, warmup=s.warmup, betas=list(s.betas), eps=s.eps,
+                             threads=threads))
 
 # %% ../../nbs/training/02_pretrain.ipynb #5b3def2c
 def resume_folder(folder: str | Path) -> Path:

@@ -30,7 +30,8 @@ class Targets:
     gain: float = 0.05  # difference-classification gain over all tasks >= this (reported, not selected on)
     gain_heldout: float = 0.03  # ... on held-out wordings >= this (reported, not selected on)
 
-CONSTRAINTS = {"zero_shot": "zero_shot_change", "worst_class": "worst_class_change", "retrieval": "retrieval_change"}
+CONSTRAINTS = {"zero_shot": "zero_shot_change", "worst_class": "worst_class_change",
+               "retrieval": "retrieval_change"}
 
 # %% ../../nbs/training/04_selection.ipynb #8758d8e7
 def shortfalls(candidates: pd.DataFrame, targets: Targets = Targets()) -> pd.DataFrame:
@@ -39,20 +40,25 @@ def shortfalls(candidates: pd.DataFrame, targets: Targets = Targets()) -> pd.Dat
                          for k, col in CONSTRAINTS.items()}, index=candidates.index)
 
 # %% ../../nbs/training/04_selection.ipynb #1ccc96d4
-def choose_setting(candidates: pd.DataFrame, targets: Targets = Targets()) -> tuple[pd.DataFrame, pd.Series]:
-    "Apply the selection rule to validation `candidates` (columns: lr, alpha, diff_gain, diff_gain_heldout, *_change)."
+def choose_setting(candidates: pd.DataFrame,
+                   targets: Targets = Targets()) -> tuple[pd.DataFrame, pd.Series]:
+    """Apply the selection rule to validation `candidates` (columns: lr, alpha, diff_gain,
+    diff_gain_heldout, *_change)."""
     if not len(candidates):
         raise ValueError("no candidates to choose from: the sweep produced no rows")
-    missing = [c for c in ("lr", "alpha", "diff_gain", "diff_gain_heldout", *CONSTRAINTS.values()) if c not in candidates]
+    missing = [c for c in ("lr", "alpha", "diff_gain", "diff_gain_heldout", *CONSTRAINTS.values())
+               if c not in candidates]
     if missing:
         raise ValueError(f"candidate table lacks columns {missing}")
     t = candidates.reset_index(drop=True).copy()
     t["shortfall"] = shortfalls(t, targets).sum(axis=1)
     t["feasible"] = t["shortfall"] <= 0
     pool = t[t["feasible"]] if t["feasible"].any() else t[t["shortfall"] == t["shortfall"].min()]
-    order = pool.sort_values(["diff_gain", "diff_gain_heldout", "alpha", "lr"], ascending=[False, False, True, True])
+    order = pool.sort_values(["diff_gain", "diff_gain_heldout", "alpha", "lr"],
+                             ascending=[False, False, True, True])
     t["chosen"] = t.index == order.index[0]
-    t["meets_gain_targets"] = (t["diff_gain"] >= targets.gain) & (t["diff_gain_heldout"] >= targets.gain_heldout)
+    t["meets_gain_targets"] = ((t["diff_gain"] >= targets.gain)
+                               & (t["diff_gain_heldout"] >= targets.gain_heldout))
     return t, t.loc[order.index[0]]
 
 # %% ../../nbs/training/04_selection.ipynb #f95a6be7
@@ -63,7 +69,8 @@ def pareto_front(candidates: pd.DataFrame, x: str = "zero_shot_change", y: str =
     return pd.Series(~np.array(dominated, bool), index=candidates.index)
 
 # %% ../../nbs/training/04_selection.ipynb #8e19060a
-def selection_markdown(table: pd.DataFrame, targets: Targets = Targets(), what: str = "finetuning strength") -> str:
+def selection_markdown(table: pd.DataFrame, targets: Targets = Targets(),
+                       what: str = "finetuning strength") -> str:
     "A REPORT section: the rule's outcome in one paragraph plus the validation table of candidates."
     ch = table[table["chosen"]].iloc[0]
     lines = [f"Chosen {what} on validation: lr {ch['lr']:g}, weight-averaging alpha {ch['alpha']:g} "
@@ -71,8 +78,8 @@ def selection_markdown(table: pd.DataFrame, targets: Targets = Targets(), what: 
              f"zero-shot {ch['zero_shot_change']:+.3f}, worst-class {ch['worst_class_change']:+.3f}, "
              f"retrieval {ch['retrieval_change']:+.3f})."]
     if not ch["feasible"]:
-        lines.append("**No candidate kept zero-shot, worst-class and retrieval within the constraints on validation;** "
-                     "the one with the smallest shortfall was taken.")
+        lines.append("**No candidate kept zero-shot, worst-class and retrieval within the constraints on "
+                     "validation;** the one with the smallest shortfall was taken.")
     if not ch["meets_gain_targets"]:
         lines.append(f"The chosen setting does **not** reach the gain targets on validation "
                      f"(+{targets.gain:g} over all tasks, +{targets.gain_heldout:g} on held-out wordings).")
@@ -80,7 +87,8 @@ def selection_markdown(table: pd.DataFrame, targets: Targets = Targets(), what: 
         reach = ok[ok["meets_gain_targets"].astype(bool)] if "meets_gain_targets" in ok else ok.iloc[:0]
         if len(ok) and not len(reach):
             lines.append(f"**No candidate that keeps the constraints reaches them** (the largest such gain: "
-                         f"{ok['diff_gain'].max():+.3f} over all tasks, {ok['diff_gain_heldout'].max():+.3f} on held-out wordings); "
+                         f"{ok['diff_gain'].max():+.3f} over all tasks, "
+                         f"{ok['diff_gain_heldout'].max():+.3f} on held-out wordings); "
                          "the front below shows what the stronger candidates cost.")
     cols = ["lr", "alpha", "diff_gain", "diff_gain_heldout", *CONSTRAINTS.values(), "feasible", "chosen"]
     fmt = lambda v: f"{v:+.3f}" if isinstance(v, (float, np.floating)) and not isinstance(v, bool) else str(v)
@@ -99,8 +107,10 @@ def cell_key(dataset: str, condition: dict) -> str:
     return dataset + "|" + ";".join(f"{k}={v}" for k, v in sorted(condition.items()))
 
 
-def pool_cells(cells: dict[str, pd.DataFrame], keep: Callable[[str], bool] = lambda k: True) -> pd.DataFrame:
-    "The outcomes of the cells `keep` accepts, each cell's weights scaled to sum to 1: their weighted mean is the mean over cells."
+def pool_cells(cells: dict[str, pd.DataFrame],
+               keep: Callable[[str], bool] = lambda k: True) -> pd.DataFrame:
+    """The outcomes of the cells `keep` accepts, each cell's weights scaled to sum to 1: their weighted
+    mean is the mean over cells."""
     parts = [o.assign(weight=o["weight"] / o["weight"].sum()) for k, o in cells.items() if keep(k)]
     if not parts:
         raise ValueError(f"no difference cell passes the filter among {sorted(cells)}")
@@ -120,14 +130,18 @@ def validation_rows(scores: dict, model: str, setting: dict, seed: int, n_boot: 
     rows = []
     for metric, (value, o, stat) in scores.items():
         ci = bootstrap_ci(o["value"], o["weight"], o["group"], stat, n_boot)
-        rows.append(result_row(model, SELECTION_TASK, "world", metric, value, seed, len(o), {**setting, "split": "val"}, ci))
+        rows.append(result_row(model, SELECTION_TASK, "world", metric, value, seed, len(o),
+                               {**setting, "split": "val"}, ci))
     return rows
 
 
-def validation_records(scores: dict, model: str, lr: float | None = None, alpha: float | None = None) -> list[dict]:
-    "The `validation_outcomes` of one model as records `model, lr, alpha, metric, value` (the setting as numbers)."
+def validation_records(scores: dict, model: str, lr: float | None = None,
+                       alpha: float | None = None) -> list[dict]:
+    """The `validation_outcomes` of one model as records `model, lr, alpha, metric, value` (the setting as
+    numbers)."""
     nan = float("nan")
-    return [dict(model=model, lr=nan if lr is None else float(lr), alpha=nan if alpha is None else float(alpha),
+    return [dict(model=model, lr=nan if lr is None else float(lr),
+                 alpha=nan if alpha is None else float(alpha),
                  metric=metric, value=float(value)) for metric, (value, _, _) in scores.items()]
 
 # %% ../../nbs/training/04_selection.ipynb #d4ba510f
@@ -137,15 +151,18 @@ CHANGES = {"diff_gain": "difference_accuracy", "diff_gain_heldout": "difference_
 
 
 def candidate_table(records: pd.DataFrame, base: str = "clip", model: str = "pc-clip") -> pd.DataFrame:
-    "One row per validation candidate `(lr, alpha)` of `model` (from `validation_records`): numbers and changes against `base`."
+    """One row per validation candidate `(lr, alpha)` of `model` (from `validation_records`): numbers and
+    changes against `base`."""
     r = records[records["model"].isin([base, model])] if len(records) else records
     if not len(r) or not (r["model"] == model).any():
         return pd.DataFrame(columns=["lr", "alpha", *CHANGES, *CHANGES.values()])
     ref = r[r["model"] == base].groupby("metric")["value"].mean()
-    t = r[r["model"] == model].pivot_table(index=["lr", "alpha"], columns="metric", values="value", aggfunc="mean").reset_index()
+    t = r[r["model"] == model].pivot_table(index=["lr", "alpha"], columns="metric", values="value",
+                                           aggfunc="mean").reset_index()
     missing = sorted(set(CHANGES.values()) - set(ref.index))
     if missing:
-        raise ValueError(f"no validation rows of the base model {base!r} for {missing}; the sweep must evaluate it too")
+        raise ValueError(f"no validation rows of the base model {base!r} for {missing}; "
+                         "the sweep must evaluate it too")
     for k, metric in CHANGES.items():
         t[k] = t[metric] - ref[metric]
     t.columns.name = None
@@ -153,19 +170,23 @@ def candidate_table(records: pd.DataFrame, base: str = "clip", model: str = "pc-
 
 
 def choices_markdown(table: pd.DataFrame) -> str:
-    "One row per swept model: the (lr, alpha) its own validation search chose and that candidate's changes against its base."
+    """One row per swept model: the (lr, alpha) its own validation search chose and that candidate's
+    changes against its base."""
     if table.empty or "model" not in table:
         return ""
     ch = table[table["chosen"].astype(bool)]
     cols = ["diff_gain", "diff_gain_heldout", *CONSTRAINTS.values()]
-    lines = ["| model | base | lr | alpha | " + " | ".join(cols) + " | feasible |", "|---|---|---:|---:|" + "---:|" * (len(cols) + 1)]
-    lines += [f"| `{r.model}` | `{r.get('base', 'clip')}` | {r.lr:g} | {r.alpha:g} | " + " | ".join(f"{r[c]:+.3f}" for c in cols)
+    lines = ["| model | base | lr | alpha | " + " | ".join(cols) + " | feasible |",
+             "|---|---|---:|---:|" + "---:|" * (len(cols) + 1)]
+    lines += [f"| `{r.model}` | `{r.get('base', 'clip')}` | {r.lr:g} | {r.alpha:g} | "
+              + " | ".join(f"{r[c]:+.3f}" for c in cols)
               + f" | {bool(r.feasible)} |" for _, r in ch.iterrows()]
     return "\n".join(lines) + "\n"
 
 # %% ../../nbs/training/04_selection.ipynb #58d66357
 def _test_means(results: pd.DataFrame, model: str, task: str, metric, keep=None) -> pd.Series:
-    "Mean over seeds of each (dataset, condition) cell of `model`'s test rows of `task` and `metric` (a name or a test)."
+    """Mean over seeds of each (dataset, condition) cell of `model`'s test rows of `task` and `metric`
+    (a name or a test)."""
     r = results[(results["model"] == model) & (results["task"] == task)]
     r = r[~r["condition"].map(lambda s: condition_dict(s).get("split") == "val").astype(bool)]
     r = r[(r["metric"].map(metric) if callable(metric) else r["metric"] == metric).astype(bool)]
@@ -175,7 +196,8 @@ def _test_means(results: pd.DataFrame, model: str, task: str, metric, keep=None)
 
 
 def _test_items(items: pd.DataFrame, model: str, task: str, metric, keep=None) -> pd.DataFrame:
-    "`model`'s per-item test outcomes of `task` and `metric` (a name or a test) in the cells `keep` accepts, with a condition key."
+    """`model`'s per-item test outcomes of `task` and `metric` (a name or a test) in the cells `keep`
+    accepts, with a condition key."""
     r = items[(items["model"] == model) & (items["task"] == task)]
     r = r[(r["metric"].map(metric) if callable(metric) else r["metric"] == metric).astype(bool)]
     conds = r["condition"].fillna("").astype(str).map(condition_dict)
@@ -183,30 +205,38 @@ def _test_items(items: pd.DataFrame, model: str, task: str, metric, keep=None) -
     return r[ok].assign(cond_key=[";".join(f"{k}={v}" for k, v in sorted(d.items())) for d in conds[ok]])
 
 
-def paired_change(items: pd.DataFrame, model: str, base: str, task: str, metric, keep=None, n_boot: int = 1000) -> dict:
-    "`model` - `base` on the test items both have, as a claim computes it: the change with its paired-bootstrap 95 % interval."
+def paired_change(items: pd.DataFrame, model: str, base: str, task: str, metric, keep=None,
+                  n_boot: int = 1000) -> dict:
+    """`model` - `base` on the test items both have, as a claim computes it: the change with its
+    paired-bootstrap 95 % interval."""
     keys = ["dataset", "cond_key", "metric", "seed", "item"]
-    both = _test_items(items, model, task, metric, keep).merge(_test_items(items, base, task, metric, keep), on=keys,
-                                                               suffixes=("_a", "_b"))
-    out = dict(value_a=np.nan, value_b=np.nan, change=np.nan, ci_low=np.nan, ci_high=np.nan, cells=0, items=len(both))
+    both = _test_items(items, model, task, metric, keep).merge(_test_items(items, base, task, metric, keep),
+                                                               on=keys, suffixes=("_a", "_b"))
+    out = dict(value_a=np.nan, value_b=np.nan, change=np.nan, ci_low=np.nan, ci_high=np.nan, cells=0,
+               items=len(both))
     if both.empty:
         return out
-    strata = (both["dataset"].astype(str) + "|" + both["cond_key"] + "|" + both["metric"].astype(str)).to_numpy()
+    strata = (both["dataset"].astype(str) + "|" + both["cond_key"] + "|"
+              + both["metric"].astype(str)).to_numpy()
     stat = str(both["statistic_a"].iloc[0]) if "statistic_a" in both else "mean"
     groups = both["group_a"].astype(str).to_numpy() if "group_a" in both else None
     cells = pd.unique(strata)
 
-    def side(s: str) -> float:  # the statistic within each cell, averaged over the cells (the claims' A and B)
+    # the statistic within each cell, averaged over the cells (the claims' A and B)
+    def side(s: str) -> float:
         v, w = both[f"value_{s}"].to_numpy(float), both[f"weight_{s}"].to_numpy(float)
-        return float(np.mean([statistic_value(v[strata == k], w[strata == k], None if groups is None else groups[strata == k],
-                                              stat) for k in cells]))
-    r = paired_bootstrap(both["value_a"], both["value_b"], both["weight_a"], both["weight_b"], groups, strata, stat, n_boot)
-    return {**out, "value_a": side("a"), "value_b": side("b"), "change": r["delta"], "ci_low": r["ci_low"],
-            "ci_high": r["ci_high"], "cells": len(cells)}
+        return float(np.mean([statistic_value(v[strata == k], w[strata == k],
+                                              None if groups is None else groups[strata == k], stat)
+                              for k in cells]))
+    r = paired_bootstrap(both["value_a"], both["value_b"], both["weight_a"], both["weight_b"],
+                         groups, strata, stat, n_boot)
+    return {**out, "value_a": side("a"), "value_b": side("b"), "change": r["delta"],
+            "ci_low": r["ci_low"], "ci_high": r["ci_high"], "cells": len(cells)}
 
 
 def target_verdict(ci_low: float, ci_high: float, threshold: float) -> str:
-    "`yes` when the interval lies above `threshold` (lower end > it), `no` when below (upper end < it), else `inconclusive`."
+    """`yes` when the interval lies above `threshold` (lower end > it), `no` when below (upper end < it),
+    else `inconclusive`."""
     return "yes" if ci_low > threshold else "no" if ci_high < threshold else "inconclusive"
 
 
@@ -221,22 +251,27 @@ TEST_TARGETS = {  # name: (target attribute, task, metric, cell filter)
 }
 
 
-def target_check(results: pd.DataFrame, targets: Targets = Targets(), model: str = "pc-clip", base: str = "clip",
-                 items: pd.DataFrame | None = None, n_boot: int = 1000) -> pd.DataFrame:
-    "Per target: `model` and `base` on the test items both have, the change, its 95 % interval, the threshold and the verdict."
+def target_check(results: pd.DataFrame, targets: Targets = Targets(), model: str = "pc-clip",
+                 base: str = "clip", items: pd.DataFrame | None = None, n_boot: int = 1000) -> pd.DataFrame:
+    """Per target: `model` and `base` on the test items both have, the change, its 95 % interval, the
+    threshold and the verdict."""
     out = []
     for name, (attr, task, metric, keep) in TEST_TARGETS.items():
         threshold = getattr(targets, attr)
-        r = paired_change(items, model, base, task, metric, keep, n_boot) if items is not None and len(items) else {}
+        r = (paired_change(items, model, base, task, metric, keep, n_boot)
+             if items is not None and len(items) else {})
         if r.get("items"):
             met = target_verdict(r["ci_low"], r["ci_high"], threshold)
-        else:  # no per-item outcomes of both: the results table's point change at most, and no verdict
-            a, b = _test_means(results, model, task, metric, keep), _test_means(results, base, task, metric, keep)
+        else:
+            # no per-item outcomes of both: the results table's point change at most, and no verdict
+            a, b = (_test_means(results, model, task, metric, keep),
+                    _test_means(results, base, task, metric, keep))
             cells = a.index.intersection(b.index)
             mean = lambda s: float(s[cells].mean()) if len(cells) else np.nan
-            r = dict(value_a=mean(a), value_b=mean(b), change=mean(a) - mean(b), ci_low=np.nan, ci_high=np.nan,
-                     cells=len(cells), items=0)
+            r = dict(value_a=mean(a), value_b=mean(b), change=mean(a) - mean(b), ci_low=np.nan,
+                     ci_high=np.nan, cells=len(cells), items=0)
             met = "not measured"
-        out.append({"target": name, model: r["value_a"], base: r["value_b"], "change": r["change"], "ci_low": r["ci_low"],
-                    "ci_high": r["ci_high"], "threshold": threshold, "cells": r["cells"], "items": r["items"], "met": met})
+        out.append({"target": name, model: r["value_a"], base: r["value_b"], "change": r["change"],
+                    "ci_low": r["ci_low"], "ci_high": r["ci_high"], "threshold": threshold,
+                    "cells": r["cells"], "items": r["items"], "met": met})
     return pd.DataFrame(out)

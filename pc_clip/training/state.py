@@ -28,7 +28,8 @@ __all__ = ['FinetuneSettings', 'save_train_state', 'load_train_state', 'epoch_ch
 # %% ../../nbs/training/01_state.ipynb #d5c3c809
 @dataclass(frozen=True)
 class FinetuneSettings:
-    "Every knob of one finetuning run: the `Config` fields of `FINETUNE_FIELDS`, with their defaults and rules."
+    """Every knob of one finetuning run: the `Config` fields of `FINETUNE_FIELDS`, with their defaults and
+    rules."""
     trainable: str = Config.ft_trainable
     loss: str = Config.ft_loss
     temperature: float = Config.ft_temperature
@@ -51,19 +52,22 @@ class FinetuneSettings:
     def __post_init__(self):
         problems = config_problems(**{field: getattr(self, k) for k, field in FINETUNE_FIELDS.items()})
         if problems:  # the config's own messages, which name the `ft_*` field of each setting
-            raise ValueError("invalid finetuning settings (FinetuneSettings.x is Config.ft_x):\n  " + "\n  ".join(problems))
+            raise ValueError("invalid finetuning settings (FinetuneSettings.x is Config.ft_x):\n  "
+                             + "\n  ".join(problems))
 
     @classmethod
     def from_config(cls, cfg: Config, **overrides) -> FinetuneSettings:
         "The `ft_*` settings of `cfg`, with `overrides` (fields of this class; `None` keeps the config's)."
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise TypeError(f"unknown finetuning setting(s) {unknown}; valid: {[f.name for f in dataclasses.fields(cls)]}")
+            raise TypeError(f"unknown finetuning setting(s) {unknown}; "
+                            f"valid: {[f.name for f in dataclasses.fields(cls)]}")
         base = {k: getattr(cfg, field) for k, field in FINETUNE_FIELDS.items()}
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     def weight_settings(self) -> dict:
-        "The settings the weights depend on: all but `epochs` (a resumed run may extend it), the guard, what is kept, and fast paths left off."
+        """The settings the weights depend on: all but `epochs` (a resumed run may extend it), the guard, what
+        is kept, and fast paths left off."""
         off = dict(fused_attention=False, length_buckets=0, compile="off")
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in ("epochs", "max_bad_fraction", "keep_epochs") and not (k in off and v == off[k])}
@@ -82,7 +86,8 @@ def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict[str, dic
 
 def save_train_state(folder: str | Path, model, model_name: str, opt, sched, scaler, state: dict,
                      names: list[str], extra: dict[str, torch.Tensor] | None = None) -> Path:
-    "Write model + optimizer, scheduler and scaler (each may be None), RNG, `extra` tensors and `state` (JSON-able) to `folder`, atomically as a folder."
+    """Write model + optimizer, scheduler and scaler (each may be None), RNG, `extra` tensors and `state`
+    (JSON-able) to `folder`, atomically as a folder."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -113,11 +118,13 @@ def _read_state_tensors(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
 
 
 def load_train_state(folder: str | Path, model, opt, sched, scaler, names: list[str]) -> dict:
-    "Restore what `save_train_state` wrote into `model`, `opt`, `sched`, `scaler` (None: not restored) and the RNG; the state, `extra` tensors under `'extra'`."
+    """Restore what `save_train_state` wrote into `model`, `opt`, `sched`, `scaler` (None: not restored) and
+    the RNG; the state, `extra` tensors under `'extra'`."""
     folder = Path(folder)
     meta = json.loads((folder / "train_state.json").read_text())
     if meta["param_names"] != names:
-        raise RuntimeError(f"checkpoint {folder} trained other parameters than this run; delete it to start over")
+        raise RuntimeError(f"checkpoint {folder} trained other parameters than this run; "
+                           "delete it to start over")
     dev = next(model.parameters()).device
     weights = load_weights(folder, dev, fix=f"delete {folder} to resume from the epoch before")
     tensors = _read_state_tensors(folder, meta)  # both verified before anything is changed
@@ -147,8 +154,10 @@ def epoch_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(p for p in (Path(out_dir) / "epochs").glob("epoch-*") if (p / "train_state.json").exists())
 
 
-def prune_epoch_checkpoints(out_dir: str | Path, keep_last: int = 1, keep_epochs: tuple[int, ...] = ()) -> list[Path]:
-    "Delete the epoch checkpoints of `out_dir` but the newest `keep_last` (0: all) and those of `keep_epochs`; the deleted."
+def prune_epoch_checkpoints(out_dir: str | Path, keep_last: int = 1,
+                            keep_epochs: tuple[int, ...] = ()) -> list[Path]:
+    """Delete the epoch checkpoints of `out_dir` but the newest `keep_last` (0: all) and those of
+    `keep_epochs`; the deleted."""
     found = epoch_checkpoints(out_dir)
     newest = set(found[-keep_last:]) if keep_last > 0 else set(found)
     gone = [p for p in found if p not in newest and int(p.name.split("-")[-1]) not in set(keep_epochs)]
@@ -165,7 +174,8 @@ def rank_world() -> tuple[int, int]:
 
 
 def init_distributed() -> tuple[int, int]:
-    "Join the process group a launcher set up in the environment (NCCL on GPUs, else gloo); `(rank, world_size)`."
+    """Join the process group a launcher set up in the environment (NCCL on GPUs, else gloo);
+    `(rank, world_size)`."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

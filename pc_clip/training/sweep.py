@@ -23,11 +23,11 @@ from ..models.clip import is_checkpoint, write_manifest
 from ..models.embed import embed_images
 from ..models.text import memo_tokenizer
 from ..evaluation.metrics import difference_classification, retrieval, statistic_value, zero_shot
-from ..evaluation.runner import (RETRIEVAL_CAPTIONS, RETRIEVAL_IMAGES, build_difference_tasks, text_encoder,
-    world_retrieval_corpus, zero_shot_classifier)
+from ..evaluation.runner import (RETRIEVAL_CAPTIONS, RETRIEVAL_IMAGES, build_difference_tasks,
+    text_encoder, world_retrieval_corpus, zero_shot_classifier)
 from ..world.species import CATEGORY_NAMES
-from pc_clip.training.plan import (base_inputs, candidate_lr, finetune_models, save_derived, save_weight_average,
-    weight_average_model)
+from .plan import (base_inputs, candidate_lr, finetune_models, save_derived,
+    save_weight_average, weight_average_model)
 from .selection import (CHANGES, Targets, candidate_table, cell_key, choose_setting,
     is_heldout_wording, pool_cells, validation_records, validation_rows)
 from ..core.registry import model_dir
@@ -44,13 +44,15 @@ def candidate_folders(cfg: Config, name: str = "pc-clip") -> dict[tuple[float, f
 
 # %% ../../nbs/training/06_sweep.ipynb #ac663eb0
 def difference_cell_outcomes(emb, encode, val_ds, cfg: Config) -> dict[str, pd.DataFrame]:
-    "`{cell: per-item outcomes}` of every world difference task on `val_ds`'s embeddings `emb` (seeds pooled in a cell)."
+    """`{cell: per-item outcomes}` of every world difference task on `val_ds`'s embeddings `emb` (seeds pooled
+    in a cell)."""
     cells = {}
     for t in build_difference_tasks(val_ds, val_ds.labels, cfg):
-        res = difference_classification(emb[torch.as_tensor(t.indices)], t.labels, t.text_fn, encode, cfg.eval_n_images,
-                                        cfg.eval_seeds)
+        res = difference_classification(emb[torch.as_tensor(t.indices)], t.labels, t.text_fn, encode,
+                                        cfg.eval_n_images, cfg.eval_seeds)
         key = cell_key(t.dataset, t.condition)
-        cells[key] = pd.concat([r["outcomes"]["accuracy"].assign(item=lambda o, s=seed: [f"{key}|{s}|{i}" for i in o["item"]])
+        cells[key] = pd.concat([r["outcomes"]["accuracy"].assign(
+                                    item=lambda o, s=seed: [f"{key}|{s}|{i}" for i in o["item"]])
                                 for seed, r in res.items()], ignore_index=True)
     return cells
 
@@ -61,21 +63,24 @@ def _mean_recall_outcomes(res: dict) -> pd.DataFrame:
                       for k, o in res["outcomes"].items()], ignore_index=True)
 
 
-def validation_outcomes(model, tokenizer, cfg: Config, world, val_ds=None, retrieval_images: int | None = RETRIEVAL_IMAGES,
-                        n_captions: int = RETRIEVAL_CAPTIONS, cells: dict | None = None) -> dict:
-    "`{metric: (value, outcomes, statistic)}` of `VAL_METRICS` for `model` on the world's `val` split (`cells`: filled with the per-cell outcomes)."
+def validation_outcomes(model, tokenizer, cfg: Config, world, val_ds=None,
+                        retrieval_images: int | None = RETRIEVAL_IMAGES, n_captions: int = RETRIEVAL_CAPTIONS,
+                        cells: dict | None = None) -> dict:
+    """`{metric: (value, outcomes, statistic)}` of `VAL_METRICS` for `model` on the world's `val` split
+    (`cells`: filled with the per-cell outcomes)."""
     val_ds = val_ds if val_ds is not None else world_dataset(world, "val", classnames=CATEGORY_NAMES)
     val_rows = world.indices("val")
     if len(val_ds) != len(val_rows):
-        raise ValueError(f"val_ds has {len(val_ds)} images but the world's val split {len(val_rows)}; pass the world's "
-                         "own val split (world_dataset(world, 'val')) or none")
+        raise ValueError(f"val_ds has {len(val_ds)} images but the world's val split {len(val_rows)}; "
+                         "pass the world's own val split (world_dataset(world, 'val')) or none")
     emb = embed_images(model, val_ds.arrays, cache_dir(cfg), **embedding_options(cfg), progress=False)
     encode = text_encoder(model, tokenizer, cfg.eval_batch_size)
     per_cell = difference_cell_outcomes(emb, encode, val_ds, cfg)
     if cells is not None:
         cells.update(per_cell)
     zs = zero_shot(emb, val_ds.labels, zero_shot_classifier(model, tokenizer, val_ds.classnames))
-    rows, texts, owner = world_retrieval_corpus(world, "val", cfg.seed, retrieval_images, n_captions)  # experiment 07's protocol
+    # experiment 07's protocol
+    rows, texts, owner = world_retrieval_corpus(world, "val", cfg.seed, retrieval_images, n_captions)
     img = emb[torch.as_tensor(np.searchsorted(val_rows, rows))]  # val_ds holds the val rows in world order
     rec = _mean_recall_outcomes(retrieval(img, encode(texts), owner))
     out = {"difference_accuracy": (pool_cells(per_cell, lambda k: not is_heldout_wording(k)), "mean"),
@@ -83,11 +88,13 @@ def validation_outcomes(model, tokenizer, cfg: Config, world, val_ds=None, retri
            "zero_shot_accuracy": (zs["outcomes"]["accuracy"], "mean"),
            "zero_shot_worst_class_accuracy": (zs["outcomes"]["worst_class_accuracy"], "worst_group"),
            "retrieval_mean_recall": (rec, "mean")}
-    return {k: (float(statistic_value(o["value"], o["weight"], o["group"], stat)), o, stat) for k, (o, stat) in out.items()}
+    return {k: (float(statistic_value(o["value"], o["weight"], o["group"], stat)), o, stat)
+            for k, (o, stat) in out.items()}
 
 # %% ../../nbs/training/06_sweep.ipynb #b385e86d
 def candidates_path(cfg: Config) -> Path:
-    "Where experiment 03 keeps the candidate table of its sweep: `finetune_selection.csv` next to the results table."
+    """Where experiment 03 keeps the candidate table of its sweep: `finetune_selection.csv` next to the
+    results table."""
     return results_path(cfg).parent / "finetune_selection.csv"
 
 
@@ -97,7 +104,8 @@ def write_candidates(table: pd.DataFrame, cfg: Config) -> Path:
 
 
 def read_candidates(cfg: Config, model: str | None = "pc-clip") -> pd.DataFrame:
-    "The candidate table experiment 03 wrote for `cfg`, of `model` (None: every swept model); empty if it wrote none."
+    """The candidate table experiment 03 wrote for `cfg`, of `model` (None: every swept model); empty if it
+    wrote none."""
     path = candidates_path(cfg)
     if not path.exists():
         return pd.DataFrame(columns=["model", "lr", "alpha", *CHANGES, "chosen"])
@@ -108,7 +116,8 @@ def read_candidates(cfg: Config, model: str | None = "pc-clip") -> pd.DataFrame:
 # %% ../../nbs/training/06_sweep.ipynb #cdb211bf
 @dataclass
 class Sweep:
-    "What `run_sweep` returns: the candidate table with the rule's columns, the chosen row, the validation rows and records, the finetunes."
+    """What `run_sweep` returns: the candidate table with the rule's columns, the chosen row, the validation
+    rows and records, the finetunes."""
     table: pd.DataFrame
     chosen: pd.Series
     rows: list[dict]
@@ -119,17 +128,21 @@ class Sweep:
 
 def run_sweep(inputs, cfg: Config, targets: Targets = Targets(), progress: bool = True, name: str = "pc-clip",
               base_scores: dict | None = None) -> Sweep:
-    "Finetune `name` at each lr of the grid, average with its base at each alpha, evaluate every candidate and the base on validation, choose."
+    """Finetune `name` at each lr of the grid, average with its base at each alpha, evaluate every candidate
+    and the base on validation, choose."""
     if inputs.world is None:
-        raise ValueError(f"the sweep needs the Shapes world's validation split (corpus {cfg.corpus!r} has none here); "
+        raise ValueError(f"the sweep needs the Shapes world's validation split "
+                         f"(corpus {cfg.corpus!r} has none here); "
                          "pass -p ft_lr=<rate> (one learning rate, no sweep) to train that one setting")
     base_name = model_spec(cfg, name).parent or "clip"
     src = base_inputs(inputs, cfg, base_name, progress=False)
-    base_scores = {} if base_scores is None else base_scores  # shared by the sweeps of one base: evaluated once
+    # shared by the sweeps of one base: evaluated once
+    base_scores = {} if base_scores is None else base_scores
     rows = []
     if base_name not in base_scores:
         base_cells: dict = {}
-        base_scores[base_name] = validation_outcomes(src.base, src.tokenizer, cfg, src.world, cells=base_cells)
+        base_scores[base_name] = validation_outcomes(src.base, src.tokenizer, cfg, src.world,
+                                                     cells=base_cells)
         base_scores[f"{base_name}/cells"] = base_cells
         rows += validation_rows(base_scores[base_name], base_name, {}, cfg.seed)
     records, runs = validation_records(base_scores[base_name], base_name), {}
@@ -141,32 +154,38 @@ def run_sweep(inputs, cfg: Config, targets: Targets = Targets(), progress: bool 
         if alpha != 1:
             folder = model_dir(cfg, name, lr=lr, alpha=alpha)
             m = save_weight_average(src.base, m, folder, cfg.model_name, alpha)
-            write_manifest(folder, model_manifest(cfg, name, folder, lr=lr, alpha=alpha), parent=runs[lr].out_dir)
+            write_manifest(folder, model_manifest(cfg, name, folder, lr=lr, alpha=alpha),
+                           parent=runs[lr].out_dir)
         cells[(lr, alpha)] = {}
         scores = validation_outcomes(m, src.tokenizer, cfg, src.world, cells=cells[(lr, alpha)])
         rows += validation_rows(scores, name, {"lr": lr, "alpha": alpha}, cfg.seed)
         records += validation_records(scores, name, lr, alpha)
-    table, chosen = choose_setting(candidate_table(pd.DataFrame(records), base=base_name, model=name), targets)
+    table, chosen = choose_setting(candidate_table(pd.DataFrame(records), base=base_name, model=name),
+                                   targets)
     return Sweep(table.assign(model=name, base=base_name), chosen, rows, runs, records, cells)
 
 
 def swept_models(cfg: Config) -> list[str]:
-    "The models that get their own validation search on `cfg`: every trained entry of the registry marked `chosen`."
+    """The models that get their own validation search on `cfg`: every trained entry of the registry marked
+    `chosen`."""
     return [s.name for s in model_specs(cfg) if s.chosen and s.data is not None and s.role != "study"]
 
 
 def run_sweeps(inputs, cfg: Config, targets: Targets = Targets(), progress: bool = True,
                names: list[str] | None = None) -> dict[str, Sweep]:
-    "`{name: Sweep}`: the same validation search, one per compared model (`swept_models`), each against its own base."
+    """`{name: Sweep}`: the same validation search, one per compared model (`swept_models`), each against its
+    own base."""
     inputs.tokenizer = memo_tokenizer(inputs.tokenizer)  # every candidate encodes the same validation texts
     for b in inputs.bases.values():
         b.tokenizer = inputs.tokenizer
     base_scores: dict = {}
-    return {n: run_sweep(inputs, cfg, targets, progress, n, base_scores) for n in (names or swept_models(cfg))}
+    return {n: run_sweep(inputs, cfg, targets, progress, n, base_scores)
+            for n in (names or swept_models(cfg))}
 
 # %% ../../nbs/training/06_sweep.ipynb #5af87326
 def tuning_statement(cfg: Config, searched: Sequence[str] = ()) -> str:
-    "Which compared models had the validation search (`searched`) and which trained at a fixed rate, naming the rate."
+    """Which compared models had the validation search (`searched`) and which trained at a fixed rate, naming
+    the rate."""
     searched = [n for n in swept_models(cfg) if n in set(searched)]
     fixed: dict[tuple[str, float], list[str]] = {}
     for n in swept_models(cfg):
@@ -175,16 +194,20 @@ def tuning_statement(cfg: Config, searched: Sequence[str] = ()) -> str:
     names = lambda ns: ", ".join(f"`{n}`" for n in ns)
     if not fixed:
         return (f"Every compared model ({names(searched)}) had the same validation search over ft_lr_grid x "
-                f"wavg_alpha_grid ({len(sweep_grid(cfg))} candidates each), by the same rule, against its own base.")
+                f"wavg_alpha_grid ({len(sweep_grid(cfg))} candidates each), by the same rule, "
+                "against its own base.")
     rates = "; ".join(f"{names(ns)} at {setting}={lr:g}" for (setting, lr), ns in fixed.items())
-    head = f"Searched on validation: {names(searched)}." if searched else "No model was searched on validation."
+    head = (f"Searched on validation: {names(searched)}." if searched
+            else "No model was searched on validation.")
     unlike = (" The compared models did not all train at one rate, so the comparisons are not tuned alike."
               if len({lr for _, lr in fixed}) > 1 or searched else "")
     return f"{head} Trained at a fixed learning rate, without weight averaging: {rates}.{unlike}"
 
 # %% ../../nbs/training/06_sweep.ipynb #c281171c
-def save_chosen(base, finetuned, cfg: Config, name: str, lr: float, alpha: float, evidence: dict | None = None):
-    "Model `name` of `cfg`: `finetuned` (trained at `lr`) averaged with `base` at `alpha`, saved to `model_dir(cfg, name)`."
+def save_chosen(base, finetuned, cfg: Config, name: str, lr: float, alpha: float,
+                evidence: dict | None = None):
+    """Model `name` of `cfg`: `finetuned` (trained at `lr`) averaged with `base` at `alpha`, saved to
+    `model_dir(cfg, name)`."""
     source, target = model_dir(cfg, name, lr=lr), model_dir(cfg, name)
     choice = {"lr": float(lr), "alpha": float(alpha), "finetuned": source.name}
     if source == target and alpha == 1:  # a one-point grid: the finetune is the model
@@ -193,8 +216,10 @@ def save_chosen(base, finetuned, cfg: Config, name: str, lr: float, alpha: float
         m = weight_average_model(base, finetuned, alpha)
         save_derived(m, target, cfg.model_name, {"selection": choice})
     if is_checkpoint(target):  # (a finetune that was never saved, as in a test, gets no manifest)
-        parent = source if source != target else model_dir(cfg, model_spec(cfg, name).parent)  # the finetune, or its base
-        write_manifest(target, model_manifest(cfg, name, target), parent=parent, extra={"selection": {**choice, **(evidence or {})}})
+        # the finetune, or its base
+        parent = source if source != target else model_dir(cfg, model_spec(cfg, name).parent)
+        write_manifest(target, model_manifest(cfg, name, target), parent=parent,
+                       extra={"selection": {**choice, **(evidence or {})}})
     return m
 
 
@@ -202,9 +227,11 @@ def _candidate_rows(table: pd.DataFrame | None) -> list[dict]:
     return [] if table is None else table.to_dict("records")
 
 
-def finetune_chosen(inputs, cfg: Config, choices: dict[str, tuple[float, float]] | None = None, progress: bool = True,
+def finetune_chosen(inputs, cfg: Config, choices: dict[str, tuple[float, float]] | None = None,
+                    progress: bool = True,
                     tables: dict[str, pd.DataFrame] | None = None) -> tuple[dict, dict]:
-    "`({name: model}, {name: FinetuneRun})`: every planned model of the registry, each chosen one at its `choices[name]` = (lr, alpha)."
+    """`({name: model}, {name: FinetuneRun})`: every planned model of the registry, each chosen one at its
+    `choices[name]` = (lr, alpha)."""
     specs = [s for s in model_specs(cfg) if s.data is not None and s.role != "study"]
     choices, tables = dict(choices or {}), tables or {}
     for s in specs:  # nothing chosen on validation (one setting): the model's own rate, no averaging
@@ -212,7 +239,8 @@ def finetune_chosen(inputs, cfg: Config, choices: dict[str, tuple[float, float]]
             choices[s.name] = (candidate_lr(cfg, s.name), 1.0)
     runs = {}
     for s in specs:
-        runs.update(finetune_models(inputs, cfg, [s.name], progress, lr=choices[s.name][0] if s.chosen else None))
+        runs.update(finetune_models(inputs, cfg, [s.name], progress,
+                                    lr=choices[s.name][0] if s.chosen else None))
     models = {}
     for n, r in runs.items():
         spec = model_spec(cfg, n)
@@ -221,9 +249,12 @@ def finetune_chosen(inputs, cfg: Config, choices: dict[str, tuple[float, float]]
             continue
         lr, alpha = choices[n]
         base = base_inputs(inputs, cfg, spec.parent, progress=False).base
-        models[n] = save_chosen(base, r.model, cfg, n, lr, alpha, {"candidates": _candidate_rows(tables.get(n))})
+        models[n] = save_chosen(base, r.model, cfg, n, lr, alpha,
+                                {"candidates": _candidate_rows(tables.get(n))})
     for s in model_specs(cfg, "weight-average"):
         parent, lr = runs[s.parent], choices[s.parent][0]
-        models[s.name] = save_weight_average(inputs.base, parent.model, model_dir(cfg, s.name), cfg.model_name, cfg.wavg_alpha)
-        write_manifest(model_dir(cfg, s.name), model_manifest(cfg, s.name), parent=parent.out_dir, extra={"weight_average": {"alpha": cfg.wavg_alpha, "lr": float(lr)}})
+        models[s.name] = save_weight_average(inputs.base, parent.model, model_dir(cfg, s.name),
+                                             cfg.model_name, cfg.wavg_alpha)
+        write_manifest(model_dir(cfg, s.name), model_manifest(cfg, s.name), parent=parent.out_dir,
+                       extra={"weight_average": {"alpha": cfg.wavg_alpha, "lr": float(lr)}})
     return models, runs

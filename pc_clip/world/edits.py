@@ -19,7 +19,8 @@ __all__ = ['WORLD_EDITS', 'measure_generated', 'WorldEdit', 'edit_target_colour'
 
 # %% ../../nbs/world/04_edits.ipynb #a5a13a0d
 def measure_generated(images: np.ndarray, threshold: float = 60.0, border: int = 2) -> pd.DataFrame:
-    "Per image: foreground `area` (px), `value` and `hue` of the mean foreground colour, centroid `x` in [0, 1]."
+    """Per image: foreground `area` (px), `value` and `hue` of the mean foreground colour, centroid `x`
+    in [0, 1]."""
     im = images.astype(np.float32)
     n, s = im.shape[:2]
     ring = np.ones((s, s), bool); ring[border:-border, border:-border] = False
@@ -31,7 +32,8 @@ def measure_generated(images: np.ndarray, threshold: float = 60.0, border: int =
     mx, mn = mean.max(1), mean.min(1)
     r, g, b = mean.T
     delta = np.where(mx > mn, mx - mn, 1)
-    hue = np.select([mx == r, mx == g], [((g - b) / delta) % 6, (b - r) / delta + 2], (r - g) / delta + 4) * 60
+    hue = np.select([mx == r, mx == g], [((g - b) / delta) % 6, (b - r) / delta + 2],
+                    (r - g) / delta + 4) * 60
     x = (fg * (np.arange(s) + 0.5)[None, None]).sum((1, 2)) / safe / s
     empty = area == 0
     return pd.DataFrame(dict(area=area.astype(float), value=np.where(empty, np.nan, mx),
@@ -40,7 +42,8 @@ def measure_generated(images: np.ndarray, threshold: float = 60.0, border: int =
 # %% ../../nbs/world/04_edits.ipynb #8cdaf3ca
 @dataclass(frozen=True)
 class WorldEdit:
-    "An edit of the class prompt: a world attribute, the measured pixel statistic it should move, and which way."
+    """An edit of the class prompt: a world attribute, the measured pixel statistic it should move, and
+    which way."""
     name: str
     attribute: str  # the world attribute the difference statement is about
     measure: str  # column of `measure_generated`
@@ -49,12 +52,16 @@ class WorldEdit:
 
 # %% ../../nbs/world/04_edits.ipynb #dd4dbf59
 WORLD_EDITS = (
-    WorldEdit("larger", "size", "area", +1, 0.10), WorldEdit("smaller", "size", "area", -1, 0.10),
-    WorldEdit("brighter", "brightness", "value", +1, 0.03), WorldEdit("darker", "brightness", "value", -1, 0.03),
-    WorldEdit("further left", "position", "x", -1, 0.03), WorldEdit("further right", "position", "x", +1, 0.03),
+    WorldEdit("larger", "size", "area", +1, 0.10),
+    WorldEdit("smaller", "size", "area", -1, 0.10),
+    WorldEdit("brighter", "brightness", "value", +1, 0.03),
+    WorldEdit("darker", "brightness", "value", -1, 0.03),
+    WorldEdit("further left", "position", "x", -1, 0.03),
+    WorldEdit("further right", "position", "x", +1, 0.03),
     WorldEdit("recoloured", "colour", "hue", 0, 5.0),
 )
-_LEVELS = {"size": ("radius", 0.7, 1.4), "brightness": ("brightness", 0.5, 0.94), "position": ("x", 0.28, 0.72)}
+_LEVELS = {"size": ("radius", 0.7, 1.4), "brightness": ("brightness", 0.5, 0.94),
+           "position": ("x", 0.28, 0.72)}
 
 # %% ../../nbs/world/04_edits.ipynb #1f90f4de
 def edit_target_colour(category: str) -> str:
@@ -63,7 +70,8 @@ def edit_target_colour(category: str) -> str:
 
 
 def edit_pair(category: str, edit: WorldEdit) -> tuple[dict, dict]:
-    "Attribute dicts `(first, second)` of the species' prototype where `first` has the edit and `second` the opposite."
+    """Attribute dicts `(first, second)` of the species' prototype where `first` has the edit and
+    `second` the opposite."""
     a, b = typical_attrs(category), typical_attrs(category)
     a["count"] = b["count"] = 1
     if edit.attribute == "colour":
@@ -78,8 +86,10 @@ def edit_pair(category: str, edit: WorldEdit) -> tuple[dict, dict]:
     return a, b
 
 
-def edit_statement(category: str, edit: WorldEdit, rng: np.random.Generator, wordings: str = "heldout") -> str:
-    "An oracle difference statement saying the first image shows the edited species (e.g. 'The first ... is larger')."
+def edit_statement(category: str, edit: WorldEdit, rng: np.random.Generator,
+                   wordings: str = "heldout") -> str:
+    """An oracle difference statement saying the first image shows the edited species
+    (e.g. 'The first ... is larger')."""
     a, b = edit_pair(category, edit)
     s = difference_statement(a, b, edit.attribute, rng, wordings)
     if s is None:
@@ -92,8 +102,10 @@ def _hue_distance(h, target):
     return np.minimum(d, 360 - d)
 
 
-def edit_success(reference: pd.DataFrame, edited: pd.DataFrame, edit: WorldEdit, target_hue=None) -> np.ndarray:
-    "Per pair: did the measured statistic move from the reference image to the edited one the stated way (beyond `tolerance`)?"
+def edit_success(reference: pd.DataFrame, edited: pd.DataFrame, edit: WorldEdit,
+                 target_hue=None) -> np.ndarray:
+    """Per pair: did the measured statistic move from the reference image to the edited one the stated
+    way (beyond `tolerance`)?"""
     r, e = reference[edit.measure].to_numpy(float), edited[edit.measure].to_numpy(float)
     with np.errstate(invalid="ignore", divide="ignore"):
         if edit.sign == 0:

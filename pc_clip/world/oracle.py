@@ -23,15 +23,16 @@ __all__ = ['ATTRIBUTE_KINDS', 'SIZE_RATIO', 'BRIGHTNESS_GAP', 'POSITION_GAP', 'w
 _TEMPLATES = {
     "comparative": {
         "train": ("{F} shows {ta}.", "{S} shows {tb}.", "{F} contains {ta}, while {S} contains {tb}.",
-                  "{S} contains {tb}, whereas {F} contains {ta}.", "{sa} in {F} {va}.", "{S1} {cb}.", "{F1} {ca}.",
-                  "Compared with {S}, {F} has {ta}.", "{F} has {ta} than {S}.", "{ta} in {F}, {tb} in {S}."),
+                  "{S} contains {tb}, whereas {F} contains {ta}.", "{sa} in {F} {va}.", "{S1} {cb}.",
+                  "{F1} {ca}.", "Compared with {S}, {F} has {ta}.", "{F} has {ta} than {S}.",
+                  "{ta} in {F}, {tb} in {S}."),
         "heldout": ("{S} has {tb} than {F}.", "Relative to {S}, {F} shows {ta}.",
                     "In {S} we see {tb}, but in {F} we see {ta}."),
     },
     "contrast": {
         "train": ("{F} shows {ta}, while {S} shows {tb}.", "{S} shows {tb}, whereas {F} shows {ta}.",
-                  "{F} contains {ta} instead of {tb}.", "Unlike {S}, {F} has {ta}.", "{F} features {ta}; {S} features {tb}.",
-                  "{F1} has {ta} rather than {tb}."),
+                  "{F} contains {ta} instead of {tb}.", "Unlike {S}, {F} has {ta}.",
+                  "{F} features {ta}; {S} features {tb}.", "{F1} has {ta} rather than {tb}."),
         "heldout": ("Where {S} has {tb}, {F} has {ta}.", "{ta} appears in {F}, but {tb} in {S}."),
     },
 }
@@ -39,34 +40,40 @@ _IMAGE_REFS = (("the first image", "the second image"), ("the first picture", "t
                ("the first photo", "the second photo"), ("image one", "image two"))
 _COMPARATIVE_WORDS = {"size": (("larger", "smaller"), ("bigger", "smaller")),
                       "brightness": (("brighter", "darker"), ("lighter", "darker")),
-                      "position": (("further left", "further right"), ("more to the left", "more to the right")),
+                      "position": (("further left", "further right"),
+                                   ("more to the left", "more to the right")),
                       "count": (("more", "fewer"),)}
 _GENERIC_NOUNS = ("object", "shape", "creature", "thing")
 _BACKGROUND_NOUNS = {"grass": ("a grassy background", "grass"), "water": ("a watery background", "water"),
                      "sand": ("a sandy background", "sand"), "snow": ("a snowy background", "snow"),
-                     "stone": ("a stone background", "grey stone"), "night": ("a night background", "a night sky")}
+                     "stone": ("a stone background", "grey stone"),
+                     "night": ("a night background", "a night sky")}
 ATTRIBUTE_KINDS = {"size": "comparative", "brightness": "comparative", "count": "comparative",
-                   "position": "comparative", "category": "contrast", "shape": "contrast", "colour": "contrast",
-                   "background": "contrast"}
+                   "position": "comparative", "category": "contrast", "shape": "contrast",
+                   "colour": "contrast", "background": "contrast"}
 SIZE_RATIO, BRIGHTNESS_GAP, POSITION_GAP = 1.15, 0.12, 0.15
-_HALLUCINATIONS = ("{F} contains a tree, while {S} does not.", "{S} is blurrier.", "{F} shows a person next to the object.",
-                   "{F} has more clouds in the sky.", "{F} has text written on it.", "{S} was taken from a higher angle.",
+_HALLUCINATIONS = ("{F} contains a tree, while {S} does not.", "{S} is blurrier.",
+                   "{F} shows a person next to the object.", "{F} has more clouds in the sky.",
+                   "{F} has text written on it.", "{S} was taken from a higher angle.",
                    "{F} shows a longer shadow.", "{S} contains a car.")
 
 
 def wording_templates(split: str = "train") -> dict[str, tuple[str, ...]]:
-    "The difference templates of a `split` ('train', 'heldout' or 'all') for each kind ('comparative', 'contrast')."
+    """The difference templates of a `split` ('train', 'heldout' or 'all') for each kind ('comparative',
+    'contrast')."""
     if split not in ("train", "heldout", "all"):
         raise ValueError(f"split must be 'train', 'heldout' or 'all'; got {split!r}")
     return {k: v["train"] + v["heldout"] if split == "all" else v[split] for k, v in _TEMPLATES.items()}
 
 # %% ../../nbs/world/03_oracle.ipynb #653719df
 def difference_direction(a: dict, b: dict, attribute: str) -> tuple[str, str, float] | None:
-    "What is true of image `a` vs `b` for `attribute`: `(first, second, margin)`, or `None` if they do not differ."
+    """What is true of image `a` vs `b` for `attribute`: `(first, second, margin)`, or `None` if they do not
+    differ."""
     if attribute == "size":
         ratio = a["radius"] / b["radius"]
         if max(ratio, 1 / ratio) < SIZE_RATIO: return None
-        return ("larger", "smaller", float(abs(np.log(ratio)))) if ratio > 1 else ("smaller", "larger", float(abs(np.log(ratio))))
+        return (("larger", "smaller", float(abs(np.log(ratio)))) if ratio > 1
+                else ("smaller", "larger", float(abs(np.log(ratio)))))
     if attribute == "brightness":
         gap = a["brightness"] - b["brightness"]
         if abs(gap) < BRIGHTNESS_GAP: return None
@@ -74,7 +81,8 @@ def difference_direction(a: dict, b: dict, attribute: str) -> tuple[str, str, fl
     if attribute == "position":
         gap = a["x"] - b["x"]
         if abs(gap) < POSITION_GAP: return None
-        return ("further left", "further right", abs(gap)) if gap < 0 else ("further right", "further left", abs(gap))
+        return (("further left", "further right", abs(gap)) if gap < 0
+                else ("further right", "further left", abs(gap)))
     if attribute == "count":
         gap = int(a["count"]) - int(b["count"])
         if gap == 0: return None
@@ -121,7 +129,8 @@ def _phrases(attribute: str, attrs: dict, claim: str, rng, p_name: float = 0.4) 
 # %% ../../nbs/world/03_oracle.ipynb #6159e62a
 def difference_statement(a: dict, b: dict, attribute: str, rng: np.random.Generator, wordings: str = "train",
                          template: str | None = None, reverse: bool = False) -> dict | None:
-    "One true statement of how image `a` differs from `b` in `attribute` (false if `reverse`), or `None` if they do not differ."
+    """One true statement of how image `a` differs from `b` in `attribute` (false if `reverse`), or `None` if
+    they do not differ."""
     d = difference_direction(a, b, attribute)
     if d is None:
         return None
@@ -132,13 +141,14 @@ def difference_statement(a: dict, b: dict, attribute: str, rng: np.random.Genera
     ref = _IMAGE_REFS[rng.integers(len(_IMAGE_REFS))]
     pa, pb = _phrases(attribute, a, first, rng), _phrases(attribute, b, second, rng)
     short = rng.random() < 0.5
-    fields = dict(F=ref[0], S=ref[1], F1="the first one" if short else ref[0], S1="the second one" if short else ref[1],
+    fields = dict(F=ref[0], S=ref[1], F1="the first one" if short else ref[0],
+                  S1="the second one" if short else ref[1],
                   ta=pa["t"], tb=pb["t"], sa=pa.get("s"), va=pa.get("v"), ca=pa.get("c"), cb=pb.get("c"))
     text = tpl.format(**fields)
     all_tpl = wording_templates("all")[kind]
     wid = f"{kind}:{all_tpl.index(tpl)}" if tpl in all_tpl else f"{kind}:custom"
-    return dict(text=text[0].upper() + text[1:], attribute=attribute, true=not reverse, first=first, second=second,
-                wording=wid, margin=round(float(margin), 4))
+    return dict(text=text[0].upper() + text[1:], attribute=attribute, true=not reverse, first=first,
+                second=second, wording=wid, margin=round(float(margin), 4))
 
 # %% ../../nbs/world/03_oracle.ipynb #83d816e3
 def oracle_differences(attrs_a: dict, attrs_b: dict, rng: np.random.Generator, noise: float = 0.0,
@@ -160,8 +170,8 @@ def oracle_differences(attrs_a: dict, attrs_b: dict, rng: np.random.Generator, n
         else:
             ref = _IMAGE_REFS[rng.integers(len(_IMAGE_REFS))]
             text = _HALLUCINATIONS[rng.integers(len(_HALLUCINATIONS))].format(F=ref[0], S=ref[1])
-            out.append(dict(text=text[0].upper() + text[1:], attribute="hallucination", true=False, first=None,
-                            second=None, wording="hallucination", margin=0.0))
+            out.append(dict(text=text[0].upper() + text[1:], attribute="hallucination", true=False,
+                            first=None, second=None, wording="hallucination", margin=0.0))
     return out
 
 # %% ../../nbs/world/03_oracle.ipynb #a4ccc2b8
@@ -179,7 +189,8 @@ def _words(text: str) -> list[str]:
 
 def vocabulary_coverage(world: World, epochs: int, seed: int, n_pairs: int = 2000, rare: int = 20,
                         split: str = "train") -> pd.DataFrame:
-    "Per wording (`train`, `heldout`): share of statement word occurrences seen in `epochs` of pretraining captions."
+    """Per wording (`train`, `heldout`): share of statement word occurrences seen in `epochs` of pretraining
+    captions."""
     idx = world.indices(split)
     records = world.records(idx)
     seen = Counter()
@@ -192,19 +203,23 @@ def vocabulary_coverage(world: World, epochs: int, seed: int, n_pairs: int = 200
         rng = np.random.default_rng([seed, 23])
         a, b = rng.integers(len(records), size=3 * n_pairs), rng.integers(len(records), size=3 * n_pairs)
         keep = np.flatnonzero(cats[a] != cats[b])[:n_pairs]
-        occ = Counter(w for i in keep for s in oracle_differences(records[a[i]], records[b[i]], rng, wordings=wording)
+        occ = Counter(w for i in keep
+                      for s in oracle_differences(records[a[i]], records[b[i]], rng, wordings=wording)
                       for w in _words(s["text"]))
         total = sum(occ.values())
         covered = sum(n for w, n in occ.items() if seen[w] > 0)
         out.append(dict(wording=wording, coverage=covered / max(total, 1), occurrences=total, words=len(occ),
                         unseen=" ".join(sorted(w for w in occ if seen[w] == 0)),
-                        rare=" ".join(sorted(w for w in occ if 0 < seen[w] < rare)), caption_style=world.caption_style, caption_rate=world.caption_rate,
+                        rare=" ".join(sorted(w for w in occ if 0 < seen[w] < rare)),
+                        caption_style=world.caption_style, caption_rate=world.caption_rate,
                         epochs=int(epochs)))
     return pd.DataFrame(out)
 
 # %% ../../nbs/world/03_oracle.ipynb #583a1e2e
-def category_differences(cat_a: str, cat_b: str, rng: np.random.Generator, n: int = 3, style: str = "category") -> list[str]:
-    "Up to `n` statements of how species `cat_a` typically differs from `cat_b` (typical size, colour, shape, ...)."
+def category_differences(cat_a: str, cat_b: str, rng: np.random.Generator, n: int = 3,
+                         style: str = "category") -> list[str]:
+    """Up to `n` statements of how species `cat_a` typically differs from `cat_b` (typical size, colour,
+    shape, ...)."""
     a, b = typical_attrs(cat_a), typical_attrs(cat_b)
     if style == "image":
         attrs = [k for k in ("size", "colour", "shape", "brightness", "count", "background")
@@ -216,20 +231,24 @@ def category_differences(cat_a: str, cat_b: str, rng: np.random.Generator, n: in
     facts = []
     d = difference_direction(a, b, "size")
     if d:
-        facts.append(rng.choice([f"A {cat_a} is usually {d[0]} than a {cat_b}.", f"{cat_a.capitalize()}s are {d[0]} than {cat_b}s."]))
+        facts.append(rng.choice([f"A {cat_a} is usually {d[0]} than a {cat_b}.",
+                                 f"{cat_a.capitalize()}s are {d[0]} than {cat_b}s."]))
     if ca.colour != cb.colour:
         facts.append(rng.choice([f"{cat_a.capitalize()}s are {ca.colour}, while {cat_b}s are {cb.colour}.",
                                  f"A {cat_a} is {ca.colour} rather than {cb.colour} like a {cat_b}."]))
     if ca.shape != cb.shape:
-        facts.append(f"A {cat_a} is {SHAPE_ADJECTIVES[ca.shape]}, whereas a {cat_b} is {SHAPE_ADJECTIVES[cb.shape]}.")
+        facts.append(f"A {cat_a} is {SHAPE_ADJECTIVES[ca.shape]}, "
+                     f"whereas a {cat_b} is {SHAPE_ADJECTIVES[cb.shape]}.")
     d = difference_direction(a, b, "brightness")
     if d:
         facts.append(f"{cat_a.capitalize()}s look {d[0]} than {cat_b}s.")
     if ca.social != cb.social:
-        facts.append(f"{cat_a.capitalize()}s usually appear {'alone' if ca.social == 'solitary' else 'in groups'}, "
+        facts.append(f"{cat_a.capitalize()}s usually appear "
+                     f"{'alone' if ca.social == 'solitary' else 'in groups'}, "
                      f"{cat_b}s {'alone' if cb.social == 'solitary' else 'in groups'}.")
     if ca.habitat != cb.habitat:
-        facts.append(f"{cat_a.capitalize()}s are usually seen {_BACKGROUND_PHRASES[ca.habitat][0]}, {cat_b}s {_BACKGROUND_PHRASES[cb.habitat][0]}.")
+        facts.append(f"{cat_a.capitalize()}s are usually seen {_BACKGROUND_PHRASES[ca.habitat][0]}, "
+                     f"{cat_b}s {_BACKGROUND_PHRASES[cb.habitat][0]}.")
     return [facts[i] for i in rng.permutation(len(facts))[:n]]
 
 # %% ../../nbs/world/03_oracle.ipynb #3e1eb71a
@@ -243,9 +262,12 @@ def plot_world_pairs(world: World, n: int = 6, seed: int = 0, noise: float = 0.0
     for row in range(n):
         i, j = rng.choice(len(world), 2, replace=False)
         diffs = oracle_differences(recs[i], recs[j], rng, noise=noise)
-        axes[row, 0].imshow(world.images[i], interpolation="nearest"); axes[row, 0].set_title("first", fontsize=8)
-        axes[row, 1].imshow(world.images[j], interpolation="nearest"); axes[row, 1].set_title("second", fontsize=8)
-        text = "\n".join(("" if s["true"] else "[false] ") + "\n  ".join(textwrap.wrap(s["text"], 48)) for s in diffs)
+        axes[row, 0].imshow(world.images[i], interpolation="nearest")
+        axes[row, 0].set_title("first", fontsize=8)
+        axes[row, 1].imshow(world.images[j], interpolation="nearest")
+        axes[row, 1].set_title("second", fontsize=8)
+        text = "\n".join(("" if s["true"] else "[false] ") + "\n  ".join(textwrap.wrap(s["text"], 48))
+                         for s in diffs)
         axes[row, 2].text(0, 0.5, text, va="center", fontsize=8)
         for ax in axes[row]:
             ax.axis("off")

@@ -26,7 +26,9 @@ def _hsv_to_rgb(h, s, v):
     x = c * (1 - np.abs(h % 2 - 1))
     z = np.zeros_like(c)
     k = np.floor(h).astype(int)
-    r = np.choose(k, [c, x, z, z, x, c]); g = np.choose(k, [x, c, c, x, z, z]); b = np.choose(k, [z, z, x, c, c, x])
+    r = np.choose(k, [c, x, z, z, x, c])
+    g = np.choose(k, [x, c, c, x, z, z])
+    b = np.choose(k, [z, z, x, c, c, x])
     return np.stack([r, g, b], -1) + (v - c)[..., None]
 
 
@@ -61,7 +63,8 @@ def _inside(shape: str, dx, dy, r):
 
 
 def _draw_objects(attrs: pd.DataFrame, s: int) -> np.ndarray:
-    "Object coverage [N, s, s] in [0, 1]: each object's inside-test on a 2x2 sub-pixel grid, in a window around it."
+    """Object coverage [N, s, s] in [0, 1]: each object's inside-test on a 2x2 sub-pixel grid, in a window
+    around it."""
     n = len(attrs)
     r2 = attrs["radius"].to_numpy(np.float32) * s / 32 * 2  # radii and centres in sub-pixel units
     c2 = {ax: attrs[[f"c{ax}{k}" for k in range(3)]].to_numpy(np.float32) * 2 for ax in "xy"}
@@ -77,16 +80,21 @@ def _draw_objects(attrs: pd.DataFrame, s: int) -> np.ndarray:
                 h = int(np.ceil(r2[j].max())) + 1
                 a = np.arange(2 * h)
                 ox = np.floor(c2["x"][j, k]).astype(int) - h; oy = np.floor(c2["y"][j, k]).astype(int) - h
-                dx = (ox[:, None] + a + 0.5) - c2["x"][j, k, None]; dy = (oy[:, None] + a + 0.5) - c2["y"][j, k, None]
+                dx = (ox[:, None] + a + 0.5) - c2["x"][j, k, None]
+                dy = (oy[:, None] + a + 0.5) - c2["y"][j, k, None]
                 inside = _inside(shape, dx[:, None, :], dy[:, :, None], r2[j, None, None])
-                hit[j[:, None, None], pad + oy[:, None, None] + a[None, :, None], pad + ox[:, None, None] + a] |= inside
+                hit[j[:, None, None],
+                    pad + oy[:, None, None] + a[None, :, None],
+                    pad + ox[:, None, None] + a] |= inside
     hit = hit[:, pad:pad + 2 * s, pad:pad + 2 * s]
-    return (hit[:, 0::2, 0::2].astype(np.float32) + hit[:, 1::2, 0::2] + hit[:, 0::2, 1::2] + hit[:, 1::2, 1::2]) / 4
+    return (hit[:, 0::2, 0::2].astype(np.float32) + hit[:, 1::2, 0::2]
+            + hit[:, 0::2, 1::2] + hit[:, 1::2, 1::2]) / 4
 
 # %% ../../nbs/world/00_render.ipynb #d878c846
 def render_images(attrs: pd.DataFrame, image_size: int = 32, seed: int | tuple[int, ...] = 0,
                   return_coverage: bool = False):
-    "uint8 images [N, S, S, 3] drawn from attribute rows (and, optionally, object coverage [N, S, S] in [0, 1])."
+    """uint8 images [N, S, S, 3] drawn from attribute rows (and, optionally, object coverage [N, S, S] in
+    [0, 1])."""
     rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), 7])  # a tuple seed: a stream of its own
     n, s = len(attrs), image_size
     bg = np.array([BACKGROUNDS[b] for b in attrs["background"]], dtype=np.float32)
@@ -100,9 +108,10 @@ def render_images(attrs: pd.DataFrame, image_size: int = 32, seed: int | tuple[i
         for i in np.flatnonzero(nd > k):
             (px, py), w = pebble_pos[i, k], pebble_size[i, k]
             images[i, py:py + w, px:px + w] = pebble_tone[i, k] * np.array([1.0, 0.95, 0.85])
-    colour = _hsv_to_rgb(attrs["hue"].to_numpy(), attrs["saturation"].to_numpy(), attrs["brightness"].to_numpy()) * 255
-    coverage = np.concatenate([_draw_objects(attrs.iloc[i:i + 2048], s) for i in range(0, n, 2048)]) if n else \
-        np.zeros((0, s, s), np.float32)
+    colour = _hsv_to_rgb(attrs["hue"].to_numpy(), attrs["saturation"].to_numpy(),
+                         attrs["brightness"].to_numpy()) * 255
+    coverage = (np.concatenate([_draw_objects(attrs.iloc[i:i + 2048], s) for i in range(0, n, 2048)]) if n
+                else np.zeros((0, s, s), np.float32))
     images += (colour[:, None, None].astype(np.float32) - images) * coverage[..., None]
     images = np.round(np.clip(images, 0, 255, out=images)).astype(np.uint8)
     return (images, coverage) if return_coverage else images

@@ -18,8 +18,8 @@ from ..core.artifacts import atomic_write, content_hash
 from ..core.run import display_path
 from ..core.log import get_logger, timer
 from .render import BACKGROUNDS, COLOURS, render_images
-from pc_clip.world.species import (_BRIGHTNESS_RANGES, CATEGORIES, CATEGORY_NAMES, COLOUR_NEIGHBOURS, SHAPE_ADJECTIVES,
-    typical_attrs)
+from .species import (_BRIGHTNESS_RANGES, CATEGORIES, CATEGORY_NAMES, COLOUR_NEIGHBOURS,
+    SHAPE_ADJECTIVES, typical_attrs)
 
 WORLD_VERSION = 3  # bump when rendering or captions change: it is part of the cache key
 
@@ -51,10 +51,12 @@ def position_word(x: float) -> str:
 
 # %% ../../nbs/world/02_shapes.ipynb #93b621e1
 def heldout_combinations(seed: int) -> list[tuple[str, str]]:
-    "(species, colour) pairs that occur only in the test split of the world of `seed`: 4 species, one neighbour colour each."
+    """(species, colour) pairs that occur only in the test split of the world of `seed`: 4 species, one
+    neighbour colour each."""
     rng = np.random.default_rng([seed, 31])
     species = [CATEGORY_NAMES[i] for i in sorted(rng.permutation(len(CATEGORY_NAMES))[:4])]
-    return [(c, COLOUR_NEIGHBOURS[CATEGORIES.colour[c]][rng.integers(len(COLOUR_NEIGHBOURS[CATEGORIES.colour[c]]))])
+    return [(c, COLOUR_NEIGHBOURS[CATEGORIES.colour[c]][
+                rng.integers(len(COLOUR_NEIGHBOURS[CATEGORIES.colour[c]]))])
             for c in species]
 
 # %% ../../nbs/world/02_shapes.ipynb #cb0965bc
@@ -74,7 +76,8 @@ def _object_centres(rng, radius, count, size, tries=24):
 # %% ../../nbs/world/02_shapes.ipynb #fc4828ab
 def _draw_attributes(rng: np.random.Generator, n: int, n_train: int, heldout: list[tuple[str, str]],
                      image_size: int) -> pd.DataFrame:
-    "`n` rows of attributes drawn from `rng`: the first `n_train` are train rows (without `heldout` combinations), the rest test."
+    """`n` rows of attributes drawn from `rng`: the first `n_train` are train rows (without `heldout`
+    combinations), the rest test."""
     cat_idx = rng.permutation(np.arange(n) % len(CATEGORIES))
     cats = CATEGORIES.iloc[cat_idx]
     # colour: typical, or a neighbour of the same group
@@ -86,7 +89,8 @@ def _draw_attributes(rng: np.random.Generator, n: int, n_train: int, heldout: li
         colour[i] = nb[int(pick[i] * len(nb))]
     combo = pd.MultiIndex.from_arrays([cats.index, colour]).isin(heldout)
     is_train = np.arange(n) < n_train
-    colour[combo & is_train] = cats["colour"].to_numpy()[combo & is_train]  # held-out combinations: not in train
+    # held-out combinations: not in train
+    colour[combo & is_train] = cats["colour"].to_numpy()[combo & is_train]
     hue = (np.array([COLOURS[c] for c in colour]) + rng.uniform(-9, 9, n)) % 360
     scale = image_size / 32
     radius = np.clip(cats["radius"].to_numpy() * np.exp(rng.normal(0, 0.12, n)), 3.0, 11.0) * scale
@@ -117,20 +121,24 @@ def _draw_attributes(rng: np.random.Generator, n: int, n_train: int, heldout: li
     return df
 
 # %% ../../nbs/world/02_shapes.ipynb #6936fd17
-def sample_attributes(seed: int, n_train: int, n_test: int, image_size: int = 32, n_val: int = 0) -> pd.DataFrame:
-    "One row of ground-truth attributes per image (plus object centres): `n_train` train, `n_test` test, `n_val` val rows."
+def sample_attributes(seed: int, n_train: int, n_test: int, image_size: int = 32,
+                      n_val: int = 0) -> pd.DataFrame:
+    """One row of ground-truth attributes per image (plus object centres): `n_train` train, `n_test` test,
+    `n_val` val rows."""
     if min(n_train, n_test, n_val) < 0:
         raise ValueError(f"split sizes must be >= 0; got n_train={n_train}, n_test={n_test}, n_val={n_val}")
     heldout = heldout_combinations(seed)
     df = _draw_attributes(np.random.default_rng([seed, 2024]), n_train + n_test, n_train, heldout, image_size)
     if n_val == 0:
         return df
-    val = _draw_attributes(np.random.default_rng([seed, 2024, 1]), n_val, 0, heldout, image_size)  # its own stream
+    # its own stream
+    val = _draw_attributes(np.random.default_rng([seed, 2024, 1]), n_val, 0, heldout, image_size)
     val["split"], val["image_id"] = "val", val["image_id"] + len(df)
     return pd.concat([df, val], ignore_index=True)
 
 # %% ../../nbs/world/02_shapes.ipynb #e9f0e072
-_COUNT_WORDS = {1: ("a", "a", "one", "a single"), 2: ("two", "two", "a pair of", "some"), 3: ("three", "three", "a group of three", "some")}
+_COUNT_WORDS = {1: ("a", "a", "one", "a single"), 2: ("two", "two", "a pair of", "some"),
+                3: ("three", "three", "a group of three", "some")}
 _POSITION_PHRASES = {"left": ("on the left", "on the left side", "to the left"),
                      "right": ("on the right", "on the right side", "to the right"),
                      "center": ("in the middle", "in the center")}
@@ -141,7 +149,8 @@ _BACKGROUND_PHRASES = {"grass": ("on grass", "on a grassy field", "in a meadow")
                        "stone": ("on grey stone", "on a rock"),
                        "night": ("at night", "under a night sky", "on a black background")}
 _CAPTION_FRAMES = ("{NP}{loc}.", "A photo of {np}{loc}.", "There {be} {np}{loc}.", "{NP} sitting{loc}.",
-                   "An image of {np}{loc}.", "{NP} seen{loc}.", "Picture showing {np}{loc}.", "{NP}{loc}, {extra}.")
+                   "An image of {np}{loc}.", "{NP} seen{loc}.", "Picture showing {np}{loc}.",
+                   "{NP}{loc}, {extra}.")
 _CAPTION_EXTRAS = ("seen from above", "in plain view", "in a simple scene")
 _REWRITE_FRAMES = ("In this picture, {np} can be seen{loc}.", "The scene contains {np}{loc}.",
                    "Visible here: {np}{loc}.", "This shot shows {np}{loc}.", "We see {np}{loc}.",
@@ -183,25 +192,27 @@ def _location(attrs: dict, rng, p: float = 0.5) -> str:
 def _fill(frame: str, attrs: dict, rng, p: float) -> str:
     np_ = _noun_phrase(attrs, rng, p)
     extra = rng.choice(_CAPTION_EXTRAS)
-    text = frame.format(np=np_, NP=np_, loc=_location(attrs, rng, p), be="is" if attrs["count"] == 1 else "are",
-                        extra=extra)
+    text = frame.format(np=np_, NP=np_, loc=_location(attrs, rng, p),
+                        be="is" if attrs["count"] == 1 else "are", extra=extra)
     return text[0].upper() + text[1:]
 
 # %% ../../nbs/world/02_shapes.ipynb #4a5cc813
 CAPTION_STYLES = ("comparative", "plain")
 P_NORM, P_GALLERY, P_GENERIC, P_RARE = 0.35, 0.3, 0.15, 0.03  # rates of the comparative style (see above)
 NORM_SIZE_RATIO, NORM_BRIGHTNESS_GAP = 1.1, 0.07  # a departure from the species' typical size / brightness
-_GALLERY_REFS = ("the first image", "the second image", "the first picture", "the second picture", "the first photo",
-                 "the second photo", "image one", "image two")
+_GALLERY_REFS = ("the first image", "the second image", "the first picture", "the second picture",
+                 "the first photo", "the second photo", "image one", "image two")
 _GALLERY_VERBS = ("shows", "contains", "has", "features")
 _GENERIC_NOUNS = ("creature", "object", "shape", "thing")
 _SURFACES = {"grass": "a grassy background", "water": "a watery background", "sand": "a sandy background",
              "snow": "a snowy background", "stone": "a grey stone background", "night": "a night sky"}
-_RARE_FRAMES = ("We see {np}{loc}.", "{NP} appears{loc}.", "A scene where {np} {sit}{loc}.", "{NP}{loc}, plain but clear.")
+_RARE_FRAMES = ("We see {np}{loc}.", "{NP} appears{loc}.", "A scene where {np} {sit}{loc}.",
+                "{NP}{loc}, plain but clear.")
 
 
 def species_norm_departures(attrs: dict) -> dict[str, str]:
-    "How an image departs from its species' typical look: `{attribute: word}` (size, brightness, count, colour, background, position)."
+    """How an image departs from its species' typical look: `{attribute: word}` (size, brightness, count,
+    colour, background, position)."""
     t = typical_attrs(attrs["category"])
     out = {}
     ratio = attrs["radius"] / t["radius"]
@@ -227,18 +238,21 @@ def _norm_clause(kind: str, word: str, attrs: dict, rng) -> str:
     pl = sp + "s"
     pick = lambda options: options[rng.integers(len(options))]
     if kind in ("size", "brightness"):
-        w = pick({"larger": ("larger", "bigger"), "smaller": ("smaller",), "brighter": ("brighter", "lighter"),
-                  "darker": ("darker",)}[word])
-        return pick((f"{w} than most {pl}", f"{w} than usual", f"{w} than a typical {sp}",
-                     f"compared with most {pl}, {w}")) if rng.random() > P_RARE else f"{w} relative to most {pl}"
+        w = pick({"larger": ("larger", "bigger"), "smaller": ("smaller",),
+                  "brighter": ("brighter", "lighter"), "darker": ("darker",)}[word])
+        return (pick((f"{w} than most {pl}", f"{w} than usual", f"{w} than a typical {sp}",
+                      f"compared with most {pl}, {w}"))
+                if rng.random() > P_RARE else f"{w} relative to most {pl}")
     if kind == "count":
         if word == "more":
             return pick((f"more {pl} than usual", "more numerous than usual"))
-        return pick((f"fewer {pl} than usual", "fewer in number than usual")) if n > 1 else "fewer in number than usual"
+        return (pick((f"fewer {pl} than usual", "fewer in number than usual")) if n > 1
+                else "fewer in number than usual")
     if kind == "colour":
         col = attrs["colour"]
-        return pick((f"{col} rather than {word}", f"{col} instead of {word}", f"{col}, whereas most {pl} are {word}",
-                     f"{col}, while most {pl} are {word}", f"unlike most {pl}, {col}"))
+        return pick((f"{col} rather than {word}", f"{col} instead of {word}",
+                     f"{col}, whereas most {pl} are {word}", f"{col}, while most {pl} are {word}",
+                     f"unlike most {pl}, {col}"))
     if kind == "background":
         here, usual = _SURFACES[attrs["background"]], _SURFACES[word]
         return pick((f"with {here}", f"with {here} rather than {usual}", f"with {here} instead of {usual}"))
@@ -257,16 +271,19 @@ def _generic_phrase(attrs: dict, rng, p: float) -> str:
 
 
 def _comparative_caption(attrs: dict, rng, rate: float = 1.0) -> str:
-    "A caption of the `comparative` style: a frame (gallery, rare or ordinary), a noun phrase, maybe a norm clause (`rate` scales their rates)."
+    """A caption of the `comparative` style: a frame (gallery, rare or ordinary), a noun phrase, maybe a norm
+    clause (`rate` scales their rates)."""
     u = rng.random()
     if u < P_GALLERY * rate:
-        ref, verb = _GALLERY_REFS[rng.integers(len(_GALLERY_REFS))], _GALLERY_VERBS[rng.integers(len(_GALLERY_VERBS))]
+        ref, verb = (_GALLERY_REFS[rng.integers(len(_GALLERY_REFS))],
+                     _GALLERY_VERBS[rng.integers(len(_GALLERY_VERBS))])
         frame = f"{ref} {verb} {{np}}{{loc}}."
     elif u < P_GALLERY * rate + P_RARE:
         frame = _RARE_FRAMES[rng.integers(len(_RARE_FRAMES))]
     else:
         frame = _CAPTION_FRAMES[rng.integers(len(_CAPTION_FRAMES))]
-    np_ = _generic_phrase(attrs, rng, 0.5) if rng.random() < P_GENERIC * rate else _noun_phrase(attrs, rng, 0.5)
+    np_ = (_generic_phrase(attrs, rng, 0.5) if rng.random() < P_GENERIC * rate
+           else _noun_phrase(attrs, rng, 0.5))
     loc = _location(attrs, rng, 0.5)
     if np_.endswith(","):  # the appositive closes with a comma: drop it before the end of the sentence
         np_ = np_[:-1] if not loc else np_
@@ -282,7 +299,8 @@ def _comparative_caption(attrs: dict, rng, rate: float = 1.0) -> str:
 
 # %% ../../nbs/world/02_shapes.ipynb #2981ae60
 def make_caption(attrs: dict, rng: np.random.Generator, style: str = "comparative", rate: float = 1.0) -> str:
-    "A COCO-like caption of an image from its attribute dict: the species plus a random subset of true attributes (`style`, `rate`: see above)."
+    """A COCO-like caption of an image from its attribute dict: the species plus a random subset of true
+    attributes (`style`, `rate`: see above)."""
     if style == "plain":
         return _fill(_CAPTION_FRAMES[rng.integers(len(_CAPTION_FRAMES))], attrs, rng, 0.5)
     if style != "comparative":
@@ -290,8 +308,10 @@ def make_caption(attrs: dict, rng: np.random.Generator, style: str = "comparativ
     return _comparative_caption(attrs, rng, rate)
 
 
-def epoch_captions(records: list[dict], seed: int, epoch: int, style: str = "comparative", rate: float = 1.0) -> list[str]:
-    "The captions pretraining pairs with `records` in `epoch` (fresh every epoch, seeded by `seed` and `epoch`)."
+def epoch_captions(records: list[dict], seed: int, epoch: int, style: str = "comparative",
+                   rate: float = 1.0) -> list[str]:
+    """The captions pretraining pairs with `records` in `epoch` (fresh every epoch, seeded by `seed` and
+    `epoch`)."""
     rng = np.random.default_rng([seed, 11, epoch])
     return [make_caption(r, rng, style, rate) for r in records]
 
@@ -301,10 +321,11 @@ def oracle_rewrite_caption(attrs: dict, rng: np.random.Generator) -> str:
     return _fill(_REWRITE_FRAMES[rng.integers(len(_REWRITE_FRAMES))], attrs, rng, 0.6)
 
 # %% ../../nbs/world/02_shapes.ipynb #4a747ded
-# phrases that name something other than the image's own attributes: a species' usual colour or surroundings ("rather
-# than red", "whereas most glorps are red"), the species in general ("most glorps"), a gallery index ("image two")
-_NOT_OF_THIS_IMAGE = re.compile(r"(rather than|instead of|whereas most|while most)[^,.;]*|\bmost [a-z]+|\bimage (one|two)\b"
-                                r"|\bthis one\b")
+# phrases that name something other than the image's own attributes: a species' usual colour or surroundings
+# ("rather than red", "whereas most glorps are red"), the species in general ("most glorps"), a gallery index
+# ("image two")
+_NOT_OF_THIS_IMAGE = re.compile(r"(rather than|instead of|whereas most|while most)[^,.;]*|\bmost [a-z]+"
+                                r"|\bimage (one|two)\b|\bthis one\b")
 
 
 def caption_contradictions(caption: str, attrs: dict) -> list[str]:
@@ -333,7 +354,8 @@ def caption_contradictions(caption: str, attrs: dict) -> list[str]:
 
 # %% ../../nbs/world/02_shapes.ipynb #428b5e37
 def heldout_category_pairs(seed: int, fraction: float = 0.2) -> list[tuple[str, str]]:
-    "A seeded `fraction` of all unordered species pairs, as sorted tuples, never used for finetuning differences."
+    """A seeded `fraction` of all unordered species pairs, as sorted tuples, never used for finetuning
+    differences."""
     pairs = list(combinations(sorted(CATEGORY_NAMES), 2))
     rng = np.random.default_rng([seed, 99])
     pick = rng.permutation(len(pairs))[: int(round(fraction * len(pairs)))]
@@ -350,7 +372,8 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class World:
-    "A rendered Shapes world: `images` uint8 [N, S, S, 3], `attrs` (one row per image), `captions` (of `caption_style`)."
+    """A rendered Shapes world: `images` uint8 [N, S, S, 3], `attrs` (one row per image), `captions` (of
+    `caption_style`)."""
     images: np.ndarray
     attrs: pd.DataFrame
     captions: list[str]
@@ -369,7 +392,8 @@ class World:
         return np.flatnonzero(self.attrs["split"].to_numpy() == split)
 
     def records(self, idx=None) -> list[dict]:
-        "Attribute dicts (the input of `oracle_differences`, `make_caption`, ...) of rows `idx` (default: all)."
+        """Attribute dicts (the input of `oracle_differences`, `make_caption`, ...) of rows `idx` (default:
+        all)."""
         df = self.attrs if idx is None else self.attrs.iloc[np.asarray(idx)]
         return df.to_dict("records")
 
@@ -381,7 +405,8 @@ class World:
         n = self.attrs["split"].value_counts()
         return (f"World(seed={self.seed}, {len(self)} images of {self.images.shape[1]} px: "
                 + " / ".join(f"{n.get(s, 0)} {s}" for s in SPLITS)
-                + f", {self.attrs['category'].nunique()} species, {self.caption_style} captions, key={self.key!r})")
+                + f", {self.attrs['category'].nunique()} species, {self.caption_style} captions, "
+                  f"key={self.key!r})")
 
 # %% ../../nbs/world/02_shapes.ipynb #3ddd455d
 def build_world(seed: int, n_train: int, n_test: int, image_size: int = 32, n_val: int = 0,
@@ -394,19 +419,22 @@ def build_world(seed: int, n_train: int, n_test: int, image_size: int = 32, n_va
         images = np.concatenate([images, render_images(attrs.iloc[n_main:], image_size, seed=(seed, 1))])
     rng = np.random.default_rng([seed, 3])
     attrs["caption"] = [make_caption(r, rng, caption_style, caption_rate) for r in attrs.to_dict("records")]
-    return World(images, attrs, list(attrs["caption"]), seed, caption_style=caption_style, caption_rate=caption_rate)
+    return World(images, attrs, list(attrs["caption"]), seed, caption_style=caption_style,
+                 caption_rate=caption_rate)
 
 # %% ../../nbs/world/02_shapes.ipynb #b191158a
-def world_key(seed: int, image_size: int, n_train: int, n_test: int, n_val: int, captions: str = "comparative",
-              caption_rate: float = 1.0) -> str:
+def world_key(seed: int, image_size: int, n_train: int, n_test: int, n_val: int,
+              captions: str = "comparative", caption_rate: float = 1.0) -> str:
     "The cache key of the world these settings describe (`world_settings(cfg)` names a run's)."
-    return content_hash(dict(version=WORLD_VERSION, seed=seed, size=image_size, n_train=n_train, n_test=n_test,
-                             n_val=n_val, captions=captions, rate=caption_rate if captions == "comparative" else None))
+    return content_hash(dict(version=WORLD_VERSION, seed=seed, size=image_size, n_train=n_train,
+                             n_test=n_test, n_val=n_val, captions=captions,
+                             rate=caption_rate if captions == "comparative" else None))
 
 # %% ../../nbs/world/02_shapes.ipynb #5d5109b0
 def make_world(cache: str | Path, seed: int, image_size: int, n_train: int, n_test: int, n_val: int,
                captions: str = "comparative", caption_rate: float = 1.0, rebuild: bool = False) -> World:
-    "The Shapes world of these settings, loaded from the cache folder `cache` or built (and cached there) if absent."
+    """The Shapes world of these settings, loaded from the cache folder `cache` or built (and cached there)
+    if absent."""
     key = world_key(seed, image_size, n_train, n_test, n_val, captions, caption_rate)
     folder = Path(cache) / "world"
     npy, csv = folder / f"{key}.images.npy", folder / f"{key}.attrs.csv"
@@ -419,7 +447,8 @@ def make_world(cache: str | Path, seed: int, image_size: int, n_train: int, n_te
     buf = io.BytesIO(); np.save(buf, world.images)
     atomic_write(npy, buf.getvalue())
     atomic_write(csv, world.attrs.to_csv(index=False))
-    get_logger("pc_clip.world.shapes").info(f"built the Shapes world ({len(world)} images) in {t['seconds']:.1f} s -> {display_path(folder)}")
+    get_logger("pc_clip.world.shapes").info(f"built the Shapes world ({len(world)} images) in "
+                                            f"{t['seconds']:.1f} s -> {display_path(folder)}")
     world.key = key
     return world
 

@@ -18,10 +18,13 @@ __all__ = ['COLOUR_GROUPS', 'COLOUR_NEIGHBOURS', 'SHAPE_ADJECTIVES', 'NON_VISUAL
 
 # %% ../../nbs/world/01_species.ipynb #1909341f
 COLOUR_GROUPS = {"warm": ("red", "orange", "yellow", "pink"), "cool": ("green", "teal", "blue", "purple")}
-COLOUR_NEIGHBOURS = {"red": ("orange", "pink"), "orange": ("red", "yellow"), "yellow": ("orange",), "pink": ("red",),
-                     "green": ("teal",), "teal": ("green", "blue"), "blue": ("teal", "purple"), "purple": ("blue",)}
-SHAPE_ADJECTIVES = {"circle": "round", "square": "square", "triangle": "triangular", "diamond": "diamond-shaped",
-                    "ring": "ring-shaped", "cross": "cross-shaped", "star": "star-shaped", "bar": "bar-shaped"}
+COLOUR_NEIGHBOURS = {"red": ("orange", "pink"), "orange": ("red", "yellow"),
+                     "yellow": ("orange",), "pink": ("red",),
+                     "green": ("teal",), "teal": ("green", "blue"),
+                     "blue": ("teal", "purple"), "purple": ("blue",)}
+SHAPE_ADJECTIVES = {"circle": "round", "square": "square", "triangle": "triangular",
+                    "diamond": "diamond-shaped", "ring": "ring-shaped", "cross": "cross-shaped",
+                    "star": "star-shaped", "bar": "bar-shaped"}
 NON_VISUAL = ("nocturnal", "venomous", "edible", "migratory", "lays eggs", "hibernates")
 
 _SPECIES = [  # name, shape, colour, typical radius (px), brightness, social, habitat, non-visual bits
@@ -95,7 +98,8 @@ def class_attribute_table(visual_only: bool = False) -> pd.DataFrame:
 
 # %% ../../nbs/world/01_species.ipynb #aa476b2b
 def category_groups() -> dict[str, list[str]]:
-    "Named lists of species: `large`, `small`, `warm`, `cool`, `bright`, `dark`, `group`, `solitary`, and each colour."
+    """Named lists of species: `large`, `small`, `warm`, `cool`, `bright`, `dark`, `group`, `solitary`,
+    and each colour."""
     c = CATEGORIES
     groups = {"large": c.index[c.size_class == "large"], "small": c.index[c.size_class == "small"],
               "warm": c.index[c.colour_group == "warm"], "cool": c.index[c.colour_group == "cool"],
@@ -125,5 +129,6 @@ def _typical(category: str) -> tuple:
         raise KeyError(f"Unknown species {category!r}; the world has {CATEGORY_NAMES}")
     c = CATEGORIES.loc[category]
     return tuple(dict(category=category, shape=c.shape, colour=c.colour, radius=float(c.radius),
-                      brightness=float(np.mean(_BRIGHTNESS_RANGES[c.brightness])), count=3 if c.social == "group" else 1,
+                      brightness=float(np.mean(_BRIGHTNESS_RANGES[c.brightness])),
+                      count=3 if c.social == "group" else 1,
                       x=0.5, y=0.5, position="center", background=c.habitat, n_distractors=0).items())
